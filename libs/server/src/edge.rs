@@ -1,0 +1,297 @@
+//! Serving: the gRPC port (every registered service plus health and reflection) and the admin
+//! HTTP port (`/healthz`, `/metrics` and any HTTP routes a service adds), with graceful shutdown.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::response::IntoResponse;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
+use tonic_health::ServingStatus;
+use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
+use tower_http::trace::TraceLayer;
+
+pub use tokio_util::sync::CancellationToken as Shutdown;
+
+/// Limits and timings of the server edge.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeSettings {
+    /// The longest a request may take before it fails with a timeout, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// The most requests served at once per connection.
+    pub concurrency_limit_per_connection: usize,
+    /// The largest HTTP request body accepted on the HTTP port, in bytes.
+    pub max_http_body_bytes: usize,
+    /// How long to report NOT_SERVING before closing the listeners on shutdown, in milliseconds,
+    /// so load balancers stop sending new requests first.
+    pub drain_ms: u64,
+}
+
+impl Default for EdgeSettings {
+    fn default() -> Self {
+        Self {
+            request_timeout_ms: 30_000,
+            concurrency_limit_per_connection: 256,
+            max_http_body_bytes: 4 * 1024 * 1024,
+            drain_ms: 0,
+        }
+    }
+}
+
+/// Why serving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    /// The HTTP server failed.
+    #[error("http server: {0}")]
+    Http(#[from] std::io::Error),
+    /// The reflection service could not be built.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// The gRPC services one process serves, collected before serving.
+#[derive(Default)]
+pub struct GrpcServices {
+    routes: RoutesBuilder,
+    names: Vec<&'static str>,
+}
+
+impl std::fmt::Debug for GrpcServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcServices")
+            .field("names", &self.names)
+            .finish()
+    }
+}
+
+impl GrpcServices {
+    /// Adds a generated tonic server; its health status is reported under its full name.
+    pub fn add<S>(&mut self, service: S) -> &mut Self
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.routes.add_service(service);
+        self
+    }
+
+    /// The full names of the services added so far.
+    pub fn names(&self) -> &[&'static str] {
+        &self.names
+    }
+}
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be global (a test harness); ours still renders
+            // whatever is recorded through it.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+pub fn shutdown_on_signal(shutdown: Shutdown) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => {}
+            () = term => {}
+        }
+        tracing::info!("shutdown signal received");
+        shutdown.cancel();
+    });
+}
+
+/// Serves `services` on `grpc` and the admin routes plus `http_routes` on `http` until
+/// `shutdown` is cancelled; then reports NOT_SERVING, waits `drain_ms`, and lets in-flight
+/// requests finish.
+pub async fn serve(
+    settings: &EdgeSettings,
+    grpc: TcpListener,
+    http: TcpListener,
+    services: GrpcServices,
+    http_routes: axum::Router,
+    shutdown: Shutdown,
+) -> Result<(), ServeError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    for name in &services.names {
+        reporter
+            .set_service_status(*name, ServingStatus::Serving)
+            .await;
+    }
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let mut routes = services.routes;
+    routes.add_service(health).add_service(reflection);
+
+    let draining = Arc::new(AtomicBool::new(false));
+    let drained = Shutdown::new();
+    {
+        let (shutdown, drained, draining) = (shutdown.clone(), drained.clone(), draining.clone());
+        let names = services.names.clone();
+        let drain = Duration::from_millis(settings.drain_ms);
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            draining.store(true, Ordering::SeqCst);
+            for name in names {
+                reporter
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+            reporter
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            tokio::time::sleep(drain).await;
+            drained.cancel();
+        });
+    }
+
+    // NotFound and InvalidArgument are the caller's doing, not failures of the server.
+    let classifier = GrpcErrorsAsFailures::new()
+        .with_success(GrpcCode::NotFound)
+        .with_success(GrpcCode::InvalidArgument)
+        .with_success(GrpcCode::AlreadyExists);
+    let grpc_server = tonic::transport::Server::builder()
+        .timeout(Duration::from_millis(settings.request_timeout_ms))
+        .concurrency_limit_per_connection(settings.concurrency_limit_per_connection)
+        .layer(TraceLayer::new(SharedClassifier::new(classifier)))
+        .layer(tower::layer::layer_fn(GrpcMetrics::new))
+        .add_routes(routes.routes())
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(grpc),
+            drained.clone().cancelled_owned(),
+        );
+
+    let metrics = metrics_handle();
+    let admin = axum::Router::new()
+        .route(
+            "/healthz",
+            axum::routing::get(move || {
+                let draining = draining.load(Ordering::SeqCst);
+                async move {
+                    if draining {
+                        (http::StatusCode::SERVICE_UNAVAILABLE, "draining")
+                    } else {
+                        (http::StatusCode::OK, "ok")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let body = metrics.render();
+                async move { body.into_response() }
+            }),
+        )
+        .merge(http_routes)
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            settings.max_http_body_bytes,
+        ))
+        .layer(TraceLayer::new_for_http());
+    let http_server = axum::serve(http, admin).with_graceful_shutdown(drained.cancelled_owned());
+
+    let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
+    grpc_result?;
+    http_result?;
+    Ok(())
+}
+
+/// Records `tessera_grpc_requests_total` and `tessera_grpc_request_duration_seconds` per method
+/// and status code.
+#[derive(Debug, Clone)]
+struct GrpcMetrics<S> {
+    inner: S,
+}
+
+impl<S> GrpcMetrics<S> {
+    fn new(inner: S) -> Self {
+        Self { inner }
+    }
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for GrpcMetrics<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let method = req.uri().path().to_owned();
+        let start = Instant::now();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let result = fut.await;
+            // Errors are sent trailers-only, so their code is in the headers; a response
+            // without grpc-status in its headers carries OK in its trailers.
+            let code = match &result {
+                Ok(resp) => resp
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("0")
+                    .to_owned(),
+                Err(_) => "transport".to_owned(),
+            };
+            metrics::counter!("tessera_grpc_requests_total", "method" => method.clone(), "code" => code)
+                .increment(1);
+            metrics::histogram!("tessera_grpc_request_duration_seconds", "method" => method)
+                .record(start.elapsed().as_secs_f64());
+            result
+        })
+    }
+}

@@ -1,0 +1,13 @@
+//! The server edge shared by every Tessera service, written once: gRPC health and reflection,
+//! request tracing and metrics, timeouts and concurrency limits, the admin HTTP port with
+//! `/healthz` and `/metrics`, telemetry (logs, OTLP traces) and graceful shutdown.
+
+mod edge;
+mod error;
+mod telemetry;
+
+pub use edge::{
+    EdgeSettings, GrpcServices, ServeError, Shutdown, metrics_handle, serve, shutdown_on_signal,
+};
+pub use error::{http_status, internal, invalid_argument, status};
+pub use telemetry::{TelemetryError, TelemetryGuard, TelemetrySettings, init_telemetry};

@@ -1,0 +1,268 @@
+//! The hot-profile cache: versioned entries, so a slow reader can never put back a value older
+//! than one a writer has already stored.
+//!
+//! Every entry carries the version of the row it was read from. A write stores the new value (or
+//! a tombstone: a version without a value) with its version; a fill from a read only lands when
+//! its version is newer than what the cache holds, or equal to a tombstone's. The Redis
+//! implementation runs that comparison in a Lua script, so it is atomic across replicas.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::Mutex;
+
+/// A cached value with the version of the row it came from. `bytes` is `None` for a tombstone:
+/// "the row changed at this version; read it from the database".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    /// The row's version.
+    pub version: i64,
+    /// The encoded value, or `None` for a tombstone.
+    pub bytes: Option<Vec<u8>>,
+}
+
+impl Versioned {
+    /// Whether `self` may replace `current`: a newer version always may; the same version only
+    /// fills a tombstone.
+    pub fn supersedes(&self, current: &Versioned) -> bool {
+        self.version > current.version
+            || (self.version == current.version && current.bytes.is_none() && self.bytes.is_some())
+    }
+}
+
+/// Why a cache operation failed. Callers degrade to the database; they never fail a request
+/// because the cache is down.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// Redis answered with an error or could not be reached.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Redis did not answer in time.
+    #[error("redis timed out")]
+    Timeout,
+}
+
+/// A cache of versioned values by key.
+#[async_trait]
+pub trait Cache: Send + Sync + std::fmt::Debug {
+    /// The entry under `key`, tombstones included.
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, CacheError>;
+    /// Stores `value` under `key` if it supersedes the current entry (see
+    /// [`Versioned::supersedes`]); returns whether it did.
+    async fn put_if_newer(&self, key: &str, value: Versioned) -> Result<bool, CacheError>;
+    /// Removes `key` whatever its version (used by deletion, never by ordinary writes).
+    async fn remove(&self, key: &str) -> Result<(), CacheError>;
+}
+
+/// Opens the cache named by `url`: `redis://…` (or `rediss://…`) for Redis, `memory://` or an
+/// empty string for the in-process cache. Keys are prefixed with `prefix`. Entries expire
+/// after `ttl`.
+pub fn open_cache(url: &str, prefix: &str, ttl: Duration) -> Result<Arc<dyn Cache>, CacheError> {
+    if url.is_empty() || url.starts_with("memory:") {
+        Ok(Arc::new(MemoryCache::new(100_000, ttl)))
+    } else {
+        Ok(Arc::new(RedisCache::new(url, prefix, ttl)?))
+    }
+}
+
+/// The in-process cache of `tessera dev`.
+#[derive(Debug, Clone)]
+pub struct MemoryCache {
+    inner: moka::future::Cache<String, Versioned>,
+}
+
+impl MemoryCache {
+    /// A cache of at most `capacity` entries, each expiring `ttl` after it was written.
+    pub fn new(capacity: u64, ttl: Duration) -> Self {
+        Self {
+            inner: moka::future::Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(ttl)
+                .build(),
+        }
+    }
+}
+
+#[async_trait]
+impl Cache for MemoryCache {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, CacheError> {
+        Ok(self.inner.get(key).await)
+    }
+
+    async fn put_if_newer(&self, key: &str, value: Versioned) -> Result<bool, CacheError> {
+        use moka::ops::compute::{CompResult, Op};
+        let result = self
+            .inner
+            .entry(key.to_owned())
+            .and_compute_with(|current| {
+                let op = match current {
+                    Some(entry) if !value.supersedes(entry.value()) => Op::Nop,
+                    Some(_) | None => Op::Put(value),
+                };
+                std::future::ready(op)
+            })
+            .await;
+        Ok(matches!(
+            result,
+            CompResult::Inserted(_) | CompResult::ReplacedWith(_)
+        ))
+    }
+
+    async fn remove(&self, key: &str) -> Result<(), CacheError> {
+        self.inner.invalidate(key).await;
+        Ok(())
+    }
+}
+
+// KEYS[1] = key; ARGV = version, has_value (0/1), value, ttl_ms. Mirrors Versioned::supersedes.
+const PUT_IF_NEWER: &str = r"
+local cur = redis.call('HGET', KEYS[1], 'v')
+local new = tonumber(ARGV[1])
+if cur then
+  cur = tonumber(cur)
+  if new < cur then return 0 end
+  if new == cur then
+    if ARGV[2] == '0' or redis.call('HEXISTS', KEYS[1], 'd') == 1 then return 0 end
+  end
+end
+redis.call('DEL', KEYS[1])
+if ARGV[2] == '1' then
+  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[3])
+else
+  redis.call('HSET', KEYS[1], 'v', ARGV[1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+";
+
+/// The Redis cache of production. Connects lazily and reconnects by itself, so a service starts
+/// and serves (from the database) while Redis is down.
+#[derive(Debug, Clone)]
+pub struct RedisCache {
+    client: redis::Client,
+    conn: Arc<Mutex<Option<ConnectionManager>>>,
+    prefix: String,
+    ttl: Duration,
+    timeout: Duration,
+    script: redis::Script,
+}
+
+impl RedisCache {
+    /// A cache on the Redis at `url` whose keys start with `prefix`.
+    pub fn new(url: &str, prefix: &str, ttl: Duration) -> Result<Self, CacheError> {
+        Ok(Self {
+            client: redis::Client::open(url)?,
+            conn: Arc::new(Mutex::new(None)),
+            prefix: prefix.to_owned(),
+            ttl,
+            timeout: Duration::from_millis(250),
+            script: redis::Script::new(PUT_IF_NEWER),
+        })
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, CacheError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            return Ok(conn.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1);
+        let conn = tokio::time::timeout(
+            self.timeout * 2,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await
+        .map_err(|_| CacheError::Timeout)??;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    async fn bounded<T>(
+        &self,
+        fut: impl Future<Output = Result<T, redis::RedisError>>,
+    ) -> Result<T, CacheError> {
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| CacheError::Timeout)?
+            .map_err(CacheError::from)
+    }
+}
+
+#[async_trait]
+impl Cache for RedisCache {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, CacheError> {
+        let mut conn = self.connection().await?;
+        let (version, bytes): (Option<i64>, Option<Vec<u8>>) = self
+            .bounded(
+                redis::cmd("HMGET")
+                    .arg(self.key(key))
+                    .arg("v")
+                    .arg("d")
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(version.map(|version| Versioned { version, bytes }))
+    }
+
+    async fn put_if_newer(&self, key: &str, value: Versioned) -> Result<bool, CacheError> {
+        let mut conn = self.connection().await?;
+        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut invocation = self.script.key(self.key(key));
+        invocation
+            .arg(value.version)
+            .arg(if value.bytes.is_some() { "1" } else { "0" })
+            .arg(value.bytes.as_deref().unwrap_or(&[]))
+            .arg(ttl_ms);
+        let stored: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        Ok(stored == 1)
+    }
+
+    async fn remove(&self, key: &str) -> Result<(), CacheError> {
+        let mut conn = self.connection().await?;
+        let () = self
+            .bounded(redis::cmd("DEL").arg(self.key(key)).query_async(&mut conn))
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(version: i64, bytes: Option<&[u8]>) -> Versioned {
+        Versioned {
+            version,
+            bytes: bytes.map(<[u8]>::to_vec),
+        }
+    }
+
+    #[test]
+    fn newer_versions_and_tombstone_fills_supersede() {
+        assert!(v(2, Some(b"a")).supersedes(&v(1, Some(b"b"))));
+        assert!(!v(1, Some(b"a")).supersedes(&v(2, None)));
+        assert!(v(2, Some(b"a")).supersedes(&v(2, None)));
+        assert!(!v(2, None).supersedes(&v(2, Some(b"a"))));
+        assert!(!v(2, Some(b"a")).supersedes(&v(2, Some(b"b"))));
+    }
+
+    #[tokio::test]
+    async fn memory_cache_keeps_the_newest_version() {
+        let cache = MemoryCache::new(100, Duration::from_secs(60));
+        assert!(cache.put_if_newer("k", v(2, Some(b"new"))).await.unwrap());
+        assert!(!cache.put_if_newer("k", v(1, Some(b"old"))).await.unwrap());
+        assert_eq!(cache.get("k").await.unwrap(), Some(v(2, Some(b"new"))));
+        assert!(cache.put_if_newer("k", v(3, None)).await.unwrap());
+        assert!(cache.put_if_newer("k", v(3, Some(b"fill"))).await.unwrap());
+        cache.remove("k").await.unwrap();
+        assert_eq!(cache.get("k").await.unwrap(), None);
+    }
+}

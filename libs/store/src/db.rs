@@ -1,0 +1,250 @@
+//! The system of record: a Postgres pool whose `search_path` is the service's own schema, or a
+//! SQLite file per service for the embedded mode.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use tessera_core::ErrorCode;
+
+/// Why a storage operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL's scheme is neither `postgres://` nor `sqlite://`, or it does not parse.
+    #[error("unsupported database url: {0}")]
+    BadUrl(String),
+    /// The schema name is not a plain identifier.
+    #[error("invalid schema name {0:?}")]
+    BadSchema(String),
+    /// A database call failed.
+    #[error(transparent)]
+    Sqlx(#[from] sqlx::Error),
+    /// Applying migrations failed.
+    #[error(transparent)]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    /// The error code this error maps to: unreachable databases are `Unavailable`.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::BadUrl(_) | Self::BadSchema(_) => ErrorCode::FailedPrecondition,
+            Self::Sqlx(e) => error_code(e),
+            Self::Migrate(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Classifies a database error: connection-level failures are retryable (`Unavailable`),
+/// everything else is `Internal`.
+pub fn error_code(e: &sqlx::Error) -> ErrorCode {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => ErrorCode::Unavailable,
+        sqlx::Error::Database(db) => {
+            // Postgres class 08 (connection exception), 53 (insufficient resources), 57P01-03
+            // (shutdown, crash, cannot connect now) and SQLite BUSY/LOCKED are transient.
+            let code = db.code();
+            let code = code.as_deref().unwrap_or("");
+            if code.starts_with("08")
+                || code.starts_with("53")
+                || matches!(
+                    code,
+                    "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "5" | "6"
+                )
+            {
+                ErrorCode::Unavailable
+            } else {
+                ErrorCode::Internal
+            }
+        }
+        _ => ErrorCode::Internal,
+    }
+}
+
+/// Which database a [`Database`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Postgres: production.
+    Postgres,
+    /// SQLite: `tessera dev`.
+    Sqlite,
+}
+
+/// Pool settings.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DbSettings {
+    /// The largest number of pooled Postgres connections.
+    pub max_connections: u32,
+    /// How long to wait for a connection before failing with `Unavailable`, in milliseconds.
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for DbSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 10,
+            acquire_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// The migrations of one service, one set per backend.
+#[derive(Debug, Clone, Copy)]
+pub struct Migrations {
+    /// The Postgres migrations.
+    pub postgres: &'static Migrator,
+    /// The SQLite migrations.
+    pub sqlite: &'static Migrator,
+}
+
+/// A connection pool to the system of record.
+#[derive(Debug, Clone)]
+pub enum Database {
+    /// A Postgres pool whose connections use the service's schema as `search_path`.
+    Postgres(PgPool),
+    /// A SQLite pool with a single connection: SQLite has one writer at a time, and one
+    /// connection makes every transaction immediate instead of failing with `SQLITE_BUSY`.
+    Sqlite(SqlitePool),
+}
+
+impl Database {
+    /// Connects to `url` (`postgres://…` or `sqlite://…`). On Postgres, `schema` is created when
+    /// missing and becomes every connection's `search_path`, so a service sees only its own
+    /// tables; a SQLite file holds one service's tables alone, so `schema` is not used there.
+    pub async fn connect(
+        url: &str,
+        schema: &str,
+        settings: &DbSettings,
+    ) -> Result<Self, StoreError> {
+        if !is_identifier(schema) {
+            return Err(StoreError::BadSchema(schema.to_owned()));
+        }
+        let acquire = Duration::from_millis(settings.acquire_timeout_ms);
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let base =
+                PgConnectOptions::from_str(url).map_err(|_| StoreError::BadUrl(redact(url)))?;
+            create_schema(&base, schema, acquire).await?;
+            let options = base.options([("search_path", schema)]);
+            let pool = PgPoolOptions::new()
+                .max_connections(settings.max_connections)
+                .acquire_timeout(acquire)
+                .connect_with(options)
+                .await?;
+            Ok(Self::Postgres(pool))
+        } else if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)
+                .map_err(|_| StoreError::BadUrl(redact(url)))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                // FULL: an acknowledged write survives a power cut, not only a process crash.
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(acquire.max(Duration::from_secs(30)))
+                .connect_with(options)
+                .await?;
+            Ok(Self::Sqlite(pool))
+        } else {
+            Err(StoreError::BadUrl(redact(url)))
+        }
+    }
+
+    /// Which backend this is.
+    pub fn backend(&self) -> Backend {
+        match self {
+            Self::Postgres(_) => Backend::Postgres,
+            Self::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
+    /// Applies the service's pending migrations for this backend. Safe to run from several
+    /// replicas at once: sqlx takes a Postgres advisory lock around the run.
+    pub async fn migrate(&self, migrations: Migrations) -> Result<(), StoreError> {
+        match self {
+            Self::Postgres(pool) => migrations.postgres.run(pool).await?,
+            Self::Sqlite(pool) => migrations.sqlite.run(pool).await?,
+        }
+        Ok(())
+    }
+
+    /// Closes the pool, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        match self {
+            Self::Postgres(pool) => pool.close().await,
+            Self::Sqlite(pool) => pool.close().await,
+        }
+    }
+}
+
+async fn create_schema(
+    base: &PgConnectOptions,
+    schema: &str,
+    acquire: Duration,
+) -> Result<(), StoreError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(acquire)
+        .connect_with(base.clone())
+        .await?;
+    let sql = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
+    let result = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
+    pool.close().await;
+    match result {
+        Ok(_) => Ok(()),
+        // Two replicas creating the schema at the same moment: the loser sees a unique
+        // violation on the catalog, and the schema exists either way.
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0] == b'_')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+}
+
+/// The URL without its password, for error messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    #[test]
+    fn schema_names_must_be_identifiers() {
+        assert!(is_identifier("identity"));
+        assert!(is_identifier("t_0123_identity"));
+        assert!(!is_identifier("a\"; drop"));
+        assert!(!is_identifier(""));
+    }
+}

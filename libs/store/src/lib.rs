@@ -1,0 +1,9 @@
+//! Storage for Tessera's services: the system of record (Postgres, or SQLite for `tessera dev`)
+//! chosen by URL scheme with per-service migrations, and the hot-profile cache (Redis, or an
+//! in-process cache) with versioned entries.
+
+mod cache;
+mod db;
+
+pub use cache::{Cache, CacheError, MemoryCache, RedisCache, Versioned, open_cache};
+pub use db::{Backend, Database, DbSettings, Migrations, StoreError, error_code};

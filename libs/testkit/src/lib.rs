@@ -1,0 +1,153 @@
+//! Test support shared by every crate's tests: a fresh Postgres database per test (dropped when
+//! the test ends), the test Redis, and temporary SQLite files.
+//!
+//! The servers come from `TESSERA_TEST_DATABASE_URL` and `TESSERA_TEST_REDIS_URL`, which
+//! `scripts/test` sets (starting throwaway servers when none is reachable). Without them the
+//! local defaults are used; a test whose server is unreachable fails with a message saying so,
+//! it is never skipped.
+
+use std::path::PathBuf;
+
+use sqlx::{Connection, PgConnection};
+
+/// The admin URL of the test Postgres server.
+pub fn postgres_admin_url() -> String {
+    std::env::var("TESSERA_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// The URL of the test Redis server.
+pub fn redis_url() -> String {
+    std::env::var("TESSERA_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A key prefix unique to one test, so tests can share one Redis.
+pub fn redis_prefix() -> String {
+    format!("tessera-test:{}:", uuid::Uuid::new_v4().simple())
+}
+
+/// A Postgres database created for one test and dropped (with its connections) on drop.
+#[derive(Debug)]
+pub struct TestDb {
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    /// Creates a fresh, empty database.
+    pub async fn new() -> Self {
+        let admin = postgres_admin_url();
+        let name = format!("tessera_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+            panic!(
+                "the test Postgres at {admin} is unreachable ({e}); run the tests with \
+                 scripts/test, which starts one, or set TESSERA_TEST_DATABASE_URL"
+            )
+        });
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        let _ = conn.close().await;
+        let url = replace_database(&admin, &name);
+        Self { name, url }
+    }
+
+    /// The database's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin = postgres_admin_url();
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime, which cannot be blocked on: use a thread with its
+        // own runtime.
+        let handle = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                if let Ok(mut conn) = PgConnection::connect(&admin).await {
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut conn)
+                    .await;
+                    let _ = conn.close().await;
+                }
+            });
+        });
+        let _ = handle.join();
+    }
+}
+
+/// `url` with its database name replaced by `database`.
+fn replace_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[scheme_end..].find('/').map(|i| i + scheme_end);
+    let host = path_start.map_or(base, |i| &base[..i]);
+    match query {
+        Some(q) => format!("{host}/{database}?{q}"),
+        None => format!("{host}/{database}"),
+    }
+}
+
+/// A temporary directory holding SQLite files, removed on drop.
+#[derive(Debug)]
+pub struct TestSqlite {
+    dir: tempfile::TempDir,
+}
+
+impl TestSqlite {
+    /// A fresh temporary directory.
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    /// The URL of the SQLite file `name` in the directory.
+    pub fn url(&self, name: &str) -> String {
+        format!("sqlite://{}", self.path(name).display())
+    }
+
+    /// The path of the file `name` in the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Default for TestSqlite {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_names_are_replaced() {
+        assert_eq!(
+            replace_database("postgres://u@h:5432/postgres", "t1"),
+            "postgres://u@h:5432/t1"
+        );
+        assert_eq!(
+            replace_database("postgres://u@h/postgres?sslmode=disable", "t1"),
+            "postgres://u@h/t1?sslmode=disable"
+        );
+        assert_eq!(
+            replace_database("postgres://u@h", "t1"),
+            "postgres://u@h/t1"
+        );
+    }
+}

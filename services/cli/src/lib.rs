@@ -1,0 +1,1 @@
+//! The tessera binary: every service, dev mode, migrations and the load tool

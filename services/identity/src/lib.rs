@@ -1,0 +1,1 @@
+//! Tessera's identity service: the identity graph

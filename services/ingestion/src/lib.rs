@@ -1,0 +1,1 @@
+//! Tessera's ingestion service: accepts events and delivers them down the pipeline

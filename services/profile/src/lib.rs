@@ -1,0 +1,1 @@
+//! Tessera's profile service: unified profiles

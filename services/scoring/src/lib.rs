@@ -1,0 +1,1 @@
+//! Tessera's scoring service: explainable scores

@@ -1,0 +1,1 @@
+//! End-to-end tests of Tessera as separate processes and as tessera dev
