@@ -1,1 +1,9 @@
-//! End-to-end tests of Tessera as separate processes and as tessera dev
+//! Harness for Tessera's end-to-end tests: start the `tessera` binary as real processes, find
+//! their ports, talk to them over gRPC, and put a cuttable TCP proxy in front of a dependency.
+
+pub mod events;
+pub mod process;
+pub mod proxy;
+
+pub use process::{Tessera, TesseraBuilder, tessera_bin};
+pub use proxy::Proxy;

@@ -43,7 +43,9 @@ pub fn merge(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 /// The decayed event count at `now`: each event counts 1 when it just happened, ½ one half-life
 /// later, and so on.
 pub fn decayed_count(stored: Option<f64>, now: OffsetDateTime, half_life_seconds: f64) -> f64 {
-    stored.map_or(0.0, |s| (s - periods_since_epoch(now, half_life_seconds)).exp2())
+    stored.map_or(0.0, |s| {
+        (s - periods_since_epoch(now, half_life_seconds)).exp2()
+    })
 }
 
 #[cfg(test)]
@@ -67,12 +69,19 @@ mod tests {
         let times: Vec<_> = (0..5)
             .map(|i| datetime!(2026-06-01 00:00:00 UTC) + Duration::hours(i * 7))
             .collect();
-        let forward = times.iter().fold(None, |acc, t| Some(add_event(acc, *t, H)));
-        let backward = times.iter().rev().fold(None, |acc, t| Some(add_event(acc, *t, H)));
+        let forward = times
+            .iter()
+            .fold(None, |acc, t| Some(add_event(acc, *t, H)));
+        let backward = times
+            .iter()
+            .rev()
+            .fold(None, |acc, t| Some(add_event(acc, *t, H)));
         let (left, right) = times.split_at(2);
         let merged = merge(
             left.iter().fold(None, |acc, t| Some(add_event(acc, *t, H))),
-            right.iter().fold(None, |acc, t| Some(add_event(acc, *t, H))),
+            right
+                .iter()
+                .fold(None, |acc, t| Some(add_event(acc, *t, H))),
         );
         let now = datetime!(2026-06-03 00:00:00 UTC);
         let f = decayed_count(forward, now, H);

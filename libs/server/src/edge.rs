@@ -240,7 +240,7 @@ pub async fn serve(
 }
 
 /// Records `tessera_grpc_requests_total` and `tessera_grpc_request_duration_seconds` per method
-/// and status code.
+/// and status code, and reports oversized request messages as RESOURCE_EXHAUSTED.
 #[derive(Debug, Clone)]
 struct GrpcMetrics<S> {
     inner: S,
@@ -275,7 +275,10 @@ where
         let start = Instant::now();
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let result = fut.await;
+            let mut result = fut.await;
+            if let Ok(resp) = &mut result {
+                oversize_is_resource_exhausted(resp.headers_mut());
+            }
             // Errors are sent trailers-only, so their code is in the headers; a response
             // without grpc-status in its headers carries OK in its trailers.
             let code = match &result {
@@ -293,5 +296,25 @@ where
                 .record(start.elapsed().as_secs_f64());
             result
         })
+    }
+}
+
+/// tonic rejects a request message above the decoding limit with OUT_OF_RANGE; the gRPC spec (and
+/// Tessera's contract) says RESOURCE_EXHAUSTED, which clients treat as "too large".
+fn oversize_is_resource_exhausted(headers: &mut http::HeaderMap) {
+    let oversize = headers.get("grpc-status").is_some_and(|v| v == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|m| {
+                m.contains("message%20length%20too%20large")
+                    || m.contains("message length too large")
+            });
+    if oversize {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("request message larger than the server accepts"),
+        );
     }
 }

@@ -2,6 +2,9 @@
 //! request tracing and metrics, timeouts and concurrency limits, the admin HTTP port with
 //! `/healthz` and `/metrics`, telemetry (logs, OTLP traces) and graceful shutdown.
 
+/// The router type of the HTTP port; services add their HTTP APIs to it.
+pub use axum::Router as HttpRouter;
+
 mod edge;
 mod error;
 mod telemetry;

@@ -7,7 +7,7 @@
 //! implementation runs that comparison in a Lua script, so it is atomic across replicas.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -42,6 +42,9 @@ pub enum CacheError {
     /// Redis did not answer in time.
     #[error("redis timed out")]
     Timeout,
+    /// Redis was unreachable moments ago; not retried yet.
+    #[error("redis is down")]
+    Down,
 }
 
 /// A cache of versioned values by key.
@@ -137,12 +140,26 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 ";
 
+/// How long after a failed connection attempt the next one is made.
+const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+
+/// The state of the Redis connection.
+#[derive(Debug)]
+enum Connection {
+    /// Not tried yet.
+    Never,
+    /// Connected; the manager reconnects by itself after a drop.
+    Up(ConnectionManager),
+    /// The last attempt, at this time, failed.
+    Down(Instant),
+}
+
 /// The Redis cache of production. Connects lazily and reconnects by itself, so a service starts
 /// and serves (from the database) while Redis is down.
 #[derive(Debug, Clone)]
 pub struct RedisCache {
     client: redis::Client,
-    conn: Arc<Mutex<Option<ConnectionManager>>>,
+    conn: Arc<Mutex<Connection>>,
     prefix: String,
     ttl: Duration,
     timeout: Duration,
@@ -154,7 +171,7 @@ impl RedisCache {
     pub fn new(url: &str, prefix: &str, ttl: Duration) -> Result<Self, CacheError> {
         Ok(Self {
             client: redis::Client::open(url)?,
-            conn: Arc::new(Mutex::new(None)),
+            conn: Arc::new(Mutex::new(Connection::Never)),
             prefix: prefix.to_owned(),
             ttl,
             timeout: Duration::from_millis(250),
@@ -164,21 +181,38 @@ impl RedisCache {
 
     async fn connection(&self) -> Result<ConnectionManager, CacheError> {
         let mut slot = self.conn.lock().await;
-        if let Some(conn) = slot.as_ref() {
-            return Ok(conn.clone());
+        match &*slot {
+            Connection::Up(conn) => return Ok(conn.clone()),
+            // While Redis is down, fail at once instead of queueing every caller behind a
+            // connection attempt: they go to the database meanwhile.
+            Connection::Down(since) if since.elapsed() < RECONNECT_AFTER => {
+                return Err(CacheError::Down);
+            }
+            Connection::Down(_) | Connection::Never => {}
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
             .set_number_of_retries(1);
-        let conn = tokio::time::timeout(
+        let attempt = tokio::time::timeout(
             self.timeout * 2,
             ConnectionManager::new_with_config(self.client.clone(), config),
         )
-        .await
-        .map_err(|_| CacheError::Timeout)??;
-        *slot = Some(conn.clone());
-        Ok(conn)
+        .await;
+        match attempt {
+            Ok(Ok(conn)) => {
+                *slot = Connection::Up(conn.clone());
+                Ok(conn)
+            }
+            Ok(Err(e)) => {
+                *slot = Connection::Down(Instant::now());
+                Err(e.into())
+            }
+            Err(_) => {
+                *slot = Connection::Down(Instant::now());
+                Err(CacheError::Timeout)
+            }
+        }
     }
 
     fn key(&self, key: &str) -> String {

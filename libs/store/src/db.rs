@@ -41,6 +41,8 @@ impl StoreError {
 
 /// Classifies a database error: connection-level failures are retryable (`Unavailable`),
 /// everything else is `Internal`.
+// sqlx::Error is non-exhaustive, so a wildcard arm is unavoidable.
+#[allow(clippy::wildcard_enum_match_arm)]
 pub fn error_code(e: &sqlx::Error) -> ErrorCode {
     match e {
         sqlx::Error::Io(_)
@@ -65,6 +67,7 @@ pub fn error_code(e: &sqlx::Error) -> ErrorCode {
                 ErrorCode::Internal
             }
         }
+        // sqlx::Error is non-exhaustive: anything else is a bug or a malformed row.
         _ => ErrorCode::Internal,
     }
 }

@@ -1,1 +1,204 @@
-//! Tessera's identity service: the identity graph
+//! Tessera's identity service: the identity graph, which identifiers belong to which profile.
+//!
+//! Identifiers seen together in one event belong to one profile; when an event links several
+//! profiles they are merged into the oldest. Resolution is idempotent per event id. The rules
+//! live in [`domain`]; storage (Postgres, or SQLite for `tessera dev`) in a private `store`
+//! module; the gRPC face in a private `service` module.
+
+mod convert;
+pub mod domain;
+mod error;
+mod service;
+mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use sqlx::migrate::Migrator;
+use tessera_core::{FieldViolation, Identifier};
+use tessera_proto::identity::v1::identity_service_server::IdentityServiceServer;
+use tessera_store::{Database, Migrations};
+use uuid::Uuid;
+
+use crate::domain::{Normalized, Record, Resolution};
+use crate::store::IdentityStore;
+
+pub use error::IdentityError;
+
+/// The Postgres schema (search path) of the identity service's tables.
+pub const SCHEMA: &str = "identity";
+
+static PG_MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// The identity service's migrations, one set per backend.
+pub static MIGRATIONS: Migrations = Migrations {
+    postgres: &PG_MIGRATOR,
+    sqlite: &SQLITE_MIGRATOR,
+};
+
+/// The largest request the gRPC server decodes: a full batch of records with long values.
+const MAX_DECODING_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
+
+/// The most records resolved in one transaction: long enough to amortize round trips, short
+/// enough that a run's locks do not hold other replicas up for long.
+const RUN_LEN: usize = 500;
+
+/// The identity service's settings.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentitySettings {
+    /// The most records one `ResolveIdentities` request may carry.
+    pub max_batch: usize,
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        Self { max_batch: 5_000 }
+    }
+}
+
+/// The identity service: the graph over its store, and its gRPC server. Cheap to clone.
+#[derive(Clone)]
+pub struct Identity {
+    store: Arc<dyn IdentityStore>,
+    settings: Arc<IdentitySettings>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// The service over `db`, which is already connected (with [`SCHEMA`]) and migrated.
+    pub fn new(db: Database, settings: IdentitySettings) -> Self {
+        Self {
+            store: store::open(db),
+            settings: Arc::new(settings),
+        }
+    }
+
+    /// Adds the `IdentityService` gRPC server to `services`.
+    pub fn register(&self, services: &mut tessera_server::GrpcServices) {
+        services.add(
+            IdentityServiceServer::new(service::IdentityGrpc::new(self.clone()))
+                .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE),
+        );
+    }
+
+    /// The most records one batch may carry.
+    pub fn max_batch(&self) -> usize {
+        self.settings.max_batch
+    }
+
+    /// Resolves `records` in order: one resolution per record, naming the profile each event
+    /// belongs to once the whole batch is resolved. An event resolved before (in an earlier
+    /// batch, or earlier in this one) is not resolved again: it gets its stored profile, followed
+    /// to its current survivor, and the merges it caused then.
+    pub async fn resolve(&self, records: Vec<Record>) -> Result<Vec<Resolution>, IdentityError> {
+        let max = self.settings.max_batch;
+        if records.len() > max {
+            return Err(IdentityError::BatchTooLarge {
+                len: records.len(),
+                max,
+            });
+        }
+        let mut seen = HashSet::new();
+        let firsts: Vec<&Record> = records
+            .iter()
+            .filter(|r| seen.insert(r.event_id()))
+            .collect();
+        let event_ids: Vec<&str> = firsts.iter().map(|r| r.event_id()).collect();
+        let mut outcomes = self.store.stored(&event_ids).await?;
+        metrics::counter!("tessera_identity_records_total", "outcome" => "replayed")
+            .increment((records.len() - (firsts.len() - outcomes.len())) as u64);
+
+        let pending: Vec<Record> = firsts
+            .into_iter()
+            .filter(|r| !outcomes.contains_key(r.event_id()))
+            .cloned()
+            .collect();
+        for run in pending.chunks(RUN_LEN) {
+            let stored = self.store.resolve(run).await?;
+            if stored.len() != run.len() {
+                return Err(IdentityError::Corrupt(format!(
+                    "{} resolutions for {} records",
+                    stored.len(),
+                    run.len()
+                )));
+            }
+            for (record, stored) in run.iter().zip(stored) {
+                outcomes.insert(record.event_id().to_owned(), stored);
+            }
+        }
+        metrics::counter!("tessera_identity_records_total", "outcome" => "resolved")
+            .increment(pending.len() as u64);
+
+        // Later records of the batch, or other replicas, may have merged the profiles since.
+        let mut profiles: Vec<Uuid> = outcomes.values().map(|s| s.profile_id).collect();
+        profiles.sort_unstable();
+        profiles.dedup();
+        let canonical: HashMap<Uuid, Uuid> = self.store.canonical(&profiles).await?;
+
+        records
+            .into_iter()
+            .map(|record| {
+                let stored = outcomes.get(record.event_id()).ok_or_else(|| {
+                    IdentityError::Corrupt("an event was left unresolved".to_owned())
+                })?;
+                let profile_id = canonical
+                    .get(&stored.profile_id)
+                    .copied()
+                    .unwrap_or(stored.profile_id);
+                Ok(Resolution {
+                    event_id: record.event_id().to_owned(),
+                    profile_id,
+                    identifiers: record.identifiers().to_vec(),
+                    merges: stored.merges.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// The profile `identifier` (normalized first) belongs to now. `NotFound` when the graph
+    /// does not hold it or its value is blocked.
+    pub async fn lookup(&self, identifier: Identifier) -> Result<Uuid, IdentityError> {
+        let normalized = domain::normalize(identifier).map_err(|errs| {
+            IdentityError::InvalidArgument(
+                errs.into_iter()
+                    .map(|v: FieldViolation| v.prefixed("identifier"))
+                    .collect(),
+            )
+        })?;
+        match normalized {
+            Normalized::Blocked => Err(IdentityError::NotFound),
+            Normalized::Linkable(identifier) => self
+                .store
+                .lookup(&identifier)
+                .await?
+                .ok_or(IdentityError::NotFound),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_default_and_reject_unknown_keys() {
+        let s: IdentitySettings = serde_json::from_str("{}").unwrap();
+        assert_eq!(s.max_batch, 5_000);
+        assert!(serde_json::from_str::<IdentitySettings>(r#"{"max_btch": 1}"#).is_err());
+    }
+
+    #[test]
+    fn migrations_are_embedded_for_both_backends() {
+        assert!(MIGRATIONS.postgres.iter().next().is_some());
+        assert!(MIGRATIONS.sqlite.iter().next().is_some());
+    }
+}

@@ -1,1 +1,159 @@
-//! Tessera's profile service: unified profiles
+//! Tessera's profile service: unified profiles.
+//!
+//! A profile is everything Tessera knows about one person: traits with their provenance, event
+//! counts, first and last seen, decayed activity, identifiers, and the scores the scoring
+//! service computed. The pipeline writes through `ProfilePipelineService.ApplyEvents`
+//! (idempotent per event and per merge); clients read through `ProfileService.GetProfile`,
+//! served from the versioned cache when it holds the profile.
+//!
+//! Modules: [`domain`] holds the rules (no gRPC, no SQL), [`store`] the system of record
+//! (Postgres or SQLite), `convert` the proto conversions, `service` the gRPC handlers and
+//! [`error`] the one error type.
+
+mod convert;
+pub mod domain;
+pub mod error;
+mod service;
+pub mod store;
+
+use std::sync::Arc;
+
+use sqlx::migrate::Migrator;
+use tessera_proto::profile::v1::profile_pipeline_service_server::ProfilePipelineServiceServer;
+use tessera_proto::profile::v1::profile_service_server::ProfileServiceServer;
+use tessera_store::{Cache, Database, Migrations};
+
+pub use convert::{MAX_EVENTS_PER_REQUEST, MAX_MERGES_PER_REQUEST};
+pub use error::ProfileError;
+
+/// The Postgres schema of the profile service's tables.
+pub const SCHEMA: &str = "profile";
+
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// The profile service's migrations, per backend.
+pub static MIGRATIONS: Migrations = Migrations {
+    postgres: &POSTGRES_MIGRATIONS,
+    sqlite: &SQLITE_MIGRATIONS,
+};
+
+/// Settings of the profile service.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProfileSettings {
+    /// The half-life of decayed activity, in seconds. Stored activity is accumulated with it,
+    /// so changing it later skews existing profiles until their activity is rebuilt.
+    pub activity_half_life_seconds: f64,
+    /// How long a cached profile lives, in seconds; used when opening the cache.
+    pub cache_ttl_seconds: u64,
+}
+
+impl Default for ProfileSettings {
+    fn default() -> Self {
+        Self {
+            activity_half_life_seconds: tessera_core::activity::DEFAULT_HALF_LIFE_SECONDS,
+            cache_ttl_seconds: 3600,
+        }
+    }
+}
+
+/// A setting outside its allowed range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("profile.{field}: {reason}")]
+pub struct InvalidSetting {
+    /// The setting's name.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+impl ProfileSettings {
+    /// Checks the settings; call at startup, before serving.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        let h = self.activity_half_life_seconds;
+        if !h.is_finite() || h <= 0.0 {
+            return Err(InvalidSetting {
+                field: "activity_half_life_seconds",
+                reason: "must be a positive number of seconds",
+            });
+        }
+        if self.cache_ttl_seconds == 0 {
+            return Err(InvalidSetting {
+                field: "cache_ttl_seconds",
+                reason: "must be at least 1",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The profile service: `ProfileService` and `ProfilePipelineService`.
+#[derive(Debug, Clone)]
+pub struct Profiles {
+    inner: Arc<service::Inner>,
+}
+
+impl Profiles {
+    /// A profile service over `db` (connected with `Database::connect(url, SCHEMA, ..)` and
+    /// migrated with [`MIGRATIONS`]), `cache` (from `tessera_store::open_cache`), and lazily
+    /// connected channels to the identity and scoring services. `settings` should have passed
+    /// [`ProfileSettings::validate`]; an invalid half-life falls back to the default.
+    pub fn new(
+        db: Database,
+        cache: Arc<dyn Cache>,
+        identity: tonic::transport::Channel,
+        scoring: tonic::transport::Channel,
+        settings: ProfileSettings,
+    ) -> Self {
+        let mut half_life_seconds = settings.activity_half_life_seconds;
+        if !half_life_seconds.is_finite() || half_life_seconds <= 0.0 {
+            tracing::error!(
+                half_life_seconds,
+                "invalid activity half-life, using the default"
+            );
+            half_life_seconds = tessera_core::activity::DEFAULT_HALF_LIFE_SECONDS;
+        }
+        Self {
+            inner: Arc::new(service::Inner {
+                store: store::open(db),
+                cache,
+                identity,
+                scoring,
+                half_life_seconds,
+            }),
+        }
+    }
+
+    /// Adds `ProfileService` and `ProfilePipelineService` to the services one process serves.
+    pub fn register(&self, services: &mut tessera_server::GrpcServices) {
+        services.add(
+            ProfileServiceServer::new(service::ProfileApi(self.inner.clone()))
+                .max_decoding_message_size(service::MAX_MESSAGE_SIZE),
+        );
+        services.add(
+            ProfilePipelineServiceServer::new(service::PipelineApi(self.inner.clone()))
+                .max_decoding_message_size(service::MAX_MESSAGE_SIZE),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_default_parse_and_validate() {
+        let s: ProfileSettings = serde_json::from_str("{}").unwrap();
+        assert_eq!(s.activity_half_life_seconds, 7.0 * 24.0 * 3600.0);
+        assert_eq!(s.cache_ttl_seconds, 3600);
+        assert_eq!(s.validate(), Ok(()));
+        assert!(serde_json::from_str::<ProfileSettings>(r#"{"ttl": 1}"#).is_err());
+        let bad: ProfileSettings =
+            serde_json::from_str(r#"{"activity_half_life_seconds": 0}"#).unwrap();
+        assert_eq!(
+            bad.validate().unwrap_err().field,
+            "activity_half_life_seconds"
+        );
+    }
+}

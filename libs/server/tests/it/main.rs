@@ -1,0 +1,133 @@
+//! The server edge as a client sees it: health, reflection-free calls, metrics, and draining.
+
+use std::time::Duration;
+
+use tessera_server::{EdgeSettings, GrpcServices, HttpRouter, Shutdown, serve};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// A plain HTTP/1.1 GET; returns the status code and body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+async fn health(channel: &Channel, service: &str) -> i32 {
+    HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reports_health_and_metrics_and_drains_before_closing() {
+    let mut services = GrpcServices::default();
+    tessera_scoring::Scoring::new().register(&mut services);
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+    let shutdown = Shutdown::new();
+    let settings = EdgeSettings {
+        drain_ms: 1_500,
+        ..EdgeSettings::default()
+    };
+    let token = shutdown.clone();
+    let server = tokio::spawn(async move {
+        serve(&settings, grpc, http, services, HttpRouter::new(), token).await
+    });
+    let channel = Channel::from_shared(format!("http://{grpc_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let name = "tessera.scoring.v1.ScoringService";
+    assert_eq!(health(&channel, name).await, ServingStatus::Serving as i32);
+    assert_eq!(health(&channel, "").await, ServingStatus::Serving as i32);
+    assert_eq!(http_get(http_addr, "/healthz").await.0, 200);
+
+    // A call is counted in /metrics by method and code.
+    let _ = tessera_proto::scoring::v1::scoring_service_client::ScoringServiceClient::new(
+        channel.clone(),
+    )
+    .score_profiles(tessera_proto::scoring::v1::ScoreProfilesRequest::default())
+    .await;
+    let (status, metrics) = http_get(http_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("tessera_grpc_requests_total")
+            && metrics.contains("/tessera.scoring.v1.ScoringService/ScoreProfiles"),
+        "{metrics}"
+    );
+
+    // Shutdown: NOT_SERVING and /healthz 503 while draining, then the server stops.
+    shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        health(&channel, name).await,
+        ServingStatus::NotServing as i32
+    );
+    assert_eq!(http_get(http_addr, "/healthz").await.0, 503);
+    let stopped = tokio::time::timeout(Duration::from_secs(10), server).await;
+    assert!(matches!(stopped, Ok(Ok(Ok(())))), "{stopped:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_messages_are_resource_exhausted() {
+    let mut services = GrpcServices::default();
+    tessera_scoring::Scoring::new().register(&mut services);
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = grpc.local_addr().unwrap();
+    let shutdown = Shutdown::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        serve(
+            &EdgeSettings::default(),
+            grpc,
+            http,
+            services,
+            HttpRouter::new(),
+            token,
+        )
+        .await
+    });
+    let channel = Channel::from_shared(format!("http://{grpc_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let huge = tessera_proto::scoring::v1::ScoreProfilesRequest {
+        profiles: vec![tessera_proto::scoring::v1::ProfileFacts {
+            profile_id: "x".repeat(80 * 1024 * 1024),
+            ..Default::default()
+        }],
+        as_of: None,
+    };
+    let err =
+        tessera_proto::scoring::v1::scoring_service_client::ScoringServiceClient::new(channel)
+            .max_encoding_message_size(usize::MAX)
+            .score_profiles(huge)
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    shutdown.cancel();
+}

@@ -1,0 +1,412 @@
+//! The bench report: what was offered, what was achieved, latencies and visibility, as text for
+//! people and as one JSON object for scripts.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// The parameters a run used.
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct Params {
+    pub(super) rate: u64,
+    pub(super) duration_s: Option<u64>,
+    pub(super) events: Option<u64>,
+    pub(super) concurrency: u64,
+    pub(super) batch: u64,
+    pub(super) users: u64,
+    pub(super) connections: u64,
+    pub(super) visibility_samples: u64,
+    pub(super) visibility_timeout_s: u64,
+    pub(super) request_timeout_s: u64,
+    pub(super) seed: u64,
+}
+
+/// Percentiles of a latency histogram recorded in microseconds, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub(super) struct Percentiles {
+    pub(super) count: u64,
+    pub(super) p50_ms: f64,
+    pub(super) p95_ms: f64,
+    pub(super) p99_ms: f64,
+    pub(super) max_ms: f64,
+    pub(super) mean_ms: f64,
+}
+
+impl Percentiles {
+    /// The summary of `h` (microseconds); `None` when it is empty.
+    pub(super) fn of(h: &Histogram<u64>) -> Option<Self> {
+        if h.is_empty() {
+            return None;
+        }
+        Some(Self {
+            count: h.len(),
+            p50_ms: ms(h.value_at_quantile(0.50)),
+            p95_ms: ms(h.value_at_quantile(0.95)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            max_ms: ms(h.max()),
+            mean_ms: round3(h.mean() / 1_000.0),
+        })
+    }
+}
+
+fn ms(us: u64) -> f64 {
+    round3(us as f64 / 1_000.0)
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1_000.0).round() / 1_000.0
+}
+
+/// Request outcomes.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(super) struct Requests {
+    pub(super) sent: u64,
+    pub(super) ok: u64,
+    pub(super) failed: u64,
+    /// Failed requests by gRPC code name (`UNAVAILABLE`, ...); client-side timeouts count as
+    /// `DEADLINE_EXCEEDED`.
+    pub(super) errors: BTreeMap<String, u64>,
+    /// The first message seen for each error code, to tell causes apart.
+    pub(super) first_error: BTreeMap<String, String>,
+}
+
+/// Event outcomes.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(super) struct Events {
+    /// Events sent in requests.
+    pub(super) sent: u64,
+    /// Acknowledged as new.
+    pub(super) accepted: u64,
+    /// Acknowledged as duplicates (should be 0: ids are unique per run).
+    pub(super) duplicate: u64,
+    /// In failed requests.
+    pub(super) failed: u64,
+}
+
+/// Time from the acknowledgement of a first identify until the profile, looked up by the new
+/// user id, counts every event of that device acknowledged so far.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(super) struct Visibility {
+    pub(super) followed: u64,
+    pub(super) visible: u64,
+    pub(super) not_visible: u64,
+    pub(super) latency: Option<Percentiles>,
+    /// GetProfile errors other than NOT_FOUND while polling, by gRPC code name.
+    pub(super) poll_errors: BTreeMap<String, u64>,
+}
+
+/// Everything a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct Report {
+    pub(super) target: String,
+    pub(super) run_id: String,
+    pub(super) params: Params,
+    /// Whether the run was cut short by Ctrl-C.
+    pub(super) interrupted: bool,
+    /// From the start until the last request was issued (or the send window closed).
+    pub(super) send_window_s: f64,
+    /// From the start until the last response arrived.
+    pub(super) elapsed_s: f64,
+    /// The target rate, events/s; `None` when unpaced.
+    pub(super) offered_rate: Option<f64>,
+    /// Events the schedule offered within the send window; `None` when unpaced.
+    pub(super) scheduled_events: Option<u64>,
+    /// Scheduled events never sent because the client fell behind (concurrency exhausted by a
+    /// slow server).
+    pub(super) unsent_events: u64,
+    /// Events sent per second of the send window.
+    pub(super) sent_rate: f64,
+    /// Events acknowledged as accepted per second of elapsed time.
+    pub(super) achieved_rate: f64,
+    /// How far behind schedule a batch was issued at worst, ms (waiting for a free slot).
+    pub(super) max_schedule_lag_ms: f64,
+    pub(super) requests: Requests,
+    pub(super) events: Events,
+    /// Successful request latency from the time the batch was due (includes client queueing,
+    /// so a slow server cannot hide behind a lower send rate).
+    pub(super) latency: Option<Percentiles>,
+    /// Successful request latency from the time the request was actually sent.
+    pub(super) service_time: Option<Percentiles>,
+    pub(super) visibility: Visibility,
+}
+
+/// The name of a gRPC code as in the gRPC spec, for example `UNAVAILABLE`.
+pub(super) fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>, none: &str) -> String {
+    v.map_or_else(|| none.to_owned(), |v| v.to_string())
+}
+
+fn line(p: Option<&Percentiles>) -> String {
+    match p {
+        Some(p) => format!(
+            "p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}  mean {:.1} ms  (n={})",
+            p.p50_ms, p.p95_ms, p.p99_ms, p.max_ms, p.mean_ms, p.count
+        ),
+        None => "n/a (no successful samples)".to_owned(),
+    }
+}
+
+fn counts(m: &BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        return "none".to_owned();
+    }
+    m.iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The human-readable report.
+pub(super) fn format_text(r: &Report) -> String {
+    let p = &r.params;
+    let mut out = String::new();
+    let w = &mut out;
+    // Writing to a String cannot fail.
+    let _ = writeln!(w, "tessera bench: {} (run {})", r.target, r.run_id);
+    let _ = writeln!(
+        w,
+        "  parameters      rate {}  duration {}  events {}  concurrency {}  batch {}  users {}  connections {}  seed {}",
+        if p.rate == 0 {
+            "max".to_owned()
+        } else {
+            format!("{}/s", p.rate)
+        },
+        opt(p.duration_s.map(|d| format!("{d}s")), "-"),
+        opt(p.events, "-"),
+        p.concurrency,
+        p.batch,
+        p.users,
+        p.connections,
+        p.seed
+    );
+    if r.interrupted {
+        let _ = writeln!(w, "  (interrupted by Ctrl-C: partial results)");
+    }
+    let _ = writeln!(
+        w,
+        "  duration        send window {:.2} s, until last response {:.2} s",
+        r.send_window_s, r.elapsed_s
+    );
+    let _ = writeln!(
+        w,
+        "  offered         {}",
+        match (r.offered_rate, r.scheduled_events) {
+            (Some(rate), Some(n)) => format!("{rate:.0} events/s ({n} events scheduled)"),
+            _ => "unpaced (as fast as the concurrency allows)".to_owned(),
+        }
+    );
+    if r.unsent_events > 0 {
+        let _ = writeln!(
+            w,
+            "  BEHIND          {} scheduled events never sent: every slot was busy (server slower than the offered rate; see latency)",
+            r.unsent_events
+        );
+    }
+    let _ = writeln!(
+        w,
+        "  sent            {:.0} events/s ({} events in {} requests; worst schedule lag {:.1} ms)",
+        r.sent_rate, r.events.sent, r.requests.sent, r.max_schedule_lag_ms
+    );
+    let _ = writeln!(
+        w,
+        "  achieved        {:.0} accepted events/s ({} accepted, {} duplicate, {} in failed requests)",
+        r.achieved_rate, r.events.accepted, r.events.duplicate, r.events.failed
+    );
+    let _ = writeln!(
+        w,
+        "  requests        {} ok, {} failed; errors: {}",
+        r.requests.ok,
+        r.requests.failed,
+        counts(&r.requests.errors)
+    );
+    for (code, msg) in &r.requests.first_error {
+        let _ = writeln!(w, "    first {code}: {msg}");
+    }
+    let _ = writeln!(w, "  latency         {}", line(r.latency.as_ref()));
+    let _ = writeln!(w, "  service time    {}", line(r.service_time.as_ref()));
+    let v = &r.visibility;
+    let _ = writeln!(
+        w,
+        "  ack -> visible  {}",
+        if v.followed == 0 {
+            "not measured (no samples)".to_owned()
+        } else {
+            line(v.latency.as_ref())
+        }
+    );
+    let _ = writeln!(
+        w,
+        "                  {} followed, {} visible, {} not visible within {} s; poll errors: {}",
+        v.followed,
+        v.visible,
+        v.not_visible,
+        p.visibility_timeout_s,
+        counts(&v.poll_errors)
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hist(values_us: &[u64]) -> Histogram<u64> {
+        let mut h = Histogram::new(3).unwrap();
+        for v in values_us {
+            h.record(*v).unwrap();
+        }
+        h
+    }
+
+    #[test]
+    fn percentiles_are_in_milliseconds() {
+        // 1..=100 ms.
+        let values: Vec<u64> = (1..=100).map(|ms| ms * 1_000).collect();
+        let p = Percentiles::of(&hist(&values)).unwrap();
+        assert_eq!(p.count, 100);
+        assert!((p.p50_ms - 50.0).abs() < 0.1, "{p:?}");
+        assert!((p.p95_ms - 95.0).abs() < 0.1, "{p:?}");
+        assert!((p.p99_ms - 99.0).abs() < 0.1, "{p:?}");
+        assert!((p.max_ms - 100.0).abs() < 0.1, "{p:?}");
+        assert!((p.mean_ms - 50.5).abs() < 0.1, "{p:?}");
+    }
+
+    #[test]
+    fn an_empty_histogram_has_no_percentiles() {
+        assert_eq!(Percentiles::of(&hist(&[])), None);
+    }
+
+    #[test]
+    fn code_names_follow_the_grpc_spec() {
+        assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
+        assert_eq!(
+            code_name(tonic::Code::DeadlineExceeded),
+            "DEADLINE_EXCEEDED"
+        );
+        assert_eq!(
+            code_name(tonic::Code::ResourceExhausted),
+            "RESOURCE_EXHAUSTED"
+        );
+    }
+
+    fn report() -> Report {
+        let mut errors = BTreeMap::new();
+        errors.insert("UNAVAILABLE".to_owned(), 3);
+        Report {
+            target: "http://127.0.0.1:50051".into(),
+            run_id: "abc".into(),
+            params: Params {
+                rate: 2_000,
+                duration_s: Some(20),
+                events: None,
+                concurrency: 16,
+                batch: 100,
+                users: 10_000,
+                connections: 2,
+                visibility_samples: 100,
+                visibility_timeout_s: 30,
+                request_timeout_s: 10,
+                seed: 1,
+            },
+            interrupted: false,
+            send_window_s: 20.0,
+            elapsed_s: 20.05,
+            offered_rate: Some(2_000.0),
+            scheduled_events: Some(40_000),
+            unsent_events: 0,
+            sent_rate: 2_000.0,
+            achieved_rate: 1_980.0,
+            max_schedule_lag_ms: 1.5,
+            requests: Requests {
+                sent: 400,
+                ok: 397,
+                failed: 3,
+                errors,
+                first_error: BTreeMap::new(),
+            },
+            events: Events {
+                sent: 40_000,
+                accepted: 39_700,
+                duplicate: 0,
+                failed: 300,
+            },
+            latency: Some(Percentiles {
+                count: 397,
+                p50_ms: 4.2,
+                p95_ms: 9.9,
+                p99_ms: 15.0,
+                max_ms: 30.0,
+                mean_ms: 5.0,
+            }),
+            service_time: None,
+            visibility: Visibility {
+                followed: 2,
+                visible: 1,
+                not_visible: 1,
+                latency: None,
+                poll_errors: BTreeMap::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn the_text_report_shows_offered_achieved_latency_and_errors() {
+        let text = format_text(&report());
+        for needle in [
+            "offered         2000 events/s (40000 events scheduled)\n",
+            "1980 accepted events/s",
+            "397 ok, 3 failed; errors: UNAVAILABLE 3",
+            "p50 4.2  p95 9.9  p99 15.0  max 30.0",
+            "service time    n/a",
+            "2 followed, 1 visible, 1 not visible within 30 s",
+            "rate 2000/s  duration 20s  events -",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_client_behind_schedule_is_called_out() {
+        let mut r = report();
+        assert!(!format_text(&r).contains("BEHIND"));
+        r.unsent_events = 16_200;
+        assert!(format_text(&r).contains("BEHIND          16200 scheduled events never sent"));
+    }
+
+    #[test]
+    fn the_json_report_is_one_object_with_the_figures() {
+        let json = serde_json::to_string(&report()).unwrap();
+        assert!(!json.contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["offered_rate"], 2_000.0);
+        assert_eq!(v["achieved_rate"], 1_980.0);
+        assert_eq!(v["requests"]["errors"]["UNAVAILABLE"], 3);
+        assert_eq!(v["latency"]["p99_ms"], 15.0);
+        assert_eq!(v["params"]["batch"], 100);
+        assert_eq!(v["visibility"]["not_visible"], 1);
+    }
+}

@@ -1,1 +1,0 @@
-//! The tessera binary: every service, dev mode, migrations and the load tool

@@ -1,0 +1,117 @@
+//! `tessera`: one binary for every role. `tessera dev` runs all four services in one process on
+//! SQLite and an in-process cache; `tessera ingestion|identity|profile|scoring` run one service
+//! each against Postgres and Redis; `tessera migrate` applies migrations; `tessera bench` is the
+//! load tool.
+
+mod bench;
+mod run;
+mod settings;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Tessera: a real-time customer profile platform.
+#[derive(Debug, Parser)]
+#[command(name = "tessera", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run all four services in one process on SQLite files and an in-process cache: no servers
+    /// to install. All gRPC services share one port; data survives a restart.
+    Dev(DevArgs),
+    /// Run the ingestion service (production: Postgres via DATABASE_URL; peers via
+    /// TESSERA__PEERS__IDENTITY and TESSERA__PEERS__PROFILE).
+    Ingestion(ServeArgs),
+    /// Run the identity service (production: Postgres via DATABASE_URL).
+    Identity(ServeArgs),
+    /// Run the profile service (production: Postgres via DATABASE_URL, Redis via REDIS_URL;
+    /// peers via TESSERA__PEERS__IDENTITY and TESSERA__PEERS__SCORING).
+    Profile(ServeArgs),
+    /// Run the scoring service.
+    Scoring(ServeArgs),
+    /// Apply every service's database migrations to DATABASE_URL, then exit.
+    Migrate(ConfigArgs),
+    /// Send synthetic events at a chosen rate and concurrency and report throughput, latency
+    /// and time from acceptance to profile visible.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// A TOML configuration file (see docs/tessera.example.toml). Environment variables
+    /// (TESSERA__SECTION__KEY, DATABASE_URL, REDIS_URL, OTEL_EXPORTER_OTLP_ENDPOINT) override
+    /// it, and flags override both.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The Postgres URL of the system of record [env: DATABASE_URL].
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// The gRPC listen address [default: 127.0.0.1:50051].
+    #[arg(long, value_name = "ADDR")]
+    grpc_addr: Option<SocketAddr>,
+    /// The HTTP listen address for HTTP APIs, /healthz and /metrics [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    http_addr: Option<SocketAddr>,
+    /// The Redis URL of the profile cache, or memory:// [env: REDIS_URL].
+    #[arg(long, value_name = "URL")]
+    redis_url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct DevArgs {
+    /// Where the SQLite files live.
+    #[arg(long, value_name = "DIR", default_value = "./tessera-data")]
+    data_dir: PathBuf,
+    /// The gRPC listen address of all four services.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
+    grpc_addr: SocketAddr,
+    /// The HTTP listen address for HTTP APIs, /healthz and /metrics.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    http_addr: SocketAddr,
+    /// A TOML configuration file for the services' settings.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let plan = match run::plan(cli.command, &env) {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!("tessera: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tessera: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run::execute(plan)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tessera: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! Turning a command line into a plan (settings parsed and checked before the runtime starts),
+//! and running it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tessera_server::{GrpcServices, Shutdown};
+use tessera_store::{Database, Migrations};
+use tokio::net::TcpListener;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::settings::{self, Settings};
+use crate::{Command, ConfigArgs};
+
+/// A service role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Ingestion,
+    Identity,
+    Profile,
+    Scoring,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Ingestion => "ingestion",
+            Self::Identity => "identity",
+            Self::Profile => "profile",
+            Self::Scoring => "scoring",
+        }
+    }
+}
+
+/// What to run, with its settings already validated.
+pub(crate) enum Plan {
+    Serve {
+        roles: Vec<Role>,
+        settings: Box<Settings>,
+        /// `tessera dev`: SQLite files in this directory, peers in-process.
+        dev_data_dir: Option<PathBuf>,
+    },
+    Migrate {
+        settings: Box<Settings>,
+    },
+    Bench(crate::bench::BenchArgs),
+}
+
+fn load(config: &ConfigArgs, env: &HashMap<String, String>) -> anyhow::Result<Settings> {
+    let mut s = settings::load(config.config.as_deref(), env).context("invalid configuration")?;
+    if let Some(url) = &config.database_url {
+        s.database_url.clone_from(url);
+    }
+    Ok(s)
+}
+
+fn require_postgres(s: &Settings) -> anyhow::Result<()> {
+    if s.database_url.starts_with("postgres://") || s.database_url.starts_with("postgresql://") {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "DATABASE_URL (or --database-url, or database_url in the config file) must be a \
+             postgres:// URL; for a single-process setup without servers use `tessera dev`"
+        )
+    }
+}
+
+/// Checks what deserializing cannot: values in range.
+fn check(s: &Settings) -> anyhow::Result<()> {
+    s.profile
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
+}
+
+/// Parses the command into a plan. Runs before the async runtime starts.
+pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::Result<Plan> {
+    let serve = |role: Role, args: crate::ServeArgs| -> anyhow::Result<Plan> {
+        let mut s = load(&args.config, env)?;
+        check(&s)?;
+        if let Some(addr) = args.grpc_addr {
+            s.grpc_addr = addr;
+        }
+        if let Some(addr) = args.http_addr {
+            s.http_addr = addr;
+        }
+        if let Some(url) = args.redis_url {
+            s.redis_url = url;
+        }
+        if role != Role::Scoring {
+            require_postgres(&s)?;
+        }
+        Ok(Plan::Serve {
+            roles: vec![role],
+            settings: Box::new(s),
+            dev_data_dir: None,
+        })
+    };
+    match command {
+        Command::Dev(args) => {
+            let mut s =
+                settings::load(args.config.as_deref(), env).context("invalid configuration")?;
+            check(&s)?;
+            s.grpc_addr = args.grpc_addr;
+            s.http_addr = args.http_addr;
+            s.redis_url = "memory://".to_owned();
+            Ok(Plan::Serve {
+                roles: vec![
+                    Role::Identity,
+                    Role::Scoring,
+                    Role::Profile,
+                    Role::Ingestion,
+                ],
+                settings: Box::new(s),
+                dev_data_dir: Some(args.data_dir),
+            })
+        }
+        Command::Ingestion(args) => serve(Role::Ingestion, args),
+        Command::Identity(args) => serve(Role::Identity, args),
+        Command::Profile(args) => serve(Role::Profile, args),
+        Command::Scoring(args) => serve(Role::Scoring, args),
+        Command::Migrate(args) => {
+            let s = load(&args, env)?;
+            require_postgres(&s)?;
+            Ok(Plan::Migrate {
+                settings: Box::new(s),
+            })
+        }
+        Command::Bench(args) => Ok(Plan::Bench(args)),
+    }
+}
+
+/// Runs the plan to its end.
+pub(crate) async fn execute(plan: Plan) -> anyhow::Result<()> {
+    match plan {
+        Plan::Serve {
+            roles,
+            settings,
+            dev_data_dir,
+        } => serve(&roles, &settings, dev_data_dir.as_deref()).await,
+        Plan::Migrate { settings } => {
+            let _telemetry =
+                tessera_server::init_telemetry("tessera-migrate", &settings.telemetry)?;
+            for (schema, migrations) in all_migrations() {
+                let db = Database::connect(&settings.database_url, schema, &settings.db)
+                    .await
+                    .with_context(|| format!("connecting to the database for {schema}"))?;
+                db.migrate(migrations)
+                    .await
+                    .with_context(|| format!("migrating {schema}"))?;
+                db.close().await;
+                tracing::info!(schema, "migrated");
+            }
+            Ok(())
+        }
+        Plan::Bench(args) => crate::bench::run(args).await,
+    }
+}
+
+fn all_migrations() -> [(&'static str, Migrations); 3] {
+    [
+        (tessera_ingestion::SCHEMA, tessera_ingestion::MIGRATIONS),
+        (tessera_identity::SCHEMA, tessera_identity::MIGRATIONS),
+        (tessera_profile::SCHEMA, tessera_profile::MIGRATIONS),
+    ]
+}
+
+/// Opens (and, when configured, migrates) a service's database: its Postgres schema, or in dev
+/// mode its own SQLite file.
+async fn open_db(
+    settings: &Settings,
+    dev_data_dir: Option<&Path>,
+    schema: &'static str,
+    migrations: Migrations,
+) -> anyhow::Result<Database> {
+    let url = match dev_data_dir {
+        Some(dir) => format!("sqlite://{}", dir.join(format!("{schema}.db")).display()),
+        None => settings.database_url.clone(),
+    };
+    let db = Database::connect(&url, schema, &settings.db)
+        .await
+        .with_context(|| format!("connecting to the {schema} database"))?;
+    if settings.migrate_on_start || dev_data_dir.is_some() {
+        db.migrate(migrations)
+            .await
+            .with_context(|| format!("migrating the {schema} database"))?;
+    }
+    Ok(db)
+}
+
+/// A channel to a peer that connects on first use and reconnects by itself, so services can
+/// start in any order.
+fn peer(url: &str) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(url.to_owned())
+        .with_context(|| format!("invalid peer address {url}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+/// The address peers in the same process use to reach a listener.
+fn loopback_url(addr: SocketAddr) -> String {
+    let ip = if addr.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        addr.ip()
+    };
+    format!("http://{}", SocketAddr::new(ip, addr.port()))
+}
+
+async fn serve(
+    roles: &[Role],
+    settings: &Settings,
+    dev_data_dir: Option<&Path>,
+) -> anyhow::Result<()> {
+    let name = match (dev_data_dir, roles) {
+        (None, [role]) => format!("tessera-{}", role.name()),
+        _ => "tessera-dev".to_owned(),
+    };
+    let _telemetry = tessera_server::init_telemetry(&name, &settings.telemetry)?;
+    if let Some(dir) = dev_data_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the data directory {}", dir.display()))?;
+    }
+    let grpc = TcpListener::bind(settings.grpc_addr)
+        .await
+        .with_context(|| format!("binding the gRPC address {}", settings.grpc_addr))?;
+    let http = TcpListener::bind(settings.http_addr)
+        .await
+        .with_context(|| format!("binding the HTTP address {}", settings.http_addr))?;
+    let grpc_addr = grpc.local_addr()?;
+    let http_addr = http.local_addr()?;
+
+    let (identity_url, profile_url, scoring_url) = if dev_data_dir.is_some() {
+        let me = loopback_url(grpc_addr);
+        (me.clone(), me.clone(), me)
+    } else {
+        (
+            settings.peers.identity.clone(),
+            settings.peers.profile.clone(),
+            settings.peers.scoring.clone(),
+        )
+    };
+
+    let shutdown = Shutdown::new();
+    tessera_server::shutdown_on_signal(shutdown.clone());
+    let mut services = GrpcServices::default();
+    let mut databases = Vec::new();
+    let mut workers = Vec::new();
+    for role in roles {
+        match role {
+            Role::Identity => {
+                let db = open_db(
+                    settings,
+                    dev_data_dir,
+                    tessera_identity::SCHEMA,
+                    tessera_identity::MIGRATIONS,
+                )
+                .await?;
+                tessera_identity::Identity::new(db.clone(), settings.identity.clone())
+                    .register(&mut services);
+                databases.push(db);
+            }
+            Role::Scoring => tessera_scoring::Scoring::new().register(&mut services),
+            Role::Profile => {
+                let db = open_db(
+                    settings,
+                    dev_data_dir,
+                    tessera_profile::SCHEMA,
+                    tessera_profile::MIGRATIONS,
+                )
+                .await?;
+                let ttl = Duration::from_secs(settings.profile.cache_ttl_seconds.max(1));
+                let cache =
+                    tessera_store::open_cache(&settings.redis_url, &settings.cache_prefix, ttl)
+                        .context("opening the profile cache")?;
+                tessera_profile::Profiles::new(
+                    db.clone(),
+                    Arc::clone(&cache),
+                    peer(&identity_url)?,
+                    peer(&scoring_url)?,
+                    settings.profile.clone(),
+                )
+                .register(&mut services);
+                databases.push(db);
+            }
+            Role::Ingestion => {
+                let db = open_db(
+                    settings,
+                    dev_data_dir,
+                    tessera_ingestion::SCHEMA,
+                    tessera_ingestion::MIGRATIONS,
+                )
+                .await?;
+                let ingestion =
+                    tessera_ingestion::Ingestion::new(db.clone(), settings.ingestion.clone())
+                        .await
+                        .context("starting ingestion")?;
+                ingestion.register(&mut services);
+                workers.push(ingestion.spawn_delivery(
+                    peer(&identity_url)?,
+                    peer(&profile_url)?,
+                    shutdown.clone(),
+                ));
+                databases.push(db);
+            }
+        }
+    }
+
+    // A machine-readable line for scripts and tests that bind to port 0.
+    #[allow(clippy::print_stdout)]
+    {
+        println!("tessera: listening grpc={grpc_addr} http={http_addr}");
+    }
+    tracing::info!(%grpc_addr, %http_addr, services = ?services.names(), "serving");
+    let served = tessera_server::serve(
+        &settings.edge,
+        grpc,
+        http,
+        services,
+        axum_router(),
+        shutdown.clone(),
+    )
+    .await;
+    shutdown.cancel();
+    for worker in workers {
+        let _ = worker.await;
+    }
+    for db in databases {
+        db.close().await;
+    }
+    served.context("serving")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn axum_router() -> tessera_server::HttpRouter {
+    tessera_server::HttpRouter::new()
+}

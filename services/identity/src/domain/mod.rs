@@ -1,0 +1,48 @@
+//! The identity rules, free of gRPC and SQL: normalization and blocked values, the choice of the
+//! surviving profile, the resolution of a run of records against a view of the graph, and a
+//! reference union-find that tests compare the real graph with.
+
+mod normalize;
+mod plan;
+mod union_find;
+
+use tessera_core::Identifier;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+pub use normalize::{MAX_IDENTIFIERS_PER_RECORD, Normalized, Record, is_blocked, normalize};
+pub use plan::{GraphView, NewIdentifier, Plan, ProfileAge, plan};
+pub use union_find::UnionFind;
+
+/// One profile folded into another, caused by one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Merge {
+    /// The profile that survives.
+    pub surviving_profile_id: Uuid,
+    /// The profile folded into the survivor.
+    pub merged_profile_id: Uuid,
+    /// The event whose identifiers linked the two.
+    pub cause_event_id: String,
+    /// When the merge was decided.
+    pub merged_at: OffsetDateTime,
+}
+
+/// Which profile an event belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    /// The event's id.
+    pub event_id: String,
+    /// The event's profile: after a batch is resolved, its current survivor.
+    pub profile_id: Uuid,
+    /// The record's identifiers after normalization, blocked values left out.
+    pub identifiers: Vec<Identifier>,
+    /// The merges the event caused, oldest merged profile first.
+    pub merges: Vec<Merge>,
+}
+
+/// `t` without its sub-microsecond part: both backends keep microseconds, and a time compared
+/// in memory must equal the same time read back.
+pub fn truncate_to_micros(t: OffsetDateTime) -> OffsetDateTime {
+    let nanos = t.nanosecond();
+    t.replace_nanosecond(nanos - nanos % 1_000).unwrap_or(t)
+}

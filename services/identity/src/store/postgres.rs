@@ -1,0 +1,422 @@
+//! The identity graph on Postgres, correct with several replicas writing at once.
+//!
+//! One transaction resolves a run of records: it takes an advisory lock per event id and per
+//! identifier (sorted, so two runs never wait on each other in a cycle), reads the canonical
+//! profile of every identifier, locks those profiles `FOR UPDATE` in id order and checks they
+//! are still canonical. The advisory locks stop anyone else from attaching the same identifiers
+//! or resolving the same events; the row locks stop anyone else from merging the profiles. When
+//! a profile was merged between the read and the lock, the run is rolled back and retried (a
+//! run that conflicts twice is halved, so a hot profile costs a small run, not a large one).
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
+use std::time::Duration;
+
+use rand::Rng;
+use sqlx::PgPool;
+use sqlx::postgres::PgConnection;
+use tessera_core::Identifier;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{IdentityStore, Stored, decode_merges, encode_merges, now, outcomes, record_metrics};
+use crate::IdentityError;
+use crate::domain::{GraphView, Plan, ProfileAge, Record, plan};
+
+/// How often one run of records is tried before the request fails with `Unavailable`.
+const MAX_ATTEMPTS: u32 = 12;
+
+/// The canonical profile of each identifier in `$1`/`$2` (parallel arrays of types and values)
+/// that the graph holds, with the profile's creation time. The walks use `UNION`, not
+/// `UNION ALL`, so a cycle (which writers never create) ends a walk instead of looping forever.
+const VIEW_SQL: &str = "
+WITH RECURSIVE chain (type, value, profile_id, merged_into, created_at) AS (
+    SELECT i.type, i.value, p.profile_id, p.merged_into, p.created_at
+    FROM unnest($1::text[], $2::text[]) AS k (type, value)
+    JOIN identifiers i ON i.type = k.type AND i.value = k.value
+    JOIN profiles p ON p.profile_id = i.profile_id
+  UNION
+    SELECT c.type, c.value, p.profile_id, p.merged_into, p.created_at
+    FROM chain c
+    JOIN profiles p ON p.profile_id = c.merged_into
+)
+SELECT type, value, profile_id, created_at FROM chain WHERE merged_into IS NULL";
+
+/// The canonical profile of each profile in `$1`.
+const CANONICAL_SQL: &str = "
+WITH RECURSIVE chain (start_id, profile_id, merged_into) AS (
+    SELECT profile_id, profile_id, merged_into FROM profiles WHERE profile_id = ANY($1)
+  UNION
+    SELECT c.start_id, p.profile_id, p.merged_into
+    FROM chain c
+    JOIN profiles p ON p.profile_id = c.merged_into
+)
+SELECT start_id, profile_id FROM chain WHERE merged_into IS NULL";
+
+/// The canonical profile of the identifier `($1, $2)`.
+const LOOKUP_SQL: &str = "
+WITH RECURSIVE chain (profile_id, merged_into) AS (
+    SELECT p.profile_id, p.merged_into
+    FROM identifiers i
+    JOIN profiles p ON p.profile_id = i.profile_id
+    WHERE i.type = $1 AND i.value = $2
+  UNION
+    SELECT p.profile_id, p.merged_into
+    FROM chain c
+    JOIN profiles p ON p.profile_id = c.merged_into
+)
+SELECT profile_id FROM chain WHERE merged_into IS NULL";
+
+/// The identity graph in a Postgres schema.
+pub(crate) struct PgStore {
+    pool: PgPool,
+}
+
+/// Why one attempt at a run did not commit.
+enum Failure {
+    /// Another transaction got in the way; trying again will see its result.
+    Retry(&'static str),
+    /// Trying again will not help.
+    Fatal(IdentityError),
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &e {
+            match db.code().as_deref() {
+                Some("40001") => return Self::Retry("serialization failure"),
+                Some("40P01") => return Self::Retry("deadlock"),
+                // Only a concurrent writer of the same key can cause this, and the locks
+                // should make that impossible; retrying reads what it wrote.
+                Some("23505") => return Self::Retry("unique violation"),
+                _ => {}
+            }
+        }
+        Self::Fatal(e.into())
+    }
+}
+
+impl From<IdentityError> for Failure {
+    fn from(e: IdentityError) -> Self {
+        Self::Fatal(e)
+    }
+}
+
+impl PgStore {
+    pub(crate) fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// One attempt at resolving `records` in one transaction. On failure the transaction is
+    /// rolled back before returning, so its locks do not outlive the attempt.
+    async fn attempt(&self, records: &[Record]) -> Result<Vec<Stored>, Failure> {
+        let mut tx = self.pool.begin().await?;
+        match decide_and_write(&mut tx, records).await {
+            Ok((done, plan)) => {
+                tx.commit().await?;
+                record_metrics(&plan);
+                Ok(outcomes(records, done, plan.resolutions))
+            }
+            Err(failure) => {
+                // A failed rollback means a broken connection, which the pool discards.
+                let _ = tx.rollback().await;
+                Err(failure)
+            }
+        }
+    }
+}
+
+/// Locks, reads the view, plans and writes `records`, within the caller's transaction. Returns
+/// the stored resolutions of events resolved meanwhile, and the plan for the others.
+async fn decide_and_write(
+    tx: &mut PgConnection,
+    records: &[Record],
+) -> Result<(HashMap<String, Stored>, Plan), Failure> {
+    lock_keys(&mut *tx, records).await?;
+
+    // Another replica may have resolved some of these events since the caller looked.
+    let event_ids: Vec<&str> = records.iter().map(Record::event_id).collect();
+    let done = stored(&mut *tx, &event_ids).await?;
+    let pending: Vec<&Record> = records
+        .iter()
+        .filter(|r| !done.contains_key(r.event_id()))
+        .collect();
+
+    let (types, values): (Vec<String>, Vec<String>) = pending
+        .iter()
+        .flat_map(|r| r.identifiers())
+        .map(|i| (i.kind.clone(), i.value.clone()))
+        .unzip();
+    let rows: Vec<(String, String, Uuid, OffsetDateTime)> = sqlx::query_as(VIEW_SQL)
+        .bind(types)
+        .bind(values)
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut profiles: Vec<Uuid> = rows.iter().map(|r| r.2).collect();
+    profiles.sort_unstable();
+    profiles.dedup();
+    if !profiles.is_empty() {
+        // Locked in id order, so runs that share profiles queue instead of deadlocking.
+        let locked: Vec<(Uuid, bool)> = sqlx::query_as(
+            "SELECT profile_id, merged_into IS NULL FROM profiles \
+             WHERE profile_id = ANY($1) ORDER BY profile_id FOR UPDATE",
+        )
+        .bind(&profiles)
+        .fetch_all(&mut *tx)
+        .await?;
+        if locked.len() != profiles.len() || locked.iter().any(|(_, canonical)| !canonical) {
+            return Err(Failure::Retry("profile merged meanwhile"));
+        }
+    }
+    let mut view = GraphView::new();
+    for (kind, value, id, created_at) in rows {
+        view.insert(Identifier { kind, value }, ProfileAge { created_at, id });
+    }
+
+    let now = now();
+    let plan = plan(pending.iter().copied(), view, now, Uuid::now_v7);
+    write(&mut *tx, &plan, now).await?;
+    Ok((done, plan))
+}
+
+#[async_trait::async_trait]
+impl IdentityStore for PgStore {
+    async fn stored(&self, event_ids: &[&str]) -> Result<HashMap<String, Stored>, IdentityError> {
+        let mut conn = self.pool.acquire().await?;
+        stored(&mut conn, event_ids).await
+    }
+
+    async fn resolve(&self, records: &[Record]) -> Result<Vec<Stored>, IdentityError> {
+        let mut out = Vec::with_capacity(records.len());
+        // Runs still to resolve, in order, with the attempts each has had.
+        let mut runs: VecDeque<(Range<usize>, u32)> = VecDeque::from([(0..records.len(), 0)]);
+        while let Some((run, attempts)) = runs.pop_front() {
+            match self.attempt(&records[run.clone()]).await {
+                Ok(stored) => out.extend(stored),
+                Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Retry(reason)) => {
+                    metrics::counter!("tessera_identity_retries_total", "reason" => reason)
+                        .increment(1);
+                    tracing::debug!(
+                        reason,
+                        records = run.len(),
+                        attempts,
+                        "retrying identity run"
+                    );
+                    if attempts >= 1 && run.len() > 1 {
+                        let mid = run.start + run.len() / 2;
+                        runs.push_front((mid..run.end, 0));
+                        runs.push_front((run.start..mid, 0));
+                    } else if attempts + 1 >= MAX_ATTEMPTS {
+                        return Err(IdentityError::Contended);
+                    } else {
+                        tokio::time::sleep(backoff(attempts)).await;
+                        runs.push_front((run, attempts + 1));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn canonical(&self, profiles: &[Uuid]) -> Result<HashMap<Uuid, Uuid>, IdentityError> {
+        let rows: Vec<(Uuid, Uuid)> = sqlx::query_as(CANONICAL_SQL)
+            .bind(profiles)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn lookup(&self, identifier: &Identifier) -> Result<Option<Uuid>, IdentityError> {
+        Ok(sqlx::query_scalar(LOOKUP_SQL)
+            .bind(&identifier.kind)
+            .bind(&identifier.value)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+}
+
+/// Takes the transaction's advisory locks on every event id and identifier of `records`, in
+/// sorted order.
+async fn lock_keys(conn: &mut PgConnection, records: &[Record]) -> Result<(), sqlx::Error> {
+    let mut keys: Vec<i64> = Vec::new();
+    for record in records {
+        keys.push(lock_key(&[b"event", record.event_id().as_bytes()]));
+        for i in record.identifiers() {
+            keys.push(lock_key(&[
+                b"identifier",
+                i.kind.as_bytes(),
+                i.value.as_bytes(),
+            ]));
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    // unnest yields the sorted array in order, so the locks are taken in that order.
+    sqlx::query("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k")
+        .bind(keys)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A stable 64-bit key for an advisory lock: FNV-1a over the parts, each followed by a NUL
+/// (which no part contains). Stable across builds and replicas, unlike `std`'s hasher; two
+/// keys colliding only makes two writers wait for each other.
+fn lock_key(parts: &[&[u8]]) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in part.iter().chain([&0u8]) {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
+async fn stored(
+    conn: &mut PgConnection,
+    event_ids: &[&str],
+) -> Result<HashMap<String, Stored>, IdentityError> {
+    let rows: Vec<(String, Uuid, String)> = sqlx::query_as(
+        "SELECT event_id, profile_id, merges::text FROM resolutions WHERE event_id = ANY($1)",
+    )
+    .bind(event_ids)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|(event_id, profile_id, merges)| {
+            let merges = decode_merges(&event_id, &merges)?;
+            Ok((event_id, Stored { profile_id, merges }))
+        })
+        .collect()
+}
+
+/// Writes `plan` with one statement per table.
+async fn write(
+    conn: &mut PgConnection,
+    plan: &Plan,
+    now: OffsetDateTime,
+) -> Result<(), sqlx::Error> {
+    if !plan.new_profiles.is_empty() {
+        let ids: Vec<Uuid> = plan.new_profiles.iter().map(|p| p.id).collect();
+        let created: Vec<OffsetDateTime> = plan.new_profiles.iter().map(|p| p.created_at).collect();
+        sqlx::query(
+            "INSERT INTO profiles (profile_id, created_at) \
+             SELECT * FROM unnest($1::uuid[], $2::timestamptz[])",
+        )
+        .bind(ids)
+        .bind(created)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !plan.new_identifiers.is_empty() {
+        let mut types = Vec::with_capacity(plan.new_identifiers.len());
+        let mut values = Vec::with_capacity(plan.new_identifiers.len());
+        let mut profiles = Vec::with_capacity(plan.new_identifiers.len());
+        let mut events = Vec::with_capacity(plan.new_identifiers.len());
+        for n in &plan.new_identifiers {
+            types.push(n.identifier.kind.as_str());
+            values.push(n.identifier.value.as_str());
+            profiles.push(n.profile_id);
+            events.push(n.event_id.as_str());
+        }
+        sqlx::query(
+            "INSERT INTO identifiers (type, value, profile_id, event_id, created_at) \
+             SELECT t, v, p, e, $5 FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[]) \
+             AS u (t, v, p, e)",
+        )
+        .bind(types)
+        .bind(values)
+        .bind(profiles)
+        .bind(events)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !plan.merges.is_empty() {
+        let mut surviving = Vec::with_capacity(plan.merges.len());
+        let mut merged = Vec::with_capacity(plan.merges.len());
+        let mut causes = Vec::with_capacity(plan.merges.len());
+        for m in &plan.merges {
+            surviving.push(m.surviving_profile_id);
+            merged.push(m.merged_profile_id);
+            causes.push(m.cause_event_id.as_str());
+        }
+        sqlx::query(
+            "UPDATE profiles AS p SET merged_into = u.s, merged_at = $3 \
+             FROM unnest($1::uuid[], $2::uuid[]) AS u (s, m) WHERE p.profile_id = u.m",
+        )
+        .bind(&surviving)
+        .bind(&merged)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            "INSERT INTO merges (surviving_profile_id, merged_profile_id, cause_event_id, merged_at) \
+             SELECT s, m, e, $4 FROM unnest($1::uuid[], $2::uuid[], $3::text[]) \
+             WITH ORDINALITY AS u (s, m, e, n) ORDER BY n",
+        )
+        .bind(surviving)
+        .bind(merged)
+        .bind(causes)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !plan.resolutions.is_empty() {
+        let mut events = Vec::with_capacity(plan.resolutions.len());
+        let mut profiles = Vec::with_capacity(plan.resolutions.len());
+        let mut merges = Vec::with_capacity(plan.resolutions.len());
+        for r in &plan.resolutions {
+            events.push(r.event_id.as_str());
+            profiles.push(r.profile_id);
+            merges.push(encode_merges(&r.merges));
+        }
+        sqlx::query(
+            "INSERT INTO resolutions (event_id, profile_id, merges, resolved_at) \
+             SELECT e, p, m::jsonb, $4 FROM unnest($1::text[], $2::uuid[], $3::text[]) AS u (e, p, m)",
+        )
+        .bind(events)
+        .bind(profiles)
+        .bind(merges)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// A jittered, growing pause before retrying, so replicas that collided do not collide again.
+fn backoff(attempts: u32) -> Duration {
+    let cap_ms = 2u64.saturating_pow(attempts.min(7)) * 5;
+    Duration::from_millis(rand::rng().random_range(1..=cap_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_keys_are_pinned_and_separate_parts() {
+        // Pinned: replicas running different builds must agree on every key.
+        assert_eq!(lock_key(&[b"event", b"e1"]), 0x18f2_d0ed_3a61_b3d1);
+        assert_ne!(lock_key(&[b"ab", b"c"]), lock_key(&[b"a", b"bc"]));
+    }
+
+    #[test]
+    fn backoff_grows_and_stays_bounded() {
+        for attempts in 0..20 {
+            let d = backoff(attempts);
+            assert!(d >= Duration::from_millis(1) && d <= Duration::from_millis(640));
+        }
+    }
+
+    #[test]
+    fn connection_errors_are_not_retried_here() {
+        assert!(matches!(
+            Failure::from(sqlx::Error::PoolTimedOut),
+            Failure::Fatal(_)
+        ));
+    }
+}

@@ -1,0 +1,240 @@
+//! The identity graph in a SQLite file, for `tessera dev`. The pool has a single connection,
+//! so transactions run one after another and need no locks of their own.
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::SqlitePool;
+use sqlx::sqlite::SqliteConnection;
+use tessera_core::Identifier;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{IdentityStore, Stored, decode_merges, encode_merges, now, outcomes, record_metrics};
+use crate::IdentityError;
+use crate::domain::{GraphView, Plan, ProfileAge, Record, plan};
+
+/// The canonical profile of the identifier `(?1, ?2)` and its creation time. The walks use
+/// `UNION`, not `UNION ALL`, so a cycle (which writers never create) ends a walk.
+const LOOKUP_SQL: &str = "
+WITH RECURSIVE chain (profile_id, merged_into, created_at) AS (
+    SELECT p.profile_id, p.merged_into, p.created_at
+    FROM identifiers i
+    JOIN profiles p ON p.profile_id = i.profile_id
+    WHERE i.type = ?1 AND i.value = ?2
+  UNION
+    SELECT p.profile_id, p.merged_into, p.created_at
+    FROM chain c
+    JOIN profiles p ON p.profile_id = c.merged_into
+)
+SELECT profile_id, created_at FROM chain WHERE merged_into IS NULL";
+
+/// The canonical profile of the profile `?1`.
+const CANONICAL_SQL: &str = "
+WITH RECURSIVE chain (profile_id, merged_into) AS (
+    SELECT profile_id, merged_into FROM profiles WHERE profile_id = ?1
+  UNION
+    SELECT p.profile_id, p.merged_into
+    FROM chain c
+    JOIN profiles p ON p.profile_id = c.merged_into
+)
+SELECT profile_id FROM chain WHERE merged_into IS NULL";
+
+/// The identity graph in a SQLite file.
+pub(crate) struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    pub(crate) fn new(pool: SqlitePool) -> Self {
+        Self { pool }
+    }
+}
+
+#[async_trait::async_trait]
+impl IdentityStore for SqliteStore {
+    async fn stored(&self, event_ids: &[&str]) -> Result<HashMap<String, Stored>, IdentityError> {
+        let mut conn = self.pool.acquire().await?;
+        let mut out = HashMap::new();
+        for event_id in event_ids {
+            if let Some(stored) = stored(&mut conn, event_id).await? {
+                out.insert((*event_id).to_owned(), stored);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn resolve(&self, records: &[Record]) -> Result<Vec<Stored>, IdentityError> {
+        // IMMEDIATE: take the write lock up front rather than failing to upgrade a read later.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut done = HashMap::new();
+        for record in records {
+            if let Some(stored) = stored(&mut tx, record.event_id()).await? {
+                done.insert(record.event_id().to_owned(), stored);
+            }
+        }
+        let pending: Vec<&Record> = records
+            .iter()
+            .filter(|r| !done.contains_key(r.event_id()))
+            .collect();
+
+        let mut view = GraphView::new();
+        let mut seen = HashSet::new();
+        for identifier in pending.iter().flat_map(|r| r.identifiers()) {
+            if seen.insert(identifier)
+                && let Some(profile) = canonical_of(&mut tx, identifier).await?
+            {
+                view.insert(identifier.clone(), profile);
+            }
+        }
+
+        let now = now();
+        let plan = plan(pending.iter().copied(), view, now, Uuid::now_v7);
+        write(&mut tx, &plan, now).await?;
+        tx.commit().await?;
+        record_metrics(&plan);
+
+        Ok(outcomes(records, done, plan.resolutions))
+    }
+
+    async fn canonical(&self, profiles: &[Uuid]) -> Result<HashMap<Uuid, Uuid>, IdentityError> {
+        let mut conn = self.pool.acquire().await?;
+        let mut out = HashMap::with_capacity(profiles.len());
+        for profile in profiles {
+            let canonical: Option<String> = sqlx::query_scalar(CANONICAL_SQL)
+                .bind(profile.to_string())
+                .fetch_optional(&mut *conn)
+                .await?;
+            if let Some(canonical) = canonical {
+                out.insert(*profile, parse_uuid(&canonical)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn lookup(&self, identifier: &Identifier) -> Result<Option<Uuid>, IdentityError> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(canonical_of(&mut conn, identifier).await?.map(|p| p.id))
+    }
+}
+
+async fn stored(
+    conn: &mut SqliteConnection,
+    event_id: &str,
+) -> Result<Option<Stored>, IdentityError> {
+    let row: Option<(String, String)> =
+        sqlx::query_as("SELECT profile_id, merges FROM resolutions WHERE event_id = ?1")
+            .bind(event_id)
+            .fetch_optional(conn)
+            .await?;
+    row.map(|(profile_id, merges)| {
+        Ok(Stored {
+            profile_id: parse_uuid(&profile_id)?,
+            merges: decode_merges(event_id, &merges)?,
+        })
+    })
+    .transpose()
+}
+
+async fn canonical_of(
+    conn: &mut SqliteConnection,
+    identifier: &Identifier,
+) -> Result<Option<ProfileAge>, IdentityError> {
+    let row: Option<(String, i64)> = sqlx::query_as(LOOKUP_SQL)
+        .bind(&identifier.kind)
+        .bind(&identifier.value)
+        .fetch_optional(conn)
+        .await?;
+    row.map(|(id, created_at)| {
+        Ok(ProfileAge {
+            created_at: from_micros(created_at)?,
+            id: parse_uuid(&id)?,
+        })
+    })
+    .transpose()
+}
+
+async fn write(
+    conn: &mut SqliteConnection,
+    plan: &Plan,
+    now: OffsetDateTime,
+) -> Result<(), sqlx::Error> {
+    let now = micros(now);
+    for p in &plan.new_profiles {
+        sqlx::query("INSERT INTO profiles (profile_id, created_at) VALUES (?1, ?2)")
+            .bind(p.id.to_string())
+            .bind(micros(p.created_at))
+            .execute(&mut *conn)
+            .await?;
+    }
+    for n in &plan.new_identifiers {
+        sqlx::query(
+            "INSERT INTO identifiers (type, value, profile_id, event_id, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(&n.identifier.kind)
+        .bind(&n.identifier.value)
+        .bind(n.profile_id.to_string())
+        .bind(&n.event_id)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    for m in &plan.merges {
+        sqlx::query("UPDATE profiles SET merged_into = ?1, merged_at = ?2 WHERE profile_id = ?3")
+            .bind(m.surviving_profile_id.to_string())
+            .bind(micros(m.merged_at))
+            .bind(m.merged_profile_id.to_string())
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query(
+            "INSERT INTO merges (surviving_profile_id, merged_profile_id, cause_event_id, \
+             merged_at) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .bind(m.surviving_profile_id.to_string())
+        .bind(m.merged_profile_id.to_string())
+        .bind(&m.cause_event_id)
+        .bind(micros(m.merged_at))
+        .execute(&mut *conn)
+        .await?;
+    }
+    for r in &plan.resolutions {
+        sqlx::query(
+            "INSERT INTO resolutions (event_id, profile_id, merges, resolved_at) \
+             VALUES (?1, ?2, ?3, ?4)",
+        )
+        .bind(&r.event_id)
+        .bind(r.profile_id.to_string())
+        .bind(encode_merges(&r.merges))
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Microseconds since the Unix epoch; times in the graph are within i64 range by far.
+fn micros(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+fn from_micros(us: i64) -> Result<OffsetDateTime, IdentityError> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
+        .map_err(|e| IdentityError::Corrupt(format!("time out of range: {e}")))
+}
+
+fn parse_uuid(s: &str) -> Result<Uuid, IdentityError> {
+    Uuid::parse_str(s).map_err(|e| IdentityError::Corrupt(format!("profile id: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::truncate_to_micros;
+
+    #[test]
+    fn micros_round_trip() {
+        let t = truncate_to_micros(OffsetDateTime::now_utc());
+        assert_eq!(from_micros(micros(t)).unwrap(), t);
+        assert!(matches!(parse_uuid("nope"), Err(IdentityError::Corrupt(_))));
+    }
+}

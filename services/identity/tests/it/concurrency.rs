@@ -1,0 +1,242 @@
+//! Two replicas on one Postgres database, many tasks resolving overlapping records at once: the
+//! graph must end with exactly the partition a union-find over the records gives.
+
+use std::collections::{BTreeSet, HashMap};
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use tessera_core::Identifier;
+use tessera_identity::domain::{Record, UnionFind};
+use tessera_identity::{Identity, IdentitySettings};
+use tessera_store::Database;
+use tessera_testkit::TestDb;
+use uuid::Uuid;
+
+use crate::support::{connect, counts, lookup, record, resolve};
+
+const TYPES: [&str; 4] = ["user_id", "anonymous_id", "email", "device_id"];
+/// Rounds of records resolved all at once.
+const ROUNDS: usize = 30;
+/// Records per round.
+const RECORDS_PER_ROUND: usize = 40;
+/// Fresh identifiers per round: few, so that concurrent records keep colliding on them.
+const FRESH_PER_ROUND: usize = 24;
+/// Identifiers of earlier rounds mixed into each round, so old profiles merge too.
+const OLD_PER_ROUND: usize = 4;
+
+/// Rounds of records. Each round draws its records' identifiers from a small pool of fresh
+/// identifiers plus a few of earlier rounds; some records also carry a blocked value, a few
+/// carry nothing else.
+fn random_rounds(rng: &mut StdRng) -> Vec<Vec<Record>> {
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let mut rounds = Vec::new();
+    for round in 0..ROUNDS {
+        let mut pool: Vec<(String, String)> = (0..FRESH_PER_ROUND)
+            .map(|n| (TYPES[n % TYPES.len()].to_owned(), format!("r{round}-v{n}")))
+            .collect();
+        for _ in 0..OLD_PER_ROUND.min(seen.len()) {
+            pool.push(seen[rng.random_range(0..seen.len())].clone());
+        }
+        seen.extend(pool.iter().cloned());
+        let records = (0..RECORDS_PER_ROUND)
+            .map(|n| {
+                let mut ids: Vec<(&str, &str)> = (0..rng.random_range(1..=3))
+                    .map(|_| {
+                        let (kind, value) = &pool[rng.random_range(0..pool.len())];
+                        (kind.as_str(), value.as_str())
+                    })
+                    .collect();
+                if rng.random_ratio(1, 10) {
+                    ids.push(("anonymous_id", "undefined"));
+                }
+                if rng.random_ratio(1, 40) {
+                    ids = vec![("user_id", "null")];
+                }
+                record(&format!("r{round}-e{n}"), &ids)
+            })
+            .collect();
+        rounds.push(records);
+    }
+    rounds
+}
+
+async fn run(seed: u64) {
+    let test = TestDb::new().await;
+    let db = connect(test.url()).await;
+    let replicas = [
+        Identity::new(db.clone(), IdentitySettings::default()),
+        Identity::new(connect(test.url()).await, IdentitySettings::default()),
+    ];
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rounds = random_rounds(&mut rng);
+
+    for round in &rounds {
+        // Small batches, some redelivered, shuffled, all sent at once to alternating replicas.
+        let mut batches: Vec<Vec<Record>> = Vec::new();
+        let mut start = 0;
+        while start < round.len() {
+            let end = (start + rng.random_range(1..=3)).min(round.len());
+            batches.push(round[start..end].to_vec());
+            start = end;
+        }
+        for _ in 0..3 {
+            let i = rng.random_range(0..batches.len());
+            batches.push(batches[i].clone());
+        }
+        batches.shuffle(&mut rng);
+        let tasks: Vec<_> = batches
+            .into_iter()
+            .enumerate()
+            .map(|(n, batch)| {
+                let identity = replicas[n % 2].clone();
+                tokio::spawn(async move { identity.resolve(batch).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("task").expect("resolve");
+        }
+    }
+    let records: Vec<Record> = rounds.into_iter().flatten().collect();
+
+    let mut reference = UnionFind::new();
+    for r in &records {
+        reference.union_all(r.identifiers().iter().cloned());
+    }
+    let mut groups: HashMap<Uuid, BTreeSet<Identifier>> = HashMap::new();
+    for identifier in records.iter().flat_map(|r| r.identifiers()) {
+        let profile = lookup(&replicas[0], &identifier.kind, &identifier.value).await;
+        groups
+            .entry(profile)
+            .or_default()
+            .insert(identifier.clone());
+    }
+    let partition: BTreeSet<BTreeSet<Identifier>> = groups.into_values().collect();
+    assert_eq!(partition, reference.partition(), "seed {seed}");
+
+    // Replaying everything answers each event with its identifiers' profile, creates nothing,
+    // and gives every blocked-only event a profile of its own.
+    let before = counts(&db).await;
+    assert_eq!(before[3], records.len() as i64, "one resolution per event");
+    let mut junk_profiles = BTreeSet::new();
+    for chunk in records.chunks(500) {
+        let answers = replicas[1].resolve(chunk.to_vec()).await.expect("replay");
+        for (record, answer) in chunk.iter().zip(answers) {
+            match record.identifiers().first() {
+                Some(i) => assert_eq!(
+                    answer.profile_id,
+                    lookup(&replicas[0], &i.kind, &i.value).await,
+                    "seed {seed}, {}",
+                    record.event_id()
+                ),
+                None => assert!(junk_profiles.insert(answer.profile_id), "seed {seed}"),
+            }
+        }
+    }
+    assert_eq!(
+        counts(&db).await,
+        before,
+        "seed {seed}: a replay writes nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_agree_with_a_union_find() {
+    for seed in [7, 2026] {
+        run(seed).await;
+    }
+}
+
+/// Another writer merges a profile while a resolution waits for that profile's lock: the
+/// resolution must retry against the new graph rather than merge a profile that is no longer
+/// canonical.
+#[tokio::test]
+async fn a_profile_merged_while_waiting_for_its_lock_is_retried() {
+    let test = TestDb::new().await;
+    let db = connect(test.url()).await;
+    let identity = Identity::new(db.clone(), IdentitySettings::default());
+    let oldest = resolve(&identity, "e1", &[("user_id", "oldest")])
+        .await
+        .profile_id;
+    let older = resolve(&identity, "e2", &[("user_id", "older")])
+        .await
+        .profile_id;
+    let young = resolve(&identity, "e3", &[("user_id", "young")])
+        .await
+        .profile_id;
+    let Database::Postgres(pool) = &db else {
+        panic!("a Postgres database");
+    };
+
+    // The other writer merges `young` into `older` and holds both rows until it commits.
+    let mut other = pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM profiles WHERE profile_id = ANY($1) ORDER BY profile_id FOR UPDATE")
+        .bind(vec![older, young])
+        .execute(&mut *other)
+        .await
+        .expect("lock");
+    sqlx::query("UPDATE profiles SET merged_into = $1, merged_at = now() WHERE profile_id = $2")
+        .bind(older)
+        .bind(young)
+        .execute(&mut *other)
+        .await
+        .expect("merge");
+    sqlx::query(
+        "INSERT INTO merges (surviving_profile_id, merged_profile_id, cause_event_id, merged_at) \
+         VALUES ($1, $2, 'other', now())",
+    )
+    .bind(older)
+    .bind(young)
+    .execute(&mut *other)
+    .await
+    .expect("log merge");
+
+    // A record linking `young` and `oldest` reads `young` as canonical and waits for its lock.
+    let waiting = tokio::spawn({
+        let identity = identity.clone();
+        async move {
+            identity
+                .resolve(vec![record(
+                    "e4",
+                    &[("user_id", "young"), ("user_id", "oldest")],
+                )])
+                .await
+        }
+    });
+    let mut waited = 0;
+    loop {
+        let blocked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .expect("pg_stat_activity");
+        if blocked > 0 {
+            break;
+        }
+        waited += 1;
+        assert!(
+            waited < 1_000,
+            "the resolution never waited for the profile lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    other.commit().await.expect("commit");
+
+    let resolution = waiting.await.expect("task").expect("resolve").remove(0);
+    assert_eq!(resolution.profile_id, oldest);
+    let merged: Vec<Uuid> = resolution
+        .merges
+        .iter()
+        .map(|m| m.merged_profile_id)
+        .collect();
+    assert_eq!(
+        merged,
+        [older],
+        "the survivor of `young` is merged, not `young` again"
+    );
+    for value in ["oldest", "older", "young"] {
+        assert_eq!(lookup(&identity, "user_id", value).await, oldest);
+    }
+}

@@ -1,0 +1,217 @@
+//! The gRPC face, served by the shared server edge on 127.0.0.1:0 and called with the
+//! generated client.
+
+use tessera_identity::{Identity, IdentitySettings};
+use tessera_proto::common::v1::Identifier;
+use tessera_proto::identity::v1::identity_service_client::IdentityServiceClient;
+use tessera_proto::identity::v1::{
+    IdentityRecord, LookupIdentifierRequest, ResolveIdentitiesRequest,
+};
+use tessera_server::{EdgeSettings, GrpcServices, Shutdown};
+use tessera_store::Database;
+use tokio::net::TcpListener;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+use crate::support::connect;
+
+/// A served identity service over SQLite, stopped on drop.
+struct Served {
+    client: IdentityServiceClient<Channel>,
+    db: Database,
+    shutdown: Shutdown,
+    _dir: tessera_testkit::TestSqlite,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn serve(settings: IdentitySettings) -> Served {
+    let dir = tessera_testkit::TestSqlite::new();
+    let db = connect(&dir.url("identity.db")).await;
+    let identity = Identity::new(db.clone(), settings);
+    let mut services = GrpcServices::default();
+    identity.register(&mut services);
+    let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = grpc.local_addr().expect("addr");
+    let shutdown = Shutdown::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        tessera_server::serve(
+            &EdgeSettings::default(),
+            grpc,
+            http,
+            services,
+            axum::Router::new(),
+            token,
+        )
+        .await
+        .expect("serve");
+    });
+    let client = IdentityServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    Served {
+        client,
+        db,
+        shutdown,
+        _dir: dir,
+    }
+}
+
+fn id(kind: &str, value: &str) -> Identifier {
+    Identifier {
+        r#type: kind.into(),
+        value: value.into(),
+    }
+}
+
+fn record(event_id: &str, identifiers: Vec<Identifier>) -> IdentityRecord {
+    IdentityRecord {
+        event_id: event_id.into(),
+        identifiers,
+        timestamp: None,
+    }
+}
+
+#[tokio::test]
+async fn resolves_and_looks_up() {
+    let mut s = serve(IdentitySettings::default()).await;
+    let response = s
+        .client
+        .resolve_identities(ResolveIdentitiesRequest {
+            records: vec![
+                record("e1", vec![id("anonymous_id", "a1")]),
+                record(
+                    "e2",
+                    vec![
+                        id("email", " Bob@X.io "),
+                        id("anonymous_id", "a1"),
+                        id("user_id", "null"),
+                    ],
+                ),
+            ],
+        })
+        .await
+        .expect("resolve")
+        .into_inner();
+    let [first, second] = &response.resolutions[..] else {
+        panic!("two resolutions expected");
+    };
+    assert_eq!(first.profile_id, second.profile_id);
+    assert_eq!(second.event_id, "e2");
+    assert_eq!(
+        second.identifiers,
+        [id("email", "bob@x.io"), id("anonymous_id", "a1")]
+    );
+
+    let found = s
+        .client
+        .lookup_identifier(LookupIdentifierRequest {
+            identifier: Some(id("email", "BOB@x.io")),
+        })
+        .await
+        .expect("lookup")
+        .into_inner();
+    assert_eq!(found.profile_id, first.profile_id);
+}
+
+#[tokio::test]
+async fn validation_errors_name_the_fields() {
+    let mut s = serve(IdentitySettings::default()).await;
+    let status = s
+        .client
+        .resolve_identities(ResolveIdentitiesRequest {
+            records: vec![
+                record("", vec![id("user_id", "u1")]),
+                record("e2", vec![id("user_id", "u2"), id("User-ID", "u3")]),
+            ],
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let details = status.get_error_details();
+    let bad = details.bad_request().expect("a BadRequest detail");
+    let fields: Vec<_> = bad
+        .field_violations
+        .iter()
+        .map(|v| v.field.as_str())
+        .collect();
+    assert_eq!(
+        fields,
+        ["records[0].event_id", "records[1].identifiers[1].type"]
+    );
+
+    let status = s
+        .client
+        .lookup_identifier(LookupIdentifierRequest {
+            identifier: Some(id("email", "x".repeat(2000).as_str())),
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let details = status.get_error_details();
+    assert_eq!(
+        details
+            .bad_request()
+            .expect("a BadRequest detail")
+            .field_violations[0]
+            .field,
+        "identifier.value"
+    );
+}
+
+#[tokio::test]
+async fn unknown_and_blocked_identifiers_are_not_found() {
+    let mut s = serve(IdentitySettings::default()).await;
+    for identifier in [id("user_id", "nobody"), id("anonymous_id", "undefined")] {
+        let status = s
+            .client
+            .lookup_identifier(LookupIdentifierRequest {
+                identifier: Some(identifier),
+            })
+            .await
+            .expect_err("not found");
+        assert_eq!(status.code(), Code::NotFound);
+    }
+}
+
+#[tokio::test]
+async fn oversized_batches_are_resource_exhausted() {
+    let mut s = serve(IdentitySettings { max_batch: 2 }).await;
+    let records = (0..3)
+        .map(|n| record(&format!("e{n}"), vec![id("user_id", "u")]))
+        .collect();
+    let status = s
+        .client
+        .resolve_identities(ResolveIdentitiesRequest { records })
+        .await
+        .expect_err("too large");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().starts_with("records:"),
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_unavailable_and_says_nothing_internal() {
+    let mut s = serve(IdentitySettings::default()).await;
+    s.db.close().await;
+    let status = s
+        .client
+        .resolve_identities(ResolveIdentitiesRequest {
+            records: vec![record("e1", vec![id("user_id", "u1")])],
+        })
+        .await
+        .expect_err("unavailable");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(status.message(), "a dependency is unavailable, retry later");
+    assert!(status.get_error_details().retry_info().is_some());
+}

@@ -1,0 +1,106 @@
+//! Test backends and helpers.
+
+use tessera_core::Identifier;
+use tessera_identity::domain::{Record, Resolution};
+use tessera_identity::{Identity, IdentitySettings, MIGRATIONS, SCHEMA};
+use tessera_store::{Database, DbSettings};
+use tessera_testkit::{TestDb, TestSqlite};
+
+/// An identity service over a fresh, migrated database, kept alive with it.
+pub(crate) struct Backend {
+    pub(crate) identity: Identity,
+    pub(crate) db: Database,
+    _postgres: Option<TestDb>,
+    _sqlite: Option<TestSqlite>,
+}
+
+impl Backend {
+    pub(crate) async fn sqlite() -> Self {
+        let dir = TestSqlite::new();
+        let db = connect(&dir.url("identity.db")).await;
+        Self {
+            identity: Identity::new(db.clone(), IdentitySettings::default()),
+            db,
+            _postgres: None,
+            _sqlite: Some(dir),
+        }
+    }
+
+    pub(crate) async fn postgres() -> Self {
+        let test = TestDb::new().await;
+        let db = connect(test.url()).await;
+        Self {
+            identity: Identity::new(db.clone(), IdentitySettings::default()),
+            db,
+            _postgres: Some(test),
+            _sqlite: None,
+        }
+    }
+
+    /// The number of rows in profiles, identifiers, merges and resolutions.
+    pub(crate) async fn counts(&self) -> [i64; 4] {
+        counts(&self.db).await
+    }
+}
+
+/// The number of rows in profiles, identifiers, merges and resolutions of `db`.
+pub(crate) async fn counts(db: &Database) -> [i64; 4] {
+    let mut out = [0; 4];
+    let queries = [
+        "SELECT count(*) FROM profiles",
+        "SELECT count(*) FROM identifiers",
+        "SELECT count(*) FROM merges",
+        "SELECT count(*) FROM resolutions",
+    ];
+    for (n, sql) in queries.into_iter().enumerate() {
+        out[n] = match db {
+            Database::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+            Database::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+        }
+        .expect("count rows");
+    }
+    out
+}
+
+/// Connects to `url` with the identity schema and migrates.
+pub(crate) async fn connect(url: &str) -> Database {
+    let db = Database::connect(url, SCHEMA, &DbSettings::default())
+        .await
+        .expect("connect");
+    db.migrate(MIGRATIONS).await.expect("migrate");
+    db
+}
+
+/// A record of `event_id` with `(type, value)` identifiers.
+pub(crate) fn record(event_id: &str, identifiers: &[(&str, &str)]) -> Record {
+    Record::new(
+        event_id,
+        identifiers
+            .iter()
+            .map(|(kind, value)| Identifier::new(*kind, *value))
+            .collect(),
+    )
+    .expect("valid record")
+}
+
+/// Resolves one record.
+pub(crate) async fn resolve(
+    identity: &Identity,
+    event_id: &str,
+    ids: &[(&str, &str)],
+) -> Resolution {
+    let mut out = identity
+        .resolve(vec![record(event_id, ids)])
+        .await
+        .expect("resolve");
+    assert_eq!(out.len(), 1);
+    out.remove(0)
+}
+
+/// The profile an identifier belongs to now.
+pub(crate) async fn lookup(identity: &Identity, kind: &str, value: &str) -> uuid::Uuid {
+    identity
+        .lookup(Identifier::new(kind, value))
+        .await
+        .unwrap_or_else(|e| panic!("lookup {kind}: {e}"))
+}

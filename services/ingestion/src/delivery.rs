@@ -1,0 +1,284 @@
+//! Delivery of the event log down the pipeline.
+//!
+//! Every replica runs one dispatcher. The log is split into partitions by routing key; a
+//! dispatcher leases a fair share of them (partitions ÷ live dispatchers) in the database and
+//! delivers each leased partition in log order: resolve the batch's identities, apply the
+//! resolved events (and the merges they caused) to profiles, then move the partition's cursor.
+//! A failure anywhere leaves the cursor where it was and the batch is retried with backoff;
+//! both downstream calls are idempotent per event id, so a retry or a crash between the calls
+//! and the cursor update never counts anything twice. A dispatcher that dies loses its leases
+//! when they expire, and another takes its partitions over from their cursors.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tessera_core::Event;
+use tessera_proto::identity::v1 as identity_pb;
+use tessera_proto::identity::v1::identity_service_client::IdentityServiceClient;
+use tessera_proto::profile::v1 as profile_pb;
+use tessera_proto::profile::v1::profile_pipeline_service_client::ProfilePipelineServiceClient;
+use tessera_server::Shutdown;
+use tessera_store::StoreError;
+use tokio::sync::Notify;
+use tonic::transport::Channel;
+
+use crate::IngestionSettings;
+use crate::convert::{event_to_pb, identifier_to_pb};
+use crate::store::{EventLog, Lease, StoredEvent};
+
+const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+enum DeliveryError {
+    #[error("event log: {0}")]
+    Store(#[from] StoreError),
+    #[error("{service}: {status}")]
+    Peer {
+        service: &'static str,
+        status: tonic::Status,
+    },
+    #[error("identity returned {got} resolutions for {want} records")]
+    Mismatch { got: usize, want: usize },
+}
+
+pub(crate) struct Dispatcher {
+    id: String,
+    log: Arc<dyn EventLog>,
+    identity: IdentityServiceClient<Channel>,
+    profile: ProfilePipelineServiceClient<Channel>,
+    settings: Arc<IngestionSettings>,
+    partitions: i32,
+    wake: Arc<Notify>,
+}
+
+impl Dispatcher {
+    pub(crate) fn new(
+        log: Arc<dyn EventLog>,
+        identity: Channel,
+        profile: Channel,
+        settings: Arc<IngestionSettings>,
+        partitions: i32,
+        wake: Arc<Notify>,
+    ) -> Self {
+        Self {
+            id: uuid::Uuid::new_v4().to_string(),
+            log,
+            identity: IdentityServiceClient::new(identity)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            profile: ProfilePipelineServiceClient::new(profile)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            settings,
+            partitions,
+            wake,
+        }
+    }
+
+    pub(crate) async fn run(mut self, shutdown: Shutdown) {
+        let lease_for = Duration::from_secs(self.settings.lease_seconds.max(1));
+        let poll = Duration::from_millis(self.settings.poll_interval_ms.max(1));
+        let max_backoff = Duration::from_millis(self.settings.max_backoff_ms).max(MIN_BACKOFF);
+        let mut leases: Vec<Lease> = Vec::new();
+        let mut renewed: Option<Instant> = None;
+        let mut last_backlog: Option<Instant> = None;
+        let mut backoff = MIN_BACKOFF;
+        tracing::info!(dispatcher = %self.id, partitions = self.partitions, "delivery started");
+        while !shutdown.is_cancelled() {
+            if renewed.is_none_or(|at| at.elapsed() >= lease_for / 3) {
+                match self.renew(&leases, lease_for).await {
+                    Ok(held) => {
+                        leases = held;
+                        renewed = Some(Instant::now());
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "renewing delivery leases failed");
+                        leases.clear();
+                        renewed = None;
+                        backoff = pause(&shutdown, backoff, max_backoff).await;
+                        continue;
+                    }
+                }
+            }
+            if last_backlog.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
+                last_backlog = Some(Instant::now());
+                if let Ok(n) = self.log.backlog().await {
+                    #[allow(clippy::cast_precision_loss)]
+                    metrics::gauge!("tessera_ingestion_backlog_events").set(n as f64);
+                }
+            }
+            let mut delivered = 0;
+            let mut failed = false;
+            let mut lost = Vec::new();
+            for lease in &mut leases {
+                match self.deliver(lease).await {
+                    Ok(Some(n)) => delivered += n,
+                    Ok(None) => lost.push(lease.partition),
+                    Err(e) => {
+                        metrics::counter!("tessera_ingestion_delivery_failures_total").increment(1);
+                        tracing::warn!(partition = lease.partition, error = %e, "delivery failed, will retry");
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            leases.retain(|l| !lost.contains(&l.partition));
+            if failed {
+                backoff = pause(&shutdown, backoff, max_backoff).await;
+                continue;
+            }
+            backoff = MIN_BACKOFF;
+            if delivered == 0 {
+                tokio::select! {
+                    () = self.wake.notified() => {}
+                    () = tokio::time::sleep(poll) => {}
+                    () = shutdown.cancelled() => {}
+                }
+            }
+        }
+        for lease in &leases {
+            let _ = self.log.release(&self.id, lease.partition).await;
+        }
+        tracing::info!(dispatcher = %self.id, "delivery stopped");
+    }
+
+    /// Heartbeats, renews and takes leases up to the fair share, and releases any beyond it.
+    /// Cursors held in memory are never moved back by what the database says.
+    async fn renew(
+        &self,
+        current: &[Lease],
+        lease_for: Duration,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let live = self.log.heartbeat(&self.id, lease_for).await?;
+        let partitions = usize::try_from(self.partitions).unwrap_or(1);
+        let share = partitions.div_ceil(live);
+        let mut held = self.log.lease(&self.id, share, lease_for).await?;
+        while held.len() > share {
+            if let Some(extra) = held.pop() {
+                self.log.release(&self.id, extra.partition).await?;
+            }
+        }
+        for lease in &mut held {
+            if let Some(mine) = current.iter().find(|c| c.partition == lease.partition) {
+                lease.cursor = lease.cursor.max(mine.cursor);
+            }
+        }
+        Ok(held)
+    }
+
+    /// Delivers the next batch of one partition. `Ok(None)` when the lease was lost.
+    async fn deliver(&mut self, lease: &mut Lease) -> Result<Option<usize>, DeliveryError> {
+        let batch = self
+            .log
+            .read_after(lease.partition, lease.cursor, self.settings.delivery_batch)
+            .await?;
+        let Some(last) = batch.last() else {
+            return Ok(Some(0));
+        };
+        let (last_cursor, last_received) = (last.cursor, last.received_at);
+        let events = decode(&batch);
+        if !events.is_empty() {
+            self.push(events).await?;
+        }
+        if !self
+            .log
+            .advance(&self.id, lease.partition, last_cursor)
+            .await?
+        {
+            tracing::info!(partition = lease.partition, "delivery lease lost");
+            return Ok(None);
+        }
+        lease.cursor = last_cursor;
+        metrics::counter!("tessera_ingestion_events_delivered_total").increment(batch.len() as u64);
+        let lag = time::OffsetDateTime::now_utc() - last_received;
+        metrics::gauge!("tessera_ingestion_delivery_lag_seconds").set(lag.as_seconds_f64());
+        Ok(Some(batch.len()))
+    }
+
+    /// Resolves and applies one batch.
+    async fn push(&mut self, events: Vec<(String, Event)>) -> Result<(), DeliveryError> {
+        let records: Vec<_> = events
+            .iter()
+            .map(|(event_id, e)| identity_pb::IdentityRecord {
+                event_id: event_id.clone(),
+                identifiers: e
+                    .identifier_candidates()
+                    .into_iter()
+                    .map(identifier_to_pb)
+                    .collect(),
+                timestamp: e.timestamp.map(tessera_proto::convert::to_timestamp),
+            })
+            .collect();
+        let want = records.len();
+        let resolutions = self
+            .identity
+            .resolve_identities(identity_pb::ResolveIdentitiesRequest { records })
+            .await
+            .map_err(|status| DeliveryError::Peer {
+                service: "identity",
+                status,
+            })?
+            .into_inner()
+            .resolutions;
+        if resolutions.len() != want {
+            return Err(DeliveryError::Mismatch {
+                got: resolutions.len(),
+                want,
+            });
+        }
+        let mut merges = Vec::new();
+        let mut resolved = Vec::with_capacity(want);
+        for ((event_id, event), resolution) in events.into_iter().zip(resolutions) {
+            let identity_pb::Resolution {
+                event_id: _,
+                profile_id,
+                identifiers,
+                merges: caused,
+            } = resolution;
+            merges.extend(caused);
+            resolved.push(profile_pb::ResolvedEvent {
+                event_id,
+                profile_id,
+                event: Some(event_to_pb(&event)),
+                identifiers,
+            });
+        }
+        self.profile
+            .apply_events(profile_pb::ApplyEventsRequest {
+                merges,
+                events: resolved,
+            })
+            .await
+            .map_err(|status| DeliveryError::Peer {
+                service: "profile",
+                status,
+            })?;
+        Ok(())
+    }
+}
+
+/// The events of a batch; a row that does not decode (which only a bug can cause) is logged,
+/// counted and left in the log rather than blocking its partition forever.
+fn decode(batch: &[StoredEvent]) -> Vec<(String, Event)> {
+    batch
+        .iter()
+        .filter_map(|row| match serde_json::from_str::<Event>(&row.payload) {
+            Ok(e) => Some((row.event_id.to_string(), e)),
+            Err(error) => {
+                metrics::counter!("tessera_ingestion_undeliverable_total").increment(1);
+                tracing::error!(event_id = %row.event_id, %error, "event in the log does not decode, not delivered");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Waits `backoff` (or until shutdown) and returns the next, doubled backoff.
+async fn pause(shutdown: &Shutdown, backoff: Duration, max: Duration) -> Duration {
+    tokio::select! {
+        () = tokio::time::sleep(backoff) => {}
+        () = shutdown.cancelled() => {}
+    }
+    (backoff * 2).min(max)
+}

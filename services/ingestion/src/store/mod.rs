@@ -1,0 +1,140 @@
+//! The event log and the delivery bookkeeping (partition cursors and leases), one implementation
+//! per backend.
+
+mod postgres;
+mod sqlite;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tessera_store::{Database, StoreError};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+pub(crate) use postgres::PgEventLog;
+pub(crate) use sqlite::SqliteEventLog;
+
+#[cfg(test)]
+mod conformance;
+
+/// A message to append to the log.
+#[derive(Debug, Clone)]
+pub(crate) struct NewEvent {
+    pub(crate) event_id: Uuid,
+    pub(crate) source_id: String,
+    pub(crate) message_id: String,
+    pub(crate) partition: i32,
+    /// The event as JSON (a `tessera_core::Event`).
+    pub(crate) payload: String,
+    pub(crate) received_at: OffsetDateTime,
+}
+
+/// The outcome of appending one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Appended {
+    /// The id of the stored event (the original's, for a duplicate).
+    pub(crate) event_id: Uuid,
+    /// Whether this call stored it.
+    pub(crate) is_new: bool,
+}
+
+/// A position in one partition of the log: everything at or before it was delivered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Cursor {
+    /// The inserting transaction's id (Postgres); always 0 on SQLite.
+    pub(crate) txid: i64,
+    pub(crate) seq: i64,
+}
+
+/// An event read for delivery.
+#[derive(Debug, Clone)]
+pub(crate) struct StoredEvent {
+    pub(crate) cursor: Cursor,
+    pub(crate) event_id: Uuid,
+    pub(crate) payload: String,
+    pub(crate) received_at: OffsetDateTime,
+}
+
+/// A partition leased by a dispatcher, with its delivery cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lease {
+    pub(crate) partition: i32,
+    pub(crate) cursor: Cursor,
+}
+
+/// The event log and its delivery state.
+#[async_trait]
+pub(crate) trait EventLog: Send + Sync + std::fmt::Debug {
+    /// Appends messages in one transaction; a message whose (source, message id) is already in
+    /// the log is not stored again. Returns one result per message, in order. When this
+    /// returns `Ok`, every message is durable.
+    async fn append(&self, events: &[NewEvent]) -> Result<Vec<Appended>, StoreError>;
+
+    /// Creates the delivery partitions `0..count` that do not exist yet; returns how many
+    /// partitions exist.
+    async fn ensure_partitions(&self, count: i32) -> Result<i32, StoreError>;
+
+    /// Records that `dispatcher` is alive and returns how many dispatchers are alive (seen within
+    /// `ttl`), this one included.
+    async fn heartbeat(&self, dispatcher: &str, ttl: Duration) -> Result<usize, StoreError>;
+
+    /// Extends the leases `dispatcher` holds and takes free or expired partitions until it holds
+    /// `want`; returns every lease it holds afterwards.
+    async fn lease(
+        &self,
+        dispatcher: &str,
+        want: usize,
+        duration: Duration,
+    ) -> Result<Vec<Lease>, StoreError>;
+
+    /// Gives up `dispatcher`'s lease of `partition`.
+    async fn release(&self, dispatcher: &str, partition: i32) -> Result<(), StoreError>;
+
+    /// Up to `limit` events of `partition` after `after`, in delivery order, that are safe to
+    /// deliver (no earlier event can still appear behind them).
+    async fn read_after(
+        &self,
+        partition: i32,
+        after: Cursor,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Moves the cursor of `partition` to `to`, if `dispatcher` still holds its lease; returns
+    /// whether it did.
+    async fn advance(
+        &self,
+        dispatcher: &str,
+        partition: i32,
+        to: Cursor,
+    ) -> Result<bool, StoreError>;
+
+    /// How many events wait for delivery, over all partitions.
+    async fn backlog(&self) -> Result<i64, StoreError>;
+}
+
+/// The event log on `db`.
+pub(crate) fn open(db: Database) -> std::sync::Arc<dyn EventLog> {
+    match db {
+        Database::Postgres(pool) => std::sync::Arc::new(PgEventLog::new(pool)),
+        Database::Sqlite(pool) => std::sync::Arc::new(SqliteEventLog::new(pool)),
+    }
+}
+
+/// The results of an append, given the requested events and the ids of the stored rows that the
+/// insert returned (new) or found (duplicates), keyed by (source, message id).
+pub(crate) fn collate(
+    events: &[NewEvent],
+    stored: &std::collections::HashMap<(String, String), Uuid>,
+) -> Vec<Appended> {
+    let mut seen = std::collections::HashSet::new();
+    events
+        .iter()
+        .map(|e| {
+            let key = (e.source_id.clone(), e.message_id.clone());
+            let event_id = stored.get(&key).copied().unwrap_or(e.event_id);
+            // New only if our row is the stored one and this is its first mention in the batch.
+            let is_new = event_id == e.event_id && seen.insert(key);
+            Appended { event_id, is_new }
+        })
+        .collect()
+}

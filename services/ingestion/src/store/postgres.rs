@@ -1,0 +1,252 @@
+//! The event log on Postgres.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::PgPool;
+use sqlx::Row;
+use tessera_store::StoreError;
+use uuid::Uuid;
+
+use super::{Appended, Cursor, EventLog, Lease, NewEvent, StoredEvent, collate};
+
+#[derive(Debug, Clone)]
+pub(crate) struct PgEventLog {
+    pool: PgPool,
+}
+
+impl PgEventLog {
+    pub(crate) fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+#[async_trait]
+impl EventLog for PgEventLog {
+    async fn append(&self, events: &[NewEvent]) -> Result<Vec<Appended>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = events.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut sources = Vec::with_capacity(n);
+        let mut messages = Vec::with_capacity(n);
+        let mut partitions = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        let mut received = Vec::with_capacity(n);
+        for e in events {
+            ids.push(e.event_id);
+            sources.push(e.source_id.as_str());
+            messages.push(e.message_id.as_str());
+            partitions.push(e.partition);
+            payloads.push(e.payload.as_str());
+            received.push(e.received_at);
+        }
+        let mut tx = self.pool.begin().await?;
+        // One statement for the whole batch; conflicts (duplicates) are skipped, and the ids of
+        // the rows already stored are read back in the same transaction.
+        sqlx::query(
+            "INSERT INTO events (event_id, source_id, message_id, partition, payload, received_at) \
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[]::jsonb[], $6::timestamptz[]) \
+             ON CONFLICT (source_id, message_id) DO NOTHING",
+        )
+        .bind(&ids)
+        .bind(&sources)
+        .bind(&messages)
+        .bind(&partitions)
+        .bind(&payloads)
+        .bind(&received)
+        .execute(&mut *tx)
+        .await?;
+        let rows = sqlx::query(
+            "SELECT e.source_id, e.message_id, e.event_id FROM events e \
+             JOIN UNNEST($1::text[], $2::text[]) AS k(source_id, message_id) \
+             ON e.source_id = k.source_id AND e.message_id = k.message_id",
+        )
+        .bind(&sources)
+        .bind(&messages)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut stored = HashMap::with_capacity(rows.len());
+        for row in rows {
+            stored.insert(
+                (row.try_get::<String, _>(0)?, row.try_get::<String, _>(1)?),
+                row.try_get::<Uuid, _>(2)?,
+            );
+        }
+        Ok(collate(events, &stored))
+    }
+
+    async fn ensure_partitions(&self, count: i32) -> Result<i32, StoreError> {
+        sqlx::query(
+            "INSERT INTO delivery_partitions (partition) SELECT generate_series(0, $1 - 1) \
+             ON CONFLICT (partition) DO NOTHING",
+        )
+        .bind(count)
+        .execute(&self.pool)
+        .await?;
+        let total: i64 = sqlx::query_scalar("SELECT count(*) FROM delivery_partitions")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(i32::try_from(total).unwrap_or(i32::MAX))
+    }
+
+    async fn heartbeat(&self, dispatcher: &str, ttl: Duration) -> Result<usize, StoreError> {
+        sqlx::query(
+            "INSERT INTO dispatchers (dispatcher_id, heartbeat_at) VALUES ($1, now()) \
+             ON CONFLICT (dispatcher_id) DO UPDATE SET heartbeat_at = now()",
+        )
+        .bind(dispatcher)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query(
+            "DELETE FROM dispatchers WHERE heartbeat_at < now() - make_interval(secs => $1 * 10)",
+        )
+        .bind(secs(ttl))
+        .execute(&self.pool)
+        .await?;
+        let live: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM dispatchers WHERE heartbeat_at >= now() - make_interval(secs => $1)",
+        )
+        .bind(secs(ttl))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(usize::try_from(live).unwrap_or(1).max(1))
+    }
+
+    async fn lease(
+        &self,
+        dispatcher: &str,
+        want: usize,
+        duration: Duration,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let held: i64 = sqlx::query_scalar(
+            "WITH renewed AS ( \
+               UPDATE delivery_partitions SET lease_until = now() + make_interval(secs => $2) \
+               WHERE owner = $1 AND lease_until > now() RETURNING 1) \
+             SELECT count(*) FROM renewed",
+        )
+        .bind(dispatcher)
+        .bind(secs(duration))
+        .fetch_one(&mut *tx)
+        .await?;
+        let missing = i64::try_from(want).unwrap_or(i64::MAX) - held;
+        if missing > 0 {
+            sqlx::query(
+                "UPDATE delivery_partitions SET owner = $1, \
+                   lease_until = now() + make_interval(secs => $2) \
+                 WHERE partition IN ( \
+                   SELECT partition FROM delivery_partitions \
+                   WHERE owner IS NULL OR lease_until IS NULL OR lease_until <= now() \
+                   ORDER BY partition LIMIT $3 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(dispatcher)
+            .bind(secs(duration))
+            .bind(missing)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let rows = sqlx::query(
+            "SELECT partition, cursor_txid::text::bigint, cursor_seq FROM delivery_partitions \
+             WHERE owner = $1 AND lease_until > now() ORDER BY partition",
+        )
+        .bind(dispatcher)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(Lease {
+                    partition: row.try_get(0)?,
+                    cursor: Cursor {
+                        txid: row.try_get(1)?,
+                        seq: row.try_get(2)?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn release(&self, dispatcher: &str, partition: i32) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE delivery_partitions SET owner = NULL, lease_until = NULL \
+             WHERE partition = $1 AND owner = $2",
+        )
+        .bind(partition)
+        .bind(dispatcher)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn read_after(
+        &self,
+        partition: i32,
+        after: Cursor,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        // Only rows of transactions older than the oldest running one: a transaction that
+        // started earlier but commits later cannot add rows behind the cursor.
+        let rows = sqlx::query(
+            "SELECT txid::text::bigint, seq, event_id, payload::text, received_at FROM events \
+             WHERE partition = $1 AND (txid, seq) > ($2::text::xid8, $3) \
+               AND txid < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY txid, seq LIMIT $4",
+        )
+        .bind(partition)
+        .bind(after.txid.to_string())
+        .bind(after.seq)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(StoredEvent {
+                    cursor: Cursor {
+                        txid: row.try_get(0)?,
+                        seq: row.try_get(1)?,
+                    },
+                    event_id: row.try_get(2)?,
+                    payload: row.try_get(3)?,
+                    received_at: row.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn advance(
+        &self,
+        dispatcher: &str,
+        partition: i32,
+        to: Cursor,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE delivery_partitions SET cursor_txid = $3::text::xid8, cursor_seq = $4 \
+             WHERE partition = $1 AND owner = $2 AND lease_until > now()",
+        )
+        .bind(partition)
+        .bind(dispatcher)
+        .bind(to.txid.to_string())
+        .bind(to.seq)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn backlog(&self) -> Result<i64, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events e JOIN delivery_partitions p USING (partition) \
+             WHERE (e.txid, e.seq) > (p.cursor_txid, p.cursor_seq)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n)
+    }
+}

@@ -1,0 +1,260 @@
+//! The event log on SQLite (`tessera dev`). Times are Unix microseconds; the pool's single
+//! connection makes every transaction serial, so seq order is commit order.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+use tessera_store::StoreError;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{Appended, Cursor, EventLog, Lease, NewEvent, StoredEvent, collate};
+
+#[derive(Debug, Clone)]
+pub(crate) struct SqliteEventLog {
+    pool: SqlitePool,
+}
+
+impl SqliteEventLog {
+    pub(crate) fn new(pool: SqlitePool) -> Self {
+        Self { pool }
+    }
+}
+
+fn micros(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+fn now_micros() -> i64 {
+    micros(OffsetDateTime::now_utc())
+}
+
+fn from_micros(us: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+fn duration_micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn bad_uuid(e: uuid::Error) -> StoreError {
+    StoreError::Sqlx(sqlx::Error::Decode(Box::new(e)))
+}
+
+// SQLite allows 32,766 bound parameters; 6 per row.
+const ROWS_PER_INSERT: usize = 5_000;
+
+#[async_trait]
+impl EventLog for SqliteEventLog {
+    async fn append(&self, events: &[NewEvent]) -> Result<Vec<Appended>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await?;
+        for chunk in events.chunks(ROWS_PER_INSERT) {
+            let mut insert: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO events (event_id, source_id, message_id, partition, payload, received_at) ",
+            );
+            insert.push_values(chunk, |mut row, e| {
+                row.push_bind(e.event_id.to_string())
+                    .push_bind(&e.source_id)
+                    .push_bind(&e.message_id)
+                    .push_bind(e.partition)
+                    .push_bind(&e.payload)
+                    .push_bind(micros(e.received_at));
+            });
+            insert.push(" ON CONFLICT (source_id, message_id) DO NOTHING");
+            insert.build().execute(&mut *tx).await?;
+        }
+        let mut stored = HashMap::with_capacity(events.len());
+        for e in events {
+            let id: String = sqlx::query_scalar(
+                "SELECT event_id FROM events WHERE source_id = $1 AND message_id = $2",
+            )
+            .bind(&e.source_id)
+            .bind(&e.message_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            stored.insert(
+                (e.source_id.clone(), e.message_id.clone()),
+                Uuid::parse_str(&id).map_err(bad_uuid)?,
+            );
+        }
+        tx.commit().await?;
+        Ok(collate(events, &stored))
+    }
+
+    async fn ensure_partitions(&self, count: i32) -> Result<i32, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for partition in 0..count {
+            sqlx::query(
+                "INSERT INTO delivery_partitions (partition) VALUES ($1) ON CONFLICT DO NOTHING",
+            )
+            .bind(partition)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let total: i64 = sqlx::query_scalar("SELECT count(*) FROM delivery_partitions")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(i32::try_from(total).unwrap_or(i32::MAX))
+    }
+
+    async fn heartbeat(&self, dispatcher: &str, ttl: Duration) -> Result<usize, StoreError> {
+        let now = now_micros();
+        let ttl = duration_micros(ttl);
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO dispatchers (dispatcher_id, heartbeat_at) VALUES ($1, $2) \
+             ON CONFLICT (dispatcher_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(dispatcher)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM dispatchers WHERE heartbeat_at < $1")
+            .bind(now - ttl.saturating_mul(10))
+            .execute(&mut *tx)
+            .await?;
+        let live: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM dispatchers WHERE heartbeat_at >= $1")
+                .bind(now - ttl)
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(usize::try_from(live).unwrap_or(1).max(1))
+    }
+
+    async fn lease(
+        &self,
+        dispatcher: &str,
+        want: usize,
+        duration: Duration,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let now = now_micros();
+        let until = now.saturating_add(duration_micros(duration));
+        let mut tx = self.pool.begin().await?;
+        let held = sqlx::query(
+            "UPDATE delivery_partitions SET lease_until = $2 WHERE owner = $1 AND lease_until > $3",
+        )
+        .bind(dispatcher)
+        .bind(until)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let missing = i64::try_from(want)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(i64::try_from(held).unwrap_or(0));
+        if missing > 0 {
+            sqlx::query(
+                "UPDATE delivery_partitions SET owner = $1, lease_until = $2 \
+                 WHERE partition IN (SELECT partition FROM delivery_partitions \
+                   WHERE owner IS NULL OR lease_until IS NULL OR lease_until <= $3 \
+                   ORDER BY partition LIMIT $4)",
+            )
+            .bind(dispatcher)
+            .bind(until)
+            .bind(now)
+            .bind(missing)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let rows = sqlx::query(
+            "SELECT partition, cursor_seq FROM delivery_partitions \
+             WHERE owner = $1 AND lease_until > $2 ORDER BY partition",
+        )
+        .bind(dispatcher)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(Lease {
+                    partition: row.try_get(0)?,
+                    cursor: Cursor {
+                        txid: 0,
+                        seq: row.try_get(1)?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn release(&self, dispatcher: &str, partition: i32) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE delivery_partitions SET owner = NULL, lease_until = NULL \
+             WHERE partition = $1 AND owner = $2",
+        )
+        .bind(partition)
+        .bind(dispatcher)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn read_after(
+        &self,
+        partition: i32,
+        after: Cursor,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, event_id, payload, received_at FROM events \
+             WHERE partition = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(partition)
+        .bind(after.seq)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let id: String = row.try_get(1)?;
+                Ok(StoredEvent {
+                    cursor: Cursor {
+                        txid: 0,
+                        seq: row.try_get(0)?,
+                    },
+                    event_id: Uuid::parse_str(&id).map_err(bad_uuid)?,
+                    payload: row.try_get(2)?,
+                    received_at: from_micros(row.try_get(3)?),
+                })
+            })
+            .collect()
+    }
+
+    async fn advance(
+        &self,
+        dispatcher: &str,
+        partition: i32,
+        to: Cursor,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE delivery_partitions SET cursor_seq = $3 \
+             WHERE partition = $1 AND owner = $2 AND lease_until > $4",
+        )
+        .bind(partition)
+        .bind(dispatcher)
+        .bind(to.seq)
+        .bind(now_micros())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn backlog(&self) -> Result<i64, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events e JOIN delivery_partitions p ON e.partition = p.partition \
+             WHERE e.seq > p.cursor_seq",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n)
+    }
+}

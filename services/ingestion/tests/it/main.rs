@@ -1,0 +1,186 @@
+//! The ingestion gRPC API through the real server edge, on SQLite and on Postgres.
+
+use tessera_ingestion::{Ingestion, IngestionSettings, MIGRATIONS, SCHEMA};
+use tessera_proto::common::v1::{Event, EventType};
+use tessera_proto::ingestion::v1::ingestion_service_client::IngestionServiceClient;
+use tessera_proto::ingestion::v1::{EventStatus, IngestEventsRequest};
+use tessera_server::{EdgeSettings, GrpcServices, Shutdown};
+use tessera_store::{Database, DbSettings};
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+struct Server {
+    channel: Channel,
+    shutdown: Shutdown,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn serve(url: &str, settings: IngestionSettings) -> Server {
+    let db = Database::connect(url, SCHEMA, &DbSettings::default())
+        .await
+        .unwrap();
+    db.migrate(MIGRATIONS).await.unwrap();
+    let ingestion = Ingestion::new(db, settings).await.unwrap();
+    let mut services = GrpcServices::default();
+    ingestion.register(&mut services);
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = grpc.local_addr().unwrap();
+    let shutdown = Shutdown::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        tessera_server::serve(
+            &EdgeSettings::default(),
+            grpc,
+            http,
+            services,
+            tessera_server::HttpRouter::new(),
+            token,
+        )
+        .await
+        .unwrap();
+    });
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    Server { channel, shutdown }
+}
+
+fn track(message_id: &str, user_id: &str, name: &str) -> Event {
+    Event {
+        message_id: message_id.to_owned(),
+        r#type: EventType::Track.into(),
+        user_id: user_id.to_owned(),
+        event: name.to_owned(),
+        ..Event::default()
+    }
+}
+
+async fn rejects_invalid_events_naming_each_field(channel: Channel) {
+    let mut client = IngestionServiceClient::new(channel);
+    let events = vec![
+        track("ok", "u1", "Fine"),
+        track("no-user", "", "Anonymous nobody"),
+        Event {
+            message_id: "no-type".into(),
+            user_id: "u1".into(),
+            ..Event::default()
+        },
+        track("no-name", "u1", ""),
+    ];
+    let err = client
+        .ingest_events(IngestEventsRequest { events })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let details = err.get_error_details();
+    let fields: Vec<_> = details
+        .bad_request()
+        .expect("BadRequest details")
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    assert_eq!(
+        fields,
+        vec!["events[1].user_id", "events[2].type", "events[3].event"]
+    );
+
+    // Nothing of the rejected batch was stored: the valid event is new when sent alone.
+    let ok = client
+        .ingest_events(IngestEventsRequest {
+            events: vec![track("ok", "u1", "Fine")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.results[0].status, EventStatus::Accepted as i32);
+}
+
+async fn acknowledges_duplicates_with_the_original_id(channel: Channel) {
+    let mut client = IngestionServiceClient::new(channel);
+    let batch = vec![track("m1", "u1", "A"), track("", "u1", "B")];
+    let first = client
+        .ingest_events(IngestEventsRequest {
+            events: batch.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        first
+            .results
+            .iter()
+            .all(|r| r.status == EventStatus::Accepted as i32)
+    );
+    assert!(
+        !first.results[1].message_id.is_empty(),
+        "a message id is generated"
+    );
+    let second = client
+        .ingest_events(IngestEventsRequest { events: batch })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.results[0].status, EventStatus::Duplicate as i32);
+    assert_eq!(second.results[0].event_id, first.results[0].event_id);
+    // Without a message id the client gave no dedup key: a new message.
+    assert_eq!(second.results[1].status, EventStatus::Accepted as i32);
+}
+
+async fn refuses_oversized_batches(channel: Channel) {
+    let mut client = IngestionServiceClient::new(channel);
+    let events = (0..11).map(|i| track(&format!("m{i}"), "u", "E")).collect();
+    let err = client
+        .ingest_events(IngestEventsRequest { events })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert!(err.message().contains("events"), "{err:?}");
+}
+
+fn small_batches() -> IngestionSettings {
+    IngestionSettings {
+        max_batch: 10,
+        ..IngestionSettings::default()
+    }
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    let dir = tessera_testkit::TestSqlite::new();
+                    let server = super::serve(&dir.url("ingestion.db"), super::small_batches()).await;
+                    super::$name(server.channel.clone()).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    let db = tessera_testkit::TestDb::new().await;
+                    let server = super::serve(db.url(), super::small_batches()).await;
+                    super::$name(server.channel.clone()).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    rejects_invalid_events_naming_each_field,
+    acknowledges_duplicates_with_the_original_id,
+    refuses_oversized_batches,
+);

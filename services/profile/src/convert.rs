@@ -1,0 +1,542 @@
+//! Conversions between protobuf messages and domain types, with request validation. Every
+//! conversion destructures its whole message, so a new proto field fails to compile here until
+//! someone decides what it means.
+
+use prost_types::Timestamp;
+use tessera_core::event::MAX_ID_LEN;
+use tessera_core::{Event, EventType, FieldViolation, Identifier, identifier};
+use tessera_proto::common::v1 as common;
+use tessera_proto::convert::{from_timestamp, json_to_value, struct_to_json_map, to_timestamp};
+use tessera_proto::identity::v1 as identity;
+use tessera_proto::profile::v1 as pb;
+use tessera_proto::scoring::v1 as scoring;
+use time::OffsetDateTime;
+
+use crate::domain::{Batch, Merge, Profile, ResolvedEvent, Score, ScoreFactor};
+use crate::error::ProfileError;
+
+/// The most events one `ApplyEvents` call may carry.
+pub const MAX_EVENTS_PER_REQUEST: usize = 5_000;
+/// The most merges one `ApplyEvents` call may carry.
+pub const MAX_MERGES_PER_REQUEST: usize = 5_000;
+
+/// `t` truncated to whole microseconds: the precision Postgres keeps, so a profile built in
+/// memory equals the same profile read back.
+pub(crate) fn micros(t: OffsetDateTime) -> OffsetDateTime {
+    t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(t)
+}
+
+/// A validated `ApplyEventsRequest`.
+pub(crate) fn batch(request: pb::ApplyEventsRequest) -> Result<Batch, ProfileError> {
+    let pb::ApplyEventsRequest { merges, events } = request;
+    for (field, count, max) in [
+        ("events", events.len(), MAX_EVENTS_PER_REQUEST),
+        ("merges", merges.len(), MAX_MERGES_PER_REQUEST),
+    ] {
+        if count > max {
+            return Err(ProfileError::TooMany { field, count, max });
+        }
+    }
+    let mut violations = Vec::new();
+    let mut batch = Batch::default();
+    for (i, merge) in merges.into_iter().enumerate() {
+        match Merge::try_from(merge) {
+            Ok(m) => batch.merges.push(m),
+            Err(v) => violations.extend(prefixed(v, &format!("merges[{i}]"))),
+        }
+    }
+    for (i, event) in events.into_iter().enumerate() {
+        match ResolvedEvent::try_from(event) {
+            Ok(e) => batch.events.push(e),
+            Err(v) => violations.extend(prefixed(v, &format!("events[{i}]"))),
+        }
+    }
+    if violations.is_empty() {
+        Ok(batch)
+    } else {
+        Err(ProfileError::InvalidArgument(violations))
+    }
+}
+
+fn prefixed(
+    violations: Vec<FieldViolation>,
+    prefix: &str,
+) -> impl Iterator<Item = FieldViolation> + '_ {
+    violations.into_iter().map(move |v| v.prefixed(prefix))
+}
+
+fn check_id(value: &str, field: &str, violations: &mut Vec<FieldViolation>) {
+    if value.is_empty() {
+        violations.push(FieldViolation::new(field, "required"));
+    } else if value.len() > MAX_ID_LEN {
+        violations.push(FieldViolation::new(
+            field,
+            format!("longer than {MAX_ID_LEN} bytes"),
+        ));
+    }
+}
+
+impl TryFrom<identity::Merge> for Merge {
+    type Error = Vec<FieldViolation>;
+
+    fn try_from(merge: identity::Merge) -> Result<Self, Self::Error> {
+        let identity::Merge {
+            surviving_profile_id,
+            merged_profile_id,
+            // Provenance of the identity graph's decision; the profile keeps no merge log.
+            cause_event_id: _,
+            merged_at: _,
+        } = merge;
+        let mut violations = Vec::new();
+        check_id(
+            &surviving_profile_id,
+            "surviving_profile_id",
+            &mut violations,
+        );
+        check_id(&merged_profile_id, "merged_profile_id", &mut violations);
+        if !merged_profile_id.is_empty() && merged_profile_id == surviving_profile_id {
+            violations.push(FieldViolation::new(
+                "merged_profile_id",
+                "must differ from surviving_profile_id",
+            ));
+        }
+        if violations.is_empty() {
+            Ok(Self {
+                surviving_profile_id,
+                merged_profile_id,
+            })
+        } else {
+            Err(violations)
+        }
+    }
+}
+
+impl TryFrom<pb::ResolvedEvent> for ResolvedEvent {
+    type Error = Vec<FieldViolation>;
+
+    fn try_from(resolved: pb::ResolvedEvent) -> Result<Self, Self::Error> {
+        let pb::ResolvedEvent {
+            event_id,
+            profile_id,
+            event,
+            identifiers,
+        } = resolved;
+        let mut violations = Vec::new();
+        check_id(&event_id, "event_id", &mut violations);
+        check_id(&profile_id, "profile_id", &mut violations);
+        let event = match event {
+            None => {
+                violations.push(FieldViolation::new("event", "required"));
+                None
+            }
+            Some(event) => match event_from_proto(event) {
+                Ok(event) => Some(event),
+                Err(v) => {
+                    violations.extend(prefixed(v, "event"));
+                    None
+                }
+            },
+        };
+        let mut ids = Vec::with_capacity(identifiers.len());
+        for (j, id) in identifiers.into_iter().enumerate() {
+            match identifier_from_proto(id) {
+                Ok(id) => ids.push(id),
+                Err(v) => violations.extend(prefixed(v, &format!("identifiers[{j}]"))),
+            }
+        }
+        let timestamp = event.as_ref().and_then(|e| e.timestamp);
+        if event.is_some() && timestamp.is_none() {
+            violations.push(FieldViolation::new("event.timestamp", "required"));
+        }
+        match (event, timestamp) {
+            (Some(event), Some(timestamp)) if violations.is_empty() => Ok(Self {
+                event_id,
+                profile_id,
+                timestamp,
+                traits: event.person_traits().cloned().unwrap_or_default(),
+                identifiers: ids,
+            }),
+            (Some(_) | None, Some(_) | None) => Err(violations),
+        }
+    }
+}
+
+/// An identifier from a request: a well-formed type and a non-empty value.
+pub(crate) fn identifier_from_proto(
+    id: common::Identifier,
+) -> Result<Identifier, Vec<FieldViolation>> {
+    let common::Identifier { r#type, value } = id;
+    let mut violations = Vec::new();
+    if !identifier::is_valid_type(&r#type) {
+        violations.push(FieldViolation::new(
+            "type",
+            "1 to 64 lower-case letters, digits or underscores, starting with a letter",
+        ));
+    }
+    check_id(&value, "value", &mut violations);
+    if violations.is_empty() {
+        Ok(Identifier::new(r#type, value))
+    } else {
+        Err(violations)
+    }
+}
+
+/// A Segment event from the log. Events were validated by ingestion; only what the profile
+/// relies on is checked again: a known type and timestamps it can store.
+pub(crate) fn event_from_proto(event: common::Event) -> Result<Event, Vec<FieldViolation>> {
+    let common::Event {
+        message_id,
+        r#type,
+        user_id,
+        anonymous_id,
+        event,
+        name,
+        category,
+        group_id,
+        previous_id,
+        properties,
+        traits,
+        context,
+        integrations,
+        timestamp,
+        original_timestamp,
+        sent_at,
+        received_at,
+    } = event;
+    let mut violations = Vec::new();
+    let kind = match common::EventType::try_from(r#type) {
+        Ok(common::EventType::Identify) => Some(EventType::Identify),
+        Ok(common::EventType::Track) => Some(EventType::Track),
+        Ok(common::EventType::Page) => Some(EventType::Page),
+        Ok(common::EventType::Screen) => Some(EventType::Screen),
+        Ok(common::EventType::Group) => Some(EventType::Group),
+        Ok(common::EventType::Alias) => Some(EventType::Alias),
+        Ok(common::EventType::Unspecified) | Err(_) => {
+            violations.push(FieldViolation::new(
+                "type",
+                "a known event type is required",
+            ));
+            None
+        }
+    };
+    let mut time = |ts: Option<Timestamp>, field: &str| {
+        let ts = ts?;
+        let t = storable_time(&ts);
+        if t.is_none() {
+            violations.push(FieldViolation::new(field, "out of range (years 1 to 9999)"));
+        }
+        t
+    };
+    let timestamp = time(timestamp, "timestamp");
+    let original_timestamp = time(original_timestamp, "original_timestamp");
+    let sent_at = time(sent_at, "sent_at");
+    let received_at = time(received_at, "received_at");
+    let Some(kind) = kind.filter(|_| violations.is_empty()) else {
+        return Err(violations);
+    };
+    let map =
+        |s: Option<prost_types::Struct>| s.as_ref().map(struct_to_json_map).unwrap_or_default();
+    Ok(Event {
+        message_id,
+        kind,
+        user_id,
+        anonymous_id,
+        event,
+        name,
+        category,
+        group_id,
+        previous_id,
+        properties: map(properties),
+        traits: map(traits),
+        context: map(context),
+        integrations: map(integrations),
+        timestamp,
+        original_timestamp,
+        sent_at,
+        received_at,
+    })
+}
+
+/// A timestamp the stores can keep: years 1 to 9999 (RFC 3339), microsecond precision.
+fn storable_time(ts: &Timestamp) -> Option<OffsetDateTime> {
+    from_timestamp(ts)
+        .filter(|t| (1..=9999).contains(&t.year()))
+        .map(micros)
+}
+
+/// What `GetProfile` looks a profile up by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Lookup {
+    /// A profile id.
+    ProfileId(String),
+    /// An identifier, resolved by the identity service.
+    Identifier(common::Identifier),
+}
+
+impl TryFrom<pb::GetProfileRequest> for Lookup {
+    type Error = ProfileError;
+
+    fn try_from(request: pb::GetProfileRequest) -> Result<Self, Self::Error> {
+        use pb::get_profile_request::Lookup as L;
+        let pb::GetProfileRequest { lookup } = request;
+        let invalid = |field: &str, description: &str| {
+            ProfileError::InvalidArgument(vec![FieldViolation::new(field, description)])
+        };
+        match lookup {
+            None => Err(invalid("lookup", "profile_id or identifier is required")),
+            Some(L::ProfileId(id)) => {
+                let mut violations = Vec::new();
+                check_id(&id, "profile_id", &mut violations);
+                if violations.is_empty() {
+                    Ok(Self::ProfileId(id))
+                } else {
+                    Err(ProfileError::InvalidArgument(violations))
+                }
+            }
+            Some(L::Identifier(id)) => match identifier_from_proto(id.clone()) {
+                // The identity service normalizes the value; send it as the client gave it.
+                Ok(_) => Ok(Self::Identifier(id)),
+                Err(v) => Err(ProfileError::InvalidArgument(
+                    prefixed(v, "identifier").collect(),
+                )),
+            },
+        }
+    }
+}
+
+impl From<&Profile> for pb::Profile {
+    fn from(profile: &Profile) -> Self {
+        let Profile {
+            profile_id,
+            // Only live profiles are returned; a merged one redirects to its survivor.
+            merged_into: _,
+            state,
+            scores,
+            merged_profile_ids,
+            version,
+            // Not part of the API.
+            created_at: _,
+            updated_at,
+        } = profile;
+        let crate::domain::ProfileState {
+            traits,
+            event_count,
+            first_seen,
+            last_seen,
+            // Internal: exposed through the engagement score instead.
+            activity_log2: _,
+            identifiers,
+        } = state;
+        Self {
+            profile_id: profile_id.clone(),
+            identifiers: identifiers
+                .iter()
+                .map(|i| common::Identifier {
+                    r#type: i.kind.clone(),
+                    value: i.value.clone(),
+                })
+                .collect(),
+            traits: traits
+                .iter()
+                .map(|(name, t)| {
+                    let trait_ = pb::Trait {
+                        value: Some(json_to_value(&t.value)),
+                        observed_at: Some(to_timestamp(t.observed_at)),
+                        event_id: t.event_id.clone(),
+                    };
+                    (name.clone(), trait_)
+                })
+                .collect(),
+            event_count: *event_count,
+            first_seen: first_seen.map(to_timestamp),
+            last_seen: last_seen.map(to_timestamp),
+            scores: scores
+                .iter()
+                .map(|(name, s)| (name.clone(), scoring::Score::from(s)))
+                .collect(),
+            version: *version,
+            updated_at: Some(to_timestamp(*updated_at)),
+            merged_profile_ids: merged_profile_ids.clone(),
+        }
+    }
+}
+
+impl From<&Score> for scoring::Score {
+    fn from(score: &Score) -> Self {
+        let Score {
+            name,
+            value,
+            computed_at,
+            model_version,
+            factors,
+        } = score;
+        Self {
+            name: name.clone(),
+            value: *value,
+            computed_at: Some(to_timestamp(*computed_at)),
+            model_version: model_version.clone(),
+            factors: factors
+                .iter()
+                .map(|f| {
+                    let ScoreFactor {
+                        name,
+                        value,
+                        description,
+                    } = f;
+                    scoring::ScoreFactor {
+                        name: name.clone(),
+                        value: *value,
+                        description: description.clone(),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<scoring::Score> for Score {
+    type Error = String;
+
+    fn try_from(score: scoring::Score) -> Result<Self, Self::Error> {
+        let scoring::Score {
+            name,
+            value,
+            computed_at,
+            model_version,
+            factors,
+        } = score;
+        if name.is_empty() {
+            return Err("a score without a name".to_owned());
+        }
+        // Scores are stored as JSON, which has no NaN or infinity.
+        if !value.is_finite() {
+            return Err(format!("score {name} is not a finite number"));
+        }
+        let computed_at = computed_at
+            .as_ref()
+            .and_then(storable_time)
+            .ok_or_else(|| format!("score {name} has no valid computed_at"))?;
+        let factors = factors
+            .into_iter()
+            .map(|f| {
+                let scoring::ScoreFactor {
+                    name: factor,
+                    value,
+                    description,
+                } = f;
+                if value.is_finite() {
+                    Ok(ScoreFactor {
+                        name: factor,
+                        value,
+                        description,
+                    })
+                } else {
+                    Err(format!("factor {factor} of score {name} is not finite"))
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            name,
+            value,
+            computed_at,
+            model_version,
+            factors,
+        })
+    }
+}
+
+/// The facts the scoring service needs about a profile.
+pub(crate) fn facts(profile: &Profile, half_life_seconds: f64) -> scoring::ProfileFacts {
+    scoring::ProfileFacts {
+        profile_id: profile.profile_id.clone(),
+        event_count: profile.state.event_count,
+        last_seen: profile.state.last_seen.map(to_timestamp),
+        activity_log2: profile.state.activity_log2,
+        activity_half_life_seconds: half_life_seconds,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_proto::convert::json_map_to_struct;
+
+    fn resolved(profile_id: &str, ts: Option<Timestamp>) -> pb::ResolvedEvent {
+        let traits = serde_json::json!({"plan": "pro"});
+        pb::ResolvedEvent {
+            event_id: "e1".to_owned(),
+            profile_id: profile_id.to_owned(),
+            event: Some(common::Event {
+                r#type: common::EventType::Identify as i32,
+                user_id: "u1".to_owned(),
+                traits: Some(json_map_to_struct(traits.as_object().unwrap())),
+                timestamp: ts,
+                ..Default::default()
+            }),
+            identifiers: vec![common::Identifier {
+                r#type: "user_id".to_owned(),
+                value: "u1".to_owned(),
+            }],
+        }
+    }
+
+    #[test]
+    fn violations_name_the_event_and_field() {
+        let ts = Timestamp {
+            seconds: 1_780_000_000,
+            nanos: 123_456_789,
+        };
+        let request = pb::ApplyEventsRequest {
+            merges: vec![identity::Merge {
+                surviving_profile_id: "p".to_owned(),
+                merged_profile_id: "p".to_owned(),
+                ..Default::default()
+            }],
+            events: vec![
+                resolved("p", Some(ts)),
+                resolved("p", Some(ts)),
+                resolved("", None),
+            ],
+        };
+        let Err(ProfileError::InvalidArgument(v)) = batch(request) else {
+            panic!("expected invalid argument");
+        };
+        let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "merges[0].merged_profile_id",
+                "events[2].profile_id",
+                "events[2].event.timestamp"
+            ]
+        );
+    }
+
+    #[test]
+    fn events_keep_person_traits_and_microseconds() {
+        let ts = Timestamp {
+            seconds: 1_780_000_000,
+            nanos: 123_456_789,
+        };
+        let event = ResolvedEvent::try_from(resolved("p", Some(ts))).unwrap();
+        assert_eq!(event.timestamp.nanosecond(), 123_456_000);
+        assert_eq!(event.traits["plan"], "pro");
+        assert_eq!(event.identifiers, [Identifier::new("user_id", "u1")]);
+    }
+
+    #[test]
+    fn too_many_events_are_resource_exhausted() {
+        let request = pb::ApplyEventsRequest {
+            merges: vec![],
+            events: vec![pb::ResolvedEvent::default(); MAX_EVENTS_PER_REQUEST + 1],
+        };
+        assert!(matches!(
+            batch(request),
+            Err(ProfileError::TooMany {
+                field: "events",
+                ..
+            })
+        ));
+    }
+}

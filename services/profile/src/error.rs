@@ -1,0 +1,135 @@
+//! The profile service's errors, each with its error code, mapped once to a gRPC status.
+
+use tessera_core::{ErrorCode, FieldViolation};
+use tonic::{Code, Status};
+
+use crate::domain::Missing;
+
+/// Why a profile request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    /// The request has invalid fields.
+    #[error("invalid request: {} violations", .0.len())]
+    InvalidArgument(Vec<FieldViolation>),
+    /// A repeated field of the request holds more items than allowed.
+    #[error("{field}: {count} items exceed the limit of {max} per request")]
+    TooMany {
+        /// The field, for example `events`.
+        field: &'static str,
+        /// How many items it held.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// No profile matches the lookup.
+    #[error("profile not found")]
+    NotFound,
+    /// A database call failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A stored merge chain does not end in a live profile within the allowed number of hops.
+    #[error("merge chain of profile {0} does not end in a live profile")]
+    BrokenMergeChain(String),
+    /// Profiles kept being merged away while a batch was locking them; retrying will do.
+    #[error("profiles changed while being locked")]
+    Contention,
+    /// The store did not load a profile the batch names: a bug.
+    #[error(transparent)]
+    Missing(#[from] Missing),
+    /// The identity service failed (other than with NOT_FOUND or INVALID_ARGUMENT).
+    #[error("identity service: {0}")]
+    Identity(#[source] Status),
+    /// The scoring service failed.
+    #[error("scoring service: {0}")]
+    Scoring(#[source] Status),
+    /// The scoring service answered something that breaks its contract.
+    #[error("scoring service answered badly: {0}")]
+    BadScores(String),
+}
+
+impl ProfileError {
+    /// The error code this error maps to.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Self::TooMany { .. } => ErrorCode::ResourceExhausted,
+            Self::NotFound => ErrorCode::NotFound,
+            Self::Database(e) => tessera_store::error_code(e),
+            Self::Contention => ErrorCode::Unavailable,
+            Self::Identity(s) | Self::Scoring(s) => peer_code(s.code()),
+            Self::BrokenMergeChain(_) | Self::Missing(_) | Self::BadScores(_) => {
+                ErrorCode::Internal
+            }
+        }
+    }
+}
+
+/// The code of a failed call to a peer service: whatever retrying may fix is `Unavailable`, so
+/// the pipeline retries the batch; anything else is our bug or the peer's.
+fn peer_code(code: Code) -> ErrorCode {
+    match code {
+        Code::Cancelled
+        | Code::Unknown
+        | Code::DeadlineExceeded
+        | Code::ResourceExhausted
+        | Code::Aborted
+        | Code::Unavailable => ErrorCode::Unavailable,
+        Code::Ok
+        | Code::InvalidArgument
+        | Code::NotFound
+        | Code::AlreadyExists
+        | Code::PermissionDenied
+        | Code::FailedPrecondition
+        | Code::OutOfRange
+        | Code::Unimplemented
+        | Code::Internal
+        | Code::DataLoss
+        | Code::Unauthenticated => ErrorCode::Internal,
+    }
+}
+
+impl From<ProfileError> for Status {
+    fn from(error: ProfileError) -> Self {
+        let code = error.code();
+        match &error {
+            ProfileError::InvalidArgument(violations) => {
+                tessera_server::invalid_argument(violations)
+            }
+            ProfileError::TooMany { .. } | ProfileError::NotFound => {
+                tessera_server::status(code, error.to_string())
+            }
+            ProfileError::Database(_)
+            | ProfileError::BrokenMergeChain(_)
+            | ProfileError::Contention
+            | ProfileError::Missing(_)
+            | ProfileError::Identity(_)
+            | ProfileError::Scoring(_)
+            | ProfileError::BadScores(_) => tessera_server::internal(code, &error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_failures_are_retryable_and_internal_text_stays_inside() {
+        let down = ProfileError::Scoring(Status::unavailable("connection refused"));
+        assert_eq!(down.code(), ErrorCode::Unavailable);
+        assert_eq!(Status::from(down).code(), Code::Unavailable);
+
+        let db = ProfileError::Database(sqlx::Error::Protocol("relation \"profiles\"".into()));
+        let status = Status::from(db);
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("profiles"));
+
+        let too_many = Status::from(ProfileError::TooMany {
+            field: "events",
+            count: 5001,
+            max: 5000,
+        });
+        assert_eq!(too_many.code(), Code::ResourceExhausted);
+        assert!(too_many.message().starts_with("events"));
+    }
+}

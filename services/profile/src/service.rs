@@ -1,0 +1,328 @@
+//! The gRPC face of the profile service: `ProfileService` (public reads) and
+//! `ProfilePipelineService` (internal writes), over the store, the versioned cache and the
+//! identity and scoring services.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use prost::Message;
+use tessera_core::FieldViolation;
+use tessera_proto::common::v1 as common;
+use tessera_proto::convert::to_timestamp;
+use tessera_proto::identity::v1::LookupIdentifierRequest;
+use tessera_proto::identity::v1::identity_service_client::IdentityServiceClient;
+use tessera_proto::profile::v1 as pb;
+use tessera_proto::profile::v1::profile_pipeline_service_server::ProfilePipelineService;
+use tessera_proto::profile::v1::profile_service_server::ProfileService;
+use tessera_proto::scoring::v1 as scoring;
+use tessera_proto::scoring::v1::scoring_service_client::ScoringServiceClient;
+use tessera_store::{Cache, Versioned};
+use time::OffsetDateTime;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+use crate::convert::{self, Lookup, micros};
+use crate::domain::{Profile, Score};
+use crate::error::ProfileError;
+use crate::store::{ProfileStore, ScoreUpdate};
+
+/// How long a call to the identity or scoring service may take.
+const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most profiles sent to the scoring service in one call (its limit).
+const MAX_SCORED_PER_CALL: usize = 5_000;
+/// The longest the cache writes of one request may take.
+const CACHE_WRITE_BUDGET: Duration = Duration::from_secs(2);
+/// The largest message decoded from a peer.
+pub(crate) const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
+
+/// Everything both gRPC services share.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn ProfileStore>,
+    pub(crate) cache: Arc<dyn Cache>,
+    pub(crate) identity: Channel,
+    pub(crate) scoring: Channel,
+    pub(crate) half_life_seconds: f64,
+}
+
+fn cache_key(profile_id: &str) -> String {
+    format!("profile:{profile_id}")
+}
+
+fn cache_error(op: &'static str, profile_id: &str, error: &dyn std::fmt::Display) {
+    metrics::counter!("tessera_profile_cache_errors_total", "op" => op).increment(1);
+    tracing::warn!(op, profile_id, %error, "profile cache failed, using the database");
+}
+
+impl Inner {
+    async fn get_profile(
+        &self,
+        request: pb::GetProfileRequest,
+    ) -> Result<pb::Profile, ProfileError> {
+        let profile_id = match Lookup::try_from(request)? {
+            Lookup::ProfileId(id) => id,
+            Lookup::Identifier(identifier) => self.lookup(identifier).await?,
+        };
+        if let Some(profile) = self.cached(&profile_id).await {
+            return Ok(profile);
+        }
+        let profile = self
+            .store
+            .get(&profile_id)
+            .await?
+            .ok_or(ProfileError::NotFound)?;
+        let message = pb::Profile::from(&profile);
+        // A fill lands only when no newer version is cached: a slow read never puts back a
+        // profile older than one a write already stored.
+        self.put(
+            &profile.profile_id,
+            Versioned {
+                version: profile.version,
+                bytes: Some(message.encode_to_vec()),
+            },
+        )
+        .await;
+        Ok(message)
+    }
+
+    /// The profile id the identity service has for `identifier`.
+    async fn lookup(&self, identifier: common::Identifier) -> Result<String, ProfileError> {
+        let mut client = IdentityServiceClient::new(self.identity.clone());
+        let mut request = Request::new(LookupIdentifierRequest {
+            identifier: Some(identifier),
+        });
+        request.set_timeout(PEER_TIMEOUT);
+        match client.lookup_identifier(request).await {
+            Ok(response) => {
+                let profile_id = response.into_inner().profile_id;
+                if profile_id.is_empty() {
+                    Err(ProfileError::Identity(Status::internal(
+                        "lookup returned no profile id",
+                    )))
+                } else {
+                    Ok(profile_id)
+                }
+            }
+            Err(status) if status.code() == Code::NotFound => Err(ProfileError::NotFound),
+            Err(status) if status.code() == Code::InvalidArgument => {
+                Err(ProfileError::InvalidArgument(vec![FieldViolation::new(
+                    "identifier",
+                    status.message(),
+                )]))
+            }
+            Err(status) => Err(ProfileError::Identity(status)),
+        }
+    }
+
+    /// The cached profile, when the cache holds one (not a tombstone) and answers.
+    async fn cached(&self, profile_id: &str) -> Option<pb::Profile> {
+        match self.cache.get(&cache_key(profile_id)).await {
+            Ok(Some(Versioned {
+                bytes: Some(bytes), ..
+            })) => match pb::Profile::decode(bytes.as_slice()) {
+                Ok(profile) => Some(profile),
+                Err(e) => {
+                    cache_error("decode", profile_id, &e);
+                    None
+                }
+            },
+            Ok(Some(Versioned { bytes: None, .. }) | None) => None,
+            Err(e) => {
+                cache_error("get", profile_id, &e);
+                None
+            }
+        }
+    }
+
+    /// Puts one entry if it is newer than the cached one.
+    async fn put(&self, profile_id: &str, value: Versioned) {
+        if let Err(e) = self.cache.put_if_newer(&cache_key(profile_id), value).await {
+            cache_error("put", profile_id, &e);
+        }
+    }
+
+    /// Puts the entries of written profiles, concurrently and within [`CACHE_WRITE_BUDGET`]:
+    /// an entry that cannot be put in time is left to expire rather than hold up the write
+    /// (a cache that does not answer must not stall the pipeline).
+    async fn put_all(&self, entries: Vec<(String, Versioned)>) {
+        let total = entries.len();
+        let done = AtomicUsize::new(0);
+        let puts = futures::future::join_all(entries.into_iter().map(|(id, value)| {
+            let done = &done;
+            async move {
+                self.put(&id, value).await;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+        if tokio::time::timeout(CACHE_WRITE_BUDGET, puts)
+            .await
+            .is_err()
+        {
+            let pending = total - done.load(Ordering::Relaxed);
+            metrics::counter!("tessera_profile_cache_errors_total", "op" => "put")
+                .increment(pending as u64);
+            tracing::warn!(pending, "profile cache too slow, entries left to expire");
+        }
+    }
+
+    async fn apply_events(
+        &self,
+        request: pb::ApplyEventsRequest,
+    ) -> Result<pb::ApplyEventsResponse, ProfileError> {
+        let batch = convert::batch(request)?;
+        let now = micros(OffsetDateTime::now_utc());
+        let applied = self
+            .store
+            .apply(&batch, self.half_life_seconds, now)
+            .await?;
+        metrics::counter!("tessera_profile_events_applied_total").increment(applied.applied as u64);
+        metrics::counter!("tessera_profile_duplicate_events_total")
+            .increment(applied.duplicates as u64);
+
+        let mut entries = Vec::with_capacity(applied.changed.len() + applied.merged_away.len());
+        entries.extend(applied.changed.iter().map(entry));
+        // A merged-away profile's reads go to the database, which redirects to the survivor.
+        entries.extend(applied.merged_away.iter().map(|(id, version)| {
+            (
+                id.clone(),
+                Versioned {
+                    version: *version,
+                    bytes: None,
+                },
+            )
+        }));
+        self.put_all(entries).await;
+
+        // Every profile the batch names is rescored, also when all its events were duplicates:
+        // a batch retried after a scoring failure still gets its scores.
+        self.rescore(&applied.named, now).await?;
+
+        tracing::debug!(
+            applied = applied.applied,
+            duplicates = applied.duplicates,
+            merged = applied.merged_away.len(),
+            "applied events"
+        );
+        Ok(pb::ApplyEventsResponse {
+            applied: applied.applied,
+            duplicates: applied.duplicates,
+            profiles_changed: (applied.changed.len() + applied.merged_away.len()) as i64,
+        })
+    }
+
+    /// Scores the live profiles `profile_ids` and stores the scores.
+    async fn rescore(
+        &self,
+        profile_ids: &[String],
+        now: OffsetDateTime,
+    ) -> Result<(), ProfileError> {
+        if profile_ids.is_empty() {
+            return Ok(());
+        }
+        let profiles = self.store.get_many(profile_ids).await?;
+        let mut updates = Vec::with_capacity(profiles.len());
+        for chunk in profiles.chunks(MAX_SCORED_PER_CALL) {
+            updates.extend(self.score(chunk, now).await?);
+        }
+        let stored = self.store.store_scores(&updates, now).await?;
+        self.put_all(stored.iter().map(entry).collect()).await;
+        Ok(())
+    }
+
+    async fn score(
+        &self,
+        profiles: &[Profile],
+        now: OffsetDateTime,
+    ) -> Result<Vec<ScoreUpdate>, ProfileError> {
+        let mut client = ScoringServiceClient::new(self.scoring.clone())
+            .max_decoding_message_size(MAX_MESSAGE_SIZE);
+        let mut request = Request::new(scoring::ScoreProfilesRequest {
+            profiles: profiles
+                .iter()
+                .map(|p| convert::facts(p, self.half_life_seconds))
+                .collect(),
+            as_of: Some(to_timestamp(now)),
+        });
+        request.set_timeout(PEER_TIMEOUT);
+        let response = client
+            .score_profiles(request)
+            .await
+            .map_err(ProfileError::Scoring)?
+            .into_inner();
+        if response.profiles.len() != profiles.len() {
+            return Err(ProfileError::BadScores(format!(
+                "{} results for {} profiles",
+                response.profiles.len(),
+                profiles.len()
+            )));
+        }
+        profiles
+            .iter()
+            .zip(response.profiles)
+            .map(|(profile, scored)| {
+                let scoring::ProfileScores { profile_id, scores } = scored;
+                if profile_id != profile.profile_id {
+                    return Err(ProfileError::BadScores(format!(
+                        "results out of order: {profile_id} for {}",
+                        profile.profile_id
+                    )));
+                }
+                let mut all = profile.scores.clone();
+                for score in scores {
+                    let score = Score::try_from(score).map_err(ProfileError::BadScores)?;
+                    all.insert(score.name.clone(), score);
+                }
+                Ok(ScoreUpdate {
+                    profile_id,
+                    version: profile.version,
+                    scores: all,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The cache entry of a stored live profile.
+fn entry(profile: &Profile) -> (String, Versioned) {
+    (
+        profile.profile_id.clone(),
+        Versioned {
+            version: profile.version,
+            bytes: Some(pb::Profile::from(profile).encode_to_vec()),
+        },
+    )
+}
+
+/// `ProfileService`.
+#[derive(Debug, Clone)]
+pub(crate) struct ProfileApi(pub(crate) Arc<Inner>);
+
+#[tonic::async_trait]
+impl ProfileService for ProfileApi {
+    async fn get_profile(
+        &self,
+        request: Request<pb::GetProfileRequest>,
+    ) -> Result<Response<pb::GetProfileResponse>, Status> {
+        let profile = self.0.get_profile(request.into_inner()).await?;
+        Ok(Response::new(pb::GetProfileResponse {
+            profile: Some(profile),
+        }))
+    }
+}
+
+/// `ProfilePipelineService`.
+#[derive(Debug, Clone)]
+pub(crate) struct PipelineApi(pub(crate) Arc<Inner>);
+
+#[tonic::async_trait]
+impl ProfilePipelineService for PipelineApi {
+    async fn apply_events(
+        &self,
+        request: Request<pb::ApplyEventsRequest>,
+    ) -> Result<Response<pb::ApplyEventsResponse>, Status> {
+        Ok(Response::new(
+            self.0.apply_events(request.into_inner()).await?,
+        ))
+    }
+}

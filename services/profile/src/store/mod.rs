@@ -1,0 +1,303 @@
+//! Storage of profiles: one [`ProfileStore`] trait with a Postgres and a SQLite implementation.
+//!
+//! Both backends run the same batch logic ([`apply`]) over a small set of per-backend
+//! operations ([`Ops`]); only the SQL differs. On Postgres the live profiles a batch touches are
+//! locked `FOR UPDATE` in sorted id order, so replicas on one database serialize per profile
+//! without deadlocking in the common case; SQLite has one connection and so one writer.
+
+mod postgres;
+mod sqlite;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tessera_core::Identifier;
+use tessera_store::Database;
+use time::OffsetDateTime;
+
+use crate::domain::{Batch, Profile, Score, Workspace};
+use crate::error::ProfileError;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// The most hops a merge chain may take from a profile id to its live profile. Merges redirect
+/// every profile that pointed at the merged one, so chains stay one hop long in practice.
+const MAX_MERGE_HOPS: i64 = 64;
+
+/// How often a batch re-resolves profiles that were merged away while it was locking them
+/// before giving up with a retryable error.
+const MAX_LOCK_ROUNDS: usize = 8;
+
+/// What applying a batch changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    /// Events applied for the first time.
+    pub applied: i64,
+    /// Events skipped because they had been applied before (or appeared twice in the batch).
+    pub duplicates: i64,
+    /// The live profiles that changed, as stored after the batch.
+    pub changed: Vec<Profile>,
+    /// The profiles merged away by the batch, with their new version.
+    pub merged_away: Vec<(String, i64)>,
+    /// The live profiles the batch's ids resolve to after its merges, sorted.
+    pub named: Vec<String>,
+}
+
+/// New scores for one profile, computed from the profile at `version`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoreUpdate {
+    /// The profile.
+    pub profile_id: String,
+    /// The version the scores were computed from; the update only lands on that version.
+    pub version: i64,
+    /// The profile's whole score map after the update.
+    pub scores: BTreeMap<String, Score>,
+}
+
+/// The system of record of profiles.
+#[async_trait]
+pub trait ProfileStore: Send + Sync + std::fmt::Debug {
+    /// Applies a batch in one transaction: merges first, then each event not applied before.
+    /// Idempotent: applying the same batch again changes nothing.
+    async fn apply(
+        &self,
+        batch: &Batch,
+        half_life_seconds: f64,
+        now: OffsetDateTime,
+    ) -> Result<Applied, ProfileError>;
+
+    /// The live profile `profile_id` resolves to (itself, or the profile it was merged into).
+    async fn get(&self, profile_id: &str) -> Result<Option<Profile>, ProfileError>;
+
+    /// The live profiles among `profile_ids`, as stored (merged ones are left out).
+    async fn get_many(&self, profile_ids: &[String]) -> Result<Vec<Profile>, ProfileError>;
+
+    /// Stores scores; an update whose profile changed since its `version` is skipped (whoever
+    /// changed the profile rescores it). Returns the updated profiles.
+    async fn store_scores(
+        &self,
+        updates: &[ScoreUpdate],
+        now: OffsetDateTime,
+    ) -> Result<Vec<Profile>, ProfileError>;
+}
+
+/// The store of `db`'s backend. The database must be migrated with [`crate::MIGRATIONS`].
+pub fn open(db: Database) -> Arc<dyn ProfileStore> {
+    match db {
+        Database::Postgres(pool) => Arc::new(PostgresStore::new(pool)),
+        Database::Sqlite(pool) => Arc::new(SqliteStore::new(pool)),
+    }
+}
+
+/// The operations a backend provides inside one transaction (or on one connection for reads).
+#[async_trait]
+trait Ops: Send {
+    /// Stores an empty profile for every id not stored yet.
+    async fn ensure(&mut self, ids: &[String], now: OffsetDateTime) -> Result<(), sqlx::Error>;
+    /// The live profile each stored id resolves to, without locking. Ids not stored (or whose
+    /// chain is longer than [`MAX_MERGE_HOPS`]) are absent.
+    async fn resolve(&mut self, ids: &[String]) -> Result<HashMap<String, String>, sqlx::Error>;
+    /// Loads profiles with their identifiers; with `lock`, locks them in id order first.
+    async fn load(&mut self, ids: &[String], lock: bool) -> Result<Vec<Profile>, sqlx::Error>;
+    /// Records events as applied; returns the ids that were not recorded before.
+    async fn record_events(
+        &mut self,
+        events: &[(String, String)],
+        now: OffsetDateTime,
+    ) -> Result<HashSet<String>, sqlx::Error>;
+    /// Writes a profile's row (not its identifiers).
+    async fn write(&mut self, profile: &Profile) -> Result<(), sqlx::Error>;
+    /// Moves the identifiers of `merged` to `survivor`, and redirects the profiles that pointed
+    /// at `merged` to `survivor`.
+    async fn redirect(&mut self, merged: &str, survivor: &str) -> Result<(), sqlx::Error>;
+    /// Links identifiers to a profile; an identifier already linked to a profile keeps its
+    /// link. Returns how many were linked.
+    async fn link(&mut self, profile_id: &str, ids: &[&Identifier]) -> Result<u64, sqlx::Error>;
+    /// Stores scores if the live profile is still at `version`; bumps the version.
+    async fn write_scores(
+        &mut self,
+        profile_id: &str,
+        version: i64,
+        scores: &BTreeMap<String, Score>,
+        now: OffsetDateTime,
+    ) -> Result<bool, sqlx::Error>;
+}
+
+/// Applies a batch through `ops`, which must be inside a transaction.
+async fn apply<O: Ops>(
+    ops: &mut O,
+    batch: &Batch,
+    half_life_seconds: f64,
+    now: OffsetDateTime,
+) -> Result<Applied, ProfileError> {
+    let named = batch.profile_ids();
+    ops.ensure(&named, now).await?;
+    let (live, resolved) = lock_live(ops, &named).await?;
+
+    let mut ws = Workspace::new(live, resolved);
+    for merge in &batch.merges {
+        ws.apply_merge(merge, now)?;
+    }
+
+    // The first occurrence of an event id in the batch is the one that counts.
+    let mut seen = HashSet::new();
+    let mut to_record = Vec::with_capacity(batch.events.len());
+    for event in &batch.events {
+        if seen.insert(event.event_id.as_str()) {
+            let id = ws
+                .canonical(&event.profile_id)
+                .ok_or_else(|| ProfileError::BrokenMergeChain(event.profile_id.clone()))?;
+            to_record.push((event.event_id.clone(), id.to_owned()));
+        }
+    }
+    let mut fresh = ops.record_events(&to_record, now).await?;
+    let mut applied = 0;
+    for event in &batch.events {
+        if fresh.remove(&event.event_id) {
+            ws.apply_event(event, half_life_seconds, now)?;
+            applied += 1;
+        }
+    }
+
+    // Rows first, then redirects: a profile merged into one that was merged itself later in
+    // the same batch is then redirected straight to the last survivor.
+    for profile in ws.changed() {
+        ops.write(profile).await?;
+    }
+    for (merged, survivor) in ws.merges() {
+        ops.redirect(merged, survivor).await?;
+    }
+    for (profile_id, ids) in ws.new_identifiers() {
+        let ids: Vec<&Identifier> = ids.iter().collect();
+        let linked = ops.link(profile_id, &ids).await?;
+        if linked < ids.len() as u64 {
+            // The identity service links an identifier to one profile and moves it only by a
+            // merge, so this means the two services disagree; the first link is kept.
+            tracing::warn!(
+                profile_id,
+                conflicts = ids.len() as u64 - linked,
+                "identifiers already linked to another profile were not relinked"
+            );
+        }
+    }
+
+    let changed_live: Vec<String> = ws
+        .changed()
+        .filter(|p| p.merged_into.is_none())
+        .map(|p| p.profile_id.clone())
+        .collect();
+    let merged_away = ws
+        .changed()
+        .filter(|p| p.merged_into.is_some())
+        .map(|p| (p.profile_id.clone(), p.version))
+        .collect();
+    let named_live: BTreeSet<String> = named
+        .iter()
+        .filter_map(|id| ws.canonical(id).map(str::to_owned))
+        .collect();
+    // Read back what was written, so what the cache gets is exactly what a read returns.
+    let changed = ops.load(&changed_live, false).await?;
+    Ok(Applied {
+        applied,
+        duplicates: batch.events.len() as i64 - applied,
+        changed,
+        merged_away,
+        named: named_live.into_iter().collect(),
+    })
+}
+
+/// Locks the live profiles `named` resolves to. Resolving reads without locks, so a profile may
+/// be merged away between the read and the lock; then the ids are resolved again and the new
+/// targets locked too. Returns the live locked profiles and each named id's live profile.
+async fn lock_live<O: Ops>(
+    ops: &mut O,
+    named: &[String],
+) -> Result<(Vec<Profile>, HashMap<String, String>), ProfileError> {
+    let mut locked: BTreeMap<String, Profile> = BTreeMap::new();
+    for _ in 0..MAX_LOCK_ROUNDS {
+        let resolved = ops.resolve(named).await?;
+        if let Some(id) = named.iter().find(|id| !resolved.contains_key(*id)) {
+            return Err(ProfileError::BrokenMergeChain(id.clone()));
+        }
+        let missing: Vec<String> = resolved
+            .values()
+            .filter(|id| !locked.contains_key(*id))
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut still_live = true;
+        for profile in ops.load(&missing, true).await? {
+            still_live &= profile.merged_into.is_none();
+            locked.insert(profile.profile_id.clone(), profile);
+        }
+        // A locked live profile cannot be merged away any more, and the profiles that redirect
+        // to it are redirected elsewhere only by a merge of it: the resolution now holds.
+        let targets_live = resolved
+            .values()
+            .all(|id| locked.get(id).is_some_and(|p| p.merged_into.is_none()));
+        if still_live && targets_live {
+            let live = locked
+                .into_values()
+                .filter(|p| p.merged_into.is_none())
+                .collect();
+            return Ok((live, resolved));
+        }
+    }
+    Err(ProfileError::Contention)
+}
+
+/// The live profile `profile_id` resolves to, read through `ops`.
+async fn get<O: Ops>(ops: &mut O, profile_id: &str) -> Result<Option<Profile>, ProfileError> {
+    let ids = [profile_id.to_owned()];
+    for _ in 0..MAX_LOCK_ROUNDS {
+        let Some(target) = ops.resolve(&ids).await?.remove(profile_id) else {
+            return Ok(None);
+        };
+        match ops.load(&[target], false).await?.pop() {
+            Some(profile) if profile.merged_into.is_none() => return Ok(Some(profile)),
+            // Merged away between the two reads: resolve again.
+            Some(_) => {}
+            None => return Ok(None),
+        }
+    }
+    Err(ProfileError::Contention)
+}
+
+async fn get_many<O: Ops>(ops: &mut O, ids: &[String]) -> Result<Vec<Profile>, ProfileError> {
+    let mut profiles = ops.load(ids, false).await?;
+    profiles.retain(|p| p.merged_into.is_none());
+    Ok(profiles)
+}
+
+async fn store_scores<O: Ops>(
+    ops: &mut O,
+    updates: &[ScoreUpdate],
+    now: OffsetDateTime,
+) -> Result<Vec<Profile>, ProfileError> {
+    let mut stored = Vec::with_capacity(updates.len());
+    for update in updates {
+        if ops
+            .write_scores(&update.profile_id, update.version, &update.scores, now)
+            .await?
+        {
+            stored.push(update.profile_id.clone());
+        }
+    }
+    Ok(ops.load(&stored, false).await?)
+}
+
+/// Attaches loaded identifiers to their profiles.
+fn attach_identifiers(profiles: &mut [Profile], rows: Vec<(String, Identifier)>) {
+    let mut by_id: HashMap<String, Vec<Identifier>> = HashMap::new();
+    for (profile_id, identifier) in rows {
+        by_id.entry(profile_id).or_default().push(identifier);
+    }
+    for profile in profiles {
+        if let Some(ids) = by_id.remove(&profile.profile_id) {
+            profile.state.identifiers.extend(ids);
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The SQLite profile store of `tessera dev`. SQLite has no arrays, so lists are bound one
+//! parameter each through `QueryBuilder`, in chunks that stay far below SQLite's parameter
+//! limit. The pool has a single connection, so transactions never run concurrently and need no
+//! row locks.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use async_trait::async_trait;
+use sqlx::sqlite::{Sqlite, SqliteConnection, SqlitePool, SqliteRow};
+use sqlx::types::Json;
+use sqlx::{QueryBuilder, Row};
+use tessera_core::Identifier;
+use time::OffsetDateTime;
+
+use super::{Applied, Ops, ProfileStore, ScoreUpdate, attach_identifiers};
+use crate::domain::{Batch, Profile, ProfileState, Score};
+use crate::error::ProfileError;
+
+/// Rows per statement: at most 3 parameters each, far below SQLite's 32,766.
+const CHUNK: usize = 500;
+
+/// Profiles in a SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// A store on `pool`.
+    pub fn new(pool: SqlitePool) -> Self {
+        Self { pool }
+    }
+}
+
+#[async_trait]
+impl ProfileStore for SqliteStore {
+    async fn apply(
+        &self,
+        batch: &Batch,
+        half_life_seconds: f64,
+        now: OffsetDateTime,
+    ) -> Result<Applied, ProfileError> {
+        let mut tx = self.pool.begin().await?;
+        let applied = super::apply(&mut LiteOps(&mut tx), batch, half_life_seconds, now).await?;
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    async fn get(&self, profile_id: &str) -> Result<Option<Profile>, ProfileError> {
+        let mut conn = self.pool.acquire().await?;
+        super::get(&mut LiteOps(&mut conn), profile_id).await
+    }
+
+    async fn get_many(&self, profile_ids: &[String]) -> Result<Vec<Profile>, ProfileError> {
+        let mut conn = self.pool.acquire().await?;
+        super::get_many(&mut LiteOps(&mut conn), profile_ids).await
+    }
+
+    async fn store_scores(
+        &self,
+        updates: &[ScoreUpdate],
+        now: OffsetDateTime,
+    ) -> Result<Vec<Profile>, ProfileError> {
+        let mut tx = self.pool.begin().await?;
+        let stored = super::store_scores(&mut LiteOps(&mut tx), updates, now).await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+}
+
+struct LiteOps<'c>(&'c mut SqliteConnection);
+
+/// Appends `(?, ?, …)` binding `ids`.
+fn push_in_list(qb: &mut QueryBuilder<Sqlite>, ids: &[String]) {
+    qb.push("(");
+    let mut list = qb.separated(", ");
+    for id in ids {
+        list.push_bind(id.clone());
+    }
+    list.push_unseparated(")");
+}
+
+#[async_trait]
+impl Ops for LiteOps<'_> {
+    async fn ensure(&mut self, ids: &[String], now: OffsetDateTime) -> Result<(), sqlx::Error> {
+        for chunk in ids.chunks(CHUNK) {
+            let mut qb = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO profiles (profile_id, created_at, updated_at) ",
+            );
+            qb.push_values(chunk, |mut row, id| {
+                row.push_bind(id.clone()).push_bind(now).push_bind(now);
+            });
+            qb.push(" ON CONFLICT (profile_id) DO NOTHING");
+            qb.build().execute(&mut *self.0).await?;
+        }
+        Ok(())
+    }
+
+    async fn resolve(&mut self, ids: &[String]) -> Result<HashMap<String, String>, sqlx::Error> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(CHUNK) {
+            let mut qb = QueryBuilder::<Sqlite>::new(
+                "WITH RECURSIVE chain (start_id, profile_id, merged_into, hops) AS ( \
+                     SELECT profile_id, profile_id, merged_into, 0 \
+                     FROM profiles WHERE profile_id IN ",
+            );
+            push_in_list(&mut qb, chunk);
+            qb.push(
+                " UNION ALL \
+                     SELECT c.start_id, p.profile_id, p.merged_into, c.hops + 1 \
+                     FROM chain c JOIN profiles p ON p.profile_id = c.merged_into \
+                     WHERE c.hops < ",
+            );
+            qb.push_bind(super::MAX_MERGE_HOPS);
+            qb.push(") SELECT start_id, profile_id FROM chain WHERE merged_into IS NULL");
+            for row in qb.build().fetch_all(&mut *self.0).await? {
+                out.insert(row.try_get("start_id")?, row.try_get("profile_id")?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn load(&mut self, ids: &[String], _lock: bool) -> Result<Vec<Profile>, sqlx::Error> {
+        let mut profiles = Vec::with_capacity(ids.len());
+        let mut identifiers = Vec::new();
+        for chunk in ids.chunks(CHUNK) {
+            let mut qb = QueryBuilder::<Sqlite>::new(
+                "SELECT profile_id, merged_into, traits, event_count, first_seen, last_seen, \
+                        activity_log2, scores, merged_profile_ids, version, created_at, \
+                        updated_at \
+                 FROM profiles WHERE profile_id IN ",
+            );
+            push_in_list(&mut qb, chunk);
+            for row in qb.build().fetch_all(&mut *self.0).await? {
+                profiles.push(profile(&row)?);
+            }
+            let mut qb = QueryBuilder::<Sqlite>::new(
+                "SELECT profile_id, type, value FROM profile_identifiers WHERE profile_id IN ",
+            );
+            push_in_list(&mut qb, chunk);
+            for row in qb.build().fetch_all(&mut *self.0).await? {
+                let id = Identifier::new(
+                    row.try_get::<String, _>("type")?,
+                    row.try_get::<String, _>("value")?,
+                );
+                identifiers.push((row.try_get("profile_id")?, id));
+            }
+        }
+        profiles.sort_by(|a, b| a.profile_id.cmp(&b.profile_id));
+        attach_identifiers(&mut profiles, identifiers);
+        Ok(profiles)
+    }
+
+    async fn record_events(
+        &mut self,
+        events: &[(String, String)],
+        now: OffsetDateTime,
+    ) -> Result<HashSet<String>, sqlx::Error> {
+        let mut fresh = HashSet::with_capacity(events.len());
+        for chunk in events.chunks(CHUNK) {
+            let mut qb = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO applied_events (event_id, profile_id, applied_at) ",
+            );
+            qb.push_values(chunk, |mut row, (event_id, profile_id)| {
+                row.push_bind(event_id.clone())
+                    .push_bind(profile_id.clone())
+                    .push_bind(now);
+            });
+            qb.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
+            for row in qb.build().fetch_all(&mut *self.0).await? {
+                fresh.insert(row.try_get("event_id")?);
+            }
+        }
+        Ok(fresh)
+    }
+
+    async fn write(&mut self, p: &Profile) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE profiles SET merged_into = ?2, traits = ?3, event_count = ?4, \
+                 first_seen = ?5, last_seen = ?6, activity_log2 = ?7, scores = ?8, \
+                 merged_profile_ids = ?9, version = ?10, updated_at = ?11 \
+             WHERE profile_id = ?1",
+        )
+        .bind(&p.profile_id)
+        .bind(&p.merged_into)
+        .bind(Json(&p.state.traits))
+        .bind(p.state.event_count)
+        .bind(p.state.first_seen)
+        .bind(p.state.last_seen)
+        .bind(p.state.activity_log2)
+        .bind(Json(&p.scores))
+        .bind(Json(&p.merged_profile_ids))
+        .bind(p.version)
+        .bind(p.updated_at)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn redirect(&mut self, merged: &str, survivor: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE profile_identifiers SET profile_id = ?2 WHERE profile_id = ?1")
+            .bind(merged)
+            .bind(survivor)
+            .execute(&mut *self.0)
+            .await?;
+        sqlx::query("UPDATE profiles SET merged_into = ?2 WHERE merged_into = ?1")
+            .bind(merged)
+            .bind(survivor)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn link(&mut self, profile_id: &str, ids: &[&Identifier]) -> Result<u64, sqlx::Error> {
+        let mut linked = 0;
+        for chunk in ids.chunks(CHUNK) {
+            let mut qb = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO profile_identifiers (type, value, profile_id) ",
+            );
+            qb.push_values(chunk, |mut row, id| {
+                row.push_bind(id.kind.clone())
+                    .push_bind(id.value.clone())
+                    .push_bind(profile_id.to_owned());
+            });
+            qb.push(" ON CONFLICT (type, value) DO NOTHING");
+            linked += qb.build().execute(&mut *self.0).await?.rows_affected();
+        }
+        Ok(linked)
+    }
+
+    async fn write_scores(
+        &mut self,
+        profile_id: &str,
+        version: i64,
+        scores: &BTreeMap<String, Score>,
+        now: OffsetDateTime,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE profiles SET scores = ?3, version = version + 1, updated_at = ?4 \
+             WHERE profile_id = ?1 AND version = ?2 AND merged_into IS NULL",
+        )
+        .bind(profile_id)
+        .bind(version)
+        .bind(Json(scores))
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+fn profile(row: &SqliteRow) -> Result<Profile, sqlx::Error> {
+    let Json(traits) = row.try_get("traits")?;
+    let Json(scores) = row.try_get("scores")?;
+    let Json(merged_profile_ids) = row.try_get("merged_profile_ids")?;
+    Ok(Profile {
+        profile_id: row.try_get("profile_id")?,
+        merged_into: row.try_get("merged_into")?,
+        state: ProfileState {
+            traits,
+            event_count: row.try_get("event_count")?,
+            first_seen: row.try_get("first_seen")?,
+            last_seen: row.try_get("last_seen")?,
+            activity_log2: row.try_get("activity_log2")?,
+            identifiers: Default::default(),
+        },
+        scores,
+        merged_profile_ids,
+        version: row.try_get("version")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}

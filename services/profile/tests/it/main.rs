@@ -1,0 +1,6 @@
+//! Integration tests of the profile service: the storage conformance suite (SQLite and
+//! Postgres) and the service over gRPC with the real scoring service, Redis and Postgres.
+
+mod service;
+mod store_suite;
+mod support;

@@ -1,0 +1,436 @@
+//! The profile service over gRPC, with the real scoring service, Redis and Postgres, and a test
+//! double of the identity service.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tessera_profile::{MIGRATIONS, ProfileSettings, Profiles, SCHEMA};
+use tessera_proto::common::v1 as common;
+use tessera_proto::convert::{to_timestamp, value_to_json};
+use tessera_proto::identity::v1 as identity;
+use tessera_proto::profile::v1 as pb;
+use tessera_proto::profile::v1::get_profile_request::Lookup;
+use tessera_proto::profile::v1::profile_pipeline_service_client::ProfilePipelineServiceClient;
+use tessera_proto::profile::v1::profile_service_client::ProfileServiceClient;
+use tessera_server::GrpcServices;
+use tessera_store::{Cache, Database, DbSettings, RedisCache};
+use tessera_testkit::{TestDb, redis_prefix, redis_url};
+use time::OffsetDateTime;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+use crate::support::{IdentityDouble, Served, identify, lazy_channel, scoring_server, track};
+
+/// Postgres, Redis, the scoring service and the identity double, shared by the replicas of one
+/// test.
+struct Env {
+    db: TestDb,
+    redis_prefix: String,
+    scoring: Served,
+    identity: Served,
+    links: IdentityDouble,
+}
+
+impl Env {
+    async fn new() -> Self {
+        let links = IdentityDouble::default();
+        Self {
+            db: TestDb::new().await,
+            redis_prefix: redis_prefix(),
+            scoring: scoring_server().await,
+            identity: links.serve().await,
+            links,
+        }
+    }
+
+    fn redis(&self) -> Arc<dyn Cache> {
+        Arc::new(
+            RedisCache::new(&redis_url(), &self.redis_prefix, Duration::from_secs(60)).unwrap(),
+        )
+    }
+
+    /// A replica of the profile service with `cache` and the scoring service at `scoring`.
+    async fn replica_with(&self, cache: Arc<dyn Cache>, scoring: Channel) -> Replica {
+        let db = Database::connect(self.db.url(), SCHEMA, &DbSettings::default())
+            .await
+            .unwrap();
+        db.migrate(MIGRATIONS).await.unwrap();
+        let profiles = Profiles::new(
+            db,
+            cache,
+            self.identity.channel(),
+            scoring,
+            ProfileSettings::default(),
+        );
+        let mut services = GrpcServices::default();
+        profiles.register(&mut services);
+        let served = Served::start(services).await;
+        Replica {
+            reads: ProfileServiceClient::new(served.channel()),
+            writes: ProfilePipelineServiceClient::new(served.channel()),
+            _served: served,
+        }
+    }
+
+    async fn replica(&self) -> Replica {
+        self.replica_with(self.redis(), self.scoring.channel())
+            .await
+    }
+}
+
+struct Replica {
+    reads: ProfileServiceClient<Channel>,
+    writes: ProfilePipelineServiceClient<Channel>,
+    _served: Served,
+}
+
+impl Replica {
+    async fn apply(
+        &self,
+        request: pb::ApplyEventsRequest,
+    ) -> Result<pb::ApplyEventsResponse, tonic::Status> {
+        self.writes
+            .clone()
+            .apply_events(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn get(&self, lookup: Lookup) -> Result<pb::Profile, tonic::Status> {
+        let response = self
+            .reads
+            .clone()
+            .get_profile(pb::GetProfileRequest {
+                lookup: Some(lookup),
+            })
+            .await?;
+        Ok(response.into_inner().profile.expect("a profile"))
+    }
+
+    async fn get_id(&self, id: &str) -> pb::Profile {
+        self.get(Lookup::ProfileId(id.to_owned())).await.unwrap()
+    }
+}
+
+fn minutes_ago(m: i64) -> OffsetDateTime {
+    let t = OffsetDateTime::now_utc() - time::Duration::minutes(m);
+    t.replace_nanosecond(0).unwrap()
+}
+
+fn events(list: Vec<pb::ResolvedEvent>) -> pb::ApplyEventsRequest {
+    pb::ApplyEventsRequest {
+        merges: vec![],
+        events: list,
+    }
+}
+
+#[tokio::test]
+async fn applied_events_are_read_back_with_an_engagement_score() {
+    let env = Env::new().await;
+    let replica = env.replica().await;
+    let (first_seen, last_seen) = (minutes_ago(30), minutes_ago(10));
+    let request = events(vec![
+        identify(
+            "e1",
+            "p1",
+            "u1",
+            first_seen,
+            json!({"plan": "pro", "name": "Ann"}),
+        ),
+        track("e2", "p1", "u1", last_seen),
+    ]);
+    let response = replica.apply(request.clone()).await.unwrap();
+    assert_eq!(
+        (
+            response.applied,
+            response.duplicates,
+            response.profiles_changed
+        ),
+        (2, 0, 1)
+    );
+
+    let profile = replica.get_id("p1").await;
+    assert_eq!(profile.profile_id, "p1");
+    assert_eq!(profile.event_count, 2);
+    assert_eq!(
+        value_to_json(profile.traits["plan"].value.as_ref().unwrap()),
+        json!("pro")
+    );
+    assert_eq!(profile.traits["plan"].event_id, "e1");
+    assert_eq!(profile.first_seen, Some(to_timestamp(first_seen)));
+    assert_eq!(profile.last_seen, Some(to_timestamp(last_seen)));
+    assert_eq!(
+        profile.identifiers,
+        [common::Identifier {
+            r#type: "user_id".to_owned(),
+            value: "u1".to_owned()
+        }]
+    );
+    let engagement = &profile.scores["engagement"];
+    assert!(
+        engagement.value > 20.0 && engagement.value < 100.0,
+        "{}",
+        engagement.value
+    );
+    assert_eq!(engagement.model_version, "engagement-v1");
+    let factors: Vec<_> = engagement.factors.iter().map(|f| f.name.as_str()).collect();
+    assert!(factors.contains(&"decayed_activity") && factors.contains(&"event_count"));
+    // Applying: version 2 after two events, 3 once the scores were stored.
+    assert_eq!(profile.version, 3);
+
+    // A retried batch applies nothing, yet is scored again.
+    let retry = replica.apply(request).await.unwrap();
+    assert_eq!(
+        (retry.applied, retry.duplicates, retry.profiles_changed),
+        (0, 2, 0)
+    );
+    let again = replica.get_id("p1").await;
+    assert_eq!(again.event_count, 2);
+    assert_eq!(again.version, 4);
+    let computed = |s: &tessera_proto::scoring::v1::Score| {
+        tessera_proto::convert::from_timestamp(&s.computed_at.unwrap()).unwrap()
+    };
+    assert!(computed(&again.scores["engagement"]) >= computed(engagement));
+}
+
+#[tokio::test]
+async fn profiles_are_found_by_identifier_through_the_identity_service() {
+    let env = Env::new().await;
+    let replica = env.replica().await;
+    replica
+        .apply(events(vec![identify(
+            "e1",
+            "p1",
+            "u1",
+            minutes_ago(5),
+            json!({"plan": "pro"}),
+        )]))
+        .await
+        .unwrap();
+    env.links.link("user_id", "u1", "p1");
+    env.links.link("user_id", "ghost", "p-never-written");
+    let id = |value: &str| {
+        Lookup::Identifier(common::Identifier {
+            r#type: "user_id".to_owned(),
+            value: value.to_owned(),
+        })
+    };
+    assert_eq!(replica.get(id("u1")).await.unwrap().profile_id, "p1");
+    assert_eq!(
+        replica.get(id("nobody")).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        replica.get(id("ghost")).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        replica
+            .get(Lookup::ProfileId("p-none".to_owned()))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let bad = replica
+        .get(Lookup::Identifier(common::Identifier {
+            r#type: "Not A Type".to_owned(),
+            value: "x".to_owned(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let fields: Vec<_> = bad
+        .get_error_details()
+        .bad_request()
+        .unwrap()
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    assert_eq!(fields, ["identifier.type"]);
+}
+
+#[tokio::test]
+async fn a_write_through_one_replica_is_read_through_the_other() {
+    let env = Env::new().await;
+    let (a, b) = (env.replica().await, env.replica().await);
+    a.apply(events(vec![identify(
+        "e1",
+        "p1",
+        "u1",
+        minutes_ago(20),
+        json!({"plan": "free"}),
+    )]))
+    .await
+    .unwrap();
+    // B reads (and fills the shared cache), then A writes again: B must see the new write.
+    let first = b.get_id("p1").await;
+    assert_eq!(first.event_count, 1);
+    let first_again = b.get_id("p1").await;
+    assert_eq!(first_again, first, "a cache hit returns the same profile");
+    a.apply(events(vec![identify(
+        "e2",
+        "p1",
+        "u1",
+        minutes_ago(10),
+        json!({"plan": "pro"}),
+    )]))
+    .await
+    .unwrap();
+    let second = b.get_id("p1").await;
+    assert_eq!(second.event_count, 2);
+    assert_eq!(
+        value_to_json(second.traits["plan"].value.as_ref().unwrap()),
+        json!("pro")
+    );
+    assert!(second.version > first.version);
+
+    // A merge through B: reading the merged id through A returns the survivor, even though A's
+    // cache entry for the merged id was filled before.
+    b.apply(events(vec![identify(
+        "e3",
+        "p2",
+        "u2",
+        minutes_ago(5),
+        json!({"city": "Oslo"}),
+    )]))
+    .await
+    .unwrap();
+    assert_eq!(a.get_id("p2").await.profile_id, "p2");
+    let merged = b
+        .apply(pb::ApplyEventsRequest {
+            merges: vec![identity::Merge {
+                surviving_profile_id: "p1".to_owned(),
+                merged_profile_id: "p2".to_owned(),
+                cause_event_id: "e4".to_owned(),
+                merged_at: Some(to_timestamp(OffsetDateTime::now_utc())),
+            }],
+            events: vec![],
+        })
+        .await
+        .unwrap();
+    assert_eq!(merged.profiles_changed, 2);
+    let survivor = a.get_id("p2").await;
+    assert_eq!(survivor.profile_id, "p1");
+    assert_eq!(survivor.event_count, 3);
+    assert_eq!(survivor.merged_profile_ids, ["p2"]);
+    assert!(survivor.traits.contains_key("city"));
+    assert_eq!(survivor.identifiers.len(), 2);
+}
+
+#[tokio::test]
+async fn reads_and_writes_succeed_with_redis_unreachable() {
+    let env = Env::new().await;
+    let dead: Arc<dyn Cache> = Arc::new(
+        RedisCache::new(
+            "redis://127.0.0.1:1",
+            &env.redis_prefix,
+            Duration::from_secs(60),
+        )
+        .unwrap(),
+    );
+    let replica = env.replica_with(dead, env.scoring.channel()).await;
+    let response = replica
+        .apply(events(vec![identify(
+            "e1",
+            "p1",
+            "u1",
+            minutes_ago(1),
+            json!({"plan": "pro"}),
+        )]))
+        .await
+        .unwrap();
+    assert_eq!(response.applied, 1);
+    let profile = replica.get_id("p1").await;
+    assert_eq!(profile.event_count, 1);
+    assert!(profile.scores.contains_key("engagement"));
+    let again = replica.get_id("p1").await;
+    assert_eq!(again, profile);
+}
+
+#[tokio::test]
+async fn scoring_unreachable_is_unavailable_and_a_retry_still_scores() {
+    let env = Env::new().await;
+    let broken = env
+        .replica_with(env.redis(), lazy_channel("http://127.0.0.1:1"))
+        .await;
+    let request = events(vec![identify(
+        "e1",
+        "p1",
+        "u1",
+        minutes_ago(1),
+        json!({"plan": "pro"}),
+    )]);
+    let status = broken.apply(request.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.get_error_details().retry_info().is_some());
+
+    // The events were applied, not yet scored; the pipeline's retry scores them.
+    let healthy = env.replica().await;
+    let unscored = healthy.get_id("p1").await;
+    assert_eq!(unscored.event_count, 1);
+    assert!(unscored.scores.is_empty());
+    let retry = healthy.apply(request).await.unwrap();
+    assert_eq!((retry.applied, retry.duplicates), (0, 1));
+    let scored = healthy.get_id("p1").await;
+    assert_eq!(scored.event_count, 1);
+    assert!(scored.scores["engagement"].value > 0.0);
+}
+
+#[tokio::test]
+async fn invalid_batches_name_their_fields_and_large_ones_are_refused() {
+    let env = Env::new().await;
+    let replica = env.replica().await;
+    let mut no_time = identify("e3", "p1", "u1", minutes_ago(1), json!({}));
+    no_time.event.as_mut().unwrap().timestamp = None;
+    let request = events(vec![
+        identify("e1", "p1", "u1", minutes_ago(1), json!({})),
+        identify("e2", "", "u1", minutes_ago(1), json!({})),
+        no_time,
+    ]);
+    let status = replica.apply(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let fields: Vec<_> = status
+        .get_error_details()
+        .bad_request()
+        .unwrap()
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    assert_eq!(
+        fields,
+        ["events[1].profile_id", "events[2].event.timestamp"]
+    );
+    // Nothing of an invalid batch is applied.
+    assert_eq!(
+        replica
+            .get(Lookup::ProfileId("p1".to_owned()))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+
+    let one = identify("e", "p1", "u1", minutes_ago(1), json!({}));
+    let status = replica
+        .apply(events(vec![
+            one;
+            tessera_profile::MAX_EVENTS_PER_REQUEST + 1
+        ]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("events"));
+
+    let status = replica
+        .reads
+        .clone()
+        .get_profile(pb::GetProfileRequest { lookup: None })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}

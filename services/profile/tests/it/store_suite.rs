@@ -1,0 +1,429 @@
+//! The storage conformance suite: every test runs against SQLite and against Postgres.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::json;
+use tessera_core::Identifier;
+use tessera_core::activity::DEFAULT_HALF_LIFE_SECONDS as H;
+use tessera_profile::domain::{Batch, Score};
+use tessera_profile::store::{self, ProfileStore, ScoreUpdate};
+use tessera_profile::{MIGRATIONS, SCHEMA};
+use tessera_store::{Database, DbSettings};
+use tessera_testkit::{TestDb, TestSqlite};
+use time::OffsetDateTime;
+use time::macros::datetime;
+
+use crate::support::{at, event, merge};
+
+const NOW: OffsetDateTime = datetime!(2026-06-01 00:00:00 UTC);
+
+/// A migrated store and what keeps its database alive.
+pub(crate) struct Backend {
+    pub(crate) store: Arc<dyn ProfileStore>,
+    pub(crate) db: Database,
+    _pg: Option<TestDb>,
+    _lite: Option<TestSqlite>,
+}
+
+pub(crate) async fn sqlite() -> Backend {
+    let dir = TestSqlite::new();
+    let db = Database::connect(&dir.url("profile.db"), SCHEMA, &DbSettings::default())
+        .await
+        .unwrap();
+    db.migrate(MIGRATIONS).await.unwrap();
+    Backend {
+        store: store::open(db.clone()),
+        db,
+        _pg: None,
+        _lite: Some(dir),
+    }
+}
+
+pub(crate) async fn postgres() -> Backend {
+    let test_db = TestDb::new().await;
+    let db = Database::connect(test_db.url(), SCHEMA, &DbSettings::default())
+        .await
+        .unwrap();
+    db.migrate(MIGRATIONS).await.unwrap();
+    Backend {
+        store: store::open(db.clone()),
+        db,
+        _pg: Some(test_db),
+        _lite: None,
+    }
+}
+
+macro_rules! store_suite {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let backend = super::sqlite().await;
+                    super::$test(&*backend.store).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let backend = super::postgres().await;
+                    super::$test(&*backend.store).await;
+                    backend.db.close().await;
+                }
+            )*
+        }
+    };
+}
+
+store_suite!(
+    applied_events_can_be_read,
+    a_retried_batch_changes_nothing,
+    an_older_event_never_overwrites_a_newer_trait,
+    a_merge_folds_state_and_redirects_reads,
+    a_merge_applied_twice_changes_nothing,
+    events_of_a_merged_profile_go_to_the_survivor,
+    merge_chains_lead_to_the_last_survivor,
+    scores_land_only_on_the_version_they_were_computed_from,
+);
+
+async fn applied_events_can_be_read(store: &dyn ProfileStore) {
+    let batch = Batch {
+        merges: vec![],
+        events: vec![
+            event(
+                "e1",
+                "p1",
+                10,
+                "u1",
+                json!({"plan": "pro", "email": "a@x.io"}),
+            ),
+            event("e2", "p1", 5, "u1", json!({"name": "Ann"})),
+            event("e3", "p2", 7, "u2", json!({})),
+        ],
+    };
+    let applied = store.apply(&batch, H, NOW).await.unwrap();
+    assert_eq!((applied.applied, applied.duplicates), (3, 0));
+    assert_eq!(applied.named, ["p1", "p2"]);
+    assert_eq!(applied.changed.len(), 2);
+    assert!(applied.merged_away.is_empty());
+
+    let p1 = store.get("p1").await.unwrap().expect("p1 stored");
+    assert_eq!(
+        applied.changed[0], p1,
+        "the batch returns what a read returns"
+    );
+    assert_eq!(p1.state.event_count, 2);
+    assert_eq!(p1.state.traits["plan"].value, json!("pro"));
+    assert_eq!(p1.state.traits["plan"].event_id, "e1");
+    assert_eq!(p1.state.traits["plan"].observed_at, at(10));
+    assert_eq!(p1.state.traits["name"].value, json!("Ann"));
+    assert_eq!(p1.state.first_seen, Some(at(5)));
+    assert_eq!(p1.state.last_seen, Some(at(10)));
+    assert!(p1.state.activity_log2.is_some());
+    assert_eq!(
+        p1.state.identifiers.iter().collect::<Vec<_>>(),
+        [&Identifier::new("user_id", "u1")]
+    );
+    assert_eq!(p1.version, 2);
+    assert_eq!(p1.updated_at, NOW);
+    assert!(store.get("nobody").await.unwrap().is_none());
+}
+
+async fn a_retried_batch_changes_nothing(store: &dyn ProfileStore) {
+    let batch = Batch {
+        merges: vec![merge("p1", "p2")],
+        events: vec![
+            event("e1", "p1", 1, "u1", json!({"plan": "free"})),
+            event("e2", "p2", 2, "u2", json!({"plan": "pro"})),
+            // The same event twice in one batch counts once.
+            event("e2", "p2", 2, "u2", json!({"plan": "pro"})),
+        ],
+    };
+    let first = store.apply(&batch, H, NOW).await.unwrap();
+    assert_eq!((first.applied, first.duplicates), (2, 1));
+    let before = store.get("p1").await.unwrap().unwrap();
+
+    let again = store.apply(&batch, H, NOW).await.unwrap();
+    assert_eq!((again.applied, again.duplicates), (0, 3));
+    assert!(again.changed.is_empty() && again.merged_away.is_empty());
+    assert_eq!(
+        again.named,
+        ["p1"],
+        "retries still name the profiles to rescore"
+    );
+    let after = store.get("p1").await.unwrap().unwrap();
+    assert_eq!(after.state.event_count, 2);
+    assert_eq!(after.version, before.version);
+    assert_eq!(after, before);
+}
+
+async fn an_older_event_never_overwrites_a_newer_trait(store: &dyn ProfileStore) {
+    let newer = Batch {
+        merges: vec![],
+        events: vec![event("e-new", "p1", 30, "u1", json!({"plan": "pro"}))],
+    };
+    let older = Batch {
+        merges: vec![],
+        events: vec![event(
+            "e-old",
+            "p1",
+            10,
+            "u1",
+            json!({"plan": "free", "city": "Oslo"}),
+        )],
+    };
+    store.apply(&newer, H, NOW).await.unwrap();
+    store.apply(&older, H, NOW).await.unwrap();
+    let p = store.get("p1").await.unwrap().unwrap();
+    assert_eq!(p.state.traits["plan"].value, json!("pro"));
+    assert_eq!(p.state.traits["plan"].event_id, "e-new");
+    assert_eq!(p.state.traits["city"].value, json!("Oslo"));
+    assert_eq!(p.state.first_seen, Some(at(10)));
+    assert_eq!(p.state.last_seen, Some(at(30)));
+    assert_eq!(p.state.event_count, 2);
+}
+
+async fn a_merge_folds_state_and_redirects_reads(store: &dyn ProfileStore) {
+    let setup = Batch {
+        merges: vec![],
+        events: vec![
+            event("e1", "p1", 10, "u1", json!({"plan": "free", "name": "Ann"})),
+            event("e2", "p2", 20, "anon-2", json!({"plan": "pro"})),
+            event("e3", "p2", 1, "anon-2", json!({})),
+        ],
+    };
+    store.apply(&setup, H, NOW).await.unwrap();
+    let p1 = store.get("p1").await.unwrap().unwrap();
+    let p2 = store.get("p2").await.unwrap().unwrap();
+
+    let applied = store
+        .apply(
+            &Batch {
+                merges: vec![merge("p1", "p2")],
+                events: vec![],
+            },
+            H,
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied.merged_away, [("p2".to_owned(), p2.version + 1)]);
+    assert_eq!(applied.changed.len(), 1);
+
+    let survivor = store.get("p1").await.unwrap().unwrap();
+    assert_eq!(survivor.state.event_count, 3);
+    assert_eq!(survivor.state.traits["plan"].value, json!("pro"));
+    assert_eq!(survivor.state.traits["name"].value, json!("Ann"));
+    assert_eq!(survivor.state.first_seen, Some(at(1)));
+    assert_eq!(survivor.state.last_seen, Some(at(20)));
+    assert_eq!(survivor.state.identifiers.len(), 2);
+    assert_eq!(survivor.merged_profile_ids, ["p2"]);
+    assert_eq!(survivor.version, p1.version + 1);
+    let expected =
+        tessera_core::activity::merge(p1.state.activity_log2, p2.state.activity_log2).unwrap();
+    assert!((survivor.state.activity_log2.unwrap() - expected).abs() < 1e-9);
+
+    let via_merged = store.get("p2").await.unwrap().unwrap();
+    assert_eq!(
+        via_merged, survivor,
+        "reading the merged id returns the survivor"
+    );
+}
+
+async fn a_merge_applied_twice_changes_nothing(store: &dyn ProfileStore) {
+    store
+        .apply(
+            &Batch {
+                merges: vec![],
+                events: vec![
+                    event("e1", "p1", 1, "u1", json!({})),
+                    event("e2", "p2", 2, "u2", json!({})),
+                ],
+            },
+            H,
+            NOW,
+        )
+        .await
+        .unwrap();
+    let merges = Batch {
+        merges: vec![merge("p1", "p2"), merge("p1", "p2")],
+        events: vec![],
+    };
+    let first = store.apply(&merges, H, NOW).await.unwrap();
+    assert_eq!(first.merged_away.len(), 1);
+    let before = store.get("p1").await.unwrap().unwrap();
+    let again = store.apply(&merges, H, NOW).await.unwrap();
+    assert!(again.changed.is_empty() && again.merged_away.is_empty());
+    // Merging the other way round is the same union too: nothing changes.
+    let reversed = Batch {
+        merges: vec![merge("p2", "p1")],
+        events: vec![],
+    };
+    let third = store.apply(&reversed, H, NOW).await.unwrap();
+    assert!(third.changed.is_empty() && third.merged_away.is_empty());
+    let after = store.get("p1").await.unwrap().unwrap();
+    assert_eq!(after, before);
+    assert_eq!(after.state.event_count, 2);
+    assert_eq!(after.merged_profile_ids, ["p2"]);
+}
+
+async fn events_of_a_merged_profile_go_to_the_survivor(store: &dyn ProfileStore) {
+    // Unknown ids in a merge are created empty.
+    let applied = store
+        .apply(
+            &Batch {
+                merges: vec![merge("s", "m")],
+                events: vec![],
+            },
+            H,
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied.named, ["s"]);
+    // An event resolved to the merged profile before the merge lands on the survivor.
+    let late = Batch {
+        merges: vec![],
+        events: vec![event("e1", "m", 3, "u-m", json!({"plan": "pro"}))],
+    };
+    let applied = store.apply(&late, H, NOW).await.unwrap();
+    assert_eq!(applied.named, ["s"]);
+    let s = store.get("s").await.unwrap().unwrap();
+    assert_eq!(s.state.event_count, 1);
+    assert_eq!(s.state.traits["plan"].value, json!("pro"));
+    assert!(
+        s.state
+            .identifiers
+            .contains(&Identifier::new("user_id", "u-m"))
+    );
+    assert_eq!(store.get("m").await.unwrap().unwrap().profile_id, "s");
+}
+
+async fn merge_chains_lead_to_the_last_survivor(store: &dyn ProfileStore) {
+    let batch = Batch {
+        merges: vec![],
+        events: vec![
+            event("e1", "a", 1, "ua", json!({})),
+            event("e2", "b", 2, "ub", json!({})),
+            event("e3", "c", 3, "uc", json!({})),
+            event("e4", "d", 4, "ud", json!({})),
+        ],
+    };
+    store.apply(&batch, H, NOW).await.unwrap();
+    // b into a, then a into c in one batch; then c into d in another.
+    let merges = Batch {
+        merges: vec![merge("a", "b"), merge("c", "a")],
+        events: vec![event("e5", "b", 5, "ub", json!({}))],
+    };
+    let applied = store.apply(&merges, H, NOW).await.unwrap();
+    assert_eq!(applied.named, ["c"]);
+    store
+        .apply(
+            &Batch {
+                merges: vec![merge("d", "c")],
+                events: vec![],
+            },
+            H,
+            NOW,
+        )
+        .await
+        .unwrap();
+    let d = store.get("d").await.unwrap().unwrap();
+    assert_eq!(d.state.event_count, 5);
+    assert_eq!(d.state.identifiers.len(), 4);
+    assert_eq!(d.merged_profile_ids, ["c", "a", "b"]);
+    for id in ["a", "b", "c"] {
+        assert_eq!(
+            store.get(id).await.unwrap().unwrap(),
+            d,
+            "{id} resolves to d"
+        );
+    }
+    let live = store
+        .get_many(&["a".to_owned(), "d".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].profile_id, "d");
+}
+
+async fn scores_land_only_on_the_version_they_were_computed_from(store: &dyn ProfileStore) {
+    let batch = Batch {
+        merges: vec![],
+        events: vec![event("e1", "p1", 1, "u1", json!({}))],
+    };
+    store.apply(&batch, H, NOW).await.unwrap();
+    let p = store.get("p1").await.unwrap().unwrap();
+    let score = Score {
+        name: "engagement".to_owned(),
+        value: 42.5,
+        computed_at: NOW,
+        model_version: "engagement-v1".to_owned(),
+        factors: vec![],
+    };
+    let update = |version| ScoreUpdate {
+        profile_id: "p1".to_owned(),
+        version,
+        scores: BTreeMap::from([("engagement".to_owned(), score.clone())]),
+    };
+    let stale = store
+        .store_scores(&[update(p.version - 1)], NOW)
+        .await
+        .unwrap();
+    assert!(stale.is_empty());
+    let stored = store.store_scores(&[update(p.version)], NOW).await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].version, p.version + 1);
+    assert_eq!(stored[0].scores["engagement"], score);
+    assert_eq!(store.get("p1").await.unwrap().unwrap(), stored[0]);
+}
+
+/// Two replicas (two pools) applying interleaved batches to the same profiles concurrently:
+/// row locks serialize them and every event counts once.
+#[tokio::test]
+async fn postgres_replicas_apply_concurrently_without_losing_events() {
+    let backend = postgres().await;
+    let url = match &backend._pg {
+        Some(db) => db.url().to_owned(),
+        None => unreachable!(),
+    };
+    let other = Database::connect(&url, SCHEMA, &DbSettings::default())
+        .await
+        .unwrap();
+    let replicas = [backend.store.clone(), store::open(other)];
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let store = replicas[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            // Profiles named in both orders, a merge in the middle, and each event sent twice.
+            let (x, y) = if i % 2 == 0 {
+                ("p1", "p2")
+            } else {
+                ("p2", "p1")
+            };
+            let mut batch = Batch {
+                merges: vec![],
+                events: vec![
+                    event(&format!("e{i}-a"), x, i as i64, "u1", json!({"n": i})),
+                    event(&format!("e{i}-b"), y, i as i64, "u2", json!({})),
+                ],
+            };
+            if i == 20 {
+                batch.merges.push(merge("p1", "p2"));
+            }
+            store.apply(&batch, H, NOW).await.unwrap();
+            store.apply(&batch, H, NOW).await.unwrap();
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let p = backend.store.get("p2").await.unwrap().unwrap();
+    assert_eq!(p.profile_id, "p1");
+    assert_eq!(p.state.event_count, 80);
+    assert_eq!(p.state.traits["n"].value, json!(39));
+    assert_eq!(p.merged_profile_ids, ["p2"]);
+}

@@ -1,0 +1,200 @@
+//! Test support: event builders, servers on 127.0.0.1:0, and a test double of the identity
+//! service (a peer service, answered from a map).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+use tessera_core::Identifier;
+use tessera_profile::domain::{Merge, ResolvedEvent};
+use tessera_proto::common::v1 as common;
+use tessera_proto::convert::{json_map_to_struct, to_timestamp};
+use tessera_proto::identity::v1 as identity;
+use tessera_proto::identity::v1::identity_service_server::{
+    IdentityService, IdentityServiceServer,
+};
+use tessera_proto::profile::v1 as pb;
+use tessera_server::{EdgeSettings, GrpcServices, Shutdown};
+use time::macros::datetime;
+use time::{Duration, OffsetDateTime};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+/// The time of minute 0 of the test events.
+pub(crate) const T0: OffsetDateTime = datetime!(2026-05-01 00:00:00 UTC);
+
+/// `T0` plus `minute` minutes.
+pub(crate) fn at(minute: i64) -> OffsetDateTime {
+    T0 + Duration::minutes(minute)
+}
+
+/// A domain event of `profile_id` at `minute` setting `traits`, linking `user_id:<user>`.
+pub(crate) fn event(
+    event_id: &str,
+    profile_id: &str,
+    minute: i64,
+    user: &str,
+    traits: Value,
+) -> ResolvedEvent {
+    ResolvedEvent {
+        event_id: event_id.to_owned(),
+        profile_id: profile_id.to_owned(),
+        timestamp: at(minute),
+        traits: traits.as_object().cloned().unwrap_or_default(),
+        identifiers: vec![Identifier::new("user_id", user)],
+    }
+}
+
+/// A domain merge.
+pub(crate) fn merge(survivor: &str, merged: &str) -> Merge {
+    Merge {
+        surviving_profile_id: survivor.to_owned(),
+        merged_profile_id: merged.to_owned(),
+    }
+}
+
+/// A wire identify event resolved to `profile_id`, at `timestamp`.
+pub(crate) fn identify(
+    event_id: &str,
+    profile_id: &str,
+    user: &str,
+    timestamp: OffsetDateTime,
+    traits: Value,
+) -> pb::ResolvedEvent {
+    pb::ResolvedEvent {
+        event_id: event_id.to_owned(),
+        profile_id: profile_id.to_owned(),
+        event: Some(common::Event {
+            message_id: format!("m-{event_id}"),
+            r#type: common::EventType::Identify as i32,
+            user_id: user.to_owned(),
+            traits: Some(json_map_to_struct(traits.as_object().unwrap())),
+            timestamp: Some(to_timestamp(timestamp)),
+            ..Default::default()
+        }),
+        identifiers: vec![common::Identifier {
+            r#type: "user_id".to_owned(),
+            value: user.to_owned(),
+        }],
+    }
+}
+
+/// A wire track event resolved to `profile_id`, at `timestamp`.
+pub(crate) fn track(
+    event_id: &str,
+    profile_id: &str,
+    user: &str,
+    timestamp: OffsetDateTime,
+) -> pb::ResolvedEvent {
+    let mut e = identify(event_id, profile_id, user, timestamp, serde_json::json!({}));
+    let event = e.event.as_mut().unwrap();
+    event.r#type = common::EventType::Track as i32;
+    event.event = "Order Completed".to_owned();
+    event.traits = None;
+    e
+}
+
+/// A server edge serving `services` on 127.0.0.1:0, stopped on drop.
+pub(crate) struct Served {
+    /// The gRPC address.
+    pub addr: SocketAddr,
+    shutdown: Shutdown,
+}
+
+impl Served {
+    /// Serves `services`.
+    pub(crate) async fn start(services: GrpcServices) -> Self {
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap();
+        let shutdown = Shutdown::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tessera_server::serve(
+                &EdgeSettings::default(),
+                grpc,
+                http,
+                services,
+                axum::Router::new(),
+                stop,
+            )
+            .await
+            .expect("serve");
+        });
+        Self { addr, shutdown }
+    }
+
+    /// A lazily connected channel to the server.
+    pub(crate) fn channel(&self) -> Channel {
+        lazy_channel(&format!("http://{}", self.addr))
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A lazily connected channel to `url`.
+pub(crate) fn lazy_channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_owned()).unwrap().connect_lazy()
+}
+
+/// The real scoring service, served.
+pub(crate) async fn scoring_server() -> Served {
+    let mut services = GrpcServices::default();
+    tessera_scoring::Scoring::new().register(&mut services);
+    Served::start(services).await
+}
+
+/// A test double of the identity service: `LookupIdentifier` answers from a map.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct IdentityDouble {
+    links: Arc<Mutex<HashMap<(String, String), String>>>,
+}
+
+impl IdentityDouble {
+    /// Links `type:value` to `profile_id`.
+    pub(crate) fn link(&self, kind: &str, value: &str, profile_id: &str) {
+        self.links
+            .lock()
+            .unwrap()
+            .insert((kind.to_owned(), value.to_owned()), profile_id.to_owned());
+    }
+
+    /// Serves the double.
+    pub(crate) async fn serve(&self) -> Served {
+        let mut services = GrpcServices::default();
+        services.add(IdentityServiceServer::new(self.clone()));
+        Served::start(services).await
+    }
+}
+
+#[tonic::async_trait]
+impl IdentityService for IdentityDouble {
+    async fn resolve_identities(
+        &self,
+        _request: Request<identity::ResolveIdentitiesRequest>,
+    ) -> Result<Response<identity::ResolveIdentitiesResponse>, Status> {
+        Err(Status::unimplemented("not part of the double"))
+    }
+
+    async fn lookup_identifier(
+        &self,
+        request: Request<identity::LookupIdentifierRequest>,
+    ) -> Result<Response<identity::LookupIdentifierResponse>, Status> {
+        let id = request
+            .into_inner()
+            .identifier
+            .ok_or_else(|| Status::invalid_argument("identifier: required"))?;
+        let links = self.links.lock().unwrap();
+        match links.get(&(id.r#type, id.value)) {
+            Some(profile_id) => Ok(Response::new(identity::LookupIdentifierResponse {
+                profile_id: profile_id.clone(),
+            })),
+            None => Err(Status::not_found("no profile has this identifier")),
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! The scoring math, free of gRPC: the engagement score and the factors that explain it.
+//!
+//! Engagement saturates with decayed activity: `100 · (1 − e^(−raw / 5))`, where `raw` is the
+//! profile's event count decayed by recency (see [`tessera_core::activity`]). One event just now
+//! scores about 18, five recent events about 63, and a profile that goes quiet loses half its
+//! `raw` every half-life.
+
+use tessera_core::activity;
+use time::OffsetDateTime;
+
+/// The name of the engagement score.
+pub const ENGAGEMENT: &str = "engagement";
+/// The model version of the engagement score; changes whenever its formula does.
+pub const ENGAGEMENT_MODEL_VERSION: &str = "engagement-v1";
+/// The decayed activity at which engagement reaches `1 − 1/e` (about 63) of its maximum.
+pub const ENGAGEMENT_SATURATION: f64 = 5.0;
+
+const SECONDS_PER_DAY: f64 = 86_400.0;
+
+/// What scoring knows about one profile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProfileFacts {
+    /// The profile id.
+    pub profile_id: String,
+    /// How many events the profile has.
+    pub event_count: i64,
+    /// The time of the latest event, when there was one.
+    pub last_seen: Option<OffsetDateTime>,
+    /// The stored decayed activity (see [`tessera_core::activity`]); `None` without events.
+    pub activity_log2: Option<f64>,
+    /// The half-life `activity_log2` was accumulated with, in seconds; 0 means
+    /// [`activity::DEFAULT_HALF_LIFE_SECONDS`].
+    pub activity_half_life_seconds: f64,
+}
+
+impl ProfileFacts {
+    /// The half-life to decay with: the given one, or the default when it is 0.
+    pub fn half_life_seconds(&self) -> f64 {
+        if self.activity_half_life_seconds > 0.0 {
+            self.activity_half_life_seconds
+        } else {
+            activity::DEFAULT_HALF_LIFE_SECONDS
+        }
+    }
+}
+
+/// One score with its explanation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Score {
+    /// The score's name, for example `engagement`.
+    pub name: &'static str,
+    /// The value, from 0 to 100.
+    pub value: f64,
+    /// The time the score is valid at.
+    pub computed_at: OffsetDateTime,
+    /// The model that produced the score.
+    pub model_version: &'static str,
+    /// What the score is made of.
+    pub factors: Vec<Factor>,
+}
+
+impl Score {
+    /// The factor named `name`, if the score has one.
+    pub fn factor(&self, name: &str) -> Option<&Factor> {
+        self.factors.iter().find(|f| f.name == name)
+    }
+}
+
+/// One input behind a score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Factor {
+    /// The factor's name, for example `decayed_activity`.
+    pub name: &'static str,
+    /// The factor's value; always finite.
+    pub value: f64,
+    /// What the factor means, for people reading the score.
+    pub description: String,
+}
+
+/// Every score of one profile at `as_of`.
+pub fn score_profile(facts: &ProfileFacts, as_of: OffsetDateTime) -> Vec<Score> {
+    vec![engagement(facts, as_of)]
+}
+
+/// The engagement score of a profile at `as_of`.
+pub fn engagement(facts: &ProfileFacts, as_of: OffsetDateTime) -> Score {
+    let half_life = facts.half_life_seconds();
+    let half_life_days = half_life / SECONDS_PER_DAY;
+    let raw = finite(activity::decayed_count(
+        facts.activity_log2,
+        as_of,
+        half_life,
+    ));
+    let value = (100.0 * (1.0 - (-raw / ENGAGEMENT_SATURATION).exp())).clamp(0.0, 100.0);
+
+    let mut factors = vec![
+        Factor {
+            name: "decayed_activity",
+            value: raw,
+            description: format!(
+                "events weighted by recency: each counts 1 when it happens and half as much \
+                 every {half_life_days:.1} days after"
+            ),
+        },
+        Factor {
+            name: "event_count",
+            value: facts.event_count as f64,
+            description: "events seen in total, however old".to_owned(),
+        },
+    ];
+    // Without any event there is no honest number of days since the last one: the factor is
+    // left out rather than given a made-up value.
+    if let Some(last_seen) = facts.last_seen {
+        let days = finite((as_of - last_seen).as_seconds_f64() / SECONDS_PER_DAY);
+        factors.push(Factor {
+            name: "days_since_last_seen",
+            value: days,
+            description: "days from the latest event to the scoring time".to_owned(),
+        });
+    }
+    factors.push(Factor {
+        name: "half_life_days",
+        value: half_life_days,
+        description: "days after which an event counts half as much".to_owned(),
+    });
+
+    Score {
+        name: ENGAGEMENT,
+        value,
+        computed_at: as_of,
+        model_version: ENGAGEMENT_MODEL_VERSION,
+        factors,
+    }
+}
+
+/// `x`, or the largest finite number of its sign: scores are stored as JSON, which has no
+/// infinity. Only absurd inputs (activity far in the future of `as_of`) get here.
+fn finite(x: f64) -> f64 {
+    if x.is_nan() {
+        0.0
+    } else {
+        x.clamp(f64::MIN, f64::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::Duration;
+    use time::macros::datetime;
+
+    const H: f64 = activity::DEFAULT_HALF_LIFE_SECONDS;
+
+    fn facts(events: &[OffsetDateTime]) -> ProfileFacts {
+        ProfileFacts {
+            profile_id: "p1".to_owned(),
+            event_count: events.len() as i64,
+            last_seen: events.iter().max().copied(),
+            activity_log2: events
+                .iter()
+                .fold(None, |acc, t| Some(activity::add_event(acc, *t, H))),
+            activity_half_life_seconds: 0.0,
+        }
+    }
+
+    #[test]
+    fn score_falls_with_time_without_events() {
+        let t = datetime!(2026-03-01 12:00:00 UTC);
+        let f = facts(&[t, t + Duration::hours(1), t + Duration::hours(2)]);
+        let now = engagement(&f, t + Duration::hours(2)).value;
+        let week = engagement(&f, t + Duration::days(7)).value;
+        let month = engagement(&f, t + Duration::days(30)).value;
+        assert!(now > week && week > month, "{now} > {week} > {month}");
+        assert!(month > 0.0);
+    }
+
+    #[test]
+    fn recent_activity_scores_higher_than_old_activity() {
+        let as_of = datetime!(2026-03-10 00:00:00 UTC);
+        let recent = facts(&[as_of - Duration::days(1), as_of - Duration::days(2)]);
+        let old = facts(&[as_of - Duration::days(20), as_of - Duration::days(21)]);
+        assert!(engagement(&recent, as_of).value > engagement(&old, as_of).value);
+    }
+
+    #[test]
+    fn one_fresh_event_and_no_events_score_as_documented() {
+        let t = datetime!(2026-03-01 12:00:00 UTC);
+        let one = engagement(&facts(&[t]), t).value;
+        assert!(
+            (one - 100.0 * (1.0 - (-0.2f64).exp())).abs() < 1e-9,
+            "{one}"
+        );
+        let none = engagement(&facts(&[]), t);
+        assert_eq!(none.value, 0.0);
+        assert!(none.factor("days_since_last_seen").is_none());
+    }
+
+    #[test]
+    fn heavy_activity_saturates_at_100() {
+        let t = datetime!(2026-03-01 12:00:00 UTC);
+        let events: Vec<_> = (0..500).map(|i| t - Duration::minutes(i)).collect();
+        let s = engagement(&facts(&events), t);
+        assert!(s.value > 99.99 && s.value <= 100.0, "{}", s.value);
+        // Activity far in the future of as_of must still give a finite, bounded score.
+        let mut absurd = facts(&[t]);
+        absurd.activity_log2 = Some(1e300);
+        let s = engagement(&absurd, t);
+        assert_eq!(s.value, 100.0);
+        assert!(s.factors.iter().all(|f| f.value.is_finite()));
+    }
+
+    #[test]
+    fn explanation_factors_are_present() {
+        let t = datetime!(2026-03-01 12:00:00 UTC);
+        let f = facts(&[t - Duration::days(3), t - Duration::days(2)]);
+        let s = engagement(&f, t);
+        assert_eq!(s.name, ENGAGEMENT);
+        assert_eq!(s.model_version, ENGAGEMENT_MODEL_VERSION);
+        assert_eq!(s.computed_at, t);
+        for name in [
+            "decayed_activity",
+            "event_count",
+            "days_since_last_seen",
+            "half_life_days",
+        ] {
+            let factor = s.factor(name).unwrap_or_else(|| panic!("missing {name}"));
+            assert!(!factor.description.is_empty(), "{name} has no description");
+        }
+        assert_eq!(s.factor("event_count").unwrap().value, 2.0);
+        assert!((s.factor("days_since_last_seen").unwrap().value - 2.0).abs() < 1e-9);
+        assert!((s.factor("half_life_days").unwrap().value - 7.0).abs() < 1e-9);
+        let raw = s.factor("decayed_activity").unwrap().value;
+        let expected = 2f64.powf(-3.0 / 7.0) + 2f64.powf(-2.0 / 7.0);
+        assert!((raw - expected).abs() < 1e-9, "{raw} vs {expected}");
+    }
+
+    #[test]
+    fn a_given_half_life_is_used() {
+        let t = datetime!(2026-03-01 12:00:00 UTC);
+        let day = 86_400.0;
+        let mut f = facts(&[]);
+        f.activity_log2 = Some(activity::add_event(None, t, day));
+        f.activity_half_life_seconds = day;
+        let s = engagement(&f, t + Duration::days(1));
+        assert!((s.factor("decayed_activity").unwrap().value - 0.5).abs() < 1e-9);
+        assert!((s.factor("half_life_days").unwrap().value - 1.0).abs() < 1e-9);
+    }
+}

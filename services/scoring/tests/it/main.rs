@@ -1,0 +1,3 @@
+//! Integration tests of the scoring service over gRPC.
+
+mod grpc;

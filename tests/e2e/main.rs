@@ -1,0 +1,8 @@
+//! End-to-end tests: the walking skeleton through real processes, real gRPC, Postgres and Redis.
+
+mod dev_mode;
+mod faults;
+mod flow;
+mod python_client;
+mod replicas;
+mod separate_processes;

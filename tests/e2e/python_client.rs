@@ -1,0 +1,48 @@
+//! A Python client generated from the .proto files with grpcio-tools drives `tessera dev`:
+//! exactly what the README shows.
+
+use std::path::Path;
+use std::process::Command;
+
+use tessera_tests::TesseraBuilder;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_generated_python_client_ingests_and_reads_a_profile() {
+    let python = std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| {
+        panic!(
+            "TESSERA_PYTHON is not set: it must name a Python with grpcio-tools installed; \
+             scripts/test creates one in .venv"
+        )
+    });
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let stubs = tempfile::tempdir().unwrap();
+    let generated = Command::new("bash")
+        .arg(root.join("tests/python/gen_client.sh"))
+        .arg(stubs.path())
+        .env("PYTHON", &python)
+        .current_dir(&root)
+        .status()
+        .expect("run gen_client.sh");
+    assert!(generated.success(), "generating the Python client failed");
+
+    let data = tempfile::tempdir().unwrap();
+    let tessera = TesseraBuilder::new("dev")
+        .args(["--data-dir", data.path().to_str().unwrap()])
+        .start()
+        .await;
+    let addr = tessera.grpc_addr.clone();
+    let script = root.join("tests/python/test_client.py");
+    let stubs_path = stubs.path().to_owned();
+    let status = tokio::task::spawn_blocking(move || {
+        Command::new(&python)
+            .arg(script)
+            .arg("--stubs")
+            .arg(&stubs_path)
+            .arg(&addr)
+            .status()
+            .expect("run test_client.py")
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "the Python client test failed");
+}

@@ -1,0 +1,57 @@
+//! The four production services as separate processes on Postgres and Redis.
+
+use tessera_testkit::{TestDb, redis_prefix, redis_url};
+use tessera_tests::{Tessera, TesseraBuilder};
+
+use crate::flow::skeleton_flow;
+
+/// One replica of every service on `db`, wired to each other.
+pub(crate) struct Deployment {
+    pub(crate) identity: Tessera,
+    pub(crate) scoring: Tessera,
+    pub(crate) profile: Tessera,
+    pub(crate) ingestion: Tessera,
+}
+
+pub(crate) fn base(subcommand: &str, db: &TestDb, prefix: &str) -> TesseraBuilder {
+    TesseraBuilder::new(subcommand)
+        .env("DATABASE_URL", db.url())
+        .env("REDIS_URL", redis_url())
+        .env("TESSERA__CACHE_PREFIX", prefix)
+}
+
+impl Deployment {
+    pub(crate) async fn start(db: &TestDb, prefix: &str) -> Self {
+        let (identity, scoring) = tokio::join!(
+            base("identity", db, prefix).start(),
+            base("scoring", db, prefix).start()
+        );
+        let profile = base("profile", db, prefix)
+            .env("TESSERA__PEERS__IDENTITY", identity.grpc_url())
+            .env("TESSERA__PEERS__SCORING", scoring.grpc_url())
+            .start()
+            .await;
+        let ingestion = base("ingestion", db, prefix)
+            .env("TESSERA__PEERS__IDENTITY", identity.grpc_url())
+            .env("TESSERA__PEERS__PROFILE", profile.grpc_url())
+            .start()
+            .await;
+        Self {
+            identity,
+            scoring,
+            profile,
+            ingestion,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn four_processes_on_postgres_and_redis_run_the_pipeline() {
+    let db = TestDb::new().await;
+    let prefix = redis_prefix();
+    let d = Deployment::start(&db, &prefix).await;
+    let ingest = d.ingestion.channel().await;
+    let read = d.profile.channel().await;
+    skeleton_flow(&ingest, &read, "procs").await;
+    let _ = (&d.identity, &d.scoring);
+}

@@ -1,0 +1,169 @@
+//! Running `tessera` subcommands as child processes.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+/// The `tessera` binary under test: `TESSERA_BIN`, else `target/<profile>/tessera` beside the
+/// test executable.
+pub fn tessera_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("TESSERA_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/e2e-<hash> -> target/debug/tessera
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("tessera"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it first with `cargo build --bin tessera` (scripts/test does), \
+         or set TESSERA_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// How to start one `tessera` process.
+#[derive(Debug, Clone)]
+pub struct TesseraBuilder {
+    args: Vec<String>,
+    env: HashMap<String, String>,
+}
+
+impl TesseraBuilder {
+    /// `tessera <subcommand>` listening on free loopback ports.
+    pub fn new(subcommand: &str) -> Self {
+        let mut env = HashMap::new();
+        env.insert(
+            "TESSERA__TELEMETRY__LOG_FILTER".to_owned(),
+            "warn,tessera=info".to_owned(),
+        );
+        Self {
+            args: vec![
+                subcommand.to_owned(),
+                "--grpc-addr".to_owned(),
+                "127.0.0.1:0".to_owned(),
+                "--http-addr".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ],
+            env,
+        }
+    }
+
+    /// Adds command-line arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable of the process.
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// Starts the process and waits until it listens.
+    pub async fn start(self) -> Tessera {
+        let mut command = Command::new(tessera_bin());
+        command
+            .args(&self.args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(&self.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("spawn tessera");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(120), async {
+            while let Some(line) = lines.next_line().await.expect("read stdout") {
+                if line.starts_with("tessera: listening ") {
+                    return line;
+                }
+            }
+            panic!("tessera {:?} exited before listening", self.args);
+        })
+        .await
+        .unwrap_or_else(|_| panic!("tessera {:?} did not start within 120 s", self.args));
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let field = |name: &str| -> String {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+                .to_owned()
+        };
+        Tessera {
+            child,
+            grpc_addr: field("grpc"),
+            http_addr: field("http"),
+            builder: self,
+        }
+    }
+}
+
+/// A running `tessera` process, killed when dropped.
+#[derive(Debug)]
+pub struct Tessera {
+    child: Child,
+    /// The gRPC address, `host:port`.
+    pub grpc_addr: String,
+    /// The HTTP address, `host:port`.
+    pub http_addr: String,
+    builder: TesseraBuilder,
+}
+
+impl Tessera {
+    /// The gRPC URL, `http://host:port`.
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// A channel to the process's gRPC port.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.grpc_url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect to tessera")
+    }
+
+    /// Kills the process at once (SIGKILL) and waits for it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Sends SIGTERM and waits for a graceful exit; returns whether it exited successfully.
+    pub async fn terminate(&mut self) -> bool {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await;
+        }
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(Ok(status)) => status.success(),
+            _ => false,
+        }
+    }
+
+    /// The builder that started this process, to start it again.
+    pub fn builder(&self) -> &TesseraBuilder {
+        &self.builder
+    }
+}
