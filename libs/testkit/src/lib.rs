@@ -6,6 +6,7 @@
 //! local defaults are used; a test whose server is unreachable fails with a message saying so,
 //! it is never skipped.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use sqlx::{Connection, PgConnection};
@@ -128,6 +129,69 @@ impl TestSqlite {
 impl Default for TestSqlite {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// gRPC services served through the real server edge on a free loopback port, stopped on drop.
+#[derive(Debug)]
+pub struct GrpcTestServer {
+    /// The gRPC address.
+    pub addr: SocketAddr,
+    shutdown: tessera_server::Shutdown,
+}
+
+impl GrpcTestServer {
+    /// Serves `services` (with health, reflection and the edge's layers) until dropped.
+    pub async fn start(services: tessera_server::GrpcServices) -> Self {
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind grpc");
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind http");
+        let addr = grpc.local_addr().expect("grpc addr");
+        let shutdown = tessera_server::Shutdown::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tessera_server::serve(
+                &tessera_server::EdgeSettings::default(),
+                grpc,
+                http,
+                services,
+                tessera_server::HttpRouter::new(),
+                stop,
+            )
+            .await
+            .expect("serve");
+        });
+        Self { addr, shutdown }
+    }
+
+    /// The server's URL, `http://127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A channel that connects on first use.
+    pub fn lazy_channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(self.url())
+            .expect("url")
+            .connect_lazy()
+    }
+
+    /// A connected channel.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(self.url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect to the test server")
+    }
+}
+
+impl Drop for GrpcTestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }
 

@@ -322,7 +322,7 @@ async fn serve(
         grpc,
         http,
         services,
-        axum_router(),
+        tessera_server::HttpRouter::new(),
         shutdown.clone(),
     )
     .await;
@@ -336,8 +336,4 @@ async fn serve(
     served.context("serving")?;
     tracing::info!("stopped");
     Ok(())
-}
-
-fn axum_router() -> tessera_server::HttpRouter {
-    tessera_server::HttpRouter::new()
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera_core::Event;
+use tessera_proto::convert::{event_to_pb, identifier_to_pb};
 use tessera_proto::identity::v1 as identity_pb;
 use tessera_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use tessera_proto::profile::v1 as profile_pb;
@@ -23,7 +24,6 @@ use tokio::sync::Notify;
 use tonic::transport::Channel;
 
 use crate::IngestionSettings;
-use crate::convert::{event_to_pb, identifier_to_pb};
 use crate::store::{EventLog, Lease, StoredEvent};
 
 const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;

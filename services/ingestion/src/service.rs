@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::convert::event_from_pb;
+use crate::convert::accepted_event;
 use crate::error::IngestError;
 use crate::store::NewEvent;
 use crate::{Ingestion, partition_of};
@@ -37,7 +37,7 @@ impl Ingestion {
         let mut violations = Vec::new();
         let mut rows = Vec::with_capacity(events.len());
         for (i, event) in events.into_iter().enumerate() {
-            let mut event = match event_from_pb(event) {
+            let mut event = match accepted_event(event) {
                 Ok(e) => e,
                 Err(vs) => {
                     let prefix = format!("events[{i}]");

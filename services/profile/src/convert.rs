@@ -2,15 +2,14 @@
 //! conversion destructures its whole message, so a new proto field fails to compile here until
 //! someone decides what it means.
 
-use prost_types::Timestamp;
 use tessera_core::event::MAX_ID_LEN;
-use tessera_core::{Event, EventType, FieldViolation, Identifier, identifier};
+use tessera_core::{FieldViolation, Identifier, identifier};
 use tessera_proto::common::v1 as common;
-use tessera_proto::convert::{from_timestamp, json_to_value, struct_to_json_map, to_timestamp};
+pub(crate) use tessera_proto::convert::micros;
+use tessera_proto::convert::{json_to_value, storable_time, to_timestamp};
 use tessera_proto::identity::v1 as identity;
 use tessera_proto::profile::v1 as pb;
 use tessera_proto::scoring::v1 as scoring;
-use time::OffsetDateTime;
 
 use crate::domain::{Batch, Merge, Profile, ResolvedEvent, Score, ScoreFactor};
 use crate::error::ProfileError;
@@ -19,13 +18,6 @@ use crate::error::ProfileError;
 pub const MAX_EVENTS_PER_REQUEST: usize = 5_000;
 /// The most merges one `ApplyEvents` call may carry.
 pub const MAX_MERGES_PER_REQUEST: usize = 5_000;
-
-/// `t` truncated to whole microseconds: the precision Postgres keeps, so a profile built in
-/// memory equals the same profile read back.
-pub(crate) fn micros(t: OffsetDateTime) -> OffsetDateTime {
-    t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000)
-        .unwrap_or(t)
-}
 
 /// A validated `ApplyEventsRequest`.
 pub(crate) fn batch(request: pb::ApplyEventsRequest) -> Result<Batch, ProfileError> {
@@ -130,7 +122,7 @@ impl TryFrom<pb::ResolvedEvent> for ResolvedEvent {
                 violations.push(FieldViolation::new("event", "required"));
                 None
             }
-            Some(event) => match event_from_proto(event) {
+            Some(event) => match tessera_proto::convert::event_from_pb(event) {
                 Ok(event) => Some(event),
                 Err(v) => {
                     violations.extend(prefixed(v, "event"));
@@ -180,89 +172,6 @@ pub(crate) fn identifier_from_proto(
     } else {
         Err(violations)
     }
-}
-
-/// A Segment event from the log. Events were validated by ingestion; only what the profile
-/// relies on is checked again: a known type and timestamps it can store.
-pub(crate) fn event_from_proto(event: common::Event) -> Result<Event, Vec<FieldViolation>> {
-    let common::Event {
-        message_id,
-        r#type,
-        user_id,
-        anonymous_id,
-        event,
-        name,
-        category,
-        group_id,
-        previous_id,
-        properties,
-        traits,
-        context,
-        integrations,
-        timestamp,
-        original_timestamp,
-        sent_at,
-        received_at,
-    } = event;
-    let mut violations = Vec::new();
-    let kind = match common::EventType::try_from(r#type) {
-        Ok(common::EventType::Identify) => Some(EventType::Identify),
-        Ok(common::EventType::Track) => Some(EventType::Track),
-        Ok(common::EventType::Page) => Some(EventType::Page),
-        Ok(common::EventType::Screen) => Some(EventType::Screen),
-        Ok(common::EventType::Group) => Some(EventType::Group),
-        Ok(common::EventType::Alias) => Some(EventType::Alias),
-        Ok(common::EventType::Unspecified) | Err(_) => {
-            violations.push(FieldViolation::new(
-                "type",
-                "a known event type is required",
-            ));
-            None
-        }
-    };
-    let mut time = |ts: Option<Timestamp>, field: &str| {
-        let ts = ts?;
-        let t = storable_time(&ts);
-        if t.is_none() {
-            violations.push(FieldViolation::new(field, "out of range (years 1 to 9999)"));
-        }
-        t
-    };
-    let timestamp = time(timestamp, "timestamp");
-    let original_timestamp = time(original_timestamp, "original_timestamp");
-    let sent_at = time(sent_at, "sent_at");
-    let received_at = time(received_at, "received_at");
-    let Some(kind) = kind.filter(|_| violations.is_empty()) else {
-        return Err(violations);
-    };
-    let map =
-        |s: Option<prost_types::Struct>| s.as_ref().map(struct_to_json_map).unwrap_or_default();
-    Ok(Event {
-        message_id,
-        kind,
-        user_id,
-        anonymous_id,
-        event,
-        name,
-        category,
-        group_id,
-        previous_id,
-        properties: map(properties),
-        traits: map(traits),
-        context: map(context),
-        integrations: map(integrations),
-        timestamp,
-        original_timestamp,
-        sent_at,
-        received_at,
-    })
-}
-
-/// A timestamp the stores can keep: years 1 to 9999 (RFC 3339), microsecond precision.
-fn storable_time(ts: &Timestamp) -> Option<OffsetDateTime> {
-    from_timestamp(ts)
-        .filter(|t| (1..=9999).contains(&t.year()))
-        .map(micros)
 }
 
 /// What `GetProfile` looks a profile up by.
@@ -460,6 +369,7 @@ pub(crate) fn facts(profile: &Profile, half_life_seconds: f64) -> scoring::Profi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost_types::Timestamp;
     use tessera_proto::convert::json_map_to_struct;
 
     fn resolved(profile_id: &str, ts: Option<Timestamp>) -> pb::ResolvedEvent {

@@ -7,9 +7,9 @@ use tessera_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use tessera_proto::identity::v1::{
     IdentityRecord, LookupIdentifierRequest, ResolveIdentitiesRequest,
 };
-use tessera_server::{EdgeSettings, GrpcServices, Shutdown};
+use tessera_server::GrpcServices;
 use tessera_store::Database;
-use tokio::net::TcpListener;
+use tessera_testkit::GrpcTestServer;
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
@@ -20,14 +20,8 @@ use crate::support::connect;
 struct Served {
     client: IdentityServiceClient<Channel>,
     db: Database,
-    shutdown: Shutdown,
+    _server: GrpcTestServer,
     _dir: tessera_testkit::TestSqlite,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
 }
 
 async fn serve(settings: IdentitySettings) -> Served {
@@ -36,30 +30,11 @@ async fn serve(settings: IdentitySettings) -> Served {
     let identity = Identity::new(db.clone(), settings);
     let mut services = GrpcServices::default();
     identity.register(&mut services);
-    let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = grpc.local_addr().expect("addr");
-    let shutdown = Shutdown::new();
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        tessera_server::serve(
-            &EdgeSettings::default(),
-            grpc,
-            http,
-            services,
-            axum::Router::new(),
-            token,
-        )
-        .await
-        .expect("serve");
-    });
-    let client = IdentityServiceClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connect");
+    let server = GrpcTestServer::start(services).await;
     Served {
-        client,
+        client: IdentityServiceClient::new(server.channel().await),
         db,
-        shutdown,
+        _server: server,
         _dir: dir,
     }
 }

@@ -4,24 +4,13 @@ use tessera_ingestion::{Ingestion, IngestionSettings, MIGRATIONS, SCHEMA};
 use tessera_proto::common::v1::{Event, EventType};
 use tessera_proto::ingestion::v1::ingestion_service_client::IngestionServiceClient;
 use tessera_proto::ingestion::v1::{EventStatus, IngestEventsRequest};
-use tessera_server::{EdgeSettings, GrpcServices, Shutdown};
+use tessera_server::GrpcServices;
 use tessera_store::{Database, DbSettings};
-use tokio::net::TcpListener;
+use tessera_testkit::GrpcTestServer;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
-struct Server {
-    channel: Channel,
-    shutdown: Shutdown,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-async fn serve(url: &str, settings: IngestionSettings) -> Server {
+async fn serve(url: &str, settings: IngestionSettings) -> GrpcTestServer {
     let db = Database::connect(url, SCHEMA, &DbSettings::default())
         .await
         .unwrap();
@@ -29,29 +18,7 @@ async fn serve(url: &str, settings: IngestionSettings) -> Server {
     let ingestion = Ingestion::new(db, settings).await.unwrap();
     let mut services = GrpcServices::default();
     ingestion.register(&mut services);
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = grpc.local_addr().unwrap();
-    let shutdown = Shutdown::new();
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        tessera_server::serve(
-            &EdgeSettings::default(),
-            grpc,
-            http,
-            services,
-            tessera_server::HttpRouter::new(),
-            token,
-        )
-        .await
-        .unwrap();
-    });
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    Server { channel, shutdown }
+    GrpcTestServer::start(services).await
 }
 
 fn track(message_id: &str, user_id: &str, name: &str) -> Event {
@@ -75,6 +42,13 @@ async fn rejects_invalid_events_naming_each_field(channel: Channel) {
             ..Event::default()
         },
         track("no-name", "u1", ""),
+        Event {
+            timestamp: Some(prost_types::Timestamp {
+                seconds: 400_000_000_000,
+                nanos: 0,
+            }),
+            ..track("far-future", "u1", "Later")
+        },
     ];
     let err = client
         .ingest_events(IngestEventsRequest { events })
@@ -91,7 +65,12 @@ async fn rejects_invalid_events_naming_each_field(channel: Channel) {
         .collect();
     assert_eq!(
         fields,
-        vec!["events[1].user_id", "events[2].type", "events[3].event"]
+        vec![
+            "events[1].user_id",
+            "events[2].type",
+            "events[3].event",
+            "events[4].timestamp"
+        ]
     );
 
     // Nothing of the rejected batch was stored: the valid event is new when sent alone.
@@ -162,7 +141,7 @@ macro_rules! on_both_backends {
                 async fn $name() {
                     let dir = tessera_testkit::TestSqlite::new();
                     let server = super::serve(&dir.url("ingestion.db"), super::small_batches()).await;
-                    super::$name(server.channel.clone()).await;
+                    super::$name(server.channel().await).await;
                 }
             )*
         }
@@ -172,7 +151,7 @@ macro_rules! on_both_backends {
                 async fn $name() {
                     let db = tessera_testkit::TestDb::new().await;
                     let server = super::serve(db.url(), super::small_batches()).await;
-                    super::$name(server.channel.clone()).await;
+                    super::$name(server.channel().await).await;
                 }
             )*
         }

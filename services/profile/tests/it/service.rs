@@ -60,7 +60,7 @@ impl Env {
         let profiles = Profiles::new(
             db,
             cache,
-            self.identity.channel(),
+            self.identity.lazy_channel(),
             scoring,
             ProfileSettings::default(),
         );
@@ -68,14 +68,14 @@ impl Env {
         profiles.register(&mut services);
         let served = Served::start(services).await;
         Replica {
-            reads: ProfileServiceClient::new(served.channel()),
-            writes: ProfilePipelineServiceClient::new(served.channel()),
+            reads: ProfileServiceClient::new(served.lazy_channel()),
+            writes: ProfilePipelineServiceClient::new(served.lazy_channel()),
             _served: served,
         }
     }
 
     async fn replica(&self) -> Replica {
-        self.replica_with(self.redis(), self.scoring.channel())
+        self.replica_with(self.redis(), self.scoring.lazy_channel())
             .await
     }
 }
@@ -332,7 +332,7 @@ async fn reads_and_writes_succeed_with_redis_unreachable() {
         )
         .unwrap(),
     );
-    let replica = env.replica_with(dead, env.scoring.channel()).await;
+    let replica = env.replica_with(dead, env.scoring.lazy_channel()).await;
     let response = replica
         .apply(events(vec![identify(
             "e1",

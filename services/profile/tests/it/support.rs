@@ -2,7 +2,6 @@
 //! service (a peer service, answered from a map).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
@@ -15,7 +14,7 @@ use tessera_proto::identity::v1::identity_service_server::{
     IdentityService, IdentityServiceServer,
 };
 use tessera_proto::profile::v1 as pb;
-use tessera_server::{EdgeSettings, GrpcServices, Shutdown};
+use tessera_server::GrpcServices;
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
 use tonic::transport::Channel;
@@ -95,47 +94,8 @@ pub(crate) fn track(
     e
 }
 
-/// A server edge serving `services` on 127.0.0.1:0, stopped on drop.
-pub(crate) struct Served {
-    /// The gRPC address.
-    pub addr: SocketAddr,
-    shutdown: Shutdown,
-}
-
-impl Served {
-    /// Serves `services`.
-    pub(crate) async fn start(services: GrpcServices) -> Self {
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = grpc.local_addr().unwrap();
-        let shutdown = Shutdown::new();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            tessera_server::serve(
-                &EdgeSettings::default(),
-                grpc,
-                http,
-                services,
-                axum::Router::new(),
-                stop,
-            )
-            .await
-            .expect("serve");
-        });
-        Self { addr, shutdown }
-    }
-
-    /// A lazily connected channel to the server.
-    pub(crate) fn channel(&self) -> Channel {
-        lazy_channel(&format!("http://{}", self.addr))
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
+/// A server edge serving services on 127.0.0.1:0, stopped on drop.
+pub(crate) use tessera_testkit::GrpcTestServer as Served;
 
 /// A lazily connected channel to `url`.
 pub(crate) fn lazy_channel(url: &str) -> Channel {

@@ -6,7 +6,8 @@ use tessera_proto::convert::to_timestamp;
 use tessera_proto::scoring::v1 as pb;
 use tessera_proto::scoring::v1::scoring_service_client::ScoringServiceClient;
 use tessera_scoring::Scoring;
-use tessera_server::{EdgeSettings, GrpcServices, Shutdown};
+use tessera_server::GrpcServices;
+use tessera_testkit::GrpcTestServer;
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
 use tonic::Code;
@@ -15,46 +16,18 @@ use tonic_types::StatusExt;
 
 struct Server {
     client: ScoringServiceClient<Channel>,
-    shutdown: Shutdown,
-    task: tokio::task::JoinHandle<()>,
+    _server: GrpcTestServer,
 }
 
 impl Server {
     async fn start() -> Self {
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = grpc.local_addr().unwrap();
         let mut services = GrpcServices::default();
         Scoring::new().register(&mut services);
-        let shutdown = Shutdown::new();
-        let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
-            tessera_server::serve(
-                &EdgeSettings::default(),
-                grpc,
-                http,
-                services,
-                axum::Router::new(),
-                stop,
-            )
-            .await
-            .expect("serve");
-        });
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let server = GrpcTestServer::start(services).await;
         Self {
-            client: ScoringServiceClient::new(channel),
-            shutdown,
-            task,
+            client: ScoringServiceClient::new(server.channel().await),
+            _server: server,
         }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.unwrap();
     }
 }
 
@@ -120,7 +93,6 @@ async fn scores_profiles_in_request_order_with_factors() {
         ]
     );
     assert!(recent.factors.iter().all(|f| !f.description.is_empty()));
-    server.stop().await;
 }
 
 #[tokio::test]
@@ -140,7 +112,6 @@ async fn as_of_defaults_to_now() {
     let computed = response.profiles[0].scores[0].computed_at.unwrap().seconds;
     assert!(computed >= before && computed <= before + 60);
     assert!(response.profiles[0].scores[0].value > 10.0);
-    server.stop().await;
 }
 
 #[tokio::test]
@@ -189,5 +160,4 @@ async fn invalid_requests_name_fields_and_limits() {
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert!(status.message().contains("profiles"));
-    server.stop().await;
 }
