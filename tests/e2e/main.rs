@@ -1,5 +1,6 @@
 //! End-to-end tests: the walking skeleton through real processes, real gRPC, Postgres and Redis.
 
+mod cli;
 mod dev_mode;
 mod faults;
 mod flow;

@@ -8,13 +8,17 @@ use tessera_tests::TesseraBuilder;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_generated_python_client_ingests_and_reads_a_profile() {
-    let python = std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let venv = root.join(".venv/bin/python");
+    let python = std::env::var("TESSERA_PYTHON")
+        .ok()
+        .or_else(|| venv.exists().then(|| venv.display().to_string()));
+    let python = python.unwrap_or_else(|| {
         panic!(
             "TESSERA_PYTHON is not set: it must name a Python with grpcio-tools installed; \
              scripts/test creates one in .venv"
         )
     });
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let stubs = tempfile::tempdir().unwrap();
     let generated = Command::new("bash")
         .arg(root.join("tests/python/gen_client.sh"))

@@ -64,6 +64,35 @@ async fn reports_health_and_metrics_and_drains_before_closing() {
     assert_eq!(health(&channel, "").await, ServingStatus::Serving as i32);
     assert_eq!(http_get(http_addr, "/healthz").await.0, 200);
 
+    // Reflection lists the registered service.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
+        ),
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    let mut replies =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
+            channel.clone(),
+        )
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies
+        .message()
+        .await
+        .unwrap()
+        .expect("a reflection reply");
+    let listed = format!("{reply:?}");
+    assert!(listed.contains(name), "{listed}");
+
     // A call is counted in /metrics by method and code.
     let _ = tessera_proto::scoring::v1::scoring_service_client::ScoringServiceClient::new(
         channel.clone(),
