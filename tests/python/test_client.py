@@ -127,7 +127,7 @@ def ingest(pb, channel, channel_addr: str, request) -> None:
 
 
 def wait_for_profile(pb, channel, request, timeout: float):
-    """Polls GetProfile until the profile has EXPECTED_EVENTS events."""
+    """Polls GetProfile until the profile has EXPECTED_EVENTS events and its engagement score."""
     import grpc
 
     stub = pb.profile_grpc.ProfileServiceStub(channel)
@@ -147,7 +147,8 @@ def wait_for_profile(pb, channel, request, timeout: float):
                 raise CheckFailed(f"GetProfile failed: {e.code().name}: {e.details()}") from None
             last = f"{e.code().name}: {e.details()}"
         else:
-            if profile.event_count == EXPECTED_EVENTS:
+            # Scores are stored just after the events are applied: wait for both.
+            if profile.event_count == EXPECTED_EVENTS and "engagement" in profile.scores:
                 return profile
             if profile.event_count > EXPECTED_EVENTS:
                 raise CheckFailed(

@@ -41,7 +41,9 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Bounds of the visibility poll interval: fine at first, coarser for slow profiles so
 /// polling adds little load, with at most ~5% error on the measured time.
 const POLL_MIN: Duration = Duration::from_millis(2);
-const POLL_MAX: Duration = Duration::from_millis(50);
+const POLL_MAX: Duration = Duration::from_millis(500);
+/// How long the last visibility poll may outlive the window.
+const POLL_GRACE: Duration = Duration::from_secs(1);
 
 /// Options of `tessera bench`.
 #[derive(Debug, clap::Args)]
@@ -49,6 +51,10 @@ pub(crate) struct BenchArgs {
     /// The gRPC address of the Tessera under test.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub(crate) target: String,
+    /// The gRPC address of the profile read API, when it is not --target (the services as
+    /// separate processes) [default: --target].
+    #[arg(long, value_name = "URL")]
+    read_target: Option<String>,
     /// Offered load in events per second; 0 sends as fast as --concurrency allows.
     #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     rate: u64,
@@ -112,6 +118,10 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     let channels = connect(&args.target, params.connections).await?;
+    let reads = match &args.read_target {
+        Some(target) => connect(target, 1).await?.remove(0),
+        None => channels[0].clone(),
+    };
     eprintln!(
         "tessera bench: run {run_id} against {} ({}, {}); Ctrl-C stops early",
         args.target,
@@ -132,6 +142,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         duration.map(Duration::from_secs),
         &run_id,
         &channels,
+        reads,
     )
     .await?;
     let report = outcome.into_report(args.target, run_id, params);
@@ -198,6 +209,7 @@ struct Stats {
     not_visible: u64,
     followed: u64,
     poll_errors: BTreeMap<String, u64>,
+    first_poll_error: BTreeMap<String, String>,
     /// Acknowledged events per device (anonymous id), to know what a profile must count.
     device_acks: HashMap<u64, u64>,
     last_response: Option<Instant>,
@@ -215,6 +227,7 @@ impl Stats {
             not_visible: 0,
             followed: 0,
             poll_errors: BTreeMap::new(),
+            first_poll_error: BTreeMap::new(),
             device_acks: HashMap::new(),
             last_response: None,
         })
@@ -240,6 +253,8 @@ fn histogram() -> anyhow::Result<Histogram<u64>> {
 
 struct Ctx {
     stats: Mutex<Stats>,
+    /// Where visibility polls read profiles.
+    reads: Channel,
     sent_events: AtomicU64,
     request_timeout: Duration,
     visibility_timeout: Duration,
@@ -288,6 +303,7 @@ async fn drive(
     duration: Option<Duration>,
     run_id: &str,
     channels: &[Channel],
+    reads: Channel,
 ) -> anyhow::Result<Outcome> {
     let pacer = Pacer {
         rate: params.rate,
@@ -296,6 +312,7 @@ async fn drive(
     };
     let ctx = Arc::new(Ctx {
         stats: Mutex::new(Stats::new()?),
+        reads,
         sent_events: AtomicU64::new(0),
         request_timeout: Duration::from_secs(params.request_timeout_s),
         visibility_timeout: Duration::from_secs(params.visibility_timeout_s),
@@ -503,7 +520,7 @@ async fn send(ctx: Arc<Ctx>, channel: Channel, job: Job, permit: OwnedSemaphoreP
         }
     };
     if let Some((user_id, expected)) = follow {
-        follow_profile(&ctx, channel, user_id, expected, done).await;
+        follow_profile(&ctx, ctx.reads.clone(), user_id, expected, done).await;
     }
 }
 
@@ -524,17 +541,17 @@ async fn follow_profile(
         })),
     };
     loop {
-        let left = ctx
-            .visibility_timeout
-            .saturating_sub(acked.elapsed())
-            .max(Duration::from_millis(1));
+        let left = ctx.visibility_timeout.saturating_sub(acked.elapsed());
         let mut request = Request::new(lookup.clone());
-        request.set_timeout(left.min(ctx.request_timeout));
-        match tokio::time::timeout(left, profiles.get_profile(request)).await {
+        request.set_timeout(ctx.request_timeout);
+        // The last poll may finish a little after the window (and then does not count):
+        // cancelling it mid-flight would only show up as a spurious error on the server.
+        match tokio::time::timeout(left + POLL_GRACE, profiles.get_profile(request)).await {
             Ok(Ok(response)) => {
                 let count = response.into_inner().profile.map_or(0, |p| p.event_count);
-                if u64::try_from(count).unwrap_or(0) >= expected {
-                    let waited = acked.elapsed();
+                let waited = acked.elapsed();
+                if u64::try_from(count).unwrap_or(0) >= expected && waited <= ctx.visibility_timeout
+                {
                     let mut s = ctx.stats();
                     s.visible += 1;
                     s.visibility.saturating_record(micros(waited));
@@ -544,7 +561,11 @@ async fn follow_profile(
             Ok(Err(status)) if status.code() == Code::NotFound => {}
             Ok(Err(status)) => {
                 let name = code_name(status.code()).to_owned();
-                *ctx.stats().poll_errors.entry(name).or_default() += 1;
+                let mut s = ctx.stats();
+                *s.poll_errors.entry(name.clone()).or_default() += 1;
+                s.first_poll_error
+                    .entry(name)
+                    .or_insert_with(|| status.message().chars().take(200).collect());
             }
             Err(_) => {}
         }
@@ -558,7 +579,8 @@ async fn follow_profile(
 }
 
 /// Polls often while the wait is short and less often as it grows, so the measured time is off
-/// by at most ~5% (or 2 ms) and slow profiles do not flood the server with reads.
+/// by at most ~5% (or 2 ms) and a pipeline that lags by seconds is not slowed further by a flood
+/// of reads (each follower polls at most twice a second then).
 fn poll_interval(waited: Duration) -> Duration {
     (waited / 20).clamp(POLL_MIN, POLL_MAX)
 }
@@ -617,6 +639,7 @@ impl Outcome {
                 not_visible: stats.not_visible,
                 latency: Percentiles::of(&stats.visibility),
                 poll_errors: stats.poll_errors,
+                first_poll_error: stats.first_poll_error,
             },
             requests: stats.requests,
             events: stats.events,

@@ -107,6 +107,9 @@ pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::R
             s.grpc_addr = args.grpc_addr;
             s.http_addr = args.http_addr;
             s.redis_url = "memory://".to_owned();
+            // One process, one dispatcher: partitions only spread delivery over replicas, and
+            // one partition makes the largest batches (fewest SQLite commits).
+            s.ingestion.partitions = 1;
             Ok(Plan::Serve {
                 roles: vec![
                     Role::Identity,
@@ -246,8 +249,12 @@ async fn serve(
         )
     };
 
+    // On SIGTERM/SIGINT the delivery workers stop first (finishing their batch), then the
+    // server drains: in-flight deliveries never meet a closed listener.
     let shutdown = Shutdown::new();
     tessera_server::shutdown_on_signal(shutdown.clone());
+    let delivery_stop = Shutdown::new();
+    let server_stop = Shutdown::new();
     let mut services = GrpcServices::default();
     let mut databases = Vec::new();
     let mut workers = Vec::new();
@@ -304,7 +311,7 @@ async fn serve(
                 workers.push(ingestion.spawn_delivery(
                     peer(&identity_url)?,
                     peer(&profile_url)?,
-                    shutdown.clone(),
+                    delivery_stop.clone(),
                 ));
                 databases.push(db);
             }
@@ -317,19 +324,29 @@ async fn serve(
         println!("tessera: listening grpc={grpc_addr} http={http_addr}");
     }
     tracing::info!(%grpc_addr, %http_addr, services = ?services.names(), "serving");
+    let stopper = {
+        let (shutdown, server_stop) = (shutdown.clone(), server_stop.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            delivery_stop.cancel();
+            for worker in workers {
+                let _ = worker.await;
+            }
+            server_stop.cancel();
+        })
+    };
     let served = tessera_server::serve(
         &settings.edge,
         grpc,
         http,
         services,
         tessera_server::HttpRouter::new(),
-        shutdown.clone(),
+        server_stop,
     )
     .await;
+    // The server may also end on its own (an error): stop everything either way.
     shutdown.cancel();
-    for worker in workers {
-        let _ = worker.await;
-    }
+    let _ = stopper.await;
     for db in databases {
         db.close().await;
     }

@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 use tonic::transport::Channel;
 
 use crate::IngestionSettings;
-use crate::store::{EventLog, Lease, StoredEvent};
+use crate::store::{Cursor, EventLog, Lease, StoredEvent};
 
 const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -40,6 +40,16 @@ enum DeliveryError {
     },
     #[error("identity returned {got} resolutions for {want} records")]
     Mismatch { got: usize, want: usize },
+}
+
+/// What one delivery attempt of a partition did.
+enum Delivered {
+    /// Nothing was waiting.
+    Nothing,
+    /// `events` were delivered and the cursor moved to `to`.
+    Moved { events: usize, to: Cursor },
+    /// Another dispatcher holds the partition now.
+    LeaseLost,
 }
 
 pub(crate) struct Dispatcher {
@@ -76,7 +86,7 @@ impl Dispatcher {
         }
     }
 
-    pub(crate) async fn run(mut self, shutdown: Shutdown) {
+    pub(crate) async fn run(self, shutdown: Shutdown) {
         let lease_for = Duration::from_secs(self.settings.lease_seconds.max(1));
         let poll = Duration::from_millis(self.settings.poll_interval_ms.max(1));
         let max_backoff = Duration::from_millis(self.settings.max_backoff_ms).max(MIN_BACKOFF);
@@ -103,27 +113,32 @@ impl Dispatcher {
             }
             if last_backlog.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
                 last_backlog = Some(Instant::now());
-                if let Ok(n) = self.log.backlog().await {
-                    #[allow(clippy::cast_precision_loss)]
-                    metrics::gauge!("tessera_ingestion_backlog_events").set(n as f64);
-                }
+                self.record_backlog().await;
             }
+            // Partitions are delivered concurrently, each in its own log order.
+            let results =
+                futures::future::join_all(leases.iter().map(|lease| self.deliver(*lease))).await;
             let mut delivered = 0;
             let mut failed = false;
-            let mut lost = Vec::new();
-            for lease in &mut leases {
-                match self.deliver(lease).await {
-                    Ok(Some(n)) => delivered += n,
-                    Ok(None) => lost.push(lease.partition),
+            let mut held = Vec::with_capacity(leases.len());
+            for (mut lease, result) in leases.into_iter().zip(results) {
+                match result {
+                    Ok(Delivered::Moved { events, to }) => {
+                        delivered += events;
+                        lease.cursor = to;
+                        held.push(lease);
+                    }
+                    Ok(Delivered::Nothing) => held.push(lease),
+                    Ok(Delivered::LeaseLost) => {}
                     Err(e) => {
                         metrics::counter!("tessera_ingestion_delivery_failures_total").increment(1);
                         tracing::warn!(partition = lease.partition, error = %e, "delivery failed, will retry");
                         failed = true;
-                        break;
+                        held.push(lease);
                     }
                 }
             }
-            leases.retain(|l| !lost.contains(&l.partition));
+            leases = held;
             if failed {
                 backoff = pause(&shutdown, backoff, max_backoff).await;
                 continue;
@@ -167,37 +182,50 @@ impl Dispatcher {
         Ok(held)
     }
 
-    /// Delivers the next batch of one partition. `Ok(None)` when the lease was lost.
-    async fn deliver(&mut self, lease: &mut Lease) -> Result<Option<usize>, DeliveryError> {
+    /// Publishes the backlog and the age of its oldest event (0 when nothing waits).
+    async fn record_backlog(&self) {
+        match self.log.backlog().await {
+            Ok(backlog) => {
+                #[allow(clippy::cast_precision_loss)]
+                metrics::gauge!("tessera_ingestion_backlog_events").set(backlog.events as f64);
+                let lag = backlog.oldest.map_or(0.0, |oldest| {
+                    (time::OffsetDateTime::now_utc() - oldest)
+                        .as_seconds_f64()
+                        .max(0.0)
+                });
+                metrics::gauge!("tessera_ingestion_delivery_lag_seconds").set(lag);
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the delivery backlog failed"),
+        }
+    }
+
+    /// Delivers the next batch of one partition.
+    async fn deliver(&self, lease: Lease) -> Result<Delivered, DeliveryError> {
         let batch = self
             .log
             .read_after(lease.partition, lease.cursor, self.settings.delivery_batch)
             .await?;
         let Some(last) = batch.last() else {
-            return Ok(Some(0));
+            return Ok(Delivered::Nothing);
         };
-        let (last_cursor, last_received) = (last.cursor, last.received_at);
+        let to = last.cursor;
         let events = decode(&batch);
         if !events.is_empty() {
             self.push(events).await?;
         }
-        if !self
-            .log
-            .advance(&self.id, lease.partition, last_cursor)
-            .await?
-        {
+        if !self.log.advance(&self.id, lease.partition, to).await? {
             tracing::info!(partition = lease.partition, "delivery lease lost");
-            return Ok(None);
+            return Ok(Delivered::LeaseLost);
         }
-        lease.cursor = last_cursor;
         metrics::counter!("tessera_ingestion_events_delivered_total").increment(batch.len() as u64);
-        let lag = time::OffsetDateTime::now_utc() - last_received;
-        metrics::gauge!("tessera_ingestion_delivery_lag_seconds").set(lag.as_seconds_f64());
-        Ok(Some(batch.len()))
+        Ok(Delivered::Moved {
+            events: batch.len(),
+            to,
+        })
     }
 
     /// Resolves and applies one batch.
-    async fn push(&mut self, events: Vec<(String, Event)>) -> Result<(), DeliveryError> {
+    async fn push(&self, events: Vec<(String, Event)>) -> Result<(), DeliveryError> {
         let records: Vec<_> = events
             .iter()
             .map(|(event_id, e)| identity_pb::IdentityRecord {
@@ -213,6 +241,7 @@ impl Dispatcher {
         let want = records.len();
         let resolutions = self
             .identity
+            .clone()
             .resolve_identities(identity_pb::ResolveIdentitiesRequest { records })
             .await
             .map_err(|status| DeliveryError::Peer {
@@ -245,6 +274,7 @@ impl Dispatcher {
             });
         }
         self.profile
+            .clone()
             .apply_events(profile_pb::ApplyEventsRequest {
                 merges,
                 events: resolved,

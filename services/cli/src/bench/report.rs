@@ -95,6 +95,8 @@ pub(super) struct Visibility {
     pub(super) latency: Option<Percentiles>,
     /// GetProfile errors other than NOT_FOUND while polling, by gRPC code name.
     pub(super) poll_errors: BTreeMap<String, u64>,
+    /// The first message seen for each poll error code.
+    pub(super) first_poll_error: BTreeMap<String, String>,
 }
 
 /// Everything a run measured.
@@ -267,6 +269,9 @@ pub(super) fn format_text(r: &Report) -> String {
         p.visibility_timeout_s,
         counts(&v.poll_errors)
     );
+    for (code, msg) in &v.first_poll_error {
+        let _ = writeln!(w, "    first {code}: {msg}");
+    }
     out
 }
 
@@ -369,6 +374,7 @@ mod tests {
                 not_visible: 1,
                 latency: None,
                 poll_errors: BTreeMap::new(),
+                first_poll_error: BTreeMap::new(),
             },
         }
     }

@@ -509,27 +509,12 @@ mod tests {
     }
 
     #[test]
-    fn tessera_core_accepts_every_event() {
+    fn ingestion_accepts_every_event() {
         for g in sample(5_000) {
-            let e = g.event;
-            let kind = match EventType::try_from(e.r#type).unwrap() {
-                EventType::Identify => tessera_core::EventType::Identify,
-                EventType::Track => tessera_core::EventType::Track,
-                EventType::Page => tessera_core::EventType::Page,
-                other @ (EventType::Unspecified
-                | EventType::Screen
-                | EventType::Group
-                | EventType::Alias) => panic!("unexpected type {other:?}"),
-            };
-            let mut core = tessera_core::Event::new(kind);
-            core.message_id = e.message_id;
-            core.user_id = e.user_id;
-            core.anonymous_id = e.anonymous_id;
-            core.event = e.event;
-            core.name = e.name;
-            core.category = e.category;
-            let violations = core.validate();
-            assert!(violations.is_empty(), "{violations:?} in {core:?}");
+            let event = tessera_proto::convert::event_from_pb(g.event.clone())
+                .unwrap_or_else(|v| panic!("{v:?} for {:?}", g.event));
+            let violations = event.validate();
+            assert!(violations.is_empty(), "{violations:?} for {:?}", g.event);
         }
     }
 

@@ -182,11 +182,22 @@ async fn backlog_counts_undelivered_events(_db: Database, log: Arc<dyn EventLog>
     log.append(&[event("s", "m1", 0), event("s", "m2", 0)])
         .await
         .unwrap();
-    assert_eq!(log.backlog().await.unwrap(), 2);
+    let backlog = log.backlog().await.unwrap();
+    assert_eq!(backlog.events, 2);
+    assert!(backlog.oldest.is_some());
     let leases = log.lease("a", 1, LEASE).await.unwrap();
     let read = read_settled(&log, 0, leases[0].cursor, 1, 1).await;
     assert!(log.advance("a", 0, read[0].cursor).await.unwrap());
-    assert_eq!(log.backlog().await.unwrap(), 1);
+    assert_eq!(log.backlog().await.unwrap().events, 1);
+    let read = read_settled(&log, 0, read[0].cursor, 1, 1).await;
+    assert!(log.advance("a", 0, read[0].cursor).await.unwrap());
+    assert_eq!(
+        log.backlog().await.unwrap(),
+        super::Backlog {
+            events: 0,
+            oldest: None
+        }
+    );
 }
 
 /// A transaction that appended earlier but commits later must not be overtaken by the cursor.

@@ -52,7 +52,6 @@ pub(crate) struct StoredEvent {
     pub(crate) cursor: Cursor,
     pub(crate) event_id: Uuid,
     pub(crate) payload: String,
-    pub(crate) received_at: OffsetDateTime,
 }
 
 /// A partition leased by a dispatcher, with its delivery cursor.
@@ -60,6 +59,13 @@ pub(crate) struct StoredEvent {
 pub(crate) struct Lease {
     pub(crate) partition: i32,
     pub(crate) cursor: Cursor,
+}
+
+/// The events waiting for delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Backlog {
+    pub(crate) events: i64,
+    pub(crate) oldest: Option<OffsetDateTime>,
 }
 
 /// The event log and its delivery state.
@@ -108,8 +114,9 @@ pub(crate) trait EventLog: Send + Sync + std::fmt::Debug {
         to: Cursor,
     ) -> Result<bool, StoreError>;
 
-    /// How many events wait for delivery, over all partitions.
-    async fn backlog(&self) -> Result<i64, StoreError>;
+    /// How many events wait for delivery, over all partitions, and when the oldest of them was
+    /// received (`None` when none waits).
+    async fn backlog(&self) -> Result<Backlog, StoreError>;
 }
 
 /// The event log on `db`.

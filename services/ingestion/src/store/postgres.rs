@@ -9,7 +9,7 @@ use sqlx::Row;
 use tessera_store::StoreError;
 use uuid::Uuid;
 
-use super::{Appended, Cursor, EventLog, Lease, NewEvent, StoredEvent, collate};
+use super::{Appended, Backlog, Cursor, EventLog, Lease, NewEvent, StoredEvent, collate};
 
 #[derive(Debug, Clone)]
 pub(crate) struct PgEventLog {
@@ -195,7 +195,7 @@ impl EventLog for PgEventLog {
         // Only rows of transactions older than the oldest running one: a transaction that
         // started earlier but commits later cannot add rows behind the cursor.
         let rows = sqlx::query(
-            "SELECT txid::text::bigint, seq, event_id, payload::text, received_at FROM events \
+            "SELECT txid::text::bigint, seq, event_id, payload::text FROM events \
              WHERE partition = $1 AND (txid, seq) > ($2::text::xid8, $3) \
                AND txid < pg_snapshot_xmin(pg_current_snapshot()) \
              ORDER BY txid, seq LIMIT $4",
@@ -215,7 +215,6 @@ impl EventLog for PgEventLog {
                     },
                     event_id: row.try_get(2)?,
                     payload: row.try_get(3)?,
-                    received_at: row.try_get(4)?,
                 })
             })
             .collect()
@@ -240,13 +239,17 @@ impl EventLog for PgEventLog {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn backlog(&self) -> Result<i64, StoreError> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM events e JOIN delivery_partitions p USING (partition) \
+    async fn backlog(&self) -> Result<Backlog, StoreError> {
+        let row = sqlx::query(
+            "SELECT count(*), min(e.received_at) FROM events e \
+             JOIN delivery_partitions p USING (partition) \
              WHERE (e.txid, e.seq) > (p.cursor_txid, p.cursor_seq)",
         )
         .fetch_one(&self.pool)
         .await?;
-        Ok(n)
+        Ok(Backlog {
+            events: row.try_get(0)?,
+            oldest: row.try_get(1)?,
+        })
     }
 }

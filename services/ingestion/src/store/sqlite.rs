@@ -10,7 +10,7 @@ use tessera_store::StoreError;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{Appended, Cursor, EventLog, Lease, NewEvent, StoredEvent, collate};
+use super::{Appended, Backlog, Cursor, EventLog, Lease, NewEvent, StoredEvent, collate};
 
 #[derive(Debug, Clone)]
 pub(crate) struct SqliteEventLog {
@@ -205,7 +205,7 @@ impl EventLog for SqliteEventLog {
         limit: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let rows = sqlx::query(
-            "SELECT seq, event_id, payload, received_at FROM events \
+            "SELECT seq, event_id, payload FROM events \
              WHERE partition = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
         .bind(partition)
@@ -223,7 +223,6 @@ impl EventLog for SqliteEventLog {
                     },
                     event_id: Uuid::parse_str(&id).map_err(bad_uuid)?,
                     payload: row.try_get(2)?,
-                    received_at: from_micros(row.try_get(3)?),
                 })
             })
             .collect()
@@ -248,13 +247,17 @@ impl EventLog for SqliteEventLog {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn backlog(&self) -> Result<i64, StoreError> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM events e JOIN delivery_partitions p ON e.partition = p.partition \
-             WHERE e.seq > p.cursor_seq",
+    async fn backlog(&self) -> Result<Backlog, StoreError> {
+        let row = sqlx::query(
+            "SELECT count(*), min(e.received_at) FROM events e \
+             JOIN delivery_partitions p ON e.partition = p.partition WHERE e.seq > p.cursor_seq",
         )
         .fetch_one(&self.pool)
         .await?;
-        Ok(n)
+        let oldest: Option<i64> = row.try_get(1)?;
+        Ok(Backlog {
+            events: row.try_get(0)?,
+            oldest: oldest.map(from_micros),
+        })
     }
 }
