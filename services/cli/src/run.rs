@@ -256,6 +256,7 @@ async fn serve(
     let delivery_stop = Shutdown::new();
     let server_stop = Shutdown::new();
     let mut services = GrpcServices::default();
+    let mut http_routes = tessera_server::HttpRouter::new();
     let mut databases = Vec::new();
     let mut workers = Vec::new();
     for role in roles {
@@ -308,6 +309,7 @@ async fn serve(
                         .await
                         .context("starting ingestion")?;
                 ingestion.register(&mut services);
+                http_routes = http_routes.merge(ingestion.http_routes());
                 workers.push(ingestion.spawn_delivery(
                     peer(&identity_url)?,
                     peer(&profile_url)?,
@@ -340,7 +342,7 @@ async fn serve(
         grpc,
         http,
         services,
-        tessera_server::HttpRouter::new(),
+        http_routes,
         server_stop,
     )
     .await;

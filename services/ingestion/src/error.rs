@@ -17,6 +17,15 @@ pub enum IngestError {
         /// The limit.
         limit: usize,
     },
+    /// No write key, or one that names no enabled source.
+    #[error("unknown or disabled write key")]
+    Unauthenticated,
+    /// The source is over its rate limit, or the pipeline over its backlog limit.
+    #[error("over the rate limit; retry after {retry_after:?}")]
+    RateLimited {
+        /// When the client may try again.
+        retry_after: std::time::Duration,
+    },
     /// The event log failed.
     #[error("event log")]
     Store(#[from] StoreError),
@@ -30,7 +39,8 @@ impl IngestError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::Invalid(_) => ErrorCode::InvalidArgument,
-            Self::TooLarge { .. } => ErrorCode::ResourceExhausted,
+            Self::TooLarge { .. } | Self::RateLimited { .. } => ErrorCode::ResourceExhausted,
+            Self::Unauthenticated => ErrorCode::Unauthenticated,
             Self::Store(e) => e.code(),
             Self::Encode(_) => ErrorCode::Internal,
         }
@@ -45,6 +55,13 @@ impl From<IngestError> for tonic::Status {
                 e.code(),
                 format!("events: {got} events exceed the limit of {limit} per request"),
             ),
+            IngestError::Unauthenticated => tessera_server::status(
+                e.code(),
+                "a valid write key is required (unknown or disabled key)",
+            ),
+            IngestError::RateLimited { .. } => {
+                tessera_server::status(e.code(), "over the rate limit, retry later")
+            }
             IngestError::Store(_) | IngestError::Encode(_) => {
                 tessera_server::internal(e.code(), &e)
             }

@@ -2,9 +2,11 @@
 //! acknowledging them, and delivers them asynchronously down the pipeline (identity resolution,
 //! then the profile, which has them scored).
 
+mod accept;
 mod convert;
 mod delivery;
 mod error;
+mod http;
 mod service;
 mod store;
 
@@ -90,6 +92,11 @@ impl Ingestion {
     /// Adds the service's gRPC servers.
     pub fn register(&self, services: &mut tessera_server::GrpcServices) {
         services.add(service::server(self.clone()));
+    }
+
+    /// The HTTP routes of the service: the Segment-compatible tracking API.
+    pub fn http_routes(&self) -> tessera_server::HttpRouter {
+        http::routes(self.clone())
     }
 
     /// Starts delivering the log to the identity and profile services, until `shutdown`.

@@ -1,0 +1,71 @@
+//! Acceptance shared by every front door (gRPC, HTTP): stamping events and appending them to
+//! the log in one transaction.
+
+use tessera_core::Event;
+use tessera_core::event::corrected_timestamp;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::error::IngestError;
+use crate::store::NewEvent;
+use crate::{Ingestion, partition_of};
+
+/// One event after acceptance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Stored {
+    /// The message id (generated when the event had none).
+    pub(crate) message_id: String,
+    /// The id of the stored event (the original's, for a duplicate).
+    pub(crate) event_id: Uuid,
+    /// Whether this call stored it (false: a duplicate).
+    pub(crate) is_new: bool,
+}
+
+impl Ingestion {
+    /// Stamps valid events of `source_id` received at `received_at` (message id when missing,
+    /// `receivedAt`, clock-skew-corrected `timestamp`, event id, partition) and appends them in
+    /// one transaction. Returns one result per event, in order, once they are durable.
+    pub(crate) async fn store(
+        &self,
+        source_id: &str,
+        events: Vec<Event>,
+        received_at: OffsetDateTime,
+    ) -> Result<Vec<Stored>, IngestError> {
+        let received_at = tessera_proto::convert::micros(received_at);
+        let mut rows = Vec::with_capacity(events.len());
+        for mut event in events {
+            if event.message_id.is_empty() {
+                event.message_id = Uuid::new_v4().to_string();
+            }
+            let original = event.original_timestamp.or(event.timestamp);
+            event.timestamp = Some(corrected_timestamp(original, event.sent_at, received_at));
+            event.original_timestamp = original;
+            event.received_at = Some(received_at);
+            rows.push(NewEvent {
+                event_id: Uuid::now_v7(),
+                source_id: source_id.to_owned(),
+                message_id: event.message_id.clone(),
+                partition: partition_of(event.routing_key(), self.partitions),
+                payload: serde_json::to_string(&event)?,
+                received_at,
+            });
+        }
+        let appended = self.log.append(&rows).await?;
+        let accepted = appended.iter().filter(|a| a.is_new).count();
+        metrics::counter!("tessera_ingestion_events_accepted_total").increment(accepted as u64);
+        metrics::counter!("tessera_ingestion_events_duplicate_total")
+            .increment((appended.len() - accepted) as u64);
+        if accepted > 0 {
+            self.wake.notify_one();
+        }
+        Ok(rows
+            .into_iter()
+            .zip(appended)
+            .map(|(row, a)| Stored {
+                message_id: row.message_id,
+                event_id: a.event_id,
+                is_new: a.is_new,
+            })
+            .collect())
+    }
+}
