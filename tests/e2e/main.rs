@@ -6,4 +6,5 @@ mod faults;
 mod flow;
 mod python_client;
 mod replicas;
+mod restarts;
 mod separate_processes;
