@@ -21,7 +21,23 @@ pub(crate) struct Stored {
     pub(crate) is_new: bool,
 }
 
+/// How long a client refused for backlog should wait.
+const BACKLOG_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Ingestion {
+    /// Refuses new events while the undelivered backlog is over its limit.
+    pub(crate) fn check_backlog(&self) -> Result<(), IngestError> {
+        let limit = self.settings.max_backlog_events;
+        let backlog = self.backlog.load(std::sync::atomic::Ordering::Relaxed);
+        if limit > 0 && backlog > limit {
+            metrics::counter!("tessera_ingestion_backlog_refusals_total").increment(1);
+            return Err(IngestError::RateLimited {
+                retry_after: BACKLOG_RETRY_AFTER,
+            });
+        }
+        Ok(())
+    }
+
     /// Stamps valid events of `source_id` received at `received_at` (message id when missing,
     /// `receivedAt`, clock-skew-corrected `timestamp`, event id, partition) and appends them in
     /// one transaction. Returns one result per event, in order, once they are durable.
@@ -31,6 +47,7 @@ impl Ingestion {
         events: Vec<Event>,
         received_at: OffsetDateTime,
     ) -> Result<Vec<Stored>, IngestError> {
+        self.check_backlog()?;
         let received_at = tessera_proto::convert::micros(received_at);
         let mut rows = Vec::with_capacity(events.len());
         for mut event in events {

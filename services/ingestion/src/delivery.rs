@@ -10,6 +10,7 @@
 //! when they expire, and another takes its partitions over from their cursors.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use tessera_core::Event;
@@ -60,6 +61,7 @@ pub(crate) struct Dispatcher {
     settings: Arc<IngestionSettings>,
     partitions: i32,
     wake: Arc<Notify>,
+    backlog: Arc<AtomicI64>,
 }
 
 impl Dispatcher {
@@ -70,6 +72,7 @@ impl Dispatcher {
         settings: Arc<IngestionSettings>,
         partitions: i32,
         wake: Arc<Notify>,
+        backlog: Arc<AtomicI64>,
     ) -> Self {
         Self {
             id: uuid::Uuid::new_v4().to_string(),
@@ -83,6 +86,7 @@ impl Dispatcher {
             settings,
             partitions,
             wake,
+            backlog,
         }
     }
 
@@ -111,7 +115,8 @@ impl Dispatcher {
                     }
                 }
             }
-            if last_backlog.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
+            let every = Duration::from_millis(self.settings.backlog_interval_ms.max(100));
+            if last_backlog.is_none_or(|at| at.elapsed() >= every) {
                 last_backlog = Some(Instant::now());
                 self.record_backlog().await;
             }
@@ -186,6 +191,7 @@ impl Dispatcher {
     async fn record_backlog(&self) {
         match self.log.backlog().await {
             Ok(backlog) => {
+                self.backlog.store(backlog.events, Ordering::Relaxed);
                 #[allow(clippy::cast_precision_loss)]
                 metrics::gauge!("tessera_ingestion_backlog_events").set(backlog.events as f64);
                 let lag = backlog.oldest.map_or(0.0, |oldest| {

@@ -51,6 +51,12 @@ pub struct IngestionSettings {
     pub poll_interval_ms: u64,
     /// The longest wait between delivery retries, in milliseconds.
     pub max_backoff_ms: u64,
+    /// Above this many undelivered events, new events are refused with RESOURCE_EXHAUSTED (HTTP
+    /// 429) until delivery catches up, so a stalled pipeline cannot fill the disk; 0: no limit.
+    /// Measured every `backlog_interval_ms`.
+    pub max_backlog_events: i64,
+    /// How often the backlog is measured, in milliseconds.
+    pub backlog_interval_ms: u64,
 }
 
 impl Default for IngestionSettings {
@@ -63,6 +69,8 @@ impl Default for IngestionSettings {
             lease_seconds: 15,
             poll_interval_ms: 100,
             max_backoff_ms: 5_000,
+            max_backlog_events: 5_000_000,
+            backlog_interval_ms: 2_000,
         }
     }
 }
@@ -74,6 +82,8 @@ pub struct Ingestion {
     settings: Arc<IngestionSettings>,
     partitions: i32,
     wake: Arc<Notify>,
+    /// The backlog last measured by this replica's dispatcher.
+    backlog: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Ingestion {
@@ -86,6 +96,7 @@ impl Ingestion {
             settings: Arc::new(settings),
             partitions,
             wake: Arc::new(Notify::new()),
+            backlog: Arc::new(std::sync::atomic::AtomicI64::new(0)),
         })
     }
 
@@ -113,6 +124,7 @@ impl Ingestion {
             self.settings.clone(),
             self.partitions,
             self.wake.clone(),
+            self.backlog.clone(),
         );
         tokio::spawn(dispatcher.run(shutdown))
     }

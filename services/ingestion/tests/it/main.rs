@@ -1,5 +1,7 @@
 //! The ingestion gRPC API through the real server edge, on SQLite and on Postgres.
 
+mod backlog;
+
 use tessera_ingestion::{Ingestion, IngestionSettings, MIGRATIONS, SCHEMA};
 use tessera_proto::common::v1::{Event, EventType};
 use tessera_proto::ingestion::v1::ingestion_service_client::IngestionServiceClient;
@@ -21,7 +23,7 @@ async fn serve(url: &str, settings: IngestionSettings) -> GrpcTestServer {
     GrpcTestServer::start(services).await
 }
 
-fn track(message_id: &str, user_id: &str, name: &str) -> Event {
+pub(crate) fn track(message_id: &str, user_id: &str, name: &str) -> Event {
     Event {
         message_id: message_id.to_owned(),
         r#type: EventType::Track.into(),
