@@ -13,7 +13,8 @@ async fn dev_mode_runs_the_pipeline_and_keeps_data_across_restarts() {
     let dev = TesseraBuilder::new("dev").args(["--data-dir", data.path().to_str().unwrap()]);
     let mut tessera = dev.clone().start().await;
     let channel = tessera.channel().await;
-    skeleton_flow(&channel, &channel, "dev").await;
+    let key = tessera.dev_write_key().to_owned();
+    skeleton_flow(&channel, &key, &channel, "dev").await;
     assert!(tessera.terminate().await, "graceful shutdown on SIGTERM");
 
     let tessera = dev.start().await;

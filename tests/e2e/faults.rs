@@ -39,8 +39,10 @@ async fn unreachable_postgres_gives_unavailable_and_recovers() {
         .start()
         .await;
     let channel = ingestion.channel().await;
+    let key = ingestion.create_source("faults").await;
     send(
         &channel,
+        &key,
         vec![track("f-1", "u1", "", "Before", serde_json::json!({}))],
     )
     .await
@@ -49,6 +51,7 @@ async fn unreachable_postgres_gives_unavailable_and_recovers() {
     proxy.cut();
     let err = send(
         &channel,
+        &key,
         vec![track("f-2", "u1", "", "During", serde_json::json!({}))],
     )
     .await
@@ -64,6 +67,7 @@ async fn unreachable_postgres_gives_unavailable_and_recovers() {
     loop {
         match send(
             &channel,
+            &key,
             vec![track("f-2", "u1", "", "During", serde_json::json!({}))],
         )
         .await

@@ -11,8 +11,8 @@ const DUPLICATE: i32 = EventStatus::Duplicate as i32;
 
 /// An anonymous visit, an identify that links the anonymous id to a user, and a purchase by the
 /// user: one profile with three events, traits, identifiers and an engagement score. Sending the
-/// same batch again changes nothing.
-pub(crate) async fn skeleton_flow(ingest: &Channel, read: &Channel, tag: &str) {
+/// same batch again changes nothing. Events are sent with the source's `write_key`.
+pub(crate) async fn skeleton_flow(ingest: &Channel, write_key: &str, read: &Channel, tag: &str) {
     let user = format!("user-{tag}");
     let anon = format!("anon-{tag}");
     let batch = vec![
@@ -37,7 +37,9 @@ pub(crate) async fn skeleton_flow(ingest: &Channel, read: &Channel, tag: &str) {
             serde_json::json!({"revenue": 42}),
         ),
     ];
-    let statuses = send(ingest, batch.clone()).await.expect("ingest");
+    let statuses = send(ingest, write_key, batch.clone())
+        .await
+        .expect("ingest");
     assert_eq!(statuses, vec![ACCEPTED; 3]);
 
     let profile = wait_for(read, "user_id", &user, Duration::from_secs(30), |p| {
@@ -88,7 +90,7 @@ pub(crate) async fn skeleton_flow(ingest: &Channel, read: &Channel, tag: &str) {
     assert_eq!(by_email.profile_id, profile.profile_id);
 
     // The same batch again: acknowledged as duplicates, counted once.
-    let statuses = send(ingest, batch).await.expect("ingest again");
+    let statuses = send(ingest, write_key, batch).await.expect("ingest again");
     assert_eq!(statuses, vec![DUPLICATE; 3]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let again = wait_for(read, "user_id", &user, Duration::from_secs(5), |_| true).await;

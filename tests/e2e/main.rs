@@ -7,4 +7,6 @@ mod flow;
 mod python_client;
 mod replicas;
 mod restarts;
+mod sdk_python;
 mod separate_processes;
+mod sources;

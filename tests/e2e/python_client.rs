@@ -35,6 +35,7 @@ async fn a_generated_python_client_ingests_and_reads_a_profile() {
         .start()
         .await;
     let addr = tessera.grpc_addr.clone();
+    let key = tessera.dev_write_key().to_owned();
     let script = root.join("tests/python/test_client.py");
     let stubs_path = stubs.path().to_owned();
     let status = tokio::task::spawn_blocking(move || {
@@ -42,6 +43,8 @@ async fn a_generated_python_client_ingests_and_reads_a_profile() {
             .arg(script)
             .arg("--stubs")
             .arg(&stubs_path)
+            .arg("--write-key")
+            .arg(&key)
             .arg(&addr)
             .status()
             .expect("run test_client.py")

@@ -94,7 +94,9 @@ async fn two_replicas_of_every_service_give_the_same_profiles_as_one() {
     let single_db = TestDb::new().await;
     let single = Deployment::start(&single_db, &redis_prefix()).await;
     let ingest = single.ingestion.channel().await;
-    send(&ingest, workload("r")).await.expect("ingest");
+    send(&ingest, &single.write_key, workload("r"))
+        .await
+        .expect("ingest");
     let expected = settle(&single.profile.channel().await, "r").await;
 
     // Two replicas each, on one Postgres and one Redis prefix.
@@ -124,11 +126,16 @@ async fn two_replicas_of_every_service_give_the_same_profiles_as_one() {
         .partition(|(i, _)| i % 2 == 0);
     let even: Vec<Event> = even.into_iter().map(|(_, e)| e).collect();
     let odd: Vec<Event> = odd.into_iter().map(|(_, e)| e).collect();
-    let (ra, rb) = tokio::join!(send(&ingest_a, even.clone()), send(&ingest_b, odd));
+    // One source for the deployment: a key created through one replica works on the other.
+    let key = &a.write_key;
+    let (ra, rb) = tokio::join!(
+        send(&ingest_a, key, even.clone()),
+        send(&ingest_b, key, odd)
+    );
     ra.expect("ingest a");
     rb.expect("ingest b");
     // The same messages again through the other replica: deduplicated across replicas.
-    send(&ingest_b, even).await.expect("ingest duplicates");
+    send(&ingest_b, key, even).await.expect("ingest duplicates");
 
     let via_a = settle(&a.profile.channel().await, "r").await;
     let via_b = settle(&p2.channel().await, "r").await;

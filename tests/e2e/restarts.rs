@@ -41,6 +41,7 @@ async fn delivery_resumes_after_an_unreachable_peer_and_a_killed_ingestion() {
         .env("TESSERA__INGESTION__MAX_BACKOFF_MS", "200");
     let mut ingestion = ingestion_builder.clone().start().await;
     let read = profile.channel().await;
+    let key = ingestion.create_source("restarts").await;
 
     // The profile service is unreachable: events are acknowledged (durable) but not delivered.
     to_profile.cut();
@@ -55,7 +56,7 @@ async fn delivery_resumes_after_an_unreachable_peer_and_a_killed_ingestion() {
             )
         })
         .collect();
-    send(&ingestion.channel().await, first)
+    send(&ingestion.channel().await, &key, first)
         .await
         .expect("acknowledged while profile is down");
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -81,7 +82,7 @@ async fn delivery_resumes_after_an_unreachable_peer_and_a_killed_ingestion() {
             )
         })
         .collect();
-    send(&ingestion.channel().await, more)
+    send(&ingestion.channel().await, &key, more)
         .await
         .expect("acknowledged");
 

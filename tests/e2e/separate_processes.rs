@@ -11,6 +11,8 @@ pub(crate) struct Deployment {
     pub(crate) scoring: Tessera,
     pub(crate) profile: Tessera,
     pub(crate) ingestion: Tessera,
+    /// The write key of a source created on the deployment.
+    pub(crate) write_key: String,
 }
 
 pub(crate) fn base(subcommand: &str, db: &TestDb, prefix: &str) -> TesseraBuilder {
@@ -36,11 +38,13 @@ impl Deployment {
             .env("TESSERA__PEERS__PROFILE", profile.grpc_url())
             .start()
             .await;
+        let write_key = ingestion.create_source("e2e").await;
         Self {
             identity,
             scoring,
             profile,
             ingestion,
+            write_key,
         }
     }
 }
@@ -52,6 +56,6 @@ async fn four_processes_on_postgres_and_redis_run_the_pipeline() {
     let d = Deployment::start(&db, &prefix).await;
     let ingest = d.ingestion.channel().await;
     let read = d.profile.channel().await;
-    skeleton_flow(&ingest, &read, "procs").await;
+    skeleton_flow(&ingest, &d.write_key, &read, "procs").await;
     let _ = (&d.identity, &d.scoring);
 }

@@ -2,13 +2,15 @@
 """End-to-end check of Tessera's public gRPC contracts from a Python client.
 
 Usage:
-    test_client.py [--stubs DIR] [--timeout SECONDS] ADDR
+    test_client.py [--stubs DIR] [--timeout SECONDS] [--write-key KEY] ADDR
     test_client.py [--stubs DIR] --dry-run
 
-ADDR is the host:port of a running Tessera gRPC endpoint (for example `tessera dev`). The check
-sends an identify and a track event for a fresh user in one IngestionService/IngestEvents call,
-then polls ProfileService/GetProfile by that user id until the profile has both events, and
-checks its traits, its engagement score and that the anonymous id is linked to it.
+ADDR is the host:port of a running Tessera gRPC endpoint (for example `tessera dev`), and KEY
+(default: $TESSERA_WRITE_KEY) the write key of one of its sources, which `tessera dev` prints on
+first start. The check sends an identify and a track event for a fresh user in one
+IngestionService/IngestEvents call, then polls ProfileService/GetProfile by that user id until
+the profile has both events, and checks its traits, its engagement score and that the anonymous
+id is linked to it.
 
 The stubs are generated from proto/ by gen_client.sh into a temporary directory, unless --stubs
 names a directory it already generated into. --dry-run generates the stubs and builds the
@@ -102,12 +104,17 @@ def build_profile_request(pb, user_id: str):
     )
 
 
-def ingest(pb, channel, channel_addr: str, request) -> None:
+def ingest(pb, channel, channel_addr: str, write_key: str, request) -> None:
     import grpc
 
     stub = pb.ingestion_grpc.IngestionServiceStub(channel)
     try:
-        response = stub.IngestEvents(request, timeout=15, wait_for_ready=True)
+        response = stub.IngestEvents(
+            request,
+            timeout=15,
+            wait_for_ready=True,
+            metadata=[("x-tessera-write-key", write_key)],
+        )
     except grpc.RpcError as e:
         hint = ""
         if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -211,7 +218,7 @@ def run(args: argparse.Namespace, stubs_dir: Path) -> None:
     import grpc
 
     with grpc.insecure_channel(args.addr) as channel:
-        ingest(pb, channel, args.addr, ingest_request)
+        ingest(pb, channel, args.addr, args.write_key, ingest_request)
         print(f"ingested identify + track for {user_id} at {args.addr}")
         started = time.monotonic()
         profile = wait_for_profile(pb, channel, profile_request, args.timeout)
@@ -235,9 +242,16 @@ def main() -> int:
     parser.add_argument(
         "--dry-run", action="store_true", help="generate stubs and build requests only"
     )
+    parser.add_argument(
+        "--write-key",
+        default=os.environ.get("TESSERA_WRITE_KEY", ""),
+        help="write key of a source (default: $TESSERA_WRITE_KEY)",
+    )
     args = parser.parse_args()
     if not args.dry_run and not args.addr:
         parser.error("ADDR is required unless --dry-run is given")
+    if not args.dry_run and not args.write_key:
+        parser.error("--write-key (or TESSERA_WRITE_KEY) is required unless --dry-run is given")
 
     try:
         if args.stubs is not None:

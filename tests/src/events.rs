@@ -50,10 +50,22 @@ pub fn track(
     }
 }
 
-/// Sends `events` in one IngestEvents call and returns the statuses.
-pub async fn send(channel: &Channel, events: Vec<Event>) -> Result<Vec<i32>, tonic::Status> {
+/// Sends `events` in one IngestEvents call authenticated with `write_key` and returns the
+/// statuses.
+pub async fn send(
+    channel: &Channel,
+    write_key: &str,
+    events: Vec<Event>,
+) -> Result<Vec<i32>, tonic::Status> {
+    let mut request = tonic::Request::new(IngestEventsRequest { events });
+    request.metadata_mut().insert(
+        "x-tessera-write-key",
+        write_key
+            .parse()
+            .map_err(|_| tonic::Status::invalid_argument("write key not ASCII"))?,
+    );
     let response = IngestionServiceClient::new(channel.clone())
-        .ingest_events(IngestEventsRequest { events })
+        .ingest_events(request)
         .await?;
     Ok(response
         .into_inner()

@@ -5,5 +5,5 @@ pub mod events;
 pub mod process;
 pub mod proxy;
 
-pub use process::{Tessera, TesseraBuilder, tessera_bin};
+pub use process::{Tessera, TesseraBuilder, key_in, sources_command, tessera_bin};
 pub use proxy::Proxy;

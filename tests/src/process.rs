@@ -31,6 +31,31 @@ pub fn tessera_bin() -> PathBuf {
     bin
 }
 
+/// The start of the line where `tessera dev` prints the key of its source `default`.
+const DEV_KEY_LINE: &str = "tessera: write key for source default: ";
+
+/// Runs `tessera sources ARGS --target TARGET` to its end.
+pub async fn sources_command(target: &str, args: &[&str]) -> std::process::Output {
+    Command::new(tessera_bin())
+        .arg("sources")
+        .args(args)
+        .args(["--target", target])
+        .env_clear()
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run tessera sources")
+}
+
+/// The write key of `source` in the output of `tessera sources create|rotate-key`.
+pub fn key_in(stdout: &str, source: &str) -> Option<String> {
+    let prefix = format!("tessera: write key for source {source}: ");
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|k| k.trim().to_owned())
+}
+
 /// How to start one `tessera` process.
 #[derive(Debug, Clone)]
 pub struct TesseraBuilder {
@@ -89,10 +114,14 @@ impl TesseraBuilder {
         let mut child = command.spawn().expect("spawn tessera");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
+        let mut write_key = None;
         let line = tokio::time::timeout(Duration::from_secs(120), async {
             while let Some(line) = lines.next_line().await.expect("read stdout") {
                 if line.starts_with("tessera: listening ") {
                     return line;
+                }
+                if let Some(key) = line.strip_prefix(DEV_KEY_LINE) {
+                    write_key = Some(key.trim().to_owned());
                 }
             }
             panic!("tessera {:?} exited before listening", self.args);
@@ -111,6 +140,7 @@ impl TesseraBuilder {
             child,
             grpc_addr: field("grpc"),
             http_addr: field("http"),
+            write_key,
             builder: self,
         }
     }
@@ -124,6 +154,9 @@ pub struct Tessera {
     pub grpc_addr: String,
     /// The HTTP address, `host:port`.
     pub http_addr: String,
+    /// The write key of the source `default` that `tessera dev` printed, when it printed one
+    /// (on first start, or when the key is fixed).
+    pub write_key: Option<String>,
     builder: TesseraBuilder,
 }
 
@@ -140,6 +173,25 @@ impl Tessera {
             .connect()
             .await
             .expect("connect to tessera")
+    }
+
+    /// The write key `tessera dev` printed for the source `default`; panics when it printed none.
+    pub fn dev_write_key(&self) -> &str {
+        self.write_key
+            .as_deref()
+            .expect("tessera dev printed no write key (only on first start or with --write-key)")
+    }
+
+    /// Creates a source on this process with `tessera sources create NAME` and returns its
+    /// write key.
+    pub async fn create_source(&self, name: &str) -> String {
+        let out = sources_command(&self.grpc_url(), &["create", name]).await;
+        assert!(
+            out.status.success(),
+            "tessera sources create {name}: {out:?}"
+        );
+        key_in(&String::from_utf8_lossy(&out.stdout), name)
+            .unwrap_or_else(|| panic!("no write key in the output of sources create: {out:?}"))
     }
 
     /// Kills the process at once (SIGKILL) and waits for it.

@@ -10,6 +10,8 @@ pub enum ErrorCode {
     InvalidArgument,
     /// The thing asked for does not exist.
     NotFound,
+    /// The thing to create exists already (a name or key is taken).
+    AlreadyExists,
     /// The request or a part of it is larger than allowed, or a rate or backlog limit is hit.
     ResourceExhausted,
     /// A dependency (database, peer service) is unreachable; retrying later may succeed.
@@ -31,6 +33,7 @@ impl ErrorCode {
             Self::Unavailable | Self::ResourceExhausted => true,
             Self::InvalidArgument
             | Self::NotFound
+            | Self::AlreadyExists
             | Self::Unauthenticated
             | Self::PermissionDenied
             | Self::FailedPrecondition

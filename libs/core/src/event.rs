@@ -247,14 +247,18 @@ impl Event {
 
 /// Segment's clock-skew correction: `receivedAt - (sentAt - originalTimestamp)`, so a device
 /// whose clock is off still lands its events at the right server time. Without `sentAt` the
-/// original timestamp is trusted; without either, the receive time is used.
+/// original timestamp is trusted; without either, the receive time is used. A correction that
+/// falls outside the representable range (absurd client clocks) keeps the original timestamp.
 pub fn corrected_timestamp(
     original: Option<OffsetDateTime>,
     sent_at: Option<OffsetDateTime>,
     received_at: OffsetDateTime,
 ) -> OffsetDateTime {
     match (original, sent_at) {
-        (Some(original), Some(sent)) => received_at - (sent - original),
+        (Some(original), Some(sent)) => received_at
+            .checked_sub(sent - original)
+            .filter(|t| (1..=9999).contains(&t.year()))
+            .unwrap_or(original),
         (Some(original), None) => original,
         (None, Some(_) | None) => received_at,
     }
@@ -334,6 +338,18 @@ mod tests {
         );
         assert_eq!(got, datetime!(2026-01-01 11:59:50 UTC));
         assert_eq!(corrected_timestamp(None, None, received), received);
+    }
+
+    #[test]
+    fn absurd_clocks_never_overflow() {
+        let received = datetime!(2026-01-01 12:00:00 UTC);
+        let original = datetime!(9999-12-31 23:59:59 UTC);
+        let got = corrected_timestamp(
+            Some(original),
+            Some(datetime!(0001-01-01 00:00:00 UTC)),
+            received,
+        );
+        assert_eq!(got, original);
     }
 
     #[test]

@@ -11,6 +11,7 @@ fn grpc_code(code: ErrorCode) -> Code {
     match code {
         ErrorCode::InvalidArgument => Code::InvalidArgument,
         ErrorCode::NotFound => Code::NotFound,
+        ErrorCode::AlreadyExists => Code::AlreadyExists,
         ErrorCode::ResourceExhausted => Code::ResourceExhausted,
         ErrorCode::Unavailable => Code::Unavailable,
         ErrorCode::Unauthenticated => Code::Unauthenticated,
@@ -25,6 +26,7 @@ pub fn http_status(code: ErrorCode) -> http::StatusCode {
     match code {
         ErrorCode::InvalidArgument => http::StatusCode::BAD_REQUEST,
         ErrorCode::NotFound => http::StatusCode::NOT_FOUND,
+        ErrorCode::AlreadyExists => http::StatusCode::CONFLICT,
         ErrorCode::ResourceExhausted => http::StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::Unavailable => http::StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Unauthenticated => http::StatusCode::UNAUTHORIZED,
@@ -82,6 +84,7 @@ pub fn internal(code: ErrorCode, error: &(dyn std::error::Error + 'static)) -> S
         }
         ErrorCode::InvalidArgument
         | ErrorCode::NotFound
+        | ErrorCode::AlreadyExists
         | ErrorCode::Unauthenticated
         | ErrorCode::PermissionDenied
         | ErrorCode::FailedPrecondition

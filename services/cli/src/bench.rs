@@ -51,6 +51,10 @@ pub(crate) struct BenchArgs {
     /// The gRPC address of the Tessera under test.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub(crate) target: String,
+    /// The write key of the source to send as [env: TESSERA_WRITE_KEY]: `tessera dev` prints
+    /// one on first start, `tessera sources create` makes one.
+    #[arg(long, value_name = "KEY")]
+    pub(crate) write_key: Option<crate::sources::WriteKeyArg>,
     /// The gRPC address of the profile read API, when it is not --target (the services as
     /// separate processes) [default: --target].
     #[arg(long, value_name = "URL")]
@@ -116,6 +120,16 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         request_timeout_s: args.request_timeout,
         seed: args.seed.unwrap_or_else(rand::random),
     };
+    let write_key: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = args
+        .write_key
+        .as_ref()
+        .context(
+            "a write key is required: --write-key or TESSERA_WRITE_KEY (`tessera dev` prints \
+             one; `tessera sources create NAME` makes one)",
+        )?
+        .0
+        .parse()
+        .context("the write key is not valid in gRPC metadata")?;
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     let channels = connect(&args.target, params.connections).await?;
     let reads = match &args.read_target {
@@ -143,6 +157,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         &run_id,
         &channels,
         reads,
+        write_key,
     )
     .await?;
     let report = outcome.into_report(args.target, run_id, params);
@@ -258,6 +273,8 @@ struct Ctx {
     sent_events: AtomicU64,
     request_timeout: Duration,
     visibility_timeout: Duration,
+    /// Sent with every IngestEvents call.
+    write_key: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
 }
 
 impl Ctx {
@@ -304,6 +321,7 @@ async fn drive(
     run_id: &str,
     channels: &[Channel],
     reads: Channel,
+    write_key: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
 ) -> anyhow::Result<Outcome> {
     let pacer = Pacer {
         rate: params.rate,
@@ -316,6 +334,7 @@ async fn drive(
         sent_events: AtomicU64::new(0),
         request_timeout: Duration::from_secs(params.request_timeout_s),
         visibility_timeout: Duration::from_secs(params.visibility_timeout_s),
+        write_key,
     });
     let concurrency = usize::try_from(params.concurrency)?;
     let slots = Arc::new(Semaphore::new(concurrency));
@@ -479,6 +498,9 @@ async fn send(ctx: Arc<Ctx>, channel: Channel, job: Job, permit: OwnedSemaphoreP
     let mut ingest = IngestionServiceClient::new(channel.clone());
     let mut request = Request::new(IngestEventsRequest { events });
     request.set_timeout(ctx.request_timeout);
+    request
+        .metadata_mut()
+        .insert("x-tessera-write-key", ctx.write_key.clone());
     let outcome = tokio::time::timeout(ctx.request_timeout, ingest.ingest_events(request)).await;
     let done = Instant::now();
     drop(permit);

@@ -1,11 +1,12 @@
 //! `tessera`: one binary for every role. `tessera dev` runs all four services in one process on
 //! SQLite and an in-process cache; `tessera ingestion|identity|profile|scoring` run one service
-//! each against Postgres and Redis; `tessera migrate` applies migrations; `tessera bench` is the
-//! load tool.
+//! each against Postgres and Redis; `tessera migrate` applies migrations; `tessera sources`
+//! manages sources and their write keys; `tessera bench` is the load tool.
 
 mod bench;
 mod run;
 mod settings;
+mod sources;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -39,6 +40,9 @@ enum Command {
     Scoring(ServeArgs),
     /// Apply every service's database migrations to DATABASE_URL, then exit.
     Migrate(ConfigArgs),
+    /// Manage the sources of a running Tessera (create, list, disable, enable, rotate-key,
+    /// update) through its admin gRPC API. Write keys are printed once, on create and rotate-key.
+    Sources(sources::SourcesArgs),
     /// Send synthetic events at a chosen rate and concurrency and report throughput, latency
     /// and time from acceptance to profile visible.
     Bench(bench::BenchArgs),
@@ -85,6 +89,10 @@ struct DevArgs {
     /// A TOML configuration file for the services' settings.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Fix the write key of the source `default` (created, or re-keyed, to have it) instead of
+    /// the random key printed on first start [env: TESSERA_WRITE_KEY].
+    #[arg(long, value_name = "KEY")]
+    write_key: Option<sources::WriteKeyArg>,
 }
 
 fn main() -> ExitCode {

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::settings::{self, Settings};
+use crate::sources::WriteKeyArg;
 use crate::{Command, ConfigArgs};
 
 /// A service role.
@@ -43,11 +44,14 @@ pub(crate) enum Plan {
         settings: Box<Settings>,
         /// `tessera dev`: SQLite files in this directory, peers in-process.
         dev_data_dir: Option<PathBuf>,
+        /// `tessera dev`: the fixed write key of the source `default`.
+        dev_write_key: Option<WriteKeyArg>,
     },
     Migrate {
         settings: Box<Settings>,
     },
     Bench(crate::bench::BenchArgs),
+    Sources(crate::sources::SourcesArgs),
 }
 
 fn load(config: &ConfigArgs, env: &HashMap<String, String>) -> anyhow::Result<Settings> {
@@ -97,6 +101,7 @@ pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::R
             roles: vec![role],
             settings: Box::new(s),
             dev_data_dir: None,
+            dev_write_key: None,
         })
     };
     match command {
@@ -119,6 +124,10 @@ pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::R
                 ],
                 settings: Box::new(s),
                 dev_data_dir: Some(args.data_dir),
+                dev_write_key: match args.write_key {
+                    Some(key) => Some(key),
+                    None => write_key_from_env(env)?,
+                },
             })
         }
         Command::Ingestion(args) => serve(Role::Ingestion, args),
@@ -132,8 +141,25 @@ pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::R
                 settings: Box::new(s),
             })
         }
-        Command::Bench(args) => Ok(Plan::Bench(args)),
+        Command::Bench(mut args) => {
+            if args.write_key.is_none() {
+                args.write_key = write_key_from_env(env)?;
+            }
+            Ok(Plan::Bench(args))
+        }
+        Command::Sources(args) => Ok(Plan::Sources(args)),
     }
+}
+
+/// `TESSERA_WRITE_KEY`, when set and not empty.
+fn write_key_from_env(env: &HashMap<String, String>) -> anyhow::Result<Option<WriteKeyArg>> {
+    env.get("TESSERA_WRITE_KEY")
+        .filter(|k| !k.is_empty())
+        .map(|k| {
+            k.parse()
+                .map_err(|e| anyhow::anyhow!("TESSERA_WRITE_KEY: {e}"))
+        })
+        .transpose()
 }
 
 /// Runs the plan to its end.
@@ -143,7 +169,12 @@ pub(crate) async fn execute(plan: Plan) -> anyhow::Result<()> {
             roles,
             settings,
             dev_data_dir,
-        } => serve(&roles, &settings, dev_data_dir.as_deref()).await,
+            dev_write_key,
+        } => {
+            let dev = dev_data_dir.as_deref();
+            let key = dev_write_key.as_ref().map(|k| k.0.as_str());
+            serve(&roles, &settings, dev, key).await
+        }
         Plan::Migrate { settings } => {
             let _telemetry =
                 tessera_server::init_telemetry("tessera-migrate", &settings.telemetry)?;
@@ -160,6 +191,7 @@ pub(crate) async fn execute(plan: Plan) -> anyhow::Result<()> {
             Ok(())
         }
         Plan::Bench(args) => crate::bench::run(args).await,
+        Plan::Sources(args) => crate::sources::run(args).await,
     }
 }
 
@@ -194,6 +226,43 @@ async fn open_db(
     Ok(db)
 }
 
+/// Makes sure `tessera dev` has its source `default` and prints its write key when it is known
+/// (created now, or fixed by the operator), before the `listening` line.
+async fn announce_dev_source(
+    ingestion: &tessera_ingestion::Ingestion,
+    fixed_key: Option<&str>,
+) -> anyhow::Result<()> {
+    use tessera_ingestion::{DEV_SOURCE, DevSource};
+    let outcome = ingestion
+        .ensure_dev_source(fixed_key)
+        .await
+        .context("creating the source `default`")?;
+    #[allow(clippy::print_stdout)]
+    match outcome {
+        DevSource::Created(key) => {
+            println!("{}", crate::sources::key_line(DEV_SOURCE, &key));
+            println!(
+                "tessera: send it as the HTTP Basic user name (Segment libraries: writeKey) or in \
+                 the gRPC metadata x-tessera-write-key. It is shown this once: keep it, or fix \
+                 your own with --write-key / TESSERA_WRITE_KEY"
+            );
+        }
+        DevSource::Fixed(key) => {
+            println!("{}", crate::sources::key_line(DEV_SOURCE, &key));
+            println!(
+                "tessera: send it as the HTTP Basic user name (Segment libraries: writeKey) or in \
+                 the gRPC metadata x-tessera-write-key"
+            );
+        }
+        DevSource::Existing => println!(
+            "tessera: source {DEV_SOURCE} exists; its write key was printed on first start \
+             (replace it with `tessera sources rotate-key {DEV_SOURCE}`, or fix one with \
+             --write-key)"
+        ),
+    }
+    Ok(())
+}
+
 /// A channel to a peer that connects on first use and reconnects by itself, so services can
 /// start in any order.
 fn peer(url: &str) -> anyhow::Result<Channel> {
@@ -219,6 +288,7 @@ async fn serve(
     roles: &[Role],
     settings: &Settings,
     dev_data_dir: Option<&Path>,
+    dev_write_key: Option<&str>,
 ) -> anyhow::Result<()> {
     let name = match (dev_data_dir, roles) {
         (None, [role]) => format!("tessera-{}", role.name()),
@@ -308,6 +378,10 @@ async fn serve(
                     tessera_ingestion::Ingestion::new(db.clone(), settings.ingestion.clone())
                         .await
                         .context("starting ingestion")?;
+                // Only `tessera dev` makes a source by itself; production services never do.
+                if dev_data_dir.is_some() {
+                    announce_dev_source(&ingestion, dev_write_key).await?;
+                }
                 ingestion.register(&mut services);
                 http_routes = http_routes.merge(ingestion.http_routes());
                 workers.push(ingestion.spawn_delivery(

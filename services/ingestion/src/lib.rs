@@ -8,6 +8,7 @@ mod delivery;
 mod error;
 mod http;
 mod service;
+mod sources;
 mod store;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tessera_store::{Database, Migrations};
 use tokio::sync::Notify;
 
 pub use error::IngestError;
+pub use sources::{DEV_SOURCE, DevSource, KEY_CACHE_TTL, SourceError, is_valid_write_key};
 
 /// The Postgres schema the service's tables live in.
 pub const SCHEMA: &str = "ingestion";
@@ -36,8 +38,6 @@ pub static MIGRATIONS: Migrations = Migrations {
 pub struct IngestionSettings {
     /// The most events accepted in one request.
     pub max_batch: usize,
-    /// The source that events arriving without one are attributed to.
-    pub default_source: String,
     /// How many delivery partitions the log is split into on first start. Events with the same
     /// routing key (user id, else anonymous id) share a partition and are delivered in order.
     /// Fixed once the log exists: the stored count wins over this setting.
@@ -63,7 +63,6 @@ impl Default for IngestionSettings {
     fn default() -> Self {
         Self {
             max_batch: 2_500,
-            default_source: "default".to_owned(),
             partitions: 16,
             delivery_batch: 500,
             lease_seconds: 15,
@@ -79,6 +78,7 @@ impl Default for IngestionSettings {
 #[derive(Debug, Clone)]
 pub struct Ingestion {
     log: Arc<dyn store::EventLog>,
+    sources: sources::Sources,
     settings: Arc<IngestionSettings>,
     partitions: i32,
     wake: Arc<Notify>,
@@ -89,10 +89,12 @@ pub struct Ingestion {
 impl Ingestion {
     /// The service on `db`, which must be connected to the `ingestion` schema and migrated.
     pub async fn new(db: Database, settings: IngestionSettings) -> Result<Self, IngestError> {
+        let sources = sources::Sources::new(db.clone());
         let log = store::open(db);
         let partitions = log.ensure_partitions(settings.partitions.max(1)).await?;
         Ok(Self {
             log,
+            sources,
             settings: Arc::new(settings),
             partitions,
             wake: Arc::new(Notify::new()),
@@ -100,9 +102,10 @@ impl Ingestion {
         })
     }
 
-    /// Adds the service's gRPC servers.
+    /// Adds the service's gRPC servers: ingestion and the sources admin API.
     pub fn register(&self, services: &mut tessera_server::GrpcServices) {
         services.add(service::server(self.clone()));
+        services.add(sources::server(self.clone()));
     }
 
     /// The HTTP routes of the service: the Segment-compatible tracking API.

@@ -1,8 +1,255 @@
-//! The Segment-compatible HTTP tracking API (being built: see issue 3).
+//! The Segment-compatible HTTP tracking API: `POST /v1/{identify,track,page,screen,group,alias}`,
+//! `/v1/batch` and `/v1/import`, and the browser library's short routes (`/v1/i` … `/v1/b`).
+//!
+//! A request is authenticated (write key as the HTTP Basic user, or `writeKey` in the body),
+//! read within bounds (500 KB raw and decompressed), parsed leniently into domain events
+//! ([`wire`]), checked against the source's rate limit, and the valid messages are stored
+//! durably before the answer. Partial batches: the valid messages of a batch are stored even
+//! when others are refused; the answer is then 400 (or 413 when a refused message is over
+//! 32 KB) listing each refused message by index and field. A library that re-sends the batch
+//! on that answer re-sends only duplicates, which ingestion drops by message id; no valid
+//! message is ever silently dropped.
 
+mod body;
+mod response;
+mod wire;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::Response;
+use axum::routing::post;
+use http::HeaderMap;
+use serde_json::Value;
+use tessera_core::{EventType, FieldViolation};
+use time::OffsetDateTime;
+
+use self::body::{BodyError, MAX_BODY_BYTES};
+use self::response::{Failure, Refused};
+use self::wire::Refusal;
 use crate::Ingestion;
+use crate::sources::{Source, key};
+
+/// What a route accepts.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    /// One message of this type.
+    Single(EventType),
+    /// `{"batch": [...]}`, each message with its own `type`.
+    Batch,
+}
 
 /// The HTTP routes of the tracking API.
-pub(crate) fn routes(_ingestion: Ingestion) -> tessera_server::HttpRouter {
-    tessera_server::HttpRouter::new()
+pub(crate) fn routes(ingestion: Ingestion) -> tessera_server::HttpRouter {
+    let table: [(&[&str], Route); 7] = [
+        (
+            &["/v1/identify", "/v1/i"],
+            Route::Single(EventType::Identify),
+        ),
+        (&["/v1/track", "/v1/t"], Route::Single(EventType::Track)),
+        (&["/v1/page", "/v1/p"], Route::Single(EventType::Page)),
+        (&["/v1/screen", "/v1/s"], Route::Single(EventType::Screen)),
+        (&["/v1/group", "/v1/g"], Route::Single(EventType::Group)),
+        (&["/v1/alias", "/v1/a"], Route::Single(EventType::Alias)),
+        (&["/v1/batch", "/v1/b", "/v1/import"], Route::Batch),
+    ];
+    let mut router = axum::Router::new();
+    for (paths, route) in table {
+        for path in paths {
+            router = router.route(
+                path,
+                post(
+                    move |State(ingestion): State<Ingestion>, headers: HeaderMap, body: Body| {
+                        accept(ingestion, route, headers, body)
+                    },
+                )
+                .options(response::preflight),
+            );
+        }
+    }
+    router.with_state(ingestion)
+}
+
+async fn accept(ingestion: Ingestion, route: Route, headers: HeaderMap, body: Body) -> Response {
+    let received_at = OffsetDateTime::now_utc();
+    let result = ingestion
+        .accept_http(route, &headers, body, received_at)
+        .await;
+    let response = response::render(result);
+    metrics::counter!(
+        "tessera_ingestion_http_requests_total",
+        "status" => response.status().as_str().to_owned()
+    )
+    .increment(1);
+    response
+}
+
+impl Ingestion {
+    /// Handles one tracking API request: `Ok` with the refused messages (none: all stored).
+    async fn accept_http(
+        &self,
+        route: Route,
+        headers: &HeaderMap,
+        body: Body,
+        received_at: OffsetDateTime,
+    ) -> Result<Refused, Failure> {
+        // The body is read (within bounds) even for a bad key in the header: answering before
+        // the upload ends makes clients see a reset instead of the 401, and retry.
+        let raw = body::read(body, MAX_BODY_BYTES)
+            .await
+            .map_err(body_failure)?;
+        // A key in the Authorization header is checked before any decoding or parsing.
+        let header_source = match basic_write_key(headers) {
+            Some(key) => Some(self.authenticate(&key).await?),
+            None => None,
+        };
+        let decoded = body::decode(headers, raw, MAX_BODY_BYTES).map_err(body_failure)?;
+        // Some clients start their UTF-8 with a byte-order mark, which JSON does not allow.
+        let json = decoded.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&decoded);
+        let parsed: Value = serde_json::from_slice(json)
+            .map_err(|e| Failure::Malformed(format!("the body is not valid JSON: {e}")))?;
+        let Value::Object(mut object) = parsed else {
+            return Err(Failure::Malformed(
+                "the body must be a JSON object".to_owned(),
+            ));
+        };
+        let batch = matches!(route, Route::Batch);
+        let envelope = wire::envelope(&object, batch).map_err(Failure::Envelope)?;
+        let source = match header_source {
+            Some(source) => source,
+            None => {
+                let key = envelope.write_key.as_deref().unwrap_or("");
+                self.authenticate(key).await?
+            }
+        };
+        let (messages, prefix) = match route {
+            Route::Single(_) => (vec![Value::Object(object)], None),
+            Route::Batch => match object.remove("batch") {
+                Some(Value::Array(items)) => (items, Some("batch")),
+                None | Some(Value::Null) => {
+                    return Err(Failure::Envelope(vec![FieldViolation::new(
+                        "batch",
+                        "required: an array of messages",
+                    )]));
+                }
+                Some(_) => {
+                    return Err(Failure::Envelope(vec![FieldViolation::new(
+                        "batch",
+                        "must be an array of messages",
+                    )]));
+                }
+            },
+        };
+        let max = self.settings.max_batch;
+        if messages.len() > max {
+            return Err(Failure::TooManyMessages {
+                got: messages.len(),
+                limit: max,
+            });
+        }
+        self.check_rate(&source, messages.len())?;
+        self.store_messages(&source, route, messages, prefix, &envelope, received_at)
+            .await
+    }
+
+    /// Converts the messages and stores the valid ones in one append; returns the refused.
+    async fn store_messages(
+        &self,
+        source: &Source,
+        route: Route,
+        messages: Vec<Value>,
+        prefix: Option<&str>,
+        envelope: &wire::Envelope,
+        received_at: OffsetDateTime,
+    ) -> Result<Refused, Failure> {
+        let kind = match route {
+            Route::Single(kind) => Some(kind),
+            Route::Batch => None,
+        };
+        let total = messages.len();
+        let mut valid = Vec::with_capacity(total);
+        let mut refused = Refused::default();
+        for (index, value) in messages.into_iter().enumerate() {
+            let path = |field: &str| match (prefix, field.is_empty()) {
+                (Some(p), true) => format!("{p}[{index}]"),
+                (Some(p), false) => format!("{p}[{index}].{field}"),
+                (None, _) => field.to_owned(),
+            };
+            match wire::message(value, kind, envelope, received_at) {
+                Ok(event) => valid.push(event),
+                Err(Refusal::Invalid(violations)) => {
+                    for v in violations {
+                        refused.invalid(index, path(&v.field), v.description);
+                    }
+                }
+                Err(Refusal::TooLarge(size)) => refused.too_large(index, path(""), size),
+            }
+        }
+        refused.accepted = valid.len();
+        refused.total = total;
+        if !refused.is_empty() {
+            tracing::debug!(
+                source = %source.id,
+                refused = total - valid.len(),
+                accepted = valid.len(),
+                "tracking api refused messages"
+            );
+            metrics::counter!("tessera_ingestion_http_refused_messages_total")
+                .increment((total - valid.len()) as u64);
+        }
+        if !valid.is_empty() {
+            self.store(&source.id.to_string(), valid, received_at)
+                .await?;
+        }
+        Ok(refused)
+    }
+}
+
+/// The write key of an `Authorization: Basic base64(key:)` header: the user name, whatever the
+/// password. `None` without such a header.
+fn basic_write_key(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    key::from_basic_auth(value)
+}
+
+fn body_failure(e: BodyError) -> Failure {
+    match e {
+        BodyError::TooLarge => Failure::BodyTooLarge {
+            decompressed: false,
+        },
+        BodyError::InflatesTooLarge => Failure::BodyTooLarge { decompressed: true },
+        BodyError::UnsupportedEncoding(coding) => Failure::UnsupportedEncoding(coding),
+        BodyError::BadGzip => Failure::Malformed(
+            "the body is not a valid gzip stream (Content-Encoding: gzip)".into(),
+        ),
+        BodyError::Broken => Failure::Malformed("the request body could not be read".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(http::header::AUTHORIZATION, value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn the_write_key_is_the_basic_user() {
+        // base64("TEST_WRITE_KEY:"), as the libraries send it.
+        assert_eq!(
+            basic_write_key(&auth("Basic VEVTVF9XUklURV9LRVk6")).as_deref(),
+            Some("TEST_WRITE_KEY")
+        );
+        // base64("key:secret"): the password is ignored.
+        assert_eq!(
+            basic_write_key(&auth("basic a2V5OnNlY3JldA==")).as_deref(),
+            Some("key")
+        );
+        assert_eq!(basic_write_key(&auth("Bearer abc")), None);
+        assert_eq!(basic_write_key(&auth("Basic !!!")), None);
+        assert_eq!(basic_write_key(&auth("Basic Og==")), None, "empty user");
+        assert_eq!(basic_write_key(&HeaderMap::new()), None);
+    }
 }

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use tessera_ingestion::{Ingestion, IngestionSettings, MIGRATIONS, SCHEMA};
 use tessera_proto::ingestion::v1::IngestEventsRequest;
-use tessera_proto::ingestion::v1::ingestion_service_client::IngestionServiceClient;
 use tessera_server::{GrpcServices, Shutdown};
 use tessera_store::{Database, DbSettings};
 use tessera_testkit::{GrpcTestServer, TestSqlite};
@@ -28,6 +27,7 @@ async fn a_backlog_over_its_limit_refuses_new_events() {
     )
     .await
     .unwrap();
+    crate::sources::with_test_source(&ingestion).await;
     // Peers that never answer: nothing is delivered, the backlog only grows.
     let nowhere = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
     let stop = Shutdown::new();
@@ -35,7 +35,7 @@ async fn a_backlog_over_its_limit_refuses_new_events() {
     let mut services = GrpcServices::default();
     ingestion.register(&mut services);
     let server = GrpcTestServer::start(services).await;
-    let mut client = IngestionServiceClient::new(server.channel().await);
+    let mut client = crate::sources::client(server.channel().await);
 
     let batch = |from: usize| IngestEventsRequest {
         events: (from..from + 10)

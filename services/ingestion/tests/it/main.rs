@@ -1,10 +1,13 @@
 //! The ingestion gRPC API through the real server edge, on SQLite and on Postgres.
 
 mod backlog;
+mod http_api;
+mod http_harness;
+mod http_wire;
+mod sources;
 
 use tessera_ingestion::{Ingestion, IngestionSettings, MIGRATIONS, SCHEMA};
 use tessera_proto::common::v1::{Event, EventType};
-use tessera_proto::ingestion::v1::ingestion_service_client::IngestionServiceClient;
 use tessera_proto::ingestion::v1::{EventStatus, IngestEventsRequest};
 use tessera_server::GrpcServices;
 use tessera_store::{Database, DbSettings};
@@ -18,6 +21,7 @@ async fn serve(url: &str, settings: IngestionSettings) -> GrpcTestServer {
         .unwrap();
     db.migrate(MIGRATIONS).await.unwrap();
     let ingestion = Ingestion::new(db, settings).await.unwrap();
+    sources::with_test_source(&ingestion).await;
     let mut services = GrpcServices::default();
     ingestion.register(&mut services);
     GrpcTestServer::start(services).await
@@ -34,7 +38,7 @@ pub(crate) fn track(message_id: &str, user_id: &str, name: &str) -> Event {
 }
 
 async fn rejects_invalid_events_naming_each_field(channel: Channel) {
-    let mut client = IngestionServiceClient::new(channel);
+    let mut client = sources::client(channel);
     let events = vec![
         track("ok", "u1", "Fine"),
         track("no-user", "", "Anonymous nobody"),
@@ -87,7 +91,7 @@ async fn rejects_invalid_events_naming_each_field(channel: Channel) {
 }
 
 async fn acknowledges_duplicates_with_the_original_id(channel: Channel) {
-    let mut client = IngestionServiceClient::new(channel);
+    let mut client = sources::client(channel);
     let batch = vec![track("m1", "u1", "A"), track("", "u1", "B")];
     let first = client
         .ingest_events(IngestEventsRequest {
@@ -118,7 +122,7 @@ async fn acknowledges_duplicates_with_the_original_id(channel: Channel) {
 }
 
 async fn refuses_oversized_batches(channel: Channel) {
-    let mut client = IngestionServiceClient::new(channel);
+    let mut client = sources::client(channel);
     let events = (0..11).map(|i| track(&format!("m{i}"), "u", "E")).collect();
     let err = client
         .ingest_events(IngestEventsRequest { events })
