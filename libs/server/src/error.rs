@@ -50,6 +50,17 @@ pub fn status(code: ErrorCode, message: impl Into<String>) -> Status {
     }
 }
 
+/// A retryable status for `code` whose `RetryInfo` says to wait `retry_after` (for example the
+/// time until a rate limit refills).
+pub fn status_with_retry(
+    code: ErrorCode,
+    message: impl Into<String>,
+    retry_after: Duration,
+) -> Status {
+    let details = ErrorDetails::with_retry_info(Some(retry_after));
+    Status::with_error_details(grpc_code(code), message, details)
+}
+
 /// INVALID_ARGUMENT with a `BadRequest` detail naming every violated field; the message lists
 /// them too, for clients that do not decode details.
 pub fn invalid_argument(violations: &[FieldViolation]) -> Status {

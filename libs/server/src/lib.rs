@@ -12,5 +12,5 @@ mod telemetry;
 pub use edge::{
     EdgeSettings, GrpcServices, ServeError, Shutdown, metrics_handle, serve, shutdown_on_signal,
 };
-pub use error::{http_status, internal, invalid_argument, status};
+pub use error::{http_status, internal, invalid_argument, status, status_with_retry};
 pub use telemetry::{TelemetryError, TelemetryGuard, TelemetrySettings, init_telemetry};

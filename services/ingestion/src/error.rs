@@ -59,9 +59,11 @@ impl From<IngestError> for tonic::Status {
                 e.code(),
                 "a valid write key is required (unknown or disabled key)",
             ),
-            IngestError::RateLimited { .. } => {
-                tessera_server::status(e.code(), "over the rate limit, retry later")
-            }
+            IngestError::RateLimited { retry_after } => tessera_server::status_with_retry(
+                e.code(),
+                "over the rate limit, retry later",
+                *retry_after,
+            ),
             IngestError::Store(_) | IngestError::Encode(_) => {
                 tessera_server::internal(e.code(), &e)
             }

@@ -63,9 +63,12 @@ async fn a_backlog_over_its_limit_refuses_new_events() {
         tonic::Code::ResourceExhausted,
         "{refused:?}"
     );
-    assert!(
-        refused.get_error_details().retry_info().is_some(),
-        "a retry hint"
+    let details = refused.get_error_details();
+    let retry = details.retry_info().expect("a retry hint");
+    assert_eq!(
+        retry.retry_delay,
+        Some(Duration::from_secs(5)),
+        "the backlog's own retry delay, not a generic one"
     );
     stop.cancel();
     delivery.await.unwrap();
