@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tessera/common/v1/common.proto",
         "tessera/ingestion/v1/ingestion.proto",
         "tessera/ingestion/v1/sources.proto",
+        "tessera/ingestion/v1/debugger.proto",
         "tessera/identity/v1/identity.proto",
         "tessera/profile/v1/profile.proto",
         "tessera/scoring/v1/scoring.proto",

@@ -1,9 +1,11 @@
 //! End-to-end tests: the walking skeleton through real processes, real gRPC, Postgres and Redis.
 
 mod cli;
+mod debugger;
 mod dev_mode;
 mod faults;
 mod flow;
+mod import;
 mod python_client;
 mod replicas;
 mod restarts;

@@ -1,9 +1,11 @@
 //! `tessera`: one binary for every role. `tessera dev` runs all four services in one process on
 //! SQLite and an in-process cache; `tessera ingestion|identity|profile|scoring` run one service
 //! each against Postgres and Redis; `tessera migrate` applies migrations; `tessera sources`
-//! manages sources and their write keys; `tessera bench` is the load tool.
+//! manages sources and their write keys; `tessera bench` is the load tool; `tessera import` loads
+//! Segment-format JSON lines.
 
 mod bench;
+mod import;
 mod run;
 mod settings;
 mod sources;
@@ -46,6 +48,9 @@ enum Command {
     /// Send synthetic events at a chosen rate and concurrency and report throughput, latency
     /// and time from acceptance to profile visible.
     Bench(bench::BenchArgs),
+    /// Load a file of Segment-format JSON lines (plain or gzip) through the gRPC stream, with a
+    /// progress bar; resumable (FILE.tessera-import), and exits non-zero if a line is rejected.
+    Import(import::ImportArgs),
 }
 
 #[derive(Debug, Args)]

@@ -52,6 +52,7 @@ pub(crate) enum Plan {
     },
     Bench(crate::bench::BenchArgs),
     Sources(crate::sources::SourcesArgs),
+    Import(crate::import::ImportArgs),
 }
 
 fn load(config: &ConfigArgs, env: &HashMap<String, String>) -> anyhow::Result<Settings> {
@@ -148,6 +149,12 @@ pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::R
             Ok(Plan::Bench(args))
         }
         Command::Sources(args) => Ok(Plan::Sources(args)),
+        Command::Import(mut args) => {
+            if args.write_key.is_none() {
+                args.write_key = write_key_from_env(env)?;
+            }
+            Ok(Plan::Import(args))
+        }
     }
 }
 
@@ -192,6 +199,7 @@ pub(crate) async fn execute(plan: Plan) -> anyhow::Result<()> {
         }
         Plan::Bench(args) => crate::bench::run(args).await,
         Plan::Sources(args) => crate::sources::run(args).await,
+        Plan::Import(args) => crate::import::run(args).await,
     }
 }
 

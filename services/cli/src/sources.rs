@@ -368,7 +368,9 @@ mod tests {
             .collect();
         match plan(parse(args)?.command, &env)? {
             Plan::Serve { dev_write_key, .. } => Ok(dev_write_key.map(|k| k.0)),
-            Plan::Migrate { .. } | Plan::Bench(_) | Plan::Sources(_) => panic!("serve"),
+            Plan::Migrate { .. } | Plan::Bench(_) | Plan::Sources(_) | Plan::Import(_) => {
+                panic!("serve")
+            }
         }
     }
 

@@ -74,6 +74,7 @@ impl Ingestion {
             .increment((appended.len() - accepted) as u64);
         if accepted > 0 {
             self.wake.notify_one();
+            self.debugger.accepted(source_id);
         }
         Ok(rows
             .into_iter()

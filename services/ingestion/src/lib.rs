@@ -4,6 +4,7 @@
 
 mod accept;
 mod convert;
+mod debugger;
 mod delivery;
 mod error;
 mod http;
@@ -18,6 +19,7 @@ use tessera_store::{Database, Migrations};
 use tokio::sync::Notify;
 
 pub use error::IngestError;
+pub use http::segment_message;
 pub use sources::{DEV_SOURCE, DevSource, KEY_CACHE_TTL, SourceError, is_valid_write_key};
 
 /// The Postgres schema the service's tables live in.
@@ -84,6 +86,8 @@ pub struct Ingestion {
     wake: Arc<Notify>,
     /// The backlog last measured by this replica's dispatcher.
     backlog: Arc<std::sync::atomic::AtomicI64>,
+    /// The source debugger's wake-ups and tail bookkeeping on this replica.
+    debugger: debugger::Hub,
 }
 
 impl Ingestion {
@@ -99,13 +103,15 @@ impl Ingestion {
             partitions,
             wake: Arc::new(Notify::new()),
             backlog: Arc::new(std::sync::atomic::AtomicI64::new(0)),
+            debugger: debugger::Hub::default(),
         })
     }
 
-    /// Adds the service's gRPC servers: ingestion and the sources admin API.
+    /// Adds the service's gRPC servers: ingestion, the sources admin API and the debugger.
     pub fn register(&self, services: &mut tessera_server::GrpcServices) {
         services.add(service::server(self.clone()));
         services.add(sources::server(self.clone()));
+        services.add(debugger::server(self.clone()));
     }
 
     /// The HTTP routes of the service: the Segment-compatible tracking API.
@@ -113,13 +119,15 @@ impl Ingestion {
         http::routes(self.clone())
     }
 
-    /// Starts delivering the log to the identity and profile services, until `shutdown`.
+    /// Starts delivering the log to the identity and profile services, until `shutdown`, which
+    /// also ends the debugger's live tails (so they never hold up the server's drain).
     pub fn spawn_delivery(
         &self,
         identity: tonic::transport::Channel,
         profile: tonic::transport::Channel,
         shutdown: tessera_server::Shutdown,
     ) -> tokio::task::JoinHandle<()> {
+        self.debugger.stop_on(shutdown.clone());
         let dispatcher = delivery::Dispatcher::new(
             self.log.clone(),
             identity,

@@ -1,11 +1,12 @@
 //! The gRPC IngestionService.
 
+use tessera_core::FieldViolation;
 use tessera_proto::ingestion::v1 as pb;
 use tessera_proto::ingestion::v1::ingestion_service_server::{
     IngestionService, IngestionServiceServer,
 };
 use time::OffsetDateTime;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::Ingestion;
 use crate::convert::accepted_event;
@@ -34,36 +35,67 @@ pub(crate) fn server(ingestion: Ingestion) -> IngestionServiceServer<Ingestion> 
     IngestionServiceServer::new(ingestion).max_decoding_message_size(MAX_MESSAGE_BYTES)
 }
 
+/// The most rejections a stream's response lists; the count covers them all.
+const MAX_LISTED_REJECTIONS: usize = 1_000;
+
+/// A chunk of events after the checks every gRPC front door shares.
+struct Checked {
+    /// The valid events, each with its position in the chunk.
+    valid: Vec<(usize, tessera_core::Event)>,
+    /// The invalid events: position in the chunk, message id as sent, violations.
+    invalid: Vec<(usize, String, Vec<FieldViolation>)>,
+}
+
 impl Ingestion {
-    /// Validates a gRPC batch of `source` as a whole and stores it: all or nothing.
-    async fn ingest(
+    /// The checks IngestEvents and StreamIngestEvents share for one batch or chunk of `source`:
+    /// size limit, rate limit (before validation, so a flood of invalid events is refused
+    /// cheaply too), then each event's validation.
+    fn check_events(
         &self,
         source: &Source,
         events: Vec<tessera_proto::common::v1::Event>,
-    ) -> Result<Vec<pb::EventResult>, IngestError> {
+    ) -> Result<Checked, IngestError> {
         if events.len() > self.settings.max_batch {
             return Err(IngestError::TooLarge {
                 got: events.len(),
                 limit: self.settings.max_batch,
             });
         }
-        // Before validation, so a flood of invalid events is refused cheaply too.
         self.check_rate(source, events.len())?;
-        let received_at = OffsetDateTime::now_utc();
-        let mut violations = Vec::new();
-        let mut valid = Vec::with_capacity(events.len());
+        let mut checked = Checked {
+            valid: Vec::with_capacity(events.len()),
+            invalid: Vec::new(),
+        };
         for (i, event) in events.into_iter().enumerate() {
+            let message_id = event.message_id.clone();
             match accepted_event(event) {
-                Ok(e) => valid.push(e),
-                Err(vs) => {
-                    let prefix = format!("events[{i}]");
-                    violations.extend(vs.into_iter().map(|v| v.prefixed(&prefix)));
-                }
+                Ok(e) => checked.valid.push((i, e)),
+                Err(vs) => checked.invalid.push((i, message_id, vs)),
             }
         }
-        if !violations.is_empty() {
+        Ok(checked)
+    }
+
+    /// Validates a gRPC batch of `source` as a whole and stores it: all or nothing.
+    async fn ingest(
+        &self,
+        source: &Source,
+        events: Vec<tessera_proto::common::v1::Event>,
+    ) -> Result<Vec<pb::EventResult>, IngestError> {
+        let received_at = OffsetDateTime::now_utc();
+        let checked = self.check_events(source, events)?;
+        if !checked.invalid.is_empty() {
+            let violations = checked
+                .invalid
+                .into_iter()
+                .flat_map(|(i, _, vs)| {
+                    let prefix = format!("events[{i}]");
+                    vs.into_iter().map(move |v| v.prefixed(&prefix))
+                })
+                .collect();
             return Err(IngestError::Invalid(violations));
         }
+        let valid = checked.valid.into_iter().map(|(_, e)| e).collect();
         let stored = self
             .store(&source.id.to_string(), valid, received_at)
             .await?;
@@ -81,6 +113,51 @@ impl Ingestion {
             })
             .collect())
     }
+
+    /// Stores the valid events of each chunk of a stream of `source` as it arrives and
+    /// summarizes the whole stream; invalid events are reported, not fatal.
+    async fn ingest_stream(
+        &self,
+        source: &Source,
+        mut chunks: Streaming<pb::StreamIngestEventsRequest>,
+    ) -> Result<pb::StreamIngestEventsResponse, Status> {
+        let source_id = source.id.to_string();
+        let mut summary = pb::StreamIngestEventsResponse::default();
+        let mut offset: u64 = 0;
+        while let Some(chunk) = chunks.message().await? {
+            let pb::StreamIngestEventsRequest { events } = chunk;
+            let len = events.len() as u64;
+            let received_at = OffsetDateTime::now_utc();
+            let checked = self.check_events(source, events)?;
+            summary.rejected += checked.invalid.len() as u64;
+            for (i, message_id, violations) in checked.invalid {
+                if summary.rejections.len() < MAX_LISTED_REJECTIONS {
+                    summary.rejections.push(pb::RejectedEvent {
+                        index: offset + i as u64,
+                        message_id,
+                        violations: violations.into_iter().map(violation_to_pb).collect(),
+                    });
+                }
+            }
+            if !checked.valid.is_empty() {
+                let valid = checked.valid.into_iter().map(|(_, e)| e).collect();
+                for stored in self.store(&source_id, valid, received_at).await? {
+                    if stored.is_new {
+                        summary.accepted += 1;
+                    } else {
+                        summary.duplicates += 1;
+                    }
+                }
+            }
+            offset += len;
+        }
+        Ok(summary)
+    }
+}
+
+fn violation_to_pb(v: FieldViolation) -> tessera_proto::common::v1::FieldViolation {
+    let FieldViolation { field, description } = v;
+    tessera_proto::common::v1::FieldViolation { field, description }
 }
 
 #[tonic::async_trait]
@@ -93,5 +170,14 @@ impl IngestionService for Ingestion {
         let pb::IngestEventsRequest { events } = request.into_inner();
         let results = self.ingest(&source, events).await?;
         Ok(Response::new(pb::IngestEventsResponse { results }))
+    }
+
+    async fn stream_ingest_events(
+        &self,
+        request: Request<Streaming<pb::StreamIngestEventsRequest>>,
+    ) -> Result<Response<pb::StreamIngestEventsResponse>, Status> {
+        let source = self.authenticate(&write_key(request.metadata())).await?;
+        let summary = self.ingest_stream(&source, request.into_inner()).await?;
+        Ok(Response::new(summary))
     }
 }

@@ -69,6 +69,24 @@ pub(crate) fn routes(ingestion: Ingestion) -> tessera_server::HttpRouter {
     router.with_state(ingestion)
 }
 
+/// Reads one Segment-format message, as `/v1/batch` reads each element of its `batch` (with its
+/// own `type`), into a domain event; every violation otherwise, named as in the JSON. For tools
+/// that load Segment exports, such as `tessera import`.
+pub fn segment_message(value: Value) -> Result<tessera_core::Event, Vec<FieldViolation>> {
+    let received_at = OffsetDateTime::now_utc();
+    match wire::message(value, None, &wire::Envelope::default(), received_at) {
+        Ok(event) => Ok(event),
+        Err(Refusal::Invalid(violations)) => Err(violations),
+        Err(Refusal::TooLarge(size)) => Err(vec![FieldViolation::new(
+            "",
+            format!(
+                "the message is {size} bytes, over the limit of {} bytes",
+                wire::MAX_MESSAGE_BYTES
+            ),
+        )]),
+    }
+}
+
 async fn accept(ingestion: Ingestion, route: Route, headers: HeaderMap, body: Body) -> Response {
     let received_at = OffsetDateTime::now_utc();
     let result = ingestion

@@ -8,7 +8,7 @@ use tessera_testkit::{TestDb, TestSqlite};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{Cursor, EventLog, NewEvent};
+use super::{Cursor, EventFilter, EventLog, LoggedEvent, NewEvent};
 use crate::{MIGRATIONS, SCHEMA};
 
 /// Keeps the backing database alive for the test's duration (dropping it drops the database).
@@ -97,6 +97,8 @@ conformance!(
     reads_each_partition_in_order_after_the_cursor,
     leases_are_shared_fairly_and_fence_the_cursor,
     backlog_counts_undelivered_events,
+    lists_a_sources_events_newest_first_with_filters,
+    tails_settled_events_after_the_head,
 );
 
 async fn appends_and_deduplicates(_db: Database, log: Arc<dyn EventLog>) {
@@ -229,4 +231,141 @@ async fn postgres_delivery_never_skips_a_late_commit() {
     let visible = read_settled(&log, 0, Cursor::default(), 10, 2).await;
     assert_eq!(visible.len(), 2, "both rows, the slow one first");
     assert!(visible[0].cursor < visible[1].cursor);
+}
+
+/// An event of `source` with a given type and track event name.
+fn typed(source: &str, message: &str, kind: &str, name: &str) -> NewEvent {
+    NewEvent {
+        payload: format!(
+            r#"{{"messageId":"{message}","type":"{kind}","userId":"u","event":"{name}"}}"#
+        ),
+        ..event(source, message, 0)
+    }
+}
+
+fn messages(events: &[LoggedEvent]) -> Vec<&str> {
+    events.iter().map(|e| e.message_id.as_str()).collect()
+}
+
+fn filter(kind: Option<&str>, name: Option<&str>) -> EventFilter {
+    EventFilter {
+        event_type: kind.map(str::to_owned),
+        event_name: name.map(str::to_owned),
+    }
+}
+
+async fn lists_a_sources_events_newest_first_with_filters(_db: Database, log: Arc<dyn EventLog>) {
+    log.ensure_partitions(1).await.unwrap();
+    log.append(&[
+        typed("s", "m1", "track", "Signed Up"),
+        typed("s", "m2", "identify", ""),
+        typed("other", "o1", "track", "Signed Up"),
+        typed("s", "m3", "track", "Clicked"),
+        typed("s", "m4", "track", "Signed Up"),
+    ])
+    .await
+    .unwrap();
+    let all = EventFilter::default();
+    let first = log.list_events("s", &all, None, 2).await.unwrap();
+    assert_eq!(messages(&first), ["m4", "m3"]);
+    let rest = log
+        .list_events("s", &all, Some(first[1].cursor.seq), 10)
+        .await
+        .unwrap();
+    assert_eq!(messages(&rest), ["m2", "m1"]);
+    assert!(rest.iter().all(|e| !e.delivered));
+    assert!(rest[1].payload.contains("Signed Up"));
+
+    let tracks = filter(Some("track"), None);
+    let got = log.list_events("s", &tracks, None, 10).await.unwrap();
+    assert_eq!(messages(&got), ["m4", "m3", "m1"]);
+    let signups = filter(Some("track"), Some("Signed Up"));
+    let got = log.list_events("s", &signups, None, 10).await.unwrap();
+    assert_eq!(messages(&got), ["m4", "m1"]);
+    let got = log
+        .list_events("s", &filter(Some("page"), None), None, 10)
+        .await
+        .unwrap();
+    assert!(got.is_empty());
+    assert!(
+        log.list_events("nobody", &all, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Delivery moves past the two oldest events of the partition: they show as delivered.
+    let leases = log.lease("a", 1, LEASE).await.unwrap();
+    let read = read_settled(&log, 0, leases[0].cursor, 2, 2).await;
+    assert!(log.advance("a", 0, read[1].cursor).await.unwrap());
+    let got = log.list_events("s", &all, None, 10).await.unwrap();
+    let delivered: Vec<_> = got
+        .iter()
+        .map(|e| (e.message_id.as_str(), e.delivered))
+        .collect();
+    assert_eq!(
+        delivered,
+        [("m4", false), ("m3", false), ("m2", true), ("m1", true)]
+    );
+}
+
+/// Tails until `want` events arrived or 20 s passed (Postgres settles rows only once every older
+/// transaction of the cluster has ended).
+async fn tail_settled(
+    log: &Arc<dyn EventLog>,
+    source: &str,
+    filter: &EventFilter,
+    mut from: Cursor,
+    want: usize,
+) -> (Vec<LoggedEvent>, Cursor) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut got = Vec::new();
+    loop {
+        let page = log.tail_events(source, filter, from, 2).await.unwrap();
+        assert!(page.next >= from, "the position never moves back");
+        from = page.next;
+        got.extend(page.events);
+        if got.len() >= want || tokio::time::Instant::now() >= deadline {
+            return (got, from);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn tails_settled_events_after_the_head(_db: Database, log: Arc<dyn EventLog>) {
+    log.ensure_partitions(2).await.unwrap();
+    log.append(&[typed("s", "before", "track", "Old")])
+        .await
+        .unwrap();
+    // Let the earlier append settle, so the head is past it.
+    let (old, _) = tail_settled(&log, "s", &EventFilter::default(), Cursor::default(), 1).await;
+    assert_eq!(messages(&old), ["before"]);
+    let head = log.head().await.unwrap();
+    log.append(&[
+        typed("s", "n1", "track", "A"),
+        typed("other", "x1", "track", "A"),
+        NewEvent {
+            partition: 1,
+            ..typed("s", "n2", "identify", "")
+        },
+    ])
+    .await
+    .unwrap();
+    log.append(&[typed("s", "n3", "track", "A")]).await.unwrap();
+    let all = EventFilter::default();
+    let (got, next) = tail_settled(&log, "s", &all, head, 3).await;
+    assert_eq!(
+        messages(&got),
+        ["n1", "n2", "n3"],
+        "in commit order, pages of 2"
+    );
+    assert!(got.windows(2).all(|w| w[0].cursor < w[1].cursor));
+    // Nothing more from where it stopped, until something new is appended.
+    let page = log.tail_events("s", &all, next, 10).await.unwrap();
+    assert!(page.events.is_empty());
+    log.append(&[typed("s", "n4", "track", "B")]).await.unwrap();
+    let (got, _) = tail_settled(&log, "s", &all, page.next, 1).await;
+    assert_eq!(messages(&got), ["n4"]);
+    let (got, _) = tail_settled(&log, "s", &filter(None, Some("A")), head, 2).await;
+    assert_eq!(messages(&got), ["n1", "n3"]);
 }

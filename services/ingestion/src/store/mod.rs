@@ -68,6 +68,37 @@ pub(crate) struct Backlog {
     pub(crate) oldest: Option<OffsetDateTime>,
 }
 
+/// Which events of a source the debugger reads; `None` fields match every event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct EventFilter {
+    /// The event's `type` as stored (`track`, `identify`, ...).
+    pub(crate) event_type: Option<String>,
+    /// The event's `event` (track event name), matched exactly.
+    pub(crate) event_name: Option<String>,
+}
+
+/// An event read for the debugger.
+#[derive(Debug, Clone)]
+pub(crate) struct LoggedEvent {
+    /// Its position in the log (`seq` orders listings; the cursor orders tails).
+    pub(crate) cursor: Cursor,
+    pub(crate) event_id: Uuid,
+    pub(crate) message_id: String,
+    /// The event as JSON (a `tessera_core::Event`).
+    pub(crate) payload: String,
+    pub(crate) received_at: OffsetDateTime,
+    /// Whether its partition's delivery cursor is at or past it.
+    pub(crate) delivered: bool,
+}
+
+/// A page of a tail: the events read and where the next read starts.
+#[derive(Debug, Clone)]
+pub(crate) struct TailPage {
+    pub(crate) events: Vec<LoggedEvent>,
+    /// The position after this page: past every event that could still appear at or before it.
+    pub(crate) next: Cursor,
+}
+
 /// The event log and its delivery state.
 #[async_trait]
 pub(crate) trait EventLog: Send + Sync + std::fmt::Debug {
@@ -117,6 +148,31 @@ pub(crate) trait EventLog: Send + Sync + std::fmt::Debug {
     /// How many events wait for delivery, over all partitions, and when the oldest of them was
     /// received (`None` when none waits).
     async fn backlog(&self) -> Result<Backlog, StoreError>;
+
+    /// Up to `limit` events of `source_id` matching `filter`, newest (highest seq) first, with a
+    /// seq below `before_seq` when given.
+    async fn list_events(
+        &self,
+        source_id: &str,
+        filter: &EventFilter,
+        before_seq: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<LoggedEvent>, StoreError>;
+
+    /// The log's current head: a tail starting here sees every event committed from now on (and
+    /// possibly a few committed just before).
+    async fn head(&self) -> Result<Cursor, StoreError>;
+
+    /// Up to `limit` events of `source_id` matching `filter` after `after`, in commit order, that
+    /// are settled (no earlier event can still appear behind them), and the position to read
+    /// from next. Events committed later never appear at or before `next`.
+    async fn tail_events(
+        &self,
+        source_id: &str,
+        filter: &EventFilter,
+        after: Cursor,
+        limit: i64,
+    ) -> Result<TailPage, StoreError>;
 }
 
 /// The event log on `db`.

@@ -4,12 +4,15 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::PgPool;
-use sqlx::Row;
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Postgres, QueryBuilder, Row};
 use tessera_store::StoreError;
 use uuid::Uuid;
 
-use super::{Appended, Backlog, Cursor, EventLog, Lease, NewEvent, StoredEvent, collate};
+use super::{
+    Appended, Backlog, Cursor, EventFilter, EventLog, Lease, LoggedEvent, NewEvent, StoredEvent,
+    TailPage, collate,
+};
 
 #[derive(Debug, Clone)]
 pub(crate) struct PgEventLog {
@@ -24,6 +27,40 @@ impl PgEventLog {
 
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
+}
+
+/// The debugger's select list and join: an event with whether its partition's cursor passed it.
+const LOGGED_EVENT: &str = "SELECT e.txid::text::bigint, e.seq, e.event_id, e.message_id, \
+     e.payload::text, e.received_at, \
+     COALESCE((e.txid, e.seq) <= (p.cursor_txid, p.cursor_seq), false) \
+     FROM events e LEFT JOIN delivery_partitions p ON p.partition = e.partition \
+     WHERE e.source_id = ";
+
+fn push_filter(query: &mut QueryBuilder<Postgres>, filter: &EventFilter) {
+    if let Some(kind) = &filter.event_type {
+        query
+            .push(" AND e.payload->>'type' = ")
+            .push_bind(kind.clone());
+    }
+    if let Some(name) = &filter.event_name {
+        query
+            .push(" AND e.payload->>'event' = ")
+            .push_bind(name.clone());
+    }
+}
+
+fn logged_event(row: &PgRow) -> Result<LoggedEvent, StoreError> {
+    Ok(LoggedEvent {
+        cursor: Cursor {
+            txid: row.try_get(0)?,
+            seq: row.try_get(1)?,
+        },
+        event_id: row.try_get(2)?,
+        message_id: row.try_get(3)?,
+        payload: row.try_get(4)?,
+        received_at: row.try_get(5)?,
+        delivered: row.try_get(6)?,
+    })
 }
 
 #[async_trait]
@@ -251,5 +288,76 @@ impl EventLog for PgEventLog {
             events: row.try_get(0)?,
             oldest: row.try_get(1)?,
         })
+    }
+
+    async fn list_events(
+        &self,
+        source_id: &str,
+        filter: &EventFilter,
+        before_seq: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<LoggedEvent>, StoreError> {
+        let mut query = QueryBuilder::<Postgres>::new(LOGGED_EVENT);
+        query.push_bind(source_id.to_owned());
+        if let Some(before) = before_seq {
+            query.push(" AND e.seq < ").push_bind(before);
+        }
+        push_filter(&mut query, filter);
+        query.push(" ORDER BY e.seq DESC LIMIT ").push_bind(limit);
+        let rows = query.build().fetch_all(&self.pool).await?;
+        rows.iter().map(logged_event).collect()
+    }
+
+    async fn head(&self) -> Result<Cursor, StoreError> {
+        // Rows of transactions older than the oldest running one are all visible now; a tail
+        // from (xmin, 0) sees every later one, including those of transactions still running.
+        let xmin: i64 =
+            sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(Cursor { txid: xmin, seq: 0 })
+    }
+
+    async fn tail_events(
+        &self,
+        source_id: &str,
+        filter: &EventFilter,
+        after: Cursor,
+        limit: i64,
+    ) -> Result<TailPage, StoreError> {
+        // Read the horizon first: rows below it are settled, so when fewer than `limit` rows come
+        // back, everything before (horizon, 0) has been seen.
+        let horizon = self.head().await?;
+        // Per partition, so each part is a range scan of the delivery-order index from the
+        // position on (source and filters are checked on the rows of that range only).
+        let mut query = QueryBuilder::<Postgres>::new(
+            "SELECT e.txid::text::bigint, e.seq, e.event_id, e.message_id, e.payload::text, \
+             e.received_at, (e.txid, e.seq) <= (p.cursor_txid, p.cursor_seq) \
+             FROM delivery_partitions p CROSS JOIN LATERAL ( \
+               SELECT * FROM events e WHERE e.partition = p.partition AND (e.txid, e.seq) > (",
+        );
+        query
+            .push_bind(after.txid.to_string())
+            .push("::text::xid8, ")
+            .push_bind(after.seq)
+            .push(") AND e.txid < ")
+            .push_bind(horizon.txid.to_string())
+            .push("::text::xid8 AND e.source_id = ")
+            .push_bind(source_id.to_owned());
+        push_filter(&mut query, filter);
+        query
+            .push(" ORDER BY e.txid, e.seq LIMIT ")
+            .push_bind(limit)
+            .push(") e ORDER BY e.txid, e.seq LIMIT ")
+            .push_bind(limit);
+        let rows = query.build().fetch_all(&self.pool).await?;
+        let events = rows
+            .iter()
+            .map(logged_event)
+            .collect::<Result<Vec<_>, _>>()?;
+        let last = events.last().map_or(after, |e| e.cursor);
+        let full = i64::try_from(events.len()).unwrap_or(i64::MAX) >= limit;
+        let next = if full { last } else { last.max(horizon) };
+        Ok(TailPage { events, next })
     }
 }

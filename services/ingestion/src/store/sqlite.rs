@@ -5,12 +5,16 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use tessera_store::StoreError;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{Appended, Backlog, Cursor, EventLog, Lease, NewEvent, StoredEvent, collate};
+use super::{
+    Appended, Backlog, Cursor, EventFilter, EventLog, Lease, LoggedEvent, NewEvent, StoredEvent,
+    TailPage, collate,
+};
 
 #[derive(Debug, Clone)]
 pub(crate) struct SqliteEventLog {
@@ -42,6 +46,40 @@ fn duration_micros(d: Duration) -> i64 {
 
 fn bad_uuid(e: uuid::Error) -> StoreError {
     StoreError::Sqlx(sqlx::Error::Decode(Box::new(e)))
+}
+
+/// The debugger's select list and join: an event with whether its partition's cursor passed it.
+const LOGGED_EVENT: &str = "SELECT e.seq, e.event_id, e.message_id, e.payload, e.received_at, \
+     COALESCE(e.seq <= p.cursor_seq, 0) \
+     FROM events e LEFT JOIN delivery_partitions p ON p.partition = e.partition \
+     WHERE e.source_id = ";
+
+fn push_filter(query: &mut QueryBuilder<Sqlite>, filter: &EventFilter) {
+    if let Some(kind) = &filter.event_type {
+        query
+            .push(" AND json_extract(e.payload, '$.type') = ")
+            .push_bind(kind.clone());
+    }
+    if let Some(name) = &filter.event_name {
+        query
+            .push(" AND json_extract(e.payload, '$.event') = ")
+            .push_bind(name.clone());
+    }
+}
+
+fn logged_event(row: &SqliteRow) -> Result<LoggedEvent, StoreError> {
+    let id: String = row.try_get(1)?;
+    Ok(LoggedEvent {
+        cursor: Cursor {
+            txid: 0,
+            seq: row.try_get(0)?,
+        },
+        event_id: Uuid::parse_str(&id).map_err(bad_uuid)?,
+        message_id: row.try_get(2)?,
+        payload: row.try_get(3)?,
+        received_at: from_micros(row.try_get(4)?),
+        delivered: row.try_get(5)?,
+    })
 }
 
 // SQLite allows 32,766 bound parameters; 6 per row.
@@ -259,5 +297,60 @@ impl EventLog for SqliteEventLog {
             events: row.try_get(0)?,
             oldest: oldest.map(from_micros),
         })
+    }
+
+    async fn list_events(
+        &self,
+        source_id: &str,
+        filter: &EventFilter,
+        before_seq: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<LoggedEvent>, StoreError> {
+        let mut query = QueryBuilder::<Sqlite>::new(LOGGED_EVENT);
+        query.push_bind(source_id.to_owned());
+        if let Some(before) = before_seq {
+            query.push(" AND e.seq < ").push_bind(before);
+        }
+        push_filter(&mut query, filter);
+        query.push(" ORDER BY e.seq DESC LIMIT ").push_bind(limit);
+        let rows = query.build().fetch_all(&self.pool).await?;
+        rows.iter().map(logged_event).collect()
+    }
+
+    async fn head(&self) -> Result<Cursor, StoreError> {
+        let seq: i64 = sqlx::query_scalar("SELECT COALESCE(max(seq), 0) FROM events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Cursor { txid: 0, seq })
+    }
+
+    async fn tail_events(
+        &self,
+        source_id: &str,
+        filter: &EventFilter,
+        after: Cursor,
+        limit: i64,
+    ) -> Result<TailPage, StoreError> {
+        // Writes are serial, so seq order is commit order: everything up to the head read first
+        // is settled.
+        let horizon = self.head().await?;
+        let mut query = QueryBuilder::<Sqlite>::new(LOGGED_EVENT);
+        query
+            .push_bind(source_id.to_owned())
+            .push(" AND e.seq > ")
+            .push_bind(after.seq)
+            .push(" AND e.seq <= ")
+            .push_bind(horizon.seq);
+        push_filter(&mut query, filter);
+        query.push(" ORDER BY e.seq LIMIT ").push_bind(limit);
+        let rows = query.build().fetch_all(&self.pool).await?;
+        let events = rows
+            .iter()
+            .map(logged_event)
+            .collect::<Result<Vec<_>, _>>()?;
+        let last = events.last().map_or(after, |e| e.cursor);
+        let full = i64::try_from(events.len()).unwrap_or(i64::MAX) >= limit;
+        let next = if full { last } else { last.max(horizon) };
+        Ok(TailPage { events, next })
     }
 }

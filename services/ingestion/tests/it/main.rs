@@ -1,10 +1,12 @@
 //! The ingestion gRPC API through the real server edge, on SQLite and on Postgres.
 
 mod backlog;
+mod debugger;
 mod http_api;
 mod http_harness;
 mod http_wire;
 mod sources;
+mod stream;
 
 use tessera_ingestion::{Ingestion, IngestionSettings, MIGRATIONS, SCHEMA};
 use tessera_proto::common::v1::{Event, EventType};
