@@ -205,6 +205,7 @@ pub async fn serve(
         );
 
     let metrics = metrics_handle();
+    let max_body = settings.max_http_body_bytes;
     let admin = axum::Router::new()
         .route(
             "/healthz",
@@ -230,6 +231,9 @@ pub async fn serve(
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             settings.max_http_body_bytes,
         ))
+        .layer(axum::middleware::map_response(move |response| {
+            json_payload_too_large(response, max_body)
+        }))
         .layer(TraceLayer::new_for_http());
     let http_server = axum::serve(http, admin).with_graceful_shutdown(drained.cancelled_owned());
 
@@ -317,4 +321,28 @@ fn oversize_is_resource_exhausted(headers: &mut http::HeaderMap) {
             http::HeaderValue::from_static("request message larger than the server accepts"),
         );
     }
+}
+
+/// The body limit's own 413 is plain text; every HTTP error of Tessera is JSON that names the
+/// problem, so this one is rewritten.
+async fn json_payload_too_large(
+    response: axum::response::Response,
+    limit: usize,
+) -> axum::response::Response {
+    let is_json = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if response.status() != http::StatusCode::PAYLOAD_TOO_LARGE || is_json {
+        return response;
+    }
+    let body = format!(
+        r#"{{"code":"payload_too_large","message":"the request body is larger than the server accepts ({limit} bytes)"}}"#
+    );
+    (
+        http::StatusCode::PAYLOAD_TOO_LARGE,
+        [(http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }

@@ -107,6 +107,21 @@ async fn reports_health_and_metrics_and_drains_before_closing() {
         "{metrics}"
     );
 
+    // A body over the edge's limit is refused before any handler, with a JSON answer.
+    let mut stream = TcpStream::connect(http_addr).await.unwrap();
+    let request = format!(
+        "POST /v1/batch HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        EdgeSettings::default().max_http_body_bytes + 1
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).await;
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(
+        response.contains("application/json") && response.contains("payload_too_large"),
+        "{response}"
+    );
+
     // Shutdown: NOT_SERVING and /healthz 503 while draining, then the server stops.
     shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(300)).await;
