@@ -12,3 +12,4 @@ mod restarts;
 mod sdk_python;
 mod separate_processes;
 mod sources;
+mod tracking_plans;

@@ -47,10 +47,21 @@ impl Ingestion {
         events: Vec<Event>,
         received_at: OffsetDateTime,
     ) -> Result<Vec<Stored>, IngestError> {
+        let events = events.into_iter().map(|e| (e, received_at)).collect();
+        self.store_received(source_id, events).await
+    }
+
+    /// [`Ingestion::store`] with each event's own receive time: a quarantine replay stores
+    /// messages received at different times in one append.
+    pub(crate) async fn store_received(
+        &self,
+        source_id: &str,
+        events: Vec<(Event, OffsetDateTime)>,
+    ) -> Result<Vec<Stored>, IngestError> {
         self.check_backlog()?;
-        let received_at = tessera_proto::convert::micros(received_at);
         let mut rows = Vec::with_capacity(events.len());
-        for mut event in events {
+        for (mut event, received_at) in events {
+            let received_at = tessera_proto::convert::micros(received_at);
             if event.message_id.is_empty() {
                 event.message_id = Uuid::new_v4().to_string();
             }

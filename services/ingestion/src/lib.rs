@@ -8,6 +8,7 @@ mod debugger;
 mod delivery;
 mod error;
 mod http;
+mod plans;
 mod service;
 mod sources;
 mod store;
@@ -81,6 +82,8 @@ impl Default for IngestionSettings {
 pub struct Ingestion {
     log: Arc<dyn store::EventLog>,
     sources: sources::Sources,
+    /// Tracking plans and the compiled-plan caches.
+    plans: plans::Plans,
     settings: Arc<IngestionSettings>,
     partitions: i32,
     wake: Arc<Notify>,
@@ -94,11 +97,13 @@ impl Ingestion {
     /// The service on `db`, which must be connected to the `ingestion` schema and migrated.
     pub async fn new(db: Database, settings: IngestionSettings) -> Result<Self, IngestError> {
         let sources = sources::Sources::new(db.clone());
+        let plans = plans::Plans::new(db.clone());
         let log = store::open(db);
         let partitions = log.ensure_partitions(settings.partitions.max(1)).await?;
         Ok(Self {
             log,
             sources,
+            plans,
             settings: Arc::new(settings),
             partitions,
             wake: Arc::new(Notify::new()),
@@ -107,10 +112,12 @@ impl Ingestion {
         })
     }
 
-    /// Adds the service's gRPC servers: ingestion, the sources admin API and the debugger.
+    /// Adds the service's gRPC servers: ingestion, the sources and tracking-plan admin APIs and
+    /// the debugger.
     pub fn register(&self, services: &mut tessera_server::GrpcServices) {
         services.add(service::server(self.clone()));
         services.add(sources::server(self.clone()));
+        services.add(plans::server(self.clone()));
         services.add(debugger::server(self.clone()));
     }
 

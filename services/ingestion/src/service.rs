@@ -49,7 +49,8 @@ struct Checked {
 impl Ingestion {
     /// The checks IngestEvents and StreamIngestEvents share for one batch or chunk of `source`:
     /// size limit, rate limit (before validation, so a flood of invalid events is refused
-    /// cheaply too), then each event's validation.
+    /// cheaply too), then each event's validation. The tracking plan comes after, in
+    /// [`Ingestion::screen`].
     fn check_events(
         &self,
         source: &Source,
@@ -76,7 +77,8 @@ impl Ingestion {
         Ok(checked)
     }
 
-    /// Validates a gRPC batch of `source` as a whole and stores it: all or nothing.
+    /// Validates a gRPC batch of `source` as a whole and stores it: all or nothing. Messages
+    /// the tracking plan blocks are quarantined even so, and refused like invalid ones.
     async fn ingest(
         &self,
         source: &Source,
@@ -85,17 +87,14 @@ impl Ingestion {
         let received_at = OffsetDateTime::now_utc();
         let checked = self.check_events(source, events)?;
         if !checked.invalid.is_empty() {
-            let violations = checked
-                .invalid
-                .into_iter()
-                .flat_map(|(i, _, vs)| {
-                    let prefix = format!("events[{i}]");
-                    vs.into_iter().map(move |v| v.prefixed(&prefix))
-                })
-                .collect();
-            return Err(IngestError::Invalid(violations));
+            return Err(IngestError::Invalid(prefixed(checked.invalid)));
         }
-        let valid = checked.valid.into_iter().map(|(_, e)| e).collect();
+        let screened = self.screen(source, checked.valid, received_at).await?;
+        if !screened.blocked.is_empty() {
+            // All or nothing: the blocked messages are quarantined, the others not stored.
+            return Err(IngestError::Invalid(prefixed(screened.blocked)));
+        }
+        let valid = screened.passed.into_iter().map(|(_, e)| e).collect();
         let stored = self
             .store(&source.id.to_string(), valid, received_at)
             .await?;
@@ -129,8 +128,12 @@ impl Ingestion {
             let len = events.len() as u64;
             let received_at = OffsetDateTime::now_utc();
             let checked = self.check_events(source, events)?;
-            summary.rejected += checked.invalid.len() as u64;
-            for (i, message_id, violations) in checked.invalid {
+            let screened = self.screen(source, checked.valid, received_at).await?;
+            let mut rejected = checked.invalid;
+            rejected.extend(screened.blocked);
+            rejected.sort_by_key(|(i, _, _)| *i);
+            summary.rejected += rejected.len() as u64;
+            for (i, message_id, violations) in rejected {
                 if summary.rejections.len() < MAX_LISTED_REJECTIONS {
                     summary.rejections.push(pb::RejectedEvent {
                         index: offset + i as u64,
@@ -139,8 +142,8 @@ impl Ingestion {
                     });
                 }
             }
-            if !checked.valid.is_empty() {
-                let valid = checked.valid.into_iter().map(|(_, e)| e).collect();
+            if !screened.passed.is_empty() {
+                let valid = screened.passed.into_iter().map(|(_, e)| e).collect();
                 for stored in self.store(&source_id, valid, received_at).await? {
                     if stored.is_new {
                         summary.accepted += 1;
@@ -153,6 +156,17 @@ impl Ingestion {
         }
         Ok(summary)
     }
+}
+
+/// The violations of refused messages, each field named from the batch (`events[3].user_id`).
+fn prefixed(invalid: Vec<(usize, String, Vec<FieldViolation>)>) -> Vec<FieldViolation> {
+    invalid
+        .into_iter()
+        .flat_map(|(i, _, vs)| {
+            let prefix = format!("events[{i}]");
+            vs.into_iter().map(move |v| v.prefixed(&prefix))
+        })
+        .collect()
 }
 
 fn violation_to_pb(v: FieldViolation) -> tessera_proto::common::v1::FieldViolation {

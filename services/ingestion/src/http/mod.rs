@@ -4,7 +4,9 @@
 //! A request is authenticated (write key as the HTTP Basic user, or `writeKey` in the body),
 //! read within bounds (500 KB raw and decompressed), parsed leniently into domain events
 //! ([`wire`]), checked against the source's rate limit, and the valid messages are stored
-//! durably before the answer. Partial batches: the valid messages of a batch are stored even
+//! durably before the answer. The source's tracking plan applies to the valid messages
+//! ([`crate::plans`]): in `block` mode a violating message is refused like an invalid one, its
+//! entries naming the field, the schema and the failing rule. Partial batches: the valid messages of a batch are stored even
 //! when others are refused; the answer is then 400 (or 413 when a refused message is over
 //! 32 KB) listing each refused message by index and field. A library that re-sends the batch
 //! on that answer re-sends only duplicates, which ingestion drops by message id; no valid
@@ -193,7 +195,7 @@ impl Ingestion {
                 (None, _) => field.to_owned(),
             };
             match wire::message(value, kind, envelope, received_at) {
-                Ok(event) => valid.push(event),
+                Ok(event) => valid.push((index, event)),
                 Err(Refusal::Invalid(violations)) => {
                     for v in violations {
                         refused.invalid(index, path(&v.field), v.description);
@@ -202,6 +204,18 @@ impl Ingestion {
                 Err(Refusal::TooLarge(size)) => refused.too_large(index, path(""), size),
             }
         }
+        // The tracking plan: blocked messages are quarantined and refused like invalid ones.
+        let screened = self.screen(source, valid, received_at).await?;
+        for (index, _, violations) in screened.blocked {
+            for v in violations {
+                let field = match prefix {
+                    Some(p) => format!("{p}[{index}].{}", v.field),
+                    None => v.field,
+                };
+                refused.invalid(index, field, v.description);
+            }
+        }
+        let valid: Vec<_> = screened.passed.into_iter().map(|(_, e)| e).collect();
         refused.accepted = valid.len();
         refused.total = total;
         if !refused.is_empty() {

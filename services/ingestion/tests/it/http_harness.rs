@@ -81,14 +81,18 @@ impl Api {
         }
     }
 
-    /// The admin API of sources.
-    pub(crate) async fn sources(&self) -> SourceServiceClient<tonic::transport::Channel> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc))
+    /// A channel to the gRPC port.
+    pub(crate) async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc))
             .unwrap()
             .connect()
             .await
-            .unwrap();
-        SourceServiceClient::new(channel)
+            .unwrap()
+    }
+
+    /// The admin API of sources.
+    pub(crate) async fn sources(&self) -> SourceServiceClient<tonic::transport::Channel> {
+        SourceServiceClient::new(self.channel().await)
     }
 
     /// Creates a source, returning its id and write key.

@@ -7,6 +7,7 @@ mod http_harness;
 mod http_wire;
 mod sources;
 mod stream;
+mod tracking_plans;
 
 use tessera_ingestion::{Ingestion, IngestionSettings, MIGRATIONS, SCHEMA};
 use tessera_proto::common::v1::{Event, EventType};
