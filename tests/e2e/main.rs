@@ -4,6 +4,7 @@ mod cli;
 mod debugger;
 mod dev_mode;
 mod faults;
+mod faults_under_load;
 mod flow;
 mod import;
 mod python_client;

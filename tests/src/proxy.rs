@@ -1,8 +1,8 @@
 //! A TCP proxy that can be cut, to make a dependency unreachable on demand.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -14,6 +14,7 @@ pub struct Proxy {
     addr: SocketAddr,
     up: Arc<AtomicBool>,
     cut: watch::Sender<u64>,
+    target: Arc<Mutex<SocketAddr>>,
 }
 
 impl Proxy {
@@ -23,7 +24,8 @@ impl Proxy {
         let addr = listener.local_addr().expect("proxy addr");
         let up = Arc::new(AtomicBool::new(true));
         let (cut, _) = watch::channel(0u64);
-        let (up2, cut2) = (up.clone(), cut.clone());
+        let target = Arc::new(Mutex::new(target));
+        let (up2, cut2, target2) = (up.clone(), cut.clone(), target.clone());
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if !up2.load(Ordering::SeqCst) {
@@ -31,10 +33,14 @@ impl Proxy {
                     continue;
                 }
                 let mut cut_rx = cut2.subscribe();
+                let target = *target2.lock().expect("proxy target");
                 tokio::spawn(async move {
                     let Ok(mut outbound) = TcpStream::connect(target).await else {
                         return;
                     };
+                    // Without it, small gRPC frames wait on delayed ACKs: ~40 ms per hop.
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         _ = cut_rx.changed() => {}
@@ -42,7 +48,12 @@ impl Proxy {
                 });
             }
         });
-        Self { addr, up, cut }
+        Self {
+            addr,
+            up,
+            cut,
+            target,
+        }
     }
 
     /// The proxy's address.
@@ -54,6 +65,12 @@ impl Proxy {
     pub fn cut(&self) {
         self.up.store(false, Ordering::SeqCst);
         self.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Forwards new connections to `target` from now on, so a restarted process on a new port
+    /// keeps the address its peers know.
+    pub fn set_target(&self, target: SocketAddr) {
+        *self.target.lock().expect("proxy target") = target;
     }
 
     /// Accepts connections again.
