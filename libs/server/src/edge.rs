@@ -235,7 +235,12 @@ pub async fn serve(
             json_payload_too_large(response, max_body)
         }))
         .layer(TraceLayer::new_for_http());
-    let http_server = axum::serve(http, admin).with_graceful_shutdown(drained.cancelled_owned());
+    // Handlers may read the peer address (ConnectInfo), e.g. for Segment's context.ip.
+    let http_server = axum::serve(
+        http,
+        admin.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(drained.cancelled_owned());
 
     let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
     grpc_result?;

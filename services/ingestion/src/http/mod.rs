@@ -60,8 +60,10 @@ pub(crate) fn routes(ingestion: Ingestion) -> tessera_server::HttpRouter {
             router = router.route(
                 path,
                 post(
-                    move |State(ingestion): State<Ingestion>, headers: HeaderMap, body: Body| {
-                        accept(ingestion, route, headers, body)
+                    move |State(ingestion): State<Ingestion>, request: axum::extract::Request| {
+                        let (parts, body) = request.into_parts();
+                        let ip = client_ip(&parts);
+                        accept(ingestion, route, parts.headers, body, ip)
                     },
                 )
                 .options(response::preflight),
@@ -89,10 +91,33 @@ pub fn segment_message(value: Value) -> Result<tessera_core::Event, Vec<FieldVio
     }
 }
 
-async fn accept(ingestion: Ingestion, route: Route, headers: HeaderMap, body: Body) -> Response {
+/// The client's address as Segment records it in `context.ip`: the first `X-Forwarded-For`
+/// entry when a proxy in front of Tessera set one, else the connection's peer address.
+fn client_ip(parts: &http::request::Parts) -> Option<std::net::IpAddr> {
+    let forwarded = parts
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|first| first.trim().parse().ok());
+    forwarded.or_else(|| {
+        parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|info| info.0.ip())
+    })
+}
+
+async fn accept(
+    ingestion: Ingestion,
+    route: Route,
+    headers: HeaderMap,
+    body: Body,
+    client_ip: Option<std::net::IpAddr>,
+) -> Response {
     let received_at = OffsetDateTime::now_utc();
     let result = ingestion
-        .accept_http(route, &headers, body, received_at)
+        .accept_http(route, &headers, body, received_at, client_ip)
         .await;
     let response = response::render(result);
     metrics::counter!(
@@ -111,6 +136,7 @@ impl Ingestion {
         headers: &HeaderMap,
         body: Body,
         received_at: OffsetDateTime,
+        client_ip: Option<std::net::IpAddr>,
     ) -> Result<Refused, Failure> {
         // The body is read (within bounds) even for a bad key in the header: answering before
         // the upload ends makes clients see a reset instead of the 401, and retry.
@@ -133,7 +159,14 @@ impl Ingestion {
             ));
         };
         let batch = matches!(route, Route::Batch);
-        let envelope = wire::envelope(&object, batch).map_err(Failure::Envelope)?;
+        let mut envelope = wire::envelope(&object, batch).map_err(Failure::Envelope)?;
+        // Like Segment, the request's address is the context.ip of messages that carry none.
+        if let Some(ip) = client_ip {
+            envelope
+                .context
+                .entry("ip")
+                .or_insert_with(|| Value::String(ip.to_string()));
+        }
         let source = match header_source {
             Some(source) => source,
             None => {

@@ -532,6 +532,42 @@ async fn clock_skew_is_corrected_from_sent_at(api: Api) {
     assert!(stored["sentAt"].is_null());
 }
 
+async fn the_request_address_is_context_ip(api: Api) {
+    let auth = basic(KEY);
+    let json_headers = [
+        ("Content-Type", "application/json"),
+        ("Authorization", auth.as_str()),
+    ];
+    api.post_json(
+        "/v1/track",
+        &json!({"messageId": "ip-peer", "userId": "u1", "event": "E"}),
+    )
+    .await
+    .assert_success();
+    assert_eq!(api.payload("ip-peer").await["context"]["ip"], "127.0.0.1");
+
+    let own = json!({"messageId": "ip-own", "userId": "u1", "event": "E",
+                     "context": {"ip": "203.0.113.9"}});
+    api.post_json("/v1/track", &own).await.assert_success();
+    assert_eq!(
+        api.payload("ip-own").await["context"]["ip"],
+        "203.0.113.9",
+        "the client's own wins"
+    );
+
+    let forwarded = [
+        json_headers[0],
+        json_headers[1],
+        ("X-Forwarded-For", "198.51.100.7, 10.0.0.1"),
+    ];
+    let body =
+        json!({"batch": [{"type": "track", "messageId": "ip-fwd", "userId": "u1", "event": "E"}]});
+    api.post("/v1/batch", &forwarded, &serde_json::to_vec(&body).unwrap())
+        .await
+        .assert_success();
+    assert_eq!(api.payload("ip-fwd").await["context"]["ip"], "198.51.100.7");
+}
+
 fn settings() -> IngestionSettings {
     IngestionSettings::default()
 }
@@ -579,4 +615,5 @@ on_both_backends!(
     the_same_batch_twice_counts_once,
     what_real_libraries_send_is_accepted,
     clock_skew_is_corrected_from_sent_at,
+    the_request_address_is_context_ip,
 );
