@@ -25,6 +25,14 @@ struct Replica {
     _delivery: tokio::task::JoinHandle<()>,
 }
 
+/// The fixture of the debugger tests: one replica on a fresh database, and a channel to it.
+async fn fixture(backend: crate::Backend) -> ((crate::TestDatabase, Replica), Channel) {
+    let db = crate::TestDatabase::new(backend).await;
+    let replica = replica(&db.url()).await;
+    let channel = replica.server.channel().await;
+    ((db, replica), channel)
+}
+
 async fn replica(url: &str) -> Replica {
     let db = Database::connect(url, SCHEMA, &DbSettings::default())
         .await
@@ -265,32 +273,8 @@ async fn tails_events_accepted_after_it_started(channel: Channel) {
     );
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    let dir = tessera_testkit::TestSqlite::new();
-                    let replica = super::replica(&dir.url("ingestion.db")).await;
-                    super::$name(replica.server.channel().await).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    let db = tessera_testkit::TestDb::new().await;
-                    let replica = super::replica(db.url()).await;
-                    super::$name(replica.server.channel().await).await;
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
+    fixture;
     lists_events_newest_first_in_pages_with_filters,
     rejects_unknown_sources_and_bad_pages,
     tails_events_accepted_after_it_started,

@@ -568,42 +568,17 @@ async fn the_request_address_is_context_ip(api: Api) {
     assert_eq!(api.payload("ip-fwd").await["context"]["ip"], "198.51.100.7");
 }
 
+/// The fixture of these tests: the API on a fresh database (which it keeps alive).
+async fn api(backend: crate::Backend) -> ((), Api) {
+    ((), Api::start(backend, settings()).await)
+}
+
 fn settings() -> IngestionSettings {
     IngestionSettings::default()
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    let api = crate::http_harness::Api::start(
-                        crate::http_harness::Backend::Sqlite,
-                        super::settings(),
-                    )
-                    .await;
-                    super::$name(api).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    let api = crate::http_harness::Api::start(
-                        crate::http_harness::Backend::Postgres,
-                        super::settings(),
-                    )
-                    .await;
-                    super::$name(api).await;
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
+    api;
     every_route_stores_its_type,
     the_write_key_is_required,
     each_invalid_message_is_named_and_the_valid_ones_kept,

@@ -5,6 +5,9 @@
 use std::net::SocketAddr;
 
 use serde_json::Value;
+
+pub(crate) use crate::Backend;
+use crate::TestDatabase;
 use tessera_ingestion::{Ingestion, IngestionSettings, MIGRATIONS, SCHEMA};
 use tessera_proto::ingestion::v1::source_service_client::SourceServiceClient;
 use tessera_proto::ingestion::v1::{CreateSourceRequest, DisableSourceRequest};
@@ -16,19 +19,6 @@ use tokio::net::TcpStream;
 /// The write key of the source every test server starts with (the fixtures' key).
 pub(crate) const KEY: &str = "TEST_WRITE_KEY";
 
-/// Which system of record a test runs on.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-/// The database a test server keeps alive (dropping it removes the database).
-type Keep = (
-    Option<tessera_testkit::TestSqlite>,
-    Option<tessera_testkit::TestDb>,
-);
-
 /// The ingestion service served on loopback, with the source `default` keyed [`KEY`].
 pub(crate) struct Api {
     /// The HTTP port.
@@ -37,22 +27,14 @@ pub(crate) struct Api {
     /// The service's database, for looking at what was stored.
     pub(crate) db: Database,
     shutdown: Shutdown,
-    _keep: Keep,
+    _keep: TestDatabase,
 }
 
 impl Api {
     /// Serves a fresh database of `backend` with `settings`.
     pub(crate) async fn start(backend: Backend, settings: IngestionSettings) -> Self {
-        let (url, keep) = match backend {
-            Backend::Sqlite => {
-                let dir = tessera_testkit::TestSqlite::new();
-                (dir.url("ingestion.db"), (Some(dir), None))
-            }
-            Backend::Postgres => {
-                let db = tessera_testkit::TestDb::new().await;
-                (db.url().to_owned(), (None, Some(db)))
-            }
-        };
+        let keep = TestDatabase::new(backend).await;
+        let url = keep.url();
         let db = Database::connect(&url, SCHEMA, &DbSettings::default())
             .await
             .unwrap();

@@ -8,7 +8,8 @@ use base64::Engine;
 use serde_json::Value;
 use tessera_ingestion::IngestionSettings;
 
-use crate::http_harness::{Api, Backend};
+use crate::Backend;
+use crate::http_harness::Api;
 
 fn fixture(name: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -141,25 +142,4 @@ async fn rudder_node_batch_gzip(backend: Backend) {
     );
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(crate::http_harness::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(crate::http_harness::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(segment_python_batch, rudder_node_batch_gzip);
+on_both_backends!(crate::backend; segment_python_batch, rudder_node_batch_gzip);

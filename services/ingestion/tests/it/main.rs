@@ -1,5 +1,34 @@
 //! The ingestion gRPC API through the real server edge, on SQLite and on Postgres.
 
+/// Runs each named test once on SQLite and once on Postgres: `$fixture(backend)` builds what the
+/// test takes and something to keep alive for its duration (the database, the server).
+macro_rules! on_both_backends {
+    ($fixture:path; $($name:ident),* $(,)?) => {
+        mod sqlite {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    let (_keep, fixture) = $fixture(crate::Backend::Sqlite).await;
+                    super::$name(fixture).await;
+                }
+            )*
+        }
+        mod postgres {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    let (_keep, fixture) = $fixture(crate::Backend::Postgres).await;
+                    super::$name(fixture).await;
+                }
+            )*
+        }
+    };
+}
+
 mod backlog;
 mod debugger;
 mod http_api;
@@ -135,6 +164,48 @@ async fn refuses_oversized_batches(channel: Channel) {
     assert!(err.message().contains("events"), "{err:?}");
 }
 
+/// Which system of record a test runs on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh database of one backend, removed when dropped.
+pub(crate) enum TestDatabase {
+    Sqlite(tessera_testkit::TestSqlite),
+    Postgres(tessera_testkit::TestDb),
+}
+
+impl TestDatabase {
+    pub(crate) async fn new(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => Self::Sqlite(tessera_testkit::TestSqlite::new()),
+            Backend::Postgres => Self::Postgres(tessera_testkit::TestDb::new().await),
+        }
+    }
+
+    pub(crate) fn url(&self) -> String {
+        match self {
+            Self::Sqlite(dir) => dir.url("ingestion.db"),
+            Self::Postgres(db) => db.url().to_owned(),
+        }
+    }
+}
+
+/// The fixture of the gRPC tests: a served ingestion with small batches, and a channel to it.
+pub(crate) async fn grpc(backend: Backend) -> ((TestDatabase, GrpcTestServer), Channel) {
+    let db = TestDatabase::new(backend).await;
+    let server = serve(&db.url(), small_batches()).await;
+    let channel = server.channel().await;
+    ((db, server), channel)
+}
+
+/// The fixture of tests that take the backend itself.
+pub(crate) async fn backend(backend: Backend) -> ((), Backend) {
+    ((), backend)
+}
+
 fn small_batches() -> IngestionSettings {
     IngestionSettings {
         max_batch: 10,
@@ -142,32 +213,8 @@ fn small_batches() -> IngestionSettings {
     }
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    let dir = tessera_testkit::TestSqlite::new();
-                    let server = super::serve(&dir.url("ingestion.db"), super::small_batches()).await;
-                    super::$name(server.channel().await).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    let db = tessera_testkit::TestDb::new().await;
-                    let server = super::serve(db.url(), super::small_batches()).await;
-                    super::$name(server.channel().await).await;
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
+    grpc;
     rejects_invalid_events_naming_each_field,
     acknowledges_duplicates_with_the_original_id,
     refuses_oversized_batches,

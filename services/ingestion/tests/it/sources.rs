@@ -87,6 +87,13 @@ struct Served {
     db: Database,
 }
 
+/// The fixture of the source tests: a served ingestion on a fresh database.
+async fn fixture(backend: crate::Backend) -> (crate::TestDatabase, Served) {
+    let db = crate::TestDatabase::new(backend).await;
+    let served = serve(&db.url()).await;
+    (db, served)
+}
+
 async fn serve(url: &str) -> Served {
     let db = Database::connect(url, SCHEMA, &DbSettings::default())
         .await
@@ -363,30 +370,8 @@ async fn the_admin_api_validates_and_reports_conflicts(s: Served) {
     assert_eq!(listed, vec![updated]);
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    let dir = tessera_testkit::TestSqlite::new();
-                    super::$name(super::serve(&dir.url("ingestion.db")).await).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    let db = tessera_testkit::TestDb::new().await;
-                    super::$name(super::serve(db.url()).await).await;
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
+    fixture;
     ingest_requires_a_valid_write_key,
     events_are_stored_under_the_source_of_their_key,
     disabled_and_rotated_keys_are_refused,

@@ -169,33 +169,8 @@ async fn lists_the_first_thousand_rejections_and_counts_all(channel: Channel) {
     assert_eq!(summary.rejections[999].message_id, "x99-9");
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    let dir = tessera_testkit::TestSqlite::new();
-                    let server =
-                        crate::serve(&dir.url("ingestion.db"), crate::small_batches()).await;
-                    super::$name(server.channel().await).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    let db = tessera_testkit::TestDb::new().await;
-                    let server = crate::serve(db.url(), crate::small_batches()).await;
-                    super::$name(server.channel().await).await;
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
+    crate::grpc;
     stores_valid_events_and_reports_invalid_ones_by_stream_position,
     a_stream_sent_twice_is_stored_once,
     refuses_unknown_write_keys,

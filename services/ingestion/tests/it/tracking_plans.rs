@@ -24,6 +24,11 @@ type Plans = TrackingPlanServiceClient<Channel>;
 
 const ORDER: &str = "Order Completed";
 
+/// The fixture of these tests: the API on a fresh database (which it keeps alive).
+async fn api(backend: crate::Backend) -> ((), Api) {
+    ((), Api::start(backend, settings()).await)
+}
+
 fn settings() -> IngestionSettings {
     IngestionSettings::default()
 }
@@ -382,38 +387,8 @@ async fn block_refuses_quarantines_and_replays_once(api: Api) {
     assert_eq!(count(&api, "d1").await + count(&api, "d2").await, 0);
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    let api = crate::http_harness::Api::start(
-                        crate::http_harness::Backend::Sqlite,
-                        super::settings(),
-                    )
-                    .await;
-                    super::$name(api).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    let api = crate::http_harness::Api::start(
-                        crate::http_harness::Backend::Postgres,
-                        super::settings(),
-                    )
-                    .await;
-                    super::$name(api).await;
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
+    api;
     plans_are_versioned_and_validated,
     allow_ignores_the_plan,
     warn_records_violations_and_stores,
