@@ -14,6 +14,7 @@ mod sources;
 mod store;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::migrate::Migrator;
 use tessera_store::{Database, Migrations};
@@ -60,6 +61,12 @@ pub struct IngestionSettings {
     pub max_backlog_events: i64,
     /// How often the backlog is measured, in milliseconds.
     pub backlog_interval_ms: u64,
+    /// How long a (source, message id) deduplicates, in seconds: a message whose id was accepted
+    /// less than this long before is acknowledged but not stored again; after it, the id is
+    /// accepted as a new message. Default 7 days.
+    pub dedup_window_seconds: u64,
+    /// How often message ids older than the dedup window are forgotten, in seconds.
+    pub dedup_prune_interval_seconds: u64,
 }
 
 impl Default for IngestionSettings {
@@ -73,6 +80,8 @@ impl Default for IngestionSettings {
             max_backoff_ms: 5_000,
             max_backlog_events: 5_000_000,
             backlog_interval_ms: 2_000,
+            dedup_window_seconds: 7 * 24 * 3_600,
+            dedup_prune_interval_seconds: 600,
         }
     }
 }
@@ -98,7 +107,7 @@ impl Ingestion {
     pub async fn new(db: Database, settings: IngestionSettings) -> Result<Self, IngestError> {
         let sources = sources::Sources::new(db.clone());
         let plans = plans::Plans::new(db.clone());
-        let log = store::open(db);
+        let log = store::open(db, Duration::from_secs(settings.dedup_window_seconds));
         let partitions = log.ensure_partitions(settings.partitions.max(1)).await?;
         Ok(Self {
             log,
@@ -135,6 +144,11 @@ impl Ingestion {
         shutdown: tessera_server::Shutdown,
     ) -> tokio::task::JoinHandle<()> {
         self.debugger.stop_on(shutdown.clone());
+        tokio::spawn(prune_message_ids(
+            self.log.clone(),
+            Duration::from_secs(self.settings.dedup_prune_interval_seconds.max(1)),
+            shutdown.clone(),
+        ));
         let dispatcher = delivery::Dispatcher::new(
             self.log.clone(),
             identity,
@@ -145,6 +159,40 @@ impl Ingestion {
             self.backlog.clone(),
         );
         tokio::spawn(dispatcher.run(shutdown))
+    }
+}
+
+/// Forgets message ids older than the dedup window every `every`, until `shutdown`. Replicas
+/// may prune at the same time: deleting an expired id twice is harmless.
+async fn prune_message_ids(
+    log: Arc<dyn store::EventLog>,
+    every: Duration,
+    shutdown: tessera_server::Shutdown,
+) {
+    const CHUNK: i64 = 10_000;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let mut forgotten = 0;
+        loop {
+            match log.prune_message_ids(CHUNK).await {
+                Ok(n) => {
+                    forgotten += n;
+                    if n < u64::try_from(CHUNK).unwrap_or(0) || shutdown.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "forgetting expired message ids failed");
+                    break;
+                }
+            }
+        }
+        if forgotten > 0 {
+            tracing::debug!(forgotten, "forgot message ids older than the dedup window");
+        }
     }
 }
 

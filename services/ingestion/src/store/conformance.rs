@@ -22,7 +22,7 @@ async fn open(url: &str) -> (Database, Arc<dyn EventLog>) {
         .await
         .expect("connect");
     db.migrate(MIGRATIONS).await.expect("migrate");
-    (db.clone(), super::open(db))
+    (db.clone(), super::open(db, WINDOW))
 }
 
 async fn postgres() -> (Guard, Database, Arc<dyn EventLog>) {
@@ -47,6 +47,9 @@ fn event(source: &str, message: &str, partition: i32) -> NewEvent {
         received_at: OffsetDateTime::now_utc(),
     }
 }
+
+/// The dedup window of the logs under test.
+const WINDOW: Duration = Duration::from_secs(3_600);
 
 const LEASE: Duration = Duration::from_secs(30);
 
@@ -94,6 +97,8 @@ macro_rules! conformance {
 
 conformance!(
     appends_and_deduplicates,
+    deduplicates_only_within_the_window,
+    keeps_the_batch_order_in_the_log,
     reads_each_partition_in_order_after_the_cursor,
     leases_are_shared_fairly_and_fence_the_cursor,
     backlog_counts_undelivered_events,
@@ -124,6 +129,72 @@ async fn appends_and_deduplicates(_db: Database, log: Arc<dyn EventLog>) {
     assert!(!got[2].is_new);
     assert_eq!(got[2].event_id, got[1].event_id);
     assert!(log.append(&[]).await.unwrap().is_empty());
+}
+
+async fn deduplicates_only_within_the_window(_db: Database, log: Arc<dyn EventLog>) {
+    let hours_ago = |h: i64| OffsetDateTime::now_utc() - time::Duration::hours(h);
+    let mut old = event("s", "m1", 0);
+    old.received_at = hours_ago(3);
+    let mut recent = event("s", "m2", 0);
+    recent.received_at = hours_ago(2);
+    log.append(&[old.clone(), recent.clone()]).await.unwrap();
+
+    // Two hours later: m1 was first accepted 3 h before (outside the 1 h window), m2 only
+    // 30 minutes before.
+    let mut m1 = event("s", "m1", 0);
+    m1.received_at = hours_ago(0);
+    let mut m2 = event("s", "m2", 0);
+    m2.received_at = hours_ago(2) + time::Duration::minutes(30);
+    let got = log.append(&[m1.clone(), m2.clone()]).await.unwrap();
+    assert!(got[0].is_new, "outside the window: accepted again");
+    assert_eq!(got[0].event_id, m1.event_id);
+    assert!(!got[1].is_new, "inside the window: a duplicate");
+    assert_eq!(got[1].event_id, recent.event_id);
+
+    // The window now runs from the re-accepted copy.
+    let again = event("s", "m1", 0);
+    let got = log.append(&[again]).await.unwrap();
+    assert!(!got[0].is_new);
+    assert_eq!(got[0].event_id, m1.event_id);
+
+    // Both copies of m1 are in the log.
+    let listed = log
+        .list_events("s", &EventFilter::default(), None, 10)
+        .await
+        .unwrap();
+    let m1_ids: Vec<Uuid> = listed
+        .iter()
+        .filter(|e| e.message_id == "m1")
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(m1_ids, vec![m1.event_id, old.event_id]);
+
+    // Pruning forgets only ids older than the window: m2 (accepted 2 h ago), not m1 (just now).
+    assert_eq!(log.prune_message_ids(100).await.unwrap(), 1);
+    assert_eq!(log.prune_message_ids(100).await.unwrap(), 0);
+    let got = log.append(&[event("s", "m2", 0)]).await.unwrap();
+    assert!(got[0].is_new, "a forgotten id is accepted again");
+    let got = log.append(&[event("s", "m1", 0)]).await.unwrap();
+    assert!(!got[0].is_new);
+}
+
+async fn keeps_the_batch_order_in_the_log(_db: Database, log: Arc<dyn EventLog>) {
+    log.ensure_partitions(1).await.unwrap();
+    // Keys deliberately out of sorted order, with a repeat.
+    let batch: Vec<_> = ["z", "b", "y", "b", "a", "x"]
+        .iter()
+        .map(|m| event("s", m, 0))
+        .collect();
+    let got = log.append(&batch).await.unwrap();
+    assert_eq!(
+        got.iter().map(|a| a.is_new).collect::<Vec<_>>(),
+        vec![true, true, true, false, true, true]
+    );
+    assert_eq!(got[3].event_id, batch[1].event_id);
+    let read = read_settled(&log, 0, Cursor::default(), 100, 5).await;
+    let order: Vec<Uuid> = read.iter().map(|e| e.event_id).collect();
+    let want: Vec<Uuid> = [0, 1, 2, 4, 5].iter().map(|&i| batch[i].event_id).collect();
+    assert_eq!(order, want);
 }
 
 async fn reads_each_partition_in_order_after_the_cursor(_db: Database, log: Arc<dyn EventLog>) {

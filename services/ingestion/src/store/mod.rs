@@ -102,10 +102,15 @@ pub(crate) struct TailPage {
 /// The event log and its delivery state.
 #[async_trait]
 pub(crate) trait EventLog: Send + Sync + std::fmt::Debug {
-    /// Appends messages in one transaction; a message whose (source, message id) is already in
-    /// the log is not stored again. Returns one result per message, in order. When this
-    /// returns `Ok`, every message is durable.
+    /// Appends messages in one transaction, in order; a message whose (source, message id) was
+    /// accepted within the dedup window (before its `received_at`) is not stored again, nor is a
+    /// repeat inside the batch. Returns one result per message, in order. When this returns
+    /// `Ok`, every message is durable.
     async fn append(&self, events: &[NewEvent]) -> Result<Vec<Appended>, StoreError>;
+
+    /// Forgets up to `limit` message ids accepted longer ago than the dedup window (they no
+    /// longer deduplicate anything); returns how many it forgot.
+    async fn prune_message_ids(&self, limit: i64) -> Result<u64, StoreError>;
 
     /// Creates the delivery partitions `0..count` that do not exist yet; returns how many
     /// partitions exist.
@@ -175,12 +180,29 @@ pub(crate) trait EventLog: Send + Sync + std::fmt::Debug {
     ) -> Result<TailPage, StoreError>;
 }
 
-/// The event log on `db`.
-pub(crate) fn open(db: Database) -> std::sync::Arc<dyn EventLog> {
+/// The event log on `db`, deduplicating message ids over `dedup_window`.
+pub(crate) fn open(db: Database, dedup_window: Duration) -> std::sync::Arc<dyn EventLog> {
     match db {
-        Database::Postgres(pool) => std::sync::Arc::new(PgEventLog::new(pool)),
-        Database::Sqlite(pool) => std::sync::Arc::new(SqliteEventLog::new(pool)),
+        Database::Postgres(pool) => std::sync::Arc::new(PgEventLog::new(pool, dedup_window)),
+        Database::Sqlite(pool) => std::sync::Arc::new(SqliteEventLog::new(pool, dedup_window)),
     }
+}
+
+/// The positions in `events` of the first message of each (source, message id), sorted by that
+/// key: the rows to offer to the dedup table (in a fixed order, so concurrent appends of
+/// overlapping batches take their row locks in the same order and cannot deadlock).
+pub(crate) fn first_of_each_key(events: &[NewEvent]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..events.len()).collect();
+    // Stable: among equal keys the first position stays first.
+    order.sort_by(|&a, &b| {
+        (&events[a].source_id, &events[a].message_id)
+            .cmp(&(&events[b].source_id, &events[b].message_id))
+    });
+    order.dedup_by(|&mut later, &mut first| {
+        events[later].source_id == events[first].source_id
+            && events[later].message_id == events[first].message_id
+    });
+    order
 }
 
 /// The results of an append, given the requested events and the ids of the stored rows that the

@@ -11,17 +11,18 @@ use uuid::Uuid;
 
 use super::{
     Appended, Backlog, Cursor, EventFilter, EventLog, Lease, LoggedEvent, NewEvent, StoredEvent,
-    TailPage, collate,
+    TailPage, collate, first_of_each_key,
 };
 
 #[derive(Debug, Clone)]
 pub(crate) struct PgEventLog {
     pool: PgPool,
+    dedup_window: Duration,
 }
 
 impl PgEventLog {
-    pub(crate) fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub(crate) fn new(pool: PgPool, dedup_window: Duration) -> Self {
+        Self { pool, dedup_window }
     }
 }
 
@@ -69,14 +70,18 @@ impl EventLog for PgEventLog {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let n = events.len();
+        let unique = first_of_each_key(events);
+        let n = unique.len();
+        let mut positions = Vec::with_capacity(n);
         let mut ids = Vec::with_capacity(n);
         let mut sources = Vec::with_capacity(n);
         let mut messages = Vec::with_capacity(n);
         let mut partitions = Vec::with_capacity(n);
         let mut payloads = Vec::with_capacity(n);
         let mut received = Vec::with_capacity(n);
-        for e in events {
+        for &i in &unique {
+            let e = &events[i];
+            positions.push(i64::try_from(i).unwrap_or(i64::MAX));
             ids.push(e.event_id);
             sources.push(e.source_id.as_str());
             messages.push(e.message_id.as_str());
@@ -85,25 +90,39 @@ impl EventLog for PgEventLog {
             received.push(e.received_at);
         }
         let mut tx = self.pool.begin().await?;
-        // One statement for the whole batch; conflicts (duplicates) are skipped, and the ids of
-        // the rows already stored are read back in the same transaction.
+        // One statement for the whole batch: claim each message id (new, or last accepted
+        // before the window), then log the messages that claimed theirs, in the batch's order.
         sqlx::query(
-            "INSERT INTO events (event_id, source_id, message_id, partition, payload, received_at) \
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[]::jsonb[], $6::timestamptz[]) \
-             ON CONFLICT (source_id, message_id) DO NOTHING",
+            "WITH input AS ( \
+               SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::int[], \
+                                    $6::text[], $7::timestamptz[]) \
+                 AS i(pos, event_id, source_id, message_id, partition, payload, received_at)), \
+             claimed AS ( \
+               INSERT INTO message_ids AS m (source_id, message_id, event_id, received_at) \
+               SELECT source_id, message_id, event_id, received_at FROM input \
+               ON CONFLICT (source_id, message_id) DO UPDATE \
+                 SET event_id = EXCLUDED.event_id, received_at = EXCLUDED.received_at \
+                 WHERE m.received_at < EXCLUDED.received_at - make_interval(secs => $8) \
+               RETURNING m.event_id) \
+             INSERT INTO events (event_id, source_id, message_id, partition, payload, received_at) \
+             SELECT i.event_id, i.source_id, i.message_id, i.partition, i.payload::jsonb, i.received_at \
+             FROM input i JOIN claimed c ON c.event_id = i.event_id ORDER BY i.pos",
         )
+        .bind(&positions)
         .bind(&ids)
         .bind(&sources)
         .bind(&messages)
         .bind(&partitions)
         .bind(&payloads)
         .bind(&received)
+        .bind(secs(self.dedup_window))
         .execute(&mut *tx)
         .await?;
+        // The id each message id stands for now: ours where we claimed it, else the original's.
         let rows = sqlx::query(
-            "SELECT e.source_id, e.message_id, e.event_id FROM events e \
+            "SELECT m.source_id, m.message_id, m.event_id FROM message_ids m \
              JOIN UNNEST($1::text[], $2::text[]) AS k(source_id, message_id) \
-             ON e.source_id = k.source_id AND e.message_id = k.message_id",
+             ON m.source_id = k.source_id AND m.message_id = k.message_id",
         )
         .bind(&sources)
         .bind(&messages)
@@ -118,6 +137,19 @@ impl EventLog for PgEventLog {
             );
         }
         Ok(collate(events, &stored))
+    }
+
+    async fn prune_message_ids(&self, limit: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM message_ids WHERE ctid = ANY(ARRAY( \
+               SELECT ctid FROM message_ids \
+               WHERE received_at < now() - make_interval(secs => $1) LIMIT $2))",
+        )
+        .bind(secs(self.dedup_window))
+        .bind(limit)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn ensure_partitions(&self, count: i32) -> Result<i32, StoreError> {

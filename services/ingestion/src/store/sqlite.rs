@@ -13,17 +13,18 @@ use uuid::Uuid;
 
 use super::{
     Appended, Backlog, Cursor, EventFilter, EventLog, Lease, LoggedEvent, NewEvent, StoredEvent,
-    TailPage, collate,
+    TailPage, collate, first_of_each_key,
 };
 
 #[derive(Debug, Clone)]
 pub(crate) struct SqliteEventLog {
     pool: SqlitePool,
+    dedup_window: Duration,
 }
 
 impl SqliteEventLog {
-    pub(crate) fn new(pool: SqlitePool) -> Self {
-        Self { pool }
+    pub(crate) fn new(pool: SqlitePool, dedup_window: Duration) -> Self {
+        Self { pool, dedup_window }
     }
 }
 
@@ -91,8 +92,41 @@ impl EventLog for SqliteEventLog {
         if events.is_empty() {
             return Ok(Vec::new());
         }
+        let window = duration_micros(self.dedup_window);
+        let unique = first_of_each_key(events);
         let mut tx = self.pool.begin().await?;
-        for chunk in events.chunks(ROWS_PER_INSERT) {
+        // Claim each message id (new, or last accepted before the window).
+        let mut claimed = std::collections::HashSet::with_capacity(unique.len());
+        for chunk in unique.chunks(ROWS_PER_INSERT) {
+            let mut claim: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO message_ids (source_id, message_id, event_id, received_at) ",
+            );
+            claim.push_values(chunk, |mut row, &i| {
+                let e = &events[i];
+                row.push_bind(&e.source_id)
+                    .push_bind(&e.message_id)
+                    .push_bind(e.event_id.to_string())
+                    .push_bind(micros(e.received_at));
+            });
+            claim
+                .push(
+                    " ON CONFLICT (source_id, message_id) DO UPDATE \
+                     SET event_id = excluded.event_id, received_at = excluded.received_at \
+                     WHERE message_ids.received_at < excluded.received_at - ",
+                )
+                .push_bind(window)
+                .push(" RETURNING event_id");
+            for row in claim.build().fetch_all(&mut *tx).await? {
+                let id: String = row.try_get(0)?;
+                claimed.insert(Uuid::parse_str(&id).map_err(bad_uuid)?);
+            }
+        }
+        // Log the messages that claimed their id, in the batch's order.
+        let fresh: Vec<&NewEvent> = events
+            .iter()
+            .filter(|e| claimed.contains(&e.event_id))
+            .collect();
+        for chunk in fresh.chunks(ROWS_PER_INSERT) {
             let mut insert: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO events (event_id, source_id, message_id, partition, payload, received_at) ",
             );
@@ -104,25 +138,40 @@ impl EventLog for SqliteEventLog {
                     .push_bind(&e.payload)
                     .push_bind(micros(e.received_at));
             });
-            insert.push(" ON CONFLICT (source_id, message_id) DO NOTHING");
             insert.build().execute(&mut *tx).await?;
         }
+        // The id each message id stands for now: ours where we claimed it, else the original's.
         let mut stored = HashMap::with_capacity(events.len());
-        for e in events {
-            let id: String = sqlx::query_scalar(
-                "SELECT event_id FROM events WHERE source_id = $1 AND message_id = $2",
-            )
-            .bind(&e.source_id)
-            .bind(&e.message_id)
-            .fetch_one(&mut *tx)
-            .await?;
-            stored.insert(
-                (e.source_id.clone(), e.message_id.clone()),
-                Uuid::parse_str(&id).map_err(bad_uuid)?,
-            );
+        for &i in &unique {
+            let e = &events[i];
+            let id = if claimed.contains(&e.event_id) {
+                e.event_id
+            } else {
+                let id: String = sqlx::query_scalar(
+                    "SELECT event_id FROM message_ids WHERE source_id = $1 AND message_id = $2",
+                )
+                .bind(&e.source_id)
+                .bind(&e.message_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                Uuid::parse_str(&id).map_err(bad_uuid)?
+            };
+            stored.insert((e.source_id.clone(), e.message_id.clone()), id);
         }
         tx.commit().await?;
         Ok(collate(events, &stored))
+    }
+
+    async fn prune_message_ids(&self, limit: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM message_ids WHERE (source_id, message_id) IN ( \
+               SELECT source_id, message_id FROM message_ids WHERE received_at < $1 LIMIT $2)",
+        )
+        .bind(now_micros().saturating_sub(duration_micros(self.dedup_window)))
+        .bind(limit)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn ensure_partitions(&self, count: i32) -> Result<i32, StoreError> {

@@ -31,6 +31,7 @@ macro_rules! on_both_backends {
 
 mod backlog;
 mod debugger;
+mod dedup;
 mod http_api;
 mod http_harness;
 mod http_wire;
