@@ -348,6 +348,8 @@ async fn serve(
                 )
                 .await?;
                 tessera_identity::Identity::new(db.clone(), settings.identity.clone())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("identity: {e}"))?
                     .register(&mut services);
                 databases.push(db);
             }

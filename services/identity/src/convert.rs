@@ -6,8 +6,10 @@ use tessera_proto::common::v1 as common;
 use tessera_proto::convert::to_timestamp;
 use tessera_proto::identity::v1 as pb;
 
+use time::OffsetDateTime;
+
 use crate::IdentityError;
-use crate::domain::{Merge, Record, Resolution};
+use crate::domain::{Dropped, Merge, Record, Resolution, Rules};
 
 /// An identifier from its protobuf form, as sent (not yet normalized).
 pub(crate) fn identifier_from_pb(identifier: common::Identifier) -> Identifier {
@@ -26,22 +28,37 @@ fn identifier_to_pb(identifier: Identifier) -> common::Identifier {
     }
 }
 
-impl TryFrom<pb::IdentityRecord> for Record {
-    type Error = Vec<FieldViolation>;
-
-    fn try_from(record: pb::IdentityRecord) -> Result<Self, Self::Error> {
-        let pb::IdentityRecord {
-            event_id,
-            identifiers,
-            // The graph orders profiles by when it created them, not by event time: clients
-            // can skew event times and the log can replay events out of order.
-            timestamp: _,
-        } = record;
-        Record::new(
-            event_id,
-            identifiers.into_iter().map(identifier_from_pb).collect(),
-        )
-    }
+/// A record from its protobuf form, normalized under `rules`; without a timestamp the event
+/// happened `now`.
+fn record_from_pb(
+    rules: &Rules,
+    record: pb::IdentityRecord,
+    now: OffsetDateTime,
+) -> Result<Record, Vec<FieldViolation>> {
+    let pb::IdentityRecord {
+        event_id,
+        identifiers,
+        timestamp,
+    } = record;
+    let timestamp = match timestamp
+        .as_ref()
+        .map(tessera_proto::convert::storable_time)
+    {
+        None => now,
+        Some(Some(t)) => t,
+        Some(None) => {
+            return Err(vec![FieldViolation::new(
+                "timestamp",
+                "not a valid time (years 1 to 9999)",
+            )]);
+        }
+    };
+    Record::new(
+        rules,
+        event_id,
+        identifiers.into_iter().map(identifier_from_pb).collect(),
+        timestamp,
+    )
 }
 
 /// The most field violations one error reports: the details travel in a response header.
@@ -50,12 +67,14 @@ const MAX_VIOLATIONS: usize = 100;
 /// The records of a request, normalized; violations name `records[i]....`, the first
 /// [`MAX_VIOLATIONS`] of them.
 pub(crate) fn records_from_pb(
+    rules: &Rules,
     records: Vec<pb::IdentityRecord>,
 ) -> Result<Vec<Record>, IdentityError> {
+    let now = OffsetDateTime::now_utc();
     let mut out = Vec::with_capacity(records.len());
     let mut violations = Vec::new();
     for (i, record) in records.into_iter().enumerate() {
-        match Record::try_from(record) {
+        match record_from_pb(rules, record, now) {
             Ok(record) => out.push(record),
             Err(errs) => {
                 let prefix = format!("records[{i}]");
@@ -88,12 +107,14 @@ impl From<Merge> for pb::Merge {
             merged_profile_id,
             cause_event_id,
             merged_at,
+            rule,
         } = merge;
         Self {
             surviving_profile_id: surviving_profile_id.to_string(),
             merged_profile_id: merged_profile_id.to_string(),
             cause_event_id,
             merged_at: Some(to_timestamp(merged_at)),
+            rule,
         }
     }
 }
@@ -105,12 +126,20 @@ impl From<Resolution> for pb::Resolution {
             profile_id,
             identifiers,
             merges,
+            dropped,
         } = resolution;
         Self {
             event_id,
             profile_id: profile_id.to_string(),
             identifiers: identifiers.into_iter().map(identifier_to_pb).collect(),
             merges: merges.into_iter().map(Into::into).collect(),
+            dropped: dropped
+                .into_iter()
+                .map(|Dropped { identifier, reason }| pb::DroppedIdentifier {
+                    identifier: Some(identifier_to_pb(identifier)),
+                    reason,
+                })
+                .collect(),
         }
     }
 }
@@ -142,7 +171,9 @@ mod tests {
                 timestamp: None,
             },
         ];
-        let Err(IdentityError::InvalidArgument(violations)) = records_from_pb(records) else {
+        let Err(IdentityError::InvalidArgument(violations)) =
+            records_from_pb(&Rules::default(), records)
+        else {
             panic!("expected a validation error");
         };
         let fields: Vec<_> = violations.iter().map(|v| v.field.as_str()).collect();
@@ -161,7 +192,9 @@ mod tests {
                 timestamp: None,
             })
             .collect();
-        let Err(IdentityError::InvalidArgument(violations)) = records_from_pb(records) else {
+        let Err(IdentityError::InvalidArgument(violations)) =
+            records_from_pb(&Rules::default(), records)
+        else {
             panic!("expected a validation error");
         };
         assert_eq!(violations.len(), MAX_VIOLATIONS);
@@ -189,8 +222,15 @@ mod tests {
                 merged_profile_id: Uuid::from_u128(2),
                 cause_event_id: "e1".into(),
                 merged_at,
+                rule: "seen_together".into(),
+            }],
+            dropped: vec![Dropped {
+                identifier: Identifier::new("user_id", "null"),
+                reason: "blocked".into(),
             }],
         });
+        assert_eq!(pb.dropped[0].reason, "blocked");
+        assert_eq!(pb.merges[0].rule, "seen_together");
         assert_eq!(pb.profile_id, Uuid::from_u128(1).to_string());
         assert_eq!(pb.identifiers, [id("email", "a@x.io")]);
         assert_eq!(

@@ -20,10 +20,11 @@ use tessera_proto::identity::v1::identity_service_server::IdentityServiceServer;
 use tessera_store::{Database, Migrations};
 use uuid::Uuid;
 
-use crate::domain::{Normalized, Record, Resolution};
-use crate::store::IdentityStore;
+use crate::domain::{Normalized, Record, Resolution, Rules, RulesConfig};
+use crate::store::{IdentityStore, VersionedRules};
 
 pub use error::IdentityError;
+pub use store::LoggedDecision as GraphDecision;
 
 /// The Postgres schema (search path) of the identity service's tables.
 pub const SCHEMA: &str = "identity";
@@ -50,11 +51,17 @@ const RUN_LEN: usize = 500;
 pub struct IdentitySettings {
     /// The most records one `ResolveIdentities` request may carry.
     pub max_batch: usize,
+    /// The identity rules: custom types, normalization, blocklists, priority, limits, merge
+    /// protection (see [`RulesConfig`]).
+    pub rules: RulesConfig,
 }
 
 impl Default for IdentitySettings {
     fn default() -> Self {
-        Self { max_batch: 5_000 }
+        Self {
+            max_batch: 5_000,
+            rules: RulesConfig::default(),
+        }
     }
 }
 
@@ -63,6 +70,7 @@ impl Default for IdentitySettings {
 pub struct Identity {
     store: Arc<dyn IdentityStore>,
     settings: Arc<IdentitySettings>,
+    rules: Arc<VersionedRules>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -74,12 +82,37 @@ impl std::fmt::Debug for Identity {
 }
 
 impl Identity {
-    /// The service over `db`, which is already connected (with [`SCHEMA`]) and migrated.
-    pub fn new(db: Database, settings: IdentitySettings) -> Self {
-        Self {
-            store: store::open(db),
+    /// The service over `db`, which is already connected (with [`SCHEMA`]) and migrated. The
+    /// rules are checked (`InvalidArgument` naming each bad key under `rules.`) and registered
+    /// as a version of the graph's rules.
+    pub async fn new(db: Database, settings: IdentitySettings) -> Result<Self, IdentityError> {
+        let rules = Rules::compile(settings.rules.clone()).map_err(|violations| {
+            IdentityError::InvalidArgument(
+                violations
+                    .into_iter()
+                    .map(|v| v.prefixed("rules"))
+                    .collect(),
+            )
+        })?;
+        let store = store::open(db);
+        let version = store.register_rules(rules.config()).await?;
+        tracing::info!(rules_version = version, "identity rules registered");
+        Ok(Self {
+            store,
             settings: Arc::new(settings),
-        }
+            rules: Arc::new(VersionedRules { version, rules }),
+        })
+    }
+
+    /// The graph log, oldest first: every decision (profile created, identifier linked or
+    /// dropped, profiles merged) with its cause and rule.
+    pub async fn graph_log(&self) -> Result<Vec<GraphDecision>, IdentityError> {
+        self.store.graph_log().await
+    }
+
+    /// The rules in force.
+    pub fn rules(&self) -> &Rules {
+        &self.rules.rules
     }
 
     /// Adds the `IdentityService` gRPC server to `services`.
@@ -123,7 +156,7 @@ impl Identity {
             .cloned()
             .collect();
         for run in pending.chunks(RUN_LEN) {
-            let stored = self.store.resolve(run).await?;
+            let stored = self.store.resolve(&self.rules, run).await?;
             if stored.len() != run.len() {
                 return Err(IdentityError::Corrupt(format!(
                     "{} resolutions for {} records",
@@ -154,11 +187,17 @@ impl Identity {
                     .get(&stored.profile_id)
                     .copied()
                     .unwrap_or(stored.profile_id);
+                let (identifiers, dropped) = match &stored.detail {
+                    Some(detail) => (detail.identifiers.clone(), detail.dropped.clone()),
+                    // Resolved before the rules existed: everything linkable was linked.
+                    None => (record.identifiers().to_vec(), Vec::new()),
+                };
                 Ok(Resolution {
                     event_id: record.event_id().to_owned(),
                     profile_id,
-                    identifiers: record.identifiers().to_vec(),
+                    identifiers,
                     merges: stored.merges.clone(),
+                    dropped,
                 })
             })
             .collect()
@@ -167,7 +206,7 @@ impl Identity {
     /// The profile `identifier` (normalized first) belongs to now. `NotFound` when the graph
     /// does not hold it or its value is blocked.
     pub async fn lookup(&self, identifier: Identifier) -> Result<Uuid, IdentityError> {
-        let normalized = domain::normalize(identifier).map_err(|errs| {
+        let normalized = domain::normalize(self.rules(), identifier).map_err(|errs| {
             IdentityError::InvalidArgument(
                 errs.into_iter()
                     .map(|v: FieldViolation| v.prefixed("identifier"))
@@ -175,7 +214,7 @@ impl Identity {
             )
         })?;
         match normalized {
-            Normalized::Blocked => Err(IdentityError::NotFound),
+            Normalized::Unlinked(..) => Err(IdentityError::NotFound),
             Normalized::Linkable(identifier) => self
                 .store
                 .lookup(&identifier)
@@ -193,6 +232,7 @@ mod tests {
     fn settings_default_and_reject_unknown_keys() {
         let s: IdentitySettings = serde_json::from_str("{}").unwrap();
         assert_eq!(s.max_batch, 5_000);
+        assert_eq!(s.rules, RulesConfig::default());
         assert!(serde_json::from_str::<IdentitySettings>(r#"{"max_btch": 1}"#).is_err());
     }
 

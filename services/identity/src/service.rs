@@ -34,7 +34,7 @@ impl IdentityService for IdentityGrpc {
             }
             .into());
         }
-        let records = convert::records_from_pb(records)?;
+        let records = convert::records_from_pb(self.identity.rules(), records)?;
         let resolutions = self.identity.resolve(records).await?;
         Ok(Response::new(pb::ResolveIdentitiesResponse {
             resolutions: resolutions.into_iter().map(Into::into).collect(),

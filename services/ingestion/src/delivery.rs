@@ -270,6 +270,8 @@ impl Dispatcher {
                 profile_id,
                 identifiers,
                 merges: caused,
+                // Explained in the identity graph's log; the profile needs only what linked.
+                dropped: _,
             } = resolution;
             merges.extend(caused);
             resolved.push(profile_pb::ResolvedEvent {

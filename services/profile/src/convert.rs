@@ -79,6 +79,7 @@ impl TryFrom<identity::Merge> for Merge {
             // Provenance of the identity graph's decision; the profile keeps no merge log.
             cause_event_id: _,
             merged_at: _,
+            rule: _,
         } = merge;
         let mut violations = Vec::new();
         check_id(

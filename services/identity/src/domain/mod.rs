@@ -4,14 +4,19 @@
 
 mod normalize;
 mod plan;
+pub mod rules;
 mod union_find;
 
 use tessera_core::Identifier;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-pub use normalize::{MAX_IDENTIFIERS_PER_RECORD, Normalized, Record, is_blocked, normalize};
-pub use plan::{GraphView, NewIdentifier, Plan, ProfileAge, plan};
+pub use normalize::{MAX_IDENTIFIERS_PER_RECORD, Normalized, Record, Unlinked, normalize};
+pub use plan::{
+    Decision, DecisionKind, GraphView, NewIdentifier, Plan, ProfileAge, SEEN_TOGETHER, Sighting,
+    plan,
+};
+pub use rules::{Rules, RulesConfig};
 pub use union_find::UnionFind;
 
 /// One profile folded into another, caused by one event.
@@ -25,6 +30,19 @@ pub struct Merge {
     pub cause_event_id: String,
     /// When the merge was decided.
     pub merged_at: OffsetDateTime,
+    /// The rule that decided it (`seen_together`).
+    pub rule: String,
+}
+
+/// An identifier of an event that was not linked, and why: `blocked`, `unknown_type`,
+/// `invalid_value`, `limit:<type>` (linking it would have broken that type's limit) or
+/// `shared:<type>` (seen with too many profiles).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    /// The identifier, normalized where it could be.
+    pub identifier: Identifier,
+    /// Why it was not linked.
+    pub reason: String,
 }
 
 /// Which profile an event belongs to.
@@ -34,10 +52,13 @@ pub struct Resolution {
     pub event_id: String,
     /// The event's profile: after a batch is resolved, its current survivor.
     pub profile_id: Uuid,
-    /// The record's identifiers after normalization, blocked values left out.
+    /// The identifiers the event linked (or that were already linked to its profile), after
+    /// normalization, highest priority first.
     pub identifiers: Vec<Identifier>,
     /// The merges the event caused, oldest merged profile first.
     pub merges: Vec<Merge>,
+    /// The event's identifiers that were not linked, and why.
+    pub dropped: Vec<Dropped>,
 }
 
 /// `t` without its sub-microsecond part: both backends keep microseconds, and a time compared

@@ -15,7 +15,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::IdentityError;
-use crate::domain::{Merge, Plan, Record, Resolution, truncate_to_micros};
+use crate::domain::{
+    Dropped, Merge, Plan, Record, Resolution, Rules, RulesConfig, SEEN_TOGETHER, truncate_to_micros,
+};
 
 /// What the graph keeps of one event's resolution.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +26,23 @@ pub(crate) struct Stored {
     pub(crate) profile_id: Uuid,
     /// The merges the event caused.
     pub(crate) merges: Vec<Merge>,
+    /// What the event linked and what it did not; `None` for events resolved before the
+    /// rules existed.
+    pub(crate) detail: Option<Detail>,
+}
+
+/// The identifiers an event linked and those it did not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Detail {
+    pub(crate) identifiers: Vec<Identifier>,
+    pub(crate) dropped: Vec<Dropped>,
+}
+
+/// Rules with the version the store registered them under.
+#[derive(Debug, Clone)]
+pub(crate) struct VersionedRules {
+    pub(crate) version: i64,
+    pub(crate) rules: Rules,
 }
 
 /// The identity graph's storage.
@@ -32,10 +51,21 @@ pub(crate) trait IdentityStore: Send + Sync {
     /// The stored resolutions of those of `event_ids` that were resolved.
     async fn stored(&self, event_ids: &[&str]) -> Result<HashMap<String, Stored>, IdentityError>;
 
-    /// Resolves `records` (distinct event ids) in order and stores their resolutions; a record
-    /// whose event turns out to be resolved already gets its stored resolution. Returns one
-    /// entry per record.
-    async fn resolve(&self, records: &[Record]) -> Result<Vec<Stored>, IdentityError>;
+    /// Resolves `records` (distinct event ids) in order under `rules` and stores their
+    /// resolutions and the decisions in the graph log; a record whose event turns out to be
+    /// resolved already gets its stored resolution. Returns one entry per record.
+    async fn resolve(
+        &self,
+        rules: &VersionedRules,
+        records: &[Record],
+    ) -> Result<Vec<Stored>, IdentityError>;
+
+    /// The version of `config`: the latest stored version when it is the same rules, else a new
+    /// version (safe when several replicas start at once).
+    async fn register_rules(&self, config: &RulesConfig) -> Result<i64, IdentityError>;
+
+    /// The graph log, oldest first: every decision since the graph began.
+    async fn graph_log(&self) -> Result<Vec<LoggedDecision>, IdentityError>;
 
     /// The canonical profile of each of `profiles` that exists, following merges.
     async fn canonical(&self, profiles: &[Uuid]) -> Result<HashMap<Uuid, Uuid>, IdentityError>;
@@ -57,6 +87,27 @@ fn now() -> OffsetDateTime {
     truncate_to_micros(OffsetDateTime::now_utc())
 }
 
+/// One entry of the graph log as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedDecision {
+    /// The entry's position in the log.
+    pub seq: i64,
+    /// `create`, `link`, `merge` or `drop`.
+    pub kind: String,
+    /// The event that caused it.
+    pub event_id: String,
+    /// The profile created, linked to, merged (the merged one), or the event's profile (drop).
+    pub profile_id: Uuid,
+    /// `merge`: the surviving profile.
+    pub other_profile_id: Option<Uuid>,
+    /// `link` and `drop`: the identifier.
+    pub identifier: Option<Identifier>,
+    /// The rule that decided.
+    pub rule: String,
+    /// The version of the rules it was decided under (0: before versioning).
+    pub rules_version: i64,
+}
+
 /// A merge as kept in `resolutions.merges`.
 #[derive(Serialize, Deserialize)]
 struct StoredMerge {
@@ -65,6 +116,80 @@ struct StoredMerge {
     cause: String,
     #[serde(with = "time::serde::rfc3339")]
     at: OffsetDateTime,
+    #[serde(default = "seen_together")]
+    rule: String,
+}
+
+fn seen_together() -> String {
+    SEEN_TOGETHER.to_owned()
+}
+
+/// `resolutions.detail` as kept.
+#[derive(Serialize, Deserialize)]
+struct StoredDetail {
+    identifiers: Vec<(String, String)>,
+    dropped: Vec<StoredDropped>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredDropped {
+    #[serde(rename = "type")]
+    kind: String,
+    value: String,
+    reason: String,
+}
+
+fn encode_detail(resolution: &Resolution) -> String {
+    let detail = StoredDetail {
+        identifiers: resolution
+            .identifiers
+            .iter()
+            .map(|i| (i.kind.clone(), i.value.clone()))
+            .collect(),
+        dropped: resolution
+            .dropped
+            .iter()
+            .map(|d| StoredDropped {
+                kind: d.identifier.kind.clone(),
+                value: d.identifier.value.clone(),
+                reason: d.reason.clone(),
+            })
+            .collect(),
+    };
+    // Plain strings cannot fail to serialize.
+    serde_json::to_string(&detail).unwrap_or_else(|_| "null".to_owned())
+}
+
+fn decode_detail(event_id: &str, json: Option<&str>) -> Result<Option<Detail>, IdentityError> {
+    let Some(json) = json else {
+        return Ok(None);
+    };
+    let stored: Option<StoredDetail> = serde_json::from_str(json)
+        .map_err(|e| IdentityError::Corrupt(format!("resolutions.detail of an event: {e}")))
+        .inspect_err(|_| tracing::error!(event_id, "undecodable stored detail"))?;
+    Ok(stored.map(|d| Detail {
+        identifiers: d
+            .identifiers
+            .into_iter()
+            .map(|(kind, value)| Identifier { kind, value })
+            .collect(),
+        dropped: d
+            .dropped
+            .into_iter()
+            .map(|d| Dropped {
+                identifier: Identifier {
+                    kind: d.kind,
+                    value: d.value,
+                },
+                reason: d.reason,
+            })
+            .collect(),
+    }))
+}
+
+/// The rules as stored in `rules_versions`, comparable across replicas.
+fn rules_json(config: &RulesConfig) -> serde_json::Value {
+    serde_json::to_value(config).unwrap_or(serde_json::Value::Null)
 }
 
 fn encode_merges(merges: &[Merge]) -> String {
@@ -75,6 +200,7 @@ fn encode_merges(merges: &[Merge]) -> String {
             merged: m.merged_profile_id,
             cause: m.cause_event_id.clone(),
             at: m.merged_at,
+            rule: m.rule.clone(),
         })
         .collect();
     // Serializing plain strings, uuids and valid times cannot fail.
@@ -92,6 +218,7 @@ fn decode_merges(event_id: &str, json: &str) -> Result<Vec<Merge>, IdentityError
             merged_profile_id: m.merged,
             cause_event_id: m.cause,
             merged_at: m.at,
+            rule: m.rule,
         })
         .collect())
 }
@@ -110,6 +237,10 @@ fn outcomes(
             done.remove(record.event_id()).or_else(|| {
                 fresh.next().map(|r| Stored {
                     profile_id: r.profile_id,
+                    detail: Some(Detail {
+                        identifiers: r.identifiers,
+                        dropped: r.dropped,
+                    }),
                     merges: r.merges,
                 })
             })
@@ -124,6 +255,12 @@ fn record_metrics(plan: &Plan) {
     metrics::counter!("tessera_identity_identifiers_linked_total")
         .increment(plan.new_identifiers.len() as u64);
     metrics::counter!("tessera_identity_merges_total").increment(plan.merges.len() as u64);
+    let dropped = plan
+        .resolutions
+        .iter()
+        .map(|r| r.dropped.len())
+        .sum::<usize>();
+    metrics::counter!("tessera_identity_identifiers_dropped_total").increment(dropped as u64);
 }
 
 #[cfg(test)]
@@ -137,6 +274,7 @@ mod tests {
             merged_profile_id: Uuid::from_u128(2),
             cause_event_id: "e1".into(),
             merged_at: now(),
+            rule: SEEN_TOGETHER.into(),
         }];
         assert_eq!(
             decode_merges("e1", &encode_merges(&merges)).unwrap(),

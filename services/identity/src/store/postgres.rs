@@ -19,9 +19,12 @@ use tessera_core::Identifier;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{IdentityStore, Stored, decode_merges, encode_merges, now, outcomes, record_metrics};
+use super::{
+    IdentityStore, LoggedDecision, Stored, VersionedRules, decode_detail, decode_merges,
+    encode_detail, encode_merges, now, outcomes, record_metrics, rules_json,
+};
 use crate::IdentityError;
-use crate::domain::{GraphView, Plan, ProfileAge, Record, plan};
+use crate::domain::{GraphView, Plan, ProfileAge, Record, RulesConfig, plan};
 
 /// How often one run of records is tried before the request fails with `Unavailable`.
 const MAX_ATTEMPTS: u32 = 12;
@@ -67,6 +70,18 @@ WITH RECURSIVE chain (profile_id, merged_into) AS (
 )
 SELECT profile_id FROM chain WHERE merged_into IS NULL";
 
+/// The identifiers of limited types (`$2`) held by each canonical profile of `$1`, through
+/// every profile merged into it.
+const LIMITED_SQL: &str = "
+WITH RECURSIVE tree (root, profile_id) AS (
+    SELECT p, p FROM unnest($1::uuid[]) AS p
+  UNION
+    SELECT t.root, p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id
+)
+SELECT t.root, i.type, i.value, i.linked_at
+FROM tree t JOIN identifiers i ON i.profile_id = t.profile_id
+WHERE i.type = ANY($2)";
+
 /// The identity graph in a Postgres schema.
 pub(crate) struct PgStore {
     pool: PgPool,
@@ -109,9 +124,13 @@ impl PgStore {
 
     /// One attempt at resolving `records` in one transaction. On failure the transaction is
     /// rolled back before returning, so its locks do not outlive the attempt.
-    async fn attempt(&self, records: &[Record]) -> Result<Vec<Stored>, Failure> {
+    async fn attempt(
+        &self,
+        rules: &VersionedRules,
+        records: &[Record],
+    ) -> Result<Vec<Stored>, Failure> {
         let mut tx = self.pool.begin().await?;
-        match decide_and_write(&mut tx, records).await {
+        match decide_and_write(&mut tx, rules, records).await {
             Ok((done, plan)) => {
                 tx.commit().await?;
                 record_metrics(&plan);
@@ -130,6 +149,7 @@ impl PgStore {
 /// the stored resolutions of events resolved meanwhile, and the plan for the others.
 async fn decide_and_write(
     tx: &mut PgConnection,
+    rules: &VersionedRules,
     records: &[Record],
 ) -> Result<(HashMap<String, Stored>, Plan), Failure> {
     lock_keys(&mut *tx, records).await?;
@@ -172,10 +192,58 @@ async fn decide_and_write(
     for (kind, value, id, created_at) in rows {
         view.insert(Identifier { kind, value }, ProfileAge { created_at, id });
     }
+    // Read under the row locks: what the candidates hold cannot change before the commit.
+    if !profiles.is_empty() {
+        let limited_types: Vec<&str> = rules.rules.limited_types().collect();
+        let limited: Vec<(Uuid, String, String, OffsetDateTime)> = sqlx::query_as(LIMITED_SQL)
+            .bind(&profiles)
+            .bind(&limited_types)
+            .fetch_all(&mut *tx)
+            .await?;
+        for (root, kind, value, linked_at) in limited {
+            view.insert_limited(root, Identifier { kind, value }, linked_at);
+        }
+    }
+    let (types, values): (Vec<&str>, Vec<&str>) = pending
+        .iter()
+        .flat_map(|r| r.identifiers())
+        .filter(|i| rules.rules.may_be_shared(&i.kind))
+        .map(|i| (i.kind.as_str(), i.value.as_str()))
+        .unzip();
+    if !types.is_empty() {
+        let seen: Vec<(String, String, Uuid)> = sqlx::query_as(
+            "SELECT s.type, s.value, s.profile_id FROM sightings s \
+             JOIN unnest($1::text[], $2::text[]) AS k (type, value) \
+             ON s.type = k.type AND s.value = k.value",
+        )
+        .bind(&types)
+        .bind(&values)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut seen_profiles: Vec<Uuid> = seen.iter().map(|s| s.2).collect();
+        seen_profiles.sort_unstable();
+        seen_profiles.dedup();
+        let canonical: HashMap<Uuid, Uuid> = sqlx::query_as(CANONICAL_SQL)
+            .bind(&seen_profiles)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+        for (kind, value, profile) in seen {
+            let profile = canonical.get(&profile).copied().unwrap_or(profile);
+            view.insert_sighting(Identifier { kind, value }, profile);
+        }
+    }
 
     let now = now();
-    let plan = plan(pending.iter().copied(), view, now, Uuid::now_v7);
-    write(&mut *tx, &plan, now).await?;
+    let plan = plan(
+        &rules.rules,
+        pending.iter().copied(),
+        view,
+        now,
+        Uuid::now_v7,
+    );
+    write(&mut *tx, &plan, rules.version, now).await?;
     Ok((done, plan))
 }
 
@@ -186,12 +254,16 @@ impl IdentityStore for PgStore {
         stored(&mut conn, event_ids).await
     }
 
-    async fn resolve(&self, records: &[Record]) -> Result<Vec<Stored>, IdentityError> {
+    async fn resolve(
+        &self,
+        rules: &VersionedRules,
+        records: &[Record],
+    ) -> Result<Vec<Stored>, IdentityError> {
         let mut out = Vec::with_capacity(records.len());
         // Runs still to resolve, in order, with the attempts each has had.
         let mut runs: VecDeque<(Range<usize>, u32)> = VecDeque::from([(0..records.len(), 0)]);
         while let Some((run, attempts)) = runs.pop_front() {
-            match self.attempt(&records[run.clone()]).await {
+            match self.attempt(rules, &records[run.clone()]).await {
                 Ok(stored) => out.extend(stored),
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::Retry(reason)) => {
@@ -233,6 +305,86 @@ impl IdentityStore for PgStore {
             .bind(&identifier.value)
             .fetch_optional(&self.pool)
             .await?)
+    }
+
+    async fn register_rules(&self, config: &RulesConfig) -> Result<i64, IdentityError> {
+        let json = rules_json(config);
+        let mut tx = self.pool.begin().await?;
+        // One registration at a time, so replicas starting together agree on the version.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(lock_key(&[b"rules_versions"]))
+            .execute(&mut *tx)
+            .await?;
+        let latest: Option<(i64, serde_json::Value)> = sqlx::query_as(
+            "SELECT version, rules FROM rules_versions ORDER BY version DESC LIMIT 1",
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let version = match latest {
+            Some((version, rules)) if rules == json => version,
+            latest => {
+                let version = latest.map_or(1, |(v, _)| v + 1);
+                sqlx::query(
+                    "INSERT INTO rules_versions (version, rules, created_at) VALUES ($1, $2, now())",
+                )
+                .bind(version)
+                .bind(&json)
+                .execute(&mut *tx)
+                .await?;
+                version
+            }
+        };
+        tx.commit().await?;
+        Ok(version)
+    }
+
+    async fn graph_log(&self) -> Result<Vec<LoggedDecision>, IdentityError> {
+        type Row = (
+            i64,
+            String,
+            String,
+            Uuid,
+            Option<Uuid>,
+            Option<String>,
+            Option<String>,
+            String,
+            i64,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT seq, kind, event_id, profile_id, other_profile_id, id_type, id_value, rule, \
+             rules_version FROM graph_log ORDER BY seq",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(
+                    seq,
+                    kind,
+                    event_id,
+                    profile_id,
+                    other_profile_id,
+                    id_type,
+                    id_value,
+                    rule,
+                    rules_version,
+                )| {
+                    LoggedDecision {
+                        seq,
+                        kind,
+                        event_id,
+                        profile_id,
+                        other_profile_id,
+                        identifier: id_type
+                            .zip(id_value)
+                            .map(|(kind, value)| Identifier { kind, value }),
+                        rule,
+                        rules_version,
+                    }
+                },
+            )
+            .collect())
     }
 }
 
@@ -278,24 +430,35 @@ async fn stored(
     conn: &mut PgConnection,
     event_ids: &[&str],
 ) -> Result<HashMap<String, Stored>, IdentityError> {
-    let rows: Vec<(String, Uuid, String)> = sqlx::query_as(
-        "SELECT event_id, profile_id, merges::text FROM resolutions WHERE event_id = ANY($1)",
+    let rows: Vec<(String, Uuid, String, Option<String>)> = sqlx::query_as(
+        "SELECT event_id, profile_id, merges::text, detail::text FROM resolutions \
+         WHERE event_id = ANY($1)",
     )
     .bind(event_ids)
     .fetch_all(conn)
     .await?;
     rows.into_iter()
-        .map(|(event_id, profile_id, merges)| {
+        .map(|(event_id, profile_id, merges, detail)| {
             let merges = decode_merges(&event_id, &merges)?;
-            Ok((event_id, Stored { profile_id, merges }))
+            let detail = decode_detail(&event_id, detail.as_deref())?;
+            Ok((
+                event_id,
+                Stored {
+                    profile_id,
+                    merges,
+                    detail,
+                },
+            ))
         })
         .collect()
 }
 
-/// Writes `plan` with one statement per table.
+/// Writes `plan` with one statement per table, and its decisions to the graph log under
+/// `rules_version`.
 async fn write(
     conn: &mut PgConnection,
     plan: &Plan,
+    rules_version: i64,
     now: OffsetDateTime,
 ) -> Result<(), sqlx::Error> {
     if !plan.new_profiles.is_empty() {
@@ -311,37 +474,49 @@ async fn write(
         .await?;
     }
     if !plan.new_identifiers.is_empty() {
-        let mut types = Vec::with_capacity(plan.new_identifiers.len());
-        let mut values = Vec::with_capacity(plan.new_identifiers.len());
-        let mut profiles = Vec::with_capacity(plan.new_identifiers.len());
-        let mut events = Vec::with_capacity(plan.new_identifiers.len());
+        let n = plan.new_identifiers.len();
+        let (mut types, mut values, mut profiles, mut events, mut linked) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for n in &plan.new_identifiers {
             types.push(n.identifier.kind.as_str());
             values.push(n.identifier.value.as_str());
             profiles.push(n.profile_id);
             events.push(n.event_id.as_str());
+            linked.push(n.linked_at);
         }
         sqlx::query(
-            "INSERT INTO identifiers (type, value, profile_id, event_id, created_at) \
-             SELECT t, v, p, e, $5 FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[]) \
-             AS u (t, v, p, e)",
+            "INSERT INTO identifiers (type, value, profile_id, event_id, created_at, linked_at) \
+             SELECT t, v, p, e, $5, l \
+             FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $6::timestamptz[]) \
+             AS u (t, v, p, e, l)",
         )
         .bind(types)
         .bind(values)
         .bind(profiles)
         .bind(events)
         .bind(now)
+        .bind(linked)
         .execute(&mut *conn)
         .await?;
     }
     if !plan.merges.is_empty() {
-        let mut surviving = Vec::with_capacity(plan.merges.len());
-        let mut merged = Vec::with_capacity(plan.merges.len());
-        let mut causes = Vec::with_capacity(plan.merges.len());
+        let n = plan.merges.len();
+        let (mut surviving, mut merged, mut causes, mut rules) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for m in &plan.merges {
             surviving.push(m.surviving_profile_id);
             merged.push(m.merged_profile_id);
             causes.push(m.cause_event_id.as_str());
+            rules.push(m.rule.as_str());
         }
         sqlx::query(
             "UPDATE profiles AS p SET merged_into = u.s, merged_at = $3 \
@@ -353,34 +528,108 @@ async fn write(
         .execute(&mut *conn)
         .await?;
         sqlx::query(
-            "INSERT INTO merges (surviving_profile_id, merged_profile_id, cause_event_id, merged_at) \
-             SELECT s, m, e, $4 FROM unnest($1::uuid[], $2::uuid[], $3::text[]) \
-             WITH ORDINALITY AS u (s, m, e, n) ORDER BY n",
+            "INSERT INTO merges (surviving_profile_id, merged_profile_id, cause_event_id, merged_at, rule) \
+             SELECT s, m, e, $4, r FROM unnest($1::uuid[], $2::uuid[], $3::text[], $5::text[]) \
+             WITH ORDINALITY AS u (s, m, e, r, n) ORDER BY n",
         )
         .bind(surviving)
         .bind(merged)
         .bind(causes)
         .bind(now)
+        .bind(rules)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !plan.sightings.is_empty() {
+        let n = plan.sightings.len();
+        let (mut types, mut values, mut profiles, mut events) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for s in &plan.sightings {
+            types.push(s.identifier.kind.as_str());
+            values.push(s.identifier.value.as_str());
+            profiles.push(s.profile_id);
+            events.push(s.event_id.as_str());
+        }
+        sqlx::query(
+            "INSERT INTO sightings (type, value, profile_id, event_id, seen_at) \
+             SELECT t, v, p, e, $5 FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[]) \
+             AS u (t, v, p, e) ON CONFLICT DO NOTHING",
+        )
+        .bind(types)
+        .bind(values)
+        .bind(profiles)
+        .bind(events)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !plan.decisions.is_empty() {
+        let n = plan.decisions.len();
+        let mut kinds = Vec::with_capacity(n);
+        let mut events = Vec::with_capacity(n);
+        let mut profiles = Vec::with_capacity(n);
+        let mut others = Vec::with_capacity(n);
+        let mut types = Vec::with_capacity(n);
+        let mut values = Vec::with_capacity(n);
+        let mut rules = Vec::with_capacity(n);
+        let mut times = Vec::with_capacity(n);
+        for d in &plan.decisions {
+            kinds.push(d.kind.as_str());
+            events.push(d.event_id.as_str());
+            profiles.push(d.profile_id);
+            others.push(d.other_profile_id);
+            types.push(d.identifier.as_ref().map(|i| i.kind.as_str()));
+            values.push(d.identifier.as_ref().map(|i| i.value.as_str()));
+            rules.push(d.rule.as_str());
+            times.push(d.event_time);
+        }
+        sqlx::query(
+            "INSERT INTO graph_log (kind, event_id, profile_id, other_profile_id, id_type, \
+             id_value, rule, rules_version, event_time, decided_at) \
+             SELECT k, e, p, o, t, v, r, $9, w, $10 \
+             FROM unnest($1::text[], $2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], \
+                         $7::text[], $8::timestamptz[]) \
+             WITH ORDINALITY AS u (k, e, p, o, t, v, r, w, n) ORDER BY n",
+        )
+        .bind(kinds)
+        .bind(events)
+        .bind(profiles)
+        .bind(others)
+        .bind(types)
+        .bind(values)
+        .bind(rules)
+        .bind(times)
+        .bind(rules_version)
+        .bind(now)
         .execute(&mut *conn)
         .await?;
     }
     if !plan.resolutions.is_empty() {
-        let mut events = Vec::with_capacity(plan.resolutions.len());
-        let mut profiles = Vec::with_capacity(plan.resolutions.len());
-        let mut merges = Vec::with_capacity(plan.resolutions.len());
+        let n = plan.resolutions.len();
+        let mut events = Vec::with_capacity(n);
+        let mut profiles = Vec::with_capacity(n);
+        let mut merges = Vec::with_capacity(n);
+        let mut details = Vec::with_capacity(n);
         for r in &plan.resolutions {
             events.push(r.event_id.as_str());
             profiles.push(r.profile_id);
             merges.push(encode_merges(&r.merges));
+            details.push(encode_detail(r));
         }
         sqlx::query(
-            "INSERT INTO resolutions (event_id, profile_id, merges, resolved_at) \
-             SELECT e, p, m::jsonb, $4 FROM unnest($1::text[], $2::uuid[], $3::text[]) AS u (e, p, m)",
+            "INSERT INTO resolutions (event_id, profile_id, merges, resolved_at, detail) \
+             SELECT e, p, m::jsonb, $4, d::jsonb \
+             FROM unnest($1::text[], $2::uuid[], $3::text[], $5::text[]) AS u (e, p, m, d)",
         )
         .bind(events)
         .bind(profiles)
         .bind(merges)
         .bind(now)
+        .bind(details)
         .execute(&mut *conn)
         .await?;
     }

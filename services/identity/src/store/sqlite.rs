@@ -9,9 +9,12 @@ use tessera_core::Identifier;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{IdentityStore, Stored, decode_merges, encode_merges, now, outcomes, record_metrics};
+use super::{
+    IdentityStore, LoggedDecision, Stored, VersionedRules, decode_detail, decode_merges,
+    encode_detail, encode_merges, now, outcomes, record_metrics, rules_json,
+};
 use crate::IdentityError;
-use crate::domain::{GraphView, Plan, ProfileAge, Record, plan};
+use crate::domain::{GraphView, Plan, ProfileAge, Record, RulesConfig, plan};
 
 /// The canonical profile of the identifier `(?1, ?2)` and its creation time. The walks use
 /// `UNION`, not `UNION ALL`, so a cycle (which writers never create) ends a walk.
@@ -39,6 +42,15 @@ WITH RECURSIVE chain (profile_id, merged_into) AS (
 )
 SELECT profile_id FROM chain WHERE merged_into IS NULL";
 
+/// The identifiers of the canonical profile `?1`, through every profile merged into it.
+const HELD_SQL: &str = "
+WITH RECURSIVE tree (profile_id) AS (
+    SELECT ?1
+  UNION
+    SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id
+)
+SELECT i.type, i.value, i.linked_at FROM tree t JOIN identifiers i ON i.profile_id = t.profile_id";
+
 /// The identity graph in a SQLite file.
 pub(crate) struct SqliteStore {
     pool: SqlitePool,
@@ -63,7 +75,11 @@ impl IdentityStore for SqliteStore {
         Ok(out)
     }
 
-    async fn resolve(&self, records: &[Record]) -> Result<Vec<Stored>, IdentityError> {
+    async fn resolve(
+        &self,
+        rules: &VersionedRules,
+        records: &[Record],
+    ) -> Result<Vec<Stored>, IdentityError> {
         // IMMEDIATE: take the write lock up front rather than failing to upgrade a read later.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut done = HashMap::new();
@@ -79,17 +95,58 @@ impl IdentityStore for SqliteStore {
 
         let mut view = GraphView::new();
         let mut seen = HashSet::new();
+        let mut candidates = HashSet::new();
         for identifier in pending.iter().flat_map(|r| r.identifiers()) {
-            if seen.insert(identifier)
-                && let Some(profile) = canonical_of(&mut tx, identifier).await?
-            {
+            if !seen.insert(identifier) {
+                continue;
+            }
+            if let Some(profile) = canonical_of(&mut tx, identifier).await? {
                 view.insert(identifier.clone(), profile);
+                candidates.insert(profile.id);
+            }
+            if rules.rules.may_be_shared(&identifier.kind) {
+                let profiles: Vec<String> = sqlx::query_scalar(
+                    "SELECT profile_id FROM sightings WHERE type = ?1 AND value = ?2",
+                )
+                .bind(&identifier.kind)
+                .bind(&identifier.value)
+                .fetch_all(&mut *tx)
+                .await?;
+                for profile in profiles {
+                    let canonical: Option<String> = sqlx::query_scalar(CANONICAL_SQL)
+                        .bind(&profile)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    let id = parse_uuid(canonical.as_deref().unwrap_or(&profile))?;
+                    view.insert_sighting(identifier.clone(), id);
+                }
+            }
+        }
+        for profile in candidates {
+            let held: Vec<(String, String, i64)> = sqlx::query_as(HELD_SQL)
+                .bind(profile.to_string())
+                .fetch_all(&mut *tx)
+                .await?;
+            for (kind, value, linked_at) in held {
+                if rules.rules.limit(&kind).is_some() {
+                    view.insert_limited(
+                        profile,
+                        Identifier { kind, value },
+                        from_micros(linked_at)?,
+                    );
+                }
             }
         }
 
         let now = now();
-        let plan = plan(pending.iter().copied(), view, now, Uuid::now_v7);
-        write(&mut tx, &plan, now).await?;
+        let plan = plan(
+            &rules.rules,
+            pending.iter().copied(),
+            view,
+            now,
+            Uuid::now_v7,
+        );
+        write(&mut tx, &plan, rules.version, now).await?;
         tx.commit().await?;
         record_metrics(&plan);
 
@@ -115,21 +172,100 @@ impl IdentityStore for SqliteStore {
         let mut conn = self.pool.acquire().await?;
         Ok(canonical_of(&mut conn, identifier).await?.map(|p| p.id))
     }
+
+    async fn register_rules(&self, config: &RulesConfig) -> Result<i64, IdentityError> {
+        let json = rules_json(config);
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let latest: Option<(i64, String)> = sqlx::query_as(
+            "SELECT version, rules FROM rules_versions ORDER BY version DESC LIMIT 1",
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let same = |stored: &str| {
+            serde_json::from_str::<serde_json::Value>(stored).ok() == Some(json.clone())
+        };
+        let version = match latest {
+            Some((version, rules)) if same(&rules) => version,
+            latest => {
+                let version = latest.map_or(1, |(v, _)| v + 1);
+                sqlx::query(
+                    "INSERT INTO rules_versions (version, rules, created_at) VALUES (?1, ?2, ?3)",
+                )
+                .bind(version)
+                .bind(json.to_string())
+                .bind(micros(now()))
+                .execute(&mut *tx)
+                .await?;
+                version
+            }
+        };
+        tx.commit().await?;
+        Ok(version)
+    }
+
+    async fn graph_log(&self) -> Result<Vec<LoggedDecision>, IdentityError> {
+        type Row = (
+            i64,
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            String,
+            i64,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT seq, kind, event_id, profile_id, other_profile_id, id_type, id_value, rule, \
+             rules_version FROM graph_log ORDER BY seq",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(
+                |(
+                    seq,
+                    kind,
+                    event_id,
+                    profile_id,
+                    other,
+                    id_type,
+                    id_value,
+                    rule,
+                    rules_version,
+                )| {
+                    Ok(LoggedDecision {
+                        seq,
+                        kind,
+                        event_id,
+                        profile_id: parse_uuid(&profile_id)?,
+                        other_profile_id: other.as_deref().map(parse_uuid).transpose()?,
+                        identifier: id_type
+                            .zip(id_value)
+                            .map(|(kind, value)| Identifier { kind, value }),
+                        rule,
+                        rules_version,
+                    })
+                },
+            )
+            .collect()
+    }
 }
 
 async fn stored(
     conn: &mut SqliteConnection,
     event_id: &str,
 ) -> Result<Option<Stored>, IdentityError> {
-    let row: Option<(String, String)> =
-        sqlx::query_as("SELECT profile_id, merges FROM resolutions WHERE event_id = ?1")
+    let row: Option<(String, String, Option<String>)> =
+        sqlx::query_as("SELECT profile_id, merges, detail FROM resolutions WHERE event_id = ?1")
             .bind(event_id)
             .fetch_optional(conn)
             .await?;
-    row.map(|(profile_id, merges)| {
+    row.map(|(profile_id, merges, detail)| {
         Ok(Stored {
             profile_id: parse_uuid(&profile_id)?,
             merges: decode_merges(event_id, &merges)?,
+            detail: decode_detail(event_id, detail.as_deref())?,
         })
     })
     .transpose()
@@ -156,6 +292,7 @@ async fn canonical_of(
 async fn write(
     conn: &mut SqliteConnection,
     plan: &Plan,
+    rules_version: i64,
     now: OffsetDateTime,
 ) -> Result<(), sqlx::Error> {
     let now = micros(now);
@@ -168,14 +305,15 @@ async fn write(
     }
     for n in &plan.new_identifiers {
         sqlx::query(
-            "INSERT INTO identifiers (type, value, profile_id, event_id, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO identifiers (type, value, profile_id, event_id, created_at, linked_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )
         .bind(&n.identifier.kind)
         .bind(&n.identifier.value)
         .bind(n.profile_id.to_string())
         .bind(&n.event_id)
         .bind(now)
+        .bind(micros(n.linked_at))
         .execute(&mut *conn)
         .await?;
     }
@@ -188,24 +326,58 @@ async fn write(
             .await?;
         sqlx::query(
             "INSERT INTO merges (surviving_profile_id, merged_profile_id, cause_event_id, \
-             merged_at) VALUES (?1, ?2, ?3, ?4)",
+             merged_at, rule) VALUES (?1, ?2, ?3, ?4, ?5)",
         )
         .bind(m.surviving_profile_id.to_string())
         .bind(m.merged_profile_id.to_string())
         .bind(&m.cause_event_id)
         .bind(micros(m.merged_at))
+        .bind(&m.rule)
+        .execute(&mut *conn)
+        .await?;
+    }
+    for s in &plan.sightings {
+        sqlx::query(
+            "INSERT INTO sightings (type, value, profile_id, event_id, seen_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+        )
+        .bind(&s.identifier.kind)
+        .bind(&s.identifier.value)
+        .bind(s.profile_id.to_string())
+        .bind(&s.event_id)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    for d in &plan.decisions {
+        sqlx::query(
+            "INSERT INTO graph_log (kind, event_id, profile_id, other_profile_id, id_type, \
+             id_value, rule, rules_version, event_time, decided_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )
+        .bind(d.kind.as_str())
+        .bind(&d.event_id)
+        .bind(d.profile_id.to_string())
+        .bind(d.other_profile_id.map(|p| p.to_string()))
+        .bind(d.identifier.as_ref().map(|i| i.kind.as_str()))
+        .bind(d.identifier.as_ref().map(|i| i.value.as_str()))
+        .bind(&d.rule)
+        .bind(rules_version)
+        .bind(micros(d.event_time))
+        .bind(now)
         .execute(&mut *conn)
         .await?;
     }
     for r in &plan.resolutions {
         sqlx::query(
-            "INSERT INTO resolutions (event_id, profile_id, merges, resolved_at) \
-             VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO resolutions (event_id, profile_id, merges, resolved_at, detail) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
         )
         .bind(&r.event_id)
         .bind(r.profile_id.to_string())
         .bind(encode_merges(&r.merges))
         .bind(now)
+        .bind(encode_detail(r))
         .execute(&mut *conn)
         .await?;
     }

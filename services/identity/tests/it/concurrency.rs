@@ -65,8 +65,12 @@ async fn run(seed: u64) {
     let test = TestDb::new().await;
     let db = connect(test.url()).await;
     let replicas = [
-        Identity::new(db.clone(), IdentitySettings::default()),
-        Identity::new(connect(test.url()).await, IdentitySettings::default()),
+        Identity::new(db.clone(), linking_only())
+            .await
+            .expect("identity"),
+        Identity::new(connect(test.url()).await, linking_only())
+            .await
+            .expect("identity"),
     ];
     let mut rng = StdRng::seed_from_u64(seed);
     let rounds = random_rounds(&mut rng);
@@ -154,7 +158,9 @@ async fn replicas_agree_with_a_union_find() {
 async fn a_profile_merged_while_waiting_for_its_lock_is_retried() {
     let test = TestDb::new().await;
     let db = connect(test.url()).await;
-    let identity = Identity::new(db.clone(), IdentitySettings::default());
+    let identity = Identity::new(db.clone(), linking_only())
+        .await
+        .expect("identity");
     let oldest = resolve(&identity, "e1", &[("user_id", "oldest")])
         .await
         .profile_id;
@@ -238,5 +244,13 @@ async fn a_profile_merged_while_waiting_for_its_lock_is_retried() {
     );
     for value in ["oldest", "older", "young"] {
         assert_eq!(lookup(&identity, "user_id", value).await, oldest);
+    }
+}
+
+/// Settings whose rules only link, so the graph must equal a union-find of the records.
+fn linking_only() -> IdentitySettings {
+    IdentitySettings {
+        rules: tessera_identity::domain::RulesConfig::linking_only(),
+        ..IdentitySettings::default()
     }
 }

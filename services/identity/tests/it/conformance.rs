@@ -111,14 +111,14 @@ async fn a_transitive_chain_merges_into_the_oldest(b: &Backend) {
 
 async fn one_record_linking_three_profiles_merges_two(b: &Backend) {
     let p1 = resolve(&b.identity, "e1", &[("device_id", "d1")]).await;
-    let p2 = resolve(&b.identity, "e2", &[("phone", "+100")]).await;
+    let p2 = resolve(&b.identity, "e2", &[("phone", "+1 415 555 0100")]).await;
     let p3 = resolve(&b.identity, "e3", &[("user_id", "u1")]).await;
     let all = resolve(
         &b.identity,
         "e4",
         &[
             ("user_id", "u1"),
-            ("phone", "+100"),
+            ("phone", "+1 415 555 0100"),
             ("device_id", "d1"),
             ("email", "new@y.io"),
         ],
@@ -340,7 +340,15 @@ async fn validation_and_not_found(b: &Backend) {
     };
     assert_eq!(violations[0].field, "identifier.type");
 
-    let small = Identity::new(b.db.clone(), IdentitySettings { max_batch: 2 });
+    let small = Identity::new(
+        b.db.clone(),
+        IdentitySettings {
+            max_batch: 2,
+            ..IdentitySettings::default()
+        },
+    )
+    .await
+    .expect("identity");
     let records: Vec<Record> = (0..3)
         .map(|n| record(&format!("e{n}"), &[("user_id", "u")]))
         .collect();

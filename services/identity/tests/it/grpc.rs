@@ -27,7 +27,7 @@ struct Served {
 async fn serve(settings: IdentitySettings) -> Served {
     let dir = tessera_testkit::TestSqlite::new();
     let db = connect(&dir.url("identity.db")).await;
-    let identity = Identity::new(db.clone(), settings);
+    let identity = Identity::new(db.clone(), settings).await.expect("identity");
     let mut services = GrpcServices::default();
     identity.register(&mut services);
     let server = GrpcTestServer::start(services).await;
@@ -158,7 +158,11 @@ async fn unknown_and_blocked_identifiers_are_not_found() {
 
 #[tokio::test]
 async fn oversized_batches_are_resource_exhausted() {
-    let mut s = serve(IdentitySettings { max_batch: 2 }).await;
+    let mut s = serve(IdentitySettings {
+        max_batch: 2,
+        ..IdentitySettings::default()
+    })
+    .await;
     let records = (0..3)
         .map(|n| record(&format!("e{n}"), vec![id("user_id", "u")]))
         .collect();

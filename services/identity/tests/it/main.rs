@@ -4,4 +4,5 @@
 mod concurrency;
 mod conformance;
 mod grpc;
+mod rules;
 mod support;

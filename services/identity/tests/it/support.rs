@@ -1,7 +1,7 @@
 //! Test backends and helpers.
 
 use tessera_core::Identifier;
-use tessera_identity::domain::{Record, Resolution};
+use tessera_identity::domain::{Record, Resolution, Rules};
 use tessera_identity::{Identity, IdentitySettings, MIGRATIONS, SCHEMA};
 use tessera_store::{Database, DbSettings};
 use tessera_testkit::{TestDb, TestSqlite};
@@ -19,7 +19,9 @@ impl Backend {
         let dir = TestSqlite::new();
         let db = connect(&dir.url("identity.db")).await;
         Self {
-            identity: Identity::new(db.clone(), IdentitySettings::default()),
+            identity: Identity::new(db.clone(), IdentitySettings::default())
+                .await
+                .expect("identity"),
             db,
             _postgres: None,
             _sqlite: Some(dir),
@@ -30,7 +32,9 @@ impl Backend {
         let test = TestDb::new().await;
         let db = connect(test.url()).await;
         Self {
-            identity: Identity::new(db.clone(), IdentitySettings::default()),
+            identity: Identity::new(db.clone(), IdentitySettings::default())
+                .await
+                .expect("identity"),
             db,
             _postgres: Some(test),
             _sqlite: None,
@@ -73,12 +77,19 @@ pub(crate) async fn connect(url: &str) -> Database {
 
 /// A record of `event_id` with `(type, value)` identifiers.
 pub(crate) fn record(event_id: &str, identifiers: &[(&str, &str)]) -> Record {
+    record_under(&Rules::default(), event_id, identifiers)
+}
+
+/// A record of `event_id` with `(type, value)` identifiers, normalized under `rules`.
+pub(crate) fn record_under(rules: &Rules, event_id: &str, identifiers: &[(&str, &str)]) -> Record {
     Record::new(
+        rules,
         event_id,
         identifiers
             .iter()
             .map(|(kind, value)| Identifier::new(*kind, *value))
             .collect(),
+        time::OffsetDateTime::now_utc(),
     )
     .expect("valid record")
 }
@@ -90,7 +101,7 @@ pub(crate) async fn resolve(
     ids: &[(&str, &str)],
 ) -> Resolution {
     let mut out = identity
-        .resolve(vec![record(event_id, ids)])
+        .resolve(vec![record_under(identity.rules(), event_id, ids)])
         .await
         .expect("resolve");
     assert_eq!(out.len(), 1);

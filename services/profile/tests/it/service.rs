@@ -307,6 +307,7 @@ async fn a_write_through_one_replica_is_read_through_the_other() {
                 merged_profile_id: "p2".to_owned(),
                 cause_event_id: "e4".to_owned(),
                 merged_at: Some(to_timestamp(OffsetDateTime::now_utc())),
+                rule: "seen_together".to_owned(),
             }],
             events: vec![],
         })

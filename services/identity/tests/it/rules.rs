@@ -1,0 +1,321 @@
+//! Golden scenarios of the identity rules, on both backends: normalization, merge protection,
+//! limits, shared identifiers, custom types, the graph log and rule versions.
+
+use std::collections::HashMap;
+
+use tessera_core::Identifier;
+use tessera_identity::domain::RulesConfig;
+use tessera_identity::{Identity, IdentitySettings};
+use uuid::Uuid;
+
+use crate::support::{Backend, lookup, resolve};
+
+macro_rules! rules_suite {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(&super::Backend::sqlite().await).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(&super::Backend::postgres().await).await;
+                }
+            )*
+        }
+    };
+}
+
+rules_suite!(
+    emails_and_phones_normalize_to_one_identifier,
+    a_shared_device_without_logout_keeps_two_users_apart,
+    a_generic_email_does_not_create_a_blob,
+    a_limit_overflow_drops_the_lowest_priority_identifier,
+    custom_types_link_when_declared,
+    the_graph_log_derives_membership_and_names_causes,
+    rules_are_versioned,
+);
+
+async fn emails_and_phones_normalize_to_one_identifier(b: &Backend) {
+    let first = resolve(
+        &b.identity,
+        "e1",
+        &[
+            ("email", " Alice@Example.COM "),
+            ("phone", "+1 (415) 555-0100"),
+        ],
+    )
+    .await;
+    let again = resolve(
+        &b.identity,
+        "e2",
+        &[("email", "alice@example.com"), ("phone", "4155550100")],
+    )
+    .await;
+    assert_eq!(again.profile_id, first.profile_id);
+    assert!(again.merges.is_empty());
+    assert_eq!(
+        first.identifiers,
+        [
+            Identifier::new("email", "alice@example.com"),
+            Identifier::new("phone", "+14155550100")
+        ]
+    );
+    assert_eq!(
+        lookup(&b.identity, "phone", "(415) 555-0100").await,
+        first.profile_id
+    );
+    // A phone that does not parse links nothing, and says why.
+    let bad = resolve(
+        &b.identity,
+        "e3",
+        &[("user_id", "u9"), ("phone", "call me")],
+    )
+    .await;
+    assert_eq!(bad.dropped[0].reason, "invalid_value");
+}
+
+async fn a_shared_device_without_logout_keeps_two_users_apart(b: &Backend) {
+    let alice = resolve(
+        &b.identity,
+        "e1",
+        &[("anonymous_id", "tablet"), ("user_id", "alice")],
+    )
+    .await;
+    let bob = resolve(
+        &b.identity,
+        "e2",
+        &[("anonymous_id", "tablet"), ("user_id", "bob")],
+    )
+    .await;
+    assert_ne!(bob.profile_id, alice.profile_id, "two users never merge");
+    assert_eq!(bob.dropped.len(), 1);
+    assert_eq!(
+        bob.dropped[0].identifier,
+        Identifier::new("anonymous_id", "tablet")
+    );
+    assert_eq!(bob.dropped[0].reason, "limit:user_id");
+    assert_eq!(
+        lookup(&b.identity, "user_id", "alice").await,
+        alice.profile_id
+    );
+    assert_eq!(lookup(&b.identity, "user_id", "bob").await, bob.profile_id);
+    // Seen with two profiles, the tablet's id stopped linking: an email typed on it next goes
+    // to a profile of its own, not Alice's.
+    let typed = resolve(
+        &b.identity,
+        "e3",
+        &[("anonymous_id", "tablet"), ("email", "c@x.io")],
+    )
+    .await;
+    assert_eq!(typed.dropped[0].reason, "shared:anonymous_id");
+    assert_ne!(typed.profile_id, alice.profile_id);
+    assert_ne!(typed.profile_id, bob.profile_id);
+    // Events with only the tablet's id still land on the profile holding it.
+    let anonymous = resolve(&b.identity, "e4", &[("anonymous_id", "tablet")]).await;
+    assert_eq!(anonymous.profile_id, alice.profile_id);
+}
+
+async fn a_generic_email_does_not_create_a_blob(b: &Backend) {
+    let mut profiles = Vec::new();
+    for n in 0..5 {
+        let r = resolve(
+            &b.identity,
+            &format!("e{n}"),
+            &[("user_id", &format!("u{n}")), ("email", "info@acme.io")],
+        )
+        .await;
+        profiles.push(r.profile_id);
+    }
+    profiles.sort_unstable();
+    profiles.dedup();
+    assert_eq!(profiles.len(), 5, "five users, five profiles");
+    // An anonymous visitor typing the generic address joins nobody.
+    let visitor = resolve(
+        &b.identity,
+        "v",
+        &[("anonymous_id", "v1"), ("email", "info@acme.io")],
+    )
+    .await;
+    assert!(!profiles.contains(&visitor.profile_id));
+    assert_eq!(visitor.dropped[0].reason, "shared:email");
+}
+
+async fn a_limit_overflow_drops_the_lowest_priority_identifier(b: &Backend) {
+    let first = resolve(&b.identity, "e0", &[("user_id", "u1")]).await;
+    for n in 1..=5 {
+        let r = resolve(
+            &b.identity,
+            &format!("e{n}"),
+            &[("user_id", "u1"), ("email", &format!("m{n}@x.io"))],
+        )
+        .await;
+        assert!(r.dropped.is_empty(), "{n}: {:?}", r.dropped);
+    }
+    let sixth = resolve(
+        &b.identity,
+        "e6",
+        &[("user_id", "u1"), ("email", "m6@x.io")],
+    )
+    .await;
+    assert_eq!(sixth.profile_id, first.profile_id, "the event still lands");
+    assert_eq!(
+        sixth.dropped[0].identifier,
+        Identifier::new("email", "m6@x.io")
+    );
+    assert_eq!(sixth.dropped[0].reason, "limit:email");
+    assert!(
+        b.identity
+            .lookup(Identifier::new("email", "m6@x.io"))
+            .await
+            .is_err(),
+        "the sixth email was not linked"
+    );
+    // Replaying the event answers the same, drops included.
+    let replay = resolve(
+        &b.identity,
+        "e6",
+        &[("user_id", "u1"), ("email", "m6@x.io")],
+    )
+    .await;
+    assert_eq!(replay.dropped, sixth.dropped);
+}
+
+async fn custom_types_link_when_declared(b: &Backend) {
+    let ignored = resolve(&b.identity, "e1", &[("user_id", "u1"), ("crm_id", "c-1")]).await;
+    assert_eq!(ignored.dropped[0].reason, "unknown_type");
+    let identity = Identity::new(
+        b.db.clone(),
+        IdentitySettings {
+            rules: RulesConfig {
+                custom_types: vec!["crm_id".into()],
+                ..RulesConfig::default()
+            },
+            ..IdentitySettings::default()
+        },
+    )
+    .await
+    .expect("identity");
+    let linked = resolve(&identity, "e2", &[("user_id", "u1"), ("crm_id", " c-1 ")]).await;
+    assert!(linked.dropped.is_empty());
+    assert_eq!(lookup(&identity, "crm_id", "c-1").await, ignored.profile_id);
+}
+
+async fn the_graph_log_derives_membership_and_names_causes(b: &Backend) {
+    resolve(&b.identity, "e1", &[("anonymous_id", "a1")]).await;
+    resolve(
+        &b.identity,
+        "e2",
+        &[("anonymous_id", "a2"), ("email", "x@y.io")],
+    )
+    .await;
+    let merged = resolve(
+        &b.identity,
+        "e3",
+        &[
+            ("user_id", "u1"),
+            ("anonymous_id", "a1"),
+            ("email", "x@y.io"),
+        ],
+    )
+    .await;
+    resolve(
+        &b.identity,
+        "e4",
+        &[("user_id", "u2"), ("anonymous_id", "a1")],
+    )
+    .await;
+    let log = b.identity.graph_log().await.expect("log");
+    // Replaying the log's links and merges gives the same membership as the graph.
+    let mut owner: HashMap<Identifier, Uuid> = HashMap::new();
+    let mut merged_into: HashMap<Uuid, Uuid> = HashMap::new();
+    for d in &log {
+        match d.kind.as_str() {
+            "link" => {
+                owner.insert(d.identifier.clone().expect("identifier"), d.profile_id);
+            }
+            "merge" => {
+                merged_into.insert(d.profile_id, d.other_profile_id.expect("survivor"));
+            }
+            "create" | "drop" => {}
+            other => panic!("unexpected kind {other}"),
+        }
+    }
+    assert_eq!(owner.len(), 5);
+    for (identifier, mut profile) in owner {
+        while let Some(next) = merged_into.get(&profile) {
+            profile = *next;
+        }
+        assert_eq!(
+            lookup(&b.identity, &identifier.kind, &identifier.value).await,
+            profile,
+            "{identifier:?}"
+        );
+    }
+    let merge = log.iter().find(|d| d.kind == "merge").expect("a merge");
+    assert_eq!(merge.event_id, "e3");
+    assert_eq!(merge.rule, "seen_together");
+    assert_eq!(merge.other_profile_id, Some(merged.profile_id));
+    let drop = log.iter().find(|d| d.kind == "drop").expect("a drop");
+    assert_eq!(drop.event_id, "e4");
+    assert_eq!(drop.rule, "limit:user_id");
+    assert!(log.iter().all(|d| d.rules_version == 1));
+    assert!(log.windows(2).all(|w| w[0].seq < w[1].seq));
+}
+
+async fn rules_are_versioned(b: &Backend) {
+    resolve(&b.identity, "e1", &[("user_id", "u1")]).await;
+    // The same rules again (a second replica, a restart): the same version.
+    let same = Identity::new(b.db.clone(), IdentitySettings::default())
+        .await
+        .expect("identity");
+    resolve(&same, "e2", &[("user_id", "u2")]).await;
+    let changed = Identity::new(
+        b.db.clone(),
+        IdentitySettings {
+            rules: RulesConfig {
+                custom_types: vec!["crm_id".into()],
+                ..RulesConfig::default()
+            },
+            ..IdentitySettings::default()
+        },
+    )
+    .await
+    .expect("identity");
+    resolve(&changed, "e3", &[("user_id", "u3")]).await;
+    let versions: Vec<(String, i64)> = b
+        .identity
+        .graph_log()
+        .await
+        .expect("log")
+        .into_iter()
+        .filter(|d| d.kind == "create")
+        .map(|d| (d.event_id, d.rules_version))
+        .collect();
+    assert_eq!(
+        versions,
+        [("e1".into(), 1), ("e2".into(), 1), ("e3".into(), 2)]
+    );
+    // Bad rules are refused, naming the key.
+    let mut bad = RulesConfig::default();
+    bad.phone.default_region = "Atlantis".into();
+    let err = Identity::new(
+        b.db.clone(),
+        IdentitySettings {
+            rules: bad,
+            ..IdentitySettings::default()
+        },
+    )
+    .await
+    .expect_err("bad rules");
+    assert!(
+        err.to_string().contains("rules.phone.default_region")
+            || format!("{err:?}").contains("rules.phone.default_region"),
+        "{err:?}"
+    );
+}
