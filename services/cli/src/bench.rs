@@ -1,6 +1,7 @@
-//! `tessera bench`: the load tool. Sends synthetic Segment-style events to a running Tessera
-//! over gRPC on an open-loop schedule and reports offered and achieved throughput, request
-//! latency, and how long an acknowledged event takes to show in the profile.
+//! `tessera bench`: the load tool. Sends synthetic Segment-style events to a running Tessera on
+//! an open-loop schedule, over unary gRPC, gRPC client streams or the Segment-compatible HTTP
+//! API, and reports offered and achieved throughput, request latency, and how long an
+//! acknowledged event takes to show in the profile (read over gRPC whatever the transport).
 
 mod pacer;
 mod report;
@@ -15,17 +16,28 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use base64::Engine as _;
+use bytes::Bytes;
 use hdrhistogram::Histogram;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
 use tessera_proto::common::v1::{Event, Identifier};
 use tessera_proto::convert::to_timestamp;
 use tessera_proto::ingestion::v1::ingestion_service_client::IngestionServiceClient;
-use tessera_proto::ingestion::v1::{EventStatus, IngestEventsRequest};
+use tessera_proto::ingestion::v1::{
+    EventResult, EventStatus, IngestEventsRequest, StreamIngestEventsRequest,
+    StreamIngestEventsResponse,
+};
 use tessera_proto::profile::v1::GetProfileRequest;
 use tessera_proto::profile::v1::get_profile_request::Lookup;
 use tessera_proto::profile::v1::profile_service_client::ProfileServiceClient;
 use time::OffsetDateTime;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
@@ -44,13 +56,58 @@ const POLL_MIN: Duration = Duration::from_millis(2);
 const POLL_MAX: Duration = Duration::from_millis(500);
 /// How long the last visibility poll may outlive the window.
 const POLL_GRACE: Duration = Duration::from_secs(1);
+/// Chunks a stream carries before it is closed and its counts come back (`grpc-stream`).
+const STREAM_CHUNKS: u64 = 100;
+/// How long a stream stays open at most, so that acknowledgements (and the visibility samples
+/// that start from them) arrive during the run at low rates too (`grpc-stream`).
+const STREAM_MAX_AGE: Duration = Duration::from_secs(1);
+/// How long connecting to the Tessera under test may take before the run gives up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How the events are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Transport {
+    /// IngestionService.IngestEvents, one call per batch.
+    Grpc,
+    /// IngestionService.StreamIngestEvents, one chunk per batch, up to --concurrency streams.
+    GrpcStream,
+    /// The Segment-compatible HTTP API: POST /v1/batch at --http-target, one per batch.
+    Http,
+}
+
+impl Transport {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::GrpcStream => "grpc-stream",
+            Self::Http => "http",
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Options of `tessera bench`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct BenchArgs {
-    /// The gRPC address of the Tessera under test.
+    /// The gRPC address of the Tessera under test: where the gRPC transports send, and where
+    /// profiles are read unless --read-target is given.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub(crate) target: String,
+    /// How to send the events. `grpc-stream` writes each batch as a chunk of a stream and
+    /// closes each stream after 100 chunks or 1 s, so its counts come back during the run; a
+    /// stream is acknowledged as a whole, so it reports throughput but no request latency.
+    #[arg(long, value_enum, default_value_t = Transport::Grpc)]
+    transport: Transport,
+    /// The base URL of the Segment-compatible HTTP API, for --transport http (plain HTTP/1.1;
+    /// batches go to URL/v1/batch with the write key as HTTP Basic user).
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8080")]
+    http_target: String,
     /// The write key of the source to send as [env: TESSERA_WRITE_KEY]: `tessera dev` prints
     /// one on first start, `tessera sources create` makes one.
     #[arg(long, value_name = "KEY")]
@@ -69,10 +126,12 @@ pub(crate) struct BenchArgs {
     /// How many events to send in all.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     events: Option<u64>,
-    /// Requests in flight at most.
+    /// Requests in flight at most. With grpc-stream, streams open at most, and a chunk holds a
+    /// slot until the stream takes it; with http, also the connections opened.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     concurrency: u64,
-    /// Events per IngestEvents request.
+    /// Events per request: per IngestEvents call, stream chunk or HTTP batch (the HTTP API takes
+    /// at most 500 KB per request, about 1,000 of these events).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=2_500))]
     batch: u64,
     /// Size of the synthetic visitor population (visitors churn slowly, so new ones keep
@@ -86,10 +145,11 @@ pub(crate) struct BenchArgs {
     /// Seconds to wait for a followed profile before counting it as not visible.
     #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3_600))]
     visibility_timeout: u64,
-    /// Seconds before a request counts as failed with DEADLINE_EXCEEDED.
+    /// Seconds before a request counts as failed with DEADLINE_EXCEEDED (grpc-stream: a chunk
+    /// the stream does not take, or a closed stream's answer, within that time).
     #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3_600))]
     request_timeout: u64,
-    /// HTTP/2 connections to spread requests over.
+    /// HTTP/2 connections to spread gRPC requests and streams over (not used by http).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
     connections: u64,
     /// Also print the report as one JSON object (the last line of stdout).
@@ -108,6 +168,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         (d, _) => d,
     };
     let params = Params {
+        transport: args.transport,
         rate: args.rate,
         duration_s: duration,
         events: args.events,
@@ -120,25 +181,48 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         request_timeout_s: args.request_timeout,
         seed: args.seed.unwrap_or_else(rand::random),
     };
-    let write_key: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = args
+    let key = &args
         .write_key
         .as_ref()
         .context(
             "a write key is required: --write-key or TESSERA_WRITE_KEY (`tessera dev` prints \
              one; `tessera sources create NAME` makes one)",
         )?
-        .0
+        .0;
+    let write_key: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = key
         .parse()
         .context("the write key is not valid in gRPC metadata")?;
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-    let channels = connect(&args.target, params.connections).await?;
-    let reads = match &args.read_target {
-        Some(target) => connect(target, 1).await?.remove(0),
-        None => channels[0].clone(),
+    let (target, route) = match args.transport {
+        Transport::Grpc => (
+            args.target.clone(),
+            Route::Grpc(connect(&args.target, params.connections).await?),
+        ),
+        Transport::GrpcStream => (
+            args.target.clone(),
+            Route::GrpcStream(connect(&args.target, params.connections).await?),
+        ),
+        Transport::Http => (
+            args.http_target.clone(),
+            Route::Http(Arc::new(
+                HttpTarget::connect(&args.http_target, key, usize::try_from(params.concurrency)?)
+                    .await?,
+            )),
+        ),
+    };
+    let reads = match (&args.read_target, &route) {
+        (Some(target), _) => connect(target, 1).await?.remove(0),
+        (None, Route::Grpc(channels) | Route::GrpcStream(channels)) => channels[0].clone(),
+        (None, Route::Http(_)) if params.visibility_samples == 0 => {
+            Endpoint::from_shared(args.target.clone())
+                .with_context(|| format!("invalid --target {:?}", args.target))?
+                .connect_lazy()
+        }
+        (None, Route::Http(_)) => connect(&args.target, 1).await?.remove(0),
     };
     eprintln!(
-        "tessera bench: run {run_id} against {} ({}, {}); Ctrl-C stops early",
-        args.target,
+        "tessera bench: run {run_id} against {target} over {} ({}, {}); Ctrl-C stops early",
+        params.transport,
         if params.rate == 0 {
             "unpaced".to_owned()
         } else {
@@ -155,12 +239,12 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         &params,
         duration.map(Duration::from_secs),
         &run_id,
-        &channels,
+        route,
         reads,
         write_key,
     )
     .await?;
-    let report = outcome.into_report(args.target, run_id, params);
+    let report = outcome.into_report(target, run_id, params);
     let mut out = std::io::stdout().lock();
     out.write_all(report::format_text(&report).as_bytes())?;
     if args.json {
@@ -191,15 +275,9 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
 async fn connect(target: &str, n: u64) -> anyhow::Result<Vec<Channel>> {
     let endpoint = Endpoint::from_shared(target.to_owned())
         .with_context(|| format!("invalid --target {target:?}"))?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
-    let host = endpoint.uri().host().unwrap_or_default();
-    let loopback = host == "localhost"
-        || host
-            .trim_matches(['[', ']'])
-            .parse::<IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if !loopback {
+    if !is_loopback(endpoint.uri().host().unwrap_or_default()) {
         eprintln!("tessera bench: note: {target} is not a loopback address");
     }
     let mut channels = Vec::new();
@@ -211,6 +289,141 @@ async fn connect(target: &str, n: u64) -> anyhow::Result<Vec<Channel>> {
         channels.push(channel);
     }
     Ok(channels)
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Where the batches go, connected.
+enum Route {
+    Grpc(Vec<Channel>),
+    GrpcStream(Vec<Channel>),
+    Http(Arc<HttpTarget>),
+}
+
+/// The Segment-compatible HTTP API under test, through a pool of HTTP/1.1 connections (one
+/// per request in flight).
+struct HttpTarget {
+    client: HttpClient<HttpConnector, Full<Bytes>>,
+    /// `{--http-target}/v1/batch`.
+    batch_uri: http::Uri,
+    /// `Basic base64(write key + ":")`, marked sensitive.
+    authorization: http::HeaderValue,
+}
+
+impl HttpTarget {
+    /// The API at `target`, failing fast when it is unreachable.
+    async fn connect(target: &str, write_key: &str, concurrency: usize) -> anyhow::Result<Self> {
+        let batch_uri = batch_uri(target)?;
+        let host = batch_uri.host().unwrap_or_default();
+        if !is_loopback(host) {
+            eprintln!("tessera bench: note: {target} is not a loopback address");
+        }
+        let port = batch_uri.port_u16().unwrap_or(80);
+        let probe = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port));
+        match tokio::time::timeout(CONNECT_TIMEOUT, probe).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e).with_context(|| format!("cannot connect to {target}")),
+            Err(_) => {
+                anyhow::bail!("cannot connect to {target}: no answer within {CONNECT_TIMEOUT:?}")
+            }
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let client = HttpClient::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(concurrency)
+            .build(connector);
+        let mut authorization = http::HeaderValue::try_from(basic_auth(write_key))
+            .context("the write key is not valid in an HTTP header")?;
+        authorization.set_sensitive(true);
+        Ok(Self {
+            client,
+            batch_uri,
+            authorization,
+        })
+    }
+
+    /// Posts `events` as one Segment batch: accepted only on exactly `200 {"success":true}`.
+    async fn post(&self, events: &[Event], timeout: Duration) -> Result<Acked, Failure> {
+        // The workload's events take about 500 bytes each as JSON: one allocation for most bodies.
+        let mut body = Vec::with_capacity(events.len() * 640);
+        workload::write_segment_batch(events, &mut body);
+        let request = http::Request::post(self.batch_uri.clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::AUTHORIZATION, self.authorization.clone())
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| Failure::new("TRANSPORT_ERROR", error_chain(&e)))?;
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| error_chain(&e))?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| error_chain(&e))?
+                .to_bytes();
+            Ok::<_, String>((status, body))
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok((status, body))) if status == http::StatusCode::OK && is_success(&body) => {
+                Ok(Acked::All)
+            }
+            Ok(Ok((status, body))) => Err(Failure::new(
+                format!("HTTP_{}", status.as_u16()),
+                String::from_utf8_lossy(&body).into_owned(),
+            )),
+            Ok(Err(message)) => Err(Failure::new("TRANSPORT_ERROR", message)),
+            Err(_) => Err(Failure::timeout(timeout)),
+        }
+    }
+}
+
+/// The batch route under an `http://` base URL (which may carry a path prefix, behind a proxy).
+fn batch_uri(target: &str) -> anyhow::Result<http::Uri> {
+    let uri: http::Uri = format!("{}/v1/batch", target.trim_end_matches('/'))
+        .parse()
+        .with_context(|| format!("invalid --http-target {target:?}"))?;
+    anyhow::ensure!(
+        uri.scheme_str() == Some("http") && uri.host().is_some_and(|h| !h.is_empty()),
+        "invalid --http-target {target:?}: an http://HOST[:PORT] URL is needed (no TLS)"
+    );
+    Ok(uri)
+}
+
+/// HTTP Basic credentials as the tracking API reads them: the write key as user, no password.
+fn basic_auth(write_key: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{write_key}:"))
+    )
+}
+
+/// Whether an HTTP answer's body is the tracking API's success, `{"success":true}`.
+fn is_success(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .is_ok_and(|v| v == serde_json::json!({"success": true}))
+}
+
+/// An error with its sources, `outer: inner: root`.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
 }
 
 /// What the send tasks record, behind one lock that is never held across an await.
@@ -248,16 +461,72 @@ impl Stats {
         })
     }
 
-    fn failed(&mut self, code: Code, message: &str, events: u64) {
+    fn failed(&mut self, failure: Failure, events: u64) {
+        let Failure { name, message } = failure;
         self.requests.failed += 1;
         self.events.failed += events;
-        let name = code_name(code).to_owned();
         *self.requests.errors.entry(name.clone()).or_default() += 1;
         self.requests
             .first_error
             .entry(name)
             .or_insert_with(|| message.chars().take(200).collect());
     }
+
+    /// Counts one acknowledged event of `device`.
+    fn acked(&mut self, duplicate: bool, device: Option<u64>) {
+        if duplicate {
+            self.events.duplicate += 1;
+        } else {
+            self.events.accepted += 1;
+            if let Some(d) = device {
+                *self.device_acks.entry(d).or_default() += 1;
+            }
+        }
+    }
+
+    /// Starts following `sample`, acknowledged with the events counted so far: its profile must
+    /// count every acknowledged event of its device.
+    fn follow(&mut self, sample: Sample) -> (String, u64) {
+        self.followed += 1;
+        let expected = self.device_acks.get(&sample.device).copied().unwrap_or(1);
+        (sample.user_id, expected)
+    }
+}
+
+/// Why a request failed, as the report lists it.
+#[derive(Debug)]
+struct Failure {
+    /// The gRPC code name (`UNAVAILABLE`), `HTTP_<status>` or `TRANSPORT_ERROR`.
+    name: String,
+    message: String,
+}
+
+impl Failure {
+    fn new(name: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            message: message.into(),
+        }
+    }
+
+    fn status(status: &tonic::Status) -> Self {
+        Self::new(code_name(status.code()), status.message())
+    }
+
+    fn timeout(after: Duration) -> Self {
+        Self::new(
+            code_name(Code::DeadlineExceeded),
+            format!("no answer within {after:?} (client-side)"),
+        )
+    }
+}
+
+/// What a successful request acknowledged.
+enum Acked {
+    /// One result per event, in order (gRPC).
+    PerEvent(Vec<EventResult>),
+    /// Every event, new or duplicate alike (HTTP does not tell them apart).
+    All,
 }
 
 /// Microseconds up to an hour at 3 significant digits; `saturating_record` clamps above that
@@ -273,7 +542,7 @@ struct Ctx {
     sent_events: AtomicU64,
     request_timeout: Duration,
     visibility_timeout: Duration,
-    /// Sent with every IngestEvents call.
+    /// Sent with every IngestEvents and StreamIngestEvents call.
     write_key: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
 }
 
@@ -292,7 +561,7 @@ struct Sample {
     device: u64,
 }
 
-/// One request to send.
+/// One request (or stream chunk) to send.
 struct Job {
     events: Vec<Event>,
     devices: Vec<Option<u64>>,
@@ -301,6 +570,24 @@ struct Job {
     due: Instant,
     issued: Instant,
 }
+
+/// How the dispatcher hands out jobs.
+enum Dispatch {
+    /// One task per request, over these connections in turn.
+    Grpc(Vec<Channel>),
+    Http(Arc<HttpTarget>),
+    /// To the stream workers, each keeping one stream open.
+    Streams(Vec<mpsc::Sender<Chunk>>),
+}
+
+/// A unary request's way out.
+enum Unary {
+    Grpc(Channel),
+    Http(Arc<HttpTarget>),
+}
+
+/// A job for a stream worker, holding its concurrency slot until the stream takes it.
+type Chunk = (Job, OwnedSemaphorePermit);
 
 /// The dispatcher's own figures, joined with the tasks' stats at the end.
 struct Outcome {
@@ -319,7 +606,7 @@ async fn drive(
     params: &Params,
     duration: Option<Duration>,
     run_id: &str,
-    channels: &[Channel],
+    route: Route,
     reads: Channel,
     write_key: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
 ) -> anyhow::Result<Outcome> {
@@ -338,13 +625,31 @@ async fn drive(
     });
     let concurrency = usize::try_from(params.concurrency)?;
     let slots = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = JoinSet::new();
+    let dispatch = match route {
+        Route::Grpc(channels) => Dispatch::Grpc(channels),
+        Route::Http(http) => Dispatch::Http(http),
+        Route::GrpcStream(channels) => {
+            ctx.stats().requests.chunks = Some(0);
+            // As many workers as slots: one with room can always take a job whose slot the
+            // dispatcher holds.
+            let workers = (0..concurrency)
+                .map(|i| {
+                    let (tx, rx) = mpsc::channel(1);
+                    let channel = channels[i % channels.len()].clone();
+                    tasks.spawn(stream_worker(Arc::clone(&ctx), channel, rx));
+                    tx
+                })
+                .collect();
+            Dispatch::Streams(workers)
+        }
+    };
     let mut workload = Workload::new(usize::try_from(params.users)?, params.seed, run_id);
     let mut sampler = Sampler::new(
         params.visibility_samples,
         pacer.planned_batches(duration),
         duration.unwrap_or(Duration::from_secs(DEFAULT_DURATION_S)),
     );
-    let mut tasks = JoinSet::new();
     let mut ctrl_c = pin!(tokio::signal::ctrl_c());
     let mut interrupted = false;
     let mut sent = 0_u64;
@@ -410,7 +715,6 @@ async fn drive(
             });
         }
         let (events, devices) = generated.into_iter().map(|g| (g.event, g.device)).unzip();
-        let channel = channels[usize::try_from(batch_no)? % channels.len()].clone();
         let job = Job {
             events,
             devices,
@@ -418,7 +722,26 @@ async fn drive(
             due,
             issued: Instant::now(),
         };
-        tasks.spawn(send(Arc::clone(&ctx), channel, job, permit));
+        match &dispatch {
+            Dispatch::Grpc(channels) => {
+                let channel = channels[usize::try_from(batch_no)? % channels.len()].clone();
+                tasks.spawn(send(Arc::clone(&ctx), Unary::Grpc(channel), job, permit));
+            }
+            Dispatch::Http(http) => {
+                let unary = Unary::Http(Arc::clone(http));
+                tasks.spawn(send(Arc::clone(&ctx), unary, job, permit));
+            }
+            Dispatch::Streams(workers) => {
+                if let Err(chunk) = offer(workers, (job, permit)) {
+                    // Only when a worker stopped (its panic resurfaces at join): wait for room.
+                    let reserve = workers.iter().map(|w| Box::pin(w.reserve()));
+                    let (room, _) = futures::future::select_ok(reserve)
+                        .await
+                        .context("every stream worker stopped")?;
+                    room.send(chunk);
+                }
+            }
+        }
         sent += size;
         batch_no += 1;
         ctx.sent_events.store(sent, Ordering::Relaxed);
@@ -426,6 +749,8 @@ async fn drive(
             rethrow(joined);
         }
     }
+    // Ends the streams: each worker closes its own once its queue is empty.
+    drop(dispatch);
     let stopped = start.elapsed();
     // A paced run's window is its schedule: it ends when the next batch would be due.
     let send_window = match (interrupted, pacer.due(sent), duration) {
@@ -484,9 +809,9 @@ async fn progress(ctx: Arc<Ctx>, slots: Arc<Semaphore>, concurrency: usize, star
     }
 }
 
-/// Sends one batch, records the outcome, frees the concurrency slot, then follows the batch's
-/// visibility sample if it has one.
-async fn send(ctx: Arc<Ctx>, channel: Channel, job: Job, permit: OwnedSemaphorePermit) {
+/// Sends one batch in one request, records the outcome, frees the concurrency slot, then
+/// follows the batch's visibility sample if it has one.
+async fn send(ctx: Arc<Ctx>, unary: Unary, job: Job, permit: OwnedSemaphorePermit) {
     let Job {
         events,
         devices,
@@ -495,13 +820,10 @@ async fn send(ctx: Arc<Ctx>, channel: Channel, job: Job, permit: OwnedSemaphoreP
         issued,
     } = job;
     let n = events.len() as u64;
-    let mut ingest = IngestionServiceClient::new(channel.clone());
-    let mut request = Request::new(IngestEventsRequest { events });
-    request.set_timeout(ctx.request_timeout);
-    request
-        .metadata_mut()
-        .insert("x-tessera-write-key", ctx.write_key.clone());
-    let outcome = tokio::time::timeout(ctx.request_timeout, ingest.ingest_events(request)).await;
+    let outcome = match unary {
+        Unary::Grpc(channel) => ingest(&ctx, channel, events).await,
+        Unary::Http(http) => http.post(&events, ctx.request_timeout).await,
+    };
     let done = Instant::now();
     drop(permit);
     let follow = {
@@ -510,33 +832,26 @@ async fn send(ctx: Arc<Ctx>, channel: Channel, job: Job, permit: OwnedSemaphoreP
         s.events.sent += n;
         s.last_response = Some(done);
         match outcome {
-            Ok(Ok(response)) => {
+            Ok(acked) => {
                 s.requests.ok += 1;
                 s.latency.saturating_record(micros(done - due));
                 s.service.saturating_record(micros(done - issued));
-                for (result, device) in response.into_inner().results.iter().zip(&devices) {
-                    if result.status == i32::from(EventStatus::Duplicate) {
-                        s.events.duplicate += 1;
-                    } else {
-                        s.events.accepted += 1;
-                        if let Some(d) = device {
-                            *s.device_acks.entry(*d).or_default() += 1;
+                match acked {
+                    Acked::PerEvent(results) => {
+                        for (result, device) in results.iter().zip(&devices) {
+                            s.acked(result.status == i32::from(EventStatus::Duplicate), *device);
+                        }
+                    }
+                    Acked::All => {
+                        for device in &devices {
+                            s.acked(false, *device);
                         }
                     }
                 }
-                sample.map(|smp| {
-                    s.followed += 1;
-                    let expected = s.device_acks.get(&smp.device).copied().unwrap_or(1);
-                    (smp.user_id, expected)
-                })
+                sample.map(|smp| s.follow(smp))
             }
-            Ok(Err(status)) => {
-                s.failed(status.code(), status.message(), n);
-                None
-            }
-            Err(_) => {
-                let message = format!("no answer within {:?} (client-side)", ctx.request_timeout);
-                s.failed(Code::DeadlineExceeded, &message, n);
+            Err(failure) => {
+                s.failed(failure, n);
                 None
             }
         }
@@ -544,6 +859,231 @@ async fn send(ctx: Arc<Ctx>, channel: Channel, job: Job, permit: OwnedSemaphoreP
     if let Some((user_id, expected)) = follow {
         follow_profile(&ctx, ctx.reads.clone(), user_id, expected, done).await;
     }
+}
+
+/// One IngestEvents call.
+async fn ingest(ctx: &Ctx, channel: Channel, events: Vec<Event>) -> Result<Acked, Failure> {
+    let mut client = IngestionServiceClient::new(channel);
+    let mut request = Request::new(IngestEventsRequest { events });
+    request.set_timeout(ctx.request_timeout);
+    request
+        .metadata_mut()
+        .insert("x-tessera-write-key", ctx.write_key.clone());
+    match tokio::time::timeout(ctx.request_timeout, client.ingest_events(request)).await {
+        Ok(Ok(response)) => Ok(Acked::PerEvent(response.into_inner().results)),
+        Ok(Err(status)) => Err(Failure::status(&status)),
+        Err(_) => Err(Failure::timeout(ctx.request_timeout)),
+    }
+}
+
+/// Hands `item` to the first worker with room, so that few streams carry the load while the
+/// server keeps up and more open only as they back up; `Err(item)` when none has room.
+fn offer<T>(workers: &[mpsc::Sender<T>], mut item: T) -> Result<(), T> {
+    for worker in workers {
+        match worker.try_send(item) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Full(back) | TrySendError::Closed(back)) => item = back,
+        }
+    }
+    Err(item)
+}
+
+/// Writes the chunks it is handed into one StreamIngestEvents stream at a time, closing it
+/// after [`STREAM_CHUNKS`] chunks, [`STREAM_MAX_AGE`], a failure, or when the run ends (the
+/// queue closes). Closed streams are settled in the background, so the next one opens at once.
+async fn stream_worker(ctx: Arc<Ctx>, channel: Channel, mut chunks: mpsc::Receiver<Chunk>) {
+    let mut settling = JoinSet::new();
+    let mut open: Option<OpenStream> = None;
+    loop {
+        let age_limit = open.as_ref().map(|s| s.opened + STREAM_MAX_AGE);
+        let next = tokio::select! {
+            next = chunks.recv() => next,
+            () = tokio::time::sleep_until(age_limit.unwrap_or_else(Instant::now)),
+                if age_limit.is_some() =>
+            {
+                if let Some(stream) = open.take() {
+                    settling.spawn(settle(Arc::clone(&ctx), stream));
+                }
+                continue;
+            }
+        };
+        let Some((job, permit)) = next else { break };
+        let stream = open.get_or_insert_with(|| OpenStream::open(&ctx, channel.clone()));
+        stream.write(&ctx, job, permit).await;
+        if (stream.chunks >= STREAM_CHUNKS || stream.broken.is_some())
+            && let Some(stream) = open.take()
+        {
+            settling.spawn(settle(Arc::clone(&ctx), stream));
+        }
+        while let Some(joined) = settling.try_join_next() {
+            rethrow(joined);
+        }
+    }
+    if let Some(stream) = open.take() {
+        settling.spawn(settle(Arc::clone(&ctx), stream));
+    }
+    while let Some(joined) = settling.join_next().await {
+        rethrow(joined);
+    }
+}
+
+/// A stream being written, with what its final counts will have to be matched against.
+struct OpenStream {
+    /// Dropped to end the stream.
+    chunks_tx: mpsc::Sender<StreamIngestEventsRequest>,
+    call: Call,
+    opened: Instant,
+    chunks: u64,
+    events: u64,
+    /// The device of every event written, counted as acknowledged if the stream accepts all.
+    devices: Vec<u64>,
+    samples: Vec<Sample>,
+    broken: Option<Broken>,
+}
+
+/// Why no more chunks go into a stream.
+#[derive(Debug, Clone, Copy)]
+enum Broken {
+    /// The call ended early; its result says why.
+    Ended,
+    /// A chunk was not taken within the request timeout.
+    Stalled,
+}
+
+/// A StreamIngestEvents call running in its own task, cancelled when dropped (Ctrl-C aborts
+/// the worker that holds it).
+struct Call(JoinHandle<Result<StreamIngestEventsResponse, tonic::Status>>);
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl OpenStream {
+    fn open(ctx: &Ctx, channel: Channel) -> Self {
+        // One chunk queued: a stream the server does not drain holds up its writer at once.
+        let (chunks_tx, chunks_rx) = mpsc::channel(1);
+        let body = futures::stream::unfold(chunks_rx, |mut rx| async move {
+            rx.recv().await.map(|chunk| (chunk, rx))
+        });
+        let mut request = Request::new(body);
+        request
+            .metadata_mut()
+            .insert("x-tessera-write-key", ctx.write_key.clone());
+        let mut client = IngestionServiceClient::new(channel);
+        let call = tokio::spawn(async move {
+            client
+                .stream_ingest_events(request)
+                .await
+                .map(tonic::Response::into_inner)
+        });
+        Self {
+            chunks_tx,
+            call: Call(call),
+            opened: Instant::now(),
+            chunks: 0,
+            events: 0,
+            devices: Vec::new(),
+            samples: Vec::new(),
+            broken: None,
+        }
+    }
+
+    /// Writes `job` as the next chunk, then frees its slot.
+    async fn write(&mut self, ctx: &Ctx, job: Job, permit: OwnedSemaphorePermit) {
+        let Job {
+            events,
+            devices,
+            sample,
+            due: _,
+            issued: _,
+        } = job;
+        self.chunks += 1;
+        self.events += events.len() as u64;
+        self.devices.extend(devices.into_iter().flatten());
+        self.samples.extend(sample);
+        if self.broken.is_none() {
+            let chunk = StreamIngestEventsRequest { events };
+            match tokio::time::timeout(ctx.request_timeout, self.chunks_tx.send(chunk)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => self.broken = Some(Broken::Ended),
+                Err(_) => self.broken = Some(Broken::Stalled),
+            }
+        }
+        drop(permit);
+    }
+}
+
+/// Ends a stream, waits for its counts and records them. Only when every event was accepted
+/// are the per-device counts known, so only then do its devices count as acknowledged and its
+/// visibility samples get followed (from now, when the stream was acknowledged).
+async fn settle(ctx: Arc<Ctx>, stream: OpenStream) {
+    let OpenStream {
+        chunks_tx,
+        mut call,
+        opened: _,
+        chunks,
+        events,
+        devices,
+        samples,
+        broken,
+    } = stream;
+    drop(chunks_tx);
+    let outcome = match broken {
+        Some(Broken::Stalled) => Err(Failure::new(
+            code_name(Code::DeadlineExceeded),
+            format!(
+                "the stream took no chunk within {:?} (client-side)",
+                ctx.request_timeout
+            ),
+        )),
+        Some(Broken::Ended) | None => {
+            match tokio::time::timeout(ctx.request_timeout, &mut call.0).await {
+                Ok(Ok(Ok(response))) => Ok(response),
+                Ok(Ok(Err(status))) => Err(Failure::status(&status)),
+                Ok(Err(joined)) if joined.is_panic() => {
+                    std::panic::resume_unwind(joined.into_panic())
+                }
+                Ok(Err(joined)) => {
+                    Err(Failure::new(code_name(Code::Cancelled), joined.to_string()))
+                }
+                Err(_) => Err(Failure::timeout(ctx.request_timeout)),
+            }
+        }
+    };
+    let done = Instant::now();
+    let follows: Vec<(String, u64)> = {
+        let mut s = ctx.stats();
+        s.requests.sent += 1;
+        s.requests.chunks = Some(s.requests.chunks.unwrap_or(0) + chunks);
+        s.events.sent += events;
+        s.last_response = Some(done);
+        match outcome {
+            Ok(response) => {
+                s.requests.ok += 1;
+                s.events.accepted += response.accepted;
+                s.events.duplicate += response.duplicates;
+                s.events.rejected += response.rejected;
+                if response.accepted == events {
+                    for device in devices {
+                        *s.device_acks.entry(device).or_default() += 1;
+                    }
+                    samples.into_iter().map(|smp| s.follow(smp)).collect()
+                } else {
+                    Vec::new()
+                }
+            }
+            Err(failure) => {
+                s.failed(failure, events);
+                Vec::new()
+            }
+        }
+    };
+    let reads = follows.into_iter().map(|(user_id, expected)| {
+        follow_profile(&ctx, ctx.reads.clone(), user_id, expected, done)
+    });
+    futures::future::join_all(reads).await;
 }
 
 /// Polls GetProfile by the new user id until the profile counts every acknowledged event of
@@ -693,6 +1233,89 @@ mod tests {
         assert_eq!((a.batch, a.users, a.rate), (100, 10_000, 1_000));
         assert_eq!((a.duration, a.events, a.seed), (None, None, None));
         assert!(!a.json);
+        assert_eq!(a.transport, Transport::Grpc);
+        assert_eq!(a.http_target, "http://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn transports_are_named_alike_on_the_command_line_and_in_the_report() {
+        for (name, transport) in [
+            ("grpc", Transport::Grpc),
+            ("grpc-stream", Transport::GrpcStream),
+            ("http", Transport::Http),
+        ] {
+            let a = Cli::try_parse_from(["bench", "--transport", name]).unwrap();
+            assert_eq!(a.bench.transport, transport);
+            assert_eq!(transport.to_string(), name);
+            assert_eq!(serde_json::to_value(transport).unwrap(), name);
+        }
+        assert!(Cli::try_parse_from(["bench", "--transport", "udp"]).is_err());
+    }
+
+    #[test]
+    fn the_http_target_is_a_plain_http_base_url() {
+        for (target, want) in [
+            ("http://127.0.0.1:8080", "http://127.0.0.1:8080/v1/batch"),
+            ("http://localhost:8080/", "http://localhost:8080/v1/batch"),
+            ("http://[::1]:8191", "http://[::1]:8191/v1/batch"),
+            ("http://proxy/tessera", "http://proxy/tessera/v1/batch"),
+        ] {
+            assert_eq!(batch_uri(target).unwrap().to_string(), want);
+        }
+        for bad in [
+            "https://example.com",
+            "127.0.0.1:8080",
+            "http://",
+            "not a url",
+        ] {
+            assert!(batch_uri(bad).is_err(), "{bad} accepted");
+        }
+        assert!(is_loopback("[::1]") && is_loopback("localhost") && !is_loopback("10.0.0.1"));
+    }
+
+    #[test]
+    fn the_write_key_is_the_basic_user_with_no_password() {
+        // base64("tsk_bench:")
+        assert_eq!(basic_auth("tsk_bench"), "Basic dHNrX2JlbmNoOg==");
+    }
+
+    #[test]
+    fn only_success_true_is_success() {
+        assert!(is_success(br#"{"success":true}"#));
+        assert!(is_success(b"{ \"success\": true }\n"));
+        for body in [
+            &br#"{"success":false}"#[..],
+            br#"{"success":true,"accepted":3}"#,
+            b"",
+            b"OK",
+        ] {
+            assert!(!is_success(body), "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn chunks_go_to_the_first_stream_worker_with_room() {
+        let (workers, mut queues): (Vec<_>, Vec<_>) = (0..3).map(|_| mpsc::channel(1)).unzip();
+        assert_eq!(offer(&workers, 1), Ok(()));
+        assert_eq!(offer(&workers, 2), Ok(()));
+        // Worker 0 takes its chunk: the next goes to it again.
+        assert_eq!(queues[0].try_recv(), Ok(1));
+        assert_eq!(offer(&workers, 3), Ok(()));
+        assert_eq!(offer(&workers, 4), Ok(()));
+        assert_eq!(offer(&workers, 5), Err(5), "every worker is full");
+        // A stopped worker is passed over.
+        drop(queues.remove(2));
+        assert_eq!(queues[1].try_recv(), Ok(2));
+        assert_eq!(offer(&workers, 5), Ok(()));
+        assert_eq!(queues[1].try_recv(), Ok(5));
+        assert_eq!(queues[0].try_recv(), Ok(3));
+    }
+
+    #[test]
+    fn error_messages_carry_their_causes() {
+        let e = anyhow::anyhow!("root").context("middle").context("outer");
+        let e: &(dyn std::error::Error + 'static) = e.as_ref();
+        assert_eq!(error_chain(e), "outer: middle: root");
     }
 
     #[test]

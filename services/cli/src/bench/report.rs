@@ -7,9 +7,12 @@ use std::fmt::Write as _;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use super::Transport;
+
 /// The parameters a run used.
 #[derive(Debug, Clone, Serialize)]
 pub(super) struct Params {
+    pub(super) transport: Transport,
     pub(super) rate: u64,
     pub(super) duration_s: Option<u64>,
     pub(super) events: Option<u64>,
@@ -59,13 +62,17 @@ fn round3(x: f64) -> f64 {
     (x * 1_000.0).round() / 1_000.0
 }
 
-/// Request outcomes.
+/// Request outcomes; with `grpc-stream`, a request is one stream (call) of chunks.
 #[derive(Debug, Clone, Default, Serialize)]
 pub(super) struct Requests {
     pub(super) sent: u64,
     pub(super) ok: u64,
     pub(super) failed: u64,
-    /// Failed requests by gRPC code name (`UNAVAILABLE`, ...); client-side timeouts count as
+    /// Chunks sent over the streams (`grpc-stream` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) chunks: Option<u64>,
+    /// Failed requests by gRPC code name (`UNAVAILABLE`, ...), or by HTTP status (`HTTP_429`)
+    /// and `TRANSPORT_ERROR` (no HTTP answer) for `http`; client-side timeouts count as
     /// `DEADLINE_EXCEEDED`.
     pub(super) errors: BTreeMap<String, u64>,
     /// The first message seen for each error code, to tell causes apart.
@@ -79,8 +86,12 @@ pub(super) struct Events {
     pub(super) sent: u64,
     /// Acknowledged as new.
     pub(super) accepted: u64,
-    /// Acknowledged as duplicates (should be 0: ids are unique per run).
+    /// Acknowledged as duplicates (should be 0: ids are unique per run). The HTTP API does not
+    /// tell duplicates apart: they count as accepted there.
     pub(super) duplicate: u64,
+    /// Refused one by one by a stream as invalid (`grpc-stream` only: the other transports fail
+    /// the request instead; should be 0).
+    pub(super) rejected: u64,
     /// In failed requests.
     pub(super) failed: u64,
 }
@@ -127,7 +138,8 @@ pub(super) struct Report {
     pub(super) requests: Requests,
     pub(super) events: Events,
     /// Successful request latency from the time the batch was due (includes client queueing,
-    /// so a slow server cannot hide behind a lower send rate).
+    /// so a slow server cannot hide behind a lower send rate); `None` for `grpc-stream`, whose
+    /// chunks are not acknowledged one by one.
     pub(super) latency: Option<Percentiles>,
     /// Successful request latency from the time the request was actually sent.
     pub(super) service_time: Option<Percentiles>,
@@ -172,6 +184,16 @@ fn line(p: Option<&Percentiles>) -> String {
     }
 }
 
+/// A request latency line; a stream has none, as its chunks are acknowledged together.
+fn request_line(transport: Transport, p: Option<&Percentiles>) -> String {
+    match transport {
+        Transport::GrpcStream => {
+            "n/a for grpc-stream (a stream is acknowledged as a whole, not per chunk)".to_owned()
+        }
+        Transport::Grpc | Transport::Http => line(p),
+    }
+}
+
 fn counts(m: &BTreeMap<String, u64>) -> String {
     if m.is_empty() {
         return "none".to_owned();
@@ -191,7 +213,8 @@ pub(super) fn format_text(r: &Report) -> String {
     let _ = writeln!(w, "tessera bench: {} (run {})", r.target, r.run_id);
     let _ = writeln!(
         w,
-        "  parameters      rate {}  duration {}  events {}  concurrency {}  batch {}  users {}  connections {}  seed {}",
+        "  parameters      transport {}  rate {}  duration {}  events {}  concurrency {}  batch {}  users {}  connections {}  seed {}",
+        p.transport,
         if p.rate == 0 {
             "max".to_owned()
         } else {
@@ -228,19 +251,34 @@ pub(super) fn format_text(r: &Report) -> String {
             r.unsent_events
         );
     }
+    let (unit, requests_label) = match (p.transport, r.requests.chunks) {
+        (Transport::GrpcStream, Some(chunks)) => (
+            format!("{chunks} chunks over {} streams", r.requests.sent),
+            "streams        ",
+        ),
+        _ => (format!("{} requests", r.requests.sent), "requests       "),
+    };
     let _ = writeln!(
         w,
-        "  sent            {:.0} events/s ({} events in {} requests; worst schedule lag {:.1} ms)",
-        r.sent_rate, r.events.sent, r.requests.sent, r.max_schedule_lag_ms
+        "  sent            {:.0} events/s ({} events in {unit}; worst schedule lag {:.1} ms)",
+        r.sent_rate, r.events.sent, r.max_schedule_lag_ms
     );
     let _ = writeln!(
         w,
-        "  achieved        {:.0} accepted events/s ({} accepted, {} duplicate, {} in failed requests)",
-        r.achieved_rate, r.events.accepted, r.events.duplicate, r.events.failed
+        "  achieved        {:.0} accepted events/s ({} accepted, {} duplicate, {}{} in failed requests)",
+        r.achieved_rate,
+        r.events.accepted,
+        r.events.duplicate,
+        if r.events.rejected > 0 {
+            format!("{} rejected, ", r.events.rejected)
+        } else {
+            String::new()
+        },
+        r.events.failed
     );
     let _ = writeln!(
         w,
-        "  requests        {} ok, {} failed; errors: {}",
+        "  {requests_label} {} ok, {} failed; errors: {}",
         r.requests.ok,
         r.requests.failed,
         counts(&r.requests.errors)
@@ -248,8 +286,16 @@ pub(super) fn format_text(r: &Report) -> String {
     for (code, msg) in &r.requests.first_error {
         let _ = writeln!(w, "    first {code}: {msg}");
     }
-    let _ = writeln!(w, "  latency         {}", line(r.latency.as_ref()));
-    let _ = writeln!(w, "  service time    {}", line(r.service_time.as_ref()));
+    let _ = writeln!(
+        w,
+        "  latency         {}",
+        request_line(p.transport, r.latency.as_ref())
+    );
+    let _ = writeln!(
+        w,
+        "  service time    {}",
+        request_line(p.transport, r.service_time.as_ref())
+    );
     let v = &r.visibility;
     let _ = writeln!(
         w,
@@ -325,6 +371,7 @@ mod tests {
             target: "http://127.0.0.1:50051".into(),
             run_id: "abc".into(),
             params: Params {
+                transport: Transport::Grpc,
                 rate: 2_000,
                 duration_s: Some(20),
                 events: None,
@@ -350,6 +397,7 @@ mod tests {
                 sent: 400,
                 ok: 397,
                 failed: 3,
+                chunks: None,
                 errors,
                 first_error: BTreeMap::new(),
             },
@@ -357,6 +405,7 @@ mod tests {
                 sent: 40_000,
                 accepted: 39_700,
                 duplicate: 0,
+                rejected: 0,
                 failed: 300,
             },
             latency: Some(Percentiles {
@@ -389,7 +438,9 @@ mod tests {
             "p50 4.2  p95 9.9  p99 15.0  max 30.0",
             "service time    n/a",
             "2 followed, 1 visible, 1 not visible within 30 s",
-            "rate 2000/s  duration 20s  events -",
+            "transport grpc  rate 2000/s  duration 20s  events -",
+            "(40000 events in 400 requests;",
+            "requests        397 ok",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
@@ -413,6 +464,45 @@ mod tests {
         assert_eq!(v["requests"]["errors"]["UNAVAILABLE"], 3);
         assert_eq!(v["latency"]["p99_ms"], 15.0);
         assert_eq!(v["params"]["batch"], 100);
+        assert_eq!(v["params"]["transport"], "grpc");
         assert_eq!(v["visibility"]["not_visible"], 1);
+        assert!(
+            v["requests"].get("chunks").is_none(),
+            "chunks only for streams"
+        );
+    }
+
+    #[test]
+    fn a_stream_run_counts_streams_and_chunks_and_has_no_request_latency() {
+        let mut r = report();
+        r.params.transport = Transport::GrpcStream;
+        r.requests.sent = 4;
+        r.requests.chunks = Some(400);
+        r.events.rejected = 2;
+        let text = format_text(&r);
+        for needle in [
+            "transport grpc-stream",
+            "(40000 events in 400 chunks over 4 streams;",
+            "streams         397 ok, 3 failed",
+            "0 duplicate, 2 rejected, 300 in failed requests",
+            "latency         n/a for grpc-stream",
+            "service time    n/a for grpc-stream",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["params"]["transport"], "grpc-stream");
+        assert_eq!(v["requests"]["chunks"], 400);
+        assert_eq!(v["events"]["rejected"], 2);
+    }
+
+    #[test]
+    fn http_errors_are_listed_by_status() {
+        let mut r = report();
+        r.params.transport = Transport::Http;
+        r.requests.errors = BTreeMap::from([("HTTP_429".to_owned(), 3)]);
+        let text = format_text(&r);
+        assert!(text.contains("transport http  rate"), "{text}");
+        assert!(text.contains("errors: HTTP_429 3"), "{text}");
     }
 }

@@ -1,10 +1,15 @@
 //! The synthetic workload: Segment-style identify, track and page events from a population of
-//! visitors who browse anonymously, later identify, churn, and come back on new devices.
+//! visitors who browse anonymously, later identify, churn, and come back on new devices. The
+//! events are generated once, as protobuf, and written as Segment JSON for the HTTP API.
+
+use std::fmt;
 
 use prost_types::value::Kind;
 use prost_types::{Struct, Timestamp, Value};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use serde::ser::{SerializeMap as _, SerializeSeq as _};
+use serde::{Serialize, Serializer};
 use tessera_proto::common::v1::{Event, EventType};
 
 /// Share of identify events, in percent; the rest is track and page.
@@ -408,6 +413,190 @@ fn weighted<'a, T>(rng: &mut StdRng, items: &'a [(T, u32)]) -> &'a T {
     &items[items.len() - 1].0
 }
 
+/// Writes `{"batch":[...]}`, the body of `POST /v1/batch`, with `events` as Segment JSON
+/// messages (see [`SegmentMessage`]), straight into `out`: no JSON tree is built.
+pub(super) fn write_segment_batch(events: &[Event], out: &mut Vec<u8>) {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        batch: SegmentBatch<'a>,
+    }
+    // Serializing these types into memory cannot fail: no map key is a non-string and every
+    // number is finite or written as null.
+    let _ = serde_json::to_writer(
+        out,
+        &Body {
+            batch: SegmentBatch(events),
+        },
+    );
+}
+
+struct SegmentBatch<'a>(&'a [Event]);
+
+impl Serialize for SegmentBatch<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        for event in self.0 {
+            seq.serialize_element(&SegmentMessage(event))?;
+        }
+        seq.end()
+    }
+}
+
+/// A protobuf event as a Segment message of the HTTP API (camelCase keys, empty fields left
+/// out, times as RFC 3339 in UTC to the microsecond, whole numbers as integers like
+/// `tessera_proto::convert::value_to_json`). `received_at` is not sent: the server sets it.
+pub(super) struct SegmentMessage<'a>(pub(super) &'a Event);
+
+impl Serialize for SegmentMessage<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // Every field named, so a new proto field does not compile until it is mapped here.
+        let Event {
+            message_id,
+            r#type,
+            user_id,
+            anonymous_id,
+            event,
+            name,
+            category,
+            group_id,
+            previous_id,
+            properties,
+            traits,
+            context,
+            integrations,
+            timestamp,
+            original_timestamp,
+            sent_at,
+            received_at: _,
+        } = self.0;
+        let mut map = serializer.serialize_map(None)?;
+        if let Some(kind) = segment_type(*r#type) {
+            map.serialize_entry("type", kind)?;
+        }
+        for (key, value) in [
+            ("messageId", message_id),
+            ("userId", user_id),
+            ("anonymousId", anonymous_id),
+            ("event", event),
+            ("name", name),
+            ("category", category),
+            ("groupId", group_id),
+            ("previousId", previous_id),
+        ] {
+            if !value.is_empty() {
+                map.serialize_entry(key, value)?;
+            }
+        }
+        for (key, value) in [
+            ("properties", properties),
+            ("traits", traits),
+            ("context", context),
+            ("integrations", integrations),
+        ] {
+            if let Some(value) = value {
+                map.serialize_entry(key, &JsonStruct(value))?;
+            }
+        }
+        for (key, value) in [
+            ("timestamp", timestamp),
+            ("originalTimestamp", original_timestamp),
+            ("sentAt", sent_at),
+        ] {
+            if let Some(time) = value
+                .as_ref()
+                .and_then(tessera_proto::convert::from_timestamp)
+            {
+                map.serialize_entry(key, &Rfc3339Micros(time))?;
+            }
+        }
+        map.end()
+    }
+}
+
+/// The Segment `type` of a protobuf event type; `None` for an unspecified or unknown one (the
+/// server then names the missing `type`).
+fn segment_type(kind: i32) -> Option<&'static str> {
+    match EventType::try_from(kind) {
+        Ok(EventType::Identify) => Some("identify"),
+        Ok(EventType::Track) => Some("track"),
+        Ok(EventType::Page) => Some("page"),
+        Ok(EventType::Screen) => Some("screen"),
+        Ok(EventType::Group) => Some("group"),
+        Ok(EventType::Alias) => Some("alias"),
+        Ok(EventType::Unspecified) | Err(_) => None,
+    }
+}
+
+struct JsonStruct<'a>(&'a Struct);
+
+impl Serialize for JsonStruct<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.fields.len()))?;
+        for (key, value) in &self.0.fields {
+            map.serialize_entry(key, &JsonValue(value))?;
+        }
+        map.end()
+    }
+}
+
+struct JsonValue<'a>(&'a Value);
+
+/// 2^53: above it not every integer is a double, so the double is kept (as `value_to_json`).
+const MAX_EXACT_INT: f64 = 9_007_199_254_740_992.0;
+
+impl Serialize for JsonValue<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match &self.0.kind {
+            None | Some(Kind::NullValue(_)) => serializer.serialize_unit(),
+            Some(Kind::BoolValue(b)) => serializer.serialize_bool(*b),
+            Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() <= MAX_EXACT_INT => {
+                // Whole and within 2^53: exact as an integer.
+                #[allow(clippy::cast_possible_truncation)]
+                let whole = *n as i64;
+                serializer.serialize_i64(whole)
+            }
+            Some(Kind::NumberValue(n)) if n.is_finite() => serializer.serialize_f64(*n),
+            Some(Kind::NumberValue(_)) => serializer.serialize_unit(),
+            Some(Kind::StringValue(s)) => serializer.serialize_str(s),
+            Some(Kind::ListValue(list)) => {
+                let mut seq = serializer.serialize_seq(Some(list.values.len()))?;
+                for value in &list.values {
+                    seq.serialize_element(&JsonValue(value))?;
+                }
+                seq.end()
+            }
+            Some(Kind::StructValue(s)) => JsonStruct(s).serialize(serializer),
+        }
+    }
+}
+
+/// A time as RFC 3339 in UTC with microseconds (`2026-11-28T12:51:49.224000Z`), the precision
+/// every store keeps, written without an intermediate string.
+struct Rfc3339Micros(time::OffsetDateTime);
+
+impl fmt::Display for Rfc3339Micros {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = self.0.to_offset(time::UtcOffset::UTC);
+        write!(
+            f,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.microsecond()
+        )
+    }
+}
+
+impl Serialize for Rfc3339Micros {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 /// Track events with their relative frequency, a typical e-commerce funnel.
 const TRACK_EVENTS: &[(&str, u32)] = &[
     ("Product Viewed", 30),
@@ -607,6 +796,91 @@ mod tests {
         let c = Workload::new(100, 43, "r").batch(500, now());
         assert!(a.iter().zip(&b).all(|(x, y)| x.event == y.event));
         assert!(a.iter().zip(&c).any(|(x, y)| x.event != y.event));
+    }
+
+    fn segment_json(events: &[Event]) -> serde_json::Value {
+        let mut body = Vec::new();
+        write_segment_batch(events, &mut body);
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    #[test]
+    fn the_http_api_reads_every_segment_message_as_the_grpc_api_reads_the_event() {
+        let generated = sample(5_000);
+        let events: Vec<Event> = generated.into_iter().map(|g| g.event).collect();
+        let body = segment_json(&events);
+        let batch = body["batch"].as_array().unwrap();
+        assert_eq!(body.as_object().unwrap().len(), 1, "only the batch: {body}");
+        assert_eq!(batch.len(), events.len());
+        for (message, event) in batch.iter().zip(&events) {
+            let over_http = tessera_ingestion::segment_message(message.clone())
+                .unwrap_or_else(|v| panic!("{v:?} for {message}"));
+            let over_grpc = tessera_proto::convert::event_from_pb(event.clone()).unwrap();
+            assert_eq!(over_http, over_grpc, "{message}");
+        }
+    }
+
+    #[test]
+    fn segment_messages_use_the_wire_names_and_leave_empty_fields_out() {
+        let event = Event {
+            message_id: "m1".into(),
+            r#type: EventType::Alias.into(),
+            user_id: "u1".into(),
+            previous_id: "a1".into(),
+            group_id: "g1".into(),
+            properties: Some(obj([
+                ("whole", n(3.0)),
+                ("half", n(0.5)),
+                ("huge", n(1e300)),
+                ("nan", n(f64::NAN)),
+                ("none", Value { kind: None }),
+                (
+                    "flag",
+                    Value {
+                        kind: Some(Kind::BoolValue(true)),
+                    },
+                ),
+                (
+                    "list",
+                    Value {
+                        kind: Some(Kind::ListValue(prost_types::ListValue {
+                            values: vec![s("x"), n(1.0)],
+                        })),
+                    },
+                ),
+            ])),
+            integrations: Some(obj([("All", s("no"))])),
+            original_timestamp: Some(Timestamp {
+                seconds: 1_780_000_000,
+                nanos: 123_456_789,
+            }),
+            received_at: Some(now()),
+            ..Event::default()
+        };
+        let body = segment_json(std::slice::from_ref(&event));
+        assert_eq!(
+            body["batch"][0],
+            serde_json::json!({
+                "type": "alias",
+                "messageId": "m1",
+                "userId": "u1",
+                "previousId": "a1",
+                "groupId": "g1",
+                "properties": {"whole": 3, "half": 0.5, "huge": 1e300, "nan": null, "none": null,
+                               "flag": true, "list": ["x", 1]},
+                "integrations": {"All": "no"},
+                "originalTimestamp": "2026-05-28T20:26:40.123456Z",
+            })
+        );
+        let unspecified = Event {
+            user_id: "u".into(),
+            ..Event::default()
+        };
+        assert_eq!(
+            segment_json(&[unspecified])["batch"][0],
+            serde_json::json!({"userId": "u"})
+        );
+        assert_eq!(segment_json(&[]), serde_json::json!({"batch": []}));
     }
 
     #[test]
