@@ -100,6 +100,133 @@ pub(crate) fn lookup_from_pb(
     })
 }
 
+/// What a graph request names.
+pub(crate) enum GraphLookup {
+    Profile(uuid::Uuid),
+    Identifier(Identifier),
+}
+
+/// A graph request: what it names and how many decisions it wants. Violations name
+/// `profile_id`, `identifier` or `max_decisions`.
+pub(crate) fn graph_request_from_pb(
+    request: pb::GetProfileGraphRequest,
+) -> Result<(GraphLookup, i64), IdentityError> {
+    use pb::get_profile_graph_request::Lookup;
+    let pb::GetProfileGraphRequest {
+        lookup,
+        max_decisions,
+    } = request;
+    let mut violations = Vec::new();
+    let max = match max_decisions {
+        0 => crate::DEFAULT_GRAPH_DECISIONS,
+        n if n < 0 || i64::from(n) > crate::MAX_GRAPH_DECISIONS => {
+            violations.push(FieldViolation::new(
+                "max_decisions",
+                format!("must be 0 (the default) to {}", crate::MAX_GRAPH_DECISIONS),
+            ));
+            0
+        }
+        n => i64::from(n),
+    };
+    let lookup = match lookup {
+        Some(Lookup::ProfileId(id)) => match uuid::Uuid::parse_str(&id) {
+            Ok(id) => Some(GraphLookup::Profile(id)),
+            Err(_) => {
+                violations.push(FieldViolation::new("profile_id", "not a UUID"));
+                None
+            }
+        },
+        Some(Lookup::Identifier(identifier)) => {
+            Some(GraphLookup::Identifier(identifier_from_pb(identifier)))
+        }
+        None => {
+            violations.push(FieldViolation::new(
+                "lookup",
+                "required: profile_id or identifier",
+            ));
+            None
+        }
+    };
+    match lookup {
+        Some(lookup) if violations.is_empty() => Ok((lookup, max)),
+        _ => Err(IdentityError::InvalidArgument(violations)),
+    }
+}
+
+impl From<crate::ProfileGraph> for pb::GetProfileGraphResponse {
+    fn from(graph: crate::ProfileGraph) -> Self {
+        let crate::ProfileGraph {
+            profile_id,
+            merged_profile_ids,
+            identifiers,
+            decisions,
+            truncated,
+        } = graph;
+        Self {
+            profile_id: profile_id.to_string(),
+            merged_profile_ids: merged_profile_ids.iter().map(ToString::to_string).collect(),
+            identifiers: identifiers
+                .into_iter()
+                .map(|i| {
+                    let crate::GraphIdentifier {
+                        identifier,
+                        linked_to,
+                        event_id,
+                        linked_at,
+                    } = i;
+                    pb::GraphIdentifier {
+                        identifier: Some(identifier_to_pb(identifier)),
+                        linked_to_profile_id: linked_to.to_string(),
+                        event_id,
+                        linked_at: Some(to_timestamp(linked_at)),
+                    }
+                })
+                .collect(),
+            decisions: decisions
+                .into_iter()
+                .map(|d| {
+                    let crate::GraphDecision {
+                        seq,
+                        kind,
+                        event_id,
+                        profile_id,
+                        other_profile_id,
+                        identifier,
+                        rule,
+                        rules_version,
+                        event_time,
+                        decided_at,
+                    } = d;
+                    pb::GraphDecision {
+                        seq,
+                        kind,
+                        event_id,
+                        profile_id: profile_id.to_string(),
+                        other_profile_id: other_profile_id
+                            .map(|p| p.to_string())
+                            .unwrap_or_default(),
+                        identifier: identifier.map(identifier_to_pb),
+                        rule,
+                        rules_version,
+                        event_time: Some(to_timestamp(event_time)),
+                        decided_at: Some(to_timestamp(decided_at)),
+                    }
+                })
+                .collect(),
+            truncated,
+        }
+    }
+}
+
+/// The rules in the form of the config section.
+pub(crate) fn rules_to_pb(rules: &Rules) -> prost_types::Struct {
+    match serde_json::to_value(rules.config()) {
+        Ok(serde_json::Value::Object(map)) => tessera_proto::convert::json_map_to_struct(&map),
+        // A struct of strings, numbers and lists always serializes to an object.
+        _ => prost_types::Struct::default(),
+    }
+}
+
 impl From<Merge> for pb::Merge {
     fn from(merge: Merge) -> Self {
         let Merge {

@@ -20,6 +20,9 @@ pub enum IdentityError {
     /// The identifier belongs to no profile, or is a blocked value.
     #[error("the identifier belongs to no profile")]
     NotFound,
+    /// No profile has this id.
+    #[error("no profile has this id")]
+    UnknownProfile,
     /// A database call failed.
     #[error("identity store")]
     Store(#[from] StoreError),
@@ -43,7 +46,7 @@ impl IdentityError {
         match self {
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Self::BatchTooLarge { .. } => ErrorCode::ResourceExhausted,
-            Self::NotFound => ErrorCode::NotFound,
+            Self::NotFound | Self::UnknownProfile => ErrorCode::NotFound,
             Self::Store(e) => e.code(),
             Self::Contended => ErrorCode::Unavailable,
             Self::Corrupt(_) => ErrorCode::Internal,
@@ -57,9 +60,9 @@ impl From<IdentityError> for tonic::Status {
             IdentityError::InvalidArgument(violations) => {
                 tessera_server::invalid_argument(violations)
             }
-            IdentityError::BatchTooLarge { .. } | IdentityError::NotFound => {
-                tessera_server::status(e.code(), e.to_string())
-            }
+            IdentityError::BatchTooLarge { .. }
+            | IdentityError::NotFound
+            | IdentityError::UnknownProfile => tessera_server::status(e.code(), e.to_string()),
             IdentityError::Store(_) | IdentityError::Contended | IdentityError::Corrupt(_) => {
                 tessera_server::internal(e.code(), &e)
             }

@@ -24,7 +24,12 @@ use crate::domain::{Normalized, Record, Resolution, Rules, RulesConfig};
 use crate::store::{IdentityStore, VersionedRules};
 
 pub use error::IdentityError;
-pub use store::LoggedDecision as GraphDecision;
+pub use store::{GraphIdentifier, LoggedDecision as GraphDecision, ProfileGraph};
+
+/// The most decisions a graph answer carries by default, and at most.
+pub const DEFAULT_GRAPH_DECISIONS: i64 = 1_000;
+/// The most decisions a graph answer may be asked for.
+pub const MAX_GRAPH_DECISIONS: i64 = 10_000;
 
 /// The Postgres schema (search path) of the identity service's tables.
 pub const SCHEMA: &str = "identity";
@@ -108,6 +113,24 @@ impl Identity {
     /// dropped, profiles merged) with its cause and rule.
     pub async fn graph_log(&self) -> Result<Vec<GraphDecision>, IdentityError> {
         self.store.graph_log().await
+    }
+
+    /// The graph of `profile` (followed to its survivor) with its newest `max_decisions`
+    /// decisions. `UnknownProfile` when no profile has that id.
+    pub async fn profile_graph(
+        &self,
+        profile: Uuid,
+        max_decisions: i64,
+    ) -> Result<ProfileGraph, IdentityError> {
+        self.store
+            .profile_graph(profile, max_decisions.clamp(1, MAX_GRAPH_DECISIONS))
+            .await?
+            .ok_or(IdentityError::UnknownProfile)
+    }
+
+    /// The version the rules in force are registered under.
+    pub fn rules_version(&self) -> i64 {
+        self.rules.version
     }
 
     /// The rules in force.

@@ -41,6 +41,31 @@ impl IdentityService for IdentityGrpc {
         }))
     }
 
+    async fn get_profile_graph(
+        &self,
+        request: Request<pb::GetProfileGraphRequest>,
+    ) -> Result<Response<pb::GetProfileGraphResponse>, Status> {
+        let (lookup, max) = convert::graph_request_from_pb(request.into_inner())?;
+        let profile = match lookup {
+            convert::GraphLookup::Profile(id) => id,
+            convert::GraphLookup::Identifier(identifier) => {
+                self.identity.lookup(identifier).await?
+            }
+        };
+        let graph = self.identity.profile_graph(profile, max).await?;
+        Ok(Response::new(graph.into()))
+    }
+
+    async fn get_rules(
+        &self,
+        _request: Request<pb::GetRulesRequest>,
+    ) -> Result<Response<pb::GetRulesResponse>, Status> {
+        Ok(Response::new(pb::GetRulesResponse {
+            version: self.identity.rules_version(),
+            rules: Some(convert::rules_to_pb(self.identity.rules())),
+        }))
+    }
+
     async fn lookup_identifier(
         &self,
         request: Request<pb::LookupIdentifierRequest>,

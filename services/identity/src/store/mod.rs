@@ -67,6 +67,14 @@ pub(crate) trait IdentityStore: Send + Sync {
     /// The graph log, oldest first: every decision since the graph began.
     async fn graph_log(&self) -> Result<Vec<LoggedDecision>, IdentityError>;
 
+    /// The graph of the canonical profile of `profile`, with at most `max_decisions` (the
+    /// newest) of its decisions; `None` when the profile is unknown.
+    async fn profile_graph(
+        &self,
+        profile: Uuid,
+        max_decisions: i64,
+    ) -> Result<Option<ProfileGraph>, IdentityError>;
+
     /// The canonical profile of each of `profiles` that exists, following merges.
     async fn canonical(&self, profiles: &[Uuid]) -> Result<HashMap<Uuid, Uuid>, IdentityError>;
 
@@ -106,6 +114,38 @@ pub struct LoggedDecision {
     pub rule: String,
     /// The version of the rules it was decided under (0: before versioning).
     pub rules_version: i64,
+    /// When the causing event happened.
+    pub event_time: OffsetDateTime,
+    /// When the graph decided.
+    pub decided_at: OffsetDateTime,
+}
+
+/// A profile's identity graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileGraph {
+    /// The canonical profile.
+    pub profile_id: Uuid,
+    /// Every profile merged into it, directly or not.
+    pub merged_profile_ids: Vec<Uuid>,
+    /// Its identifiers, oldest link first.
+    pub identifiers: Vec<GraphIdentifier>,
+    /// The decisions about it and the profiles merged into it, oldest first.
+    pub decisions: Vec<LoggedDecision>,
+    /// Whether older decisions were left out.
+    pub truncated: bool,
+}
+
+/// An identifier of a profile's graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphIdentifier {
+    /// The identifier.
+    pub identifier: Identifier,
+    /// The profile it was linked to.
+    pub linked_to: Uuid,
+    /// The event that linked it.
+    pub event_id: String,
+    /// When that event happened.
+    pub linked_at: OffsetDateTime,
 }
 
 /// A merge as kept in `resolutions.merges`.

@@ -20,11 +20,23 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    IdentityStore, LoggedDecision, Stored, VersionedRules, decode_detail, decode_merges,
-    encode_detail, encode_merges, now, outcomes, record_metrics, rules_json,
+    GraphIdentifier, IdentityStore, LoggedDecision, ProfileGraph, Stored, VersionedRules,
+    decode_detail, decode_merges, encode_detail, encode_merges, now, outcomes, record_metrics,
+    rules_json,
 };
 use crate::IdentityError;
 use crate::domain::{GraphView, Plan, ProfileAge, Record, RulesConfig, plan};
+
+/// Selects graph log entries: the columns of [`DecisionRow`], then the rest of the statement.
+macro_rules! decision_sql {
+    ($($rest:literal)?) => {
+        concat!(
+            "SELECT seq, kind, event_id, profile_id, other_profile_id, id_type, id_value, rule, \
+             rules_version, event_time, decided_at FROM graph_log"
+            $(, " ", $rest)?
+        )
+    };
+}
 
 /// How often one run of records is tried before the request fails with `Unavailable`.
 const MAX_ATTEMPTS: u32 = 12;
@@ -339,52 +351,114 @@ impl IdentityStore for PgStore {
     }
 
     async fn graph_log(&self) -> Result<Vec<LoggedDecision>, IdentityError> {
-        type Row = (
-            i64,
-            String,
-            String,
-            Uuid,
-            Option<Uuid>,
-            Option<String>,
-            Option<String>,
-            String,
-            i64,
-        );
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT seq, kind, event_id, profile_id, other_profile_id, id_type, id_value, rule, \
-             rules_version FROM graph_log ORDER BY seq",
+        let rows: Vec<DecisionRow> = sqlx::query_as(decision_sql!("ORDER BY seq"))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(decision).collect())
+    }
+
+    async fn profile_graph(
+        &self,
+        profile: Uuid,
+        max_decisions: i64,
+    ) -> Result<Option<ProfileGraph>, IdentityError> {
+        let mut conn = self.pool.acquire().await?;
+        let root: Option<(Uuid, Uuid)> = sqlx::query_as(CANONICAL_SQL)
+            .bind(vec![profile])
+            .fetch_optional(&mut *conn)
+            .await?;
+        let Some((_, root)) = root else {
+            return Ok(None);
+        };
+        let tree: Vec<Uuid> = sqlx::query_scalar(
+            "WITH RECURSIVE tree (profile_id) AS ( \
+                 SELECT $1::uuid \
+               UNION \
+                 SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
+             SELECT profile_id FROM tree",
         )
-        .fetch_all(&self.pool)
+        .bind(root)
+        .fetch_all(&mut *conn)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(
-                    seq,
-                    kind,
-                    event_id,
-                    profile_id,
-                    other_profile_id,
-                    id_type,
-                    id_value,
-                    rule,
-                    rules_version,
-                )| {
-                    LoggedDecision {
-                        seq,
-                        kind,
+        let identifiers: Vec<(String, String, Uuid, String, OffsetDateTime)> = sqlx::query_as(
+            "SELECT type, value, profile_id, event_id, linked_at FROM identifiers \
+             WHERE profile_id = ANY($1) ORDER BY linked_at, type, value",
+        )
+        .bind(&tree)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut rows: Vec<DecisionRow> = sqlx::query_as(decision_sql!(
+            "WHERE profile_id = ANY($1) OR other_profile_id = ANY($1) \
+             ORDER BY seq DESC LIMIT $2"
+        ))
+        .bind(&tree)
+        .bind(max_decisions.saturating_add(1))
+        .fetch_all(&mut *conn)
+        .await?;
+        let truncated = rows.len() > usize::try_from(max_decisions).unwrap_or(usize::MAX);
+        rows.truncate(usize::try_from(max_decisions).unwrap_or(usize::MAX));
+        rows.reverse();
+        Ok(Some(ProfileGraph {
+            profile_id: root,
+            merged_profile_ids: tree.into_iter().filter(|p| *p != root).collect(),
+            identifiers: identifiers
+                .into_iter()
+                .map(
+                    |(kind, value, linked_to, event_id, linked_at)| GraphIdentifier {
+                        identifier: Identifier { kind, value },
+                        linked_to,
                         event_id,
-                        profile_id,
-                        other_profile_id,
-                        identifier: id_type
-                            .zip(id_value)
-                            .map(|(kind, value)| Identifier { kind, value }),
-                        rule,
-                        rules_version,
-                    }
-                },
-            )
-            .collect())
+                        linked_at,
+                    },
+                )
+                .collect(),
+            decisions: rows.into_iter().map(decision).collect(),
+            truncated,
+        }))
+    }
+}
+
+type DecisionRow = (
+    i64,
+    String,
+    String,
+    Uuid,
+    Option<Uuid>,
+    Option<String>,
+    Option<String>,
+    String,
+    i64,
+    OffsetDateTime,
+    OffsetDateTime,
+);
+
+fn decision(row: DecisionRow) -> LoggedDecision {
+    let (
+        seq,
+        kind,
+        event_id,
+        profile_id,
+        other_profile_id,
+        id_type,
+        id_value,
+        rule,
+        rules_version,
+        event_time,
+        decided_at,
+    ) = row;
+    LoggedDecision {
+        seq,
+        kind,
+        event_id,
+        profile_id,
+        other_profile_id,
+        identifier: id_type
+            .zip(id_value)
+            .map(|(kind, value)| Identifier { kind, value }),
+        rule,
+        rules_version,
+        event_time,
+        decided_at,
     }
 }
 

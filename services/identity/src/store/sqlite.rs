@@ -10,11 +10,23 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    IdentityStore, LoggedDecision, Stored, VersionedRules, decode_detail, decode_merges,
-    encode_detail, encode_merges, now, outcomes, record_metrics, rules_json,
+    GraphIdentifier, IdentityStore, LoggedDecision, ProfileGraph, Stored, VersionedRules,
+    decode_detail, decode_merges, encode_detail, encode_merges, now, outcomes, record_metrics,
+    rules_json,
 };
 use crate::IdentityError;
 use crate::domain::{GraphView, Plan, ProfileAge, Record, RulesConfig, plan};
+
+/// Selects graph log entries: the columns of [`DecisionRow`], then the rest of the statement.
+macro_rules! decision_sql {
+    ($($rest:literal)?) => {
+        concat!(
+            "SELECT seq, kind, event_id, profile_id, other_profile_id, id_type, id_value, rule, \
+             rules_version, event_time, decided_at FROM graph_log"
+            $(, " ", $rest)?
+        )
+    };
+}
 
 /// The canonical profile of the identifier `(?1, ?2)` and its creation time. The walks use
 /// `UNION`, not `UNION ALL`, so a cycle (which writers never create) ends a walk.
@@ -204,52 +216,129 @@ impl IdentityStore for SqliteStore {
     }
 
     async fn graph_log(&self) -> Result<Vec<LoggedDecision>, IdentityError> {
-        type Row = (
-            i64,
-            String,
-            String,
-            String,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            String,
-            i64,
-        );
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT seq, kind, event_id, profile_id, other_profile_id, id_type, id_value, rule, \
-             rules_version FROM graph_log ORDER BY seq",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(
-                |(
-                    seq,
-                    kind,
-                    event_id,
-                    profile_id,
-                    other,
-                    id_type,
-                    id_value,
-                    rule,
-                    rules_version,
-                )| {
-                    Ok(LoggedDecision {
-                        seq,
-                        kind,
-                        event_id,
-                        profile_id: parse_uuid(&profile_id)?,
-                        other_profile_id: other.as_deref().map(parse_uuid).transpose()?,
-                        identifier: id_type
-                            .zip(id_value)
-                            .map(|(kind, value)| Identifier { kind, value }),
-                        rule,
-                        rules_version,
-                    })
-                },
-            )
-            .collect()
+        let rows: Vec<DecisionRow> = sqlx::query_as(decision_sql!("ORDER BY seq"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(decision).collect()
     }
+
+    async fn profile_graph(
+        &self,
+        profile: Uuid,
+        max_decisions: i64,
+    ) -> Result<Option<ProfileGraph>, IdentityError> {
+        let mut conn = self.pool.acquire().await?;
+        let root: Option<String> = sqlx::query_scalar(CANONICAL_SQL)
+            .bind(profile.to_string())
+            .fetch_optional(&mut *conn)
+            .await?;
+        let Some(root) = root else {
+            return Ok(None);
+        };
+        let tree: Vec<String> = sqlx::query_scalar(
+            "WITH RECURSIVE tree (profile_id) AS ( \
+                 SELECT ?1 \
+               UNION \
+                 SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
+             SELECT profile_id FROM tree",
+        )
+        .bind(&root)
+        .fetch_all(&mut *conn)
+        .await?;
+        // The tree as a JSON array, for `IN (SELECT value FROM json_each(?1))`.
+        let members = serde_json::to_string(&tree).unwrap_or_else(|_| "[]".to_owned());
+        let identifiers: Vec<(String, String, String, String, i64)> = sqlx::query_as(
+            "SELECT type, value, profile_id, event_id, linked_at FROM identifiers \
+             WHERE profile_id IN (SELECT value FROM json_each(?1)) ORDER BY linked_at, type, value",
+        )
+        .bind(&members)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut rows: Vec<DecisionRow> = sqlx::query_as(decision_sql!(
+            "WHERE profile_id IN (SELECT value FROM json_each(?1)) \
+             OR other_profile_id IN (SELECT value FROM json_each(?1)) ORDER BY seq DESC LIMIT ?2"
+        ))
+        .bind(&members)
+        .bind(max_decisions.saturating_add(1))
+        .fetch_all(&mut *conn)
+        .await?;
+        let keep = usize::try_from(max_decisions).unwrap_or(usize::MAX);
+        let truncated = rows.len() > keep;
+        rows.truncate(keep);
+        rows.reverse();
+        let root = parse_uuid(&root)?;
+        let mut merged_profile_ids = Vec::with_capacity(tree.len());
+        for member in &tree {
+            let id = parse_uuid(member)?;
+            if id != root {
+                merged_profile_ids.push(id);
+            }
+        }
+        Ok(Some(ProfileGraph {
+            profile_id: root,
+            merged_profile_ids,
+            identifiers: identifiers
+                .into_iter()
+                .map(|(kind, value, linked_to, event_id, linked_at)| {
+                    Ok(GraphIdentifier {
+                        identifier: Identifier { kind, value },
+                        linked_to: parse_uuid(&linked_to)?,
+                        event_id,
+                        linked_at: from_micros(linked_at)?,
+                    })
+                })
+                .collect::<Result<_, IdentityError>>()?,
+            decisions: rows
+                .into_iter()
+                .map(decision)
+                .collect::<Result<_, IdentityError>>()?,
+            truncated,
+        }))
+    }
+}
+
+type DecisionRow = (
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    String,
+    i64,
+    i64,
+    i64,
+);
+
+fn decision(row: DecisionRow) -> Result<LoggedDecision, IdentityError> {
+    let (
+        seq,
+        kind,
+        event_id,
+        profile_id,
+        other,
+        id_type,
+        id_value,
+        rule,
+        rules_version,
+        event_time,
+        decided_at,
+    ) = row;
+    Ok(LoggedDecision {
+        seq,
+        kind,
+        event_id,
+        profile_id: parse_uuid(&profile_id)?,
+        other_profile_id: other.as_deref().map(parse_uuid).transpose()?,
+        identifier: id_type
+            .zip(id_value)
+            .map(|(kind, value)| Identifier { kind, value }),
+        rule,
+        rules_version,
+        event_time: from_micros(event_time)?,
+        decided_at: from_micros(decided_at)?,
+    })
 }
 
 async fn stored(

@@ -3,9 +3,11 @@
 
 use tessera_identity::{Identity, IdentitySettings};
 use tessera_proto::common::v1::Identifier;
+use tessera_proto::identity::v1::get_profile_graph_request::Lookup;
 use tessera_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use tessera_proto::identity::v1::{
-    IdentityRecord, LookupIdentifierRequest, ResolveIdentitiesRequest,
+    GetProfileGraphRequest, GetRulesRequest, IdentityRecord, LookupIdentifierRequest,
+    ResolveIdentitiesRequest,
 };
 use tessera_server::GrpcServices;
 use tessera_store::Database;
@@ -193,4 +195,93 @@ async fn an_unreachable_database_is_unavailable_and_says_nothing_internal() {
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(status.message(), "a dependency is unavailable, retry later");
     assert!(status.get_error_details().retry_info().is_some());
+}
+
+#[tokio::test]
+async fn profile_graphs_and_rules_are_served() {
+    let mut s = serve(IdentitySettings::default()).await;
+    let resolved = s
+        .client
+        .resolve_identities(ResolveIdentitiesRequest {
+            records: vec![
+                record("e1", vec![id("anonymous_id", "a1"), id("user_id", "u1")]),
+                record("e2", vec![id("anonymous_id", "a1"), id("user_id", "u2")]),
+            ],
+        })
+        .await
+        .expect("resolve")
+        .into_inner();
+    let dropped = &resolved.resolutions[1].dropped;
+    assert_eq!(dropped.len(), 1);
+    assert_eq!(dropped[0].reason, "limit:user_id");
+    assert_eq!(dropped[0].identifier, Some(id("anonymous_id", "a1")));
+
+    let graph = s
+        .client
+        .get_profile_graph(GetProfileGraphRequest {
+            lookup: Some(Lookup::Identifier(id("user_id", " u2 "))),
+            max_decisions: 0,
+        })
+        .await
+        .expect("graph")
+        .into_inner();
+    assert_eq!(graph.profile_id, resolved.resolutions[1].profile_id);
+    assert_eq!(graph.identifiers.len(), 1);
+    assert_eq!(graph.identifiers[0].event_id, "e2");
+    let kinds: Vec<&str> = graph.decisions.iter().map(|d| d.kind.as_str()).collect();
+    assert_eq!(kinds, ["create", "link", "drop"]);
+    assert_eq!(graph.decisions[2].rule, "limit:user_id");
+    assert_eq!(graph.decisions[2].rules_version, 1);
+
+    for (request, field) in [
+        (
+            GetProfileGraphRequest {
+                lookup: Some(Lookup::ProfileId("nope".into())),
+                max_decisions: 0,
+            },
+            "profile_id",
+        ),
+        (
+            GetProfileGraphRequest {
+                lookup: None,
+                max_decisions: 0,
+            },
+            "lookup",
+        ),
+        (
+            GetProfileGraphRequest {
+                lookup: Some(Lookup::ProfileId(uuid::Uuid::nil().to_string())),
+                max_decisions: -1,
+            },
+            "max_decisions",
+        ),
+    ] {
+        let err = s.client.get_profile_graph(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        let details = err.get_error_details();
+        assert_eq!(
+            details.bad_request().expect("details").field_violations[0].field,
+            field
+        );
+    }
+    let err = s
+        .client
+        .get_profile_graph(GetProfileGraphRequest {
+            lookup: Some(Lookup::ProfileId(uuid::Uuid::nil().to_string())),
+            max_decisions: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    let rules = s
+        .client
+        .get_rules(GetRulesRequest {})
+        .await
+        .expect("rules")
+        .into_inner();
+    assert_eq!(rules.version, 1);
+    let rules = tessera_proto::convert::struct_to_json_map(&rules.rules.expect("rules"));
+    assert_eq!(rules["protected_types"], serde_json::json!(["user_id"]));
+    assert_eq!(rules["limits"]["email"]["max"], serde_json::json!(5));
 }

@@ -39,6 +39,7 @@ rules_suite!(
     custom_types_link_when_declared,
     the_graph_log_derives_membership_and_names_causes,
     rules_are_versioned,
+    a_profile_graph_explains_the_profile,
 );
 
 async fn emails_and_phones_normalize_to_one_identifier(b: &Backend) {
@@ -318,4 +319,85 @@ async fn rules_are_versioned(b: &Backend) {
             || format!("{err:?}").contains("rules.phone.default_region"),
         "{err:?}"
     );
+}
+
+async fn a_profile_graph_explains_the_profile(b: &Backend) {
+    let anon = resolve(&b.identity, "e1", &[("anonymous_id", "a1")]).await;
+    let user = resolve(&b.identity, "e2", &[("user_id", "u1")]).await;
+    let joined = resolve(
+        &b.identity,
+        "e3",
+        &[
+            ("user_id", "u1"),
+            ("anonymous_id", "a1"),
+            ("email", "x@y.io"),
+        ],
+    )
+    .await;
+    resolve(
+        &b.identity,
+        "e4",
+        &[("user_id", "u2"), ("anonymous_id", "a1")],
+    )
+    .await;
+    // Asked by the merged profile's id, the graph is the survivor's.
+    let merged_away = if joined.profile_id == anon.profile_id {
+        user.profile_id
+    } else {
+        anon.profile_id
+    };
+    let graph = b
+        .identity
+        .profile_graph(merged_away, 100)
+        .await
+        .expect("graph");
+    assert_eq!(graph.profile_id, joined.profile_id);
+    assert_eq!(graph.merged_profile_ids, [merged_away]);
+    let ids: Vec<(String, String)> = graph
+        .identifiers
+        .iter()
+        .map(|i| (i.identifier.kind.clone(), i.identifier.value.clone()))
+        .collect();
+    assert_eq!(ids.len(), 3);
+    for want in [
+        ("anonymous_id", "a1"),
+        ("user_id", "u1"),
+        ("email", "x@y.io"),
+    ] {
+        assert!(
+            ids.contains(&(want.0.to_owned(), want.1.to_owned())),
+            "{want:?} in {ids:?}"
+        );
+    }
+    let kinds: Vec<(&str, &str)> = graph
+        .decisions
+        .iter()
+        .map(|d| (d.kind.as_str(), d.event_id.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("create", "e1"),
+            ("link", "e1"),
+            ("create", "e2"),
+            ("link", "e2"),
+            ("merge", "e3"),
+            ("link", "e3"),
+        ],
+        "u2's own profile and its drop are not this profile's"
+    );
+    assert!(!graph.truncated);
+    let short = b
+        .identity
+        .profile_graph(merged_away, 2)
+        .await
+        .expect("graph");
+    assert!(short.truncated);
+    assert_eq!(short.decisions.len(), 2);
+    assert_eq!(short.decisions[1].kind, "link");
+    assert_eq!(short.decisions[1].event_id, "e3", "the newest are kept");
+    assert!(matches!(
+        b.identity.profile_graph(Uuid::nil(), 10).await,
+        Err(tessera_identity::IdentityError::UnknownProfile)
+    ));
 }

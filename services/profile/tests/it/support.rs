@@ -141,6 +141,20 @@ impl IdentityService for IdentityDouble {
         Err(Status::unimplemented("not part of the double"))
     }
 
+    async fn get_profile_graph(
+        &self,
+        _request: Request<identity::GetProfileGraphRequest>,
+    ) -> Result<Response<identity::GetProfileGraphResponse>, Status> {
+        Err(Status::unimplemented("not part of the double"))
+    }
+
+    async fn get_rules(
+        &self,
+        _request: Request<identity::GetRulesRequest>,
+    ) -> Result<Response<identity::GetRulesResponse>, Status> {
+        Err(Status::unimplemented("not part of the double"))
+    }
+
     async fn lookup_identifier(
         &self,
         request: Request<identity::LookupIdentifierRequest>,
