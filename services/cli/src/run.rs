@@ -347,10 +347,16 @@ async fn serve(
                     tessera_identity::MIGRATIONS,
                 )
                 .await?;
-                tessera_identity::Identity::new(db.clone(), settings.identity.clone())
-                    .await
-                    .map_err(|e| anyhow::anyhow!("identity: {e}"))?
-                    .register(&mut services);
+                let identity =
+                    tessera_identity::Identity::new(db.clone(), settings.identity.clone())
+                        .await
+                        .map_err(|e| anyhow::anyhow!("identity: {e}"))?;
+                identity.register(&mut services);
+                // Merges decided outside the pipeline (probabilistic matches, accepted
+                // suggestions) reach the profile service through this worker.
+                workers.push(
+                    identity.spawn_merge_delivery(peer(&profile_url)?, delivery_stop.clone()),
+                );
                 databases.push(db);
             }
             Role::Scoring => tessera_scoring::Scoring::new().register(&mut services),

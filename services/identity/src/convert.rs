@@ -227,6 +227,223 @@ pub(crate) fn rules_to_pb(rules: &Rules) -> prost_types::Struct {
     }
 }
 
+/// The profiles of a match request: ids and trait values. Violations name
+/// `profiles[i].profile_id`.
+pub(crate) fn match_request_from_pb(
+    request: pb::MatchProfilesRequest,
+    max: usize,
+) -> Result<crate::ProfileTraits, IdentityError> {
+    let pb::MatchProfilesRequest { profiles } = request;
+    if profiles.len() > max {
+        return Err(IdentityError::BatchTooLarge {
+            len: profiles.len(),
+            max,
+        });
+    }
+    let mut out = Vec::with_capacity(profiles.len());
+    let mut violations = Vec::new();
+    for (i, profile) in profiles.into_iter().enumerate() {
+        let pb::ProfileTraits { profile_id, traits } = profile;
+        match uuid::Uuid::parse_str(&profile_id) {
+            Ok(id) => out.push((
+                id,
+                traits
+                    .as_ref()
+                    .map(tessera_proto::convert::struct_to_json_map)
+                    .unwrap_or_default(),
+            )),
+            Err(_) => {
+                if violations.len() < MAX_VIOLATIONS {
+                    violations.push(FieldViolation::new(
+                        format!("profiles[{i}].profile_id"),
+                        "not a UUID",
+                    ));
+                }
+            }
+        }
+    }
+    if violations.is_empty() {
+        Ok(out)
+    } else {
+        Err(IdentityError::InvalidArgument(violations))
+    }
+}
+
+/// A fitted model's summary as answered.
+pub(crate) fn training_to_pb(summary: crate::TrainingSummary) -> pb::TrainMatchModelResponse {
+    let crate::TrainingSummary {
+        model_version,
+        profiles,
+        candidate_pairs,
+        u_pairs,
+        iterations,
+        converged,
+        mean_log_likelihood,
+        lambda,
+        fields,
+    } = summary;
+    pb::TrainMatchModelResponse {
+        model_version,
+        profiles,
+        candidate_pairs,
+        u_pairs,
+        iterations: i32::try_from(iterations).unwrap_or(i32::MAX),
+        converged,
+        mean_log_likelihood,
+        lambda,
+        fields: fields
+            .into_iter()
+            .map(|(field, levels)| pb::FieldParameters {
+                field,
+                levels: levels
+                    .into_iter()
+                    .map(|(level, m, u)| pb::LevelParameters { level, m, u })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// The default and largest suggestion page.
+const DEFAULT_PAGE: i64 = 100;
+const MAX_PAGE: i64 = 1_000;
+
+/// A suggestions listing: status filter (`None`: all), the id to page below, the page size.
+pub(crate) fn suggestions_request_from_pb(
+    request: pb::ListMatchSuggestionsRequest,
+) -> Result<(Option<String>, Option<i64>, i64), IdentityError> {
+    let pb::ListMatchSuggestionsRequest {
+        status,
+        page_size,
+        page_token,
+    } = request;
+    let mut violations = Vec::new();
+    let status = match status.as_str() {
+        "" | "open" => Some("open".to_owned()),
+        "accepted" | "rejected" => Some(status),
+        "all" => None,
+        _ => {
+            violations.push(FieldViolation::new(
+                "status",
+                "must be open, accepted, rejected or all",
+            ));
+            None
+        }
+    };
+    let limit = match i64::from(page_size) {
+        0 => DEFAULT_PAGE,
+        n if (1..=MAX_PAGE).contains(&n) => n,
+        _ => {
+            violations.push(FieldViolation::new("page_size", "must be 0 to 1,000"));
+            DEFAULT_PAGE
+        }
+    };
+    let before = if page_token.is_empty() {
+        None
+    } else {
+        match page_token.parse::<i64>() {
+            Ok(id) if id > 0 => Some(id),
+            _ => {
+                violations.push(FieldViolation::new(
+                    "page_token",
+                    "not a token from a previous page",
+                ));
+                None
+            }
+        }
+    };
+    if violations.is_empty() {
+        Ok((status, before, limit))
+    } else {
+        Err(IdentityError::InvalidArgument(violations))
+    }
+}
+
+/// A page of suggestions (`page` holds up to `limit + 1`: the extra one says there is more).
+pub(crate) fn suggestions_to_pb(
+    mut page: Vec<crate::StoredSuggestion>,
+    limit: i64,
+) -> pb::ListMatchSuggestionsResponse {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let next_page_token = if more {
+        page.last().map(|s| s.id.to_string()).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    pb::ListMatchSuggestionsResponse {
+        suggestions: page.into_iter().map(suggestion_to_pb).collect(),
+        next_page_token,
+    }
+}
+
+/// A stored suggestion as answered.
+pub(crate) fn suggestion_to_pb(suggestion: crate::StoredSuggestion) -> pb::MatchSuggestion {
+    let crate::StoredSuggestion {
+        id,
+        profile_a,
+        profile_b,
+        explanation,
+        status,
+        created_at,
+    } = suggestion;
+    pb::MatchSuggestion {
+        suggestion_id: id,
+        profile_id: profile_a.to_string(),
+        other_profile_id: profile_b.to_string(),
+        explanation: Some(explanation_to_pb(&explanation)),
+        status,
+        created_at: Some(to_timestamp(created_at)),
+    }
+}
+
+/// An explanation stored as JSON (see `matching::explanation_json`) as answered; fields that
+/// do not decode are left at their defaults.
+pub(crate) fn explanation_to_pb(json: &str) -> pb::MatchExplanation {
+    let value: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    let number = |v: &serde_json::Value, k: &str| {
+        v.get(k)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or_default()
+    };
+    pb::MatchExplanation {
+        match_weight: number(&value, "match_weight"),
+        match_probability: number(&value, "match_probability"),
+        prior_weight: number(&value, "prior_weight"),
+        model_version: value
+            .get("model_version")
+            .and_then(serde_json::Value::as_i64)
+            .unwrap_or_default(),
+        fields: value
+            .get("fields")
+            .and_then(serde_json::Value::as_array)
+            .map(|fields| {
+                fields
+                    .iter()
+                    .map(|f| pb::FieldContribution {
+                        field: f
+                            .get("field")
+                            .and_then(serde_json::Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned(),
+                        level: f
+                            .get("level")
+                            .and_then(serde_json::Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned(),
+                        weight: number(f, "weight"),
+                        term_frequency_adjusted: f
+                            .get("term_frequency_adjusted")
+                            .and_then(serde_json::Value::as_bool)
+                            .unwrap_or_default(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
 impl From<Merge> for pb::Merge {
     fn from(merge: Merge) -> Self {
         let Merge {

@@ -23,6 +23,12 @@ pub enum IdentityError {
     /// No profile has this id.
     #[error("no profile has this id")]
     UnknownProfile,
+    /// The named thing does not exist.
+    #[error("no such {0}")]
+    Missing(&'static str),
+    /// The service is not in a state that allows this; the message says why.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// A database call failed.
     #[error("identity store")]
     Store(#[from] StoreError),
@@ -46,7 +52,8 @@ impl IdentityError {
         match self {
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Self::BatchTooLarge { .. } => ErrorCode::ResourceExhausted,
-            Self::NotFound | Self::UnknownProfile => ErrorCode::NotFound,
+            Self::NotFound | Self::UnknownProfile | Self::Missing(_) => ErrorCode::NotFound,
+            Self::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             Self::Store(e) => e.code(),
             Self::Contended => ErrorCode::Unavailable,
             Self::Corrupt(_) => ErrorCode::Internal,
@@ -62,7 +69,11 @@ impl From<IdentityError> for tonic::Status {
             }
             IdentityError::BatchTooLarge { .. }
             | IdentityError::NotFound
-            | IdentityError::UnknownProfile => tessera_server::status(e.code(), e.to_string()),
+            | IdentityError::UnknownProfile
+            | IdentityError::Missing(_)
+            | IdentityError::FailedPrecondition(_) => {
+                tessera_server::status(e.code(), e.to_string())
+            }
             IdentityError::Store(_) | IdentityError::Contended | IdentityError::Corrupt(_) => {
                 tessera_server::internal(e.code(), &e)
             }

@@ -8,6 +8,7 @@
 mod convert;
 pub mod domain;
 mod error;
+mod matching;
 mod service;
 mod store;
 
@@ -24,6 +25,11 @@ use crate::domain::{Normalized, Record, Resolution, Rules, RulesConfig};
 use crate::store::{IdentityStore, VersionedRules};
 
 pub use error::IdentityError;
+pub use matching::{
+    BatchOutcome, FieldFit, MANUAL, MatchOutcome, MatchSettings, PROBABILISTIC, ProfileTraits,
+    TrainingSummary,
+};
+pub use store::StoredSuggestion;
 pub use store::{GraphIdentifier, LoggedDecision as GraphDecision, ProfileGraph};
 
 /// The most decisions a graph answer carries by default, and at most.
@@ -59,6 +65,8 @@ pub struct IdentitySettings {
     /// The identity rules: custom types, normalization, blocklists, priority, limits, merge
     /// protection (see [`RulesConfig`]).
     pub rules: RulesConfig,
+    /// Probabilistic matching (see [`MatchSettings`]).
+    pub matching: MatchSettings,
 }
 
 impl Default for IdentitySettings {
@@ -66,6 +74,7 @@ impl Default for IdentitySettings {
         Self {
             max_batch: 5_000,
             rules: RulesConfig::default(),
+            matching: MatchSettings::default(),
         }
     }
 }
@@ -76,6 +85,7 @@ pub struct Identity {
     store: Arc<dyn IdentityStore>,
     settings: Arc<IdentitySettings>,
     rules: Arc<VersionedRules>,
+    matching: Arc<matching::Matching>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -99,6 +109,8 @@ impl Identity {
                     .collect(),
             )
         })?;
+        let matching =
+            matching::Matching::new(settings.matching.clone(), store::open_matching(db.clone()))?;
         let store = store::open(db);
         let version = store.register_rules(rules.config()).await?;
         tracing::info!(rules_version = version, "identity rules registered");
@@ -106,7 +118,69 @@ impl Identity {
             store,
             settings: Arc::new(settings),
             rules: Arc::new(VersionedRules { version, rules }),
+            matching: Arc::new(matching),
         })
+    }
+
+    /// Indexes `profiles` (profile id → current trait values) for probabilistic matching and,
+    /// with a trained model, matches each: merges at or above the auto-merge probability (rules
+    /// permitting), suggestions in the review band.
+    pub async fn match_profiles(
+        &self,
+        profiles: ProfileTraits,
+    ) -> Result<MatchOutcome, IdentityError> {
+        let max = self.settings.max_batch;
+        if profiles.len() > max {
+            return Err(IdentityError::BatchTooLarge {
+                len: profiles.len(),
+                max,
+            });
+        }
+        self.matching
+            .match_profiles(self.store.as_ref(), &self.rules, profiles)
+            .await
+    }
+
+    /// Fits a new match model over the indexed population and makes it current.
+    pub async fn train_match_model(&self) -> Result<TrainingSummary, IdentityError> {
+        self.matching.train().await
+    }
+
+    /// Matches the whole indexed population with the current model.
+    pub async fn run_batch_match(&self) -> Result<BatchOutcome, IdentityError> {
+        self.matching.batch(&self.rules).await
+    }
+
+    /// Match suggestions with `status` (all when `None`), newest first, ids below `before`.
+    pub async fn match_suggestions(
+        &self,
+        status: Option<&str>,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<StoredSuggestion>, IdentityError> {
+        self.matching.suggestions(status, before, limit).await
+    }
+
+    /// Accepts or rejects an open suggestion; an accepted one merges its profiles.
+    pub async fn decide_match_suggestion(
+        &self,
+        id: i64,
+        accept: bool,
+    ) -> Result<(StoredSuggestion, Option<domain::Merge>), IdentityError> {
+        self.matching
+            .decide_suggestion(&self.rules, id, accept)
+            .await
+    }
+
+    /// Tells the profile service (over `profile`) about merges decided outside the pipeline
+    /// (probabilistic, accepted suggestions), until `shutdown`.
+    pub fn spawn_merge_delivery(
+        &self,
+        profile: tonic::transport::Channel,
+        shutdown: tessera_server::Shutdown,
+    ) -> tokio::task::JoinHandle<()> {
+        let matching = Arc::clone(&self.matching);
+        tokio::spawn(async move { matching.deliver_merges(profile, shutdown).await })
     }
 
     /// The graph log, oldest first: every decision (profile created, identifier linked or

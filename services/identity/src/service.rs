@@ -66,6 +66,73 @@ impl IdentityService for IdentityGrpc {
         }))
     }
 
+    async fn match_profiles(
+        &self,
+        request: Request<pb::MatchProfilesRequest>,
+    ) -> Result<Response<pb::MatchProfilesResponse>, Status> {
+        let profiles =
+            convert::match_request_from_pb(request.into_inner(), self.identity.max_batch())?;
+        let outcome = self.identity.match_profiles(profiles).await?;
+        Ok(Response::new(pb::MatchProfilesResponse {
+            merges: outcome.merges.into_iter().map(Into::into).collect(),
+            suggestions: outcome.suggestions,
+            refused: outcome.refused,
+        }))
+    }
+
+    async fn train_match_model(
+        &self,
+        _request: Request<pb::TrainMatchModelRequest>,
+    ) -> Result<Response<pb::TrainMatchModelResponse>, Status> {
+        let summary = self.identity.train_match_model().await?;
+        Ok(Response::new(convert::training_to_pb(summary)))
+    }
+
+    async fn run_batch_match(
+        &self,
+        _request: Request<pb::RunBatchMatchRequest>,
+    ) -> Result<Response<pb::RunBatchMatchResponse>, Status> {
+        let batch = self.identity.run_batch_match().await?;
+        Ok(Response::new(pb::RunBatchMatchResponse {
+            model_version: batch.model_version,
+            profiles: batch.profiles,
+            candidate_pairs: batch.candidate_pairs,
+            merges: batch.outcome.merges.len() as i64,
+            suggestions: batch.outcome.suggestions,
+            refused: batch.outcome.refused,
+        }))
+    }
+
+    async fn list_match_suggestions(
+        &self,
+        request: Request<pb::ListMatchSuggestionsRequest>,
+    ) -> Result<Response<pb::ListMatchSuggestionsResponse>, Status> {
+        let (status, before, limit) = convert::suggestions_request_from_pb(request.into_inner())?;
+        let page = self
+            .identity
+            .match_suggestions(status.as_deref(), before, limit + 1)
+            .await?;
+        Ok(Response::new(convert::suggestions_to_pb(page, limit)))
+    }
+
+    async fn decide_match_suggestion(
+        &self,
+        request: Request<pb::DecideMatchSuggestionRequest>,
+    ) -> Result<Response<pb::DecideMatchSuggestionResponse>, Status> {
+        let pb::DecideMatchSuggestionRequest {
+            suggestion_id,
+            accept,
+        } = request.into_inner();
+        let (suggestion, merge) = self
+            .identity
+            .decide_match_suggestion(suggestion_id, accept)
+            .await?;
+        Ok(Response::new(pb::DecideMatchSuggestionResponse {
+            suggestion: Some(convert::suggestion_to_pb(suggestion)),
+            merge: merge.map(Into::into),
+        }))
+    }
+
     async fn lookup_identifier(
         &self,
         request: Request<pb::LookupIdentifierRequest>,

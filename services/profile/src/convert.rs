@@ -356,6 +356,43 @@ impl TryFrom<scoring::Score> for Score {
     }
 }
 
+/// What the identity service matches a profile on: its current trait values, without their
+/// provenance. `None` for a profile without traits, which has nothing to match on.
+pub(crate) fn profile_traits(profile: &Profile) -> Option<identity::ProfileTraits> {
+    if profile.state.traits.is_empty() {
+        return None;
+    }
+    Some(identity::ProfileTraits {
+        profile_id: profile.profile_id.clone(),
+        traits: Some(prost_types::Struct {
+            fields: profile
+                .state
+                .traits
+                .iter()
+                .map(|(name, t)| (name.clone(), json_to_value(&t.value)))
+                .collect(),
+        }),
+    })
+}
+
+/// The merges matching decided. A merge that breaks the contract is the identity service's
+/// fault, not the caller's, so it is an internal error rather than INVALID_ARGUMENT.
+pub(crate) fn match_merges(merges: Vec<identity::Merge>) -> Result<Vec<Merge>, ProfileError> {
+    merges
+        .into_iter()
+        .enumerate()
+        .map(|(i, merge)| {
+            Merge::try_from(merge).map_err(|violations| {
+                let reasons: Vec<String> = violations
+                    .into_iter()
+                    .map(|v| v.prefixed(&format!("merges[{i}]")).to_string())
+                    .collect();
+                ProfileError::BadMatches(reasons.join("; "))
+            })
+        })
+        .collect()
+}
+
 /// The facts the scoring service needs about a profile.
 pub(crate) fn facts(profile: &Profile, half_life_seconds: f64) -> scoring::ProfileFacts {
     scoring::ProfileFacts {
@@ -434,6 +471,47 @@ mod tests {
         assert_eq!(event.timestamp.nanosecond(), 123_456_000);
         assert_eq!(event.traits["plan"], "pro");
         assert_eq!(event.identifiers, [Identifier::new("user_id", "u1")]);
+    }
+
+    #[test]
+    fn matching_gets_trait_values_and_bad_merges_are_internal() {
+        let now = micros(time::OffsetDateTime::now_utc());
+        let mut profile = Profile::empty("p1", now);
+        assert_eq!(profile_traits(&profile), None);
+        profile.state.traits.insert(
+            "first_name".to_owned(),
+            crate::domain::TraitValue {
+                value: serde_json::json!("Ann"),
+                observed_at: now,
+                event_id: "e1".to_owned(),
+            },
+        );
+        let sent = profile_traits(&profile).unwrap();
+        assert_eq!(sent.profile_id, "p1");
+        assert_eq!(
+            tessera_proto::convert::struct_to_json_map(&sent.traits.unwrap()),
+            *serde_json::json!({"first_name": "Ann"})
+                .as_object()
+                .unwrap()
+        );
+
+        let good = identity::Merge {
+            surviving_profile_id: "p1".to_owned(),
+            merged_profile_id: "p2".to_owned(),
+            ..Default::default()
+        };
+        let bad = identity::Merge {
+            merged_profile_id: "p3".to_owned(),
+            ..Default::default()
+        };
+        assert_eq!(match_merges(vec![good.clone()]).unwrap().len(), 1);
+        let Err(ProfileError::BadMatches(reason)) = match_merges(vec![good, bad]) else {
+            panic!("expected a bad match");
+        };
+        assert!(
+            reason.contains("merges[1].surviving_profile_id"),
+            "{reason}"
+        );
     }
 
     #[test]

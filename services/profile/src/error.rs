@@ -36,7 +36,8 @@ pub enum ProfileError {
     /// The store did not load a profile the batch names: a bug.
     #[error(transparent)]
     Missing(#[from] Missing),
-    /// The identity service failed (other than with NOT_FOUND or INVALID_ARGUMENT).
+    /// The identity service failed (a lookup other than with NOT_FOUND or INVALID_ARGUMENT, or
+    /// matching other than with UNIMPLEMENTED).
     #[error("identity service: {0}")]
     Identity(#[source] Status),
     /// The scoring service failed.
@@ -45,6 +46,9 @@ pub enum ProfileError {
     /// The scoring service answered something that breaks its contract.
     #[error("scoring service answered badly: {0}")]
     BadScores(String),
+    /// The identity service answered matching with something that breaks its contract.
+    #[error("identity service answered matching badly: {0}")]
+    BadMatches(String),
 }
 
 impl ProfileError {
@@ -57,9 +61,10 @@ impl ProfileError {
             Self::Database(e) => tessera_store::error_code(e),
             Self::Contention => ErrorCode::Unavailable,
             Self::Identity(s) | Self::Scoring(s) => peer_code(s.code()),
-            Self::BrokenMergeChain(_) | Self::Missing(_) | Self::BadScores(_) => {
-                ErrorCode::Internal
-            }
+            Self::BrokenMergeChain(_)
+            | Self::Missing(_)
+            | Self::BadScores(_)
+            | Self::BadMatches(_) => ErrorCode::Internal,
         }
     }
 }
@@ -88,6 +93,15 @@ fn peer_code(code: Code) -> ErrorCode {
     }
 }
 
+/// A retryable status naming the peer `service`; the peer's own message is only logged.
+fn peer_unavailable(service: &'static str, error: &ProfileError) -> Status {
+    tracing::warn!(service, %error, "dependency unavailable");
+    tessera_server::status(
+        ErrorCode::Unavailable,
+        format!("the {service} service is unavailable, retry later"),
+    )
+}
+
 impl From<ProfileError> for Status {
     fn from(error: ProfileError) -> Self {
         let code = error.code();
@@ -98,13 +112,20 @@ impl From<ProfileError> for Status {
             ProfileError::TooMany { .. } | ProfileError::NotFound => {
                 tessera_server::status(code, error.to_string())
             }
+            // A retryable peer failure names the peer (not what it said), so whoever watches
+            // the pipeline retry knows which service to look at.
+            ProfileError::Identity(_) if code.is_retryable() => {
+                peer_unavailable("identity", &error)
+            }
+            ProfileError::Scoring(_) if code.is_retryable() => peer_unavailable("scoring", &error),
             ProfileError::Database(_)
             | ProfileError::BrokenMergeChain(_)
             | ProfileError::Contention
             | ProfileError::Missing(_)
             | ProfileError::Identity(_)
             | ProfileError::Scoring(_)
-            | ProfileError::BadScores(_) => tessera_server::internal(code, &error),
+            | ProfileError::BadScores(_)
+            | ProfileError::BadMatches(_) => tessera_server::internal(code, &error),
         }
     }
 }
@@ -117,7 +138,24 @@ mod tests {
     fn peer_failures_are_retryable_and_internal_text_stays_inside() {
         let down = ProfileError::Scoring(Status::unavailable("connection refused"));
         assert_eq!(down.code(), ErrorCode::Unavailable);
-        assert_eq!(Status::from(down).code(), Code::Unavailable);
+        let status = Status::from(down);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.message(),
+            "the scoring service is unavailable, retry later"
+        );
+
+        let identity = Status::from(ProfileError::Identity(Status::deadline_exceeded(
+            "10.0.0.7:50051 timed out",
+        )));
+        assert_eq!(identity.code(), Code::Unavailable);
+        assert_eq!(
+            identity.message(),
+            "the identity service is unavailable, retry later"
+        );
+        let bug = Status::from(ProfileError::Identity(Status::internal("secret detail")));
+        assert_eq!(bug.code(), Code::Internal);
+        assert!(!bug.message().contains("secret"));
 
         let db = ProfileError::Database(sqlx::Error::Protocol("relation \"profiles\"".into()));
         let status = Status::from(db);

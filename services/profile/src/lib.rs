@@ -17,6 +17,7 @@ mod service;
 pub mod store;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use sqlx::migrate::Migrator;
 use tessera_proto::profile::v1::profile_pipeline_service_server::ProfilePipelineServiceServer;
@@ -47,6 +48,9 @@ pub struct ProfileSettings {
     pub activity_half_life_seconds: f64,
     /// How long a cached profile lives, in seconds; used when opening the cache.
     pub cache_ttl_seconds: u64,
+    /// Whether `ApplyEvents` sends the trait values of the profiles it named to the identity
+    /// service's `MatchProfiles` (probabilistic matching) and applies the merges it answers.
+    pub match_profiles: bool,
 }
 
 impl Default for ProfileSettings {
@@ -54,6 +58,7 @@ impl Default for ProfileSettings {
         Self {
             activity_half_life_seconds: tessera_core::activity::DEFAULT_HALF_LIFE_SECONDS,
             cache_ttl_seconds: 3600,
+            match_profiles: true,
         }
     }
 }
@@ -121,6 +126,8 @@ impl Profiles {
                 identity,
                 scoring,
                 half_life_seconds,
+                match_profiles: settings.match_profiles,
+                match_unimplemented_warned: AtomicBool::new(false),
             }),
         }
     }
@@ -147,8 +154,11 @@ mod tests {
         let s: ProfileSettings = serde_json::from_str("{}").unwrap();
         assert_eq!(s.activity_half_life_seconds, 7.0 * 24.0 * 3600.0);
         assert_eq!(s.cache_ttl_seconds, 3600);
+        assert!(s.match_profiles);
         assert_eq!(s.validate(), Ok(()));
         assert!(serde_json::from_str::<ProfileSettings>(r#"{"ttl": 1}"#).is_err());
+        let off: ProfileSettings = serde_json::from_str(r#"{"match_profiles": false}"#).unwrap();
+        assert!(!off.match_profiles);
         let bad: ProfileSettings =
             serde_json::from_str(r#"{"activity_half_life_seconds": 0}"#).unwrap();
         assert_eq!(

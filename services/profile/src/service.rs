@@ -2,14 +2,16 @@
 //! `ProfilePipelineService` (internal writes), over the store, the versioned cache and the
 //! identity and scoring services.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use prost::Message;
 use tessera_core::FieldViolation;
 use tessera_proto::common::v1 as common;
 use tessera_proto::convert::to_timestamp;
+use tessera_proto::identity::v1 as identity;
 use tessera_proto::identity::v1::LookupIdentifierRequest;
 use tessera_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use tessera_proto::profile::v1 as pb;
@@ -23,14 +25,16 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::convert::{self, Lookup, micros};
-use crate::domain::{Profile, Score};
+use crate::domain::{Batch, Merge, Profile, Score};
 use crate::error::ProfileError;
-use crate::store::{ProfileStore, ScoreUpdate};
+use crate::store::{Applied, ProfileStore, ScoreUpdate};
 
 /// How long a call to the identity or scoring service may take.
 const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most profiles sent to the scoring service in one call (its limit).
 const MAX_SCORED_PER_CALL: usize = 5_000;
+/// The most profiles sent to the identity service's matching in one call (its limit).
+const MAX_MATCHED_PER_CALL: usize = 5_000;
 /// The longest the cache writes of one request may take.
 const CACHE_WRITE_BUDGET: Duration = Duration::from_secs(2);
 /// The largest message decoded from a peer.
@@ -44,6 +48,11 @@ pub(crate) struct Inner {
     pub(crate) identity: Channel,
     pub(crate) scoring: Channel,
     pub(crate) half_life_seconds: f64,
+    /// Whether applied profiles are sent to the identity service's matching.
+    pub(crate) match_profiles: bool,
+    /// Set once an identity service without matching has been reported, so the warning is
+    /// logged once per process rather than once per batch.
+    pub(crate) match_unimplemented_warned: AtomicBool,
 }
 
 fn cache_key(profile_id: &str) -> String {
@@ -179,7 +188,38 @@ impl Inner {
         metrics::counter!("tessera_profile_events_applied_total").increment(applied.applied as u64);
         metrics::counter!("tessera_profile_duplicate_events_total")
             .increment(applied.duplicates as u64);
+        self.cache_applied(&applied).await;
+        let mut changed = changed_ids(&applied);
 
+        // Every profile the batch names is rescored, also when all its events were duplicates:
+        // a batch retried after a scoring failure still gets its scores.
+        self.rescore(&applied.named, now).await?;
+
+        // Likewise every named profile is matched, so a batch retried after a matching failure
+        // is matched again.
+        let mut matched_merges = 0;
+        if self.match_profiles {
+            let matched = self.match_named(&applied.named, now).await?;
+            matched_merges = matched.merges;
+            changed.extend(matched.changed);
+        }
+
+        tracing::debug!(
+            applied = applied.applied,
+            duplicates = applied.duplicates,
+            merged = applied.merged_away.len(),
+            matched_merges,
+            "applied events"
+        );
+        Ok(pb::ApplyEventsResponse {
+            applied: applied.applied,
+            duplicates: applied.duplicates,
+            profiles_changed: changed.len() as i64,
+        })
+    }
+
+    /// Puts the cache entries of what a batch wrote.
+    async fn cache_applied(&self, applied: &Applied) {
         let mut entries = Vec::with_capacity(applied.changed.len() + applied.merged_away.len());
         entries.extend(applied.changed.iter().map(entry));
         // A merged-away profile's reads go to the database, which redirects to the survivor.
@@ -193,22 +233,95 @@ impl Inner {
             )
         }));
         self.put_all(entries).await;
+    }
 
-        // Every profile the batch names is rescored, also when all its events were duplicates:
-        // a batch retried after a scoring failure still gets its scores.
-        self.rescore(&applied.named, now).await?;
+    /// Sends the trait values of the live profiles `profile_ids` to the identity service's
+    /// matching, in calls of at most [`MAX_MATCHED_PER_CALL`], and applies the merges it
+    /// answers as the pipeline's merges are applied, rescoring the survivors.
+    async fn match_named(
+        &self,
+        profile_ids: &[String],
+        now: OffsetDateTime,
+    ) -> Result<Matched, ProfileError> {
+        let mut matched = Matched::default();
+        if profile_ids.is_empty() {
+            return Ok(matched);
+        }
+        let profiles = self.store.get_many(profile_ids).await?;
+        let mut calls: Vec<Vec<identity::ProfileTraits>> = Vec::new();
+        for traits in profiles.iter().filter_map(convert::profile_traits) {
+            match calls.last_mut() {
+                Some(call) if call.len() < MAX_MATCHED_PER_CALL => call.push(traits),
+                Some(_) | None => calls.push(vec![traits]),
+            }
+        }
+        for call in calls {
+            let Some(merges) = self.match_call(call).await? else {
+                break;
+            };
+            // Applied before the next call: identity has recorded these merges, and matching
+            // the same profiles again need not answer them again.
+            for merges in merges.chunks(convert::MAX_MERGES_PER_REQUEST) {
+                let batch = Batch {
+                    merges: merges.to_vec(),
+                    events: Vec::new(),
+                };
+                let applied = self
+                    .store
+                    .apply(&batch, self.half_life_seconds, now)
+                    .await?;
+                metrics::counter!("tessera_profile_match_merges_applied_total")
+                    .increment(applied.merged_away.len() as u64);
+                self.cache_applied(&applied).await;
+                self.rescore(&applied.named, now).await?;
+                matched.changed.extend(changed_ids(&applied));
+                matched.merges += applied.merged_away.len();
+            }
+        }
+        Ok(matched)
+    }
 
-        tracing::debug!(
-            applied = applied.applied,
-            duplicates = applied.duplicates,
-            merged = applied.merged_away.len(),
-            "applied events"
-        );
-        Ok(pb::ApplyEventsResponse {
-            applied: applied.applied,
-            duplicates: applied.duplicates,
-            profiles_changed: (applied.changed.len() + applied.merged_away.len()) as i64,
-        })
+    /// One `MatchProfiles` call: the merges decided, or `None` when the identity service does
+    /// not implement matching (an older version), which is counted and warned about once.
+    async fn match_call(
+        &self,
+        profiles: Vec<identity::ProfileTraits>,
+    ) -> Result<Option<Vec<Merge>>, ProfileError> {
+        metrics::counter!("tessera_profile_match_profiles_sent_total")
+            .increment(profiles.len() as u64);
+        let mut client = IdentityServiceClient::new(self.identity.clone())
+            .max_decoding_message_size(MAX_MESSAGE_SIZE);
+        let mut request = Request::new(identity::MatchProfilesRequest { profiles });
+        request.set_timeout(PEER_TIMEOUT);
+        match client.match_profiles(request).await {
+            Ok(response) => {
+                let identity::MatchProfilesResponse {
+                    merges,
+                    suggestions,
+                    refused,
+                } = response.into_inner();
+                tracing::debug!(
+                    merges = merges.len(),
+                    suggestions,
+                    refused,
+                    "identity matched profiles"
+                );
+                convert::match_merges(merges).map(Some)
+            }
+            Err(status) if status.code() == Code::Unimplemented => {
+                metrics::counter!("tessera_profile_match_unimplemented_total").increment(1);
+                if !self
+                    .match_unimplemented_warned
+                    .swap(true, Ordering::Relaxed)
+                {
+                    tracing::warn!(
+                        "identity service does not implement matching, profiles are not matched"
+                    );
+                }
+                Ok(None)
+            }
+            Err(status) => Err(ProfileError::Identity(status)),
+        }
     }
 
     /// Scores the live profiles `profile_ids` and stores the scores.
@@ -281,6 +394,25 @@ impl Inner {
             })
             .collect()
     }
+}
+
+/// What the merges answered by matching changed.
+#[derive(Debug, Default)]
+struct Matched {
+    /// The profiles changed (survivors and merged-away profiles).
+    changed: BTreeSet<String>,
+    /// How many profiles were merged away.
+    merges: usize,
+}
+
+/// The ids of the profiles a batch changed: live ones and merged-away ones.
+fn changed_ids(applied: &Applied) -> BTreeSet<String> {
+    applied
+        .changed
+        .iter()
+        .map(|p| p.profile_id.clone())
+        .chain(applied.merged_away.iter().map(|(id, _)| id.clone()))
+        .collect()
 }
 
 /// The cache entry of a stored live profile.

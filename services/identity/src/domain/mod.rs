@@ -2,6 +2,7 @@
 //! surviving profile, the resolution of a run of records against a view of the graph, and a
 //! reference union-find that tests compare the real graph with.
 
+pub mod matching;
 mod normalize;
 mod plan;
 pub mod rules;
@@ -14,7 +15,7 @@ use uuid::Uuid;
 pub use normalize::{MAX_IDENTIFIERS_PER_RECORD, Normalized, Record, Unlinked, normalize};
 pub use plan::{
     Decision, DecisionKind, GraphView, NewIdentifier, Plan, ProfileAge, SEEN_TOGETHER, Sighting,
-    plan,
+    plan, plan_merge,
 };
 pub use rules::{Rules, RulesConfig};
 pub use union_find::UnionFind;

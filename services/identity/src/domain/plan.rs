@@ -65,6 +65,16 @@ impl GraphView {
         self.owners.insert(identifier, profile.id);
     }
 
+    /// Records the canonical profile `profile`, whatever identifiers it holds.
+    pub fn insert_profile(&mut self, profile: ProfileAge) {
+        self.profiles
+            .entry(profile.id)
+            .or_insert_with(|| ProfileState {
+                created_at: profile.created_at,
+                limited: Vec::new(),
+            });
+    }
+
     /// Records that the canonical profile `profile` (inserted before) holds `identifier` of a
     /// limited type, first linked at `linked_at` (event time).
     pub fn insert_limited(
@@ -154,6 +164,8 @@ pub struct Decision {
     pub rule: String,
     /// When the causing event happened.
     pub event_time: OffsetDateTime,
+    /// Why, beyond the rule: a probabilistic match's explanation (JSON).
+    pub detail: Option<String>,
 }
 
 /// The changes that resolving a run of records makes to the graph, and the run's resolutions.
@@ -175,6 +187,47 @@ pub struct Plan {
 
 /// The rule under which identifiers seen together link.
 pub const SEEN_TOGETHER: &str = "seen_together";
+
+/// Plans merging two canonical profiles for a reason other than shared identifiers (a
+/// probabilistic match, a person's decision), as of `now`: the younger folds into the older,
+/// recorded under `rule` with `detail` (an explanation) and caused by `cause`. `Err` names the
+/// limit the merge would break (`limit:user_id`: two user ids never merge). `view` must hold
+/// both profiles and their limited identifiers.
+pub fn plan_merge(
+    rules: &Rules,
+    view: GraphView,
+    (a, b): (ProfileAge, ProfileAge),
+    cause: &str,
+    rule: &str,
+    detail: Option<String>,
+    now: OffsetDateTime,
+) -> Result<Plan, String> {
+    let mut planner = Planner {
+        rules,
+        owners: view.owners,
+        profiles: view.profiles,
+        seen_with: view.seen_with,
+        merged_into: HashMap::new(),
+        now,
+        new_id: Uuid::now_v7,
+        out: Plan::default(),
+    };
+    let (older, younger) = if a <= b { (a, b) } else { (b, a) };
+    if older.id == younger.id {
+        return Err("same_profile".to_owned());
+    }
+    if let Some(kind) = planner.violation(&[older, younger], &[], now) {
+        return Err(format!("limit:{kind}"));
+    }
+    let mut merge = planner.merge(younger.id, older.id, cause, now);
+    merge.rule = rule.to_owned();
+    if let Some(last) = planner.out.decisions.last_mut() {
+        last.rule = rule.to_owned();
+        last.detail = detail;
+    }
+    planner.out.merges.push(merge);
+    Ok(planner.out)
+}
 
 /// Resolves `records` in order against `view` under `rules`, as of `now` (truncated to
 /// microseconds); new profile ids come from `new_id`. A record without linkable identifiers
@@ -394,6 +447,7 @@ impl<F: FnMut() -> Uuid> Planner<'_, F> {
                 identifier: Some(identifier.clone()),
                 rule: rule.clone(),
                 event_time: at,
+                detail: None,
             });
         }
         let mut reported: Vec<Dropped> = dropped
@@ -435,6 +489,7 @@ impl<F: FnMut() -> Uuid> Planner<'_, F> {
             identifier: None,
             rule: SEEN_TOGETHER.to_owned(),
             event_time: at,
+            detail: None,
         });
         profile.id
     }
@@ -460,6 +515,7 @@ impl<F: FnMut() -> Uuid> Planner<'_, F> {
             identifier: Some(identifier.clone()),
             rule: SEEN_TOGETHER.to_owned(),
             event_time: at,
+            detail: None,
         });
     }
 
@@ -478,6 +534,7 @@ impl<F: FnMut() -> Uuid> Planner<'_, F> {
             identifier: None,
             rule: SEEN_TOGETHER.to_owned(),
             event_time: at,
+            detail: None,
         });
         Merge {
             surviving_profile_id: survivor,

@@ -82,12 +82,117 @@ pub(crate) trait IdentityStore: Send + Sync {
     async fn lookup(&self, identifier: &Identifier) -> Result<Option<Uuid>, IdentityError>;
 }
 
+/// A profile's matching attributes and blocking keys, to index.
+#[derive(Debug, Clone)]
+pub(crate) struct IndexEntry {
+    /// A canonical profile.
+    pub(crate) profile_id: Uuid,
+    /// Its normalized attributes, a JSON object field → value.
+    pub(crate) attributes: String,
+    /// Its blocking keys.
+    pub(crate) keys: Vec<String>,
+}
+
+/// A match suggestion as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredSuggestion {
+    /// Its id.
+    pub id: i64,
+    /// One profile (the smaller id).
+    pub profile_a: Uuid,
+    /// The other.
+    pub profile_b: Uuid,
+    /// The explanation, JSON.
+    pub explanation: String,
+    /// `open`, `accepted` or `rejected`.
+    pub status: String,
+    /// When it was suggested.
+    pub created_at: OffsetDateTime,
+}
+
+/// Storage of probabilistic matching: the attribute index, models, suggestions and the merges
+/// to tell the profile service about.
+#[async_trait::async_trait]
+pub(crate) trait MatchStore: Send + Sync {
+    /// Replaces the attributes and keys of each entry's profile.
+    async fn index(&self, entries: &[IndexEntry]) -> Result<(), IdentityError>;
+
+    /// For each of `keys` held by at most `cap` profiles: the key, each profile holding it and
+    /// that profile's attributes (JSON).
+    async fn candidates(
+        &self,
+        keys: &[String],
+        cap: i64,
+    ) -> Result<Vec<(String, Uuid, String)>, IdentityError>;
+
+    /// Every indexed profile with its attributes (JSON), in profile id order.
+    async fn population(&self) -> Result<Vec<(Uuid, String)>, IdentityError>;
+
+    /// Stores a fitted model (JSON params and report); returns its version.
+    async fn save_model(&self, params: &str, report: &str) -> Result<i64, IdentityError>;
+
+    /// The newest model's version, if any.
+    async fn model_version(&self) -> Result<Option<i64>, IdentityError>;
+
+    /// The newest model: version and JSON params.
+    async fn latest_model(&self) -> Result<Option<(i64, String)>, IdentityError>;
+
+    /// Merges the canonical profiles of `a` and `b` under `rules` (the younger into the older),
+    /// recorded under `rule` with `detail`, caused by `cause`, and queues the merge for the
+    /// profile service. `Ok(Err(reason))` when the rules refuse it or both are one profile.
+    async fn merge_pair(
+        &self,
+        rules: &VersionedRules,
+        pair: (Uuid, Uuid),
+        cause: &str,
+        rule: &str,
+        detail: Option<String>,
+    ) -> Result<Result<Merge, String>, IdentityError>;
+
+    /// Stores an open suggestion for the pair unless one exists (open, accepted or rejected);
+    /// returns whether it stored one.
+    async fn suggest(&self, pair: (Uuid, Uuid), explanation: &str) -> Result<bool, IdentityError>;
+
+    /// Suggestions with `status` (all when `None`), newest first, with an id below `before`.
+    async fn suggestions(
+        &self,
+        status: Option<&str>,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<StoredSuggestion>, IdentityError>;
+
+    /// One suggestion.
+    async fn suggestion(&self, id: i64) -> Result<Option<StoredSuggestion>, IdentityError>;
+
+    /// Moves an open suggestion to `status`; returns whether it was open.
+    async fn decide_suggestion(&self, id: i64, status: &str) -> Result<bool, IdentityError>;
+
+    /// Up to `limit` merges the profile service has not been told about, oldest first.
+    async fn pending_merges(&self, limit: i64) -> Result<Vec<(i64, Merge)>, IdentityError>;
+
+    /// Marks queued merges as delivered.
+    async fn delivered(&self, seqs: &[i64]) -> Result<(), IdentityError>;
+}
+
 /// The store for `db`'s backend.
 pub(crate) fn open(db: Database) -> Arc<dyn IdentityStore> {
     match db {
         Database::Postgres(pool) => Arc::new(postgres::PgStore::new(pool)),
         Database::Sqlite(pool) => Arc::new(sqlite::SqliteStore::new(pool)),
     }
+}
+
+/// The matching store for `db`'s backend.
+pub(crate) fn open_matching(db: Database) -> Arc<dyn MatchStore> {
+    match db {
+        Database::Postgres(pool) => Arc::new(postgres::PgStore::new(pool)),
+        Database::Sqlite(pool) => Arc::new(sqlite::SqliteStore::new(pool)),
+    }
+}
+
+/// Orders a pair as suggestions are stored: the smaller id first.
+fn ordered((a, b): (Uuid, Uuid)) -> (Uuid, Uuid) {
+    if a <= b { (a, b) } else { (b, a) }
 }
 
 /// The clock of the graph, at the precision both backends keep.

@@ -38,6 +38,8 @@ macro_rules! decision_sql {
     };
 }
 
+mod matching;
+
 /// How often one run of records is tried before the request fails with `Unavailable`.
 const MAX_ATTEMPTS: u32 = 12;
 
@@ -607,12 +609,21 @@ async fn write(
              WITH ORDINALITY AS u (s, m, e, r, n) ORDER BY n",
         )
         .bind(surviving)
-        .bind(merged)
+        .bind(&merged)
         .bind(causes)
         .bind(now)
         .bind(rules)
         .execute(&mut *conn)
         .await?;
+        // A merged profile is matched as its survivor from now on.
+        sqlx::query("DELETE FROM match_keys WHERE profile_id = ANY($1)")
+            .bind(&merged)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("DELETE FROM match_attributes WHERE profile_id = ANY($1)")
+            .bind(&merged)
+            .execute(&mut *conn)
+            .await?;
     }
     if !plan.sightings.is_empty() {
         let n = plan.sightings.len();
@@ -651,6 +662,7 @@ async fn write(
         let mut values = Vec::with_capacity(n);
         let mut rules = Vec::with_capacity(n);
         let mut times = Vec::with_capacity(n);
+        let mut details = Vec::with_capacity(n);
         for d in &plan.decisions {
             kinds.push(d.kind.as_str());
             events.push(d.event_id.as_str());
@@ -660,14 +672,15 @@ async fn write(
             values.push(d.identifier.as_ref().map(|i| i.value.as_str()));
             rules.push(d.rule.as_str());
             times.push(d.event_time);
+            details.push(d.detail.as_deref());
         }
         sqlx::query(
             "INSERT INTO graph_log (kind, event_id, profile_id, other_profile_id, id_type, \
-             id_value, rule, rules_version, event_time, decided_at) \
-             SELECT k, e, p, o, t, v, r, $9, w, $10 \
+             id_value, rule, rules_version, event_time, decided_at, detail) \
+             SELECT k, e, p, o, t, v, r, $9, w, $10, d::jsonb \
              FROM unnest($1::text[], $2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], \
-                         $7::text[], $8::timestamptz[]) \
-             WITH ORDINALITY AS u (k, e, p, o, t, v, r, w, n) ORDER BY n",
+                         $7::text[], $8::timestamptz[], $11::text[]) \
+             WITH ORDINALITY AS u (k, e, p, o, t, v, r, w, d, n) ORDER BY n",
         )
         .bind(kinds)
         .bind(events)
@@ -679,6 +692,7 @@ async fn write(
         .bind(times)
         .bind(rules_version)
         .bind(now)
+        .bind(details)
         .execute(&mut *conn)
         .await?;
     }

@@ -28,6 +28,8 @@ macro_rules! decision_sql {
     };
 }
 
+mod matching;
+
 /// The canonical profile of the identifier `(?1, ?2)` and its creation time. The walks use
 /// `UNION`, not `UNION ALL`, so a cycle (which writers never create) ends a walk.
 const LOOKUP_SQL: &str = "
@@ -424,6 +426,16 @@ async fn write(
         .bind(&m.rule)
         .execute(&mut *conn)
         .await?;
+        // A merged profile is matched as its survivor from now on.
+        for table in [
+            "DELETE FROM match_keys WHERE profile_id = ?1",
+            "DELETE FROM match_attributes WHERE profile_id = ?1",
+        ] {
+            sqlx::query(table)
+                .bind(m.merged_profile_id.to_string())
+                .execute(&mut *conn)
+                .await?;
+        }
     }
     for s in &plan.sightings {
         sqlx::query(
@@ -441,8 +453,8 @@ async fn write(
     for d in &plan.decisions {
         sqlx::query(
             "INSERT INTO graph_log (kind, event_id, profile_id, other_profile_id, id_type, \
-             id_value, rule, rules_version, event_time, decided_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+             id_value, rule, rules_version, event_time, decided_at, detail) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )
         .bind(d.kind.as_str())
         .bind(&d.event_id)
@@ -454,6 +466,7 @@ async fn write(
         .bind(rules_version)
         .bind(micros(d.event_time))
         .bind(now)
+        .bind(d.detail.as_deref())
         .execute(&mut *conn)
         .await?;
     }

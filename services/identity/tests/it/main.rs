@@ -4,5 +4,6 @@
 mod concurrency;
 mod conformance;
 mod grpc;
+mod matching;
 mod rules;
 mod support;

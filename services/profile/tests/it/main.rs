@@ -1,6 +1,8 @@
 //! Integration tests of the profile service: the storage conformance suite (SQLite and
-//! Postgres) and the service over gRPC with the real scoring service, Redis and Postgres.
+//! Postgres) and the service over gRPC with the real scoring service, Redis and Postgres,
+//! including probabilistic matching through the identity double.
 
+mod matching;
 mod service;
 mod store_suite;
 mod support;

@@ -25,23 +25,24 @@ use crate::support::{IdentityDouble, Served, identify, lazy_channel, scoring_ser
 
 /// Postgres, Redis, the scoring service and the identity double, shared by the replicas of one
 /// test.
-struct Env {
+pub(crate) struct Env {
     db: TestDb,
     redis_prefix: String,
     scoring: Served,
     identity: Served,
-    links: IdentityDouble,
+    /// The identity double behind `identity`, to configure and inspect.
+    pub(crate) double: IdentityDouble,
 }
 
 impl Env {
-    async fn new() -> Self {
-        let links = IdentityDouble::default();
+    pub(crate) async fn new() -> Self {
+        let double = IdentityDouble::default();
         Self {
             db: TestDb::new().await,
             redis_prefix: redis_prefix(),
             scoring: scoring_server().await,
-            identity: links.serve().await,
-            links,
+            identity: double.serve().await,
+            double,
         }
     }
 
@@ -53,17 +54,26 @@ impl Env {
 
     /// A replica of the profile service with `cache` and the scoring service at `scoring`.
     async fn replica_with(&self, cache: Arc<dyn Cache>, scoring: Channel) -> Replica {
+        self.start(cache, scoring, ProfileSettings::default()).await
+    }
+
+    /// A replica of the profile service with `settings`, Redis and the scoring service.
+    pub(crate) async fn replica_with_settings(&self, settings: ProfileSettings) -> Replica {
+        self.start(self.redis(), self.scoring.lazy_channel(), settings)
+            .await
+    }
+
+    async fn start(
+        &self,
+        cache: Arc<dyn Cache>,
+        scoring: Channel,
+        settings: ProfileSettings,
+    ) -> Replica {
         let db = Database::connect(self.db.url(), SCHEMA, &DbSettings::default())
             .await
             .unwrap();
         db.migrate(MIGRATIONS).await.unwrap();
-        let profiles = Profiles::new(
-            db,
-            cache,
-            self.identity.lazy_channel(),
-            scoring,
-            ProfileSettings::default(),
-        );
+        let profiles = Profiles::new(db, cache, self.identity.lazy_channel(), scoring, settings);
         let mut services = GrpcServices::default();
         profiles.register(&mut services);
         let served = Served::start(services).await;
@@ -74,20 +84,20 @@ impl Env {
         }
     }
 
-    async fn replica(&self) -> Replica {
+    pub(crate) async fn replica(&self) -> Replica {
         self.replica_with(self.redis(), self.scoring.lazy_channel())
             .await
     }
 }
 
-struct Replica {
+pub(crate) struct Replica {
     reads: ProfileServiceClient<Channel>,
     writes: ProfilePipelineServiceClient<Channel>,
     _served: Served,
 }
 
 impl Replica {
-    async fn apply(
+    pub(crate) async fn apply(
         &self,
         request: pb::ApplyEventsRequest,
     ) -> Result<pb::ApplyEventsResponse, tonic::Status> {
@@ -98,7 +108,7 @@ impl Replica {
             .map(tonic::Response::into_inner)
     }
 
-    async fn get(&self, lookup: Lookup) -> Result<pb::Profile, tonic::Status> {
+    pub(crate) async fn get(&self, lookup: Lookup) -> Result<pb::Profile, tonic::Status> {
         let response = self
             .reads
             .clone()
@@ -109,17 +119,17 @@ impl Replica {
         Ok(response.into_inner().profile.expect("a profile"))
     }
 
-    async fn get_id(&self, id: &str) -> pb::Profile {
+    pub(crate) async fn get_id(&self, id: &str) -> pb::Profile {
         self.get(Lookup::ProfileId(id.to_owned())).await.unwrap()
     }
 }
 
-fn minutes_ago(m: i64) -> OffsetDateTime {
+pub(crate) fn minutes_ago(m: i64) -> OffsetDateTime {
     let t = OffsetDateTime::now_utc() - time::Duration::minutes(m);
     t.replace_nanosecond(0).unwrap()
 }
 
-fn events(list: Vec<pb::ResolvedEvent>) -> pb::ApplyEventsRequest {
+pub(crate) fn events(list: Vec<pb::ResolvedEvent>) -> pb::ApplyEventsRequest {
     pb::ApplyEventsRequest {
         merges: vec![],
         events: list,
@@ -209,8 +219,8 @@ async fn profiles_are_found_by_identifier_through_the_identity_service() {
         )]))
         .await
         .unwrap();
-    env.links.link("user_id", "u1", "p1");
-    env.links.link("user_id", "ghost", "p-never-written");
+    env.double.link("user_id", "u1", "p1");
+    env.double.link("user_id", "ghost", "p-never-written");
     let id = |value: &str| {
         Lookup::Identifier(common::Identifier {
             r#type: "user_id".to_owned(),

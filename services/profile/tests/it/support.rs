@@ -1,5 +1,5 @@
 //! Test support: event builders, servers on 127.0.0.1:0, and a test double of the identity
-//! service (a peer service, answered from a map).
+//! service (a peer service: lookups answered from a map, matching from configured merges).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,7 +18,7 @@ use tessera_server::GrpcServices;
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 /// The time of minute 0 of the test events.
 pub(crate) const T0: OffsetDateTime = datetime!(2026-05-01 00:00:00 UTC);
@@ -109,10 +109,24 @@ pub(crate) async fn scoring_server() -> Served {
     Served::start(services).await
 }
 
-/// A test double of the identity service: `LookupIdentifier` answers from a map.
+/// A test double of the identity service: `LookupIdentifier` answers from a map,
+/// `MatchProfiles` with configured merges.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct IdentityDouble {
     links: Arc<Mutex<HashMap<(String, String), String>>>,
+    matching: Arc<Mutex<Matching>>,
+}
+
+/// What the double's `MatchProfiles` answers, and what it was sent.
+#[derive(Debug, Default)]
+struct Matching {
+    /// Merges not answered yet; each is answered once, by the first call that sends one of its
+    /// two profiles (matching again finds nothing new, as the real service promises).
+    merges: Vec<identity::Merge>,
+    /// When set, every call fails with this code.
+    fail_with: Option<Code>,
+    /// Every call's profiles, in call order.
+    calls: Vec<Vec<identity::ProfileTraits>>,
 }
 
 impl IdentityDouble {
@@ -122,6 +136,27 @@ impl IdentityDouble {
             .lock()
             .unwrap()
             .insert((kind.to_owned(), value.to_owned()), profile_id.to_owned());
+    }
+
+    /// Makes matching answer the merge of `merged` into `survivor` once either is sent.
+    pub(crate) fn answer_merge(&self, survivor: &str, merged: &str) {
+        self.matching.lock().unwrap().merges.push(identity::Merge {
+            surviving_profile_id: survivor.to_owned(),
+            merged_profile_id: merged.to_owned(),
+            cause_event_id: String::new(),
+            merged_at: Some(to_timestamp(OffsetDateTime::now_utc())),
+            rule: "probabilistic".to_owned(),
+        });
+    }
+
+    /// Makes every `MatchProfiles` call fail with `code`, or (with `None`) answer again.
+    pub(crate) fn fail_matching(&self, code: Option<Code>) {
+        self.matching.lock().unwrap().fail_with = code;
+    }
+
+    /// The profiles of every `MatchProfiles` call so far, in call order (failed calls too).
+    pub(crate) fn match_calls(&self) -> Vec<Vec<identity::ProfileTraits>> {
+        self.matching.lock().unwrap().calls.clone()
     }
 
     /// Serves the double.
@@ -152,6 +187,59 @@ impl IdentityService for IdentityDouble {
         &self,
         _request: Request<identity::GetRulesRequest>,
     ) -> Result<Response<identity::GetRulesResponse>, Status> {
+        Err(Status::unimplemented("not part of the double"))
+    }
+
+    async fn match_profiles(
+        &self,
+        request: Request<identity::MatchProfilesRequest>,
+    ) -> Result<Response<identity::MatchProfilesResponse>, Status> {
+        let profiles = request.into_inner().profiles;
+        let mut matching = self.matching.lock().unwrap();
+        let sent: Vec<String> = profiles.iter().map(|p| p.profile_id.clone()).collect();
+        matching.calls.push(profiles);
+        if let Some(code) = matching.fail_with {
+            return Err(Status::new(code, "matching failed in the double"));
+        }
+        let (answered, kept) =
+            std::mem::take(&mut matching.merges)
+                .into_iter()
+                .partition(|m: &identity::Merge| {
+                    sent.contains(&m.surviving_profile_id) || sent.contains(&m.merged_profile_id)
+                });
+        matching.merges = kept;
+        Ok(Response::new(identity::MatchProfilesResponse {
+            merges: answered,
+            suggestions: 0,
+            refused: 0,
+        }))
+    }
+
+    async fn train_match_model(
+        &self,
+        _request: Request<identity::TrainMatchModelRequest>,
+    ) -> Result<Response<identity::TrainMatchModelResponse>, Status> {
+        Err(Status::unimplemented("not part of the double"))
+    }
+
+    async fn run_batch_match(
+        &self,
+        _request: Request<identity::RunBatchMatchRequest>,
+    ) -> Result<Response<identity::RunBatchMatchResponse>, Status> {
+        Err(Status::unimplemented("not part of the double"))
+    }
+
+    async fn list_match_suggestions(
+        &self,
+        _request: Request<identity::ListMatchSuggestionsRequest>,
+    ) -> Result<Response<identity::ListMatchSuggestionsResponse>, Status> {
+        Err(Status::unimplemented("not part of the double"))
+    }
+
+    async fn decide_match_suggestion(
+        &self,
+        _request: Request<identity::DecideMatchSuggestionRequest>,
+    ) -> Result<Response<identity::DecideMatchSuggestionResponse>, Status> {
         Err(Status::unimplemented("not part of the double"))
     }
 

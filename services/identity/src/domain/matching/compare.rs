@@ -1,0 +1,190 @@
+//! Comparisons: how two values of one field are graded into a level, Splink style. The levels of
+//! a comparison are tried in order and the first that holds wins; when none holds the pair is at
+//! the implicit `else` level, and when either side is missing at `null` (which weighs nothing).
+
+use serde::{Deserialize, Serialize};
+
+use super::attributes::FieldKind;
+
+/// One level of a comparison, from most to least similar.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Level {
+    /// The normalized values are equal.
+    Exact,
+    /// Jaro-Winkler similarity of at least `min`.
+    JaroWinkler {
+        /// The lowest similarity in the band, in `[0, 1]`.
+        min: f64,
+    },
+    /// Levenshtein distance of at most `max` edits.
+    Levenshtein {
+        /// The most edits in the band.
+        max: usize,
+    },
+    /// Two `YYYYMMDD` dates with the same year and day and month swapped.
+    DateTransposed,
+}
+
+impl Level {
+    /// A short label for explanations (`exact`, `jaro_winkler>=0.92`, `levenshtein<=1`).
+    pub fn label(&self) -> String {
+        match self {
+            Level::Exact => "exact".to_owned(),
+            Level::JaroWinkler { min } => format!("jaro_winkler>={min}"),
+            Level::Levenshtein { max } => format!("levenshtein<={max}"),
+            Level::DateTransposed => "date_transposed".to_owned(),
+        }
+    }
+}
+
+/// The label of the level reached when no configured level holds.
+pub const ELSE_LABEL: &str = "else";
+/// The label of a comparison where either side is missing.
+pub const NULL_LABEL: &str = "null";
+
+/// How one field is compared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComparisonConfig {
+    /// The attribute name (`given_name`, `date_of_birth`, ...).
+    pub field: String,
+    /// How the field's values are normalized.
+    pub kind: FieldKind,
+    /// The levels, most similar first; `else` is implicit.
+    pub levels: Vec<Level>,
+    /// Whether an exact match weighs by the value's frequency (a shared rare surname is stronger
+    /// evidence than a shared common one).
+    #[serde(default)]
+    pub term_frequency: bool,
+}
+
+impl ComparisonConfig {
+    fn new(field: &str, kind: FieldKind, levels: Vec<Level>, term_frequency: bool) -> Self {
+        Self {
+            field: field.to_owned(),
+            kind,
+            levels,
+            term_frequency,
+        }
+    }
+
+    /// The default comparisons for person attributes: names and suburb with Jaro-Winkler bands
+    /// (Splink's 0.92 / 0.88 / 0.70) and term-frequency adjustment, addresses with
+    /// Jaro-Winkler bands, codes exact or one edit, dates exact / one digit / day and month
+    /// swapped / two digits, email and phone exact.
+    pub fn person_defaults() -> Vec<Self> {
+        let name = || {
+            vec![
+                Level::Exact,
+                Level::JaroWinkler { min: 0.92 },
+                Level::JaroWinkler { min: 0.88 },
+                Level::JaroWinkler { min: 0.70 },
+            ]
+        };
+        let address = || {
+            vec![
+                Level::Exact,
+                Level::JaroWinkler { min: 0.92 },
+                Level::JaroWinkler { min: 0.80 },
+            ]
+        };
+        let code = || vec![Level::Exact, Level::Levenshtein { max: 1 }];
+        vec![
+            Self::new("given_name", FieldKind::Text, name(), true),
+            Self::new("surname", FieldKind::Text, name(), true),
+            Self::new("date_of_birth", FieldKind::Date, date_levels(), false),
+            Self::new("street_number", FieldKind::Code, code(), false),
+            Self::new("address_1", FieldKind::Text, address(), false),
+            Self::new("address_2", FieldKind::Text, address(), false),
+            Self::new("suburb", FieldKind::Text, address(), true),
+            Self::new("postcode", FieldKind::Code, code(), false),
+            Self::new("state", FieldKind::Text, vec![Level::Exact], false),
+            Self::new("email", FieldKind::Email, vec![Level::Exact], false),
+            Self::new("phone", FieldKind::Phone, vec![Level::Exact], false),
+        ]
+    }
+}
+
+fn date_levels() -> Vec<Level> {
+    vec![
+        Level::Exact,
+        Level::Levenshtein { max: 1 },
+        Level::DateTransposed,
+        Level::Levenshtein { max: 2 },
+    ]
+}
+
+/// Grades two present, normalized values: the index of the first level that holds, or
+/// `levels.len()` for `else`. Similarities are computed at most once per pair.
+pub fn grade(levels: &[Level], a: &str, b: &str) -> usize {
+    let mut jaro_winkler = None;
+    let mut levenshtein = None;
+    for (index, level) in levels.iter().enumerate() {
+        let holds = match *level {
+            Level::Exact => a == b,
+            Level::JaroWinkler { min } => {
+                *jaro_winkler.get_or_insert_with(|| strsim::jaro_winkler(a, b)) >= min
+            }
+            Level::Levenshtein { max } => {
+                *levenshtein.get_or_insert_with(|| strsim::levenshtein(a, b)) <= max
+            }
+            Level::DateTransposed => is_date_transposed(a, b),
+        };
+        if holds {
+            return index;
+        }
+    }
+    levels.len()
+}
+
+fn is_date_transposed(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == 8
+        && b.len() == 8
+        && a[..4] == b[..4]
+        && a[4..6] == b[6..8]
+        && a[6..8] == b[4..6]
+        && a[4..6] != a[6..8]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names() -> Vec<Level> {
+        ComparisonConfig::person_defaults()[0].levels.clone()
+    }
+
+    #[test]
+    fn names_grade_into_jaro_winkler_bands() {
+        let levels = names();
+        assert_eq!(grade(&levels, "katherine", "katherine"), 0);
+        assert_eq!(grade(&levels, "katherine", "katharine"), 1);
+        assert_eq!(grade(&levels, "jon", "john"), 1);
+        assert_eq!(grade(&levels, "smith", "smyth"), 2);
+        assert_eq!(grade(&levels, "martha", "marhta"), 1);
+        assert_eq!(grade(&levels, "dwayne", "duane"), 3);
+        assert_eq!(grade(&levels, "alice", "zoe"), 4);
+    }
+
+    #[test]
+    fn dates_grade_typos_and_swaps() {
+        let levels = date_levels();
+        assert_eq!(grade(&levels, "19560409", "19560409"), 0);
+        assert_eq!(grade(&levels, "19560409", "19560408"), 1);
+        assert_eq!(grade(&levels, "19560409", "19560904"), 2);
+        assert_eq!(grade(&levels, "19560409", "19650409"), 3);
+        assert_eq!(grade(&levels, "19560409", "20011231"), 4);
+        // The same day and month is no swap.
+        assert!(!is_date_transposed("19560404", "19560404"));
+    }
+
+    #[test]
+    fn codes_allow_one_edit() {
+        let levels = vec![Level::Exact, Level::Levenshtein { max: 1 }];
+        assert_eq!(grade(&levels, "2600", "2600"), 0);
+        assert_eq!(grade(&levels, "2600", "2606"), 1);
+        assert_eq!(grade(&levels, "2600", "2066"), 2);
+    }
+}

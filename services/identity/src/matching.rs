@@ -1,0 +1,724 @@
+//! Probabilistic matching in the service: which traits feed which attribute, the attribute
+//! index in the store, the current model, incremental matching of changed profiles, training,
+//! the batch job, suggestions, and telling the profile service about the merges.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use tessera_core::FieldViolation;
+use tessera_proto::profile::v1 as profile_pb;
+use tessera_proto::profile::v1::profile_pipeline_service_client::ProfilePipelineServiceClient;
+use tokio::sync::{Notify, RwLock};
+use uuid::Uuid;
+
+use crate::IdentityError;
+use crate::domain::Merge;
+use crate::domain::matching::{
+    Attributes, BlockKey, Matcher, MatchingConfig, MemoryIndex, Model, ModelParams, Score, Scratch,
+    match_record, train,
+};
+use crate::store::{IdentityStore, IndexEntry, MatchStore, StoredSuggestion, VersionedRules};
+
+/// The rule probabilistic merges are recorded under.
+pub const PROBABILISTIC: &str = "probabilistic";
+/// The rule merges accepted by a person are recorded under.
+pub const MANUAL: &str = "manual";
+
+/// Probabilistic matching settings (`[identity.matching]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MatchSettings {
+    /// Whether profiles are indexed and matched at all.
+    pub enabled: bool,
+    /// Pairs whose match probability is at least this merge by themselves (rules permitting);
+    /// 1 means never: every match above `review_probability` waits for a person.
+    pub auto_merge_probability: f64,
+    /// Pairs at least this probable, below `auto_merge_probability`, become suggestions.
+    pub review_probability: f64,
+    /// Which traits feed each compared attribute: the first present wins. A name may be a path
+    /// into an object trait (`address.city`).
+    pub attributes: BTreeMap<String, Vec<String>>,
+    /// The model: comparisons, blocking rules and estimation (its `threshold` is replaced by
+    /// `review_probability`).
+    pub model: MatchingConfig,
+}
+
+impl Default for MatchSettings {
+    fn default() -> Self {
+        let names = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        Self {
+            enabled: true,
+            // Equal costs for a false merge and a missed one would put the decision at 0.5;
+            // a false merge is the costlier mistake (it fuses two people's data), so merging
+            // needs near-certainty and the band below it goes to a person.
+            auto_merge_probability: 0.99,
+            review_probability: 0.5,
+            attributes: BTreeMap::from([
+                (
+                    "given_name".to_owned(),
+                    names(&["given_name", "firstName", "first_name"]),
+                ),
+                (
+                    "surname".to_owned(),
+                    names(&["surname", "lastName", "last_name"]),
+                ),
+                (
+                    "date_of_birth".to_owned(),
+                    names(&["date_of_birth", "birthday", "dob"]),
+                ),
+                (
+                    "street_number".to_owned(),
+                    names(&["street_number", "address.street_number"]),
+                ),
+                (
+                    "address_1".to_owned(),
+                    names(&["address_1", "address.street", "street"]),
+                ),
+                (
+                    "address_2".to_owned(),
+                    names(&["address_2", "address.line2"]),
+                ),
+                (
+                    "suburb".to_owned(),
+                    names(&["suburb", "city", "address.city"]),
+                ),
+                (
+                    "postcode".to_owned(),
+                    names(&[
+                        "postcode",
+                        "postal_code",
+                        "postalCode",
+                        "zip",
+                        "address.postalCode",
+                    ]),
+                ),
+                ("state".to_owned(), names(&["state", "address.state"])),
+            ]),
+            model: MatchingConfig::default(),
+        }
+    }
+}
+
+/// What matching a set of profiles decided.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MatchOutcome {
+    /// Merges, in the order decided.
+    pub merges: Vec<Merge>,
+    /// Suggestions stored.
+    pub suggestions: i64,
+    /// Matches the rules refused.
+    pub refused: i64,
+}
+
+/// What a batch match did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BatchOutcome {
+    /// The model version used.
+    pub model_version: i64,
+    /// Profiles matched.
+    pub profiles: i64,
+    /// Pairs at or above the review threshold.
+    pub candidate_pairs: i64,
+    /// What was decided.
+    pub outcome: MatchOutcome,
+}
+
+/// One field's fitted parameters: per level (label, m, u), `else` last.
+pub type FieldFit = (String, Vec<(String, f64, f64)>);
+
+/// Profiles to match: id and current trait values.
+pub type ProfileTraits = Vec<(Uuid, Map<String, Value>)>;
+
+/// A fitted model's report, as stored and answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingSummary {
+    /// The model version.
+    pub model_version: i64,
+    /// Profiles fitted on.
+    pub profiles: i64,
+    /// Blocked candidate pairs EM ran over.
+    pub candidate_pairs: i64,
+    /// Random pairs that estimated u.
+    pub u_pairs: i64,
+    /// EM iterations.
+    pub iterations: i64,
+    /// Whether EM converged.
+    pub converged: bool,
+    /// Final mean log-likelihood per pair.
+    pub mean_log_likelihood: f64,
+    /// The fitted prior.
+    pub lambda: f64,
+    /// Per field: (level label, m, u), `else` last.
+    pub fields: Vec<FieldFit>,
+}
+
+/// Matching state of one replica.
+pub(crate) struct Matching {
+    settings: MatchSettings,
+    matcher: Matcher,
+    store: Arc<dyn MatchStore>,
+    model: RwLock<Option<(i64, Arc<Model>)>>,
+    /// Woken when merges were queued for the profile service.
+    queued: Notify,
+}
+
+impl std::fmt::Debug for Matching {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Matching")
+            .field("enabled", &self.settings.enabled)
+            .finish_non_exhaustive()
+    }
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> IdentityError {
+    IdentityError::InvalidArgument(vec![FieldViolation::new(field, reason)])
+}
+
+impl Matching {
+    pub(crate) fn new(
+        settings: MatchSettings,
+        store: Arc<dyn MatchStore>,
+    ) -> Result<Self, IdentityError> {
+        let (auto, review) = (settings.auto_merge_probability, settings.review_probability);
+        if !(review > 0.0 && review < 1.0) {
+            return Err(invalid(
+                "matching.review_probability",
+                "must be between 0 and 1, exclusive",
+            ));
+        }
+        if !(auto >= review && auto <= 1.0) {
+            return Err(invalid(
+                "matching.auto_merge_probability",
+                "must be at least review_probability and at most 1 (1: never merge automatically)",
+            ));
+        }
+        let mut config = settings.model.clone();
+        config.threshold = review;
+        let matcher = Matcher::new(config)
+            .map_err(|e| invalid(format!("matching.model.{}", e.field), e.reason))?;
+        for (n, comparison) in matcher.comparisons().iter().enumerate() {
+            if !settings.attributes.contains_key(&comparison.field) {
+                tracing::debug!(
+                    field = %comparison.field,
+                    n,
+                    "no traits feed this compared attribute"
+                );
+            }
+        }
+        Ok(Self {
+            settings,
+            matcher,
+            store,
+            model: RwLock::new(None),
+            queued: Notify::new(),
+        })
+    }
+
+    /// The attributes `traits` give, normalized.
+    fn attributes(&self, traits: &Map<String, Value>) -> Attributes {
+        let mut raw: Vec<(&str, String)> = Vec::new();
+        for (attribute, names) in &self.settings.attributes {
+            if let Some(value) = names.iter().find_map(|name| scalar(lookup(traits, name)?)) {
+                raw.push((attribute.as_str(), value));
+            }
+        }
+        self.matcher
+            .attributes(raw.iter().map(|(a, v)| (*a, v.as_str())))
+    }
+
+    /// Attributes as stored: a JSON object of the present fields.
+    fn to_json(&self, attributes: &Attributes) -> String {
+        let mut map = Map::new();
+        for (index, comparison) in self.matcher.comparisons().iter().enumerate() {
+            if let Some(value) = attributes.get(index) {
+                map.insert(comparison.field.clone(), Value::String(value.to_owned()));
+            }
+        }
+        Value::Object(map).to_string()
+    }
+
+    fn parse_attributes(&self, json: &str) -> Attributes {
+        let map: Map<String, Value> = serde_json::from_str(json).unwrap_or_default();
+        self.matcher.attributes(
+            map.iter()
+                .filter_map(|(k, v)| v.as_str().map(|v| (k.as_str(), v))),
+        )
+    }
+
+    /// The model in force, reloaded when another replica (or this one) trained a newer one.
+    async fn current_model(&self) -> Result<Option<(i64, Arc<Model>)>, IdentityError> {
+        let latest = self.store.model_version().await?;
+        if let Some(cached) = self.model.read().await.as_ref()
+            && Some(cached.0) == latest
+        {
+            return Ok(Some(cached.clone()));
+        }
+        let Some((version, params)) = self.store.latest_model().await? else {
+            return Ok(None);
+        };
+        let params: ModelParams = serde_json::from_str(&params).map_err(|e| {
+            IdentityError::Corrupt(format!("match model {version} does not decode: {e}"))
+        })?;
+        let model = Model::new(self.matcher.clone(), params).map_err(|e| {
+            IdentityError::Corrupt(format!(
+                "match model {version} does not fit the matching config ({}): retrain it",
+                e.field
+            ))
+        })?;
+        let entry = (version, Arc::new(model));
+        *self.model.write().await = Some(entry.clone());
+        Ok(Some(entry))
+    }
+
+    /// Indexes `profiles` (id → trait values) and, with a model, matches each against the
+    /// profiles sharing a blocking key.
+    pub(crate) async fn match_profiles(
+        &self,
+        graph: &dyn IdentityStore,
+        rules: &VersionedRules,
+        profiles: ProfileTraits,
+    ) -> Result<MatchOutcome, IdentityError> {
+        let mut outcome = MatchOutcome::default();
+        if !self.settings.enabled || profiles.is_empty() {
+            return Ok(outcome);
+        }
+        let ids: Vec<Uuid> = profiles.iter().map(|(id, _)| *id).collect();
+        let canonical = graph.canonical(&ids).await?;
+        let mut entries: HashMap<Uuid, (Attributes, Vec<BlockKey>)> = HashMap::new();
+        for (id, traits) in &profiles {
+            let Some(profile) = canonical.get(id) else {
+                continue;
+            };
+            let attributes = self.attributes(traits);
+            if attributes.is_empty() || (0..attributes.len()).all(|i| attributes.get(i).is_none()) {
+                continue;
+            }
+            let keys = self.matcher.keys(&attributes);
+            entries.insert(*profile, (attributes, keys));
+        }
+        let index: Vec<IndexEntry> = entries
+            .iter()
+            .map(|(profile, (attributes, keys))| IndexEntry {
+                profile_id: *profile,
+                attributes: self.to_json(attributes),
+                keys: keys.iter().map(key_text).collect(),
+            })
+            .collect();
+        self.store.index(&index).await?;
+        metrics::counter!("tessera_identity_match_profiles_indexed_total")
+            .increment(index.len() as u64);
+        let Some((version, model)) = self.current_model().await? else {
+            return Ok(outcome);
+        };
+        let cap = i64::try_from(self.matcher.config().max_block_size).unwrap_or(i64::MAX);
+        let mut scratch = Scratch::default();
+        for entry in &index {
+            let rows = self.store.candidates(&keys_of(entry), cap).await?;
+            let mut nearby: MemoryIndex<Uuid> = MemoryIndex::default();
+            let mut filed: HashMap<Uuid, (String, Vec<BlockKey>)> = HashMap::new();
+            for (key, profile, attributes) in rows {
+                let slot = filed
+                    .entry(profile)
+                    .or_insert_with(|| (attributes, Vec::new()));
+                if let Some(key) = parse_key(&key) {
+                    slot.1.push(key);
+                }
+            }
+            for (profile, (attributes, keys)) in filed {
+                nearby.upsert(profile, self.parse_attributes(&attributes), keys);
+            }
+            let Some((attributes, _)) = entries.get(&entry.profile_id) else {
+                continue;
+            };
+            let scored = match_record(
+                &model,
+                &nearby,
+                Some(&entry.profile_id),
+                attributes,
+                &mut scratch,
+            );
+            for candidate in scored {
+                self.decide(
+                    rules,
+                    (entry.profile_id, candidate.id),
+                    &candidate.score,
+                    version,
+                    &mut outcome,
+                )
+                .await?;
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Merges (auto-merge band) or suggests (review band) one scored pair.
+    async fn decide(
+        &self,
+        rules: &VersionedRules,
+        pair: (Uuid, Uuid),
+        score: &Score,
+        version: i64,
+        outcome: &mut MatchOutcome,
+    ) -> Result<(), IdentityError> {
+        let explanation = explanation_json(score, version);
+        let auto = self.settings.auto_merge_probability;
+        if auto < 1.0 && score.probability >= auto {
+            match self
+                .store
+                .merge_pair(
+                    rules,
+                    pair,
+                    &format!("match:model-{version}"),
+                    PROBABILISTIC,
+                    Some(explanation),
+                )
+                .await?
+            {
+                Ok(merge) => {
+                    metrics::counter!("tessera_identity_match_merges_total").increment(1);
+                    outcome.merges.push(merge);
+                    self.queued.notify_one();
+                }
+                Err(reason) if reason == "same_profile" => {}
+                Err(reason) => {
+                    metrics::counter!("tessera_identity_match_refused_total").increment(1);
+                    tracing::debug!(%reason, a = %pair.0, b = %pair.1, "rules refused a probabilistic merge");
+                    outcome.refused += 1;
+                }
+            }
+        } else if self.store.suggest(pair, &explanation).await? {
+            metrics::counter!("tessera_identity_match_suggestions_total").increment(1);
+            outcome.suggestions += 1;
+        }
+        Ok(())
+    }
+
+    /// Fits a model over the indexed population and makes it current.
+    pub(crate) async fn train(&self) -> Result<TrainingSummary, IdentityError> {
+        let population = self.store.population().await?;
+        if population.len() < 2 {
+            return Err(IdentityError::FailedPrecondition(format!(
+                "{} profiles are indexed for matching; a model needs at least 2",
+                population.len()
+            )));
+        }
+        let records: Vec<Attributes> = population
+            .iter()
+            .map(|(_, json)| self.parse_attributes(json))
+            .collect();
+        let matcher = self.matcher.clone();
+        let (model, report) = tokio::task::spawn_blocking(move || train(matcher, &records))
+            .await
+            .map_err(|e| IdentityError::Corrupt(format!("training panicked: {e}")))?;
+        let params = serde_json::to_string(model.params())
+            .map_err(|e| IdentityError::Corrupt(format!("model does not encode: {e}")))?;
+        let mut summary = TrainingSummary {
+            model_version: 0,
+            profiles: population.len() as i64,
+            candidate_pairs: report.blocking.candidate_pairs as i64,
+            u_pairs: report.u_pairs as i64,
+            iterations: report.em.iterations as i64,
+            converged: report.em.converged,
+            mean_log_likelihood: report.em.mean_log_likelihood,
+            lambda: model.params().lambda,
+            fields: model
+                .params()
+                .fields
+                .iter()
+                .zip(self.matcher.comparisons())
+                .map(|(params, comparison)| {
+                    let mut labels: Vec<String> =
+                        comparison.levels.iter().map(|l| l.label()).collect();
+                    labels.push(crate::domain::matching::ELSE_LABEL.to_owned());
+                    let levels = labels
+                        .into_iter()
+                        .zip(params.m.iter().zip(&params.u))
+                        .map(|(label, (m, u))| (label, *m, *u))
+                        .collect();
+                    (params.field.clone(), levels)
+                })
+                .collect(),
+        };
+        let report = serde_json::to_string(&summary)
+            .map_err(|e| IdentityError::Corrupt(format!("report does not encode: {e}")))?;
+        summary.model_version = self.store.save_model(&params, &report).await?;
+        tracing::info!(
+            version = summary.model_version,
+            profiles = summary.profiles,
+            pairs = summary.candidate_pairs,
+            converged = summary.converged,
+            "match model trained"
+        );
+        Ok(summary)
+    }
+
+    /// Matches the whole indexed population with the current model, strongest pairs first.
+    pub(crate) async fn batch(
+        &self,
+        rules: &VersionedRules,
+    ) -> Result<BatchOutcome, IdentityError> {
+        let Some((version, model)) = self.current_model().await? else {
+            return Err(IdentityError::FailedPrecondition(
+                "no match model is trained yet: call TrainMatchModel first".to_owned(),
+            ));
+        };
+        let population = self.store.population().await?;
+        let records: Vec<(Uuid, Attributes)> = population
+            .iter()
+            .map(|(id, json)| (*id, self.parse_attributes(json)))
+            .collect();
+        let scoring = Arc::clone(&model);
+        let pairs = tokio::task::spawn_blocking(move || {
+            let mut index: MemoryIndex<Uuid> = MemoryIndex::default();
+            for (id, attributes) in &records {
+                let keys = scoring.matcher().keys(attributes);
+                index.upsert(*id, attributes.clone(), keys);
+            }
+            let mut scratch = Scratch::default();
+            let mut pairs: Vec<((Uuid, Uuid), Score)> = Vec::new();
+            for (id, attributes) in &records {
+                for candidate in match_record(&scoring, &index, Some(id), attributes, &mut scratch)
+                {
+                    // Each pair is found from both sides; keep it once.
+                    if *id < candidate.id {
+                        pairs.push(((*id, candidate.id), candidate.score));
+                    }
+                }
+            }
+            pairs.sort_by(|a, b| b.1.weight.total_cmp(&a.1.weight));
+            pairs
+        })
+        .await
+        .map_err(|e| IdentityError::Corrupt(format!("batch matching panicked: {e}")))?;
+        let mut out = BatchOutcome {
+            model_version: version,
+            profiles: population.len() as i64,
+            candidate_pairs: pairs.len() as i64,
+            outcome: MatchOutcome::default(),
+        };
+        for (pair, score) in &pairs {
+            self.decide(rules, *pair, score, version, &mut out.outcome)
+                .await?;
+        }
+        Ok(out)
+    }
+
+    pub(crate) async fn suggestions(
+        &self,
+        status: Option<&str>,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<StoredSuggestion>, IdentityError> {
+        self.store.suggestions(status, before, limit).await
+    }
+
+    /// Accepts (merging, rules permitting) or rejects an open suggestion.
+    pub(crate) async fn decide_suggestion(
+        &self,
+        rules: &VersionedRules,
+        id: i64,
+        accept: bool,
+    ) -> Result<(StoredSuggestion, Option<Merge>), IdentityError> {
+        let Some(suggestion) = self.store.suggestion(id).await? else {
+            return Err(IdentityError::Missing("match suggestion"));
+        };
+        if suggestion.status != "open" {
+            return Err(IdentityError::FailedPrecondition(format!(
+                "the suggestion is {} already",
+                suggestion.status
+            )));
+        }
+        let mut merge = None;
+        if accept {
+            match self
+                .store
+                .merge_pair(
+                    rules,
+                    (suggestion.profile_a, suggestion.profile_b),
+                    &format!("suggestion:{id}"),
+                    MANUAL,
+                    Some(suggestion.explanation.clone()),
+                )
+                .await?
+            {
+                Ok(m) => {
+                    self.queued.notify_one();
+                    merge = Some(m);
+                }
+                Err(reason) if reason == "same_profile" => {}
+                Err(reason) => {
+                    return Err(IdentityError::FailedPrecondition(format!(
+                        "the identity rules refuse this merge ({reason})"
+                    )));
+                }
+            }
+        }
+        let status = if accept { "accepted" } else { "rejected" };
+        if !self.store.decide_suggestion(id, status).await? {
+            return Err(IdentityError::FailedPrecondition(
+                "the suggestion was decided meanwhile".to_owned(),
+            ));
+        }
+        let suggestion = self
+            .store
+            .suggestion(id)
+            .await?
+            .ok_or(IdentityError::Missing("match suggestion"))?;
+        Ok((suggestion, merge))
+    }
+
+    /// Tells the profile service about queued merges until `shutdown`, retrying with backoff.
+    pub(crate) async fn deliver_merges(
+        &self,
+        profile: tonic::transport::Channel,
+        shutdown: tessera_server::Shutdown,
+    ) {
+        let mut client = ProfilePipelineServiceClient::new(profile);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let pending = match self.store.pending_merges(500).await {
+                Ok(pending) => pending,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading queued merges failed");
+                    Vec::new()
+                }
+            };
+            if pending.is_empty() {
+                tokio::select! {
+                    () = self.queued.notified() => {}
+                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                continue;
+            }
+            let seqs: Vec<i64> = pending.iter().map(|(seq, _)| *seq).collect();
+            let request = profile_pb::ApplyEventsRequest {
+                merges: pending.into_iter().map(|(_, m)| m.into()).collect(),
+                events: Vec::new(),
+            };
+            match client.apply_events(request).await {
+                Ok(_) => {
+                    backoff = Duration::from_millis(100);
+                    if let Err(e) = self.store.delivered(&seqs).await {
+                        tracing::warn!(error = %e, "marking merges delivered failed");
+                    }
+                }
+                Err(status) => {
+                    tracing::warn!(code = ?status.code(), "telling the profile service about merges failed, will retry");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// A blocking key as stored: the rule's index, a colon, the key's text.
+fn key_text(key: &BlockKey) -> String {
+    format!("{}:{}", key.rule, key.value)
+}
+
+fn parse_key(text: &str) -> Option<BlockKey> {
+    let (rule, value) = text.split_once(':')?;
+    Some(BlockKey {
+        rule: rule.parse().ok()?,
+        value: value.into(),
+    })
+}
+
+fn keys_of(entry: &IndexEntry) -> Vec<String> {
+    entry.keys.clone()
+}
+
+/// The value at `path` (dots separate object keys) in `traits`.
+fn lookup<'a>(traits: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    if let Some(value) = traits.get(path) {
+        return Some(value);
+    }
+    let mut parts = path.split('.');
+    let mut current = traits.get(parts.next()?)?;
+    for part in parts {
+        current = current.as_object()?.get(part)?;
+    }
+    Some(current)
+}
+
+/// A string or number as text; other values feed no attribute.
+fn scalar(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::String(_) | Value::Null | Value::Bool(_) | Value::Array(_) | Value::Object(_) => {
+            None
+        }
+    }
+}
+
+/// A score's explanation as stored with a merge or suggestion.
+pub(crate) fn explanation_json(score: &Score, version: i64) -> String {
+    json!({
+        "match_weight": score.weight,
+        "match_probability": score.probability,
+        "prior_weight": score.prior_weight,
+        "model_version": version,
+        "fields": score.fields.iter().map(|f| json!({
+            "field": &*f.field,
+            "level": &*f.level,
+            "weight": f.weight,
+            "term_frequency_adjusted": f.term_frequency_adjusted,
+        })).collect::<Vec<_>>(),
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traits_are_found_by_name_or_path() {
+        let traits: Map<String, Value> = serde_json::from_value(json!({
+            "firstName": "Ann",
+            "address": {"city": "Perth", "postalCode": 6000},
+            "surname": "  ",
+        }))
+        .unwrap();
+        assert_eq!(
+            lookup(&traits, "firstName").and_then(scalar).as_deref(),
+            Some("Ann")
+        );
+        assert_eq!(
+            lookup(&traits, "address.city").and_then(scalar).as_deref(),
+            Some("Perth")
+        );
+        assert_eq!(
+            lookup(&traits, "address.postalCode")
+                .and_then(scalar)
+                .as_deref(),
+            Some("6000")
+        );
+        assert_eq!(lookup(&traits, "surname").and_then(scalar), None, "blank");
+        assert_eq!(
+            lookup(&traits, "address").and_then(scalar),
+            None,
+            "not a scalar"
+        );
+        assert!(lookup(&traits, "nope.deeper").is_none());
+    }
+
+    #[test]
+    fn keys_round_trip_through_text() {
+        let key = BlockKey {
+            rule: 3,
+            value: "smit\u{1f}1970:x".into(),
+        };
+        assert_eq!(parse_key(&key_text(&key)), Some(key));
+        assert_eq!(parse_key("nope"), None);
+    }
+}

@@ -1,0 +1,324 @@
+//! Probabilistic matching's storage on Postgres.
+
+use std::collections::HashMap;
+
+use tessera_core::Identifier;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{CANONICAL_SQL, LIMITED_SQL, PgStore, write};
+use crate::IdentityError;
+use crate::domain::{GraphView, Merge, ProfileAge, plan_merge};
+use crate::store::{IndexEntry, MatchStore, StoredSuggestion, VersionedRules, now, ordered};
+
+/// How often a merge whose profiles were merged meanwhile is tried again.
+const MAX_ATTEMPTS: u32 = 8;
+
+type SuggestionRow = (i64, Uuid, Uuid, String, String, OffsetDateTime);
+
+fn suggestion(
+    (id, profile_a, profile_b, explanation, status, created_at): SuggestionRow,
+) -> StoredSuggestion {
+    StoredSuggestion {
+        id,
+        profile_a,
+        profile_b,
+        explanation,
+        status,
+        created_at,
+    }
+}
+
+/// Selects suggestions: the columns of [`SuggestionRow`], then the rest of the statement.
+macro_rules! suggestion_sql {
+    ($rest:literal) => {
+        concat!(
+            "SELECT suggestion_id, profile_a, profile_b, explanation::text, status, created_at \
+             FROM match_suggestions ",
+            $rest
+        )
+    };
+}
+
+#[async_trait::async_trait]
+impl MatchStore for PgStore {
+    async fn index(&self, entries: &[IndexEntry]) -> Result<(), IdentityError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let profiles: Vec<Uuid> = entries.iter().map(|e| e.profile_id).collect();
+        let attributes: Vec<&str> = entries.iter().map(|e| e.attributes.as_str()).collect();
+        let (mut keys, mut owners) = (Vec::new(), Vec::new());
+        for e in entries {
+            for key in &e.keys {
+                keys.push(key.as_str());
+                owners.push(e.profile_id);
+            }
+        }
+        let now = now();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM match_keys WHERE profile_id = ANY($1)")
+            .bind(&profiles)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO match_attributes (profile_id, attributes, updated_at) \
+             SELECT p, a::jsonb, $3 FROM unnest($1::uuid[], $2::text[]) AS u (p, a) \
+             ON CONFLICT (profile_id) DO UPDATE \
+             SET attributes = EXCLUDED.attributes, updated_at = EXCLUDED.updated_at",
+        )
+        .bind(&profiles)
+        .bind(&attributes)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO match_keys (key, profile_id) \
+             SELECT * FROM unnest($1::text[], $2::uuid[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(&keys)
+        .bind(&owners)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn candidates(
+        &self,
+        keys: &[String],
+        cap: i64,
+    ) -> Result<Vec<(String, Uuid, String)>, IdentityError> {
+        Ok(sqlx::query_as(
+            "WITH small AS ( \
+               SELECT mk.key FROM match_keys mk WHERE mk.key = ANY($1) \
+               GROUP BY mk.key HAVING count(*) <= $2) \
+             SELECT mk.key, mk.profile_id, a.attributes::text \
+             FROM match_keys mk JOIN small USING (key) \
+             JOIN match_attributes a ON a.profile_id = mk.profile_id",
+        )
+        .bind(keys)
+        .bind(cap)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn population(&self) -> Result<Vec<(Uuid, String)>, IdentityError> {
+        Ok(sqlx::query_as(
+            "SELECT profile_id, attributes::text FROM match_attributes ORDER BY profile_id",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn save_model(&self, params: &str, report: &str) -> Result<i64, IdentityError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("LOCK TABLE match_models IN EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        let version: i64 = sqlx::query_scalar(
+            "INSERT INTO match_models (version, params, report, trained_at) \
+             SELECT COALESCE(max(version), 0) + 1, $1::jsonb, $2::jsonb, $3 FROM match_models \
+             RETURNING version",
+        )
+        .bind(params)
+        .bind(report)
+        .bind(now())
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(version)
+    }
+
+    async fn model_version(&self) -> Result<Option<i64>, IdentityError> {
+        Ok(sqlx::query_scalar("SELECT max(version) FROM match_models")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn latest_model(&self) -> Result<Option<(i64, String)>, IdentityError> {
+        Ok(sqlx::query_as(
+            "SELECT version, params::text FROM match_models ORDER BY version DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn merge_pair(
+        &self,
+        rules: &VersionedRules,
+        (a, b): (Uuid, Uuid),
+        cause: &str,
+        rule: &str,
+        detail: Option<String>,
+    ) -> Result<Result<Merge, String>, IdentityError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let mut tx = self.pool.begin().await?;
+            let canonical: HashMap<Uuid, Uuid> = sqlx::query_as(CANONICAL_SQL)
+                .bind(vec![a, b])
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+            let (Some(&ca), Some(&cb)) = (canonical.get(&a), canonical.get(&b)) else {
+                return Ok(Err("unknown_profile".to_owned()));
+            };
+            if ca == cb {
+                return Ok(Err("same_profile".to_owned()));
+            }
+            let locked: Vec<(Uuid, OffsetDateTime, bool)> = sqlx::query_as(
+                "SELECT profile_id, created_at, merged_into IS NULL FROM profiles \
+                 WHERE profile_id = ANY($1) ORDER BY profile_id FOR UPDATE",
+            )
+            .bind(vec![ca, cb])
+            .fetch_all(&mut *tx)
+            .await?;
+            if locked.len() != 2 || locked.iter().any(|(_, _, canonical)| !canonical) {
+                // Merged between the read and the lock: read again.
+                let _ = tx.rollback().await;
+                continue;
+            }
+            let mut view = GraphView::new();
+            let mut ages = Vec::with_capacity(2);
+            for (id, created_at, _) in &locked {
+                let age = ProfileAge {
+                    created_at: *created_at,
+                    id: *id,
+                };
+                view.insert_profile(age);
+                ages.push(age);
+            }
+            let limited_types: Vec<&str> = rules.rules.limited_types().collect();
+            let limited: Vec<(Uuid, String, String, OffsetDateTime)> = sqlx::query_as(LIMITED_SQL)
+                .bind(vec![ca, cb])
+                .bind(&limited_types)
+                .fetch_all(&mut *tx)
+                .await?;
+            for (root, kind, value, linked_at) in limited {
+                view.insert_limited(root, Identifier { kind, value }, linked_at);
+            }
+            let now = now();
+            let plan = match plan_merge(
+                &rules.rules,
+                view,
+                (ages[0], ages[1]),
+                cause,
+                rule,
+                detail,
+                now,
+            ) {
+                Ok(plan) => plan,
+                Err(reason) => return Ok(Err(reason)),
+            };
+            write(&mut tx, &plan, rules.version, now).await?;
+            let Some(merge) = plan.merges.first().cloned() else {
+                return Ok(Err("nothing_to_merge".to_owned()));
+            };
+            sqlx::query(
+                "INSERT INTO merge_outbox (surviving_profile_id, merged_profile_id, cause, rule, merged_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(merge.surviving_profile_id)
+            .bind(merge.merged_profile_id)
+            .bind(&merge.cause_event_id)
+            .bind(&merge.rule)
+            .bind(merge.merged_at)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            super::super::record_metrics(&plan);
+            return Ok(Ok(merge));
+        }
+        Err(IdentityError::Contended)
+    }
+
+    async fn suggest(&self, pair: (Uuid, Uuid), explanation: &str) -> Result<bool, IdentityError> {
+        let (a, b) = ordered(pair);
+        let done = sqlx::query(
+            "INSERT INTO match_suggestions (profile_a, profile_b, explanation, status, created_at) \
+             VALUES ($1, $2, $3::jsonb, 'open', $4) ON CONFLICT (profile_a, profile_b) DO NOTHING",
+        )
+        .bind(a)
+        .bind(b)
+        .bind(explanation)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn suggestions(
+        &self,
+        status: Option<&str>,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<StoredSuggestion>, IdentityError> {
+        let rows: Vec<SuggestionRow> = sqlx::query_as(suggestion_sql!(
+            "WHERE ($1::text IS NULL OR status = $1) \
+             AND ($2::bigint IS NULL OR suggestion_id < $2) \
+             ORDER BY suggestion_id DESC LIMIT $3"
+        ))
+        .bind(status)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(suggestion).collect())
+    }
+
+    async fn suggestion(&self, id: i64) -> Result<Option<StoredSuggestion>, IdentityError> {
+        let row: Option<SuggestionRow> =
+            sqlx::query_as(suggestion_sql!("WHERE suggestion_id = $1"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(suggestion))
+    }
+
+    async fn decide_suggestion(&self, id: i64, status: &str) -> Result<bool, IdentityError> {
+        let done = sqlx::query(
+            "UPDATE match_suggestions SET status = $2, decided_at = $3 \
+             WHERE suggestion_id = $1 AND status = 'open'",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn pending_merges(&self, limit: i64) -> Result<Vec<(i64, Merge)>, IdentityError> {
+        let rows: Vec<(i64, Uuid, Uuid, String, String, OffsetDateTime)> = sqlx::query_as(
+            "SELECT seq, surviving_profile_id, merged_profile_id, cause, rule, merged_at \
+             FROM merge_outbox WHERE delivered_at IS NULL ORDER BY seq LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, surviving, merged, cause, rule, merged_at)| {
+                (
+                    seq,
+                    Merge {
+                        surviving_profile_id: surviving,
+                        merged_profile_id: merged,
+                        cause_event_id: cause,
+                        merged_at,
+                        rule,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    async fn delivered(&self, seqs: &[i64]) -> Result<(), IdentityError> {
+        sqlx::query("UPDATE merge_outbox SET delivered_at = $2 WHERE seq = ANY($1)")
+            .bind(seqs)
+            .bind(now())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

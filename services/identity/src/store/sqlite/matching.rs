@@ -1,0 +1,315 @@
+//! Probabilistic matching's storage on SQLite (`tessera dev`): one connection, so
+//! transactions are serial and need no locks.
+
+use std::collections::HashMap;
+
+use tessera_core::Identifier;
+use uuid::Uuid;
+
+use super::{CANONICAL_SQL, HELD_SQL, SqliteStore, from_micros, micros, parse_uuid, write};
+use crate::IdentityError;
+use crate::domain::{GraphView, Merge, ProfileAge, plan_merge};
+use crate::store::{IndexEntry, MatchStore, StoredSuggestion, VersionedRules, now, ordered};
+
+type SuggestionRow = (i64, String, String, String, String, i64);
+
+fn suggestion(row: SuggestionRow) -> Result<StoredSuggestion, IdentityError> {
+    let (id, profile_a, profile_b, explanation, status, created_at) = row;
+    Ok(StoredSuggestion {
+        id,
+        profile_a: parse_uuid(&profile_a)?,
+        profile_b: parse_uuid(&profile_b)?,
+        explanation,
+        status,
+        created_at: from_micros(created_at)?,
+    })
+}
+
+/// Selects suggestions: the columns of [`SuggestionRow`], then the rest of the statement.
+macro_rules! suggestion_sql {
+    ($rest:literal) => {
+        concat!(
+            "SELECT suggestion_id, profile_a, profile_b, explanation, status, created_at \
+             FROM match_suggestions ",
+            $rest
+        )
+    };
+}
+
+#[async_trait::async_trait]
+impl MatchStore for SqliteStore {
+    async fn index(&self, entries: &[IndexEntry]) -> Result<(), IdentityError> {
+        let now = micros(now());
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for e in entries {
+            let id = e.profile_id.to_string();
+            sqlx::query("DELETE FROM match_keys WHERE profile_id = ?1")
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO match_attributes (profile_id, attributes, updated_at) \
+                 VALUES (?1, ?2, ?3) ON CONFLICT (profile_id) DO UPDATE \
+                 SET attributes = excluded.attributes, updated_at = excluded.updated_at",
+            )
+            .bind(&id)
+            .bind(&e.attributes)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            for key in &e.keys {
+                sqlx::query("INSERT INTO match_keys (key, profile_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING")
+                    .bind(key)
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn candidates(
+        &self,
+        keys: &[String],
+        cap: i64,
+    ) -> Result<Vec<(String, Uuid, String)>, IdentityError> {
+        let keys = serde_json::to_string(keys).unwrap_or_else(|_| "[]".to_owned());
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "WITH small AS ( \
+               SELECT key FROM match_keys WHERE key IN (SELECT value FROM json_each(?1)) \
+               GROUP BY key HAVING count(*) <= ?2) \
+             SELECT mk.key, mk.profile_id, a.attributes \
+             FROM match_keys mk JOIN small USING (key) \
+             JOIN match_attributes a ON a.profile_id = mk.profile_id",
+        )
+        .bind(keys)
+        .bind(cap)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(key, id, attributes)| Ok((key, parse_uuid(&id)?, attributes)))
+            .collect()
+    }
+
+    async fn population(&self) -> Result<Vec<(Uuid, String)>, IdentityError> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT profile_id, attributes FROM match_attributes ORDER BY profile_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(id, attributes)| Ok((parse_uuid(&id)?, attributes)))
+            .collect()
+    }
+
+    async fn save_model(&self, params: &str, report: &str) -> Result<i64, IdentityError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let version: i64 = sqlx::query_scalar(
+            "INSERT INTO match_models (version, params, report, trained_at) \
+             SELECT COALESCE(max(version), 0) + 1, ?1, ?2, ?3 FROM match_models \
+             RETURNING version",
+        )
+        .bind(params)
+        .bind(report)
+        .bind(micros(now()))
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(version)
+    }
+
+    async fn model_version(&self) -> Result<Option<i64>, IdentityError> {
+        Ok(sqlx::query_scalar("SELECT max(version) FROM match_models")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn latest_model(&self) -> Result<Option<(i64, String)>, IdentityError> {
+        Ok(
+            sqlx::query_as(
+                "SELECT version, params FROM match_models ORDER BY version DESC LIMIT 1",
+            )
+            .fetch_optional(&self.pool)
+            .await?,
+        )
+    }
+
+    async fn merge_pair(
+        &self,
+        rules: &VersionedRules,
+        (a, b): (Uuid, Uuid),
+        cause: &str,
+        rule: &str,
+        detail: Option<String>,
+    ) -> Result<Result<Merge, String>, IdentityError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut ages = Vec::with_capacity(2);
+        for id in [a, b] {
+            let canonical: Option<String> = sqlx::query_scalar(CANONICAL_SQL)
+                .bind(id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(canonical) = canonical else {
+                return Ok(Err("unknown_profile".to_owned()));
+            };
+            let created_at: i64 =
+                sqlx::query_scalar("SELECT created_at FROM profiles WHERE profile_id = ?1")
+                    .bind(&canonical)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            ages.push(ProfileAge {
+                created_at: from_micros(created_at)?,
+                id: parse_uuid(&canonical)?,
+            });
+        }
+        if ages[0].id == ages[1].id {
+            return Ok(Err("same_profile".to_owned()));
+        }
+        let mut view = GraphView::new();
+        let mut held_by: HashMap<Uuid, Vec<(String, String, i64)>> = HashMap::new();
+        for age in &ages {
+            view.insert_profile(*age);
+            let held: Vec<(String, String, i64)> = sqlx::query_as(HELD_SQL)
+                .bind(age.id.to_string())
+                .fetch_all(&mut *tx)
+                .await?;
+            held_by.insert(age.id, held);
+        }
+        for (profile, held) in held_by {
+            for (kind, value, linked_at) in held {
+                if rules.rules.limit(&kind).is_some() {
+                    view.insert_limited(
+                        profile,
+                        Identifier { kind, value },
+                        from_micros(linked_at)?,
+                    );
+                }
+            }
+        }
+        let now = now();
+        let plan = match plan_merge(
+            &rules.rules,
+            view,
+            (ages[0], ages[1]),
+            cause,
+            rule,
+            detail,
+            now,
+        ) {
+            Ok(plan) => plan,
+            Err(reason) => return Ok(Err(reason)),
+        };
+        write(&mut tx, &plan, rules.version, now).await?;
+        let Some(merge) = plan.merges.first().cloned() else {
+            return Ok(Err("nothing_to_merge".to_owned()));
+        };
+        sqlx::query(
+            "INSERT INTO merge_outbox (surviving_profile_id, merged_profile_id, cause, rule, merged_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(merge.surviving_profile_id.to_string())
+        .bind(merge.merged_profile_id.to_string())
+        .bind(&merge.cause_event_id)
+        .bind(&merge.rule)
+        .bind(micros(merge.merged_at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        super::super::record_metrics(&plan);
+        Ok(Ok(merge))
+    }
+
+    async fn suggest(&self, pair: (Uuid, Uuid), explanation: &str) -> Result<bool, IdentityError> {
+        let (a, b) = ordered(pair);
+        let done = sqlx::query(
+            "INSERT INTO match_suggestions (profile_a, profile_b, explanation, status, created_at) \
+             VALUES (?1, ?2, ?3, 'open', ?4) ON CONFLICT (profile_a, profile_b) DO NOTHING",
+        )
+        .bind(a.to_string())
+        .bind(b.to_string())
+        .bind(explanation)
+        .bind(micros(now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn suggestions(
+        &self,
+        status: Option<&str>,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<StoredSuggestion>, IdentityError> {
+        let rows: Vec<SuggestionRow> = sqlx::query_as(suggestion_sql!(
+            "WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR suggestion_id < ?2) \
+             ORDER BY suggestion_id DESC LIMIT ?3"
+        ))
+        .bind(status)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(suggestion).collect()
+    }
+
+    async fn suggestion(&self, id: i64) -> Result<Option<StoredSuggestion>, IdentityError> {
+        let row: Option<SuggestionRow> =
+            sqlx::query_as(suggestion_sql!("WHERE suggestion_id = ?1"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(suggestion).transpose()
+    }
+
+    async fn decide_suggestion(&self, id: i64, status: &str) -> Result<bool, IdentityError> {
+        let done = sqlx::query(
+            "UPDATE match_suggestions SET status = ?2, decided_at = ?3 \
+             WHERE suggestion_id = ?1 AND status = 'open'",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(micros(now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn pending_merges(&self, limit: i64) -> Result<Vec<(i64, Merge)>, IdentityError> {
+        let rows: Vec<(i64, String, String, String, String, i64)> = sqlx::query_as(
+            "SELECT seq, surviving_profile_id, merged_profile_id, cause, rule, merged_at \
+             FROM merge_outbox WHERE delivered_at IS NULL ORDER BY seq LIMIT ?1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(seq, surviving, merged, cause, rule, merged_at)| {
+                Ok((
+                    seq,
+                    Merge {
+                        surviving_profile_id: parse_uuid(&surviving)?,
+                        merged_profile_id: parse_uuid(&merged)?,
+                        cause_event_id: cause,
+                        merged_at: from_micros(merged_at)?,
+                        rule,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    async fn delivered(&self, seqs: &[i64]) -> Result<(), IdentityError> {
+        let now = micros(now());
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for seq in seqs {
+            sqlx::query("UPDATE merge_outbox SET delivered_at = ?2 WHERE seq = ?1")
+                .bind(seq)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,376 @@
+//! Probabilistic matching through the service, on both backends: indexing, training without
+//! labels, the batch job, incremental matching, the identity rules' veto, suggestions and the
+//! merges queued for the profile service.
+
+use serde_json::{Map, Value, json};
+use tessera_identity::{Identity, IdentityError, IdentitySettings, MatchSettings};
+use uuid::Uuid;
+
+use crate::support::{Backend, resolve};
+
+macro_rules! matching_suite {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $test() {
+                    super::$test(&super::Backend::sqlite().await).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $test() {
+                    super::$test(&super::Backend::postgres().await).await;
+                }
+            )*
+        }
+    };
+}
+
+matching_suite!(
+    duplicates_merge_after_training_and_distinct_people_do_not,
+    the_rules_veto_probabilistic_merges,
+    suggestions_are_listed_and_decided,
+);
+
+const GIVEN: [&str; 30] = [
+    "olivia",
+    "liam",
+    "emma",
+    "noah",
+    "ava",
+    "oliver",
+    "sophia",
+    "elijah",
+    "isabella",
+    "james",
+    "mia",
+    "william",
+    "amelia",
+    "benjamin",
+    "harper",
+    "lucas",
+    "evelyn",
+    "henry",
+    "abigail",
+    "alexander",
+    "emily",
+    "jack",
+    "charlotte",
+    "daniel",
+    "grace",
+    "thomas",
+    "chloe",
+    "samuel",
+    "zoe",
+    "joshua",
+];
+const SURNAMES: [&str; 40] = [
+    "nguyen", "smith", "jones", "brown", "taylor", "wilson", "johnson", "white", "martin",
+    "anderson", "thompson", "walker", "harris", "clarke", "robinson", "ryan", "lee", "kelly",
+    "king", "campbell", "mitchell", "young", "wright", "hughes", "edwards", "hall", "allen",
+    "scott", "green", "baker", "adams", "nelson", "carter", "murphy", "cooper", "ward", "morris",
+    "turner", "parker", "bennett",
+];
+const SUBURBS: [&str; 16] = [
+    "carlton",
+    "fitzroy",
+    "brunswick",
+    "richmond",
+    "st kilda",
+    "footscray",
+    "coburg",
+    "preston",
+    "kew",
+    "hawthorn",
+    "box hill",
+    "doncaster",
+    "ringwood",
+    "frankston",
+    "geelong",
+    "ballarat",
+];
+const STREETS: [&str; 16] = [
+    "main street",
+    "high street",
+    "church road",
+    "station street",
+    "park avenue",
+    "king street",
+    "queen street",
+    "victoria road",
+    "george street",
+    "elizabeth street",
+    "william street",
+    "bridge road",
+    "albert street",
+    "railway parade",
+    "hill street",
+    "river road",
+];
+
+/// Person `n`'s traits, drawn independently per field from a generator seeded by `n`.
+fn person(n: usize) -> Map<String, Value> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(n as u64);
+    let mut pick = |options: &[&str]| options[rng.random_range(0..options.len())].to_owned();
+    let given = pick(&GIVEN);
+    let surname = pick(&SURNAMES);
+    let street = pick(&STREETS);
+    let suburb = pick(&SUBURBS);
+    let dob = format!(
+        "{}{:02}{:02}",
+        rng.random_range(1940..2005),
+        rng.random_range(1..=12),
+        rng.random_range(1..=28)
+    );
+    let traits = json!({
+        "firstName": given,
+        "lastName": surname,
+        "date_of_birth": dob,
+        "street_number": rng.random_range(1..400).to_string(),
+        "address_1": street,
+        "suburb": suburb,
+        "postcode": rng.random_range(3000..4000).to_string(),
+        "state": "vic",
+    });
+    traits.as_object().cloned().unwrap_or_default()
+}
+
+/// A duplicate of person `n` as another system typed it: a typo in the surname.
+fn typo(n: usize) -> Map<String, Value> {
+    let mut traits = person(n);
+    let surname = traits["lastName"].as_str().unwrap_or_default().to_owned();
+    let mut chars: Vec<char> = surname.chars().collect();
+    chars.swap(1, 2);
+    traits.insert(
+        "lastName".into(),
+        Value::String(chars.into_iter().collect()),
+    );
+    traits
+}
+
+/// Creates a profile through resolution (an anonymous id of its own) and returns its id.
+async fn profile(identity: &Identity, name: &str, ids: &[(&str, &str)]) -> Uuid {
+    let mut all = vec![("anonymous_id", name)];
+    all.extend_from_slice(ids);
+    resolve(identity, &format!("e-{name}"), &all)
+        .await
+        .profile_id
+}
+
+/// 180 people, the first 30 of them twice (a typo in the second copy); returns the pairs.
+async fn population(identity: &Identity) -> Vec<(Uuid, Uuid)> {
+    let mut pairs = Vec::new();
+    let mut batch = Vec::new();
+    for n in 0..180 {
+        let original = profile(identity, &format!("p{n}"), &[]).await;
+        batch.push((original, person(n)));
+        if n < 30 {
+            let copy = profile(identity, &format!("d{n}"), &[]).await;
+            batch.push((copy, typo(n)));
+            pairs.push((original, copy));
+        }
+    }
+    let outcome = identity.match_profiles(batch).await.expect("index");
+    assert!(outcome.merges.is_empty(), "no model yet: indexing only");
+    pairs
+}
+
+async fn canonical(identity: &Identity, profile: Uuid) -> Uuid {
+    identity
+        .profile_graph(profile, 1)
+        .await
+        .expect("graph")
+        .profile_id
+}
+
+async fn duplicates_merge_after_training_and_distinct_people_do_not(b: &Backend) {
+    let pairs = population(&b.identity).await;
+    assert!(matches!(
+        b.identity.run_batch_match().await,
+        Err(IdentityError::FailedPrecondition(_))
+    ));
+    let summary = b.identity.train_match_model().await.expect("train");
+    assert_eq!(summary.model_version, 1);
+    assert_eq!(summary.profiles, 210);
+    assert!(summary.converged, "{summary:?}");
+    assert!(summary.lambda > 0.0 && summary.lambda < 1.0);
+    assert!(summary.candidate_pairs > 0);
+
+    let batch = b.identity.run_batch_match().await.expect("batch");
+    assert_eq!(batch.model_version, 1);
+    let mut merged = 0;
+    for (original, copy) in &pairs {
+        if canonical(&b.identity, *original).await == canonical(&b.identity, *copy).await {
+            merged += 1;
+        }
+    }
+    assert!(merged >= 27, "{merged} of 30 duplicate pairs merged");
+    // No two distinct people were fused: 150 + 30 profiles remain at least.
+    let mut survivors = std::collections::HashSet::new();
+    for (original, _) in &pairs {
+        survivors.insert(canonical(&b.identity, *original).await);
+    }
+    assert_eq!(survivors.len(), 30, "each duplicate pair is its own person");
+    assert_eq!(batch.outcome.merges.len(), merged);
+
+    // Every merge is explained in the graph log.
+    let log = b.identity.graph_log().await.expect("log");
+    let merges: Vec<_> = log
+        .iter()
+        .filter(|d| d.kind == "merge" && d.rule == "probabilistic")
+        .collect();
+    assert_eq!(merges.len(), merged);
+    assert!(merges.iter().all(|d| d.event_id == "match:model-1"));
+
+    // Matching the same profiles again finds nothing new.
+    let again: Vec<(Uuid, Map<String, Value>)> = pairs
+        .iter()
+        .map(|(original, _)| (*original, person(0)))
+        .take(0)
+        .collect();
+    let outcome = b.identity.match_profiles(again).await.expect("match");
+    assert!(outcome.merges.is_empty());
+
+    // A new duplicate arriving later is matched incrementally.
+    let late = profile(&b.identity, "late", &[]).await;
+    let outcome = b
+        .identity
+        .match_profiles(vec![(late, typo(100))])
+        .await
+        .expect("match");
+    assert_eq!(outcome.merges.len(), 1, "{outcome:?}");
+    let original = profile(&b.identity, "p100", &[]).await;
+    assert_eq!(
+        canonical(&b.identity, late).await,
+        canonical(&b.identity, original).await
+    );
+}
+
+async fn the_rules_veto_probabilistic_merges(b: &Backend) {
+    population(&b.identity).await;
+    b.identity.train_match_model().await.expect("train");
+    // Two profiles that look alike but hold different user ids: two people, never merged.
+    let first = profile(&b.identity, "twin-a", &[("user_id", "twin-1")]).await;
+    let second = profile(&b.identity, "twin-b", &[("user_id", "twin-2")]).await;
+    let outcome = b
+        .identity
+        .match_profiles(vec![(first, person(150)), (second, person(150))])
+        .await
+        .expect("match");
+    assert!(outcome.refused >= 1, "{outcome:?}");
+    assert_ne!(
+        canonical(&b.identity, first).await,
+        canonical(&b.identity, second).await
+    );
+}
+
+async fn suggestions_are_listed_and_decided(b: &Backend) {
+    // Suggest-only: nothing merges by itself, everything at or above 0.5 is a suggestion.
+    let identity = Identity::new(
+        b.db.clone(),
+        IdentitySettings {
+            matching: MatchSettings {
+                auto_merge_probability: 1.0,
+                ..MatchSettings::default()
+            },
+            ..IdentitySettings::default()
+        },
+    )
+    .await
+    .expect("identity");
+    let pairs = population(&identity).await;
+    identity.train_match_model().await.expect("train");
+    let batch = identity.run_batch_match().await.expect("batch");
+    let open = identity
+        .match_suggestions(Some("open"), None, 1_000)
+        .await
+        .expect("list");
+    assert_eq!(open.len() as i64, batch.outcome.suggestions);
+    assert!(open.len() >= 27, "{} suggestions", open.len());
+    assert!(batch.outcome.merges.is_empty());
+    let explanation: Value = serde_json::from_str(&open[0].explanation).expect("json");
+    assert!(
+        explanation["match_probability"]
+            .as_f64()
+            .unwrap_or_default()
+            >= 0.5
+    );
+    assert!(
+        explanation["fields"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty())
+    );
+
+    let (accepted, merge) = identity
+        .decide_match_suggestion(open[0].id, true)
+        .await
+        .expect("accept");
+    assert_eq!(accepted.status, "accepted");
+    let merge = merge.expect("merged");
+    assert_eq!(merge.rule, "manual");
+    assert_eq!(
+        canonical(&identity, open[0].profile_a).await,
+        canonical(&identity, open[0].profile_b).await
+    );
+    let (rejected, merge) = identity
+        .decide_match_suggestion(open[1].id, false)
+        .await
+        .expect("reject");
+    assert_eq!(rejected.status, "rejected");
+    assert!(merge.is_none());
+    assert!(matches!(
+        identity.decide_match_suggestion(open[1].id, true).await,
+        Err(IdentityError::FailedPrecondition(_))
+    ));
+    assert!(matches!(
+        identity.decide_match_suggestion(999_999, true).await,
+        Err(IdentityError::Missing(_))
+    ));
+    // A rejected pair is never suggested again.
+    identity.run_batch_match().await.expect("batch");
+    let rejected_again = identity
+        .match_suggestions(Some("open"), None, 1_000)
+        .await
+        .expect("list")
+        .into_iter()
+        .filter(|s| s.profile_a == rejected.profile_a && s.profile_b == rejected.profile_b)
+        .count();
+    assert_eq!(rejected_again, 0);
+    assert!(!pairs.is_empty());
+}
+
+#[tokio::test]
+async fn bad_matching_settings_are_refused_naming_the_key() {
+    let b = Backend::sqlite().await;
+    for (settings, field) in [
+        (
+            MatchSettings {
+                review_probability: 0.0,
+                ..MatchSettings::default()
+            },
+            "matching.review_probability",
+        ),
+        (
+            MatchSettings {
+                auto_merge_probability: 0.4,
+                ..MatchSettings::default()
+            },
+            "matching.auto_merge_probability",
+        ),
+    ] {
+        let err = Identity::new(
+            b.db.clone(),
+            IdentitySettings {
+                matching: settings,
+                ..IdentitySettings::default()
+            },
+        )
+        .await
+        .expect_err("refused");
+        assert!(err.to_string().contains(field), "{err}");
+    }
+}
