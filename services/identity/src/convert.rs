@@ -471,6 +471,8 @@ impl From<Resolution> for pb::Resolution {
             identifiers,
             merges,
             dropped,
+            // The pipeline knows its events' times.
+            event_time: _,
         } = resolution;
         Self {
             event_id,
@@ -572,6 +574,7 @@ mod tests {
                 identifier: Identifier::new("user_id", "null"),
                 reason: "blocked".into(),
             }],
+            event_time: merged_at,
         });
         assert_eq!(pb.dropped[0].reason, "blocked");
         assert_eq!(pb.merges[0].rule, "seen_together");

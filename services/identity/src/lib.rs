@@ -295,6 +295,11 @@ impl Identity {
                     identifiers,
                     merges: stored.merges.clone(),
                     dropped,
+                    event_time: stored
+                        .detail
+                        .as_ref()
+                        .and_then(|d| d.event_time)
+                        .unwrap_or_else(|| record.timestamp()),
                 })
             })
             .collect()

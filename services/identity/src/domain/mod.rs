@@ -60,6 +60,8 @@ pub struct Resolution {
     pub merges: Vec<Merge>,
     /// The event's identifiers that were not linked, and why.
     pub dropped: Vec<Dropped>,
+    /// When the event happened (kept with the resolution, so the graph can be replayed).
+    pub event_time: OffsetDateTime,
 }
 
 /// `t` without its sub-microsecond part: both backends keep microseconds, and a time compared

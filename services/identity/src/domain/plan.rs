@@ -465,6 +465,7 @@ impl<F: FnMut() -> Uuid> Planner<'_, F> {
             identifiers: usable,
             merges,
             dropped: reported,
+            event_time: at,
         });
     }
 

@@ -36,6 +36,8 @@ pub(crate) struct Stored {
 pub(crate) struct Detail {
     pub(crate) identifiers: Vec<Identifier>,
     pub(crate) dropped: Vec<Dropped>,
+    /// When the event happened, if it was kept.
+    pub(crate) event_time: Option<OffsetDateTime>,
 }
 
 /// Rules with the version the store registered them under.
@@ -274,6 +276,9 @@ fn seen_together() -> String {
 struct StoredDetail {
     identifiers: Vec<(String, String)>,
     dropped: Vec<StoredDropped>,
+    /// When the event happened; absent for resolutions stored before it was kept.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    event_time: Option<OffsetDateTime>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -300,6 +305,7 @@ fn encode_detail(resolution: &Resolution) -> String {
                 reason: d.reason.clone(),
             })
             .collect(),
+        event_time: Some(resolution.event_time),
     };
     // Plain strings cannot fail to serialize.
     serde_json::to_string(&detail).unwrap_or_else(|_| "null".to_owned())
@@ -329,6 +335,7 @@ fn decode_detail(event_id: &str, json: Option<&str>) -> Result<Option<Detail>, I
                 reason: d.reason,
             })
             .collect(),
+        event_time: d.event_time,
     }))
 }
 
@@ -385,6 +392,7 @@ fn outcomes(
                     detail: Some(Detail {
                         identifiers: r.identifiers,
                         dropped: r.dropped,
+                        event_time: Some(r.event_time),
                     }),
                     merges: r.merges,
                 })
