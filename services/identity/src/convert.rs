@@ -269,6 +269,41 @@ pub(crate) fn match_request_from_pb(
     }
 }
 
+/// The most bytes of a manual merge's reason.
+const MAX_REASON: usize = 1_024;
+
+/// A manual merge request: the two profiles and the reason. Violations name `profile_id`,
+/// `other_profile_id` or `reason`.
+pub(crate) fn merge_request_from_pb(
+    request: pb::MergeProfilesRequest,
+) -> Result<((uuid::Uuid, uuid::Uuid), String), IdentityError> {
+    let pb::MergeProfilesRequest {
+        profile_id,
+        other_profile_id,
+        reason,
+    } = request;
+    let mut violations = Vec::new();
+    let mut id = |value: &str, field: &str| match uuid::Uuid::parse_str(value) {
+        Ok(id) => Some(id),
+        Err(_) => {
+            violations.push(FieldViolation::new(field, "not a UUID"));
+            None
+        }
+    };
+    let a = id(&profile_id, "profile_id");
+    let b = id(&other_profile_id, "other_profile_id");
+    if reason.len() > MAX_REASON || reason.contains('\0') {
+        violations.push(FieldViolation::new(
+            "reason",
+            format!("at most {MAX_REASON} bytes, without NUL"),
+        ));
+    }
+    match (a, b) {
+        (Some(a), Some(b)) if violations.is_empty() => Ok(((a, b), reason)),
+        _ => Err(IdentityError::InvalidArgument(violations)),
+    }
+}
+
 /// A fitted model's summary as answered.
 pub(crate) fn training_to_pb(summary: crate::TrainingSummary) -> pb::TrainMatchModelResponse {
     let crate::TrainingSummary {

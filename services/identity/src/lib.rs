@@ -172,6 +172,19 @@ impl Identity {
             .await
     }
 
+    /// Merges two profiles by a person's decision (rule `manual`, `reason` kept in the graph
+    /// log). `None` when they already are one profile; `UnknownProfile` when either is unknown;
+    /// `FailedPrecondition` when the identity rules refuse the merge.
+    pub async fn merge_profiles(
+        &self,
+        pair: (Uuid, Uuid),
+        reason: &str,
+    ) -> Result<Option<domain::Merge>, IdentityError> {
+        self.matching
+            .merge_manually(&self.rules, pair, reason)
+            .await
+    }
+
     /// Tells the profile service (over `profile`) about merges decided outside the pipeline
     /// (probabilistic, accepted suggestions), until `shutdown`.
     pub fn spawn_merge_delivery(

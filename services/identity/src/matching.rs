@@ -499,11 +499,64 @@ impl Matching {
             candidate_pairs: pairs.len() as i64,
             outcome: MatchOutcome::default(),
         };
+        // Merges go in chunks, one transaction each; suggestions one by one (they are few).
+        const CHUNK: usize = 500;
+        let cause = format!("match:model-{version}");
+        let auto = self.settings.auto_merge_probability;
+        let mut chunk: Vec<((Uuid, Uuid), Option<String>)> = Vec::with_capacity(CHUNK);
         for (pair, score) in &pairs {
-            self.decide(rules, *pair, score, version, &mut out.outcome)
-                .await?;
+            if auto < 1.0 && score.probability >= auto {
+                chunk.push((*pair, Some(explanation_json(score, version))));
+                if chunk.len() == CHUNK {
+                    self.merge_chunk(rules, &chunk, &cause, &mut out.outcome)
+                        .await?;
+                    chunk.clear();
+                }
+            } else if self
+                .store
+                .suggest(*pair, &explanation_json(score, version))
+                .await?
+            {
+                metrics::counter!("tessera_identity_match_suggestions_total").increment(1);
+                out.outcome.suggestions += 1;
+            }
         }
+        self.merge_chunk(rules, &chunk, &cause, &mut out.outcome)
+            .await?;
         Ok(out)
+    }
+
+    /// Merges a chunk of pairs in one transaction and counts the outcomes.
+    async fn merge_chunk(
+        &self,
+        rules: &VersionedRules,
+        chunk: &[((Uuid, Uuid), Option<String>)],
+        cause: &str,
+        outcome: &mut MatchOutcome,
+    ) -> Result<(), IdentityError> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        for result in self
+            .store
+            .merge_pairs(rules, chunk, cause, PROBABILISTIC)
+            .await?
+        {
+            match result {
+                Ok(merge) => {
+                    metrics::counter!("tessera_identity_match_merges_total").increment(1);
+                    outcome.merges.push(merge);
+                }
+                Err(reason) if reason == "same_profile" => {}
+                Err(reason) => {
+                    metrics::counter!("tessera_identity_match_refused_total").increment(1);
+                    tracing::debug!(%reason, "rules refused a probabilistic merge");
+                    outcome.refused += 1;
+                }
+            }
+        }
+        self.queued.notify_one();
+        Ok(())
     }
 
     pub(crate) async fn suggestions(
@@ -568,6 +621,31 @@ impl Matching {
             .await?
             .ok_or(IdentityError::Missing("match suggestion"))?;
         Ok((suggestion, merge))
+    }
+
+    /// Merges two profiles by a person's decision.
+    pub(crate) async fn merge_manually(
+        &self,
+        rules: &VersionedRules,
+        pair: (Uuid, Uuid),
+        reason: &str,
+    ) -> Result<Option<Merge>, IdentityError> {
+        let detail = json!({ "reason": reason }).to_string();
+        match self
+            .store
+            .merge_pair(rules, pair, "manual", MANUAL, Some(detail))
+            .await?
+        {
+            Ok(merge) => {
+                self.queued.notify_one();
+                Ok(Some(merge))
+            }
+            Err(why) if why == "same_profile" => Ok(None),
+            Err(why) if why == "unknown_profile" => Err(IdentityError::UnknownProfile),
+            Err(why) => Err(IdentityError::FailedPrecondition(format!(
+                "the identity rules refuse this merge ({why})"
+            ))),
+        }
     }
 
     /// Tells the profile service about queued merges until `shutdown`, retrying with backoff.

@@ -133,6 +133,17 @@ impl IdentityService for IdentityGrpc {
         }))
     }
 
+    async fn merge_profiles(
+        &self,
+        request: Request<pb::MergeProfilesRequest>,
+    ) -> Result<Response<pb::MergeProfilesResponse>, Status> {
+        let (pair, reason) = convert::merge_request_from_pb(request.into_inner())?;
+        let merge = self.identity.merge_profiles(pair, &reason).await?;
+        Ok(Response::new(pb::MergeProfilesResponse {
+            merge: merge.map(Into::into),
+        }))
+    }
+
     async fn lookup_identifier(
         &self,
         request: Request<pb::LookupIdentifierRequest>,

@@ -139,9 +139,20 @@ pub(crate) trait MatchStore: Send + Sync {
     /// The newest model: version and JSON params.
     async fn latest_model(&self) -> Result<Option<(i64, String)>, IdentityError>;
 
-    /// Merges the canonical profiles of `a` and `b` under `rules` (the younger into the older),
-    /// recorded under `rule` with `detail`, caused by `cause`, and queues the merge for the
-    /// profile service. `Ok(Err(reason))` when the rules refuse it or both are one profile.
+    /// Merges the canonical profiles of each pair under `rules` (the younger into the older), in
+    /// order and in one transaction, each recorded under `rule` with its detail (an
+    /// explanation), caused by `cause`, and queued for the profile service. Per pair,
+    /// `Err(reason)` when the rules refuse it, a profile is unknown (`unknown_profile`) or both
+    /// are one profile already (`same_profile`).
+    async fn merge_pairs(
+        &self,
+        rules: &VersionedRules,
+        pairs: &[((Uuid, Uuid), Option<String>)],
+        cause: &str,
+        rule: &str,
+    ) -> Result<Vec<Result<Merge, String>>, IdentityError>;
+
+    /// [`MatchStore::merge_pairs`] for one pair.
     async fn merge_pair(
         &self,
         rules: &VersionedRules,
@@ -149,7 +160,13 @@ pub(crate) trait MatchStore: Send + Sync {
         cause: &str,
         rule: &str,
         detail: Option<String>,
-    ) -> Result<Result<Merge, String>, IdentityError>;
+    ) -> Result<Result<Merge, String>, IdentityError> {
+        let mut out = self
+            .merge_pairs(rules, &[(pair, detail)], cause, rule)
+            .await?;
+        out.pop()
+            .ok_or_else(|| IdentityError::Corrupt("no outcome for a merge".to_owned()))
+    }
 
     /// Stores an open suggestion for the pair unless one exists (open, accepted or rejected);
     /// returns whether it stored one.

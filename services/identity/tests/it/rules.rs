@@ -40,6 +40,7 @@ rules_suite!(
     the_graph_log_derives_membership_and_names_causes,
     rules_are_versioned,
     a_profile_graph_explains_the_profile,
+    manual_merges_obey_the_rules_and_are_logged,
 );
 
 async fn emails_and_phones_normalize_to_one_identifier(b: &Backend) {
@@ -398,6 +399,52 @@ async fn a_profile_graph_explains_the_profile(b: &Backend) {
     assert_eq!(short.decisions[1].event_id, "e3", "the newest are kept");
     assert!(matches!(
         b.identity.profile_graph(Uuid::nil(), 10).await,
+        Err(tessera_identity::IdentityError::UnknownProfile)
+    ));
+}
+
+async fn manual_merges_obey_the_rules_and_are_logged(b: &Backend) {
+    let older = resolve(&b.identity, "e1", &[("anonymous_id", "a1")]).await;
+    let younger = resolve(&b.identity, "e2", &[("email", "x@y.io")]).await;
+    let merge = b
+        .identity
+        .merge_profiles((younger.profile_id, older.profile_id), "ticket 42")
+        .await
+        .expect("merge")
+        .expect("a merge");
+    assert_eq!(
+        merge.surviving_profile_id, older.profile_id,
+        "the older survives"
+    );
+    assert_eq!(merge.rule, "manual");
+    assert_eq!(
+        lookup(&b.identity, "email", "x@y.io").await,
+        older.profile_id
+    );
+    let log = b.identity.graph_log().await.expect("log");
+    let logged = log.iter().find(|d| d.kind == "merge").expect("logged");
+    assert_eq!(logged.rule, "manual");
+    // Merging again: already one profile.
+    assert!(
+        b.identity
+            .merge_profiles((older.profile_id, younger.profile_id), "again")
+            .await
+            .expect("merge")
+            .is_none()
+    );
+    // Two users never merge, even by hand.
+    let u1 = resolve(&b.identity, "e3", &[("user_id", "u1")]).await;
+    let u2 = resolve(&b.identity, "e4", &[("user_id", "u2")]).await;
+    let err = b
+        .identity
+        .merge_profiles((u1.profile_id, u2.profile_id), "sure")
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("limit:user_id"), "{err}");
+    assert!(matches!(
+        b.identity
+            .merge_profiles((u1.profile_id, Uuid::nil()), "x")
+            .await,
         Err(tessera_identity::IdentityError::UnknownProfile)
     ));
 }

@@ -183,6 +183,13 @@ impl IdentityService for IdentityDouble {
         Err(Status::unimplemented("not part of the double"))
     }
 
+    async fn merge_profiles(
+        &self,
+        _request: Request<identity::MergeProfilesRequest>,
+    ) -> Result<Response<identity::MergeProfilesResponse>, Status> {
+        Err(Status::unimplemented("not part of the double"))
+    }
+
     async fn get_rules(
         &self,
         _request: Request<identity::GetRulesRequest>,

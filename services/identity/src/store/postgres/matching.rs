@@ -6,9 +6,11 @@ use tessera_core::Identifier;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{CANONICAL_SQL, LIMITED_SQL, PgStore, write};
+use sqlx::postgres::PgConnection;
+
+use super::{CANONICAL_SQL, Failure, LIMITED_SQL, PgStore, write};
 use crate::IdentityError;
-use crate::domain::{GraphView, Merge, ProfileAge, plan_merge};
+use crate::domain::{GraphView, Merge, Plan, ProfileAge, plan_merge};
 use crate::store::{IndexEntry, MatchStore, StoredSuggestion, VersionedRules, now, ordered};
 
 /// How often a merge whose profiles were merged meanwhile is tried again.
@@ -38,6 +40,107 @@ macro_rules! suggestion_sql {
             $rest
         )
     };
+}
+
+/// Merges `pairs` in order within the caller's transaction.
+async fn merge_chunk(
+    tx: &mut PgConnection,
+    rules: &VersionedRules,
+    pairs: &[((Uuid, Uuid), Option<String>)],
+    cause: &str,
+    rule: &str,
+) -> Result<(Vec<Result<Merge, String>>, Vec<Plan>), Failure> {
+    let mut results = Vec::with_capacity(pairs.len());
+    let mut plans = Vec::new();
+    'pairs: for ((a, b), detail) in pairs {
+        // Locks taken in this transaction hold; a profile merged by someone else between the
+        // read and the lock shows once locked, and the read is repeated.
+        let mut locked_pair = None;
+        for _ in 0..MAX_ATTEMPTS {
+            let canonical: HashMap<Uuid, Uuid> = sqlx::query_as(CANONICAL_SQL)
+                .bind(vec![*a, *b])
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+            let (Some(&ca), Some(&cb)) = (canonical.get(a), canonical.get(b)) else {
+                results.push(Err("unknown_profile".to_owned()));
+                continue 'pairs;
+            };
+            if ca == cb {
+                results.push(Err("same_profile".to_owned()));
+                continue 'pairs;
+            }
+            let locked: Vec<(Uuid, OffsetDateTime, bool)> = sqlx::query_as(
+                "SELECT profile_id, created_at, merged_into IS NULL FROM profiles \
+                 WHERE profile_id = ANY($1) ORDER BY profile_id FOR UPDATE",
+            )
+            .bind(vec![ca, cb])
+            .fetch_all(&mut *tx)
+            .await?;
+            if locked.len() == 2 && locked.iter().all(|(_, _, canonical)| *canonical) {
+                locked_pair = Some((ca, cb, locked));
+                break;
+            }
+        }
+        let Some((ca, cb, locked)) = locked_pair else {
+            return Err(Failure::Retry("profile merged meanwhile"));
+        };
+        let mut view = GraphView::new();
+        let mut ages = Vec::with_capacity(2);
+        for (id, created_at, _) in &locked {
+            let age = ProfileAge {
+                created_at: *created_at,
+                id: *id,
+            };
+            view.insert_profile(age);
+            ages.push(age);
+        }
+        let limited_types: Vec<&str> = rules.rules.limited_types().collect();
+        let limited: Vec<(Uuid, String, String, OffsetDateTime)> = sqlx::query_as(LIMITED_SQL)
+            .bind(vec![ca, cb])
+            .bind(&limited_types)
+            .fetch_all(&mut *tx)
+            .await?;
+        for (root, kind, value, linked_at) in limited {
+            view.insert_limited(root, Identifier { kind, value }, linked_at);
+        }
+        let now = now();
+        let plan = match plan_merge(
+            &rules.rules,
+            view,
+            (ages[0], ages[1]),
+            cause,
+            rule,
+            detail.clone(),
+            now,
+        ) {
+            Ok(plan) => plan,
+            Err(reason) => {
+                results.push(Err(reason));
+                continue;
+            }
+        };
+        write(&mut *tx, &plan, rules.version, now).await?;
+        let Some(merge) = plan.merges.first().cloned() else {
+            results.push(Err("nothing_to_merge".to_owned()));
+            continue;
+        };
+        sqlx::query(
+            "INSERT INTO merge_outbox (surviving_profile_id, merged_profile_id, cause, rule, merged_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(merge.surviving_profile_id)
+        .bind(merge.merged_profile_id)
+        .bind(&merge.cause_event_id)
+        .bind(&merge.rule)
+        .bind(merge.merged_at)
+        .execute(&mut *tx)
+        .await?;
+        results.push(Ok(merge));
+        plans.push(plan);
+    }
+    Ok((results, plans))
 }
 
 #[async_trait::async_trait]
@@ -144,90 +247,34 @@ impl MatchStore for PgStore {
         .await?)
     }
 
-    async fn merge_pair(
+    async fn merge_pairs(
         &self,
         rules: &VersionedRules,
-        (a, b): (Uuid, Uuid),
+        pairs: &[((Uuid, Uuid), Option<String>)],
         cause: &str,
         rule: &str,
-        detail: Option<String>,
-    ) -> Result<Result<Merge, String>, IdentityError> {
-        for _ in 0..MAX_ATTEMPTS {
+    ) -> Result<Vec<Result<Merge, String>>, IdentityError> {
+        for attempt in 0..MAX_ATTEMPTS {
             let mut tx = self.pool.begin().await?;
-            let canonical: HashMap<Uuid, Uuid> = sqlx::query_as(CANONICAL_SQL)
-                .bind(vec![a, b])
-                .fetch_all(&mut *tx)
-                .await?
-                .into_iter()
-                .collect();
-            let (Some(&ca), Some(&cb)) = (canonical.get(&a), canonical.get(&b)) else {
-                return Ok(Err("unknown_profile".to_owned()));
-            };
-            if ca == cb {
-                return Ok(Err("same_profile".to_owned()));
+            match merge_chunk(&mut tx, rules, pairs, cause, rule).await {
+                Ok((results, plans)) => {
+                    tx.commit().await?;
+                    for plan in &plans {
+                        crate::store::record_metrics(plan);
+                    }
+                    return Ok(results);
+                }
+                Err(Failure::Retry(reason)) => {
+                    let _ = tx.rollback().await;
+                    metrics::counter!("tessera_identity_retries_total", "reason" => reason)
+                        .increment(1);
+                    tokio::time::sleep(super::backoff(attempt)).await;
+                }
+                Err(Failure::Fatal(e)) => {
+                    let _ = tx.rollback().await;
+                    return Err(e);
+                }
             }
-            let locked: Vec<(Uuid, OffsetDateTime, bool)> = sqlx::query_as(
-                "SELECT profile_id, created_at, merged_into IS NULL FROM profiles \
-                 WHERE profile_id = ANY($1) ORDER BY profile_id FOR UPDATE",
-            )
-            .bind(vec![ca, cb])
-            .fetch_all(&mut *tx)
-            .await?;
-            if locked.len() != 2 || locked.iter().any(|(_, _, canonical)| !canonical) {
-                // Merged between the read and the lock: read again.
-                let _ = tx.rollback().await;
-                continue;
-            }
-            let mut view = GraphView::new();
-            let mut ages = Vec::with_capacity(2);
-            for (id, created_at, _) in &locked {
-                let age = ProfileAge {
-                    created_at: *created_at,
-                    id: *id,
-                };
-                view.insert_profile(age);
-                ages.push(age);
-            }
-            let limited_types: Vec<&str> = rules.rules.limited_types().collect();
-            let limited: Vec<(Uuid, String, String, OffsetDateTime)> = sqlx::query_as(LIMITED_SQL)
-                .bind(vec![ca, cb])
-                .bind(&limited_types)
-                .fetch_all(&mut *tx)
-                .await?;
-            for (root, kind, value, linked_at) in limited {
-                view.insert_limited(root, Identifier { kind, value }, linked_at);
-            }
-            let now = now();
-            let plan = match plan_merge(
-                &rules.rules,
-                view,
-                (ages[0], ages[1]),
-                cause,
-                rule,
-                detail,
-                now,
-            ) {
-                Ok(plan) => plan,
-                Err(reason) => return Ok(Err(reason)),
-            };
-            write(&mut tx, &plan, rules.version, now).await?;
-            let Some(merge) = plan.merges.first().cloned() else {
-                return Ok(Err("nothing_to_merge".to_owned()));
-            };
-            sqlx::query(
-                "INSERT INTO merge_outbox (surviving_profile_id, merged_profile_id, cause, rule, merged_at) \
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(merge.surviving_profile_id)
-            .bind(merge.merged_profile_id)
-            .bind(&merge.cause_event_id)
-            .bind(&merge.rule)
-            .bind(merge.merged_at)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            super::super::record_metrics(&plan);
-            return Ok(Ok(merge));
         }
         Err(IdentityError::Contended)
     }

@@ -1,14 +1,13 @@
 //! Probabilistic matching's storage on SQLite (`tessera dev`): one connection, so
 //! transactions are serial and need no locks.
 
-use std::collections::HashMap;
-
+use sqlx::sqlite::SqliteConnection;
 use tessera_core::Identifier;
 use uuid::Uuid;
 
 use super::{CANONICAL_SQL, HELD_SQL, SqliteStore, from_micros, micros, parse_uuid, write};
 use crate::IdentityError;
-use crate::domain::{GraphView, Merge, ProfileAge, plan_merge};
+use crate::domain::{GraphView, Merge, Plan, ProfileAge, plan_merge};
 use crate::store::{IndexEntry, MatchStore, StoredSuggestion, VersionedRules, now, ordered};
 
 type SuggestionRow = (i64, String, String, String, String, i64);
@@ -34,6 +33,81 @@ macro_rules! suggestion_sql {
             $rest
         )
     };
+}
+
+/// Merges one pair within the caller's transaction.
+async fn merge_one(
+    tx: &mut SqliteConnection,
+    rules: &VersionedRules,
+    (a, b): (Uuid, Uuid),
+    cause: &str,
+    rule: &str,
+    detail: Option<String>,
+) -> Result<Result<(Merge, Plan), String>, IdentityError> {
+    let mut ages = Vec::with_capacity(2);
+    for id in [a, b] {
+        let canonical: Option<String> = sqlx::query_scalar(CANONICAL_SQL)
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(canonical) = canonical else {
+            return Ok(Err("unknown_profile".to_owned()));
+        };
+        let created_at: i64 =
+            sqlx::query_scalar("SELECT created_at FROM profiles WHERE profile_id = ?1")
+                .bind(&canonical)
+                .fetch_one(&mut *tx)
+                .await?;
+        ages.push(ProfileAge {
+            created_at: from_micros(created_at)?,
+            id: parse_uuid(&canonical)?,
+        });
+    }
+    if ages[0].id == ages[1].id {
+        return Ok(Err("same_profile".to_owned()));
+    }
+    let mut view = GraphView::new();
+    for age in &ages {
+        view.insert_profile(*age);
+        let held: Vec<(String, String, i64)> = sqlx::query_as(HELD_SQL)
+            .bind(age.id.to_string())
+            .fetch_all(&mut *tx)
+            .await?;
+        for (kind, value, linked_at) in held {
+            if rules.rules.limit(&kind).is_some() {
+                view.insert_limited(age.id, Identifier { kind, value }, from_micros(linked_at)?);
+            }
+        }
+    }
+    let now = now();
+    let plan = match plan_merge(
+        &rules.rules,
+        view,
+        (ages[0], ages[1]),
+        cause,
+        rule,
+        detail,
+        now,
+    ) {
+        Ok(plan) => plan,
+        Err(reason) => return Ok(Err(reason)),
+    };
+    write(&mut *tx, &plan, rules.version, now).await?;
+    let Some(merge) = plan.merges.first().cloned() else {
+        return Ok(Err("nothing_to_merge".to_owned()));
+    };
+    sqlx::query(
+        "INSERT INTO merge_outbox (surviving_profile_id, merged_profile_id, cause, rule, merged_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .bind(merge.surviving_profile_id.to_string())
+    .bind(merge.merged_profile_id.to_string())
+    .bind(&merge.cause_event_id)
+    .bind(&merge.rule)
+    .bind(micros(merge.merged_at))
+    .execute(&mut *tx)
+    .await?;
+    Ok(Ok((merge, plan)))
 }
 
 #[async_trait::async_trait]
@@ -135,89 +209,28 @@ impl MatchStore for SqliteStore {
         )
     }
 
-    async fn merge_pair(
+    async fn merge_pairs(
         &self,
         rules: &VersionedRules,
-        (a, b): (Uuid, Uuid),
+        pairs: &[((Uuid, Uuid), Option<String>)],
         cause: &str,
         rule: &str,
-        detail: Option<String>,
-    ) -> Result<Result<Merge, String>, IdentityError> {
+    ) -> Result<Vec<Result<Merge, String>>, IdentityError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut ages = Vec::with_capacity(2);
-        for id in [a, b] {
-            let canonical: Option<String> = sqlx::query_scalar(CANONICAL_SQL)
-                .bind(id.to_string())
-                .fetch_optional(&mut *tx)
-                .await?;
-            let Some(canonical) = canonical else {
-                return Ok(Err("unknown_profile".to_owned()));
-            };
-            let created_at: i64 =
-                sqlx::query_scalar("SELECT created_at FROM profiles WHERE profile_id = ?1")
-                    .bind(&canonical)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            ages.push(ProfileAge {
-                created_at: from_micros(created_at)?,
-                id: parse_uuid(&canonical)?,
-            });
+        let mut results = Vec::with_capacity(pairs.len());
+        let mut plans = Vec::new();
+        for (pair, detail) in pairs {
+            let outcome = merge_one(&mut tx, rules, *pair, cause, rule, detail.clone()).await?;
+            results.push(outcome.map(|(merge, plan)| {
+                plans.push(plan);
+                merge
+            }));
         }
-        if ages[0].id == ages[1].id {
-            return Ok(Err("same_profile".to_owned()));
-        }
-        let mut view = GraphView::new();
-        let mut held_by: HashMap<Uuid, Vec<(String, String, i64)>> = HashMap::new();
-        for age in &ages {
-            view.insert_profile(*age);
-            let held: Vec<(String, String, i64)> = sqlx::query_as(HELD_SQL)
-                .bind(age.id.to_string())
-                .fetch_all(&mut *tx)
-                .await?;
-            held_by.insert(age.id, held);
-        }
-        for (profile, held) in held_by {
-            for (kind, value, linked_at) in held {
-                if rules.rules.limit(&kind).is_some() {
-                    view.insert_limited(
-                        profile,
-                        Identifier { kind, value },
-                        from_micros(linked_at)?,
-                    );
-                }
-            }
-        }
-        let now = now();
-        let plan = match plan_merge(
-            &rules.rules,
-            view,
-            (ages[0], ages[1]),
-            cause,
-            rule,
-            detail,
-            now,
-        ) {
-            Ok(plan) => plan,
-            Err(reason) => return Ok(Err(reason)),
-        };
-        write(&mut tx, &plan, rules.version, now).await?;
-        let Some(merge) = plan.merges.first().cloned() else {
-            return Ok(Err("nothing_to_merge".to_owned()));
-        };
-        sqlx::query(
-            "INSERT INTO merge_outbox (surviving_profile_id, merged_profile_id, cause, rule, merged_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-        )
-        .bind(merge.surviving_profile_id.to_string())
-        .bind(merge.merged_profile_id.to_string())
-        .bind(&merge.cause_event_id)
-        .bind(&merge.rule)
-        .bind(micros(merge.merged_at))
-        .execute(&mut *tx)
-        .await?;
         tx.commit().await?;
-        super::super::record_metrics(&plan);
-        Ok(Ok(merge))
+        for plan in &plans {
+            crate::store::record_metrics(plan);
+        }
+        Ok(results)
     }
 
     async fn suggest(&self, pair: (Uuid, Uuid), explanation: &str) -> Result<bool, IdentityError> {
