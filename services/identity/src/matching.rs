@@ -307,15 +307,26 @@ impl Matching {
                 keys: keys.iter().map(key_text).collect(),
             })
             .collect();
-        self.store.index(&index).await?;
+        let model = self.current_model().await?;
+        let pending: std::collections::HashSet<Uuid> = self
+            .store
+            .index(&index, model.as_ref().map(|(version, _)| *version))
+            .await?
+            .into_iter()
+            .collect();
         metrics::counter!("tessera_identity_match_profiles_indexed_total")
             .increment(index.len() as u64);
-        let Some((version, model)) = self.current_model().await? else {
+        let Some((version, model)) = model else {
             return Ok(outcome);
         };
+        metrics::counter!("tessera_identity_match_profiles_skipped_total")
+            .increment((index.len() - pending.len()) as u64);
         let cap = i64::try_from(self.matcher.config().max_block_size).unwrap_or(i64::MAX);
         let mut scratch = Scratch::default();
-        for entry in &index {
+        // A profile already matched with this model, whose attributes did not change since,
+        // is not matched again: profiles that arrived since were matched against it from their
+        // side. A new model, or new attributes, match it again.
+        for entry in index.iter().filter(|e| pending.contains(&e.profile_id)) {
             let rows = self.store.candidates(&keys_of(entry), cap).await?;
             let mut nearby: MemoryIndex<Uuid> = MemoryIndex::default();
             let mut filed: HashMap<Uuid, (String, Vec<BlockKey>)> = HashMap::new();
@@ -350,6 +361,8 @@ impl Matching {
                 )
                 .await?;
             }
+            // Only once its decisions are stored: a failure before this matches it again.
+            self.store.mark_matched(entry.profile_id, version).await?;
         }
         Ok(outcome)
     }

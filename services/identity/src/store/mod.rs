@@ -116,8 +116,17 @@ pub struct StoredSuggestion {
 /// to tell the profile service about.
 #[async_trait::async_trait]
 pub(crate) trait MatchStore: Send + Sync {
-    /// Replaces the attributes and keys of each entry's profile.
-    async fn index(&self, entries: &[IndexEntry]) -> Result<(), IdentityError>;
+    /// Stores the attributes and keys of each entry's profile (new or changed attributes reset
+    /// the profile's matched version); returns the entries' profiles not yet matched with
+    /// `model_version`.
+    async fn index(
+        &self,
+        entries: &[IndexEntry],
+        model_version: Option<i64>,
+    ) -> Result<Vec<Uuid>, IdentityError>;
+
+    /// Records that `profile` was matched with `model_version`.
+    async fn mark_matched(&self, profile: Uuid, model_version: i64) -> Result<(), IdentityError>;
 
     /// For each of `keys` held by at most `cap` profiles: the key, each profile holding it and
     /// that profile's attributes (JSON).

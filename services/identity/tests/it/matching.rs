@@ -33,6 +33,7 @@ matching_suite!(
     duplicates_merge_after_training_and_distinct_people_do_not,
     the_rules_veto_probabilistic_merges,
     suggestions_are_listed_and_decided,
+    profiles_indexed_before_the_model_are_matched_when_sent_again,
 );
 
 const GIVEN: [&str; 30] = [
@@ -341,6 +342,38 @@ async fn suggestions_are_listed_and_decided(b: &Backend) {
         .count();
     assert_eq!(rejected_again, 0);
     assert!(!pairs.is_empty());
+}
+
+async fn profiles_indexed_before_the_model_are_matched_when_sent_again(b: &Backend) {
+    let pairs = population(&b.identity).await;
+    b.identity.train_match_model().await.expect("train");
+    // Unchanged traits, but never matched with model 1: matched now, without the batch job.
+    let (original, copy) = pairs[3];
+    let outcome = b
+        .identity
+        .match_profiles(vec![(copy, typo(3))])
+        .await
+        .expect("match");
+    assert_eq!(outcome.merges.len(), 1, "{outcome:?}");
+    assert_eq!(
+        canonical(&b.identity, copy).await,
+        canonical(&b.identity, original).await
+    );
+    // Matched with model 1 already and unchanged: nothing to do.
+    let (other_original, other_copy) = pairs[4];
+    b.identity
+        .match_profiles(vec![(other_original, person(4))])
+        .await
+        .expect("match");
+    let merged =
+        canonical(&b.identity, other_copy).await == canonical(&b.identity, other_original).await;
+    assert!(merged, "the first send matches the pair");
+    let again = b
+        .identity
+        .match_profiles(vec![(other_original, person(4))])
+        .await
+        .expect("match");
+    assert!(again.merges.is_empty() && again.suggestions == 0);
 }
 
 #[tokio::test]

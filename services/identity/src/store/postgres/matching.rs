@@ -145,45 +145,72 @@ async fn merge_chunk(
 
 #[async_trait::async_trait]
 impl MatchStore for PgStore {
-    async fn index(&self, entries: &[IndexEntry]) -> Result<(), IdentityError> {
+    async fn index(
+        &self,
+        entries: &[IndexEntry],
+        model_version: Option<i64>,
+    ) -> Result<Vec<Uuid>, IdentityError> {
         if entries.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let profiles: Vec<Uuid> = entries.iter().map(|e| e.profile_id).collect();
         let attributes: Vec<&str> = entries.iter().map(|e| e.attributes.as_str()).collect();
-        let (mut keys, mut owners) = (Vec::new(), Vec::new());
-        for e in entries {
-            for key in &e.keys {
-                keys.push(key.as_str());
-                owners.push(e.profile_id);
-            }
-        }
         let now = now();
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM match_keys WHERE profile_id = ANY($1)")
-            .bind(&profiles)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO match_attributes (profile_id, attributes, updated_at) \
+        // Only new or changed attributes are written; their profiles are the ones returned.
+        let changed: Vec<Uuid> = sqlx::query_scalar(
+            "INSERT INTO match_attributes AS m (profile_id, attributes, updated_at) \
              SELECT p, a::jsonb, $3 FROM unnest($1::uuid[], $2::text[]) AS u (p, a) \
              ON CONFLICT (profile_id) DO UPDATE \
-             SET attributes = EXCLUDED.attributes, updated_at = EXCLUDED.updated_at",
+             SET attributes = EXCLUDED.attributes, updated_at = EXCLUDED.updated_at, \
+                 matched_version = NULL \
+             WHERE m.attributes IS DISTINCT FROM EXCLUDED.attributes \
+             RETURNING m.profile_id",
         )
         .bind(&profiles)
         .bind(&attributes)
         .bind(now)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO match_keys (key, profile_id) \
-             SELECT * FROM unnest($1::text[], $2::uuid[]) ON CONFLICT DO NOTHING",
+        if !changed.is_empty() {
+            let (mut keys, mut owners) = (Vec::new(), Vec::new());
+            for e in entries.iter().filter(|e| changed.contains(&e.profile_id)) {
+                for key in &e.keys {
+                    keys.push(key.as_str());
+                    owners.push(e.profile_id);
+                }
+            }
+            sqlx::query("DELETE FROM match_keys WHERE profile_id = ANY($1)")
+                .bind(&changed)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO match_keys (key, profile_id) \
+                 SELECT * FROM unnest($1::text[], $2::uuid[]) ON CONFLICT DO NOTHING",
+            )
+            .bind(&keys)
+            .bind(&owners)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let pending: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT profile_id FROM match_attributes \
+             WHERE profile_id = ANY($1) AND matched_version IS DISTINCT FROM $2",
         )
-        .bind(&keys)
-        .bind(&owners)
-        .execute(&mut *tx)
+        .bind(&profiles)
+        .bind(model_version)
+        .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
+        Ok(pending)
+    }
+
+    async fn mark_matched(&self, profile: Uuid, model_version: i64) -> Result<(), IdentityError> {
+        sqlx::query("UPDATE match_attributes SET matched_version = $2 WHERE profile_id = $1")
+            .bind(profile)
+            .bind(model_version)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

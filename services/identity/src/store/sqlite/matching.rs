@@ -112,34 +112,69 @@ async fn merge_one(
 
 #[async_trait::async_trait]
 impl MatchStore for SqliteStore {
-    async fn index(&self, entries: &[IndexEntry]) -> Result<(), IdentityError> {
+    async fn index(
+        &self,
+        entries: &[IndexEntry],
+        model_version: Option<i64>,
+    ) -> Result<Vec<Uuid>, IdentityError> {
         let now = micros(now());
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut pending = Vec::new();
         for e in entries {
             let id = e.profile_id.to_string();
-            sqlx::query("DELETE FROM match_keys WHERE profile_id = ?1")
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(
+            // Only new or changed attributes are written.
+            let written: Option<String> = sqlx::query_scalar(
                 "INSERT INTO match_attributes (profile_id, attributes, updated_at) \
                  VALUES (?1, ?2, ?3) ON CONFLICT (profile_id) DO UPDATE \
-                 SET attributes = excluded.attributes, updated_at = excluded.updated_at",
+                 SET attributes = excluded.attributes, updated_at = excluded.updated_at, \
+                     matched_version = NULL \
+                 WHERE match_attributes.attributes <> excluded.attributes \
+                 RETURNING profile_id",
             )
             .bind(&id)
             .bind(&e.attributes)
             .bind(now)
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
+            if written.is_none() {
+                let matched: Option<i64> = sqlx::query_scalar(
+                    "SELECT matched_version FROM match_attributes WHERE profile_id = ?1",
+                )
+                .bind(&id)
+                .fetch_one(&mut *tx)
+                .await?;
+                if matched != model_version {
+                    pending.push(e.profile_id);
+                }
+                continue;
+            }
+            if model_version.is_some() {
+                pending.push(e.profile_id);
+            }
+            sqlx::query("DELETE FROM match_keys WHERE profile_id = ?1")
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
             for key in &e.keys {
-                sqlx::query("INSERT INTO match_keys (key, profile_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING")
-                    .bind(key)
-                    .bind(&id)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(
+                    "INSERT INTO match_keys (key, profile_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                )
+                .bind(key)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
             }
         }
         tx.commit().await?;
+        Ok(pending)
+    }
+
+    async fn mark_matched(&self, profile: Uuid, model_version: i64) -> Result<(), IdentityError> {
+        sqlx::query("UPDATE match_attributes SET matched_version = ?2 WHERE profile_id = ?1")
+            .bind(profile.to_string())
+            .bind(model_version)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
