@@ -6,29 +6,7 @@ use tessera_identity::{Identity, IdentityError, IdentitySettings};
 
 use crate::support::{Backend, lookup, record, resolve};
 
-/// Generates one `#[tokio::test]` per backend for each listed test function.
-macro_rules! conformance_suite {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(&super::Backend::sqlite().await).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(&super::Backend::postgres().await).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance_suite!(
+on_both_backends!(
     unknown_identifiers_get_a_new_profile,
     anonymous_then_identify_is_one_profile,
     a_transitive_chain_merges_into_the_oldest,

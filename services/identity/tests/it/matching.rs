@@ -8,28 +8,7 @@ use uuid::Uuid;
 
 use crate::support::{Backend, resolve};
 
-macro_rules! matching_suite {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $test() {
-                    super::$test(&super::Backend::sqlite().await).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $test() {
-                    super::$test(&super::Backend::postgres().await).await;
-                }
-            )*
-        }
-    };
-}
-
-matching_suite!(
+on_both_backends!(
     duplicates_merge_after_training_and_distinct_people_do_not,
     the_rules_veto_probabilistic_merges,
     suggestions_are_listed_and_decided,

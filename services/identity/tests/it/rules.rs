@@ -10,28 +10,7 @@ use uuid::Uuid;
 
 use crate::support::{Backend, lookup, resolve};
 
-macro_rules! rules_suite {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(&super::Backend::sqlite().await).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(&super::Backend::postgres().await).await;
-                }
-            )*
-        }
-    };
-}
-
-rules_suite!(
+on_both_backends!(
     emails_and_phones_normalize_to_one_identifier,
     a_shared_device_without_logout_keeps_two_users_apart,
     a_generic_email_does_not_create_a_blob,
