@@ -7,6 +7,7 @@ mod faults;
 mod faults_under_load;
 mod flow;
 mod import;
+mod matching;
 mod python_client;
 mod replicas;
 mod restarts;
