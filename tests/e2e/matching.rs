@@ -8,94 +8,9 @@ use std::time::Duration;
 use serde_json::json;
 use tessera_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use tessera_proto::identity::v1::{RunBatchMatchRequest, TrainMatchModelRequest};
+use tessera_testkit::people::{person, typo};
 use tessera_tests::TesseraBuilder;
 use tessera_tests::events::{get_by, identify, send, wait_for};
-
-const GIVEN: [&str; 30] = [
-    "olivia",
-    "liam",
-    "emma",
-    "noah",
-    "ava",
-    "oliver",
-    "sophia",
-    "elijah",
-    "isabella",
-    "james",
-    "mia",
-    "william",
-    "amelia",
-    "benjamin",
-    "harper",
-    "lucas",
-    "evelyn",
-    "henry",
-    "abigail",
-    "alexander",
-    "emily",
-    "jack",
-    "charlotte",
-    "daniel",
-    "grace",
-    "thomas",
-    "chloe",
-    "samuel",
-    "zoe",
-    "joshua",
-];
-const SURNAMES: [&str; 40] = [
-    "nguyen", "smith", "jones", "brown", "taylor", "wilson", "johnson", "white", "martin",
-    "anderson", "thompson", "walker", "harris", "clarke", "robinson", "ryan", "lee", "kelly",
-    "king", "campbell", "mitchell", "young", "wright", "hughes", "edwards", "hall", "allen",
-    "scott", "green", "baker", "adams", "nelson", "carter", "murphy", "cooper", "ward", "morris",
-    "turner", "parker", "bennett",
-];
-const SUBURBS: [&str; 16] = [
-    "carlton",
-    "fitzroy",
-    "brunswick",
-    "richmond",
-    "st kilda",
-    "footscray",
-    "coburg",
-    "preston",
-    "kew",
-    "hawthorn",
-    "box hill",
-    "doncaster",
-    "ringwood",
-    "frankston",
-    "geelong",
-    "ballarat",
-];
-
-/// A deterministic generator (SplitMix64) seeded per person.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        usize::try_from((z ^ (z >> 31)) % n as u64).unwrap_or(0)
-    }
-}
-
-/// Person `n`'s traits, each field drawn independently.
-fn person(n: usize) -> serde_json::Value {
-    let mut rng = Rng(n as u64);
-    json!({
-        "firstName": GIVEN[rng.below(GIVEN.len())],
-        "lastName": SURNAMES[rng.below(SURNAMES.len())],
-        "date_of_birth": format!("{}{:02}{:02}", 1940 + rng.below(65), 1 + rng.below(12), 1 + rng.below(28)),
-        "street_number": (1 + rng.below(400)).to_string(),
-        "address_1": format!("{} street", SURNAMES[rng.below(SURNAMES.len())]),
-        "suburb": SUBURBS[rng.below(SUBURBS.len())],
-        "postcode": (3000 + rng.below(1000)).to_string(),
-        "state": "vic",
-    })
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn near_duplicates_become_one_profile_after_training_and_the_batch() {
@@ -111,17 +26,12 @@ async fn near_duplicates_become_one_profile_after_training_and_the_batch() {
     let mut events: Vec<_> = (0..120)
         .map(|n| identify(&format!("m{n}"), "", &format!("a{n}"), person(n)))
         .collect();
-    let original_traits = person(7);
-    let mut copy = original_traits.clone();
-    let mut surname: Vec<char> = original_traits["lastName"]
+    let mut copy = typo(7); // two letters of the surname swapped
+    let given = person(7)["firstName"]
         .as_str()
         .unwrap_or_default()
-        .chars()
-        .collect();
-    surname.swap(1, 2); // two letters swapped
-    copy["lastName"] = json!(surname.into_iter().collect::<String>());
-    let given = original_traits["firstName"].as_str().unwrap_or_default();
-    copy["firstName"] = json!(format!(" {} ", given.to_uppercase())); // case and spacing
+        .to_uppercase();
+    copy["firstName"] = json!(format!(" {given} ")); // and the case and spacing differ
     events.push(identify("m-copy", "", "a-copy", copy));
     for chunk in events.chunks(50) {
         send(&channel, &key, chunk.to_vec()).await.expect("send");

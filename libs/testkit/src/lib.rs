@@ -6,6 +6,8 @@
 //! local defaults are used; a test whose server is unreachable fails with a message saying so,
 //! it is never skipped.
 
+pub mod people;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 

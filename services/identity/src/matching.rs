@@ -327,7 +327,7 @@ impl Matching {
         // is not matched again: profiles that arrived since were matched against it from their
         // side. A new model, or new attributes, match it again.
         for entry in index.iter().filter(|e| pending.contains(&e.profile_id)) {
-            let rows = self.store.candidates(&keys_of(entry), cap).await?;
+            let rows = self.store.candidates(&entry.keys, cap).await?;
             let mut nearby: MemoryIndex<Uuid> = MemoryIndex::default();
             let mut filed: HashMap<Uuid, (String, Vec<BlockKey>)> = HashMap::new();
             for (key, profile, attributes) in rows {
@@ -721,10 +721,6 @@ fn parse_key(text: &str) -> Option<BlockKey> {
         rule: rule.parse().ok()?,
         value: value.into(),
     })
-}
-
-fn keys_of(entry: &IndexEntry) -> Vec<String> {
-    entry.keys.clone()
 }
 
 /// The value at `path` (dots separate object keys) in `traits`.

@@ -2,8 +2,9 @@
 //! labels, the batch job, incremental matching, the identity rules' veto, suggestions and the
 //! merges queued for the profile service.
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use tessera_identity::{Identity, IdentityError, IdentitySettings, MatchSettings};
+use tessera_testkit::people;
 use uuid::Uuid;
 
 use crate::support::{Backend, resolve};
@@ -15,121 +16,14 @@ on_both_backends!(
     profiles_indexed_before_the_model_are_matched_when_sent_again,
 );
 
-const GIVEN: [&str; 30] = [
-    "olivia",
-    "liam",
-    "emma",
-    "noah",
-    "ava",
-    "oliver",
-    "sophia",
-    "elijah",
-    "isabella",
-    "james",
-    "mia",
-    "william",
-    "amelia",
-    "benjamin",
-    "harper",
-    "lucas",
-    "evelyn",
-    "henry",
-    "abigail",
-    "alexander",
-    "emily",
-    "jack",
-    "charlotte",
-    "daniel",
-    "grace",
-    "thomas",
-    "chloe",
-    "samuel",
-    "zoe",
-    "joshua",
-];
-const SURNAMES: [&str; 40] = [
-    "nguyen", "smith", "jones", "brown", "taylor", "wilson", "johnson", "white", "martin",
-    "anderson", "thompson", "walker", "harris", "clarke", "robinson", "ryan", "lee", "kelly",
-    "king", "campbell", "mitchell", "young", "wright", "hughes", "edwards", "hall", "allen",
-    "scott", "green", "baker", "adams", "nelson", "carter", "murphy", "cooper", "ward", "morris",
-    "turner", "parker", "bennett",
-];
-const SUBURBS: [&str; 16] = [
-    "carlton",
-    "fitzroy",
-    "brunswick",
-    "richmond",
-    "st kilda",
-    "footscray",
-    "coburg",
-    "preston",
-    "kew",
-    "hawthorn",
-    "box hill",
-    "doncaster",
-    "ringwood",
-    "frankston",
-    "geelong",
-    "ballarat",
-];
-const STREETS: [&str; 16] = [
-    "main street",
-    "high street",
-    "church road",
-    "station street",
-    "park avenue",
-    "king street",
-    "queen street",
-    "victoria road",
-    "george street",
-    "elizabeth street",
-    "william street",
-    "bridge road",
-    "albert street",
-    "railway parade",
-    "hill street",
-    "river road",
-];
-
-/// Person `n`'s traits, drawn independently per field from a generator seeded by `n`.
+/// Person `n`'s traits (see `tessera_testkit::people`).
 fn person(n: usize) -> Map<String, Value> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(n as u64);
-    let mut pick = |options: &[&str]| options[rng.random_range(0..options.len())].to_owned();
-    let given = pick(&GIVEN);
-    let surname = pick(&SURNAMES);
-    let street = pick(&STREETS);
-    let suburb = pick(&SUBURBS);
-    let dob = format!(
-        "{}{:02}{:02}",
-        rng.random_range(1940..2005),
-        rng.random_range(1..=12),
-        rng.random_range(1..=28)
-    );
-    let traits = json!({
-        "firstName": given,
-        "lastName": surname,
-        "date_of_birth": dob,
-        "street_number": rng.random_range(1..400).to_string(),
-        "address_1": street,
-        "suburb": suburb,
-        "postcode": rng.random_range(3000..4000).to_string(),
-        "state": "vic",
-    });
-    traits.as_object().cloned().unwrap_or_default()
+    people::person(n).as_object().cloned().unwrap_or_default()
 }
 
 /// A duplicate of person `n` as another system typed it: a typo in the surname.
 fn typo(n: usize) -> Map<String, Value> {
-    let mut traits = person(n);
-    let surname = traits["lastName"].as_str().unwrap_or_default().to_owned();
-    let mut chars: Vec<char> = surname.chars().collect();
-    chars.swap(1, 2);
-    traits.insert(
-        "lastName".into(),
-        Value::String(chars.into_iter().collect()),
-    );
-    traits
+    people::typo(n).as_object().cloned().unwrap_or_default()
 }
 
 /// Creates a profile through resolution (an anonymous id of its own) and returns its id.
