@@ -2,8 +2,11 @@
 //!
 //! Every replica runs one dispatcher. The log is split into partitions by routing key; a
 //! dispatcher leases a fair share of them (partitions ÷ live dispatchers) in the database and
-//! delivers each leased partition in log order: resolve the batch's identities, apply the
-//! resolved events (and the merges they caused) to profiles, then move the partition's cursor.
+//! delivers them in rounds: the next events of every leased partition (at most
+//! `delivery_batch` in all, shared fairly), merged in log order, are resolved by one identity
+//! call and applied by one profile call, then each partition's cursor moves. One call per
+//! round rather than one per partition keeps a replica from contending with itself for the
+//! same people's locks downstream, and makes the downstream batches larger.
 //! A failure anywhere leaves the cursor where it was and the batch is retried with backoff;
 //! both downstream calls are idempotent per event id, so a retry or a crash between the calls
 //! and the cursor update never counts anything twice. A dispatcher that dies loses its leases
@@ -41,16 +44,6 @@ enum DeliveryError {
     },
     #[error("identity returned {got} resolutions for {want} records")]
     Mismatch { got: usize, want: usize },
-}
-
-/// What one delivery attempt of a partition did.
-enum Delivered {
-    /// Nothing was waiting.
-    Nothing,
-    /// `events` were delivered and the cursor moved to `to`.
-    Moved { events: usize, to: Cursor },
-    /// Another dispatcher holds the partition now.
-    LeaseLost,
 }
 
 pub(crate) struct Dispatcher {
@@ -120,30 +113,16 @@ impl Dispatcher {
                 last_backlog = Some(Instant::now());
                 self.record_backlog().await;
             }
-            // Partitions are delivered concurrently, each in its own log order.
-            let results =
-                futures::future::join_all(leases.iter().map(|lease| self.deliver(*lease))).await;
-            let mut delivered = 0;
-            let mut failed = false;
-            let mut held = Vec::with_capacity(leases.len());
-            for (mut lease, result) in leases.into_iter().zip(results) {
-                match result {
-                    Ok(Delivered::Moved { events, to }) => {
-                        delivered += events;
-                        lease.cursor = to;
-                        held.push(lease);
-                    }
-                    Ok(Delivered::Nothing) => held.push(lease),
-                    Ok(Delivered::LeaseLost) => {}
-                    Err(e) => {
-                        metrics::counter!("tessera_ingestion_delivery_failures_total").increment(1);
-                        tracing::warn!(partition = lease.partition, error = %e, "delivery failed, will retry");
-                        failed = true;
-                        held.push(lease);
-                    }
+            // One round delivers the leased partitions together: one resolve call and one
+            // apply call for all of them, so a replica never contends with itself.
+            let (delivered, failed) = match self.deliver_round(&mut leases).await {
+                Ok(delivered) => (delivered, false),
+                Err(e) => {
+                    metrics::counter!("tessera_ingestion_delivery_failures_total").increment(1);
+                    tracing::warn!(error = %e, "delivery failed, will retry");
+                    (0, true)
                 }
-            }
-            leases = held;
+            };
             if failed {
                 backoff = pause(&shutdown, backoff, max_backoff).await;
                 continue;
@@ -205,29 +184,61 @@ impl Dispatcher {
         }
     }
 
-    /// Delivers the next batch of one partition.
-    async fn deliver(&self, lease: Lease) -> Result<Delivered, DeliveryError> {
-        let batch = self
-            .log
-            .read_after(lease.partition, lease.cursor, self.settings.delivery_batch)
-            .await?;
-        let Some(last) = batch.last() else {
-            return Ok(Delivered::Nothing);
-        };
-        let to = last.cursor;
-        let events = decode(&batch);
+    /// Delivers the next events of the leased partitions in one batch of at most
+    /// `delivery_batch` events, shared fairly among the partitions that have some, merged in
+    /// log order (each partition's own order is kept). Moves the cursors of the partitions
+    /// that delivered and drops the leases found lost. Returns how many events were delivered.
+    async fn deliver_round(&self, leases: &mut Vec<Lease>) -> Result<usize, DeliveryError> {
+        let limit = self.settings.delivery_batch.max(1);
+        let reads = futures::future::join_all(
+            leases
+                .iter()
+                .map(|lease| self.log.read_after(lease.partition, lease.cursor, limit)),
+        )
+        .await;
+        let mut batches = Vec::with_capacity(reads.len());
+        for read in reads {
+            batches.push(read?);
+        }
+        let lengths: Vec<usize> = batches.iter().map(Vec::len).collect();
+        let takes = fair_shares(&lengths, usize::try_from(limit).unwrap_or(usize::MAX));
+        let mut round: Vec<&StoredEvent> = Vec::new();
+        for (batch, take) in batches.iter().zip(&takes) {
+            round.extend(&batch[..*take]);
+        }
+        if round.is_empty() {
+            return Ok(0);
+        }
+        // Within a partition cursors increase, so sorting by cursor keeps each partition's
+        // order and interleaves the partitions as the log does.
+        round.sort_by_key(|e| (e.cursor.txid, e.cursor.seq));
+        let delivered = round.len();
+        let events = decode(&round);
         if !events.is_empty() {
             self.push(events).await?;
         }
-        if !self.log.advance(&self.id, lease.partition, to).await? {
-            tracing::info!(partition = lease.partition, "delivery lease lost");
-            return Ok(Delivered::LeaseLost);
+        let moves: Vec<(i32, Cursor)> = batches
+            .iter()
+            .zip(&takes)
+            .zip(leases.iter())
+            .filter(|((_, take), _)| **take > 0)
+            .map(|((batch, take), lease)| (lease.partition, batch[*take - 1].cursor))
+            .collect();
+        let moved = self.log.advance(&self.id, &moves).await?;
+        for (partition, to) in &moves {
+            if moved.contains(partition) {
+                if let Some(lease) = leases.iter_mut().find(|l| l.partition == *partition) {
+                    lease.cursor = *to;
+                }
+            } else {
+                tracing::info!(partition, "delivery lease lost");
+            }
         }
-        metrics::counter!("tessera_ingestion_events_delivered_total").increment(batch.len() as u64);
-        Ok(Delivered::Moved {
-            events: batch.len(),
-            to,
-        })
+        leases.retain(|lease| {
+            moved.contains(&lease.partition) || !moves.iter().any(|(p, _)| *p == lease.partition)
+        });
+        metrics::counter!("tessera_ingestion_events_delivered_total").increment(delivered as u64);
+        Ok(delivered)
     }
 
     /// Resolves and applies one batch.
@@ -298,7 +309,7 @@ impl Dispatcher {
 
 /// The events of a batch; a row that does not decode (which only a bug can cause) is logged,
 /// counted and left in the log rather than blocking its partition forever.
-fn decode(batch: &[StoredEvent]) -> Vec<(String, Event)> {
+fn decode(batch: &[&StoredEvent]) -> Vec<(String, Event)> {
     batch
         .iter()
         .filter_map(|row| match serde_json::from_str::<Event>(&row.payload) {
@@ -312,6 +323,22 @@ fn decode(batch: &[StoredEvent]) -> Vec<(String, Event)> {
         .collect()
 }
 
+/// How many events to take from each of several queues of `lengths` so that at most `limit`
+/// are taken in all and the smaller queues are emptied first: the rest is shared evenly among
+/// the longer ones (water-filling), so a busy partition cannot starve the others.
+fn fair_shares(lengths: &[usize], limit: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| lengths[i]);
+    let mut takes = vec![0; lengths.len()];
+    let mut left = limit;
+    for (n, &i) in order.iter().enumerate() {
+        let share = left / (order.len() - n);
+        takes[i] = lengths[i].min(share);
+        left -= takes[i];
+    }
+    takes
+}
+
 /// Waits `backoff` (or until shutdown) and returns the next, doubled backoff.
 async fn pause(shutdown: &Shutdown, backoff: Duration, max: Duration) -> Duration {
     tokio::select! {
@@ -319,4 +346,32 @@ async fn pause(shutdown: &Shutdown, backoff: Duration, max: Duration) -> Duratio
         () = shutdown.cancelled() => {}
     }
     (backoff * 2).min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fair_shares;
+
+    #[test]
+    fn a_round_takes_everything_when_it_fits() {
+        assert_eq!(fair_shares(&[3, 0, 7], 500), vec![3, 0, 7]);
+        assert_eq!(fair_shares(&[], 500), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn short_partitions_are_emptied_and_long_ones_share_the_rest() {
+        // 100 left after the short ones (10 + 40); the two long ones get 225 each.
+        assert_eq!(
+            fair_shares(&[500, 10, 500, 40], 500),
+            vec![225, 10, 225, 40]
+        );
+        let takes = fair_shares(&[500; 16], 500);
+        assert_eq!(takes.iter().sum::<usize>(), 500);
+        assert!(takes.iter().all(|&t| (31..=35).contains(&t)), "{takes:?}");
+    }
+
+    #[test]
+    fn one_busy_partition_gets_the_whole_round() {
+        assert_eq!(fair_shares(&[0, 0, 900, 0], 500), vec![0, 0, 500, 0]);
+    }
 }

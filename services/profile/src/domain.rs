@@ -196,7 +196,7 @@ impl Profile {
                 self.merged_profile_ids.push(id.clone());
             }
         }
-        // Scores describe the survivor's old state; the service rescores after the batch.
+        // Scores describe the survivor's old state; the batch rescores it before writing.
         self.touch(now);
         merged.merged_into = Some(self.profile_id.clone());
         merged.touch(now);
@@ -364,6 +364,27 @@ impl Workspace {
         }
         self.changed.insert(id);
         Ok(())
+    }
+
+    /// The profile `id` as the workspace holds it (live or merged away).
+    pub fn profile(&self, id: &str) -> Option<&Profile> {
+        self.profiles.get(id)
+    }
+
+    /// Stores new scores on the live profile `id`; the profile counts as changed when any of
+    /// them differs from what it had.
+    pub fn set_scores(&mut self, id: &str, scores: Vec<Score>, now: OffsetDateTime) {
+        let Some(profile) = self.profiles.get_mut(id) else {
+            return;
+        };
+        if scores
+            .iter()
+            .all(|s| profile.scores.get(&s.name) == Some(s))
+        {
+            return;
+        }
+        profile.set_scores(scores, now);
+        self.changed.insert(id.to_owned());
     }
 
     fn canonical_owned(&self, id: &str) -> Result<String, Missing> {

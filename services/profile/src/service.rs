@@ -27,7 +27,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::convert::{self, Lookup, micros};
 use crate::domain::{Batch, Merge, Profile, Score};
 use crate::error::ProfileError;
-use crate::store::{Applied, ProfileStore, ScoreUpdate};
+use crate::store::{Applied, ProfileStore, Scorer};
 
 /// How long a call to the identity or scoring service may take.
 const PEER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -181,9 +181,11 @@ impl Inner {
     ) -> Result<pb::ApplyEventsResponse, ProfileError> {
         let batch = convert::batch(request)?;
         let now = micros(OffsetDateTime::now_utc());
+        // Every profile the batch names is rescored in the same transaction, also when all its
+        // events were duplicates: a batch retried after a scoring failure gets its scores.
         let applied = self
             .store
-            .apply(&batch, self.half_life_seconds, now)
+            .apply(&batch, self.half_life_seconds, now, self)
             .await?;
         metrics::counter!("tessera_profile_events_applied_total").increment(applied.applied as u64);
         metrics::counter!("tessera_profile_duplicate_events_total")
@@ -191,11 +193,7 @@ impl Inner {
         self.cache_applied(&applied).await;
         let mut changed = changed_ids(&applied);
 
-        // Every profile the batch names is rescored, also when all its events were duplicates:
-        // a batch retried after a scoring failure still gets its scores.
-        self.rescore(&applied.named, now).await?;
-
-        // Likewise every named profile is matched, so a batch retried after a matching failure
+        // Every named profile is matched, so a batch retried after a matching failure
         // is matched again.
         let mut matched_merges = 0;
         if self.match_profiles {
@@ -268,12 +266,11 @@ impl Inner {
                 };
                 let applied = self
                     .store
-                    .apply(&batch, self.half_life_seconds, now)
+                    .apply(&batch, self.half_life_seconds, now, self)
                     .await?;
                 metrics::counter!("tessera_profile_match_merges_applied_total")
                     .increment(applied.merged_away.len() as u64);
                 self.cache_applied(&applied).await;
-                self.rescore(&applied.named, now).await?;
                 matched.changed.extend(changed_ids(&applied));
                 matched.merges += applied.merged_away.len();
             }
@@ -323,31 +320,30 @@ impl Inner {
             Err(status) => Err(ProfileError::Identity(status)),
         }
     }
+}
 
-    /// Scores the live profiles `profile_ids` and stores the scores.
-    async fn rescore(
-        &self,
-        profile_ids: &[String],
-        now: OffsetDateTime,
-    ) -> Result<(), ProfileError> {
-        if profile_ids.is_empty() {
-            return Ok(());
-        }
-        let profiles = self.store.get_many(profile_ids).await?;
-        let mut updates = Vec::with_capacity(profiles.len());
-        for chunk in profiles.chunks(MAX_SCORED_PER_CALL) {
-            updates.extend(self.score(chunk, now).await?);
-        }
-        let stored = self.store.store_scores(&updates, now).await?;
-        self.put_all(stored.iter().map(entry).collect()).await;
-        Ok(())
-    }
-
+#[async_trait::async_trait]
+impl Scorer for Inner {
+    /// Asks the scoring service, in calls of at most [`MAX_SCORED_PER_CALL`] profiles.
     async fn score(
         &self,
-        profiles: &[Profile],
+        profiles: &[&Profile],
         now: OffsetDateTime,
-    ) -> Result<Vec<ScoreUpdate>, ProfileError> {
+    ) -> Result<Vec<Vec<Score>>, ProfileError> {
+        let mut out = Vec::with_capacity(profiles.len());
+        for chunk in profiles.chunks(MAX_SCORED_PER_CALL) {
+            out.extend(self.score_call(chunk, now).await?);
+        }
+        Ok(out)
+    }
+}
+
+impl Inner {
+    async fn score_call(
+        &self,
+        profiles: &[&Profile],
+        now: OffsetDateTime,
+    ) -> Result<Vec<Vec<Score>>, ProfileError> {
         let mut client = ScoringServiceClient::new(self.scoring.clone())
             .max_decoding_message_size(MAX_MESSAGE_SIZE);
         let mut request = Request::new(scoring::ScoreProfilesRequest {
@@ -381,16 +377,10 @@ impl Inner {
                         profile.profile_id
                     )));
                 }
-                let mut all = profile.scores.clone();
-                for score in scores {
-                    let score = Score::try_from(score).map_err(ProfileError::BadScores)?;
-                    all.insert(score.name.clone(), score);
-                }
-                Ok(ScoreUpdate {
-                    profile_id,
-                    version: profile.version,
-                    scores: all,
-                })
+                scores
+                    .into_iter()
+                    .map(|score| Score::try_from(score).map_err(ProfileError::BadScores))
+                    .collect()
             })
             .collect()
     }
@@ -405,14 +395,9 @@ struct Matched {
     merges: usize,
 }
 
-/// The ids of the profiles a batch changed: live ones and merged-away ones.
+/// The ids of the profiles whose state a batch changed: live ones and merged-away ones.
 fn changed_ids(applied: &Applied) -> BTreeSet<String> {
-    applied
-        .changed
-        .iter()
-        .map(|p| p.profile_id.clone())
-        .chain(applied.merged_away.iter().map(|(id, _)| id.clone()))
-        .collect()
+    applied.state_changed.clone()
 }
 
 /// The cache entry of a stored live profile.

@@ -236,9 +236,19 @@ async fn leases_are_shared_fairly_and_fence_the_cursor(_db: Database, log: Arc<d
 
     let p = a[0].partition;
     let to = Cursor { txid: 0, seq: 7 };
-    assert!(log.advance("a", p, to).await.unwrap());
-    assert!(
-        !log.advance("b", p, to).await.unwrap(),
+    let other = Cursor { txid: 0, seq: 9 };
+    assert_eq!(
+        log.advance("a", &[(p, to), (a[1].partition, other)])
+            .await
+            .unwrap(),
+        [p, a[1].partition],
+        "one call moves every partition held"
+    );
+    assert_eq!(
+        log.advance("b", &[(p, to), (b[0].partition, other)])
+            .await
+            .unwrap(),
+        [b[0].partition],
         "only the holder moves the cursor"
     );
     log.release("a", p).await.unwrap();
@@ -260,10 +270,10 @@ async fn backlog_counts_undelivered_events(_db: Database, log: Arc<dyn EventLog>
     assert!(backlog.oldest.is_some());
     let leases = log.lease("a", 1, LEASE).await.unwrap();
     let read = read_settled(&log, 0, leases[0].cursor, 1, 1).await;
-    assert!(log.advance("a", 0, read[0].cursor).await.unwrap());
+    assert_eq!(log.advance("a", &[(0, read[0].cursor)]).await.unwrap(), [0]);
     assert_eq!(log.backlog().await.unwrap().events, 1);
     let read = read_settled(&log, 0, read[0].cursor, 1, 1).await;
-    assert!(log.advance("a", 0, read[0].cursor).await.unwrap());
+    assert_eq!(log.advance("a", &[(0, read[0].cursor)]).await.unwrap(), [0]);
     assert_eq!(
         log.backlog().await.unwrap(),
         super::Backlog {
@@ -368,7 +378,7 @@ async fn lists_a_sources_events_newest_first_with_filters(_db: Database, log: Ar
     // Delivery moves past the two oldest events of the partition: they show as delivered.
     let leases = log.lease("a", 1, LEASE).await.unwrap();
     let read = read_settled(&log, 0, leases[0].cursor, 2, 2).await;
-    assert!(log.advance("a", 0, read[1].cursor).await.unwrap());
+    assert_eq!(log.advance("a", &[(0, read[1].cursor)]).await.unwrap(), [0]);
     let got = log.list_events("s", &all, None, 10).await.unwrap();
     let delivered: Vec<_> = got
         .iter()

@@ -141,14 +141,13 @@ pub(crate) trait EventLog: Send + Sync + std::fmt::Debug {
         limit: i64,
     ) -> Result<Vec<StoredEvent>, StoreError>;
 
-    /// Moves the cursor of `partition` to `to`, if `dispatcher` still holds its lease; returns
-    /// whether it did.
+    /// Moves the cursor of each `(partition, to)` of `moves` whose lease `dispatcher` still
+    /// holds, in one transaction; returns the partitions moved.
     async fn advance(
         &self,
         dispatcher: &str,
-        partition: i32,
-        to: Cursor,
-    ) -> Result<bool, StoreError>;
+        moves: &[(i32, Cursor)],
+    ) -> Result<Vec<i32>, StoreError>;
 
     /// How many events wait for delivery, over all partitions, and when the oldest of them was
     /// received (`None` when none waits).

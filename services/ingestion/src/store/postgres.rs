@@ -292,20 +292,29 @@ impl EventLog for PgEventLog {
     async fn advance(
         &self,
         dispatcher: &str,
-        partition: i32,
-        to: Cursor,
-    ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE delivery_partitions SET cursor_txid = $3::text::xid8, cursor_seq = $4 \
-             WHERE partition = $1 AND owner = $2 AND lease_until > now()",
+        moves: &[(i32, Cursor)],
+    ) -> Result<Vec<i32>, StoreError> {
+        if moves.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (partitions, cursors): (Vec<i32>, Vec<Cursor>) = moves.iter().copied().unzip();
+        let txids: Vec<i64> = cursors.iter().map(|c| c.txid).collect();
+        let seqs: Vec<i64> = cursors.iter().map(|c| c.seq).collect();
+        // One statement (one commit) for the whole round's partitions.
+        let moved = sqlx::query_scalar(
+            "UPDATE delivery_partitions d \
+             SET cursor_txid = m.txid::text::xid8, cursor_seq = m.seq \
+             FROM UNNEST($2::int4[], $3::int8[], $4::int8[]) AS m(partition, txid, seq) \
+             WHERE d.partition = m.partition AND d.owner = $1 AND d.lease_until > now() \
+             RETURNING d.partition",
         )
-        .bind(partition)
         .bind(dispatcher)
-        .bind(to.txid.to_string())
-        .bind(to.seq)
-        .execute(&self.pool)
+        .bind(partitions)
+        .bind(txids)
+        .bind(seqs)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(done.rows_affected() == 1)
+        Ok(moved)
     }
 
     async fn backlog(&self) -> Result<Backlog, StoreError> {

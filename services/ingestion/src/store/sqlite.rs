@@ -318,20 +318,28 @@ impl EventLog for SqliteEventLog {
     async fn advance(
         &self,
         dispatcher: &str,
-        partition: i32,
-        to: Cursor,
-    ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE delivery_partitions SET cursor_seq = $3 \
-             WHERE partition = $1 AND owner = $2 AND lease_until > $4",
-        )
-        .bind(partition)
-        .bind(dispatcher)
-        .bind(to.seq)
-        .bind(now_micros())
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        moves: &[(i32, Cursor)],
+    ) -> Result<Vec<i32>, StoreError> {
+        let now = now_micros();
+        let mut tx = self.pool.begin().await?;
+        let mut moved = Vec::with_capacity(moves.len());
+        for (partition, to) in moves {
+            let done = sqlx::query(
+                "UPDATE delivery_partitions SET cursor_seq = $3 \
+                 WHERE partition = $1 AND owner = $2 AND lease_until > $4",
+            )
+            .bind(partition)
+            .bind(dispatcher)
+            .bind(to.seq)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 1 {
+                moved.push(*partition);
+            }
+        }
+        tx.commit().await?;
+        Ok(moved)
     }
 
     async fn backlog(&self) -> Result<Backlog, StoreError> {

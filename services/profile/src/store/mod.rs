@@ -37,35 +37,58 @@ pub struct Applied {
     pub applied: i64,
     /// Events skipped because they had been applied before (or appeared twice in the batch).
     pub duplicates: i64,
-    /// The live profiles that changed, as stored after the batch.
+    /// The live profiles written (changed or rescored), as stored after the batch.
     pub changed: Vec<Profile>,
+    /// The profiles (live and merged away) whose state the batch's events and merges changed;
+    /// a profile only rescored is not among them.
+    pub state_changed: BTreeSet<String>,
     /// The profiles merged away by the batch, with their new version.
     pub merged_away: Vec<(String, i64)>,
     /// The live profiles the batch's ids resolve to after its merges, sorted.
     pub named: Vec<String>,
 }
 
-/// New scores for one profile, computed from the profile at `version`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ScoreUpdate {
-    /// The profile.
-    pub profile_id: String,
-    /// The version the scores were computed from; the update only lands on that version.
-    pub version: i64,
-    /// The profile's whole score map after the update.
-    pub scores: BTreeMap<String, Score>,
+/// Scores profiles inside the transaction that applies a batch, so a profile's state and its
+/// scores are written together (one write, one version) and no batch is applied unscored.
+#[async_trait]
+pub trait Scorer: Send + Sync {
+    /// The new scores of each of `profiles` (live, as the batch left them), in order.
+    async fn score(
+        &self,
+        profiles: &[&Profile],
+        now: OffsetDateTime,
+    ) -> Result<Vec<Vec<Score>>, ProfileError>;
+}
+
+/// A [`Scorer`] that scores nothing: profiles keep the scores they have.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoScores;
+
+#[async_trait]
+impl Scorer for NoScores {
+    async fn score(
+        &self,
+        profiles: &[&Profile],
+        _now: OffsetDateTime,
+    ) -> Result<Vec<Vec<Score>>, ProfileError> {
+        Ok(vec![Vec::new(); profiles.len()])
+    }
 }
 
 /// The system of record of profiles.
 #[async_trait]
 pub trait ProfileStore: Send + Sync + std::fmt::Debug {
-    /// Applies a batch in one transaction: merges first, then each event not applied before.
-    /// Idempotent: applying the same batch again changes nothing.
+    /// Applies a batch in one transaction: merges first, then each event not applied before,
+    /// then `scorer` rescores every live profile the batch names (also when all its events
+    /// were applied before, so a batch retried after a scoring failure gets its scores).
+    /// Idempotent: applying the same batch again changes no state. A scoring failure fails
+    /// the whole batch.
     async fn apply(
         &self,
         batch: &Batch,
         half_life_seconds: f64,
         now: OffsetDateTime,
+        scorer: &dyn Scorer,
     ) -> Result<Applied, ProfileError>;
 
     /// The live profile `profile_id` resolves to (itself, or the profile it was merged into).
@@ -73,14 +96,6 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
 
     /// The live profiles among `profile_ids`, as stored (merged ones are left out).
     async fn get_many(&self, profile_ids: &[String]) -> Result<Vec<Profile>, ProfileError>;
-
-    /// Stores scores; an update whose profile changed since its `version` is skipped (whoever
-    /// changed the profile rescores it). Returns the updated profiles.
-    async fn store_scores(
-        &self,
-        updates: &[ScoreUpdate],
-        now: OffsetDateTime,
-    ) -> Result<Vec<Profile>, ProfileError>;
 }
 
 /// The store of `db`'s backend. The database must be migrated with [`crate::MIGRATIONS`].
@@ -107,22 +122,15 @@ trait Ops: Send {
         events: &[(String, String)],
         now: OffsetDateTime,
     ) -> Result<HashSet<String>, sqlx::Error>;
-    /// Writes a profile's row (not its identifiers).
-    async fn write(&mut self, profile: &Profile) -> Result<(), sqlx::Error>;
+    /// Writes the profiles' rows (not their identifiers).
+    async fn write(&mut self, profiles: &[&Profile]) -> Result<(), sqlx::Error>;
     /// Moves the identifiers of `merged` to `survivor`, and redirects the profiles that pointed
     /// at `merged` to `survivor`.
     async fn redirect(&mut self, merged: &str, survivor: &str) -> Result<(), sqlx::Error>;
-    /// Links identifiers to a profile; an identifier already linked to a profile keeps its
-    /// link. Returns how many were linked.
-    async fn link(&mut self, profile_id: &str, ids: &[&Identifier]) -> Result<u64, sqlx::Error>;
-    /// Stores scores if the live profile is still at `version`; bumps the version.
-    async fn write_scores(
-        &mut self,
-        profile_id: &str,
-        version: i64,
-        scores: &BTreeMap<String, Score>,
-        now: OffsetDateTime,
-    ) -> Result<bool, sqlx::Error>;
+    /// Links identifiers to profiles, as (profile id, identifier) pairs without repeated
+    /// identifiers; an identifier already linked to a profile keeps its link. Returns how
+    /// many were linked.
+    async fn link(&mut self, links: &[(&str, &Identifier)]) -> Result<u64, sqlx::Error>;
 }
 
 /// Applies a batch through `ops`, which must be inside a transaction.
@@ -131,6 +139,7 @@ async fn apply<O: Ops>(
     batch: &Batch,
     half_life_seconds: f64,
     now: OffsetDateTime,
+    scorer: &dyn Scorer,
 ) -> Result<Applied, ProfileError> {
     let named = batch.profile_ids();
     ops.ensure(&named, now).await?;
@@ -161,26 +170,44 @@ async fn apply<O: Ops>(
         }
     }
 
+    let named_live: BTreeSet<String> = named
+        .iter()
+        .filter_map(|id| ws.canonical(id).map(str::to_owned))
+        .collect();
+    let state_changed: BTreeSet<String> = ws.changed().map(|p| p.profile_id.clone()).collect();
+    let scores = {
+        let profiles: Vec<&Profile> = named_live.iter().filter_map(|id| ws.profile(id)).collect();
+        scorer.score(&profiles, now).await?
+    };
+    for (id, scores) in named_live.iter().zip(scores) {
+        ws.set_scores(id, scores, now);
+    }
+
     // Rows first, then redirects: a profile merged into one that was merged itself later in
     // the same batch is then redirected straight to the last survivor.
-    for profile in ws.changed() {
-        ops.write(profile).await?;
-    }
+    let changed: Vec<&Profile> = ws.changed().collect();
+    ops.write(&changed).await?;
     for (merged, survivor) in ws.merges() {
         ops.redirect(merged, survivor).await?;
     }
+    // An identifier is new to one live profile at most (merges move new identifiers along).
+    let mut links: Vec<(&str, &Identifier)> = Vec::new();
+    let mut seen_ids = HashSet::new();
     for (profile_id, ids) in ws.new_identifiers() {
-        let ids: Vec<&Identifier> = ids.iter().collect();
-        let linked = ops.link(profile_id, &ids).await?;
-        if linked < ids.len() as u64 {
-            // The identity service links an identifier to one profile and moves it only by a
-            // merge, so this means the two services disagree; the first link is kept.
-            tracing::warn!(
-                profile_id,
-                conflicts = ids.len() as u64 - linked,
-                "identifiers already linked to another profile were not relinked"
-            );
+        for id in ids {
+            if seen_ids.insert(id) {
+                links.push((profile_id.as_str(), id));
+            }
         }
+    }
+    let linked = ops.link(&links).await?;
+    if linked < links.len() as u64 {
+        // The identity service links an identifier to one profile and moves it only by a
+        // merge, so this means the two services disagree; the first link is kept.
+        tracing::warn!(
+            conflicts = links.len() as u64 - linked,
+            "identifiers already linked to another profile were not relinked"
+        );
     }
 
     let changed_live: Vec<String> = ws
@@ -193,16 +220,13 @@ async fn apply<O: Ops>(
         .filter(|p| p.merged_into.is_some())
         .map(|p| (p.profile_id.clone(), p.version))
         .collect();
-    let named_live: BTreeSet<String> = named
-        .iter()
-        .filter_map(|id| ws.canonical(id).map(str::to_owned))
-        .collect();
     // Read back what was written, so what the cache gets is exactly what a read returns.
     let changed = ops.load(&changed_live, false).await?;
     Ok(Applied {
         applied,
         duplicates: batch.events.len() as i64 - applied,
         changed,
+        state_changed,
         merged_away,
         named: named_live.into_iter().collect(),
     })
@@ -270,23 +294,6 @@ async fn get_many<O: Ops>(ops: &mut O, ids: &[String]) -> Result<Vec<Profile>, P
     let mut profiles = ops.load(ids, false).await?;
     profiles.retain(|p| p.merged_into.is_none());
     Ok(profiles)
-}
-
-async fn store_scores<O: Ops>(
-    ops: &mut O,
-    updates: &[ScoreUpdate],
-    now: OffsetDateTime,
-) -> Result<Vec<Profile>, ProfileError> {
-    let mut stored = Vec::with_capacity(updates.len());
-    for update in updates {
-        if ops
-            .write_scores(&update.profile_id, update.version, &update.scores, now)
-            .await?
-        {
-            stored.push(update.profile_id.clone());
-        }
-    }
-    Ok(ops.load(&stored, false).await?)
 }
 
 /// Attaches loaded identifiers to their profiles.

@@ -1,7 +1,7 @@
 //! The Postgres profile store: production. Lists are bound as arrays (`ANY`, `UNNEST`), so
 //! every statement is static.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use sqlx::Row;
@@ -10,8 +10,8 @@ use sqlx::types::Json;
 use tessera_core::Identifier;
 use time::OffsetDateTime;
 
-use super::{Applied, Ops, ProfileStore, ScoreUpdate, attach_identifiers};
-use crate::domain::{Batch, Profile, ProfileState, Score};
+use super::{Applied, Ops, ProfileStore, Scorer, attach_identifiers};
+use crate::domain::{Batch, Profile, ProfileState};
 use crate::error::ProfileError;
 
 /// Profiles in Postgres, in the service's schema.
@@ -34,9 +34,11 @@ impl ProfileStore for PostgresStore {
         batch: &Batch,
         half_life_seconds: f64,
         now: OffsetDateTime,
+        scorer: &dyn Scorer,
     ) -> Result<Applied, ProfileError> {
         let mut tx = self.pool.begin().await?;
-        let applied = super::apply(&mut PgOps(&mut tx), batch, half_life_seconds, now).await?;
+        let applied =
+            super::apply(&mut PgOps(&mut tx), batch, half_life_seconds, now, scorer).await?;
         tx.commit().await?;
         Ok(applied)
     }
@@ -49,17 +51,6 @@ impl ProfileStore for PostgresStore {
     async fn get_many(&self, profile_ids: &[String]) -> Result<Vec<Profile>, ProfileError> {
         let mut conn = self.pool.acquire().await?;
         super::get_many(&mut PgOps(&mut conn), profile_ids).await
-    }
-
-    async fn store_scores(
-        &self,
-        updates: &[ScoreUpdate],
-        now: OffsetDateTime,
-    ) -> Result<Vec<Profile>, ProfileError> {
-        let mut tx = self.pool.begin().await?;
-        let stored = super::store_scores(&mut PgOps(&mut tx), updates, now).await?;
-        tx.commit().await?;
-        Ok(stored)
     }
 }
 
@@ -169,24 +160,61 @@ impl Ops for PgOps<'_> {
         rows.iter().map(|r| r.try_get("event_id")).collect()
     }
 
-    async fn write(&mut self, p: &Profile) -> Result<(), sqlx::Error> {
+    async fn write(&mut self, profiles: &[&Profile]) -> Result<(), sqlx::Error> {
+        if profiles.is_empty() {
+            return Ok(());
+        }
+        // One statement for the whole batch; the merged ids travel as JSON arrays because
+        // UNNEST cannot take an array of arrays of different lengths.
+        let n = profiles.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut merged_into = Vec::with_capacity(n);
+        let mut traits = Vec::with_capacity(n);
+        let mut event_counts = Vec::with_capacity(n);
+        let mut first_seen = Vec::with_capacity(n);
+        let mut last_seen = Vec::with_capacity(n);
+        let mut activity = Vec::with_capacity(n);
+        let mut scores = Vec::with_capacity(n);
+        let mut merged_ids = Vec::with_capacity(n);
+        let mut versions = Vec::with_capacity(n);
+        let mut updated = Vec::with_capacity(n);
+        for p in profiles {
+            ids.push(p.profile_id.as_str());
+            merged_into.push(p.merged_into.as_deref());
+            traits.push(Json(&p.state.traits));
+            event_counts.push(p.state.event_count);
+            first_seen.push(p.state.first_seen);
+            last_seen.push(p.state.last_seen);
+            activity.push(p.state.activity_log2);
+            scores.push(Json(&p.scores));
+            merged_ids.push(Json(&p.merged_profile_ids));
+            versions.push(p.version);
+            updated.push(p.updated_at);
+        }
         sqlx::query(
-            "UPDATE profiles SET merged_into = $2, traits = $3, event_count = $4, \
-                 first_seen = $5, last_seen = $6, activity_log2 = $7, scores = $8, \
-                 merged_profile_ids = $9, version = $10, updated_at = $11 \
-             WHERE profile_id = $1",
+            "UPDATE profiles p SET merged_into = u.merged_into, traits = u.traits, \
+                 event_count = u.event_count, first_seen = u.first_seen, \
+                 last_seen = u.last_seen, activity_log2 = u.activity_log2, scores = u.scores, \
+                 merged_profile_ids = ARRAY(SELECT jsonb_array_elements_text(u.merged_ids)), \
+                 version = u.version, updated_at = u.updated_at \
+             FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::int8[], $5::timestamptz[], \
+                         $6::timestamptz[], $7::float8[], $8::jsonb[], $9::jsonb[], $10::int8[], \
+                         $11::timestamptz[]) \
+                  AS u(profile_id, merged_into, traits, event_count, first_seen, last_seen, \
+                       activity_log2, scores, merged_ids, version, updated_at) \
+             WHERE p.profile_id = u.profile_id",
         )
-        .bind(&p.profile_id)
-        .bind(&p.merged_into)
-        .bind(Json(&p.state.traits))
-        .bind(p.state.event_count)
-        .bind(p.state.first_seen)
-        .bind(p.state.last_seen)
-        .bind(p.state.activity_log2)
-        .bind(Json(&p.scores))
-        .bind(p.merged_profile_ids.as_slice())
-        .bind(p.version)
-        .bind(p.updated_at)
+        .bind(ids)
+        .bind(merged_into)
+        .bind(traits)
+        .bind(event_counts)
+        .bind(first_seen)
+        .bind(last_seen)
+        .bind(activity)
+        .bind(scores)
+        .bind(merged_ids)
+        .bind(versions)
+        .bind(updated)
         .execute(&mut *self.0)
         .await?;
         Ok(())
@@ -206,42 +234,29 @@ impl Ops for PgOps<'_> {
         Ok(())
     }
 
-    async fn link(&mut self, profile_id: &str, ids: &[&Identifier]) -> Result<u64, sqlx::Error> {
-        let (types, values): (Vec<&str>, Vec<&str>) = ids
-            .iter()
-            .map(|i| (i.kind.as_str(), i.value.as_str()))
-            .unzip();
+    async fn link(&mut self, links: &[(&str, &Identifier)]) -> Result<u64, sqlx::Error> {
+        if links.is_empty() {
+            return Ok(0);
+        }
+        let mut types = Vec::with_capacity(links.len());
+        let mut values = Vec::with_capacity(links.len());
+        let mut profile_ids = Vec::with_capacity(links.len());
+        for (profile_id, id) in links {
+            types.push(id.kind.as_str());
+            values.push(id.value.as_str());
+            profile_ids.push(*profile_id);
+        }
         let done = sqlx::query(
             "INSERT INTO profile_identifiers (type, value, profile_id) \
-             SELECT t, v, $3 FROM UNNEST($1::text[], $2::text[]) AS x(t, v) \
+             SELECT t, v, p FROM UNNEST($1::text[], $2::text[], $3::text[]) AS x(t, v, p) \
              ON CONFLICT (type, value) DO NOTHING",
         )
         .bind(types)
         .bind(values)
-        .bind(profile_id)
+        .bind(profile_ids)
         .execute(&mut *self.0)
         .await?;
         Ok(done.rows_affected())
-    }
-
-    async fn write_scores(
-        &mut self,
-        profile_id: &str,
-        version: i64,
-        scores: &BTreeMap<String, Score>,
-        now: OffsetDateTime,
-    ) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(
-            "UPDATE profiles SET scores = $3, version = version + 1, updated_at = $4 \
-             WHERE profile_id = $1 AND version = $2 AND merged_into IS NULL",
-        )
-        .bind(profile_id)
-        .bind(version)
-        .bind(Json(scores))
-        .bind(now)
-        .execute(&mut *self.0)
-        .await?;
-        Ok(done.rows_affected() == 1)
     }
 }
 

@@ -3,7 +3,7 @@
 //! limit. The pool has a single connection, so transactions never run concurrently and need no
 //! row locks.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use sqlx::sqlite::{Sqlite, SqliteConnection, SqlitePool, SqliteRow};
@@ -12,8 +12,8 @@ use sqlx::{QueryBuilder, Row};
 use tessera_core::Identifier;
 use time::OffsetDateTime;
 
-use super::{Applied, Ops, ProfileStore, ScoreUpdate, attach_identifiers};
-use crate::domain::{Batch, Profile, ProfileState, Score};
+use super::{Applied, Ops, ProfileStore, Scorer, attach_identifiers};
+use crate::domain::{Batch, Profile, ProfileState};
 use crate::error::ProfileError;
 
 /// Rows per statement: at most 3 parameters each, far below SQLite's 32,766.
@@ -39,9 +39,11 @@ impl ProfileStore for SqliteStore {
         batch: &Batch,
         half_life_seconds: f64,
         now: OffsetDateTime,
+        scorer: &dyn Scorer,
     ) -> Result<Applied, ProfileError> {
         let mut tx = self.pool.begin().await?;
-        let applied = super::apply(&mut LiteOps(&mut tx), batch, half_life_seconds, now).await?;
+        let applied =
+            super::apply(&mut LiteOps(&mut tx), batch, half_life_seconds, now, scorer).await?;
         tx.commit().await?;
         Ok(applied)
     }
@@ -54,17 +56,6 @@ impl ProfileStore for SqliteStore {
     async fn get_many(&self, profile_ids: &[String]) -> Result<Vec<Profile>, ProfileError> {
         let mut conn = self.pool.acquire().await?;
         super::get_many(&mut LiteOps(&mut conn), profile_ids).await
-    }
-
-    async fn store_scores(
-        &self,
-        updates: &[ScoreUpdate],
-        now: OffsetDateTime,
-    ) -> Result<Vec<Profile>, ProfileError> {
-        let mut tx = self.pool.begin().await?;
-        let stored = super::store_scores(&mut LiteOps(&mut tx), updates, now).await?;
-        tx.commit().await?;
-        Ok(stored)
     }
 }
 
@@ -174,26 +165,11 @@ impl Ops for LiteOps<'_> {
         Ok(fresh)
     }
 
-    async fn write(&mut self, p: &Profile) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "UPDATE profiles SET merged_into = ?2, traits = ?3, event_count = ?4, \
-                 first_seen = ?5, last_seen = ?6, activity_log2 = ?7, scores = ?8, \
-                 merged_profile_ids = ?9, version = ?10, updated_at = ?11 \
-             WHERE profile_id = ?1",
-        )
-        .bind(&p.profile_id)
-        .bind(&p.merged_into)
-        .bind(Json(&p.state.traits))
-        .bind(p.state.event_count)
-        .bind(p.state.first_seen)
-        .bind(p.state.last_seen)
-        .bind(p.state.activity_log2)
-        .bind(Json(&p.scores))
-        .bind(Json(&p.merged_profile_ids))
-        .bind(p.version)
-        .bind(p.updated_at)
-        .execute(&mut *self.0)
-        .await?;
+    async fn write(&mut self, profiles: &[&Profile]) -> Result<(), sqlx::Error> {
+        // SQLite runs in-process: one statement per profile costs no round trip.
+        for p in profiles {
+            write_one(&mut *self.0, p).await?;
+        }
         Ok(())
     }
 
@@ -211,42 +187,46 @@ impl Ops for LiteOps<'_> {
         Ok(())
     }
 
-    async fn link(&mut self, profile_id: &str, ids: &[&Identifier]) -> Result<u64, sqlx::Error> {
+    async fn link(&mut self, links: &[(&str, &Identifier)]) -> Result<u64, sqlx::Error> {
         let mut linked = 0;
-        for chunk in ids.chunks(CHUNK) {
+        for chunk in links.chunks(CHUNK) {
             let mut qb = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO profile_identifiers (type, value, profile_id) ",
             );
-            qb.push_values(chunk, |mut row, id| {
+            qb.push_values(chunk, |mut row, (profile_id, id)| {
                 row.push_bind(id.kind.clone())
                     .push_bind(id.value.clone())
-                    .push_bind(profile_id.to_owned());
+                    .push_bind((*profile_id).to_owned());
             });
             qb.push(" ON CONFLICT (type, value) DO NOTHING");
             linked += qb.build().execute(&mut *self.0).await?.rows_affected();
         }
         Ok(linked)
     }
+}
 
-    async fn write_scores(
-        &mut self,
-        profile_id: &str,
-        version: i64,
-        scores: &BTreeMap<String, Score>,
-        now: OffsetDateTime,
-    ) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(
-            "UPDATE profiles SET scores = ?3, version = version + 1, updated_at = ?4 \
-             WHERE profile_id = ?1 AND version = ?2 AND merged_into IS NULL",
-        )
-        .bind(profile_id)
-        .bind(version)
-        .bind(Json(scores))
-        .bind(now)
-        .execute(&mut *self.0)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
+/// Writes one profile's row.
+async fn write_one(conn: &mut SqliteConnection, p: &Profile) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE profiles SET merged_into = ?2, traits = ?3, event_count = ?4, \
+             first_seen = ?5, last_seen = ?6, activity_log2 = ?7, scores = ?8, \
+             merged_profile_ids = ?9, version = ?10, updated_at = ?11 \
+         WHERE profile_id = ?1",
+    )
+    .bind(&p.profile_id)
+    .bind(&p.merged_into)
+    .bind(Json(&p.state.traits))
+    .bind(p.state.event_count)
+    .bind(p.state.first_seen)
+    .bind(p.state.last_seen)
+    .bind(p.state.activity_log2)
+    .bind(Json(&p.scores))
+    .bind(Json(&p.merged_profile_ids))
+    .bind(p.version)
+    .bind(p.updated_at)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 fn profile(row: &SqliteRow) -> Result<Profile, sqlx::Error> {

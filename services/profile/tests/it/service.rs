@@ -363,7 +363,7 @@ async fn reads_and_writes_succeed_with_redis_unreachable() {
 }
 
 #[tokio::test]
-async fn scoring_unreachable_is_unavailable_and_a_retry_still_scores() {
+async fn scoring_unreachable_is_unavailable_applies_nothing_and_a_retry_scores() {
     let env = Env::new().await;
     let broken = env
         .replica_with(env.redis(), lazy_channel("http://127.0.0.1:1"))
@@ -379,13 +379,16 @@ async fn scoring_unreachable_is_unavailable_and_a_retry_still_scores() {
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.get_error_details().retry_info().is_some());
 
-    // The events were applied, not yet scored; the pipeline's retry scores them.
+    // Applying and scoring are one transaction: nothing of the batch was kept, and the
+    // pipeline's retry applies and scores it.
     let healthy = env.replica().await;
-    let unscored = healthy.get_id("p1").await;
-    assert_eq!(unscored.event_count, 1);
-    assert!(unscored.scores.is_empty());
+    let missing = healthy
+        .get(Lookup::ProfileId("p1".to_owned()))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
     let retry = healthy.apply(request).await.unwrap();
-    assert_eq!((retry.applied, retry.duplicates), (0, 1));
+    assert_eq!((retry.applied, retry.duplicates), (1, 0));
     let scored = healthy.get_id("p1").await;
     assert_eq!(scored.event_count, 1);
     assert!(scored.scores["engagement"].value > 0.0);

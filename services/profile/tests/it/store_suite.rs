@@ -1,13 +1,13 @@
 //! The storage conformance suite: every test runs against SQLite and against Postgres.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde_json::json;
 use tessera_core::Identifier;
 use tessera_core::activity::DEFAULT_HALF_LIFE_SECONDS as H;
-use tessera_profile::domain::{Batch, Score};
-use tessera_profile::store::{self, ProfileStore, ScoreUpdate};
+use tessera_profile::domain::{Batch, Profile, Score};
+use tessera_profile::error::ProfileError;
+use tessera_profile::store::{self, NoScores, ProfileStore, Scorer};
 use tessera_profile::{MIGRATIONS, SCHEMA};
 use tessera_store::{Database, DbSettings};
 use tessera_testkit::{TestDb, TestSqlite};
@@ -86,7 +86,8 @@ store_suite!(
     a_merge_applied_twice_changes_nothing,
     events_of_a_merged_profile_go_to_the_survivor,
     merge_chains_lead_to_the_last_survivor,
-    scores_land_only_on_the_version_they_were_computed_from,
+    scores_are_written_with_the_state_they_describe,
+    a_scoring_failure_applies_nothing,
 );
 
 async fn applied_events_can_be_read(store: &dyn ProfileStore) {
@@ -104,7 +105,7 @@ async fn applied_events_can_be_read(store: &dyn ProfileStore) {
             event("e3", "p2", 7, "u2", json!({})),
         ],
     };
-    let applied = store.apply(&batch, H, NOW).await.unwrap();
+    let applied = store.apply(&batch, H, NOW, &NoScores).await.unwrap();
     assert_eq!((applied.applied, applied.duplicates), (3, 0));
     assert_eq!(applied.named, ["p1", "p2"]);
     assert_eq!(applied.changed.len(), 2);
@@ -142,11 +143,11 @@ async fn a_retried_batch_changes_nothing(store: &dyn ProfileStore) {
             event("e2", "p2", 2, "u2", json!({"plan": "pro"})),
         ],
     };
-    let first = store.apply(&batch, H, NOW).await.unwrap();
+    let first = store.apply(&batch, H, NOW, &NoScores).await.unwrap();
     assert_eq!((first.applied, first.duplicates), (2, 1));
     let before = store.get("p1").await.unwrap().unwrap();
 
-    let again = store.apply(&batch, H, NOW).await.unwrap();
+    let again = store.apply(&batch, H, NOW, &NoScores).await.unwrap();
     assert_eq!((again.applied, again.duplicates), (0, 3));
     assert!(again.changed.is_empty() && again.merged_away.is_empty());
     assert_eq!(
@@ -175,8 +176,8 @@ async fn an_older_event_never_overwrites_a_newer_trait(store: &dyn ProfileStore)
             json!({"plan": "free", "city": "Oslo"}),
         )],
     };
-    store.apply(&newer, H, NOW).await.unwrap();
-    store.apply(&older, H, NOW).await.unwrap();
+    store.apply(&newer, H, NOW, &NoScores).await.unwrap();
+    store.apply(&older, H, NOW, &NoScores).await.unwrap();
     let p = store.get("p1").await.unwrap().unwrap();
     assert_eq!(p.state.traits["plan"].value, json!("pro"));
     assert_eq!(p.state.traits["plan"].event_id, "e-new");
@@ -195,7 +196,7 @@ async fn a_merge_folds_state_and_redirects_reads(store: &dyn ProfileStore) {
             event("e3", "p2", 1, "anon-2", json!({})),
         ],
     };
-    store.apply(&setup, H, NOW).await.unwrap();
+    store.apply(&setup, H, NOW, &NoScores).await.unwrap();
     let p1 = store.get("p1").await.unwrap().unwrap();
     let p2 = store.get("p2").await.unwrap().unwrap();
 
@@ -207,6 +208,7 @@ async fn a_merge_folds_state_and_redirects_reads(store: &dyn ProfileStore) {
             },
             H,
             NOW,
+            &NoScores,
         )
         .await
         .unwrap();
@@ -245,6 +247,7 @@ async fn a_merge_applied_twice_changes_nothing(store: &dyn ProfileStore) {
             },
             H,
             NOW,
+            &NoScores,
         )
         .await
         .unwrap();
@@ -252,17 +255,17 @@ async fn a_merge_applied_twice_changes_nothing(store: &dyn ProfileStore) {
         merges: vec![merge("p1", "p2"), merge("p1", "p2")],
         events: vec![],
     };
-    let first = store.apply(&merges, H, NOW).await.unwrap();
+    let first = store.apply(&merges, H, NOW, &NoScores).await.unwrap();
     assert_eq!(first.merged_away.len(), 1);
     let before = store.get("p1").await.unwrap().unwrap();
-    let again = store.apply(&merges, H, NOW).await.unwrap();
+    let again = store.apply(&merges, H, NOW, &NoScores).await.unwrap();
     assert!(again.changed.is_empty() && again.merged_away.is_empty());
     // Merging the other way round is the same union too: nothing changes.
     let reversed = Batch {
         merges: vec![merge("p2", "p1")],
         events: vec![],
     };
-    let third = store.apply(&reversed, H, NOW).await.unwrap();
+    let third = store.apply(&reversed, H, NOW, &NoScores).await.unwrap();
     assert!(third.changed.is_empty() && third.merged_away.is_empty());
     let after = store.get("p1").await.unwrap().unwrap();
     assert_eq!(after, before);
@@ -280,6 +283,7 @@ async fn events_of_a_merged_profile_go_to_the_survivor(store: &dyn ProfileStore)
             },
             H,
             NOW,
+            &NoScores,
         )
         .await
         .unwrap();
@@ -289,7 +293,7 @@ async fn events_of_a_merged_profile_go_to_the_survivor(store: &dyn ProfileStore)
         merges: vec![],
         events: vec![event("e1", "m", 3, "u-m", json!({"plan": "pro"}))],
     };
-    let applied = store.apply(&late, H, NOW).await.unwrap();
+    let applied = store.apply(&late, H, NOW, &NoScores).await.unwrap();
     assert_eq!(applied.named, ["s"]);
     let s = store.get("s").await.unwrap().unwrap();
     assert_eq!(s.state.event_count, 1);
@@ -312,13 +316,13 @@ async fn merge_chains_lead_to_the_last_survivor(store: &dyn ProfileStore) {
             event("e4", "d", 4, "ud", json!({})),
         ],
     };
-    store.apply(&batch, H, NOW).await.unwrap();
+    store.apply(&batch, H, NOW, &NoScores).await.unwrap();
     // b into a, then a into c in one batch; then c into d in another.
     let merges = Batch {
         merges: vec![merge("a", "b"), merge("c", "a")],
         events: vec![event("e5", "b", 5, "ub", json!({}))],
     };
-    let applied = store.apply(&merges, H, NOW).await.unwrap();
+    let applied = store.apply(&merges, H, NOW, &NoScores).await.unwrap();
     assert_eq!(applied.named, ["c"]);
     store
         .apply(
@@ -328,6 +332,7 @@ async fn merge_chains_lead_to_the_last_survivor(store: &dyn ProfileStore) {
             },
             H,
             NOW,
+            &NoScores,
         )
         .await
         .unwrap();
@@ -350,35 +355,111 @@ async fn merge_chains_lead_to_the_last_survivor(store: &dyn ProfileStore) {
     assert_eq!(live[0].profile_id, "d");
 }
 
-async fn scores_land_only_on_the_version_they_were_computed_from(store: &dyn ProfileStore) {
+/// Scores each profile with its event count, and records what it was asked.
+#[derive(Debug, Default)]
+struct CountingScorer {
+    asked: std::sync::Mutex<Vec<Vec<String>>>,
+    fail: bool,
+}
+
+#[async_trait::async_trait]
+impl Scorer for CountingScorer {
+    async fn score(
+        &self,
+        profiles: &[&Profile],
+        now: OffsetDateTime,
+    ) -> Result<Vec<Vec<Score>>, ProfileError> {
+        self.asked
+            .lock()
+            .unwrap()
+            .push(profiles.iter().map(|p| p.profile_id.clone()).collect());
+        if self.fail {
+            return Err(ProfileError::BadScores("scoring is down".to_owned()));
+        }
+        Ok(profiles
+            .iter()
+            .map(|p| {
+                vec![Score {
+                    name: "events".to_owned(),
+                    #[allow(clippy::cast_precision_loss)]
+                    value: p.state.event_count as f64,
+                    computed_at: now,
+                    model_version: "test".to_owned(),
+                    factors: vec![],
+                }]
+            })
+            .collect())
+    }
+}
+
+async fn scores_are_written_with_the_state_they_describe(store: &dyn ProfileStore) {
+    let scorer = CountingScorer::default();
+    let setup = Batch {
+        merges: vec![],
+        events: vec![
+            event("e1", "p1", 1, "u1", json!({})),
+            event("e2", "p1", 2, "u1", json!({})),
+            event("e3", "p2", 3, "u2", json!({})),
+        ],
+    };
+    let applied = store.apply(&setup, H, NOW, &scorer).await.unwrap();
+    // The scorer saw the profiles after their events, once per batch, in id order.
+    assert_eq!(*scorer.asked.lock().unwrap(), [["p1", "p2"]]);
+    let p1 = store.get("p1").await.unwrap().unwrap();
+    assert_eq!(p1.scores["events"].value, 2.0);
+    assert_eq!(
+        store.get("p2").await.unwrap().unwrap().scores["events"].value,
+        1.0
+    );
+    assert_eq!(
+        applied.changed.iter().find(|p| p.profile_id == "p1"),
+        Some(&p1)
+    );
+
+    // A merge rescored the survivor with the merged state.
+    let merges = Batch {
+        merges: vec![merge("p1", "p2")],
+        events: vec![],
+    };
+    store.apply(&merges, H, NOW, &scorer).await.unwrap();
+    let survivor = store.get("p2").await.unwrap().unwrap();
+    assert_eq!(survivor.profile_id, "p1");
+    assert_eq!(survivor.scores["events"].value, 3.0);
+    assert_eq!(scorer.asked.lock().unwrap()[1], ["p1"]);
+}
+
+async fn a_scoring_failure_applies_nothing(store: &dyn ProfileStore) {
+    let failing = CountingScorer {
+        fail: true,
+        ..CountingScorer::default()
+    };
     let batch = Batch {
         merges: vec![],
-        events: vec![event("e1", "p1", 1, "u1", json!({}))],
+        events: vec![event("e1", "p1", 1, "u1", json!({"plan": "pro"}))],
     };
-    store.apply(&batch, H, NOW).await.unwrap();
-    let p = store.get("p1").await.unwrap().unwrap();
-    let score = Score {
-        name: "engagement".to_owned(),
-        value: 42.5,
-        computed_at: NOW,
-        model_version: "engagement-v1".to_owned(),
-        factors: vec![],
-    };
-    let update = |version| ScoreUpdate {
-        profile_id: "p1".to_owned(),
-        version,
-        scores: BTreeMap::from([("engagement".to_owned(), score.clone())]),
-    };
-    let stale = store
-        .store_scores(&[update(p.version - 1)], NOW)
-        .await
-        .unwrap();
-    assert!(stale.is_empty());
-    let stored = store.store_scores(&[update(p.version)], NOW).await.unwrap();
-    assert_eq!(stored.len(), 1);
-    assert_eq!(stored[0].version, p.version + 1);
-    assert_eq!(stored[0].scores["engagement"], score);
-    assert_eq!(store.get("p1").await.unwrap().unwrap(), stored[0]);
+    let err = store.apply(&batch, H, NOW, &failing).await.unwrap_err();
+    assert!(matches!(err, ProfileError::BadScores(_)), "{err:?}");
+    assert_eq!(
+        store
+            .get("p1")
+            .await
+            .unwrap()
+            .map(|p| p.state.event_count)
+            .unwrap_or(0),
+        0,
+        "nothing of the failed batch was kept"
+    );
+    // The retry applies the event once and scores it.
+    let scorer = CountingScorer::default();
+    let applied = store.apply(&batch, H, NOW, &scorer).await.unwrap();
+    assert_eq!(applied.applied, 1);
+    let p1 = store.get("p1").await.unwrap().unwrap();
+    assert_eq!(p1.state.event_count, 1);
+    assert_eq!(p1.scores["events"].value, 1.0);
+    // Retried again (all duplicates), the profile is still rescored.
+    let again = store.apply(&batch, H, NOW, &scorer).await.unwrap();
+    assert_eq!(again.applied, 0);
+    assert_eq!(scorer.asked.lock().unwrap().len(), 2);
 }
 
 /// Two replicas (two pools) applying interleaved batches to the same profiles concurrently:
@@ -414,8 +495,8 @@ async fn postgres_replicas_apply_concurrently_without_losing_events() {
             if i == 20 {
                 batch.merges.push(merge("p1", "p2"));
             }
-            store.apply(&batch, H, NOW).await.unwrap();
-            store.apply(&batch, H, NOW).await.unwrap();
+            store.apply(&batch, H, NOW, &NoScores).await.unwrap();
+            store.apply(&batch, H, NOW, &NoScores).await.unwrap();
         }));
     }
     for task in tasks {
