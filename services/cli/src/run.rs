@@ -357,6 +357,8 @@ async fn serve(
                 workers.push(
                     identity.spawn_merge_delivery(peer(&profile_url)?, delivery_stop.clone()),
                 );
+                // Rules changed through another replica's UpdateRules reach this one.
+                workers.push(identity.spawn_rules_refresh(delivery_stop.clone()));
                 databases.push(db);
             }
             Role::Scoring => tessera_scoring::Scoring::new().register(&mut services),

@@ -9,7 +9,7 @@ use tessera_proto::identity::v1 as pb;
 use time::OffsetDateTime;
 
 use crate::IdentityError;
-use crate::domain::{Dropped, Merge, Record, Resolution, Rules};
+use crate::domain::{Dropped, Merge, Record, Resolution, Rules, RulesConfig};
 
 /// An identifier from its protobuf form, as sent (not yet normalized).
 pub(crate) fn identifier_from_pb(identifier: common::Identifier) -> Identifier {
@@ -224,6 +224,54 @@ pub(crate) fn rules_to_pb(rules: &Rules) -> prost_types::Struct {
         Ok(serde_json::Value::Object(map)) => tessera_proto::convert::json_map_to_struct(&map),
         // A struct of strings, numbers and lists always serializes to an object.
         _ => prost_types::Struct::default(),
+    }
+}
+
+/// The rules of an `UpdateRules` request and its expected version. Violations name
+/// `rules` (absent, or a key that is unknown or of the wrong type) or `expected_version`.
+pub(crate) fn update_rules_from_pb(
+    request: pb::UpdateRulesRequest,
+) -> Result<(RulesConfig, Option<i64>), IdentityError> {
+    let pb::UpdateRulesRequest {
+        rules,
+        expected_version,
+    } = request;
+    let Some(rules) = rules else {
+        return Err(IdentityError::InvalidArgument(vec![FieldViolation::new(
+            "rules",
+            "required: the whole rules, as GetRules returns them",
+        )]));
+    };
+    if expected_version < 0 {
+        return Err(IdentityError::InvalidArgument(vec![FieldViolation::new(
+            "expected_version",
+            "must be a version (> 0), or 0 for none",
+        )]));
+    }
+    let json = serde_json::Value::Object(tessera_proto::convert::struct_to_json_map(&rules));
+    // Protobuf numbers are doubles: whole ones become integers again, so limits such as
+    // `{email = 5}` deserialize.
+    let config: RulesConfig = serde_json::from_value(integral(json)).map_err(|e| {
+        IdentityError::InvalidArgument(vec![FieldViolation::new("rules", e.to_string())])
+    })?;
+    Ok((config, (expected_version > 0).then_some(expected_version)))
+}
+
+/// `json` with every whole float (within ±2^53) turned into an integer.
+fn integral(json: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    match json {
+        Value::Number(n) => match n.as_f64() {
+            #[allow(clippy::cast_possible_truncation)]
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() <= EXACT => Value::from(f as i64),
+            _ => Value::Number(n),
+        },
+        Value::Array(items) => Value::Array(items.into_iter().map(integral).collect()),
+        Value::Object(map) => {
+            Value::Object(map.into_iter().map(|(k, v)| (k, integral(v))).collect())
+        }
+        other @ (Value::Null | Value::Bool(_) | Value::String(_)) => other,
     }
 }
 

@@ -13,7 +13,7 @@ mod service;
 mod store;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use sqlx::migrate::Migrator;
 use tessera_core::{FieldViolation, Identifier};
@@ -22,7 +22,8 @@ use tessera_store::{Database, Migrations};
 use uuid::Uuid;
 
 use crate::domain::{Normalized, Record, Resolution, Rules, RulesConfig};
-use crate::store::{IdentityStore, VersionedRules};
+pub use crate::store::VersionedRules;
+use crate::store::{IdentityStore, StoredRules};
 
 pub use error::IdentityError;
 pub use matching::{
@@ -67,6 +68,9 @@ pub struct IdentitySettings {
     pub rules: RulesConfig,
     /// Probabilistic matching (see [`MatchSettings`]).
     pub matching: MatchSettings,
+    /// How often a replica looks for rules changed by another replica's `UpdateRules`, in
+    /// seconds.
+    pub rules_refresh_seconds: u64,
 }
 
 impl Default for IdentitySettings {
@@ -75,6 +79,7 @@ impl Default for IdentitySettings {
             max_batch: 5_000,
             rules: RulesConfig::default(),
             matching: MatchSettings::default(),
+            rules_refresh_seconds: 5,
         }
     }
 }
@@ -84,8 +89,41 @@ impl Default for IdentitySettings {
 pub struct Identity {
     store: Arc<dyn IdentityStore>,
     settings: Arc<IdentitySettings>,
-    rules: Arc<VersionedRules>,
+    /// The rules in force; replaced whole when they change, so a request keeps the version it
+    /// started with.
+    rules: Arc<RwLock<Arc<VersionedRules>>>,
     matching: Arc<matching::Matching>,
+}
+
+/// Checks rules; violations name each bad key under `rules.`.
+fn compile_rules(config: RulesConfig) -> Result<Rules, IdentityError> {
+    Rules::compile(config).map_err(|violations| {
+        IdentityError::InvalidArgument(
+            violations
+                .into_iter()
+                .map(|v| v.prefixed("rules"))
+                .collect(),
+        )
+    })
+}
+
+/// Compiles a stored rules version. It was checked when stored, so failing here means a
+/// corrupted row, or rules stored by a newer version of Tessera that this one does not know.
+fn compile_stored(stored: StoredRules) -> Result<VersionedRules, IdentityError> {
+    let config: RulesConfig = serde_json::from_value(stored.rules).map_err(|e| {
+        IdentityError::Corrupt(format!("identity rules version {}: {e}", stored.version))
+    })?;
+    let rules = Rules::compile(config).map_err(|violations| {
+        IdentityError::Corrupt(format!(
+            "identity rules version {}: {} invalid keys",
+            stored.version,
+            violations.len()
+        ))
+    })?;
+    Ok(VersionedRules {
+        version: stored.version,
+        rules,
+    })
 }
 
 impl std::fmt::Debug for Identity {
@@ -101,24 +139,83 @@ impl Identity {
     /// rules are checked (`InvalidArgument` naming each bad key under `rules.`) and registered
     /// as a version of the graph's rules.
     pub async fn new(db: Database, settings: IdentitySettings) -> Result<Self, IdentityError> {
-        let rules = Rules::compile(settings.rules.clone()).map_err(|violations| {
-            IdentityError::InvalidArgument(
-                violations
-                    .into_iter()
-                    .map(|v| v.prefixed("rules"))
-                    .collect(),
-            )
-        })?;
+        let rules = compile_rules(settings.rules.clone())?;
         let matching =
             matching::Matching::new(settings.matching.clone(), store::open_matching(db.clone()))?;
         let store = store::open(db);
-        let version = store.register_rules(rules.config()).await?;
-        tracing::info!(rules_version = version, "identity rules registered");
+        let current = store.register_rules(rules.config()).await?;
+        let current = compile_stored(current)?;
+        tracing::info!(rules_version = current.version, "identity rules registered");
         Ok(Self {
             store,
             settings: Arc::new(settings),
-            rules: Arc::new(VersionedRules { version, rules }),
+            rules: Arc::new(RwLock::new(Arc::new(current))),
             matching: Arc::new(matching),
+        })
+    }
+
+    /// The rules in force now.
+    fn current(&self) -> Arc<VersionedRules> {
+        Arc::clone(&self.rules.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn install(&self, rules: VersionedRules) {
+        let mut held = self.rules.write().unwrap_or_else(PoisonError::into_inner);
+        // Never back to an older version (a refresh racing an update).
+        if rules.version > held.version {
+            tracing::info!(rules_version = rules.version, "identity rules changed");
+            *held = Arc::new(rules);
+        }
+    }
+
+    /// Replaces the rules (the `[identity.rules]` shape) for every replica: stored as the next
+    /// version when the current version is `expected` (any when `None`; `FailedPrecondition`
+    /// otherwise), in force at once on this replica and within `rules_refresh_seconds` on the
+    /// others. Invalid rules are `InvalidArgument` naming each bad key under `rules.`; rules
+    /// equal to the current ones add no version. Rules apply to events resolved from then on:
+    /// the graph already built is not changed. Returns the version in force.
+    pub async fn update_rules(
+        &self,
+        config: RulesConfig,
+        expected: Option<i64>,
+    ) -> Result<i64, IdentityError> {
+        let rules = compile_rules(config)?;
+        let version = self.store.update_rules(rules.config(), expected).await?;
+        self.install(VersionedRules { version, rules });
+        Ok(version)
+    }
+
+    /// Takes the latest stored rules if they are newer than those in force; returns whether
+    /// they changed.
+    pub async fn refresh_rules(&self) -> Result<bool, IdentityError> {
+        let held = self.current().version;
+        match self.store.current_rules().await? {
+            Some(stored) if stored.version > held => {
+                self.install(compile_stored(stored)?);
+                Ok(true)
+            }
+            Some(_) | None => Ok(false),
+        }
+    }
+
+    /// Refreshes the rules every `rules_refresh_seconds` until `shutdown`, so a change made
+    /// through another replica reaches this one.
+    pub fn spawn_rules_refresh(
+        &self,
+        shutdown: tessera_server::Shutdown,
+    ) -> tokio::task::JoinHandle<()> {
+        let identity = self.clone();
+        let every = std::time::Duration::from_secs(self.settings.rules_refresh_seconds.max(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                if let Err(e) = identity.refresh_rules().await {
+                    tracing::warn!(error = %e, "refreshing the identity rules failed");
+                }
+            }
         })
     }
 
@@ -137,7 +234,7 @@ impl Identity {
             });
         }
         self.matching
-            .match_profiles(self.store.as_ref(), &self.rules, profiles)
+            .match_profiles(self.store.as_ref(), &self.current(), profiles)
             .await
     }
 
@@ -148,7 +245,7 @@ impl Identity {
 
     /// Matches the whole indexed population with the current model.
     pub async fn run_batch_match(&self) -> Result<BatchOutcome, IdentityError> {
-        self.matching.batch(&self.rules).await
+        self.matching.batch(&self.current()).await
     }
 
     /// Match suggestions with `status` (all when `None`), newest first, ids below `before`.
@@ -168,7 +265,7 @@ impl Identity {
         accept: bool,
     ) -> Result<(StoredSuggestion, Option<domain::Merge>), IdentityError> {
         self.matching
-            .decide_suggestion(&self.rules, id, accept)
+            .decide_suggestion(&self.current(), id, accept)
             .await
     }
 
@@ -181,7 +278,7 @@ impl Identity {
         reason: &str,
     ) -> Result<Option<domain::Merge>, IdentityError> {
         self.matching
-            .merge_manually(&self.rules, pair, reason)
+            .merge_manually(&self.current(), pair, reason)
             .await
     }
 
@@ -217,12 +314,12 @@ impl Identity {
 
     /// The version the rules in force are registered under.
     pub fn rules_version(&self) -> i64 {
-        self.rules.version
+        self.current().version
     }
 
-    /// The rules in force.
-    pub fn rules(&self) -> &Rules {
-        &self.rules.rules
+    /// The rules in force, with their version.
+    pub fn rules(&self) -> Arc<VersionedRules> {
+        self.current()
     }
 
     /// Adds the `IdentityService` gRPC server to `services`.
@@ -243,6 +340,15 @@ impl Identity {
     /// batch, or earlier in this one) is not resolved again: it gets its stored profile, followed
     /// to its current survivor, and the merges it caused then.
     pub async fn resolve(&self, records: Vec<Record>) -> Result<Vec<Resolution>, IdentityError> {
+        self.resolve_under(&self.current(), records).await
+    }
+
+    /// [`Self::resolve`] under `rules` (those the records were normalized with).
+    pub async fn resolve_under(
+        &self,
+        rules: &VersionedRules,
+        records: Vec<Record>,
+    ) -> Result<Vec<Resolution>, IdentityError> {
         let max = self.settings.max_batch;
         if records.len() > max {
             return Err(IdentityError::BatchTooLarge {
@@ -266,7 +372,7 @@ impl Identity {
             .cloned()
             .collect();
         for run in pending.chunks(RUN_LEN) {
-            let stored = self.store.resolve(&self.rules, run).await?;
+            let stored = self.store.resolve(rules, run).await?;
             if stored.len() != run.len() {
                 return Err(IdentityError::Corrupt(format!(
                     "{} resolutions for {} records",
@@ -321,7 +427,7 @@ impl Identity {
     /// The profile `identifier` (normalized first) belongs to now. `NotFound` when the graph
     /// does not hold it or its value is blocked.
     pub async fn lookup(&self, identifier: Identifier) -> Result<Uuid, IdentityError> {
-        let normalized = domain::normalize(self.rules(), identifier).map_err(|errs| {
+        let normalized = domain::normalize(&self.current().rules, identifier).map_err(|errs| {
             IdentityError::InvalidArgument(
                 errs.into_iter()
                     .map(|v: FieldViolation| v.prefixed("identifier"))

@@ -34,8 +34,10 @@ impl IdentityService for IdentityGrpc {
             }
             .into());
         }
-        let records = convert::records_from_pb(self.identity.rules(), records)?;
-        let resolutions = self.identity.resolve(records).await?;
+        // One rules version for the whole request: normalizing and resolving.
+        let rules = self.identity.rules();
+        let records = convert::records_from_pb(&rules.rules, records)?;
+        let resolutions = self.identity.resolve_under(&rules, records).await?;
         Ok(Response::new(pb::ResolveIdentitiesResponse {
             resolutions: resolutions.into_iter().map(Into::into).collect(),
         }))
@@ -60,9 +62,23 @@ impl IdentityService for IdentityGrpc {
         &self,
         _request: Request<pb::GetRulesRequest>,
     ) -> Result<Response<pb::GetRulesResponse>, Status> {
+        let rules = self.identity.rules();
         Ok(Response::new(pb::GetRulesResponse {
-            version: self.identity.rules_version(),
-            rules: Some(convert::rules_to_pb(self.identity.rules())),
+            version: rules.version,
+            rules: Some(convert::rules_to_pb(&rules.rules)),
+        }))
+    }
+
+    async fn update_rules(
+        &self,
+        request: Request<pb::UpdateRulesRequest>,
+    ) -> Result<Response<pb::UpdateRulesResponse>, Status> {
+        let (config, expected) = convert::update_rules_from_pb(request.into_inner())?;
+        self.identity.update_rules(config, expected).await?;
+        let rules = self.identity.rules();
+        Ok(Response::new(pb::UpdateRulesResponse {
+            version: rules.version,
+            rules: Some(convert::rules_to_pb(&rules.rules)),
         }))
     }
 

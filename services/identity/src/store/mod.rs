@@ -42,9 +42,11 @@ pub(crate) struct Detail {
 
 /// Rules with the version the store registered them under.
 #[derive(Debug, Clone)]
-pub(crate) struct VersionedRules {
-    pub(crate) version: i64,
-    pub(crate) rules: Rules,
+pub struct VersionedRules {
+    /// The version the rules are stored under.
+    pub version: i64,
+    /// The rules.
+    pub rules: Rules,
 }
 
 /// The identity graph's storage.
@@ -62,9 +64,23 @@ pub(crate) trait IdentityStore: Send + Sync {
         records: &[Record],
     ) -> Result<Vec<Stored>, IdentityError>;
 
-    /// The version of `config`: the latest stored version when it is the same rules, else a new
-    /// version (safe when several replicas start at once).
-    async fn register_rules(&self, config: &RulesConfig) -> Result<i64, IdentityError>;
+    /// Registers the rules of a replica's config at start: a new version when they differ from
+    /// the rules last registered from config (the config changed since), else none. Returns
+    /// the current rules: the latest version, which may be an `UpdateRules` change made after
+    /// the config's. Safe when several replicas start at once.
+    async fn register_rules(&self, config: &RulesConfig) -> Result<StoredRules, IdentityError>;
+
+    /// The latest rules version; `None` before any was registered.
+    async fn current_rules(&self) -> Result<Option<StoredRules>, IdentityError>;
+
+    /// Stores `config` as the next version (source `api`) if the latest version is `expected`
+    /// (whatever it is when `None`; `FailedPrecondition` otherwise). Rules equal to the
+    /// latest version's add no version. Returns the current version.
+    async fn update_rules(
+        &self,
+        config: &RulesConfig,
+        expected: Option<i64>,
+    ) -> Result<i64, IdentityError>;
 
     /// The graph log, oldest first: every decision since the graph began.
     async fn graph_log(&self) -> Result<Vec<LoggedDecision>, IdentityError>;
@@ -366,6 +382,49 @@ fn decode_detail(event_id: &str, json: Option<&str>) -> Result<Option<Detail>, I
 }
 
 /// The rules as stored in `rules_versions`, comparable across replicas.
+/// A stored rules version.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StoredRules {
+    pub(crate) version: i64,
+    /// The rules, as `RulesConfig` serializes.
+    pub(crate) rules: serde_json::Value,
+}
+
+/// What registering a config's rules does, given the latest version and the rules last
+/// registered from config: `Ok` keeps the latest version, `Err` adds `json` as the next one.
+fn registration(
+    json: &serde_json::Value,
+    latest: Option<StoredRules>,
+    last_from_config: Option<&serde_json::Value>,
+) -> Result<StoredRules, i64> {
+    match latest {
+        Some(latest) if last_from_config == Some(json) => Ok(latest),
+        latest => Err(latest.map_or(1, |l| l.version + 1)),
+    }
+}
+
+/// The version an `UpdateRules` to `json` adds, given the latest version: `None` when `json`
+/// is the latest version's rules (nothing to add); `FailedPrecondition` when the latest
+/// version is not `expected`.
+fn next_api_version(
+    json: &serde_json::Value,
+    latest: Option<&StoredRules>,
+    expected: Option<i64>,
+) -> Result<Option<i64>, IdentityError> {
+    let current = latest.map_or(0, |l| l.version);
+    if let Some(expected) = expected
+        && expected != current
+    {
+        return Err(IdentityError::FailedPrecondition(format!(
+            "the rules changed meanwhile: version {current} is current, not {expected}"
+        )));
+    }
+    Ok(match latest {
+        Some(latest) if latest.rules == *json => None,
+        _ => Some(current + 1),
+    })
+}
+
 fn rules_json(config: &RulesConfig) -> serde_json::Value {
     serde_json::to_value(config).unwrap_or(serde_json::Value::Null)
 }

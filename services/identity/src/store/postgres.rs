@@ -20,9 +20,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    GraphIdentifier, IdentityStore, LoggedDecision, ProfileGraph, Stored, VersionedRules,
-    decode_detail, decode_merges, encode_detail, encode_merges, now, outcomes, record_metrics,
-    rules_json,
+    GraphIdentifier, IdentityStore, LoggedDecision, ProfileGraph, Stored, StoredRules,
+    VersionedRules, decode_detail, decode_merges, encode_detail, encode_merges, next_api_version,
+    now, outcomes, record_metrics, registration, rules_json,
 };
 use crate::IdentityError;
 use crate::domain::{GraphView, Plan, ProfileAge, Record, RulesConfig, plan};
@@ -321,32 +321,52 @@ impl IdentityStore for PgStore {
             .await?)
     }
 
-    async fn register_rules(&self, config: &RulesConfig) -> Result<i64, IdentityError> {
+    async fn register_rules(&self, config: &RulesConfig) -> Result<StoredRules, IdentityError> {
         let json = rules_json(config);
         let mut tx = self.pool.begin().await?;
-        // One registration at a time, so replicas starting together agree on the version.
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(lock_key(&[b"rules_versions"]))
-            .execute(&mut *tx)
-            .await?;
-        let latest: Option<(i64, serde_json::Value)> = sqlx::query_as(
-            "SELECT version, rules FROM rules_versions ORDER BY version DESC LIMIT 1",
+        // One change at a time, so replicas starting together agree on the version.
+        lock_rules(&mut tx).await?;
+        let latest = latest_rules(&mut tx).await?;
+        let last_from_config: Option<serde_json::Value> = sqlx::query_scalar(
+            "SELECT rules FROM rules_versions WHERE source = 'config' \
+             ORDER BY version DESC LIMIT 1",
         )
         .fetch_optional(&mut *tx)
         .await?;
-        let version = match latest {
-            Some((version, rules)) if rules == json => version,
-            latest => {
-                let version = latest.map_or(1, |(v, _)| v + 1);
-                sqlx::query(
-                    "INSERT INTO rules_versions (version, rules, created_at) VALUES ($1, $2, now())",
-                )
-                .bind(version)
-                .bind(&json)
-                .execute(&mut *tx)
-                .await?;
+        let current = match registration(&json, latest, last_from_config.as_ref()) {
+            Ok(latest) => latest,
+            Err(version) => {
+                insert_rules(&mut tx, version, &json, "config").await?;
+                StoredRules {
+                    version,
+                    rules: json,
+                }
+            }
+        };
+        tx.commit().await?;
+        Ok(current)
+    }
+
+    async fn current_rules(&self) -> Result<Option<StoredRules>, IdentityError> {
+        let mut conn = self.pool.acquire().await?;
+        latest_rules(&mut conn).await
+    }
+
+    async fn update_rules(
+        &self,
+        config: &RulesConfig,
+        expected: Option<i64>,
+    ) -> Result<i64, IdentityError> {
+        let json = rules_json(config);
+        let mut tx = self.pool.begin().await?;
+        lock_rules(&mut tx).await?;
+        let latest = latest_rules(&mut tx).await?;
+        let version = match next_api_version(&json, latest.as_ref(), expected)? {
+            Some(version) => {
+                insert_rules(&mut tx, version, &json, "api").await?;
                 version
             }
+            None => latest.map_or(0, |l| l.version),
         };
         tx.commit().await?;
         Ok(version)
@@ -433,6 +453,40 @@ type DecisionRow = (
     OffsetDateTime,
     OffsetDateTime,
 );
+
+async fn lock_rules(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(lock_key(&[b"rules_versions"]))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+async fn latest_rules(conn: &mut PgConnection) -> Result<Option<StoredRules>, IdentityError> {
+    let latest: Option<(i64, serde_json::Value)> =
+        sqlx::query_as("SELECT version, rules FROM rules_versions ORDER BY version DESC LIMIT 1")
+            .fetch_optional(conn)
+            .await?;
+    Ok(latest.map(|(version, rules)| StoredRules { version, rules }))
+}
+
+async fn insert_rules(
+    conn: &mut PgConnection,
+    version: i64,
+    rules: &serde_json::Value,
+    source: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO rules_versions (version, rules, created_at, source) \
+         VALUES ($1, $2, now(), $3)",
+    )
+    .bind(version)
+    .bind(rules)
+    .bind(source)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
 
 fn decision(row: DecisionRow) -> LoggedDecision {
     let (

@@ -10,9 +10,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    GraphIdentifier, IdentityStore, LoggedDecision, ProfileGraph, Stored, VersionedRules,
-    decode_detail, decode_merges, encode_detail, encode_merges, now, outcomes, record_metrics,
-    rules_json,
+    GraphIdentifier, IdentityStore, LoggedDecision, ProfileGraph, Stored, StoredRules,
+    VersionedRules, decode_detail, decode_merges, encode_detail, encode_merges, next_api_version,
+    now, outcomes, record_metrics, registration, rules_json,
 };
 use crate::IdentityError;
 use crate::domain::{GraphView, Plan, ProfileAge, Record, RulesConfig, plan};
@@ -187,31 +187,52 @@ impl IdentityStore for SqliteStore {
         Ok(canonical_of(&mut conn, identifier).await?.map(|p| p.id))
     }
 
-    async fn register_rules(&self, config: &RulesConfig) -> Result<i64, IdentityError> {
+    async fn register_rules(&self, config: &RulesConfig) -> Result<StoredRules, IdentityError> {
         let json = rules_json(config);
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let latest: Option<(i64, String)> = sqlx::query_as(
-            "SELECT version, rules FROM rules_versions ORDER BY version DESC LIMIT 1",
+        let latest = latest_rules(&mut tx).await?;
+        let last_from_config: Option<String> = sqlx::query_scalar(
+            "SELECT rules FROM rules_versions WHERE source = 'config' \
+             ORDER BY version DESC LIMIT 1",
         )
         .fetch_optional(&mut *tx)
         .await?;
-        let same = |stored: &str| {
-            serde_json::from_str::<serde_json::Value>(stored).ok() == Some(json.clone())
+        let last_from_config = last_from_config
+            .map(|rules| decode_rules(&rules))
+            .transpose()?;
+        let current = match registration(&json, latest, last_from_config.as_ref()) {
+            Ok(latest) => latest,
+            Err(version) => {
+                insert_rules(&mut tx, version, &json, "config").await?;
+                StoredRules {
+                    version,
+                    rules: json,
+                }
+            }
         };
-        let version = match latest {
-            Some((version, rules)) if same(&rules) => version,
-            latest => {
-                let version = latest.map_or(1, |(v, _)| v + 1);
-                sqlx::query(
-                    "INSERT INTO rules_versions (version, rules, created_at) VALUES (?1, ?2, ?3)",
-                )
-                .bind(version)
-                .bind(json.to_string())
-                .bind(micros(now()))
-                .execute(&mut *tx)
-                .await?;
+        tx.commit().await?;
+        Ok(current)
+    }
+
+    async fn current_rules(&self) -> Result<Option<StoredRules>, IdentityError> {
+        let mut conn = self.pool.acquire().await?;
+        latest_rules(&mut conn).await
+    }
+
+    async fn update_rules(
+        &self,
+        config: &RulesConfig,
+        expected: Option<i64>,
+    ) -> Result<i64, IdentityError> {
+        let json = rules_json(config);
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let latest = latest_rules(&mut tx).await?;
+        let version = match next_api_version(&json, latest.as_ref(), expected)? {
+            Some(version) => {
+                insert_rules(&mut tx, version, &json, "api").await?;
                 version
             }
+            None => latest.map_or(0, |l| l.version),
         };
         tx.commit().await?;
         Ok(version)
@@ -312,6 +333,44 @@ type DecisionRow = (
     i64,
     i64,
 );
+
+async fn latest_rules(conn: &mut SqliteConnection) -> Result<Option<StoredRules>, IdentityError> {
+    let latest: Option<(i64, String)> =
+        sqlx::query_as("SELECT version, rules FROM rules_versions ORDER BY version DESC LIMIT 1")
+            .fetch_optional(conn)
+            .await?;
+    latest
+        .map(|(version, rules)| {
+            Ok(StoredRules {
+                version,
+                rules: decode_rules(&rules)?,
+            })
+        })
+        .transpose()
+}
+
+fn decode_rules(stored: &str) -> Result<serde_json::Value, IdentityError> {
+    serde_json::from_str(stored)
+        .map_err(|e| IdentityError::Corrupt(format!("stored identity rules: {e}")))
+}
+
+async fn insert_rules(
+    conn: &mut SqliteConnection,
+    version: i64,
+    rules: &serde_json::Value,
+    source: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO rules_versions (version, rules, created_at, source) VALUES (?1, ?2, ?3, ?4)",
+    )
+    .bind(version)
+    .bind(rules.to_string())
+    .bind(micros(now()))
+    .bind(source)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
 
 fn decision(row: DecisionRow) -> Result<LoggedDecision, IdentityError> {
     let (

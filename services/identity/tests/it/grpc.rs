@@ -7,7 +7,7 @@ use tessera_proto::identity::v1::get_profile_graph_request::Lookup;
 use tessera_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use tessera_proto::identity::v1::{
     GetProfileGraphRequest, GetRulesRequest, IdentityRecord, LookupIdentifierRequest,
-    ResolveIdentitiesRequest,
+    ResolveIdentitiesRequest, UpdateRulesRequest,
 };
 use tessera_server::GrpcServices;
 use tessera_store::Database;
@@ -284,4 +284,127 @@ async fn profile_graphs_and_rules_are_served() {
     let rules = tessera_proto::convert::struct_to_json_map(&rules.rules.expect("rules"));
     assert_eq!(rules["protected_types"], serde_json::json!(["user_id"]));
     assert_eq!(rules["limits"]["email"]["max"], serde_json::json!(5));
+}
+
+/// The fields a status's BadRequest names.
+fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_error_details()
+        .bad_request()
+        .expect("a BadRequest detail")
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn rules_round_trip_through_get_and_update() {
+    let mut s = serve(IdentitySettings::default()).await;
+    let current = s
+        .client
+        .get_rules(GetRulesRequest {})
+        .await
+        .expect("rules")
+        .into_inner();
+    // Edit what GetRules answered and send it back: limits are numbers on the wire.
+    let mut rules = tessera_proto::convert::struct_to_json_map(&current.rules.expect("rules"));
+    rules["limits"]["email"]["max"] = serde_json::json!(2);
+    rules["blocklist"] =
+        serde_json::json!({"email": {"exact": ["noreply@example.com"], "regex": []}});
+    let updated = s
+        .client
+        .update_rules(UpdateRulesRequest {
+            rules: Some(tessera_proto::convert::json_map_to_struct(&rules)),
+            expected_version: current.version,
+        })
+        .await
+        .expect("update")
+        .into_inner();
+    assert_eq!(updated.version, 2);
+    let now = tessera_proto::convert::struct_to_json_map(&updated.rules.expect("rules"));
+    assert_eq!(now["limits"]["email"]["max"], serde_json::json!(2));
+    assert_eq!(
+        s.client
+            .get_rules(GetRulesRequest {})
+            .await
+            .expect("rules")
+            .into_inner()
+            .version,
+        2
+    );
+    let blocked = s
+        .client
+        .lookup_identifier(LookupIdentifierRequest {
+            identifier: Some(id("email", "NoReply@example.com")),
+        })
+        .await
+        .expect_err("blocked");
+    assert_eq!(blocked.code(), Code::NotFound);
+
+    // The same version again loses the compare-and-set.
+    let stale = s
+        .client
+        .update_rules(UpdateRulesRequest {
+            rules: Some(tessera_proto::convert::json_map_to_struct(&rules)),
+            expected_version: current.version,
+        })
+        .await
+        .expect_err("stale");
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    assert!(
+        stale.message().contains("version 2 is current"),
+        "{}",
+        stale.message()
+    );
+}
+
+#[tokio::test]
+async fn bad_rule_updates_name_the_problem() {
+    let mut s = serve(IdentitySettings::default()).await;
+    let update = |rules: serde_json::Value, expected_version| UpdateRulesRequest {
+        rules: rules
+            .as_object()
+            .map(tessera_proto::convert::json_map_to_struct),
+        expected_version,
+    };
+    let cases = [
+        (update(serde_json::Value::Null, 0), "rules"),
+        (update(serde_json::json!({"limts": {}}), 0), "rules"),
+        (
+            update(serde_json::json!({"limits": {"email": {"max": "five"}}}), 0),
+            "rules",
+        ),
+        (
+            update(
+                serde_json::json!({"phone": {"default_region": "Atlantis"}}),
+                0,
+            ),
+            "rules.phone.default_region",
+        ),
+        (update(serde_json::json!({}), -1), "expected_version"),
+    ];
+    for (request, field) in cases {
+        let status = s.client.update_rules(request).await.expect_err("invalid");
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert_eq!(violated_fields(&status), [field]);
+    }
+    let unknown = s
+        .client
+        .update_rules(update(serde_json::json!({"limts": {}}), 0))
+        .await
+        .expect_err("invalid");
+    let details = unknown.get_error_details();
+    let message = &details.bad_request().expect("bad request").field_violations[0].description;
+    assert!(message.contains("limts"), "{message}");
+    assert_eq!(
+        s.client
+            .get_rules(GetRulesRequest {})
+            .await
+            .expect("rules")
+            .into_inner()
+            .version,
+        1,
+        "nothing was stored"
+    );
 }

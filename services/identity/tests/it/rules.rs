@@ -20,6 +20,8 @@ on_both_backends!(
     rules_are_versioned,
     a_profile_graph_explains_the_profile,
     manual_merges_obey_the_rules_and_are_logged,
+    rules_updated_through_the_api_reach_every_replica_and_survive_restarts,
+    rule_updates_are_checked_and_compare_and_set,
 );
 
 async fn emails_and_phones_normalize_to_one_identifier(b: &Backend) {
@@ -426,4 +428,156 @@ async fn manual_merges_obey_the_rules_and_are_logged(b: &Backend) {
             .await,
         Err(tessera_identity::IdentityError::UnknownProfile)
     ));
+}
+
+async fn rules_updated_through_the_api_reach_every_replica_and_survive_restarts(b: &Backend) {
+    // A second replica on the same database, started with the same config.
+    let other = Identity::new(b.db.clone(), IdentitySettings::default())
+        .await
+        .expect("identity");
+    assert_eq!((b.identity.rules_version(), other.rules_version()), (1, 1));
+    let linked = resolve(&b.identity, "e1", &[("email", "desk@example.com")]).await;
+    assert!(linked.dropped.is_empty());
+
+    // Block a value through the API on this replica: in force here at once.
+    let mut config = b.identity.rules().rules.config().clone();
+    config
+        .blocklist
+        .entry("email".into())
+        .or_default()
+        .exact
+        .push("frontdesk@example.com".into());
+    let version = b
+        .identity
+        .update_rules(config.clone(), Some(1))
+        .await
+        .expect("update");
+    assert_eq!(version, 2);
+    assert_eq!(b.identity.rules().rules.config(), &config);
+    let here = resolve(&b.identity, "e2", &[("email", "FrontDesk@example.com")]).await;
+    assert_eq!(here.dropped.len(), 1);
+    assert_eq!(here.dropped[0].reason, "blocked");
+
+    // The other replica still has version 1 until it refreshes, then has version 2.
+    assert_eq!(other.rules_version(), 1);
+    assert!(other.refresh_rules().await.expect("refresh"));
+    assert!(
+        !other.refresh_rules().await.expect("refresh"),
+        "nothing newer"
+    );
+    assert_eq!(other.rules_version(), 2);
+    let there = resolve(&other, "e3", &[("email", "frontdesk@example.com")]).await;
+    assert_eq!(there.dropped[0].reason, "blocked");
+    // Not retroactive: what was linked before stays linked.
+    assert_eq!(
+        lookup(&other, "email", "desk@example.com").await,
+        linked.profile_id
+    );
+
+    // The same rules again add no version.
+    assert_eq!(
+        b.identity.update_rules(config, None).await.expect("update"),
+        2
+    );
+
+    // A restart with the unchanged config keeps the API's rules...
+    let restarted = Identity::new(b.db.clone(), IdentitySettings::default())
+        .await
+        .expect("identity");
+    assert_eq!(restarted.rules_version(), 2);
+    let after = resolve(&restarted, "e4", &[("email", "frontdesk@example.com")]).await;
+    assert_eq!(after.dropped[0].reason, "blocked");
+    // ...and deploying a changed config overrides them with a newer version.
+    let deployed = Identity::new(
+        b.db.clone(),
+        IdentitySettings {
+            rules: RulesConfig {
+                custom_types: vec!["crm_id".into()],
+                ..RulesConfig::default()
+            },
+            ..IdentitySettings::default()
+        },
+    )
+    .await
+    .expect("identity");
+    assert_eq!(deployed.rules_version(), 3);
+    assert!(deployed.rules().rules.config().blocklist.is_empty());
+    // The background refresh brings the older replicas to it.
+    let stop = tessera_server::Shutdown::new();
+    let fast = Identity::new(
+        b.db.clone(),
+        IdentitySettings {
+            rules: RulesConfig {
+                custom_types: vec!["crm_id".into()],
+                ..RulesConfig::default()
+            },
+            rules_refresh_seconds: 1,
+            ..IdentitySettings::default()
+        },
+    )
+    .await
+    .expect("identity");
+    assert_eq!(fast.rules_version(), 3);
+    b.identity
+        .update_rules(RulesConfig::default(), Some(3))
+        .await
+        .expect("update");
+    let task = fast.spawn_rules_refresh(stop.clone());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fast.rules_version() != 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "refreshed within 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    task.await.expect("refresh task");
+}
+
+async fn rule_updates_are_checked_and_compare_and_set(b: &Backend) {
+    let mut bad = RulesConfig::default();
+    bad.phone.default_region = "Atlantis".into();
+    let err = b
+        .identity
+        .update_rules(bad, None)
+        .await
+        .expect_err("bad rules");
+    assert!(
+        format!("{err:?}").contains("rules.phone.default_region"),
+        "{err:?}"
+    );
+    assert_eq!(b.identity.rules_version(), 1, "nothing stored");
+
+    let custom = RulesConfig {
+        custom_types: vec!["crm_id".into()],
+        ..RulesConfig::default()
+    };
+    let err = b
+        .identity
+        .update_rules(custom.clone(), Some(7))
+        .await
+        .expect_err("stale version");
+    assert!(
+        matches!(&err, tessera_identity::IdentityError::FailedPrecondition(m) if m.contains("version 1 is current")),
+        "{err:?}"
+    );
+    // Two read-modify-writes from the same version: the second loses.
+    assert_eq!(
+        b.identity
+            .update_rules(custom, Some(1))
+            .await
+            .expect("first"),
+        2
+    );
+    let err = b
+        .identity
+        .update_rules(RulesConfig::default(), Some(1))
+        .await
+        .expect_err("second");
+    assert!(matches!(
+        err,
+        tessera_identity::IdentityError::FailedPrecondition(_)
+    ));
+    assert_eq!(b.identity.rules_version(), 2);
 }

@@ -101,7 +101,7 @@ pub(crate) async fn resolve(
     ids: &[(&str, &str)],
 ) -> Resolution {
     let mut out = identity
-        .resolve(vec![record_under(identity.rules(), event_id, ids)])
+        .resolve(vec![record_under(&identity.rules().rules, event_id, ids)])
         .await
         .expect("resolve");
     assert_eq!(out.len(), 1);

@@ -197,6 +197,13 @@ impl IdentityService for IdentityDouble {
         Err(Status::unimplemented("not part of the double"))
     }
 
+    async fn update_rules(
+        &self,
+        _request: Request<identity::UpdateRulesRequest>,
+    ) -> Result<Response<identity::UpdateRulesResponse>, Status> {
+        Err(Status::unimplemented("not part of the double"))
+    }
+
     async fn match_profiles(
         &self,
         request: Request<identity::MatchProfilesRequest>,
