@@ -364,6 +364,7 @@ pub(crate) fn training_to_pb(summary: crate::TrainingSummary) -> pb::TrainMatchM
         mean_log_likelihood,
         lambda,
         fields,
+        restored_from: _,
     } = summary;
     pb::TrainMatchModelResponse {
         model_version,
@@ -384,6 +385,43 @@ pub(crate) fn training_to_pb(summary: crate::TrainingSummary) -> pb::TrainMatchM
                     .collect(),
             })
             .collect(),
+    }
+}
+
+/// A stored model as answered, with the thresholds in force.
+pub(crate) fn model_to_pb(
+    info: crate::ModelInfo,
+    current: bool,
+    (auto_merge_probability, review_probability): (f64, f64),
+) -> pb::MatchModel {
+    let restored_from = info.summary.restored_from.unwrap_or(0);
+    pb::MatchModel {
+        training: Some(training_to_pb(info.summary)),
+        trained_at: Some(to_timestamp(info.trained_at)),
+        restored_from,
+        current,
+        auto_merge_probability,
+        review_probability,
+    }
+}
+
+/// The model version a request names: `None` for the current one (0), `Some` otherwise;
+/// negative versions are `InvalidArgument` naming `model_version`.
+pub(crate) fn model_version_from_pb(
+    version: i64,
+    zero_ok: bool,
+) -> Result<Option<i64>, IdentityError> {
+    match version {
+        v if v > 0 => Ok(Some(v)),
+        0 if zero_ok => Ok(None),
+        _ => Err(IdentityError::InvalidArgument(vec![FieldViolation::new(
+            "model_version",
+            if zero_ok {
+                "must be a model version (> 0), or 0 for the current model"
+            } else {
+                "must be a model version (> 0)"
+            },
+        )])),
     }
 }
 

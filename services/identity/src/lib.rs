@@ -27,8 +27,8 @@ use crate::store::{IdentityStore, StoredRules};
 
 pub use error::IdentityError;
 pub use matching::{
-    BatchOutcome, FieldFit, MANUAL, MatchOutcome, MatchSettings, PROBABILISTIC, ProfileTraits,
-    TrainingSummary,
+    BatchOutcome, FieldFit, MANUAL, MatchOutcome, MatchSettings, ModelInfo, PROBABILISTIC,
+    ProfileTraits, TrainingSummary,
 };
 pub use store::StoredSuggestion;
 pub use store::{GraphIdentifier, LoggedDecision as GraphDecision, ProfileGraph};
@@ -241,6 +241,24 @@ impl Identity {
     /// Fits a new match model over the indexed population and makes it current.
     pub async fn train_match_model(&self) -> Result<TrainingSummary, IdentityError> {
         self.matching.train().await
+    }
+
+    /// Match model `version`, the current one when `None` (`Missing` when there is none).
+    pub async fn match_model(&self, version: Option<i64>) -> Result<ModelInfo, IdentityError> {
+        self.matching.model_info(version).await
+    }
+
+    /// Makes an earlier match model current again (a rollback), as a new version.
+    pub async fn restore_match_model(&self, version: i64) -> Result<ModelInfo, IdentityError> {
+        self.matching.restore(version).await
+    }
+
+    /// The auto-merge and review probabilities in force.
+    pub fn match_thresholds(&self) -> (f64, f64) {
+        (
+            self.settings.matching.auto_merge_probability,
+            self.settings.matching.review_probability,
+        )
     }
 
     /// Matches the whole indexed population with the current model.

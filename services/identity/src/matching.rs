@@ -153,6 +153,19 @@ pub struct TrainingSummary {
     pub lambda: f64,
     /// Per field: (level label, m, u), `else` last.
     pub fields: Vec<FieldFit>,
+    /// The version this one restored (its parameters copied), when it was made by restoring
+    /// an earlier model rather than by training.
+    #[serde(default)]
+    pub restored_from: Option<i64>,
+}
+
+/// A stored model as described to people: its training report and when it was trained.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    /// The report (the restored model's, for a restored one), with this model's version.
+    pub summary: TrainingSummary,
+    /// When the model was stored.
+    pub trained_at: time::OffsetDateTime,
 }
 
 /// Matching state of one replica.
@@ -454,6 +467,7 @@ impl Matching {
                     (params.field.clone(), levels)
                 })
                 .collect(),
+            restored_from: None,
         };
         let report = serde_json::to_string(&summary)
             .map_err(|e| IdentityError::Corrupt(format!("report does not encode: {e}")))?;
@@ -466,6 +480,59 @@ impl Matching {
             "match model trained"
         );
         Ok(summary)
+    }
+
+    /// Model `version` (the current one when `None`). `Missing` when there is none.
+    pub(crate) async fn model_info(
+        &self,
+        version: Option<i64>,
+    ) -> Result<ModelInfo, IdentityError> {
+        let stored = self
+            .store
+            .model(version)
+            .await?
+            .ok_or(IdentityError::Missing("match model"))?;
+        let mut summary: TrainingSummary = serde_json::from_str(&stored.report).map_err(|e| {
+            IdentityError::Corrupt(format!(
+                "match model {} report does not decode: {e}",
+                stored.version
+            ))
+        })?;
+        summary.model_version = stored.version;
+        Ok(ModelInfo {
+            summary,
+            trained_at: stored.trained_at,
+        })
+    }
+
+    /// Makes model `version` current again by storing its parameters as the newest version
+    /// (the log of models stays append-only). `Missing` for an unknown version;
+    /// `FailedPrecondition` when the model no longer fits the matching config (fields or levels
+    /// changed since it was trained). Every replica uses it from its next match on.
+    pub(crate) async fn restore(&self, version: i64) -> Result<ModelInfo, IdentityError> {
+        let stored = self
+            .store
+            .model(Some(version))
+            .await?
+            .ok_or(IdentityError::Missing("match model"))?;
+        let params: ModelParams = serde_json::from_str(&stored.params).map_err(|e| {
+            IdentityError::Corrupt(format!("match model {version} does not decode: {e}"))
+        })?;
+        if let Err(e) = Model::new(self.matcher.clone(), params) {
+            return Err(IdentityError::FailedPrecondition(format!(
+                "match model {version} does not fit the matching config ({}): train a new one",
+                e.field
+            )));
+        }
+        let mut summary: TrainingSummary = serde_json::from_str(&stored.report).map_err(|e| {
+            IdentityError::Corrupt(format!("match model {version} report does not decode: {e}"))
+        })?;
+        summary.restored_from = Some(summary.restored_from.unwrap_or(version));
+        let report = serde_json::to_string(&summary)
+            .map_err(|e| IdentityError::Corrupt(format!("report does not encode: {e}")))?;
+        let restored = self.store.save_model(&stored.params, &report).await?;
+        tracing::info!(version = restored, from = version, "match model restored");
+        self.model_info(Some(restored)).await
     }
 
     /// Matches the whole indexed population with the current model, strongest pairs first.

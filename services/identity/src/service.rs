@@ -82,6 +82,44 @@ impl IdentityService for IdentityGrpc {
         }))
     }
 
+    async fn get_match_model(
+        &self,
+        request: Request<pb::GetMatchModelRequest>,
+    ) -> Result<Response<pb::GetMatchModelResponse>, Status> {
+        let version = convert::model_version_from_pb(request.into_inner().model_version, true)?;
+        let info = self.identity.match_model(version).await?;
+        let current = match version {
+            None => true,
+            Some(_) => {
+                self.identity.match_model(None).await?.summary.model_version
+                    == info.summary.model_version
+            }
+        };
+        Ok(Response::new(pb::GetMatchModelResponse {
+            model: Some(convert::model_to_pb(
+                info,
+                current,
+                self.identity.match_thresholds(),
+            )),
+        }))
+    }
+
+    async fn restore_match_model(
+        &self,
+        request: Request<pb::RestoreMatchModelRequest>,
+    ) -> Result<Response<pb::RestoreMatchModelResponse>, Status> {
+        let version = convert::model_version_from_pb(request.into_inner().model_version, false)?
+            .unwrap_or_default();
+        let info = self.identity.restore_match_model(version).await?;
+        Ok(Response::new(pb::RestoreMatchModelResponse {
+            model: Some(convert::model_to_pb(
+                info,
+                true,
+                self.identity.match_thresholds(),
+            )),
+        }))
+    }
+
     async fn match_profiles(
         &self,
         request: Request<pb::MatchProfilesRequest>,

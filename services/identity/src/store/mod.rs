@@ -164,6 +164,9 @@ pub(crate) trait MatchStore: Send + Sync {
     /// The newest model: version and JSON params.
     async fn latest_model(&self) -> Result<Option<(i64, String)>, IdentityError>;
 
+    /// Model `version` (the newest when `None`) with its report and training time.
+    async fn model(&self, version: Option<i64>) -> Result<Option<StoredModel>, IdentityError>;
+
     /// Merges the canonical profiles of each pair under `rules` (the younger into the older), in
     /// order and in one transaction, each recorded under `rule` with its detail (an
     /// explanation), caused by `cause`, and queued for the profile service. Per pair,
@@ -382,6 +385,17 @@ fn decode_detail(event_id: &str, json: Option<&str>) -> Result<Option<Detail>, I
 }
 
 /// The rules as stored in `rules_versions`, comparable across replicas.
+/// A stored match model.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StoredModel {
+    pub(crate) version: i64,
+    /// The parameters, as `ModelParams` serializes.
+    pub(crate) params: String,
+    /// The training report, as `TrainingSummary` serializes.
+    pub(crate) report: String,
+    pub(crate) trained_at: OffsetDateTime,
+}
+
 /// A stored rules version.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct StoredRules {

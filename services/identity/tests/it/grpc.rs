@@ -6,8 +6,9 @@ use tessera_proto::common::v1::Identifier;
 use tessera_proto::identity::v1::get_profile_graph_request::Lookup;
 use tessera_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use tessera_proto::identity::v1::{
-    GetProfileGraphRequest, GetRulesRequest, IdentityRecord, LookupIdentifierRequest,
-    ResolveIdentitiesRequest, UpdateRulesRequest,
+    GetMatchModelRequest, GetProfileGraphRequest, GetRulesRequest, IdentityRecord,
+    LookupIdentifierRequest, ResolveIdentitiesRequest, RestoreMatchModelRequest,
+    UpdateRulesRequest,
 };
 use tessera_server::GrpcServices;
 use tessera_store::Database;
@@ -407,4 +408,36 @@ async fn bad_rule_updates_name_the_problem() {
         1,
         "nothing was stored"
     );
+}
+
+#[tokio::test]
+async fn match_model_requests_are_checked() {
+    let mut s = serve(IdentitySettings::default()).await;
+    let none = s
+        .client
+        .get_match_model(GetMatchModelRequest { model_version: 0 })
+        .await
+        .expect_err("no model yet");
+    assert_eq!(none.code(), Code::NotFound);
+    assert_eq!(none.message(), "no such match model");
+    let missing = s
+        .client
+        .restore_match_model(RestoreMatchModelRequest { model_version: 4 })
+        .await
+        .expect_err("unknown version");
+    assert_eq!(missing.code(), Code::NotFound);
+    let negative = s
+        .client
+        .get_match_model(GetMatchModelRequest { model_version: -1 })
+        .await
+        .expect_err("invalid");
+    assert_eq!(negative.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&negative), ["model_version"]);
+    let zero = s
+        .client
+        .restore_match_model(RestoreMatchModelRequest { model_version: 0 })
+        .await
+        .expect_err("invalid");
+    assert_eq!(zero.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&zero), ["model_version"]);
 }

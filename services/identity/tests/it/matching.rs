@@ -14,6 +14,7 @@ on_both_backends!(
     the_rules_veto_probabilistic_merges,
     suggestions_are_listed_and_decided,
     profiles_indexed_before_the_model_are_matched_when_sent_again,
+    models_are_described_and_an_earlier_one_restored,
 );
 
 /// Person `n`'s traits (see `tessera_testkit::people`).
@@ -279,4 +280,78 @@ async fn bad_matching_settings_are_refused_naming_the_key() {
         .expect_err("refused");
         assert!(err.to_string().contains(field), "{err}");
     }
+}
+
+async fn models_are_described_and_an_earlier_one_restored(b: &Backend) {
+    assert!(matches!(
+        b.identity.match_model(None).await,
+        Err(IdentityError::Missing(_))
+    ));
+    population(&b.identity).await;
+    let first = b.identity.train_match_model().await.expect("train");
+    let described = b.identity.match_model(None).await.expect("model");
+    assert_eq!(
+        described.summary, first,
+        "the model is described as trained"
+    );
+    assert!(described.trained_at <= time::OffsetDateTime::now_utc());
+
+    // More people, a second training: the current model is the new one.
+    for n in 180..240 {
+        let id = profile(&b.identity, &format!("q{n}"), &[]).await;
+        b.identity
+            .match_profiles(vec![(id, person(n))])
+            .await
+            .expect("index");
+    }
+    let second = b.identity.train_match_model().await.expect("train");
+    assert_eq!(second.model_version, 2);
+    assert_eq!(second.profiles, 270);
+    assert_eq!(
+        b.identity.match_model(None).await.expect("model").summary,
+        second
+    );
+    assert_eq!(
+        b.identity
+            .match_model(Some(1))
+            .await
+            .expect("model")
+            .summary,
+        first
+    );
+
+    // Roll back to the first: a new version with the first's parameters, used from now on.
+    let restored = b.identity.restore_match_model(1).await.expect("restore");
+    assert_eq!(restored.summary.model_version, 3);
+    assert_eq!(restored.summary.restored_from, Some(1));
+    assert_eq!(restored.summary.lambda, first.lambda);
+    assert_eq!(restored.summary.fields, first.fields);
+    let current = b.identity.match_model(None).await.expect("model");
+    assert_eq!(current.summary, restored.summary);
+    let batch = b.identity.run_batch_match().await.expect("batch");
+    assert_eq!(batch.model_version, 3);
+    // Restoring a restored model names the training it came from.
+    let again = b.identity.restore_match_model(3).await.expect("restore");
+    assert_eq!(again.summary.restored_from, Some(1));
+
+    assert!(matches!(
+        b.identity.restore_match_model(99).await,
+        Err(IdentityError::Missing(_))
+    ));
+    // A replica whose matching config changed cannot restore a model that no longer fits.
+    let mut settings = MatchSettings::default();
+    settings.model.comparisons[0].levels.pop();
+    let changed = Identity::new(
+        b.db.clone(),
+        IdentitySettings {
+            matching: settings,
+            ..IdentitySettings::default()
+        },
+    )
+    .await
+    .expect("identity");
+    assert!(matches!(
+        changed.restore_match_model(1).await,
+        Err(IdentityError::FailedPrecondition(m)) if m.contains("train a new one")
+    ));
 }

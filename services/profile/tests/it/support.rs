@@ -204,6 +204,20 @@ impl IdentityService for IdentityDouble {
         Err(Status::unimplemented("not part of the double"))
     }
 
+    async fn get_match_model(
+        &self,
+        _request: Request<identity::GetMatchModelRequest>,
+    ) -> Result<Response<identity::GetMatchModelResponse>, Status> {
+        Err(Status::unimplemented("not part of the double"))
+    }
+
+    async fn restore_match_model(
+        &self,
+        _request: Request<identity::RestoreMatchModelRequest>,
+    ) -> Result<Response<identity::RestoreMatchModelResponse>, Status> {
+        Err(Status::unimplemented("not part of the double"))
+    }
+
     async fn match_profiles(
         &self,
         request: Request<identity::MatchProfilesRequest>,

@@ -11,7 +11,9 @@ use sqlx::postgres::PgConnection;
 use super::{CANONICAL_SQL, Failure, LIMITED_SQL, PgStore, write};
 use crate::IdentityError;
 use crate::domain::{GraphView, Merge, Plan, ProfileAge, plan_merge};
-use crate::store::{IndexEntry, MatchStore, StoredSuggestion, VersionedRules, now, ordered};
+use crate::store::{
+    IndexEntry, MatchStore, StoredModel, StoredSuggestion, VersionedRules, now, ordered,
+};
 
 /// How often a merge whose profiles were merged meanwhile is tried again.
 const MAX_ATTEMPTS: u32 = 8;
@@ -272,6 +274,24 @@ impl MatchStore for PgStore {
         )
         .fetch_optional(&self.pool)
         .await?)
+    }
+
+    async fn model(&self, version: Option<i64>) -> Result<Option<StoredModel>, IdentityError> {
+        let row: Option<(i64, String, String, OffsetDateTime)> = sqlx::query_as(
+            "SELECT version, params::text, report::text, trained_at FROM match_models \
+             WHERE $1::bigint IS NULL OR version = $1 ORDER BY version DESC LIMIT 1",
+        )
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(
+            row.map(|(version, params, report, trained_at)| StoredModel {
+                version,
+                params,
+                report,
+                trained_at,
+            }),
+        )
     }
 
     async fn merge_pairs(

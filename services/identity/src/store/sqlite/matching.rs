@@ -8,7 +8,9 @@ use uuid::Uuid;
 use super::{CANONICAL_SQL, HELD_SQL, SqliteStore, from_micros, micros, parse_uuid, write};
 use crate::IdentityError;
 use crate::domain::{GraphView, Merge, Plan, ProfileAge, plan_merge};
-use crate::store::{IndexEntry, MatchStore, StoredSuggestion, VersionedRules, now, ordered};
+use crate::store::{
+    IndexEntry, MatchStore, StoredModel, StoredSuggestion, VersionedRules, now, ordered,
+};
 
 type SuggestionRow = (i64, String, String, String, String, i64);
 
@@ -242,6 +244,25 @@ impl MatchStore for SqliteStore {
             .fetch_optional(&self.pool)
             .await?,
         )
+    }
+
+    async fn model(&self, version: Option<i64>) -> Result<Option<StoredModel>, IdentityError> {
+        let row: Option<(i64, String, String, i64)> = sqlx::query_as(
+            "SELECT version, params, report, trained_at FROM match_models \
+             WHERE ?1 IS NULL OR version = ?1 ORDER BY version DESC LIMIT 1",
+        )
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|(version, params, report, trained_at)| {
+            Ok(StoredModel {
+                version,
+                params,
+                report,
+                trained_at: from_micros(trained_at)?,
+            })
+        })
+        .transpose()
     }
 
     async fn merge_pairs(
