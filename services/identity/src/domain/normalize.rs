@@ -221,6 +221,36 @@ impl Record {
     pub fn timestamp(&self) -> OffsetDateTime {
         self.timestamp
     }
+
+    /// The record with the identifiers of `removed` taken out (as if the event had never
+    /// carried them: an erased identifier).
+    pub fn without(&self, removed: &std::collections::HashSet<Identifier>) -> Self {
+        Self {
+            event_id: self.event_id.clone(),
+            identifiers: self
+                .identifiers
+                .iter()
+                .filter(|i| !removed.contains(*i))
+                .cloned()
+                .collect(),
+            unlinked: self.unlinked.clone(),
+            timestamp: self.timestamp,
+        }
+    }
+
+    /// A record of identifiers already normalized (read back from the graph), for replays.
+    pub fn normalized(
+        event_id: impl Into<String>,
+        identifiers: Vec<Identifier>,
+        timestamp: OffsetDateTime,
+    ) -> Self {
+        Self {
+            event_id: event_id.into(),
+            identifiers,
+            unlinked: Vec::new(),
+            timestamp: truncate_to_micros(timestamp),
+        }
+    }
 }
 
 #[cfg(test)]

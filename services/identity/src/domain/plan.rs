@@ -42,7 +42,7 @@ pub struct GraphView {
 
 /// A canonical profile as the planner tracks it.
 #[derive(Debug, Clone)]
-struct ProfileState {
+pub(super) struct ProfileState {
     created_at: OffsetDateTime,
     /// Identifiers of limited types, with when each was first linked (event time).
     limited: Vec<(Identifier, OffsetDateTime)>,
@@ -188,6 +188,9 @@ pub struct Plan {
 /// The rule under which identifiers seen together link.
 pub const SEEN_TOGETHER: &str = "seen_together";
 
+/// The rule that keeps apart two profiles an unmerge split.
+pub const SPLIT: &str = "split";
+
 /// Plans merging two canonical profiles for a reason other than shared identifiers (a
 /// probabilistic match, a person's decision), as of `now`: the younger folds into the older,
 /// recorded under `rule` with `detail` (an explanation) and caused by `cause`. `Err` names the
@@ -208,16 +211,20 @@ pub fn plan_merge(
         profiles: view.profiles,
         seen_with: view.seen_with,
         merged_into: HashMap::new(),
+        forbidden: Vec::new(),
         now,
-        new_id: Uuid::now_v7,
+        new_profile: |_: &str| ProfileAge {
+            created_at: now,
+            id: Uuid::now_v7(),
+        },
         out: Plan::default(),
     };
     let (older, younger) = if a <= b { (a, b) } else { (b, a) };
     if older.id == younger.id {
         return Err("same_profile".to_owned());
     }
-    if let Some(kind) = planner.violation(&[older, younger], &[], now) {
-        return Err(format!("limit:{kind}"));
+    if let Some(reason) = planner.violation(&[older, younger], &[], now) {
+        return Err(reason);
     }
     let mut merge = planner.merge(younger.id, older.id, cause, now);
     merge.rule = rule.to_owned();
@@ -237,7 +244,7 @@ pub fn plan<'a>(
     records: impl IntoIterator<Item = &'a Record>,
     view: GraphView,
     now: OffsetDateTime,
-    new_id: impl FnMut() -> Uuid,
+    mut new_id: impl FnMut() -> Uuid,
 ) -> Plan {
     let mut planner = Planner {
         rules,
@@ -245,8 +252,12 @@ pub fn plan<'a>(
         profiles: view.profiles,
         seen_with: view.seen_with,
         merged_into: HashMap::new(),
+        forbidden: Vec::new(),
         now,
-        new_id,
+        new_profile: move |_: &str| ProfileAge {
+            created_at: now,
+            id: new_id(),
+        },
         out: Plan::default(),
     };
     for record in records {
@@ -255,20 +266,23 @@ pub fn plan<'a>(
     planner.out
 }
 
-struct Planner<'r, F> {
-    rules: &'r Rules,
-    owners: HashMap<Identifier, Uuid>,
-    profiles: HashMap<Uuid, ProfileState>,
-    seen_with: HashMap<Identifier, HashSet<Uuid>>,
+pub(super) struct Planner<'r, F> {
+    pub(super) rules: &'r Rules,
+    pub(super) owners: HashMap<Identifier, Uuid>,
+    pub(super) profiles: HashMap<Uuid, ProfileState>,
+    pub(super) seen_with: HashMap<Identifier, HashSet<Uuid>>,
     /// Merges decided earlier in this run: merged profile -> survivor.
-    merged_into: HashMap<Uuid, Uuid>,
-    now: OffsetDateTime,
-    new_id: F,
-    out: Plan,
+    pub(super) merged_into: HashMap<Uuid, Uuid>,
+    /// Pairs of profiles that must never end up as one (split apart by an unmerge).
+    pub(super) forbidden: Vec<(Uuid, Uuid)>,
+    pub(super) now: OffsetDateTime,
+    /// The profile an event creates (its id and creation time).
+    pub(super) new_profile: F,
+    pub(super) out: Plan,
 }
 
-impl<F: FnMut() -> Uuid> Planner<'_, F> {
-    fn find(&self, mut id: Uuid) -> Uuid {
+impl<F: FnMut(&str) -> ProfileAge> Planner<'_, F> {
+    pub(super) fn find(&self, mut id: Uuid) -> Uuid {
         while let Some(next) = self.merged_into.get(&id) {
             id = *next;
         }
@@ -279,7 +293,7 @@ impl<F: FnMut() -> Uuid> Planner<'_, F> {
         self.owners.get(identifier).map(|p| self.find(*p))
     }
 
-    fn age(&self, id: Uuid) -> ProfileAge {
+    pub(super) fn age(&self, id: Uuid) -> ProfileAge {
         ProfileAge {
             created_at: self.profiles.get(&id).map_or(self.now, |p| p.created_at),
             id,
@@ -314,15 +328,27 @@ impl<F: FnMut() -> Uuid> Planner<'_, F> {
         out
     }
 
-    /// The first limited type (in name order) that linking `usable` through `candidates` at
-    /// `at` would push over its limit: more values than allowed, and more than any candidate
-    /// already holds (a profile over a limit lowered since keeps what it has, but gains nothing).
-    fn violation(
+    /// Why linking `usable` through `candidates` at `at` is not allowed, if it is not: `split`
+    /// when it would join two profiles an unmerge split apart, else `limit:<type>` for the
+    /// first limited type (in name order) it would push over its limit: more values than
+    /// allowed, and more than any candidate already holds (a profile over a limit lowered since
+    /// keeps what it has, but gains nothing).
+    pub(super) fn violation(
         &self,
         candidates: &[ProfileAge],
         usable: &[Identifier],
         at: OffsetDateTime,
     ) -> Option<String> {
+        if candidates.len() > 1 && !self.forbidden.is_empty() {
+            let roots: HashSet<Uuid> = candidates.iter().map(|c| self.find(c.id)).collect();
+            if self
+                .forbidden
+                .iter()
+                .any(|(a, b)| roots.contains(&self.find(*a)) && roots.contains(&self.find(*b)))
+            {
+                return Some(SPLIT.to_owned());
+            }
+        }
         let mut types: Vec<&str> = self.rules.limited_types().collect();
         types.sort_unstable();
         for kind in types {
@@ -353,13 +379,13 @@ impl<F: FnMut() -> Uuid> Planner<'_, F> {
             }
             let max = usize::try_from(limit.max).unwrap_or(usize::MAX);
             if values.len() > max && values.len() > largest {
-                return Some(kind.to_owned());
+                return Some(format!("limit:{kind}"));
             }
         }
         None
     }
 
-    fn resolve(&mut self, record: &Record) {
+    pub(super) fn resolve(&mut self, record: &Record) {
         let at = record.timestamp();
         let event_id = record.event_id();
         let mut ids: Vec<Identifier> = record.identifiers().to_vec();
@@ -378,9 +404,9 @@ impl<F: FnMut() -> Uuid> Planner<'_, F> {
 
         // Drop the lowest-priority identifier until the match breaks no limit.
         let mut limited_out: Vec<(Identifier, String)> = Vec::new();
-        while let Some(kind) = self.violation(&self.candidates(&usable), &usable, at) {
+        while let Some(reason) = self.violation(&self.candidates(&usable), &usable, at) {
             match usable.pop() {
-                Some(last) => limited_out.push((last, format!("limit:{kind}"))),
+                Some(last) => limited_out.push((last, reason)),
                 None => break,
             }
         }
@@ -470,10 +496,7 @@ impl<F: FnMut() -> Uuid> Planner<'_, F> {
     }
 
     fn create(&mut self, event_id: &str, at: OffsetDateTime) -> Uuid {
-        let profile = ProfileAge {
-            created_at: self.now,
-            id: (self.new_id)(),
-        };
+        let profile = (self.new_profile)(event_id);
         self.profiles.insert(
             profile.id,
             ProfileState {
@@ -520,7 +543,13 @@ impl<F: FnMut() -> Uuid> Planner<'_, F> {
         });
     }
 
-    fn merge(&mut self, merged: Uuid, survivor: Uuid, event_id: &str, at: OffsetDateTime) -> Merge {
+    pub(super) fn merge(
+        &mut self,
+        merged: Uuid,
+        survivor: Uuid,
+        event_id: &str,
+        at: OffsetDateTime,
+    ) -> Merge {
         self.merged_into.insert(merged, survivor);
         if let Some(state) = self.profiles.remove(&merged)
             && let Some(target) = self.profiles.get_mut(&survivor)
