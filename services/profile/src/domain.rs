@@ -232,6 +232,61 @@ pub struct ResolvedEvent {
     pub identifiers: Vec<Identifier>,
 }
 
+/// An applied event as stored for rebuilding: what it contributes to a profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventContent {
+    /// When it happened.
+    #[serde(with = "time::serde::rfc3339")]
+    pub timestamp: OffsetDateTime,
+    /// The person traits it sets.
+    pub traits: Map<String, Value>,
+    /// The identifiers it linked, as (type, value).
+    pub identifiers: Vec<(String, String)>,
+}
+
+impl EventContent {
+    /// What `event` contributes.
+    pub fn of(event: &ResolvedEvent) -> Self {
+        Self {
+            timestamp: event.timestamp,
+            traits: event.traits.clone(),
+            identifiers: event
+                .identifiers
+                .iter()
+                .map(|i| (i.kind.clone(), i.value.clone()))
+                .collect(),
+        }
+    }
+
+    /// The event again, for `profile_id`.
+    pub fn event(&self, event_id: &str, profile_id: &str) -> ResolvedEvent {
+        ResolvedEvent {
+            event_id: event_id.to_owned(),
+            profile_id: profile_id.to_owned(),
+            timestamp: self.timestamp,
+            traits: self.traits.clone(),
+            identifiers: self
+                .identifiers
+                .iter()
+                .map(|(k, v)| Identifier::new(k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// A split of merged profiles (an unmerge), as the identity service decided it: the profiles
+/// of one merged component and where each now belongs, and the events whose profile or linked
+/// identifiers changed.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Split {
+    /// Every profile of the component and the live profile it belongs to after the split
+    /// (itself when it is live).
+    pub profiles: Vec<(String, String)>,
+    /// Events that moved or whose linked identifiers changed: the event id, its live profile
+    /// after the split, and the identifiers it links now.
+    pub events: Vec<(String, String, Vec<Identifier>)>,
+}
+
 /// One profile folded into another.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Merge {

@@ -49,6 +49,15 @@ pub enum ProfileError {
     /// The identity service answered matching with something that breaks its contract.
     #[error("identity service answered matching badly: {0}")]
     BadMatches(String),
+    /// A profile holds events applied before event contents were kept, so it cannot be
+    /// rebuilt (for an unmerge).
+    #[error(
+        "profile {0} holds events applied before their contents were kept: it cannot be rebuilt"
+    )]
+    NotRebuildable(String),
+    /// A stored value does not decode: a bug or a corrupted row.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
 }
 
 impl ProfileError {
@@ -61,10 +70,12 @@ impl ProfileError {
             Self::Database(e) => tessera_store::error_code(e),
             Self::Contention => ErrorCode::Unavailable,
             Self::Identity(s) | Self::Scoring(s) => peer_code(s.code()),
+            Self::NotRebuildable(_) => ErrorCode::FailedPrecondition,
             Self::BrokenMergeChain(_)
             | Self::Missing(_)
             | Self::BadScores(_)
-            | Self::BadMatches(_) => ErrorCode::Internal,
+            | Self::BadMatches(_)
+            | Self::Corrupt(_) => ErrorCode::Internal,
         }
     }
 }
@@ -109,9 +120,9 @@ impl From<ProfileError> for Status {
             ProfileError::InvalidArgument(violations) => {
                 tessera_server::invalid_argument(violations)
             }
-            ProfileError::TooMany { .. } | ProfileError::NotFound => {
-                tessera_server::status(code, error.to_string())
-            }
+            ProfileError::TooMany { .. }
+            | ProfileError::NotFound
+            | ProfileError::NotRebuildable(_) => tessera_server::status(code, error.to_string()),
             // A retryable peer failure names the peer (not what it said), so whoever watches
             // the pipeline retry knows which service to look at.
             ProfileError::Identity(_) if code.is_retryable() => {
@@ -125,7 +136,8 @@ impl From<ProfileError> for Status {
             | ProfileError::Identity(_)
             | ProfileError::Scoring(_)
             | ProfileError::BadScores(_)
-            | ProfileError::BadMatches(_) => tessera_server::internal(code, &error),
+            | ProfileError::BadMatches(_)
+            | ProfileError::Corrupt(_) => tessera_server::internal(code, &error),
         }
     }
 }

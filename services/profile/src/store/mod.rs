@@ -16,7 +16,7 @@ use tessera_core::Identifier;
 use tessera_store::Database;
 use time::OffsetDateTime;
 
-use crate::domain::{Batch, Profile, Score, Workspace};
+use crate::domain::{Batch, EventContent, Profile, ProfileState, Score, Split, Workspace};
 use crate::error::ProfileError;
 
 pub use postgres::PostgresStore;
@@ -96,6 +96,19 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
 
     /// The live profiles among `profile_ids`, as stored (merged ones are left out).
     async fn get_many(&self, profile_ids: &[String]) -> Result<Vec<Profile>, ProfileError>;
+
+    /// Splits merged profiles (an unmerge) in one transaction: every profile of the component
+    /// is rebuilt from the events that belong to it now, as if the reverted merge had never
+    /// happened; identifiers follow their events; the live profiles are rescored by `scorer`.
+    /// `NotRebuildable` when an event of the component was applied before event contents were
+    /// kept.
+    async fn split(
+        &self,
+        split: &Split,
+        half_life_seconds: f64,
+        now: OffsetDateTime,
+        scorer: &dyn Scorer,
+    ) -> Result<Applied, ProfileError>;
 }
 
 /// The store of `db`'s backend. The database must be migrated with [`crate::MIGRATIONS`].
@@ -116,12 +129,27 @@ trait Ops: Send {
     async fn resolve(&mut self, ids: &[String]) -> Result<HashMap<String, String>, sqlx::Error>;
     /// Loads profiles with their identifiers; with `lock`, locks them in id order first.
     async fn load(&mut self, ids: &[String], lock: bool) -> Result<Vec<Profile>, sqlx::Error>;
-    /// Records events as applied; returns the ids that were not recorded before.
+    /// Records events as applied to a profile, with what they contribute (JSON of
+    /// [`EventContent`]); returns the ids that were not recorded before.
     async fn record_events(
         &mut self,
-        events: &[(String, String)],
+        events: &[(&str, &str, String)],
         now: OffsetDateTime,
     ) -> Result<HashSet<String>, sqlx::Error>;
+    /// The applied events of `profile_ids`: event id, profile id, content (JSON of
+    /// [`EventContent`], `None` for events applied before contents were kept).
+    async fn load_events(
+        &mut self,
+        profile_ids: &[String],
+    ) -> Result<Vec<(String, String, Option<String>)>, sqlx::Error>;
+    /// Moves applied events to another profile, with their new content.
+    async fn move_events(&mut self, moves: &[(&str, &str, String)]) -> Result<(), sqlx::Error>;
+    /// Replaces the identifiers of the profiles `members` with `links`.
+    async fn replace_identifiers(
+        &mut self,
+        members: &[String],
+        links: &[(&str, &Identifier)],
+    ) -> Result<(), sqlx::Error>;
     /// Writes the profiles' rows (not their identifiers).
     async fn write(&mut self, profiles: &[&Profile]) -> Result<(), sqlx::Error>;
     /// Moves the identifiers of `merged` to `survivor`, and redirects the profiles that pointed
@@ -158,7 +186,11 @@ async fn apply<O: Ops>(
             let id = ws
                 .canonical(&event.profile_id)
                 .ok_or_else(|| ProfileError::BrokenMergeChain(event.profile_id.clone()))?;
-            to_record.push((event.event_id.clone(), id.to_owned()));
+            to_record.push((
+                event.event_id.as_str(),
+                id,
+                content_json(&EventContent::of(event)),
+            ));
         }
     }
     let mut fresh = ops.record_events(&to_record, now).await?;
@@ -294,6 +326,146 @@ async fn get_many<O: Ops>(ops: &mut O, ids: &[String]) -> Result<Vec<Profile>, P
     let mut profiles = ops.load(ids, false).await?;
     profiles.retain(|p| p.merged_into.is_none());
     Ok(profiles)
+}
+
+fn content_json(content: &EventContent) -> String {
+    // Strings, numbers and JSON values always serialize.
+    serde_json::to_string(content).unwrap_or_else(|_| "null".to_owned())
+}
+
+/// Splits a merged component (an unmerge) through `ops`, inside a transaction: every profile
+/// of the component is rebuilt from the events that belong to it after the split, the
+/// profiles that stand as merged fold into their survivor, identifiers follow their events,
+/// and every live profile of the component is rescored. Idempotent: splitting again changes
+/// no state.
+async fn split<O: Ops>(
+    ops: &mut O,
+    split: &Split,
+    half_life_seconds: f64,
+    now: OffsetDateTime,
+    scorer: &dyn Scorer,
+) -> Result<Applied, ProfileError> {
+    let target: HashMap<&str, &str> = split
+        .profiles
+        .iter()
+        .map(|(id, live)| (id.as_str(), live.as_str()))
+        .collect();
+    let mut members: Vec<String> = split.profiles.iter().map(|(id, _)| id.clone()).collect();
+    members.sort();
+    members.dedup();
+    ops.ensure(&members, now).await?;
+    // The whole component, locked in id order; every member must resolve into it.
+    let rows = ops.load(&members, true).await?;
+    let mut version = rows.iter().map(|p| p.version).max().unwrap_or(0);
+    let mut old: BTreeMap<String, Profile> = rows
+        .into_iter()
+        .map(|p| (p.profile_id.clone(), p))
+        .collect();
+    let moved: HashMap<&str, (&str, &[Identifier])> = split
+        .events
+        .iter()
+        .map(|(event, profile, ids)| (event.as_str(), (profile.as_str(), ids.as_slice())))
+        .collect();
+    let events = ops.load_events(&members).await?;
+
+    // Rebuild every live profile from its events.
+    let mut state: BTreeMap<&str, ProfileState> = BTreeMap::new();
+    for live in target.values() {
+        state.entry(live).or_default();
+    }
+    let mut moves = Vec::new();
+    for (event_id, profile_id, content) in &events {
+        let Some(content) = content else {
+            return Err(ProfileError::NotRebuildable(profile_id.clone()));
+        };
+        let mut content: EventContent = serde_json::from_str(content)
+            .map_err(|e| ProfileError::Corrupt(format!("event {event_id}: {e}")))?;
+        let live = match moved.get(event_id.as_str()) {
+            Some((live, ids)) => {
+                content.identifiers = ids
+                    .iter()
+                    .map(|i| (i.kind.clone(), i.value.clone()))
+                    .collect();
+                moves.push((event_id.as_str(), *live, content_json(&content)));
+                *live
+            }
+            None => target
+                .get(profile_id.as_str())
+                .copied()
+                .ok_or_else(|| ProfileError::BrokenMergeChain(profile_id.clone()))?,
+        };
+        let folded = state
+            .get_mut(live)
+            .ok_or_else(|| ProfileError::BrokenMergeChain(live.to_owned()))?;
+        folded.apply(&content.event(event_id, live), half_life_seconds);
+    }
+    version += 1;
+    let mut links: Vec<(&str, &Identifier)> = Vec::new();
+    let mut linked = HashSet::new();
+    for (live, folded) in &state {
+        for id in &folded.identifiers {
+            if linked.insert(id) {
+                links.push((live, id));
+            }
+        }
+    }
+    let mut live_profiles: Vec<Profile> = Vec::new();
+    let mut merged_away = Vec::new();
+    for id in &members {
+        let live = target.get(id.as_str()).copied().unwrap_or(id.as_str());
+        let Some(mut profile) = old.remove(id) else {
+            continue;
+        };
+        profile.version = version;
+        profile.updated_at = now;
+        if live == id {
+            profile.merged_into = None;
+            profile.state = state.get(live).cloned().unwrap_or_default();
+            profile.merged_profile_ids = members
+                .iter()
+                .filter(|m| *m != id && target.get(m.as_str()) == Some(&live))
+                .cloned()
+                .collect();
+            live_profiles.push(profile);
+        } else {
+            profile.merged_into = Some(live.to_owned());
+            profile.merged_profile_ids = Vec::new();
+            merged_away.push((profile.profile_id.clone(), version));
+            live_profiles.push(profile);
+        }
+    }
+    let scored: Vec<&Profile> = live_profiles
+        .iter()
+        .filter(|p| p.merged_into.is_none())
+        .collect();
+    let scores = scorer.score(&scored, now).await?;
+    let ids: Vec<String> = scored.iter().map(|p| p.profile_id.clone()).collect();
+    for (id, scores) in ids.iter().zip(scores) {
+        if let Some(p) = live_profiles.iter_mut().find(|p| &p.profile_id == id) {
+            for score in scores {
+                p.scores.insert(score.name.clone(), score);
+            }
+        }
+    }
+    let written: Vec<&Profile> = live_profiles.iter().collect();
+    ops.write(&written).await?;
+    ops.move_events(&moves).await?;
+    ops.replace_identifiers(&members, &links).await?;
+    let mut live: Vec<String> = live_profiles
+        .iter()
+        .filter(|p| p.merged_into.is_none())
+        .map(|p| p.profile_id.clone())
+        .collect();
+    live.sort();
+    let changed = ops.load(&live, false).await?;
+    Ok(Applied {
+        applied: 0,
+        duplicates: 0,
+        changed,
+        state_changed: members.iter().cloned().collect(),
+        merged_away,
+        named: live,
+    })
 }
 
 /// Attaches loaded identifiers to their profiles.

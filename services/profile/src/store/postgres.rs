@@ -11,7 +11,7 @@ use tessera_core::Identifier;
 use time::OffsetDateTime;
 
 use super::{Applied, Ops, ProfileStore, Scorer, attach_identifiers};
-use crate::domain::{Batch, Profile, ProfileState};
+use crate::domain::{Batch, Profile, ProfileState, Split};
 use crate::error::ProfileError;
 
 /// Profiles in Postgres, in the service's schema.
@@ -51,6 +51,20 @@ impl ProfileStore for PostgresStore {
     async fn get_many(&self, profile_ids: &[String]) -> Result<Vec<Profile>, ProfileError> {
         let mut conn = self.pool.acquire().await?;
         super::get_many(&mut PgOps(&mut conn), profile_ids).await
+    }
+
+    async fn split(
+        &self,
+        split: &Split,
+        half_life_seconds: f64,
+        now: OffsetDateTime,
+        scorer: &dyn Scorer,
+    ) -> Result<Applied, ProfileError> {
+        let mut tx = self.pool.begin().await?;
+        let applied =
+            super::split(&mut PgOps(&mut tx), split, half_life_seconds, now, scorer).await?;
+        tx.commit().await?;
+        Ok(applied)
     }
 }
 
@@ -138,26 +152,84 @@ impl Ops for PgOps<'_> {
 
     async fn record_events(
         &mut self,
-        events: &[(String, String)],
+        events: &[(&str, &str, String)],
         now: OffsetDateTime,
     ) -> Result<HashSet<String>, sqlx::Error> {
         if events.is_empty() {
             return Ok(HashSet::new());
         }
-        let (event_ids, profile_ids): (Vec<&str>, Vec<&str>) =
-            events.iter().map(|(e, p)| (e.as_str(), p.as_str())).unzip();
+        let mut event_ids = Vec::with_capacity(events.len());
+        let mut profile_ids = Vec::with_capacity(events.len());
+        let mut contents = Vec::with_capacity(events.len());
+        for (event_id, profile_id, content) in events {
+            event_ids.push(*event_id);
+            profile_ids.push(*profile_id);
+            contents.push(content.as_str());
+        }
         let rows = sqlx::query(
-            "INSERT INTO applied_events (event_id, profile_id, applied_at) \
-             SELECT e, p, $3 FROM UNNEST($1::text[], $2::text[]) AS t(e, p) \
+            "INSERT INTO applied_events (event_id, profile_id, applied_at, content) \
+             SELECT e, p, $3, c::jsonb FROM UNNEST($1::text[], $2::text[], $4::text[]) AS t(e, p, c) \
              ON CONFLICT (event_id) DO NOTHING \
              RETURNING event_id",
         )
         .bind(event_ids)
         .bind(profile_ids)
         .bind(now)
+        .bind(contents)
         .fetch_all(&mut *self.0)
         .await?;
         rows.iter().map(|r| r.try_get("event_id")).collect()
+    }
+
+    async fn load_events(
+        &mut self,
+        profile_ids: &[String],
+    ) -> Result<Vec<(String, String, Option<String>)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT event_id, profile_id, content::text FROM applied_events \
+             WHERE profile_id = ANY($1) ORDER BY event_id",
+        )
+        .bind(profile_ids)
+        .fetch_all(&mut *self.0)
+        .await
+    }
+
+    async fn move_events(&mut self, moves: &[(&str, &str, String)]) -> Result<(), sqlx::Error> {
+        if moves.is_empty() {
+            return Ok(());
+        }
+        let mut event_ids = Vec::with_capacity(moves.len());
+        let mut profile_ids = Vec::with_capacity(moves.len());
+        let mut contents = Vec::with_capacity(moves.len());
+        for (event_id, profile_id, content) in moves {
+            event_ids.push(*event_id);
+            profile_ids.push(*profile_id);
+            contents.push(content.as_str());
+        }
+        sqlx::query(
+            "UPDATE applied_events a SET profile_id = m.p, content = m.c::jsonb \
+             FROM UNNEST($1::text[], $2::text[], $3::text[]) AS m(e, p, c) \
+             WHERE a.event_id = m.e",
+        )
+        .bind(event_ids)
+        .bind(profile_ids)
+        .bind(contents)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn replace_identifiers(
+        &mut self,
+        members: &[String],
+        links: &[(&str, &Identifier)],
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM profile_identifiers WHERE profile_id = ANY($1)")
+            .bind(members)
+            .execute(&mut *self.0)
+            .await?;
+        self.link(links).await?;
+        Ok(())
     }
 
     async fn write(&mut self, profiles: &[&Profile]) -> Result<(), sqlx::Error> {

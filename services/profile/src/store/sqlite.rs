@@ -13,7 +13,7 @@ use tessera_core::Identifier;
 use time::OffsetDateTime;
 
 use super::{Applied, Ops, ProfileStore, Scorer, attach_identifiers};
-use crate::domain::{Batch, Profile, ProfileState};
+use crate::domain::{Batch, Profile, ProfileState, Split};
 use crate::error::ProfileError;
 
 /// Rows per statement: at most 3 parameters each, far below SQLite's 32,766.
@@ -51,6 +51,20 @@ impl ProfileStore for SqliteStore {
     async fn get(&self, profile_id: &str) -> Result<Option<Profile>, ProfileError> {
         let mut conn = self.pool.acquire().await?;
         super::get(&mut LiteOps(&mut conn), profile_id).await
+    }
+
+    async fn split(
+        &self,
+        split: &Split,
+        half_life_seconds: f64,
+        now: OffsetDateTime,
+        scorer: &dyn Scorer,
+    ) -> Result<Applied, ProfileError> {
+        let mut tx = self.pool.begin().await?;
+        let applied =
+            super::split(&mut LiteOps(&mut tx), split, half_life_seconds, now, scorer).await?;
+        tx.commit().await?;
+        Ok(applied)
     }
 
     async fn get_many(&self, profile_ids: &[String]) -> Result<Vec<Profile>, ProfileError> {
@@ -144,18 +158,19 @@ impl Ops for LiteOps<'_> {
 
     async fn record_events(
         &mut self,
-        events: &[(String, String)],
+        events: &[(&str, &str, String)],
         now: OffsetDateTime,
     ) -> Result<HashSet<String>, sqlx::Error> {
         let mut fresh = HashSet::with_capacity(events.len());
         for chunk in events.chunks(CHUNK) {
             let mut qb = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO applied_events (event_id, profile_id, applied_at) ",
+                "INSERT INTO applied_events (event_id, profile_id, applied_at, content) ",
             );
-            qb.push_values(chunk, |mut row, (event_id, profile_id)| {
-                row.push_bind(event_id.clone())
-                    .push_bind(profile_id.clone())
-                    .push_bind(now);
+            qb.push_values(chunk, |mut row, (event_id, profile_id, content)| {
+                row.push_bind((*event_id).to_owned())
+                    .push_bind((*profile_id).to_owned())
+                    .push_bind(now)
+                    .push_bind(content.clone());
             });
             qb.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
             for row in qb.build().fetch_all(&mut *self.0).await? {
@@ -163,6 +178,58 @@ impl Ops for LiteOps<'_> {
             }
         }
         Ok(fresh)
+    }
+
+    async fn load_events(
+        &mut self,
+        profile_ids: &[String],
+    ) -> Result<Vec<(String, String, Option<String>)>, sqlx::Error> {
+        let mut out = Vec::new();
+        for chunk in profile_ids.chunks(CHUNK) {
+            let mut qb = QueryBuilder::<Sqlite>::new(
+                "SELECT event_id, profile_id, content FROM applied_events WHERE profile_id IN (",
+            );
+            let mut ids = qb.separated(", ");
+            for id in chunk {
+                ids.push_bind(id.clone());
+            }
+            qb.push(") ORDER BY event_id");
+            out.extend(
+                qb.build_query_as::<(String, String, Option<String>)>()
+                    .fetch_all(&mut *self.0)
+                    .await?,
+            );
+        }
+        Ok(out)
+    }
+
+    async fn move_events(&mut self, moves: &[(&str, &str, String)]) -> Result<(), sqlx::Error> {
+        for (event_id, profile_id, content) in moves {
+            sqlx::query(
+                "UPDATE applied_events SET profile_id = ?2, content = ?3 WHERE event_id = ?1",
+            )
+            .bind(*event_id)
+            .bind(*profile_id)
+            .bind(content.as_str())
+            .execute(&mut *self.0)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn replace_identifiers(
+        &mut self,
+        members: &[String],
+        links: &[(&str, &Identifier)],
+    ) -> Result<(), sqlx::Error> {
+        for id in members {
+            sqlx::query("DELETE FROM profile_identifiers WHERE profile_id = ?1")
+                .bind(id.as_str())
+                .execute(&mut *self.0)
+                .await?;
+        }
+        self.link(links).await?;
+        Ok(())
     }
 
     async fn write(&mut self, profiles: &[&Profile]) -> Result<(), sqlx::Error> {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde_json::json;
 use tessera_core::Identifier;
 use tessera_core::activity::DEFAULT_HALF_LIFE_SECONDS as H;
-use tessera_profile::domain::{Batch, Profile, Score};
+use tessera_profile::domain::{Batch, Merge, Profile, ProfileState, ResolvedEvent, Score, Split};
 use tessera_profile::error::ProfileError;
 use tessera_profile::store::{self, NoScores, ProfileStore, Scorer};
 use tessera_profile::{MIGRATIONS, SCHEMA};
@@ -507,4 +507,180 @@ async fn postgres_replicas_apply_concurrently_without_losing_events() {
     assert_eq!(p.state.event_count, 80);
     assert_eq!(p.state.traits["n"].value, json!(39));
     assert_eq!(p.merged_profile_ids, ["p2"]);
+}
+
+/// The events of the unmerge scenario: Ann (p1) and Bob (p2), each with their own user id.
+/// `e4` is Bob's, but after the wrong merge it was resolved to the survivor p1.
+fn unmerge_events(bob_late: &str) -> Vec<ResolvedEvent> {
+    vec![
+        event("e1", "p1", 1, "ann", json!({"name": "Ann", "plan": "pro"})),
+        event("e2", "p1", 5, "ann", json!({"city": "Oslo"})),
+        event("e3", "p2", 2, "bob", json!({"name": "Bob", "plan": "free"})),
+        event("e4", bob_late, 6, "bob", json!({"plan": "team"})),
+        event("e5", "p1", 7, "ann", json!({"score": 3})),
+        event("e6", "p3", 3, "cat", json!({"name": "Cat"})),
+    ]
+}
+
+async fn apply(store: &dyn ProfileStore, merges: Vec<Merge>, events: Vec<ResolvedEvent>) {
+    store
+        .apply(&Batch { merges, events }, H, NOW, &NoScores)
+        .await
+        .unwrap();
+}
+
+/// What the profile shows, without bookkeeping (versions, times of writing). The decayed
+/// activity is a floating-point log-add: folding the same events in another order can differ
+/// in the last bits, so it is rounded to 9 significant digits.
+fn shown(p: &Profile) -> (Option<String>, ProfileState, Vec<String>) {
+    let mut merged = p.merged_profile_ids.clone();
+    merged.sort();
+    let mut state = p.state.clone();
+    state.activity_log2 = state.activity_log2.map(|a| {
+        #[allow(clippy::cast_possible_truncation)]
+        let digits = 9 - a.abs().log10().ceil() as i32;
+        let scale = 10f64.powi(digits);
+        (a * scale).round() / scale
+    });
+    (p.merged_into.clone(), state, merged)
+}
+
+/// A merge followed by its unmerge leaves every profile as if the merge had never happened:
+/// p2 (with p3 merged into it before) is wrongly merged into p1, more events arrive (Bob's
+/// `e4` lands on p1), then the merge is split. Compared with a store that never merged p2
+/// into p1.
+async fn a_split_undoes_a_merge(merged: &dyn ProfileStore, reference: &dyn ProfileStore) {
+    let events = unmerge_events("p1");
+    let [e1, e2, e3, e4, e5, e6] = <[ResolvedEvent; 6]>::try_from(events).unwrap();
+    apply(merged, vec![], vec![e1.clone(), e3.clone(), e6.clone()]).await;
+    apply(merged, vec![merge("p2", "p3")], vec![]).await;
+    // The wrong merge, then Bob's e4 resolved to the survivor, and Ann's e2, e5.
+    apply(
+        merged,
+        vec![merge("p1", "p2")],
+        vec![e4.clone(), e2.clone(), e5.clone()],
+    )
+    .await;
+    let before = merged.get("p2").await.unwrap().unwrap();
+    assert_eq!(before.profile_id, "p1");
+    assert_eq!(before.state.event_count, 6);
+
+    let scorer = CountingScorer::default();
+    let split = Split {
+        profiles: vec![
+            ("p1".into(), "p1".into()),
+            ("p2".into(), "p2".into()),
+            ("p3".into(), "p2".into()),
+        ],
+        events: vec![(
+            "e4".into(),
+            "p2".into(),
+            vec![Identifier::new("user_id", "bob")],
+        )],
+    };
+    let applied = merged.split(&split, H, NOW, &scorer).await.unwrap();
+    assert_eq!(applied.named, ["p1", "p2"]);
+    assert_eq!(
+        applied
+            .merged_away
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .collect::<Vec<_>>(),
+        ["p3"]
+    );
+    assert_eq!(
+        *scorer.asked.lock().unwrap(),
+        [["p1", "p2"]],
+        "both sides rescored"
+    );
+
+    // The reference never merged p1 and p2.
+    let e4_bob = ResolvedEvent {
+        profile_id: "p2".into(),
+        ..e4
+    };
+    apply(reference, vec![], vec![e1, e3, e6]).await;
+    apply(reference, vec![merge("p2", "p3")], vec![]).await;
+    apply(reference, vec![], vec![e4_bob, e2, e5]).await;
+
+    for id in ["p1", "p2", "p3"] {
+        let got = merged.get(id).await.unwrap().unwrap();
+        let want = reference.get(id).await.unwrap().unwrap();
+        assert_eq!(
+            got.profile_id, want.profile_id,
+            "{id} resolves as if never merged"
+        );
+        assert_eq!(shown(&got), shown(&want), "{id}");
+    }
+    let ann = merged.get("p1").await.unwrap().unwrap();
+    assert_eq!(ann.state.event_count, 3);
+    assert_eq!(ann.state.traits["plan"].value, json!("pro"));
+    assert_eq!(ann.scores["events"].value, 3.0);
+    let bob = merged.get("p3").await.unwrap().unwrap();
+    assert_eq!(bob.profile_id, "p2");
+    assert_eq!(bob.state.event_count, 3);
+    assert_eq!(bob.state.traits["plan"].value, json!("team"));
+    assert!(
+        bob.version > before.version,
+        "newer than the merged profile, for the cache"
+    );
+
+    // Splitting again changes no state; new events go where they belong.
+    merged.split(&split, H, NOW, &scorer).await.unwrap();
+    assert_eq!(
+        shown(&merged.get("p1").await.unwrap().unwrap()),
+        shown(&ann)
+    );
+    apply(merged, vec![], vec![event("e7", "p2", 9, "bob", json!({}))]).await;
+    assert_eq!(
+        merged.get("p2").await.unwrap().unwrap().state.event_count,
+        4
+    );
+    assert_eq!(
+        merged.get("p1").await.unwrap().unwrap().state.event_count,
+        3
+    );
+}
+
+#[tokio::test]
+async fn a_split_undoes_a_merge_on_sqlite() {
+    let (merged, reference) = (sqlite().await, sqlite().await);
+    a_split_undoes_a_merge(&*merged.store, &*reference.store).await;
+}
+
+#[tokio::test]
+async fn a_split_undoes_a_merge_on_postgres() {
+    let (merged, reference) = (postgres().await, postgres().await);
+    a_split_undoes_a_merge(&*merged.store, &*reference.store).await;
+    merged.db.close().await;
+    reference.db.close().await;
+}
+
+/// Events applied before their contents were kept cannot be rebuilt: the split is refused and
+/// changes nothing.
+#[tokio::test]
+async fn a_split_without_event_contents_is_refused() {
+    let backend = postgres().await;
+    let store = &*backend.store;
+    apply(store, vec![], unmerge_events("p1")[..3].to_vec()).await;
+    apply(store, vec![merge("p1", "p2")], vec![]).await;
+    let Database::Postgres(pool) = &backend.db else {
+        unreachable!("a Postgres backend")
+    };
+    sqlx::query("UPDATE applied_events SET content = NULL WHERE event_id = 'e3'")
+        .execute(pool)
+        .await
+        .unwrap();
+    let split = Split {
+        profiles: vec![("p1".into(), "p1".into()), ("p2".into(), "p2".into())],
+        events: vec![],
+    };
+    let err = store.split(&split, H, NOW, &NoScores).await.unwrap_err();
+    assert!(
+        matches!(&err, ProfileError::NotRebuildable(id) if id == "p2"),
+        "{err:?}"
+    );
+    assert_eq!(err.code(), tessera_core::ErrorCode::FailedPrecondition);
+    assert_eq!(store.get("p2").await.unwrap().unwrap().profile_id, "p1");
+    backend.db.close().await;
 }
