@@ -48,8 +48,13 @@ fn records(
                 70..90 => vec![anonymous, user],
                 _ => vec![user, email],
             };
-            Record::new(&rules.rules, format!("{run}-e{seq}"), ids, OffsetDateTime::now_utc())
-                .map_err(|v| anyhow::anyhow!("invalid record: {v:?}"))
+            Record::new(
+                &rules.rules,
+                format!("{run}-e{seq}"),
+                ids,
+                OffsetDateTime::now_utc(),
+            )
+            .map_err(|v| anyhow::anyhow!("invalid record: {v:?}"))
         })
         .collect()
 }

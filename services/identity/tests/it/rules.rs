@@ -10,6 +10,24 @@ use uuid::Uuid;
 
 use crate::support::{Backend, lookup, resolve};
 
+/// Another replica (or a restart) on the backend's database, with `settings`.
+async fn replica(b: &Backend, settings: IdentitySettings) -> Identity {
+    Identity::new(b.db.clone(), settings)
+        .await
+        .expect("identity")
+}
+
+/// The default settings with the custom identifier type `crm_id` declared.
+fn with_crm_id() -> IdentitySettings {
+    IdentitySettings {
+        rules: RulesConfig {
+            custom_types: vec!["crm_id".into()],
+            ..RulesConfig::default()
+        },
+        ..IdentitySettings::default()
+    }
+}
+
 on_both_backends!(
     emails_and_phones_normalize_to_one_identifier,
     a_shared_device_without_logout_keeps_two_users_apart,
@@ -172,18 +190,7 @@ async fn a_limit_overflow_drops_the_lowest_priority_identifier(b: &Backend) {
 async fn custom_types_link_when_declared(b: &Backend) {
     let ignored = resolve(&b.identity, "e1", &[("user_id", "u1"), ("crm_id", "c-1")]).await;
     assert_eq!(ignored.dropped[0].reason, "unknown_type");
-    let identity = Identity::new(
-        b.db.clone(),
-        IdentitySettings {
-            rules: RulesConfig {
-                custom_types: vec!["crm_id".into()],
-                ..RulesConfig::default()
-            },
-            ..IdentitySettings::default()
-        },
-    )
-    .await
-    .expect("identity");
+    let identity = replica(b, with_crm_id()).await;
     let linked = resolve(&identity, "e2", &[("user_id", "u1"), ("crm_id", " c-1 ")]).await;
     assert!(linked.dropped.is_empty());
     assert_eq!(lookup(&identity, "crm_id", "c-1").await, ignored.profile_id);
@@ -254,22 +261,9 @@ async fn the_graph_log_derives_membership_and_names_causes(b: &Backend) {
 async fn rules_are_versioned(b: &Backend) {
     resolve(&b.identity, "e1", &[("user_id", "u1")]).await;
     // The same rules again (a second replica, a restart): the same version.
-    let same = Identity::new(b.db.clone(), IdentitySettings::default())
-        .await
-        .expect("identity");
+    let same = replica(b, IdentitySettings::default()).await;
     resolve(&same, "e2", &[("user_id", "u2")]).await;
-    let changed = Identity::new(
-        b.db.clone(),
-        IdentitySettings {
-            rules: RulesConfig {
-                custom_types: vec!["crm_id".into()],
-                ..RulesConfig::default()
-            },
-            ..IdentitySettings::default()
-        },
-    )
-    .await
-    .expect("identity");
+    let changed = replica(b, with_crm_id()).await;
     resolve(&changed, "e3", &[("user_id", "u3")]).await;
     let versions: Vec<(String, i64)> = b
         .identity
@@ -432,9 +426,7 @@ async fn manual_merges_obey_the_rules_and_are_logged(b: &Backend) {
 
 async fn rules_updated_through_the_api_reach_every_replica_and_survive_restarts(b: &Backend) {
     // A second replica on the same database, started with the same config.
-    let other = Identity::new(b.db.clone(), IdentitySettings::default())
-        .await
-        .expect("identity");
+    let other = replica(b, IdentitySettings::default()).await;
     assert_eq!((b.identity.rules_version(), other.rules_version()), (1, 1));
     let linked = resolve(&b.identity, "e1", &[("email", "desk@example.com")]).await;
     assert!(linked.dropped.is_empty());
@@ -481,42 +473,24 @@ async fn rules_updated_through_the_api_reach_every_replica_and_survive_restarts(
     );
 
     // A restart with the unchanged config keeps the API's rules...
-    let restarted = Identity::new(b.db.clone(), IdentitySettings::default())
-        .await
-        .expect("identity");
+    let restarted = replica(b, IdentitySettings::default()).await;
     assert_eq!(restarted.rules_version(), 2);
     let after = resolve(&restarted, "e4", &[("email", "frontdesk@example.com")]).await;
     assert_eq!(after.dropped[0].reason, "blocked");
     // ...and deploying a changed config overrides them with a newer version.
-    let deployed = Identity::new(
-        b.db.clone(),
-        IdentitySettings {
-            rules: RulesConfig {
-                custom_types: vec!["crm_id".into()],
-                ..RulesConfig::default()
-            },
-            ..IdentitySettings::default()
-        },
-    )
-    .await
-    .expect("identity");
+    let deployed = replica(b, with_crm_id()).await;
     assert_eq!(deployed.rules_version(), 3);
     assert!(deployed.rules().rules.config().blocklist.is_empty());
     // The background refresh brings the older replicas to it.
     let stop = tessera_server::Shutdown::new();
-    let fast = Identity::new(
-        b.db.clone(),
+    let fast = replica(
+        b,
         IdentitySettings {
-            rules: RulesConfig {
-                custom_types: vec!["crm_id".into()],
-                ..RulesConfig::default()
-            },
             rules_refresh_seconds: 1,
-            ..IdentitySettings::default()
+            ..with_crm_id()
         },
     )
-    .await
-    .expect("identity");
+    .await;
     assert_eq!(fast.rules_version(), 3);
     b.identity
         .update_rules(RulesConfig::default(), Some(3))
@@ -549,10 +523,7 @@ async fn rule_updates_are_checked_and_compare_and_set(b: &Backend) {
     );
     assert_eq!(b.identity.rules_version(), 1, "nothing stored");
 
-    let custom = RulesConfig {
-        custom_types: vec!["crm_id".into()],
-        ..RulesConfig::default()
-    };
+    let custom = with_crm_id().rules;
     let err = b
         .identity
         .update_rules(custom.clone(), Some(7))
