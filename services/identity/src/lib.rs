@@ -22,7 +22,7 @@ use tessera_store::{Database, Migrations};
 use uuid::Uuid;
 
 use crate::domain::{Normalized, Record, Resolution, Rules, RulesConfig};
-pub use crate::store::VersionedRules;
+pub use crate::store::{ComponentHistory, VersionedRules};
 use crate::store::{IdentityStore, StoredRules};
 
 pub use error::IdentityError;
@@ -328,6 +328,16 @@ impl Identity {
             .profile_graph(profile, max_decisions.clamp(1, MAX_GRAPH_DECISIONS))
             .await?
             .ok_or(IdentityError::UnknownProfile)
+    }
+
+    /// The history of the component `profile` belongs to: its members, and its events and the
+    /// merges decided outside the pipeline in the order they were decided (what a replay of
+    /// the component runs through). `UnknownProfile` for an unknown profile.
+    pub async fn component_history(
+        &self,
+        profile: Uuid,
+    ) -> Result<ComponentHistory, IdentityError> {
+        self.store.component_history(profile).await
     }
 
     /// The version the rules in force are registered under.

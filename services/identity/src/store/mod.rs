@@ -5,7 +5,7 @@
 mod postgres;
 mod sqlite;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -16,7 +16,8 @@ use uuid::Uuid;
 
 use crate::IdentityError;
 use crate::domain::{
-    Dropped, Merge, Plan, Record, Resolution, Rules, RulesConfig, SEEN_TOGETHER, truncate_to_micros,
+    Dropped, HistoryEntry, Merge, Plan, ProfileAge, Record, Resolution, Rules, RulesConfig,
+    SEEN_TOGETHER, split_apart, truncate_to_micros,
 };
 
 /// What the graph keeps of one event's resolution.
@@ -69,6 +70,11 @@ pub(crate) trait IdentityStore: Send + Sync {
     /// the current rules: the latest version, which may be an `UpdateRules` change made after
     /// the config's. Safe when several replicas start at once.
     async fn register_rules(&self, config: &RulesConfig) -> Result<StoredRules, IdentityError>;
+
+    /// The history of the component `profile` belongs to (followed to its canonical profile):
+    /// its members, and its events and non-event merges in the order they were decided.
+    /// `UnknownProfile` for an unknown profile.
+    async fn component_history(&self, profile: Uuid) -> Result<ComponentHistory, IdentityError>;
 
     /// The latest rules version; `None` before any was registered.
     async fn current_rules(&self) -> Result<Option<StoredRules>, IdentityError>;
@@ -385,6 +391,135 @@ fn decode_detail(event_id: &str, json: Option<&str>) -> Result<Option<Detail>, I
 }
 
 /// The rules as stored in `rules_versions`, comparable across replicas.
+/// A component's history, as stored: what a replay needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentHistory {
+    /// The canonical profile.
+    pub root: Uuid,
+    /// Every profile of the component (the root and all merged into it), oldest first.
+    pub members: Vec<ProfileAge>,
+    /// Its events and non-event merges, in the order they were decided.
+    pub entries: Vec<HistoryEntry>,
+}
+
+/// What the stores read for a component's history, before it is put in order.
+pub(crate) struct HistoryRows {
+    pub(crate) root: Uuid,
+    /// Members and when each was created.
+    pub(crate) members: Vec<(Uuid, OffsetDateTime)>,
+    /// (event id, profile created) of the graph log's create decisions.
+    pub(crate) creates: Vec<(String, Uuid)>,
+    /// (event id, detail JSON, resolved at, order within the store) of the resolutions.
+    pub(crate) resolutions: Vec<(String, Option<String>, OffsetDateTime, i64)>,
+    /// (merged, survivor, cause, rule, decided at, log seq) of merges outside the pipeline.
+    pub(crate) merges: Vec<(Uuid, Uuid, String, String, OffsetDateTime, i64)>,
+    /// Identifiers the component's events carried but did not link that belong to profiles
+    /// of other components (see [`dropped_identifiers`]).
+    pub(crate) foreign: HashSet<Identifier>,
+}
+
+/// The identifiers the component's events did not link because of a rule that depends on the
+/// graph (a limit, the shared rule, a split): the ones whose owners the store must look up,
+/// so the history can leave out those held by other components. A replay of one component
+/// never merges it with another, so such an identifier stays unlinked, as it was.
+pub(crate) fn dropped_identifiers(
+    resolutions: &[(String, Option<String>, OffsetDateTime, i64)],
+) -> Result<Vec<Identifier>, IdentityError> {
+    let mut out = Vec::new();
+    for (event_id, detail, _, _) in resolutions {
+        if let Some(detail) = decode_detail(event_id, detail.as_deref())? {
+            out.extend(
+                detail
+                    .dropped
+                    .into_iter()
+                    .filter(|d| graph_dependent(&d.reason))
+                    .map(|d| d.identifier),
+            );
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Whether a drop reason depends on the state of the graph (and may change in a replay).
+fn graph_dependent(reason: &str) -> bool {
+    reason.starts_with("limit:") || reason.starts_with("shared:") || split_apart(reason)
+}
+
+/// Puts a component's stored rows in the order they were decided: by time (resolution time for
+/// events, decision time for merges), then events of one transaction in their order.
+pub(crate) fn history(rows: HistoryRows) -> Result<ComponentHistory, IdentityError> {
+    let created_at: HashMap<Uuid, OffsetDateTime> = rows.members.iter().copied().collect();
+    let created: HashMap<String, ProfileAge> = rows
+        .creates
+        .into_iter()
+        .filter_map(|(event, id)| {
+            created_at.get(&id).map(|created_at| {
+                (
+                    event,
+                    ProfileAge {
+                        created_at: *created_at,
+                        id,
+                    },
+                )
+            })
+        })
+        .collect();
+    let mut keyed: Vec<((OffsetDateTime, u8, i64), HistoryEntry)> = Vec::new();
+    for (event_id, detail, resolved_at, order) in rows.resolutions {
+        let detail = decode_detail(&event_id, detail.as_deref())?.ok_or_else(|| {
+            IdentityError::FailedPrecondition(format!(
+                "event {event_id} was resolved before resolutions kept their identifiers: \
+                 its component cannot be replayed"
+            ))
+        })?;
+        let event_time = detail.event_time.unwrap_or(resolved_at);
+        // The identifiers the event could link: those it linked, and those a rule that
+        // depends on the graph (a limit, the shared rule, a split) kept from linking, unless
+        // another component holds them.
+        let mut identifiers = detail.identifiers;
+        identifiers.extend(
+            detail
+                .dropped
+                .into_iter()
+                .filter(|d| graph_dependent(&d.reason) && !rows.foreign.contains(&d.identifier))
+                .map(|d| d.identifier),
+        );
+        let created = created.get(&event_id).copied();
+        keyed.push((
+            (resolved_at, 0, order),
+            HistoryEntry::Event {
+                record: Record::normalized(event_id, identifiers, event_time),
+                created,
+            },
+        ));
+    }
+    for (merged, survivor, cause, rule, at, seq) in rows.merges {
+        keyed.push((
+            (at, 1, seq),
+            HistoryEntry::Merge {
+                pair: (survivor, merged),
+                cause,
+                rule,
+                at,
+            },
+        ));
+    }
+    keyed.sort_by_key(|(key, _)| *key);
+    let mut members: Vec<ProfileAge> = rows
+        .members
+        .into_iter()
+        .map(|(id, created_at)| ProfileAge { created_at, id })
+        .collect();
+    members.sort();
+    Ok(ComponentHistory {
+        root: rows.root,
+        members,
+        entries: keyed.into_iter().map(|(_, entry)| entry).collect(),
+    })
+}
+
 /// A stored match model.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct StoredModel {

@@ -19,10 +19,12 @@ use tessera_core::Identifier;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::dropped_identifiers;
 use super::{
-    GraphIdentifier, IdentityStore, LoggedDecision, ProfileGraph, Stored, StoredRules,
-    VersionedRules, decode_detail, decode_merges, encode_detail, encode_merges, next_api_version,
-    now, outcomes, record_metrics, registration, rules_json,
+    ComponentHistory, GraphIdentifier, HistoryRows, IdentityStore, LoggedDecision, ProfileGraph,
+    Stored, StoredRules, VersionedRules, decode_detail, decode_merges, encode_detail,
+    encode_merges, history, next_api_version, now, outcomes, record_metrics, registration,
+    rules_json,
 };
 use crate::IdentityError;
 use crate::domain::{GraphView, Plan, ProfileAge, Record, RulesConfig, plan};
@@ -69,6 +71,15 @@ WITH RECURSIVE chain (start_id, profile_id, merged_into) AS (
     JOIN profiles p ON p.profile_id = c.merged_into
 )
 SELECT start_id, profile_id FROM chain WHERE merged_into IS NULL";
+
+/// The canonical profile of the profile `$1`.
+const CANONICAL_ONE_SQL: &str = "
+WITH RECURSIVE chain (profile_id, merged_into) AS (
+    SELECT profile_id, merged_into FROM profiles WHERE profile_id = $1
+  UNION
+    SELECT p.profile_id, p.merged_into FROM chain c JOIN profiles p ON p.profile_id = c.merged_into
+)
+SELECT profile_id FROM chain WHERE merged_into IS NULL";
 
 /// The canonical profile of the identifier `($1, $2)`.
 const LOOKUP_SQL: &str = "
@@ -345,6 +356,79 @@ impl IdentityStore for PgStore {
         };
         tx.commit().await?;
         Ok(current)
+    }
+
+    async fn component_history(&self, profile: Uuid) -> Result<ComponentHistory, IdentityError> {
+        let mut tx = self.pool.begin().await?;
+        // One snapshot for every read.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let root: Option<Uuid> = sqlx::query_scalar(CANONICAL_ONE_SQL)
+            .bind(profile)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let root = root.ok_or(IdentityError::UnknownProfile)?;
+        let members: Vec<(Uuid, OffsetDateTime)> = sqlx::query_as(
+            "WITH RECURSIVE tree (profile_id) AS ( \
+                 SELECT $1::uuid \
+               UNION \
+                 SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
+             SELECT p.profile_id, p.created_at FROM profiles p JOIN tree USING (profile_id)",
+        )
+        .bind(root)
+        .fetch_all(&mut *tx)
+        .await?;
+        let ids: Vec<Uuid> = members.iter().map(|m| m.0).collect();
+        let creates: Vec<(String, Uuid)> = sqlx::query_as(
+            "SELECT event_id, profile_id FROM graph_log \
+             WHERE kind = 'create' AND profile_id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let resolutions: Vec<(String, Option<String>, OffsetDateTime, i64)> = sqlx::query_as(
+            "SELECT event_id, detail::text, resolved_at, seq FROM resolutions \
+             WHERE profile_id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let merges: Vec<(Uuid, Uuid, String, String, OffsetDateTime, i64)> = sqlx::query_as(
+            "SELECT profile_id, other_profile_id, event_id, rule, decided_at, seq FROM graph_log \
+             WHERE kind = 'merge' AND rule <> 'seen_together' AND profile_id = ANY($1) \
+               AND other_profile_id IS NOT NULL",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let (types, values): (Vec<String>, Vec<String>) = dropped_identifiers(&resolutions)?
+            .into_iter()
+            .map(|i| (i.kind, i.value))
+            .unzip();
+        let owners: Vec<(String, String, Uuid)> = sqlx::query_as(
+            "SELECT i.type, i.value, i.profile_id FROM identifiers i \
+             JOIN unnest($1::text[], $2::text[]) AS k (type, value) \
+               ON i.type = k.type AND i.value = k.value",
+        )
+        .bind(&types)
+        .bind(&values)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let foreign = owners
+            .into_iter()
+            .filter(|(_, _, owner)| !ids.contains(owner))
+            .map(|(kind, value, _)| Identifier { kind, value })
+            .collect();
+        history(HistoryRows {
+            root,
+            members,
+            creates,
+            resolutions,
+            merges,
+            foreign,
+        })
     }
 
     async fn current_rules(&self) -> Result<Option<StoredRules>, IdentityError> {

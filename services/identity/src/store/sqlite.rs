@@ -9,10 +9,12 @@ use tessera_core::Identifier;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::dropped_identifiers;
 use super::{
-    GraphIdentifier, IdentityStore, LoggedDecision, ProfileGraph, Stored, StoredRules,
-    VersionedRules, decode_detail, decode_merges, encode_detail, encode_merges, next_api_version,
-    now, outcomes, record_metrics, registration, rules_json,
+    ComponentHistory, GraphIdentifier, HistoryRows, IdentityStore, LoggedDecision, ProfileGraph,
+    Stored, StoredRules, VersionedRules, decode_detail, decode_merges, encode_detail,
+    encode_merges, history, next_api_version, now, outcomes, record_metrics, registration,
+    rules_json,
 };
 use crate::IdentityError;
 use crate::domain::{GraphView, Plan, ProfileAge, Record, RulesConfig, plan};
@@ -212,6 +214,100 @@ impl IdentityStore for SqliteStore {
         };
         tx.commit().await?;
         Ok(current)
+    }
+
+    async fn component_history(&self, profile: Uuid) -> Result<ComponentHistory, IdentityError> {
+        // One transaction: the single connection sees one state throughout.
+        let mut tx = self.pool.begin().await?;
+        let root: Option<String> = sqlx::query_scalar(CANONICAL_SQL)
+            .bind(profile.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let root = root.ok_or(IdentityError::UnknownProfile)?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "WITH RECURSIVE tree (profile_id) AS ( \
+                 SELECT ?1 \
+               UNION \
+                 SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
+             SELECT p.profile_id, p.created_at FROM profiles p JOIN tree USING (profile_id)",
+        )
+        .bind(&root)
+        .fetch_all(&mut *tx)
+        .await?;
+        let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
+        let list = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".to_owned());
+        let creates: Vec<(String, String)> = sqlx::query_as(
+            "SELECT event_id, profile_id FROM graph_log \
+             WHERE kind = 'create' AND profile_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&list)
+        .fetch_all(&mut *tx)
+        .await?;
+        let resolutions: Vec<(String, Option<String>, i64, i64)> = sqlx::query_as(
+            "SELECT event_id, detail, resolved_at, rowid FROM resolutions \
+             WHERE profile_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&list)
+        .fetch_all(&mut *tx)
+        .await?;
+        let merges: Vec<(String, String, String, String, i64, i64)> = sqlx::query_as(
+            "SELECT profile_id, other_profile_id, event_id, rule, decided_at, seq FROM graph_log \
+             WHERE kind = 'merge' AND rule <> 'seen_together' \
+               AND profile_id IN (SELECT value FROM json_each(?1)) \
+               AND other_profile_id IS NOT NULL",
+        )
+        .bind(&list)
+        .fetch_all(&mut *tx)
+        .await?;
+        let resolutions = resolutions
+            .into_iter()
+            .map(|(event, detail, at, order)| Ok((event, detail, from_micros(at)?, order)))
+            .collect::<Result<Vec<_>, IdentityError>>()?;
+        let dropped: Vec<(String, String)> = dropped_identifiers(&resolutions)?
+            .into_iter()
+            .map(|i| (i.kind, i.value))
+            .collect();
+        let pairs = serde_json::to_string(&dropped).unwrap_or_else(|_| "[]".to_owned());
+        let owners: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT i.type, i.value, i.profile_id FROM identifiers i \
+             JOIN json_each(?1) AS k \
+               ON i.type = json_extract(k.value, '$[0]') AND i.value = json_extract(k.value, '$[1]')",
+        )
+        .bind(&pairs)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let foreign = owners
+            .into_iter()
+            .filter(|(_, _, owner)| !ids.contains(&owner.as_str()))
+            .map(|(kind, value, _)| Identifier { kind, value })
+            .collect();
+        history(HistoryRows {
+            foreign,
+            root: parse_uuid(&root)?,
+            members: rows
+                .iter()
+                .map(|(id, created)| Ok((parse_uuid(id)?, from_micros(*created)?)))
+                .collect::<Result<_, IdentityError>>()?,
+            creates: creates
+                .into_iter()
+                .map(|(event, id)| Ok((event, parse_uuid(&id)?)))
+                .collect::<Result<_, IdentityError>>()?,
+            resolutions,
+            merges: merges
+                .into_iter()
+                .map(|(merged, survivor, cause, rule, at, seq)| {
+                    Ok((
+                        parse_uuid(&merged)?,
+                        parse_uuid(&survivor)?,
+                        cause,
+                        rule,
+                        from_micros(at)?,
+                        seq,
+                    ))
+                })
+                .collect::<Result<_, IdentityError>>()?,
+        })
     }
 
     async fn current_rules(&self) -> Result<Option<StoredRules>, IdentityError> {
