@@ -32,6 +32,8 @@ use crate::store::{Cursor, EventLog, Lease, StoredEvent};
 
 const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
+/// A delivery round slower than this is logged with where its time went.
+const SLOW_ROUND: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 enum DeliveryError {
@@ -189,6 +191,7 @@ impl Dispatcher {
     /// log order (each partition's own order is kept). Moves the cursors of the partitions
     /// that delivered and drops the leases found lost. Returns how many events were delivered.
     async fn deliver_round(&self, leases: &mut Vec<Lease>) -> Result<usize, DeliveryError> {
+        let started = Instant::now();
         let limit = self.settings.delivery_batch.max(1);
         let reads = futures::future::join_all(
             leases
@@ -213,10 +216,14 @@ impl Dispatcher {
         // order and interleaves the partitions as the log does.
         round.sort_by_key(|e| (e.cursor.txid, e.cursor.seq));
         let delivered = round.len();
+        let read = started.elapsed();
         let events = decode(&round);
-        if !events.is_empty() {
-            self.push(events).await?;
-        }
+        let (resolve, apply) = if events.is_empty() {
+            (Duration::ZERO, Duration::ZERO)
+        } else {
+            self.push(events).await?
+        };
+        let advancing = Instant::now();
         let moves: Vec<(i32, Cursor)> = batches
             .iter()
             .zip(&takes)
@@ -238,11 +245,39 @@ impl Dispatcher {
             moved.contains(&lease.partition) || !moves.iter().any(|(p, _)| *p == lease.partition)
         });
         metrics::counter!("tessera_ingestion_events_delivered_total").increment(delivered as u64);
+        let advance = advancing.elapsed();
+        let total = started.elapsed();
+        for (stage, took) in [
+            ("read", read),
+            ("resolve", resolve),
+            ("apply", apply),
+            ("advance", advance),
+        ] {
+            metrics::histogram!("tessera_ingestion_delivery_stage_seconds", "stage" => stage)
+                .record(took.as_secs_f64());
+        }
+        metrics::histogram!("tessera_ingestion_delivery_round_events").record(delivered as f64);
+        // A slow round says where its time went, so a lagging pipeline can be diagnosed from
+        // the logs alone.
+        if total >= SLOW_ROUND {
+            tracing::warn!(
+                events = delivered,
+                read_ms = read.as_millis() as u64,
+                resolve_ms = resolve.as_millis() as u64,
+                apply_ms = apply.as_millis() as u64,
+                advance_ms = advance.as_millis() as u64,
+                "slow delivery round"
+            );
+        }
         Ok(delivered)
     }
 
-    /// Resolves and applies one batch.
-    async fn push(&self, events: Vec<(String, Event)>) -> Result<(), DeliveryError> {
+    /// Resolves and applies one batch; returns how long each call took.
+    async fn push(
+        &self,
+        events: Vec<(String, Event)>,
+    ) -> Result<(Duration, Duration), DeliveryError> {
+        let started = Instant::now();
         let records: Vec<_> = events
             .iter()
             .map(|(event_id, e)| identity_pb::IdentityRecord {
@@ -273,6 +308,8 @@ impl Dispatcher {
                 want,
             });
         }
+        let resolve = started.elapsed();
+        let applying = Instant::now();
         let mut merges = Vec::new();
         let mut resolved = Vec::with_capacity(want);
         for ((event_id, event), resolution) in events.into_iter().zip(resolutions) {
@@ -303,7 +340,7 @@ impl Dispatcher {
                 service: "profile",
                 status,
             })?;
-        Ok(())
+        Ok((resolve, applying.elapsed()))
     }
 }
 
