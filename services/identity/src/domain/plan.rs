@@ -38,6 +38,7 @@ pub struct GraphView {
     owners: HashMap<Identifier, Uuid>,
     profiles: HashMap<Uuid, ProfileState>,
     seen_with: HashMap<Identifier, HashSet<Uuid>>,
+    forbidden: Vec<(Uuid, Uuid)>,
 }
 
 /// A canonical profile as the planner tracks it.
@@ -85,6 +86,14 @@ impl GraphView {
     ) {
         if let Some(state) = self.profiles.get_mut(&profile) {
             state.limited.push((identifier, linked_at));
+        }
+    }
+
+    /// Records that the canonical profiles `a` and `b` were split apart by an unmerge: no
+    /// record may merge them again.
+    pub fn forbid(&mut self, a: Uuid, b: Uuid) {
+        if a != b && !self.forbidden.contains(&(a, b)) {
+            self.forbidden.push((a, b));
         }
     }
 
@@ -211,7 +220,7 @@ pub fn plan_merge(
         profiles: view.profiles,
         seen_with: view.seen_with,
         merged_into: HashMap::new(),
-        forbidden: Vec::new(),
+        forbidden: view.forbidden,
         now,
         new_profile: |_: &str| ProfileAge {
             created_at: now,
@@ -252,7 +261,7 @@ pub fn plan<'a>(
         profiles: view.profiles,
         seen_with: view.seen_with,
         merged_into: HashMap::new(),
-        forbidden: Vec::new(),
+        forbidden: view.forbidden,
         now,
         new_profile: move |_: &str| ProfileAge {
             created_at: now,

@@ -107,6 +107,49 @@ SELECT t.root, i.type, i.value, i.linked_at
 FROM tree t JOIN identifiers i ON i.profile_id = t.profile_id
 WHERE i.type = ANY($2)";
 
+/// The pairs an unmerge split apart that touch the components of the canonical profiles `$1`
+/// (nothing is expanded while `splits` is empty).
+const SPLITS_SQL: &str = "
+WITH RECURSIVE tree (profile_id) AS (
+    SELECT p FROM unnest($1::uuid[]) AS p
+  UNION
+    SELECT q.profile_id FROM tree t JOIN profiles q ON q.merged_into = t.profile_id
+)
+SELECT s.profile_a, s.profile_b FROM splits s
+WHERE EXISTS (SELECT 1 FROM splits)
+  AND (s.profile_a IN (SELECT profile_id FROM tree) OR s.profile_b IN (SELECT profile_id FROM tree))";
+
+/// Forbids in `view` every pair an unmerge split apart that touches the components of the
+/// canonical profiles `roots`, as the canonical profiles of its two sides.
+pub(super) async fn load_splits(
+    conn: &mut PgConnection,
+    roots: &[Uuid],
+    view: &mut GraphView,
+) -> Result<(), sqlx::Error> {
+    if roots.is_empty() {
+        return Ok(());
+    }
+    let pairs: Vec<(Uuid, Uuid)> = sqlx::query_as(SPLITS_SQL)
+        .bind(roots)
+        .fetch_all(&mut *conn)
+        .await?;
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    let ends: Vec<Uuid> = pairs.iter().flat_map(|(a, b)| [*a, *b]).collect();
+    let canonical: HashMap<Uuid, Uuid> = sqlx::query_as(CANONICAL_SQL)
+        .bind(&ends)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
+    let of = |id: Uuid| canonical.get(&id).copied().unwrap_or(id);
+    for (a, b) in pairs {
+        view.forbid(of(a), of(b));
+    }
+    Ok(())
+}
+
 /// The identity graph in a Postgres schema.
 pub(crate) struct PgStore {
     pool: PgPool,
@@ -217,6 +260,7 @@ async fn decide_and_write(
     for (kind, value, id, created_at) in rows {
         view.insert(Identifier { kind, value }, ProfileAge { created_at, id });
     }
+    load_splits(&mut *tx, &profiles, &mut view).await?;
     // Read under the row locks: what the candidates hold cannot change before the commit.
     if !profiles.is_empty() {
         let limited_types: Vec<&str> = rules.rules.limited_types().collect();

@@ -67,6 +67,49 @@ WITH RECURSIVE tree (profile_id) AS (
 )
 SELECT i.type, i.value, i.linked_at FROM tree t JOIN identifiers i ON i.profile_id = t.profile_id";
 
+/// Forbids in `view` every pair an unmerge split apart that touches the components of the
+/// canonical profiles `roots`, as the canonical profiles of its two sides.
+pub(super) async fn load_splits(
+    conn: &mut SqliteConnection,
+    roots: &[Uuid],
+    view: &mut GraphView,
+) -> Result<(), IdentityError> {
+    let any: Option<i64> = sqlx::query_scalar("SELECT 1 FROM splits LIMIT 1")
+        .fetch_optional(&mut *conn)
+        .await?;
+    if any.is_none() {
+        return Ok(());
+    }
+    for root in roots {
+        let pairs: Vec<(String, String)> = sqlx::query_as(
+            "WITH RECURSIVE tree (profile_id) AS ( \
+                 SELECT ?1 \
+               UNION \
+                 SELECT q.profile_id FROM tree t JOIN profiles q ON q.merged_into = t.profile_id) \
+             SELECT profile_a, profile_b FROM splits \
+             WHERE profile_a IN (SELECT profile_id FROM tree) \
+                OR profile_b IN (SELECT profile_id FROM tree)",
+        )
+        .bind(root.to_string())
+        .fetch_all(&mut *conn)
+        .await?;
+        for (a, b) in pairs {
+            let mut ends = [a, b];
+            for end in &mut ends {
+                let canonical: Option<String> = sqlx::query_scalar(CANONICAL_SQL)
+                    .bind(end.as_str())
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                if let Some(canonical) = canonical {
+                    *end = canonical;
+                }
+            }
+            view.forbid(parse_uuid(&ends[0])?, parse_uuid(&ends[1])?);
+        }
+    }
+    Ok(())
+}
+
 /// The identity graph in a SQLite file.
 pub(crate) struct SqliteStore {
     pool: SqlitePool,
@@ -138,6 +181,8 @@ impl IdentityStore for SqliteStore {
                 }
             }
         }
+        let roots: Vec<Uuid> = candidates.iter().copied().collect();
+        load_splits(&mut tx, &roots, &mut view).await?;
         for profile in candidates {
             let held: Vec<(String, String, i64)> = sqlx::query_as(HELD_SQL)
                 .bind(profile.to_string())

@@ -41,6 +41,7 @@ on_both_backends!(
     rules_updated_through_the_api_reach_every_replica_and_survive_restarts,
     rule_updates_are_checked_and_compare_and_set,
     a_stored_component_replays_to_the_stored_graph,
+    profiles_split_apart_stay_apart,
 );
 
 async fn emails_and_phones_normalize_to_one_identifier(b: &Backend) {
@@ -624,4 +625,78 @@ async fn a_stored_component_replays_to_the_stored_graph(b: &Backend) {
         id.component_history(Uuid::now_v7()).await,
         Err(tessera_identity::IdentityError::UnknownProfile)
     ));
+}
+
+/// Records that an unmerge split `a` and `b` apart, as an unmerge will.
+async fn split_apart(b: &Backend, a: Uuid, other: Uuid) {
+    match &b.db {
+        tessera_store::Database::Postgres(pool) => {
+            sqlx::query("INSERT INTO splits VALUES ($1, $2, 'test', now())")
+                .bind(a)
+                .bind(other)
+                .execute(pool)
+                .await
+                .expect("split");
+        }
+        tessera_store::Database::Sqlite(pool) => {
+            sqlx::query("INSERT INTO splits VALUES (?1, ?2, 'test', 0)")
+                .bind(a.to_string())
+                .bind(other.to_string())
+                .execute(pool)
+                .await
+                .expect("split");
+        }
+    }
+}
+
+/// Profiles an unmerge split apart never merge again: an event carrying identifiers of both
+/// sides drops its lowest-priority identifier (rule `split`), also when a side has grown by
+/// merging since, and a manual merge of the two is refused.
+async fn profiles_split_apart_stay_apart(b: &Backend) {
+    let id = &b.identity;
+    let laptop = resolve(
+        id,
+        "e1",
+        &[("anonymous_id", "a1"), ("phone", "+14155550100")],
+    )
+    .await
+    .profile_id;
+    let bob = resolve(id, "e2", &[("email", "bob@x.io")]).await.profile_id;
+    split_apart(b, laptop, bob).await;
+
+    let bridge = resolve(id, "e3", &[("anonymous_id", "a1"), ("email", "bob@x.io")]).await;
+    assert_eq!(
+        bridge.profile_id, bob,
+        "the higher-priority identifier decides"
+    );
+    assert!(bridge.merges.is_empty());
+    assert_eq!(bridge.dropped.len(), 1);
+    assert_eq!(bridge.dropped[0].reason, "split");
+    assert_eq!(lookup(id, "anonymous_id", "a1").await, laptop);
+
+    // The laptop's side grows by a merge; its new member still cannot reach Bob.
+    let carol = resolve(id, "e4", &[("email", "carol@x.io")])
+        .await
+        .profile_id;
+    let joined = resolve(
+        id,
+        "e5",
+        &[("email", "carol@x.io"), ("phone", "+14155550100")],
+    )
+    .await;
+    assert_eq!(joined.merges.len(), 1);
+    assert_eq!(joined.merges[0].merged_profile_id, carol);
+    assert_eq!(lookup(id, "email", "carol@x.io").await, laptop);
+    let again = resolve(id, "e6", &[("email", "carol@x.io"), ("email", "bob@x.io")]).await;
+    assert_eq!(again.profile_id, laptop);
+    assert!(again.merges.is_empty());
+    assert_eq!(again.dropped.len(), 1);
+    assert_eq!(again.dropped[0].reason, "split");
+    assert_eq!(lookup(id, "email", "bob@x.io").await, bob);
+
+    let refused = id.merge_profiles((laptop, bob), "try again").await;
+    assert!(
+        matches!(&refused, Err(tessera_identity::IdentityError::FailedPrecondition(m)) if m.contains("split")),
+        "{refused:?}"
+    );
 }

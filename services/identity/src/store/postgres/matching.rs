@@ -107,6 +107,7 @@ async fn merge_chunk(
         for (root, kind, value, linked_at) in limited {
             view.insert_limited(root, Identifier { kind, value }, linked_at);
         }
+        super::load_splits(&mut *tx, &[ca, cb], &mut view).await?;
         let now = now();
         let plan = match plan_merge(
             &rules.rules,

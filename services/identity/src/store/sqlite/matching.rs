@@ -81,6 +81,7 @@ async fn merge_one(
             }
         }
     }
+    super::load_splits(&mut *tx, &[ages[0].id, ages[1].id], &mut view).await?;
     let now = now();
     let plan = match plan_merge(
         &rules.rules,
