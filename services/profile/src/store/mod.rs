@@ -409,7 +409,8 @@ async fn split<O: Ops>(
             }
         }
     }
-    let mut live_profiles: Vec<Profile> = Vec::new();
+    // Every member's row, in id order: live ones rebuilt, the others redirecting.
+    let mut rows: Vec<Profile> = Vec::new();
     let mut merged_away = Vec::new();
     for id in &members {
         let live = target.get(id.as_str()).copied().unwrap_or(id.as_str());
@@ -426,37 +427,35 @@ async fn split<O: Ops>(
                 .filter(|m| *m != id && target.get(m.as_str()) == Some(&live))
                 .cloned()
                 .collect();
-            live_profiles.push(profile);
         } else {
             profile.merged_into = Some(live.to_owned());
             profile.merged_profile_ids = Vec::new();
             merged_away.push((profile.profile_id.clone(), version));
-            live_profiles.push(profile);
         }
+        rows.push(profile);
     }
-    let scored: Vec<&Profile> = live_profiles
-        .iter()
+    let scores = {
+        let live: Vec<&Profile> = rows.iter().filter(|p| p.merged_into.is_none()).collect();
+        scorer.score(&live, now).await?
+    };
+    for (profile, scores) in rows
+        .iter_mut()
         .filter(|p| p.merged_into.is_none())
-        .collect();
-    let scores = scorer.score(&scored, now).await?;
-    let ids: Vec<String> = scored.iter().map(|p| p.profile_id.clone()).collect();
-    for (id, scores) in ids.iter().zip(scores) {
-        if let Some(p) = live_profiles.iter_mut().find(|p| &p.profile_id == id) {
-            for score in scores {
-                p.scores.insert(score.name.clone(), score);
-            }
+        .zip(scores)
+    {
+        for score in scores {
+            profile.scores.insert(score.name.clone(), score);
         }
     }
-    let written: Vec<&Profile> = live_profiles.iter().collect();
+    let written: Vec<&Profile> = rows.iter().collect();
     ops.write(&written).await?;
     ops.move_events(&moves).await?;
     ops.replace_identifiers(&members, &links).await?;
-    let mut live: Vec<String> = live_profiles
+    let live: Vec<String> = rows
         .iter()
         .filter(|p| p.merged_into.is_none())
         .map(|p| p.profile_id.clone())
         .collect();
-    live.sort();
     let changed = ops.load(&live, false).await?;
     Ok(Applied {
         applied: 0,
