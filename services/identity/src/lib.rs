@@ -22,7 +22,7 @@ use tessera_store::{Database, Migrations};
 use uuid::Uuid;
 
 use crate::domain::{Normalized, Record, Resolution, Rules, RulesConfig};
-pub use crate::store::{ComponentHistory, VersionedRules};
+pub use crate::store::{ComponentHistory, Unmerged, VersionedRules};
 use crate::store::{IdentityStore, StoredRules};
 
 pub use error::IdentityError;
@@ -338,6 +338,21 @@ impl Identity {
         profile: Uuid,
     ) -> Result<ComponentHistory, IdentityError> {
         self.store.component_history(profile).await
+    }
+
+    /// Reverts the merge of `merged` into the profile it was merged into, losslessly: the
+    /// component is replayed with the two kept apart (the event that bridged them drops its
+    /// lowest-priority identifier, rule `split`), the replayed graph replaces the stored one,
+    /// and the pair is remembered so nothing merges them again. Not yet told to the profile
+    /// service (its rebuild exists as `ProfileStore::split`), so not exposed through the API.
+    /// `FailedPrecondition` when `merged` is not merged; `UnknownProfile` when unknown.
+    pub async fn unmerge_profile(
+        &self,
+        merged: Uuid,
+        reason: &str,
+    ) -> Result<Unmerged, IdentityError> {
+        let rules = self.current();
+        self.store.unmerge(&rules, merged, reason).await
     }
 
     /// The version the rules in force are registered under.

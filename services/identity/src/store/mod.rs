@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::IdentityError;
 use crate::domain::{
-    Dropped, HistoryEntry, Merge, Plan, ProfileAge, Record, Resolution, Rules, RulesConfig,
+    Dropped, HistoryEntry, Merge, Plan, ProfileAge, Record, Replay, Resolution, Rules, RulesConfig,
     SEEN_TOGETHER, split_apart, truncate_to_micros,
 };
 
@@ -75,6 +75,18 @@ pub(crate) trait IdentityStore: Send + Sync {
     /// its members, and its events and non-event merges in the order they were decided.
     /// `UnknownProfile` for an unknown profile.
     async fn component_history(&self, profile: Uuid) -> Result<ComponentHistory, IdentityError>;
+
+    /// Reverts the merge of `merged` into the profile it was merged into: replays the component
+    /// with the two (and every pair split before) forbidden to meet, writes the replayed graph
+    /// back (membership, identifiers, sightings, each event's resolution) and records the split
+    /// in `splits`, in one transaction. `FailedPrecondition` when `merged` was never merged;
+    /// `UnknownProfile` for an unknown profile.
+    async fn unmerge(
+        &self,
+        rules: &VersionedRules,
+        merged: Uuid,
+        reason: &str,
+    ) -> Result<Unmerged, IdentityError>;
 
     /// The latest rules version; `None` before any was registered.
     async fn current_rules(&self) -> Result<Option<StoredRules>, IdentityError>;
@@ -518,6 +530,75 @@ pub(crate) fn history(rows: HistoryRows) -> Result<ComponentHistory, IdentityErr
         members,
         entries: keyed.into_iter().map(|(_, entry)| entry).collect(),
     })
+}
+
+/// What an unmerge did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unmerged {
+    /// The profile split off.
+    pub merged: Uuid,
+    /// The profile it had been merged into.
+    pub survivor: Uuid,
+    /// Every profile of the former component and its canonical profile after the split.
+    pub profiles: Vec<(Uuid, Uuid)>,
+    /// Every event of the former component: its canonical profile after the split and the
+    /// identifiers it links now.
+    pub events: Vec<(String, Uuid, Vec<Identifier>)>,
+}
+
+/// What an unmerge writes, from its replay: the profiles the replay created that did not exist,
+/// every identifier, standing merge and sighting of the component, and only the decisions the
+/// split itself caused (the rest of the replay repeats decisions already in the log). The
+/// resolutions are rewritten separately (they exist).
+pub(crate) fn unmerge_plan(replay: &Replay, members: &HashSet<Uuid>) -> Plan {
+    Plan {
+        resolutions: Vec::new(),
+        new_profiles: replay
+            .plan
+            .new_profiles
+            .iter()
+            .filter(|p| !members.contains(&p.id))
+            .copied()
+            .collect(),
+        new_identifiers: replay.plan.new_identifiers.clone(),
+        merges: replay.plan.merges.clone(),
+        sightings: replay.plan.sightings.clone(),
+        decisions: replay
+            .plan
+            .decisions
+            .iter()
+            .filter(|d| split_apart(&d.rule))
+            .cloned()
+            .collect(),
+    }
+}
+
+/// The outcome of an unmerge's replay, as reported.
+pub(crate) fn unmerged(merged: Uuid, survivor: Uuid, replay: &Replay) -> Unmerged {
+    let mut profiles: Vec<(Uuid, Uuid)> = replay.canonical.iter().map(|(a, b)| (*a, *b)).collect();
+    profiles.sort();
+    let events = replay
+        .plan
+        .resolutions
+        .iter()
+        .map(|r| {
+            (
+                r.event_id.clone(),
+                replay
+                    .events
+                    .get(&r.event_id)
+                    .copied()
+                    .unwrap_or(r.profile_id),
+                r.identifiers.clone(),
+            )
+        })
+        .collect();
+    Unmerged {
+        merged,
+        survivor,
+        profiles,
+        events,
+    }
 }
 
 /// A stored match model.

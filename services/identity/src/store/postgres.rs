@@ -8,7 +8,7 @@
 //! a profile was merged between the read and the lock, the run is rolled back and retried (a
 //! run that conflicts twice is halved, so a hot profile costs a small run, not a large one).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::time::Duration;
 
@@ -19,15 +19,15 @@ use tessera_core::Identifier;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::dropped_identifiers;
 use super::{
     ComponentHistory, GraphIdentifier, HistoryRows, IdentityStore, LoggedDecision, ProfileGraph,
     Stored, StoredRules, VersionedRules, decode_detail, decode_merges, encode_detail,
     encode_merges, history, next_api_version, now, outcomes, record_metrics, registration,
     rules_json,
 };
+use super::{Unmerged, dropped_identifiers, unmerge_plan, unmerged};
 use crate::IdentityError;
-use crate::domain::{GraphView, Plan, ProfileAge, Record, RulesConfig, plan};
+use crate::domain::{GraphView, Plan, ProfileAge, Record, RulesConfig, plan, replay};
 
 /// Selects graph log entries: the columns of [`DecisionRow`], then the rest of the statement.
 macro_rules! decision_sql {
@@ -413,66 +413,131 @@ impl IdentityStore for PgStore {
             .fetch_optional(&mut *tx)
             .await?;
         let root = root.ok_or(IdentityError::UnknownProfile)?;
-        let members: Vec<(Uuid, OffsetDateTime)> = sqlx::query_as(
-            "WITH RECURSIVE tree (profile_id) AS ( \
-                 SELECT $1::uuid \
-               UNION \
-                 SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
-             SELECT p.profile_id, p.created_at FROM profiles p JOIN tree USING (profile_id)",
+        let rows = history_rows(&mut tx, root).await?;
+        tx.commit().await?;
+        history(rows)
+    }
+
+    async fn unmerge(
+        &self,
+        rules: &VersionedRules,
+        merged: Uuid,
+        reason: &str,
+    ) -> Result<Unmerged, IdentityError> {
+        let mut tx = self.pool.begin().await?;
+        let survivor: Option<Uuid> = sqlx::query_scalar(
+            "SELECT surviving_profile_id FROM merges WHERE merged_profile_id = $1",
+        )
+        .bind(merged)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(survivor) = survivor else {
+            let known: Option<i32> =
+                sqlx::query_scalar("SELECT 1 FROM profiles WHERE profile_id = $1")
+                    .bind(merged)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            return Err(match known {
+                Some(_) => IdentityError::FailedPrecondition(format!(
+                    "profile {merged} is not merged into another"
+                )),
+                None => IdentityError::UnknownProfile,
+            });
+        };
+        // The component's root row: every resolution and merge touching it locks it too.
+        let root: Uuid = sqlx::query_scalar(CANONICAL_ONE_SQL)
+            .bind(merged)
+            .fetch_one(&mut *tx)
+            .await?;
+        let live: Option<bool> = sqlx::query_scalar(
+            "SELECT merged_into IS NULL FROM profiles WHERE profile_id = $1 FOR UPDATE",
         )
         .bind(root)
-        .fetch_all(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        let ids: Vec<Uuid> = members.iter().map(|m| m.0).collect();
-        let creates: Vec<(String, Uuid)> = sqlx::query_as(
-            "SELECT event_id, profile_id FROM graph_log \
-             WHERE kind = 'create' AND profile_id = ANY($1)",
+        if live != Some(true) {
+            return Err(IdentityError::Contended);
+        }
+        let rows = history_rows(&mut tx, root).await?;
+        let members: HashSet<Uuid> = rows.members.iter().map(|m| m.0).collect();
+        let ids: Vec<Uuid> = members.iter().copied().collect();
+        let mut forbidden: Vec<(Uuid, Uuid)> = sqlx::query_as(
+            "SELECT profile_a, profile_b FROM splits WHERE profile_a = ANY($1) OR profile_b = ANY($1)",
         )
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await?;
-        let resolutions: Vec<(String, Option<String>, OffsetDateTime, i64)> = sqlx::query_as(
-            "SELECT event_id, detail::text, resolved_at, seq FROM resolutions \
-             WHERE profile_id = ANY($1)",
+        forbidden.push((merged, survivor));
+        let history = history(rows)?;
+        let now = now();
+        let replayed = replay(
+            &rules.rules,
+            &history.entries,
+            &forbidden,
+            &HashSet::new(),
+            now,
+            Uuid::now_v7,
+        );
+        // Clear what the component derived, then write the replayed graph.
+        sqlx::query(
+            "UPDATE profiles SET merged_into = NULL, merged_at = NULL WHERE profile_id = ANY($1)",
         )
         .bind(&ids)
-        .fetch_all(&mut *tx)
+        .execute(&mut *tx)
         .await?;
-        let merges: Vec<(Uuid, Uuid, String, String, OffsetDateTime, i64)> = sqlx::query_as(
-            "SELECT profile_id, other_profile_id, event_id, rule, decided_at, seq FROM graph_log \
-             WHERE kind = 'merge' AND rule <> 'seen_together' AND profile_id = ANY($1) \
-               AND other_profile_id IS NOT NULL",
+        for table in [
+            "DELETE FROM merges WHERE merged_profile_id = ANY($1)",
+            "DELETE FROM identifiers WHERE profile_id = ANY($1)",
+            "DELETE FROM sightings WHERE profile_id = ANY($1)",
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(table))
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
+        }
+        write(
+            &mut tx,
+            &unmerge_plan(&replayed, &members),
+            rules.version,
+            now,
         )
-        .bind(&ids)
-        .fetch_all(&mut *tx)
         .await?;
-        let (types, values): (Vec<String>, Vec<String>) = dropped_identifiers(&resolutions)?
-            .into_iter()
-            .map(|i| (i.kind, i.value))
-            .unzip();
-        let owners: Vec<(String, String, Uuid)> = sqlx::query_as(
-            "SELECT i.type, i.value, i.profile_id FROM identifiers i \
-             JOIN unnest($1::text[], $2::text[]) AS k (type, value) \
-               ON i.type = k.type AND i.value = k.value",
+        let n = replayed.plan.resolutions.len();
+        let (mut events, mut profiles, mut merges, mut details) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for r in &replayed.plan.resolutions {
+            events.push(r.event_id.as_str());
+            profiles.push(r.profile_id);
+            merges.push(encode_merges(&r.merges));
+            details.push(encode_detail(r));
+        }
+        sqlx::query(
+            "UPDATE resolutions AS r SET profile_id = u.p, merges = u.m::jsonb, detail = u.d::jsonb \
+             FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[]) AS u (e, p, m, d) \
+             WHERE r.event_id = u.e",
         )
-        .bind(&types)
-        .bind(&values)
-        .fetch_all(&mut *tx)
+        .bind(events)
+        .bind(profiles)
+        .bind(merges)
+        .bind(details)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO splits (profile_a, profile_b, reason, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(merged)
+        .bind(survivor)
+        .bind(reason)
+        .bind(now)
+        .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        let foreign = owners
-            .into_iter()
-            .filter(|(_, _, owner)| !ids.contains(owner))
-            .map(|(kind, value, _)| Identifier { kind, value })
-            .collect();
-        history(HistoryRows {
-            root,
-            members,
-            creates,
-            resolutions,
-            merges,
-            foreign,
-        })
+        Ok(unmerged(merged, survivor, &replayed))
     }
 
     async fn current_rules(&self) -> Result<Option<StoredRules>, IdentityError> {
@@ -614,6 +679,70 @@ async fn insert_rules(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Reads the rows of the component rooted at `root` (canonical) within the caller's
+/// transaction.
+async fn history_rows(conn: &mut PgConnection, root: Uuid) -> Result<HistoryRows, IdentityError> {
+    let members: Vec<(Uuid, OffsetDateTime)> = sqlx::query_as(
+        "WITH RECURSIVE tree (profile_id) AS ( \
+             SELECT $1::uuid \
+           UNION \
+             SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
+         SELECT p.profile_id, p.created_at FROM profiles p JOIN tree USING (profile_id)",
+    )
+    .bind(root)
+    .fetch_all(&mut *conn)
+    .await?;
+    let ids: Vec<Uuid> = members.iter().map(|m| m.0).collect();
+    let creates: Vec<(String, Uuid)> = sqlx::query_as(
+        "SELECT event_id, profile_id FROM graph_log \
+         WHERE kind = 'create' AND profile_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let resolutions: Vec<(String, Option<String>, OffsetDateTime, i64)> = sqlx::query_as(
+        "SELECT event_id, detail::text, resolved_at, seq FROM resolutions \
+         WHERE profile_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let merges: Vec<(Uuid, Uuid, String, String, OffsetDateTime, i64)> = sqlx::query_as(
+        "SELECT profile_id, other_profile_id, event_id, rule, decided_at, seq FROM graph_log \
+         WHERE kind = 'merge' AND rule <> 'seen_together' AND profile_id = ANY($1) \
+           AND other_profile_id IS NOT NULL",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let (types, values): (Vec<String>, Vec<String>) = dropped_identifiers(&resolutions)?
+        .into_iter()
+        .map(|i| (i.kind, i.value))
+        .unzip();
+    let owners: Vec<(String, String, Uuid)> = sqlx::query_as(
+        "SELECT i.type, i.value, i.profile_id FROM identifiers i \
+         JOIN unnest($1::text[], $2::text[]) AS k (type, value) \
+           ON i.type = k.type AND i.value = k.value",
+    )
+    .bind(&types)
+    .bind(&values)
+    .fetch_all(&mut *conn)
+    .await?;
+    let foreign = owners
+        .into_iter()
+        .filter(|(_, _, owner)| !ids.contains(owner))
+        .map(|(kind, value, _)| Identifier { kind, value })
+        .collect();
+    Ok(HistoryRows {
+        root,
+        members,
+        creates,
+        resolutions,
+        merges,
+        foreign,
+    })
 }
 
 fn decision(row: DecisionRow) -> LoggedDecision {

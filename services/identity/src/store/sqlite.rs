@@ -9,15 +9,15 @@ use tessera_core::Identifier;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::dropped_identifiers;
 use super::{
     ComponentHistory, GraphIdentifier, HistoryRows, IdentityStore, LoggedDecision, ProfileGraph,
     Stored, StoredRules, VersionedRules, decode_detail, decode_merges, encode_detail,
     encode_merges, history, next_api_version, now, outcomes, record_metrics, registration,
     rules_json,
 };
+use super::{Unmerged, dropped_identifiers, unmerge_plan, unmerged};
 use crate::IdentityError;
-use crate::domain::{GraphView, Plan, ProfileAge, Record, RulesConfig, plan};
+use crate::domain::{GraphView, Plan, ProfileAge, Record, RulesConfig, plan, replay};
 
 /// Selects graph log entries: the columns of [`DecisionRow`], then the rest of the statement.
 macro_rules! decision_sql {
@@ -269,90 +269,112 @@ impl IdentityStore for SqliteStore {
             .fetch_optional(&mut *tx)
             .await?;
         let root = root.ok_or(IdentityError::UnknownProfile)?;
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "WITH RECURSIVE tree (profile_id) AS ( \
-                 SELECT ?1 \
-               UNION \
-                 SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
-             SELECT p.profile_id, p.created_at FROM profiles p JOIN tree USING (profile_id)",
+        let rows = history_rows(&mut tx, &root).await?;
+        tx.commit().await?;
+        history(rows)
+    }
+
+    async fn unmerge(
+        &self,
+        rules: &VersionedRules,
+        merged: Uuid,
+        reason: &str,
+    ) -> Result<Unmerged, IdentityError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let survivor: Option<String> = sqlx::query_scalar(
+            "SELECT surviving_profile_id FROM merges WHERE merged_profile_id = ?1",
         )
-        .bind(&root)
-        .fetch_all(&mut *tx)
+        .bind(merged.to_string())
+        .fetch_optional(&mut *tx)
         .await?;
-        let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
-        let list = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".to_owned());
-        let creates: Vec<(String, String)> = sqlx::query_as(
-            "SELECT event_id, profile_id FROM graph_log \
-             WHERE kind = 'create' AND profile_id IN (SELECT value FROM json_each(?1))",
+        let Some(survivor) = survivor else {
+            let known: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM profiles WHERE profile_id = ?1")
+                    .bind(merged.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            return Err(match known {
+                Some(_) => IdentityError::FailedPrecondition(format!(
+                    "profile {merged} is not merged into another"
+                )),
+                None => IdentityError::UnknownProfile,
+            });
+        };
+        let survivor = parse_uuid(&survivor)?;
+        let root: String = sqlx::query_scalar(CANONICAL_SQL)
+            .bind(merged.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        let rows = history_rows(&mut tx, &root).await?;
+        let members: HashSet<Uuid> = rows.members.iter().map(|m| m.0).collect();
+        let list = serde_json::to_string(&members.iter().map(Uuid::to_string).collect::<Vec<_>>())
+            .unwrap_or_else(|_| "[]".to_owned());
+        let pairs: Vec<(String, String)> = sqlx::query_as(
+            "SELECT profile_a, profile_b FROM splits \
+             WHERE profile_a IN (SELECT value FROM json_each(?1)) \
+                OR profile_b IN (SELECT value FROM json_each(?1))",
         )
         .bind(&list)
         .fetch_all(&mut *tx)
         .await?;
-        let resolutions: Vec<(String, Option<String>, i64, i64)> = sqlx::query_as(
-            "SELECT event_id, detail, resolved_at, rowid FROM resolutions \
-             WHERE profile_id IN (SELECT value FROM json_each(?1))",
-        )
-        .bind(&list)
-        .fetch_all(&mut *tx)
-        .await?;
-        let merges: Vec<(String, String, String, String, i64, i64)> = sqlx::query_as(
-            "SELECT profile_id, other_profile_id, event_id, rule, decided_at, seq FROM graph_log \
-             WHERE kind = 'merge' AND rule <> 'seen_together' \
-               AND profile_id IN (SELECT value FROM json_each(?1)) \
-               AND other_profile_id IS NOT NULL",
-        )
-        .bind(&list)
-        .fetch_all(&mut *tx)
-        .await?;
-        let resolutions = resolutions
-            .into_iter()
-            .map(|(event, detail, at, order)| Ok((event, detail, from_micros(at)?, order)))
+        let mut forbidden = pairs
+            .iter()
+            .map(|(a, b)| Ok((parse_uuid(a)?, parse_uuid(b)?)))
             .collect::<Result<Vec<_>, IdentityError>>()?;
-        let dropped: Vec<(String, String)> = dropped_identifiers(&resolutions)?
-            .into_iter()
-            .map(|i| (i.kind, i.value))
-            .collect();
-        let pairs = serde_json::to_string(&dropped).unwrap_or_else(|_| "[]".to_owned());
-        let owners: Vec<(String, String, String)> = sqlx::query_as(
-            "SELECT i.type, i.value, i.profile_id FROM identifiers i \
-             JOIN json_each(?1) AS k \
-               ON i.type = json_extract(k.value, '$[0]') AND i.value = json_extract(k.value, '$[1]')",
+        forbidden.push((merged, survivor));
+        let history = history(rows)?;
+        let now = now();
+        let replayed = replay(
+            &rules.rules,
+            &history.entries,
+            &forbidden,
+            &HashSet::new(),
+            now,
+            Uuid::now_v7,
+        );
+        // Clear what the component derived, then write the replayed graph.
+        for statement in [
+            "UPDATE profiles SET merged_into = NULL, merged_at = NULL \
+             WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM merges WHERE merged_profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM identifiers WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM sightings WHERE profile_id IN (SELECT value FROM json_each(?1))",
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .bind(&list)
+                .execute(&mut *tx)
+                .await?;
+        }
+        write(
+            &mut tx,
+            &unmerge_plan(&replayed, &members),
+            rules.version,
+            now,
         )
-        .bind(&pairs)
-        .fetch_all(&mut *tx)
+        .await?;
+        for r in &replayed.plan.resolutions {
+            sqlx::query(
+                "UPDATE resolutions SET profile_id = ?2, merges = ?3, detail = ?4 WHERE event_id = ?1",
+            )
+            .bind(&r.event_id)
+            .bind(r.profile_id.to_string())
+            .bind(encode_merges(&r.merges))
+            .bind(encode_detail(r))
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO splits (profile_a, profile_b, reason, created_at) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(merged.to_string())
+        .bind(survivor.to_string())
+        .bind(reason)
+        .bind(micros(now))
+        .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        let foreign = owners
-            .into_iter()
-            .filter(|(_, _, owner)| !ids.contains(&owner.as_str()))
-            .map(|(kind, value, _)| Identifier { kind, value })
-            .collect();
-        history(HistoryRows {
-            foreign,
-            root: parse_uuid(&root)?,
-            members: rows
-                .iter()
-                .map(|(id, created)| Ok((parse_uuid(id)?, from_micros(*created)?)))
-                .collect::<Result<_, IdentityError>>()?,
-            creates: creates
-                .into_iter()
-                .map(|(event, id)| Ok((event, parse_uuid(&id)?)))
-                .collect::<Result<_, IdentityError>>()?,
-            resolutions,
-            merges: merges
-                .into_iter()
-                .map(|(merged, survivor, cause, rule, at, seq)| {
-                    Ok((
-                        parse_uuid(&merged)?,
-                        parse_uuid(&survivor)?,
-                        cause,
-                        rule,
-                        from_micros(at)?,
-                        seq,
-                    ))
-                })
-                .collect::<Result<_, IdentityError>>()?,
-        })
+        Ok(unmerged(merged, survivor, &replayed))
     }
 
     async fn current_rules(&self) -> Result<Option<StoredRules>, IdentityError> {
@@ -689,6 +711,97 @@ async fn write(
 /// Microseconds since the Unix epoch; times in the graph are within i64 range by far.
 fn micros(t: OffsetDateTime) -> i64 {
     i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+/// Reads the rows of the component rooted at `root` (canonical) within the caller's
+/// transaction.
+async fn history_rows(
+    conn: &mut SqliteConnection,
+    root: &str,
+) -> Result<HistoryRows, IdentityError> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "WITH RECURSIVE tree (profile_id) AS ( \
+             SELECT ?1 \
+           UNION \
+             SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
+         SELECT p.profile_id, p.created_at FROM profiles p JOIN tree USING (profile_id)",
+    )
+    .bind(root)
+    .fetch_all(&mut *conn)
+    .await?;
+    let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
+    let list = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".to_owned());
+    let creates: Vec<(String, String)> = sqlx::query_as(
+        "SELECT event_id, profile_id FROM graph_log \
+         WHERE kind = 'create' AND profile_id IN (SELECT value FROM json_each(?1))",
+    )
+    .bind(&list)
+    .fetch_all(&mut *conn)
+    .await?;
+    let resolutions: Vec<(String, Option<String>, i64, i64)> = sqlx::query_as(
+        "SELECT event_id, detail, resolved_at, rowid FROM resolutions \
+         WHERE profile_id IN (SELECT value FROM json_each(?1))",
+    )
+    .bind(&list)
+    .fetch_all(&mut *conn)
+    .await?;
+    let merges: Vec<(String, String, String, String, i64, i64)> = sqlx::query_as(
+        "SELECT profile_id, other_profile_id, event_id, rule, decided_at, seq FROM graph_log \
+         WHERE kind = 'merge' AND rule <> 'seen_together' \
+           AND profile_id IN (SELECT value FROM json_each(?1)) \
+           AND other_profile_id IS NOT NULL",
+    )
+    .bind(&list)
+    .fetch_all(&mut *conn)
+    .await?;
+    let resolutions = resolutions
+        .into_iter()
+        .map(|(event, detail, at, order)| Ok((event, detail, from_micros(at)?, order)))
+        .collect::<Result<Vec<_>, IdentityError>>()?;
+    let dropped: Vec<(String, String)> = dropped_identifiers(&resolutions)?
+        .into_iter()
+        .map(|i| (i.kind, i.value))
+        .collect();
+    let pairs = serde_json::to_string(&dropped).unwrap_or_else(|_| "[]".to_owned());
+    let owners: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT i.type, i.value, i.profile_id FROM identifiers i \
+         JOIN json_each(?1) AS k \
+           ON i.type = json_extract(k.value, '$[0]') AND i.value = json_extract(k.value, '$[1]')",
+    )
+    .bind(&pairs)
+    .fetch_all(&mut *conn)
+    .await?;
+    let foreign = owners
+        .into_iter()
+        .filter(|(_, _, owner)| !ids.contains(&owner.as_str()))
+        .map(|(kind, value, _)| Identifier { kind, value })
+        .collect();
+    Ok(HistoryRows {
+        foreign,
+        root: parse_uuid(root)?,
+        members: rows
+            .iter()
+            .map(|(id, created)| Ok((parse_uuid(id)?, from_micros(*created)?)))
+            .collect::<Result<_, IdentityError>>()?,
+        creates: creates
+            .into_iter()
+            .map(|(event, id)| Ok((event, parse_uuid(&id)?)))
+            .collect::<Result<_, IdentityError>>()?,
+        resolutions,
+        merges: merges
+            .into_iter()
+            .map(|(merged, survivor, cause, rule, at, seq)| {
+                Ok((
+                    parse_uuid(&merged)?,
+                    parse_uuid(&survivor)?,
+                    cause,
+                    rule,
+                    from_micros(at)?,
+                    seq,
+                ))
+            })
+            .collect::<Result<_, IdentityError>>()?,
+    })
 }
 
 fn from_micros(us: i64) -> Result<OffsetDateTime, IdentityError> {

@@ -42,6 +42,8 @@ on_both_backends!(
     rule_updates_are_checked_and_compare_and_set,
     a_stored_component_replays_to_the_stored_graph,
     profiles_split_apart_stay_apart,
+    an_unmerge_restores_both_profiles_and_keeps_them_apart,
+    an_unmerged_manual_merge_is_as_if_it_never_happened,
 );
 
 async fn emails_and_phones_normalize_to_one_identifier(b: &Backend) {
@@ -699,4 +701,157 @@ async fn profiles_split_apart_stay_apart(b: &Backend) {
         matches!(&refused, Err(tessera_identity::IdentityError::FailedPrecondition(m)) if m.contains("split")),
         "{refused:?}"
     );
+}
+
+/// Checks that the stored graph of `profile`'s component is what replaying its stored history
+/// gives: the unmerge wrote back a consistent graph.
+async fn assert_replays_to_itself(id: &Identity, profile: Uuid) {
+    let history = id.component_history(profile).await.expect("history");
+    let replayed = tessera_identity::domain::replay(
+        &id.rules().rules,
+        &history.entries,
+        &[],
+        &std::collections::HashSet::new(),
+        time::OffsetDateTime::now_utc(),
+        Uuid::now_v7,
+    );
+    for (identifier, owner) in &replayed.owners {
+        assert_eq!(
+            lookup(id, &identifier.kind, &identifier.value).await,
+            *owner,
+            "{identifier:?}"
+        );
+    }
+}
+
+/// A merge caused by an event (one user id on two devices) is reverted: both profiles come back
+/// with what belongs to each (also what arrived after the merge), the manual merge of a third
+/// profile stands, the bridging event keeps its user id and drops the other device's id (rule
+/// `split`), every stored resolution answers its new profile, and the pair never merges again.
+async fn an_unmerge_restores_both_profiles_and_keeps_them_apart(b: &Backend) {
+    let id = &b.identity;
+    let p1 = resolve(id, "e1", &[("anonymous_id", "a1")])
+        .await
+        .profile_id;
+    let p2 = resolve(id, "e2", &[("anonymous_id", "a2"), ("email", "x@y.io")])
+        .await
+        .profile_id;
+    resolve(id, "e3", &[("anonymous_id", "a1"), ("user_id", "u1")]).await;
+    let bridge = resolve(id, "e4", &[("anonymous_id", "a2"), ("user_id", "u1")]).await;
+    assert_eq!(bridge.merges.len(), 1);
+    assert_eq!(bridge.merges[0].merged_profile_id, p2);
+    // After the merge: a phone arrives with the second device's email.
+    resolve(id, "e5", &[("email", "x@y.io"), ("phone", "+14155550100")]).await;
+    let p3 = resolve(id, "e6", &[("anonymous_id", "a3")])
+        .await
+        .profile_id;
+    id.merge_profiles((p1, p3), "same person")
+        .await
+        .expect("merge");
+    assert_eq!(lookup(id, "phone", "+14155550100").await, p1);
+
+    let undone = id
+        .unmerge_profile(p2, "wrong device")
+        .await
+        .expect("unmerge");
+    assert_eq!((undone.merged, undone.survivor), (p2, p1));
+    assert_eq!(lookup(id, "anonymous_id", "a2").await, p2);
+    assert_eq!(lookup(id, "email", "x@y.io").await, p2);
+    assert_eq!(
+        lookup(id, "phone", "+14155550100").await,
+        p2,
+        "followed its email"
+    );
+    assert_eq!(lookup(id, "user_id", "u1").await, p1);
+    assert_eq!(
+        lookup(id, "anonymous_id", "a3").await,
+        p1,
+        "the manual merge stands"
+    );
+    let moved: std::collections::HashMap<&str, Uuid> = undone
+        .events
+        .iter()
+        .map(|(event, profile, _)| (event.as_str(), *profile))
+        .collect();
+    assert_eq!(moved["e2"], p2);
+    assert_eq!(moved["e4"], p1, "the user id outranks the anonymous id");
+    assert_eq!(moved["e5"], p2);
+    assert_eq!(moved["e6"], p1);
+
+    // Stored resolutions answer the new profiles; the bridge dropped the other device's id.
+    let e4 = resolve(id, "e4", &[("anonymous_id", "a2"), ("user_id", "u1")]).await;
+    assert_eq!(e4.profile_id, p1);
+    assert!(e4.merges.is_empty());
+    assert_eq!(e4.dropped.len(), 1);
+    assert_eq!(e4.dropped[0].reason, "split");
+    assert_eq!(resolve(id, "e5", &[]).await.profile_id, p2);
+    let graph = id.profile_graph(p2, 100).await.expect("graph");
+    assert_eq!(graph.profile_id, p2);
+    assert!(graph.merged_profile_ids.is_empty());
+    assert_eq!(graph.identifiers.len(), 3);
+
+    // The same bridge again does not merge them. (Having been seen with both profiles, the
+    // device's id now counts as shared under the default rules, which drops it first.)
+    let later = resolve(id, "e7", &[("anonymous_id", "a2"), ("user_id", "u1")]).await;
+    assert_eq!(later.profile_id, p1);
+    assert!(later.merges.is_empty());
+    assert_eq!(
+        later.dropped[0].identifier,
+        tessera_core::Identifier::new("anonymous_id", "a2")
+    );
+    assert_eq!(lookup(id, "anonymous_id", "a2").await, p2);
+    assert_replays_to_itself(id, p1).await;
+    assert_replays_to_itself(id, p2).await;
+
+    assert!(matches!(
+        id.unmerge_profile(p2, "again").await,
+        Err(tessera_identity::IdentityError::FailedPrecondition(_))
+    ));
+    assert!(matches!(
+        id.unmerge_profile(Uuid::now_v7(), "unknown").await,
+        Err(tessera_identity::IdentityError::UnknownProfile)
+    ));
+}
+
+/// Reverting a manual merge gives both profiles back as they were, and what arrived for either
+/// since goes to its own side.
+async fn an_unmerged_manual_merge_is_as_if_it_never_happened(b: &Backend) {
+    let id = &b.identity;
+    let ann = resolve(id, "e1", &[("email", "ann@x.io")]).await.profile_id;
+    let bob = resolve(id, "e2", &[("email", "bob@x.io")]).await.profile_id;
+    id.merge_profiles((ann, bob), "looked alike")
+        .await
+        .expect("merge");
+    resolve(
+        id,
+        "e3",
+        &[("email", "bob@x.io"), ("phone", "+14155550100")],
+    )
+    .await;
+    resolve(id, "e4", &[("email", "ann@x.io"), ("user_id", "ann")]).await;
+    let undone = id
+        .unmerge_profile(bob, "they are two people")
+        .await
+        .expect("unmerge");
+    assert_eq!(undone.survivor, ann);
+    assert_eq!(lookup(id, "email", "bob@x.io").await, bob);
+    assert_eq!(lookup(id, "phone", "+14155550100").await, bob);
+    assert_eq!(lookup(id, "email", "ann@x.io").await, ann);
+    assert_eq!(lookup(id, "user_id", "ann").await, ann);
+    let sides: std::collections::HashMap<&str, Uuid> = undone
+        .events
+        .iter()
+        .map(|(event, profile, _)| (event.as_str(), *profile))
+        .collect();
+    assert_eq!(
+        sides,
+        std::collections::HashMap::from([("e1", ann), ("e2", bob), ("e3", bob), ("e4", ann)])
+    );
+    let refused = id.merge_profiles((ann, bob), "again").await;
+    assert!(matches!(
+        refused,
+        Err(tessera_identity::IdentityError::FailedPrecondition(_))
+    ));
+    assert_replays_to_itself(id, ann).await;
+    assert_replays_to_itself(id, bob).await;
 }
