@@ -15,3 +15,4 @@ mod sdk_python;
 mod separate_processes;
 mod sources;
 mod tracking_plans;
+mod unmerge;

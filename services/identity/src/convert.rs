@@ -352,6 +352,28 @@ pub(crate) fn merge_request_from_pb(
     }
 }
 
+/// The profile and reason of an unmerge. Violations name `profile_id` or `reason`.
+pub(crate) fn unmerge_request_from_pb(
+    request: pb::UnmergeProfilesRequest,
+) -> Result<(uuid::Uuid, String), IdentityError> {
+    let pb::UnmergeProfilesRequest { profile_id, reason } = request;
+    let mut violations = Vec::new();
+    let id = uuid::Uuid::parse_str(&profile_id).ok();
+    if id.is_none() {
+        violations.push(FieldViolation::new("profile_id", "not a UUID"));
+    }
+    if reason.len() > MAX_REASON || reason.contains('\0') {
+        violations.push(FieldViolation::new(
+            "reason",
+            format!("at most {MAX_REASON} bytes, without NUL"),
+        ));
+    }
+    match id {
+        Some(id) if violations.is_empty() => Ok((id, reason)),
+        _ => Err(IdentityError::InvalidArgument(violations)),
+    }
+}
+
 /// A fitted model's summary as answered.
 pub(crate) fn training_to_pb(summary: crate::TrainingSummary) -> pb::TrainMatchModelResponse {
     let crate::TrainingSummary {

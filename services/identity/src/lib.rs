@@ -343,8 +343,8 @@ impl Identity {
     /// Reverts the merge of `merged` into the profile it was merged into, losslessly: the
     /// component is replayed with the two kept apart (the event that bridged them drops its
     /// lowest-priority identifier, rule `split`), the replayed graph replaces the stored one,
-    /// and the pair is remembered so nothing merges them again. Not yet told to the profile
-    /// service (its rebuild exists as `ProfileStore::split`), so not exposed through the API.
+    /// and the pair is remembered so nothing merges them again. The profile service is told
+    /// through the merge outbox (queued in the same transaction) and rebuilds both profiles.
     /// `FailedPrecondition` when `merged` is not merged; `UnknownProfile` when unknown.
     pub async fn unmerge_profile(
         &self,
@@ -352,7 +352,10 @@ impl Identity {
         reason: &str,
     ) -> Result<Unmerged, IdentityError> {
         let rules = self.current();
-        self.store.unmerge(&rules, merged, reason).await
+        let undone = self.store.unmerge(&rules, merged, reason).await?;
+        // The split is queued for the profile service in the same transaction.
+        self.matching.wake_delivery();
+        Ok(undone)
     }
 
     /// The version the rules in force are registered under.

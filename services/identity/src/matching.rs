@@ -15,12 +15,14 @@ use tokio::sync::{Notify, RwLock};
 use uuid::Uuid;
 
 use crate::IdentityError;
-use crate::domain::Merge;
 use crate::domain::matching::{
     Attributes, BlockKey, Matcher, MatchingConfig, MemoryIndex, Model, ModelParams, Score, Scratch,
     match_record, train,
 };
-use crate::store::{IdentityStore, IndexEntry, MatchStore, StoredSuggestion, VersionedRules};
+use crate::domain::{Merge, SPLIT};
+use crate::store::{
+    IdentityStore, IndexEntry, MatchStore, SplitPayload, StoredSuggestion, VersionedRules,
+};
 
 /// The rule probabilistic merges are recorded under.
 pub const PROBABILISTIC: &str = "probabilistic";
@@ -228,6 +230,11 @@ impl Matching {
             model: RwLock::new(None),
             queued: Notify::new(),
         })
+    }
+
+    /// Wakes the outbox delivery (something was queued).
+    pub(crate) fn wake_delivery(&self) {
+        self.queued.notify_one();
     }
 
     /// The attributes `traits` give, normalized.
@@ -752,20 +759,43 @@ impl Matching {
                 }
                 continue;
             }
-            let seqs: Vec<i64> = pending.iter().map(|(seq, _)| *seq).collect();
-            let request = profile_pb::ApplyEventsRequest {
-                merges: pending.into_iter().map(|(_, m)| m.into()).collect(),
-                events: Vec::new(),
+            // In order: a run of merges in one ApplyEvents, a split on its own.
+            let run_len = pending
+                .iter()
+                .take_while(|(_, m, payload)| payload.is_none() && m.rule != SPLIT)
+                .count();
+            let (seqs, outcome) = if run_len > 0 {
+                let run = &pending[..run_len];
+                let request = profile_pb::ApplyEventsRequest {
+                    merges: run.iter().map(|(_, m, _)| m.clone().into()).collect(),
+                    events: Vec::new(),
+                };
+                (
+                    run.iter().map(|(seq, _, _)| *seq).collect::<Vec<_>>(),
+                    client.apply_events(request).await.map(|_| ()),
+                )
+            } else {
+                let (seq, _, payload) = &pending[0];
+                let outcome = match split_request(payload.as_deref()) {
+                    Ok(request) => client.split_profiles(request).await.map(|_| ()),
+                    Err(e) => {
+                        // A payload that does not decode is a bug; skipping it would lose
+                        // the split, so it stays queued and is reported.
+                        tracing::error!(seq, error = %e, "queued split does not decode");
+                        Err(tonic::Status::internal("queued split does not decode"))
+                    }
+                };
+                (vec![*seq], outcome)
             };
-            match client.apply_events(request).await {
-                Ok(_) => {
+            match outcome {
+                Ok(()) => {
                     backoff = Duration::from_millis(100);
                     if let Err(e) = self.store.delivered(&seqs).await {
                         tracing::warn!(error = %e, "marking merges delivered failed");
                     }
                 }
                 Err(status) => {
-                    tracing::warn!(code = ?status.code(), "telling the profile service about merges failed, will retry");
+                    tracing::warn!(code = ?status.code(), message = status.message(), "telling the profile service about merges or splits failed, will retry");
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
                         () = shutdown.cancelled() => return,
@@ -815,6 +845,34 @@ fn scalar(value: &Value) -> Option<String> {
 }
 
 /// A score's explanation as stored with a merge or suggestion.
+/// The profile service's request for a queued split.
+fn split_request(payload: Option<&str>) -> Result<profile_pb::SplitProfilesRequest, String> {
+    let payload: SplitPayload =
+        serde_json::from_str(payload.ok_or("no payload")?).map_err(|e| e.to_string())?;
+    Ok(profile_pb::SplitProfilesRequest {
+        profiles: payload
+            .profiles
+            .into_iter()
+            .map(|(profile, live)| profile_pb::ProfileAssignment {
+                profile_id: profile.to_string(),
+                live_profile_id: live.to_string(),
+            })
+            .collect(),
+        events: payload
+            .events
+            .into_iter()
+            .map(|(event_id, profile, ids)| profile_pb::EventAssignment {
+                event_id,
+                profile_id: profile.to_string(),
+                identifiers: ids
+                    .into_iter()
+                    .map(|(r#type, value)| tessera_proto::common::v1::Identifier { r#type, value })
+                    .collect(),
+            })
+            .collect(),
+    })
+}
+
 pub(crate) fn explanation_json(score: &Score, version: i64) -> String {
     json!({
         "match_weight": score.weight,

@@ -198,6 +198,25 @@ impl IdentityService for IdentityGrpc {
         }))
     }
 
+    async fn unmerge_profiles(
+        &self,
+        request: Request<pb::UnmergeProfilesRequest>,
+    ) -> Result<Response<pb::UnmergeProfilesResponse>, Status> {
+        let (profile, reason) = convert::unmerge_request_from_pb(request.into_inner())?;
+        let undone = self.identity.unmerge_profile(profile, &reason).await?;
+        let moved = undone
+            .events
+            .iter()
+            .filter(|(_, profile, _)| *profile != undone.root)
+            .count();
+        Ok(Response::new(pb::UnmergeProfilesResponse {
+            restored_profile_id: undone.merged.to_string(),
+            surviving_profile_id: undone.survivor.to_string(),
+            events: i64::try_from(undone.events.len()).unwrap_or(i64::MAX),
+            events_moved: i64::try_from(moved).unwrap_or(i64::MAX),
+        }))
+    }
+
     async fn lookup_identifier(
         &self,
         request: Request<pb::LookupIdentifierRequest>,

@@ -11,7 +11,7 @@ use tessera_proto::identity::v1 as identity;
 use tessera_proto::profile::v1 as pb;
 use tessera_proto::scoring::v1 as scoring;
 
-use crate::domain::{Batch, Merge, Profile, ResolvedEvent, Score, ScoreFactor};
+use crate::domain::{Batch, Merge, Profile, ResolvedEvent, Score, ScoreFactor, Split};
 use crate::error::ProfileError;
 
 /// The most events one `ApplyEvents` call may carry.
@@ -47,6 +47,69 @@ pub(crate) fn batch(request: pb::ApplyEventsRequest) -> Result<Batch, ProfileErr
     if violations.is_empty() {
         Ok(batch)
     } else {
+        Err(ProfileError::InvalidArgument(violations))
+    }
+}
+
+/// The most events one split may name (a component's whole history).
+pub(crate) const MAX_SPLIT_EVENTS: usize = 1_000_000;
+
+/// A validated `SplitProfilesRequest`. Violations name `profiles[i].profile_id`,
+/// `events[i].event_id`, `events[i].identifiers[j]`, ...
+pub(crate) fn split(request: pb::SplitProfilesRequest) -> Result<Split, ProfileError> {
+    let pb::SplitProfilesRequest { profiles, events } = request;
+    if events.len() > MAX_SPLIT_EVENTS {
+        return Err(ProfileError::TooMany {
+            field: "events",
+            count: events.len(),
+            max: MAX_SPLIT_EVENTS,
+        });
+    }
+    let mut violations = Vec::new();
+    if profiles.is_empty() {
+        violations.push(FieldViolation::new("profiles", "required"));
+    }
+    let mut split = Split::default();
+    for (i, p) in profiles.into_iter().enumerate() {
+        check_id(
+            &p.profile_id,
+            &format!("profiles[{i}].profile_id"),
+            &mut violations,
+        );
+        check_id(
+            &p.live_profile_id,
+            &format!("profiles[{i}].live_profile_id"),
+            &mut violations,
+        );
+        split.profiles.push((p.profile_id, p.live_profile_id));
+    }
+    for (i, e) in events.into_iter().enumerate() {
+        check_id(
+            &e.event_id,
+            &format!("events[{i}].event_id"),
+            &mut violations,
+        );
+        check_id(
+            &e.profile_id,
+            &format!("events[{i}].profile_id"),
+            &mut violations,
+        );
+        let mut ids = Vec::with_capacity(e.identifiers.len());
+        for (j, id) in e.identifiers.into_iter().enumerate() {
+            if id.r#type.is_empty() || id.value.is_empty() {
+                violations.push(FieldViolation::new(
+                    format!("events[{i}].identifiers[{j}]"),
+                    "type and value are required",
+                ));
+            }
+            ids.push(Identifier::new(id.r#type, id.value));
+        }
+        split.events.push((e.event_id, e.profile_id, ids));
+    }
+    if violations.is_empty() {
+        Ok(split)
+    } else {
+        violations.truncate(100);
         Err(ProfileError::InvalidArgument(violations))
     }
 }

@@ -58,6 +58,10 @@ pub enum ProfileError {
     /// A stored value does not decode: a bug or a corrupted row.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// Events a split names have not been applied yet (they are still in the pipeline); the
+    /// split waits for them.
+    #[error("{0} events of the split are not applied yet, retry later")]
+    NotYetApplied(usize),
 }
 
 impl ProfileError {
@@ -71,6 +75,7 @@ impl ProfileError {
             Self::Contention => ErrorCode::Unavailable,
             Self::Identity(s) | Self::Scoring(s) => peer_code(s.code()),
             Self::NotRebuildable(_) => ErrorCode::FailedPrecondition,
+            Self::NotYetApplied(_) => ErrorCode::Unavailable,
             Self::BrokenMergeChain(_)
             | Self::Missing(_)
             | Self::BadScores(_)
@@ -122,7 +127,8 @@ impl From<ProfileError> for Status {
             }
             ProfileError::TooMany { .. }
             | ProfileError::NotFound
-            | ProfileError::NotRebuildable(_) => tessera_server::status(code, error.to_string()),
+            | ProfileError::NotRebuildable(_)
+            | ProfileError::NotYetApplied(_) => tessera_server::status(code, error.to_string()),
             // A retryable peer failure names the peer (not what it said), so whoever watches
             // the pipeline retry knows which service to look at.
             ProfileError::Identity(_) if code.is_retryable() => {

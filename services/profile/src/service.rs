@@ -442,4 +442,23 @@ impl ProfilePipelineService for PipelineApi {
             self.0.apply_events(request.into_inner()).await?,
         ))
     }
+
+    async fn split_profiles(
+        &self,
+        request: Request<pb::SplitProfilesRequest>,
+    ) -> Result<Response<pb::SplitProfilesResponse>, Status> {
+        let split = convert::split(request.into_inner())?;
+        let now = micros(OffsetDateTime::now_utc());
+        let applied = self
+            .0
+            .store
+            .split(&split, self.0.half_life_seconds, now, &*self.0)
+            .await?;
+        self.0.cache_applied(&applied).await;
+        metrics::counter!("tessera_profile_splits_total").increment(1);
+        tracing::info!(profiles = applied.state_changed.len(), "split profiles");
+        Ok(Response::new(pb::SplitProfilesResponse {
+            profiles_changed: i64::try_from(applied.state_changed.len()).unwrap_or(i64::MAX),
+        }))
+    }
 }

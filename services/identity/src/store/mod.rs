@@ -233,7 +233,7 @@ pub(crate) trait MatchStore: Send + Sync {
     async fn decide_suggestion(&self, id: i64, status: &str) -> Result<bool, IdentityError>;
 
     /// Up to `limit` merges the profile service has not been told about, oldest first.
-    async fn pending_merges(&self, limit: i64) -> Result<Vec<(i64, Merge)>, IdentityError>;
+    async fn pending_merges(&self, limit: i64) -> Result<Vec<Outboxed>, IdentityError>;
 
     /// Marks queued merges as delivered.
     async fn delivered(&self, seqs: &[i64]) -> Result<(), IdentityError>;
@@ -532,9 +532,47 @@ pub(crate) fn history(rows: HistoryRows) -> Result<ComponentHistory, IdentityErr
     })
 }
 
+/// One entry of the merge outbox, in order: a merge, or a split (rule `split`, with its payload).
+pub(crate) type Outboxed = (i64, Merge, Option<String>);
+
+/// An identifier as stored in JSON: (type, value).
+pub(crate) type TypedValue = (String, String);
+
+/// A split as queued for the profile service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SplitPayload {
+    /// Every profile of the former component and its canonical profile after the split.
+    pub(crate) profiles: Vec<(Uuid, Uuid)>,
+    /// Every event of the former component: its profile now and the identifiers it links.
+    pub(crate) events: Vec<(String, Uuid, Vec<TypedValue>)>,
+}
+
+impl From<&Unmerged> for SplitPayload {
+    fn from(u: &Unmerged) -> Self {
+        Self {
+            profiles: u.profiles.clone(),
+            events: u
+                .events
+                .iter()
+                .map(|(event, profile, ids)| {
+                    (
+                        event.clone(),
+                        *profile,
+                        ids.iter()
+                            .map(|i| (i.kind.clone(), i.value.clone()))
+                            .collect(),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
 /// What an unmerge did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unmerged {
+    /// The component's canonical profile before the split.
+    pub root: Uuid,
     /// The profile split off.
     pub merged: Uuid,
     /// The profile it had been merged into.
@@ -574,7 +612,7 @@ pub(crate) fn unmerge_plan(replay: &Replay, members: &HashSet<Uuid>) -> Plan {
 }
 
 /// The outcome of an unmerge's replay, as reported.
-pub(crate) fn unmerged(merged: Uuid, survivor: Uuid, replay: &Replay) -> Unmerged {
+pub(crate) fn unmerged(root: Uuid, merged: Uuid, survivor: Uuid, replay: &Replay) -> Unmerged {
     let mut profiles: Vec<(Uuid, Uuid)> = replay.canonical.iter().map(|(a, b)| (*a, *b)).collect();
     profiles.sort();
     let events = replay
@@ -594,6 +632,7 @@ pub(crate) fn unmerged(merged: Uuid, survivor: Uuid, replay: &Replay) -> Unmerge
         })
         .collect();
     Unmerged {
+        root,
         merged,
         survivor,
         profiles,

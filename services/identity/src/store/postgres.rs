@@ -25,7 +25,7 @@ use super::{
     encode_merges, history, next_api_version, now, outcomes, record_metrics, registration,
     rules_json,
 };
-use super::{Unmerged, dropped_identifiers, unmerge_plan, unmerged};
+use super::{SplitPayload, Unmerged, dropped_identifiers, unmerge_plan, unmerged};
 use crate::IdentityError;
 use crate::domain::{GraphView, Plan, ProfileAge, Record, RulesConfig, plan, replay};
 
@@ -536,8 +536,24 @@ impl IdentityStore for PgStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        let result = unmerged(root, merged, survivor, &replayed);
+        // The profile service hears of it through the outbox, in order with the merges.
+        let payload = serde_json::to_string(&SplitPayload::from(&result))
+            .map_err(|e| IdentityError::Corrupt(format!("split does not encode: {e}")))?;
+        sqlx::query(
+            "INSERT INTO merge_outbox (surviving_profile_id, merged_profile_id, cause, rule, \
+                                       merged_at, payload) \
+             VALUES ($1, $2, $3, 'split', $4, $5::jsonb)",
+        )
+        .bind(survivor)
+        .bind(merged)
+        .bind(reason)
+        .bind(now)
+        .bind(payload)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(unmerged(merged, survivor, &replayed))
+        Ok(result)
     }
 
     async fn current_rules(&self) -> Result<Option<StoredRules>, IdentityError> {

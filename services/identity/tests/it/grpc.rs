@@ -441,3 +441,27 @@ async fn match_model_requests_are_checked() {
     assert_eq!(zero.code(), Code::InvalidArgument);
     assert_eq!(violated_fields(&zero), ["model_version"]);
 }
+
+#[tokio::test]
+async fn unmerge_requests_are_checked() {
+    let mut s = serve(IdentitySettings::default()).await;
+    let bad = s
+        .client
+        .unmerge_profiles(tessera_proto::identity::v1::UnmergeProfilesRequest {
+            profile_id: "not-a-uuid".into(),
+            reason: "x\0y".into(),
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&bad), ["profile_id", "reason"]);
+    let unknown = s
+        .client
+        .unmerge_profiles(tessera_proto::identity::v1::UnmergeProfilesRequest {
+            profile_id: uuid::Uuid::now_v7().to_string(),
+            reason: String::new(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(unknown.code(), Code::NotFound);
+}

@@ -367,6 +367,17 @@ async fn split<O: Ops>(
         .map(|(event, profile, ids)| (event.as_str(), (profile.as_str(), ids.as_slice())))
         .collect();
     let events = ops.load_events(&members).await?;
+    // Every event the split names must have been applied: one still in the pipeline (resolved
+    // before the unmerge) would otherwise land on the old profile afterwards.
+    let applied: HashSet<&str> = events.iter().map(|(event, _, _)| event.as_str()).collect();
+    let missing = split
+        .events
+        .iter()
+        .filter(|(event, _, _)| !applied.contains(event.as_str()))
+        .count();
+    if missing > 0 {
+        return Err(ProfileError::NotYetApplied(missing));
+    }
 
     // Rebuild every live profile from its events.
     let mut state: BTreeMap<&str, ProfileState> = BTreeMap::new();

@@ -204,6 +204,13 @@ impl IdentityService for IdentityDouble {
         Err(Status::unimplemented("not part of the double"))
     }
 
+    async fn unmerge_profiles(
+        &self,
+        _request: Request<identity::UnmergeProfilesRequest>,
+    ) -> Result<Response<identity::UnmergeProfilesResponse>, Status> {
+        Err(Status::unimplemented("not part of the double"))
+    }
+
     async fn get_match_model(
         &self,
         _request: Request<identity::GetMatchModelRequest>,

@@ -12,7 +12,7 @@ use super::{CANONICAL_SQL, Failure, LIMITED_SQL, PgStore, write};
 use crate::IdentityError;
 use crate::domain::{GraphView, Merge, Plan, ProfileAge, plan_merge};
 use crate::store::{
-    IndexEntry, MatchStore, StoredModel, StoredSuggestion, VersionedRules, now, ordered,
+    IndexEntry, MatchStore, Outboxed, StoredModel, StoredSuggestion, VersionedRules, now, ordered,
 };
 
 /// How often a merge whose profiles were merged meanwhile is tried again.
@@ -383,28 +383,40 @@ impl MatchStore for PgStore {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn pending_merges(&self, limit: i64) -> Result<Vec<(i64, Merge)>, IdentityError> {
-        let rows: Vec<(i64, Uuid, Uuid, String, String, OffsetDateTime)> = sqlx::query_as(
-            "SELECT seq, surviving_profile_id, merged_profile_id, cause, rule, merged_at \
-             FROM merge_outbox WHERE delivered_at IS NULL ORDER BY seq LIMIT $1",
+    async fn pending_merges(&self, limit: i64) -> Result<Vec<Outboxed>, IdentityError> {
+        let rows: Vec<(
+            i64,
+            Uuid,
+            Uuid,
+            String,
+            String,
+            OffsetDateTime,
+            Option<String>,
+        )> = sqlx::query_as(
+            "SELECT seq, surviving_profile_id, merged_profile_id, cause, rule, merged_at, \
+                        payload::text \
+                 FROM merge_outbox WHERE delivered_at IS NULL ORDER BY seq LIMIT $1",
         )
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(seq, surviving, merged, cause, rule, merged_at)| {
-                (
-                    seq,
-                    Merge {
-                        surviving_profile_id: surviving,
-                        merged_profile_id: merged,
-                        cause_event_id: cause,
-                        merged_at,
-                        rule,
-                    },
-                )
-            })
+            .map(
+                |(seq, surviving, merged, cause, rule, merged_at, payload)| {
+                    (
+                        seq,
+                        Merge {
+                            surviving_profile_id: surviving,
+                            merged_profile_id: merged,
+                            cause_event_id: cause,
+                            merged_at,
+                            rule,
+                        },
+                        payload,
+                    )
+                },
+            )
             .collect())
     }
 

@@ -9,7 +9,7 @@ use super::{CANONICAL_SQL, HELD_SQL, SqliteStore, from_micros, micros, parse_uui
 use crate::IdentityError;
 use crate::domain::{GraphView, Merge, Plan, ProfileAge, plan_merge};
 use crate::store::{
-    IndexEntry, MatchStore, StoredModel, StoredSuggestion, VersionedRules, now, ordered,
+    IndexEntry, MatchStore, Outboxed, StoredModel, StoredSuggestion, VersionedRules, now, ordered,
 };
 
 type SuggestionRow = (i64, String, String, String, String, i64);
@@ -345,27 +345,31 @@ impl MatchStore for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn pending_merges(&self, limit: i64) -> Result<Vec<(i64, Merge)>, IdentityError> {
-        let rows: Vec<(i64, String, String, String, String, i64)> = sqlx::query_as(
-            "SELECT seq, surviving_profile_id, merged_profile_id, cause, rule, merged_at \
-             FROM merge_outbox WHERE delivered_at IS NULL ORDER BY seq LIMIT ?1",
+    async fn pending_merges(&self, limit: i64) -> Result<Vec<Outboxed>, IdentityError> {
+        let rows: Vec<(i64, String, String, String, String, i64, Option<String>)> = sqlx::query_as(
+            "SELECT seq, surviving_profile_id, merged_profile_id, cause, rule, merged_at, \
+                        payload \
+                 FROM merge_outbox WHERE delivered_at IS NULL ORDER BY seq LIMIT ?1",
         )
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(|(seq, surviving, merged, cause, rule, merged_at)| {
-                Ok((
-                    seq,
-                    Merge {
-                        surviving_profile_id: parse_uuid(&surviving)?,
-                        merged_profile_id: parse_uuid(&merged)?,
-                        cause_event_id: cause,
-                        merged_at: from_micros(merged_at)?,
-                        rule,
-                    },
-                ))
-            })
+            .map(
+                |(seq, surviving, merged, cause, rule, merged_at, payload)| {
+                    Ok((
+                        seq,
+                        Merge {
+                            surviving_profile_id: parse_uuid(&surviving)?,
+                            merged_profile_id: parse_uuid(&merged)?,
+                            cause_event_id: cause,
+                            merged_at: from_micros(merged_at)?,
+                            rule,
+                        },
+                        payload,
+                    ))
+                },
+            )
             .collect()
     }
 
