@@ -141,6 +141,8 @@ pub enum DecisionKind {
     Merge,
     /// An identifier of the event was not linked, by a rule.
     Drop,
+    /// A merged profile was split off the profile it had been merged into (an unmerge).
+    Split,
 }
 
 impl DecisionKind {
@@ -151,6 +153,7 @@ impl DecisionKind {
             Self::Link => "link",
             Self::Merge => "merge",
             Self::Drop => "drop",
+            Self::Split => "split",
         }
     }
 }

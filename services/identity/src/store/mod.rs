@@ -16,8 +16,8 @@ use uuid::Uuid;
 
 use crate::IdentityError;
 use crate::domain::{
-    Dropped, HistoryEntry, Merge, Plan, ProfileAge, Record, Replay, Resolution, Rules, RulesConfig,
-    SEEN_TOGETHER, split_apart, truncate_to_micros,
+    Decision, DecisionKind, Dropped, HistoryEntry, Merge, Plan, ProfileAge, Record, Replay,
+    Resolution, Rules, RulesConfig, SEEN_TOGETHER, SPLIT, split_apart, truncate_to_micros,
 };
 
 /// What the graph keeps of one event's resolution.
@@ -588,7 +588,24 @@ pub struct Unmerged {
 /// every identifier, standing merge and sighting of the component, and only the decisions the
 /// split itself caused (the rest of the replay repeats decisions already in the log). The
 /// resolutions are rewritten separately (they exist).
-pub(crate) fn unmerge_plan(replay: &Replay, members: &HashSet<Uuid>) -> Plan {
+pub(crate) fn unmerge_plan(
+    replay: &Replay,
+    members: &HashSet<Uuid>,
+    (merged, survivor): (Uuid, Uuid),
+    reason: &str,
+    now: OffsetDateTime,
+) -> Plan {
+    // The split itself first, then the drops it caused.
+    let split = Decision {
+        kind: DecisionKind::Split,
+        event_id: format!("unmerge:{merged}"),
+        profile_id: merged,
+        other_profile_id: Some(survivor),
+        identifier: None,
+        rule: SPLIT.to_owned(),
+        event_time: now,
+        detail: Some(serde_json::json!({ "reason": reason }).to_string()),
+    };
     Plan {
         resolutions: Vec::new(),
         new_profiles: replay
@@ -601,12 +618,15 @@ pub(crate) fn unmerge_plan(replay: &Replay, members: &HashSet<Uuid>) -> Plan {
         new_identifiers: replay.plan.new_identifiers.clone(),
         merges: replay.plan.merges.clone(),
         sightings: replay.plan.sightings.clone(),
-        decisions: replay
-            .plan
-            .decisions
-            .iter()
-            .filter(|d| split_apart(&d.rule))
-            .cloned()
+        decisions: std::iter::once(split)
+            .chain(
+                replay
+                    .plan
+                    .decisions
+                    .iter()
+                    .filter(|d| split_apart(&d.rule))
+                    .cloned(),
+            )
             .collect(),
     }
 }

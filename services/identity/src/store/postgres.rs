@@ -497,7 +497,7 @@ impl IdentityStore for PgStore {
         }
         write(
             &mut tx,
-            &unmerge_plan(&replayed, &members),
+            &unmerge_plan(&replayed, &members, (merged, survivor), reason, now),
             rules.version,
             now,
         )

@@ -347,7 +347,7 @@ impl IdentityStore for SqliteStore {
         }
         write(
             &mut tx,
-            &unmerge_plan(&replayed, &members),
+            &unmerge_plan(&replayed, &members, (merged, survivor), reason, now),
             rules.version,
             now,
         )

@@ -789,6 +789,14 @@ async fn an_unmerge_restores_both_profiles_and_keeps_them_apart(b: &Backend) {
     assert_eq!(graph.profile_id, p2);
     assert!(graph.merged_profile_ids.is_empty());
     assert_eq!(graph.identifiers.len(), 3);
+    // The graph log records the split, after the merge it reverts.
+    let kinds: Vec<(&str, Uuid, Option<Uuid>)> = graph
+        .decisions
+        .iter()
+        .filter(|d| d.kind == "merge" || d.kind == "split")
+        .map(|d| (d.kind.as_str(), d.profile_id, d.other_profile_id))
+        .collect();
+    assert_eq!(kinds, [("merge", p2, Some(p1)), ("split", p2, Some(p1))]);
 
     // The same bridge again does not merge them. (Having been seen with both profiles, the
     // device's id now counts as shared under the default rules, which drops it first.)
