@@ -444,11 +444,35 @@ impl IdentityStore for PgStore {
                 None => IdentityError::UnknownProfile,
             });
         };
-        // The component's root row: every resolution and merge touching it locks it too.
         let root: Uuid = sqlx::query_scalar(CANONICAL_ONE_SQL)
             .bind(merged)
             .fetch_one(&mut *tx)
             .await?;
+        // Resolutions lock their identifiers (advisory) before reading which profile holds
+        // them, and then the profiles' rows. Taking the component's identifier locks first, in
+        // the same order, makes a resolution that carries any of them wait for the unmerge and
+        // then read the rewritten graph, without a lock-order inversion.
+        let held: Vec<(String, String)> = sqlx::query_as(
+            "WITH RECURSIVE tree (profile_id) AS ( \
+                 SELECT $1::uuid \
+               UNION \
+                 SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
+             SELECT i.type, i.value FROM identifiers i JOIN tree USING (profile_id)",
+        )
+        .bind(root)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut keys: Vec<i64> = held
+            .iter()
+            .map(|(kind, value)| lock_key(&[b"identifier", kind.as_bytes(), value.as_bytes()]))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        sqlx::query("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k")
+            .bind(keys)
+            .execute(&mut *tx)
+            .await?;
+        // The component's root row: every resolution and merge touching it locks it too.
         let live: Option<bool> = sqlx::query_scalar(
             "SELECT merged_into IS NULL FROM profiles WHERE profile_id = $1 FOR UPDATE",
         )

@@ -254,3 +254,75 @@ fn linking_only() -> IdentitySettings {
         ..IdentitySettings::default()
     }
 }
+
+/// One replica unmerges while another keeps resolving events that carry the component's
+/// identifiers: every resolution either happened before the unmerge (and was replayed by it) or
+/// after (and read the rewritten graph), so the stored graph and every stored resolution end
+/// exactly as a replay of the component's history gives them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmerge_racing_resolutions_leaves_a_consistent_graph() {
+    let test = TestDb::new().await;
+    let one = Identity::new(connect(test.url()).await, IdentitySettings::default())
+        .await
+        .expect("identity");
+    let two = Identity::new(connect(test.url()).await, IdentitySettings::default())
+        .await
+        .expect("identity");
+    let laptop = resolve(&one, "e1", &[("anonymous_id", "laptop")])
+        .await
+        .profile_id;
+    let tablet = resolve(
+        &one,
+        "e2",
+        &[("anonymous_id", "tablet"), ("email", "t@x.io")],
+    )
+    .await
+    .profile_id;
+    resolve(&one, "e3", &[("anonymous_id", "laptop"), ("user_id", "u1")]).await;
+    resolve(&one, "e4", &[("anonymous_id", "tablet"), ("user_id", "u1")]).await;
+    assert_eq!(lookup(&one, "email", "t@x.io").await, laptop, "merged");
+
+    let writer = {
+        let two = two.clone();
+        tokio::spawn(async move {
+            for n in 0..60 {
+                let ids: &[(&str, &str)] = match n % 3 {
+                    0 => &[("anonymous_id", "tablet")],
+                    1 => &[("email", "t@x.io"), ("phone", "+14155550100")],
+                    _ => &[("user_id", "u1")],
+                };
+                resolve(&two, &format!("w{n}"), ids).await;
+            }
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    one.unmerge_profile(tablet, "shared tablet")
+        .await
+        .expect("unmerge");
+    writer.await.expect("writer");
+
+    assert_eq!(lookup(&two, "anonymous_id", "tablet").await, tablet);
+    assert_eq!(lookup(&two, "user_id", "u1").await, laptop);
+    for profile in [laptop, tablet] {
+        let history = one.component_history(profile).await.expect("history");
+        let replayed = tessera_identity::domain::replay(
+            &one.rules().rules,
+            &history.entries,
+            &[(tablet, laptop)],
+            &std::collections::HashSet::new(),
+            time::OffsetDateTime::now_utc(),
+            Uuid::now_v7,
+        );
+        for (identifier, owner) in &replayed.owners {
+            assert_eq!(
+                lookup(&one, &identifier.kind, &identifier.value).await,
+                *owner,
+                "{identifier:?}"
+            );
+        }
+        for (event, owner) in &replayed.events {
+            let stored = resolve(&one, event, &[]).await;
+            assert_eq!(stored.profile_id, *owner, "event {event}");
+        }
+    }
+}
