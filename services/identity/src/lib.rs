@@ -248,6 +248,11 @@ impl Identity {
         self.matching.model_info(version).await
     }
 
+    /// The current match model's version (`None` before any was trained).
+    pub async fn match_model_version(&self) -> Result<Option<i64>, IdentityError> {
+        self.matching.model_version().await
+    }
+
     /// Makes an earlier match model current again (a rollback), as a new version.
     pub async fn restore_match_model(&self, version: i64) -> Result<ModelInfo, IdentityError> {
         self.matching.restore(version).await

@@ -232,6 +232,11 @@ impl Matching {
         })
     }
 
+    /// The current model's version, if any.
+    pub(crate) async fn model_version(&self) -> Result<Option<i64>, IdentityError> {
+        self.store.model_version().await
+    }
+
     /// Wakes the outbox delivery (something was queued).
     pub(crate) fn wake_delivery(&self) {
         self.queued.notify_one();

@@ -91,8 +91,7 @@ impl IdentityService for IdentityGrpc {
         let current = match version {
             None => true,
             Some(_) => {
-                self.identity.match_model(None).await?.summary.model_version
-                    == info.summary.model_version
+                self.identity.match_model_version().await? == Some(info.summary.model_version)
             }
         };
         Ok(Response::new(pb::GetMatchModelResponse {

@@ -421,8 +421,8 @@ pub(crate) struct HistoryRows {
     pub(crate) members: Vec<(Uuid, OffsetDateTime)>,
     /// (event id, profile created) of the graph log's create decisions.
     pub(crate) creates: Vec<(String, Uuid)>,
-    /// (event id, detail JSON, resolved at, order within the store) of the resolutions.
-    pub(crate) resolutions: Vec<(String, Option<String>, OffsetDateTime, i64)>,
+    /// The component's resolutions, decoded.
+    pub(crate) resolutions: Vec<HistoryResolution>,
     /// (merged, survivor, cause, rule, decided at, log seq) of merges outside the pipeline.
     pub(crate) merges: Vec<(Uuid, Uuid, String, String, OffsetDateTime, i64)>,
     /// Identifiers the component's events carried but did not link that belong to profiles
@@ -430,28 +430,53 @@ pub(crate) struct HistoryRows {
     pub(crate) foreign: HashSet<Identifier>,
 }
 
+/// One resolution of a component, as a replay needs it.
+pub(crate) struct HistoryResolution {
+    pub(crate) event_id: String,
+    pub(crate) detail: Detail,
+    pub(crate) resolved_at: OffsetDateTime,
+    /// The order within the store (events of one transaction share `resolved_at`).
+    pub(crate) order: i64,
+}
+
+/// Decodes stored resolutions rows (event id, detail JSON, resolved at, order), once.
+/// `FailedPrecondition` for a resolution stored before details were kept: its component cannot
+/// be replayed.
+pub(crate) fn decode_resolutions(
+    rows: Vec<(String, Option<String>, OffsetDateTime, i64)>,
+) -> Result<Vec<HistoryResolution>, IdentityError> {
+    rows.into_iter()
+        .map(|(event_id, detail, resolved_at, order)| {
+            let detail = decode_detail(&event_id, detail.as_deref())?.ok_or_else(|| {
+                IdentityError::FailedPrecondition(format!(
+                    "event {event_id} was resolved before resolutions kept their identifiers: \
+                     its component cannot be replayed"
+                ))
+            })?;
+            Ok(HistoryResolution {
+                event_id,
+                detail,
+                resolved_at,
+                order,
+            })
+        })
+        .collect()
+}
+
 /// The identifiers the component's events did not link because of a rule that depends on the
 /// graph (a limit, the shared rule, a split): the ones whose owners the store must look up,
 /// so the history can leave out those held by other components. A replay of one component
 /// never merges it with another, so such an identifier stays unlinked, as it was.
-pub(crate) fn dropped_identifiers(
-    resolutions: &[(String, Option<String>, OffsetDateTime, i64)],
-) -> Result<Vec<Identifier>, IdentityError> {
-    let mut out = Vec::new();
-    for (event_id, detail, _, _) in resolutions {
-        if let Some(detail) = decode_detail(event_id, detail.as_deref())? {
-            out.extend(
-                detail
-                    .dropped
-                    .into_iter()
-                    .filter(|d| graph_dependent(&d.reason))
-                    .map(|d| d.identifier),
-            );
-        }
-    }
+pub(crate) fn dropped_identifiers(resolutions: &[HistoryResolution]) -> Vec<Identifier> {
+    let mut out: Vec<Identifier> = resolutions
+        .iter()
+        .flat_map(|r| &r.detail.dropped)
+        .filter(|d| graph_dependent(&d.reason))
+        .map(|d| d.identifier.clone())
+        .collect();
     out.sort();
     out.dedup();
-    Ok(out)
+    out
 }
 
 /// Whether a drop reason depends on the state of the graph (and may change in a replay).
@@ -479,13 +504,13 @@ pub(crate) fn history(rows: HistoryRows) -> Result<ComponentHistory, IdentityErr
         })
         .collect();
     let mut keyed: Vec<((OffsetDateTime, u8, i64), HistoryEntry)> = Vec::new();
-    for (event_id, detail, resolved_at, order) in rows.resolutions {
-        let detail = decode_detail(&event_id, detail.as_deref())?.ok_or_else(|| {
-            IdentityError::FailedPrecondition(format!(
-                "event {event_id} was resolved before resolutions kept their identifiers: \
-                 its component cannot be replayed"
-            ))
-        })?;
+    for HistoryResolution {
+        event_id,
+        detail,
+        resolved_at,
+        order,
+    } in rows.resolutions
+    {
         let event_time = detail.event_time.unwrap_or(resolved_at);
         // The identifiers the event could link: those it linked, and those a rule that
         // depends on the graph (a limit, the shared rule, a split) kept from linking, unless

@@ -25,7 +25,9 @@ use super::{
     encode_merges, history, next_api_version, now, outcomes, record_metrics, registration,
     rules_json,
 };
-use super::{SplitPayload, Unmerged, dropped_identifiers, unmerge_plan, unmerged};
+use super::{
+    SplitPayload, Unmerged, decode_resolutions, dropped_identifiers, unmerge_plan, unmerged,
+};
 use crate::IdentityError;
 use crate::domain::{GraphView, Plan, ProfileAge, Record, RulesConfig, plan, replay};
 
@@ -749,6 +751,7 @@ async fn history_rows(conn: &mut PgConnection, root: Uuid) -> Result<HistoryRows
     .bind(&ids)
     .fetch_all(&mut *conn)
     .await?;
+    let resolutions = decode_resolutions(resolutions)?;
     let merges: Vec<(Uuid, Uuid, String, String, OffsetDateTime, i64)> = sqlx::query_as(
         "SELECT profile_id, other_profile_id, event_id, rule, decided_at, seq FROM graph_log \
          WHERE kind = 'merge' AND rule <> 'seen_together' AND profile_id = ANY($1) \
@@ -757,7 +760,7 @@ async fn history_rows(conn: &mut PgConnection, root: Uuid) -> Result<HistoryRows
     .bind(&ids)
     .fetch_all(&mut *conn)
     .await?;
-    let (types, values): (Vec<String>, Vec<String>) = dropped_identifiers(&resolutions)?
+    let (types, values): (Vec<String>, Vec<String>) = dropped_identifiers(&resolutions)
         .into_iter()
         .map(|i| (i.kind, i.value))
         .unzip();

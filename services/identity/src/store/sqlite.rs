@@ -15,7 +15,9 @@ use super::{
     encode_merges, history, next_api_version, now, outcomes, record_metrics, registration,
     rules_json,
 };
-use super::{SplitPayload, Unmerged, dropped_identifiers, unmerge_plan, unmerged};
+use super::{
+    SplitPayload, Unmerged, decode_resolutions, dropped_identifiers, unmerge_plan, unmerged,
+};
 use crate::IdentityError;
 use crate::domain::{GraphView, Plan, ProfileAge, Record, RulesConfig, plan, replay};
 
@@ -775,7 +777,8 @@ async fn history_rows(
         .into_iter()
         .map(|(event, detail, at, order)| Ok((event, detail, from_micros(at)?, order)))
         .collect::<Result<Vec<_>, IdentityError>>()?;
-    let dropped: Vec<(String, String)> = dropped_identifiers(&resolutions)?
+    let resolutions = decode_resolutions(resolutions)?;
+    let dropped: Vec<(String, String)> = dropped_identifiers(&resolutions)
         .into_iter()
         .map(|i| (i.kind, i.value))
         .collect();
