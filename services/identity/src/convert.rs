@@ -353,6 +353,27 @@ pub(crate) fn merge_request_from_pb(
 }
 
 /// The profile and reason of an unmerge. Violations name `profile_id` or `reason`.
+/// An identifier and a reason (detach, erase). Violations name `identifier` and `reason`.
+pub(crate) fn identifier_change_from_pb(
+    identifier: Option<tessera_proto::common::v1::Identifier>,
+    reason: String,
+) -> Result<(Identifier, String), IdentityError> {
+    let mut violations = Vec::new();
+    if identifier.is_none() {
+        violations.push(FieldViolation::new("identifier", "required"));
+    }
+    if reason.len() > MAX_REASON || reason.contains('\0') {
+        violations.push(FieldViolation::new(
+            "reason",
+            format!("at most {MAX_REASON} bytes, without NUL"),
+        ));
+    }
+    match identifier {
+        Some(identifier) if violations.is_empty() => Ok((identifier_from_pb(identifier), reason)),
+        _ => Err(IdentityError::InvalidArgument(violations)),
+    }
+}
+
 pub(crate) fn unmerge_request_from_pb(
     request: pb::UnmergeProfilesRequest,
 ) -> Result<(uuid::Uuid, String), IdentityError> {

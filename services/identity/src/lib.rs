@@ -22,8 +22,8 @@ use tessera_store::{Database, Migrations};
 use uuid::Uuid;
 
 use crate::domain::{Normalized, Record, Resolution, Rules, RulesConfig};
-pub use crate::store::{ComponentHistory, Unmerged, VersionedRules};
-use crate::store::{IdentityStore, StoredRules};
+use crate::store::{Change, IdentityStore, StoredRules};
+pub use crate::store::{ComponentHistory, Rewritten, VersionedRules};
 
 pub use error::IdentityError;
 pub use matching::{
@@ -355,12 +355,63 @@ impl Identity {
         &self,
         merged: Uuid,
         reason: &str,
-    ) -> Result<Unmerged, IdentityError> {
+    ) -> Result<Rewritten, IdentityError> {
+        self.rewrite(&Change::Unmerge(merged), reason).await
+    }
+
+    /// Splits `identifier` (normalized first) off its profile, losslessly: the component is
+    /// replayed with the identifier linking only when an event carries nothing else (rule
+    /// `detached`), so the events it carried alone form a profile of their own (the profile
+    /// that first had them keeps its id) and every other event stays with the identifiers it
+    /// carried. It never links with another identifier again. The profile service is told
+    /// through the merge outbox. `NotFound` when no profile holds the identifier.
+    pub async fn detach_identifier(
+        &self,
+        identifier: Identifier,
+        reason: &str,
+    ) -> Result<Rewritten, IdentityError> {
+        let identifier = self.linkable(identifier)?;
+        self.rewrite(&Change::Detach(identifier), reason).await
+    }
+
+    /// Erases `identifier` (normalized first), a GDPR request: the component is replayed as if
+    /// no event had carried it (a profile it bridged splits, rule `split` does not apply:
+    /// nothing bridges any more), its value is replaced by a pseudonym in the graph log, its
+    /// sightings are forgotten, the events that carried nothing else are erased (their
+    /// resolutions deleted; the profile service deletes them), and only a digest is kept so it
+    /// never links again. Erasing an identifier no profile holds still suppresses it.
+    /// `NotFound` for a blocked value.
+    pub async fn erase_identifier(
+        &self,
+        identifier: Identifier,
+        reason: &str,
+    ) -> Result<Rewritten, IdentityError> {
+        let identifier = self.linkable(identifier)?;
+        self.rewrite(&Change::Erase(identifier), reason).await
+    }
+
+    async fn rewrite(&self, change: &Change, reason: &str) -> Result<Rewritten, IdentityError> {
         let rules = self.current();
-        let undone = self.store.unmerge(&rules, merged, reason).await?;
+        let done = self.store.rewrite(&rules, change, reason).await?;
+        metrics::counter!("tessera_identity_rewrites_total", "rule" => change.rule()).increment(1);
         // The split is queued for the profile service in the same transaction.
         self.matching.wake_delivery();
-        Ok(undone)
+        Ok(done)
+    }
+
+    /// `identifier` normalized under the rules in force; `NotFound` for a blocked value.
+    fn linkable(&self, identifier: Identifier) -> Result<Identifier, IdentityError> {
+        let normalized = domain::normalize(&self.current().rules, identifier).map_err(|errs| {
+            IdentityError::InvalidArgument(
+                errs.into_iter()
+                    .map(|v: FieldViolation| v.prefixed("identifier"))
+                    .collect(),
+            )
+        })?;
+        match normalized {
+            Normalized::Unlinked(..) => Err(IdentityError::NotFound),
+            Normalized::Linkable(identifier) => Ok(identifier),
+        }
     }
 
     /// The version the rules in force are registered under.
@@ -478,21 +529,11 @@ impl Identity {
     /// The profile `identifier` (normalized first) belongs to now. `NotFound` when the graph
     /// does not hold it or its value is blocked.
     pub async fn lookup(&self, identifier: Identifier) -> Result<Uuid, IdentityError> {
-        let normalized = domain::normalize(&self.current().rules, identifier).map_err(|errs| {
-            IdentityError::InvalidArgument(
-                errs.into_iter()
-                    .map(|v: FieldViolation| v.prefixed("identifier"))
-                    .collect(),
-            )
-        })?;
-        match normalized {
-            Normalized::Unlinked(..) => Err(IdentityError::NotFound),
-            Normalized::Linkable(identifier) => self
-                .store
-                .lookup(&identifier)
-                .await?
-                .ok_or(IdentityError::NotFound),
-        }
+        let identifier = self.linkable(identifier)?;
+        self.store
+            .lookup(&identifier)
+            .await?
+            .ok_or(IdentityError::NotFound)
     }
 }
 

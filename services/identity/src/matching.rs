@@ -875,6 +875,7 @@ fn split_request(payload: Option<&str>) -> Result<profile_pb::SplitProfilesReque
                     .collect(),
             })
             .collect(),
+        erased_event_ids: payload.erased_events,
     })
 }
 

@@ -203,16 +203,41 @@ impl IdentityService for IdentityGrpc {
     ) -> Result<Response<pb::UnmergeProfilesResponse>, Status> {
         let (profile, reason) = convert::unmerge_request_from_pb(request.into_inner())?;
         let undone = self.identity.unmerge_profile(profile, &reason).await?;
-        let moved = undone
-            .events
-            .iter()
-            .filter(|(_, profile, _)| *profile != undone.root)
-            .count();
         Ok(Response::new(pb::UnmergeProfilesResponse {
-            restored_profile_id: undone.merged.to_string(),
-            surviving_profile_id: undone.survivor.to_string(),
-            events: i64::try_from(undone.events.len()).unwrap_or(i64::MAX),
-            events_moved: i64::try_from(moved).unwrap_or(i64::MAX),
+            restored_profile_id: undone.profile.map(|p| p.to_string()).unwrap_or_default(),
+            surviving_profile_id: undone.survivor.map(|p| p.to_string()).unwrap_or_default(),
+            events: count(undone.events.len()),
+            events_moved: count(undone.events_moved()),
+        }))
+    }
+
+    async fn detach_identifier(
+        &self,
+        request: Request<pb::DetachIdentifierRequest>,
+    ) -> Result<Response<pb::DetachIdentifierResponse>, Status> {
+        let pb::DetachIdentifierRequest { identifier, reason } = request.into_inner();
+        let (identifier, reason) = convert::identifier_change_from_pb(identifier, reason)?;
+        let done = self.identity.detach_identifier(identifier, &reason).await?;
+        Ok(Response::new(pb::DetachIdentifierResponse {
+            profile_id: done.profile.map(|p| p.to_string()).unwrap_or_default(),
+            former_profile_id: done.root.map(|p| p.to_string()).unwrap_or_default(),
+            events: count(done.events.len()),
+            events_moved: count(done.events_moved()),
+        }))
+    }
+
+    async fn erase_identifier(
+        &self,
+        request: Request<pb::EraseIdentifierRequest>,
+    ) -> Result<Response<pb::EraseIdentifierResponse>, Status> {
+        let pb::EraseIdentifierRequest { identifier, reason } = request.into_inner();
+        let (identifier, reason) = convert::identifier_change_from_pb(identifier, reason)?;
+        let done = self.identity.erase_identifier(identifier, &reason).await?;
+        Ok(Response::new(pb::EraseIdentifierResponse {
+            former_profile_id: done.root.map(|p| p.to_string()).unwrap_or_default(),
+            events: count(done.events.len()),
+            events_moved: count(done.events_moved()),
+            events_erased: count(done.erased_events.len()),
         }))
     }
 
@@ -226,4 +251,9 @@ impl IdentityService for IdentityGrpc {
             profile_id: profile_id.to_string(),
         }))
     }
+}
+
+/// A count as a protobuf int64.
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }

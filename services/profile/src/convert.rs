@@ -57,13 +57,22 @@ pub(crate) const MAX_SPLIT_EVENTS: usize = 1_000_000;
 /// A validated `SplitProfilesRequest`. Violations name `profiles[i].profile_id`,
 /// `events[i].event_id`, `events[i].identifiers[j]`, ...
 pub(crate) fn split(request: pb::SplitProfilesRequest) -> Result<Split, ProfileError> {
-    let pb::SplitProfilesRequest { profiles, events } = request;
-    if events.len() > MAX_SPLIT_EVENTS {
-        return Err(ProfileError::TooMany {
-            field: "events",
-            count: events.len(),
-            max: MAX_SPLIT_EVENTS,
-        });
+    let pb::SplitProfilesRequest {
+        profiles,
+        events,
+        erased_event_ids,
+    } = request;
+    for (field, count) in [
+        ("events", events.len()),
+        ("erased_event_ids", erased_event_ids.len()),
+    ] {
+        if count > MAX_SPLIT_EVENTS {
+            return Err(ProfileError::TooMany {
+                field,
+                count,
+                max: MAX_SPLIT_EVENTS,
+            });
+        }
     }
     let mut violations = Vec::new();
     if profiles.is_empty() {
@@ -105,6 +114,14 @@ pub(crate) fn split(request: pb::SplitProfilesRequest) -> Result<Split, ProfileE
             ids.push(Identifier::new(id.r#type, id.value));
         }
         split.events.push((e.event_id, e.profile_id, ids));
+    }
+    for (i, event_id) in erased_event_ids.into_iter().enumerate() {
+        check_id(
+            &event_id,
+            &format!("erased_event_ids[{i}]"),
+            &mut violations,
+        );
+        split.erased.push(event_id);
     }
     if violations.is_empty() {
         Ok(split)

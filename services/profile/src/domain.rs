@@ -285,6 +285,9 @@ pub struct Split {
     /// Events that moved or whose linked identifiers changed: the event id, its live profile
     /// after the split, and the identifiers it links now.
     pub events: Vec<(String, String, Vec<Identifier>)>,
+    /// Events erased with an identifier they alone carried: deleted, and the profiles rebuilt
+    /// without them.
+    pub erased: Vec<String>,
 }
 
 /// One profile folded into another.

@@ -15,10 +15,10 @@ use uuid::Uuid;
 
 pub use normalize::{MAX_IDENTIFIERS_PER_RECORD, Normalized, Record, Unlinked, normalize};
 pub use plan::{
-    Decision, DecisionKind, GraphView, NewIdentifier, Plan, ProfileAge, SEEN_TOGETHER, SPLIT,
-    Sighting, plan, plan_merge,
+    DETACHED, Decision, DecisionKind, GraphView, NewIdentifier, Plan, ProfileAge, SEEN_TOGETHER,
+    SPLIT, Sighting, plan, plan_merge,
 };
-pub use replay::{HistoryEntry, Replay, replay, split_apart};
+pub use replay::{Constraints, HistoryEntry, Replay, replay, split_apart};
 pub use rules::{Rules, RulesConfig};
 pub use union_find::UnionFind;
 

@@ -39,6 +39,7 @@ pub struct GraphView {
     profiles: HashMap<Uuid, ProfileState>,
     seen_with: HashMap<Identifier, HashSet<Uuid>>,
     forbidden: Vec<(Uuid, Uuid)>,
+    detached: HashSet<Identifier>,
 }
 
 /// A canonical profile as the planner tracks it.
@@ -95,6 +96,12 @@ impl GraphView {
         if a != b && !self.forbidden.contains(&(a, b)) {
             self.forbidden.push((a, b));
         }
+    }
+
+    /// Records that `identifier` was split off its profile: it links only when an event
+    /// carries nothing else (rule `detached`).
+    pub fn detach(&mut self, identifier: Identifier) {
+        self.detached.insert(identifier);
     }
 
     /// Records that `identifier` was seen in an event of `profile` (canonical) other than its own.
@@ -203,6 +210,10 @@ pub const SEEN_TOGETHER: &str = "seen_together";
 /// The rule that keeps apart two profiles an unmerge split.
 pub const SPLIT: &str = "split";
 
+/// The rule that keeps an identifier split off its profile from linking with any other: an
+/// event that carries it with others drops it.
+pub const DETACHED: &str = "detached";
+
 /// Plans merging two canonical profiles for a reason other than shared identifiers (a
 /// probabilistic match, a person's decision), as of `now`: the younger folds into the older,
 /// recorded under `rule` with `detail` (an explanation) and caused by `cause`. `Err` names the
@@ -224,6 +235,7 @@ pub fn plan_merge(
         seen_with: view.seen_with,
         merged_into: HashMap::new(),
         forbidden: view.forbidden,
+        detached: view.detached,
         now,
         new_profile: |_: &str| ProfileAge {
             created_at: now,
@@ -265,6 +277,7 @@ pub fn plan<'a>(
         seen_with: view.seen_with,
         merged_into: HashMap::new(),
         forbidden: view.forbidden,
+        detached: view.detached,
         now,
         new_profile: move |_: &str| ProfileAge {
             created_at: now,
@@ -287,6 +300,8 @@ pub(super) struct Planner<'r, F> {
     pub(super) merged_into: HashMap<Uuid, Uuid>,
     /// Pairs of profiles that must never end up as one (split apart by an unmerge).
     pub(super) forbidden: Vec<(Uuid, Uuid)>,
+    /// Identifiers split off their profile: they link only alone.
+    pub(super) detached: HashSet<Identifier>,
     pub(super) now: OffsetDateTime,
     /// The profile an event creates (its id and creation time).
     pub(super) new_profile: F,
@@ -408,6 +423,18 @@ impl<F: FnMut(&str) -> ProfileAge> Planner<'_, F> {
         });
 
         let mut dropped: Vec<(Identifier, String)> = Vec::new();
+        if !self.detached.is_empty() && ids.iter().any(|i| self.detached.contains(i)) {
+            // A detached identifier links only when the event carries nothing else (then the
+            // highest-priority detached one).
+            let (detached, rest): (Vec<Identifier>, Vec<Identifier>) =
+                ids.into_iter().partition(|i| self.detached.contains(i));
+            ids = rest;
+            let mut detached = detached.into_iter();
+            if ids.is_empty() {
+                ids.extend(detached.next());
+            }
+            dropped.extend(detached.map(|i| (i, DETACHED.to_owned())));
+        }
         let (shared, mut usable): (Vec<Identifier>, Vec<Identifier>) =
             ids.iter().cloned().partition(|i| self.is_shared(i));
         for identifier in &shared {

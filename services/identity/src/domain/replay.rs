@@ -1,5 +1,5 @@
 //! Replaying a connected component's history under extra constraints: the core of lossless
-//! unmerge and of deleting an identifier.
+//! unmerge, of splitting an identifier off its profile and of erasing one.
 //!
 //! A profile's identity is derived from its history: the events that resolved to it (their
 //! linkable identifiers and event times, in the order they were resolved) and the merges decided
@@ -17,7 +17,7 @@ use tessera_core::Identifier;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::plan::{Planner, SPLIT};
+use super::plan::{DETACHED, Planner, SPLIT};
 use super::{Merge, Plan, ProfileAge, Record, Rules};
 
 /// One entry of a component's history, in the order it was decided.
@@ -59,17 +59,31 @@ pub struct Replay {
     /// The non-event merges that no longer stand (forbidden, or refused by the rules now that
     /// the component is shaped differently), with why.
     pub refused: Vec<(Merge, String)>,
+    /// The events that carried only erased identifiers: they belong to no one any more and
+    /// were left out.
+    pub erased_events: Vec<String>,
 }
 
-/// Replays `history` under `rules` from an empty graph, with each pair of `forbidden` kept
-/// apart and the identifiers of `without` removed from every event. Profiles an event created
-/// originally are created again with the same id and time; any other profile an event now needs
-/// gets its id from `new_id` and the time `now`.
+/// What a replay must hold to, beyond the rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Constraints {
+    /// Pairs of profiles that must never end up as one (unmerges).
+    pub forbidden: Vec<(Uuid, Uuid)>,
+    /// Identifiers split off their profile: one links only when an event carries nothing else.
+    pub detached: HashSet<Identifier>,
+    /// Identifiers erased: taken out of every event, as if no event had carried them; an event
+    /// left with no identifier is left out.
+    pub erased: HashSet<Identifier>,
+}
+
+/// Replays `history` under `rules` from an empty graph, holding to `constraints`: each
+/// forbidden pair kept apart, detached identifiers linking only alone, erased identifiers taken
+/// out of every event. Profiles an event created originally are created again with the same id
+/// and time; any other profile an event now needs gets its id from `new_id` and the time `now`.
 pub fn replay(
     rules: &Rules,
     history: &[HistoryEntry],
-    forbidden: &[(Uuid, Uuid)],
-    without: &HashSet<Identifier>,
+    constraints: &Constraints,
     now: OffsetDateTime,
     mut new_id: impl FnMut() -> Uuid,
 ) -> Replay {
@@ -89,7 +103,8 @@ pub fn replay(
         profiles: HashMap::new(),
         seen_with: HashMap::new(),
         merged_into: HashMap::new(),
-        forbidden: forbidden.to_vec(),
+        forbidden: constraints.forbidden.clone(),
+        detached: constraints.detached.clone(),
         now,
         new_profile: |event_id: &str| {
             created
@@ -103,13 +118,20 @@ pub fn replay(
         out: Plan::default(),
     };
     let mut refused = Vec::new();
+    let mut erased_events = Vec::new();
+    let erased = &constraints.erased;
     for entry in history {
         match entry {
             HistoryEntry::Event { record, .. } => {
-                if without.is_empty() {
+                if erased.is_empty() || !record.identifiers().iter().any(|i| erased.contains(i)) {
                     planner.resolve(record);
                 } else {
-                    planner.resolve(&record.without(without));
+                    let kept = record.without(erased);
+                    if kept.identifiers().is_empty() {
+                        erased_events.push(record.event_id().to_owned());
+                    } else {
+                        planner.resolve(&kept);
+                    }
                 }
             }
             HistoryEntry::Merge {
@@ -173,12 +195,13 @@ pub fn replay(
         owners,
         events,
         refused,
+        erased_events,
     }
 }
 
-/// Whether a resolution was kept apart from another profile by an unmerge.
+/// Whether an identifier was kept from linking by an unmerge or by being split off.
 pub fn split_apart(reason: &str) -> bool {
-    reason == SPLIT
+    reason == SPLIT || reason == DETACHED
 }
 
 #[cfg(test)]
@@ -376,8 +399,10 @@ mod tests {
         let undone = replay(
             &rules,
             &history,
-            &[(ann, bob)],
-            &HashSet::new(),
+            &Constraints {
+                forbidden: vec![(ann, bob)],
+                ..Constraints::default()
+            },
             at(100),
             fresh(),
         );
@@ -422,14 +447,7 @@ mod tests {
         assert_eq!(partition(&owners).len(), 1);
         let (laptop, bob) = (events[0], events[1]);
 
-        let undone = replay(
-            &rules,
-            &history,
-            &[(laptop, bob)],
-            &HashSet::new(),
-            at(100),
-            fresh(),
-        );
+        let undone = replay(&rules, &history, &forbid(laptop, bob), at(100), fresh());
         assert_eq!(partition(&undone.owners).len(), 2);
         // The bridge keeps its highest-priority identifier (the email) and drops the other.
         assert_eq!(undone.events["e3"], bob);
@@ -488,8 +506,10 @@ mod tests {
         let undone = replay(
             &rules,
             &history,
-            &[],
-            &HashSet::from([phone.clone()]),
+            &Constraints {
+                erased: HashSet::from([phone.clone()]),
+                ..Constraints::default()
+            },
             at(9),
             fresh(),
         );
@@ -498,6 +518,123 @@ mod tests {
         assert_eq!(undone.events["e1"], events[0]);
         assert_eq!(undone.events["e2"], events[1]);
         assert_eq!(undone.events["e3"], events[0]);
+        assert!(
+            undone.erased_events.is_empty(),
+            "every event kept another identifier"
+        );
+        assert!(
+            undone
+                .plan
+                .resolutions
+                .iter()
+                .all(|r| !r.identifiers.contains(&phone)
+                    && r.dropped.iter().all(|d| d.identifier != phone)),
+            "the erased identifier is nowhere in the replayed graph"
+        );
+    }
+
+    #[test]
+    fn events_that_carried_only_an_erased_identifier_are_left_out() {
+        let rules = Rules::default();
+        let records = [
+            record(&rules, "e1", 1, &[("email", "ann@x.io")]),
+            record(
+                &rules,
+                "e2",
+                2,
+                &[("email", "ann@x.io"), ("anonymous_id", "a1")],
+            ),
+            record(&rules, "e3", 3, &[("anonymous_id", "a1")]),
+        ];
+        let (history, _, events) = original(&rules, &records, &[]);
+        let email = Identifier::new("email", "ann@x.io");
+        let undone = replay(
+            &rules,
+            &history,
+            &Constraints {
+                erased: HashSet::from([email.clone()]),
+                ..Constraints::default()
+            },
+            at(9),
+            fresh(),
+        );
+        assert_eq!(undone.erased_events, ["e1"]);
+        assert!(!undone.events.contains_key("e1"));
+        // The profile e1 created is gone with it; the rest lives on a profile of its own.
+        assert!(!undone.canonical.contains_key(&events[0]));
+        assert_eq!(undone.events["e2"], undone.events["e3"]);
+        assert_eq!(undone.owners.len(), 1);
+        assert!(!undone.owners.contains_key(&email));
+    }
+
+    #[test]
+    fn a_detached_identifier_keeps_only_the_events_that_carry_nothing_else() {
+        let rules = linking_only();
+        // A kiosk's device id was seen with two people's user ids and bridged them.
+        let records = [
+            record(&rules, "e1", 1, &[("device_id", "kiosk")]),
+            record(
+                &rules,
+                "e2",
+                2,
+                &[("device_id", "kiosk"), ("user_id", "ann")],
+            ),
+            record(
+                &rules,
+                "e3",
+                3,
+                &[("device_id", "kiosk"), ("email", "bob@x.io")],
+            ),
+            record(&rules, "e4", 4, &[("device_id", "kiosk")]),
+            record(&rules, "e5", 5, &[("user_id", "ann")]),
+        ];
+        let (history, owners, events) = original(&rules, &records, &[]);
+        assert_eq!(partition(&owners).len(), 1, "one blob through the kiosk");
+        let kiosk = Identifier::new("device_id", "kiosk");
+        let split = replay(
+            &rules,
+            &history,
+            &Constraints {
+                detached: HashSet::from([kiosk.clone()]),
+                ..Constraints::default()
+            },
+            at(9),
+            fresh(),
+        );
+        assert_eq!(
+            partition(&split.owners).len(),
+            3,
+            "kiosk, Ann and Bob apart"
+        );
+        // The kiosk keeps the profile it created and the events it carried alone.
+        assert_eq!(split.owners[&kiosk], events[0]);
+        assert_eq!(split.events["e1"], events[0]);
+        assert_eq!(split.events["e4"], events[0]);
+        let ann = split.owners[&Identifier::new("user_id", "ann")];
+        let bob = split.owners[&Identifier::new("email", "bob@x.io")];
+        assert_eq!(split.events["e2"], ann);
+        assert_eq!(split.events["e5"], ann);
+        assert_eq!(split.events["e3"], bob);
+        assert!(ann != bob && ann != events[0] && bob != events[0]);
+        let dropped: Vec<(&str, &str)> = split
+            .plan
+            .resolutions
+            .iter()
+            .flat_map(|r| {
+                r.dropped
+                    .iter()
+                    .map(|d| (r.event_id.as_str(), d.reason.as_str()))
+            })
+            .collect();
+        assert_eq!(dropped, [("e2", DETACHED), ("e3", DETACHED)]);
+        assert_eq!(split.events.len(), records.len(), "no event lost");
+    }
+
+    fn forbid(a: Uuid, b: Uuid) -> Constraints {
+        Constraints {
+            forbidden: vec![(a, b)],
+            ..Constraints::default()
+        }
     }
 
     fn linking_only() -> Rules {
@@ -542,7 +679,7 @@ mod tests {
             let rules = if default_rules { Rules::default() } else { linking_only() };
             let records = records_of(&rules, &raw);
             let (history, owners, _) = original(&rules, &records, &[]);
-            let again = replay(&rules, &history, &[], &HashSet::new(), at(1_000), fresh());
+            let again = replay(&rules, &history, &Constraints::default(), at(1_000), fresh());
             prop_assert_eq!(&again.owners, &owners);
             prop_assert!(again.refused.is_empty());
             prop_assert!(again.plan.new_profiles.iter().all(|p| p.id.as_u128() < 1_000_000),
@@ -558,7 +695,7 @@ mod tests {
             let (history, owners, events) = original(&rules, &records, &[]);
             let (a, b) = (events[x % events.len()], events[y % events.len()]);
             prop_assume!(a != b);
-            let split = replay(&rules, &history, &[(a, b)], &HashSet::new(), at(1_000), fresh());
+            let split = replay(&rules, &history, &forbid(a, b), at(1_000), fresh());
             prop_assert_ne!(split.canonical[&a], split.canonical[&b]);
             prop_assert_eq!(split.events.len(), records.len(), "every event has a profile");
             let linked: BTreeSet<&Identifier> = owners.keys().collect();

@@ -76,17 +76,21 @@ pub(crate) trait IdentityStore: Send + Sync {
     /// `UnknownProfile` for an unknown profile.
     async fn component_history(&self, profile: Uuid) -> Result<ComponentHistory, IdentityError>;
 
-    /// Reverts the merge of `merged` into the profile it was merged into: replays the component
-    /// with the two (and every pair split before) forbidden to meet, writes the replayed graph
-    /// back (membership, identifiers, sightings, each event's resolution) and records the split
-    /// in `splits`, in one transaction. `FailedPrecondition` when `merged` was never merged;
-    /// `UnknownProfile` for an unknown profile.
-    async fn unmerge(
+    /// Rewrites a component from its history under `change`: reverting a merge (the two, and
+    /// every pair split before, forbidden to meet; the pair recorded in `splits`), splitting
+    /// an identifier off (recorded in `detached_identifiers`) or erasing one (its digest
+    /// recorded in `erased_identifiers`, its value replaced by a pseudonym in the graph log,
+    /// its sightings and the events it alone carried deleted). Replays the component, writes
+    /// the replayed graph back (membership, identifiers, sightings, each event's resolution)
+    /// and queues the split for the profile service, in one transaction.
+    /// `FailedPrecondition` when an unmerged profile was never merged; `UnknownProfile` for an
+    /// unknown profile; `NotFound` when a detached identifier belongs to no profile.
+    async fn rewrite(
         &self,
         rules: &VersionedRules,
-        merged: Uuid,
+        change: &Change,
         reason: &str,
-    ) -> Result<Unmerged, IdentityError>;
+    ) -> Result<Rewritten, IdentityError>;
 
     /// The latest rules version; `None` before any was registered.
     async fn current_rules(&self) -> Result<Option<StoredRules>, IdentityError>;
@@ -570,10 +574,13 @@ pub(crate) struct SplitPayload {
     pub(crate) profiles: Vec<(Uuid, Uuid)>,
     /// Every event of the former component: its profile now and the identifiers it links.
     pub(crate) events: Vec<(String, Uuid, Vec<TypedValue>)>,
+    /// The events erased with the identifiers they alone carried.
+    #[serde(default)]
+    pub(crate) erased_events: Vec<String>,
 }
 
-impl From<&Unmerged> for SplitPayload {
-    fn from(u: &Unmerged) -> Self {
+impl From<&Rewritten> for SplitPayload {
+    fn from(u: &Rewritten) -> Self {
         Self {
             profiles: u.profiles.clone(),
             events: u
@@ -589,47 +596,143 @@ impl From<&Unmerged> for SplitPayload {
                     )
                 })
                 .collect(),
+            erased_events: u.erased_events.clone(),
         }
     }
 }
 
-/// What an unmerge did.
+/// What rewrites a component of the graph from its history.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unmerged {
-    /// The component's canonical profile before the split.
-    pub root: Uuid,
-    /// The profile split off.
-    pub merged: Uuid,
-    /// The profile it had been merged into.
-    pub survivor: Uuid,
-    /// Every profile of the former component and its canonical profile after the split.
-    pub profiles: Vec<(Uuid, Uuid)>,
-    /// Every event of the former component: its canonical profile after the split and the
-    /// identifiers it links now.
-    pub events: Vec<(String, Uuid, Vec<Identifier>)>,
+pub(crate) enum Change {
+    /// Revert the merge of this profile into the one it was merged into.
+    Unmerge(Uuid),
+    /// Split this identifier (normalized) off its profile: it keeps the events that carry
+    /// nothing else, and never links with another identifier again.
+    Detach(Identifier),
+    /// Erase this identifier (normalized): out of every event, the graph and the graph log,
+    /// never linked again; the events that carried nothing else are erased with it.
+    Erase(Identifier),
 }
 
-/// What an unmerge writes, from its replay: the profiles the replay created that did not exist,
+impl Change {
+    /// The rule the change is logged under.
+    pub(crate) fn rule(&self) -> &'static str {
+        match self {
+            Self::Unmerge(_) => SPLIT,
+            Self::Detach(_) => "detach",
+            Self::Erase(_) => "erase",
+        }
+    }
+}
+
+/// The digest an erased identifier is remembered by (hex SHA-256 of its type and value).
+pub(crate) fn erased_digest(identifier: &Identifier) -> String {
+    use sha2::{Digest as _, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(identifier.kind.as_bytes());
+    hash.update([0]);
+    hash.update(identifier.value.as_bytes());
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What replaces an erased identifier's value in the graph log: a pseudonym that keeps the
+/// log's entries about it related without holding the value.
+pub(crate) fn erased_pseudonym(identifier: &Identifier) -> String {
+    let digest = erased_digest(identifier);
+    format!("erased:{}", &digest[..16])
+}
+
+/// What a rewrite of a component did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewritten {
+    /// The component's canonical profile before the rewrite; `None` when an erased identifier
+    /// belonged to no profile.
+    pub root: Option<Uuid>,
+    /// An unmerge: the profile split off, live again. Splitting an identifier off: the profile
+    /// that holds it now (`None` when no event carried it alone). An erasure: `None`.
+    pub profile: Option<Uuid>,
+    /// An unmerge: the profile it had been merged into.
+    pub survivor: Option<Uuid>,
+    /// Every profile of the former component and its canonical profile after the rewrite (a
+    /// profile left with no event is its own, empty).
+    pub profiles: Vec<(Uuid, Uuid)>,
+    /// Every event of the former component: its canonical profile after the rewrite and the
+    /// identifiers it links now.
+    pub events: Vec<(String, Uuid, Vec<Identifier>)>,
+    /// The events erased with the identifiers they alone carried.
+    pub erased_events: Vec<String>,
+}
+
+impl Rewritten {
+    /// A rewrite that found no component (an erased identifier no profile held).
+    pub(crate) fn nothing() -> Self {
+        Self {
+            root: None,
+            profile: None,
+            survivor: None,
+            profiles: Vec::new(),
+            events: Vec::new(),
+            erased_events: Vec::new(),
+        }
+    }
+
+    /// The events that belong to another profile than the component's former canonical one.
+    pub fn events_moved(&self) -> usize {
+        self.events
+            .iter()
+            .filter(|(_, profile, _)| Some(*profile) != self.root)
+            .count()
+    }
+}
+
+/// What a rewrite writes, from its replay: the profiles the replay created that did not exist,
 /// every identifier, standing merge and sighting of the component, and only the decisions the
-/// split itself caused (the rest of the replay repeats decisions already in the log). The
+/// rewrite itself caused, with the creation of its new profiles (the rest of the replay repeats
+/// decisions already in the log). The
 /// resolutions are rewritten separately (they exist).
-pub(crate) fn unmerge_plan(
+pub(crate) fn rewrite_plan(
     replay: &Replay,
     members: &HashSet<Uuid>,
-    (merged, survivor): (Uuid, Uuid),
+    (change, root, survivor): (&Change, Uuid, Option<Uuid>),
     reason: &str,
     now: OffsetDateTime,
 ) -> Plan {
-    // The split itself first, then the drops it caused.
-    let split = Decision {
-        kind: DecisionKind::Split,
-        event_id: format!("unmerge:{merged}"),
-        profile_id: merged,
-        other_profile_id: Some(survivor),
-        identifier: None,
-        rule: SPLIT.to_owned(),
-        event_time: now,
-        detail: Some(serde_json::json!({ "reason": reason }).to_string()),
+    let detail = Some(serde_json::json!({ "reason": reason }).to_string());
+    // The change itself first, then the drops it caused.
+    let change = match change {
+        Change::Unmerge(merged) => Decision {
+            kind: DecisionKind::Split,
+            event_id: format!("unmerge:{merged}"),
+            profile_id: *merged,
+            other_profile_id: survivor,
+            identifier: None,
+            rule: SPLIT.to_owned(),
+            event_time: now,
+            detail,
+        },
+        Change::Detach(identifier) => Decision {
+            kind: DecisionKind::Split,
+            event_id: format!("detach:{}:{}", identifier.kind, identifier.value),
+            profile_id: root,
+            other_profile_id: replay.owners.get(identifier).copied(),
+            identifier: Some(identifier.clone()),
+            rule: "detach".to_owned(),
+            event_time: now,
+            detail,
+        },
+        Change::Erase(identifier) => Decision {
+            kind: DecisionKind::Split,
+            event_id: format!("erase:{}", identifier.kind),
+            profile_id: root,
+            other_profile_id: None,
+            identifier: Some(Identifier {
+                kind: identifier.kind.clone(),
+                value: erased_pseudonym(identifier),
+            }),
+            rule: "erase".to_owned(),
+            event_time: now,
+            detail,
+        },
     };
     Plan {
         resolutions: Vec::new(),
@@ -643,22 +746,39 @@ pub(crate) fn unmerge_plan(
         new_identifiers: replay.plan.new_identifiers.clone(),
         merges: replay.plan.merges.clone(),
         sightings: replay.plan.sightings.clone(),
-        decisions: std::iter::once(split)
+        // The profiles the rewrite made are logged with the event that created them, so a
+        // later replay creates them again.
+        decisions: std::iter::once(change)
             .chain(
                 replay
                     .plan
                     .decisions
                     .iter()
-                    .filter(|d| split_apart(&d.rule))
+                    .filter(|d| {
+                        split_apart(&d.rule)
+                            || (d.kind == DecisionKind::Create && !members.contains(&d.profile_id))
+                    })
                     .cloned(),
             )
             .collect(),
     }
 }
 
-/// The outcome of an unmerge's replay, as reported.
-pub(crate) fn unmerged(root: Uuid, merged: Uuid, survivor: Uuid, replay: &Replay) -> Unmerged {
+/// The outcome of a rewrite's replay, as reported.
+pub(crate) fn rewritten(
+    (change, root, survivor): (&Change, Uuid, Option<Uuid>),
+    members: &HashSet<Uuid>,
+    replay: &Replay,
+) -> Rewritten {
+    // Every member, and every profile the replay made; a member no event recreated is its own,
+    // empty.
     let mut profiles: Vec<(Uuid, Uuid)> = replay.canonical.iter().map(|(a, b)| (*a, *b)).collect();
+    profiles.extend(
+        members
+            .iter()
+            .filter(|m| !replay.canonical.contains_key(m))
+            .map(|m| (*m, *m)),
+    );
     profiles.sort();
     let events = replay
         .plan
@@ -676,13 +796,68 @@ pub(crate) fn unmerged(root: Uuid, merged: Uuid, survivor: Uuid, replay: &Replay
             )
         })
         .collect();
-    Unmerged {
-        root,
-        merged,
+    let profile = match change {
+        Change::Unmerge(merged) => Some(*merged),
+        Change::Detach(identifier) => replay.owners.get(identifier).copied(),
+        Change::Erase(_) => None,
+    };
+    Rewritten {
+        root: Some(root),
+        profile,
         survivor,
         profiles,
         events,
+        erased_events: replay.erased_events.clone(),
     }
+}
+
+/// Rows (type, value, erased) into the detached and the erased identifiers.
+pub(crate) fn split_suppressed(
+    rows: Vec<(String, String, bool)>,
+) -> (HashSet<Identifier>, HashSet<Identifier>) {
+    let (mut detached, mut erased) = (HashSet::new(), HashSet::new());
+    for (kind, value, is_erased) in rows {
+        let identifier = Identifier { kind, value };
+        if is_erased {
+            erased.insert(identifier);
+        } else {
+            detached.insert(identifier);
+        }
+    }
+    (detached, erased)
+}
+
+/// `records` with the `erased` identifiers taken out (borrowed when they carry none): an
+/// erased identifier links nothing and is not mentioned in the resolution.
+pub(crate) fn without_erased<'r>(
+    records: Vec<&'r Record>,
+    erased: &HashSet<Identifier>,
+) -> Vec<std::borrow::Cow<'r, Record>> {
+    records
+        .into_iter()
+        .map(|r| {
+            if !erased.is_empty() && r.identifiers().iter().any(|i| erased.contains(i)) {
+                std::borrow::Cow::Owned(r.without(erased))
+            } else {
+                std::borrow::Cow::Borrowed(r)
+            }
+        })
+        .collect()
+}
+
+/// The identifiers a component's history carries (to look up which are detached).
+pub(crate) fn history_identifiers(history: &ComponentHistory) -> Vec<&Identifier> {
+    let mut out: Vec<&Identifier> = history
+        .entries
+        .iter()
+        .flat_map(|entry| match entry {
+            HistoryEntry::Event { record, .. } => record.identifiers(),
+            HistoryEntry::Merge { .. } => &[],
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// A stored match model.

@@ -20,16 +20,18 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
+    Change, Rewritten, SplitPayload, decode_resolutions, dropped_identifiers, erased_digest,
+    erased_pseudonym, history_identifiers, rewrite_plan, rewritten, split_suppressed,
+    without_erased,
+};
+use super::{
     ComponentHistory, GraphIdentifier, HistoryRows, IdentityStore, LoggedDecision, ProfileGraph,
     Stored, StoredRules, VersionedRules, decode_detail, decode_merges, encode_detail,
     encode_merges, history, next_api_version, now, outcomes, record_metrics, registration,
     rules_json,
 };
-use super::{
-    SplitPayload, Unmerged, decode_resolutions, dropped_identifiers, unmerge_plan, unmerged,
-};
 use crate::IdentityError;
-use crate::domain::{GraphView, Plan, ProfileAge, Record, RulesConfig, plan, replay};
+use crate::domain::{Constraints, GraphView, Plan, ProfileAge, Record, RulesConfig, plan, replay};
 
 /// Selects graph log entries: the columns of [`DecisionRow`], then the rest of the statement.
 macro_rules! decision_sql {
@@ -231,6 +233,8 @@ async fn decide_and_write(
         .iter()
         .filter(|r| !done.contains_key(r.event_id()))
         .collect();
+    let (detached, erased) = suppressed(&mut *tx, &pending).await?;
+    let pending = without_erased(pending, &erased);
 
     let (types, values): (Vec<String>, Vec<String>) = pending
         .iter()
@@ -261,6 +265,9 @@ async fn decide_and_write(
     let mut view = GraphView::new();
     for (kind, value, id, created_at) in rows {
         view.insert(Identifier { kind, value }, ProfileAge { created_at, id });
+    }
+    for identifier in detached {
+        view.detach(identifier);
     }
     load_splits(&mut *tx, &profiles, &mut view).await?;
     // Read under the row locks: what the candidates hold cannot change before the commit.
@@ -309,7 +316,7 @@ async fn decide_and_write(
     let now = now();
     let plan = plan(
         &rules.rules,
-        pending.iter().copied(),
+        pending.iter().map(AsRef::as_ref),
         view,
         now,
         Uuid::now_v7,
@@ -420,39 +427,49 @@ impl IdentityStore for PgStore {
         history(rows)
     }
 
-    async fn unmerge(
+    async fn rewrite(
         &self,
         rules: &VersionedRules,
-        merged: Uuid,
+        change: &Change,
         reason: &str,
-    ) -> Result<Unmerged, IdentityError> {
+    ) -> Result<Rewritten, IdentityError> {
         let mut tx = self.pool.begin().await?;
-        let survivor: Option<Uuid> = sqlx::query_scalar(
-            "SELECT surviving_profile_id FROM merges WHERE merged_profile_id = $1",
-        )
-        .bind(merged)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(survivor) = survivor else {
-            let known: Option<i32> =
-                sqlx::query_scalar("SELECT 1 FROM profiles WHERE profile_id = $1")
-                    .bind(merged)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            return Err(match known {
-                Some(_) => IdentityError::FailedPrecondition(format!(
-                    "profile {merged} is not merged into another"
-                )),
-                None => IdentityError::UnknownProfile,
-            });
+        let now = now();
+        // The profile the change starts from and, for an unmerge, the pair kept apart.
+        let (start, pair) = match change {
+            Change::Unmerge(merged) => {
+                let survivor = survivor_of(&mut tx, *merged).await?;
+                (Some(*merged), Some((*merged, survivor)))
+            }
+            Change::Detach(identifier) | Change::Erase(identifier) => {
+                let owner: Option<Uuid> = sqlx::query_scalar(
+                    "SELECT profile_id FROM identifiers WHERE type = $1 AND value = $2",
+                )
+                .bind(&identifier.kind)
+                .bind(&identifier.value)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if owner.is_none() && matches!(change, Change::Detach(_)) {
+                    return Err(IdentityError::NotFound);
+                }
+                (owner, None)
+            }
+        };
+        if let Change::Erase(identifier) = change {
+            erase_everywhere(&mut tx, identifier, reason, now).await?;
+        }
+        let Some(start) = start else {
+            // An erased identifier no profile holds: remembered and scrubbed, nothing to split.
+            tx.commit().await?;
+            return Ok(Rewritten::nothing());
         };
         let root: Uuid = sqlx::query_scalar(CANONICAL_ONE_SQL)
-            .bind(merged)
+            .bind(start)
             .fetch_one(&mut *tx)
             .await?;
         // Resolutions lock their identifiers (advisory) before reading which profile holds
         // them, and then the profiles' rows. Taking the component's identifier locks first, in
-        // the same order, makes a resolution that carries any of them wait for the unmerge and
+        // the same order, makes a resolution that carries any of them wait for the rewrite and
         // then read the rewritten graph, without a lock-order inversion.
         let held: Vec<(String, String)> = sqlx::query_as(
             "WITH RECURSIVE tree (profile_id) AS ( \
@@ -487,20 +504,36 @@ impl IdentityStore for PgStore {
         let rows = history_rows(&mut tx, root).await?;
         let members: HashSet<Uuid> = rows.members.iter().map(|m| m.0).collect();
         let ids: Vec<Uuid> = members.iter().copied().collect();
-        let mut forbidden: Vec<(Uuid, Uuid)> = sqlx::query_as(
-            "SELECT profile_a, profile_b FROM splits WHERE profile_a = ANY($1) OR profile_b = ANY($1)",
-        )
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        forbidden.push((merged, survivor));
+        let mut constraints = Constraints {
+            forbidden: sqlx::query_as(
+                "SELECT profile_a, profile_b FROM splits \
+                 WHERE profile_a = ANY($1) OR profile_b = ANY($1)",
+            )
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?,
+            ..Constraints::default()
+        };
+        constraints.forbidden.extend(pair);
         let history = history(rows)?;
-        let now = now();
+        let (types, values): (Vec<&str>, Vec<&str>) = history_identifiers(&history)
+            .into_iter()
+            .map(|i| (i.kind.as_str(), i.value.as_str()))
+            .unzip();
+        constraints.detached = detached(&mut tx, &types, &values).await?;
+        match change {
+            Change::Unmerge(_) => {}
+            Change::Detach(identifier) => {
+                constraints.detached.insert(identifier.clone());
+            }
+            Change::Erase(identifier) => {
+                constraints.erased.insert(identifier.clone());
+            }
+        }
         let replayed = replay(
             &rules.rules,
             &history.entries,
-            &forbidden,
-            &HashSet::new(),
+            &constraints,
             now,
             Uuid::now_v7,
         );
@@ -521,9 +554,10 @@ impl IdentityStore for PgStore {
                 .execute(&mut *tx)
                 .await?;
         }
+        let survivor = pair.map(|(_, survivor)| survivor);
         write(
             &mut tx,
-            &unmerge_plan(&replayed, &members, (merged, survivor), reason, now),
+            &rewrite_plan(&replayed, &members, (change, root, survivor), reason, now),
             rules.version,
             now,
         )
@@ -552,17 +586,40 @@ impl IdentityStore for PgStore {
         .bind(details)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO splits (profile_a, profile_b, reason, created_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(merged)
-        .bind(survivor)
-        .bind(reason)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        let result = unmerged(root, merged, survivor, &replayed);
+        if !replayed.erased_events.is_empty() {
+            sqlx::query("DELETE FROM resolutions WHERE event_id = ANY($1)")
+                .bind(&replayed.erased_events)
+                .execute(&mut *tx)
+                .await?;
+        }
+        match (change, pair) {
+            (Change::Unmerge(_), Some((merged, survivor))) => {
+                sqlx::query(
+                    "INSERT INTO splits (profile_a, profile_b, reason, created_at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                )
+                .bind(merged)
+                .bind(survivor)
+                .bind(reason)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            (Change::Detach(identifier), _) => {
+                sqlx::query(
+                    "INSERT INTO detached_identifiers (type, value, reason, created_at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                )
+                .bind(&identifier.kind)
+                .bind(&identifier.value)
+                .bind(reason)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            (Change::Unmerge(_) | Change::Erase(_), _) => {}
+        }
+        let result = rewritten((change, root, survivor), &members, &replayed);
         // The profile service hears of it through the outbox, in order with the merges.
         let payload = serde_json::to_string(&SplitPayload::from(&result))
             .map_err(|e| IdentityError::Corrupt(format!("split does not encode: {e}")))?;
@@ -571,8 +628,8 @@ impl IdentityStore for PgStore {
                                        merged_at, payload) \
              VALUES ($1, $2, $3, 'split', $4, $5::jsonb)",
         )
-        .bind(survivor)
-        .bind(merged)
+        .bind(survivor.unwrap_or(root))
+        .bind(result.profile.unwrap_or(root))
         .bind(reason)
         .bind(now)
         .bind(payload)
@@ -725,6 +782,129 @@ async fn insert_rules(
 
 /// Reads the rows of the component rooted at `root` (canonical) within the caller's
 /// transaction.
+/// Which identifiers of `records` were split off their profile, and which were erased.
+async fn suppressed(
+    conn: &mut PgConnection,
+    records: &[&Record],
+) -> Result<(HashSet<Identifier>, HashSet<Identifier>), sqlx::Error> {
+    let mut keys: Vec<(&Identifier, String)> = records
+        .iter()
+        .flat_map(|r| r.identifiers())
+        .map(|i| (i, erased_digest(i)))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let (mut types, mut values, mut digests) = (
+        Vec::with_capacity(keys.len()),
+        Vec::with_capacity(keys.len()),
+        Vec::with_capacity(keys.len()),
+    );
+    for (identifier, digest) in &keys {
+        types.push(identifier.kind.as_str());
+        values.push(identifier.value.as_str());
+        digests.push(digest.as_str());
+    }
+    let rows: Vec<(String, String, bool)> = sqlx::query_as(
+        "SELECT d.type, d.value, false FROM detached_identifiers d \
+         JOIN unnest($1::text[], $2::text[]) AS k (type, value) \
+         ON d.type = k.type AND d.value = k.value \
+         UNION ALL \
+         SELECT k.type, k.value, true FROM erased_identifiers e \
+         JOIN unnest($1::text[], $2::text[], $3::text[]) AS k (type, value, digest) \
+         ON e.type = k.type AND e.digest = k.digest",
+    )
+    .bind(&types)
+    .bind(&values)
+    .bind(&digests)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(split_suppressed(rows))
+}
+
+/// The profile `merged` was merged into: `FailedPrecondition` when it was not merged,
+/// `UnknownProfile` when no profile has the id.
+async fn survivor_of(conn: &mut PgConnection, merged: Uuid) -> Result<Uuid, IdentityError> {
+    let survivor: Option<Uuid> =
+        sqlx::query_scalar("SELECT surviving_profile_id FROM merges WHERE merged_profile_id = $1")
+            .bind(merged)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if let Some(survivor) = survivor {
+        return Ok(survivor);
+    }
+    let known: Option<i32> = sqlx::query_scalar("SELECT 1 FROM profiles WHERE profile_id = $1")
+        .bind(merged)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Err(match known {
+        Some(_) => IdentityError::FailedPrecondition(format!(
+            "profile {merged} is not merged into another"
+        )),
+        None => IdentityError::UnknownProfile,
+    })
+}
+
+/// Those of the identifiers `(types[i], values[i])` that were split off their profile.
+async fn detached(
+    conn: &mut PgConnection,
+    types: &[&str],
+    values: &[&str],
+) -> Result<HashSet<Identifier>, sqlx::Error> {
+    if types.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT d.type, d.value FROM detached_identifiers d \
+         JOIN unnest($1::text[], $2::text[]) AS k (type, value) \
+         ON d.type = k.type AND d.value = k.value",
+    )
+    .bind(types)
+    .bind(values)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(kind, value)| Identifier { kind, value })
+        .collect())
+}
+
+/// Erases `identifier` outside its component: remembers its digest so it never links again,
+/// replaces its value in the graph log with a pseudonym, and forgets where it was seen.
+async fn erase_everywhere(
+    conn: &mut PgConnection,
+    identifier: &Identifier,
+    reason: &str,
+    now: OffsetDateTime,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO erased_identifiers (type, digest, reason, created_at) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+    )
+    .bind(&identifier.kind)
+    .bind(erased_digest(identifier))
+    .bind(reason)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("UPDATE graph_log SET id_value = $3 WHERE id_type = $1 AND id_value = $2")
+        .bind(&identifier.kind)
+        .bind(&identifier.value)
+        .bind(erased_pseudonym(identifier))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM sightings WHERE type = $1 AND value = $2")
+        .bind(&identifier.kind)
+        .bind(&identifier.value)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM detached_identifiers WHERE type = $1 AND value = $2")
+        .bind(&identifier.kind)
+        .bind(&identifier.value)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 async fn history_rows(conn: &mut PgConnection, root: Uuid) -> Result<HistoryRows, IdentityError> {
     let members: Vec<(Uuid, OffsetDateTime)> = sqlx::query_as(
         "WITH RECURSIVE tree (profile_id) AS ( \

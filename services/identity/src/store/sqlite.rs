@@ -10,16 +10,18 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
+    Change, Rewritten, SplitPayload, decode_resolutions, dropped_identifiers, erased_digest,
+    erased_pseudonym, history_identifiers, rewrite_plan, rewritten, split_suppressed,
+    without_erased,
+};
+use super::{
     ComponentHistory, GraphIdentifier, HistoryRows, IdentityStore, LoggedDecision, ProfileGraph,
     Stored, StoredRules, VersionedRules, decode_detail, decode_merges, encode_detail,
     encode_merges, history, next_api_version, now, outcomes, record_metrics, registration,
     rules_json,
 };
-use super::{
-    SplitPayload, Unmerged, decode_resolutions, dropped_identifiers, unmerge_plan, unmerged,
-};
 use crate::IdentityError;
-use crate::domain::{GraphView, Plan, ProfileAge, Record, RulesConfig, plan, replay};
+use crate::domain::{Constraints, GraphView, Plan, ProfileAge, Record, RulesConfig, plan, replay};
 
 /// Selects graph log entries: the columns of [`DecisionRow`], then the rest of the statement.
 macro_rules! decision_sql {
@@ -153,8 +155,13 @@ impl IdentityStore for SqliteStore {
             .iter()
             .filter(|r| !done.contains_key(r.event_id()))
             .collect();
+        let (detached, erased) = suppressed(&mut tx, &pending).await?;
+        let pending = without_erased(pending, &erased);
 
         let mut view = GraphView::new();
+        for identifier in detached {
+            view.detach(identifier);
+        }
         let mut seen = HashSet::new();
         let mut candidates = HashSet::new();
         for identifier in pending.iter().flat_map(|r| r.identifiers()) {
@@ -204,7 +211,7 @@ impl IdentityStore for SqliteStore {
         let now = now();
         let plan = plan(
             &rules.rules,
-            pending.iter().copied(),
+            pending.iter().map(AsRef::as_ref),
             view,
             now,
             Uuid::now_v7,
@@ -276,38 +283,48 @@ impl IdentityStore for SqliteStore {
         history(rows)
     }
 
-    async fn unmerge(
+    async fn rewrite(
         &self,
         rules: &VersionedRules,
-        merged: Uuid,
+        change: &Change,
         reason: &str,
-    ) -> Result<Unmerged, IdentityError> {
+    ) -> Result<Rewritten, IdentityError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let survivor: Option<String> = sqlx::query_scalar(
-            "SELECT surviving_profile_id FROM merges WHERE merged_profile_id = ?1",
-        )
-        .bind(merged.to_string())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(survivor) = survivor else {
-            let known: Option<i64> =
-                sqlx::query_scalar("SELECT 1 FROM profiles WHERE profile_id = ?1")
-                    .bind(merged.to_string())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            return Err(match known {
-                Some(_) => IdentityError::FailedPrecondition(format!(
-                    "profile {merged} is not merged into another"
-                )),
-                None => IdentityError::UnknownProfile,
-            });
+        let now = now();
+        // The profile the change starts from and, for an unmerge, the pair kept apart.
+        let (start, pair) = match change {
+            Change::Unmerge(merged) => {
+                let survivor = survivor_of(&mut tx, *merged).await?;
+                (Some(*merged), Some((*merged, survivor)))
+            }
+            Change::Detach(identifier) | Change::Erase(identifier) => {
+                let owner: Option<String> = sqlx::query_scalar(
+                    "SELECT profile_id FROM identifiers WHERE type = ?1 AND value = ?2",
+                )
+                .bind(&identifier.kind)
+                .bind(&identifier.value)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if owner.is_none() && matches!(change, Change::Detach(_)) {
+                    return Err(IdentityError::NotFound);
+                }
+                (owner.as_deref().map(parse_uuid).transpose()?, None)
+            }
         };
-        let survivor = parse_uuid(&survivor)?;
+        if let Change::Erase(identifier) = change {
+            erase_everywhere(&mut tx, identifier, reason, now).await?;
+        }
+        let Some(start) = start else {
+            // An erased identifier no profile holds: remembered and scrubbed, nothing to split.
+            tx.commit().await?;
+            return Ok(Rewritten::nothing());
+        };
         let root: String = sqlx::query_scalar(CANONICAL_SQL)
-            .bind(merged.to_string())
+            .bind(start.to_string())
             .fetch_one(&mut *tx)
             .await?;
         let rows = history_rows(&mut tx, &root).await?;
+        let root = parse_uuid(&root)?;
         let members: HashSet<Uuid> = rows.members.iter().map(|m| m.0).collect();
         let list = serde_json::to_string(&members.iter().map(Uuid::to_string).collect::<Vec<_>>())
             .unwrap_or_else(|_| "[]".to_owned());
@@ -319,18 +336,40 @@ impl IdentityStore for SqliteStore {
         .bind(&list)
         .fetch_all(&mut *tx)
         .await?;
-        let mut forbidden = pairs
-            .iter()
-            .map(|(a, b)| Ok((parse_uuid(a)?, parse_uuid(b)?)))
-            .collect::<Result<Vec<_>, IdentityError>>()?;
-        forbidden.push((merged, survivor));
+        let mut constraints = Constraints {
+            forbidden: pairs
+                .iter()
+                .map(|(a, b)| Ok((parse_uuid(a)?, parse_uuid(b)?)))
+                .collect::<Result<Vec<_>, IdentityError>>()?,
+            ..Constraints::default()
+        };
+        constraints.forbidden.extend(pair);
         let history = history(rows)?;
-        let now = now();
+        for identifier in history_identifiers(&history) {
+            let detached: Option<i64> = sqlx::query_scalar(
+                "SELECT 1 FROM detached_identifiers WHERE type = ?1 AND value = ?2",
+            )
+            .bind(&identifier.kind)
+            .bind(&identifier.value)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if detached.is_some() {
+                constraints.detached.insert(identifier.clone());
+            }
+        }
+        match change {
+            Change::Unmerge(_) => {}
+            Change::Detach(identifier) => {
+                constraints.detached.insert(identifier.clone());
+            }
+            Change::Erase(identifier) => {
+                constraints.erased.insert(identifier.clone());
+            }
+        }
         let replayed = replay(
             &rules.rules,
             &history.entries,
-            &forbidden,
-            &HashSet::new(),
+            &constraints,
             now,
             Uuid::now_v7,
         );
@@ -347,9 +386,10 @@ impl IdentityStore for SqliteStore {
                 .execute(&mut *tx)
                 .await?;
         }
+        let survivor = pair.map(|(_, survivor)| survivor);
         write(
             &mut tx,
-            &unmerge_plan(&replayed, &members, (merged, survivor), reason, now),
+            &rewrite_plan(&replayed, &members, (change, root, survivor), reason, now),
             rules.version,
             now,
         )
@@ -365,18 +405,40 @@ impl IdentityStore for SqliteStore {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query(
-            "INSERT INTO splits (profile_a, profile_b, reason, created_at) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(merged.to_string())
-        .bind(survivor.to_string())
-        .bind(reason)
-        .bind(micros(now))
-        .execute(&mut *tx)
-        .await?;
-        let root = parse_uuid(&root)?;
-        let result = unmerged(root, merged, survivor, &replayed);
+        for event in &replayed.erased_events {
+            sqlx::query("DELETE FROM resolutions WHERE event_id = ?1")
+                .bind(event)
+                .execute(&mut *tx)
+                .await?;
+        }
+        match (change, pair) {
+            (Change::Unmerge(_), Some((merged, survivor))) => {
+                sqlx::query(
+                    "INSERT INTO splits (profile_a, profile_b, reason, created_at) \
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+                )
+                .bind(merged.to_string())
+                .bind(survivor.to_string())
+                .bind(reason)
+                .bind(micros(now))
+                .execute(&mut *tx)
+                .await?;
+            }
+            (Change::Detach(identifier), _) => {
+                sqlx::query(
+                    "INSERT INTO detached_identifiers (type, value, reason, created_at) \
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+                )
+                .bind(&identifier.kind)
+                .bind(&identifier.value)
+                .bind(reason)
+                .bind(micros(now))
+                .execute(&mut *tx)
+                .await?;
+            }
+            (Change::Unmerge(_) | Change::Erase(_), _) => {}
+        }
+        let result = rewritten((change, root, survivor), &members, &replayed);
         // The profile service hears of it through the outbox, in order with the merges.
         let payload = serde_json::to_string(&SplitPayload::from(&result))
             .map_err(|e| IdentityError::Corrupt(format!("split does not encode: {e}")))?;
@@ -385,8 +447,8 @@ impl IdentityStore for SqliteStore {
                                        merged_at, payload) \
              VALUES (?1, ?2, ?3, 'split', ?4, ?5)",
         )
-        .bind(survivor.to_string())
-        .bind(merged.to_string())
+        .bind(survivor.unwrap_or(root).to_string())
+        .bind(result.profile.unwrap_or(root).to_string())
         .bind(reason)
         .bind(micros(now))
         .bind(payload)
@@ -734,6 +796,100 @@ fn micros(t: OffsetDateTime) -> i64 {
 
 /// Reads the rows of the component rooted at `root` (canonical) within the caller's
 /// transaction.
+/// Which identifiers of `records` were split off their profile, and which were erased.
+async fn suppressed(
+    conn: &mut SqliteConnection,
+    records: &[&Record],
+) -> Result<(HashSet<Identifier>, HashSet<Identifier>), sqlx::Error> {
+    let mut keys: Vec<(&Identifier, String)> = records
+        .iter()
+        .flat_map(|r| r.identifiers())
+        .map(|i| (i, erased_digest(i)))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let keys = serde_json::to_string(
+        &keys
+            .iter()
+            .map(|(i, digest)| (&i.kind, &i.value, digest))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap_or_else(|_| "[]".to_owned());
+    let rows: Vec<(String, String, bool)> = sqlx::query_as(
+        "WITH k (type, value, digest) AS ( \
+             SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?1)) \
+         SELECT d.type, d.value, 0 FROM detached_identifiers d \
+         JOIN k ON d.type = k.type AND d.value = k.value \
+         UNION ALL \
+         SELECT k.type, k.value, 1 FROM erased_identifiers e \
+         JOIN k ON e.type = k.type AND e.digest = k.digest",
+    )
+    .bind(keys)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(split_suppressed(rows))
+}
+
+/// The profile `merged` was merged into: `FailedPrecondition` when it was not merged,
+/// `UnknownProfile` when no profile has the id.
+async fn survivor_of(conn: &mut SqliteConnection, merged: Uuid) -> Result<Uuid, IdentityError> {
+    let survivor: Option<String> =
+        sqlx::query_scalar("SELECT surviving_profile_id FROM merges WHERE merged_profile_id = ?1")
+            .bind(merged.to_string())
+            .fetch_optional(&mut *conn)
+            .await?;
+    if let Some(survivor) = survivor {
+        return parse_uuid(&survivor);
+    }
+    let known: Option<i64> = sqlx::query_scalar("SELECT 1 FROM profiles WHERE profile_id = ?1")
+        .bind(merged.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    Err(match known {
+        Some(_) => IdentityError::FailedPrecondition(format!(
+            "profile {merged} is not merged into another"
+        )),
+        None => IdentityError::UnknownProfile,
+    })
+}
+
+/// Erases `identifier` outside its component: remembers its digest so it never links again,
+/// replaces its value in the graph log with a pseudonym, and forgets where it was seen.
+async fn erase_everywhere(
+    conn: &mut SqliteConnection,
+    identifier: &Identifier,
+    reason: &str,
+    now: OffsetDateTime,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO erased_identifiers (type, digest, reason, created_at) \
+         VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+    )
+    .bind(&identifier.kind)
+    .bind(erased_digest(identifier))
+    .bind(reason)
+    .bind(micros(now))
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("UPDATE graph_log SET id_value = ?3 WHERE id_type = ?1 AND id_value = ?2")
+        .bind(&identifier.kind)
+        .bind(&identifier.value)
+        .bind(erased_pseudonym(identifier))
+        .execute(&mut *conn)
+        .await?;
+    for statement in [
+        "DELETE FROM sightings WHERE type = ?1 AND value = ?2",
+        "DELETE FROM detached_identifiers WHERE type = ?1 AND value = ?2",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .bind(&identifier.kind)
+            .bind(&identifier.value)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
 async fn history_rows(
     conn: &mut SqliteConnection,
     root: &str,

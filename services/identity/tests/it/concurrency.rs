@@ -308,8 +308,10 @@ async fn an_unmerge_racing_resolutions_leaves_a_consistent_graph() {
         let replayed = tessera_identity::domain::replay(
             &one.rules().rules,
             &history.entries,
-            &[(tablet, laptop)],
-            &std::collections::HashSet::new(),
+            &tessera_identity::domain::Constraints {
+                forbidden: vec![(tablet, laptop)],
+                ..Default::default()
+            },
             time::OffsetDateTime::now_utc(),
             Uuid::now_v7,
         );

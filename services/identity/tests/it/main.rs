@@ -29,5 +29,6 @@ mod concurrency;
 mod conformance;
 mod grpc;
 mod matching;
+mod rewrite;
 mod rules;
 mod support;

@@ -144,6 +144,8 @@ trait Ops: Send {
     ) -> Result<Vec<(String, String, Option<String>)>, sqlx::Error>;
     /// Moves applied events to another profile, with their new content.
     async fn move_events(&mut self, moves: &[(&str, &str, String)]) -> Result<(), sqlx::Error>;
+    /// Deletes applied events (erased with an identifier).
+    async fn delete_events(&mut self, event_ids: &[&str]) -> Result<(), sqlx::Error>;
     /// Replaces the identifiers of the profiles `members` with `links`.
     async fn replace_identifiers(
         &mut self,
@@ -333,7 +335,8 @@ fn content_json(content: &EventContent) -> String {
     serde_json::to_string(content).unwrap_or_else(|_| "null".to_owned())
 }
 
-/// Splits a merged component (an unmerge) through `ops`, inside a transaction: every profile
+/// Splits a merged component (an unmerge, an identifier split off or erased) through `ops`,
+/// inside a transaction: events erased with an identifier are deleted, every profile
 /// of the component is rebuilt from the events that belong to it after the split, the
 /// profiles that stand as merged fold into their survivor, identifiers follow their events,
 /// and every live profile of the component is rescored. Idempotent: splitting again changes
@@ -369,6 +372,7 @@ async fn split<O: Ops>(
     let events = ops.load_events(&members).await?;
     // Every event the split names must have been applied: one still in the pipeline (resolved
     // before the unmerge) would otherwise land on the old profile afterwards.
+    let erased: HashSet<&str> = split.erased.iter().map(String::as_str).collect();
     let applied: HashSet<&str> = events.iter().map(|(event, _, _)| event.as_str()).collect();
     let missing = split
         .events
@@ -385,7 +389,13 @@ async fn split<O: Ops>(
         state.entry(live).or_default();
     }
     let mut moves = Vec::new();
+    let mut deleted = Vec::new();
     for (event_id, profile_id, content) in &events {
+        // An erased event still in the pipeline is not waited for: its identity is gone.
+        if erased.contains(event_id.as_str()) {
+            deleted.push(event_id.as_str());
+            continue;
+        }
         let Some(content) = content else {
             return Err(ProfileError::NotRebuildable(profile_id.clone()));
         };
@@ -461,6 +471,7 @@ async fn split<O: Ops>(
     let written: Vec<&Profile> = rows.iter().collect();
     ops.write(&written).await?;
     ops.move_events(&moves).await?;
+    ops.delete_events(&deleted).await?;
     ops.replace_identifiers(&members, &links).await?;
     let live: Vec<String> = rows
         .iter()

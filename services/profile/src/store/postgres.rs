@@ -194,6 +194,17 @@ impl Ops for PgOps<'_> {
         .await
     }
 
+    async fn delete_events(&mut self, event_ids: &[&str]) -> Result<(), sqlx::Error> {
+        if event_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query("DELETE FROM applied_events WHERE event_id = ANY($1)")
+            .bind(event_ids)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
     async fn move_events(&mut self, moves: &[(&str, &str, String)]) -> Result<(), sqlx::Error> {
         if moves.is_empty() {
             return Ok(());

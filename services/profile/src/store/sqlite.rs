@@ -203,6 +203,16 @@ impl Ops for LiteOps<'_> {
         Ok(out)
     }
 
+    async fn delete_events(&mut self, event_ids: &[&str]) -> Result<(), sqlx::Error> {
+        for event_id in event_ids {
+            sqlx::query("DELETE FROM applied_events WHERE event_id = ?1")
+                .bind(*event_id)
+                .execute(&mut *self.0)
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn move_events(&mut self, moves: &[(&str, &str, String)]) -> Result<(), sqlx::Error> {
         for (event_id, profile_id, content) in moves {
             sqlx::query(

@@ -577,6 +577,7 @@ async fn a_split_undoes_a_merge(merged: &dyn ProfileStore, reference: &dyn Profi
             "p2".into(),
             vec![Identifier::new("user_id", "bob")],
         )],
+        erased: vec![],
     };
     let applied = merged.split(&split, H, NOW, &scorer).await.unwrap();
     assert_eq!(applied.named, ["p1", "p2"]);
@@ -656,6 +657,63 @@ async fn a_split_undoes_a_merge_on_postgres() {
     reference.db.close().await;
 }
 
+/// An identifier erased with the events it alone carried: the split deletes those events and
+/// rebuilds the profile as if they had never arrived; an erased event never applied is not
+/// waited for.
+async fn a_split_erases_events(erased: &dyn ProfileStore, reference: &dyn ProfileStore) {
+    let events = unmerge_events("p1");
+    apply(erased, vec![], events[..3].to_vec()).await;
+    apply(erased, vec![merge("p1", "p2")], vec![]).await;
+    assert_eq!(
+        erased.get("p1").await.unwrap().unwrap().state.event_count,
+        3
+    );
+    let split = Split {
+        profiles: vec![("p1".into(), "p1".into()), ("p2".into(), "p1".into())],
+        events: vec![],
+        erased: vec!["e2".into(), "never-applied".into()],
+    };
+    erased.split(&split, H, NOW, &NoScores).await.unwrap();
+    apply(
+        reference,
+        vec![],
+        vec![events[0].clone(), events[2].clone()],
+    )
+    .await;
+    apply(reference, vec![merge("p1", "p2")], vec![]).await;
+    let got = erased.get("p1").await.unwrap().unwrap();
+    assert_eq!(got.state.event_count, 2);
+    assert!(
+        !got.state.traits.contains_key("city"),
+        "the erased event's trait is gone"
+    );
+    assert_eq!(
+        shown(&got),
+        shown(&reference.get("p1").await.unwrap().unwrap()),
+        "as if the erased event had never arrived"
+    );
+    // A second split finds nothing more to erase.
+    erased.split(&split, H, NOW, &NoScores).await.unwrap();
+    assert_eq!(
+        erased.get("p1").await.unwrap().unwrap().state.event_count,
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_split_erases_events_on_sqlite() {
+    let (erased, reference) = (sqlite().await, sqlite().await);
+    a_split_erases_events(&*erased.store, &*reference.store).await;
+}
+
+#[tokio::test]
+async fn a_split_erases_events_on_postgres() {
+    let (erased, reference) = (postgres().await, postgres().await);
+    a_split_erases_events(&*erased.store, &*reference.store).await;
+    erased.db.close().await;
+    reference.db.close().await;
+}
+
 /// Events applied before their contents were kept cannot be rebuilt: the split is refused and
 /// changes nothing.
 #[tokio::test]
@@ -674,6 +732,7 @@ async fn a_split_without_event_contents_is_refused() {
     let split = Split {
         profiles: vec![("p1".into(), "p1".into()), ("p2".into(), "p2".into())],
         events: vec![],
+        erased: vec![],
     };
     let err = store.split(&split, H, NOW, &NoScores).await.unwrap_err();
     assert!(

@@ -211,6 +211,20 @@ impl IdentityService for IdentityDouble {
         Err(Status::unimplemented("not part of the double"))
     }
 
+    async fn detach_identifier(
+        &self,
+        _request: Request<identity::DetachIdentifierRequest>,
+    ) -> Result<Response<identity::DetachIdentifierResponse>, Status> {
+        Err(Status::unimplemented("not part of the double"))
+    }
+
+    async fn erase_identifier(
+        &self,
+        _request: Request<identity::EraseIdentifierRequest>,
+    ) -> Result<Response<identity::EraseIdentifierResponse>, Status> {
+        Err(Status::unimplemented("not part of the double"))
+    }
+
     async fn get_match_model(
         &self,
         _request: Request<identity::GetMatchModelRequest>,
