@@ -8,6 +8,7 @@ mod faults_under_load;
 mod flow;
 mod import;
 mod matching;
+mod profile_api;
 mod python_client;
 mod replicas;
 mod restarts;

@@ -115,6 +115,7 @@ impl TesseraBuilder {
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let mut write_key = None;
+        let mut access_token = None;
         let line = tokio::time::timeout(Duration::from_secs(120), async {
             while let Some(line) = lines.next_line().await.expect("read stdout") {
                 if line.starts_with("tessera: listening ") {
@@ -122,6 +123,9 @@ impl TesseraBuilder {
                 }
                 if let Some(key) = line.strip_prefix(DEV_KEY_LINE) {
                     write_key = Some(key.trim().to_owned());
+                }
+                if let Some(token) = line.strip_prefix("tessera: profile api access token ") {
+                    access_token = Some(token.trim().to_owned());
                 }
             }
             panic!("tessera {:?} exited before listening", self.args);
@@ -141,6 +145,7 @@ impl TesseraBuilder {
             grpc_addr: field("grpc"),
             http_addr: field("http"),
             write_key,
+            access_token,
             builder: self,
         }
     }
@@ -157,6 +162,8 @@ pub struct Tessera {
     /// The write key of the source `default` that `tessera dev` printed, when it printed one
     /// (on first start, or when the key is fixed).
     pub write_key: Option<String>,
+    /// The Profile API access token `tessera dev` printed.
+    pub access_token: Option<String>,
     builder: TesseraBuilder,
 }
 

@@ -5,10 +5,12 @@
 /// The router type of the HTTP port; services add their HTTP APIs to it.
 pub use axum::Router as HttpRouter;
 
+mod auth;
 mod edge;
 mod error;
 mod telemetry;
 
+pub use auth::basic_auth_user;
 pub use edge::{
     EdgeSettings, GrpcServices, ServeError, Shutdown, metrics_handle, serve, shutdown_on_signal,
 };

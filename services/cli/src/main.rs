@@ -98,6 +98,10 @@ struct DevArgs {
     /// the random key printed on first start [env: TESSERA_WRITE_KEY].
     #[arg(long, value_name = "KEY")]
     write_key: Option<sources::WriteKeyArg>,
+    /// Fix the access token of the Profile API (HTTP Basic user name) instead of a random one
+    /// printed at start [env: TESSERA_ACCESS_TOKEN].
+    #[arg(long, value_name = "TOKEN")]
+    access_token: Option<String>,
 }
 
 fn main() -> ExitCode {

@@ -85,6 +85,9 @@ fn check(s: &Settings) -> anyhow::Result<()> {
 pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::Result<Plan> {
     let serve = |role: Role, args: crate::ServeArgs| -> anyhow::Result<Plan> {
         let mut s = load(&args.config, env)?;
+        if let Some(token) = access_token_from_env(env) {
+            s.profile.access_token = Some(token);
+        }
         check(&s)?;
         if let Some(addr) = args.grpc_addr {
             s.grpc_addr = addr;
@@ -113,6 +116,16 @@ pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::R
             s.grpc_addr = args.grpc_addr;
             s.http_addr = args.http_addr;
             s.redis_url = "memory://".to_owned();
+            // The Profile API is always on in `tessera dev`: with the token given, or one made
+            // up now (printed at start).
+            s.profile.access_token = Some(
+                args.access_token
+                    .map(tessera_profile::AccessToken)
+                    .or_else(|| access_token_from_env(env))
+                    .or(s.profile.access_token.take())
+                    .unwrap_or_else(generated_access_token),
+            );
+            check(&s)?;
             // One process, one dispatcher: partitions only spread delivery over replicas, and
             // one partition makes the largest batches (fewest SQLite commits).
             s.ingestion.partitions = 1;
@@ -156,6 +169,25 @@ pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::R
             Ok(Plan::Import(args))
         }
     }
+}
+
+/// `TESSERA_ACCESS_TOKEN`, when set and not empty.
+fn access_token_from_env(env: &HashMap<String, String>) -> Option<tessera_profile::AccessToken> {
+    env.get("TESSERA_ACCESS_TOKEN")
+        .filter(|t| !t.is_empty())
+        .map(|t| tessera_profile::AccessToken(t.clone()))
+}
+
+/// A random Profile API access token for `tessera dev`.
+fn generated_access_token() -> tessera_profile::AccessToken {
+    use rand::Rng as _;
+    use rand::distr::Alphanumeric;
+    let token: String = rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect();
+    tessera_profile::AccessToken(format!("tpa_{token}"))
 }
 
 /// `TESSERA_WRITE_KEY`, when set and not empty.
@@ -271,6 +303,25 @@ async fn announce_dev_source(
     Ok(())
 }
 
+/// Prints where `tessera dev`'s Profile API answers and its access token.
+fn announce_profile_api(settings: &Settings, http_addr: SocketAddr) {
+    let token = settings
+        .profile
+        .access_token
+        .as_ref()
+        .map_or("", |t| t.0.as_str());
+    #[allow(clippy::print_stdout)]
+    {
+        println!("tessera: profile api access token {token}");
+        println!(
+            "tessera: read profiles at http://{http_addr}/v1/spaces/{}/collections/users/profiles/\
+             user_id:<id>/traits with the token as the HTTP Basic user name (fix it with \
+             --access-token / TESSERA_ACCESS_TOKEN)",
+            settings.profile.space_id
+        );
+    }
+}
+
 /// A channel to a peer that connects on first use and reconnects by itself, so services can
 /// start in any order.
 fn peer(url: &str) -> anyhow::Result<Channel> {
@@ -374,14 +425,25 @@ async fn serve(
                 let cache =
                     tessera_store::open_cache(&settings.redis_url, &settings.cache_prefix, ttl)
                         .context("opening the profile cache")?;
-                tessera_profile::Profiles::new(
+                let profiles = tessera_profile::Profiles::new(
                     db.clone(),
                     Arc::clone(&cache),
                     peer(&identity_url)?,
                     peer(&scoring_url)?,
                     settings.profile.clone(),
-                )
-                .register(&mut services);
+                );
+                profiles.register(&mut services);
+                match profiles.http_routes() {
+                    Some(routes) => {
+                        http_routes = http_routes.merge(routes);
+                        if dev_data_dir.is_some() {
+                            announce_profile_api(settings, http_addr);
+                        }
+                    }
+                    None => tracing::info!(
+                        "the Profile API is off: set TESSERA_ACCESS_TOKEN (or profile.access_token)"
+                    ),
+                }
                 databases.push(db);
             }
             Role::Ingestion => {

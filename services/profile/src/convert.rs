@@ -3,16 +3,20 @@
 //! someone decides what it means.
 
 use tessera_core::event::MAX_ID_LEN;
-use tessera_core::{FieldViolation, Identifier, identifier};
+use tessera_core::{EventType, FieldViolation, Identifier, identifier};
 use tessera_proto::common::v1 as common;
 pub(crate) use tessera_proto::convert::micros;
 use tessera_proto::convert::{json_to_value, storable_time, to_timestamp};
 use tessera_proto::identity::v1 as identity;
 use tessera_proto::profile::v1 as pb;
 use tessera_proto::scoring::v1 as scoring;
+use time::OffsetDateTime;
 
-use crate::domain::{Batch, Merge, Profile, ResolvedEvent, Score, ScoreFactor, Split};
+use crate::domain::{
+    Batch, EventContent, EventDetails, Merge, Profile, ResolvedEvent, Score, ScoreFactor, Split,
+};
 use crate::error::ProfileError;
+use crate::store::{TimelineEntry, TimelineQuery};
 
 /// The most events one `ApplyEvents` call may carry.
 pub const MAX_EVENTS_PER_REQUEST: usize = 5_000;
@@ -229,6 +233,7 @@ impl TryFrom<pb::ResolvedEvent> for ResolvedEvent {
                 timestamp,
                 traits: event.person_traits().cloned().unwrap_or_default(),
                 identifiers: ids,
+                details: EventDetails::of(&event),
             }),
             (Some(_) | None, Some(_) | None) => Err(violations),
         }
@@ -294,6 +299,208 @@ impl TryFrom<pb::GetProfileRequest> for Lookup {
         }
     }
 }
+
+impl TryFrom<Option<pb::list_profile_events_request::Lookup>> for Lookup {
+    type Error = ProfileError;
+
+    fn try_from(
+        lookup: Option<pb::list_profile_events_request::Lookup>,
+    ) -> Result<Self, Self::Error> {
+        use pb::get_profile_request::Lookup as G;
+        use pb::list_profile_events_request::Lookup as L;
+        Self::try_from(pb::GetProfileRequest {
+            lookup: lookup.map(|l| match l {
+                L::ProfileId(id) => G::ProfileId(id),
+                L::Identifier(id) => G::Identifier(id),
+            }),
+        })
+    }
+}
+
+/// The page size when a request names none.
+pub(crate) const DEFAULT_PAGE_SIZE: usize = 50;
+/// The largest page of a timeline.
+pub(crate) const MAX_PAGE_SIZE: usize = 1_000;
+/// The most types or names a timeline request may filter by.
+const MAX_FILTERS: usize = 100;
+/// The message types a timeline can be filtered by.
+pub(crate) const EVENT_TYPES: [&str; 6] = ["identify", "track", "page", "screen", "group", "alias"];
+
+/// A validated `ListProfileEventsRequest`: the profile and the query (asking one entry more
+/// than the page, to tell whether another page follows). Violations name `page_size`,
+/// `page_token`, `types[i]`, `event_names[i]`, `start_time`, `end_time`.
+pub(crate) fn timeline_request(
+    request: pb::ListProfileEventsRequest,
+) -> Result<(Lookup, TimelineQuery), ProfileError> {
+    let pb::ListProfileEventsRequest {
+        lookup,
+        types,
+        event_names,
+        start_time,
+        end_time,
+        page_size,
+        page_token,
+    } = request;
+    let lookup = Lookup::try_from(lookup)?;
+    let mut violations = Vec::new();
+    let limit = match usize::try_from(page_size) {
+        Ok(0) => DEFAULT_PAGE_SIZE,
+        Ok(n) if n <= MAX_PAGE_SIZE => n,
+        Ok(_) | Err(_) => {
+            violations.push(FieldViolation::new(
+                "page_size",
+                format!("between 1 and {MAX_PAGE_SIZE}, or 0 for {DEFAULT_PAGE_SIZE}"),
+            ));
+            DEFAULT_PAGE_SIZE
+        }
+    };
+    let before = if page_token.is_empty() {
+        None
+    } else {
+        let parsed = parse_page_token(&page_token);
+        if parsed.is_none() {
+            violations.push(FieldViolation::new(
+                "page_token",
+                "not a token this API returned",
+            ));
+        }
+        parsed
+    };
+    check_filters("types", &types, &mut violations);
+    for (i, kind) in types.iter().enumerate() {
+        if !EVENT_TYPES.contains(&kind.as_str()) {
+            violations.push(FieldViolation::new(
+                format!("types[{i}]"),
+                format!("one of {}", EVENT_TYPES.join(", ")),
+            ));
+        }
+    }
+    check_filters("event_names", &event_names, &mut violations);
+    let mut time = |field: &str, ts: Option<prost_types::Timestamp>| {
+        ts.and_then(|ts| {
+            let t = storable_time(&ts);
+            if t.is_none() {
+                violations.push(FieldViolation::new(
+                    field,
+                    "not a time between years 1 and 9999",
+                ));
+            }
+            t
+        })
+    };
+    let start = time("start_time", start_time);
+    let end = time("end_time", end_time);
+    if let (Some(start), Some(end)) = (start, end)
+        && end <= start
+    {
+        violations.push(FieldViolation::new("end_time", "must be after start_time"));
+    }
+    if !violations.is_empty() {
+        return Err(ProfileError::InvalidArgument(violations));
+    }
+    Ok((
+        lookup,
+        TimelineQuery {
+            types,
+            names: event_names,
+            start,
+            end,
+            before,
+            limit: limit + 1,
+        },
+    ))
+}
+
+fn check_filters(field: &str, values: &[String], violations: &mut Vec<FieldViolation>) {
+    if values.len() > MAX_FILTERS {
+        violations.push(FieldViolation::new(
+            field,
+            format!("at most {MAX_FILTERS} values"),
+        ));
+    }
+    for (i, value) in values.iter().enumerate() {
+        if value.is_empty() || value.len() > MAX_ID_LEN {
+            violations.push(FieldViolation::new(
+                format!("{field}[{i}]"),
+                format!("1 to {MAX_ID_LEN} bytes"),
+            ));
+        }
+    }
+}
+
+/// The token of the page after `last`: its time (microseconds) and event id.
+pub(crate) fn page_token(last: &TimelineEntry) -> String {
+    let micros = last.occurred_at.unix_timestamp_nanos() / 1_000;
+    format!("{micros}:{}", last.event_id)
+}
+
+fn parse_page_token(token: &str) -> Option<(OffsetDateTime, String)> {
+    let (micros, event_id) = token.split_once(':')?;
+    let micros: i128 = micros.parse().ok()?;
+    let at = OffsetDateTime::from_unix_timestamp_nanos(micros.checked_mul(1_000)?).ok()?;
+    (!event_id.is_empty()).then(|| (at, event_id.to_owned()))
+}
+
+/// One timeline entry as a protobuf event: the kept details, the person traits, and the user
+/// and anonymous ids from the identifiers it linked.
+impl From<TimelineEntry> for pb::TimelineEvent {
+    fn from(entry: TimelineEntry) -> Self {
+        let TimelineEntry {
+            event_id,
+            profile_id,
+            occurred_at,
+            content,
+        } = entry;
+        let EventContent {
+            timestamp: _,
+            traits,
+            identifiers,
+            details,
+        } = content;
+        let kind = EVENT_TYPES
+            .iter()
+            .position(|k| *k == details.kind)
+            .map_or(EventType::Track, |i| EVENT_KINDS[i]);
+        let mut event = tessera_core::Event::new(kind);
+        let id_of = |kind: &str| {
+            identifiers
+                .iter()
+                .find(|(k, _)| k == kind)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        event.user_id = id_of("user_id");
+        event.anonymous_id = id_of("anonymous_id");
+        event.message_id = details.message_id;
+        event.event = details.event;
+        event.name = details.name;
+        event.category = details.category;
+        event.group_id = details.group_id;
+        event.properties = details.properties;
+        event.context = details.context;
+        event.traits = traits;
+        event.timestamp = Some(occurred_at);
+        Self {
+            event_id,
+            profile_id,
+            event: Some(tessera_proto::convert::event_to_pb(&event)),
+            identifiers: identifiers
+                .into_iter()
+                .map(|(r#type, value)| common::Identifier { r#type, value })
+                .collect(),
+        }
+    }
+}
+
+/// The domain types of [`EVENT_TYPES`], in the same order.
+const EVENT_KINDS: [EventType; 6] = [
+    EventType::Identify,
+    EventType::Track,
+    EventType::Page,
+    EventType::Screen,
+    EventType::Group,
+    EventType::Alias,
+];
 
 impl From<&Profile> for pb::Profile {
     fn from(profile: &Profile) -> Self {

@@ -230,6 +230,59 @@ pub struct ResolvedEvent {
     pub traits: Map<String, Value>,
     /// The normalized identifiers it linked to the profile.
     pub identifiers: Vec<Identifier>,
+    /// What the event was, for the profile's timeline.
+    pub details: EventDetails,
+}
+
+/// What an event was, beyond what it contributes to the profile's state: kept for the profile's
+/// timeline (and the Profile API's `/events`). Empty for events applied before it was kept.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct EventDetails {
+    /// The client's message id.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message_id: String,
+    /// The message type (`track`, `identify`, `page`, ...).
+    #[serde(rename = "type", default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
+    /// A track's event name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub event: String,
+    /// A page's or screen's name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// A page's or screen's category.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub category: String,
+    /// A group message's account id.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group_id: String,
+    /// A track's, page's or screen's properties.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub properties: Map<String, Value>,
+    /// The message's context (page, campaign, device, ...).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub context: Map<String, Value>,
+}
+
+impl EventDetails {
+    /// Whether nothing was kept (an event applied before details were).
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+
+    /// The details of `event`.
+    pub fn of(event: &tessera_core::Event) -> Self {
+        Self {
+            message_id: event.message_id.clone(),
+            kind: event.kind.as_str().to_owned(),
+            event: event.event.clone(),
+            name: event.name.clone(),
+            category: event.category.clone(),
+            group_id: event.group_id.clone(),
+            properties: event.properties.clone(),
+            context: event.context.clone(),
+        }
+    }
 }
 
 /// An applied event as stored for rebuilding: what it contributes to a profile.
@@ -242,6 +295,9 @@ pub struct EventContent {
     pub traits: Map<String, Value>,
     /// The identifiers it linked, as (type, value).
     pub identifiers: Vec<(String, String)>,
+    /// What the event was, for the timeline.
+    #[serde(default, skip_serializing_if = "EventDetails::is_empty")]
+    pub details: EventDetails,
 }
 
 impl EventContent {
@@ -255,6 +311,7 @@ impl EventContent {
                 .iter()
                 .map(|i| (i.kind.clone(), i.value.clone()))
                 .collect(),
+            details: event.details.clone(),
         }
     }
 
@@ -270,6 +327,7 @@ impl EventContent {
                 .iter()
                 .map(|(k, v)| Identifier::new(k.clone(), v.clone()))
                 .collect(),
+            details: self.details.clone(),
         }
     }
 }
@@ -492,6 +550,7 @@ mod tests {
             timestamp: datetime!(2026-05-01 00:00:00 UTC) + Duration::minutes(minute),
             traits: traits.as_object().cloned().unwrap_or_default(),
             identifiers: vec![Identifier::new("anonymous_id", format!("a-{id}"))],
+            details: EventDetails::default(),
         }
     }
 

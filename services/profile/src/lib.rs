@@ -13,6 +13,7 @@
 mod convert;
 pub mod domain;
 pub mod error;
+mod http;
 mod service;
 pub mod store;
 
@@ -51,6 +52,22 @@ pub struct ProfileSettings {
     /// Whether `ApplyEvents` sends the trait values of the profiles it named to the identity
     /// service's `MatchProfiles` (probabilistic matching) and applies the merges it answers.
     pub match_profiles: bool,
+    /// The access token of the Segment-compatible Profile API (sent as the HTTP Basic user
+    /// name). Without one the Profile API is not served (`tessera dev` makes one up).
+    pub access_token: Option<AccessToken>,
+    /// The space id in Profile API paths (`/v1/spaces/{space_id}/...`).
+    pub space_id: String,
+}
+
+/// A Profile API access token; never shown in logs.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct AccessToken(pub String);
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AccessToken(***)")
+    }
 }
 
 impl Default for ProfileSettings {
@@ -59,6 +76,8 @@ impl Default for ProfileSettings {
             activity_half_life_seconds: tessera_core::activity::DEFAULT_HALF_LIFE_SECONDS,
             cache_ttl_seconds: 3600,
             match_profiles: true,
+            access_token: None,
+            space_id: "default".to_owned(),
         }
     }
 }
@@ -83,6 +102,22 @@ impl ProfileSettings {
                 reason: "must be a positive number of seconds",
             });
         }
+        if self
+            .access_token
+            .as_ref()
+            .is_some_and(|t| t.0.len() < 16 || t.0.contains(':') || t.0.trim() != t.0)
+        {
+            return Err(InvalidSetting {
+                field: "access_token",
+                reason: "at least 16 characters, without colons or surrounding spaces",
+            });
+        }
+        if self.space_id.is_empty() || self.space_id.contains('/') {
+            return Err(InvalidSetting {
+                field: "space_id",
+                reason: "must be a non-empty path segment",
+            });
+        }
         if self.cache_ttl_seconds == 0 {
             return Err(InvalidSetting {
                 field: "cache_ttl_seconds",
@@ -97,6 +132,8 @@ impl ProfileSettings {
 #[derive(Debug, Clone)]
 pub struct Profiles {
     inner: Arc<service::Inner>,
+    /// The Profile API's access token and space id, when it is served.
+    api: Option<(AccessToken, String)>,
 }
 
 impl Profiles {
@@ -120,6 +157,9 @@ impl Profiles {
             half_life_seconds = tessera_core::activity::DEFAULT_HALF_LIFE_SECONDS;
         }
         Self {
+            api: settings
+                .access_token
+                .map(|token| (token, settings.space_id.clone())),
             inner: Arc::new(service::Inner {
                 store: store::open(db),
                 cache,
@@ -130,6 +170,13 @@ impl Profiles {
                 match_unimplemented_warned: AtomicBool::new(false),
             }),
         }
+    }
+
+    /// The Segment-compatible Profile API's HTTP routes; `None` without an access token.
+    pub fn http_routes(&self) -> Option<tessera_server::HttpRouter> {
+        self.api
+            .as_ref()
+            .map(|(token, space_id)| http::routes(self.inner.clone(), &token.0, space_id))
     }
 
     /// Adds `ProfileService` and `ProfilePipelineService` to the services one process serves.

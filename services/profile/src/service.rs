@@ -65,7 +65,7 @@ fn cache_error(op: &'static str, profile_id: &str, error: &dyn std::fmt::Display
 }
 
 impl Inner {
-    async fn get_profile(
+    pub(crate) async fn get_profile(
         &self,
         request: pb::GetProfileRequest,
     ) -> Result<pb::Profile, ProfileError> {
@@ -93,6 +93,38 @@ impl Inner {
         )
         .await;
         Ok(message)
+    }
+
+    /// A page of a profile's timeline: its events from all its merged identities.
+    pub(crate) async fn list_events(
+        &self,
+        request: pb::ListProfileEventsRequest,
+    ) -> Result<pb::ListProfileEventsResponse, ProfileError> {
+        let (lookup, query) = convert::timeline_request(request)?;
+        let profile_id = match lookup {
+            Lookup::ProfileId(id) => id,
+            Lookup::Identifier(identifier) => self.lookup(identifier).await?,
+        };
+        let profile = self
+            .store
+            .get(&profile_id)
+            .await?
+            .ok_or(ProfileError::NotFound)?;
+        let mut ids = profile.merged_profile_ids.clone();
+        ids.push(profile.profile_id.clone());
+        let mut entries = self.store.timeline(&ids, &query).await?;
+        let page = query.limit.saturating_sub(1);
+        let next_page_token = if entries.len() > page {
+            entries.truncate(page);
+            entries.last().map(convert::page_token).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(pb::ListProfileEventsResponse {
+            profile_id: profile.profile_id,
+            events: entries.into_iter().map(Into::into).collect(),
+            next_page_token,
+        })
     }
 
     /// The profile id the identity service has for `identifier`.
@@ -425,6 +457,15 @@ impl ProfileService for ProfileApi {
         Ok(Response::new(pb::GetProfileResponse {
             profile: Some(profile),
         }))
+    }
+
+    async fn list_profile_events(
+        &self,
+        request: Request<pb::ListProfileEventsRequest>,
+    ) -> Result<Response<pb::ListProfileEventsResponse>, Status> {
+        Ok(Response::new(
+            self.0.list_events(request.into_inner()).await?,
+        ))
     }
 }
 

@@ -8,7 +8,7 @@
 //! slow password hashes exist for low-entropy secrets.
 
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::RngCore as _;
 use sha2::{Digest as _, Sha256};
 
@@ -78,19 +78,7 @@ pub(crate) fn hash(key: &str) -> KeyHash {
 /// password is ignored, Segment clients send it empty). `None` when the value is not Basic
 /// auth, does not decode, or has an empty user.
 pub(crate) fn from_basic_auth(header: &str) -> Option<String> {
-    let (scheme, encoded) = header.trim().split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let encoded = encoded.trim();
-    // Some clients omit the padding.
-    let decoded = STANDARD
-        .decode(encoded)
-        .or_else(|_| STANDARD_NO_PAD.decode(encoded))
-        .ok()?;
-    let text = String::from_utf8(decoded).ok()?;
-    let user = text.split_once(':').map_or(text.as_str(), |(user, _)| user);
-    (!user.is_empty()).then(|| user.to_owned())
+    tessera_server::basic_auth_user(header)
 }
 
 #[cfg(test)]
@@ -136,19 +124,5 @@ mod tests {
         assert!(WriteKey::chosen("has:colon").is_none());
         assert!(WriteKey::chosen("has space").is_none());
         assert!(WriteKey::chosen(&"k".repeat(MAX_LEN + 1)).is_none());
-    }
-
-    #[test]
-    fn basic_auth_yields_the_user() {
-        let header = format!("Basic {}", STANDARD.encode("tsk_abc:"));
-        assert_eq!(from_basic_auth(&header).as_deref(), Some("tsk_abc"));
-        let unpadded = format!("basic {}", STANDARD_NO_PAD.encode("tsk_ab:"));
-        assert_eq!(from_basic_auth(&unpadded).as_deref(), Some("tsk_ab"));
-        let no_colon = format!("Basic {}", STANDARD.encode("tsk_abc"));
-        assert_eq!(from_basic_auth(&no_colon).as_deref(), Some("tsk_abc"));
-        assert_eq!(from_basic_auth("Bearer tsk_abc"), None);
-        assert_eq!(from_basic_auth("Basic !!!"), None);
-        let empty_user = format!("Basic {}", STANDARD.encode(":secret"));
-        assert_eq!(from_basic_auth(&empty_user), None);
     }
 }

@@ -109,6 +109,77 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
         now: OffsetDateTime,
         scorer: &dyn Scorer,
     ) -> Result<Applied, ProfileError>;
+
+    /// The events applied to any of `profile_ids` (a live profile and the profiles merged into
+    /// it) that `query` selects, newest first (ties by event id, descending), at most
+    /// `query.limit`. Events applied before contents were kept are not on the timeline.
+    async fn timeline(
+        &self,
+        profile_ids: &[String],
+        query: &TimelineQuery,
+    ) -> Result<Vec<TimelineEntry>, ProfileError>;
+}
+
+/// An event to record as applied.
+#[derive(Debug, Clone)]
+pub(crate) struct Recorded<'a> {
+    pub(crate) event_id: &'a str,
+    /// The live profile it is applied to.
+    pub(crate) profile_id: &'a str,
+    /// When it happened.
+    pub(crate) occurred_at: OffsetDateTime,
+    /// What it contributes, JSON of [`EventContent`].
+    pub(crate) content: String,
+}
+
+/// Which events of a profile's timeline to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TimelineQuery {
+    /// Only these message types (`track`, `identify`, ...); all when empty.
+    pub types: Vec<String>,
+    /// Only these track event names or page/screen names; all when empty.
+    pub names: Vec<String>,
+    /// Only events at or after this time.
+    pub start: Option<OffsetDateTime>,
+    /// Only events before this time.
+    pub end: Option<OffsetDateTime>,
+    /// Only events older than this (time, event id): the last entry of the previous page.
+    pub before: Option<(OffsetDateTime, String)>,
+    /// The most entries.
+    pub limit: usize,
+}
+
+/// One event of a profile's timeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimelineEntry {
+    /// The event's id in the event log.
+    pub event_id: String,
+    /// The profile it was applied to (the live profile, or one merged into it).
+    pub profile_id: String,
+    /// When it happened.
+    pub occurred_at: OffsetDateTime,
+    /// What it was and contributed.
+    pub content: EventContent,
+}
+
+/// Timeline rows (event id, profile id, time, content JSON) as entries.
+fn timeline_entries(
+    rows: Vec<(String, String, OffsetDateTime, Option<String>)>,
+) -> Result<Vec<TimelineEntry>, ProfileError> {
+    rows.into_iter()
+        .filter_map(|(event_id, profile_id, occurred_at, content)| {
+            content.map(|content| {
+                serde_json::from_str(&content)
+                    .map_err(|e| ProfileError::Corrupt(format!("event {event_id}: {e}")))
+                    .map(|content| TimelineEntry {
+                        event_id,
+                        profile_id,
+                        occurred_at,
+                        content,
+                    })
+            })
+        })
+        .collect()
 }
 
 /// The store of `db`'s backend. The database must be migrated with [`crate::MIGRATIONS`].
@@ -129,11 +200,11 @@ trait Ops: Send {
     async fn resolve(&mut self, ids: &[String]) -> Result<HashMap<String, String>, sqlx::Error>;
     /// Loads profiles with their identifiers; with `lock`, locks them in id order first.
     async fn load(&mut self, ids: &[String], lock: bool) -> Result<Vec<Profile>, sqlx::Error>;
-    /// Records events as applied to a profile, with what they contribute (JSON of
-    /// [`EventContent`]); returns the ids that were not recorded before.
+    /// Records events as applied to a profile, with what they contribute; returns the ids
+    /// that were not recorded before.
     async fn record_events(
         &mut self,
-        events: &[(&str, &str, String)],
+        events: &[Recorded<'_>],
         now: OffsetDateTime,
     ) -> Result<HashSet<String>, sqlx::Error>;
     /// The applied events of `profile_ids`: event id, profile id, content (JSON of
@@ -188,11 +259,12 @@ async fn apply<O: Ops>(
             let id = ws
                 .canonical(&event.profile_id)
                 .ok_or_else(|| ProfileError::BrokenMergeChain(event.profile_id.clone()))?;
-            to_record.push((
-                event.event_id.as_str(),
-                id,
-                content_json(&EventContent::of(event)),
-            ));
+            to_record.push(Recorded {
+                event_id: event.event_id.as_str(),
+                profile_id: id,
+                occurred_at: event.timestamp,
+                content: content_json(&EventContent::of(event)),
+            });
         }
     }
     let mut fresh = ops.record_events(&to_record, now).await?;

@@ -10,7 +10,10 @@ use sqlx::types::Json;
 use tessera_core::Identifier;
 use time::OffsetDateTime;
 
-use super::{Applied, Ops, ProfileStore, Scorer, attach_identifiers};
+use super::{
+    Applied, Ops, ProfileStore, Recorded, Scorer, TimelineEntry, TimelineQuery, attach_identifiers,
+    timeline_entries,
+};
 use crate::domain::{Batch, Profile, ProfileState, Split};
 use crate::error::ProfileError;
 
@@ -65,6 +68,48 @@ impl ProfileStore for PostgresStore {
             super::split(&mut PgOps(&mut tx), split, half_life_seconds, now, scorer).await?;
         tx.commit().await?;
         Ok(applied)
+    }
+
+    async fn timeline(
+        &self,
+        profile_ids: &[String],
+        query: &TimelineQuery,
+    ) -> Result<Vec<TimelineEntry>, ProfileError> {
+        timeline_entries(self.timeline_rows(profile_ids, query).await?)
+    }
+}
+
+impl PostgresStore {
+    async fn timeline_rows(
+        &self,
+        profile_ids: &[String],
+        query: &TimelineQuery,
+    ) -> Result<Vec<(String, String, OffsetDateTime, Option<String>)>, sqlx::Error> {
+        let (before_time, before_id) = match &query.before {
+            Some((time, id)) => (Some(*time), Some(id.as_str())),
+            None => (None, None),
+        };
+        sqlx::query_as(
+            "SELECT event_id, profile_id, occurred_at, content::text FROM applied_events \
+             WHERE profile_id = ANY($1) AND occurred_at IS NOT NULL \
+               AND (cardinality($2::text[]) = 0 OR content -> 'details' ->> 'type' = ANY($2)) \
+               AND (cardinality($3::text[]) = 0 OR content -> 'details' ->> 'event' = ANY($3) \
+                    OR content -> 'details' ->> 'name' = ANY($3)) \
+               AND ($4::timestamptz IS NULL OR occurred_at >= $4) \
+               AND ($5::timestamptz IS NULL OR occurred_at < $5) \
+               AND ($6::timestamptz IS NULL OR (occurred_at, event_id) < ($6, $7::text)) \
+             ORDER BY occurred_at DESC, event_id DESC LIMIT $8",
+        )
+        .bind(profile_ids)
+        .bind(&query.types)
+        .bind(&query.names)
+        .bind(query.start)
+        .bind(query.end)
+        .bind(before_time)
+        .bind(before_id)
+        .bind(i64::try_from(query.limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
     }
 }
 
@@ -152,7 +197,7 @@ impl Ops for PgOps<'_> {
 
     async fn record_events(
         &mut self,
-        events: &[(&str, &str, String)],
+        events: &[Recorded<'_>],
         now: OffsetDateTime,
     ) -> Result<HashSet<String>, sqlx::Error> {
         if events.is_empty() {
@@ -161,14 +206,17 @@ impl Ops for PgOps<'_> {
         let mut event_ids = Vec::with_capacity(events.len());
         let mut profile_ids = Vec::with_capacity(events.len());
         let mut contents = Vec::with_capacity(events.len());
-        for (event_id, profile_id, content) in events {
-            event_ids.push(*event_id);
-            profile_ids.push(*profile_id);
-            contents.push(content.as_str());
+        let mut times = Vec::with_capacity(events.len());
+        for event in events {
+            event_ids.push(event.event_id);
+            profile_ids.push(event.profile_id);
+            contents.push(event.content.as_str());
+            times.push(event.occurred_at);
         }
         let rows = sqlx::query(
-            "INSERT INTO applied_events (event_id, profile_id, applied_at, content) \
-             SELECT e, p, $3, c::jsonb FROM UNNEST($1::text[], $2::text[], $4::text[]) AS t(e, p, c) \
+            "INSERT INTO applied_events (event_id, profile_id, applied_at, content, occurred_at) \
+             SELECT e, p, $3, c::jsonb, o \
+             FROM UNNEST($1::text[], $2::text[], $4::text[], $5::timestamptz[]) AS t(e, p, c, o) \
              ON CONFLICT (event_id) DO NOTHING \
              RETURNING event_id",
         )
@@ -176,6 +224,7 @@ impl Ops for PgOps<'_> {
         .bind(profile_ids)
         .bind(now)
         .bind(contents)
+        .bind(times)
         .fetch_all(&mut *self.0)
         .await?;
         rows.iter().map(|r| r.try_get("event_id")).collect()

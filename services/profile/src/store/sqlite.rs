@@ -12,7 +12,10 @@ use sqlx::{QueryBuilder, Row};
 use tessera_core::Identifier;
 use time::OffsetDateTime;
 
-use super::{Applied, Ops, ProfileStore, Scorer, attach_identifiers};
+use super::{
+    Applied, Ops, ProfileStore, Recorded, Scorer, TimelineEntry, TimelineQuery, attach_identifiers,
+    timeline_entries,
+};
 use crate::domain::{Batch, Profile, ProfileState, Split};
 use crate::error::ProfileError;
 
@@ -65,6 +68,50 @@ impl ProfileStore for SqliteStore {
             super::split(&mut LiteOps(&mut tx), split, half_life_seconds, now, scorer).await?;
         tx.commit().await?;
         Ok(applied)
+    }
+
+    async fn timeline(
+        &self,
+        profile_ids: &[String],
+        query: &TimelineQuery,
+    ) -> Result<Vec<TimelineEntry>, ProfileError> {
+        let json = |v: &[String]| serde_json::to_string(v).unwrap_or_else(|_| "[]".to_owned());
+        let (before_time, before_id) = match &query.before {
+            Some((time, id)) => (Some(unix_micros(*time)), Some(id.as_str())),
+            None => (None, None),
+        };
+        let rows: Vec<(String, String, i64, Option<String>)> = sqlx::query_as(
+            "SELECT event_id, profile_id, occurred_at, content FROM applied_events \
+             WHERE profile_id IN (SELECT value FROM json_each(?1)) AND occurred_at IS NOT NULL \
+               AND (json_array_length(?2) = 0 \
+                    OR json_extract(content, '$.details.type') IN (SELECT value FROM json_each(?2))) \
+               AND (json_array_length(?3) = 0 \
+                    OR json_extract(content, '$.details.event') IN (SELECT value FROM json_each(?3)) \
+                    OR json_extract(content, '$.details.name') IN (SELECT value FROM json_each(?3))) \
+               AND (?4 IS NULL OR occurred_at >= ?4) \
+               AND (?5 IS NULL OR occurred_at < ?5) \
+               AND (?6 IS NULL OR occurred_at < ?6 OR (occurred_at = ?6 AND event_id < ?7)) \
+             ORDER BY occurred_at DESC, event_id DESC LIMIT ?8",
+        )
+        .bind(json(profile_ids))
+        .bind(json(&query.types))
+        .bind(json(&query.names))
+        .bind(query.start.map(unix_micros))
+        .bind(query.end.map(unix_micros))
+        .bind(before_time)
+        .bind(before_id)
+        .bind(i64::try_from(query.limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        let rows = rows
+            .into_iter()
+            .map(|(event, profile, micros, content)| {
+                let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000)
+                    .map_err(|e| ProfileError::Corrupt(format!("event {event}: time {e}")))?;
+                Ok((event, profile, at, content))
+            })
+            .collect::<Result<Vec<_>, ProfileError>>()?;
+        timeline_entries(rows)
     }
 
     async fn get_many(&self, profile_ids: &[String]) -> Result<Vec<Profile>, ProfileError> {
@@ -158,19 +205,20 @@ impl Ops for LiteOps<'_> {
 
     async fn record_events(
         &mut self,
-        events: &[(&str, &str, String)],
+        events: &[Recorded<'_>],
         now: OffsetDateTime,
     ) -> Result<HashSet<String>, sqlx::Error> {
         let mut fresh = HashSet::with_capacity(events.len());
         for chunk in events.chunks(CHUNK) {
             let mut qb = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO applied_events (event_id, profile_id, applied_at, content) ",
+                "INSERT INTO applied_events (event_id, profile_id, applied_at, content, occurred_at) ",
             );
-            qb.push_values(chunk, |mut row, (event_id, profile_id, content)| {
-                row.push_bind((*event_id).to_owned())
-                    .push_bind((*profile_id).to_owned())
+            qb.push_values(chunk, |mut row, event| {
+                row.push_bind(event.event_id.to_owned())
+                    .push_bind(event.profile_id.to_owned())
                     .push_bind(now)
-                    .push_bind(content.clone());
+                    .push_bind(event.content.clone())
+                    .push_bind(unix_micros(event.occurred_at));
             });
             qb.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
             for row in qb.build().fetch_all(&mut *self.0).await? {
@@ -327,4 +375,9 @@ fn profile(row: &SqliteRow) -> Result<Profile, sqlx::Error> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
+}
+
+/// Microseconds since the epoch: how the SQLite store keeps event times, so they sort.
+fn unix_micros(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
 }

@@ -5,9 +5,11 @@ use std::sync::Arc;
 use serde_json::json;
 use tessera_core::Identifier;
 use tessera_core::activity::DEFAULT_HALF_LIFE_SECONDS as H;
-use tessera_profile::domain::{Batch, Merge, Profile, ProfileState, ResolvedEvent, Score, Split};
+use tessera_profile::domain::{
+    Batch, EventDetails, Merge, Profile, ProfileState, ResolvedEvent, Score, Split,
+};
 use tessera_profile::error::ProfileError;
-use tessera_profile::store::{self, NoScores, ProfileStore, Scorer};
+use tessera_profile::store::{self, NoScores, ProfileStore, Scorer, TimelineQuery};
 use tessera_profile::{MIGRATIONS, SCHEMA};
 use tessera_store::{Database, DbSettings};
 use tessera_testkit::{TestDb, TestSqlite};
@@ -88,6 +90,7 @@ store_suite!(
     merge_chains_lead_to_the_last_survivor,
     scores_are_written_with_the_state_they_describe,
     a_scoring_failure_applies_nothing,
+    a_timeline_lists_every_identity_newest_first_in_pages,
 );
 
 async fn applied_events_can_be_read(store: &dyn ProfileStore) {
@@ -742,4 +745,114 @@ async fn a_split_without_event_contents_is_refused() {
     assert_eq!(err.code(), tessera_core::ErrorCode::FailedPrecondition);
     assert_eq!(store.get("p2").await.unwrap().unwrap().profile_id, "p1");
     backend.db.close().await;
+}
+
+/// A tracked event of `profile` at `minute` named `name`, with `properties`.
+fn tracked(
+    id: &str,
+    profile: &str,
+    minute: i64,
+    name: &str,
+    properties: serde_json::Value,
+) -> ResolvedEvent {
+    ResolvedEvent {
+        details: EventDetails {
+            message_id: format!("m-{id}"),
+            kind: "track".into(),
+            event: name.into(),
+            properties: properties.as_object().cloned().unwrap_or_default(),
+            ..EventDetails::default()
+        },
+        ..event(id, profile, minute, "ann", json!({}))
+    }
+}
+
+/// The timeline holds the events of a profile and of every profile merged into it, newest
+/// first, with what each event was; filters by type, name and time; pages without gaps or
+/// repeats, also when events share a time.
+async fn a_timeline_lists_every_identity_newest_first_in_pages(store: &dyn ProfileStore) {
+    apply(
+        store,
+        vec![],
+        vec![
+            event("e1", "p1", 1, "ann", json!({"plan": "pro"})),
+            tracked("e2", "p1", 5, "Viewed", json!({"sku": "a"})),
+            tracked("e3", "p2", 3, "Order Completed", json!({"total": 30})),
+            tracked("e4", "p2", 5, "Viewed", json!({"sku": "b"})),
+            tracked("e5", "p3", 9, "Viewed", json!({})),
+        ],
+    )
+    .await;
+    apply(store, vec![merge("p1", "p2")], vec![]).await;
+    let ids = vec!["p1".to_owned(), "p2".to_owned()];
+    let all = |limit| TimelineQuery {
+        limit,
+        ..TimelineQuery::default()
+    };
+    let listed = store.timeline(&ids, &all(10)).await.unwrap();
+    let order: Vec<(&str, &str)> = listed
+        .iter()
+        .map(|e| (e.event_id.as_str(), e.profile_id.as_str()))
+        .collect();
+    assert_eq!(
+        order,
+        [("e4", "p2"), ("e2", "p1"), ("e3", "p2"), ("e1", "p1")],
+        "newest first, ties by event id descending, p3 not included"
+    );
+    assert_eq!(listed[2].occurred_at, at(3));
+    assert_eq!(listed[2].content.details.event, "Order Completed");
+    assert_eq!(listed[2].content.details.properties["total"], json!(30));
+    assert_eq!(listed[3].content.traits["plan"], json!("pro"));
+    assert_eq!(listed[3].content.details.kind, "identify");
+
+    // Pages of one: every event once, in order.
+    let mut paged = Vec::new();
+    let mut query = all(1);
+    loop {
+        let page = store.timeline(&ids, &query).await.unwrap();
+        let Some(last) = page.last() else { break };
+        query.before = Some((last.occurred_at, last.event_id.clone()));
+        paged.push(last.event_id.clone());
+    }
+    assert_eq!(paged, ["e4", "e2", "e3", "e1"]);
+
+    let names = |query: TimelineQuery| async move {
+        store
+            .timeline(&ids_of(), &query)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.event_id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(TimelineQuery {
+            types: vec!["track".into()],
+            ..all(10)
+        })
+        .await,
+        ["e4", "e2", "e3"]
+    );
+    assert_eq!(
+        names(TimelineQuery {
+            names: vec!["Order Completed".into()],
+            ..all(10)
+        })
+        .await,
+        ["e3"]
+    );
+    assert_eq!(
+        names(TimelineQuery {
+            start: Some(at(3)),
+            end: Some(at(5)),
+            ..all(10)
+        })
+        .await,
+        ["e3"],
+        "start inclusive, end exclusive"
+    );
+}
+
+fn ids_of() -> Vec<String> {
+    vec!["p1".to_owned(), "p2".to_owned()]
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use tessera_core::Identifier;
-use tessera_profile::domain::{Merge, ResolvedEvent};
+use tessera_profile::domain::{EventDetails, Merge, ResolvedEvent};
 use tessera_proto::common::v1 as common;
 use tessera_proto::convert::{json_map_to_struct, to_timestamp};
 use tessera_proto::identity::v1 as identity;
@@ -42,6 +42,11 @@ pub(crate) fn event(
         timestamp: at(minute),
         traits: traits.as_object().cloned().unwrap_or_default(),
         identifiers: vec![Identifier::new("user_id", user)],
+        details: EventDetails {
+            message_id: format!("m-{event_id}"),
+            kind: "identify".to_owned(),
+            ..EventDetails::default()
+        },
     }
 }
 

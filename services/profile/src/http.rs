@@ -1,0 +1,489 @@
+//! The Profile API: a REST API compatible with Segment's, so personalization code written for
+//! Segment reads Tessera's profiles unchanged.
+//!
+//! `GET /v1/spaces/{space_id}/collections/users/profiles/{type}:{value}/{resource}` with the
+//! access token as the HTTP Basic user name, where `resource` is `traits`, `external_ids`,
+//! `events`, `metadata` or `links`; `{type}:{value}` is any identifier (`user_id:u1`,
+//! `email:ann@example.com`, ...) or `profile_id:<id>` (`segment_id:<id>` too). Lists take
+//! `limit` and `next` and answer a `cursor` with `url`, `has_more` and `next`; `traits` and
+//! `external_ids` take `include` (comma-separated names or types), `events` takes `include`
+//! (event names), `start` and `end` (RFC 3339). Errors are JSON: `{"error": {"code",
+//! "message"}}` with 400, 401, 404 or 503.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Map, Value, json};
+use sha2::{Digest as _, Sha256};
+use tessera_core::ErrorCode;
+use tessera_proto::common::v1 as common;
+use tessera_proto::convert::{from_timestamp, struct_to_json_map, value_to_json};
+use tessera_proto::profile::v1 as pb;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::error::ProfileError;
+use crate::service::Inner;
+
+/// The default and largest `limit` of each list, as Segment's API has them.
+const TRAITS_LIMIT: (usize, usize) = (10, 200);
+const EXTERNAL_IDS_LIMIT: (usize, usize) = (25, 100);
+const EVENTS_LIMIT: (usize, usize) = (10, 100);
+
+#[derive(Clone)]
+struct Api {
+    inner: Arc<Inner>,
+    /// SHA-256 of the access token: compared by digest, so the comparison takes the same
+    /// time whatever the guess.
+    token: [u8; 32],
+    space_id: String,
+}
+
+/// The Profile API's routes over the profile service, answering requests that carry `token`
+/// for the space `space_id`.
+pub(crate) fn routes(inner: Arc<Inner>, token: &str, space_id: &str) -> tessera_server::HttpRouter {
+    let api = Api {
+        inner,
+        token: Sha256::digest(token.as_bytes()).into(),
+        space_id: space_id.to_owned(),
+    };
+    tessera_server::HttpRouter::new()
+        .route(
+            "/v1/spaces/{space_id}/collections/{collection}/profiles/{external_id}/{resource}",
+            get(handle),
+        )
+        .with_state(api)
+}
+
+/// An error answer: status and `{"error": {"code", "message"}}`.
+struct Failure {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Failure {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+}
+
+impl From<ProfileError> for Failure {
+    fn from(error: ProfileError) -> Self {
+        let code = error.code();
+        let status = tessera_server::http_status(code);
+        match (&error, code) {
+            (ProfileError::NotFound, _) => Self::not_found("profile not found"),
+            (ProfileError::InvalidArgument(violations), _) => Self::bad_request(
+                violations
+                    .iter()
+                    .map(|v| format!("{}: {}", v.field, v.description))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+            (_, ErrorCode::Unavailable) => Self::new(
+                status,
+                "unavailable",
+                "profiles are unavailable for a moment, retry later",
+            ),
+            _ => {
+                tracing::error!(%error, "profile API request failed");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"tessera profile api\""),
+            );
+        }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+async fn handle(
+    State(api): State<Api>,
+    Path((space_id, collection, external_id, resource)): Path<(String, String, String, String)>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    match answer(
+        &api,
+        &space_id,
+        &collection,
+        &external_id,
+        &resource,
+        &params,
+        &headers,
+    )
+    .await
+    {
+        Ok(body) => (StatusCode::OK, Json(body)).into_response(),
+        Err(failure) => failure.into_response(),
+    }
+}
+
+async fn answer(
+    api: &Api,
+    space_id: &str,
+    collection: &str,
+    external_id: &str,
+    resource: &str,
+    params: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Result<Value, Failure> {
+    let user = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(tessera_server::basic_auth_user);
+    let authorized =
+        user.is_some_and(|user| <[u8; 32]>::from(Sha256::digest(user.as_bytes())) == api.token);
+    if !authorized {
+        return Err(Failure::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send the access token as the HTTP Basic user name, with an empty password",
+        ));
+    }
+    if space_id != api.space_id {
+        return Err(Failure::not_found(format!("no space {space_id:?}")));
+    }
+    match collection {
+        "users" => {}
+        "accounts" => {
+            return Err(Failure::not_found(
+                "account profiles are not available yet: only the users collection is",
+            ));
+        }
+        other => {
+            return Err(Failure::not_found(format!(
+                "no collection {other:?}: users or accounts"
+            )));
+        }
+    }
+    let lookup = lookup(external_id)?;
+    let url =
+        format!("/v1/spaces/{space_id}/collections/{collection}/profiles/{external_id}/{resource}");
+    match resource {
+        "traits" => {
+            let profile = profile(api, lookup).await?;
+            traits(&profile, params, url)
+        }
+        "external_ids" => {
+            let profile = profile(api, lookup).await?;
+            external_ids(&profile, params, url)
+        }
+        "metadata" => {
+            let profile = profile(api, lookup).await?;
+            Ok(json!({"metadata": {
+                "created_at": profile.first_seen.as_ref().and_then(from_timestamp).map(rfc3339),
+                "updated_at": profile.updated_at.as_ref().and_then(from_timestamp).map(rfc3339),
+                "expires_after": "",
+                "expires_at": "",
+            }}))
+        }
+        "links" => {
+            // Accounts are not built yet: a person links to none.
+            profile(api, lookup).await?;
+            Ok(json!({"data": [], "cursor": cursor(url, None)}))
+        }
+        "events" => events(api, lookup, params, url).await,
+        other => Err(Failure::not_found(format!(
+            "no resource {other:?}: traits, external_ids, events, metadata or links"
+        ))),
+    }
+}
+
+/// The lookup a `type:value` external id names.
+fn lookup(external_id: &str) -> Result<pb::get_profile_request::Lookup, Failure> {
+    use pb::get_profile_request::Lookup;
+    let Some((kind, value)) = external_id.split_once(':') else {
+        return Err(Failure::bad_request(
+            "name the profile as type:value, for example user_id:u1 or email:ann@example.com",
+        ));
+    };
+    Ok(match kind {
+        "profile_id" | "segment_id" => Lookup::ProfileId(value.to_owned()),
+        _ => Lookup::Identifier(common::Identifier {
+            r#type: kind.to_owned(),
+            value: value.to_owned(),
+        }),
+    })
+}
+
+async fn profile(
+    api: &Api,
+    lookup: pb::get_profile_request::Lookup,
+) -> Result<pb::Profile, Failure> {
+    Ok(api
+        .inner
+        .get_profile(pb::GetProfileRequest {
+            lookup: Some(lookup),
+        })
+        .await?)
+}
+
+/// `limit` within `(default, max)`.
+fn limit(
+    params: &HashMap<String, String>,
+    (default, max): (usize, usize),
+) -> Result<usize, Failure> {
+    match params.get("limit") {
+        None => Ok(default),
+        Some(raw) => match raw.parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(Failure::bad_request(format!(
+                "limit: a number from 1 to {max}"
+            ))),
+        },
+    }
+}
+
+/// The comma-separated values of `include`, when given.
+fn include(params: &HashMap<String, String>) -> Option<Vec<&str>> {
+    params.get("include").map(|raw| {
+        raw.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
+    })
+}
+
+fn cursor(url: String, next: Option<String>) -> Value {
+    json!({
+        "url": url,
+        "has_more": next.is_some(),
+        "next": next.unwrap_or_default(),
+    })
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// A page of the profile's traits in name order, after the name `next`. With `verbose=true`
+/// each value comes with its provenance (`observed_at`, `event_id`).
+fn traits(
+    profile: &pb::Profile,
+    params: &HashMap<String, String>,
+    url: String,
+) -> Result<Value, Failure> {
+    let limit = limit(params, TRAITS_LIMIT)?;
+    let include = include(params);
+    let verbose = params.get("verbose").is_some_and(|v| v == "true");
+    let sorted: BTreeMap<&String, &pb::Trait> = profile.traits.iter().collect();
+    let mut selected = sorted
+        .into_iter()
+        .filter(|(name, _)| {
+            include
+                .as_ref()
+                .is_none_or(|names| names.contains(&name.as_str()))
+        })
+        .filter(|(name, _)| {
+            params
+                .get("next")
+                .is_none_or(|after| name.as_str() > after.as_str())
+        });
+    let mut out = Map::new();
+    let mut last = None;
+    for (name, value) in selected.by_ref().take(limit) {
+        let plain = value.value.as_ref().map_or(Value::Null, value_to_json);
+        let shown = if verbose {
+            json!({
+                "value": plain,
+                "observed_at": value.observed_at.as_ref().and_then(from_timestamp).map(rfc3339),
+                "event_id": value.event_id,
+            })
+        } else {
+            plain
+        };
+        out.insert(name.clone(), shown);
+        last = Some(name.clone());
+    }
+    let next = last.filter(|_| selected.next().is_some());
+    Ok(json!({"traits": out, "cursor": cursor(url, next)}))
+}
+
+/// A page of the profile's identifiers, by type then value, after the `type:value` `next`.
+fn external_ids(
+    profile: &pb::Profile,
+    params: &HashMap<String, String>,
+    url: String,
+) -> Result<Value, Failure> {
+    let limit = limit(params, EXTERNAL_IDS_LIMIT)?;
+    let include = include(params);
+    let created_at = profile
+        .first_seen
+        .as_ref()
+        .and_then(from_timestamp)
+        .map(rfc3339);
+    let mut ids: Vec<&common::Identifier> = profile.identifiers.iter().collect();
+    ids.sort_by(|a, b| (&a.r#type, &a.value).cmp(&(&b.r#type, &b.value)));
+    let key = |id: &common::Identifier| format!("{}:{}", id.r#type, id.value);
+    let mut selected = ids
+        .into_iter()
+        .filter(|id| {
+            include
+                .as_ref()
+                .is_none_or(|types| types.contains(&id.r#type.as_str()))
+        })
+        .filter(|id| {
+            params
+                .get("next")
+                .is_none_or(|after| key(id).as_str() > after.as_str())
+        });
+    let mut data = Vec::new();
+    let mut last = None;
+    for id in selected.by_ref().take(limit) {
+        data.push(json!({
+            "id": id.value,
+            "type": id.r#type,
+            "source_id": "",
+            "collection": "users",
+            "created_at": created_at,
+            "encoding": "none",
+        }));
+        last = Some(key(id));
+    }
+    let next = last.filter(|_| selected.next().is_some());
+    Ok(json!({"data": data, "cursor": cursor(url, next)}))
+}
+
+/// A page of the profile's events, newest first, from all its merged identities.
+async fn events(
+    api: &Api,
+    lookup: pb::get_profile_request::Lookup,
+    params: &HashMap<String, String>,
+    url: String,
+) -> Result<Value, Failure> {
+    use pb::get_profile_request::Lookup as G;
+    use pb::list_profile_events_request::Lookup as L;
+    let limit = limit(params, EVENTS_LIMIT)?;
+    let time = |field: &str| -> Result<Option<prost_types::Timestamp>, Failure> {
+        params
+            .get(field)
+            .map(|raw| {
+                OffsetDateTime::parse(raw, &Rfc3339)
+                    .map(tessera_proto::convert::to_timestamp)
+                    .map_err(|_| Failure::bad_request(format!("{field}: an RFC 3339 time")))
+            })
+            .transpose()
+    };
+    let request = pb::ListProfileEventsRequest {
+        lookup: Some(match lookup {
+            G::ProfileId(id) => L::ProfileId(id),
+            G::Identifier(id) => L::Identifier(id),
+        }),
+        types: Vec::new(),
+        event_names: include(params)
+            .unwrap_or_default()
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+        start_time: time("start")?,
+        end_time: time("end")?,
+        page_size: i32::try_from(limit).unwrap_or(i32::MAX),
+        page_token: params.get("next").cloned().unwrap_or_default(),
+    };
+    let page = api.inner.list_events(request).await?;
+    let data: Vec<Value> = page
+        .events
+        .iter()
+        .map(|entry| event_json(entry, &page.profile_id))
+        .collect();
+    let next = (!page.next_page_token.is_empty()).then_some(page.next_page_token);
+    Ok(json!({"data": data, "cursor": cursor(url, next)}))
+}
+
+/// One timeline event as the Profile API shows it.
+fn event_json(entry: &pb::TimelineEvent, profile_id: &str) -> Value {
+    let mut out = Map::new();
+    if let Some(event) = &entry.event {
+        let kind = common::EventType::try_from(event.r#type)
+            .map(|k| {
+                k.as_str_name()
+                    .trim_start_matches("EVENT_TYPE_")
+                    .to_lowercase()
+            })
+            .unwrap_or_default();
+        out.insert("type".into(), json!(kind));
+        out.insert("message_id".into(), json!(event.message_id));
+        for (key, value) in [
+            ("event", &event.event),
+            ("name", &event.name),
+            ("category", &event.category),
+        ] {
+            if !value.is_empty() {
+                out.insert(key.into(), json!(value));
+            }
+        }
+        for (key, value) in [
+            ("properties", &event.properties),
+            ("traits", &event.traits),
+            ("context", &event.context),
+        ] {
+            if let Some(value) = value {
+                out.insert(key.into(), Value::Object(struct_to_json_map(value)));
+            }
+        }
+        out.insert(
+            "timestamp".into(),
+            json!(
+                event
+                    .timestamp
+                    .as_ref()
+                    .and_then(from_timestamp)
+                    .map(rfc3339)
+            ),
+        );
+    }
+    out.insert("source_id".into(), json!(""));
+    out.insert(
+        "external_ids".into(),
+        Value::Array(
+            entry
+                .identifiers
+                .iter()
+                .map(|id| json!({"id": id.value, "type": id.r#type, "collection": "users", "encoding": "none"}))
+                .collect(),
+        ),
+    );
+    out.insert("related".into(), json!({"users": profile_id}));
+    Value::Object(out)
+}

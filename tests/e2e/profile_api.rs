@@ -1,0 +1,304 @@
+//! The Segment-compatible Profile API and the timeline end to end in `tessera dev`: events sent
+//! through ingestion are read back over plain HTTP as Segment's Profile API answers them
+//! (traits, external ids, events, metadata, links, with cursors), and over gRPC with
+//! `ListProfileEvents`; bad credentials and bad requests get JSON errors.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use serde_json::{Value, json};
+use tessera_proto::common::v1::Event;
+use tessera_proto::profile::v1::profile_service_client::ProfileServiceClient;
+use tessera_proto::profile::v1::{ListProfileEventsRequest, list_profile_events_request};
+use tessera_tests::TesseraBuilder;
+use tessera_tests::events::{identify, send, track, wait_for};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// GETs `path` with `token` as the Basic user; returns the status, the headers and the JSON body.
+async fn get(http_addr: &str, path: &str, token: Option<&str>) -> (u16, String, Value) {
+    let auth = token
+        .map(|t| {
+            format!(
+                "Authorization: Basic {}\r\n",
+                STANDARD.encode(format!("{t}:"))
+            )
+        })
+        .unwrap_or_default();
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {http_addr}\r\n{auth}Connection: close\r\n\r\n");
+    let mut stream = tokio::net::TcpStream::connect(http_addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("a response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status");
+    let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+    (status, head.to_lowercase(), json)
+}
+
+/// `event` at `seconds` after a fixed time.
+fn at(mut event: Event, seconds: i64) -> Event {
+    event.timestamp = Some(prost_types::Timestamp {
+        seconds: 1_790_000_000 + seconds,
+        nanos: 0,
+    });
+    event
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_profile_api_answers_like_segments_over_tessera_dev() {
+    let data = tempfile::tempdir().unwrap();
+    let tessera = TesseraBuilder::new("dev")
+        .args(["--data-dir", data.path().to_str().unwrap()])
+        .start()
+        .await;
+    let token = tessera
+        .access_token
+        .clone()
+        .expect("tessera dev prints the Profile API token");
+    let channel = tessera.channel().await;
+    send(
+        &channel,
+        tessera.dev_write_key(),
+        vec![
+            at(
+                identify(
+                    "m1",
+                    "u1",
+                    "a1",
+                    json!({"name": "Ann", "plan": "pro", "email": "ann@x.io"}),
+                ),
+                0,
+            ),
+            at(
+                track("m2", "", "a1", "Product Viewed", json!({"sku": "a"})),
+                10,
+            ),
+            at(
+                track("m3", "u1", "", "Order Completed", json!({"total": 30})),
+                20,
+            ),
+        ],
+    )
+    .await
+    .expect("send");
+    let profile = wait_for(&channel, "user_id", "u1", WAIT, |p| p.event_count == 3).await;
+    let http = tessera.http_addr.as_str();
+    let base = "/v1/spaces/default/collections/users/profiles";
+
+    let (status, _, body) = get(http, &format!("{base}/user_id:u1/traits"), Some(&token)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["traits"],
+        json!({"name": "Ann", "plan": "pro", "email": "ann@x.io"})
+    );
+    assert_eq!(body["cursor"]["has_more"], json!(false));
+    assert_eq!(
+        body["cursor"]["url"],
+        json!(format!("{base}/user_id:u1/traits"))
+    );
+    // Any identifier names the profile; include and paging.
+    let (_, _, body) = get(
+        http,
+        &format!("{base}/email:ann@x.io/traits?include=plan,name"),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(body["traits"], json!({"name": "Ann", "plan": "pro"}));
+    let (_, _, first) = get(
+        http,
+        &format!("{base}/anonymous_id:a1/traits?limit=2"),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(first["traits"], json!({"email": "ann@x.io", "name": "Ann"}));
+    assert_eq!(first["cursor"]["has_more"], json!(true));
+    let next = first["cursor"]["next"].as_str().unwrap();
+    let (_, _, second) = get(
+        http,
+        &format!("{base}/anonymous_id:a1/traits?limit=2&next={next}"),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(second["traits"], json!({"plan": "pro"}));
+    assert_eq!(second["cursor"]["has_more"], json!(false));
+    let (_, _, verbose) = get(
+        http,
+        &format!("{base}/user_id:u1/traits?include=plan&verbose=true"),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(verbose["traits"]["plan"]["value"], json!("pro"));
+    assert!(verbose["traits"]["plan"]["event_id"].is_string());
+
+    let (status, _, body) = get(
+        http,
+        &format!("{base}/user_id:u1/external_ids"),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let ids: Vec<(String, String)> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["type"].as_str().unwrap().to_owned(),
+                d["id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            ("anonymous_id".to_owned(), "a1".to_owned()),
+            ("email".to_owned(), "ann@x.io".to_owned()),
+            ("user_id".to_owned(), "u1".to_owned())
+        ]
+    );
+    assert_eq!(body["data"][0]["collection"], json!("users"));
+
+    // Events: newest first, from every identity, with what each was.
+    let (status, _, body) = get(http, &format!("{base}/user_id:u1/events"), Some(&token)).await;
+    assert_eq!(status, 200, "{body}");
+    let events = body["data"].as_array().unwrap();
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap_or(e["type"].as_str().unwrap()))
+        .collect();
+    assert_eq!(names, ["Order Completed", "Product Viewed", "identify"]);
+    assert_eq!(events[0]["type"], json!("track"));
+    assert_eq!(events[0]["message_id"], json!("m3"));
+    assert_eq!(events[0]["properties"], json!({"total": 30}));
+    assert_eq!(events[1]["properties"], json!({"sku": "a"}));
+    assert_eq!(events[2]["traits"]["plan"], json!("pro"));
+    assert_eq!(events[0]["related"]["users"], json!(profile.profile_id));
+    let (_, _, only) = get(
+        http,
+        &format!("{base}/user_id:u1/events?include=Product%20Viewed"),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(only["data"].as_array().unwrap().len(), 1);
+    let (_, _, page) = get(
+        http,
+        &format!("{base}/user_id:u1/events?limit=2"),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    assert_eq!(page["cursor"]["has_more"], json!(true));
+    let next = page["cursor"]["next"].as_str().unwrap();
+    let (_, _, rest) = get(
+        http,
+        &format!("{base}/user_id:u1/events?limit=2&next={next}"),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(rest["data"][0]["message_id"], json!("m1"));
+    assert_eq!(rest["cursor"]["has_more"], json!(false));
+
+    let (status, _, body) = get(http, &format!("{base}/user_id:u1/metadata"), Some(&token)).await;
+    assert_eq!(status, 200);
+    assert!(body["metadata"]["created_at"].is_string());
+    let (status, _, body) = get(http, &format!("{base}/user_id:u1/links"), Some(&token)).await;
+    assert_eq!((status, body["data"].clone()), (200, json!([])));
+
+    // The same timeline over gRPC.
+    let mut profiles = ProfileServiceClient::new(channel.clone());
+    let listed = profiles
+        .list_profile_events(ListProfileEventsRequest {
+            lookup: Some(list_profile_events_request::Lookup::ProfileId(
+                profile.profile_id.clone(),
+            )),
+            types: vec!["track".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    let ids: Vec<&str> = listed
+        .events
+        .iter()
+        .map(|e| e.event.as_ref().unwrap().message_id.as_str())
+        .collect();
+    assert_eq!(ids, ["m3", "m2"]);
+    let refused = profiles
+        .list_profile_events(ListProfileEventsRequest {
+            lookup: Some(list_profile_events_request::Lookup::ProfileId(
+                profile.profile_id.clone(),
+            )),
+            page_token: "garbage".into(),
+            types: vec!["tracks".into()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("page_token") && refused.message().contains("types[0]"),
+        "{}",
+        refused.message()
+    );
+
+    // Errors: JSON, with the status a client expects.
+    let (status, head, body) = get(http, &format!("{base}/user_id:u1/traits"), None).await;
+    assert_eq!(status, 401);
+    assert!(head.contains("www-authenticate: basic"), "{head}");
+    assert_eq!(body["error"]["code"], json!("unauthorized"));
+    let (status, _, _) = get(
+        http,
+        &format!("{base}/user_id:u1/traits"),
+        Some("tpa_wrong_token_0000"),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _, body) = get(
+        http,
+        &format!("{base}/email:nobody@x.io/traits"),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (404, json!("not_found"))
+    );
+    let (status, _, body) = get(http, &format!("{base}/u1/traits"), Some(&token)).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (400, json!("invalid_request"))
+    );
+    let (status, _, body) = get(
+        http,
+        &format!("{base}/user_id:u1/traits?limit=0"),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(body["error"]["message"].as_str().unwrap().contains("limit"));
+    let (status, _, _) = get(http, &format!("{base}/user_id:u1/everything"), Some(&token)).await;
+    assert_eq!(status, 404);
+    let (status, _, _) = get(
+        http,
+        "/v1/spaces/other/collections/users/profiles/user_id:u1/traits",
+        Some(&token),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _, body) = get(
+        http,
+        &format!("{base}/user_id:u1/events?start=yesterday"),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+}
