@@ -1,6 +1,7 @@
 //! End-to-end tests: the walking skeleton through real processes, real gRPC, Postgres and Redis.
 
 mod cli;
+mod computed_traits;
 mod debugger;
 mod dev_mode;
 mod faults;

@@ -2,6 +2,7 @@
 //! their ports, talk to them over gRPC, and put a cuttable TCP proxy in front of a dependency.
 
 pub mod events;
+pub mod http;
 pub mod process;
 pub mod proxy;
 

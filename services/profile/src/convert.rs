@@ -12,6 +12,7 @@ use tessera_proto::profile::v1 as pb;
 use tessera_proto::scoring::v1 as scoring;
 use time::OffsetDateTime;
 
+use crate::computed::ComputedTrait;
 use crate::domain::{
     Batch, EventContent, EventDetails, Merge, Profile, ResolvedEvent, Score, ScoreFactor, Split,
 };
@@ -502,7 +503,36 @@ const EVENT_KINDS: [EventType; 6] = [
     EventType::Alias,
 ];
 
+/// The protobuf form of a live profile, its computed traits (`computed`) evaluated at `now`.
+pub(crate) fn profile_to_pb(
+    profile: &Profile,
+    computed: &[ComputedTrait],
+    now: OffsetDateTime,
+) -> pb::Profile {
+    let mut message = pb::Profile::from(profile);
+    message.computed_traits = profile
+        .state
+        .computed
+        .values(computed, now)
+        .into_iter()
+        .map(|(name, v)| {
+            let value = pb::ComputedTrait {
+                value: Some(json_to_value(&v.value)),
+                observed_at: v.observed_at.map(to_timestamp),
+            };
+            (name, value)
+        })
+        .collect();
+    message.computed_valid_until = profile
+        .state
+        .computed
+        .valid_until(computed, now)
+        .map(to_timestamp);
+    message
+}
+
 impl From<&Profile> for pb::Profile {
+    /// Without computed traits: see [`profile_to_pb`].
     fn from(profile: &Profile) -> Self {
         let Profile {
             profile_id,
@@ -524,6 +554,8 @@ impl From<&Profile> for pb::Profile {
             // Internal: exposed through the engagement score instead.
             activity_log2: _,
             identifiers,
+            // Evaluated at read time by `profile_to_pb`.
+            computed: _,
         } = state;
         Self {
             profile_id: profile_id.clone(),
@@ -555,6 +587,8 @@ impl From<&Profile> for pb::Profile {
             version: *version,
             updated_at: Some(to_timestamp(*updated_at)),
             merged_profile_ids: merged_profile_ids.clone(),
+            computed_traits: std::collections::HashMap::new(),
+            computed_valid_until: None,
         }
     }
 }

@@ -13,6 +13,8 @@ use serde_json::{Map, Value};
 use tessera_core::{Identifier, activity};
 use time::OffsetDateTime;
 
+use crate::computed::{ComputedState, ComputedTrait};
+
 /// One trait value with its provenance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TraitValue {
@@ -48,11 +50,20 @@ pub struct ProfileState {
     pub activity_log2: Option<f64>,
     /// Every identifier linked to the profile.
     pub identifiers: BTreeSet<Identifier>,
+    /// The accumulators of the computed traits.
+    pub computed: ComputedState,
 }
 
 impl ProfileState {
-    /// Folds one event into the state. The caller guarantees each event is applied once.
-    pub fn apply(&mut self, event: &ResolvedEvent, half_life_seconds: f64) {
+    /// Folds one event into the state, and into the accumulators of the `computed` traits it
+    /// counts for. The caller guarantees each event is applied once.
+    pub fn apply(
+        &mut self,
+        event: &ResolvedEvent,
+        half_life_seconds: f64,
+        computed: &[ComputedTrait],
+    ) {
+        self.computed.apply(computed, event);
         for (name, value) in &event.traits {
             self.set_trait(
                 name,
@@ -90,6 +101,7 @@ impl ProfileState {
         self.last_seen = max_opt(self.last_seen, other.last_seen);
         self.activity_log2 = activity::merge(self.activity_log2, other.activity_log2);
         self.identifiers.extend(other.identifiers.iter().cloned());
+        self.computed.absorb(&other.computed);
     }
 
     fn set_trait(&mut self, name: &str, candidate: TraitValue) {
@@ -180,9 +192,16 @@ impl Profile {
         }
     }
 
-    /// Applies one new event.
-    pub fn apply(&mut self, event: &ResolvedEvent, half_life_seconds: f64, now: OffsetDateTime) {
-        self.state.apply(event, half_life_seconds);
+    /// Applies one new event; windowed computed traits drop what fell out of their window.
+    pub fn apply(
+        &mut self,
+        event: &ResolvedEvent,
+        half_life_seconds: f64,
+        now: OffsetDateTime,
+        computed: &[ComputedTrait],
+    ) {
+        self.state.apply(event, half_life_seconds, computed);
+        self.state.computed.prune(computed, now);
         self.touch(now);
     }
 
@@ -459,6 +478,7 @@ impl Workspace {
         event: &ResolvedEvent,
         half_life_seconds: f64,
         now: OffsetDateTime,
+        computed: &[ComputedTrait],
     ) -> Result<(), Missing> {
         let id = self.canonical_owned(&event.profile_id)?;
         let profile = self
@@ -471,7 +491,7 @@ impl Workspace {
             .filter(|i| !profile.state.identifiers.contains(*i))
             .cloned()
             .collect();
-        profile.apply(event, half_life_seconds, now);
+        profile.apply(event, half_life_seconds, now, computed);
         if !fresh.is_empty() {
             self.new_identifiers
                 .entry(id.clone())
@@ -570,7 +590,7 @@ mod tests {
     fn fold(events: &[ResolvedEvent]) -> ProfileState {
         let mut state = ProfileState::default();
         for e in events {
-            state.apply(e, H);
+            state.apply(e, H, &[]);
         }
         state
     }
@@ -602,10 +622,10 @@ mod tests {
     #[test]
     fn merging_folds_state_and_redirects() {
         let mut survivor = Profile::empty("s", NOW);
-        survivor.apply(&event("e1", "s", 1, json!({"plan": "free"})), H, NOW);
+        survivor.apply(&event("e1", "s", 1, json!({"plan": "free"})), H, NOW, &[]);
         let mut merged = Profile::empty("m", NOW);
         merged.merged_profile_ids.push("older".to_owned());
-        merged.apply(&event("e2", "m", 2, json!({"plan": "pro"})), H, NOW);
+        merged.apply(&event("e2", "m", 2, json!({"plan": "pro"})), H, NOW, &[]);
         survivor.absorb(&mut merged, NOW);
         assert_eq!(survivor.state.event_count, 2);
         assert_eq!(survivor.state.traits["plan"].value, json!("pro"));
@@ -636,7 +656,7 @@ mod tests {
         // b was merged into a, which was merged into c: one profile already.
         assert_eq!(ws.apply_merge(&m("b", "old"), NOW), Ok(false));
         assert_eq!(ws.canonical("b"), Some("c"));
-        ws.apply_event(&event("e1", "b", 0, json!({"x": 1})), H, NOW)
+        ws.apply_event(&event("e1", "b", 0, json!({"x": 1})), H, NOW, &[])
             .unwrap();
         let changed: Vec<_> = ws.changed().map(|p| p.profile_id.as_str()).collect();
         assert_eq!(changed, ["a", "b", "c"]);
@@ -646,7 +666,7 @@ mod tests {
         assert_eq!(c.merged_profile_ids, ["a", "b"]);
         assert_eq!(c.state.event_count, 1);
         assert_eq!(
-            ws.apply_event(&event("e2", "nobody", 0, json!({})), H, NOW),
+            ws.apply_event(&event("e2", "nobody", 0, json!({})), H, NOW, &[]),
             Err(Missing("nobody".to_owned()))
         );
     }
@@ -701,8 +721,8 @@ mod tests {
             let right: Vec<_> = right.into_iter().map(|(_, e)| e).collect();
             let mut l = Profile::empty("l", NOW);
             let mut r = Profile::empty("r", NOW);
-            for e in &left { l.apply(e, H, NOW); }
-            for e in &right { r.apply(e, H, NOW); }
+            for e in &left { l.apply(e, H, NOW, &[]); }
+            for e in &right { r.apply(e, H, NOW, &[]); }
             let merged = if survivor_left {
                 l.absorb(&mut r, NOW);
                 l.state

@@ -307,7 +307,28 @@ fn traits(
     let limit = limit(params, TRAITS_LIMIT)?;
     let include = include(params);
     let verbose = params.get("verbose").is_some_and(|v| v == "true");
-    let sorted: BTreeMap<&String, &pb::Trait> = profile.traits.iter().collect();
+    // Traits from events and computed traits, as Segment lists custom and computed traits
+    // together; `class` picks one kind. A computed trait wins over an event trait of its name.
+    let class = params.get("class").map(String::as_str);
+    let mut sorted: BTreeMap<&String, pb::Trait> = BTreeMap::new();
+    if matches!(class, None | Some("custom")) {
+        sorted.extend(profile.traits.iter().map(|(name, t)| (name, t.clone())));
+    }
+    if matches!(class, None | Some("computed_trait")) {
+        sorted.extend(profile.computed_traits.iter().map(|(name, t)| {
+            let shown = pb::Trait {
+                value: t.value.clone(),
+                observed_at: t.observed_at.or(profile.updated_at),
+                event_id: String::new(),
+            };
+            (name, shown)
+        }));
+    }
+    if let Some(other) = class.filter(|c| !matches!(*c, "custom" | "computed_trait")) {
+        return Err(Failure::bad_request(format!(
+            "class: custom or computed_trait, not {other:?} (audiences are not built yet)"
+        )));
+    }
     let mut selected = sorted
         .into_iter()
         .filter(|(name, _)| {

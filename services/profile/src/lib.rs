@@ -10,6 +10,7 @@
 //! (Postgres or SQLite), `convert` the proto conversions, `service` the gRPC handlers and
 //! [`error`] the one error type.
 
+pub mod computed;
 mod convert;
 pub mod domain;
 pub mod error;
@@ -57,6 +58,8 @@ pub struct ProfileSettings {
     pub access_token: Option<AccessToken>,
     /// The space id in Profile API paths (`/v1/spaces/{space_id}/...`).
     pub space_id: String,
+    /// The computed traits kept on every profile (`[[profile.computed_traits]]`).
+    pub computed_traits: Vec<computed::ComputedTrait>,
 }
 
 /// A Profile API access token; never shown in logs.
@@ -78,6 +81,7 @@ impl Default for ProfileSettings {
             match_profiles: true,
             access_token: None,
             space_id: "default".to_owned(),
+            computed_traits: Vec::new(),
         }
     }
 }
@@ -111,6 +115,16 @@ impl ProfileSettings {
                 field: "access_token",
                 reason: "at least 16 characters, without colons or surrounding spaces",
             });
+        }
+        let mut names = std::collections::HashSet::new();
+        for computed in &self.computed_traits {
+            if computed.problem().is_some() || !names.insert(computed.name.as_str()) {
+                return Err(InvalidSetting {
+                    field: "computed_traits",
+                    reason: "each needs a unique name (1 to 200 bytes), a property for every \
+                             kind but count, and a window of at least 1 second when windowed",
+                });
+            }
         }
         if self.space_id.is_empty() || self.space_id.contains('/') {
             return Err(InvalidSetting {
@@ -161,7 +175,8 @@ impl Profiles {
                 .access_token
                 .map(|token| (token, settings.space_id.clone())),
             inner: Arc::new(service::Inner {
-                store: store::open(db),
+                store: store::open_with(db, settings.computed_traits.clone()),
+                computed: settings.computed_traits.clone().into(),
                 cache,
                 identity,
                 scoring,

@@ -24,6 +24,7 @@ use time::OffsetDateTime;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
+use crate::computed::ComputedTrait;
 use crate::convert::{self, Lookup, micros};
 use crate::domain::{Batch, Merge, Profile, Score};
 use crate::error::ProfileError;
@@ -48,6 +49,8 @@ pub(crate) struct Inner {
     pub(crate) identity: Channel,
     pub(crate) scoring: Channel,
     pub(crate) half_life_seconds: f64,
+    /// The computed traits, evaluated when a profile is read.
+    pub(crate) computed: Arc<[ComputedTrait]>,
     /// Whether applied profiles are sent to the identity service's matching.
     pub(crate) match_profiles: bool,
     /// Set once an identity service without matching has been reported, so the warning is
@@ -81,7 +84,7 @@ impl Inner {
             .get(&profile_id)
             .await?
             .ok_or(ProfileError::NotFound)?;
-        let message = pb::Profile::from(&profile);
+        let message = convert::profile_to_pb(&profile, &self.computed, OffsetDateTime::now_utc());
         // A fill lands only when no newer version is cached: a slow read never puts back a
         // profile older than one a write already stored.
         self.put(
@@ -162,6 +165,18 @@ impl Inner {
             Ok(Some(Versioned {
                 bytes: Some(bytes), ..
             })) => match pb::Profile::decode(bytes.as_slice()) {
+                // Computed traits evaluated when the entry was put hold until
+                // `computed_valid_until`; past it, the database answers (and re-evaluates).
+                Ok(profile)
+                    if profile
+                        .computed_valid_until
+                        .as_ref()
+                        .and_then(tessera_proto::convert::from_timestamp)
+                        .is_some_and(|until| until <= OffsetDateTime::now_utc()) =>
+                {
+                    metrics::counter!("tessera_profile_cache_computed_expired_total").increment(1);
+                    None
+                }
                 Ok(profile) => Some(profile),
                 Err(e) => {
                     cache_error("decode", profile_id, &e);
@@ -251,7 +266,13 @@ impl Inner {
     /// Puts the cache entries of what a batch wrote.
     async fn cache_applied(&self, applied: &Applied) {
         let mut entries = Vec::with_capacity(applied.changed.len() + applied.merged_away.len());
-        entries.extend(applied.changed.iter().map(entry));
+        let now = OffsetDateTime::now_utc();
+        entries.extend(
+            applied
+                .changed
+                .iter()
+                .map(|profile| entry(profile, &self.computed, now)),
+        );
         // A merged-away profile's reads go to the database, which redirects to the survivor.
         entries.extend(applied.merged_away.iter().map(|(id, version)| {
             (
@@ -433,12 +454,16 @@ fn changed_ids(applied: &Applied) -> BTreeSet<String> {
 }
 
 /// The cache entry of a stored live profile.
-fn entry(profile: &Profile) -> (String, Versioned) {
+fn entry(
+    profile: &Profile,
+    computed: &[ComputedTrait],
+    now: OffsetDateTime,
+) -> (String, Versioned) {
     (
         profile.profile_id.clone(),
         Versioned {
             version: profile.version,
-            bytes: Some(pb::Profile::from(profile).encode_to_vec()),
+            bytes: Some(convert::profile_to_pb(profile, computed, now).encode_to_vec()),
         },
     )
 }

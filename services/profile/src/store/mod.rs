@@ -16,6 +16,7 @@ use tessera_core::Identifier;
 use tessera_store::Database;
 use time::OffsetDateTime;
 
+use crate::computed::ComputedTrait;
 use crate::domain::{Batch, EventContent, Profile, ProfileState, Score, Split, Workspace};
 use crate::error::ProfileError;
 
@@ -184,9 +185,15 @@ fn timeline_entries(
 
 /// The store of `db`'s backend. The database must be migrated with [`crate::MIGRATIONS`].
 pub fn open(db: Database) -> Arc<dyn ProfileStore> {
+    open_with(db, Vec::new())
+}
+
+/// The store of `db`'s backend, keeping the `computed` traits up to date on every event.
+pub fn open_with(db: Database, computed: Vec<ComputedTrait>) -> Arc<dyn ProfileStore> {
+    let computed: Arc<[ComputedTrait]> = computed.into();
     match db {
-        Database::Postgres(pool) => Arc::new(PostgresStore::new(pool)),
-        Database::Sqlite(pool) => Arc::new(SqliteStore::new(pool)),
+        Database::Postgres(pool) => Arc::new(PostgresStore::new(pool).with_computed(computed)),
+        Database::Sqlite(pool) => Arc::new(SqliteStore::new(pool).with_computed(computed)),
     }
 }
 
@@ -238,7 +245,7 @@ trait Ops: Send {
 async fn apply<O: Ops>(
     ops: &mut O,
     batch: &Batch,
-    half_life_seconds: f64,
+    (half_life_seconds, computed): (f64, &[ComputedTrait]),
     now: OffsetDateTime,
     scorer: &dyn Scorer,
 ) -> Result<Applied, ProfileError> {
@@ -271,7 +278,7 @@ async fn apply<O: Ops>(
     let mut applied = 0;
     for event in &batch.events {
         if fresh.remove(&event.event_id) {
-            ws.apply_event(event, half_life_seconds, now)?;
+            ws.apply_event(event, half_life_seconds, now, computed)?;
             applied += 1;
         }
     }
@@ -416,7 +423,7 @@ fn content_json(content: &EventContent) -> String {
 async fn split<O: Ops>(
     ops: &mut O,
     split: &Split,
-    half_life_seconds: f64,
+    (half_life_seconds, computed): (f64, &[ComputedTrait]),
     now: OffsetDateTime,
     scorer: &dyn Scorer,
 ) -> Result<Applied, ProfileError> {
@@ -490,7 +497,7 @@ async fn split<O: Ops>(
         let folded = state
             .get_mut(live)
             .ok_or_else(|| ProfileError::BrokenMergeChain(live.to_owned()))?;
-        folded.apply(&content.event(event_id, live), half_life_seconds);
+        folded.apply(&content.event(event_id, live), half_life_seconds, computed);
     }
     version += 1;
     let mut links: Vec<(&str, &Identifier)> = Vec::new();

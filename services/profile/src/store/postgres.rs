@@ -20,13 +20,28 @@ use crate::error::ProfileError;
 /// Profiles in Postgres, in the service's schema.
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
+    /// The computed traits kept up to date on every event.
+    computed: std::sync::Arc<[crate::computed::ComputedTrait]>,
     pool: PgPool,
 }
 
 impl PostgresStore {
     /// A store on `pool`, whose `search_path` is the profile schema.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            computed: Vec::new().into(),
+        }
+    }
+
+    /// The store keeping `computed` traits up to date on every event.
+    #[must_use]
+    pub fn with_computed(
+        mut self,
+        computed: std::sync::Arc<[crate::computed::ComputedTrait]>,
+    ) -> Self {
+        self.computed = computed;
+        self
     }
 }
 
@@ -40,8 +55,14 @@ impl ProfileStore for PostgresStore {
         scorer: &dyn Scorer,
     ) -> Result<Applied, ProfileError> {
         let mut tx = self.pool.begin().await?;
-        let applied =
-            super::apply(&mut PgOps(&mut tx), batch, half_life_seconds, now, scorer).await?;
+        let applied = super::apply(
+            &mut PgOps(&mut tx),
+            batch,
+            (half_life_seconds, &self.computed),
+            now,
+            scorer,
+        )
+        .await?;
         tx.commit().await?;
         Ok(applied)
     }
@@ -64,8 +85,14 @@ impl ProfileStore for PostgresStore {
         scorer: &dyn Scorer,
     ) -> Result<Applied, ProfileError> {
         let mut tx = self.pool.begin().await?;
-        let applied =
-            super::split(&mut PgOps(&mut tx), split, half_life_seconds, now, scorer).await?;
+        let applied = super::split(
+            &mut PgOps(&mut tx),
+            split,
+            (half_life_seconds, &self.computed),
+            now,
+            scorer,
+        )
+        .await?;
         tx.commit().await?;
         Ok(applied)
     }
@@ -161,14 +188,14 @@ impl Ops for PgOps<'_> {
             sqlx::query(
                 "SELECT profile_id, merged_into, traits, event_count, first_seen, last_seen, \
                         activity_log2, scores, merged_profile_ids, version, created_at, \
-                        updated_at \
+                        updated_at, computed \
                  FROM profiles WHERE profile_id = ANY($1) ORDER BY profile_id FOR UPDATE",
             )
         } else {
             sqlx::query(
                 "SELECT profile_id, merged_into, traits, event_count, first_seen, last_seen, \
                         activity_log2, scores, merged_profile_ids, version, created_at, \
-                        updated_at \
+                        updated_at, computed \
                  FROM profiles WHERE profile_id = ANY($1) ORDER BY profile_id",
             )
         };
@@ -310,6 +337,7 @@ impl Ops for PgOps<'_> {
         let mut merged_ids = Vec::with_capacity(n);
         let mut versions = Vec::with_capacity(n);
         let mut updated = Vec::with_capacity(n);
+        let mut computed = Vec::with_capacity(n);
         for p in profiles {
             ids.push(p.profile_id.as_str());
             merged_into.push(p.merged_into.as_deref());
@@ -322,18 +350,19 @@ impl Ops for PgOps<'_> {
             merged_ids.push(Json(&p.merged_profile_ids));
             versions.push(p.version);
             updated.push(p.updated_at);
+            computed.push(Json(&p.state.computed));
         }
         sqlx::query(
             "UPDATE profiles p SET merged_into = u.merged_into, traits = u.traits, \
                  event_count = u.event_count, first_seen = u.first_seen, \
                  last_seen = u.last_seen, activity_log2 = u.activity_log2, scores = u.scores, \
                  merged_profile_ids = ARRAY(SELECT jsonb_array_elements_text(u.merged_ids)), \
-                 version = u.version, updated_at = u.updated_at \
+                 version = u.version, updated_at = u.updated_at, computed = u.computed \
              FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::int8[], $5::timestamptz[], \
                          $6::timestamptz[], $7::float8[], $8::jsonb[], $9::jsonb[], $10::int8[], \
-                         $11::timestamptz[]) \
+                         $11::timestamptz[], $12::jsonb[]) \
                   AS u(profile_id, merged_into, traits, event_count, first_seen, last_seen, \
-                       activity_log2, scores, merged_ids, version, updated_at) \
+                       activity_log2, scores, merged_ids, version, updated_at, computed) \
              WHERE p.profile_id = u.profile_id",
         )
         .bind(ids)
@@ -347,6 +376,7 @@ impl Ops for PgOps<'_> {
         .bind(merged_ids)
         .bind(versions)
         .bind(updated)
+        .bind(computed)
         .execute(&mut *self.0)
         .await?;
         Ok(())
@@ -395,6 +425,7 @@ impl Ops for PgOps<'_> {
 fn profile(row: &PgRow) -> Result<Profile, sqlx::Error> {
     let Json(traits) = row.try_get("traits")?;
     let Json(scores) = row.try_get("scores")?;
+    let Json(computed) = row.try_get("computed")?;
     Ok(Profile {
         profile_id: row.try_get("profile_id")?,
         merged_into: row.try_get("merged_into")?,
@@ -405,6 +436,7 @@ fn profile(row: &PgRow) -> Result<Profile, sqlx::Error> {
             last_seen: row.try_get("last_seen")?,
             activity_log2: row.try_get("activity_log2")?,
             identifiers: Default::default(),
+            computed,
         },
         scores,
         merged_profile_ids: row.try_get("merged_profile_ids")?,

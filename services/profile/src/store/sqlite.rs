@@ -25,13 +25,28 @@ const CHUNK: usize = 500;
 /// Profiles in a SQLite file.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
+    /// The computed traits kept up to date on every event.
+    computed: std::sync::Arc<[crate::computed::ComputedTrait]>,
     pool: SqlitePool,
 }
 
 impl SqliteStore {
     /// A store on `pool`.
     pub fn new(pool: SqlitePool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            computed: Vec::new().into(),
+        }
+    }
+
+    /// The store keeping `computed` traits up to date on every event.
+    #[must_use]
+    pub fn with_computed(
+        mut self,
+        computed: std::sync::Arc<[crate::computed::ComputedTrait]>,
+    ) -> Self {
+        self.computed = computed;
+        self
     }
 }
 
@@ -45,8 +60,14 @@ impl ProfileStore for SqliteStore {
         scorer: &dyn Scorer,
     ) -> Result<Applied, ProfileError> {
         let mut tx = self.pool.begin().await?;
-        let applied =
-            super::apply(&mut LiteOps(&mut tx), batch, half_life_seconds, now, scorer).await?;
+        let applied = super::apply(
+            &mut LiteOps(&mut tx),
+            batch,
+            (half_life_seconds, &self.computed),
+            now,
+            scorer,
+        )
+        .await?;
         tx.commit().await?;
         Ok(applied)
     }
@@ -64,8 +85,14 @@ impl ProfileStore for SqliteStore {
         scorer: &dyn Scorer,
     ) -> Result<Applied, ProfileError> {
         let mut tx = self.pool.begin().await?;
-        let applied =
-            super::split(&mut LiteOps(&mut tx), split, half_life_seconds, now, scorer).await?;
+        let applied = super::split(
+            &mut LiteOps(&mut tx),
+            split,
+            (half_life_seconds, &self.computed),
+            now,
+            scorer,
+        )
+        .await?;
         tx.commit().await?;
         Ok(applied)
     }
@@ -179,7 +206,7 @@ impl Ops for LiteOps<'_> {
             let mut qb = QueryBuilder::<Sqlite>::new(
                 "SELECT profile_id, merged_into, traits, event_count, first_seen, last_seen, \
                         activity_log2, scores, merged_profile_ids, version, created_at, \
-                        updated_at \
+                        updated_at, computed \
                  FROM profiles WHERE profile_id IN ",
             );
             push_in_list(&mut qb, chunk);
@@ -335,7 +362,7 @@ async fn write_one(conn: &mut SqliteConnection, p: &Profile) -> Result<(), sqlx:
     sqlx::query(
         "UPDATE profiles SET merged_into = ?2, traits = ?3, event_count = ?4, \
              first_seen = ?5, last_seen = ?6, activity_log2 = ?7, scores = ?8, \
-             merged_profile_ids = ?9, version = ?10, updated_at = ?11 \
+             merged_profile_ids = ?9, version = ?10, updated_at = ?11, computed = ?12 \
          WHERE profile_id = ?1",
     )
     .bind(&p.profile_id)
@@ -349,6 +376,7 @@ async fn write_one(conn: &mut SqliteConnection, p: &Profile) -> Result<(), sqlx:
     .bind(Json(&p.merged_profile_ids))
     .bind(p.version)
     .bind(p.updated_at)
+    .bind(Json(&p.state.computed))
     .execute(conn)
     .await?;
     Ok(())
@@ -358,6 +386,7 @@ fn profile(row: &SqliteRow) -> Result<Profile, sqlx::Error> {
     let Json(traits) = row.try_get("traits")?;
     let Json(scores) = row.try_get("scores")?;
     let Json(merged_profile_ids) = row.try_get("merged_profile_ids")?;
+    let Json(computed) = row.try_get("computed")?;
     Ok(Profile {
         profile_id: row.try_get("profile_id")?,
         merged_into: row.try_get("merged_into")?,
@@ -368,6 +397,7 @@ fn profile(row: &SqliteRow) -> Result<Profile, sqlx::Error> {
             last_seen: row.try_get("last_seen")?,
             activity_log2: row.try_get("activity_log2")?,
             identifiers: Default::default(),
+            computed,
         },
         scores,
         merged_profile_ids,

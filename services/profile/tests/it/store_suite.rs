@@ -5,6 +5,7 @@ use std::sync::Arc;
 use serde_json::json;
 use tessera_core::Identifier;
 use tessera_core::activity::DEFAULT_HALF_LIFE_SECONDS as H;
+use tessera_profile::computed::{ComputedTrait, Kind};
 use tessera_profile::domain::{
     Batch, EventDetails, Merge, Profile, ProfileState, ResolvedEvent, Score, Split,
 };
@@ -855,4 +856,107 @@ async fn a_timeline_lists_every_identity_newest_first_in_pages(store: &dyn Profi
 
 fn ids_of() -> Vec<String> {
     vec!["p1".to_owned(), "p2".to_owned()]
+}
+
+/// The store of `backend`'s database keeping `computed` traits.
+fn with_computed(backend: &Backend, computed: Vec<ComputedTrait>) -> Arc<dyn ProfileStore> {
+    store::open_with(backend.db.clone(), computed)
+}
+
+fn order_traits() -> Vec<ComputedTrait> {
+    let def = |name: &str, kind: Kind, property: Option<&str>| ComputedTrait {
+        name: name.into(),
+        kind,
+        events: vec!["Order Completed".into()],
+        types: vec![],
+        property: property.map(str::to_owned),
+        window_seconds: None,
+    };
+    vec![
+        def("orders", Kind::Count, None),
+        def("spent", Kind::Sum, Some("total")),
+        def("last_total", Kind::Last, Some("total")),
+        ComputedTrait {
+            window_seconds: Some(3_600),
+            ..def("orders_1h", Kind::Count, None)
+        },
+    ]
+}
+
+/// Computed traits are kept on every event, combine on merge and come apart on unmerge: the
+/// split profiles' values equal those of a store that never merged them.
+async fn computed_traits_follow_merges_and_unmerges(merged: &Backend, reference: &Backend) {
+    let (merged, reference) = (
+        with_computed(merged, order_traits()),
+        with_computed(reference, order_traits()),
+    );
+    // Events of the last few minutes before NOW, the time the store applies them at.
+    let recent = |mut e: ResolvedEvent, minute: i64| {
+        e.timestamp = NOW - time::Duration::minutes(10 - minute);
+        e
+    };
+    let order = |id: &str, profile: &str, minute: i64, total: i64| {
+        recent(
+            tracked(id, profile, 0, "Order Completed", json!({ "total": total })),
+            minute,
+        )
+    };
+    let events = vec![
+        order("e1", "p1", 1, 10),
+        order("e2", "p2", 2, 20),
+        order("e3", "p1", 3, 30),
+        recent(tracked("e4", "p2", 0, "Viewed", json!({"total": 99})), 4),
+    ];
+    apply(&*merged, vec![], events.clone()).await;
+    apply(&*reference, vec![], events).await;
+    let values = |p: &Profile| p.state.computed.values(&order_traits(), NOW);
+    let p1 = merged.get("p1").await.unwrap().unwrap();
+    assert_eq!(values(&p1)["orders"].value, json!(2));
+    assert_eq!(values(&p1)["spent"].value, json!(40.0));
+    assert_eq!(values(&p1)["last_total"].value, json!(30));
+    assert_eq!(values(&p1)["orders_1h"].value, json!(2));
+
+    apply(&*merged, vec![merge("p1", "p2")], vec![]).await;
+    let both = merged.get("p2").await.unwrap().unwrap();
+    assert_eq!(both.profile_id, "p1");
+    assert_eq!(values(&both)["orders"].value, json!(3));
+    assert_eq!(values(&both)["spent"].value, json!(60.0));
+    assert_eq!(values(&both)["last_total"].value, json!(30));
+    assert_eq!(values(&both)["orders_1h"].value, json!(3));
+    assert_eq!(
+        both.state
+            .computed
+            .values(&order_traits(), NOW + time::Duration::minutes(52))["orders_1h"]
+            .value,
+        json!(1),
+        "e1 and e2 left the hour 52 minutes later"
+    );
+
+    let split = Split {
+        profiles: vec![("p1".into(), "p1".into()), ("p2".into(), "p2".into())],
+        events: vec![],
+        erased: vec![],
+    };
+    merged.split(&split, H, NOW, &NoScores).await.unwrap();
+    for id in ["p1", "p2"] {
+        let got = merged.get(id).await.unwrap().unwrap();
+        let want = reference.get(id).await.unwrap().unwrap();
+        assert_eq!(values(&got), values(&want), "{id} as if never merged");
+    }
+    let p2 = merged.get("p2").await.unwrap().unwrap();
+    assert_eq!(values(&p2)["orders"].value, json!(1));
+}
+
+#[tokio::test]
+async fn computed_traits_follow_merges_and_unmerges_on_sqlite() {
+    let (merged, reference) = (sqlite().await, sqlite().await);
+    computed_traits_follow_merges_and_unmerges(&merged, &reference).await;
+}
+
+#[tokio::test]
+async fn computed_traits_follow_merges_and_unmerges_on_postgres() {
+    let (merged, reference) = (postgres().await, postgres().await);
+    computed_traits_follow_merges_and_unmerges(&merged, &reference).await;
+    merged.db.close().await;
+    reference.db.close().await;
 }

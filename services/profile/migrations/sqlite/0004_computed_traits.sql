@@ -1,0 +1,2 @@
+-- The accumulators of each profile's computed traits (`ComputedState`), by trait name.
+ALTER TABLE profiles ADD COLUMN computed TEXT NOT NULL DEFAULT '{}';
