@@ -1,12 +1,14 @@
-//! Computed traits end to end in `tessera dev`: declared in the config file, kept up to date as
-//! events arrive, read through GetProfile and the Profile API, and a windowed trait expiring on
-//! time without a new event (also when the profile was cached).
+//! Computed traits and audiences end to end in `tessera dev`: declared in the config file, kept
+//! up to date as events arrive, read through GetProfile, the audience RPCs and the Profile API;
+//! a windowed trait and an event condition expire on time without a new event (also when the
+//! profile was cached, and in the stored memberships through the sweeper).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 use tessera_proto::convert::{from_timestamp, value_to_json};
-use tessera_proto::profile::v1::Profile;
+use tessera_proto::profile::v1::profile_service_client::ProfileServiceClient;
+use tessera_proto::profile::v1::{ListAudienceMembersRequest, ListAudiencesRequest, Profile};
 use tessera_tests::TesseraBuilder;
 use tessera_tests::events::{get_by, send, track, wait_for};
 use tessera_tests::http::get;
@@ -30,6 +32,17 @@ name = "orders_last_hour"
 kind = "count"
 events = ["Order Completed"]
 window_seconds = 3600
+
+[[profile.audiences]]
+name = "recent_buyers"
+condition = { performed = { event = "Order Completed", at_least = 2, within_seconds = 3600 } }
+
+[[profile.audiences]]
+name = "spenders"
+condition = { all = [
+  { computed = { name = "spent", op = "gte", value = 50 } },
+  { not = { trait = { name = "plan", op = "eq", value = "free" } } },
+] }
 "#;
 
 fn computed(profile: &Profile, name: &str) -> serde_json::Value {
@@ -95,6 +108,28 @@ async fn computed_traits_are_kept_live_and_windowed_ones_expire_on_time() {
         .and_then(from_timestamp)
         .expect("a windowed trait will change");
     assert_eq!(until.unix_timestamp(), now + 4, "m1 leaves the hour then");
+    assert_eq!(profile.audiences, ["recent_buyers", "spenders"]);
+    let profiles = ProfileServiceClient::new(channel.clone());
+    let members = |audience: &str| {
+        let mut profiles = profiles.clone();
+        let audience = audience.to_owned();
+        async move {
+            profiles
+                .list_audience_members(ListAudienceMembersRequest {
+                    audience,
+                    ..Default::default()
+                })
+                .await
+                .expect("members")
+                .into_inner()
+        }
+    };
+    let recent = members("recent_buyers").await;
+    assert_eq!(
+        recent.profile_ids,
+        std::slice::from_ref(&profile.profile_id)
+    );
+    assert_eq!(recent.member_count, 1);
 
     // Read again (from the cache) until the window moves past m1: no new event needed.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -122,6 +157,43 @@ async fn computed_traits_are_kept_live_and_windowed_ones_expire_on_time() {
         expired.computed_valid_until.is_some(),
         "m2 leaves in an hour"
     );
+    assert_eq!(
+        expired.audiences,
+        ["spenders"],
+        "out of recent_buyers on time"
+    );
+
+    // The sweeper brings the stored membership along without a new event.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while members("recent_buyers").await.member_count != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sweeper never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(members("spenders").await.member_count, 1);
+    let listed = profiles
+        .clone()
+        .list_audiences(ListAudiencesRequest {})
+        .await
+        .expect("audiences")
+        .into_inner();
+    let counts: Vec<(&str, i64)> = listed
+        .audiences
+        .iter()
+        .map(|a| (a.name.as_str(), a.member_count))
+        .collect();
+    assert_eq!(counts, [("recent_buyers", 0), ("spenders", 1)]);
+    let unknown = profiles
+        .clone()
+        .list_audience_members(ListAudienceMembersRequest {
+            audience: "nobody".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("not declared");
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
 
     // The Profile API lists computed traits with the others, or alone.
     let token = tessera.access_token.clone().expect("token");

@@ -433,6 +433,11 @@ async fn serve(
                     settings.profile.clone(),
                 );
                 profiles.register(&mut services);
+                // Windowed computed traits and audience conditions change with time.
+                workers.push(profiles.spawn_sweeper(
+                    Duration::from_millis(settings.profile.sweep_interval_ms.max(10)),
+                    delivery_stop.clone(),
+                ));
                 match profiles.http_routes() {
                     Some(routes) => {
                         http_routes = http_routes.merge(routes);

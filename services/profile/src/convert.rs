@@ -17,7 +17,7 @@ use crate::domain::{
     Batch, EventContent, EventDetails, Merge, Profile, ResolvedEvent, Score, ScoreFactor, Split,
 };
 use crate::error::ProfileError;
-use crate::store::{TimelineEntry, TimelineQuery};
+use crate::store::{Definitions, TimelineEntry, TimelineQuery};
 
 /// The most events one `ApplyEvents` call may carry.
 pub const MAX_EVENTS_PER_REQUEST: usize = 5_000;
@@ -503,13 +503,15 @@ const EVENT_KINDS: [EventType; 6] = [
     EventType::Alias,
 ];
 
-/// The protobuf form of a live profile, its computed traits (`computed`) evaluated at `now`.
+/// The protobuf form of a live profile, its declared computed traits (`computed`) and its
+/// audiences (`defs`) evaluated at `now`.
 pub(crate) fn profile_to_pb(
     profile: &Profile,
-    computed: &[ComputedTrait],
+    (computed, defs): (&[ComputedTrait], &Definitions),
     now: OffsetDateTime,
 ) -> pb::Profile {
     let mut message = pb::Profile::from(profile);
+    message.audiences = defs.members(profile, now);
     message.computed_traits = profile
         .state
         .computed
@@ -523,11 +525,7 @@ pub(crate) fn profile_to_pb(
             (name, value)
         })
         .collect();
-    message.computed_valid_until = profile
-        .state
-        .computed
-        .valid_until(computed, now)
-        .map(to_timestamp);
+    message.computed_valid_until = defs.valid_until(profile, now).map(to_timestamp);
     message
 }
 
@@ -545,6 +543,8 @@ impl From<&Profile> for pb::Profile {
             // Not part of the API.
             created_at: _,
             updated_at,
+            // Evaluated at read time by `profile_to_pb`.
+            valid_until: _,
         } = profile;
         let crate::domain::ProfileState {
             traits,
@@ -589,6 +589,7 @@ impl From<&Profile> for pb::Profile {
             merged_profile_ids: merged_profile_ids.clone(),
             computed_traits: std::collections::HashMap::new(),
             computed_valid_until: None,
+            audiences: Vec::new(),
         }
     }
 }

@@ -175,6 +175,8 @@ pub struct Profile {
     pub created_at: OffsetDateTime,
     /// When the profile last changed.
     pub updated_at: OffsetDateTime,
+    /// When its computed values next change without a new event (set when written).
+    pub valid_until: Option<OffsetDateTime>,
 }
 
 impl Profile {
@@ -189,6 +191,7 @@ impl Profile {
             version: 0,
             created_at: now,
             updated_at: now,
+            valid_until: None,
         }
     }
 
@@ -532,6 +535,20 @@ impl Workspace {
     /// The profiles that changed, live and merged-away alike, in id order.
     pub fn changed(&self) -> impl Iterator<Item = &Profile> {
         self.changed.iter().filter_map(|id| self.profiles.get(id))
+    }
+
+    /// Sets when each changed live profile's computed values next change without a new event,
+    /// by `valid_until`.
+    pub fn settle(&mut self, valid_until: impl Fn(&Profile) -> Option<OffsetDateTime>) {
+        for id in &self.changed {
+            if let Some(profile) = self.profiles.get_mut(id) {
+                profile.valid_until = if profile.merged_into.is_none() {
+                    valid_until(profile)
+                } else {
+                    None
+                };
+            }
+        }
     }
 
     /// The merges that changed something, as (merged, survivor) pairs, in the order applied.

@@ -10,6 +10,7 @@
 //! (Postgres or SQLite), `convert` the proto conversions, `service` the gRPC handlers and
 //! [`error`] the one error type.
 
+pub mod audience;
 pub mod computed;
 mod convert;
 pub mod domain;
@@ -60,6 +61,11 @@ pub struct ProfileSettings {
     pub space_id: String,
     /// The computed traits kept on every profile (`[[profile.computed_traits]]`).
     pub computed_traits: Vec<computed::ComputedTrait>,
+    /// The audiences whose memberships are kept (`[[profile.audiences]]`).
+    pub audiences: Vec<audience::Audience>,
+    /// How often profiles whose windowed computed traits or audience conditions changed with
+    /// time are re-evaluated, in milliseconds.
+    pub sweep_interval_ms: u64,
 }
 
 /// A Profile API access token; never shown in logs.
@@ -82,6 +88,8 @@ impl Default for ProfileSettings {
             access_token: None,
             space_id: "default".to_owned(),
             computed_traits: Vec::new(),
+            audiences: Vec::new(),
+            sweep_interval_ms: 1_000,
         }
     }
 }
@@ -125,6 +133,13 @@ impl ProfileSettings {
                              kind but count, and a window of at least 1 second when windowed",
                 });
             }
+        }
+        if let Err(reason) = audience::Audiences::compile(self.audiences.clone()) {
+            tracing::error!(%reason, "invalid audience");
+            return Err(InvalidSetting {
+                field: "audiences",
+                reason: "each needs a unique name and a valid condition (the log says which)",
+            });
         }
         if self.space_id.is_empty() || self.space_id.contains('/') {
             return Err(InvalidSetting {
@@ -170,13 +185,20 @@ impl Profiles {
             );
             half_life_seconds = tessera_core::activity::DEFAULT_HALF_LIFE_SECONDS;
         }
+        let audiences =
+            audience::Audiences::compile(settings.audiences.clone()).unwrap_or_else(|e| {
+                tracing::error!(reason = %e, "invalid audiences, keeping none");
+                audience::Audiences::default()
+            });
+        let defs = store::Definitions::new(settings.computed_traits.clone(), audiences);
         Self {
             api: settings
                 .access_token
                 .map(|token| (token, settings.space_id.clone())),
             inner: Arc::new(service::Inner {
-                store: store::open_with(db, settings.computed_traits.clone()),
+                store: store::open_with(db, defs.clone()),
                 computed: settings.computed_traits.clone().into(),
+                defs: Arc::new(defs),
                 cache,
                 identity,
                 scoring,
@@ -185,6 +207,42 @@ impl Profiles {
                 match_unimplemented_warned: AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Re-evaluates, every `interval`, the profiles whose computed traits or audience
+    /// memberships change with time (a windowed trait or event condition), until `shutdown`.
+    /// Does nothing when no window is declared. Safe with several replicas (they share the
+    /// work).
+    pub fn spawn_sweeper(
+        &self,
+        interval: std::time::Duration,
+        shutdown: tessera_server::Shutdown,
+    ) -> tokio::task::JoinHandle<()> {
+        const BATCH: usize = 500;
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            if !inner.defs.windowed() {
+                return;
+            }
+            loop {
+                let swept = match inner.sweep_once(BATCH).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "sweeping expired computed values failed");
+                        0
+                    }
+                };
+                // A full batch means more are due: go on at once.
+                if swept < BATCH {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(interval) => {}
+                    }
+                } else if shutdown.is_cancelled() {
+                    return;
+                }
+            }
+        })
     }
 
     /// The Segment-compatible Profile API's HTTP routes; `None` without an access token.

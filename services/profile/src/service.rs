@@ -28,7 +28,7 @@ use crate::computed::ComputedTrait;
 use crate::convert::{self, Lookup, micros};
 use crate::domain::{Batch, Merge, Profile, Score};
 use crate::error::ProfileError;
-use crate::store::{Applied, ProfileStore, Scorer};
+use crate::store::{Applied, Definitions, ProfileStore, Scorer};
 
 /// How long a call to the identity or scoring service may take.
 const PEER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,8 +49,11 @@ pub(crate) struct Inner {
     pub(crate) identity: Channel,
     pub(crate) scoring: Channel,
     pub(crate) half_life_seconds: f64,
-    /// The computed traits, evaluated when a profile is read.
+    /// The declared computed traits, shown on profiles.
     pub(crate) computed: Arc<[ComputedTrait]>,
+    /// Everything folded and kept (declared computed traits, audiences and their hidden
+    /// counts), evaluated when a profile is read.
+    pub(crate) defs: Arc<Definitions>,
     /// Whether applied profiles are sent to the identity service's matching.
     pub(crate) match_profiles: bool,
     /// Set once an identity service without matching has been reported, so the warning is
@@ -84,7 +87,11 @@ impl Inner {
             .get(&profile_id)
             .await?
             .ok_or(ProfileError::NotFound)?;
-        let message = convert::profile_to_pb(&profile, &self.computed, OffsetDateTime::now_utc());
+        let message = convert::profile_to_pb(
+            &profile,
+            (&self.computed, &self.defs),
+            OffsetDateTime::now_utc(),
+        );
         // A fill lands only when no newer version is cached: a slow read never puts back a
         // profile older than one a write already stored.
         self.put(
@@ -127,6 +134,82 @@ impl Inner {
             profile_id: profile.profile_id,
             events: entries.into_iter().map(Into::into).collect(),
             next_page_token,
+        })
+    }
+
+    /// Re-evaluates the profiles whose computed values changed with time (see
+    /// [`ProfileStore::sweep`]) and caches what it wrote; returns how many profiles it swept.
+    pub(crate) async fn sweep_once(&self, limit: usize) -> Result<usize, ProfileError> {
+        let now = OffsetDateTime::now_utc();
+        let (profiles, changes) = self.store.sweep(now, limit).await?;
+        if !profiles.is_empty() {
+            metrics::counter!("tessera_profile_swept_total").increment(profiles.len() as u64);
+            count_membership_changes(&changes);
+            let entries = profiles
+                .iter()
+                .map(|p| entry(p, (&self.computed, &self.defs), now))
+                .collect();
+            self.put_all(entries).await;
+        }
+        Ok(profiles.len())
+    }
+
+    async fn list_audiences(&self) -> Result<pb::ListAudiencesResponse, ProfileError> {
+        let mut audiences = Vec::new();
+        for audience in self.defs.audiences.declared() {
+            let (_, member_count) = self.store.audience_members(&audience.name, None, 0).await?;
+            audiences.push(pb::AudienceSummary {
+                name: audience.name.clone(),
+                condition_json: serde_json::to_string(&audience.condition).unwrap_or_default(),
+                member_count,
+            });
+        }
+        Ok(pb::ListAudiencesResponse { audiences })
+    }
+
+    async fn list_audience_members(
+        &self,
+        request: pb::ListAudienceMembersRequest,
+    ) -> Result<pb::ListAudienceMembersResponse, ProfileError> {
+        let pb::ListAudienceMembersRequest {
+            audience,
+            page_size,
+            page_token,
+        } = request;
+        let limit = match usize::try_from(page_size) {
+            Ok(0) => 100,
+            Ok(n) if n <= convert::MAX_PAGE_SIZE => n,
+            Ok(_) | Err(_) => {
+                return Err(ProfileError::InvalidArgument(vec![FieldViolation::new(
+                    "page_size",
+                    format!("between 1 and {}, or 0 for 100", convert::MAX_PAGE_SIZE),
+                )]));
+            }
+        };
+        if !self
+            .defs
+            .audiences
+            .declared()
+            .iter()
+            .any(|a| a.name == audience)
+        {
+            return Err(ProfileError::NotFound);
+        }
+        let after = (!page_token.is_empty()).then_some(page_token.as_str());
+        let (mut profile_ids, member_count) = self
+            .store
+            .audience_members(&audience, after, limit + 1)
+            .await?;
+        let next_page_token = if profile_ids.len() > limit {
+            profile_ids.truncate(limit);
+            profile_ids.last().cloned().unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(pb::ListAudienceMembersResponse {
+            profile_ids,
+            next_page_token,
+            member_count,
         })
     }
 
@@ -271,7 +354,7 @@ impl Inner {
             applied
                 .changed
                 .iter()
-                .map(|profile| entry(profile, &self.computed, now)),
+                .map(|profile| entry(profile, (&self.computed, &self.defs), now)),
         );
         // A merged-away profile's reads go to the database, which redirects to the survivor.
         entries.extend(applied.merged_away.iter().map(|(id, version)| {
@@ -456,14 +539,14 @@ fn changed_ids(applied: &Applied) -> BTreeSet<String> {
 /// The cache entry of a stored live profile.
 fn entry(
     profile: &Profile,
-    computed: &[ComputedTrait],
+    defs: (&[ComputedTrait], &Definitions),
     now: OffsetDateTime,
 ) -> (String, Versioned) {
     (
         profile.profile_id.clone(),
         Versioned {
             version: profile.version,
-            bytes: Some(convert::profile_to_pb(profile, computed, now).encode_to_vec()),
+            bytes: Some(convert::profile_to_pb(profile, defs, now).encode_to_vec()),
         },
     )
 }
@@ -490,6 +573,22 @@ impl ProfileService for ProfileApi {
     ) -> Result<Response<pb::ListProfileEventsResponse>, Status> {
         Ok(Response::new(
             self.0.list_events(request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_audiences(
+        &self,
+        _request: Request<pb::ListAudiencesRequest>,
+    ) -> Result<Response<pb::ListAudiencesResponse>, Status> {
+        Ok(Response::new(self.0.list_audiences().await?))
+    }
+
+    async fn list_audience_members(
+        &self,
+        request: Request<pb::ListAudienceMembersRequest>,
+    ) -> Result<Response<pb::ListAudienceMembersResponse>, Status> {
+        Ok(Response::new(
+            self.0.list_audience_members(request.into_inner()).await?,
         ))
     }
 }
@@ -526,5 +625,13 @@ impl ProfilePipelineService for PipelineApi {
         Ok(Response::new(pb::SplitProfilesResponse {
             profiles_changed: i64::try_from(applied.state_changed.len()).unwrap_or(i64::MAX),
         }))
+    }
+}
+
+/// Counts audience entries and exits in `tessera_profile_audience_changes_total`.
+fn count_membership_changes(changes: &[crate::store::MembershipChange]) {
+    for change in changes {
+        let kind = if change.entered { "entered" } else { "exited" };
+        metrics::counter!("tessera_profile_audience_changes_total", "change" => kind).increment(1);
     }
 }

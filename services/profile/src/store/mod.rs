@@ -16,10 +16,12 @@ use tessera_core::Identifier;
 use tessera_store::Database;
 use time::OffsetDateTime;
 
+use crate::audience::{Audiences, Facts};
 use crate::computed::ComputedTrait;
 use crate::domain::{Batch, EventContent, Profile, ProfileState, Score, Split, Workspace};
 use crate::error::ProfileError;
 
+pub use crate::audience::Audiences as CompiledAudiences;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -47,6 +49,8 @@ pub struct Applied {
     pub merged_away: Vec<(String, i64)>,
     /// The live profiles the batch's ids resolve to after its merges, sorted.
     pub named: Vec<String>,
+    /// The entries into and exits from audiences the batch caused.
+    pub audiences: Vec<MembershipChange>,
 }
 
 /// Scores profiles inside the transaction that applies a batch, so a profile's state and its
@@ -110,6 +114,26 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
         now: OffsetDateTime,
         scorer: &dyn Scorer,
     ) -> Result<Applied, ProfileError>;
+
+    /// Re-evaluates at most `limit` live profiles whose computed values changed by `now`
+    /// without a new event (their `valid_until` passed): drops what left their windows, brings
+    /// their audience memberships up to date and writes them at a new version. Replicas share
+    /// the work (rows locked by one are skipped by the others). Returns the profiles written
+    /// and the membership changes.
+    async fn sweep(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> Result<(Vec<Profile>, Vec<MembershipChange>), ProfileError>;
+
+    /// The members of `audience` (live profile ids, in order) after `after`, at most `limit`,
+    /// and how many members it has.
+    async fn audience_members(
+        &self,
+        audience: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<String>, i64), ProfileError>;
 
     /// The events applied to any of `profile_ids` (a live profile and the profiles merged into
     /// it) that `query` selects, newest first (ties by event id, descending), at most
@@ -185,16 +209,104 @@ fn timeline_entries(
 
 /// The store of `db`'s backend. The database must be migrated with [`crate::MIGRATIONS`].
 pub fn open(db: Database) -> Arc<dyn ProfileStore> {
-    open_with(db, Vec::new())
+    open_with(db, Definitions::default())
 }
 
-/// The store of `db`'s backend, keeping the `computed` traits up to date on every event.
-pub fn open_with(db: Database, computed: Vec<ComputedTrait>) -> Arc<dyn ProfileStore> {
-    let computed: Arc<[ComputedTrait]> = computed.into();
+/// The store of `db`'s backend, keeping the computed traits and audience memberships of `defs`
+/// up to date on every write.
+pub fn open_with(db: Database, defs: Definitions) -> Arc<dyn ProfileStore> {
+    let defs = Arc::new(defs);
     match db {
-        Database::Postgres(pool) => Arc::new(PostgresStore::new(pool).with_computed(computed)),
-        Database::Sqlite(pool) => Arc::new(SqliteStore::new(pool).with_computed(computed)),
+        Database::Postgres(pool) => Arc::new(PostgresStore::new(pool).with_definitions(defs)),
+        Database::Sqlite(pool) => Arc::new(SqliteStore::new(pool).with_definitions(defs)),
     }
+}
+
+/// What the store keeps up to date on every write besides the profiles' own state.
+#[derive(Debug, Clone, Default)]
+pub struct Definitions {
+    /// Every computed trait to fold: the declared ones and the audiences' hidden counts.
+    pub computed: Vec<ComputedTrait>,
+    /// The audiences whose memberships are kept in `audience_members`.
+    pub audiences: Audiences,
+}
+
+impl Definitions {
+    /// The declared computed traits and the audiences (whose hidden counts are added).
+    pub fn new(mut computed: Vec<ComputedTrait>, audiences: Audiences) -> Self {
+        computed.extend(audiences.hidden().iter().cloned());
+        Self {
+            computed,
+            audiences,
+        }
+    }
+
+    /// The audiences `profile` (live) belongs to at `now`.
+    pub fn members(&self, profile: &Profile, now: OffsetDateTime) -> Vec<String> {
+        if self.audiences.is_empty() {
+            return Vec::new();
+        }
+        let computed = profile.state.computed.values(&self.computed, now);
+        self.audiences.members(Facts {
+            traits: &profile.state.traits,
+            computed: &computed,
+            scores: &profile.scores,
+        })
+    }
+
+    /// When `profile`'s computed values or memberships next change without a new event.
+    pub fn valid_until(&self, profile: &Profile, now: OffsetDateTime) -> Option<OffsetDateTime> {
+        profile.state.computed.valid_until(&self.computed, now)
+    }
+
+    /// Whether anything changes as time passes (some window is declared).
+    pub fn windowed(&self) -> bool {
+        self.computed.iter().any(|c| c.window_seconds.is_some())
+    }
+}
+
+/// An entry into or exit from an audience.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembershipChange {
+    /// The audience.
+    pub audience: String,
+    /// The profile.
+    pub profile_id: String,
+    /// Entered (true) or exited.
+    pub entered: bool,
+}
+
+/// Brings the stored memberships of `profiles` (as written now) up to date: a live profile
+/// holds the audiences whose condition it meets at `now`, a merged-away one holds none.
+async fn update_memberships<O: Ops>(
+    ops: &mut O,
+    defs: &Definitions,
+    profiles: &[&Profile],
+    now: OffsetDateTime,
+) -> Result<Vec<MembershipChange>, sqlx::Error> {
+    if defs.audiences.is_empty() || profiles.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<String> = profiles.iter().map(|p| p.profile_id.clone()).collect();
+    let stored: BTreeSet<(String, String)> = ops.memberships(&ids).await?.into_iter().collect();
+    let mut wanted = BTreeSet::new();
+    for profile in profiles.iter().filter(|p| p.merged_into.is_none()) {
+        for audience in defs.members(profile, now) {
+            wanted.insert((profile.profile_id.clone(), audience));
+        }
+    }
+    let change = |(profile_id, audience): &(String, String), entered| MembershipChange {
+        audience: audience.clone(),
+        profile_id: profile_id.clone(),
+        entered,
+    };
+    let changes: Vec<MembershipChange> = wanted
+        .difference(&stored)
+        .map(|m| change(m, true))
+        .chain(stored.difference(&wanted).map(|m| change(m, false)))
+        .collect();
+    ops.change_memberships(&changes, now).await?;
+    Ok(changes)
 }
 
 /// The operations a backend provides inside one transaction (or on one connection for reads).
@@ -239,16 +351,28 @@ trait Ops: Send {
     /// identifiers; an identifier already linked to a profile keeps its link. Returns how
     /// many were linked.
     async fn link(&mut self, links: &[(&str, &Identifier)]) -> Result<u64, sqlx::Error>;
+    /// The stored memberships of `profile_ids`, as (profile id, audience).
+    async fn memberships(
+        &mut self,
+        profile_ids: &[String],
+    ) -> Result<Vec<(String, String)>, sqlx::Error>;
+    /// Stores entries into and exits from audiences, and logs them in `audience_changes`.
+    async fn change_memberships(
+        &mut self,
+        changes: &[MembershipChange],
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error>;
 }
 
 /// Applies a batch through `ops`, which must be inside a transaction.
 async fn apply<O: Ops>(
     ops: &mut O,
     batch: &Batch,
-    (half_life_seconds, computed): (f64, &[ComputedTrait]),
+    (half_life_seconds, defs): (f64, &Definitions),
     now: OffsetDateTime,
     scorer: &dyn Scorer,
 ) -> Result<Applied, ProfileError> {
+    let computed = defs.computed.as_slice();
     let named = batch.profile_ids();
     ops.ensure(&named, now).await?;
     let (live, resolved) = lock_live(ops, &named).await?;
@@ -298,8 +422,10 @@ async fn apply<O: Ops>(
 
     // Rows first, then redirects: a profile merged into one that was merged itself later in
     // the same batch is then redirected straight to the last survivor.
+    ws.settle(|p| defs.valid_until(p, now));
     let changed: Vec<&Profile> = ws.changed().collect();
     ops.write(&changed).await?;
+    let audiences = update_memberships(ops, defs, &changed, now).await?;
     for (merged, survivor) in ws.merges() {
         ops.redirect(merged, survivor).await?;
     }
@@ -342,6 +468,7 @@ async fn apply<O: Ops>(
         state_changed,
         merged_away,
         named: named_live.into_iter().collect(),
+        audiences,
     })
 }
 
@@ -423,10 +550,11 @@ fn content_json(content: &EventContent) -> String {
 async fn split<O: Ops>(
     ops: &mut O,
     split: &Split,
-    (half_life_seconds, computed): (f64, &[ComputedTrait]),
+    (half_life_seconds, defs): (f64, &Definitions),
     now: OffsetDateTime,
     scorer: &dyn Scorer,
 ) -> Result<Applied, ProfileError> {
+    let computed = defs.computed.as_slice();
     let target: HashMap<&str, &str> = split
         .profiles
         .iter()
@@ -499,6 +627,9 @@ async fn split<O: Ops>(
             .ok_or_else(|| ProfileError::BrokenMergeChain(live.to_owned()))?;
         folded.apply(&content.event(event_id, live), half_life_seconds, computed);
     }
+    for folded in state.values_mut() {
+        folded.computed.prune(computed, now);
+    }
     version += 1;
     let mut links: Vec<(&str, &Identifier)> = Vec::new();
     let mut linked = HashSet::new();
@@ -547,8 +678,16 @@ async fn split<O: Ops>(
             profile.scores.insert(score.name.clone(), score);
         }
     }
+    for profile in &mut rows {
+        profile.valid_until = if profile.merged_into.is_none() {
+            defs.valid_until(profile, now)
+        } else {
+            None
+        };
+    }
     let written: Vec<&Profile> = rows.iter().collect();
     ops.write(&written).await?;
+    let audiences = update_memberships(ops, defs, &written, now).await?;
     ops.move_events(&moves).await?;
     ops.delete_events(&deleted).await?;
     ops.replace_identifiers(&members, &links).await?;
@@ -565,7 +704,29 @@ async fn split<O: Ops>(
         state_changed: members.iter().cloned().collect(),
         merged_away,
         named: live,
+        audiences,
     })
+}
+
+/// Re-evaluates the locked live profiles `profiles` at `now` (a sweep): drops what left their
+/// windows, writes them at a new version with their next `valid_until`, and brings their
+/// memberships up to date.
+async fn sweep<O: Ops>(
+    ops: &mut O,
+    defs: &Definitions,
+    mut profiles: Vec<Profile>,
+    now: OffsetDateTime,
+) -> Result<(Vec<Profile>, Vec<MembershipChange>), ProfileError> {
+    for profile in &mut profiles {
+        profile.state.computed.prune(&defs.computed, now);
+        profile.valid_until = defs.valid_until(profile, now);
+        profile.version += 1;
+        profile.updated_at = now;
+    }
+    let written: Vec<&Profile> = profiles.iter().collect();
+    ops.write(&written).await?;
+    let changes = update_memberships(ops, defs, &written, now).await?;
+    Ok((profiles, changes))
 }
 
 /// Attaches loaded identifiers to their profiles.

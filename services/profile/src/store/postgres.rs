@@ -11,8 +11,8 @@ use tessera_core::Identifier;
 use time::OffsetDateTime;
 
 use super::{
-    Applied, Ops, ProfileStore, Recorded, Scorer, TimelineEntry, TimelineQuery, attach_identifiers,
-    timeline_entries,
+    Applied, Definitions, MembershipChange, Ops, ProfileStore, Recorded, Scorer, TimelineEntry,
+    TimelineQuery, attach_identifiers, timeline_entries,
 };
 use crate::domain::{Batch, Profile, ProfileState, Split};
 use crate::error::ProfileError;
@@ -20,8 +20,8 @@ use crate::error::ProfileError;
 /// Profiles in Postgres, in the service's schema.
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
-    /// The computed traits kept up to date on every event.
-    computed: std::sync::Arc<[crate::computed::ComputedTrait]>,
+    /// The computed traits and audiences kept up to date on every write.
+    defs: std::sync::Arc<Definitions>,
     pool: PgPool,
 }
 
@@ -30,17 +30,14 @@ impl PostgresStore {
     pub fn new(pool: PgPool) -> Self {
         Self {
             pool,
-            computed: Vec::new().into(),
+            defs: std::sync::Arc::default(),
         }
     }
 
-    /// The store keeping `computed` traits up to date on every event.
+    /// The store keeping the computed traits and audiences of `defs` up to date.
     #[must_use]
-    pub fn with_computed(
-        mut self,
-        computed: std::sync::Arc<[crate::computed::ComputedTrait]>,
-    ) -> Self {
-        self.computed = computed;
+    pub fn with_definitions(mut self, defs: std::sync::Arc<Definitions>) -> Self {
+        self.defs = defs;
         self
     }
 }
@@ -58,7 +55,7 @@ impl ProfileStore for PostgresStore {
         let applied = super::apply(
             &mut PgOps(&mut tx),
             batch,
-            (half_life_seconds, &self.computed),
+            (half_life_seconds, &self.defs),
             now,
             scorer,
         )
@@ -88,7 +85,7 @@ impl ProfileStore for PostgresStore {
         let applied = super::split(
             &mut PgOps(&mut tx),
             split,
-            (half_life_seconds, &self.computed),
+            (half_life_seconds, &self.defs),
             now,
             scorer,
         )
@@ -103,6 +100,55 @@ impl ProfileStore for PostgresStore {
         query: &TimelineQuery,
     ) -> Result<Vec<TimelineEntry>, ProfileError> {
         timeline_entries(self.timeline_rows(profile_ids, query).await?)
+    }
+
+    async fn sweep(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> Result<(Vec<Profile>, Vec<MembershipChange>), ProfileError> {
+        let mut tx = self.pool.begin().await?;
+        let due: Vec<String> = sqlx::query_scalar(
+            "SELECT profile_id FROM profiles \
+             WHERE valid_until <= $1 AND merged_into IS NULL \
+             ORDER BY valid_until LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(now)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await?;
+        if due.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let mut ops = PgOps(&mut tx);
+        let profiles = ops.load(&due, false).await?;
+        let swept = super::sweep(&mut ops, &self.defs, profiles, now).await?;
+        tx.commit().await?;
+        Ok(swept)
+    }
+
+    async fn audience_members(
+        &self,
+        audience: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<String>, i64), ProfileError> {
+        let members: Vec<String> = sqlx::query_scalar(
+            "SELECT profile_id FROM audience_members \
+             WHERE audience = $1 AND ($2::text IS NULL OR profile_id > $2) \
+             ORDER BY profile_id LIMIT $3",
+        )
+        .bind(audience)
+        .bind(after)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        let total: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM audience_members WHERE audience = $1")
+                .bind(audience)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok((members, total))
     }
 }
 
@@ -188,14 +234,14 @@ impl Ops for PgOps<'_> {
             sqlx::query(
                 "SELECT profile_id, merged_into, traits, event_count, first_seen, last_seen, \
                         activity_log2, scores, merged_profile_ids, version, created_at, \
-                        updated_at, computed \
+                        updated_at, computed, valid_until \
                  FROM profiles WHERE profile_id = ANY($1) ORDER BY profile_id FOR UPDATE",
             )
         } else {
             sqlx::query(
                 "SELECT profile_id, merged_into, traits, event_count, first_seen, last_seen, \
                         activity_log2, scores, merged_profile_ids, version, created_at, \
-                        updated_at, computed \
+                        updated_at, computed, valid_until \
                  FROM profiles WHERE profile_id = ANY($1) ORDER BY profile_id",
             )
         };
@@ -338,6 +384,7 @@ impl Ops for PgOps<'_> {
         let mut versions = Vec::with_capacity(n);
         let mut updated = Vec::with_capacity(n);
         let mut computed = Vec::with_capacity(n);
+        let mut valid_until = Vec::with_capacity(n);
         for p in profiles {
             ids.push(p.profile_id.as_str());
             merged_into.push(p.merged_into.as_deref());
@@ -351,18 +398,21 @@ impl Ops for PgOps<'_> {
             versions.push(p.version);
             updated.push(p.updated_at);
             computed.push(Json(&p.state.computed));
+            valid_until.push(p.valid_until);
         }
         sqlx::query(
             "UPDATE profiles p SET merged_into = u.merged_into, traits = u.traits, \
                  event_count = u.event_count, first_seen = u.first_seen, \
                  last_seen = u.last_seen, activity_log2 = u.activity_log2, scores = u.scores, \
                  merged_profile_ids = ARRAY(SELECT jsonb_array_elements_text(u.merged_ids)), \
-                 version = u.version, updated_at = u.updated_at, computed = u.computed \
+                 version = u.version, updated_at = u.updated_at, computed = u.computed, \
+                 valid_until = u.valid_until \
              FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::int8[], $5::timestamptz[], \
                          $6::timestamptz[], $7::float8[], $8::jsonb[], $9::jsonb[], $10::int8[], \
-                         $11::timestamptz[], $12::jsonb[]) \
+                         $11::timestamptz[], $12::jsonb[], $13::timestamptz[]) \
                   AS u(profile_id, merged_into, traits, event_count, first_seen, last_seen, \
-                       activity_log2, scores, merged_ids, version, updated_at, computed) \
+                       activity_log2, scores, merged_ids, version, updated_at, computed, \
+                       valid_until) \
              WHERE p.profile_id = u.profile_id",
         )
         .bind(ids)
@@ -377,6 +427,7 @@ impl Ops for PgOps<'_> {
         .bind(versions)
         .bind(updated)
         .bind(computed)
+        .bind(valid_until)
         .execute(&mut *self.0)
         .await?;
         Ok(())
@@ -393,6 +444,53 @@ impl Ops for PgOps<'_> {
             .bind(survivor)
             .execute(&mut *self.0)
             .await?;
+        Ok(())
+    }
+
+    async fn memberships(
+        &mut self,
+        profile_ids: &[String],
+    ) -> Result<Vec<(String, String)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT profile_id, audience FROM audience_members WHERE profile_id = ANY($1)",
+        )
+        .bind(profile_ids)
+        .fetch_all(&mut *self.0)
+        .await
+    }
+
+    async fn change_memberships(
+        &mut self,
+        changes: &[MembershipChange],
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let (mut audiences, mut profiles, mut kinds) = (Vec::new(), Vec::new(), Vec::new());
+        for c in changes {
+            audiences.push(c.audience.as_str());
+            profiles.push(c.profile_id.as_str());
+            kinds.push(if c.entered { "entered" } else { "exited" });
+        }
+        sqlx::query(
+            "WITH c AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]) \
+                        AS c(audience, profile_id, change)), \
+                  gone AS (DELETE FROM audience_members m USING c \
+                           WHERE c.change = 'exited' AND m.audience = c.audience \
+                             AND m.profile_id = c.profile_id), \
+                  came AS (INSERT INTO audience_members (audience, profile_id, entered_at) \
+                           SELECT audience, profile_id, $4 FROM c WHERE change = 'entered' \
+                           ON CONFLICT DO NOTHING) \
+             INSERT INTO audience_changes (audience, profile_id, change, at) \
+             SELECT audience, profile_id, change, $4 FROM c",
+        )
+        .bind(audiences)
+        .bind(profiles)
+        .bind(kinds)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
         Ok(())
     }
 
@@ -443,5 +541,6 @@ fn profile(row: &PgRow) -> Result<Profile, sqlx::Error> {
         version: row.try_get("version")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        valid_until: row.try_get("valid_until")?,
     })
 }

@@ -13,8 +13,8 @@ use tessera_core::Identifier;
 use time::OffsetDateTime;
 
 use super::{
-    Applied, Ops, ProfileStore, Recorded, Scorer, TimelineEntry, TimelineQuery, attach_identifiers,
-    timeline_entries,
+    Applied, Definitions, MembershipChange, Ops, ProfileStore, Recorded, Scorer, TimelineEntry,
+    TimelineQuery, attach_identifiers, timeline_entries,
 };
 use crate::domain::{Batch, Profile, ProfileState, Split};
 use crate::error::ProfileError;
@@ -25,8 +25,8 @@ const CHUNK: usize = 500;
 /// Profiles in a SQLite file.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    /// The computed traits kept up to date on every event.
-    computed: std::sync::Arc<[crate::computed::ComputedTrait]>,
+    /// The computed traits and audiences kept up to date on every write.
+    defs: std::sync::Arc<Definitions>,
     pool: SqlitePool,
 }
 
@@ -35,17 +35,14 @@ impl SqliteStore {
     pub fn new(pool: SqlitePool) -> Self {
         Self {
             pool,
-            computed: Vec::new().into(),
+            defs: std::sync::Arc::default(),
         }
     }
 
-    /// The store keeping `computed` traits up to date on every event.
+    /// The store keeping the computed traits and audiences of `defs` up to date.
     #[must_use]
-    pub fn with_computed(
-        mut self,
-        computed: std::sync::Arc<[crate::computed::ComputedTrait]>,
-    ) -> Self {
-        self.computed = computed;
+    pub fn with_definitions(mut self, defs: std::sync::Arc<Definitions>) -> Self {
+        self.defs = defs;
         self
     }
 }
@@ -63,7 +60,7 @@ impl ProfileStore for SqliteStore {
         let applied = super::apply(
             &mut LiteOps(&mut tx),
             batch,
-            (half_life_seconds, &self.computed),
+            (half_life_seconds, &self.defs),
             now,
             scorer,
         )
@@ -88,7 +85,7 @@ impl ProfileStore for SqliteStore {
         let applied = super::split(
             &mut LiteOps(&mut tx),
             split,
-            (half_life_seconds, &self.computed),
+            (half_life_seconds, &self.defs),
             now,
             scorer,
         )
@@ -139,6 +136,54 @@ impl ProfileStore for SqliteStore {
             })
             .collect::<Result<Vec<_>, ProfileError>>()?;
         timeline_entries(rows)
+    }
+
+    async fn sweep(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> Result<(Vec<Profile>, Vec<MembershipChange>), ProfileError> {
+        let mut tx = self.pool.begin().await?;
+        let due: Vec<String> = sqlx::query_scalar(
+            "SELECT profile_id FROM profiles \
+             WHERE valid_until <= ?1 AND merged_into IS NULL ORDER BY valid_until LIMIT ?2",
+        )
+        .bind(now)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await?;
+        if due.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let mut ops = LiteOps(&mut tx);
+        let profiles = ops.load(&due, false).await?;
+        let swept = super::sweep(&mut ops, &self.defs, profiles, now).await?;
+        tx.commit().await?;
+        Ok(swept)
+    }
+
+    async fn audience_members(
+        &self,
+        audience: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<String>, i64), ProfileError> {
+        let members: Vec<String> = sqlx::query_scalar(
+            "SELECT profile_id FROM audience_members \
+             WHERE audience = ?1 AND (?2 IS NULL OR profile_id > ?2) \
+             ORDER BY profile_id LIMIT ?3",
+        )
+        .bind(audience)
+        .bind(after)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        let total: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM audience_members WHERE audience = ?1")
+                .bind(audience)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok((members, total))
     }
 
     async fn get_many(&self, profile_ids: &[String]) -> Result<Vec<Profile>, ProfileError> {
@@ -206,7 +251,7 @@ impl Ops for LiteOps<'_> {
             let mut qb = QueryBuilder::<Sqlite>::new(
                 "SELECT profile_id, merged_into, traits, event_count, first_seen, last_seen, \
                         activity_log2, scores, merged_profile_ids, version, created_at, \
-                        updated_at, computed \
+                        updated_at, computed, valid_until \
                  FROM profiles WHERE profile_id IN ",
             );
             push_in_list(&mut qb, chunk);
@@ -339,6 +384,57 @@ impl Ops for LiteOps<'_> {
         Ok(())
     }
 
+    async fn memberships(
+        &mut self,
+        profile_ids: &[String],
+    ) -> Result<Vec<(String, String)>, sqlx::Error> {
+        let ids = serde_json::to_string(profile_ids).unwrap_or_else(|_| "[]".to_owned());
+        sqlx::query_as(
+            "SELECT profile_id, audience FROM audience_members \
+             WHERE profile_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(ids)
+        .fetch_all(&mut *self.0)
+        .await
+    }
+
+    async fn change_memberships(
+        &mut self,
+        changes: &[MembershipChange],
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error> {
+        for c in changes {
+            if c.entered {
+                sqlx::query(
+                    "INSERT INTO audience_members (audience, profile_id, entered_at) \
+                     VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                )
+                .bind(&c.audience)
+                .bind(&c.profile_id)
+                .bind(now)
+                .execute(&mut *self.0)
+                .await?;
+            } else {
+                sqlx::query("DELETE FROM audience_members WHERE audience = ?1 AND profile_id = ?2")
+                    .bind(&c.audience)
+                    .bind(&c.profile_id)
+                    .execute(&mut *self.0)
+                    .await?;
+            }
+            sqlx::query(
+                "INSERT INTO audience_changes (audience, profile_id, change, at) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )
+            .bind(&c.audience)
+            .bind(&c.profile_id)
+            .bind(if c.entered { "entered" } else { "exited" })
+            .bind(now)
+            .execute(&mut *self.0)
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn link(&mut self, links: &[(&str, &Identifier)]) -> Result<u64, sqlx::Error> {
         let mut linked = 0;
         for chunk in links.chunks(CHUNK) {
@@ -362,7 +458,8 @@ async fn write_one(conn: &mut SqliteConnection, p: &Profile) -> Result<(), sqlx:
     sqlx::query(
         "UPDATE profiles SET merged_into = ?2, traits = ?3, event_count = ?4, \
              first_seen = ?5, last_seen = ?6, activity_log2 = ?7, scores = ?8, \
-             merged_profile_ids = ?9, version = ?10, updated_at = ?11, computed = ?12 \
+             merged_profile_ids = ?9, version = ?10, updated_at = ?11, computed = ?12, \
+             valid_until = ?13 \
          WHERE profile_id = ?1",
     )
     .bind(&p.profile_id)
@@ -377,6 +474,7 @@ async fn write_one(conn: &mut SqliteConnection, p: &Profile) -> Result<(), sqlx:
     .bind(p.version)
     .bind(p.updated_at)
     .bind(Json(&p.state.computed))
+    .bind(p.valid_until)
     .execute(conn)
     .await?;
     Ok(())
@@ -404,6 +502,7 @@ fn profile(row: &SqliteRow) -> Result<Profile, sqlx::Error> {
         version: row.try_get("version")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        valid_until: row.try_get("valid_until")?,
     })
 }
 

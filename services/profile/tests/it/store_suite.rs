@@ -5,12 +5,15 @@ use std::sync::Arc;
 use serde_json::json;
 use tessera_core::Identifier;
 use tessera_core::activity::DEFAULT_HALF_LIFE_SECONDS as H;
+use tessera_profile::audience::{Audience, Audiences, Condition, Op, Performed, Test};
 use tessera_profile::computed::{ComputedTrait, Kind};
 use tessera_profile::domain::{
     Batch, EventDetails, Merge, Profile, ProfileState, ResolvedEvent, Score, Split,
 };
 use tessera_profile::error::ProfileError;
-use tessera_profile::store::{self, NoScores, ProfileStore, Scorer, TimelineQuery};
+use tessera_profile::store::{
+    self, MembershipChange, NoScores, ProfileStore, Scorer, TimelineQuery,
+};
 use tessera_profile::{MIGRATIONS, SCHEMA};
 use tessera_store::{Database, DbSettings};
 use tessera_testkit::{TestDb, TestSqlite};
@@ -860,7 +863,10 @@ fn ids_of() -> Vec<String> {
 
 /// The store of `backend`'s database keeping `computed` traits.
 fn with_computed(backend: &Backend, computed: Vec<ComputedTrait>) -> Arc<dyn ProfileStore> {
-    store::open_with(backend.db.clone(), computed)
+    store::open_with(
+        backend.db.clone(),
+        store::Definitions::new(computed, Audiences::default()),
+    )
 }
 
 fn order_traits() -> Vec<ComputedTrait> {
@@ -959,4 +965,145 @@ async fn computed_traits_follow_merges_and_unmerges_on_postgres() {
     computed_traits_follow_merges_and_unmerges(&merged, &reference).await;
     merged.db.close().await;
     reference.db.close().await;
+}
+
+fn audiences() -> Audiences {
+    Audiences::compile(vec![
+        Audience {
+            name: "pros".into(),
+            condition: Condition::Trait(Test {
+                name: "plan".into(),
+                op: Op::Eq,
+                value: json!("pro"),
+            }),
+        },
+        Audience {
+            name: "buyers_1h".into(),
+            condition: Condition::Performed(Performed {
+                event: "Order Completed".into(),
+                at_least: 1,
+                at_most: None,
+                within_seconds: Some(3_600),
+            }),
+        },
+    ])
+    .unwrap()
+}
+
+/// Stored memberships follow events, merges, unmerges and time: a merged-away profile leaves
+/// its audiences, an unmerge gives each side back its own, and a sweep after an event left its
+/// window takes the profile out without a new event.
+async fn audience_memberships_follow_events_merges_unmerges_and_time(backend: &Backend) {
+    let store = store::open_with(
+        backend.db.clone(),
+        store::Definitions::new(vec![], audiences()),
+    );
+    let members = |audience: &'static str| {
+        let store = store.clone();
+        async move { store.audience_members(audience, None, 10).await.unwrap().0 }
+    };
+    let mut pro = event("e1", "p1", 0, "ann", json!({"plan": "pro"}));
+    pro.timestamp = NOW - time::Duration::minutes(10);
+    let mut bought = tracked("e2", "p2", 0, "Order Completed", json!({}));
+    bought.timestamp = NOW - time::Duration::minutes(59);
+    let applied = store
+        .apply(
+            &Batch {
+                merges: vec![],
+                events: vec![pro, bought],
+            },
+            H,
+            NOW,
+            &NoScores,
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied.audiences.len(), 2, "{:?}", applied.audiences);
+    assert_eq!(members("pros").await, ["p1"]);
+    assert_eq!(members("buyers_1h").await, ["p2"]);
+
+    let merged = store
+        .apply(
+            &Batch {
+                merges: vec![merge("p1", "p2")],
+                events: vec![],
+            },
+            H,
+            NOW,
+            &NoScores,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        members("buyers_1h").await,
+        ["p1"],
+        "the survivor holds both"
+    );
+    assert_eq!(members("pros").await, ["p1"]);
+    assert!(
+        merged
+            .audiences
+            .iter()
+            .any(|c| c.profile_id == "p2" && !c.entered),
+        "the merged-away profile exits: {:?}",
+        merged.audiences
+    );
+
+    let split = Split {
+        profiles: vec![("p1".into(), "p1".into()), ("p2".into(), "p2".into())],
+        events: vec![],
+        erased: vec![],
+    };
+    store.split(&split, H, NOW, &NoScores).await.unwrap();
+    assert_eq!(members("pros").await, ["p1"]);
+    assert_eq!(
+        members("buyers_1h").await,
+        ["p2"],
+        "each side gets its own back"
+    );
+
+    // e2 leaves the hour one minute after NOW: nothing is due before, p2 exits after.
+    let (swept, _) = store.sweep(NOW, 10).await.unwrap();
+    assert!(swept.is_empty());
+    let (swept, changes) = store
+        .sweep(NOW + time::Duration::minutes(2), 10)
+        .await
+        .unwrap();
+    assert_eq!(swept.len(), 1);
+    assert_eq!(swept[0].profile_id, "p2");
+    assert_eq!(swept[0].valid_until, None, "nothing more will change");
+    assert_eq!(
+        changes,
+        [MembershipChange {
+            audience: "buyers_1h".into(),
+            profile_id: "p2".into(),
+            entered: false
+        }]
+    );
+    assert!(members("buyers_1h").await.is_empty());
+    assert_eq!(
+        store
+            .audience_members("buyers_1h", None, 10)
+            .await
+            .unwrap()
+            .1,
+        0
+    );
+    let (again, _) = store
+        .sweep(NOW + time::Duration::minutes(3), 10)
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "a swept profile is not due again");
+}
+
+#[tokio::test]
+async fn audience_memberships_follow_events_merges_unmerges_and_time_on_sqlite() {
+    audience_memberships_follow_events_merges_unmerges_and_time(&sqlite().await).await;
+}
+
+#[tokio::test]
+async fn audience_memberships_follow_events_merges_unmerges_and_time_on_postgres() {
+    let backend = postgres().await;
+    audience_memberships_follow_events_merges_unmerges_and_time(&backend).await;
+    backend.db.close().await;
 }
