@@ -433,6 +433,7 @@ async fn serve(
                     settings.profile.clone(),
                 );
                 profiles.register(&mut services);
+                profiles.stop_streams_on(delivery_stop.clone());
                 // Windowed computed traits and audience conditions change with time.
                 workers.push(profiles.spawn_sweeper(
                     Duration::from_millis(settings.profile.sweep_interval_ms.max(10)),

@@ -411,6 +411,7 @@ pub struct Workspace {
     changed: BTreeSet<String>,
     merges: Vec<(String, String)>,
     new_identifiers: BTreeMap<String, BTreeSet<Identifier>>,
+    score_changes: Vec<(String, String, f64)>,
 }
 
 impl Workspace {
@@ -426,6 +427,7 @@ impl Workspace {
             changed: BTreeSet::new(),
             merges: Vec::new(),
             new_identifiers: BTreeMap::new(),
+            score_changes: Vec::new(),
         }
     }
 
@@ -522,6 +524,16 @@ impl Workspace {
         {
             return;
         }
+        for score in &scores {
+            if profile
+                .scores
+                .get(&score.name)
+                .is_none_or(|old| old.value != score.value)
+            {
+                self.score_changes
+                    .push((id.to_owned(), score.name.clone(), score.value));
+            }
+        }
         profile.set_scores(scores, now);
         self.changed.insert(id.to_owned());
     }
@@ -549,6 +561,11 @@ impl Workspace {
                 };
             }
         }
+    }
+
+    /// The scores whose value changed, as (profile id, score, new value).
+    pub fn score_changes(&self) -> &[(String, String, f64)] {
+        &self.score_changes
     }
 
     /// The merges that changed something, as (merged, survivor) pairs, in the order applied.

@@ -18,6 +18,7 @@ pub mod error;
 mod http;
 mod service;
 pub mod store;
+mod watch;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -66,6 +67,9 @@ pub struct ProfileSettings {
     /// How often profiles whose windowed computed traits or audience conditions changed with
     /// time are re-evaluated, in milliseconds.
     pub sweep_interval_ms: u64,
+    /// How long the change stream keeps changes, in days: a consumer away longer misses the
+    /// older ones.
+    pub change_retention_days: u64,
 }
 
 /// A Profile API access token; never shown in logs.
@@ -90,6 +94,7 @@ impl Default for ProfileSettings {
             computed_traits: Vec::new(),
             audiences: Vec::new(),
             sweep_interval_ms: 1_000,
+            change_retention_days: 7,
         }
     }
 }
@@ -161,6 +166,8 @@ impl ProfileSettings {
 #[derive(Debug, Clone)]
 pub struct Profiles {
     inner: Arc<service::Inner>,
+    /// How long changes are kept.
+    change_retention_days: u64,
     /// The Profile API's access token and space id, when it is served.
     api: Option<(AccessToken, String)>,
 }
@@ -192,6 +199,7 @@ impl Profiles {
             });
         let defs = store::Definitions::new(settings.computed_traits.clone(), audiences);
         Self {
+            change_retention_days: settings.change_retention_days.max(1),
             api: settings
                 .access_token
                 .map(|token| (token, settings.space_id.clone())),
@@ -205,44 +213,74 @@ impl Profiles {
                 half_life_seconds,
                 match_profiles: settings.match_profiles,
                 match_unimplemented_warned: AtomicBool::new(false),
+                changed: tokio::sync::Notify::new(),
+                streams_stop: tessera_server::Shutdown::new(),
             }),
         }
     }
 
     /// Re-evaluates, every `interval`, the profiles whose computed traits or audience
-    /// memberships change with time (a windowed trait or event condition), until `shutdown`.
-    /// Does nothing when no window is declared. Safe with several replicas (they share the
-    /// work).
+    /// memberships change with time (a windowed trait or event condition), and once a minute
+    /// deletes changes older than the retention, until `shutdown`. Safe with several replicas
+    /// (they share the sweeping; pruning is idempotent).
     pub fn spawn_sweeper(
         &self,
         interval: std::time::Duration,
         shutdown: tessera_server::Shutdown,
     ) -> tokio::task::JoinHandle<()> {
         const BATCH: usize = 500;
+        const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
         let inner = self.inner.clone();
+        let retention = time::Duration::days(
+            i64::try_from(self.change_retention_days).unwrap_or(i64::MAX / 86_400 / 2),
+        );
         tokio::spawn(async move {
-            if !inner.defs.windowed() {
-                return;
-            }
+            let windowed = inner.defs.windowed();
+            let mut last_prune: Option<tokio::time::Instant> = None;
             loop {
-                let swept = match inner.sweep_once(BATCH).await {
-                    Ok(n) => n,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "sweeping expired computed values failed");
-                        0
+                if last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+                    last_prune = Some(tokio::time::Instant::now());
+                    let before = time::OffsetDateTime::now_utc() - retention;
+                    match inner.store.prune_changes(before).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(changes = n, "pruned the change stream"),
+                        Err(e) => tracing::warn!(error = %e, "pruning the change stream failed"),
                     }
+                }
+                let swept = if windowed {
+                    match inner.sweep_once(BATCH).await {
+                        Ok(n) => n,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "sweeping expired computed values failed");
+                            0
+                        }
+                    }
+                } else {
+                    0
                 };
                 // A full batch means more are due: go on at once.
                 if swept < BATCH {
+                    let wait = if windowed { interval } else { PRUNE_EVERY };
                     tokio::select! {
                         () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(interval) => {}
+                        () = tokio::time::sleep(wait) => {}
                     }
                 } else if shutdown.is_cancelled() {
                     return;
                 }
             }
         })
+    }
+
+    /// Ends the change streams (with UNAVAILABLE, so consumers reconnect elsewhere) once
+    /// `shutdown` is cancelled: call with a token cancelled before the server drains, or the
+    /// drain waits for the streams.
+    pub fn stop_streams_on(&self, shutdown: tessera_server::Shutdown) {
+        let streams = self.inner.streams_stop.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            streams.cancel();
+        });
     }
 
     /// The Segment-compatible Profile API's HTTP routes; `None` without an access token.

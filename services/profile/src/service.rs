@@ -54,6 +54,10 @@ pub(crate) struct Inner {
     /// Everything folded and kept (declared computed traits, audiences and their hidden
     /// counts), evaluated when a profile is read.
     pub(crate) defs: Arc<Definitions>,
+    /// Woken after every write, so change streams in this process read at once.
+    pub(crate) changed: tokio::sync::Notify,
+    /// Ends the change streams (before the server drains).
+    pub(crate) streams_stop: tessera_server::Shutdown,
     /// Whether applied profiles are sent to the identity service's matching.
     pub(crate) match_profiles: bool,
     /// Set once an identity service without matching has been reported, so the warning is
@@ -143,6 +147,7 @@ impl Inner {
         let now = OffsetDateTime::now_utc();
         let (profiles, changes) = self.store.sweep(now, limit).await?;
         if !profiles.is_empty() {
+            self.changed.notify_waiters();
             metrics::counter!("tessera_profile_swept_total").increment(profiles.len() as u64);
             count_membership_changes(&changes);
             let entries = profiles
@@ -346,8 +351,10 @@ impl Inner {
         })
     }
 
-    /// Puts the cache entries of what a batch wrote.
+    /// Puts the cache entries of what a batch wrote, and wakes the change streams.
     async fn cache_applied(&self, applied: &Applied) {
+        self.changed.notify_waiters();
+        count_membership_changes(&applied.audiences);
         let mut entries = Vec::with_capacity(applied.changed.len() + applied.merged_away.len());
         let now = OffsetDateTime::now_utc();
         entries.extend(
@@ -573,6 +580,17 @@ impl ProfileService for ProfileApi {
     ) -> Result<Response<pb::ListProfileEventsResponse>, Status> {
         Ok(Response::new(
             self.0.list_events(request.into_inner()).await?,
+        ))
+    }
+
+    type WatchProfileChangesStream = crate::watch::ChangeStream;
+
+    async fn watch_profile_changes(
+        &self,
+        request: Request<pb::WatchProfileChangesRequest>,
+    ) -> Result<Response<Self::WatchProfileChangesStream>, Status> {
+        Ok(Response::new(
+            crate::watch::spawn(self.0.clone(), request.into_inner()).await?,
         ))
     }
 

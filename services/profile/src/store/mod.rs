@@ -126,6 +126,21 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
         limit: usize,
     ) -> Result<(Vec<Profile>, Vec<MembershipChange>), ProfileError>;
 
+    /// At most `limit` changes after `after`, in stream order: only changes no transaction
+    /// still running can precede, so a change never appears before a position already read.
+    async fn changes_after(
+        &self,
+        after: ChangeCursor,
+        limit: usize,
+    ) -> Result<Vec<ProfileChange>, ProfileError>;
+
+    /// The position of the latest change that can be read now (the start of a stream that
+    /// wants only new changes).
+    async fn change_horizon(&self) -> Result<ChangeCursor, ProfileError>;
+
+    /// Deletes the changes written before `before`; returns how many.
+    async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64, ProfileError>;
+
     /// The members of `audience` (live profile ids, in order) after `after`, at most `limit`,
     /// and how many members it has.
     async fn audience_members(
@@ -265,6 +280,122 @@ impl Definitions {
     }
 }
 
+/// A position in the change stream: the writing transaction and the row's sequence number
+/// (Postgres; SQLite writes one transaction at a time, so its transaction number is 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
+pub struct ChangeCursor {
+    /// The writing transaction.
+    pub xid: u64,
+    /// The row's sequence number.
+    pub seq: i64,
+}
+
+impl std::fmt::Display for ChangeCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.xid, self.seq)
+    }
+}
+
+impl std::str::FromStr for ChangeCursor {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (xid, seq) = s.split_once('.').ok_or(())?;
+        Ok(Self {
+            xid: xid.parse().map_err(|_| ())?,
+            seq: seq.parse().map_err(|_| ())?,
+        })
+    }
+}
+
+/// One change of a profile, as the change stream carries it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProfileChange {
+    /// Where it is in the stream.
+    pub cursor: ChangeCursor,
+    /// The profile.
+    pub profile_id: String,
+    /// `updated`, `merged`, `split`, `score_changed`, `audience_entered`, `audience_exited`.
+    pub kind: String,
+    /// What changed: `{version}`, `{into}`, `{score, value}`, `{audience}`.
+    pub detail: serde_json::Value,
+    /// When it was written.
+    pub at: OffsetDateTime,
+}
+
+/// A change to log with a write.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NewChange {
+    pub(crate) profile_id: String,
+    pub(crate) kind: &'static str,
+    pub(crate) detail: serde_json::Value,
+}
+
+impl NewChange {
+    fn new(profile_id: &str, kind: &'static str, detail: serde_json::Value) -> Self {
+        Self {
+            profile_id: profile_id.to_owned(),
+            kind,
+            detail,
+        }
+    }
+}
+
+/// The changes a write logs: every live profile written (`updated`, and `split` when `split`),
+/// every profile merged away (`merged` into its survivor), every score whose value changed and
+/// every audience entry and exit.
+fn changes_of(
+    written: &[&Profile],
+    split: bool,
+    scores: &[(String, String, f64)],
+    audiences: &[MembershipChange],
+) -> Vec<NewChange> {
+    let mut out = Vec::new();
+    for p in written {
+        match &p.merged_into {
+            None => {
+                out.push(NewChange::new(
+                    &p.profile_id,
+                    "updated",
+                    serde_json::json!({ "version": p.version }),
+                ));
+                if split {
+                    out.push(NewChange::new(
+                        &p.profile_id,
+                        "split",
+                        serde_json::json!({}),
+                    ));
+                }
+            }
+            Some(into) => out.push(NewChange::new(
+                &p.profile_id,
+                "merged",
+                serde_json::json!({ "into": into }),
+            )),
+        }
+    }
+    for (profile, score, value) in scores {
+        out.push(NewChange::new(
+            profile,
+            "score_changed",
+            serde_json::json!({ "score": score, "value": value }),
+        ));
+    }
+    for change in audiences {
+        let kind = if change.entered {
+            "audience_entered"
+        } else {
+            "audience_exited"
+        };
+        out.push(NewChange::new(
+            &change.profile_id,
+            kind,
+            serde_json::json!({ "audience": change.audience }),
+        ));
+    }
+    out
+}
+
 /// An entry into or exit from an audience.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MembershipChange {
@@ -356,7 +487,13 @@ trait Ops: Send {
         &mut self,
         profile_ids: &[String],
     ) -> Result<Vec<(String, String)>, sqlx::Error>;
-    /// Stores entries into and exits from audiences, and logs them in `audience_changes`.
+    /// Appends `changes` to the change stream (`profile_changes`).
+    async fn log_changes(
+        &mut self,
+        changes: &[NewChange],
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error>;
+    /// Stores entries into and exits from audiences.
     async fn change_memberships(
         &mut self,
         changes: &[MembershipChange],
@@ -426,6 +563,11 @@ async fn apply<O: Ops>(
     let changed: Vec<&Profile> = ws.changed().collect();
     ops.write(&changed).await?;
     let audiences = update_memberships(ops, defs, &changed, now).await?;
+    ops.log_changes(
+        &changes_of(&changed, false, ws.score_changes(), &audiences),
+        now,
+    )
+    .await?;
     for (merged, survivor) in ws.merges() {
         ops.redirect(merged, survivor).await?;
     }
@@ -669,12 +811,20 @@ async fn split<O: Ops>(
         let live: Vec<&Profile> = rows.iter().filter(|p| p.merged_into.is_none()).collect();
         scorer.score(&live, now).await?
     };
+    let mut score_changes = Vec::new();
     for (profile, scores) in rows
         .iter_mut()
         .filter(|p| p.merged_into.is_none())
         .zip(scores)
     {
         for score in scores {
+            if profile
+                .scores
+                .get(&score.name)
+                .is_none_or(|old| old.value != score.value)
+            {
+                score_changes.push((profile.profile_id.clone(), score.name.clone(), score.value));
+            }
             profile.scores.insert(score.name.clone(), score);
         }
     }
@@ -688,6 +838,8 @@ async fn split<O: Ops>(
     let written: Vec<&Profile> = rows.iter().collect();
     ops.write(&written).await?;
     let audiences = update_memberships(ops, defs, &written, now).await?;
+    ops.log_changes(&changes_of(&written, true, &score_changes, &audiences), now)
+        .await?;
     ops.move_events(&moves).await?;
     ops.delete_events(&deleted).await?;
     ops.replace_identifiers(&members, &links).await?;
@@ -726,6 +878,8 @@ async fn sweep<O: Ops>(
     let written: Vec<&Profile> = profiles.iter().collect();
     ops.write(&written).await?;
     let changes = update_memberships(ops, defs, &written, now).await?;
+    ops.log_changes(&changes_of(&written, false, &[], &changes), now)
+        .await?;
     Ok((profiles, changes))
 }
 

@@ -11,8 +11,9 @@ use tessera_core::Identifier;
 use time::OffsetDateTime;
 
 use super::{
-    Applied, Definitions, MembershipChange, Ops, ProfileStore, Recorded, Scorer, TimelineEntry,
-    TimelineQuery, attach_identifiers, timeline_entries,
+    Applied, ChangeCursor, Definitions, MembershipChange, NewChange, Ops, ProfileChange,
+    ProfileStore, Recorded, Scorer, TimelineEntry, TimelineQuery, attach_identifiers,
+    timeline_entries,
 };
 use crate::domain::{Batch, Profile, ProfileState, Split};
 use crate::error::ProfileError;
@@ -125,6 +126,72 @@ impl ProfileStore for PostgresStore {
         let swept = super::sweep(&mut ops, &self.defs, profiles, now).await?;
         tx.commit().await?;
         Ok(swept)
+    }
+
+    async fn changes_after(
+        &self,
+        after: ChangeCursor,
+        limit: usize,
+    ) -> Result<Vec<ProfileChange>, ProfileError> {
+        let rows: Vec<(
+            String,
+            i64,
+            String,
+            String,
+            Json<serde_json::Value>,
+            OffsetDateTime,
+        )> = sqlx::query_as(
+            "SELECT xid::text, seq, profile_id, kind, detail, at FROM profile_changes \
+                 WHERE (xid, seq) > ($1::text::xid8, $2) \
+                   AND xid < pg_snapshot_xmin(pg_current_snapshot()) \
+                 ORDER BY xid, seq LIMIT $3",
+        )
+        .bind(after.xid.to_string())
+        .bind(after.seq)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(xid, seq, profile_id, kind, Json(detail), at)| {
+                let xid = xid
+                    .parse()
+                    .map_err(|_| ProfileError::Corrupt(format!("change {seq}: xid {xid}")))?;
+                Ok(ProfileChange {
+                    cursor: ChangeCursor { xid, seq },
+                    profile_id,
+                    kind,
+                    detail,
+                    at,
+                })
+            })
+            .collect()
+    }
+
+    async fn change_horizon(&self) -> Result<ChangeCursor, ProfileError> {
+        let last: Option<(String, i64)> = sqlx::query_as(
+            "SELECT xid::text, seq FROM profile_changes \
+             WHERE xid < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY xid DESC, seq DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match last {
+            Some((xid, seq)) => ChangeCursor {
+                xid: xid
+                    .parse()
+                    .map_err(|_| ProfileError::Corrupt(format!("change {seq}: xid {xid}")))?,
+                seq,
+            },
+            None => ChangeCursor::default(),
+        })
+    }
+
+    async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64, ProfileError> {
+        let done = sqlx::query("DELETE FROM profile_changes WHERE at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     async fn audience_members(
@@ -467,27 +534,53 @@ impl Ops for PgOps<'_> {
         if changes.is_empty() {
             return Ok(());
         }
-        let (mut audiences, mut profiles, mut kinds) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut audiences, mut profiles, mut entered) = (Vec::new(), Vec::new(), Vec::new());
         for c in changes {
             audiences.push(c.audience.as_str());
             profiles.push(c.profile_id.as_str());
-            kinds.push(if c.entered { "entered" } else { "exited" });
+            entered.push(c.entered);
         }
         sqlx::query(
-            "WITH c AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]) \
-                        AS c(audience, profile_id, change)), \
+            "WITH c AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::bool[]) \
+                        AS c(audience, profile_id, entered)), \
                   gone AS (DELETE FROM audience_members m USING c \
-                           WHERE c.change = 'exited' AND m.audience = c.audience \
-                             AND m.profile_id = c.profile_id), \
-                  came AS (INSERT INTO audience_members (audience, profile_id, entered_at) \
-                           SELECT audience, profile_id, $4 FROM c WHERE change = 'entered' \
-                           ON CONFLICT DO NOTHING) \
-             INSERT INTO audience_changes (audience, profile_id, change, at) \
-             SELECT audience, profile_id, change, $4 FROM c",
+                           WHERE NOT c.entered AND m.audience = c.audience \
+                             AND m.profile_id = c.profile_id) \
+             INSERT INTO audience_members (audience, profile_id, entered_at) \
+             SELECT audience, profile_id, $4 FROM c WHERE entered \
+             ON CONFLICT DO NOTHING",
         )
         .bind(audiences)
         .bind(profiles)
+        .bind(entered)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn log_changes(
+        &mut self,
+        changes: &[NewChange],
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let (mut profiles, mut kinds, mut details) = (Vec::new(), Vec::new(), Vec::new());
+        for c in changes {
+            profiles.push(c.profile_id.as_str());
+            kinds.push(c.kind);
+            details.push(Json(&c.detail));
+        }
+        sqlx::query(
+            "INSERT INTO profile_changes (profile_id, kind, detail, at) \
+             SELECT p, k, d, $4 FROM UNNEST($1::text[], $2::text[], $3::jsonb[]) \
+             WITH ORDINALITY AS c(p, k, d, n) ORDER BY n",
+        )
+        .bind(profiles)
         .bind(kinds)
+        .bind(details)
         .bind(now)
         .execute(&mut *self.0)
         .await?;

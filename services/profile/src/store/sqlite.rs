@@ -13,8 +13,9 @@ use tessera_core::Identifier;
 use time::OffsetDateTime;
 
 use super::{
-    Applied, Definitions, MembershipChange, Ops, ProfileStore, Recorded, Scorer, TimelineEntry,
-    TimelineQuery, attach_identifiers, timeline_entries,
+    Applied, ChangeCursor, Definitions, MembershipChange, NewChange, Ops, ProfileChange,
+    ProfileStore, Recorded, Scorer, TimelineEntry, TimelineQuery, attach_identifiers,
+    timeline_entries,
 };
 use crate::domain::{Batch, Profile, ProfileState, Split};
 use crate::error::ProfileError;
@@ -160,6 +161,51 @@ impl ProfileStore for SqliteStore {
         let swept = super::sweep(&mut ops, &self.defs, profiles, now).await?;
         tx.commit().await?;
         Ok(swept)
+    }
+
+    async fn changes_after(
+        &self,
+        after: ChangeCursor,
+        limit: usize,
+    ) -> Result<Vec<ProfileChange>, ProfileError> {
+        // One writer at a time: sequence order is commit order.
+        let rows: Vec<(i64, String, String, Json<serde_json::Value>, OffsetDateTime)> =
+            sqlx::query_as(
+                "SELECT seq, profile_id, kind, detail, at FROM profile_changes \
+                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
+            .bind(after.seq)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, profile_id, kind, Json(detail), at)| ProfileChange {
+                cursor: ChangeCursor { xid: 0, seq },
+                profile_id,
+                kind,
+                detail,
+                at,
+            })
+            .collect())
+    }
+
+    async fn change_horizon(&self) -> Result<ChangeCursor, ProfileError> {
+        let seq: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM profile_changes")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(ChangeCursor {
+            xid: 0,
+            seq: seq.unwrap_or(0),
+        })
+    }
+
+    async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64, ProfileError> {
+        let done = sqlx::query("DELETE FROM profile_changes WHERE at < ?1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     async fn audience_members(
@@ -421,13 +467,22 @@ impl Ops for LiteOps<'_> {
                     .execute(&mut *self.0)
                     .await?;
             }
+        }
+        Ok(())
+    }
+
+    async fn log_changes(
+        &mut self,
+        changes: &[NewChange],
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error> {
+        for c in changes {
             sqlx::query(
-                "INSERT INTO audience_changes (audience, profile_id, change, at) \
-                 VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO profile_changes (profile_id, kind, detail, at) VALUES (?1, ?2, ?3, ?4)",
             )
-            .bind(&c.audience)
             .bind(&c.profile_id)
-            .bind(if c.entered { "entered" } else { "exited" })
+            .bind(c.kind)
+            .bind(Json(&c.detail))
             .bind(now)
             .execute(&mut *self.0)
             .await?;

@@ -12,7 +12,7 @@ use tessera_profile::domain::{
 };
 use tessera_profile::error::ProfileError;
 use tessera_profile::store::{
-    self, MembershipChange, NoScores, ProfileStore, Scorer, TimelineQuery,
+    self, ChangeCursor, MembershipChange, NoScores, ProfileStore, Scorer, TimelineQuery,
 };
 use tessera_profile::{MIGRATIONS, SCHEMA};
 use tessera_store::{Database, DbSettings};
@@ -95,6 +95,7 @@ store_suite!(
     scores_are_written_with_the_state_they_describe,
     a_scoring_failure_applies_nothing,
     a_timeline_lists_every_identity_newest_first_in_pages,
+    the_change_stream_logs_every_write_in_order_and_resumes,
 );
 
 async fn applied_events_can_be_read(store: &dyn ProfileStore) {
@@ -1106,4 +1107,146 @@ async fn audience_memberships_follow_events_merges_unmerges_and_time_on_postgres
     let backend = postgres().await;
     audience_memberships_follow_events_merges_unmerges_and_time(&backend).await;
     backend.db.close().await;
+}
+
+/// Every write logs its changes (updated, merged, split, score changes), readable in order
+/// after any cursor; the horizon is the last change.
+async fn the_change_stream_logs_every_write_in_order_and_resumes(store: &dyn ProfileStore) {
+    assert_eq!(
+        store.change_horizon().await.unwrap(),
+        ChangeCursor::default()
+    );
+    let scorer = CountingScorer::default();
+    store
+        .apply(
+            &Batch {
+                merges: vec![],
+                events: vec![
+                    event("e1", "p1", 1, "ann", json!({})),
+                    event("e2", "p2", 2, "bob", json!({})),
+                ],
+            },
+            H,
+            NOW,
+            &scorer,
+        )
+        .await
+        .unwrap();
+    apply(store, vec![merge("p1", "p2")], vec![]).await;
+    let split = Split {
+        profiles: vec![("p1".into(), "p1".into()), ("p2".into(), "p2".into())],
+        events: vec![],
+        erased: vec![],
+    };
+    store.split(&split, H, NOW, &NoScores).await.unwrap();
+    let all = settled_changes(store, 10).await;
+    let seen: Vec<(&str, &str)> = all
+        .iter()
+        .map(|c| (c.kind.as_str(), c.profile_id.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("updated", "p1"),
+            ("updated", "p2"),
+            ("score_changed", "p1"),
+            ("score_changed", "p2"),
+            ("updated", "p1"),
+            ("merged", "p2"),
+            ("updated", "p1"),
+            ("split", "p1"),
+            ("updated", "p2"),
+            ("split", "p2"),
+        ]
+    );
+    assert_eq!(all[5].detail["into"], json!("p1"));
+    assert_eq!(all[2].detail["score"], json!("events"));
+    assert!(
+        all.windows(2).all(|w| w[0].cursor < w[1].cursor),
+        "in order"
+    );
+    // Resuming after any change gives exactly the rest.
+    let rest = store.changes_after(all[3].cursor, 100).await.unwrap();
+    assert_eq!(rest, all[4..]);
+    let page = store.changes_after(all[3].cursor, 2).await.unwrap();
+    assert_eq!(page, all[4..6]);
+    assert_eq!(store.change_horizon().await.unwrap(), all[9].cursor);
+    assert_eq!(
+        store.prune_changes(NOW).await.unwrap(),
+        0,
+        "nothing before NOW"
+    );
+    assert_eq!(
+        store
+            .prune_changes(time::OffsetDateTime::now_utc() + time::Duration::hours(1))
+            .await
+            .unwrap(),
+        10
+    );
+    assert!(
+        store
+            .changes_after(ChangeCursor::default(), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// A change written by a transaction that is still open is never passed over: a reader sees
+/// nothing after it until it commits, then both in order, though the later transaction took
+/// the later row first.
+#[tokio::test]
+async fn a_late_commit_is_never_skipped_by_the_change_stream() {
+    let backend = postgres().await;
+    let Database::Postgres(pool) = &backend.db else {
+        unreachable!("a Postgres backend")
+    };
+    let insert = "INSERT INTO profile_changes (profile_id, kind, at) VALUES ($1, 'updated', now())";
+    let mut first = pool.begin().await.unwrap();
+    sqlx::query(insert)
+        .bind("early")
+        .execute(&mut *first)
+        .await
+        .unwrap();
+    let mut second = pool.begin().await.unwrap();
+    sqlx::query(insert)
+        .bind("late")
+        .execute(&mut *second)
+        .await
+        .unwrap();
+    second.commit().await.unwrap();
+    let read = backend
+        .store
+        .changes_after(ChangeCursor::default(), 10)
+        .await
+        .unwrap();
+    assert!(
+        read.is_empty(),
+        "the open transaction holds back what follows: {read:?}"
+    );
+    first.commit().await.unwrap();
+    let read = settled_changes(&*backend.store, 2).await;
+    let order: Vec<&str> = read.iter().map(|c| c.profile_id.as_str()).collect();
+    assert_eq!(order, ["early", "late"]);
+    backend.db.close().await;
+}
+
+/// Every change from the beginning, once `count` are readable: on Postgres a change becomes
+/// readable when every transaction older than its own has ended, and other tests' transactions
+/// on the same server can hold that back for a moment.
+async fn settled_changes(
+    store: &dyn ProfileStore,
+    count: usize,
+) -> Vec<tessera_profile::store::ProfileChange> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let read = store
+            .changes_after(ChangeCursor::default(), 100)
+            .await
+            .unwrap();
+        if read.len() >= count || std::time::Instant::now() > deadline {
+            return read;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
