@@ -512,6 +512,15 @@ pub(crate) fn profile_to_pb(
 ) -> pb::Profile {
     let mut message = pb::Profile::from(profile);
     message.audiences = defs.members(profile, now);
+    for (name, t) in &mut message.traits {
+        if let Some(rule) = defs.catalog.get(name) {
+            t.class = rule
+                .class
+                .map(|c| c.as_str().to_owned())
+                .unwrap_or_default();
+            t.pii = rule.is_pii();
+        }
+    }
     message.computed_traits = profile
         .state
         .computed
@@ -573,6 +582,9 @@ impl From<&Profile> for pb::Profile {
                         value: Some(json_to_value(&t.value)),
                         observed_at: Some(to_timestamp(t.observed_at)),
                         event_id: t.event_id.clone(),
+                        // From the catalog, in `profile_to_pb`.
+                        class: String::new(),
+                        pii: false,
                     };
                     (name.clone(), trait_)
                 })

@@ -13,7 +13,27 @@ use serde_json::{Map, Value};
 use tessera_core::{Identifier, activity};
 use time::OffsetDateTime;
 
+use crate::catalog::{self, TraitCatalog};
 use crate::computed::{ComputedState, ComputedTrait};
+
+/// What folding follows beyond the events themselves: the computed traits (declared, and the
+/// audiences' hidden counts) and the trait catalog (each trait's strategy).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rules<'a> {
+    /// The computed traits.
+    pub computed: &'a [ComputedTrait],
+    /// The trait catalog; every trait is `latest` without one.
+    pub catalog: Option<&'a TraitCatalog>,
+}
+
+impl Rules<'_> {
+    fn strategy(&self, name: &str) -> catalog::Strategy {
+        self.catalog
+            .and_then(|c| c.get(name))
+            .map(|r| r.strategy)
+            .unwrap_or_default()
+    }
+}
 
 /// One trait value with its provenance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,21 +77,18 @@ pub struct ProfileState {
 impl ProfileState {
     /// Folds one event into the state, and into the accumulators of the `computed` traits it
     /// counts for. The caller guarantees each event is applied once.
-    pub fn apply(
-        &mut self,
-        event: &ResolvedEvent,
-        half_life_seconds: f64,
-        computed: &[ComputedTrait],
-    ) {
-        self.computed.apply(computed, event);
+    pub fn apply(&mut self, event: &ResolvedEvent, half_life_seconds: f64, rules: Rules<'_>) {
+        self.computed.apply(rules.computed, event);
         for (name, value) in &event.traits {
-            self.set_trait(
+            catalog::set(
+                &mut self.traits,
                 name,
                 TraitValue {
                     value: value.clone(),
                     observed_at: event.timestamp,
                     event_id: event.event_id.clone(),
                 },
+                rules.strategy(name),
             );
         }
         self.event_count += 1;
@@ -92,9 +109,9 @@ impl ProfileState {
     }
 
     /// Folds the state of a merged profile into this one.
-    pub fn absorb(&mut self, other: &ProfileState) {
+    pub fn absorb(&mut self, other: &ProfileState, rules: Rules<'_>) {
         for (name, value) in &other.traits {
-            self.set_trait(name, value.clone());
+            catalog::set(&mut self.traits, name, value.clone(), rules.strategy(name));
         }
         self.event_count += other.event_count;
         self.first_seen = min_opt(self.first_seen, other.first_seen);
@@ -102,16 +119,6 @@ impl ProfileState {
         self.activity_log2 = activity::merge(self.activity_log2, other.activity_log2);
         self.identifiers.extend(other.identifiers.iter().cloned());
         self.computed.absorb(&other.computed);
-    }
-
-    fn set_trait(&mut self, name: &str, candidate: TraitValue) {
-        match self.traits.get_mut(name) {
-            Some(current) if candidate.supersedes(current) => *current = candidate,
-            Some(_) => {}
-            None => {
-                self.traits.insert(name.to_owned(), candidate);
-            }
-        }
     }
 }
 
@@ -201,17 +208,17 @@ impl Profile {
         event: &ResolvedEvent,
         half_life_seconds: f64,
         now: OffsetDateTime,
-        computed: &[ComputedTrait],
+        rules: Rules<'_>,
     ) {
-        self.state.apply(event, half_life_seconds, computed);
-        self.state.computed.prune(computed, now);
+        self.state.apply(event, half_life_seconds, rules);
+        self.state.computed.prune(rules.computed, now);
         self.touch(now);
     }
 
     /// Folds `merged` into this profile and marks `merged` as redirecting here. The caller
     /// guarantees both are distinct live profiles.
-    pub fn absorb(&mut self, merged: &mut Profile, now: OffsetDateTime) {
-        self.state.absorb(&merged.state);
+    pub fn absorb(&mut self, merged: &mut Profile, now: OffsetDateTime, rules: Rules<'_>) {
+        self.state.absorb(&merged.state, rules);
         let ids = std::iter::once(&merged.profile_id).chain(&merged.merged_profile_ids);
         for id in ids {
             if *id != self.profile_id && !self.merged_profile_ids.contains(id) {
@@ -449,7 +456,12 @@ impl Workspace {
 
     /// Applies a merge; returns whether it changed anything (a merge already applied, or of two
     /// ids that are already one profile, does not).
-    pub fn apply_merge(&mut self, merge: &Merge, now: OffsetDateTime) -> Result<bool, Missing> {
+    pub fn apply_merge(
+        &mut self,
+        merge: &Merge,
+        now: OffsetDateTime,
+        rules: Rules<'_>,
+    ) -> Result<bool, Missing> {
         let survivor = self.canonical_owned(&merge.surviving_profile_id)?;
         let merged = self.canonical_owned(&merge.merged_profile_id)?;
         if survivor == merged {
@@ -463,7 +475,7 @@ impl Workspace {
             .profiles
             .get_mut(&survivor)
             .ok_or_else(|| Missing(survivor.clone()))?;
-        survivor_profile.absorb(&mut merged_profile, now);
+        survivor_profile.absorb(&mut merged_profile, now, rules);
         self.profiles.insert(merged.clone(), merged_profile);
         if let Some(ids) = self.new_identifiers.remove(&merged) {
             self.new_identifiers
@@ -483,7 +495,7 @@ impl Workspace {
         event: &ResolvedEvent,
         half_life_seconds: f64,
         now: OffsetDateTime,
-        computed: &[ComputedTrait],
+        rules: Rules<'_>,
     ) -> Result<(), Missing> {
         let id = self.canonical_owned(&event.profile_id)?;
         let profile = self
@@ -496,7 +508,7 @@ impl Workspace {
             .filter(|i| !profile.state.identifiers.contains(*i))
             .cloned()
             .collect();
-        profile.apply(event, half_life_seconds, now, computed);
+        profile.apply(event, half_life_seconds, now, rules);
         if !fresh.is_empty() {
             self.new_identifiers
                 .entry(id.clone())
@@ -624,7 +636,7 @@ mod tests {
     fn fold(events: &[ResolvedEvent]) -> ProfileState {
         let mut state = ProfileState::default();
         for e in events {
-            state.apply(e, H, &[]);
+            state.apply(e, H, Rules::default());
         }
         state
     }
@@ -656,11 +668,21 @@ mod tests {
     #[test]
     fn merging_folds_state_and_redirects() {
         let mut survivor = Profile::empty("s", NOW);
-        survivor.apply(&event("e1", "s", 1, json!({"plan": "free"})), H, NOW, &[]);
+        survivor.apply(
+            &event("e1", "s", 1, json!({"plan": "free"})),
+            H,
+            NOW,
+            Rules::default(),
+        );
         let mut merged = Profile::empty("m", NOW);
         merged.merged_profile_ids.push("older".to_owned());
-        merged.apply(&event("e2", "m", 2, json!({"plan": "pro"})), H, NOW, &[]);
-        survivor.absorb(&mut merged, NOW);
+        merged.apply(
+            &event("e2", "m", 2, json!({"plan": "pro"})),
+            H,
+            NOW,
+            Rules::default(),
+        );
+        survivor.absorb(&mut merged, NOW, Rules::default());
         assert_eq!(survivor.state.event_count, 2);
         assert_eq!(survivor.state.traits["plan"].value, json!("pro"));
         assert_eq!(survivor.state.identifiers.len(), 2);
@@ -684,14 +706,31 @@ mod tests {
             surviving_profile_id: s.to_owned(),
             merged_profile_id: m.to_owned(),
         };
-        assert_eq!(ws.apply_merge(&m("a", "b"), NOW), Ok(true));
-        assert_eq!(ws.apply_merge(&m("a", "b"), NOW), Ok(false));
-        assert_eq!(ws.apply_merge(&m("c", "a"), NOW), Ok(true));
+        assert_eq!(
+            ws.apply_merge(&m("a", "b"), NOW, Rules::default()),
+            Ok(true)
+        );
+        assert_eq!(
+            ws.apply_merge(&m("a", "b"), NOW, Rules::default()),
+            Ok(false)
+        );
+        assert_eq!(
+            ws.apply_merge(&m("c", "a"), NOW, Rules::default()),
+            Ok(true)
+        );
         // b was merged into a, which was merged into c: one profile already.
-        assert_eq!(ws.apply_merge(&m("b", "old"), NOW), Ok(false));
+        assert_eq!(
+            ws.apply_merge(&m("b", "old"), NOW, Rules::default()),
+            Ok(false)
+        );
         assert_eq!(ws.canonical("b"), Some("c"));
-        ws.apply_event(&event("e1", "b", 0, json!({"x": 1})), H, NOW, &[])
-            .unwrap();
+        ws.apply_event(
+            &event("e1", "b", 0, json!({"x": 1})),
+            H,
+            NOW,
+            Rules::default(),
+        )
+        .unwrap();
         let changed: Vec<_> = ws.changed().map(|p| p.profile_id.as_str()).collect();
         assert_eq!(changed, ["a", "b", "c"]);
         assert_eq!(ws.merges().len(), 2);
@@ -700,7 +739,12 @@ mod tests {
         assert_eq!(c.merged_profile_ids, ["a", "b"]);
         assert_eq!(c.state.event_count, 1);
         assert_eq!(
-            ws.apply_event(&event("e2", "nobody", 0, json!({})), H, NOW, &[]),
+            ws.apply_event(
+                &event("e2", "nobody", 0, json!({})),
+                H,
+                NOW,
+                Rules::default()
+            ),
             Err(Missing("nobody".to_owned()))
         );
     }
@@ -755,13 +799,13 @@ mod tests {
             let right: Vec<_> = right.into_iter().map(|(_, e)| e).collect();
             let mut l = Profile::empty("l", NOW);
             let mut r = Profile::empty("r", NOW);
-            for e in &left { l.apply(e, H, NOW, &[]); }
-            for e in &right { r.apply(e, H, NOW, &[]); }
+            for e in &left { l.apply(e, H, NOW, Rules::default()); }
+            for e in &right { r.apply(e, H, NOW, Rules::default()); }
             let merged = if survivor_left {
-                l.absorb(&mut r, NOW);
+                l.absorb(&mut r, NOW, Rules::default());
                 l.state
             } else {
-                r.absorb(&mut l, NOW);
+                r.absorb(&mut l, NOW, Rules::default());
                 r.state
             };
             assert_same(&fold(&events), &merged);

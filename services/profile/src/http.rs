@@ -320,6 +320,8 @@ fn traits(
                 value: t.value.clone(),
                 observed_at: t.observed_at.or(profile.updated_at),
                 event_id: String::new(),
+                class: String::new(),
+                pii: false,
             };
             (name, shown)
         }));
@@ -350,6 +352,8 @@ fn traits(
                 "value": plain,
                 "observed_at": value.observed_at.as_ref().and_then(from_timestamp).map(rfc3339),
                 "event_id": value.event_id,
+                "class": value.class,
+                "pii": value.pii,
             })
         } else {
             plain

@@ -11,6 +11,7 @@
 //! [`error`] the one error type.
 
 pub mod audience;
+pub mod catalog;
 pub mod computed;
 mod convert;
 pub mod domain;
@@ -70,6 +71,8 @@ pub struct ProfileSettings {
     /// How long the change stream keeps changes, in days: a consumer away longer misses the
     /// older ones.
     pub change_retention_days: u64,
+    /// The trait catalog (`[profile.traits.<name>]`): each trait's strategy and class.
+    pub traits: catalog::TraitCatalog,
 }
 
 /// A Profile API access token; never shown in logs.
@@ -95,6 +98,7 @@ impl Default for ProfileSettings {
             audiences: Vec::new(),
             sweep_interval_ms: 1_000,
             change_retention_days: 7,
+            traits: catalog::TraitCatalog::new(),
         }
     }
 }
@@ -197,7 +201,8 @@ impl Profiles {
                 tracing::error!(reason = %e, "invalid audiences, keeping none");
                 audience::Audiences::default()
             });
-        let defs = store::Definitions::new(settings.computed_traits.clone(), audiences);
+        let defs = store::Definitions::new(settings.computed_traits.clone(), audiences)
+            .with_catalog(settings.traits.clone());
         Self {
             change_retention_days: settings.change_retention_days.max(1),
             api: settings

@@ -17,8 +17,9 @@ use tessera_store::Database;
 use time::OffsetDateTime;
 
 use crate::audience::{Audiences, Facts};
+use crate::catalog::TraitCatalog;
 use crate::computed::ComputedTrait;
-use crate::domain::{Batch, EventContent, Profile, ProfileState, Score, Split, Workspace};
+use crate::domain::{Batch, EventContent, Profile, ProfileState, Rules, Score, Split, Workspace};
 use crate::error::ProfileError;
 
 pub use crate::audience::Audiences as CompiledAudiences;
@@ -244,6 +245,8 @@ pub struct Definitions {
     pub computed: Vec<ComputedTrait>,
     /// The audiences whose memberships are kept in `audience_members`.
     pub audiences: Audiences,
+    /// The trait catalog: how each trait's value combines.
+    pub catalog: TraitCatalog,
 }
 
 impl Definitions {
@@ -253,6 +256,22 @@ impl Definitions {
         Self {
             computed,
             audiences,
+            catalog: TraitCatalog::new(),
+        }
+    }
+
+    /// These definitions with the trait catalog `catalog`.
+    #[must_use]
+    pub fn with_catalog(mut self, catalog: TraitCatalog) -> Self {
+        self.catalog = catalog;
+        self
+    }
+
+    /// The rules folding follows.
+    pub fn rules(&self) -> Rules<'_> {
+        Rules {
+            computed: &self.computed,
+            catalog: Some(&self.catalog),
         }
     }
 
@@ -509,14 +528,13 @@ async fn apply<O: Ops>(
     now: OffsetDateTime,
     scorer: &dyn Scorer,
 ) -> Result<Applied, ProfileError> {
-    let computed = defs.computed.as_slice();
     let named = batch.profile_ids();
     ops.ensure(&named, now).await?;
     let (live, resolved) = lock_live(ops, &named).await?;
 
     let mut ws = Workspace::new(live, resolved);
     for merge in &batch.merges {
-        ws.apply_merge(merge, now)?;
+        ws.apply_merge(merge, now, defs.rules())?;
     }
 
     // The first occurrence of an event id in the batch is the one that counts.
@@ -539,7 +557,7 @@ async fn apply<O: Ops>(
     let mut applied = 0;
     for event in &batch.events {
         if fresh.remove(&event.event_id) {
-            ws.apply_event(event, half_life_seconds, now, computed)?;
+            ws.apply_event(event, half_life_seconds, now, defs.rules())?;
             applied += 1;
         }
     }
@@ -767,7 +785,11 @@ async fn split<O: Ops>(
         let folded = state
             .get_mut(live)
             .ok_or_else(|| ProfileError::BrokenMergeChain(live.to_owned()))?;
-        folded.apply(&content.event(event_id, live), half_life_seconds, computed);
+        folded.apply(
+            &content.event(event_id, live),
+            half_life_seconds,
+            defs.rules(),
+        );
     }
     for folded in state.values_mut() {
         folded.computed.prune(computed, now);

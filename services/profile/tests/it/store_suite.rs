@@ -1250,3 +1250,118 @@ async fn settled_changes(
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+fn catalog() -> tessera_profile::catalog::TraitCatalog {
+    use tessera_profile::catalog::{Strategy, TraitRule};
+    let rule = |strategy| TraitRule {
+        strategy,
+        class: None,
+        pii: None,
+    };
+    [
+        ("visits", rule(Strategy::Sum)),
+        ("signup_source", rule(Strategy::First)),
+        ("interests", rule(Strategy::AppendUnique)),
+        ("nickname", rule(Strategy::NonEmpty)),
+    ]
+    .into_iter()
+    .map(|(name, r)| (name.to_owned(), r))
+    .collect()
+}
+
+/// Trait strategies hold across merges and unmerges: a merged profile combines both sides by
+/// each trait's strategy, and an unmerge gives each side the values of its own events.
+async fn trait_strategies_follow_merges_and_unmerges(merged: &Backend, reference: &Backend) {
+    let open = |b: &Backend| {
+        store::open_with(
+            b.db.clone(),
+            store::Definitions::new(vec![], Audiences::default()).with_catalog(catalog()),
+        )
+    };
+    let (merged, reference) = (open(merged), open(reference));
+    let events = vec![
+        event(
+            "e1",
+            "p1",
+            1,
+            "ann",
+            json!({"visits": 2, "signup_source": "ads", "interests": ["golf"], "nickname": "A"}),
+        ),
+        event(
+            "e2",
+            "p1",
+            5,
+            "ann",
+            json!({"visits": 3, "signup_source": "web", "interests": "chess", "nickname": ""}),
+        ),
+        event(
+            "e3",
+            "p2",
+            3,
+            "bob",
+            json!({"visits": 10, "signup_source": "partner", "interests": ["golf", "jazz"], "nickname": "B"}),
+        ),
+    ];
+    apply(&*merged, vec![], events.clone()).await;
+    apply(&*reference, vec![], events).await;
+    let traits = |p: &Profile| {
+        p.state
+            .traits
+            .iter()
+            .map(|(k, v)| (k.clone(), v.value.clone()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let p1 = merged.get("p1").await.unwrap().unwrap();
+    assert_eq!(traits(&p1)["visits"], json!(5.0));
+    assert_eq!(traits(&p1)["signup_source"], json!("ads"));
+    assert_eq!(traits(&p1)["interests"], json!(["chess", "golf"]));
+    assert_eq!(
+        traits(&p1)["nickname"],
+        json!("A"),
+        "an empty value never wins"
+    );
+
+    apply(&*merged, vec![merge("p1", "p2")], vec![]).await;
+    let both = merged.get("p1").await.unwrap().unwrap();
+    assert_eq!(traits(&both)["visits"], json!(15.0));
+    assert_eq!(
+        traits(&both)["signup_source"],
+        json!("ads"),
+        "the earliest, e1"
+    );
+    assert_eq!(traits(&both)["interests"], json!(["chess", "golf", "jazz"]));
+    assert_eq!(
+        traits(&both)["nickname"],
+        json!("B"),
+        "the latest non-empty, e3"
+    );
+
+    let split = Split {
+        profiles: vec![("p1".into(), "p1".into()), ("p2".into(), "p2".into())],
+        events: vec![],
+        erased: vec![],
+    };
+    merged.split(&split, H, NOW, &NoScores).await.unwrap();
+    for id in ["p1", "p2"] {
+        let got = merged.get(id).await.unwrap().unwrap();
+        let want = reference.get(id).await.unwrap().unwrap();
+        assert_eq!(
+            got.state.traits, want.state.traits,
+            "{id} as if never merged"
+        );
+    }
+}
+
+#[tokio::test]
+async fn trait_strategies_follow_merges_and_unmerges_on_sqlite() {
+    let (merged, reference) = (sqlite().await, sqlite().await);
+    trait_strategies_follow_merges_and_unmerges(&merged, &reference).await;
+}
+
+#[tokio::test]
+async fn trait_strategies_follow_merges_and_unmerges_on_postgres() {
+    let (merged, reference) = (postgres().await, postgres().await);
+    trait_strategies_follow_merges_and_unmerges(&merged, &reference).await;
+    merged.db.close().await;
+    reference.db.close().await;
+}
