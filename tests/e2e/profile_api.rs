@@ -8,7 +8,10 @@ use std::time::Duration;
 use serde_json::json;
 use tessera_proto::common::v1::Event;
 use tessera_proto::profile::v1::profile_service_client::ProfileServiceClient;
-use tessera_proto::profile::v1::{ListProfileEventsRequest, list_profile_events_request};
+use tessera_proto::profile::v1::{
+    BatchGetProfilesRequest, ExportProfileRequest, GetProfileRequest, ListProfileEventsRequest,
+    export_profile_request, get_profile_request, list_profile_events_request,
+};
 use tessera_tests::TesseraBuilder;
 use tessera_tests::events::{identify, send, track, wait_for};
 use tessera_tests::http::get;
@@ -187,6 +190,14 @@ async fn the_profile_api_answers_like_segments_over_tessera_dev() {
 
     // The same timeline over gRPC.
     let mut profiles = ProfileServiceClient::new(channel.clone());
+    let by_identifier = |kind: &str, value: &str| GetProfileRequest {
+        lookup: Some(get_profile_request::Lookup::Identifier(
+            tessera_proto::common::v1::Identifier {
+                r#type: kind.into(),
+                value: value.into(),
+            },
+        )),
+    };
     let listed = profiles
         .list_profile_events(ListProfileEventsRequest {
             lookup: Some(list_profile_events_request::Lookup::ProfileId(
@@ -221,6 +232,103 @@ async fn the_profile_api_answers_like_segments_over_tessera_dev() {
         "{}",
         refused.message()
     );
+
+    // Many at once: each lookup gets its result in its place.
+    let batch = profiles
+        .batch_get_profiles(BatchGetProfilesRequest {
+            lookups: vec![
+                by_identifier("email", "Ann@X.io"),
+                by_identifier("email", "nobody@x.io"),
+                GetProfileRequest {
+                    lookup: Some(get_profile_request::Lookup::ProfileId(String::new())),
+                },
+            ],
+        })
+        .await
+        .expect("batch")
+        .into_inner();
+    assert_eq!(batch.results.len(), 3);
+    assert_eq!(
+        batch.results[0]
+            .profile
+            .as_ref()
+            .map(|p| p.profile_id.as_str()),
+        Some(profile.profile_id.as_str())
+    );
+    assert_eq!(batch.results[1].error, "not found");
+    assert!(
+        batch.results[2].error.contains("profile_id"),
+        "{:?}",
+        batch.results[2]
+    );
+    let refused = profiles
+        .batch_get_profiles(BatchGetProfilesRequest { lookups: vec![] })
+        .await
+        .expect_err("no lookups");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+
+    // Everything held about the person (GDPR right of access), over gRPC and the CLI.
+    let export = profiles
+        .export_profile(ExportProfileRequest {
+            lookup: Some(export_profile_request::Lookup::Identifier(
+                tessera_proto::common::v1::Identifier {
+                    r#type: "anonymous_id".into(),
+                    value: "a1".into(),
+                },
+            )),
+        })
+        .await
+        .expect("export")
+        .into_inner();
+    assert_eq!(export.profile_id, profile.profile_id);
+    let document: serde_json::Value = serde_json::from_slice(&export.document).expect("JSON");
+    assert_eq!(document["profile"]["traits"]["plan"]["value"], json!("pro"));
+    assert_eq!(document["events"].as_array().unwrap().len(), 3);
+    assert_eq!(document["events"][0]["event"], json!("Order Completed"));
+    let graph_ids: Vec<&str> = document["identity_graph"]["identifiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["identifier"]["value"].as_str().unwrap())
+        .collect();
+    assert!(
+        graph_ids.contains(&"ann@x.io") && graph_ids.contains(&"u1"),
+        "{graph_ids:?}"
+    );
+    assert!(
+        !document["identity_graph"]["decisions"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let cli = tokio::process::Command::new(tessera_tests::tessera_bin())
+        .args([
+            "profiles",
+            "export",
+            "user_id:u1",
+            "--target",
+            &tessera.grpc_url(),
+        ])
+        .env_clear()
+        .output()
+        .await
+        .expect("run tessera profiles export");
+    assert!(cli.status.success(), "{cli:?}");
+    let from_cli: serde_json::Value = serde_json::from_slice(&cli.stdout).expect("JSON on stdout");
+    assert_eq!(from_cli["profile"], document["profile"]);
+    let missing = tokio::process::Command::new(tessera_tests::tessera_bin())
+        .args([
+            "profiles",
+            "export",
+            "user_id:nobody",
+            "--target",
+            &tessera.grpc_url(),
+        ])
+        .env_clear()
+        .output()
+        .await
+        .expect("run tessera profiles export");
+    assert!(!missing.status.success());
 
     // Errors: JSON, with the status a client expects.
     let (status, head, body) = get(http, &format!("{base}/user_id:u1/traits"), None).await;

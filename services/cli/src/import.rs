@@ -403,7 +403,8 @@ mod tests {
                 crate::run::Plan::Serve { .. }
                 | crate::run::Plan::Migrate { .. }
                 | crate::run::Plan::Bench(_)
-                | crate::run::Plan::Sources(_) => panic!("import"),
+                | crate::run::Plan::Sources(_)
+                | crate::run::Plan::Profiles(_) => panic!("import"),
             }
         };
         let env = [("TESSERA_WRITE_KEY", "env-key-123")];

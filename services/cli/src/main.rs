@@ -6,6 +6,7 @@
 
 mod bench;
 mod import;
+mod profiles;
 mod run;
 mod settings;
 mod sources;
@@ -45,6 +46,8 @@ enum Command {
     /// Manage the sources of a running Tessera (create, list, disable, enable, rotate-key,
     /// update) through its admin gRPC API. Write keys are printed once, on create and rotate-key.
     Sources(sources::SourcesArgs),
+    /// Read what a running Tessera holds about a person (`export`: GDPR right of access).
+    Profiles(profiles::ProfilesArgs),
     /// Send synthetic events at a chosen rate and concurrency and report throughput, latency
     /// and time from acceptance to profile visible.
     Bench(bench::BenchArgs),

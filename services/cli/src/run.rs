@@ -52,6 +52,7 @@ pub(crate) enum Plan {
     },
     Bench(crate::bench::BenchArgs),
     Sources(crate::sources::SourcesArgs),
+    Profiles(crate::profiles::ProfilesArgs),
     Import(crate::import::ImportArgs),
 }
 
@@ -162,6 +163,7 @@ pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::R
             Ok(Plan::Bench(args))
         }
         Command::Sources(args) => Ok(Plan::Sources(args)),
+        Command::Profiles(args) => Ok(Plan::Profiles(args)),
         Command::Import(mut args) => {
             if args.write_key.is_none() {
                 args.write_key = write_key_from_env(env)?;
@@ -231,6 +233,7 @@ pub(crate) async fn execute(plan: Plan) -> anyhow::Result<()> {
         }
         Plan::Bench(args) => crate::bench::run(args).await,
         Plan::Sources(args) => crate::sources::run(args).await,
+        Plan::Profiles(args) => crate::profiles::run(args).await,
         Plan::Import(args) => crate::import::run(args).await,
     }
 }

@@ -368,7 +368,11 @@ mod tests {
             .collect();
         match plan(parse(args)?.command, &env)? {
             Plan::Serve { dev_write_key, .. } => Ok(dev_write_key.map(|k| k.0)),
-            Plan::Migrate { .. } | Plan::Bench(_) | Plan::Sources(_) | Plan::Import(_) => {
+            Plan::Migrate { .. }
+            | Plan::Bench(_)
+            | Plan::Sources(_)
+            | Plan::Import(_)
+            | Plan::Profiles(_) => {
                 panic!("serve")
             }
         }

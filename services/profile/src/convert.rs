@@ -738,6 +738,102 @@ pub(crate) fn facts(profile: &Profile, half_life_seconds: f64) -> scoring::Profi
     }
 }
 
+/// The GDPR export of `profile` (as stored), `shown` (as read now), its identity `graph` and
+/// its timeline `events`.
+pub(crate) fn export_document(
+    profile: &Profile,
+    shown: &pb::Profile,
+    graph: &identity::GetProfileGraphResponse,
+    events: &[TimelineEntry],
+    now: OffsetDateTime,
+) -> serde_json::Value {
+    use serde_json::json;
+    let time = |t: Option<&prost_types::Timestamp>| {
+        t.and_then(tessera_proto::convert::from_timestamp)
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+    };
+    let rfc = |t: OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    let id =
+        |i: Option<&common::Identifier>| i.map(|i| json!({"type": i.r#type, "value": i.value}));
+    json!({
+        "exported_at": rfc(now),
+        "profile": {
+            "profile_id": profile.profile_id,
+            "merged_profile_ids": profile.merged_profile_ids,
+            "created_at": rfc(profile.created_at),
+            "updated_at": rfc(profile.updated_at),
+            "first_seen": profile.state.first_seen.map(rfc),
+            "last_seen": profile.state.last_seen.map(rfc),
+            "event_count": profile.state.event_count,
+            "traits": profile.state.traits.iter().map(|(name, t)| (name.clone(), json!({
+                "value": t.value,
+                "observed_at": rfc(t.observed_at),
+                "event_id": t.event_id,
+            }))).collect::<serde_json::Map<_, _>>(),
+            "computed_traits": shown.computed_traits.iter().map(|(name, t)| (name.clone(), json!({
+                "value": t.value.as_ref().map(tessera_proto::convert::value_to_json),
+                "observed_at": time(t.observed_at.as_ref()),
+            }))).collect::<serde_json::Map<_, _>>(),
+            "audiences": shown.audiences,
+            "scores": profile.scores.values().map(|s| json!({
+                "name": s.name,
+                "value": s.value,
+                "computed_at": rfc(s.computed_at),
+                "model_version": s.model_version,
+                "factors": s.factors.iter().map(|f| json!({
+                    "name": f.name, "value": f.value, "description": f.description,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "identifiers": profile.state.identifiers.iter()
+                .map(|i| json!({"type": i.kind, "value": i.value}))
+                .collect::<Vec<_>>(),
+        },
+        "identity_graph": {
+            "identifiers": graph.identifiers.iter().map(|g| json!({
+                "identifier": id(g.identifier.as_ref()),
+                "linked_to_profile_id": g.linked_to_profile_id,
+                "event_id": g.event_id,
+                "linked_at": time(g.linked_at.as_ref()),
+            })).collect::<Vec<_>>(),
+            "decisions": graph.decisions.iter().map(|d| json!({
+                "seq": d.seq,
+                "kind": d.kind,
+                "event_id": d.event_id,
+                "profile_id": d.profile_id,
+                "other_profile_id": d.other_profile_id,
+                "identifier": id(d.identifier.as_ref()),
+                "rule": d.rule,
+                "event_time": time(d.event_time.as_ref()),
+                "decided_at": time(d.decided_at.as_ref()),
+            })).collect::<Vec<_>>(),
+            "truncated": graph.truncated,
+        },
+        "events": events.iter().map(|e| json!({
+            "event_id": e.event_id,
+            "profile_id": e.profile_id,
+            "timestamp": rfc(e.occurred_at),
+            "type": e.content.details.kind,
+            "message_id": e.content.details.message_id,
+            "event": e.content.details.event,
+            "name": e.content.details.name,
+            "category": e.content.details.category,
+            "group_id": e.content.details.group_id,
+            "properties": e.content.details.properties,
+            "traits": e.content.traits,
+            "context": e.content.details.context,
+            "identifiers": e.content.identifiers.iter()
+                .map(|(t, v)| json!({"type": t, "value": v}))
+                .collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,6 +38,10 @@ const MAX_SCORED_PER_CALL: usize = 5_000;
 const MAX_MATCHED_PER_CALL: usize = 5_000;
 /// The longest the cache writes of one request may take.
 const CACHE_WRITE_BUDGET: Duration = Duration::from_secs(2);
+/// The most lookups one BatchGetProfiles may carry.
+const MAX_BATCH_GET: usize = 100;
+/// The events an export reads per query.
+const EXPORT_PAGE: usize = 1_000;
 /// The largest message decoded from a peer.
 pub(crate) const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 
@@ -216,6 +220,125 @@ impl Inner {
             next_page_token,
             member_count,
         })
+    }
+
+    /// Up to [`MAX_BATCH_GET`] profiles, each looked up like [`Self::get_profile`] (eight at
+    /// a time); a failed lookup gets its error in its place.
+    async fn batch_get(
+        &self,
+        request: pb::BatchGetProfilesRequest,
+    ) -> Result<pb::BatchGetProfilesResponse, ProfileError> {
+        use futures::StreamExt as _;
+        let pb::BatchGetProfilesRequest { lookups } = request;
+        if lookups.is_empty() || lookups.len() > MAX_BATCH_GET {
+            return Err(ProfileError::InvalidArgument(vec![FieldViolation::new(
+                "lookups",
+                format!("1 to {MAX_BATCH_GET} lookups"),
+            )]));
+        }
+        let results: Vec<Result<pb::Profile, ProfileError>> =
+            futures::stream::iter(lookups.into_iter().map(|l| self.get_profile(l)))
+                .buffered(8)
+                .collect()
+                .await;
+        let mut out = Vec::with_capacity(results.len());
+        for result in results {
+            out.push(match result {
+                Ok(profile) => pb::BatchProfileResult {
+                    profile: Some(profile),
+                    error: String::new(),
+                },
+                Err(ProfileError::NotFound) => pb::BatchProfileResult {
+                    profile: None,
+                    error: "not found".to_owned(),
+                },
+                Err(ProfileError::InvalidArgument(violations)) => pb::BatchProfileResult {
+                    profile: None,
+                    error: violations
+                        .iter()
+                        .map(|v| format!("{}: {}", v.field, v.description))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                },
+                // Anything else (a store or peer failure) fails the batch: retrying may help.
+                Err(e) => return Err(e),
+            });
+        }
+        Ok(pb::BatchGetProfilesResponse { results: out })
+    }
+
+    /// Everything held about one person, as a JSON document (GDPR right of access).
+    async fn export(
+        &self,
+        request: pb::ExportProfileRequest,
+    ) -> Result<pb::ExportProfileResponse, ProfileError> {
+        use pb::export_profile_request::Lookup as E;
+        use pb::get_profile_request::Lookup as G;
+        let lookup = Lookup::try_from(pb::GetProfileRequest {
+            lookup: request.lookup.map(|l| match l {
+                E::ProfileId(id) => G::ProfileId(id),
+                E::Identifier(id) => G::Identifier(id),
+            }),
+        })?;
+        let profile_id = match lookup {
+            Lookup::ProfileId(id) => id,
+            Lookup::Identifier(identifier) => self.lookup(identifier).await?,
+        };
+        let profile = self
+            .store
+            .get(&profile_id)
+            .await?
+            .ok_or(ProfileError::NotFound)?;
+        let now = OffsetDateTime::now_utc();
+        let shown = convert::profile_to_pb(&profile, (&self.computed, &self.defs), now);
+        let mut ids = profile.merged_profile_ids.clone();
+        ids.push(profile.profile_id.clone());
+        let mut events = Vec::new();
+        let mut query = crate::store::TimelineQuery {
+            limit: EXPORT_PAGE,
+            ..crate::store::TimelineQuery::default()
+        };
+        loop {
+            let page = self.store.timeline(&ids, &query).await?;
+            let full = page.len() == EXPORT_PAGE;
+            query.before = page.last().map(|e| (e.occurred_at, e.event_id.clone()));
+            events.extend(page);
+            if !full {
+                break;
+            }
+        }
+        let graph = self.graph(&profile.profile_id).await?;
+        let document = convert::export_document(&profile, &shown, &graph, &events, now);
+        metrics::counter!("tessera_profile_exports_total").increment(1);
+        Ok(pb::ExportProfileResponse {
+            profile_id: profile.profile_id,
+            document: serde_json::to_vec_pretty(&document)
+                .map_err(|e| ProfileError::Corrupt(format!("export does not encode: {e}")))?,
+        })
+    }
+
+    /// The identity graph of `profile_id` (its newest 10,000 decisions).
+    async fn graph(
+        &self,
+        profile_id: &str,
+    ) -> Result<identity::GetProfileGraphResponse, ProfileError> {
+        let mut client = IdentityServiceClient::new(self.identity.clone());
+        let mut request = Request::new(identity::GetProfileGraphRequest {
+            lookup: Some(identity::get_profile_graph_request::Lookup::ProfileId(
+                profile_id.to_owned(),
+            )),
+            max_decisions: 10_000,
+        });
+        request.set_timeout(PEER_TIMEOUT);
+        match client.get_profile_graph(request).await {
+            Ok(response) => Ok(response.into_inner()),
+            // A profile the graph does not know (for example created by a merge answered by
+            // matching before identity held it) has no graph to export.
+            Err(status) if status.code() == Code::NotFound => {
+                Ok(identity::GetProfileGraphResponse::default())
+            }
+            Err(status) => Err(ProfileError::Identity(status)),
+        }
     }
 
     /// The profile id the identity service has for `identifier`.
@@ -581,6 +704,20 @@ impl ProfileService for ProfileApi {
         Ok(Response::new(
             self.0.list_events(request.into_inner()).await?,
         ))
+    }
+
+    async fn batch_get_profiles(
+        &self,
+        request: Request<pb::BatchGetProfilesRequest>,
+    ) -> Result<Response<pb::BatchGetProfilesResponse>, Status> {
+        Ok(Response::new(self.0.batch_get(request.into_inner()).await?))
+    }
+
+    async fn export_profile(
+        &self,
+        request: Request<pb::ExportProfileRequest>,
+    ) -> Result<Response<pb::ExportProfileResponse>, Status> {
+        Ok(Response::new(self.0.export(request.into_inner()).await?))
     }
 
     type WatchProfileChangesStream = crate::watch::ChangeStream;
