@@ -197,6 +197,7 @@ async fn the_profile_api_answers_like_segments_over_tessera_dev() {
                 value: value.into(),
             },
         )),
+        as_of: None,
     };
     let listed = profiles
         .list_profile_events(ListProfileEventsRequest {
@@ -241,6 +242,7 @@ async fn the_profile_api_answers_like_segments_over_tessera_dev() {
                 by_identifier("email", "nobody@x.io"),
                 GetProfileRequest {
                     lookup: Some(get_profile_request::Lookup::ProfileId(String::new())),
+                    as_of: None,
                 },
             ],
         })
@@ -329,6 +331,44 @@ async fn the_profile_api_answers_like_segments_over_tessera_dev() {
         .await
         .expect("run tessera profiles export");
     assert!(!missing.status.success());
+
+    // As of a past time: the profile exactly as it was then.
+    let before = time::OffsetDateTime::now_utc();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    send(
+        &channel,
+        tessera.dev_write_key(),
+        vec![identify("m9", "u1", "", json!({"plan": "enterprise"}))],
+    )
+    .await
+    .expect("send");
+    wait_for(&channel, "user_id", "u1", WAIT, |p| p.event_count == 4).await;
+    let at = |t: time::OffsetDateTime| {
+        let mut request = by_identifier("user_id", "u1");
+        request.as_of = Some(tessera_proto::convert::to_timestamp(t));
+        request
+    };
+    let then = profiles
+        .get_profile(at(before))
+        .await
+        .expect("as of")
+        .into_inner()
+        .profile
+        .expect("profile");
+    assert_eq!(then.event_count, 3);
+    assert_eq!(
+        then.traits["plan"]
+            .value
+            .as_ref()
+            .map(tessera_proto::convert::value_to_json),
+        Some(json!("pro"))
+    );
+    let too_old = profiles
+        .get_profile(at(before - time::Duration::days(40)))
+        .await
+        .expect_err("beyond the kept history");
+    assert_eq!(too_old.code(), Code::InvalidArgument);
+    assert!(too_old.message().contains("as_of"));
 
     // Errors: JSON, with the status a client expects.
     let (status, head, body) = get(http, &format!("{base}/user_id:u1/traits"), None).await;

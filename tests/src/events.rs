@@ -83,6 +83,7 @@ pub async fn get_by(channel: &Channel, kind: &str, value: &str) -> Result<Profil
                 r#type: kind.to_owned(),
                 value: value.to_owned(),
             })),
+            as_of: None,
         })
         .await?;
     response

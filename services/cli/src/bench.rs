@@ -1101,6 +1101,7 @@ async fn follow_profile(
             r#type: "user_id".to_owned(),
             value: user_id,
         })),
+        as_of: None,
     };
     loop {
         let left = ctx.visibility_timeout.saturating_sub(acked.elapsed());

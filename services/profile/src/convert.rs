@@ -275,7 +275,8 @@ impl TryFrom<pb::GetProfileRequest> for Lookup {
 
     fn try_from(request: pb::GetProfileRequest) -> Result<Self, Self::Error> {
         use pb::get_profile_request::Lookup as L;
-        let pb::GetProfileRequest { lookup } = request;
+        // `as_of` is read by the caller (`Inner::get_profile`).
+        let pb::GetProfileRequest { lookup, as_of: _ } = request;
         let invalid = |field: &str, description: &str| {
             ProfileError::InvalidArgument(vec![FieldViolation::new(field, description)])
         };
@@ -314,6 +315,7 @@ impl TryFrom<Option<pb::list_profile_events_request::Lookup>> for Lookup {
                 L::ProfileId(id) => G::ProfileId(id),
                 L::Identifier(id) => G::Identifier(id),
             }),
+            as_of: None,
         })
     }
 }

@@ -255,6 +255,7 @@ async fn profile(
         .inner
         .get_profile(pb::GetProfileRequest {
             lookup: Some(lookup),
+            as_of: None,
         })
         .await?)
 }

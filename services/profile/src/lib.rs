@@ -73,6 +73,9 @@ pub struct ProfileSettings {
     pub change_retention_days: u64,
     /// The trait catalog (`[profile.traits.<name>]`): each trait's strategy and class.
     pub traits: catalog::TraitCatalog,
+    /// How long every written version of a profile is kept for GetProfile(as_of), in days; 0
+    /// keeps none (as_of is then refused).
+    pub history_retention_days: u64,
 }
 
 /// A Profile API access token; never shown in logs.
@@ -99,6 +102,7 @@ impl Default for ProfileSettings {
             sweep_interval_ms: 1_000,
             change_retention_days: 7,
             traits: catalog::TraitCatalog::new(),
+            history_retention_days: 30,
         }
     }
 }
@@ -202,7 +206,8 @@ impl Profiles {
                 audience::Audiences::default()
             });
         let defs = store::Definitions::new(settings.computed_traits.clone(), audiences)
-            .with_catalog(settings.traits.clone());
+            .with_catalog(settings.traits.clone())
+            .with_history(settings.history_retention_days > 0);
         Self {
             change_retention_days: settings.change_retention_days.max(1),
             api: settings
@@ -220,6 +225,11 @@ impl Profiles {
                 match_unimplemented_warned: AtomicBool::new(false),
                 changed: tokio::sync::Notify::new(),
                 streams_stop: tessera_server::Shutdown::new(),
+                history_retention: (settings.history_retention_days > 0).then(|| {
+                    time::Duration::days(
+                        i64::try_from(settings.history_retention_days).unwrap_or(36_500),
+                    )
+                }),
             }),
         }
     }
@@ -250,6 +260,14 @@ impl Profiles {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(changes = n, "pruned the change stream"),
                         Err(e) => tracing::warn!(error = %e, "pruning the change stream failed"),
+                    }
+                    if let Some(retention) = inner.history_retention {
+                        let before = time::OffsetDateTime::now_utc() - retention;
+                        match inner.store.prune_versions(before).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(versions = n, "pruned profile history"),
+                            Err(e) => tracing::warn!(error = %e, "pruning profile history failed"),
+                        }
                     }
                 }
                 let swept = if windowed {

@@ -62,6 +62,8 @@ pub(crate) struct Inner {
     pub(crate) changed: tokio::sync::Notify,
     /// Ends the change streams (before the server drains).
     pub(crate) streams_stop: tessera_server::Shutdown,
+    /// How long profile versions are kept for GetProfile(as_of); `None` when they are not.
+    pub(crate) history_retention: Option<time::Duration>,
     /// Whether applied profiles are sent to the identity service's matching.
     pub(crate) match_profiles: bool,
     /// Set once an identity service without matching has been reported, so the warning is
@@ -83,10 +85,14 @@ impl Inner {
         &self,
         request: pb::GetProfileRequest,
     ) -> Result<pb::Profile, ProfileError> {
+        let as_of = request.as_of;
         let profile_id = match Lookup::try_from(request)? {
             Lookup::ProfileId(id) => id,
             Lookup::Identifier(identifier) => self.lookup(identifier).await?,
         };
+        if let Some(as_of) = as_of {
+            return self.profile_as_of(&profile_id, &as_of).await;
+        }
         if let Some(profile) = self.cached(&profile_id).await {
             return Ok(profile);
         }
@@ -111,6 +117,39 @@ impl Inner {
         )
         .await;
         Ok(message)
+    }
+
+    /// The profile `profile_id` as Tessera knew it at `as_of` (from its kept versions).
+    async fn profile_as_of(
+        &self,
+        profile_id: &str,
+        as_of: &prost_types::Timestamp,
+    ) -> Result<pb::Profile, ProfileError> {
+        let invalid = |description: String| {
+            ProfileError::InvalidArgument(vec![FieldViolation::new("as_of", description)])
+        };
+        let Some(at) = tessera_proto::convert::storable_time(as_of) else {
+            return Err(invalid("not a time between years 1 and 9999".into()));
+        };
+        let Some(retention) = self.history_retention else {
+            return Err(invalid(
+                "history is off (profile.history_retention_days = 0)".into(),
+            ));
+        };
+        let oldest = OffsetDateTime::now_utc() - retention;
+        if at < oldest {
+            return Err(invalid(format!(
+                "history is kept {} days: not earlier than {oldest}",
+                retention.whole_days()
+            )));
+        }
+        let body = self
+            .store
+            .profile_as_of(profile_id, at)
+            .await?
+            .ok_or(ProfileError::NotFound)?;
+        pb::Profile::decode(body.as_slice())
+            .map_err(|e| ProfileError::Corrupt(format!("profile {profile_id} version: {e}")))
     }
 
     /// A page of a profile's timeline: its events from all its merged identities.
@@ -279,6 +318,7 @@ impl Inner {
                 E::ProfileId(id) => G::ProfileId(id),
                 E::Identifier(id) => G::Identifier(id),
             }),
+            as_of: None,
         })?;
         let profile_id = match lookup {
             Lookup::ProfileId(id) => id,

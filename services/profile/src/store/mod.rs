@@ -142,6 +142,19 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
     /// Deletes the changes written before `before`; returns how many.
     async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64, ProfileError>;
 
+    /// The encoded profile `profile_id` resolved to at `at`, as it was written last before
+    /// then (following merges as they stood then); `None` when it did not exist yet (or its
+    /// history was not kept).
+    async fn profile_as_of(
+        &self,
+        profile_id: &str,
+        at: OffsetDateTime,
+    ) -> Result<Option<Vec<u8>>, ProfileError>;
+
+    /// Deletes the versions superseded before `before` (each profile keeps its newest version
+    /// older than `before`); returns how many.
+    async fn prune_versions(&self, before: OffsetDateTime) -> Result<u64, ProfileError>;
+
     /// The members of `audience` (live profile ids, in order) after `after`, at most `limit`,
     /// and how many members it has.
     async fn audience_members(
@@ -247,17 +260,36 @@ pub struct Definitions {
     pub audiences: Audiences,
     /// The trait catalog: how each trait's value combines.
     pub catalog: TraitCatalog,
+    /// How many of `computed` are declared (shown on profiles); the rest are hidden counts.
+    pub declared: usize,
+    /// Whether every written version is kept for GetProfile(as_of).
+    pub history: bool,
 }
 
 impl Definitions {
     /// The declared computed traits and the audiences (whose hidden counts are added).
     pub fn new(mut computed: Vec<ComputedTrait>, audiences: Audiences) -> Self {
+        let declared = computed.len();
         computed.extend(audiences.hidden().iter().cloned());
         Self {
             computed,
             audiences,
             catalog: TraitCatalog::new(),
+            declared,
+            history: false,
         }
+    }
+
+    /// These definitions keeping every written version (`history`).
+    #[must_use]
+    pub fn with_history(mut self, history: bool) -> Self {
+        self.history = history;
+        self
+    }
+
+    /// The declared computed traits (shown on profiles).
+    pub fn declared(&self) -> &[ComputedTrait] {
+        &self.computed[..self.declared.min(self.computed.len())]
     }
 
     /// These definitions with the trait catalog `catalog`.
@@ -340,6 +372,42 @@ pub struct ProfileChange {
     pub detail: serde_json::Value,
     /// When it was written.
     pub at: OffsetDateTime,
+}
+
+/// One written version of a profile, as kept for GetProfile(as_of).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Version {
+    pub(crate) profile_id: String,
+    pub(crate) version: i64,
+    /// The survivor, for a merged-away profile.
+    pub(crate) merged_into: Option<String>,
+    /// The encoded `tessera.profile.v1.Profile` of a live profile.
+    pub(crate) body: Option<Vec<u8>>,
+}
+
+/// Keeps the versions of `written` when the definitions keep history.
+async fn record_versions<O: Ops>(
+    ops: &mut O,
+    defs: &Definitions,
+    written: &[&Profile],
+    now: OffsetDateTime,
+) -> Result<(), sqlx::Error> {
+    if !defs.history || written.is_empty() {
+        return Ok(());
+    }
+    use prost::Message as _;
+    let versions: Vec<Version> = written
+        .iter()
+        .map(|p| Version {
+            profile_id: p.profile_id.clone(),
+            version: p.version,
+            merged_into: p.merged_into.clone(),
+            body: p.merged_into.is_none().then(|| {
+                crate::convert::profile_to_pb(p, (defs.declared(), defs), now).encode_to_vec()
+            }),
+        })
+        .collect();
+    ops.record_versions(&versions, now).await
 }
 
 /// A change to log with a write.
@@ -506,6 +574,13 @@ trait Ops: Send {
         &mut self,
         profile_ids: &[String],
     ) -> Result<Vec<(String, String)>, sqlx::Error>;
+    /// Keeps `versions` (profile id, version, merged into, encoded profile) as recorded at
+    /// `now`.
+    async fn record_versions(
+        &mut self,
+        versions: &[Version],
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error>;
     /// Appends `changes` to the change stream (`profile_changes`).
     async fn log_changes(
         &mut self,
@@ -580,6 +655,7 @@ async fn apply<O: Ops>(
     ws.settle(|p| defs.valid_until(p, now));
     let changed: Vec<&Profile> = ws.changed().collect();
     ops.write(&changed).await?;
+    record_versions(ops, defs, &changed, now).await?;
     let audiences = update_memberships(ops, defs, &changed, now).await?;
     ops.log_changes(
         &changes_of(&changed, false, ws.score_changes(), &audiences),
@@ -859,6 +935,7 @@ async fn split<O: Ops>(
     }
     let written: Vec<&Profile> = rows.iter().collect();
     ops.write(&written).await?;
+    record_versions(ops, defs, &written, now).await?;
     let audiences = update_memberships(ops, defs, &written, now).await?;
     ops.log_changes(&changes_of(&written, true, &score_changes, &audiences), now)
         .await?;
@@ -899,6 +976,7 @@ async fn sweep<O: Ops>(
     }
     let written: Vec<&Profile> = profiles.iter().collect();
     ops.write(&written).await?;
+    record_versions(ops, defs, &written, now).await?;
     let changes = update_memberships(ops, defs, &written, now).await?;
     ops.log_changes(&changes_of(&written, false, &[], &changes), now)
         .await?;

@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 
 use super::{
     Applied, ChangeCursor, Definitions, MembershipChange, NewChange, Ops, ProfileChange,
-    ProfileStore, Recorded, Scorer, TimelineEntry, TimelineQuery, attach_identifiers,
+    ProfileStore, Recorded, Scorer, TimelineEntry, TimelineQuery, Version, attach_identifiers,
     timeline_entries,
 };
 use crate::domain::{Batch, Profile, ProfileState, Split};
@@ -184,6 +184,44 @@ impl ProfileStore for PostgresStore {
             },
             None => ChangeCursor::default(),
         })
+    }
+
+    async fn profile_as_of(
+        &self,
+        profile_id: &str,
+        at: OffsetDateTime,
+    ) -> Result<Option<Vec<u8>>, ProfileError> {
+        let mut id = profile_id.to_owned();
+        for _ in 0..super::MAX_MERGE_HOPS {
+            let row: Option<(Option<String>, Option<Vec<u8>>)> = sqlx::query_as(
+                "SELECT merged_into, body FROM profile_versions \
+                 WHERE profile_id = $1 AND recorded_at <= $2 \
+                 ORDER BY version DESC LIMIT 1",
+            )
+            .bind(&id)
+            .bind(at)
+            .fetch_optional(&self.pool)
+            .await?;
+            match row {
+                None => return Ok(None),
+                Some((Some(into), _)) => id = into,
+                Some((None, body)) => return Ok(body),
+            }
+        }
+        Err(ProfileError::BrokenMergeChain(profile_id.to_owned()))
+    }
+
+    async fn prune_versions(&self, before: OffsetDateTime) -> Result<u64, ProfileError> {
+        let done = sqlx::query(
+            "DELETE FROM profile_versions WHERE recorded_at < $1 AND EXISTS ( \
+                 SELECT 1 FROM profile_versions n \
+                 WHERE n.profile_id = profile_versions.profile_id \
+                   AND n.version > profile_versions.version AND n.recorded_at < $1)",
+        )
+        .bind(before)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64, ProfileError> {
@@ -553,6 +591,37 @@ impl Ops for PgOps<'_> {
         .bind(audiences)
         .bind(profiles)
         .bind(entered)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_versions(
+        &mut self,
+        versions: &[Version],
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error> {
+        if versions.is_empty() {
+            return Ok(());
+        }
+        let (mut ids, mut numbers, mut merged, mut bodies) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for v in versions {
+            ids.push(v.profile_id.as_str());
+            numbers.push(v.version);
+            merged.push(v.merged_into.as_deref());
+            bodies.push(v.body.as_deref());
+        }
+        sqlx::query(
+            "INSERT INTO profile_versions (profile_id, version, recorded_at, merged_into, body) \
+             SELECT p, v, $5, m, b FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::bytea[]) \
+             AS t(p, v, m, b) ON CONFLICT DO NOTHING",
+        )
+        .bind(ids)
+        .bind(numbers)
+        .bind(merged)
+        .bind(bodies)
         .bind(now)
         .execute(&mut *self.0)
         .await?;

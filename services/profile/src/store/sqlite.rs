@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 
 use super::{
     Applied, ChangeCursor, Definitions, MembershipChange, NewChange, Ops, ProfileChange,
-    ProfileStore, Recorded, Scorer, TimelineEntry, TimelineQuery, attach_identifiers,
+    ProfileStore, Recorded, Scorer, TimelineEntry, TimelineQuery, Version, attach_identifiers,
     timeline_entries,
 };
 use crate::domain::{Batch, Profile, ProfileState, Split};
@@ -198,6 +198,44 @@ impl ProfileStore for SqliteStore {
             xid: 0,
             seq: seq.unwrap_or(0),
         })
+    }
+
+    async fn profile_as_of(
+        &self,
+        profile_id: &str,
+        at: OffsetDateTime,
+    ) -> Result<Option<Vec<u8>>, ProfileError> {
+        let mut id = profile_id.to_owned();
+        for _ in 0..super::MAX_MERGE_HOPS {
+            let row: Option<(Option<String>, Option<Vec<u8>>)> = sqlx::query_as(
+                "SELECT merged_into, body FROM profile_versions \
+                 WHERE profile_id = ?1 AND recorded_at <= ?2 \
+                 ORDER BY version DESC LIMIT 1",
+            )
+            .bind(&id)
+            .bind(at)
+            .fetch_optional(&self.pool)
+            .await?;
+            match row {
+                None => return Ok(None),
+                Some((Some(into), _)) => id = into,
+                Some((None, body)) => return Ok(body),
+            }
+        }
+        Err(ProfileError::BrokenMergeChain(profile_id.to_owned()))
+    }
+
+    async fn prune_versions(&self, before: OffsetDateTime) -> Result<u64, ProfileError> {
+        let done = sqlx::query(
+            "DELETE FROM profile_versions WHERE recorded_at < ?1 AND EXISTS ( \
+                 SELECT 1 FROM profile_versions n \
+                 WHERE n.profile_id = profile_versions.profile_id \
+                   AND n.version > profile_versions.version AND n.recorded_at < ?1)",
+        )
+        .bind(before)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn prune_changes(&self, before: OffsetDateTime) -> Result<u64, ProfileError> {
@@ -467,6 +505,27 @@ impl Ops for LiteOps<'_> {
                     .execute(&mut *self.0)
                     .await?;
             }
+        }
+        Ok(())
+    }
+
+    async fn record_versions(
+        &mut self,
+        versions: &[Version],
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error> {
+        for v in versions {
+            sqlx::query(
+                "INSERT INTO profile_versions (profile_id, version, recorded_at, merged_into, body) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+            )
+            .bind(&v.profile_id)
+            .bind(v.version)
+            .bind(now)
+            .bind(&v.merged_into)
+            .bind(&v.body)
+            .execute(&mut *self.0)
+            .await?;
         }
         Ok(())
     }

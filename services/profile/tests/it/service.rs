@@ -114,6 +114,7 @@ impl Replica {
             .clone()
             .get_profile(pb::GetProfileRequest {
                 lookup: Some(lookup),
+                as_of: None,
             })
             .await?;
         Ok(response.into_inner().profile.expect("a profile"))
@@ -443,7 +444,10 @@ async fn invalid_batches_name_their_fields_and_large_ones_are_refused() {
     let status = replica
         .reads
         .clone()
-        .get_profile(pb::GetProfileRequest { lookup: None })
+        .get_profile(pb::GetProfileRequest {
+            lookup: None,
+            as_of: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);

@@ -1365,3 +1365,106 @@ async fn trait_strategies_follow_merges_and_unmerges_on_postgres() {
     merged.db.close().await;
     reference.db.close().await;
 }
+
+/// With history kept, a profile reads as it was written last before any past time, merges as
+/// they stood then; pruning keeps what answers times inside the retention.
+async fn profiles_read_as_of_any_past_time(backend: &Backend) {
+    use prost::Message as _;
+    let store = store::open_with(
+        backend.db.clone(),
+        store::Definitions::new(vec![], Audiences::default()).with_history(true),
+    );
+    let minute = time::Duration::minutes(1);
+    let plan_at = |body: Option<Vec<u8>>| {
+        body.map(|b| {
+            let p = tessera_proto::profile::v1::Profile::decode(b.as_slice()).unwrap();
+            let plan = p.traits["plan"].value.clone().unwrap();
+            (p.profile_id, tessera_proto::convert::value_to_json(&plan))
+        })
+    };
+    let batch = |events| Batch {
+        merges: vec![],
+        events,
+    };
+    store
+        .apply(
+            &batch(vec![event("e1", "p1", 1, "ann", json!({"plan": "free"}))]),
+            H,
+            NOW,
+            &NoScores,
+        )
+        .await
+        .unwrap();
+    store
+        .apply(
+            &batch(vec![event("e2", "p2", 2, "bob", json!({"plan": "team"}))]),
+            H,
+            NOW,
+            &NoScores,
+        )
+        .await
+        .unwrap();
+    store
+        .apply(
+            &batch(vec![event("e3", "p1", 3, "ann", json!({"plan": "pro"}))]),
+            H,
+            NOW + minute,
+            &NoScores,
+        )
+        .await
+        .unwrap();
+    store
+        .apply(
+            &Batch {
+                merges: vec![merge("p1", "p2")],
+                events: vec![],
+            },
+            H,
+            NOW + 2 * minute,
+            &NoScores,
+        )
+        .await
+        .unwrap();
+    let as_of = |id: &'static str, at| {
+        let store = store.clone();
+        async move { plan_at(store.profile_as_of(id, at).await.unwrap()) }
+    };
+    assert_eq!(as_of("p1", NOW - minute).await, None, "not yet");
+    assert_eq!(as_of("p1", NOW).await, Some(("p1".into(), json!("free"))));
+    assert_eq!(
+        as_of("p1", NOW + minute).await,
+        Some(("p1".into(), json!("pro")))
+    );
+    assert_eq!(
+        as_of("p2", NOW + minute).await,
+        Some(("p2".into(), json!("team"))),
+        "before the merge, p2 was itself"
+    );
+    assert_eq!(
+        as_of("p2", NOW + 3 * minute).await,
+        Some(("p1".into(), json!("pro"))),
+        "after it, the survivor"
+    );
+    assert!(store.prune_versions(NOW + 5 * minute).await.unwrap() > 0);
+    assert_eq!(
+        as_of("p1", NOW + 6 * minute).await,
+        Some(("p1".into(), json!("pro"))),
+        "the newest version before the cutoff is kept"
+    );
+    assert_eq!(
+        as_of("p2", NOW + 6 * minute).await,
+        Some(("p1".into(), json!("pro")))
+    );
+}
+
+#[tokio::test]
+async fn profiles_read_as_of_any_past_time_on_sqlite() {
+    profiles_read_as_of_any_past_time(&sqlite().await).await;
+}
+
+#[tokio::test]
+async fn profiles_read_as_of_any_past_time_on_postgres() {
+    let backend = postgres().await;
+    profiles_read_as_of_any_past_time(&backend).await;
+    backend.db.close().await;
+}
