@@ -12,7 +12,6 @@ use tessera_proto::profile::v1 as pb;
 use tessera_proto::scoring::v1 as scoring;
 use time::OffsetDateTime;
 
-use crate::computed::ComputedTrait;
 use crate::domain::{
     Batch, EventContent, EventDetails, Merge, Profile, ResolvedEvent, Score, ScoreFactor, Split,
 };
@@ -505,13 +504,14 @@ const EVENT_KINDS: [EventType; 6] = [
     EventType::Alias,
 ];
 
-/// The protobuf form of a live profile, its declared computed traits (`computed`) and its
-/// audiences (`defs`) evaluated at `now`.
+/// The protobuf form of a live profile, its declared computed traits and its audiences
+/// (`defs`) evaluated at `now`.
 pub(crate) fn profile_to_pb(
     profile: &Profile,
-    (computed, defs): (&[ComputedTrait], &Definitions),
+    defs: &Definitions,
     now: OffsetDateTime,
 ) -> pb::Profile {
+    let computed = defs.declared();
     let mut message = pb::Profile::from(profile);
     message.audiences = defs.members(profile, now);
     for (name, t) in &mut message.traits {

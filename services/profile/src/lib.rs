@@ -215,7 +215,6 @@ impl Profiles {
                 .map(|token| (token, settings.space_id.clone())),
             inner: Arc::new(service::Inner {
                 store: store::open_with(db, defs.clone()),
-                computed: settings.computed_traits.clone().into(),
                 defs: Arc::new(defs),
                 cache,
                 identity,

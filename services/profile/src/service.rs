@@ -24,7 +24,6 @@ use time::OffsetDateTime;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
-use crate::computed::ComputedTrait;
 use crate::convert::{self, Lookup, micros};
 use crate::domain::{Batch, Merge, Profile, Score};
 use crate::error::ProfileError;
@@ -53,8 +52,6 @@ pub(crate) struct Inner {
     pub(crate) identity: Channel,
     pub(crate) scoring: Channel,
     pub(crate) half_life_seconds: f64,
-    /// The declared computed traits, shown on profiles.
-    pub(crate) computed: Arc<[ComputedTrait]>,
     /// Everything folded and kept (declared computed traits, audiences and their hidden
     /// counts), evaluated when a profile is read.
     pub(crate) defs: Arc<Definitions>,
@@ -101,11 +98,7 @@ impl Inner {
             .get(&profile_id)
             .await?
             .ok_or(ProfileError::NotFound)?;
-        let message = convert::profile_to_pb(
-            &profile,
-            (&self.computed, &self.defs),
-            OffsetDateTime::now_utc(),
-        );
+        let message = convert::profile_to_pb(&profile, &self.defs, OffsetDateTime::now_utc());
         // A fill lands only when no newer version is cached: a slow read never puts back a
         // profile older than one a write already stored.
         self.put(
@@ -193,10 +186,7 @@ impl Inner {
             self.changed.notify_waiters();
             metrics::counter!("tessera_profile_swept_total").increment(profiles.len() as u64);
             count_membership_changes(&changes);
-            let entries = profiles
-                .iter()
-                .map(|p| entry(p, (&self.computed, &self.defs), now))
-                .collect();
+            let entries = profiles.iter().map(|p| entry(p, &self.defs, now)).collect();
             self.put_all(entries).await;
         }
         Ok(profiles.len())
@@ -330,7 +320,7 @@ impl Inner {
             .await?
             .ok_or(ProfileError::NotFound)?;
         let now = OffsetDateTime::now_utc();
-        let shown = convert::profile_to_pb(&profile, (&self.computed, &self.defs), now);
+        let shown = convert::profile_to_pb(&profile, &self.defs, now);
         let mut ids = profile.merged_profile_ids.clone();
         ids.push(profile.profile_id.clone());
         let mut events = Vec::new();
@@ -524,7 +514,7 @@ impl Inner {
             applied
                 .changed
                 .iter()
-                .map(|profile| entry(profile, (&self.computed, &self.defs), now)),
+                .map(|profile| entry(profile, &self.defs, now)),
         );
         // A merged-away profile's reads go to the database, which redirects to the survivor.
         entries.extend(applied.merged_away.iter().map(|(id, version)| {
@@ -707,11 +697,7 @@ fn changed_ids(applied: &Applied) -> BTreeSet<String> {
 }
 
 /// The cache entry of a stored live profile.
-fn entry(
-    profile: &Profile,
-    defs: (&[ComputedTrait], &Definitions),
-    now: OffsetDateTime,
-) -> (String, Versioned) {
+fn entry(profile: &Profile, defs: &Definitions, now: OffsetDateTime) -> (String, Versioned) {
     (
         profile.profile_id.clone(),
         Versioned {

@@ -402,9 +402,10 @@ async fn record_versions<O: Ops>(
             profile_id: p.profile_id.clone(),
             version: p.version,
             merged_into: p.merged_into.clone(),
-            body: p.merged_into.is_none().then(|| {
-                crate::convert::profile_to_pb(p, (defs.declared(), defs), now).encode_to_vec()
-            }),
+            body: p
+                .merged_into
+                .is_none()
+                .then(|| crate::convert::profile_to_pb(p, defs, now).encode_to_vec()),
         })
         .collect();
     ops.record_versions(&versions, now).await
