@@ -811,6 +811,15 @@ pub(crate) fn rewritten(
     }
 }
 
+/// The distinct identifiers of `records`, each with the digest it would be erased under: what
+/// a resolution looks up among the detached and the erased identifiers.
+pub(crate) fn suppression_keys<'r>(records: &[&'r Record]) -> Vec<(&'r Identifier, String)> {
+    let mut ids: Vec<&Identifier> = records.iter().flat_map(|r| r.identifiers()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids.into_iter().map(|i| (i, erased_digest(i))).collect()
+}
+
 /// Rows (type, value, erased) into the detached and the erased identifiers.
 pub(crate) fn split_suppressed(
     rows: Vec<(String, String, bool)>,

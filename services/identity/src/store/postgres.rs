@@ -22,7 +22,7 @@ use uuid::Uuid;
 use super::{
     Change, Rewritten, SplitPayload, decode_resolutions, dropped_identifiers, erased_digest,
     erased_pseudonym, history_identifiers, rewrite_plan, rewritten, split_suppressed,
-    without_erased,
+    suppression_keys, without_erased,
 };
 use super::{
     ComponentHistory, GraphIdentifier, HistoryRows, IdentityStore, LoggedDecision, ProfileGraph,
@@ -787,13 +787,7 @@ async fn suppressed(
     conn: &mut PgConnection,
     records: &[&Record],
 ) -> Result<(HashSet<Identifier>, HashSet<Identifier>), sqlx::Error> {
-    let mut keys: Vec<(&Identifier, String)> = records
-        .iter()
-        .flat_map(|r| r.identifiers())
-        .map(|i| (i, erased_digest(i)))
-        .collect();
-    keys.sort_unstable();
-    keys.dedup();
+    let keys = suppression_keys(records);
     let (mut types, mut values, mut digests) = (
         Vec::with_capacity(keys.len()),
         Vec::with_capacity(keys.len()),

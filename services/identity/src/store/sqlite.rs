@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::{
     Change, Rewritten, SplitPayload, decode_resolutions, dropped_identifiers, erased_digest,
     erased_pseudonym, history_identifiers, rewrite_plan, rewritten, split_suppressed,
-    without_erased,
+    suppression_keys, without_erased,
 };
 use super::{
     ComponentHistory, GraphIdentifier, HistoryRows, IdentityStore, LoggedDecision, ProfileGraph,
@@ -801,13 +801,7 @@ async fn suppressed(
     conn: &mut SqliteConnection,
     records: &[&Record],
 ) -> Result<(HashSet<Identifier>, HashSet<Identifier>), sqlx::Error> {
-    let mut keys: Vec<(&Identifier, String)> = records
-        .iter()
-        .flat_map(|r| r.identifiers())
-        .map(|i| (i, erased_digest(i)))
-        .collect();
-    keys.sort_unstable();
-    keys.dedup();
+    let keys = suppression_keys(records);
     let keys = serde_json::to_string(
         &keys
             .iter()
