@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tessera/ingestion/v1/sources.proto",
         "tessera/ingestion/v1/debugger.proto",
         "tessera/ingestion/v1/tracking_plans.proto",
+        "tessera/ingestion/v1/event_log.proto",
         "tessera/identity/v1/identity.proto",
         "tessera/profile/v1/profile.proto",
         "tessera/scoring/v1/scoring.proto",

@@ -650,6 +650,7 @@ impl From<Resolution> for pb::Resolution {
                     reason,
                 })
                 .collect(),
+            suppressed: false,
         }
     }
 }

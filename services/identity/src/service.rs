@@ -241,6 +241,13 @@ impl IdentityService for IdentityGrpc {
         }))
     }
 
+    async fn forget_profile(
+        &self,
+        _request: Request<pb::ForgetProfileRequest>,
+    ) -> Result<Response<pb::ForgetProfileResponse>, Status> {
+        Err(Status::unimplemented("ForgetProfile is not implemented yet"))
+    }
+
     async fn lookup_identifier(
         &self,
         request: Request<pb::LookupIdentifierRequest>,

@@ -320,6 +320,8 @@ impl Dispatcher {
                 merges: caused,
                 // Explained in the identity graph's log; the profile needs only what linked.
                 dropped: _,
+                // Suppressed events are not delivered yet (next: dropped and forgotten).
+                suppressed: _,
             } = resolution;
             merges.extend(caused);
             resolved.push(profile_pb::ResolvedEvent {

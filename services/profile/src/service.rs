@@ -746,6 +746,13 @@ impl ProfileService for ProfileApi {
         Ok(Response::new(self.0.export(request.into_inner()).await?))
     }
 
+    async fn delete_profile(
+        &self,
+        _request: Request<pb::DeleteProfileRequest>,
+    ) -> Result<Response<pb::DeleteProfileResponse>, Status> {
+        Err(Status::unimplemented("DeleteProfile is not implemented yet"))
+    }
+
     type WatchProfileChangesStream = crate::watch::ChangeStream;
 
     async fn watch_profile_changes(

@@ -230,6 +230,13 @@ impl IdentityService for IdentityDouble {
         Err(Status::unimplemented("not part of the double"))
     }
 
+    async fn forget_profile(
+        &self,
+        _request: Request<identity::ForgetProfileRequest>,
+    ) -> Result<Response<identity::ForgetProfileResponse>, Status> {
+        Err(Status::unimplemented("not part of the double"))
+    }
+
     async fn get_match_model(
         &self,
         _request: Request<identity::GetMatchModelRequest>,
