@@ -7,6 +7,7 @@ mod convert;
 mod debugger;
 mod delivery;
 mod error;
+mod forget;
 mod http;
 mod plans;
 mod service;
@@ -121,13 +122,14 @@ impl Ingestion {
         })
     }
 
-    /// Adds the service's gRPC servers: ingestion, the sources and tracking-plan admin APIs and
-    /// the debugger.
+    /// Adds the service's gRPC servers: ingestion, the sources and tracking-plan admin APIs, the
+    /// debugger and the internal event log API (GDPR deletion).
     pub fn register(&self, services: &mut tessera_server::GrpcServices) {
         services.add(service::server(self.clone()));
         services.add(sources::server(self.clone()));
         services.add(plans::server(self.clone()));
         services.add(debugger::server(self.clone()));
+        services.add(forget::server(self.clone()));
     }
 
     /// The HTTP routes of the service: the Segment-compatible tracking API.

@@ -16,7 +16,7 @@
 mod check;
 mod error;
 mod service;
-mod store;
+pub(crate) mod store;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -8,7 +8,7 @@ use tessera_testkit::{TestDb, TestSqlite};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{Cursor, EventFilter, EventLog, LoggedEvent, NewEvent};
+use super::{Cursor, EventFilter, EventLog, LoggedEvent, NewEvent, Person};
 use crate::{MIGRATIONS, SCHEMA};
 
 /// Keeps the backing database alive for the test's duration (dropping it drops the database).
@@ -104,6 +104,8 @@ conformance!(
     backlog_counts_undelivered_events,
     lists_a_sources_events_newest_first_with_filters,
     tails_settled_events_after_the_head,
+    forgets_events_and_their_message_ids,
+    forgets_the_quarantined_messages_of_a_person,
 );
 
 async fn appends_and_deduplicates(_db: Database, log: Arc<dyn EventLog>) {
@@ -449,4 +451,181 @@ async fn tails_settled_events_after_the_head(_db: Database, log: Arc<dyn EventLo
     assert_eq!(messages(&got), ["n4"]);
     let (got, _) = tail_settled(&log, "s", &filter(None, Some("A")), head, 2).await;
     assert_eq!(messages(&got), ["n1", "n3"]);
+}
+
+async fn forgets_events_and_their_message_ids(_db: Database, log: Arc<dyn EventLog>) {
+    log.ensure_partitions(1).await.unwrap();
+    let hours_ago = |h: i64| OffsetDateTime::now_utc() - time::Duration::hours(h);
+    // m0 was accepted 3 h ago (outside the 1 h window) and again now: its dedup key belongs to
+    // the later copy.
+    let old = NewEvent {
+        received_at: hours_ago(3),
+        ..event("s", "m0", 0)
+    };
+    log.append(std::slice::from_ref(&old)).await.unwrap();
+    let batch = vec![
+        event("s", "m0", 0),
+        event("s", "m1", 0),
+        event("s", "m2", 0),
+        event("s", "m3", 0),
+    ];
+    assert!(log.append(&batch).await.unwrap().iter().all(|a| a.is_new));
+    let absent = Uuid::now_v7();
+    let nobody = Person::default();
+
+    let forgotten = log
+        .forget(
+            &[old.event_id, batch[1].event_id, batch[2].event_id, absent],
+            &nobody,
+        )
+        .await
+        .unwrap();
+    assert_eq!(forgotten.events, 3, "the absent id is not counted");
+    assert_eq!(forgotten.quarantined, 0);
+    let again = log
+        .forget(&[old.event_id, batch[1].event_id], &nobody)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.events, 0,
+        "idempotent: events already gone are not counted"
+    );
+
+    let listed = log
+        .list_events("s", &EventFilter::default(), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(messages(&listed), ["m3", "m0"]);
+    let read = read_settled(&log, 0, Cursor::default(), 10, 2).await;
+    let delivered: Vec<Uuid> = read.iter().map(|e| e.event_id).collect();
+    assert_eq!(delivered, [batch[0].event_id, batch[3].event_id]);
+
+    // The forgotten events' message ids are accepted as new messages; the others still
+    // deduplicate, m0 included (its key is the later copy's, which stays).
+    let resent = vec![
+        event("s", "m1", 0),
+        event("s", "m2", 0),
+        event("s", "m3", 0),
+        event("s", "m0", 0),
+    ];
+    let got = log.append(&resent).await.unwrap();
+    let new: Vec<bool> = got.iter().map(|a| a.is_new).collect();
+    assert_eq!(new, [true, true, false, false]);
+    assert_eq!(got[0].event_id, resent[0].event_id);
+    assert_eq!(got[2].event_id, batch[3].event_id);
+    assert_eq!(got[3].event_id, batch[0].event_id);
+
+    assert_eq!(
+        log.forget(&[], &nobody).await.unwrap(),
+        super::Forgotten::default()
+    );
+}
+
+async fn forgets_the_quarantined_messages_of_a_person(db: Database, log: Arc<dyn EventLog>) {
+    use crate::plans::store::NewQuarantined;
+    use crate::sources::PlanMode;
+
+    let ingestion = crate::Ingestion::new(db.clone(), crate::IngestionSettings::default())
+        .await
+        .unwrap();
+    let (a, _) = ingestion
+        .add_source("a", None, PlanMode::Block)
+        .await
+        .unwrap();
+    let (b, _) = ingestion
+        .add_source("b", None, PlanMode::Block)
+        .await
+        .unwrap();
+    let plans = crate::plans::store::open(db);
+    let message = |source: Uuid, id: &str, payload: &str| NewQuarantined {
+        source_id: source,
+        message_id: id.to_owned(),
+        payload: payload.to_owned(),
+        violations: "[]".to_owned(),
+        plan_version: 1,
+        received_at: OffsetDateTime::now_utc(),
+    };
+    plans
+        .quarantine(&[
+            message(
+                a.id,
+                "by-user-id",
+                r#"{"type":"track","userId":"u1","event":"E"}"#,
+            ),
+            message(
+                b.id,
+                "by-anonymous-id",
+                r#"{"type":"page","anonymousId":" a1 "}"#,
+            ),
+            message(
+                a.id,
+                "by-previous-id",
+                r#"{"type":"alias","userId":"u9","previousId":"a1"}"#,
+            ),
+            message(
+                a.id,
+                "by-trait",
+                r#"{"type":"identify","userId":"u8","traits":{"email":"Alice@Example.COM"}}"#,
+            ),
+            message(
+                b.id,
+                "by-context-trait",
+                r#"{"type":"track","anonymousId":"z","event":"E",
+                    "context":{"traits":{"email":" alice@example.com"}}}"#,
+            ),
+            message(
+                a.id,
+                "other-user",
+                r#"{"type":"track","userId":"u2","event":"E"}"#,
+            ),
+            message(
+                a.id,
+                "other-case",
+                r#"{"type":"track","userId":"U1","event":"E"}"#,
+            ),
+            message(
+                a.id,
+                "other-field",
+                r#"{"type":"track","anonymousId":"u1","event":"E"}"#,
+            ),
+            message(
+                a.id,
+                "other-email",
+                r#"{"type":"identify","userId":"u7","traits":{"email":"bob@example.com"}}"#,
+            ),
+            message(
+                a.id,
+                "email-elsewhere",
+                r#"{"type":"track","userId":"u6","event":"E",
+                    "properties":{"email":"alice@example.com"}}"#,
+            ),
+        ])
+        .await
+        .unwrap();
+    let person = Person {
+        user_ids: vec!["u1".into()],
+        anonymous_ids: vec!["a1".into()],
+        emails: vec!["alice@example.com".into()],
+    };
+
+    let forgotten = log.forget(&[], &person).await.unwrap();
+    assert_eq!(forgotten.quarantined, 5);
+    assert_eq!(forgotten.events, 0);
+    let mut kept = Vec::new();
+    for source in [a.id, b.id] {
+        for q in plans.list_quarantined(source, 0, 100).await.unwrap() {
+            kept.push(q.message_id);
+        }
+    }
+    assert_eq!(
+        kept,
+        [
+            "other-user",
+            "other-case",
+            "other-field",
+            "other-email",
+            "email-elsewhere"
+        ]
+    );
+    assert_eq!(log.forget(&[], &person).await.unwrap().quarantined, 0);
 }

@@ -99,6 +99,39 @@ pub(crate) struct TailPage {
     pub(crate) next: Cursor,
 }
 
+/// The identifiers of a forgotten person, by the field of a message that carries each: what
+/// finds the person's quarantined messages. Values as the identity service normalizes them
+/// (trimmed; emails lower-cased).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Person {
+    /// Matched against `userId`.
+    pub(crate) user_ids: Vec<String>,
+    /// Matched against `anonymousId` and `previousId` (an alias's previous id resolves as an
+    /// anonymous id).
+    pub(crate) anonymous_ids: Vec<String>,
+    /// Matched, case-insensitively, against `traits.email` and `context.traits.email`.
+    pub(crate) emails: Vec<String>,
+}
+
+impl Person {
+    /// Whether no identifier can match a message.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.user_ids.is_empty() && self.anonymous_ids.is_empty() && self.emails.is_empty()
+    }
+}
+
+/// What [`EventLog::forget`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Forgotten {
+    /// Events deleted from the log.
+    pub(crate) events: u64,
+    /// Quarantined messages deleted.
+    pub(crate) quarantined: u64,
+}
+
+/// How many event ids one statement of [`EventLog::forget`] deletes.
+pub(crate) const FORGET_CHUNK: usize = 10_000;
+
 /// The event log and its delivery state.
 #[async_trait]
 pub(crate) trait EventLog: Send + Sync + std::fmt::Debug {
@@ -107,6 +140,13 @@ pub(crate) trait EventLog: Send + Sync + std::fmt::Debug {
     /// repeat inside the batch. Returns one result per message, in order. When this returns
     /// `Ok`, every message is durable.
     async fn append(&self, events: &[NewEvent]) -> Result<Vec<Appended>, StoreError>;
+
+    /// Deletes for good, in one transaction: the events `events` (delivered or not) and their
+    /// dedup keys (so their message ids are accepted again as new messages), and the
+    /// quarantined messages (tracking plans) that carry one of `person`'s identifiers. Events
+    /// already gone are not counted. The quarantine belongs to the tracking plans, but a GDPR
+    /// deletion must not leave it behind when the log's part commits, so it is deleted here.
+    async fn forget(&self, events: &[Uuid], person: &Person) -> Result<Forgotten, StoreError>;
 
     /// Forgets up to `limit` message ids accepted longer ago than the dedup window (they no
     /// longer deduplicate anything); returns how many it forgot.

@@ -10,8 +10,8 @@ use tessera_store::StoreError;
 use uuid::Uuid;
 
 use super::{
-    Appended, Backlog, Cursor, EventFilter, EventLog, Lease, LoggedEvent, NewEvent, StoredEvent,
-    TailPage, collate, first_of_each_key,
+    Appended, Backlog, Cursor, EventFilter, EventLog, FORGET_CHUNK, Forgotten, Lease, LoggedEvent,
+    NewEvent, Person, StoredEvent, TailPage, collate, first_of_each_key,
 };
 
 #[derive(Debug, Clone)]
@@ -36,6 +36,16 @@ const LOGGED_EVENT: &str = "SELECT e.txid::text::bigint, e.seq, e.event_id, e.me
      COALESCE((e.txid, e.seq) <= (p.cursor_txid, p.cursor_seq), false) \
      FROM events e LEFT JOIN delivery_partitions p ON p.partition = e.partition \
      WHERE e.source_id = ";
+
+/// Deletes the quarantined messages that carry one of a person's identifiers ($1 user ids, $2
+/// anonymous ids, $3 emails). Messages are kept as received, so their values are trimmed (and
+/// emails lower-cased) as the identity service normalizes them before comparing.
+const FORGET_QUARANTINED: &str = "DELETE FROM quarantine WHERE \
+     btrim(payload->>'userId', E' \\t\\r\\n') = ANY($1) \
+     OR btrim(payload->>'anonymousId', E' \\t\\r\\n') = ANY($2) \
+     OR btrim(payload->>'previousId', E' \\t\\r\\n') = ANY($2) \
+     OR lower(btrim(payload#>>'{traits,email}', E' \\t\\r\\n')) = ANY($3) \
+     OR lower(btrim(payload#>>'{context,traits,email}', E' \\t\\r\\n')) = ANY($3)";
 
 fn push_filter(query: &mut QueryBuilder<Postgres>, filter: &EventFilter) {
     if let Some(kind) = &filter.event_type {
@@ -137,6 +147,33 @@ impl EventLog for PgEventLog {
             );
         }
         Ok(collate(events, &stored))
+    }
+
+    async fn forget(&self, events: &[Uuid], person: &Person) -> Result<Forgotten, StoreError> {
+        let mut forgotten = Forgotten::default();
+        let mut tx = self.pool.begin().await?;
+        for chunk in events.chunks(FORGET_CHUNK) {
+            forgotten.events += sqlx::query("DELETE FROM events WHERE event_id = ANY($1)")
+                .bind(chunk)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            sqlx::query("DELETE FROM message_ids WHERE event_id = ANY($1)")
+                .bind(chunk)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !person.is_empty() {
+            forgotten.quarantined = sqlx::query(FORGET_QUARANTINED)
+                .bind(&person.user_ids)
+                .bind(&person.anonymous_ids)
+                .bind(&person.emails)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(forgotten)
     }
 
     async fn prune_message_ids(&self, limit: i64) -> Result<u64, StoreError> {

@@ -12,8 +12,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Appended, Backlog, Cursor, EventFilter, EventLog, Lease, LoggedEvent, NewEvent, StoredEvent,
-    TailPage, collate, first_of_each_key,
+    Appended, Backlog, Cursor, EventFilter, EventLog, FORGET_CHUNK, Forgotten, Lease, LoggedEvent,
+    NewEvent, Person, StoredEvent, TailPage, collate, first_of_each_key,
 };
 
 #[derive(Debug, Clone)]
@@ -54,6 +54,22 @@ const LOGGED_EVENT: &str = "SELECT e.seq, e.event_id, e.message_id, e.payload, e
      COALESCE(e.seq <= p.cursor_seq, 0) \
      FROM events e LEFT JOIN delivery_partitions p ON p.partition = e.partition \
      WHERE e.source_id = ";
+
+/// Deletes the quarantined messages that carry one of a person's identifiers ($1 user ids, $2
+/// anonymous ids, $3 emails, each a JSON array). Messages are kept as received, so their values
+/// are trimmed (and emails lower-cased) as the identity service normalizes them before
+/// comparing. SQLite's `lower` folds ASCII only: good enough for the dev backend.
+const FORGET_QUARANTINED: &str = "DELETE FROM quarantine WHERE \
+     trim(json_extract(payload, '$.userId'), char(32, 9, 13, 10)) \
+       IN (SELECT value FROM json_each($1)) \
+     OR trim(json_extract(payload, '$.anonymousId'), char(32, 9, 13, 10)) \
+       IN (SELECT value FROM json_each($2)) \
+     OR trim(json_extract(payload, '$.previousId'), char(32, 9, 13, 10)) \
+       IN (SELECT value FROM json_each($2)) \
+     OR lower(trim(json_extract(payload, '$.traits.email'), char(32, 9, 13, 10))) \
+       IN (SELECT value FROM json_each($3)) \
+     OR lower(trim(json_extract(payload, '$.context.traits.email'), char(32, 9, 13, 10))) \
+       IN (SELECT value FROM json_each($3))";
 
 fn push_filter(query: &mut QueryBuilder<Sqlite>, filter: &EventFilter) {
     if let Some(kind) = &filter.event_type {
@@ -160,6 +176,41 @@ impl EventLog for SqliteEventLog {
         }
         tx.commit().await?;
         Ok(collate(events, &stored))
+    }
+
+    async fn forget(&self, events: &[Uuid], person: &Person) -> Result<Forgotten, StoreError> {
+        let json = |values: &[String]| serde_json::Value::from(values).to_string();
+        let mut forgotten = Forgotten::default();
+        let mut tx = self.pool.begin().await?;
+        // One bound JSON array per statement rather than a parameter per id.
+        for chunk in events.chunks(FORGET_CHUNK) {
+            let ids: Vec<String> = chunk.iter().map(Uuid::to_string).collect();
+            let ids = json(&ids);
+            forgotten.events += sqlx::query(
+                "DELETE FROM events WHERE event_id IN (SELECT value FROM json_each($1))",
+            )
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            sqlx::query(
+                "DELETE FROM message_ids WHERE event_id IN (SELECT value FROM json_each($1))",
+            )
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !person.is_empty() {
+            forgotten.quarantined = sqlx::query(FORGET_QUARANTINED)
+                .bind(json(&person.user_ids))
+                .bind(json(&person.anonymous_ids))
+                .bind(json(&person.emails))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(forgotten)
     }
 
     async fn prune_message_ids(&self, limit: i64) -> Result<u64, StoreError> {
