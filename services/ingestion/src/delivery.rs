@@ -7,6 +7,9 @@
 //! call and applied by one profile call, then each partition's cursor moves. One call per
 //! round rather than one per partition keeps a replica from contending with itself for the
 //! same people's locks downstream, and makes the downstream batches larger.
+//! An event identity suppresses (it belongs to a person deleted under the GDPR) is not applied:
+//! it is deleted from the log, with its dedup key, after the apply call and before the cursor
+//! moves.
 //! A failure anywhere leaves the cursor where it was and the batch is retried with backoff;
 //! both downstream calls are idempotent per event id, so a retry or a crash between the calls
 //! and the cursor update never counts anything twice. A dispatcher that dies loses its leases
@@ -26,9 +29,10 @@ use tessera_server::Shutdown;
 use tessera_store::StoreError;
 use tokio::sync::Notify;
 use tonic::transport::Channel;
+use uuid::Uuid;
 
 use crate::IngestionSettings;
-use crate::store::{Cursor, EventLog, Lease, StoredEvent};
+use crate::store::{Cursor, EventLog, Lease, Person, StoredEvent};
 
 const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -46,6 +50,17 @@ enum DeliveryError {
     },
     #[error("identity returned {got} resolutions for {want} records")]
     Mismatch { got: usize, want: usize },
+}
+
+/// What pushing a batch down the pipeline did.
+#[derive(Debug, Default)]
+struct Pushed {
+    /// How long resolving took.
+    resolve: Duration,
+    /// How long applying took.
+    apply: Duration,
+    /// The events identity suppressed (of deleted people): not applied, to be forgotten.
+    suppressed: Vec<Uuid>,
 }
 
 pub(crate) struct Dispatcher {
@@ -70,7 +85,7 @@ impl Dispatcher {
         backlog: Arc<AtomicI64>,
     ) -> Self {
         Self {
-            id: uuid::Uuid::new_v4().to_string(),
+            id: Uuid::new_v4().to_string(),
             log,
             identity: IdentityServiceClient::new(identity)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -218,11 +233,31 @@ impl Dispatcher {
         let delivered = round.len();
         let read = started.elapsed();
         let events = decode(&round);
-        let (resolve, apply) = if events.is_empty() {
-            (Duration::ZERO, Duration::ZERO)
+        let pushed = if events.is_empty() {
+            Pushed::default()
         } else {
             self.push(events).await?
         };
+        let (resolve, apply) = (pushed.resolve, pushed.apply);
+        // Before the cursors move: a failure retries the round, and the suppressed events are
+        // suppressed again.
+        if !pushed.suppressed.is_empty() {
+            let forgetting = Instant::now();
+            let forgotten = self
+                .log
+                .forget(&pushed.suppressed, &Person::default())
+                .await?;
+            let suppressed = pushed.suppressed.len();
+            metrics::counter!("tessera_ingestion_suppressed_events_total")
+                .increment(suppressed as u64);
+            metrics::histogram!("tessera_ingestion_delivery_stage_seconds", "stage" => "forget")
+                .record(forgetting.elapsed().as_secs_f64());
+            tracing::debug!(
+                suppressed,
+                forgotten = forgotten.events,
+                "suppressed events of deleted people dropped and forgotten"
+            );
+        }
         let advancing = Instant::now();
         let moves: Vec<(i32, Cursor)> = batches
             .iter()
@@ -272,16 +307,14 @@ impl Dispatcher {
         Ok(delivered)
     }
 
-    /// Resolves and applies one batch; returns how long each call took.
-    async fn push(
-        &self,
-        events: Vec<(String, Event)>,
-    ) -> Result<(Duration, Duration), DeliveryError> {
+    /// Resolves one batch and applies the events that were not suppressed (a suppressed event
+    /// belongs to a deleted person); returns how long each call took and the suppressed events.
+    async fn push(&self, events: Vec<(Uuid, Event)>) -> Result<Pushed, DeliveryError> {
         let started = Instant::now();
         let records: Vec<_> = events
             .iter()
             .map(|(event_id, e)| identity_pb::IdentityRecord {
-                event_id: event_id.clone(),
+                event_id: event_id.to_string(),
                 identifiers: e
                     .identifier_candidates()
                     .into_iter()
@@ -312,6 +345,7 @@ impl Dispatcher {
         let applying = Instant::now();
         let mut merges = Vec::new();
         let mut resolved = Vec::with_capacity(want);
+        let mut suppressed_events = Vec::new();
         for ((event_id, event), resolution) in events.into_iter().zip(resolutions) {
             let identity_pb::Resolution {
                 event_id: _,
@@ -320,39 +354,50 @@ impl Dispatcher {
                 merges: caused,
                 // Explained in the identity graph's log; the profile needs only what linked.
                 dropped: _,
-                // Suppressed events are not delivered yet (next: dropped and forgotten).
-                suppressed: _,
+                suppressed,
             } = resolution;
+            // A suppressed resolution causes no merge; any it reported still reaches the
+            // profile, so the profile never lags the identity graph.
             merges.extend(caused);
+            if suppressed {
+                suppressed_events.push(event_id);
+                continue;
+            }
             resolved.push(profile_pb::ResolvedEvent {
-                event_id,
+                event_id: event_id.to_string(),
                 profile_id,
                 event: Some(event_to_pb(&event)),
                 identifiers,
             });
         }
-        self.profile
-            .clone()
-            .apply_events(profile_pb::ApplyEventsRequest {
-                merges,
-                events: resolved,
-            })
-            .await
-            .map_err(|status| DeliveryError::Peer {
-                service: "profile",
-                status,
-            })?;
-        Ok((resolve, applying.elapsed()))
+        if !resolved.is_empty() || !merges.is_empty() {
+            self.profile
+                .clone()
+                .apply_events(profile_pb::ApplyEventsRequest {
+                    merges,
+                    events: resolved,
+                })
+                .await
+                .map_err(|status| DeliveryError::Peer {
+                    service: "profile",
+                    status,
+                })?;
+        }
+        Ok(Pushed {
+            resolve,
+            apply: applying.elapsed(),
+            suppressed: suppressed_events,
+        })
     }
 }
 
 /// The events of a batch; a row that does not decode (which only a bug can cause) is logged,
 /// counted and left in the log rather than blocking its partition forever.
-fn decode(batch: &[&StoredEvent]) -> Vec<(String, Event)> {
+fn decode(batch: &[&StoredEvent]) -> Vec<(Uuid, Event)> {
     batch
         .iter()
         .filter_map(|row| match serde_json::from_str::<Event>(&row.payload) {
-            Ok(e) => Some((row.event_id.to_string(), e)),
+            Ok(e) => Some((row.event_id, e)),
             Err(error) => {
                 metrics::counter!("tessera_ingestion_undeliverable_total").increment(1);
                 tracing::error!(event_id = %row.event_id, %error, "event in the log does not decode, not delivered");

@@ -32,6 +32,7 @@ macro_rules! on_both_backends {
 mod backlog;
 mod debugger;
 mod dedup;
+mod delivery;
 mod event_log;
 mod http_api;
 mod http_harness;
