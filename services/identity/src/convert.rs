@@ -637,10 +637,16 @@ impl From<Resolution> for pb::Resolution {
             dropped,
             // The pipeline knows its events' times.
             event_time: _,
+            suppressed,
         } = resolution;
         Self {
             event_id,
-            profile_id: profile_id.to_string(),
+            // A suppressed event belongs to no profile.
+            profile_id: if suppressed {
+                String::new()
+            } else {
+                profile_id.to_string()
+            },
             identifiers: identifiers.into_iter().map(identifier_to_pb).collect(),
             merges: merges.into_iter().map(Into::into).collect(),
             dropped: dropped
@@ -650,7 +656,7 @@ impl From<Resolution> for pb::Resolution {
                     reason,
                 })
                 .collect(),
-            suppressed: false,
+            suppressed,
         }
     }
 }
@@ -740,7 +746,9 @@ mod tests {
                 reason: "blocked".into(),
             }],
             event_time: merged_at,
+            suppressed: false,
         });
+        assert!(!pb.suppressed);
         assert_eq!(pb.dropped[0].reason, "blocked");
         assert_eq!(pb.merges[0].rule, "seen_together");
         assert_eq!(pb.profile_id, Uuid::from_u128(1).to_string());
@@ -750,5 +758,15 @@ mod tests {
             Uuid::from_u128(2).to_string()
         );
         assert_eq!(pb.merges[0].merged_at, Some(to_timestamp(merged_at)));
+    }
+
+    #[test]
+    fn suppressed_resolutions_name_no_profile() {
+        let at = time::macros::datetime!(2026-11-28 12:00:00 UTC);
+        let pb = pb::Resolution::from(Resolution::suppressed_event("e9", at));
+        assert!(pb.suppressed);
+        assert_eq!(pb.profile_id, "");
+        assert_eq!(pb.event_id, "e9");
+        assert!(pb.identifiers.is_empty() && pb.merges.is_empty() && pb.dropped.is_empty());
     }
 }

@@ -22,7 +22,7 @@ use tessera_store::{Database, Migrations};
 use uuid::Uuid;
 
 use crate::domain::{Normalized, Record, Resolution, Rules, RulesConfig};
-use crate::store::{Change, IdentityStore, StoredRules};
+use crate::store::{Change, IdentityStore, Outcome, StoredRules};
 pub use crate::store::{ComponentHistory, Rewritten, VersionedRules};
 
 pub use error::IdentityError;
@@ -440,7 +440,9 @@ impl Identity {
     /// Resolves `records` in order: one resolution per record, naming the profile each event
     /// belongs to once the whole batch is resolved. An event resolved before (in an earlier
     /// batch, or earlier in this one) is not resolved again: it gets its stored profile, followed
-    /// to its current survivor, and the merges it caused then.
+    /// to its current survivor, and the merges it caused then. An event that carries an
+    /// identifier of a forgotten person that suppresses events, or only erased identifiers, is
+    /// suppressed (no profile, nothing written); it is found suppressed again every time.
     pub async fn resolve(&self, records: Vec<Record>) -> Result<Vec<Resolution>, IdentityError> {
         self.resolve_under(&self.current(), records).await
     }
@@ -464,7 +466,13 @@ impl Identity {
             .filter(|r| seen.insert(r.event_id()))
             .collect();
         let event_ids: Vec<&str> = firsts.iter().map(|r| r.event_id()).collect();
-        let mut outcomes = self.store.stored(&event_ids).await?;
+        let mut outcomes: HashMap<String, Outcome> = self
+            .store
+            .stored(&event_ids)
+            .await?
+            .into_iter()
+            .map(|(event, stored)| (event, Outcome::Stored(stored)))
+            .collect();
         metrics::counter!("tessera_identity_records_total", "outcome" => "replayed")
             .increment((records.len() - (firsts.len() - outcomes.len())) as u64);
 
@@ -486,11 +494,23 @@ impl Identity {
                 outcomes.insert(record.event_id().to_owned(), stored);
             }
         }
+        let suppressed = pending
+            .iter()
+            .filter(|r| matches!(outcomes.get(r.event_id()), Some(Outcome::Suppressed)))
+            .count();
         metrics::counter!("tessera_identity_records_total", "outcome" => "resolved")
-            .increment(pending.len() as u64);
+            .increment((pending.len() - suppressed) as u64);
+        metrics::counter!("tessera_identity_records_total", "outcome" => "suppressed")
+            .increment(suppressed as u64);
 
         // Later records of the batch, or other replicas, may have merged the profiles since.
-        let mut profiles: Vec<Uuid> = outcomes.values().map(|s| s.profile_id).collect();
+        let mut profiles: Vec<Uuid> = outcomes
+            .values()
+            .filter_map(|outcome| match outcome {
+                Outcome::Stored(stored) => Some(stored.profile_id),
+                Outcome::Suppressed => None,
+            })
+            .collect();
         profiles.sort_unstable();
         profiles.dedup();
         let canonical: HashMap<Uuid, Uuid> = self.store.canonical(&profiles).await?;
@@ -498,9 +518,18 @@ impl Identity {
         records
             .into_iter()
             .map(|record| {
-                let stored = outcomes.get(record.event_id()).ok_or_else(|| {
+                let outcome = outcomes.get(record.event_id()).ok_or_else(|| {
                     IdentityError::Corrupt("an event was left unresolved".to_owned())
                 })?;
+                let stored = match outcome {
+                    Outcome::Stored(stored) => stored,
+                    Outcome::Suppressed => {
+                        return Ok(Resolution::suppressed_event(
+                            record.event_id(),
+                            record.timestamp(),
+                        ));
+                    }
+                };
                 let profile_id = canonical
                     .get(&stored.profile_id)
                     .copied()
@@ -521,6 +550,7 @@ impl Identity {
                         .as_ref()
                         .and_then(|d| d.event_time)
                         .unwrap_or_else(|| record.timestamp()),
+                    suppressed: false,
                 })
             })
             .collect()

@@ -16,7 +16,7 @@ use uuid::Uuid;
 pub use normalize::{MAX_IDENTIFIERS_PER_RECORD, Normalized, Record, Unlinked, normalize};
 pub use plan::{
     DETACHED, Decision, DecisionKind, GraphView, NewIdentifier, Plan, ProfileAge, SEEN_TOGETHER,
-    SPLIT, Sighting, plan, plan_merge,
+    SPLIT, Sighting, plan, plan_merge, screen,
 };
 pub use replay::{Constraints, HistoryEntry, Replay, replay, split_apart};
 pub use rules::{Rules, RulesConfig};
@@ -64,6 +64,30 @@ pub struct Resolution {
     pub dropped: Vec<Dropped>,
     /// When the event happened (kept with the resolution, so the graph can be replayed).
     pub event_time: OffsetDateTime,
+    /// The event is suppressed: it carries an identifier of a forgotten person that suppresses
+    /// whole events, or only erased identifiers. It belongs to no profile (`profile_id` is the
+    /// nil UUID; `identifiers`, `merges` and `dropped` are empty) and nothing about it is kept.
+    pub suppressed: bool,
+}
+
+impl Resolution {
+    /// The resolution of a suppressed event that happened at `event_time`.
+    pub fn suppressed_event(event_id: impl Into<String>, event_time: OffsetDateTime) -> Self {
+        Self {
+            event_id: event_id.into(),
+            profile_id: Uuid::nil(),
+            identifiers: Vec::new(),
+            merges: Vec::new(),
+            dropped: Vec::new(),
+            event_time,
+            suppressed: true,
+        }
+    }
+
+    /// The event's profile; `None` when the event is suppressed.
+    pub fn profile(&self) -> Option<Uuid> {
+        (!self.suppressed).then_some(self.profile_id)
+    }
 }
 
 /// `t` without its sub-microsecond part: both backends keep microseconds, and a time compared

@@ -10,7 +10,12 @@
 //! tried again (Segment's documented behaviour); identifiers dropped on the way that fit once the
 //! match settled are put back. Then: no candidate, a new profile; one, it; several, they merge
 //! into the oldest. Every decision is recorded with its cause for the graph log.
+//!
+//! Before that, each record is screened: erased identifiers are taken out, and a record that
+//! carries an identifier of a forgotten person that suppresses whole events, or only erased
+//! identifiers, is suppressed: it gets no profile and changes nothing.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use tessera_core::Identifier;
@@ -31,8 +36,9 @@ pub struct ProfileAge {
 }
 
 /// What the graph holds for the identifiers of a run of records: the canonical (not merged)
-/// profile of each identifier it knows, those profiles' identifiers of limited types, and with
-/// which profiles each identifier has been seen.
+/// profile of each identifier it knows, those profiles' identifiers of limited types, with
+/// which profiles each identifier has been seen, and which of the identifiers were detached,
+/// erased or forgotten with a person.
 #[derive(Debug, Clone, Default)]
 pub struct GraphView {
     owners: HashMap<Identifier, Uuid>,
@@ -40,6 +46,8 @@ pub struct GraphView {
     seen_with: HashMap<Identifier, HashSet<Uuid>>,
     forbidden: Vec<(Uuid, Uuid)>,
     detached: HashSet<Identifier>,
+    erased: HashSet<Identifier>,
+    suppressing: HashSet<Identifier>,
 }
 
 /// A canonical profile as the planner tracks it.
@@ -111,6 +119,50 @@ impl GraphView {
             .or_default()
             .insert(profile);
     }
+
+    /// Records that `identifier` was erased (by itself, or as an anonymous or device id of a
+    /// forgotten person): records are resolved as if they did not carry it, and a record that
+    /// carried nothing else is suppressed.
+    pub fn erase(&mut self, identifier: Identifier) {
+        self.erased.insert(identifier);
+    }
+
+    /// Records that `identifier` belongs to a forgotten person and suppresses whole events (a
+    /// user id, email, phone or custom identifier): a record that carries it is suppressed,
+    /// whatever else it carries. Such an identifier is erased too.
+    pub fn suppress(&mut self, identifier: Identifier) {
+        self.erased.insert(identifier.clone());
+        self.suppressing.insert(identifier);
+    }
+
+    /// What of `record` resolution uses under this view (see [`screen`]).
+    pub fn screen<'r>(&self, record: &'r Record) -> Option<Cow<'r, Record>> {
+        screen(record, &self.erased, &self.suppressing)
+    }
+}
+
+/// What of `record` resolution uses once the `erased` identifiers are taken out, as if the
+/// event had never carried them (they are neither linked nor named): `None` when the event is
+/// suppressed, because it carries one of `suppressing` or because every identifier it carried
+/// is erased. A record that carried no linkable identifier to begin with is kept (it gets a
+/// profile of its own).
+pub fn screen<'r>(
+    record: &'r Record,
+    erased: &HashSet<Identifier>,
+    suppressing: &HashSet<Identifier>,
+) -> Option<Cow<'r, Record>> {
+    if erased.is_empty() && suppressing.is_empty() {
+        return Some(Cow::Borrowed(record));
+    }
+    let ids = record.identifiers();
+    if ids.iter().any(|i| suppressing.contains(i)) {
+        return None;
+    }
+    if !ids.iter().any(|i| erased.contains(i)) {
+        return Some(Cow::Borrowed(record));
+    }
+    let kept = record.without(erased);
+    (!kept.identifiers().is_empty()).then_some(Cow::Owned(kept))
 }
 
 /// An identifier to attach to a profile.
@@ -262,7 +314,8 @@ pub fn plan_merge(
 
 /// Resolves `records` in order against `view` under `rules`, as of `now` (truncated to
 /// microseconds); new profile ids come from `new_id`. A record without linkable identifiers
-/// gets a profile of its own.
+/// gets a profile of its own; a suppressed record (see [`screen`]) gets a suppressed
+/// resolution and changes nothing.
 pub fn plan<'a>(
     rules: &Rules,
     records: impl IntoIterator<Item = &'a Record>,
@@ -270,14 +323,23 @@ pub fn plan<'a>(
     now: OffsetDateTime,
     mut new_id: impl FnMut() -> Uuid,
 ) -> Plan {
+    let GraphView {
+        owners,
+        profiles,
+        seen_with,
+        forbidden,
+        detached,
+        erased,
+        suppressing,
+    } = view;
     let mut planner = Planner {
         rules,
-        owners: view.owners,
-        profiles: view.profiles,
-        seen_with: view.seen_with,
+        owners,
+        profiles,
+        seen_with,
         merged_into: HashMap::new(),
-        forbidden: view.forbidden,
-        detached: view.detached,
+        forbidden,
+        detached,
         now,
         new_profile: move |_: &str| ProfileAge {
             created_at: now,
@@ -286,7 +348,13 @@ pub fn plan<'a>(
         out: Plan::default(),
     };
     for record in records {
-        planner.resolve(record);
+        match screen(record, &erased, &suppressing) {
+            Some(kept) => planner.resolve(&kept),
+            None => planner.out.resolutions.push(Resolution::suppressed_event(
+                record.event_id(),
+                record.timestamp(),
+            )),
+        }
     }
     planner.out
 }
@@ -531,6 +599,7 @@ impl<F: FnMut(&str) -> ProfileAge> Planner<'_, F> {
             merges,
             dropped: reported,
             event_time: at,
+            suppressed: false,
         });
     }
 
@@ -735,6 +804,49 @@ mod tests {
             plan.resolutions[1].profile_id
         );
         assert_eq!(plan.resolutions[0].dropped[0].reason, "blocked");
+    }
+
+    /// A forgotten person's user id suppresses every event that carries it, with whatever else;
+    /// their anonymous id is only erased: alone it suppresses, with a fresh user id it is left
+    /// out and the rest resolves. Suppressed records change nothing.
+    #[test]
+    fn forgotten_identifiers_suppress_or_are_left_out() {
+        let mut view = GraphView::new();
+        view.suppress(Identifier::new("user_id", "gone"));
+        view.erase(Identifier::new("anonymous_id", "a-gone"));
+        let records = [
+            record("e1", &[("user_id", "gone"), ("anonymous_id", "fresh")]),
+            record("e2", &[("anonymous_id", "a-gone")]),
+            record("e3", &[("anonymous_id", "a-gone"), ("user_id", "new")]),
+            record("e4", &[("user_id", "null")]),
+            record(
+                "e5",
+                &[("anonymous_id", "a-gone"), ("user_id", "undefined")],
+            ),
+        ];
+        let plan = plan(&Rules::default(), &records, view, at(1), ids());
+        let suppressed: Vec<bool> = plan.resolutions.iter().map(|r| r.suppressed).collect();
+        assert_eq!(suppressed, [true, true, false, false, true]);
+        for r in plan.resolutions.iter().filter(|r| r.suppressed) {
+            assert_eq!(r.profile(), None);
+            assert!(r.identifiers.is_empty() && r.merges.is_empty() && r.dropped.is_empty());
+        }
+        assert_eq!(plan.resolutions[0].event_time, at(0));
+        // e3 and e4 each get a profile; nothing else is written.
+        assert_eq!(plan.new_profiles.len(), 2);
+        assert_eq!(
+            plan.resolutions[2].identifiers,
+            [Identifier::new("user_id", "new")],
+            "the erased anonymous id is neither linked nor named"
+        );
+        assert!(plan.resolutions[2].dropped.is_empty());
+        assert_eq!(plan.new_identifiers.len(), 1);
+        assert!(plan.sightings.is_empty());
+        assert!(
+            plan.decisions
+                .iter()
+                .all(|d| d.event_id == "e3" || d.event_id == "e4")
+        );
     }
 
     /// Runs records one plan at a time through an in-memory graph with the default rules.

@@ -17,7 +17,7 @@ use tessera_core::Identifier;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::plan::{DETACHED, Planner, SPLIT};
+use super::plan::{DETACHED, Planner, SPLIT, screen};
 use super::{Merge, Plan, ProfileAge, Record, Rules};
 
 /// One entry of a component's history, in the order it was decided.
@@ -119,19 +119,14 @@ pub fn replay(
     };
     let mut refused = Vec::new();
     let mut erased_events = Vec::new();
-    let erased = &constraints.erased;
+    // Only the erasure itself: an event of the component carries nothing that suppresses.
+    let suppressing = HashSet::new();
     for entry in history {
         match entry {
             HistoryEntry::Event { record, .. } => {
-                if erased.is_empty() || !record.identifiers().iter().any(|i| erased.contains(i)) {
-                    planner.resolve(record);
-                } else {
-                    let kept = record.without(erased);
-                    if kept.identifiers().is_empty() {
-                        erased_events.push(record.event_id().to_owned());
-                    } else {
-                        planner.resolve(&kept);
-                    }
+                match screen(record, &constraints.erased, &suppressing) {
+                    Some(kept) => planner.resolve(&kept),
+                    None => erased_events.push(record.event_id().to_owned()),
                 }
             }
             HistoryEntry::Merge {

@@ -16,8 +16,8 @@ use uuid::Uuid;
 
 use crate::IdentityError;
 use crate::domain::{
-    Decision, DecisionKind, Dropped, HistoryEntry, Merge, Plan, ProfileAge, Record, Replay,
-    Resolution, Rules, RulesConfig, SEEN_TOGETHER, SPLIT, split_apart, truncate_to_micros,
+    Decision, DecisionKind, Dropped, GraphView, HistoryEntry, Merge, Plan, ProfileAge, Record,
+    Replay, Resolution, Rules, RulesConfig, SEEN_TOGETHER, SPLIT, split_apart, truncate_to_micros,
 };
 
 /// What the graph keeps of one event's resolution.
@@ -30,6 +30,17 @@ pub(crate) struct Stored {
     /// What the event linked and what it did not; `None` for events resolved before the
     /// rules existed.
     pub(crate) detail: Option<Detail>,
+}
+
+/// What resolving one record gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The event's resolution, as stored.
+    Stored(Stored),
+    /// The event is suppressed (it carries an identifier of a forgotten person that suppresses
+    /// whole events, or only erased identifiers): it belongs to no profile and nothing was
+    /// stored. Resolving it again finds it suppressed again: erasures are never undone.
+    Suppressed,
 }
 
 /// The identifiers an event linked and those it did not.
@@ -58,12 +69,13 @@ pub(crate) trait IdentityStore: Send + Sync {
 
     /// Resolves `records` (distinct event ids) in order under `rules` and stores their
     /// resolutions and the decisions in the graph log; a record whose event turns out to be
-    /// resolved already gets its stored resolution. Returns one entry per record.
+    /// resolved already gets its stored resolution, a suppressed record nothing. Returns one
+    /// entry per record.
     async fn resolve(
         &self,
         rules: &VersionedRules,
         records: &[Record],
-    ) -> Result<Vec<Stored>, IdentityError>;
+    ) -> Result<Vec<Outcome>, IdentityError>;
 
     /// Registers the rules of a replica's config at start: a new version when they differ from
     /// the rules last registered from config (the config changed since), else none. Returns
@@ -820,38 +832,30 @@ pub(crate) fn suppression_keys<'r>(records: &[&'r Record]) -> Vec<(&'r Identifie
     ids.into_iter().map(|i| (i, erased_digest(i))).collect()
 }
 
-/// Rows (type, value, erased) into the detached and the erased identifiers.
-pub(crate) fn split_suppressed(
-    rows: Vec<(String, String, bool)>,
-) -> (HashSet<Identifier>, HashSet<Identifier>) {
-    let (mut detached, mut erased) = (HashSet::new(), HashSet::new());
-    for (kind, value, is_erased) in rows {
+/// Marks in `view` the rows (type, value, erased, suppresses) a resolution read: detached
+/// identifiers, erased ones, and erased ones that suppress whole events (a forgotten person's).
+pub(crate) fn mark_suppressed(view: &mut GraphView, rows: Vec<(String, String, bool, bool)>) {
+    for (kind, value, erased, suppresses) in rows {
         let identifier = Identifier { kind, value };
-        if is_erased {
-            erased.insert(identifier);
-        } else {
-            detached.insert(identifier);
+        match (erased, suppresses) {
+            (true, true) => view.suppress(identifier),
+            (true, false) => view.erase(identifier),
+            (false, _) => view.detach(identifier),
         }
     }
-    (detached, erased)
 }
 
-/// `records` with the `erased` identifiers taken out (borrowed when they carry none): an
-/// erased identifier links nothing and is not mentioned in the resolution.
-pub(crate) fn without_erased<'r>(
-    records: Vec<&'r Record>,
-    erased: &HashSet<Identifier>,
-) -> Vec<std::borrow::Cow<'r, Record>> {
-    records
-        .into_iter()
-        .map(|r| {
-            if !erased.is_empty() && r.identifiers().iter().any(|i| erased.contains(i)) {
-                std::borrow::Cow::Owned(r.without(erased))
-            } else {
-                std::borrow::Cow::Borrowed(r)
-            }
-        })
-        .collect()
+/// The identifiers of `records` whose owners and sightings a resolution reads: those of the
+/// records `view` does not suppress, without the erased ones.
+pub(crate) fn lookup_identifiers(view: &GraphView, records: &[&Record]) -> Vec<Identifier> {
+    let mut out: Vec<Identifier> = records
+        .iter()
+        .filter_map(|r| view.screen(r))
+        .flat_map(|r| r.identifiers().to_vec())
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// The identifiers a component's history carries (to look up which are detached).
@@ -964,13 +968,17 @@ fn outcomes(
     records: &[Record],
     mut done: HashMap<String, Stored>,
     fresh: Vec<Resolution>,
-) -> Vec<Stored> {
+) -> Vec<Outcome> {
     let mut fresh = fresh.into_iter();
     records
         .iter()
-        .filter_map(|record| {
-            done.remove(record.event_id()).or_else(|| {
-                fresh.next().map(|r| Stored {
+        .filter_map(|record| match done.remove(record.event_id()) {
+            Some(stored) => Some(Outcome::Stored(stored)),
+            None => fresh.next().map(|r| {
+                if r.suppressed {
+                    return Outcome::Suppressed;
+                }
+                Outcome::Stored(Stored {
                     profile_id: r.profile_id,
                     detail: Some(Detail {
                         identifiers: r.identifiers,
@@ -979,7 +987,7 @@ fn outcomes(
                     }),
                     merges: r.merges,
                 })
-            })
+            }),
         })
         .collect()
 }

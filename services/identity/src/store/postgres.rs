@@ -20,9 +20,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Change, Rewritten, SplitPayload, decode_resolutions, dropped_identifiers, erased_digest,
-    erased_pseudonym, history_identifiers, rewrite_plan, rewritten, split_suppressed,
-    suppression_keys, without_erased,
+    Change, Outcome, Rewritten, SplitPayload, decode_resolutions, dropped_identifiers,
+    erased_digest, erased_pseudonym, history_identifiers, lookup_identifiers, mark_suppressed,
+    rewrite_plan, rewritten, suppression_keys,
 };
 use super::{
     ComponentHistory, GraphIdentifier, HistoryRows, IdentityStore, LoggedDecision, ProfileGraph,
@@ -31,7 +31,9 @@ use super::{
     rules_json,
 };
 use crate::IdentityError;
-use crate::domain::{Constraints, GraphView, Plan, ProfileAge, Record, RulesConfig, plan, replay};
+use crate::domain::{
+    Constraints, GraphView, Plan, ProfileAge, Record, Resolution, RulesConfig, plan, replay,
+};
 
 /// Selects graph log entries: the columns of [`DecisionRow`], then the rest of the statement.
 macro_rules! decision_sql {
@@ -200,7 +202,7 @@ impl PgStore {
         &self,
         rules: &VersionedRules,
         records: &[Record],
-    ) -> Result<Vec<Stored>, Failure> {
+    ) -> Result<Vec<Outcome>, Failure> {
         let mut tx = self.pool.begin().await?;
         match decide_and_write(&mut tx, rules, records).await {
             Ok((done, plan)) => {
@@ -233,13 +235,14 @@ async fn decide_and_write(
         .iter()
         .filter(|r| !done.contains_key(r.event_id()))
         .collect();
-    let (detached, erased) = suppressed(&mut *tx, &pending).await?;
-    let pending = without_erased(pending, &erased);
+    let mut view = GraphView::new();
+    mark_suppressed(&mut view, suppressed(&mut *tx, &pending).await?);
+    // Suppressed records and erased identifiers read nothing and lock nothing.
+    let lookups = lookup_identifiers(&view, &pending);
 
-    let (types, values): (Vec<String>, Vec<String>) = pending
+    let (types, values): (Vec<&str>, Vec<&str>) = lookups
         .iter()
-        .flat_map(|r| r.identifiers())
-        .map(|i| (i.kind.clone(), i.value.clone()))
+        .map(|i| (i.kind.as_str(), i.value.as_str()))
         .unzip();
     let rows: Vec<(String, String, Uuid, OffsetDateTime)> = sqlx::query_as(VIEW_SQL)
         .bind(types)
@@ -262,12 +265,8 @@ async fn decide_and_write(
             return Err(Failure::Retry("profile merged meanwhile"));
         }
     }
-    let mut view = GraphView::new();
     for (kind, value, id, created_at) in rows {
         view.insert(Identifier { kind, value }, ProfileAge { created_at, id });
-    }
-    for identifier in detached {
-        view.detach(identifier);
     }
     load_splits(&mut *tx, &profiles, &mut view).await?;
     // Read under the row locks: what the candidates hold cannot change before the commit.
@@ -282,9 +281,8 @@ async fn decide_and_write(
             view.insert_limited(root, Identifier { kind, value }, linked_at);
         }
     }
-    let (types, values): (Vec<&str>, Vec<&str>) = pending
+    let (types, values): (Vec<&str>, Vec<&str>) = lookups
         .iter()
-        .flat_map(|r| r.identifiers())
         .filter(|i| rules.rules.may_be_shared(&i.kind))
         .map(|i| (i.kind.as_str(), i.value.as_str()))
         .unzip();
@@ -316,7 +314,7 @@ async fn decide_and_write(
     let now = now();
     let plan = plan(
         &rules.rules,
-        pending.iter().map(AsRef::as_ref),
+        pending.iter().copied(),
         view,
         now,
         Uuid::now_v7,
@@ -336,7 +334,7 @@ impl IdentityStore for PgStore {
         &self,
         rules: &VersionedRules,
         records: &[Record],
-    ) -> Result<Vec<Stored>, IdentityError> {
+    ) -> Result<Vec<Outcome>, IdentityError> {
         let mut out = Vec::with_capacity(records.len());
         // Runs still to resolve, in order, with the attempts each has had.
         let mut runs: VecDeque<(Range<usize>, u32)> = VecDeque::from([(0..records.len(), 0)]);
@@ -782,11 +780,12 @@ async fn insert_rules(
 
 /// Reads the rows of the component rooted at `root` (canonical) within the caller's
 /// transaction.
-/// Which identifiers of `records` were split off their profile, and which were erased.
+/// Which identifiers of `records` were split off their profile and which were erased: rows
+/// (type, value, erased, suppresses whole events).
 async fn suppressed(
     conn: &mut PgConnection,
     records: &[&Record],
-) -> Result<(HashSet<Identifier>, HashSet<Identifier>), sqlx::Error> {
+) -> Result<Vec<(String, String, bool, bool)>, sqlx::Error> {
     let keys = suppression_keys(records);
     let (mut types, mut values, mut digests) = (
         Vec::with_capacity(keys.len()),
@@ -798,12 +797,12 @@ async fn suppressed(
         values.push(identifier.value.as_str());
         digests.push(digest.as_str());
     }
-    let rows: Vec<(String, String, bool)> = sqlx::query_as(
-        "SELECT d.type, d.value, false FROM detached_identifiers d \
+    sqlx::query_as(
+        "SELECT d.type, d.value, false, false FROM detached_identifiers d \
          JOIN unnest($1::text[], $2::text[]) AS k (type, value) \
          ON d.type = k.type AND d.value = k.value \
          UNION ALL \
-         SELECT k.type, k.value, true FROM erased_identifiers e \
+         SELECT k.type, k.value, true, e.suppresses FROM erased_identifiers e \
          JOIN unnest($1::text[], $2::text[], $3::text[]) AS k (type, value, digest) \
          ON e.type = k.type AND e.digest = k.digest",
     )
@@ -811,8 +810,7 @@ async fn suppressed(
     .bind(&values)
     .bind(&digests)
     .fetch_all(&mut *conn)
-    .await?;
-    Ok(split_suppressed(rows))
+    .await
 }
 
 /// The profile `merged` was merged into: `FailedPrecondition` when it was not merged,
@@ -1224,13 +1222,15 @@ async fn write(
         .execute(&mut *conn)
         .await?;
     }
-    if !plan.resolutions.is_empty() {
-        let n = plan.resolutions.len();
+    // A suppressed event belongs to no profile: nothing is kept of it.
+    let kept: Vec<&Resolution> = plan.resolutions.iter().filter(|r| !r.suppressed).collect();
+    if !kept.is_empty() {
+        let n = kept.len();
         let mut events = Vec::with_capacity(n);
         let mut profiles = Vec::with_capacity(n);
         let mut merges = Vec::with_capacity(n);
         let mut details = Vec::with_capacity(n);
-        for r in &plan.resolutions {
+        for r in kept {
             events.push(r.event_id.as_str());
             profiles.push(r.profile_id);
             merges.push(encode_merges(&r.merges));

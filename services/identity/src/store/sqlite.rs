@@ -10,9 +10,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Change, Rewritten, SplitPayload, decode_resolutions, dropped_identifiers, erased_digest,
-    erased_pseudonym, history_identifiers, rewrite_plan, rewritten, split_suppressed,
-    suppression_keys, without_erased,
+    Change, Outcome, Rewritten, SplitPayload, decode_resolutions, dropped_identifiers,
+    erased_digest, erased_pseudonym, history_identifiers, lookup_identifiers, mark_suppressed,
+    rewrite_plan, rewritten, suppression_keys,
 };
 use super::{
     ComponentHistory, GraphIdentifier, HistoryRows, IdentityStore, LoggedDecision, ProfileGraph,
@@ -142,7 +142,7 @@ impl IdentityStore for SqliteStore {
         &self,
         rules: &VersionedRules,
         records: &[Record],
-    ) -> Result<Vec<Stored>, IdentityError> {
+    ) -> Result<Vec<Outcome>, IdentityError> {
         // IMMEDIATE: take the write lock up front rather than failing to upgrade a read later.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut done = HashMap::new();
@@ -155,19 +155,12 @@ impl IdentityStore for SqliteStore {
             .iter()
             .filter(|r| !done.contains_key(r.event_id()))
             .collect();
-        let (detached, erased) = suppressed(&mut tx, &pending).await?;
-        let pending = without_erased(pending, &erased);
-
         let mut view = GraphView::new();
-        for identifier in detached {
-            view.detach(identifier);
-        }
-        let mut seen = HashSet::new();
+        mark_suppressed(&mut view, suppressed(&mut tx, &pending).await?);
+        // Suppressed records and erased identifiers read nothing.
+        let lookups = lookup_identifiers(&view, &pending);
         let mut candidates = HashSet::new();
-        for identifier in pending.iter().flat_map(|r| r.identifiers()) {
-            if !seen.insert(identifier) {
-                continue;
-            }
+        for identifier in &lookups {
             if let Some(profile) = canonical_of(&mut tx, identifier).await? {
                 view.insert(identifier.clone(), profile);
                 candidates.insert(profile.id);
@@ -211,7 +204,7 @@ impl IdentityStore for SqliteStore {
         let now = now();
         let plan = plan(
             &rules.rules,
-            pending.iter().map(AsRef::as_ref),
+            pending.iter().copied(),
             view,
             now,
             Uuid::now_v7,
@@ -773,7 +766,8 @@ async fn write(
         .execute(&mut *conn)
         .await?;
     }
-    for r in &plan.resolutions {
+    // A suppressed event belongs to no profile: nothing is kept of it.
+    for r in plan.resolutions.iter().filter(|r| !r.suppressed) {
         sqlx::query(
             "INSERT INTO resolutions (event_id, profile_id, merges, resolved_at, detail) \
              VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -796,11 +790,12 @@ fn micros(t: OffsetDateTime) -> i64 {
 
 /// Reads the rows of the component rooted at `root` (canonical) within the caller's
 /// transaction.
-/// Which identifiers of `records` were split off their profile, and which were erased.
+/// Which identifiers of `records` were split off their profile and which were erased: rows
+/// (type, value, erased, suppresses whole events).
 async fn suppressed(
     conn: &mut SqliteConnection,
     records: &[&Record],
-) -> Result<(HashSet<Identifier>, HashSet<Identifier>), sqlx::Error> {
+) -> Result<Vec<(String, String, bool, bool)>, sqlx::Error> {
     let keys = suppression_keys(records);
     let keys = serde_json::to_string(
         &keys
@@ -809,19 +804,18 @@ async fn suppressed(
             .collect::<Vec<_>>(),
     )
     .unwrap_or_else(|_| "[]".to_owned());
-    let rows: Vec<(String, String, bool)> = sqlx::query_as(
+    sqlx::query_as(
         "WITH k (type, value, digest) AS ( \
              SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?1)) \
-         SELECT d.type, d.value, 0 FROM detached_identifiers d \
+         SELECT d.type, d.value, 0, 0 FROM detached_identifiers d \
          JOIN k ON d.type = k.type AND d.value = k.value \
          UNION ALL \
-         SELECT k.type, k.value, 1 FROM erased_identifiers e \
+         SELECT k.type, k.value, 1, e.suppresses FROM erased_identifiers e \
          JOIN k ON e.type = k.type AND e.digest = k.digest",
     )
     .bind(keys)
     .fetch_all(&mut *conn)
-    .await?;
-    Ok(split_suppressed(rows))
+    .await
 }
 
 /// The profile `merged` was merged into: `FailedPrecondition` when it was not merged,
