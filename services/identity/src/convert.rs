@@ -395,6 +395,49 @@ pub(crate) fn unmerge_request_from_pb(
     }
 }
 
+/// The most bytes of a `ForgetProfile` reason: what the profile service's `DeleteProfile`
+/// accepts and passes on.
+const MAX_FORGET_REASON: usize = 1_000;
+
+/// The profile and reason of a `ForgetProfile`. Violations name `profile_id` or `reason`.
+pub(crate) fn forget_request_from_pb(
+    request: pb::ForgetProfileRequest,
+) -> Result<(uuid::Uuid, String), IdentityError> {
+    let pb::ForgetProfileRequest { profile_id, reason } = request;
+    let mut violations = Vec::new();
+    let id = uuid::Uuid::parse_str(&profile_id).ok();
+    if id.is_none() {
+        violations.push(FieldViolation::new("profile_id", "not a UUID"));
+    }
+    if reason.len() > MAX_FORGET_REASON || reason.contains('\0') {
+        violations.push(FieldViolation::new(
+            "reason",
+            format!("at most {MAX_FORGET_REASON} bytes, without NUL"),
+        ));
+    }
+    match id {
+        Some(id) if violations.is_empty() => Ok((id, reason)),
+        _ => Err(IdentityError::InvalidArgument(violations)),
+    }
+}
+
+impl From<crate::Forgotten> for pb::ForgetProfileResponse {
+    fn from(done: crate::Forgotten) -> Self {
+        let crate::Forgotten {
+            root,
+            profiles,
+            events,
+            identifiers,
+        } = done;
+        Self {
+            profile_id: root.to_string(),
+            profile_ids: profiles.iter().map(ToString::to_string).collect(),
+            event_ids: events,
+            identifiers: i64::try_from(identifiers).unwrap_or(i64::MAX),
+        }
+    }
+}
+
 /// A fitted model's summary as answered.
 pub(crate) fn training_to_pb(summary: crate::TrainingSummary) -> pb::TrainMatchModelResponse {
     let crate::TrainingSummary {
@@ -768,5 +811,26 @@ mod tests {
         assert_eq!(pb.profile_id, "");
         assert_eq!(pb.event_id, "e9");
         assert!(pb.identifiers.is_empty() && pb.merges.is_empty() && pb.dropped.is_empty());
+    }
+
+    #[test]
+    fn forget_requests_name_their_bad_fields() {
+        let Err(IdentityError::InvalidArgument(v)) =
+            forget_request_from_pb(pb::ForgetProfileRequest {
+                profile_id: "p1".into(),
+                reason: "x".repeat(MAX_FORGET_REASON + 1),
+            })
+        else {
+            panic!("expected a validation error");
+        };
+        let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["profile_id", "reason"]);
+        let id = Uuid::from_u128(7);
+        let (got, reason) = forget_request_from_pb(pb::ForgetProfileRequest {
+            profile_id: id.to_string(),
+            reason: "x".repeat(MAX_FORGET_REASON),
+        })
+        .expect("valid");
+        assert_eq!((got, reason.len()), (id, MAX_FORGET_REASON));
     }
 }

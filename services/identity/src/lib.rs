@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::domain::{Normalized, Record, Resolution, Rules, RulesConfig};
 use crate::store::{Change, IdentityStore, Outcome, StoredRules};
-pub use crate::store::{ComponentHistory, Rewritten, VersionedRules};
+pub use crate::store::{ComponentHistory, Forgotten, Rewritten, VersionedRules};
 
 pub use error::IdentityError;
 pub use matching::{
@@ -388,6 +388,35 @@ impl Identity {
     ) -> Result<Rewritten, IdentityError> {
         let identifier = self.linkable(identifier)?;
         self.rewrite(&Change::Erase(identifier), reason).await
+    }
+
+    /// Forgets the person `profile` belongs to (the identity part of a GDPR deletion): every
+    /// profile of its component, their identifiers, events' resolutions, sightings, merges,
+    /// splits, matching rows and graph log entries are deleted, in one transaction. Only
+    /// digests of the identifiers are kept: a later event that carries one of the person's
+    /// user ids, emails, phones or custom identifiers is suppressed, and their anonymous and
+    /// device ids (which may be shared) link nothing and suppress only an event that carries
+    /// nothing else. Answers the canonical profile, every profile and event of the component and
+    /// how many identifiers were forgotten; forgetting any profile of a forgotten component
+    /// answers the same again. `UnknownProfile` for a profile that never existed.
+    pub async fn forget_profile(
+        &self,
+        profile: Uuid,
+        reason: &str,
+    ) -> Result<Forgotten, IdentityError> {
+        let (done, fresh) = self.store.forget(profile, reason).await?;
+        let outcome = if fresh { "forgotten" } else { "repeated" };
+        metrics::counter!("tessera_identity_forgets_total", "outcome" => outcome).increment(1);
+        if fresh {
+            tracing::info!(
+                profile_id = %done.root,
+                profiles = done.profiles.len(),
+                events = done.events.len(),
+                identifiers = done.identifiers,
+                "person forgotten"
+            );
+        }
+        Ok(done)
     }
 
     async fn rewrite(&self, change: &Change, reason: &str) -> Result<Rewritten, IdentityError> {

@@ -243,9 +243,11 @@ impl IdentityService for IdentityGrpc {
 
     async fn forget_profile(
         &self,
-        _request: Request<pb::ForgetProfileRequest>,
+        request: Request<pb::ForgetProfileRequest>,
     ) -> Result<Response<pb::ForgetProfileResponse>, Status> {
-        Err(Status::unimplemented("ForgetProfile is not implemented yet"))
+        let (profile, reason) = convert::forget_request_from_pb(request.into_inner())?;
+        let done = self.identity.forget_profile(profile, &reason).await?;
+        Ok(Response::new(done.into()))
     }
 
     async fn lookup_identifier(

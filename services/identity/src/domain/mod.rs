@@ -19,7 +19,7 @@ pub use plan::{
     SPLIT, Sighting, plan, plan_merge, screen,
 };
 pub use replay::{Constraints, HistoryEntry, Replay, replay, split_apart};
-pub use rules::{Rules, RulesConfig};
+pub use rules::{Rules, RulesConfig, suppresses_events};
 pub use union_find::UnionFind;
 
 /// One profile folded into another, caused by one event.

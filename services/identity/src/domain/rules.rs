@@ -15,6 +15,15 @@ use tessera_core::identifier::{
 /// The identifier types Tessera knows without configuration.
 pub const BUILT_IN_TYPES: [&str; 6] = [USER_ID, EMAIL, PHONE, DEVICE_ID, ANONYMOUS_ID, GROUP_ID];
 
+/// Whether an identifier of type `kind`, forgotten with its person (a GDPR deletion), suppresses
+/// every later event that carries it: user ids, emails, phones and custom types name the
+/// person. Anonymous, device and group ids may be shared (a family computer, a kiosk, a
+/// company), so they are only erased: they link nothing, and suppress only an event that
+/// carries nothing else.
+pub fn suppresses_events(kind: &str) -> bool {
+    !matches!(kind, ANONYMOUS_ID | DEVICE_ID | GROUP_ID)
+}
+
 /// Placeholder values that SDKs and forms send when they know nothing, blocked for every type
 /// (compared case-insensitively, after trimming). Linking on them would fold unrelated people
 /// into one profile. All-zero values (`0`, `0000`, the nil UUID) are blocked too.
@@ -455,6 +464,16 @@ fn unknown_type(field: String, kind: &str) -> FieldViolation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_identifiers_that_name_a_person_suppress_events() {
+        for kind in [USER_ID, EMAIL, PHONE, "crm_id"] {
+            assert!(suppresses_events(kind), "{kind}");
+        }
+        for kind in [ANONYMOUS_ID, DEVICE_ID, GROUP_ID] {
+            assert!(!suppresses_events(kind), "{kind}");
+        }
+    }
 
     #[test]
     fn defaults_compile_and_rank_types() {

@@ -104,6 +104,20 @@ pub(crate) trait IdentityStore: Send + Sync {
         reason: &str,
     ) -> Result<Rewritten, IdentityError>;
 
+    /// Forgets the component of `profile` (a GDPR deletion of a person), in one transaction:
+    /// remembers the digest of each of its identifiers in `erased_identifiers` (user ids,
+    /// emails, phones and custom types suppress whole events, see
+    /// [`crate::domain::suppresses_events`]),
+    /// deletes every row about its profiles, identifiers and events (identifiers, sightings,
+    /// merges, resolutions, matching rows, splits, detached identifiers, outbox entries, its
+    /// graph log entries; the identifiers' values elsewhere in the graph log become
+    /// pseudonyms and are taken out of other events' dropped identifiers) and its profiles,
+    /// and records what it forgot in `forgotten_profiles`. Returns what it forgot and whether
+    /// this call forgot it: forgetting a profile of a forgotten component answers what the
+    /// first call forgot. `UnknownProfile` for a profile that never existed.
+    async fn forget(&self, profile: Uuid, reason: &str)
+    -> Result<(Forgotten, bool), IdentityError>;
+
     /// The latest rules version; `None` before any was registered.
     async fn current_rules(&self) -> Result<Option<StoredRules>, IdentityError>;
 
@@ -635,6 +649,69 @@ impl Change {
             Self::Erase(_) => "erase",
         }
     }
+}
+
+/// What forgetting a person forgot: the answer of the first call, repeated by later ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forgotten {
+    /// The component's canonical profile.
+    pub root: Uuid,
+    /// Every profile of the component (the canonical one included), sorted.
+    pub profiles: Vec<Uuid>,
+    /// Every event that was resolved to the component, sorted.
+    pub events: Vec<String>,
+    /// How many identifiers were forgotten.
+    pub identifiers: u64,
+}
+
+impl Forgotten {
+    /// What a forget of `root`'s component reports, in the order it is answered.
+    pub(crate) fn new(
+        root: Uuid,
+        mut profiles: Vec<Uuid>,
+        mut events: Vec<String>,
+        identifiers: usize,
+    ) -> Self {
+        profiles.sort_unstable();
+        profiles.dedup();
+        events.sort_unstable();
+        events.dedup();
+        Self {
+            root,
+            profiles,
+            events,
+            identifiers: u64::try_from(identifiers).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// The answer as kept on the root's `forgotten_profiles` row.
+    pub(crate) fn encode(&self) -> String {
+        // Uuids, strings and a number always serialize.
+        serde_json::to_string(self).unwrap_or_else(|_| "null".to_owned())
+    }
+
+    /// The answer kept on a root's `forgotten_profiles` row.
+    pub(crate) fn decode(json: &str) -> Result<Self, IdentityError> {
+        serde_json::from_str(json)
+            .map_err(|e| IdentityError::Corrupt(format!("forgotten_profiles.answer: {e}")))
+    }
+}
+
+/// `detail` (a resolution's stored detail) without the dropped identifiers of `erased`: `None`
+/// when it names none of them (nothing to rewrite).
+pub(crate) fn scrub_detail(detail: &str, erased: &HashSet<Identifier>) -> Option<String> {
+    let mut stored: StoredDetail = serde_json::from_str(detail).ok()?;
+    let before = stored.dropped.len();
+    stored.dropped.retain(|d| {
+        !erased.contains(&Identifier {
+            kind: d.kind.clone(),
+            value: d.value.clone(),
+        })
+    });
+    if stored.dropped.len() == before {
+        return None;
+    }
+    serde_json::to_string(&stored).ok()
 }
 
 /// The digest an erased identifier is remembered by (hex SHA-256 of its type and value).

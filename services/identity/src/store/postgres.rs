@@ -20,9 +20,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Change, Outcome, Rewritten, SplitPayload, decode_resolutions, dropped_identifiers,
+    Change, Forgotten, Outcome, Rewritten, SplitPayload, decode_resolutions, dropped_identifiers,
     erased_digest, erased_pseudonym, history_identifiers, lookup_identifiers, mark_suppressed,
-    rewrite_plan, rewritten, suppression_keys,
+    rewrite_plan, rewritten, scrub_detail, suppression_keys,
 };
 use super::{
     ComponentHistory, GraphIdentifier, HistoryRows, IdentityStore, LoggedDecision, ProfileGraph,
@@ -33,6 +33,7 @@ use super::{
 use crate::IdentityError;
 use crate::domain::{
     Constraints, GraphView, Plan, ProfileAge, Record, Resolution, RulesConfig, plan, replay,
+    suppresses_events,
 };
 
 /// Selects graph log entries: the columns of [`DecisionRow`], then the rest of the statement.
@@ -469,16 +470,7 @@ impl IdentityStore for PgStore {
         // them, and then the profiles' rows. Taking the component's identifier locks first, in
         // the same order, makes a resolution that carries any of them wait for the rewrite and
         // then read the rewritten graph, without a lock-order inversion.
-        let held: Vec<(String, String)> = sqlx::query_as(
-            "WITH RECURSIVE tree (profile_id) AS ( \
-                 SELECT $1::uuid \
-               UNION \
-                 SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
-             SELECT i.type, i.value FROM identifiers i JOIN tree USING (profile_id)",
-        )
-        .bind(root)
-        .fetch_all(&mut *tx)
-        .await?;
+        let held = component_identifiers(&mut tx, root).await?;
         let mut keys: Vec<i64> = held
             .iter()
             .map(|(kind, value)| lock_key(&[b"identifier", kind.as_bytes(), value.as_bytes()]))
@@ -635,6 +627,34 @@ impl IdentityStore for PgStore {
         .await?;
         tx.commit().await?;
         Ok(result)
+    }
+
+    async fn forget(
+        &self,
+        profile: Uuid,
+        reason: &str,
+    ) -> Result<(Forgotten, bool), IdentityError> {
+        for attempts in 0..MAX_ATTEMPTS {
+            let mut tx = self.pool.begin().await?;
+            match forget_component(&mut tx, profile, reason).await {
+                Ok(done) => {
+                    tx.commit().await?;
+                    return Ok(done);
+                }
+                Err(Failure::Fatal(e)) => {
+                    let _ = tx.rollback().await;
+                    return Err(e);
+                }
+                Err(Failure::Retry(why)) => {
+                    let _ = tx.rollback().await;
+                    metrics::counter!("tessera_identity_retries_total", "reason" => why)
+                        .increment(1);
+                    tracing::debug!(reason = why, attempts, "retrying a forget");
+                    tokio::time::sleep(backoff(attempts)).await;
+                }
+            }
+        }
+        Err(IdentityError::Contended)
     }
 
     async fn current_rules(&self) -> Result<Option<StoredRules>, IdentityError> {
@@ -858,6 +878,230 @@ async fn detached(
         .into_iter()
         .map(|(kind, value)| Identifier { kind, value })
         .collect())
+}
+
+/// The answer of the forgotten component `profile` belonged to, if it was forgotten.
+async fn forgotten_answer(
+    conn: &mut PgConnection,
+    profile: Uuid,
+) -> Result<Option<Forgotten>, IdentityError> {
+    let answer: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT r.answer::text FROM forgotten_profiles f \
+         JOIN forgotten_profiles r ON r.profile_id = f.root WHERE f.profile_id = $1",
+    )
+    .bind(profile)
+    .fetch_optional(conn)
+    .await?;
+    answer
+        .map(|a| Forgotten::decode(a.as_deref().unwrap_or("null")))
+        .transpose()
+}
+
+/// One attempt at forgetting the component of `profile` within the caller's transaction (see
+/// [`IdentityStore::forget`]), with the locks a rewrite takes; `Retry` when the component's
+/// root was merged, or forgotten by another call that has not committed, before it was locked.
+async fn forget_component(
+    tx: &mut PgConnection,
+    profile: Uuid,
+    reason: &str,
+) -> Result<(Forgotten, bool), Failure> {
+    let root: Option<Uuid> = sqlx::query_scalar(CANONICAL_ONE_SQL)
+        .bind(profile)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(root) = root else {
+        // Forgotten (the profile row goes in the transaction that records it, so this
+        // statement sees both), or never known.
+        return match forgotten_answer(&mut *tx, profile).await? {
+            Some(done) => Ok((done, false)),
+            None => Err(Failure::Fatal(IdentityError::UnknownProfile)),
+        };
+    };
+    // As a rewrite: the component's identifiers (advisory, sorted), then its root row, so a
+    // resolution carrying any of them waits and then finds them erased.
+    let held = component_identifiers(&mut *tx, root).await?;
+    let mut keys: Vec<i64> = held
+        .iter()
+        .map(|(kind, value)| lock_key(&[b"identifier", kind.as_bytes(), value.as_bytes()]))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    sqlx::query("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k")
+        .bind(keys)
+        .execute(&mut *tx)
+        .await?;
+    let live: Option<bool> = sqlx::query_scalar(
+        "SELECT merged_into IS NULL FROM profiles WHERE profile_id = $1 FOR UPDATE",
+    )
+    .bind(root)
+    .fetch_optional(&mut *tx)
+    .await?;
+    match live {
+        Some(true) => {}
+        Some(false) => return Err(Failure::Retry("profile merged meanwhile")),
+        // Deleted while this call waited: another call forgot it (and committed, or this
+        // statement would still wait).
+        None => {
+            return match forgotten_answer(&mut *tx, profile).await? {
+                Some(done) => Ok((done, false)),
+                None => Err(Failure::Retry("profile forgotten meanwhile")),
+            };
+        }
+    }
+    let now = now();
+    let members: Vec<Uuid> = sqlx::query_scalar(
+        "WITH RECURSIVE tree (profile_id) AS ( \
+             SELECT $1::uuid \
+           UNION \
+             SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
+         SELECT profile_id FROM tree",
+    )
+    .bind(root)
+    .fetch_all(&mut *tx)
+    .await?;
+    // Read again under the root's lock: nothing joins the component until the commit.
+    let held = component_identifiers(&mut *tx, root).await?;
+    let events: Vec<String> =
+        sqlx::query_scalar("SELECT event_id FROM resolutions WHERE profile_id = ANY($1)")
+            .bind(&members)
+            .fetch_all(&mut *tx)
+            .await?;
+
+    let n = held.len();
+    let (mut types, mut values, mut digests, mut pseudonyms, mut suppress) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let mut erased = HashSet::with_capacity(n);
+    for (kind, value) in held {
+        let identifier = Identifier { kind, value };
+        digests.push(erased_digest(&identifier));
+        pseudonyms.push(erased_pseudonym(&identifier));
+        suppress.push(suppresses_events(&identifier.kind));
+        types.push(identifier.kind.clone());
+        values.push(identifier.value.clone());
+        erased.insert(identifier);
+    }
+    sqlx::query(
+        "INSERT INTO erased_identifiers AS e \
+             (type, digest, reason, created_at, with_person, suppresses) \
+         SELECT t, d, $3, $4, true, s FROM unnest($1::text[], $2::text[], $5::bool[]) AS u (t, d, s) \
+         ON CONFLICT (type, digest) DO UPDATE \
+         SET with_person = true, suppresses = e.suppresses OR EXCLUDED.suppresses",
+    )
+    .bind(&types)
+    .bind(&digests)
+    .bind(reason)
+    .bind(now)
+    .bind(&suppress)
+    .execute(&mut *tx)
+    .await?;
+    // The component's decisions go; the others keep their entries, under pseudonyms.
+    sqlx::query("DELETE FROM graph_log WHERE profile_id = ANY($1) OR other_profile_id = ANY($1)")
+        .bind(&members)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE graph_log AS g SET id_value = u.p \
+         FROM unnest($1::text[], $2::text[], $3::text[]) AS u (t, v, p) \
+         WHERE g.id_type = u.t AND g.id_value = u.v",
+    )
+    .bind(&types)
+    .bind(&values)
+    .bind(&pseudonyms)
+    .execute(&mut *tx)
+    .await?;
+    for statement in [
+        "DELETE FROM sightings AS s USING unnest($1::text[], $2::text[]) AS u (t, v) \
+         WHERE s.type = u.t AND s.value = u.v",
+        "DELETE FROM detached_identifiers AS d USING unnest($1::text[], $2::text[]) AS u (t, v) \
+         WHERE d.type = u.t AND d.value = u.v",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .bind(&types)
+            .bind(&values)
+            .execute(&mut *tx)
+            .await?;
+    }
+    for statement in [
+        "DELETE FROM sightings WHERE profile_id = ANY($1)",
+        "DELETE FROM identifiers WHERE profile_id = ANY($1)",
+        "DELETE FROM merges WHERE merged_profile_id = ANY($1) OR surviving_profile_id = ANY($1)",
+        "DELETE FROM resolutions WHERE profile_id = ANY($1)",
+        "DELETE FROM match_attributes WHERE profile_id = ANY($1)",
+        "DELETE FROM match_keys WHERE profile_id = ANY($1)",
+        "DELETE FROM match_suggestions WHERE profile_a = ANY($1) OR profile_b = ANY($1)",
+        "DELETE FROM splits WHERE profile_a = ANY($1) OR profile_b = ANY($1)",
+        // Delivered or not: the profile service forgets the person as a whole.
+        "DELETE FROM merge_outbox \
+         WHERE surviving_profile_id = ANY($1) OR merged_profile_id = ANY($1)",
+        "UPDATE profiles SET merged_into = NULL, merged_at = NULL WHERE profile_id = ANY($1)",
+        "DELETE FROM profiles WHERE profile_id = ANY($1)",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .bind(&members)
+            .execute(&mut *tx)
+            .await?;
+    }
+    // Other people's events that carried one of the identifiers without linking it stop
+    // naming it, so no replay of their components links it again.
+    let named: Vec<(String, String)> = sqlx::query_as(
+        "SELECT r.event_id, r.detail::text FROM resolutions r \
+         WHERE EXISTS (SELECT 1 FROM jsonb_array_elements(r.detail -> 'dropped') AS d \
+                       JOIN unnest($1::text[], $2::text[]) AS u (t, v) \
+                         ON d ->> 'type' = u.t AND d ->> 'value' = u.v)",
+    )
+    .bind(&types)
+    .bind(&values)
+    .fetch_all(&mut *tx)
+    .await?;
+    let (scrubbed_events, scrubbed): (Vec<String>, Vec<String>) = named
+        .into_iter()
+        .filter_map(|(event, detail)| scrub_detail(&detail, &erased).map(|d| (event, d)))
+        .unzip();
+    if !scrubbed_events.is_empty() {
+        sqlx::query(
+            "UPDATE resolutions AS r SET detail = u.d::jsonb \
+             FROM unnest($1::text[], $2::text[]) AS u (e, d) WHERE r.event_id = u.e",
+        )
+        .bind(&scrubbed_events)
+        .bind(&scrubbed)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let done = Forgotten::new(root, members, events, n);
+    sqlx::query(
+        "INSERT INTO forgotten_profiles (profile_id, root, reason, forgotten_at, answer) \
+         SELECT p, $2, $3, $4, CASE WHEN p = $2 THEN $5::jsonb END FROM unnest($1::uuid[]) AS p",
+    )
+    .bind(&done.profiles)
+    .bind(root)
+    .bind(reason)
+    .bind(now)
+    .bind(done.encode())
+    .execute(&mut *tx)
+    .await?;
+    Ok((done, true))
+}
+
+/// The identifiers (type, value) of the component rooted at `root`.
+async fn component_identifiers(
+    conn: &mut PgConnection,
+    root: Uuid,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH RECURSIVE tree (profile_id) AS ( \
+             SELECT $1::uuid \
+           UNION \
+             SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
+         SELECT i.type, i.value FROM identifiers i JOIN tree USING (profile_id)",
+    )
+    .bind(root)
+    .fetch_all(conn)
+    .await
 }
 
 /// Erases `identifier` outside its component: remembers its digest so it never links again,

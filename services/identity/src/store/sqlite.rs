@@ -10,9 +10,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Change, Outcome, Rewritten, SplitPayload, decode_resolutions, dropped_identifiers,
+    Change, Forgotten, Outcome, Rewritten, SplitPayload, decode_resolutions, dropped_identifiers,
     erased_digest, erased_pseudonym, history_identifiers, lookup_identifiers, mark_suppressed,
-    rewrite_plan, rewritten, suppression_keys,
+    rewrite_plan, rewritten, scrub_detail, suppression_keys,
 };
 use super::{
     ComponentHistory, GraphIdentifier, HistoryRows, IdentityStore, LoggedDecision, ProfileGraph,
@@ -21,7 +21,9 @@ use super::{
     rules_json,
 };
 use crate::IdentityError;
-use crate::domain::{Constraints, GraphView, Plan, ProfileAge, Record, RulesConfig, plan, replay};
+use crate::domain::{
+    Constraints, GraphView, Plan, ProfileAge, Record, RulesConfig, plan, replay, suppresses_events,
+};
 
 /// Selects graph log entries: the columns of [`DecisionRow`], then the rest of the statement.
 macro_rules! decision_sql {
@@ -451,6 +453,170 @@ impl IdentityStore for SqliteStore {
         Ok(result)
     }
 
+    async fn forget(
+        &self,
+        profile: Uuid,
+        reason: &str,
+    ) -> Result<(Forgotten, bool), IdentityError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let key = profile.to_string();
+        let root: Option<String> = sqlx::query_scalar(CANONICAL_SQL)
+            .bind(&key)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(root) = root else {
+            // Forgotten, or never known.
+            let done = forgotten_answer(&mut tx, &key).await?;
+            return done
+                .map(|done| (done, false))
+                .ok_or(IdentityError::UnknownProfile);
+        };
+        let now = now();
+        let members: Vec<String> = sqlx::query_scalar(
+            "WITH RECURSIVE tree (profile_id) AS ( \
+                 SELECT ?1 \
+               UNION \
+                 SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
+             SELECT profile_id FROM tree",
+        )
+        .bind(&root)
+        .fetch_all(&mut *tx)
+        .await?;
+        // The members as a JSON array, for `IN (SELECT value FROM json_each(?1))`.
+        let list = serde_json::to_string(&members).unwrap_or_else(|_| "[]".to_owned());
+        let held: Vec<(String, String)> = sqlx::query_as(
+            "SELECT type, value FROM identifiers \
+             WHERE profile_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&list)
+        .fetch_all(&mut *tx)
+        .await?;
+        let events: Vec<String> = sqlx::query_scalar(
+            "SELECT event_id FROM resolutions \
+             WHERE profile_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&list)
+        .fetch_all(&mut *tx)
+        .await?;
+        // The component's decisions go; the others keep their entries, under pseudonyms.
+        sqlx::query(
+            "DELETE FROM graph_log WHERE profile_id IN (SELECT value FROM json_each(?1)) \
+             OR other_profile_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&list)
+        .execute(&mut *tx)
+        .await?;
+        let n = held.len();
+        let mut erased = HashSet::with_capacity(n);
+        for (kind, value) in held {
+            let identifier = Identifier { kind, value };
+            sqlx::query(
+                "INSERT INTO erased_identifiers \
+                     (type, digest, reason, created_at, with_person, suppresses) \
+                 VALUES (?1, ?2, ?3, ?4, 1, ?5) \
+                 ON CONFLICT (type, digest) DO UPDATE \
+                 SET with_person = 1, suppresses = max(suppresses, excluded.suppresses)",
+            )
+            .bind(&identifier.kind)
+            .bind(erased_digest(&identifier))
+            .bind(reason)
+            .bind(micros(now))
+            .bind(suppresses_events(&identifier.kind))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE graph_log SET id_value = ?3 WHERE id_type = ?1 AND id_value = ?2")
+                .bind(&identifier.kind)
+                .bind(&identifier.value)
+                .bind(erased_pseudonym(&identifier))
+                .execute(&mut *tx)
+                .await?;
+            for statement in [
+                "DELETE FROM sightings WHERE type = ?1 AND value = ?2",
+                "DELETE FROM detached_identifiers WHERE type = ?1 AND value = ?2",
+            ] {
+                sqlx::query(sqlx::AssertSqlSafe(statement))
+                    .bind(&identifier.kind)
+                    .bind(&identifier.value)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            erased.insert(identifier);
+        }
+        for statement in [
+            "DELETE FROM sightings WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM identifiers WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM merges WHERE merged_profile_id IN (SELECT value FROM json_each(?1)) \
+             OR surviving_profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM resolutions WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM match_attributes WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM match_keys WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM match_suggestions WHERE profile_a IN (SELECT value FROM json_each(?1)) \
+             OR profile_b IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM splits WHERE profile_a IN (SELECT value FROM json_each(?1)) \
+             OR profile_b IN (SELECT value FROM json_each(?1))",
+            // Delivered or not: the profile service forgets the person as a whole.
+            "DELETE FROM merge_outbox \
+             WHERE surviving_profile_id IN (SELECT value FROM json_each(?1)) \
+             OR merged_profile_id IN (SELECT value FROM json_each(?1))",
+            "UPDATE profiles SET merged_into = NULL, merged_at = NULL \
+             WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM profiles WHERE profile_id IN (SELECT value FROM json_each(?1))",
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .bind(&list)
+                .execute(&mut *tx)
+                .await?;
+        }
+        // Other people's events that carried one of the identifiers without linking it stop
+        // naming it, so no replay of their components links it again.
+        let pairs: Vec<(&str, &str)> = erased
+            .iter()
+            .map(|i| (i.kind.as_str(), i.value.as_str()))
+            .collect();
+        let pairs = serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_owned());
+        let named: Vec<(String, String)> = sqlx::query_as(
+            "SELECT r.event_id, r.detail FROM resolutions r \
+             WHERE r.detail IS NOT NULL AND EXISTS ( \
+                 SELECT 1 FROM json_each(r.detail, '$.dropped') AS d \
+                 JOIN json_each(?1) AS k \
+                   ON json_extract(d.value, '$.type') = json_extract(k.value, '$[0]') \
+                  AND json_extract(d.value, '$.value') = json_extract(k.value, '$[1]'))",
+        )
+        .bind(&pairs)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (event, detail) in named {
+            if let Some(detail) = scrub_detail(&detail, &erased) {
+                sqlx::query("UPDATE resolutions SET detail = ?2 WHERE event_id = ?1")
+                    .bind(&event)
+                    .bind(detail)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        let members = members
+            .iter()
+            .map(|m| parse_uuid(m))
+            .collect::<Result<Vec<_>, _>>()?;
+        let done = Forgotten::new(parse_uuid(&root)?, members, events, n);
+        for member in &done.profiles {
+            let answer = (*member == done.root).then(|| done.encode());
+            sqlx::query(
+                "INSERT INTO forgotten_profiles (profile_id, root, reason, forgotten_at, answer) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .bind(member.to_string())
+            .bind(&root)
+            .bind(reason)
+            .bind(micros(now))
+            .bind(answer)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok((done, true))
+    }
+
     async fn current_rules(&self) -> Result<Option<StoredRules>, IdentityError> {
         let mut conn = self.pool.acquire().await?;
         latest_rules(&mut conn).await
@@ -839,6 +1005,23 @@ async fn survivor_of(conn: &mut SqliteConnection, merged: Uuid) -> Result<Uuid, 
         )),
         None => IdentityError::UnknownProfile,
     })
+}
+
+/// The answer of the forgotten component `profile` belonged to, if it was forgotten.
+async fn forgotten_answer(
+    conn: &mut SqliteConnection,
+    profile: &str,
+) -> Result<Option<Forgotten>, IdentityError> {
+    let answer: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT r.answer FROM forgotten_profiles f \
+         JOIN forgotten_profiles r ON r.profile_id = f.root WHERE f.profile_id = ?1",
+    )
+    .bind(profile)
+    .fetch_optional(conn)
+    .await?;
+    answer
+        .map(|a| Forgotten::decode(a.as_deref().unwrap_or("null")))
+        .transpose()
 }
 
 /// Erases `identifier` outside its component: remembers its digest so it never links again,

@@ -328,3 +328,83 @@ async fn an_unmerge_racing_resolutions_leaves_a_consistent_graph() {
         }
     }
 }
+
+/// Two replicas forget the same person while a third task keeps resolving events that carry
+/// the person's identifiers (with fresh ones): each such event is either resolved before the
+/// forget (and is among the events it forgot) or suppressed after it, both forgets answer the
+/// same, and nothing about the person is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forget_racing_resolutions_and_another_forget_leaves_nothing() {
+    let test = TestDb::new().await;
+    let db = connect(test.url()).await;
+    let one = Identity::new(db.clone(), IdentitySettings::default())
+        .await
+        .expect("identity");
+    let two = Identity::new(connect(test.url()).await, IdentitySettings::default())
+        .await
+        .expect("identity");
+    let ann = resolve(&one, "e1", &[("anonymous_id", "a1"), ("user_id", "ann")])
+        .await
+        .profile_id;
+    resolve(&one, "e2", &[("email", "ann@x.io"), ("anonymous_id", "a2")]).await;
+    resolve(&one, "e3", &[("email", "ann@x.io"), ("user_id", "ann")]).await;
+
+    let writer = {
+        let two = two.clone();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            for n in 0..60 {
+                let fresh = format!("fresh{n}");
+                let ids: Vec<(&str, &str)> = match n % 3 {
+                    0 => vec![("anonymous_id", "a1")],
+                    1 => vec![("user_id", "ann"), ("anonymous_id", fresh.as_str())],
+                    _ => vec![("email", "ann@x.io"), ("device_id", fresh.as_str())],
+                };
+                out.push(resolve(&two, &format!("w{n}"), &ids).await);
+            }
+            out
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let second = {
+        let two = two.clone();
+        tokio::spawn(async move { two.forget_profile(ann, "ticket 2").await })
+    };
+    let first = one.forget_profile(ann, "ticket 1").await.expect("forget");
+    let second = second.await.expect("task").expect("second forget");
+    assert_eq!(first, second, "one forget, answered twice");
+    let resolved = writer.await.expect("writer");
+
+    for r in &resolved {
+        if r.suppressed {
+            assert!(!first.events.contains(&r.event_id), "{}", r.event_id);
+        } else {
+            assert_eq!(r.profile_id, ann, "{r:?}");
+            assert!(
+                first.events.contains(&r.event_id),
+                "{} forgotten",
+                r.event_id
+            );
+        }
+    }
+    assert_eq!(counts(&db).await, [0, 0, 0, 0], "nothing about Ann is left");
+    let Database::Postgres(pool) = &db else {
+        panic!("postgres")
+    };
+    for table in ["sightings", "graph_log", "merge_outbox"] {
+        let n: i64 =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+                .fetch_one(pool)
+                .await
+                .expect("count");
+        assert_eq!(n, 0, "{table}");
+    }
+    // Everything the writer sends from now on is suppressed.
+    for n in 0..3 {
+        assert!(
+            resolve(&two, &format!("late{n}"), &[("user_id", "ann")])
+                .await
+                .suppressed
+        );
+    }
+}

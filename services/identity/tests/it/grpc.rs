@@ -465,3 +465,80 @@ async fn unmerge_requests_are_checked() {
         .expect_err("unknown");
     assert_eq!(unknown.code(), Code::NotFound);
 }
+
+#[tokio::test]
+async fn forget_requests_are_checked_and_forgotten_people_suppressed() {
+    use tessera_proto::identity::v1::ForgetProfileRequest;
+    let mut s = serve(IdentitySettings::default()).await;
+    let bad = s
+        .client
+        .forget_profile(ForgetProfileRequest {
+            profile_id: "not-a-uuid".into(),
+            reason: "x".repeat(1_001),
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&bad), ["profile_id", "reason"]);
+    let unknown = s
+        .client
+        .forget_profile(ForgetProfileRequest {
+            profile_id: uuid::Uuid::now_v7().to_string(),
+            reason: String::new(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    let resolved = s
+        .client
+        .resolve_identities(ResolveIdentitiesRequest {
+            records: vec![record(
+                "e1",
+                vec![id("user_id", "u1"), id("anonymous_id", "a1")],
+            )],
+        })
+        .await
+        .expect("resolve")
+        .into_inner();
+    let profile = resolved.resolutions[0].profile_id.clone();
+    assert!(!resolved.resolutions[0].suppressed);
+    let forgotten = s
+        .client
+        .forget_profile(ForgetProfileRequest {
+            profile_id: profile.clone(),
+            reason: "x".repeat(1_000),
+        })
+        .await
+        .expect("forget")
+        .into_inner();
+    assert_eq!(forgotten.profile_id, profile);
+    assert_eq!(forgotten.profile_ids, std::slice::from_ref(&profile));
+    assert_eq!(forgotten.event_ids, ["e1"]);
+    assert_eq!(forgotten.identifiers, 2);
+
+    let later = s
+        .client
+        .resolve_identities(ResolveIdentitiesRequest {
+            records: vec![record(
+                "e2",
+                vec![id("user_id", "u1"), id("anonymous_id", "a2")],
+            )],
+        })
+        .await
+        .expect("resolve")
+        .into_inner();
+    let r = &later.resolutions[0];
+    assert!(r.suppressed);
+    assert_eq!(r.event_id, "e2");
+    assert_eq!(r.profile_id, "");
+    assert!(r.identifiers.is_empty() && r.merges.is_empty());
+    let gone = s
+        .client
+        .lookup_identifier(LookupIdentifierRequest {
+            identifier: Some(id("user_id", "u1")),
+        })
+        .await
+        .expect_err("forgotten");
+    assert_eq!(gone.code(), Code::NotFound);
+}
