@@ -8,6 +8,7 @@ mod dev_mode;
 mod faults;
 mod faults_under_load;
 mod flow;
+mod gdpr;
 mod import;
 mod matching;
 mod profile_api;

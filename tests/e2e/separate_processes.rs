@@ -1,6 +1,7 @@
 //! The four production services as separate processes on Postgres and Redis.
 
 use tessera_testkit::{TestDb, redis_prefix, redis_url};
+use tessera_tests::proxy::Proxy;
 use tessera_tests::{Tessera, TesseraBuilder};
 
 use crate::flow::skeleton_flow;
@@ -13,6 +14,9 @@ pub(crate) struct Deployment {
     pub(crate) ingestion: Tessera,
     /// The write key of a source created on the deployment.
     pub(crate) write_key: String,
+    /// The profile service's way to the ingestion service, which starts after it (the two
+    /// call each other).
+    _to_ingestion: Proxy,
 }
 
 pub(crate) fn base(subcommand: &str, db: &TestDb, prefix: &str) -> TesseraBuilder {
@@ -28,9 +32,14 @@ impl Deployment {
             base("identity", db, prefix).start(),
             base("scoring", db, prefix).start()
         );
+        let to_ingestion = Proxy::start(([127, 0, 0, 1], 1).into()).await;
         let profile = base("profile", db, prefix)
             .env("TESSERA__PEERS__IDENTITY", identity.grpc_url())
             .env("TESSERA__PEERS__SCORING", scoring.grpc_url())
+            .env(
+                "TESSERA__PEERS__INGESTION",
+                format!("http://{}", to_ingestion.addr()),
+            )
             .start()
             .await;
         let ingestion = base("ingestion", db, prefix)
@@ -38,6 +47,7 @@ impl Deployment {
             .env("TESSERA__PEERS__PROFILE", profile.grpc_url())
             .start()
             .await;
+        to_ingestion.set_target(ingestion.grpc_addr.parse().expect("ingestion address"));
         let write_key = ingestion.create_source("e2e").await;
         Self {
             identity,
@@ -45,6 +55,7 @@ impl Deployment {
             profile,
             ingestion,
             write_key,
+            _to_ingestion: to_ingestion,
         }
     }
 }

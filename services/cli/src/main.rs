@@ -46,7 +46,8 @@ enum Command {
     /// Manage the sources of a running Tessera (create, list, disable, enable, rotate-key,
     /// update) through its admin gRPC API. Write keys are printed once, on create and rotate-key.
     Sources(sources::SourcesArgs),
-    /// Read what a running Tessera holds about a person (`export`: GDPR right of access).
+    /// What a running Tessera holds about a person: `export` (GDPR right of access), `delete`
+    /// (right to erasure).
     Profiles(profiles::ProfilesArgs),
     /// Send synthetic events at a chosen rate and concurrency and report throughput, latency
     /// and time from acceptance to profile visible.

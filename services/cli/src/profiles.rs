@@ -1,5 +1,5 @@
-//! `tessera profiles`: reading what Tessera holds about a person through the ProfileService
-//! API of a running Tessera.
+//! `tessera profiles`: exporting and deleting what Tessera holds about a person (GDPR rights of
+//! access and erasure) through the ProfileService API of a running Tessera.
 
 // The CLI's output is its interface.
 #![allow(clippy::print_stdout)]
@@ -35,41 +35,56 @@ enum ProfilesCommand {
         #[arg(long, value_name = "FILE")]
         output: Option<std::path::PathBuf>,
     },
+    /// Delete a person for good (GDPR right to erasure): the profile and the profiles merged
+    /// into it, identifiers and identity graph, events (also in the event log), computed
+    /// values, audience memberships, history and cache entries. Later events carrying the
+    /// person's user id, email or phone are suppressed. Cannot be undone.
+    Delete {
+        /// The person: `type:value` of any identifier or `profile_id:<id>` (a deleted
+        /// profile id finishes a deletion that failed midway).
+        person: String,
+        /// Why (for example a ticket number), kept with the record of the deletion.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
-/// The lookup `type:value` names.
-fn lookup(person: &str) -> anyhow::Result<pb::export_profile_request::Lookup> {
-    use pb::export_profile_request::Lookup;
+/// The lookup `type:value` names: a profile id or an identifier.
+fn lookup(person: &str) -> anyhow::Result<Result<String, Identifier>> {
     let (kind, value) = person
         .split_once(':')
         .filter(|(k, v)| !k.is_empty() && !v.is_empty())
         .context("name the person as type:value, for example user_id:u1 or profile_id:<id>")?;
     Ok(if kind == "profile_id" {
-        Lookup::ProfileId(value.to_owned())
+        Ok(value.to_owned())
     } else {
-        Lookup::Identifier(Identifier {
+        Err(Identifier {
             r#type: kind.to_owned(),
             value: value.to_owned(),
         })
     })
 }
 
+/// A client of the profile service at `target`.
+async fn connect(target: &str) -> anyhow::Result<ProfileServiceClient<tonic::transport::Channel>> {
+    let channel = Endpoint::from_shared(target.to_owned())
+        .with_context(|| format!("invalid --target {target}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(120))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach Tessera at {target}: is it running?"))?;
+    Ok(ProfileServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024))
+}
+
 /// Runs `tessera profiles`.
 pub(crate) async fn run(args: ProfilesArgs) -> anyhow::Result<()> {
     match args.command {
         ProfilesCommand::Export { person, output } => {
-            let lookup = lookup(&person)?;
-            let channel = Endpoint::from_shared(args.target.clone())
-                .with_context(|| format!("invalid --target {}", args.target))?
-                .connect_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(120))
-                .connect()
-                .await
-                .with_context(|| {
-                    format!("cannot reach Tessera at {}: is it running?", args.target)
-                })?;
-            let export = ProfileServiceClient::new(channel)
-                .max_decoding_message_size(256 * 1024 * 1024)
+            use pb::export_profile_request::Lookup;
+            let lookup = lookup(&person)?.map_or_else(Lookup::Identifier, Lookup::ProfileId);
+            let export = connect(&args.target)
+                .await?
                 .export_profile(pb::ExportProfileRequest {
                     lookup: Some(lookup),
                 })
@@ -92,6 +107,27 @@ pub(crate) async fn run(args: ProfilesArgs) -> anyhow::Result<()> {
                     out.write_all(b"\n")?;
                 }
             }
+            Ok(())
+        }
+        ProfilesCommand::Delete { person, reason } => {
+            use pb::delete_profile_request::Lookup;
+            let lookup = lookup(&person)?.map_or_else(Lookup::Identifier, Lookup::ProfileId);
+            let deleted = connect(&args.target)
+                .await?
+                .delete_profile(pb::DeleteProfileRequest {
+                    lookup: Some(lookup),
+                    reason,
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("delete {person}: {}", s.message()))?
+                .into_inner();
+            println!(
+                "tessera: deleted profile {} ({} profiles, {} identifiers, {} events)",
+                deleted.profile_id,
+                deleted.profile_ids.len(),
+                deleted.identifiers_forgotten,
+                deleted.events_deleted
+            );
             Ok(())
         }
     }

@@ -370,14 +370,15 @@ async fn serve(
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
 
-    let (identity_url, profile_url, scoring_url) = if dev_data_dir.is_some() {
+    let (identity_url, profile_url, scoring_url, ingestion_url) = if dev_data_dir.is_some() {
         let me = loopback_url(grpc_addr);
-        (me.clone(), me.clone(), me)
+        (me.clone(), me.clone(), me.clone(), me)
     } else {
         (
             settings.peers.identity.clone(),
             settings.peers.profile.clone(),
             settings.peers.scoring.clone(),
+            settings.peers.ingestion.clone(),
         )
     };
 
@@ -431,8 +432,11 @@ async fn serve(
                 let profiles = tessera_profile::Profiles::new(
                     db.clone(),
                     Arc::clone(&cache),
-                    peer(&identity_url)?,
-                    peer(&scoring_url)?,
+                    tessera_profile::Peers {
+                        identity: peer(&identity_url)?,
+                        scoring: peer(&scoring_url)?,
+                        ingestion: peer(&ingestion_url)?,
+                    },
                     settings.profile.clone(),
                 );
                 profiles.register(&mut services);

@@ -58,6 +58,9 @@ pub(crate) struct Peers {
     pub(crate) profile: String,
     /// The scoring service.
     pub(crate) scoring: String,
+    /// The ingestion service (the profile service calls its event log to delete a person's
+    /// events).
+    pub(crate) ingestion: String,
 }
 
 impl Default for Peers {
@@ -66,6 +69,7 @@ impl Default for Peers {
             identity: "http://127.0.0.1:50052".to_owned(),
             profile: "http://127.0.0.1:50053".to_owned(),
             scoring: "http://127.0.0.1:50054".to_owned(),
+            ingestion: "http://127.0.0.1:50051".to_owned(),
         }
     }
 }

@@ -87,6 +87,11 @@ impl ComputedTrait {
         if self.name.is_empty() || self.name.len() > 200 {
             return Some("name: 1 to 200 bytes".into());
         }
+        if self.name.starts_with(CONSENT_PREFIX) {
+            return Some(format!(
+                "name: `{CONSENT_PREFIX}` names are reserved for consent"
+            ));
+        }
         if self.kind != Kind::Count && self.property.as_deref().is_none_or(str::is_empty) {
             return Some(format!(
                 "{}: property is required for {:?}",
@@ -186,12 +191,73 @@ pub enum Acc {
     Window { entries: Vec<Entry> },
 }
 
+/// The prefix of the accumulators that keep consent: `consent:<purpose>`, the latest preference
+/// (by event time, then event id) for the purpose, from the events'
+/// `context.consent.categoryPreferences`. Kept with the computed traits so merges, unmerges,
+/// history and deletion treat consent like every other derived value.
+pub const CONSENT_PREFIX: &str = "consent:";
+
+/// The longest purpose name kept, in bytes; longer ones are ignored.
+const MAX_PURPOSE: usize = 200;
+
 /// The accumulators of a profile's computed traits, by trait name.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ComputedState(pub BTreeMap<String, Acc>);
 
 impl ComputedState {
+    /// Folds the consent preferences `event` states (`context.consent.categoryPreferences`,
+    /// purpose → granted; values other than booleans are ignored) into the latest preference
+    /// per purpose.
+    pub fn apply_consent(&mut self, event: &ResolvedEvent) {
+        let Some(preferences) = event
+            .details
+            .context
+            .get("consent")
+            .and_then(|c| c.get("categoryPreferences"))
+            .and_then(Value::as_object)
+        else {
+            return;
+        };
+        for (purpose, granted) in preferences {
+            if purpose.is_empty() || purpose.len() > MAX_PURPOSE || !granted.is_boolean() {
+                continue;
+            }
+            let entry = Acc::Last(Entry {
+                at: event.timestamp,
+                event_id: event.event_id.clone(),
+                value: granted.clone(),
+            });
+            let name = format!("{CONSENT_PREFIX}{purpose}");
+            match self.0.get_mut(&name) {
+                Some(mine) => combine(mine, entry),
+                None => {
+                    self.0.insert(name, entry);
+                }
+            }
+        }
+    }
+
+    /// The latest consent preference per purpose: (purpose, granted, the event that stated it).
+    pub fn consent(&self) -> impl Iterator<Item = (&str, bool, &Entry)> {
+        self.0
+            .range(CONSENT_PREFIX.to_owned()..)
+            .map_while(|(name, acc)| {
+                let purpose = name.strip_prefix(CONSENT_PREFIX)?;
+                Some((purpose, acc))
+            })
+            .filter_map(|(purpose, acc)| match acc {
+                Acc::Last(entry) => Some((purpose, entry.value.as_bool()?, entry)),
+                Acc::Count { .. }
+                | Acc::Sum { .. }
+                | Acc::Min { .. }
+                | Acc::Max { .. }
+                | Acc::First(_)
+                | Acc::Counts { .. }
+                | Acc::Window { .. } => None,
+            })
+    }
+
     /// Folds one event into the accumulator of every trait it counts for.
     pub fn apply(&mut self, traits: &[ComputedTrait], event: &ResolvedEvent) {
         for def in traits {
@@ -437,6 +503,64 @@ mod tests {
                 ..EventDetails::default()
             },
         }
+    }
+
+    fn consent(id: &str, minute: i64, preferences: serde_json::Value) -> ResolvedEvent {
+        let mut event = order(id, minute, 0.0, "");
+        event.details.context = json!({"consent": {"categoryPreferences": preferences}})
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        event
+    }
+
+    fn consent_of(state: &ComputedState) -> Vec<(String, bool, String)> {
+        state
+            .consent()
+            .map(|(purpose, granted, entry)| (purpose.to_owned(), granted, entry.event_id.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn consent_keeps_the_latest_preference_per_purpose_in_any_order_and_across_merges() {
+        let events = [
+            consent("c1", 1, json!({"Advertising": true, "Analytics": true})),
+            consent(
+                "c2",
+                5,
+                json!({"Advertising": false, "Junk": "yes", "": true}),
+            ),
+            consent("c3", 3, json!({"Analytics": false, "Advertising": true})),
+        ];
+        let want = vec![
+            ("Advertising".to_owned(), false, "c2".to_owned()),
+            ("Analytics".to_owned(), false, "c3".to_owned()),
+        ];
+        for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0]] {
+            let mut state = ComputedState::default();
+            for i in order {
+                state.apply_consent(&events[i]);
+            }
+            assert_eq!(consent_of(&state), want, "order {order:?}");
+        }
+        // Split across two profiles, then merged: the same.
+        let (mut a, mut b) = (ComputedState::default(), ComputedState::default());
+        a.apply_consent(&events[1]);
+        b.apply_consent(&events[0]);
+        b.apply_consent(&events[2]);
+        a.absorb(&b);
+        assert_eq!(consent_of(&a), want);
+        // Consent is not a declared computed trait, and may not be declared as one.
+        assert!(
+            a.values(&all_kinds(), T0)
+                .keys()
+                .all(|k| !k.starts_with(CONSENT_PREFIX))
+        );
+        assert!(
+            def("consent:x", Kind::Count, None, None)
+                .problem()
+                .is_some()
+        );
     }
 
     fn def(name: &str, kind: Kind, property: Option<&str>, window: Option<u64>) -> ComputedTrait {

@@ -565,8 +565,8 @@ impl From<&Profile> for pb::Profile {
             // Internal: exposed through the engagement score instead.
             activity_log2: _,
             identifiers,
-            // Evaluated at read time by `profile_to_pb`.
-            computed: _,
+            // Evaluated at read time by `profile_to_pb`, but for consent.
+            computed,
         } = state;
         Self {
             profile_id: profile_id.clone(),
@@ -604,6 +604,17 @@ impl From<&Profile> for pb::Profile {
             computed_traits: std::collections::HashMap::new(),
             computed_valid_until: None,
             audiences: Vec::new(),
+            consent: computed
+                .consent()
+                .map(|(purpose, granted, entry)| {
+                    let consent = pb::Consent {
+                        granted,
+                        observed_at: Some(to_timestamp(entry.at)),
+                        event_id: entry.event_id.clone(),
+                    };
+                    (purpose.to_owned(), consent)
+                })
+                .collect(),
         }
     }
 }

@@ -79,6 +79,7 @@ impl ProfileState {
     /// counts for. The caller guarantees each event is applied once.
     pub fn apply(&mut self, event: &ResolvedEvent, half_life_seconds: f64, rules: Rules<'_>) {
         self.computed.apply(rules.computed, event);
+        self.computed.apply_consent(event);
         for (name, value) in &event.traits {
             catalog::set(
                 &mut self.traits,

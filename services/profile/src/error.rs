@@ -43,6 +43,12 @@ pub enum ProfileError {
     /// The scoring service failed.
     #[error("scoring service: {0}")]
     Scoring(#[source] Status),
+    /// The ingestion service (its event log) failed.
+    #[error("ingestion service: {0}")]
+    Ingestion(#[source] Status),
+    /// The cache could not be purged of a deleted profile; the deletion is retried.
+    #[error("the cache could not be purged: {0}")]
+    CachePurge(String),
     /// The scoring service answered something that breaks its contract.
     #[error("scoring service answered badly: {0}")]
     BadScores(String),
@@ -73,7 +79,8 @@ impl ProfileError {
             Self::NotFound => ErrorCode::NotFound,
             Self::Database(e) => tessera_store::error_code(e),
             Self::Contention => ErrorCode::Unavailable,
-            Self::Identity(s) | Self::Scoring(s) => peer_code(s.code()),
+            Self::Identity(s) | Self::Scoring(s) | Self::Ingestion(s) => peer_code(s.code()),
+            Self::CachePurge(_) => ErrorCode::Unavailable,
             Self::NotRebuildable(_) => ErrorCode::FailedPrecondition,
             Self::NotYetApplied(_) => ErrorCode::Unavailable,
             Self::BrokenMergeChain(_)
@@ -135,12 +142,17 @@ impl From<ProfileError> for Status {
                 peer_unavailable("identity", &error)
             }
             ProfileError::Scoring(_) if code.is_retryable() => peer_unavailable("scoring", &error),
+            ProfileError::Ingestion(_) if code.is_retryable() => {
+                peer_unavailable("ingestion", &error)
+            }
+            ProfileError::CachePurge(_) => peer_unavailable("cache", &error),
             ProfileError::Database(_)
             | ProfileError::BrokenMergeChain(_)
             | ProfileError::Contention
             | ProfileError::Missing(_)
             | ProfileError::Identity(_)
             | ProfileError::Scoring(_)
+            | ProfileError::Ingestion(_)
             | ProfileError::BadScores(_)
             | ProfileError::BadMatches(_)
             | ProfileError::Corrupt(_) => tessera_server::internal(code, &error),

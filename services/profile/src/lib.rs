@@ -170,6 +170,17 @@ impl ProfileSettings {
     }
 }
 
+/// Lazily connected channels to the services the profile service calls.
+#[derive(Debug, Clone)]
+pub struct Peers {
+    /// Identity: lookups, matching, forgetting deleted people.
+    pub identity: tonic::transport::Channel,
+    /// Scoring: every written profile is scored.
+    pub scoring: tonic::transport::Channel,
+    /// Ingestion: its event log forgets deleted people's events.
+    pub ingestion: tonic::transport::Channel,
+}
+
 /// The profile service: `ProfileService` and `ProfilePipelineService`.
 #[derive(Debug, Clone)]
 pub struct Profiles {
@@ -183,15 +194,19 @@ pub struct Profiles {
 impl Profiles {
     /// A profile service over `db` (connected with `Database::connect(url, SCHEMA, ..)` and
     /// migrated with [`MIGRATIONS`]), `cache` (from `tessera_store::open_cache`), and lazily
-    /// connected channels to the identity and scoring services. `settings` should have passed
+    /// connected channels to the identity, scoring and ingestion services (`peers`). `settings` should have passed
     /// [`ProfileSettings::validate`]; an invalid half-life falls back to the default.
     pub fn new(
         db: Database,
         cache: Arc<dyn Cache>,
-        identity: tonic::transport::Channel,
-        scoring: tonic::transport::Channel,
+        peers: Peers,
         settings: ProfileSettings,
     ) -> Self {
+        let Peers {
+            identity,
+            scoring,
+            ingestion,
+        } = peers;
         let mut half_life_seconds = settings.activity_half_life_seconds;
         if !half_life_seconds.is_finite() || half_life_seconds <= 0.0 {
             tracing::error!(
@@ -219,6 +234,7 @@ impl Profiles {
                 cache,
                 identity,
                 scoring,
+                ingestion,
                 half_life_seconds,
                 match_profiles: settings.match_profiles,
                 match_unimplemented_warned: AtomicBool::new(false),

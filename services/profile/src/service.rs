@@ -41,6 +41,10 @@ const CACHE_WRITE_BUDGET: Duration = Duration::from_secs(2);
 const MAX_BATCH_GET: usize = 100;
 /// The events an export reads per query.
 const EXPORT_PAGE: usize = 1_000;
+/// The longest reason a deletion keeps, in bytes.
+const MAX_REASON: usize = 1_000;
+/// The most event ids sent to the event log in one ForgetEvents call (its limit).
+const MAX_FORGOTTEN_PER_CALL: usize = 100_000;
 /// The largest message decoded from a peer.
 pub(crate) const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 
@@ -51,6 +55,8 @@ pub(crate) struct Inner {
     pub(crate) cache: Arc<dyn Cache>,
     pub(crate) identity: Channel,
     pub(crate) scoring: Channel,
+    /// The ingestion service, whose event log forgets a deleted person's events.
+    pub(crate) ingestion: Channel,
     pub(crate) half_life_seconds: f64,
     /// Everything folded and kept (declared computed traits, audiences and their hidden
     /// counts), evaluated when a profile is read.
@@ -345,6 +351,150 @@ impl Inner {
             document: serde_json::to_vec_pretty(&document)
                 .map_err(|e| ProfileError::Corrupt(format!("export does not encode: {e}")))?,
         })
+    }
+
+    /// Deletes a person (GDPR right to erasure): see `ProfileService.DeleteProfile`. The
+    /// identity service forgets the component first (so nothing links to it any more and its
+    /// later events are suppressed), then the store deletes the profiles, the cache gets
+    /// tombstones no fill can supersede, and the event log forgets the events. Each step is
+    /// idempotent, so a failed deletion is finished by calling again with the profile id.
+    async fn delete(
+        &self,
+        request: pb::DeleteProfileRequest,
+    ) -> Result<pb::DeleteProfileResponse, ProfileError> {
+        use pb::delete_profile_request::Lookup as D;
+        use pb::get_profile_request::Lookup as G;
+        if request.reason.len() > MAX_REASON {
+            return Err(ProfileError::InvalidArgument(vec![FieldViolation::new(
+                "reason",
+                format!("at most {MAX_REASON} bytes"),
+            )]));
+        }
+        let lookup = Lookup::try_from(pb::GetProfileRequest {
+            lookup: request.lookup.map(|l| match l {
+                D::ProfileId(id) => G::ProfileId(id),
+                D::Identifier(id) => G::Identifier(id),
+            }),
+            as_of: None,
+        })?;
+        let live = match lookup {
+            Lookup::ProfileId(id) => match self.store.get(&id).await? {
+                Some(profile) => profile.profile_id,
+                // A deleted id finishes (or repeats) its deletion.
+                None if self.store.is_deleted(&id).await? => id,
+                None => return Err(ProfileError::NotFound),
+            },
+            Lookup::Identifier(identifier) => {
+                let id = self.lookup(identifier).await?;
+                // Identity may know a profile this service has not applied an event of yet.
+                self.store.get(&id).await?.map_or(id, |p| p.profile_id)
+            }
+        };
+        let forgotten = self.forget_identity(&live, &request.reason).await?;
+        let now = OffsetDateTime::now_utc();
+        let deleted = self
+            .store
+            .delete(&live, &forgotten.profile_ids, &request.reason, now)
+            .await?;
+        self.changed.notify_waiters();
+        count_membership_changes(&deleted.exits);
+        // A tombstone at the highest version: a read that loaded the profile before the
+        // deletion can never put it back.
+        for id in &deleted.profile_ids {
+            let tombstone = Versioned {
+                version: i64::MAX,
+                bytes: None,
+            };
+            self.cache
+                .put_if_newer(&cache_key(id), tombstone)
+                .await
+                .map_err(|e| ProfileError::CachePurge(e.to_string()))?;
+        }
+        let events: BTreeSet<String> = deleted
+            .event_ids
+            .iter()
+            .chain(&forgotten.event_ids)
+            .cloned()
+            .collect();
+        let events_deleted = self.forget_events(events, &deleted.identifiers).await?;
+        if deleted.rows > 0 {
+            metrics::counter!("tessera_profile_deletions_total").increment(1);
+        }
+        tracing::info!(
+            profile_id = %live,
+            profiles = deleted.profile_ids.len(),
+            events = events_deleted,
+            "deleted a person"
+        );
+        Ok(pb::DeleteProfileResponse {
+            profile_id: live,
+            profile_ids: deleted.profile_ids,
+            events_deleted,
+            identifiers_forgotten: forgotten.identifiers.max(deleted.identifiers.len() as i64),
+        })
+    }
+
+    /// Asks the identity service to forget the component of `profile_id`; a profile it does
+    /// not know (one only this service holds) has nothing to forget there.
+    async fn forget_identity(
+        &self,
+        profile_id: &str,
+        reason: &str,
+    ) -> Result<identity::ForgetProfileResponse, ProfileError> {
+        let mut client = IdentityServiceClient::new(self.identity.clone());
+        let mut request = Request::new(identity::ForgetProfileRequest {
+            profile_id: profile_id.to_owned(),
+            reason: reason.to_owned(),
+        });
+        request.set_timeout(PEER_TIMEOUT);
+        match client.forget_profile(request).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) if status.code() == Code::NotFound => {
+                Ok(identity::ForgetProfileResponse::default())
+            }
+            Err(status) => Err(ProfileError::Identity(status)),
+        }
+    }
+
+    /// Deletes `events` and the quarantined events carrying `identifiers` from the event log;
+    /// returns how many events it deleted.
+    async fn forget_events(
+        &self,
+        events: BTreeSet<String>,
+        identifiers: &[tessera_core::Identifier],
+    ) -> Result<i64, ProfileError> {
+        use tessera_proto::ingestion::v1 as ingestion;
+        use tessera_proto::ingestion::v1::event_log_service_client::EventLogServiceClient;
+        let mut client = EventLogServiceClient::new(self.ingestion.clone());
+        let events: Vec<String> = events.into_iter().collect();
+        let identifiers: Vec<common::Identifier> = identifiers
+            .iter()
+            .cloned()
+            .map(tessera_proto::convert::identifier_to_pb)
+            .collect();
+        let mut deleted = 0;
+        let mut chunks: Vec<&[String]> = events.chunks(MAX_FORGOTTEN_PER_CALL).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let mut request = Request::new(ingestion::ForgetEventsRequest {
+                event_ids: chunk.to_vec(),
+                // Once is enough.
+                identifiers: if i == 0 {
+                    identifiers.clone()
+                } else {
+                    Vec::new()
+                },
+            });
+            request.set_timeout(PEER_TIMEOUT);
+            let response = client
+                .forget_events(request)
+                .await
+                .map_err(ProfileError::Ingestion)?;
+            deleted += response.into_inner().events;
+        }
+        Ok(deleted)
     }
 
     /// The identity graph of `profile_id` (its newest 10,000 decisions).
@@ -748,9 +898,9 @@ impl ProfileService for ProfileApi {
 
     async fn delete_profile(
         &self,
-        _request: Request<pb::DeleteProfileRequest>,
+        request: Request<pb::DeleteProfileRequest>,
     ) -> Result<Response<pb::DeleteProfileResponse>, Status> {
-        Err(Status::unimplemented("DeleteProfile is not implemented yet"))
+        Ok(Response::new(self.0.delete(request.into_inner()).await?))
     }
 
     type WatchProfileChangesStream = crate::watch::ChangeStream;

@@ -19,13 +19,14 @@ use crate::service::Inner;
 use crate::store::{ChangeCursor, ProfileChange};
 
 /// The kinds of change the stream carries.
-pub(crate) const KINDS: [&str; 6] = [
+pub(crate) const KINDS: [&str; 7] = [
     "updated",
     "merged",
     "split",
     "score_changed",
     "audience_entered",
     "audience_exited",
+    "deleted",
 ];
 
 /// How often a stream reads the log when nothing woke it: changes written by other replicas
@@ -123,6 +124,14 @@ fn message(change: ProfileChange) -> pb::WatchProfileChangesResponse {
         audience: text("audience"),
         score: text("score"),
         score_value: d["value"].as_f64().unwrap_or_default(),
+        deleted_profile_ids: d["profile_ids"]
+            .as_array()
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| id.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 

@@ -172,6 +172,38 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
         profile_ids: &[String],
         query: &TimelineQuery,
     ) -> Result<Vec<TimelineEntry>, ProfileError>;
+
+    /// Deletes a person's profiles for good (GDPR), in one transaction: `live`, the profiles
+    /// of `component` (the identity service's component of it) and every profile merged into
+    /// them here, with their identifiers, applied events, audience memberships, kept versions
+    /// and logged changes. They are remembered as deleted (a batch that still names one skips
+    /// it), and every audience exit and one `deleted` change for `live` are logged. Idempotent:
+    /// deleting again deletes nothing more and logs nothing.
+    async fn delete(
+        &self,
+        live: &str,
+        component: &[String],
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> Result<Deleted, ProfileError>;
+
+    /// Whether `profile_id` was deleted ([`ProfileStore::delete`]).
+    async fn is_deleted(&self, profile_id: &str) -> Result<bool, ProfileError>;
+}
+
+/// What [`ProfileStore::delete`] deleted.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Deleted {
+    /// Every profile id deleted (or found deleted), sorted.
+    pub profile_ids: Vec<String>,
+    /// The events that had been applied to them.
+    pub event_ids: Vec<String>,
+    /// The identifiers they held.
+    pub identifiers: Vec<Identifier>,
+    /// The audiences they left.
+    pub exits: Vec<MembershipChange>,
+    /// How many stored profiles this call deleted (0 when they were deleted before).
+    pub rows: u64,
 }
 
 /// An event to record as applied.
@@ -366,9 +398,10 @@ pub struct ProfileChange {
     pub cursor: ChangeCursor,
     /// The profile.
     pub profile_id: String,
-    /// `updated`, `merged`, `split`, `score_changed`, `audience_entered`, `audience_exited`.
+    /// `updated`, `merged`, `split`, `score_changed`, `audience_entered`, `audience_exited`,
+    /// `deleted`.
     pub kind: String,
-    /// What changed: `{version}`, `{into}`, `{score, value}`, `{audience}`.
+    /// What changed: `{version}`, `{into}`, `{score, value}`, `{audience}`, `{profile_ids}`.
     pub detail: serde_json::Value,
     /// When it was written.
     pub at: OffsetDateTime,
@@ -594,6 +627,118 @@ trait Ops: Send {
         changes: &[MembershipChange],
         now: OffsetDateTime,
     ) -> Result<(), sqlx::Error>;
+    /// The deleted profiles among `ids`.
+    async fn deleted(&mut self, ids: &[String]) -> Result<HashSet<String>, sqlx::Error>;
+    /// The profiles merged into any of `ids`.
+    async fn merged_into_any(&mut self, ids: &[String]) -> Result<Vec<String>, sqlx::Error>;
+    /// Deletes everything about the profiles `ids`; returns how many profile rows it deleted.
+    async fn purge(&mut self, ids: &[String]) -> Result<u64, sqlx::Error>;
+    /// Remembers the profiles `ids` as deleted for `reason`.
+    async fn remember_deleted(
+        &mut self,
+        ids: &[String],
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error>;
+}
+
+/// `batch` without the events and merges that name deleted profiles (a GDPR deletion came
+/// between their resolution and their delivery): those are dropped, never applied.
+async fn without_deleted<'b, O: Ops>(
+    ops: &mut O,
+    batch: &'b Batch,
+) -> Result<std::borrow::Cow<'b, Batch>, sqlx::Error> {
+    let deleted = ops.deleted(&batch.profile_ids()).await?;
+    if deleted.is_empty() {
+        return Ok(std::borrow::Cow::Borrowed(batch));
+    }
+    let events: Vec<_> = batch
+        .events
+        .iter()
+        .filter(|e| !deleted.contains(&e.profile_id))
+        .cloned()
+        .collect();
+    metrics::counter!("tessera_profile_deleted_events_skipped_total")
+        .increment((batch.events.len() - events.len()) as u64);
+    Ok(std::borrow::Cow::Owned(Batch {
+        merges: batch
+            .merges
+            .iter()
+            .filter(|m| {
+                !deleted.contains(&m.surviving_profile_id)
+                    && !deleted.contains(&m.merged_profile_id)
+            })
+            .cloned()
+            .collect(),
+        events,
+    }))
+}
+
+/// Deletes a person's profiles through `ops` (inside a transaction); see
+/// [`ProfileStore::delete`].
+async fn delete<O: Ops>(
+    ops: &mut O,
+    live: &str,
+    component: &[String],
+    reason: &str,
+    now: OffsetDateTime,
+) -> Result<Deleted, ProfileError> {
+    let mut ids: BTreeSet<String> = component.iter().cloned().collect();
+    ids.insert(live.to_owned());
+    let named: Vec<String> = ids.iter().cloned().collect();
+    // Locked (Postgres) so a batch applying to them waits, then finds them gone and is retried
+    // (and then skips them).
+    let stored = ops.load(&named, true).await?;
+    let merged = ops.merged_into_any(&named).await?;
+    // Nothing stored: deleted before (a repeated call must not purge the changes the first
+    // one logged), or never applied here (then only remembered, for events still on the way).
+    let found = !stored.is_empty() || !merged.is_empty();
+    ids.extend(merged);
+    let profile_ids: Vec<String> = ids.into_iter().collect();
+    let identifiers = stored
+        .into_iter()
+        .flat_map(|p| p.state.identifiers)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let event_ids = ops
+        .load_events(&profile_ids)
+        .await?
+        .into_iter()
+        .map(|(event_id, _, _)| event_id)
+        .collect();
+    let exits: Vec<MembershipChange> = ops
+        .memberships(&profile_ids)
+        .await?
+        .into_iter()
+        .map(|(profile_id, audience)| MembershipChange {
+            audience,
+            profile_id,
+            entered: false,
+        })
+        .collect();
+    let rows = if found {
+        ops.purge(&profile_ids).await?
+    } else {
+        0
+    };
+    ops.remember_deleted(&profile_ids, reason, now).await?;
+    if rows > 0 {
+        let mut changes = changes_of(&[], false, &[], &exits);
+        changes.push(NewChange::new(
+            live,
+            "deleted",
+            serde_json::json!({ "profile_ids": profile_ids }),
+        ));
+        ops.log_changes(&changes, now).await?;
+    }
+    Ok(Deleted {
+        profile_ids,
+        event_ids,
+        identifiers,
+        exits,
+        rows,
+    })
 }
 
 /// Applies a batch through `ops`, which must be inside a transaction.
@@ -604,6 +749,7 @@ async fn apply<O: Ops>(
     now: OffsetDateTime,
     scorer: &dyn Scorer,
 ) -> Result<Applied, ProfileError> {
+    let batch = &*without_deleted(ops, batch).await?;
     let named = batch.profile_ids();
     ops.ensure(&named, now).await?;
     let (live, resolved) = lock_live(ops, &named).await?;

@@ -11,7 +11,7 @@ use tessera_core::Identifier;
 use time::OffsetDateTime;
 
 use super::{
-    Applied, ChangeCursor, Definitions, MembershipChange, NewChange, Ops, ProfileChange,
+    Applied, ChangeCursor, Definitions, Deleted, MembershipChange, NewChange, Ops, ProfileChange,
     ProfileStore, Recorded, Scorer, TimelineEntry, TimelineQuery, Version, attach_identifiers,
     timeline_entries,
 };
@@ -255,6 +255,28 @@ impl ProfileStore for PostgresStore {
                 .await?;
         Ok((members, total))
     }
+
+    async fn delete(
+        &self,
+        live: &str,
+        component: &[String],
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> Result<Deleted, ProfileError> {
+        let mut tx = self.pool.begin().await?;
+        let deleted = super::delete(&mut PgOps(&mut tx), live, component, reason, now).await?;
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    async fn is_deleted(&self, profile_id: &str) -> Result<bool, ProfileError> {
+        let found: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM deleted_profiles WHERE profile_id = $1")
+                .bind(profile_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(found.is_some())
+    }
 }
 
 impl PostgresStore {
@@ -300,7 +322,9 @@ impl Ops for PgOps<'_> {
         // each other in one order.
         sqlx::query(
             "INSERT INTO profiles (profile_id, created_at, updated_at) \
-             SELECT id, $2, $2 FROM UNNEST($1::text[]) AS t(id) ORDER BY id \
+             SELECT id, $2, $2 FROM UNNEST($1::text[]) AS t(id) \
+             WHERE NOT EXISTS (SELECT 1 FROM deleted_profiles d WHERE d.profile_id = t.id) \
+             ORDER BY id \
              ON CONFLICT (profile_id) DO NOTHING",
         )
         .bind(ids)
@@ -679,6 +703,62 @@ impl Ops for PgOps<'_> {
         .execute(&mut *self.0)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn deleted(&mut self, ids: &[String]) -> Result<HashSet<String>, sqlx::Error> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT profile_id FROM deleted_profiles WHERE profile_id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&mut *self.0)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn merged_into_any(&mut self, ids: &[String]) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT profile_id FROM profiles WHERE merged_into = ANY($1)")
+            .bind(ids)
+            .fetch_all(&mut *self.0)
+            .await
+    }
+
+    async fn purge(&mut self, ids: &[String]) -> Result<u64, sqlx::Error> {
+        for statement in [
+            "DELETE FROM profile_identifiers WHERE profile_id = ANY($1)",
+            "DELETE FROM applied_events WHERE profile_id = ANY($1)",
+            "DELETE FROM audience_members WHERE profile_id = ANY($1)",
+            "DELETE FROM profile_versions WHERE profile_id = ANY($1)",
+            "DELETE FROM profile_changes WHERE profile_id = ANY($1)",
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .bind(ids)
+                .execute(&mut *self.0)
+                .await?;
+        }
+        let rows = sqlx::query("DELETE FROM profiles WHERE profile_id = ANY($1)")
+            .bind(ids)
+            .execute(&mut *self.0)
+            .await?
+            .rows_affected();
+        Ok(rows)
+    }
+
+    async fn remember_deleted(
+        &mut self,
+        ids: &[String],
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO deleted_profiles (profile_id, reason, deleted_at) \
+             SELECT id, $2, $3 FROM UNNEST($1::text[]) AS t(id) ON CONFLICT DO NOTHING",
+        )
+        .bind(ids)
+        .bind(reason)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
     }
 }
 

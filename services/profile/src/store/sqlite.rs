@@ -13,7 +13,7 @@ use tessera_core::Identifier;
 use time::OffsetDateTime;
 
 use super::{
-    Applied, ChangeCursor, Definitions, MembershipChange, NewChange, Ops, ProfileChange,
+    Applied, ChangeCursor, Definitions, Deleted, MembershipChange, NewChange, Ops, ProfileChange,
     ProfileStore, Recorded, Scorer, TimelineEntry, TimelineQuery, Version, attach_identifiers,
     timeline_entries,
 };
@@ -273,6 +273,28 @@ impl ProfileStore for SqliteStore {
     async fn get_many(&self, profile_ids: &[String]) -> Result<Vec<Profile>, ProfileError> {
         let mut conn = self.pool.acquire().await?;
         super::get_many(&mut LiteOps(&mut conn), profile_ids).await
+    }
+
+    async fn delete(
+        &self,
+        live: &str,
+        component: &[String],
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> Result<Deleted, ProfileError> {
+        let mut tx = self.pool.begin().await?;
+        let deleted = super::delete(&mut LiteOps(&mut tx), live, component, reason, now).await?;
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    async fn is_deleted(&self, profile_id: &str) -> Result<bool, ProfileError> {
+        let found: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM deleted_profiles WHERE profile_id = ?1")
+                .bind(profile_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(found.is_some())
     }
 }
 
@@ -564,6 +586,73 @@ impl Ops for LiteOps<'_> {
             linked += qb.build().execute(&mut *self.0).await?.rows_affected();
         }
         Ok(linked)
+    }
+
+    async fn deleted(&mut self, ids: &[String]) -> Result<HashSet<String>, sqlx::Error> {
+        let ids = serde_json::to_string(ids).unwrap_or_else(|_| "[]".to_owned());
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT profile_id FROM deleted_profiles \
+             WHERE profile_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(ids)
+        .fetch_all(&mut *self.0)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn merged_into_any(&mut self, ids: &[String]) -> Result<Vec<String>, sqlx::Error> {
+        let ids = serde_json::to_string(ids).unwrap_or_else(|_| "[]".to_owned());
+        sqlx::query_scalar(
+            "SELECT profile_id FROM profiles \
+             WHERE merged_into IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(ids)
+        .fetch_all(&mut *self.0)
+        .await
+    }
+
+    async fn purge(&mut self, ids: &[String]) -> Result<u64, sqlx::Error> {
+        let list = serde_json::to_string(ids).unwrap_or_else(|_| "[]".to_owned());
+        for statement in [
+            "DELETE FROM profile_identifiers WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM applied_events WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM audience_members WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM profile_versions WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM profile_changes WHERE profile_id IN (SELECT value FROM json_each(?1))",
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .bind(&list)
+                .execute(&mut *self.0)
+                .await?;
+        }
+        let rows = sqlx::query(
+            "DELETE FROM profiles WHERE profile_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&list)
+        .execute(&mut *self.0)
+        .await?
+        .rows_affected();
+        Ok(rows)
+    }
+
+    async fn remember_deleted(
+        &mut self,
+        ids: &[String],
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error> {
+        for id in ids {
+            sqlx::query(
+                "INSERT INTO deleted_profiles (profile_id, reason, deleted_at) \
+                 VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+            )
+            .bind(id)
+            .bind(reason)
+            .bind(now)
+            .execute(&mut *self.0)
+            .await?;
+        }
+        Ok(())
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use tessera_profile::{MIGRATIONS, ProfileSettings, Profiles, SCHEMA};
+use tessera_profile::{MIGRATIONS, Peers, ProfileSettings, Profiles, SCHEMA};
 use tessera_proto::common::v1 as common;
 use tessera_proto::convert::{to_timestamp, value_to_json};
 use tessera_proto::identity::v1 as identity;
@@ -73,7 +73,14 @@ impl Env {
             .await
             .unwrap();
         db.migrate(MIGRATIONS).await.unwrap();
-        let profiles = Profiles::new(db, cache, self.identity.lazy_channel(), scoring, settings);
+        let peers = Peers {
+            identity: self.identity.lazy_channel(),
+            scoring,
+            // No test here deletes a person (the end-to-end tests do): the identity double
+            // stands in, answering UNIMPLEMENTED.
+            ingestion: self.identity.lazy_channel(),
+        };
+        let profiles = Profiles::new(db, cache, peers, settings);
         let mut services = GrpcServices::default();
         profiles.register(&mut services);
         let served = Served::start(services).await;

@@ -1238,17 +1238,7 @@ async fn settled_changes(
     store: &dyn ProfileStore,
     count: usize,
 ) -> Vec<tessera_profile::store::ProfileChange> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let read = store
-            .changes_after(ChangeCursor::default(), 100)
-            .await
-            .unwrap();
-        if read.len() >= count || std::time::Instant::now() > deadline {
-            return read;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    changes_until(store, |read| read.len() >= count).await
 }
 
 fn catalog() -> tessera_profile::catalog::TraitCatalog {
@@ -1466,5 +1456,187 @@ async fn profiles_read_as_of_any_past_time_on_sqlite() {
 async fn profiles_read_as_of_any_past_time_on_postgres() {
     let backend = postgres().await;
     profiles_read_as_of_any_past_time(&backend).await;
+    backend.db.close().await;
+}
+
+/// A GDPR deletion removes the person's profiles (live and merged away) with everything kept
+/// about them — identifiers, events, memberships, history, logged changes — logs their audience
+/// exits and one `deleted` change, leaves another person alone, and stays final: a late event
+/// or merge naming a deleted profile is skipped, and deleting again deletes nothing more.
+async fn a_deleted_person_leaves_nothing_and_stays_deleted(backend: &Backend) {
+    let store = store::open_with(
+        backend.db.clone(),
+        store::Definitions::new(vec![], audiences()).with_history(true),
+    );
+    let batch = |merges, events| Batch { merges, events };
+    store
+        .apply(
+            &batch(
+                vec![],
+                vec![
+                    event("e1", "p1", 1, "ann", json!({"plan": "pro"})),
+                    event("e2", "p2", 2, "ann-phone", json!({"name": "Ann"})),
+                    event("e3", "p3", 3, "bob", json!({"plan": "pro"})),
+                ],
+            ),
+            H,
+            NOW,
+            &NoScores,
+        )
+        .await
+        .unwrap();
+    store
+        .apply(&batch(vec![merge("p1", "p2")], vec![]), H, NOW, &NoScores)
+        .await
+        .unwrap();
+    let deleted = store
+        .delete("p1", &["p1".into(), "p2".into()], "ticket 7", NOW)
+        .await
+        .unwrap();
+    assert_eq!(deleted.profile_ids, ["p1", "p2"]);
+    let mut events = deleted.event_ids.clone();
+    events.sort();
+    assert_eq!(events, ["e1", "e2"]);
+    assert_eq!(
+        deleted.identifiers,
+        [
+            Identifier::new("user_id", "ann"),
+            Identifier::new("user_id", "ann-phone")
+        ]
+    );
+    assert_eq!(deleted.rows, 2);
+    assert_eq!(
+        deleted.exits,
+        [MembershipChange {
+            audience: "pros".into(),
+            profile_id: "p1".into(),
+            entered: false,
+        }]
+    );
+
+    for id in ["p1", "p2"] {
+        assert_eq!(store.get(id).await.unwrap(), None, "{id} is gone");
+        assert!(store.is_deleted(id).await.unwrap());
+        assert_eq!(
+            store
+                .profile_as_of(id, NOW + time::Duration::days(1))
+                .await
+                .unwrap(),
+            None
+        );
+    }
+    assert!(!store.is_deleted("p3").await.unwrap());
+    let query = TimelineQuery {
+        limit: 100,
+        ..TimelineQuery::default()
+    };
+    assert!(
+        store
+            .timeline(&["p1".into(), "p2".into()], &query)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.audience_members("pros", None, 10).await.unwrap().0,
+        ["p3"]
+    );
+    // What the stream keeps about them is what a consumer needs to delete its copies. (On
+    // Postgres the stream shows a change once no older transaction runs: other tests' may.)
+    let after = changes_until(store.as_ref(), |c| c.iter().any(|c| c.kind == "deleted")).await;
+    let about: Vec<(&str, &str)> = after
+        .iter()
+        .filter(|c| c.profile_id == "p1" || c.profile_id == "p2")
+        .map(|c| (c.profile_id.as_str(), c.kind.as_str()))
+        .collect();
+    assert_eq!(about, [("p1", "audience_exited"), ("p1", "deleted")]);
+    assert_eq!(
+        after.last().unwrap().detail,
+        json!({"profile_ids": ["p1", "p2"]})
+    );
+
+    // An event resolved before the deletion and delivered after it, and a merge naming a
+    // deleted profile, are skipped; the other person is untouched.
+    let late = store
+        .apply(
+            &batch(
+                vec![merge("p1", "p3")],
+                vec![
+                    event("e4", "p1", 4, "ann", json!({"plan": "free"})),
+                    event("e5", "p3", 5, "bob", json!({"seats": 3})),
+                ],
+            ),
+            H,
+            NOW,
+            &NoScores,
+        )
+        .await
+        .unwrap();
+    assert_eq!(late.applied, 1);
+    assert_eq!(store.get("p1").await.unwrap(), None, "not brought back");
+    let bob = store.get("p3").await.unwrap().unwrap();
+    assert_eq!(bob.profile_id, "p3");
+    assert_eq!(bob.state.event_count, 2);
+
+    let again = store
+        .delete("p1", &["p1".into(), "p2".into()], "ticket 7", NOW)
+        .await
+        .unwrap();
+    assert_eq!(again.rows, 0);
+    assert_eq!(again.profile_ids, ["p1", "p2"]);
+    // A later write: once its change shows, so would any the repeated deletion logged.
+    store
+        .apply(
+            &batch(
+                vec![],
+                vec![event("e6", "p3", 6, "bob", json!({"seats": 4}))],
+            ),
+            H,
+            NOW,
+            &NoScores,
+        )
+        .await
+        .unwrap();
+    let last = changes_until(store.as_ref(), |c| {
+        c.iter()
+            .filter(|c| c.profile_id == "p3" && c.kind == "updated")
+            .count()
+            == 3
+    })
+    .await;
+    assert_eq!(
+        last.iter().filter(|c| c.kind == "deleted").count(),
+        1,
+        "deleting again logs nothing"
+    );
+}
+
+/// The changes kept, read until `done` holds of them (or 20 s passed).
+async fn changes_until(
+    store: &dyn ProfileStore,
+    done: impl Fn(&[tessera_profile::store::ProfileChange]) -> bool,
+) -> Vec<tessera_profile::store::ProfileChange> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let read = store
+            .changes_after(ChangeCursor::default(), 1_000)
+            .await
+            .unwrap();
+        if done(&read) || std::time::Instant::now() > deadline {
+            return read;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_person_leaves_nothing_and_stays_deleted_on_sqlite() {
+    a_deleted_person_leaves_nothing_and_stays_deleted(&sqlite().await).await;
+}
+
+#[tokio::test]
+async fn a_deleted_person_leaves_nothing_and_stays_deleted_on_postgres() {
+    let backend = postgres().await;
+    a_deleted_person_leaves_nothing_and_stays_deleted(&backend).await;
     backend.db.close().await;
 }
