@@ -100,6 +100,7 @@ async fn get_by_id(channel: &tonic::transport::Channel, id: &str) -> Result<(), 
         .get_profile(GetProfileRequest {
             lookup: Some(get_profile_request::Lookup::ProfileId(id.to_owned())),
             as_of: None,
+            read_mask: None,
         })
         .await
         .map(|_| ())

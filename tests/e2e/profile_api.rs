@@ -198,6 +198,7 @@ async fn the_profile_api_answers_like_segments_over_tessera_dev() {
             },
         )),
         as_of: None,
+        read_mask: None,
     };
     let listed = profiles
         .list_profile_events(ListProfileEventsRequest {
@@ -243,6 +244,7 @@ async fn the_profile_api_answers_like_segments_over_tessera_dev() {
                 GetProfileRequest {
                     lookup: Some(get_profile_request::Lookup::ProfileId(String::new())),
                     as_of: None,
+                    read_mask: None,
                 },
             ],
         })

@@ -84,6 +84,7 @@ pub async fn get_by(channel: &Channel, kind: &str, value: &str) -> Result<Profil
                 value: value.to_owned(),
             })),
             as_of: None,
+            read_mask: None,
         })
         .await?;
     response

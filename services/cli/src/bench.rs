@@ -1102,6 +1102,7 @@ async fn follow_profile(
             value: user_id,
         })),
         as_of: None,
+        read_mask: None,
     };
     loop {
         let left = ctx.visibility_timeout.saturating_sub(acked.elapsed());

@@ -403,6 +403,7 @@ mod tests {
                 crate::run::Plan::Serve { .. }
                 | crate::run::Plan::Migrate { .. }
                 | crate::run::Plan::Bench(_)
+                | crate::run::Plan::BenchReads(_)
                 | crate::run::Plan::Sources(_)
                 | crate::run::Plan::Profiles(_) => panic!("import"),
             }

@@ -5,6 +5,7 @@
 //! Segment-format JSON lines.
 
 mod bench;
+mod bench_reads;
 mod import;
 mod profiles;
 mod run;
@@ -52,6 +53,9 @@ enum Command {
     /// Send synthetic events at a chosen rate and concurrency and report throughput, latency
     /// and time from acceptance to profile visible.
     Bench(bench::BenchArgs),
+    /// Seed profiles, then read them by id from many tasks and report the read rate and
+    /// latency (GetProfile on a cache hit).
+    BenchReads(bench_reads::BenchReadsArgs),
     /// Load a file of Segment-format JSON lines (plain or gzip) through the gRPC stream, with a
     /// progress bar; resumable (FILE.tessera-import), and exits non-zero if a line is rejected.
     Import(import::ImportArgs),

@@ -51,6 +51,7 @@ pub(crate) enum Plan {
         settings: Box<Settings>,
     },
     Bench(crate::bench::BenchArgs),
+    BenchReads(crate::bench_reads::BenchReadsArgs),
     Sources(crate::sources::SourcesArgs),
     Profiles(crate::profiles::ProfilesArgs),
     Import(crate::import::ImportArgs),
@@ -162,6 +163,12 @@ pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::R
             }
             Ok(Plan::Bench(args))
         }
+        Command::BenchReads(mut args) => {
+            if args.write_key.is_none() {
+                args.write_key = write_key_from_env(env)?;
+            }
+            Ok(Plan::BenchReads(args))
+        }
         Command::Sources(args) => Ok(Plan::Sources(args)),
         Command::Profiles(args) => Ok(Plan::Profiles(args)),
         Command::Import(mut args) => {
@@ -232,6 +239,7 @@ pub(crate) async fn execute(plan: Plan) -> anyhow::Result<()> {
             Ok(())
         }
         Plan::Bench(args) => crate::bench::run(args).await,
+        Plan::BenchReads(args) => crate::bench_reads::run(args).await,
         Plan::Sources(args) => crate::sources::run(args).await,
         Plan::Profiles(args) => crate::profiles::run(args).await,
         Plan::Import(args) => crate::import::run(args).await,

@@ -370,6 +370,7 @@ mod tests {
             Plan::Serve { dev_write_key, .. } => Ok(dev_write_key.map(|k| k.0)),
             Plan::Migrate { .. }
             | Plan::Bench(_)
+            | Plan::BenchReads(_)
             | Plan::Sources(_)
             | Plan::Import(_)
             | Plan::Profiles(_) => {

@@ -2,6 +2,8 @@
 //! conversion destructures its whole message, so a new proto field fails to compile here until
 //! someone decides what it means.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use tessera_core::event::MAX_ID_LEN;
 use tessera_core::{EventType, FieldViolation, Identifier, identifier};
 use tessera_proto::common::v1 as common;
@@ -275,7 +277,11 @@ impl TryFrom<pb::GetProfileRequest> for Lookup {
     fn try_from(request: pb::GetProfileRequest) -> Result<Self, Self::Error> {
         use pb::get_profile_request::Lookup as L;
         // `as_of` is read by the caller (`Inner::get_profile`).
-        let pb::GetProfileRequest { lookup, as_of: _ } = request;
+        let pb::GetProfileRequest {
+            lookup,
+            as_of: _,
+            read_mask: _,
+        } = request;
         let invalid = |field: &str, description: &str| {
             ProfileError::InvalidArgument(vec![FieldViolation::new(field, description)])
         };
@@ -315,6 +321,7 @@ impl TryFrom<Option<pb::list_profile_events_request::Lookup>> for Lookup {
                 L::Identifier(id) => G::Identifier(id),
             }),
             as_of: None,
+            read_mask: None,
         })
     }
 }
@@ -845,6 +852,127 @@ pub(crate) fn export_document(
                 .collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// The `Profile` fields a read mask may name; `profile_id` and `version` always come back.
+const MASKABLE: [&str; 12] = [
+    "identifiers",
+    "traits",
+    "event_count",
+    "first_seen",
+    "last_seen",
+    "scores",
+    "updated_at",
+    "merged_profile_ids",
+    "computed_traits",
+    "computed_valid_until",
+    "audiences",
+    "consent",
+];
+
+/// The map fields whose single entries a read mask may name (`traits.email`).
+const MASKABLE_MAPS: [&str; 4] = ["traits", "computed_traits", "scores", "consent"];
+
+/// Which fields of a profile to return (`read_mask`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ReadMask {
+    /// Whole fields kept.
+    fields: BTreeSet<String>,
+    /// Map fields of which only these entries are kept.
+    entries: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl ReadMask {
+    /// The mask of a request; `None` (everything) when it names no path.
+    pub(crate) fn from_pb(
+        mask: Option<prost_types::FieldMask>,
+    ) -> Result<Option<Self>, ProfileError> {
+        let paths = mask.map(|m| m.paths).unwrap_or_default();
+        if paths.is_empty() {
+            return Ok(None);
+        }
+        let mut out = Self::default();
+        let mut violations = Vec::new();
+        for (i, path) in paths.into_iter().enumerate() {
+            match path.split_once('.') {
+                None if path == "profile_id" || path == "version" => {}
+                None if MASKABLE.contains(&path.as_str()) => {
+                    out.fields.insert(path);
+                }
+                Some((map, key)) if MASKABLE_MAPS.contains(&map) && !key.is_empty() => {
+                    out.entries
+                        .entry(map.to_owned())
+                        .or_default()
+                        .insert(key.to_owned());
+                }
+                None | Some(_) => violations.push(FieldViolation::new(
+                    format!("read_mask.paths[{i}]"),
+                    format!(
+                        "not a profile field: one of profile_id, version, {}, or an entry of {} \
+                         (traits.<name>)",
+                        MASKABLE.join(", "),
+                        MASKABLE_MAPS.join(", ")
+                    ),
+                )),
+            }
+        }
+        if violations.is_empty() {
+            Ok(Some(out))
+        } else {
+            Err(ProfileError::InvalidArgument(violations))
+        }
+    }
+
+    /// `profile` with only the masked fields.
+    pub(crate) fn apply(&self, profile: &mut pb::Profile) {
+        let keep = |field: &str| self.fields.contains(field);
+        let keep_map = |field: &str| keep(field) || self.entries.contains_key(field);
+        fn retain<V>(
+            map: &mut std::collections::HashMap<String, V>,
+            keys: Option<&BTreeSet<String>>,
+        ) {
+            if let Some(keys) = keys {
+                map.retain(|k, _| keys.contains(k));
+            }
+        }
+        if !keep("identifiers") {
+            profile.identifiers.clear();
+        }
+        if !keep("event_count") {
+            profile.event_count = 0;
+        }
+        if !keep("first_seen") {
+            profile.first_seen = None;
+        }
+        if !keep("last_seen") {
+            profile.last_seen = None;
+        }
+        if !keep("updated_at") {
+            profile.updated_at = None;
+        }
+        if !keep("merged_profile_ids") {
+            profile.merged_profile_ids.clear();
+        }
+        if !keep("computed_valid_until") {
+            profile.computed_valid_until = None;
+        }
+        if !keep("audiences") {
+            profile.audiences.clear();
+        }
+        for (field, whole) in MASKABLE_MAPS.iter().map(|f| (*f, keep(f))) {
+            let keys = if whole { None } else { self.entries.get(field) };
+            match field {
+                "traits" if !keep_map(field) => profile.traits.clear(),
+                "traits" => retain(&mut profile.traits, keys),
+                "computed_traits" if !keep_map(field) => profile.computed_traits.clear(),
+                "computed_traits" => retain(&mut profile.computed_traits, keys),
+                "scores" if !keep_map(field) => profile.scores.clear(),
+                "scores" => retain(&mut profile.scores, keys),
+                "consent" if !keep_map(field) => profile.consent.clear(),
+                _ => retain(&mut profile.consent, keys),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

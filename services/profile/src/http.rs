@@ -256,6 +256,7 @@ async fn profile(
         .get_profile(pb::GetProfileRequest {
             lookup: Some(lookup),
             as_of: None,
+            read_mask: None,
         })
         .await?)
 }

@@ -16,6 +16,7 @@ pub mod computed;
 mod convert;
 pub mod domain;
 pub mod error;
+mod flight;
 mod http;
 mod service;
 pub mod store;
@@ -235,6 +236,7 @@ impl Profiles {
                 identity,
                 scoring,
                 ingestion,
+                flights: flight::Flights::default(),
                 half_life_seconds,
                 match_profiles: settings.match_profiles,
                 match_unimplemented_warned: AtomicBool::new(false),

@@ -41,6 +41,10 @@ const CACHE_WRITE_BUDGET: Duration = Duration::from_secs(2);
 const MAX_BATCH_GET: usize = 100;
 /// The events an export reads per query.
 const EXPORT_PAGE: usize = 1_000;
+/// The most profiles one SearchProfiles call examines.
+const SEARCH_BUDGET: usize = 5_000;
+/// Profiles read from the store at a time while searching.
+const SEARCH_CHUNK: usize = 500;
 /// The longest reason a deletion keeps, in bytes.
 const MAX_REASON: usize = 1_000;
 /// The most event ids sent to the event log in one ForgetEvents call (its limit).
@@ -57,6 +61,8 @@ pub(crate) struct Inner {
     pub(crate) scoring: Channel,
     /// The ingestion service, whose event log forgets a deleted person's events.
     pub(crate) ingestion: Channel,
+    /// Cache misses in progress, so concurrent misses of one profile read it once.
+    pub(crate) flights: crate::flight::Flights,
     pub(crate) half_life_seconds: f64,
     /// Everything folded and kept (declared computed traits, audiences and their hidden
     /// counts), evaluated when a profile is read.
@@ -86,6 +92,19 @@ fn cache_error(op: &'static str, profile_id: &str, error: &dyn std::fmt::Display
 impl Inner {
     pub(crate) async fn get_profile(
         &self,
+        mut request: pb::GetProfileRequest,
+    ) -> Result<pb::Profile, ProfileError> {
+        let mask = convert::ReadMask::from_pb(request.read_mask.take())?;
+        let mut profile = self.read_profile(request).await?;
+        if let Some(mask) = mask {
+            mask.apply(&mut profile);
+        }
+        Ok(profile)
+    }
+
+    /// The whole profile a GetProfile request names.
+    async fn read_profile(
+        &self,
         request: pb::GetProfileRequest,
     ) -> Result<pb::Profile, ProfileError> {
         let as_of = request.as_of;
@@ -97,8 +116,19 @@ impl Inner {
             return self.profile_as_of(&profile_id, &as_of).await;
         }
         if let Some(profile) = self.cached(&profile_id).await {
+            metrics::counter!("tessera_profile_cache_hits_total").increment(1);
             return Ok(profile);
         }
+        // One database read per replica however many readers miss at once: the others wait
+        // and take its fill from the cache.
+        let flight = self.flights.join(&profile_id).await;
+        if flight.waited
+            && let Some(profile) = self.cached(&profile_id).await
+        {
+            metrics::counter!("tessera_profile_cache_hits_total").increment(1);
+            return Ok(profile);
+        }
+        metrics::counter!("tessera_profile_cache_misses_total").increment(1);
         let profile = self
             .store
             .get(&profile_id)
@@ -115,6 +145,7 @@ impl Inner {
             },
         )
         .await;
+        drop(flight);
         Ok(message)
     }
 
@@ -315,6 +346,7 @@ impl Inner {
                 E::Identifier(id) => G::Identifier(id),
             }),
             as_of: None,
+            read_mask: None,
         })?;
         let profile_id = match lookup {
             Lookup::ProfileId(id) => id,
@@ -353,6 +385,98 @@ impl Inner {
         })
     }
 
+    /// The live profiles meeting a condition, a page at a time: see
+    /// `ProfileService.SearchProfiles`. Profiles are examined in id order from the page token
+    /// (the last id examined), at most [`SEARCH_BUDGET`] per call.
+    async fn search(
+        &self,
+        request: pb::SearchProfilesRequest,
+    ) -> Result<pb::SearchProfilesResponse, ProfileError> {
+        let pb::SearchProfilesRequest {
+            condition_json,
+            page_size,
+            page_token,
+            read_mask,
+        } = request;
+        let invalid = |field: &str, description: String| {
+            ProfileError::InvalidArgument(vec![FieldViolation::new(field, description)])
+        };
+        let mask = convert::ReadMask::from_pb(read_mask)?;
+        let condition: crate::audience::Condition = serde_json::from_str(&condition_json)
+            .map_err(|e| invalid("condition_json", format!("not a condition: {e}")))?;
+        let matcher = crate::audience::Audiences::compile(vec![crate::audience::Audience {
+            name: "search".to_owned(),
+            condition,
+        }])
+        .map_err(|e| invalid("condition_json", e))?;
+        if !matcher.hidden().is_empty() {
+            return Err(invalid(
+                "condition_json",
+                "`performed` conditions are kept by declared audiences only: search by the \
+                 audience's members (ListAudienceMembers) instead"
+                    .to_owned(),
+            ));
+        }
+        let page_size = match page_size {
+            0 => 20,
+            1..=100 => page_size as usize,
+            _ => return Err(invalid("page_size", "1 to 100".to_owned())),
+        };
+        let mut after = match page_token.as_str() {
+            "" => None,
+            token => Some(
+                token
+                    .strip_prefix("after:")
+                    .filter(|id| !id.is_empty())
+                    .ok_or_else(|| invalid("page_token", "not a token of this API".to_owned()))?
+                    .to_owned(),
+            ),
+        };
+        let now = OffsetDateTime::now_utc();
+        let computed_defs = &self.defs.computed;
+        let mut profiles = Vec::new();
+        let mut examined = 0;
+        let mut exhausted = false;
+        while profiles.len() < page_size && examined < SEARCH_BUDGET {
+            let chunk = self.store.scan(after.as_deref(), SEARCH_CHUNK).await?;
+            exhausted = chunk.len() < SEARCH_CHUNK;
+            for profile in chunk {
+                examined += 1;
+                after = Some(profile.profile_id.clone());
+                let computed = profile.state.computed.values(computed_defs, now);
+                let facts = crate::audience::Facts {
+                    traits: &profile.state.traits,
+                    computed: &computed,
+                    scores: &profile.scores,
+                };
+                if !matcher.members(facts).is_empty() {
+                    let mut shown = convert::profile_to_pb(&profile, &self.defs, now);
+                    if let Some(mask) = &mask {
+                        mask.apply(&mut shown);
+                    }
+                    profiles.push(shown);
+                    if profiles.len() == page_size {
+                        break;
+                    }
+                }
+            }
+            if exhausted {
+                break;
+            }
+        }
+        // The scan stopped early (a full page or the budget) unless it ran out of profiles
+        // after examining the whole last chunk.
+        let done = exhausted && profiles.len() < page_size;
+        metrics::counter!("tessera_profile_search_examined_total").increment(examined as u64);
+        Ok(pb::SearchProfilesResponse {
+            profiles,
+            next_page_token: match after {
+                Some(id) if !done => format!("after:{id}"),
+                Some(_) | None => String::new(),
+            },
+        })
+    }
+
     /// Deletes a person (GDPR right to erasure): see `ProfileService.DeleteProfile`. The
     /// identity service forgets the component first (so nothing links to it any more and its
     /// later events are suppressed), then the store deletes the profiles, the cache gets
@@ -376,6 +500,7 @@ impl Inner {
                 D::Identifier(id) => G::Identifier(id),
             }),
             as_of: None,
+            read_mask: None,
         })?;
         let live = match lookup {
             Lookup::ProfileId(id) => match self.store.get(&id).await? {
@@ -894,6 +1019,13 @@ impl ProfileService for ProfileApi {
         request: Request<pb::ExportProfileRequest>,
     ) -> Result<Response<pb::ExportProfileResponse>, Status> {
         Ok(Response::new(self.0.export(request.into_inner()).await?))
+    }
+
+    async fn search_profiles(
+        &self,
+        request: Request<pb::SearchProfilesRequest>,
+    ) -> Result<Response<pb::SearchProfilesResponse>, Status> {
+        Ok(Response::new(self.0.search(request.into_inner()).await?))
     }
 
     async fn delete_profile(

@@ -103,6 +103,10 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
     /// The live profiles among `profile_ids`, as stored (merged ones are left out).
     async fn get_many(&self, profile_ids: &[String]) -> Result<Vec<Profile>, ProfileError>;
 
+    /// At most `limit` live profiles with ids after `after` (from the first when `None`), in
+    /// id order: a scan for searches.
+    async fn scan(&self, after: Option<&str>, limit: usize) -> Result<Vec<Profile>, ProfileError>;
+
     /// Splits merged profiles (an unmerge) in one transaction: every profile of the component
     /// is rebuilt from the events that belong to it now, as if the reverted merge had never
     /// happened; identifiers follow their events; the live profiles are rescored by `scorer`.
@@ -627,6 +631,12 @@ trait Ops: Send {
         changes: &[MembershipChange],
         now: OffsetDateTime,
     ) -> Result<(), sqlx::Error>;
+    /// The ids of at most `limit` live profiles after `after`, in order.
+    async fn live_after(
+        &mut self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, sqlx::Error>;
     /// The deleted profiles among `ids`.
     async fn deleted(&mut self, ids: &[String]) -> Result<HashSet<String>, sqlx::Error>;
     /// The profiles merged into any of `ids`.
@@ -911,6 +921,18 @@ async fn get<O: Ops>(ops: &mut O, profile_id: &str) -> Result<Option<Profile>, P
         }
     }
     Err(ProfileError::Contention)
+}
+
+/// A page of live profiles in id order, read through `ops`.
+async fn scan<O: Ops>(
+    ops: &mut O,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<Profile>, ProfileError> {
+    let ids = ops.live_after(after, limit).await?;
+    let mut profiles = get_many(ops, &ids).await?;
+    profiles.sort_by(|a, b| a.profile_id.cmp(&b.profile_id));
+    Ok(profiles)
 }
 
 async fn get_many<O: Ops>(ops: &mut O, ids: &[String]) -> Result<Vec<Profile>, ProfileError> {

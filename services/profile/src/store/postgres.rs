@@ -256,6 +256,11 @@ impl ProfileStore for PostgresStore {
         Ok((members, total))
     }
 
+    async fn scan(&self, after: Option<&str>, limit: usize) -> Result<Vec<Profile>, ProfileError> {
+        let mut conn = self.pool.acquire().await?;
+        super::scan(&mut PgOps(&mut conn), after, limit).await
+    }
+
     async fn delete(
         &self,
         live: &str,
@@ -703,6 +708,22 @@ impl Ops for PgOps<'_> {
         .execute(&mut *self.0)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn live_after(
+        &mut self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT profile_id FROM profiles \
+             WHERE merged_into IS NULL AND ($1::text IS NULL OR profile_id > $1) \
+             ORDER BY profile_id LIMIT $2",
+        )
+        .bind(after)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *self.0)
+        .await
     }
 
     async fn deleted(&mut self, ids: &[String]) -> Result<HashSet<String>, sqlx::Error> {

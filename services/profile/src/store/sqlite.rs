@@ -275,6 +275,11 @@ impl ProfileStore for SqliteStore {
         super::get_many(&mut LiteOps(&mut conn), profile_ids).await
     }
 
+    async fn scan(&self, after: Option<&str>, limit: usize) -> Result<Vec<Profile>, ProfileError> {
+        let mut conn = self.pool.acquire().await?;
+        super::scan(&mut LiteOps(&mut conn), after, limit).await
+    }
+
     async fn delete(
         &self,
         live: &str,
@@ -586,6 +591,22 @@ impl Ops for LiteOps<'_> {
             linked += qb.build().execute(&mut *self.0).await?.rows_affected();
         }
         Ok(linked)
+    }
+
+    async fn live_after(
+        &mut self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT profile_id FROM profiles \
+             WHERE merged_into IS NULL AND (?1 IS NULL OR profile_id > ?1) \
+             ORDER BY profile_id LIMIT ?2",
+        )
+        .bind(after)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *self.0)
+        .await
     }
 
     async fn deleted(&mut self, ids: &[String]) -> Result<HashSet<String>, sqlx::Error> {
