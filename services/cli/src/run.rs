@@ -454,6 +454,8 @@ async fn serve(
                     Duration::from_millis(settings.profile.sweep_interval_ms.max(10)),
                     delivery_stop.clone(),
                 ));
+                // The change stream's webhook destinations (leased per webhook in the database).
+                workers.push(profiles.spawn_webhooks(delivery_stop.clone()));
                 match profiles.http_routes() {
                     Some(routes) => {
                         http_routes = http_routes.merge(routes);

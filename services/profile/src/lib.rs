@@ -21,6 +21,7 @@ mod http;
 mod service;
 pub mod store;
 mod watch;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -77,6 +78,8 @@ pub struct ProfileSettings {
     /// How long every written version of a profile is kept for GetProfile(as_of), in days; 0
     /// keeps none (as_of is then refused).
     pub history_retention_days: u64,
+    /// The webhook destinations of the change stream (`[[profile.webhooks]]`).
+    pub webhooks: Vec<webhooks::Webhook>,
 }
 
 /// A Profile API access token; never shown in logs.
@@ -104,6 +107,7 @@ impl Default for ProfileSettings {
             change_retention_days: 7,
             traits: catalog::TraitCatalog::new(),
             history_retention_days: 30,
+            webhooks: Vec::new(),
         }
     }
 }
@@ -161,6 +165,14 @@ impl ProfileSettings {
                 reason: "must be a non-empty path segment",
             });
         }
+        if let Err(problem) = webhooks::validate(&self.webhooks) {
+            tracing::error!(%problem, "invalid webhook");
+            return Err(InvalidSetting {
+                field: "webhooks",
+                reason: "each needs a unique name, an http(s) url, a secret of at least 16 \
+                         bytes, known kinds and sane limits (the log says which)",
+            });
+        }
         if self.cache_ttl_seconds == 0 {
             return Err(InvalidSetting {
                 field: "cache_ttl_seconds",
@@ -190,6 +202,8 @@ pub struct Profiles {
     change_retention_days: u64,
     /// The Profile API's access token and space id, when it is served.
     api: Option<(AccessToken, String)>,
+    /// The webhook destinations of the change stream.
+    webhooks: Arc<webhooks::Webhooks>,
 }
 
 impl Profiles {
@@ -224,7 +238,9 @@ impl Profiles {
         let defs = store::Definitions::new(settings.computed_traits.clone(), audiences)
             .with_catalog(settings.traits.clone())
             .with_history(settings.history_retention_days > 0);
+        let webhooks = Arc::new(webhooks::Webhooks::new(db.clone(), &settings.webhooks));
         Self {
+            webhooks,
             change_retention_days: settings.change_retention_days.max(1),
             api: settings
                 .access_token
@@ -312,6 +328,16 @@ impl Profiles {
         })
     }
 
+    /// Delivers the change stream to the configured webhooks until `shutdown`: every replica
+    /// runs a task per webhook, and the one holding the webhook's lease in the database
+    /// delivers, so each change goes out once, in order, whatever the number of replicas.
+    pub fn spawn_webhooks(
+        &self,
+        shutdown: tessera_server::Shutdown,
+    ) -> tokio::task::JoinHandle<()> {
+        self.webhooks.spawn(self.inner.clone(), shutdown)
+    }
+
     /// Ends the change streams (with UNAVAILABLE, so consumers reconnect elsewhere) once
     /// `shutdown` is cancelled: call with a token cancelled before the server drains, or the
     /// drain waits for the streams.
@@ -330,7 +356,8 @@ impl Profiles {
             .map(|(token, space_id)| http::routes(self.inner.clone(), &token.0, space_id))
     }
 
-    /// Adds `ProfileService` and `ProfilePipelineService` to the services one process serves.
+    /// Adds `ProfileService`, `ProfilePipelineService` and `DestinationService` to the services
+    /// one process serves.
     pub fn register(&self, services: &mut tessera_server::GrpcServices) {
         services.add(
             ProfileServiceServer::new(service::ProfileApi(self.inner.clone()))
@@ -340,6 +367,7 @@ impl Profiles {
             ProfilePipelineServiceServer::new(service::PipelineApi(self.inner.clone()))
                 .max_decoding_message_size(service::MAX_MESSAGE_SIZE),
         );
+        services.add(webhooks::api(self.webhooks.clone()));
     }
 }
 
