@@ -424,3 +424,142 @@ async fn the_profile_api_answers_like_segments_over_tessera_dev() {
     .await;
     assert_eq!(status, 400, "{body}");
 }
+
+/// Group calls make account profiles: their traits over the Profile API's accounts collection
+/// and `GetAccount`, their people as links both ways and through `ListAccountMembers`, and each
+/// person's role on their profile.
+#[tokio::test(flavor = "multi_thread")]
+async fn accounts_are_profiles_of_their_own() {
+    use tessera_proto::common::v1::EventType;
+    use tessera_proto::convert::json_map_to_struct;
+    use tessera_proto::profile::v1::{GetAccountRequest, ListAccountMembersRequest};
+    let data = tempfile::tempdir().unwrap();
+    let tessera = TesseraBuilder::new("dev")
+        .args(["--data-dir", data.path().to_str().unwrap()])
+        .start()
+        .await;
+    let token = tessera.access_token.clone().expect("token");
+    let channel = tessera.channel().await;
+    let group = |id: &str, user: &str, role: &str, traits: serde_json::Value| Event {
+        message_id: id.to_owned(),
+        r#type: EventType::Group.into(),
+        user_id: user.to_owned(),
+        group_id: "acme".to_owned(),
+        traits: traits.as_object().map(json_map_to_struct),
+        context: json!({"traits": {"role": role, "title": "VP"}})
+            .as_object()
+            .map(json_map_to_struct),
+        ..Event::default()
+    };
+    send(
+        &channel,
+        tessera.dev_write_key(),
+        vec![
+            at(
+                group(
+                    "g1",
+                    "u1",
+                    "finance",
+                    json!({"industry": "retail", "employees": 120}),
+                ),
+                0,
+            ),
+            at(
+                group("g2", "u2", "decision maker", json!({"plan": "enterprise"})),
+                5,
+            ),
+        ],
+    )
+    .await
+    .expect("send");
+    let ann = wait_for(&channel, "user_id", "u1", WAIT, |p| {
+        p.accounts.contains_key("acme")
+    })
+    .await;
+    assert_eq!(ann.accounts["acme"].role, "finance");
+    assert_eq!(ann.accounts["acme"].title, "VP");
+    wait_for(&channel, "user_id", "u2", WAIT, |p| {
+        p.accounts.contains_key("acme")
+    })
+    .await;
+
+    let mut profiles = ProfileServiceClient::new(channel.clone());
+    let account = profiles
+        .get_account(GetAccountRequest {
+            account_id: "acme".into(),
+        })
+        .await
+        .expect("account")
+        .into_inner()
+        .account
+        .expect("account");
+    assert_eq!(account.member_count, 2);
+    let industry = account.traits["industry"].value.clone().expect("value");
+    assert_eq!(
+        tessera_proto::convert::value_to_json(&industry),
+        json!("retail")
+    );
+    let members = profiles
+        .list_account_members(ListAccountMembersRequest {
+            account_id: "acme".into(),
+            page_size: 1,
+            page_token: String::new(),
+        })
+        .await
+        .expect("members")
+        .into_inner();
+    assert_eq!(members.members.len(), 1);
+    assert!(!members.next_page_token.is_empty());
+    let missing = profiles
+        .get_account(GetAccountRequest {
+            account_id: "initech".into(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(missing.code(), Code::NotFound);
+
+    let http = &tessera.http_addr;
+    let accounts = "/v1/spaces/default/collections/accounts/profiles";
+    let (status, _, body) = get(
+        http,
+        &format!("{accounts}/group_id:acme/traits"),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["traits"]["industry"], json!("retail"));
+    assert_eq!(body["traits"]["plan"], json!("enterprise"));
+    let (status, _, body) = get(
+        http,
+        &format!("{accounts}/group_id:acme/links"),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"][0]["to_collection"], json!("users"));
+    assert_eq!(
+        body["data"][0]["external_ids"].as_array().map(Vec::len),
+        Some(2)
+    );
+    let (status, _, body) = get(
+        http,
+        "/v1/spaces/default/collections/users/profiles/user_id:u1/links",
+        Some(&token),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"][0]["to_collection"], json!("accounts"));
+    assert_eq!(body["data"][0]["external_ids"][0]["id"], json!("acme"));
+    let (status, _, body) = get(
+        http,
+        &format!("{accounts}/group_id:nope/traits"),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (404, json!("not_found"))
+    );
+    let (status, _, _) = get(http, &format!("{accounts}/user_id:u1/traits"), Some(&token)).await;
+    assert_eq!(status, 400);
+}

@@ -197,6 +197,11 @@ pub enum Acc {
 /// history and deletion treat consent like every other derived value.
 pub const CONSENT_PREFIX: &str = "consent:";
 
+/// The prefix of the accumulators that keep a person's accounts: `account:<group id>`, from
+/// the person's group calls, the latest (by event time, then event id) holding the person's
+/// role and title in the account (`{"role", "title"}` from the call's `context.traits`).
+pub const ACCOUNT_PREFIX: &str = "account:";
+
 /// The longest purpose name kept, in bytes; longer ones are ignored.
 const MAX_PURPOSE: usize = 200;
 
@@ -223,29 +228,81 @@ impl ComputedState {
             if purpose.is_empty() || purpose.len() > MAX_PURPOSE || !granted.is_boolean() {
                 continue;
             }
-            let entry = Acc::Last(Entry {
+            self.fold_last(
+                format!("{CONSENT_PREFIX}{purpose}"),
+                Entry {
+                    at: event.timestamp,
+                    event_id: event.event_id.clone(),
+                    value: granted.clone(),
+                },
+            );
+        }
+    }
+
+    /// Folds a group call into the person's memberships: the account (its group id) with the
+    /// person's role and title from the call's `context.traits`, the latest call winning.
+    pub fn apply_account(&mut self, event: &ResolvedEvent) {
+        let group_id = &event.details.group_id;
+        if event.details.kind != "group" || group_id.is_empty() || group_id.len() > MAX_PURPOSE {
+            return;
+        }
+        let traits = event
+            .details
+            .context
+            .get("traits")
+            .and_then(Value::as_object);
+        let mut membership = serde_json::Map::new();
+        for key in ["role", "title"] {
+            if let Some(value) = traits.and_then(|t| t.get(key)).filter(|v| v.is_string()) {
+                membership.insert(key.to_owned(), value.clone());
+            }
+        }
+        self.fold_last(
+            format!("{ACCOUNT_PREFIX}{group_id}"),
+            Entry {
                 at: event.timestamp,
                 event_id: event.event_id.clone(),
-                value: granted.clone(),
-            });
-            let name = format!("{CONSENT_PREFIX}{purpose}");
-            match self.0.get_mut(&name) {
-                Some(mine) => combine(mine, entry),
-                None => {
-                    self.0.insert(name, entry);
-                }
+                value: Value::Object(membership),
+            },
+        );
+    }
+
+    /// The person's accounts: (group id, `{role, title}`, the latest group call).
+    pub fn accounts(&self) -> impl Iterator<Item = (&str, &Entry)> {
+        self.prefixed(ACCOUNT_PREFIX)
+            .filter_map(|(id, acc)| match acc {
+                Acc::Last(entry) => Some((id, entry)),
+                Acc::Count { .. }
+                | Acc::Sum { .. }
+                | Acc::Min { .. }
+                | Acc::Max { .. }
+                | Acc::First(_)
+                | Acc::Counts { .. }
+                | Acc::Window { .. } => None,
+            })
+    }
+
+    /// The accumulators under `prefix`, by the rest of their name.
+    fn prefixed<'s>(&'s self, prefix: &'s str) -> impl Iterator<Item = (&'s str, &'s Acc)> {
+        self.0
+            .range(prefix.to_owned()..)
+            .map_while(move |(name, acc)| Some((name.strip_prefix(prefix)?, acc)))
+    }
+
+    /// Keeps `entry` under `name` if it is the latest.
+    fn fold_last(&mut self, name: String, entry: Entry) {
+        let entry = Acc::Last(entry);
+        match self.0.get_mut(&name) {
+            Some(mine) => combine(mine, entry),
+            None => {
+                self.0.insert(name, entry);
             }
         }
     }
 
     /// The latest consent preference per purpose: (purpose, granted, the event that stated it).
     pub fn consent(&self) -> impl Iterator<Item = (&str, bool, &Entry)> {
-        self.0
-            .range(CONSENT_PREFIX.to_owned()..)
-            .map_while(|(name, acc)| {
-                let purpose = name.strip_prefix(CONSENT_PREFIX)?;
-                Some((purpose, acc))
-            })
+        self.prefixed(CONSENT_PREFIX)
             .filter_map(|(purpose, acc)| match acc {
                 Acc::Last(entry) => Some((purpose, entry.value.as_bool()?, entry)),
                 Acc::Count { .. }

@@ -450,8 +450,8 @@ fn parse_page_token(token: &str) -> Option<(OffsetDateTime, String)> {
     (!event_id.is_empty()).then(|| (at, event_id.to_owned()))
 }
 
-/// One timeline entry as a protobuf event: the kept details, the person traits, and the user
-/// and anonymous ids from the identifiers it linked.
+/// One timeline entry as a protobuf event: the kept details, the person traits (a group
+/// call's account traits), and the user and anonymous ids from the identifiers it linked.
 impl From<TimelineEntry> for pb::TimelineEvent {
     fn from(entry: TimelineEntry) -> Self {
         let TimelineEntry {
@@ -487,7 +487,13 @@ impl From<TimelineEntry> for pb::TimelineEvent {
         event.group_id = details.group_id;
         event.properties = details.properties;
         event.context = details.context;
-        event.traits = traits;
+        // A group call's own traits describe the account; its person traits came from
+        // `context.traits`, which the context still holds.
+        event.traits = if kind == EventType::Group {
+            details.group_traits
+        } else {
+            traits
+        };
         event.timestamp = Some(occurred_at);
         Self {
             event_id,
@@ -611,6 +617,25 @@ impl From<&Profile> for pb::Profile {
             computed_traits: std::collections::HashMap::new(),
             computed_valid_until: None,
             audiences: Vec::new(),
+            accounts: computed
+                .accounts()
+                .map(|(id, entry)| {
+                    let text = |key: &str| {
+                        entry
+                            .value
+                            .get(key)
+                            .and_then(serde_json::Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned()
+                    };
+                    let membership = pb::AccountMembership {
+                        role: text("role"),
+                        title: text("title"),
+                        last_seen: Some(to_timestamp(entry.at)),
+                    };
+                    (id.to_owned(), membership)
+                })
+                .collect(),
             consent: computed
                 .consent()
                 .map(|(purpose, granted, entry)| {
@@ -854,8 +879,47 @@ pub(crate) fn export_document(
     })
 }
 
+/// The protobuf form of a trait with its provenance, classified by `catalog`.
+pub(crate) fn trait_to_pb(
+    name: &str,
+    t: &crate::domain::TraitValue,
+    catalog: &crate::catalog::TraitCatalog,
+) -> pb::Trait {
+    let rule = catalog.get(name);
+    pb::Trait {
+        value: Some(json_to_value(&t.value)),
+        observed_at: Some(to_timestamp(t.observed_at)),
+        event_id: t.event_id.clone(),
+        class: rule
+            .and_then(|r| r.class)
+            .map(|c| c.as_str().to_owned())
+            .unwrap_or_default(),
+        pii: rule.is_some_and(|r| r.is_pii()),
+    }
+}
+
+/// The protobuf form of an account with `member_count` members.
+pub(crate) fn account_to_pb(
+    account: &crate::account::Account,
+    member_count: usize,
+    catalog: &crate::catalog::TraitCatalog,
+) -> pb::Account {
+    pb::Account {
+        account_id: account.account_id.clone(),
+        traits: account
+            .traits
+            .iter()
+            .map(|(name, t)| (name.clone(), trait_to_pb(name, t, catalog)))
+            .collect(),
+        member_count: member_count as i64,
+        version: account.version,
+        created_at: Some(to_timestamp(account.created_at)),
+        updated_at: Some(to_timestamp(account.updated_at)),
+    }
+}
+
 /// The `Profile` fields a read mask may name; `profile_id` and `version` always come back.
-const MASKABLE: [&str; 12] = [
+const MASKABLE: [&str; 13] = [
     "identifiers",
     "traits",
     "event_count",
@@ -868,10 +932,11 @@ const MASKABLE: [&str; 12] = [
     "computed_valid_until",
     "audiences",
     "consent",
+    "accounts",
 ];
 
 /// The map fields whose single entries a read mask may name (`traits.email`).
-const MASKABLE_MAPS: [&str; 4] = ["traits", "computed_traits", "scores", "consent"];
+const MASKABLE_MAPS: [&str; 5] = ["traits", "computed_traits", "scores", "consent", "accounts"];
 
 /// Which fields of a profile to return (`read_mask`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -969,7 +1034,9 @@ impl ReadMask {
                 "scores" if !keep_map(field) => profile.scores.clear(),
                 "scores" => retain(&mut profile.scores, keys),
                 "consent" if !keep_map(field) => profile.consent.clear(),
-                _ => retain(&mut profile.consent, keys),
+                "consent" => retain(&mut profile.consent, keys),
+                "accounts" if !keep_map(field) => profile.accounts.clear(),
+                _ => retain(&mut profile.accounts, keys),
             }
         }
     }

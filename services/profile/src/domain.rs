@@ -80,6 +80,7 @@ impl ProfileState {
     pub fn apply(&mut self, event: &ResolvedEvent, half_life_seconds: f64, rules: Rules<'_>) {
         self.computed.apply(rules.computed, event);
         self.computed.apply_consent(event);
+        self.computed.apply_account(event);
         for (name, value) in &event.traits {
             catalog::set(
                 &mut self.traits,
@@ -292,6 +293,9 @@ pub struct EventDetails {
     /// The message's context (page, campaign, device, ...).
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub context: Map<String, Value>,
+    /// A group message's account traits (firmographics: industry, employees, plan, ...).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub group_traits: Map<String, Value>,
 }
 
 impl EventDetails {
@@ -311,6 +315,11 @@ impl EventDetails {
             group_id: event.group_id.clone(),
             properties: event.properties.clone(),
             context: event.context.clone(),
+            group_traits: if event.kind == tessera_core::EventType::Group {
+                event.traits.clone()
+            } else {
+                Map::new()
+            },
         }
     }
 }

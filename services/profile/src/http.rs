@@ -34,6 +34,8 @@ use crate::service::Inner;
 const TRAITS_LIMIT: (usize, usize) = (10, 200);
 const EXTERNAL_IDS_LIMIT: (usize, usize) = (25, 100);
 const EVENTS_LIMIT: (usize, usize) = (10, 100);
+/// `limit` of an account's `links` (its members): default and most.
+const LINKS_LIMIT: (usize, usize) = (25, 100);
 
 #[derive(Clone)]
 struct Api {
@@ -187,9 +189,10 @@ async fn answer(
     match collection {
         "users" => {}
         "accounts" => {
-            return Err(Failure::not_found(
-                "account profiles are not available yet: only the users collection is",
-            ));
+            let url = format!(
+                "/v1/spaces/{space_id}/collections/accounts/profiles/{external_id}/{resource}"
+            );
+            return account(api, external_id, resource, params, url).await;
         }
         other => {
             return Err(Failure::not_found(format!(
@@ -219,13 +222,116 @@ async fn answer(
             }}))
         }
         "links" => {
-            // Accounts are not built yet: a person links to none.
-            profile(api, lookup).await?;
-            Ok(json!({"data": [], "cursor": cursor(url, None)}))
+            // The person's accounts, as Segment links a user to the accounts collection.
+            let profile = profile(api, lookup).await?;
+            let mut accounts: Vec<(&String, &pb::AccountMembership)> =
+                profile.accounts.iter().collect();
+            accounts.sort_by_key(|(id, _)| *id);
+            let external_ids: Vec<Value> = accounts
+                .into_iter()
+                .map(|(id, membership)| {
+                    json!({
+                        "id": id,
+                        "type": "group_id",
+                        "source_id": "",
+                        "collection": "accounts",
+                        "created_at": membership.last_seen.as_ref().and_then(from_timestamp).map(rfc3339),
+                        "encoding": "none",
+                    })
+                })
+                .collect();
+            let data = if external_ids.is_empty() {
+                Vec::new()
+            } else {
+                vec![json!({"to_collection": "accounts", "external_ids": external_ids})]
+            };
+            Ok(json!({"data": data, "cursor": cursor(url, None)}))
         }
         "events" => events(api, lookup, params, url).await,
         other => Err(Failure::not_found(format!(
             "no resource {other:?}: traits, external_ids, events, metadata or links"
+        ))),
+    }
+}
+
+/// The Profile API of the accounts collection: `traits`, `external_ids`, `metadata` and
+/// `links` (the members) of the account `group_id:<id>`.
+async fn account(
+    api: &Api,
+    external_id: &str,
+    resource: &str,
+    params: &HashMap<String, String>,
+    url: String,
+) -> Result<Value, Failure> {
+    let Some(("group_id" | "account_id", id)) = external_id.split_once(':') else {
+        return Err(Failure::bad_request(
+            "name the account as group_id:<id>, for example group_id:acme",
+        ));
+    };
+    let account = match api.inner.get_account(id).await {
+        Err(ProfileError::NotFound) => return Err(Failure::not_found("account not found")),
+        other => other?,
+    };
+    match resource {
+        "traits" => {
+            // The same shape as a person's traits, without computed traits.
+            let shown = pb::Profile {
+                traits: account.traits,
+                ..pb::Profile::default()
+            };
+            traits(&shown, params, url)
+        }
+        "external_ids" => Ok(json!({
+            "data": [{
+                "id": account.account_id,
+                "type": "group_id",
+                "source_id": "",
+                "collection": "accounts",
+                "created_at": account.created_at.as_ref().and_then(from_timestamp).map(rfc3339),
+                "encoding": "none",
+            }],
+            "cursor": cursor(url, None),
+        })),
+        "metadata" => Ok(json!({"metadata": {
+            "created_at": account.created_at.as_ref().and_then(from_timestamp).map(rfc3339),
+            "updated_at": account.updated_at.as_ref().and_then(from_timestamp).map(rfc3339),
+            "expires_after": "",
+            "expires_at": "",
+        }})),
+        "links" => {
+            let limit = limit(params, LINKS_LIMIT)?;
+            let page = api
+                .inner
+                .list_account_members(pb::ListAccountMembersRequest {
+                    account_id: account.account_id,
+                    page_size: i32::try_from(limit).unwrap_or(i32::MAX),
+                    page_token: params.get("next").cloned().unwrap_or_default(),
+                })
+                .await?;
+            let external_ids: Vec<Value> = page
+                .members
+                .iter()
+                .map(|m| {
+                    json!({
+                        "id": m.profile_id,
+                        "type": "profile_id",
+                        "source_id": "",
+                        "collection": "users",
+                        "created_at": m.joined_at.as_ref().and_then(from_timestamp).map(rfc3339),
+                        "encoding": "none",
+                    })
+                })
+                .collect();
+            let next = (!page.next_page_token.is_empty()).then_some(page.next_page_token);
+            let data = if external_ids.is_empty() {
+                Vec::new()
+            } else {
+                vec![json!({"to_collection": "users", "external_ids": external_ids})]
+            };
+            Ok(json!({"data": data, "cursor": cursor(url, next)}))
+        }
+        other => Err(Failure::not_found(format!(
+            "no resource {other:?} for accounts: traits, external_ids, metadata or links"
         ))),
     }
 }

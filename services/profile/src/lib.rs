@@ -10,6 +10,7 @@
 //! (Postgres or SQLite), `convert` the proto conversions, `service` the gRPC handlers and
 //! [`error`] the one error type.
 
+pub mod account;
 pub mod audience;
 pub mod catalog;
 pub mod computed;

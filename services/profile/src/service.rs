@@ -385,6 +385,75 @@ impl Inner {
         })
     }
 
+    /// An account with its member count: see `ProfileService.GetAccount`.
+    pub(crate) async fn get_account(&self, account_id: &str) -> Result<pb::Account, ProfileError> {
+        check_account_id(account_id)?;
+        let account = self
+            .store
+            .account(account_id)
+            .await?
+            .ok_or(ProfileError::NotFound)?;
+        let members = self.store.account_members(account_id).await?;
+        Ok(convert::account_to_pb(
+            &account,
+            members.len(),
+            &self.defs.catalog,
+        ))
+    }
+
+    /// A page of an account's members: see `ProfileService.ListAccountMembers`.
+    pub(crate) async fn list_account_members(
+        &self,
+        request: pb::ListAccountMembersRequest,
+    ) -> Result<pb::ListAccountMembersResponse, ProfileError> {
+        let pb::ListAccountMembersRequest {
+            account_id,
+            page_size,
+            page_token,
+        } = request;
+        check_account_id(&account_id)?;
+        let page_size = match page_size {
+            0 => 100,
+            1..=1_000 => page_size as usize,
+            _ => {
+                return Err(ProfileError::InvalidArgument(vec![FieldViolation::new(
+                    "page_size",
+                    "1 to 1,000",
+                )]));
+            }
+        };
+        if self.store.account(&account_id).await?.is_none() {
+            return Err(ProfileError::NotFound);
+        }
+        let members = self.store.account_members(&account_id).await?;
+        let total = members.len() as i64;
+        let mut page: Vec<pb::AccountMember> = members
+            .into_iter()
+            .filter(|m| page_token.is_empty() || m.profile_id > page_token)
+            .take(page_size + 1)
+            .map(|m| pb::AccountMember {
+                profile_id: m.profile_id,
+                role: m.role.unwrap_or_default(),
+                title: m.title.unwrap_or_default(),
+                joined_at: Some(to_timestamp(m.joined_at)),
+                last_seen: Some(to_timestamp(m.last_seen)),
+            })
+            .collect();
+        let next_page_token = if page.len() > page_size {
+            page.truncate(page_size);
+            page.last()
+                .map(|m| m.profile_id.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(pb::ListAccountMembersResponse {
+            members: page,
+            next_page_token,
+            member_count: total,
+        })
+    }
+
     /// The live profiles meeting a condition, a page at a time: see
     /// `ProfileService.SearchProfiles`. Profiles are examined in id order from the page token
     /// (the last id examined), at most [`SEARCH_BUDGET`] per call.
@@ -971,6 +1040,17 @@ fn changed_ids(applied: &Applied) -> BTreeSet<String> {
     applied.state_changed.clone()
 }
 
+/// `INVALID_ARGUMENT` naming `account_id` unless it is a group id (1 to 200 bytes).
+fn check_account_id(account_id: &str) -> Result<(), ProfileError> {
+    if account_id.is_empty() || account_id.len() > 200 {
+        return Err(ProfileError::InvalidArgument(vec![FieldViolation::new(
+            "account_id",
+            "a group id of 1 to 200 bytes",
+        )]));
+    }
+    Ok(())
+}
+
 /// The cache entry of a stored live profile.
 fn entry(profile: &Profile, defs: &Definitions, now: OffsetDateTime) -> (String, Versioned) {
     (
@@ -1019,6 +1099,25 @@ impl ProfileService for ProfileApi {
         request: Request<pb::ExportProfileRequest>,
     ) -> Result<Response<pb::ExportProfileResponse>, Status> {
         Ok(Response::new(self.0.export(request.into_inner()).await?))
+    }
+
+    async fn get_account(
+        &self,
+        request: Request<pb::GetAccountRequest>,
+    ) -> Result<Response<pb::GetAccountResponse>, Status> {
+        let account = self.0.get_account(&request.into_inner().account_id).await?;
+        Ok(Response::new(pb::GetAccountResponse {
+            account: Some(account),
+        }))
+    }
+
+    async fn list_account_members(
+        &self,
+        request: Request<pb::ListAccountMembersRequest>,
+    ) -> Result<Response<pb::ListAccountMembersResponse>, Status> {
+        Ok(Response::new(
+            self.0.list_account_members(request.into_inner()).await?,
+        ))
     }
 
     async fn search_profiles(

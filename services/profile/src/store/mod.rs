@@ -16,6 +16,7 @@ use tessera_core::Identifier;
 use tessera_store::Database;
 use time::OffsetDateTime;
 
+use crate::account::{Account, Member};
 use crate::audience::{Audiences, Facts};
 use crate::catalog::TraitCatalog;
 use crate::computed::ComputedTrait;
@@ -193,6 +194,13 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
 
     /// Whether `profile_id` was deleted ([`ProfileStore::delete`]).
     async fn is_deleted(&self, profile_id: &str) -> Result<bool, ProfileError>;
+
+    /// The account `account_id` (a group id), when a group call named it.
+    async fn account(&self, account_id: &str) -> Result<Option<Account>, ProfileError>;
+
+    /// The members of `account_id`, one per live profile whose applied group calls named it,
+    /// in profile id order.
+    async fn account_members(&self, account_id: &str) -> Result<Vec<Member>, ProfileError>;
 }
 
 /// What [`ProfileStore::delete`] deleted.
@@ -631,6 +639,22 @@ trait Ops: Send {
         changes: &[MembershipChange],
         now: OffsetDateTime,
     ) -> Result<(), sqlx::Error>;
+    /// Stores an empty account for every id not stored yet, then loads and (Postgres) locks
+    /// the accounts `ids` in id order.
+    async fn lock_accounts(
+        &mut self,
+        ids: &[String],
+        now: OffsetDateTime,
+    ) -> Result<Vec<Account>, sqlx::Error>;
+    /// Writes the accounts' rows.
+    async fn write_accounts(&mut self, accounts: &[&Account]) -> Result<(), sqlx::Error>;
+    /// The account `id`, without locking.
+    async fn load_account(&mut self, id: &str) -> Result<Option<Account>, sqlx::Error>;
+    /// The applied group events naming `account_id`: event id, profile id, content.
+    async fn group_events(
+        &mut self,
+        account_id: &str,
+    ) -> Result<Vec<(String, String, Option<String>)>, sqlx::Error>;
     /// The ids of at most `limit` live profiles after `after`, in order.
     async fn live_after(
         &mut self,
@@ -787,12 +811,17 @@ async fn apply<O: Ops>(
     }
     let mut fresh = ops.record_events(&to_record, now).await?;
     let mut applied = 0;
+    let mut group_calls = Vec::new();
     for event in &batch.events {
         if fresh.remove(&event.event_id) {
             ws.apply_event(event, half_life_seconds, now, defs.rules())?;
             applied += 1;
+            if !event.details.group_id.is_empty() && !event.details.group_traits.is_empty() {
+                group_calls.push(event);
+            }
         }
     }
+    fold_accounts(ops, &defs.catalog, &group_calls, now).await?;
 
     let named_live: BTreeSet<String> = named
         .iter()
@@ -921,6 +950,65 @@ async fn get<O: Ops>(ops: &mut O, profile_id: &str) -> Result<Option<Profile>, P
         }
     }
     Err(ProfileError::Contention)
+}
+
+/// Folds the account traits of newly applied group calls into their accounts (created when
+/// new), locked after the batch's profiles, in id order.
+async fn fold_accounts<O: Ops>(
+    ops: &mut O,
+    catalog: &TraitCatalog,
+    group_calls: &[&crate::domain::ResolvedEvent],
+    now: OffsetDateTime,
+) -> Result<(), sqlx::Error> {
+    if group_calls.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = group_calls
+        .iter()
+        .map(|e| e.details.group_id.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut accounts: BTreeMap<String, Account> = ops
+        .lock_accounts(&ids, now)
+        .await?
+        .into_iter()
+        .map(|a| (a.account_id.clone(), a))
+        .collect();
+    for event in group_calls {
+        if let Some(account) = accounts.get_mut(&event.details.group_id) {
+            account.apply(event, catalog);
+        }
+    }
+    for account in accounts.values_mut() {
+        account.version += 1;
+        account.updated_at = now;
+    }
+    ops.write_accounts(&accounts.values().collect::<Vec<_>>())
+        .await
+}
+
+/// The members of `account_id`, read through `ops`.
+async fn account_members<O: Ops>(
+    ops: &mut O,
+    account_id: &str,
+) -> Result<Vec<Member>, ProfileError> {
+    let rows = ops.group_events(account_id).await?;
+    let mut events = Vec::with_capacity(rows.len());
+    for (event_id, profile_id, content) in rows {
+        let Some(content) = content else { continue };
+        let content: EventContent = serde_json::from_str(&content)
+            .map_err(|e| ProfileError::Corrupt(format!("event {event_id}: {e}")))?;
+        events.push((event_id, profile_id, content));
+    }
+    let ids: Vec<String> = events
+        .iter()
+        .map(|(_, p, _)| p.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let live = ops.resolve(&ids).await?;
+    Ok(crate::account::members(events, &live))
 }
 
 /// A page of live profiles in id order, read through `ops`.

@@ -15,6 +15,7 @@ use super::{
     ProfileStore, Recorded, Scorer, TimelineEntry, TimelineQuery, Version, attach_identifiers,
     timeline_entries,
 };
+use crate::account::{Account, Member};
 use crate::domain::{Batch, Profile, ProfileState, Split};
 use crate::error::ProfileError;
 
@@ -272,6 +273,16 @@ impl ProfileStore for PostgresStore {
         let deleted = super::delete(&mut PgOps(&mut tx), live, component, reason, now).await?;
         tx.commit().await?;
         Ok(deleted)
+    }
+
+    async fn account(&self, account_id: &str) -> Result<Option<Account>, ProfileError> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(PgOps(&mut conn).load_account(account_id).await?)
+    }
+
+    async fn account_members(&self, account_id: &str) -> Result<Vec<Member>, ProfileError> {
+        let mut conn = self.pool.acquire().await?;
+        super::account_members(&mut PgOps(&mut conn), account_id).await
     }
 
     async fn is_deleted(&self, profile_id: &str) -> Result<bool, ProfileError> {
@@ -710,6 +721,77 @@ impl Ops for PgOps<'_> {
         Ok(done.rows_affected())
     }
 
+    async fn lock_accounts(
+        &mut self,
+        ids: &[String],
+        now: OffsetDateTime,
+    ) -> Result<Vec<Account>, sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO accounts (account_id, created_at, updated_at) \
+             SELECT id, $2, $2 FROM UNNEST($1::text[]) AS t(id) ORDER BY id \
+             ON CONFLICT (account_id) DO NOTHING",
+        )
+        .bind(ids)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        let rows = sqlx::query(
+            "SELECT account_id, traits, version, created_at, updated_at FROM accounts \
+             WHERE account_id = ANY($1) ORDER BY account_id FOR UPDATE",
+        )
+        .bind(ids)
+        .fetch_all(&mut *self.0)
+        .await?;
+        rows.iter().map(account).collect()
+    }
+
+    async fn write_accounts(&mut self, accounts: &[&Account]) -> Result<(), sqlx::Error> {
+        let (mut ids, mut traits, mut versions) = (Vec::new(), Vec::new(), Vec::new());
+        let mut updated = Vec::new();
+        for a in accounts {
+            ids.push(a.account_id.as_str());
+            traits.push(serde_json::to_string(&a.traits).unwrap_or_else(|_| "{}".to_owned()));
+            versions.push(a.version);
+            updated.push(a.updated_at);
+        }
+        sqlx::query(
+            "UPDATE accounts AS a SET traits = u.t::jsonb, version = u.v, updated_at = u.at \
+             FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::timestamptz[]) AS u (id, t, v, at) \
+             WHERE a.account_id = u.id",
+        )
+        .bind(ids)
+        .bind(traits)
+        .bind(versions)
+        .bind(updated)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn load_account(&mut self, id: &str) -> Result<Option<Account>, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT account_id, traits, version, created_at, updated_at FROM accounts \
+             WHERE account_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        row.as_ref().map(account).transpose()
+    }
+
+    async fn group_events(
+        &mut self,
+        account_id: &str,
+    ) -> Result<Vec<(String, String, Option<String>)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT event_id, profile_id, content::text FROM applied_events \
+             WHERE content -> 'details' ->> 'group_id' = $1",
+        )
+        .bind(account_id)
+        .fetch_all(&mut *self.0)
+        .await
+    }
+
     async fn live_after(
         &mut self,
         after: Option<&str>,
@@ -805,5 +887,16 @@ fn profile(row: &PgRow) -> Result<Profile, sqlx::Error> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         valid_until: row.try_get("valid_until")?,
+    })
+}
+
+fn account(row: &PgRow) -> Result<Account, sqlx::Error> {
+    let Json(traits) = row.try_get("traits")?;
+    Ok(Account {
+        account_id: row.try_get("account_id")?,
+        traits,
+        version: row.try_get("version")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
     })
 }

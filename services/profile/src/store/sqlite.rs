@@ -17,6 +17,7 @@ use super::{
     ProfileStore, Recorded, Scorer, TimelineEntry, TimelineQuery, Version, attach_identifiers,
     timeline_entries,
 };
+use crate::account::{Account, Member};
 use crate::domain::{Batch, Profile, ProfileState, Split};
 use crate::error::ProfileError;
 
@@ -291,6 +292,16 @@ impl ProfileStore for SqliteStore {
         let deleted = super::delete(&mut LiteOps(&mut tx), live, component, reason, now).await?;
         tx.commit().await?;
         Ok(deleted)
+    }
+
+    async fn account(&self, account_id: &str) -> Result<Option<Account>, ProfileError> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(LiteOps(&mut conn).load_account(account_id).await?)
+    }
+
+    async fn account_members(&self, account_id: &str) -> Result<Vec<Member>, ProfileError> {
+        let mut conn = self.pool.acquire().await?;
+        super::account_members(&mut LiteOps(&mut conn), account_id).await
     }
 
     async fn is_deleted(&self, profile_id: &str) -> Result<bool, ProfileError> {
@@ -593,6 +604,66 @@ impl Ops for LiteOps<'_> {
         Ok(linked)
     }
 
+    async fn lock_accounts(
+        &mut self,
+        ids: &[String],
+        now: OffsetDateTime,
+    ) -> Result<Vec<Account>, sqlx::Error> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            sqlx::query(
+                "INSERT INTO accounts (account_id, created_at, updated_at) VALUES (?1, ?2, ?2) \
+                 ON CONFLICT (account_id) DO NOTHING",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(&mut *self.0)
+            .await?;
+            out.extend(self.load_account(id).await?);
+        }
+        Ok(out)
+    }
+
+    async fn write_accounts(&mut self, accounts: &[&Account]) -> Result<(), sqlx::Error> {
+        for a in accounts {
+            sqlx::query(
+                "UPDATE accounts SET traits = ?2, version = ?3, updated_at = ?4 \
+                 WHERE account_id = ?1",
+            )
+            .bind(&a.account_id)
+            .bind(Json(&a.traits))
+            .bind(a.version)
+            .bind(a.updated_at)
+            .execute(&mut *self.0)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn load_account(&mut self, id: &str) -> Result<Option<Account>, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT account_id, traits, version, created_at, updated_at FROM accounts \
+             WHERE account_id = ?1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        row.as_ref().map(account).transpose()
+    }
+
+    async fn group_events(
+        &mut self,
+        account_id: &str,
+    ) -> Result<Vec<(String, String, Option<String>)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT event_id, profile_id, content FROM applied_events \
+             WHERE json_extract(content, '$.details.group_id') = ?1",
+        )
+        .bind(account_id)
+        .fetch_all(&mut *self.0)
+        .await
+    }
+
     async fn live_after(
         &mut self,
         after: Option<&str>,
@@ -733,4 +804,15 @@ fn profile(row: &SqliteRow) -> Result<Profile, sqlx::Error> {
 /// Microseconds since the epoch: how the SQLite store keeps event times, so they sort.
 fn unix_micros(t: OffsetDateTime) -> i64 {
     i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+fn account(row: &SqliteRow) -> Result<Account, sqlx::Error> {
+    let Json(traits) = row.try_get("traits")?;
+    Ok(Account {
+        account_id: row.try_get("account_id")?,
+        traits,
+        version: row.try_get("version")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
 }

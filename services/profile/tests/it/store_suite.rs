@@ -1640,3 +1640,164 @@ async fn a_deleted_person_leaves_nothing_and_stays_deleted_on_postgres() {
     a_deleted_person_leaves_nothing_and_stays_deleted(&backend).await;
     backend.db.close().await;
 }
+
+/// A group call of `profile_id` at `minute` naming `account` with account `traits`, the
+/// person's `role` in `context.traits`.
+fn group_call(
+    event_id: &str,
+    profile_id: &str,
+    minute: i64,
+    account: &str,
+    role: &str,
+    traits: serde_json::Value,
+) -> ResolvedEvent {
+    let mut e = event(
+        event_id,
+        profile_id,
+        minute,
+        profile_id,
+        json!({"role": role}),
+    );
+    e.details.kind = "group".into();
+    e.details.group_id = account.into();
+    e.details.group_traits = traits.as_object().cloned().unwrap_or_default();
+    e.details.context = json!({"traits": {"role": role}})
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    e
+}
+
+/// Group calls fold account traits (the latest call winning, whatever the order they arrive
+/// in) and make their people members, with the role of their latest call; members follow
+/// merges and deletions of people; people see their accounts.
+async fn accounts_fold_group_calls_and_list_members(store: &dyn ProfileStore) {
+    let batch = |merges, events| Batch { merges, events };
+    store
+        .apply(
+            &batch(
+                vec![],
+                vec![
+                    group_call(
+                        "g1",
+                        "p1",
+                        5,
+                        "acme",
+                        "finance",
+                        json!({"industry": "retail", "employees": 120}),
+                    ),
+                    group_call(
+                        "g2",
+                        "p2",
+                        1,
+                        "acme",
+                        "technical evaluator",
+                        json!({"industry": "software"}),
+                    ),
+                    group_call(
+                        "g3",
+                        "p3",
+                        2,
+                        "globex",
+                        "decision maker",
+                        json!({"plan": "enterprise"}),
+                    ),
+                ],
+            ),
+            H,
+            NOW,
+            &NoScores,
+        )
+        .await
+        .unwrap();
+    // A late, older call of p1 changes neither the trait nor p1's role.
+    store
+        .apply(
+            &batch(
+                vec![],
+                vec![group_call(
+                    "g4",
+                    "p1",
+                    0,
+                    "acme",
+                    "intern",
+                    json!({"industry": "mining"}),
+                )],
+            ),
+            H,
+            NOW,
+            &NoScores,
+        )
+        .await
+        .unwrap();
+    let acme = store.account("acme").await.unwrap().expect("acme");
+    assert_eq!(acme.traits["industry"].value, json!("retail"));
+    assert_eq!(acme.traits["industry"].event_id, "g1");
+    assert_eq!(acme.traits["employees"].value, json!(120));
+    assert_eq!(acme.version, 2);
+    assert!(store.account("initech").await.unwrap().is_none());
+
+    let members = |id: &'static str| async move {
+        store
+            .account_members(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.profile_id, m.role.unwrap_or_default()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        members("acme").await,
+        [
+            ("p1".to_owned(), "finance".to_owned()),
+            ("p2".to_owned(), "technical evaluator".to_owned())
+        ]
+    );
+    let p1 = store.get("p1").await.unwrap().unwrap();
+    let accounts: Vec<(&str, serde_json::Value)> = p1
+        .state
+        .computed
+        .accounts()
+        .map(|(id, e)| (id, e.value.clone()))
+        .collect();
+    assert_eq!(accounts, [("acme", json!({"role": "finance"}))]);
+
+    // p2 merged into p3: one member of each account, both accounts on p3.
+    store
+        .apply(&batch(vec![merge("p3", "p2")], vec![]), H, NOW, &NoScores)
+        .await
+        .unwrap();
+    assert_eq!(
+        members("acme").await,
+        [
+            ("p1".to_owned(), "finance".to_owned()),
+            ("p3".to_owned(), "technical evaluator".to_owned())
+        ]
+    );
+    let p3 = store.get("p3").await.unwrap().unwrap();
+    let ids: Vec<&str> = p3.state.computed.accounts().map(|(id, _)| id).collect();
+    assert_eq!(ids, ["acme", "globex"]);
+
+    // Deleting a person takes them out of their accounts; the account stays.
+    store
+        .delete("p1", &["p1".into()], "ticket", NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        members("acme").await,
+        [("p3".to_owned(), "technical evaluator".to_owned())]
+    );
+    assert!(store.account("acme").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn accounts_fold_group_calls_and_list_members_on_sqlite() {
+    accounts_fold_group_calls_and_list_members(&*sqlite().await.store).await;
+}
+
+#[tokio::test]
+async fn accounts_fold_group_calls_and_list_members_on_postgres() {
+    let backend = postgres().await;
+    accounts_fold_group_calls_and_list_members(&*backend.store).await;
+    backend.db.close().await;
+}

@@ -1,0 +1,109 @@
+//! Account (B2B) profiles: what group calls say about an account (its traits, the latest event
+//! winning per trait, or the trait catalog's strategy), and who belongs (people whose group
+//! calls named it, with their role and title).
+//!
+//! Account traits are folded as group events are applied, once per event (the event-id table
+//! makes it idempotent). Memberships are not stored twice: they are derived from the people's
+//! applied group events, so they follow merges, unmerges and deletions of people by
+//! themselves; a person's own view of them is kept on the person (`ComputedState::accounts`).
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::catalog::{self, TraitCatalog};
+use crate::domain::{EventContent, ResolvedEvent, TraitValue};
+
+/// One account profile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Account {
+    /// The account's id: the group id of its group calls.
+    pub account_id: String,
+    /// Its traits by name, each with its provenance.
+    pub traits: BTreeMap<String, TraitValue>,
+    /// Increases with every change.
+    pub version: i64,
+    /// When its first group call was applied.
+    pub created_at: OffsetDateTime,
+    /// When it last changed.
+    pub updated_at: OffsetDateTime,
+}
+
+impl Account {
+    /// Folds a group call's account traits.
+    pub fn apply(&mut self, event: &ResolvedEvent, catalog: &TraitCatalog) {
+        for (name, value) in &event.details.group_traits {
+            catalog::set(
+                &mut self.traits,
+                name,
+                TraitValue {
+                    value: value.clone(),
+                    observed_at: event.timestamp,
+                    event_id: event.event_id.clone(),
+                },
+                catalog.get(name).map(|r| r.strategy).unwrap_or_default(),
+            );
+        }
+    }
+}
+
+/// One person of an account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    /// The person's live profile.
+    pub profile_id: String,
+    /// Their role in the account (`context.traits.role` of their latest group call).
+    pub role: Option<String>,
+    /// Their title (`context.traits.title` of their latest group call).
+    pub title: Option<String>,
+    /// Their first group call naming the account.
+    pub joined_at: OffsetDateTime,
+    /// Their latest group call naming the account.
+    pub last_seen: OffsetDateTime,
+}
+
+/// The members of an account from its applied group events (event id, the profile each was
+/// applied to, its content) and `live`, each profile's live profile: one member per live
+/// profile, in profile id order.
+pub(crate) fn members(
+    events: Vec<(String, String, EventContent)>,
+    live: &HashMap<String, String>,
+) -> Vec<Member> {
+    let mut by_profile: BTreeMap<String, (Member, (OffsetDateTime, String))> = BTreeMap::new();
+    for (event_id, profile_id, content) in events {
+        // Deleted or unknown profiles have no live profile: not members.
+        let Some(live) = live.get(&profile_id) else {
+            continue;
+        };
+        let text = |key: &str| {
+            content
+                .traits
+                .get(key)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        let at = content.timestamp;
+        let entry = by_profile.entry(live.clone()).or_insert_with(|| {
+            (
+                Member {
+                    profile_id: live.clone(),
+                    role: None,
+                    title: None,
+                    joined_at: at,
+                    last_seen: at,
+                },
+                (OffsetDateTime::UNIX_EPOCH, String::new()),
+            )
+        });
+        let (member, latest) = entry;
+        member.joined_at = member.joined_at.min(at);
+        member.last_seen = member.last_seen.max(at);
+        if (at, &event_id) > (latest.0, &latest.1) {
+            *latest = (at, event_id);
+            member.role = text("role");
+            member.title = text("title");
+        }
+    }
+    by_profile.into_values().map(|(m, _)| m).collect()
+}
