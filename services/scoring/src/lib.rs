@@ -2,8 +2,10 @@
 //!
 //! Pure: nothing is stored here. The profile service sends a profile's facts (event count, last
 //! seen, decayed activity) and stores the scores it gets back on the profile. The math lives in
-//! [`domain`], free of gRPC, so it can be tested and benchmarked alone.
+//! [`domain`] and, for predicted customer value (BG/NBD and Gamma-Gamma), in [`clv`]: free of
+//! gRPC and I/O, so it can be tested and benchmarked alone.
 
+pub mod clv;
 mod convert;
 pub mod domain;
 mod error;
