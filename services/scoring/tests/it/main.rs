@@ -1,3 +1,5 @@
-//! Integration tests of the scoring service over gRPC.
+//! Integration tests of the scoring service: over gRPC, and the customer-value models against
+//! the published CDNOW results.
 
+mod cdnow;
 mod grpc;
