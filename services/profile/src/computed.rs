@@ -191,6 +191,22 @@ pub enum Acc {
     Window { entries: Vec<Entry> },
 }
 
+impl Acc {
+    /// The entry of a `last` accumulator.
+    fn last(&self) -> Option<&Entry> {
+        match self {
+            Self::Last(entry) => Some(entry),
+            Self::Count { .. }
+            | Self::Sum { .. }
+            | Self::Min { .. }
+            | Self::Max { .. }
+            | Self::First(_)
+            | Self::Counts { .. }
+            | Self::Window { .. } => None,
+        }
+    }
+}
+
 /// The prefix of the accumulators that keep consent: `consent:<purpose>`, the latest preference
 /// (by event time, then event id) for the purpose, from the events'
 /// `context.consent.categoryPreferences`. Kept with the computed traits so merges, unmerges,
@@ -270,16 +286,7 @@ impl ComputedState {
     /// The person's accounts: (group id, `{role, title}`, the latest group call).
     pub fn accounts(&self) -> impl Iterator<Item = (&str, &Entry)> {
         self.prefixed(ACCOUNT_PREFIX)
-            .filter_map(|(id, acc)| match acc {
-                Acc::Last(entry) => Some((id, entry)),
-                Acc::Count { .. }
-                | Acc::Sum { .. }
-                | Acc::Min { .. }
-                | Acc::Max { .. }
-                | Acc::First(_)
-                | Acc::Counts { .. }
-                | Acc::Window { .. } => None,
-            })
+            .filter_map(|(id, acc)| Some((id, acc.last()?)))
     }
 
     /// The accumulators under `prefix`, by the rest of their name.
@@ -302,17 +309,10 @@ impl ComputedState {
 
     /// The latest consent preference per purpose: (purpose, granted, the event that stated it).
     pub fn consent(&self) -> impl Iterator<Item = (&str, bool, &Entry)> {
-        self.prefixed(CONSENT_PREFIX)
-            .filter_map(|(purpose, acc)| match acc {
-                Acc::Last(entry) => Some((purpose, entry.value.as_bool()?, entry)),
-                Acc::Count { .. }
-                | Acc::Sum { .. }
-                | Acc::Min { .. }
-                | Acc::Max { .. }
-                | Acc::First(_)
-                | Acc::Counts { .. }
-                | Acc::Window { .. } => None,
-            })
+        self.prefixed(CONSENT_PREFIX).filter_map(|(purpose, acc)| {
+            let entry = acc.last()?;
+            Some((purpose, entry.value.as_bool()?, entry))
+        })
     }
 
     /// Folds one event into the accumulator of every trait it counts for.
