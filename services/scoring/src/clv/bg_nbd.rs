@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 
 use super::fit::{self, Objective};
-use super::special::{digamma, ln_gamma, ln_hyp2f1};
+use super::special::{digamma, ln_abs_hyp2f1, ln_gamma};
 use super::{
     ClvError, CustomerSummary, FitDiagnostics, log1p_exp_neg_abs_and_sigmoid, validate_all,
 };
@@ -98,8 +98,15 @@ impl BgNbdParams {
         let x = f64::from(c.frequency);
         let z = t / (alpha + c.age + t);
         let ln_one_minus_z = (-z).ln_1p();
-        let hyp = ln_hyp2f1(r + x, b + x, a + b + x - 1.0, z);
-        let numerator = (a + b + x - 1.0) / (a - 1.0) * -(hyp + (r + x) * ln_one_minus_z).exp_m1();
+        // ₂F₁ is positive unless a + b + x − 1 < 0 (a + b < 1 and no repeat purchase).
+        let (ln_hyp, sign) = ln_abs_hyp2f1(r + x, b + x, a + b + x - 1.0, z);
+        let ln_product = ln_hyp + (r + x) * ln_one_minus_z;
+        let bracket = if sign > 0.0 {
+            -ln_product.exp_m1()
+        } else {
+            1.0 - sign * ln_product.exp()
+        };
+        let numerator = (a + b + x - 1.0) / (a - 1.0) * bracket;
         let denominator = if c.frequency == 0 {
             1.0
         } else {
@@ -318,6 +325,20 @@ mod tests {
         // Far beyond f64's exponent range: a certain drop-out, not NaN.
         let gone = customer(3_000, 1.0, 1_000.0);
         assert_eq!(PAPER.probability_alive(&gone), 0.0);
+    }
+
+    #[test]
+    fn a_negative_third_hypergeometric_parameter_is_handled() {
+        // a + b < 1: c = a + b − 1 < 0 for a customer without repeat purchases. Reference:
+        // mpmath, (a + b − 1)/(a − 1) · (1 − ₂F₁(r, b; a + b − 1; z) (1 − z)^r), z = 5/18.
+        let params = BgNbdParams {
+            r: 0.5,
+            alpha: 3.0,
+            a: 0.3,
+            b: 0.4,
+        };
+        let e = params.expected_purchases(&customer(0, 0.0, 10.0), 5.0);
+        assert!((e - 0.17308060541514575).abs() < 1e-13, "{e}");
     }
 
     #[test]

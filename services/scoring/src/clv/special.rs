@@ -33,8 +33,9 @@ pub fn ln_hyp2f1(a: f64, b: f64, c: f64, z: f64) -> f64 {
     }
 }
 
-/// `(ln |₂F₁(a, b; c; z)|, sign)`; the sign is 0 for a zero value and NaN when not computed.
-fn ln_abs_hyp2f1(a: f64, b: f64, c: f64, z: f64) -> (f64, f64) {
+/// `(ln |₂F₁(a, b; c; z)|, sign)` for `z < 1`: the sign is 1 or −1, 0 for a zero value, and NaN
+/// when not computed (see [`hyp2f1`]).
+pub fn ln_abs_hyp2f1(a: f64, b: f64, c: f64, z: f64) -> (f64, f64) {
     let not_computed = (f64::NAN, f64::NAN);
     if !(a.is_finite() && b.is_finite() && c.is_finite() && z.is_finite()) || z >= 1.0 {
         return not_computed;
