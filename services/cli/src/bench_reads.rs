@@ -185,7 +185,8 @@ pub(crate) async fn run(args: BenchReadsArgs) -> anyhow::Result<()> {
         let (ids, stop) = (ids.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let mut client = ProfileServiceClient::new(channel);
-            let mut latencies = Histogram::<u64>::new(3).expect("histogram");
+            let mut latencies =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
             let mut errors = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let id = ids[rand::rng().random_range(0..ids.len())].clone();
@@ -208,7 +209,7 @@ pub(crate) async fn run(args: BenchReadsArgs) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_secs(args.duration)).await;
     stop.store(true, Ordering::Relaxed);
-    let mut latencies = Histogram::<u64>::new(3).expect("histogram");
+    let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
     let mut errors = 0;
     for task in tasks {
         let (h, e) = task.await.context("a reader failed")?;
