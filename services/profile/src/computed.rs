@@ -298,11 +298,15 @@ impl ComputedState {
 
     /// Keeps `entry` under `name` if it is the latest.
     fn fold_last(&mut self, name: String, entry: Entry) {
-        let entry = Acc::Last(entry);
+        self.fold(name, Acc::Last(entry));
+    }
+
+    /// Combines `acc` into the accumulator `name` (or keeps it there when there is none).
+    pub(crate) fn fold(&mut self, name: String, acc: Acc) {
         match self.0.get_mut(&name) {
-            Some(mine) => combine(mine, entry),
+            Some(mine) => combine(mine, acc),
             None => {
-                self.0.insert(name, entry);
+                self.0.insert(name, acc);
             }
         }
     }

@@ -617,6 +617,7 @@ impl From<&Profile> for pb::Profile {
             computed_traits: std::collections::HashMap::new(),
             computed_valid_until: None,
             audiences: Vec::new(),
+            interests: Some(interests_to_pb(crate::psychographic::interests(computed))),
             accounts: computed
                 .accounts()
                 .map(|(id, entry)| {
@@ -879,6 +880,21 @@ pub(crate) fn export_document(
     })
 }
 
+/// The protobuf form of a person's interests.
+fn interests_to_pb(interests: crate::psychographic::Interests) -> pb::Interests {
+    pb::Interests {
+        categories: interests
+            .categories
+            .into_iter()
+            .map(|(category, score)| pb::CategoryAffinity { category, score })
+            .collect(),
+        preferred_channel: interests.preferred_channel.unwrap_or_default(),
+        channels: interests.channels.into_iter().collect(),
+        orders: interests.orders,
+        price_sensitivity: interests.price_sensitivity,
+    }
+}
+
 /// The protobuf form of a trait with its provenance, classified by `catalog`.
 pub(crate) fn trait_to_pb(
     name: &str,
@@ -919,7 +935,7 @@ pub(crate) fn account_to_pb(
 }
 
 /// The `Profile` fields a read mask may name; `profile_id` and `version` always come back.
-const MASKABLE: [&str; 13] = [
+const MASKABLE: [&str; 14] = [
     "identifiers",
     "traits",
     "event_count",
@@ -933,6 +949,7 @@ const MASKABLE: [&str; 13] = [
     "audiences",
     "consent",
     "accounts",
+    "interests",
 ];
 
 /// The map fields whose single entries a read mask may name (`traits.email`).
@@ -1023,6 +1040,9 @@ impl ReadMask {
         }
         if !keep("audiences") {
             profile.audiences.clear();
+        }
+        if !keep("interests") {
+            profile.interests = None;
         }
         for (field, whole) in MASKABLE_MAPS.iter().map(|f| (*f, keep(f))) {
             let keys = if whole { None } else { self.entries.get(field) };

@@ -81,6 +81,7 @@ impl ProfileState {
         self.computed.apply(rules.computed, event);
         self.computed.apply_consent(event);
         self.computed.apply_account(event);
+        crate::psychographic::apply(&mut self.computed, event);
         for (name, value) in &event.traits {
             catalog::set(
                 &mut self.traits,

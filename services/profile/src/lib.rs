@@ -19,6 +19,7 @@ pub mod domain;
 pub mod error;
 mod flight;
 mod http;
+pub mod psychographic;
 mod service;
 pub mod store;
 mod watch;
