@@ -271,14 +271,18 @@ impl Profiles {
 
     /// Re-evaluates, every `interval`, the profiles whose computed traits or audience
     /// memberships change with time (a windowed trait or event condition), and once a minute
-    /// deletes changes older than the retention, until `shutdown`. Safe with several replicas
-    /// (they share the sweeping; pruning is idempotent).
+    /// deletes changes older than the retention, until `shutdown`. When the definitions that
+    /// fold events (computed traits, audiences, trait catalog) differ from those the stored
+    /// profiles were folded with, it first recomputes every profile from its events, 100 at a
+    /// time. Safe with several replicas (they share the sweeping and take turns recomputing;
+    /// pruning is idempotent).
     pub fn spawn_sweeper(
         &self,
         interval: std::time::Duration,
         shutdown: tessera_server::Shutdown,
     ) -> tokio::task::JoinHandle<()> {
         const BATCH: usize = 500;
+        const RECOMPUTE_BATCH: usize = 100;
         const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
         let inner = self.inner.clone();
         let retention = time::Duration::days(
@@ -287,9 +291,41 @@ impl Profiles {
         tokio::spawn(async move {
             let windowed = inner.defs.windowed();
             let mut last_prune: Option<tokio::time::Instant> = None;
+            // Profiles folded with other definitions (computed traits, audiences, catalog)
+            // are recomputed from their events, a chunk per round.
+            let mut recomputing = match inner
+                .store
+                .start_recompute(&inner.defs.fingerprint(), time::OffsetDateTime::now_utc())
+                .await
+            {
+                Ok(running) => running,
+                Err(e) => {
+                    tracing::warn!(error = %e, "checking whether profiles need recomputing failed");
+                    true
+                }
+            };
             loop {
+                if recomputing {
+                    match inner.recompute_once(RECOMPUTE_BATCH).await {
+                        Ok(Some(_)) => {}
+                        Ok(None) => recomputing = false,
+                        Err(e) => tracing::warn!(error = %e, "recomputing profiles failed"),
+                    }
+                }
                 if last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
                     last_prune = Some(tokio::time::Instant::now());
+                    // Another replica may have started a recompute (or, mid-rollout, one
+                    // with other definitions): join it, or restart it with ours.
+                    if !recomputing {
+                        recomputing = inner
+                            .store
+                            .start_recompute(
+                                &inner.defs.fingerprint(),
+                                time::OffsetDateTime::now_utc(),
+                            )
+                            .await
+                            .unwrap_or(false);
+                    }
                     let before = time::OffsetDateTime::now_utc() - retention;
                     match inner.store.prune_changes(before).await {
                         Ok(0) => {}
@@ -316,8 +352,8 @@ impl Profiles {
                 } else {
                     0
                 };
-                // A full batch means more are due: go on at once.
-                if swept < BATCH {
+                // A full batch (or a recompute under way) means more are due: go on at once.
+                if swept < BATCH && !recomputing {
                     let wait = if windowed { interval } else { PRUNE_EVERY };
                     tokio::select! {
                         () = shutdown.cancelled() => return,

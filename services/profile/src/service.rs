@@ -229,6 +229,21 @@ impl Inner {
         Ok(profiles.len())
     }
 
+    /// Recomputes the next `limit` profiles of a running recompute (definitions changed) and
+    /// caches them; returns how many it recomputed (`None` when no recompute is running).
+    pub(crate) async fn recompute_once(&self, limit: usize) -> Result<Option<usize>, ProfileError> {
+        let now = OffsetDateTime::now_utc();
+        let Some(applied) = self
+            .store
+            .recompute(limit, self.half_life_seconds, now, self)
+            .await?
+        else {
+            return Ok(None);
+        };
+        self.cache_applied(&applied).await;
+        Ok(Some(applied.named.len()))
+    }
+
     async fn list_audiences(&self) -> Result<pb::ListAudiencesResponse, ProfileError> {
         let mut audiences = Vec::new();
         for audience in self.defs.audiences.declared() {

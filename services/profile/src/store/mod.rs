@@ -195,6 +195,29 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
     /// Whether `profile_id` was deleted ([`ProfileStore::delete`]).
     async fn is_deleted(&self, profile_id: &str) -> Result<bool, ProfileError>;
 
+    /// Starts recomputing every live profile from its events when `fingerprint` (of the
+    /// definitions that fold them, [`Definitions::fingerprint`]) is not the one they were folded
+    /// with (a store that never recorded one recomputes too). Returns whether a recompute is
+    /// running. Safe from several replicas at once.
+    async fn start_recompute(
+        &self,
+        fingerprint: &str,
+        now: OffsetDateTime,
+    ) -> Result<bool, ProfileError>;
+
+    /// Recomputes the next at most `limit` live profiles of a running recompute, in id order,
+    /// in one transaction (each component rebuilt from its events as by an unmerge that moves
+    /// nothing, rescored, logged as `updated`); a component holding events applied before
+    /// contents were kept is left as it is. `None` when no recompute is running (or it has
+    /// just finished). Replicas take turns.
+    async fn recompute(
+        &self,
+        limit: usize,
+        half_life_seconds: f64,
+        now: OffsetDateTime,
+        scorer: &dyn Scorer,
+    ) -> Result<Option<Applied>, ProfileError>;
+
     /// The account `account_id` (a group id), when a group call named it.
     async fn account(&self, account_id: &str) -> Result<Option<Account>, ProfileError>;
 
@@ -367,6 +390,21 @@ impl Definitions {
     /// When `profile`'s computed values or memberships next change without a new event.
     pub fn valid_until(&self, profile: &Profile, now: OffsetDateTime) -> Option<OffsetDateTime> {
         profile.state.computed.valid_until(&self.computed, now)
+    }
+
+    /// A digest of everything that folds events into profiles (the computed traits with the
+    /// audiences' hidden counts, the trait catalog, the version of the built-in derivations):
+    /// when it changes, stored profiles are recomputed from their events.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        /// Bumped whenever the built-in derivations (consent, accounts, interests) change.
+        const DERIVATIONS: u32 = 1;
+        let json = serde_json::to_string(&(DERIVATIONS, &self.computed, &self.catalog))
+            .unwrap_or_default();
+        Sha256::digest(json.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// Whether anything changes as time passes (some window is declared).
@@ -637,6 +675,18 @@ trait Ops: Send {
     async fn change_memberships(
         &mut self,
         changes: &[MembershipChange],
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error>;
+    /// The recompute state (fingerprint, cursor: `Some` while running), locked with `lock`.
+    async fn recompute_state(
+        &mut self,
+        lock: bool,
+    ) -> Result<Option<(String, Option<String>)>, sqlx::Error>;
+    /// Stores the recompute state.
+    async fn set_recompute_state(
+        &mut self,
+        fingerprint: &str,
+        cursor: Option<&str>,
         now: OffsetDateTime,
     ) -> Result<(), sqlx::Error>;
     /// Stores an empty account for every id not stored yet, then loads and (Postgres) locks
@@ -952,6 +1002,86 @@ async fn get<O: Ops>(ops: &mut O, profile_id: &str) -> Result<Option<Profile>, P
     Err(ProfileError::Contention)
 }
 
+/// See [`ProfileStore::start_recompute`]; inside a transaction.
+async fn start_recompute<O: Ops>(
+    ops: &mut O,
+    fingerprint: &str,
+    now: OffsetDateTime,
+) -> Result<bool, ProfileError> {
+    match ops.recompute_state(true).await? {
+        Some((stored, cursor)) if stored == fingerprint => Ok(cursor.is_some()),
+        Some(_) | None => {
+            ops.set_recompute_state(fingerprint, Some(""), now).await?;
+            Ok(true)
+        }
+    }
+}
+
+/// See [`ProfileStore::recompute`]; inside a transaction.
+async fn recompute<O: Ops>(
+    ops: &mut O,
+    limit: usize,
+    hd: (f64, &Definitions),
+    now: OffsetDateTime,
+    scorer: &dyn Scorer,
+) -> Result<Option<Applied>, ProfileError> {
+    /// The most components of one chunk skipped for holding events without contents.
+    const MAX_SKIPPED: usize = 100;
+    let Some((fingerprint, Some(cursor))) = ops.recompute_state(true).await? else {
+        return Ok(None);
+    };
+    let after = (!cursor.is_empty()).then_some(cursor.as_str());
+    let ids = ops.live_after(after, limit).await?;
+    let Some(last) = ids.last().cloned() else {
+        ops.set_recompute_state(&fingerprint, None, now).await?;
+        tracing::info!("recomputed every profile with the current definitions");
+        return Ok(None);
+    };
+    // Locked before their merged ids are read, so no merge changes the components meanwhile.
+    let live: Vec<Profile> = ops
+        .load(&ids, true)
+        .await?
+        .into_iter()
+        .filter(|p| p.merged_into.is_none())
+        .collect();
+    let mut skipped: HashSet<String> = HashSet::new();
+    let applied = loop {
+        let mut profiles = Vec::new();
+        for p in live.iter().filter(|p| !skipped.contains(&p.profile_id)) {
+            profiles.push((p.profile_id.clone(), p.profile_id.clone()));
+            for merged in &p.merged_profile_ids {
+                profiles.push((merged.clone(), p.profile_id.clone()));
+            }
+        }
+        let split = Split {
+            profiles,
+            events: Vec::new(),
+            erased: Vec::new(),
+        };
+        match rebuild(ops, &split, hd, now, scorer, false).await {
+            // Rebuilding fails before writing anything: leave that component and go on.
+            Err(ProfileError::NotRebuildable(id)) if skipped.len() < MAX_SKIPPED => {
+                let owner = split
+                    .profiles
+                    .iter()
+                    .find(|(member, _)| *member == id)
+                    .map_or(id.clone(), |(_, live)| live.clone());
+                tracing::warn!(
+                    profile_id = %owner,
+                    "not recomputed: it holds events applied before their contents were kept"
+                );
+                metrics::counter!("tessera_profile_recompute_skipped_total").increment(1);
+                skipped.insert(owner);
+            }
+            other => break other?,
+        }
+    };
+    ops.set_recompute_state(&fingerprint, Some(&last), now)
+        .await?;
+    metrics::counter!("tessera_profile_recomputed_total").increment(applied.named.len() as u64);
+    Ok(Some(applied))
+}
+
 /// Folds the account traits of newly applied group calls into their accounts (created when
 /// new), locked after the batch's profiles, in id order.
 async fn fold_accounts<O: Ops>(
@@ -1043,9 +1173,22 @@ fn content_json(content: &EventContent) -> String {
 async fn split<O: Ops>(
     ops: &mut O,
     split: &Split,
+    hd: (f64, &Definitions),
+    now: OffsetDateTime,
+    scorer: &dyn Scorer,
+) -> Result<Applied, ProfileError> {
+    rebuild(ops, split, hd, now, scorer, true).await
+}
+
+/// Rebuilds a component as [`split`] does; `log_split` says whether its live profiles log a
+/// `split` change (an unmerge) or only `updated` (a recompute).
+async fn rebuild<O: Ops>(
+    ops: &mut O,
+    split: &Split,
     (half_life_seconds, defs): (f64, &Definitions),
     now: OffsetDateTime,
     scorer: &dyn Scorer,
+    log_split: bool,
 ) -> Result<Applied, ProfileError> {
     let computed = defs.computed.as_slice();
     let target: HashMap<&str, &str> = split
@@ -1194,8 +1337,11 @@ async fn split<O: Ops>(
     ops.write(&written).await?;
     record_versions(ops, defs, &written, now).await?;
     let audiences = update_memberships(ops, defs, &written, now).await?;
-    ops.log_changes(&changes_of(&written, true, &score_changes, &audiences), now)
-        .await?;
+    ops.log_changes(
+        &changes_of(&written, log_split, &score_changes, &audiences),
+        now,
+    )
+    .await?;
     ops.move_events(&moves).await?;
     ops.delete_events(&deleted).await?;
     ops.replace_identifiers(&members, &links).await?;

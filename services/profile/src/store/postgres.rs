@@ -275,6 +275,37 @@ impl ProfileStore for PostgresStore {
         Ok(deleted)
     }
 
+    async fn start_recompute(
+        &self,
+        fingerprint: &str,
+        now: OffsetDateTime,
+    ) -> Result<bool, ProfileError> {
+        let mut tx = self.pool.begin().await?;
+        let running = super::start_recompute(&mut PgOps(&mut tx), fingerprint, now).await?;
+        tx.commit().await?;
+        Ok(running)
+    }
+
+    async fn recompute(
+        &self,
+        limit: usize,
+        half_life_seconds: f64,
+        now: OffsetDateTime,
+        scorer: &dyn Scorer,
+    ) -> Result<Option<Applied>, ProfileError> {
+        let mut tx = self.pool.begin().await?;
+        let done = super::recompute(
+            &mut PgOps(&mut tx),
+            limit,
+            (half_life_seconds, &self.defs),
+            now,
+            scorer,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(done)
+    }
+
     async fn account(&self, account_id: &str) -> Result<Option<Account>, ProfileError> {
         let mut conn = self.pool.acquire().await?;
         Ok(PgOps(&mut conn).load_account(account_id).await?)
@@ -719,6 +750,43 @@ impl Ops for PgOps<'_> {
         .execute(&mut *self.0)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn recompute_state(
+        &mut self,
+        lock: bool,
+    ) -> Result<Option<(String, Option<String>)>, sqlx::Error> {
+        if lock {
+            // The row may not exist yet: a transaction-scoped advisory lock serializes the
+            // replicas that would insert it.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('tessera.profile.recompute'))")
+                .execute(&mut *self.0)
+                .await?;
+        }
+        sqlx::query_as("SELECT fingerprint, cursor FROM recompute_state WHERE id = 1")
+            .fetch_optional(&mut *self.0)
+            .await
+    }
+
+    async fn set_recompute_state(
+        &mut self,
+        fingerprint: &str,
+        cursor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO recompute_state (id, fingerprint, cursor, started_at, updated_at) \
+             VALUES (1, $1, $2, $3, $3) \
+             ON CONFLICT (id) DO UPDATE SET fingerprint = $1, cursor = $2, updated_at = $3, \
+               started_at = CASE WHEN recompute_state.fingerprint = $1 \
+                                 THEN recompute_state.started_at ELSE $3 END",
+        )
+        .bind(fingerprint)
+        .bind(cursor)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
     }
 
     async fn lock_accounts(

@@ -294,6 +294,37 @@ impl ProfileStore for SqliteStore {
         Ok(deleted)
     }
 
+    async fn start_recompute(
+        &self,
+        fingerprint: &str,
+        now: OffsetDateTime,
+    ) -> Result<bool, ProfileError> {
+        let mut tx = self.pool.begin().await?;
+        let running = super::start_recompute(&mut LiteOps(&mut tx), fingerprint, now).await?;
+        tx.commit().await?;
+        Ok(running)
+    }
+
+    async fn recompute(
+        &self,
+        limit: usize,
+        half_life_seconds: f64,
+        now: OffsetDateTime,
+        scorer: &dyn Scorer,
+    ) -> Result<Option<Applied>, ProfileError> {
+        let mut tx = self.pool.begin().await?;
+        let done = super::recompute(
+            &mut LiteOps(&mut tx),
+            limit,
+            (half_life_seconds, &self.defs),
+            now,
+            scorer,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(done)
+    }
+
     async fn account(&self, account_id: &str) -> Result<Option<Account>, ProfileError> {
         let mut conn = self.pool.acquire().await?;
         Ok(LiteOps(&mut conn).load_account(account_id).await?)
@@ -602,6 +633,36 @@ impl Ops for LiteOps<'_> {
             linked += qb.build().execute(&mut *self.0).await?.rows_affected();
         }
         Ok(linked)
+    }
+
+    async fn recompute_state(
+        &mut self,
+        _lock: bool,
+    ) -> Result<Option<(String, Option<String>)>, sqlx::Error> {
+        sqlx::query_as("SELECT fingerprint, cursor FROM recompute_state WHERE id = 1")
+            .fetch_optional(&mut *self.0)
+            .await
+    }
+
+    async fn set_recompute_state(
+        &mut self,
+        fingerprint: &str,
+        cursor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO recompute_state (id, fingerprint, cursor, started_at, updated_at) \
+             VALUES (1, ?1, ?2, ?3, ?3) \
+             ON CONFLICT (id) DO UPDATE SET fingerprint = ?1, cursor = ?2, updated_at = ?3, \
+               started_at = CASE WHEN recompute_state.fingerprint = ?1 \
+                                 THEN recompute_state.started_at ELSE ?3 END",
+        )
+        .bind(fingerprint)
+        .bind(cursor)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
     }
 
     async fn lock_accounts(

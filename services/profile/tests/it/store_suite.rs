@@ -1801,3 +1801,111 @@ async fn accounts_fold_group_calls_and_list_members_on_postgres() {
     accounts_fold_group_calls_and_list_members(&*backend.store).await;
     backend.db.close().await;
 }
+
+/// A computed trait declared after events were applied counts them too: the store sees that
+/// the definitions changed and recomputes every profile (merged ones through their survivor)
+/// from its events, a chunk at a time, then stays done until the definitions change again.
+async fn profiles_are_recomputed_when_the_definitions_change(backend: &Backend) {
+    let before = store::Definitions::new(vec![], Audiences::default());
+    let old = store::open_with(backend.db.clone(), before.clone());
+    assert!(
+        old.start_recompute(&before.fingerprint(), NOW)
+            .await
+            .unwrap()
+    );
+    assert!(
+        old.recompute(10, H, NOW, &NoScores)
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing stored yet"
+    );
+    assert!(
+        !old.start_recompute(&before.fingerprint(), NOW)
+            .await
+            .unwrap()
+    );
+    let batch = |merges, events| Batch { merges, events };
+    old.apply(
+        &batch(
+            vec![],
+            vec![
+                tracked("o1", "p1", 1, "Order Completed", json!({"total": 10})),
+                tracked("o2", "p2", 2, "Order Completed", json!({"total": 5})),
+                tracked("o3", "p3", 3, "Order Completed", json!({"total": 7})),
+            ],
+        ),
+        H,
+        NOW,
+        &NoScores,
+    )
+    .await
+    .unwrap();
+    old.apply(&batch(vec![merge("p1", "p2")], vec![]), H, NOW, &NoScores)
+        .await
+        .unwrap();
+
+    let after = store::Definitions::new(order_traits(), Audiences::default());
+    assert_ne!(after.fingerprint(), before.fingerprint());
+    let new = store::open_with(backend.db.clone(), after.clone());
+    let orders = |p: &Profile| {
+        p.state
+            .computed
+            .values(&after.computed, NOW)
+            .get("orders")
+            .map(|v| v.value.clone())
+    };
+    let p1 = new.get("p1").await.unwrap().unwrap();
+    assert_eq!(
+        orders(&p1),
+        Some(json!(0)),
+        "folded before the trait was declared"
+    );
+
+    assert!(
+        new.start_recompute(&after.fingerprint(), NOW)
+            .await
+            .unwrap()
+    );
+    let mut chunks = 0;
+    while let Some(done) = new.recompute(1, H, NOW, &NoScores).await.unwrap() {
+        chunks += 1;
+        assert!(done.named.len() <= 1);
+        assert!(chunks < 10, "the recompute ends");
+    }
+    assert_eq!(chunks, 2, "p1 (with p2 merged in) and p3");
+    let p1 = new.get("p1").await.unwrap().unwrap();
+    assert_eq!(orders(&p1), Some(json!(2)));
+    assert_eq!(p1.state.event_count, 2);
+    assert_eq!(p1.merged_profile_ids, ["p2"]);
+    let p3 = new.get("p3").await.unwrap().unwrap();
+    assert_eq!(orders(&p3), Some(json!(1)));
+    assert!(
+        !new.start_recompute(&after.fingerprint(), NOW)
+            .await
+            .unwrap()
+    );
+    let changes = changes_until(new.as_ref(), |c| {
+        c.iter()
+            .filter(|c| c.profile_id == "p3" && c.kind == "updated")
+            .count()
+            == 2
+    })
+    .await;
+    assert!(
+        changes.iter().all(|c| c.kind != "split"),
+        "a recompute is no unmerge: {changes:?}"
+    );
+}
+
+#[tokio::test]
+async fn profiles_are_recomputed_when_the_definitions_change_on_sqlite() {
+    profiles_are_recomputed_when_the_definitions_change(&sqlite().await).await;
+}
+
+#[tokio::test]
+async fn profiles_are_recomputed_when_the_definitions_change_on_postgres() {
+    let backend = postgres().await;
+    profiles_are_recomputed_when_the_definitions_change(&backend).await;
+    backend.db.close().await;
+}
