@@ -1082,6 +1082,16 @@ def check_tiltfile(kubectl: str) -> int:
             for _, remote in pairs:
                 c.check(remote in cports, f"--build={mode}: {workload} listens on {remote}")
 
+    # `tilt up RESOURCE...` enables only those resources.
+    tilt = TiltStubs(kubectl, {"to-run": ["tessera-profile", "postgres"]})
+    try:
+        tilt.evaluate(path)
+        enabled = [b["resources"] for b in tilt.called("config.set_enabled_resources")]
+    except Exception as e:  # noqa: BLE001
+        enabled = [str(e)]
+    c.check(enabled == [["tessera-profile", "postgres"]],
+            f"`tilt up tessera-profile postgres` enables those two resources (got {enabled})")
+
     # A wrong --build value stops Tilt with a message.
     tilt = TiltStubs(kubectl, {"build": "nonsense"})
     try:
