@@ -773,14 +773,54 @@ pub(crate) fn match_merges(merges: Vec<identity::Merge>) -> Result<Vec<Merge>, P
         .collect()
 }
 
-/// The facts the scoring service needs about a profile.
-pub(crate) fn facts(profile: &Profile, half_life_seconds: f64) -> scoring::ProfileFacts {
+/// The facts the scoring service needs about a profile at `now`: its activity, traits, declared
+/// computed traits, audiences and accounts. Audiences are evaluated with the profile's current
+/// state but the scores it already has (the new ones are what this asks for), so a membership
+/// that depends on a score lags it by one write. The accounts carry the person's role and title
+/// only: the accounts' own traits live in the store's `accounts` table, which scoring inside
+/// the apply transaction does not read, so `AccountFacts.traits` stays empty for now.
+pub(crate) fn facts(
+    profile: &Profile,
+    half_life_seconds: f64,
+    defs: &Definitions,
+    now: OffsetDateTime,
+) -> scoring::ProfileFacts {
+    let state = &profile.state;
+    let text = |membership: &serde_json::Value, key: &str| {
+        membership
+            .get(key)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
     scoring::ProfileFacts {
         profile_id: profile.profile_id.clone(),
-        event_count: profile.state.event_count,
-        last_seen: profile.state.last_seen.map(to_timestamp),
-        activity_log2: profile.state.activity_log2,
+        event_count: state.event_count,
+        last_seen: state.last_seen.map(to_timestamp),
+        activity_log2: state.activity_log2,
         activity_half_life_seconds: half_life_seconds,
+        traits: state
+            .traits
+            .iter()
+            .map(|(name, t)| (name.clone(), json_to_value(&t.value)))
+            .collect(),
+        computed_traits: state
+            .computed
+            .values(defs.declared(), now)
+            .into_iter()
+            .map(|(name, c)| (name, json_to_value(&c.value)))
+            .collect(),
+        audiences: defs.members(profile, now),
+        accounts: state
+            .computed
+            .accounts()
+            .map(|(account_id, latest)| scoring::AccountFacts {
+                account_id: account_id.to_owned(),
+                role: text(&latest.value, "role"),
+                title: text(&latest.value, "title"),
+                traits: Default::default(),
+            })
+            .collect(),
     }
 }
 

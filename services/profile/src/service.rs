@@ -1004,7 +1004,7 @@ impl Inner {
         let mut request = Request::new(scoring::ScoreProfilesRequest {
             profiles: profiles
                 .iter()
-                .map(|p| convert::facts(p, self.half_life_seconds))
+                .map(|p| convert::facts(p, self.half_life_seconds, &self.defs, now))
                 .collect(),
             as_of: Some(to_timestamp(now)),
         });

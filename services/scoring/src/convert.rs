@@ -1,14 +1,17 @@
 //! Conversions between the protobuf messages and the domain types, with request validation.
 
+use std::collections::BTreeMap;
+
 use prost_types::Timestamp;
 use tessera_core::FieldViolation;
-use tessera_proto::convert::{from_timestamp, to_timestamp};
+use tessera_proto::convert::{from_timestamp, to_timestamp, value_to_json};
 use tessera_proto::scoring::v1 as pb;
 use time::OffsetDateTime;
 
 use crate::MAX_PROFILES_PER_REQUEST;
-use crate::domain::{Factor, ProfileFacts, Score};
+use crate::domain::{AccountFacts, Factor, ProfileFacts, Score};
 use crate::error::ScoringError;
+use crate::plans::{CompiledPlan, Evaluation, GradeBand, Level, RuleOutcome};
 
 /// A validated `ScoreProfilesRequest`.
 #[derive(Debug)]
@@ -52,6 +55,38 @@ impl TryFrom<pb::ScoreProfilesRequest> for ScoreRequest {
     }
 }
 
+/// A validated `ScoreProfileRequest`.
+#[derive(Debug)]
+pub(crate) struct ScoreOneRequest {
+    pub(crate) profile: ProfileFacts,
+    pub(crate) as_of: Option<OffsetDateTime>,
+}
+
+impl TryFrom<pb::ScoreProfileRequest> for ScoreOneRequest {
+    type Error = ScoringError;
+
+    fn try_from(request: pb::ScoreProfileRequest) -> Result<Self, Self::Error> {
+        let pb::ScoreProfileRequest { profile, as_of } = request;
+        let mut violations = Vec::new();
+        let as_of = timestamp(as_of.as_ref(), "as_of", &mut violations);
+        let profile = match profile.map(ProfileFacts::try_from) {
+            Some(Ok(profile)) => Some(profile),
+            Some(Err(errors)) => {
+                violations.extend(errors.into_iter().map(|v| v.prefixed("profile")));
+                None
+            }
+            None => {
+                violations.push(FieldViolation::new("profile", "required"));
+                None
+            }
+        };
+        match profile {
+            Some(profile) if violations.is_empty() => Ok(Self { profile, as_of }),
+            Some(_) | None => Err(ScoringError::InvalidArgument(violations)),
+        }
+    }
+}
+
 impl TryFrom<pb::ProfileFacts> for ProfileFacts {
     type Error = Vec<FieldViolation>;
 
@@ -62,6 +97,10 @@ impl TryFrom<pb::ProfileFacts> for ProfileFacts {
             last_seen,
             activity_log2,
             activity_half_life_seconds,
+            traits,
+            computed_traits,
+            audiences,
+            accounts,
         } = facts;
         let mut violations = Vec::new();
         if profile_id.is_empty() {
@@ -83,6 +122,30 @@ impl TryFrom<pb::ProfileFacts> for ProfileFacts {
                 "must be a finite number, 0 (the default) or more",
             ));
         }
+        let accounts = accounts
+            .into_iter()
+            .enumerate()
+            .map(|(i, account)| {
+                let pb::AccountFacts {
+                    account_id,
+                    role,
+                    title,
+                    traits,
+                } = account;
+                if account_id.is_empty() {
+                    violations.push(FieldViolation::new(
+                        format!("accounts[{i}].account_id"),
+                        "required",
+                    ));
+                }
+                AccountFacts {
+                    account_id,
+                    role,
+                    title,
+                    traits: json_map(traits),
+                }
+            })
+            .collect();
         if !violations.is_empty() {
             return Err(violations);
         }
@@ -92,8 +155,20 @@ impl TryFrom<pb::ProfileFacts> for ProfileFacts {
             last_seen,
             activity_log2,
             activity_half_life_seconds,
+            traits: json_map(traits),
+            computed: json_map(computed_traits),
+            audiences: audiences.into_iter().collect(),
+            accounts,
         })
     }
+}
+
+fn json_map(
+    map: std::collections::HashMap<String, prost_types::Value>,
+) -> BTreeMap<String, serde_json::Value> {
+    map.into_iter()
+        .map(|(name, value)| (name, value_to_json(&value)))
+        .collect()
 }
 
 fn timestamp(
@@ -119,10 +194,10 @@ impl From<Score> for pb::Score {
             factors,
         } = score;
         Self {
-            name: name.to_owned(),
+            name,
             value,
             computed_at: Some(to_timestamp(computed_at)),
-            model_version: model_version.to_owned(),
+            model_version,
             factors: factors.into_iter().map(pb::ScoreFactor::from).collect(),
         }
     }
@@ -136,9 +211,99 @@ impl From<Factor> for pb::ScoreFactor {
             description,
         } = factor;
         Self {
-            name: name.to_owned(),
+            name,
             value,
             description,
+        }
+    }
+}
+
+impl From<&CompiledPlan> for pb::Plan {
+    fn from(compiled: &CompiledPlan) -> Self {
+        let plan = compiled.plan();
+        Self {
+            name: plan.name.clone(),
+            version: plan.version.clone(),
+            level: match plan.level {
+                Level::Person => pb::PlanLevel::Person,
+                Level::Account => pb::PlanLevel::Account,
+            } as i32,
+            description: plan.description.clone(),
+            rules: plan
+                .rules
+                .iter()
+                .map(|rule| pb::PlanRule {
+                    name: rule.name.clone(),
+                    description: rule.description.clone(),
+                    points: rule.points,
+                    group: rule.group.clone().unwrap_or_default(),
+                    condition_json: serde_json::to_string(&rule.condition).unwrap_or_default(),
+                })
+                .collect(),
+            cap: plan.cap,
+            max_points: compiled.max_points(),
+            grades: plan.grades.iter().map(pb::GradeBand::from).collect(),
+            scored: compiled.scored(),
+            model_version: compiled.model_version().to_owned(),
+        }
+    }
+}
+
+impl From<&GradeBand> for pb::GradeBand {
+    fn from(band: &GradeBand) -> Self {
+        let GradeBand { grade, min } = band;
+        Self {
+            grade: grade.clone(),
+            min: *min,
+        }
+    }
+}
+
+impl From<Evaluation> for pb::PlanEvaluation {
+    fn from(evaluation: Evaluation) -> Self {
+        let Evaluation {
+            plan,
+            model_version,
+            value,
+            grade,
+            raw_points,
+            uncapped_points,
+            max_points,
+            rules,
+        } = evaluation;
+        Self {
+            plan,
+            model_version,
+            value,
+            grade: grade.grade,
+            raw_points,
+            uncapped_points,
+            max_points,
+            rules: rules
+                .into_iter()
+                .map(pb::PlanRuleEvaluation::from)
+                .collect(),
+        }
+    }
+}
+
+impl From<RuleOutcome> for pb::PlanRuleEvaluation {
+    fn from(outcome: RuleOutcome) -> Self {
+        let RuleOutcome {
+            name,
+            description,
+            points,
+            group,
+            matched,
+            counted,
+        } = outcome;
+        Self {
+            name,
+            description,
+            points,
+            matched,
+            counted,
+            group: group.unwrap_or_default(),
         }
     }
 }
@@ -157,6 +322,7 @@ mod tests {
             }),
             activity_log2: Some(300.0),
             activity_half_life_seconds: 0.0,
+            ..Default::default()
         }
     }
 
@@ -181,6 +347,27 @@ mod tests {
                 "profiles[1].activity_half_life_seconds"
             ]
         );
+    }
+
+    #[test]
+    fn one_profile_requests_name_their_fields() {
+        let mut bad = facts("p");
+        bad.accounts = vec![pb::AccountFacts::default()];
+        let request = pb::ScoreProfileRequest {
+            profile: Some(bad),
+            as_of: None,
+        };
+        let Err(ScoringError::InvalidArgument(violations)) = ScoreOneRequest::try_from(request)
+        else {
+            panic!("expected invalid argument");
+        };
+        assert_eq!(violations[0].field, "profile.accounts[0].account_id");
+        let Err(ScoringError::InvalidArgument(violations)) =
+            ScoreOneRequest::try_from(pb::ScoreProfileRequest::default())
+        else {
+            panic!("expected invalid argument");
+        };
+        assert_eq!(violations[0].field, "profile");
     }
 
     #[test]

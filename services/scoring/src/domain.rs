@@ -4,9 +4,16 @@
 //! profile's event count decayed by recency (see [`tessera_core::activity`]). One event just now
 //! scores about 18, five recent events about 63, and a profile that goes quiet loses half its
 //! `raw` every half-life.
+//!
+//! The scores of declared plans ([`crate::plans`]) follow engagement, in declaration order.
 
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::Value;
 use tessera_core::activity;
 use time::OffsetDateTime;
+
+use crate::plans::Plans;
 
 /// The name of the engagement score.
 pub const ENGAGEMENT: &str = "engagement";
@@ -18,7 +25,7 @@ pub const ENGAGEMENT_SATURATION: f64 = 5.0;
 const SECONDS_PER_DAY: f64 = 86_400.0;
 
 /// What scoring knows about one profile.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ProfileFacts {
     /// The profile id.
     pub profile_id: String,
@@ -31,6 +38,27 @@ pub struct ProfileFacts {
     /// The half-life `activity_log2` was accumulated with, in seconds; 0 means
     /// [`activity::DEFAULT_HALF_LIFE_SECONDS`].
     pub activity_half_life_seconds: f64,
+    /// The profile's traits by name.
+    pub traits: BTreeMap<String, Value>,
+    /// The declared computed traits' values by name, as evaluated by the caller.
+    pub computed: BTreeMap<String, Value>,
+    /// The audiences the profile belongs to.
+    pub audiences: BTreeSet<String>,
+    /// The accounts the person belongs to.
+    pub accounts: Vec<AccountFacts>,
+}
+
+/// One account a person belongs to.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AccountFacts {
+    /// The account id.
+    pub account_id: String,
+    /// The person's role in the account; empty when not given.
+    pub role: String,
+    /// The person's title in the account; empty when not given.
+    pub title: String,
+    /// The account's traits (empty until the profile service sends them).
+    pub traits: BTreeMap<String, Value>,
 }
 
 impl ProfileFacts {
@@ -47,14 +75,14 @@ impl ProfileFacts {
 /// One score with its explanation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Score {
-    /// The score's name, for example `engagement`.
-    pub name: &'static str,
+    /// The score's name: `engagement`, or a plan's name.
+    pub name: String,
     /// The value, from 0 to 100.
     pub value: f64,
     /// The time the score is valid at.
     pub computed_at: OffsetDateTime,
-    /// The model that produced the score.
-    pub model_version: &'static str,
+    /// The model or plan version that produced the score.
+    pub model_version: String,
     /// What the score is made of.
     pub factors: Vec<Factor>,
 }
@@ -69,17 +97,20 @@ impl Score {
 /// One input behind a score.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Factor {
-    /// The factor's name, for example `decayed_activity`.
-    pub name: &'static str,
+    /// The factor's name, for example `decayed_activity`, or a plan rule's name.
+    pub name: String,
     /// The factor's value; always finite.
     pub value: f64,
     /// What the factor means, for people reading the score.
     pub description: String,
 }
 
-/// Every score of one profile at `as_of`.
-pub fn score_profile(facts: &ProfileFacts, as_of: OffsetDateTime) -> Vec<Score> {
-    vec![engagement(facts, as_of)]
+/// Every score of one profile at `as_of`: engagement, then each person-level plan of `plans`
+/// in declaration order (a plan's `score` tests read the scores before it).
+pub fn score_profile(facts: &ProfileFacts, as_of: OffsetDateTime, plans: &Plans) -> Vec<Score> {
+    let mut scores = vec![engagement(facts, as_of)];
+    plans.evaluate(facts, as_of, &mut scores);
+    scores
 }
 
 /// The engagement score of a profile at `as_of`.
@@ -95,7 +126,7 @@ pub fn engagement(facts: &ProfileFacts, as_of: OffsetDateTime) -> Score {
 
     let mut factors = vec![
         Factor {
-            name: "decayed_activity",
+            name: "decayed_activity".to_owned(),
             value: raw,
             description: format!(
                 "events weighted by recency: each counts 1 when it happens and half as much \
@@ -103,7 +134,7 @@ pub fn engagement(facts: &ProfileFacts, as_of: OffsetDateTime) -> Score {
             ),
         },
         Factor {
-            name: "event_count",
+            name: "event_count".to_owned(),
             value: facts.event_count as f64,
             description: "events seen in total, however old".to_owned(),
         },
@@ -113,22 +144,22 @@ pub fn engagement(facts: &ProfileFacts, as_of: OffsetDateTime) -> Score {
     if let Some(last_seen) = facts.last_seen {
         let days = finite((as_of - last_seen).as_seconds_f64() / SECONDS_PER_DAY);
         factors.push(Factor {
-            name: "days_since_last_seen",
+            name: "days_since_last_seen".to_owned(),
             value: days,
             description: "days from the latest event to the scoring time".to_owned(),
         });
     }
     factors.push(Factor {
-        name: "half_life_days",
+        name: "half_life_days".to_owned(),
         value: half_life_days,
         description: "days after which an event counts half as much".to_owned(),
     });
 
     Score {
-        name: ENGAGEMENT,
+        name: ENGAGEMENT.to_owned(),
         value,
         computed_at: as_of,
-        model_version: ENGAGEMENT_MODEL_VERSION,
+        model_version: ENGAGEMENT_MODEL_VERSION.to_owned(),
         factors,
     }
 }
@@ -160,6 +191,7 @@ mod tests {
                 .iter()
                 .fold(None, |acc, t| Some(activity::add_event(acc, *t, H))),
             activity_half_life_seconds: 0.0,
+            ..ProfileFacts::default()
         }
     }
 

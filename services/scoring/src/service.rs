@@ -1,16 +1,21 @@
 //! The gRPC face of the scoring service.
 
+use std::sync::Arc;
+
 use tessera_proto::scoring::v1 as pb;
 use tessera_proto::scoring::v1::scoring_service_server::ScoringService;
 use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 
-use crate::convert::ScoreRequest;
+use crate::convert::{ScoreOneRequest, ScoreRequest};
 use crate::domain;
+use crate::plans::Plans;
 
-/// `ScoringService`: validates, scores, answers. Holds no state.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ScoringApi;
+/// `ScoringService`: validates, scores, answers. Holds only the plans from config.
+#[derive(Debug, Clone)]
+pub(crate) struct ScoringApi {
+    pub(crate) plans: Arc<Plans>,
+}
 
 #[tonic::async_trait]
 impl ScoringService for ScoringApi {
@@ -24,12 +29,38 @@ impl ScoringService for ScoringApi {
             .iter()
             .map(|facts| pb::ProfileScores {
                 profile_id: facts.profile_id.clone(),
-                scores: domain::score_profile(facts, as_of)
+                scores: domain::score_profile(facts, as_of, &self.plans)
                     .into_iter()
                     .map(pb::Score::from)
                     .collect(),
             })
             .collect();
         Ok(Response::new(pb::ScoreProfilesResponse { profiles }))
+    }
+
+    async fn score_profile(
+        &self,
+        request: Request<pb::ScoreProfileRequest>,
+    ) -> Result<Response<pb::ScoreProfileResponse>, Status> {
+        let ScoreOneRequest { profile, as_of } = ScoreOneRequest::try_from(request.into_inner())?;
+        let as_of = as_of.unwrap_or_else(OffsetDateTime::now_utc);
+        let mut scores = vec![domain::engagement(&profile, as_of)];
+        let plans = self.plans.evaluate(&profile, as_of, &mut scores);
+        Ok(Response::new(pb::ScoreProfileResponse {
+            scores: Some(pb::ProfileScores {
+                profile_id: profile.profile_id,
+                scores: scores.into_iter().map(pb::Score::from).collect(),
+            }),
+            plans: plans.into_iter().map(pb::PlanEvaluation::from).collect(),
+        }))
+    }
+
+    async fn list_plans(
+        &self,
+        _request: Request<pb::ListPlansRequest>,
+    ) -> Result<Response<pb::ListPlansResponse>, Status> {
+        Ok(Response::new(pb::ListPlansResponse {
+            plans: self.plans.iter().map(pb::Plan::from).collect(),
+        }))
     }
 }

@@ -201,29 +201,29 @@ impl ValuePrediction {
     pub fn factors(&self) -> Vec<Factor> {
         let mut factors = vec![
             Factor {
-                name: "frequency",
+                name: "frequency".to_owned(),
                 value: f64::from(self.inputs.frequency),
                 description: "repeat purchases: purchase days after the first".to_owned(),
             },
             Factor {
-                name: "recency",
+                name: "recency".to_owned(),
                 value: self.inputs.recency,
                 description: "time from the first purchase to the latest".to_owned(),
             },
             Factor {
-                name: "age",
+                name: "age".to_owned(),
                 value: self.inputs.age,
                 description: "time from the first purchase to the prediction".to_owned(),
             },
             Factor {
-                name: "average_spend",
+                name: "average_spend".to_owned(),
                 value: self.inputs.monetary_value,
                 description: "mean value of the repeat purchases".to_owned(),
             },
         ];
         if let Some(spend) = self.expected_average_spend {
             factors.push(Factor {
-                name: "expected_average_spend",
+                name: "expected_average_spend".to_owned(),
                 value: spend,
                 description: "expected value of one future purchase (Gamma-Gamma)".to_owned(),
             });

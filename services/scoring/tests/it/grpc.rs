@@ -41,6 +41,7 @@ fn facts(id: &str, events: &[OffsetDateTime]) -> pb::ProfileFacts {
             .iter()
             .fold(None, |acc, t| Some(activity::add_event(acc, *t, h))),
         activity_half_life_seconds: h,
+        ..Default::default()
     }
 }
 

@@ -1,5 +1,6 @@
-//! Integration tests of the scoring service: over gRPC, and the customer-value models against
-//! the published CDNOW results.
+//! Integration tests of the scoring service: over gRPC (engagement, and scoring plans from
+//! config), and the customer-value models against the published CDNOW results.
 
 mod cdnow;
 mod grpc;
+mod plans;

@@ -1,0 +1,273 @@
+//! Scoring plans over gRPC: `ListPlans`, plan scores in `ScoreProfiles`, and `ScoreProfile`'s
+//! rule-by-rule explanations, with the ready plans (`plans/ready-plans.toml`) as config.
+
+use std::collections::HashMap;
+
+use serde_json::json;
+use tessera_core::activity;
+use tessera_proto::convert::{json_to_value, to_timestamp};
+use tessera_proto::scoring::v1 as pb;
+use tessera_proto::scoring::v1::scoring_service_client::ScoringServiceClient;
+use tessera_scoring::{Scoring, ScoringSettings};
+use tessera_server::GrpcServices;
+use tessera_testkit::GrpcTestServer;
+use time::OffsetDateTime;
+use time::macros::datetime;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+const AS_OF: OffsetDateTime = datetime!(2026-05-01 00:00:00 UTC);
+
+struct Server {
+    client: ScoringServiceClient<Channel>,
+    _server: GrpcTestServer,
+}
+
+impl Server {
+    async fn start() -> Self {
+        #[derive(serde::Deserialize)]
+        struct File {
+            scoring: ScoringSettings,
+        }
+        let file: File = toml::from_str(include_str!("../../plans/ready-plans.toml")).unwrap();
+        let mut services = GrpcServices::default();
+        Scoring::from_settings(&file.scoring)
+            .expect("the ready plans are valid")
+            .register(&mut services);
+        let server = GrpcTestServer::start(services).await;
+        Self {
+            client: ScoringServiceClient::new(server.channel().await),
+            _server: server,
+        }
+    }
+}
+
+fn values(json: serde_json::Value) -> HashMap<String, prost_types::Value> {
+    json.as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), json_to_value(v)))
+        .collect()
+}
+
+/// A B2B lead: firmographics on the account, a technical evaluator, 4 events just now
+/// (engagement 55), one demo request.
+fn lead(id: &str) -> pb::ProfileFacts {
+    let h = activity::DEFAULT_HALF_LIFE_SECONDS;
+    pb::ProfileFacts {
+        profile_id: id.to_owned(),
+        event_count: 4,
+        last_seen: Some(to_timestamp(AS_OF)),
+        activity_log2: (0..4).fold(None, |acc, _| Some(activity::add_event(acc, AS_OF, h))),
+        activity_half_life_seconds: h,
+        traits: values(json!({"email": "ann@bigco.com", "country": "DE"})),
+        computed_traits: values(json!({"demo_requests": 1})),
+        audiences: vec![],
+        accounts: vec![pb::AccountFacts {
+            account_id: "bigco".to_owned(),
+            role: "technical evaluator".to_owned(),
+            title: "Staff engineer".to_owned(),
+            traits: values(json!({"industry": "fintech", "employees": 1200})),
+        }],
+    }
+}
+
+#[tokio::test]
+async fn list_plans_answers_the_configured_plans_with_their_versions() {
+    let server = Server::start().await;
+    let plans = server
+        .client
+        .clone()
+        .list_plans(pb::ListPlansRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .plans;
+    let listed: Vec<_> = plans
+        .iter()
+        .map(|p| {
+            (
+                p.name.as_str(),
+                p.version.as_str(),
+                p.model_version.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("icp_fit_b2b", "1", "icp_fit_b2b@1"),
+            ("icp_fit_b2c", "1", "icp_fit_b2c@1"),
+            ("lead_score", "1", "lead_score@1"),
+        ]
+    );
+    for plan in &plans {
+        assert_eq!(plan.level, pb::PlanLevel::Person as i32);
+        assert!(plan.scored);
+        assert_eq!(plan.max_points, 100.0);
+        assert!(!plan.description.is_empty());
+        for rule in &plan.rules {
+            assert!(!rule.description.is_empty(), "{}", rule.name);
+            let condition: serde_json::Value = serde_json::from_str(&rule.condition_json).unwrap();
+            assert!(condition.is_object(), "{}", rule.condition_json);
+        }
+    }
+    let b2b = &plans[0];
+    assert_eq!(b2b.cap, None);
+    let grades: Vec<_> = b2b
+        .grades
+        .iter()
+        .map(|g| (g.grade.as_str(), g.min))
+        .collect();
+    assert_eq!(grades, [("A", 75.0), ("B", 50.0), ("C", 25.0), ("D", 0.0)]);
+    let employees = b2b
+        .rules
+        .iter()
+        .find(|r| r.name == "employees_1000_plus")
+        .unwrap();
+    assert_eq!(
+        (employees.points, employees.group.as_str()),
+        (25.0, "employees")
+    );
+    assert!(employees.condition_json.contains("\"account\""));
+    let lead = &plans[2];
+    assert_eq!(lead.cap, Some(100.0));
+    assert_eq!(lead.grades[0].grade, "hot");
+}
+
+#[tokio::test]
+async fn score_profiles_adds_each_plans_score_with_its_rule_hits() {
+    let server = Server::start().await;
+    let response = server
+        .client
+        .clone()
+        .score_profiles(pb::ScoreProfilesRequest {
+            profiles: vec![
+                lead("ann"),
+                pb::ProfileFacts {
+                    profile_id: "empty".to_owned(),
+                    ..Default::default()
+                },
+            ],
+            as_of: Some(to_timestamp(AS_OF)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ann = &response.profiles[0];
+    let names: Vec<_> = ann.scores.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["engagement", "icp_fit_b2b", "icp_fit_b2c", "lead_score"]
+    );
+    let b2b = &ann.scores[1];
+    let factors: Vec<_> = b2b
+        .factors
+        .iter()
+        .map(|f| (f.name.as_str(), f.value))
+        .collect();
+    assert_eq!(
+        factors,
+        [
+            ("target_industry", 20.0),
+            ("employees_1000_plus", 25.0),
+            ("served_country", 10.0),
+            ("technical_evaluator", 15.0),
+            ("raw_points", 70.0),
+            ("max_points", 100.0),
+            ("grade", 50.0),
+        ]
+    );
+    assert_eq!(b2b.value, 70.0);
+    assert_eq!(b2b.model_version, "icp_fit_b2b@1");
+    assert_eq!(b2b.computed_at, Some(to_timestamp(AS_OF)));
+    assert!(b2b.factors.iter().all(|f| !f.description.is_empty()));
+    assert!(b2b.factors[6].description.starts_with("grade B"));
+    // The lead score reads this call's fit (70: a B) and engagement (55).
+    let lead = &ann.scores[3];
+    let hits: Vec<_> = lead.factors.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        hits,
+        [
+            "fit_b",
+            "highly_engaged",
+            "requested_demo",
+            "raw_points",
+            "max_points",
+            "grade"
+        ]
+    );
+    assert_eq!(lead.value, 25.0 + 30.0 + 30.0);
+
+    // Nothing known: every plan scores 0.
+    let empty = &response.profiles[1];
+    assert_eq!(empty.scores.len(), 4);
+    assert!(empty.scores.iter().all(|s| s.value == 0.0));
+}
+
+#[tokio::test]
+async fn score_profile_explains_every_rule() {
+    let server = Server::start().await;
+    let response = server
+        .client
+        .clone()
+        .score_profile(pb::ScoreProfileRequest {
+            profile: Some(lead("ann")),
+            as_of: Some(to_timestamp(AS_OF)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let scores = response.scores.unwrap();
+    assert_eq!(scores.profile_id, "ann");
+    assert_eq!(scores.scores.len(), 4);
+    let plans: Vec<_> = response
+        .plans
+        .iter()
+        .map(|p| (p.plan.as_str(), p.value, p.grade.as_str()))
+        .collect();
+    assert_eq!(
+        plans,
+        [
+            ("icp_fit_b2b", 70.0, "B"),
+            ("icp_fit_b2c", 40.0, "C"),
+            ("lead_score", 85.0, "hot"),
+        ]
+    );
+    let b2b = &response.plans[0];
+    assert_eq!(b2b.rules.len(), 12, "every rule, matched or not");
+    let outcome = |name: &str| {
+        let r = b2b.rules.iter().find(|r| r.name == name).unwrap();
+        (r.matched, r.counted)
+    };
+    assert_eq!(outcome("employees_1000_plus"), (true, true));
+    // 1,200 employees is also 200 or more, but the group's first band counted.
+    assert_eq!(outcome("employees_200_999"), (true, false));
+    assert_eq!(outcome("decision_maker"), (false, false));
+    assert_eq!(outcome("free_email"), (false, false));
+    assert_eq!(
+        (b2b.raw_points, b2b.uncapped_points, b2b.max_points),
+        (70.0, 70.0, 100.0)
+    );
+
+    let status = server
+        .client
+        .clone()
+        .score_profile(pb::ScoreProfileRequest {
+            profile: None,
+            as_of: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let fields: Vec<_> = status
+        .get_error_details()
+        .bad_request()
+        .expect("bad request details")
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    assert_eq!(fields, ["profile"]);
+}
