@@ -1,9 +1,10 @@
 //! Integration tests of the profile service: the storage conformance suite (SQLite and
 //! Postgres) and the service over gRPC with the real scoring service, Redis and Postgres,
-//! including probabilistic matching through the identity double, and webhook destinations
-//! against a local receiver.
+//! including probabilistic matching through the identity double, scoring plans, and webhook
+//! destinations against a local receiver.
 
 mod matching;
+mod scoring_plans;
 mod service;
 mod store_suite;
 mod support;

@@ -1,0 +1,234 @@
+//! Scoring plans end to end: the profile service sends each written profile's traits, computed
+//! traits, audiences and accounts to the real scoring service configured with a plan, and
+//! stores the plan's score with its rule hits; a later event that makes a rule stop matching
+//! takes its points away (scores are recomputed, not accumulated).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tessera_profile::{MIGRATIONS, Peers, ProfileSettings, Profiles, SCHEMA};
+use tessera_proto::common::v1 as common;
+use tessera_proto::convert::{json_map_to_struct, to_timestamp};
+use tessera_proto::profile::v1 as pb;
+use tessera_proto::profile::v1::get_profile_request::Lookup;
+use tessera_proto::profile::v1::profile_pipeline_service_client::ProfilePipelineServiceClient;
+use tessera_proto::profile::v1::profile_service_client::ProfileServiceClient;
+use tessera_proto::scoring::v1::Score;
+use tessera_scoring::{Scoring, ScoringSettings};
+use tessera_server::GrpcServices;
+use tessera_store::{Database, DbSettings, MemoryCache};
+use tessera_testkit::TestDb;
+use time::OffsetDateTime;
+
+use crate::service::{events, minutes_ago};
+use crate::support::{IdentityDouble, Served, identify, track};
+
+/// A plan reading every kind of fact: traits, a computed trait, an audience and the person's
+/// role in an account (positive points add up to 100, so the score is the points).
+fn plan() -> ScoringSettings {
+    serde_json::from_value(json!({"plans": [{
+        "name": "fit",
+        "version": "7",
+        "rules": [
+            {"name": "software", "description": "works in software", "points": 40,
+             "condition": {"trait": {"name": "industry", "op": "eq", "value": "software"}}},
+            {"name": "big_company", "description": "200 employees or more", "points": 20,
+             "condition": {"trait": {"name": "employees", "op": "gte", "value": 200}}},
+            {"name": "ordered", "description": "has ordered", "points": 20,
+             "condition": {"computed": {"name": "order_count", "op": "gte", "value": 1}}},
+            {"name": "buyer", "description": "in the buyers audience", "points": 10,
+             "condition": {"audience": "buyers"}},
+            {"name": "decision_maker", "description": "decides for an account", "points": 10,
+             "condition": {"account": {"name": "member.role", "op": "eq", "value": "decision maker"}}},
+            {"name": "industry_on_account", "description": "an account in software", "points": 0,
+             "condition": {"account": {"name": "industry", "op": "eq", "value": "software"}}},
+        ],
+    }]}))
+    .unwrap()
+}
+
+fn profile_settings() -> ProfileSettings {
+    serde_json::from_value(json!({
+        "computed_traits": [
+            {"name": "order_count", "kind": "count", "events": ["Order Completed"]},
+        ],
+        "audiences": [
+            {"name": "buyers", "condition": {"performed": {"event": "Order Completed"}}},
+        ],
+    }))
+    .unwrap()
+}
+
+struct Env {
+    reads: ProfileServiceClient<tonic::transport::Channel>,
+    writes: ProfilePipelineServiceClient<tonic::transport::Channel>,
+    _served: (Served, Served, Served),
+    _db: TestDb,
+}
+
+impl Env {
+    async fn new() -> Self {
+        let db = TestDb::new().await;
+        let mut services = GrpcServices::default();
+        Scoring::from_settings(&plan())
+            .unwrap()
+            .register(&mut services);
+        let scoring = Served::start(services).await;
+        let identity = IdentityDouble::default().serve().await;
+        let database = Database::connect(db.url(), SCHEMA, &DbSettings::default())
+            .await
+            .unwrap();
+        database.migrate(MIGRATIONS).await.unwrap();
+        let profiles = Profiles::new(
+            database,
+            Arc::new(MemoryCache::new(1_000, Duration::from_secs(60))),
+            Peers {
+                identity: identity.lazy_channel(),
+                scoring: scoring.lazy_channel(),
+                ingestion: identity.lazy_channel(),
+            },
+            profile_settings(),
+        );
+        let mut services = GrpcServices::default();
+        profiles.register(&mut services);
+        let served = Served::start(services).await;
+        Self {
+            reads: ProfileServiceClient::new(served.lazy_channel()),
+            writes: ProfilePipelineServiceClient::new(served.lazy_channel()),
+            _served: (served, scoring, identity),
+            _db: db,
+        }
+    }
+
+    async fn apply(&self, list: Vec<pb::ResolvedEvent>) {
+        self.writes
+            .clone()
+            .apply_events(events(list))
+            .await
+            .unwrap();
+    }
+
+    /// The profile's stored `fit` score.
+    async fn fit(&self, id: &str) -> Score {
+        let profile = self
+            .reads
+            .clone()
+            .get_profile(pb::GetProfileRequest {
+                lookup: Some(Lookup::ProfileId(id.to_owned())),
+                as_of: None,
+                read_mask: None,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .profile
+            .unwrap();
+        assert!(profile.scores.contains_key("engagement"));
+        profile.scores["fit"].clone()
+    }
+}
+
+/// A group call of `profile_id` naming account `acme` (an account in software) with the person's
+/// `role`.
+fn group(event_id: &str, profile_id: &str, at: OffsetDateTime, role: &str) -> pb::ResolvedEvent {
+    let mut e = identify(event_id, profile_id, "u1", at, json!({}));
+    let event = e.event.as_mut().unwrap();
+    event.r#type = common::EventType::Group as i32;
+    event.group_id = "acme".to_owned();
+    event.traits = Some(json_map_to_struct(
+        json!({"industry": "software"}).as_object().unwrap(),
+    ));
+    event.context = Some(json_map_to_struct(
+        json!({"traits": {"role": role}}).as_object().unwrap(),
+    ));
+    e
+}
+
+fn hits(score: &Score) -> Vec<(&str, f64)> {
+    score
+        .factors
+        .iter()
+        .filter(|f| !["raw_points", "max_points", "grade"].contains(&f.name.as_str()))
+        .map(|f| (f.name.as_str(), f.value))
+        .collect()
+}
+
+#[tokio::test]
+async fn stored_plan_scores_follow_the_facts_that_match_now() {
+    let env = Env::new().await;
+    env.apply(vec![identify(
+        "e1",
+        "p1",
+        "u1",
+        minutes_ago(30),
+        json!({"industry": "software", "employees": 500}),
+    )])
+    .await;
+    let fit = env.fit("p1").await;
+    assert_eq!(hits(&fit), [("software", 40.0), ("big_company", 20.0)]);
+    assert_eq!(fit.value, 60.0);
+    assert_eq!(fit.model_version, "fit@7");
+    let software = fit.factors.iter().find(|f| f.name == "software").unwrap();
+    assert_eq!(software.description, "works in software");
+    let grade = fit.factors.iter().find(|f| f.name == "grade").unwrap();
+    assert!(grade.description.starts_with("grade B"), "{grade:?}");
+
+    // An order (a computed trait and an audience) and a group call with a role: every rule
+    // but the one on the account's traits, which the profile service does not send yet.
+    env.apply(vec![
+        track("e2", "p1", "u1", minutes_ago(20)),
+        group("e3", "p1", minutes_ago(20), "decision maker"),
+    ])
+    .await;
+    let fit = env.fit("p1").await;
+    assert_eq!(
+        hits(&fit),
+        [
+            ("software", 40.0),
+            ("big_company", 20.0),
+            ("ordered", 20.0),
+            ("buyer", 10.0),
+            ("decision_maker", 10.0),
+        ]
+    );
+    assert_eq!(fit.value, 100.0);
+    assert!(
+        fit.factors
+            .iter()
+            .find(|f| f.name == "grade")
+            .unwrap()
+            .description
+            .starts_with("grade A")
+    );
+
+    // A later event changes the industry: that rule's points go, the rest stay as they are.
+    env.apply(vec![identify(
+        "e4",
+        "p1",
+        "u1",
+        minutes_ago(10),
+        json!({"industry": "retail"}),
+    )])
+    .await;
+    let fit = env.fit("p1").await;
+    assert_eq!(
+        hits(&fit),
+        [
+            ("big_company", 20.0),
+            ("ordered", 20.0),
+            ("buyer", 10.0),
+            ("decision_maker", 10.0),
+        ]
+    );
+    assert_eq!(fit.value, 60.0);
+    let raw = fit.factors.iter().find(|f| f.name == "raw_points").unwrap();
+    assert_eq!(raw.value, 60.0);
+
+    // A new role in the account: the role rule stops matching too.
+    env.apply(vec![group("e5", "p1", minutes_ago(5), "finance")])
+        .await;
+    let fit = env.fit("p1").await;
+    assert_eq!(fit.value, 50.0);
+    assert!(fit.computed_at.unwrap().seconds >= to_timestamp(minutes_ago(1)).seconds);
+}
