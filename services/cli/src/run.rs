@@ -80,6 +80,9 @@ fn require_postgres(s: &Settings) -> anyhow::Result<()> {
 fn check(s: &Settings) -> anyhow::Result<()> {
     s.profile
         .validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    s.scoring
+        .validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
 }
 
@@ -424,7 +427,9 @@ async fn serve(
                 workers.push(identity.spawn_rules_refresh(delivery_stop.clone()));
                 databases.push(db);
             }
-            Role::Scoring => tessera_scoring::Scoring::new().register(&mut services),
+            Role::Scoring => tessera_scoring::Scoring::from_settings(&settings.scoring)
+                .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?
+                .register(&mut services),
             Role::Profile => {
                 let db = open_db(
                     settings,

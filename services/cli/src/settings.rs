@@ -11,6 +11,7 @@ use serde::Deserialize;
 use tessera_identity::IdentitySettings;
 use tessera_ingestion::IngestionSettings;
 use tessera_profile::ProfileSettings;
+use tessera_scoring::ScoringSettings;
 use tessera_server::{EdgeSettings, TelemetrySettings};
 use tessera_store::DbSettings;
 
@@ -46,6 +47,8 @@ pub(crate) struct Settings {
     pub(crate) identity: IdentitySettings,
     /// The profile service.
     pub(crate) profile: ProfileSettings,
+    /// The scoring service (its plans).
+    pub(crate) scoring: ScoringSettings,
 }
 
 /// The gRPC addresses of the peer services, as `http://host:port`.
@@ -90,6 +93,7 @@ impl Default for Settings {
             ingestion: IngestionSettings::default(),
             identity: IdentitySettings::default(),
             profile: ProfileSettings::default(),
+            scoring: ScoringSettings::default(),
         }
     }
 }
@@ -161,6 +165,8 @@ mod tests {
         let s = load(Some(&path), &HashMap::new()).expect("example config parses");
         assert_eq!(s.ingestion.partitions, 16);
         assert!(s.database_url.starts_with("postgres://"));
+        s.scoring.validate().expect("the example plans are valid");
+        assert!(!s.scoring.plans.is_empty());
     }
 
     #[test]
@@ -184,6 +190,38 @@ mod tests {
     fn unknown_keys_are_rejected_by_name() {
         let err = load(None, &env(&[("TESSERA__INGESTION__MAX_BACH", "10")])).unwrap_err();
         assert!(err.to_string().contains("max_bach"), "{err}");
+    }
+
+    #[test]
+    fn unusable_scoring_plans_are_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("tessera-plans-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let plan = |op: &str| {
+            format!(
+                "[[scoring.plans]]\nname = \"fit\"\nversion = \"1\"\nrules = [{{ name = \"r\", \
+                 points = 10, condition = {{ trait = {{ name = \"age\", op = \"{op}\", value = 1 }} }} }}]\n"
+            )
+        };
+        let twice = load(
+            Some(&file("twice.toml", &plan("gt").repeat(2))),
+            &HashMap::new(),
+        )
+        .expect("parses");
+        let err = twice.scoring.validate().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "scoring.plans[1] (\"fit\"): the name is declared twice"
+        );
+        let Err(err) = load(Some(&file("op.toml", &plan("greater"))), &HashMap::new()) else {
+            panic!("an unknown operator parses");
+        };
+        assert!(err.to_string().contains("greater"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
