@@ -216,8 +216,9 @@ def check_dockerfile() -> int:
         if not c.check(stage, f"a stage named {name}"):
             continue
         users = [s[1] for s in stage["steps"] if s[0] == "USER"]
-        c.check(users and re.fullmatch(r"[1-9]\d*(:[1-9]\d*)?", users[-1]),
-                f"{name}: USER is a numeric non-root uid(:gid) (got {users[-1] if users else None})")
+        last_user = users[-1] if users else None
+        c.check(last_user and re.fullmatch(r"[1-9]\d*(:[1-9]\d*)?", last_user),
+                f"{name}: USER is a numeric non-root uid(:gid) (got {last_user})")
         entry = [s[1] for s in stage["steps"] if s[0] == "ENTRYPOINT"]
         try:
             entry_argv = json.loads(entry[-1]) if entry else None
@@ -539,7 +540,8 @@ def check_overlay(c: Checks, overlay: str, objects: list[dict]) -> None:
                 continue
             if c.check(target, f"{where}: {kind} {name} exists in the overlay"):
                 if key:
-                    c.check(key in (target.get("data") or {}), f"{where}: {kind} {name} has key {key}")
+                    c.check(key in (target.get("data") or {}),
+                            f"{where}: {kind} {name} has key {key}")
 
     # The four services and the migration Job.
     keys = example_keys()
@@ -856,7 +858,7 @@ class TiltStubs:
                 self.errors.append(f"{name}: {key!r} given twice")
             bound[key] = value
         missing = [p for p in params[:REQUIRED.get(name, 0)] if p not in bound]
-        if missing and not (name == "k8s_resource"):
+        if missing:
             self.errors.append(f"{name}: missing {missing}")
         return bound
 
@@ -1006,7 +1008,8 @@ def check_tiltfile(kubectl: str) -> int:
         binaries = [b for b in tilt.called("local_resource") if b["name"] == "tessera-binary"]
         if mode == "host":
             restart = tilt.called("docker_build_with_restart")
-            if c.check(len(restart) == 1, "--build=host: docker_build_with_restart (restart_process)"):
+            if c.check(len(restart) == 1,
+                       "--build=host: docker_build_with_restart (restart_process)"):
                 b = restart[0]
                 host_binary = (b.get("only") or [None])[0]
                 dest = dockerfile_stage_copy_dest(b.get("target", ""), host_binary or "")
