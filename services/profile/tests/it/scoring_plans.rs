@@ -1,7 +1,8 @@
 //! Scoring plans end to end: the profile service sends each written profile's traits, computed
 //! traits, audiences and accounts to the real scoring service configured with a plan, and
 //! stores the plan's score with its rule hits; a later event that makes a rule stop matching
-//! takes its points away (scores are recomputed, not accumulated).
+//! takes its points away (scores are recomputed, not accumulated). Plan scores are usable in
+//! audiences and each change of one is a `score_changed` change of the change stream.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +56,7 @@ fn profile_settings() -> ProfileSettings {
         ],
         "audiences": [
             {"name": "buyers", "condition": {"performed": {"event": "Order Completed"}}},
+            {"name": "good_fit", "condition": {"score": {"name": "fit", "op": "gte", "value": 80}}},
         ],
     }))
     .unwrap()
@@ -111,6 +113,10 @@ impl Env {
 
     /// The profile's stored `fit` score.
     async fn fit(&self, id: &str) -> Score {
+        self.profile(id).await.scores["fit"].clone()
+    }
+
+    async fn profile(&self, id: &str) -> pb::Profile {
         let profile = self
             .reads
             .clone()
@@ -125,7 +131,35 @@ impl Env {
             .profile
             .unwrap();
         assert!(profile.scores.contains_key("engagement"));
-        profile.scores["fit"].clone()
+        profile
+    }
+
+    /// The values of the `score_changed` changes of `score`, in stream order, once there are
+    /// `count`.
+    async fn score_changes(&self, score: &str, count: usize) -> Vec<f64> {
+        let mut stream = self
+            .reads
+            .clone()
+            .watch_profile_changes(pb::WatchProfileChangesRequest {
+                cursor: "beginning".to_owned(),
+                kinds: vec!["score_changed".to_owned()],
+                audiences: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut values = Vec::new();
+        while values.len() < count {
+            let change = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .expect("a change within 10 s")
+                .unwrap()
+                .expect("the stream goes on");
+            if change.score == score {
+                values.push(change.score_value);
+            }
+        }
+        values
     }
 }
 
@@ -193,6 +227,7 @@ async fn stored_plan_scores_follow_the_facts_that_match_now() {
         ]
     );
     assert_eq!(fit.value, 100.0);
+    assert_eq!(env.profile("p1").await.audiences, ["buyers", "good_fit"]);
     assert!(
         fit.factors
             .iter()
@@ -224,6 +259,7 @@ async fn stored_plan_scores_follow_the_facts_that_match_now() {
     assert_eq!(fit.value, 60.0);
     let raw = fit.factors.iter().find(|f| f.name == "raw_points").unwrap();
     assert_eq!(raw.value, 60.0);
+    assert_eq!(env.profile("p1").await.audiences, ["buyers"]);
 
     // A new role in the account: the role rule stops matching too.
     env.apply(vec![group("e5", "p1", minutes_ago(5), "finance")])
@@ -231,4 +267,5 @@ async fn stored_plan_scores_follow_the_facts_that_match_now() {
     let fit = env.fit("p1").await;
     assert_eq!(fit.value, 50.0);
     assert!(fit.computed_at.unwrap().seconds >= to_timestamp(minutes_ago(1)).seconds);
+    assert_eq!(env.score_changes("fit", 4).await, [60.0, 100.0, 60.0, 50.0]);
 }
