@@ -783,6 +783,7 @@ pub(crate) fn facts(
     profile: &Profile,
     half_life_seconds: f64,
     defs: &Definitions,
+    accounts: &crate::store::Accounts,
     now: OffsetDateTime,
 ) -> scoring::ProfileFacts {
     let state = &profile.state;
@@ -818,7 +819,15 @@ pub(crate) fn facts(
                 account_id: account_id.to_owned(),
                 role: text(&latest.value, "role"),
                 title: text(&latest.value, "title"),
-                traits: Default::default(),
+                traits: accounts
+                    .get(account_id)
+                    .map(|a| {
+                        a.traits
+                            .iter()
+                            .map(|(name, t)| (name.clone(), json_to_value(&t.value)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             })
             .collect(),
     }

@@ -983,11 +983,12 @@ impl Scorer for Inner {
     async fn score(
         &self,
         profiles: &[&Profile],
+        accounts: &crate::store::Accounts,
         now: OffsetDateTime,
     ) -> Result<Vec<Vec<Score>>, ProfileError> {
         let mut out = Vec::with_capacity(profiles.len());
         for chunk in profiles.chunks(MAX_SCORED_PER_CALL) {
-            out.extend(self.score_call(chunk, now).await?);
+            out.extend(self.score_call(chunk, accounts, now).await?);
         }
         Ok(out)
     }
@@ -997,6 +998,7 @@ impl Inner {
     async fn score_call(
         &self,
         profiles: &[&Profile],
+        accounts: &crate::store::Accounts,
         now: OffsetDateTime,
     ) -> Result<Vec<Vec<Score>>, ProfileError> {
         let mut client = ScoringServiceClient::new(self.scoring.clone())
@@ -1004,7 +1006,7 @@ impl Inner {
         let mut request = Request::new(scoring::ScoreProfilesRequest {
             profiles: profiles
                 .iter()
-                .map(|p| convert::facts(p, self.half_life_seconds, &self.defs, now))
+                .map(|p| convert::facts(p, self.half_life_seconds, &self.defs, accounts, now))
                 .collect(),
             as_of: Some(to_timestamp(now)),
         });

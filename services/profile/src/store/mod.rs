@@ -59,12 +59,37 @@ pub struct Applied {
 /// scores are written together (one write, one version) and no batch is applied unscored.
 #[async_trait]
 pub trait Scorer: Send + Sync {
-    /// The new scores of each of `profiles` (live, as the batch left them), in order.
+    /// The new scores of each of `profiles` (live, as the batch left them), in order;
+    /// `accounts` holds the accounts they belong to, by id, as the batch left them.
     async fn score(
         &self,
         profiles: &[&Profile],
+        accounts: &Accounts,
         now: OffsetDateTime,
     ) -> Result<Vec<Vec<Score>>, ProfileError>;
+}
+
+/// Accounts by id.
+pub type Accounts = HashMap<String, Account>;
+
+/// The accounts `profiles` belong to, read through `ops` (inside the writing transaction, so
+/// account traits the batch changed are read as changed).
+async fn accounts_of<O: Ops>(ops: &mut O, profiles: &[&Profile]) -> Result<Accounts, sqlx::Error> {
+    let ids: Vec<String> = profiles
+        .iter()
+        .flat_map(|p| p.state.computed.accounts().map(|(id, _)| id.to_owned()))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if ids.is_empty() {
+        return Ok(Accounts::new());
+    }
+    Ok(ops
+        .load_accounts(&ids)
+        .await?
+        .into_iter()
+        .map(|a| (a.account_id.clone(), a))
+        .collect())
 }
 
 /// A [`Scorer`] that scores nothing: profiles keep the scores they have.
@@ -76,6 +101,7 @@ impl Scorer for NoScores {
     async fn score(
         &self,
         profiles: &[&Profile],
+        _accounts: &Accounts,
         _now: OffsetDateTime,
     ) -> Result<Vec<Vec<Score>>, ProfileError> {
         Ok(vec![Vec::new(); profiles.len()])
@@ -700,6 +726,8 @@ trait Ops: Send {
     async fn write_accounts(&mut self, accounts: &[&Account]) -> Result<(), sqlx::Error>;
     /// The account `id`, without locking.
     async fn load_account(&mut self, id: &str) -> Result<Option<Account>, sqlx::Error>;
+    /// The stored accounts among `ids`, without locking.
+    async fn load_accounts(&mut self, ids: &[String]) -> Result<Vec<Account>, sqlx::Error>;
     /// The applied group events naming `account_id`: event id, profile id, content.
     async fn group_events(
         &mut self,
@@ -880,7 +908,8 @@ async fn apply<O: Ops>(
     let state_changed: BTreeSet<String> = ws.changed().map(|p| p.profile_id.clone()).collect();
     let scores = {
         let profiles: Vec<&Profile> = named_live.iter().filter_map(|id| ws.profile(id)).collect();
-        scorer.score(&profiles, now).await?
+        let accounts = accounts_of(ops, &profiles).await?;
+        scorer.score(&profiles, &accounts, now).await?
     };
     for (id, scores) in named_live.iter().zip(scores) {
         ws.set_scores(id, scores, now);
@@ -1307,7 +1336,8 @@ async fn rebuild<O: Ops>(
     }
     let scores = {
         let live: Vec<&Profile> = rows.iter().filter(|p| p.merged_into.is_none()).collect();
-        scorer.score(&live, now).await?
+        let accounts = accounts_of(ops, &live).await?;
+        scorer.score(&live, &accounts, now).await?
     };
     let mut score_changes = Vec::new();
     for (profile, scores) in rows

@@ -847,6 +847,17 @@ impl Ops for PgOps<'_> {
         row.as_ref().map(account).transpose()
     }
 
+    async fn load_accounts(&mut self, ids: &[String]) -> Result<Vec<Account>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT account_id, traits, version, created_at, updated_at FROM accounts \
+             WHERE account_id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&mut *self.0)
+        .await?;
+        rows.iter().map(account).collect()
+    }
+
     async fn group_events(
         &mut self,
         account_id: &str,

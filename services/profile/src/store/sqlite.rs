@@ -712,6 +712,14 @@ impl Ops for LiteOps<'_> {
         row.as_ref().map(account).transpose()
     }
 
+    async fn load_accounts(&mut self, ids: &[String]) -> Result<Vec<Account>, sqlx::Error> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.extend(self.load_account(id).await?);
+        }
+        Ok(out)
+    }
+
     async fn group_events(
         &mut self,
         account_id: &str,

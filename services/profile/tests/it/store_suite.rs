@@ -375,6 +375,7 @@ impl Scorer for CountingScorer {
     async fn score(
         &self,
         profiles: &[&Profile],
+        _accounts: &store::Accounts,
         now: OffsetDateTime,
     ) -> Result<Vec<Vec<Score>>, ProfileError> {
         self.asked
@@ -1907,5 +1908,60 @@ async fn profiles_are_recomputed_when_the_definitions_change_on_sqlite() {
 async fn profiles_are_recomputed_when_the_definitions_change_on_postgres() {
     let backend = postgres().await;
     profiles_are_recomputed_when_the_definitions_change(&backend).await;
+    backend.db.close().await;
+}
+
+/// Records the account traits a scorer is given.
+#[derive(Default)]
+struct AccountsSeen(std::sync::Mutex<Vec<(String, serde_json::Value)>>);
+
+#[async_trait::async_trait]
+impl Scorer for AccountsSeen {
+    async fn score(
+        &self,
+        profiles: &[&Profile],
+        accounts: &store::Accounts,
+        _now: OffsetDateTime,
+    ) -> Result<Vec<Vec<Score>>, ProfileError> {
+        let mut seen = self.0.lock().unwrap();
+        for (id, account) in accounts {
+            let industry = account.traits.get("industry").map(|t| t.value.clone());
+            seen.push((id.clone(), industry.unwrap_or_default()));
+        }
+        Ok(vec![Vec::new(); profiles.len()])
+    }
+}
+
+/// A scorer sees the accounts of the profiles it scores as the batch left them: a group call's
+/// account traits are there in the very write that applies it.
+async fn scorers_see_the_accounts_as_the_batch_left_them(store: &dyn ProfileStore) {
+    let seen = AccountsSeen::default();
+    let batch = Batch {
+        merges: vec![],
+        events: vec![group_call(
+            "g1",
+            "p1",
+            1,
+            "acme",
+            "finance",
+            json!({"industry": "retail"}),
+        )],
+    };
+    store.apply(&batch, H, NOW, &seen).await.unwrap();
+    assert_eq!(
+        *seen.0.lock().unwrap(),
+        [("acme".to_owned(), json!("retail"))]
+    );
+}
+
+#[tokio::test]
+async fn scorers_see_the_accounts_as_the_batch_left_them_on_sqlite() {
+    scorers_see_the_accounts_as_the_batch_left_them(&*sqlite().await.store).await;
+}
+
+#[tokio::test]
+async fn scorers_see_the_accounts_as_the_batch_left_them_on_postgres() {
+    let backend = postgres().await;
+    scorers_see_the_accounts_as_the_batch_left_them(&*backend.store).await;
     backend.db.close().await;
 }
