@@ -208,8 +208,8 @@ async fn stored_plan_scores_follow_the_facts_that_match_now() {
     let grade = fit.factors.iter().find(|f| f.name == "grade").unwrap();
     assert!(grade.description.starts_with("grade B"), "{grade:?}");
 
-    // An order (a computed trait and an audience) and a group call with a role: every rule
-    // but the one on the account's traits, which the profile service does not send yet.
+    // An order (a computed trait and an audience) and a group call with a role: every rule,
+    // the one on the account's traits (read in the same write) included.
     env.apply(vec![
         track("e2", "p1", "u1", minutes_ago(20)),
         group("e3", "p1", minutes_ago(20), "decision maker"),
@@ -224,6 +224,7 @@ async fn stored_plan_scores_follow_the_facts_that_match_now() {
             ("ordered", 20.0),
             ("buyer", 10.0),
             ("decision_maker", 10.0),
+            ("industry_on_account", 0.0),
         ]
     );
     assert_eq!(fit.value, 100.0);
@@ -237,7 +238,8 @@ async fn stored_plan_scores_follow_the_facts_that_match_now() {
             .starts_with("grade A")
     );
 
-    // A later event changes the industry: that rule's points go, the rest stay as they are.
+    // A later event changes the person's industry trait: that rule's points go, the rest stay
+    // as they are (the account's own industry is still software).
     env.apply(vec![identify(
         "e4",
         "p1",
@@ -254,6 +256,7 @@ async fn stored_plan_scores_follow_the_facts_that_match_now() {
             ("ordered", 20.0),
             ("buyer", 10.0),
             ("decision_maker", 10.0),
+            ("industry_on_account", 0.0),
         ]
     );
     assert_eq!(fit.value, 60.0);
