@@ -3,6 +3,7 @@
 //! Everything here can be unit-tested and benchmarked without a server or a database.
 
 pub mod activity;
+pub mod condition;
 pub mod error;
 pub mod event;
 pub mod identifier;

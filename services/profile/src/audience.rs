@@ -47,44 +47,7 @@ pub enum Condition {
     Performed(Performed),
 }
 
-/// A test on one named value.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Test {
-    /// The trait, computed trait or score.
-    pub name: String,
-    /// The comparison.
-    pub op: Op,
-    /// The value compared with (a list for `in`; unused by `exists` and `missing`).
-    #[serde(default)]
-    pub value: Value,
-}
-
-/// A comparison.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Op {
-    /// Equal (numbers by value).
-    Eq,
-    /// Not equal, or absent.
-    Ne,
-    /// Greater than (numbers).
-    Gt,
-    /// Greater than or equal (numbers).
-    Gte,
-    /// Less than (numbers).
-    Lt,
-    /// Less than or equal (numbers).
-    Lte,
-    /// Equal to one of a list.
-    In,
-    /// A string containing the value, or a list holding it.
-    Contains,
-    /// Present (and not null).
-    Exists,
-    /// Absent (or null).
-    Missing,
-}
+pub use tessera_core::condition::{Op, Test};
 
 /// An event condition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -214,26 +177,7 @@ fn check(condition: &Condition, depth: usize, count: &mut usize) -> Result<(), S
         }
         Condition::Not(inner) => check(inner, depth + 1, count),
         Condition::Trait(test) | Condition::Computed(test) | Condition::Score(test) => {
-            if test.name.is_empty() {
-                return Err("a test needs a name".into());
-            }
-            match test.op {
-                Op::Gt | Op::Gte | Op::Lt | Op::Lte if !test.value.is_number() => Err(format!(
-                    "{}: {:?} compares with a number",
-                    test.name, test.op
-                )),
-                Op::In if !test.value.is_array() => Err(format!("{}: in takes a list", test.name)),
-                Op::Eq
-                | Op::Ne
-                | Op::Gt
-                | Op::Gte
-                | Op::Lt
-                | Op::Lte
-                | Op::In
-                | Op::Contains
-                | Op::Exists
-                | Op::Missing => Ok(()),
-            }
+            test.problem().map_or(Ok(()), Err)
         }
         Condition::Performed(p) => {
             if p.event.is_empty() {
@@ -300,43 +244,6 @@ fn holds<'s>(
                 .and_then(|c| c.value.as_u64())
                 .unwrap_or(0);
             times >= p.at_least && p.at_most.is_none_or(|most| times <= most)
-        }
-    }
-}
-
-impl Test {
-    fn holds(&self, actual: Option<&Value>) -> bool {
-        let actual = actual.filter(|v| !v.is_null());
-        let number = |v: &Value| v.as_f64();
-        let compare = |f: fn(f64, f64) -> bool| {
-            actual
-                .and_then(number)
-                .zip(number(&self.value))
-                .is_some_and(|(a, b)| f(a, b))
-        };
-        let equal = |a: &Value, b: &Value| match (a.as_f64(), b.as_f64()) {
-            (Some(x), Some(y)) => (x - y).abs() < f64::EPSILON,
-            _ => a == b,
-        };
-        match self.op {
-            Op::Eq => actual.is_some_and(|a| equal(a, &self.value)),
-            Op::Ne => !actual.is_some_and(|a| equal(a, &self.value)),
-            Op::Gt => compare(|a, b| a > b),
-            Op::Gte => compare(|a, b| a >= b),
-            Op::Lt => compare(|a, b| a < b),
-            Op::Lte => compare(|a, b| a <= b),
-            Op::In => actual.is_some_and(|a| {
-                self.value
-                    .as_array()
-                    .is_some_and(|list| list.iter().any(|v| equal(a, v)))
-            }),
-            Op::Contains => match actual {
-                Some(Value::String(s)) => self.value.as_str().is_some_and(|v| s.contains(v)),
-                Some(Value::Array(list)) => list.iter().any(|v| equal(v, &self.value)),
-                Some(_) | None => false,
-            },
-            Op::Exists => actual.is_some(),
-            Op::Missing => actual.is_none(),
         }
     }
 }

@@ -124,44 +124,7 @@ pub enum Condition {
     Performed(Value),
 }
 
-/// A test on one named value.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Test {
-    /// The trait, computed trait, score or account field.
-    pub name: String,
-    /// The comparison.
-    pub op: Op,
-    /// The value compared with (a list for `in`; unused by `exists` and `missing`).
-    #[serde(default)]
-    pub value: Value,
-}
-
-/// A comparison, as audiences have them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Op {
-    /// Equal (numbers by value).
-    Eq,
-    /// Not equal, or absent.
-    Ne,
-    /// Greater than (numbers).
-    Gt,
-    /// Greater than or equal (numbers).
-    Gte,
-    /// Less than (numbers).
-    Lt,
-    /// Less than or equal (numbers).
-    Lte,
-    /// Equal to one of a list.
-    In,
-    /// A string containing the value, or a list holding it.
-    Contains,
-    /// Present (and not null).
-    Exists,
-    /// Absent (or null).
-    Missing,
-}
+pub use tessera_core::condition::{Op, Test};
 
 /// One grade band: the scores from `min` up to the next band's `min`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -639,18 +602,12 @@ fn check_condition(
 }
 
 fn check_test(test: &Test) -> Result<(), String> {
-    if test.name.is_empty() {
-        return Err("a test needs a name".to_owned());
+    if let Some(problem) = test.problem() {
+        return Err(problem);
     }
-    let name = &test.name;
-    let op = test.op;
-    match op {
-        Op::Gt | Op::Gte | Op::Lt | Op::Lte if !test.value.is_number() => {
-            Err(format!("{name}: {op:?} compares with a number"))
-        }
-        Op::In if !test.value.is_array() => Err(format!("{name}: in takes a list")),
+    match test.op {
         Op::Eq | Op::Ne | Op::Contains if test.value.is_null() => {
-            Err(format!("{name}: {op:?} needs a value"))
+            Err(format!("{}: {:?} needs a value", test.name, test.op))
         }
         Op::Eq
         | Op::Ne
@@ -710,43 +667,6 @@ fn account_holds(test: &Test, account: &AccountFacts) -> bool {
             test.holds(value.as_ref())
         }
         Some(_) | None => test.holds(account.traits.get(&test.name)),
-    }
-}
-
-impl Test {
-    /// Whether the test holds for `actual` (absent or null: only `ne` and `missing` hold).
-    fn holds(&self, actual: Option<&Value>) -> bool {
-        let actual = actual.filter(|v| !v.is_null());
-        let compare = |f: fn(f64, f64) -> bool| {
-            actual
-                .and_then(Value::as_f64)
-                .zip(self.value.as_f64())
-                .is_some_and(|(a, b)| f(a, b))
-        };
-        let equal = |a: &Value, b: &Value| match (a.as_f64(), b.as_f64()) {
-            (Some(x), Some(y)) => (x - y).abs() < f64::EPSILON,
-            _ => a == b,
-        };
-        match self.op {
-            Op::Eq => actual.is_some_and(|a| equal(a, &self.value)),
-            Op::Ne => !actual.is_some_and(|a| equal(a, &self.value)),
-            Op::Gt => compare(|a, b| a > b),
-            Op::Gte => compare(|a, b| a >= b),
-            Op::Lt => compare(|a, b| a < b),
-            Op::Lte => compare(|a, b| a <= b),
-            Op::In => actual.is_some_and(|a| {
-                self.value
-                    .as_array()
-                    .is_some_and(|list| list.iter().any(|v| equal(a, v)))
-            }),
-            Op::Contains => match actual {
-                Some(Value::String(s)) => self.value.as_str().is_some_and(|v| s.contains(v)),
-                Some(Value::Array(list)) => list.iter().any(|v| equal(v, &self.value)),
-                Some(_) | None => false,
-            },
-            Op::Exists => actual.is_some(),
-            Op::Missing => actual.is_none(),
-        }
     }
 }
 
