@@ -235,7 +235,8 @@ impl Profile {
     }
 
     /// Replaces the scores with the same names as `scores`.
-    pub fn set_scores(&mut self, scores: impl IntoIterator<Item = Score>, now: OffsetDateTime) {
+    pub fn set_scores(&mut self, scores: Vec<Score>, now: OffsetDateTime) {
+        keep_only(&mut self.scores, &scores);
         for score in scores {
             self.scores.insert(score.name.clone(), score);
         }
@@ -245,6 +246,15 @@ impl Profile {
     fn touch(&mut self, now: OffsetDateTime) {
         self.version += 1;
         self.updated_at = now;
+    }
+}
+
+/// Drops from `stored` the scores `answered` no longer has: a scorer answers every score a
+/// profile has now, so a score it stopped answering (a plan removed from the config) goes. An
+/// empty answer (no scorer) keeps everything.
+pub fn keep_only(stored: &mut BTreeMap<String, Score>, answered: &[Score]) {
+    if !answered.is_empty() {
+        stored.retain(|name, _| answered.iter().any(|s| &s.name == name));
     }
 }
 
@@ -541,9 +551,15 @@ impl Workspace {
         let Some(profile) = self.profiles.get_mut(id) else {
             return;
         };
-        if scores
-            .iter()
-            .all(|s| profile.scores.get(&s.name) == Some(s))
+        let dropped = !scores.is_empty()
+            && profile
+                .scores
+                .keys()
+                .any(|name| !scores.iter().any(|s| &s.name == name));
+        if !dropped
+            && scores
+                .iter()
+                .all(|s| profile.scores.get(&s.name) == Some(s))
         {
             return;
         }

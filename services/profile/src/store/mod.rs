@@ -1345,6 +1345,7 @@ async fn rebuild<O: Ops>(
         .filter(|p| p.merged_into.is_none())
         .zip(scores)
     {
+        crate::domain::keep_only(&mut profile.scores, &scores);
         for score in scores {
             if profile
                 .scores

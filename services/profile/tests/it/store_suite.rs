@@ -1965,3 +1965,80 @@ async fn scorers_see_the_accounts_as_the_batch_left_them_on_postgres() {
     scorers_see_the_accounts_as_the_batch_left_them(&*backend.store).await;
     backend.db.close().await;
 }
+
+/// Answers a score for each of its names.
+struct NamedScores(Vec<&'static str>);
+
+#[async_trait::async_trait]
+impl Scorer for NamedScores {
+    async fn score(
+        &self,
+        profiles: &[&Profile],
+        _accounts: &store::Accounts,
+        now: OffsetDateTime,
+    ) -> Result<Vec<Vec<Score>>, ProfileError> {
+        let scores: Vec<Score> = self
+            .0
+            .iter()
+            .map(|name| Score {
+                name: (*name).to_owned(),
+                value: 50.0,
+                computed_at: now,
+                model_version: String::new(),
+                factors: Vec::new(),
+            })
+            .collect();
+        Ok(vec![scores; profiles.len()])
+    }
+}
+
+/// A score the scorer stops answering (a plan removed from the config) leaves the profile at
+/// its next write; a scorer answering nothing leaves the scores as they are.
+async fn scores_no_longer_answered_are_dropped(store: &dyn ProfileStore) {
+    let write = |id: &str, minute| Batch {
+        merges: vec![],
+        events: vec![event(id, "p1", minute, "ann", json!({"plan": "pro"}))],
+    };
+    store
+        .apply(
+            &write("e1", 1),
+            H,
+            NOW,
+            &NamedScores(vec!["engagement", "fit"]),
+        )
+        .await
+        .unwrap();
+    let names = |p: Profile| p.scores.into_keys().collect::<Vec<_>>();
+    assert_eq!(
+        names(store.get("p1").await.unwrap().unwrap()),
+        ["engagement", "fit"]
+    );
+    store
+        .apply(&write("e2", 2), H, NOW, &NoScores)
+        .await
+        .unwrap();
+    assert_eq!(
+        names(store.get("p1").await.unwrap().unwrap()),
+        ["engagement", "fit"]
+    );
+    store
+        .apply(&write("e3", 3), H, NOW, &NamedScores(vec!["engagement"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        names(store.get("p1").await.unwrap().unwrap()),
+        ["engagement"]
+    );
+}
+
+#[tokio::test]
+async fn scores_no_longer_answered_are_dropped_on_sqlite() {
+    scores_no_longer_answered_are_dropped(&*sqlite().await.store).await;
+}
+
+#[tokio::test]
+async fn scores_no_longer_answered_are_dropped_on_postgres() {
+    let backend = postgres().await;
+    scores_no_longer_answered_are_dropped(&*backend.store).await;
+    backend.db.close().await;
+}
