@@ -830,6 +830,14 @@ pub(crate) fn facts(
                     .unwrap_or_default(),
             })
             .collect(),
+        purchases: crate::psychographic::purchases(&state.computed).map(|p| {
+            scoring::PurchaseHistory {
+                first_day: p.first_day,
+                last_day: p.last_day,
+                days: p.days,
+                repeat_revenue: p.repeat_revenue,
+            }
+        }),
     }
 }
 

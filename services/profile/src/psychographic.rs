@@ -10,6 +10,8 @@
 //!   library: `server`), else the call (`page`: web, `screen`: mobile).
 //! - **Price sensitivity**: the share of a person's orders (`Order Completed`) that used a
 //!   discount or coupon (`properties.discount` > 0 or a non-empty `properties.coupon`).
+//! - **Purchases by day** (revenue from `properties.revenue`, else `total`, else `value`): what
+//!   the scoring service's customer-value models (churn risk, predicted value) read.
 //!
 //! Declared preferences (survey answers) are traits; the trait catalog classes them
 //! `psychographic`. The accumulators live with the computed traits (`psy:` names), so merges,
@@ -31,6 +33,9 @@ const CHANNELS: &str = "psy:channels";
 const ORDERS: &str = "psy:orders";
 /// The accumulator of orders with a discount or coupon.
 const DISCOUNTED: &str = "psy:discounted_orders";
+/// The accumulator of revenue (in cents) by purchase day (days since 1970-01-01, zero-padded so
+/// names sort by day), for the customer-value models.
+const PURCHASES: &str = "psy:purchases";
 /// The longest category or channel name kept, in bytes.
 const MAX_NAME: usize = 200;
 /// The most categories shown.
@@ -75,6 +80,22 @@ pub fn apply(state: &mut ComputedState, event: &ResolvedEvent) {
         }
         if details.event == "Order Completed" {
             state.fold(ORDERS.to_owned(), Acc::Count { n: 1 });
+            let day = event.timestamp.unix_timestamp().div_euclid(86_400);
+            let revenue = ["revenue", "total", "value"]
+                .iter()
+                .find_map(|k| details.properties.get(*k).and_then(Value::as_f64))
+                .filter(|r| r.is_finite() && *r >= 0.0)
+                .unwrap_or(0.0);
+            if day >= 0 {
+                #[allow(clippy::cast_possible_truncation)]
+                let cents = (revenue * 100.0).round().min(9.0e15) as i64;
+                state.fold(
+                    PURCHASES.to_owned(),
+                    Acc::Counts {
+                        counts: BTreeMap::from([(format!("{day:08}"), cents)]),
+                    },
+                );
+            }
             let discount = details
                 .properties
                 .get("discount")
@@ -152,6 +173,40 @@ fn channel(event: &ResolvedEvent) -> Option<String> {
         None => by_call?,
     };
     Some(channel.to_owned())
+}
+
+/// A person's purchases by UTC day, as the customer-value models read them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Purchases {
+    /// The first purchase day (days since 1970-01-01).
+    pub first_day: i64,
+    /// The latest purchase day.
+    pub last_day: i64,
+    /// How many days had purchases (the latest 1,000 are kept).
+    pub days: i64,
+    /// The revenue of the purchase days after the first.
+    pub repeat_revenue: f64,
+}
+
+/// The purchases `state` holds; `None` without any.
+pub fn purchases(state: &ComputedState) -> Option<Purchases> {
+    let Some(Acc::Counts { counts }) = state.0.get(PURCHASES) else {
+        return None;
+    };
+    let days: Vec<(i64, i64)> = counts
+        .iter()
+        .filter_map(|(day, cents)| Some((day.parse().ok()?, *cents)))
+        .collect();
+    let (first_day, _) = *days.first()?;
+    let (last_day, _) = *days.last()?;
+    #[allow(clippy::cast_precision_loss)]
+    let repeat_revenue = days.iter().skip(1).map(|(_, c)| *c as f64).sum::<f64>() / 100.0;
+    Some(Purchases {
+        first_day,
+        last_day,
+        days: days.len() as i64,
+        repeat_revenue,
+    })
 }
 
 /// What the events say about a person's interests.
@@ -308,5 +363,40 @@ mod tests {
         a.absorb(&b);
         assert_eq!(interests(&a), want);
         assert_eq!(interests(&ComputedState::default()), Interests::default());
+    }
+
+    #[test]
+    fn purchases_are_summed_by_day_in_any_order() {
+        let order = |id: &str, day: i64, properties: Value| {
+            let mut e = event(id, "track", "Order Completed", properties, json!({}));
+            e.timestamp = datetime!(2026-05-01 10:00:00 UTC) + time::Duration::days(day);
+            e
+        };
+        let all = [
+            order("o1", 0, json!({"revenue": 10.0})),
+            order("o2", 3, json!({"total": 20.5})),
+            order("o3", 3, json!({"value": 4.5})),
+            order("o4", 9, json!({"revenue": "n/a"})),
+        ];
+        let first = datetime!(2026-05-01 00:00:00 UTC).unix_timestamp() / 86_400;
+        let want = Some(Purchases {
+            first_day: first,
+            last_day: first + 9,
+            days: 3,
+            repeat_revenue: 25.0,
+        });
+        let mut forward = ComputedState::default();
+        for e in &all {
+            apply(&mut forward, e);
+        }
+        assert_eq!(purchases(&forward), want);
+        // Reversed and split over two profiles, then merged: the same.
+        let (mut a, mut b) = (ComputedState::default(), ComputedState::default());
+        for (i, e) in all.iter().rev().enumerate() {
+            apply(if i % 2 == 0 { &mut a } else { &mut b }, e);
+        }
+        a.absorb(&b);
+        assert_eq!(purchases(&a), want);
+        assert_eq!(purchases(&ComputedState::default()), None);
     }
 }

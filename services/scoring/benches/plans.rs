@@ -47,9 +47,10 @@ fn score(c: &mut Criterion) {
             title: "VP Data".to_owned(),
             traits: map(json!({"industry": "software", "employees": 800, "annual_revenue": 5e7})),
         }],
+        purchases: None,
     };
     c.bench_function("score one profile with the ready plans", |b| {
-        b.iter(|| score_profile(black_box(&facts), now, &plans))
+        b.iter(|| score_profile(black_box(&facts), now, &plans, None))
     });
 }
 

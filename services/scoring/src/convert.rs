@@ -101,8 +101,28 @@ impl TryFrom<pb::ProfileFacts> for ProfileFacts {
             computed_traits,
             audiences,
             accounts,
+            purchases,
         } = facts;
         let mut violations = Vec::new();
+        let purchases = purchases.and_then(|p| {
+            let usable = p.days >= 1
+                && p.last_day >= p.first_day
+                && p.repeat_revenue.is_finite()
+                && p.repeat_revenue >= 0.0;
+            if !usable {
+                violations.push(FieldViolation::new(
+                    "purchases",
+                    "days at least 1, last_day not before first_day, repeat_revenue finite and \
+                     not negative",
+                ));
+            }
+            usable.then_some(crate::domain::PurchaseHistory {
+                first_day: p.first_day,
+                last_day: p.last_day,
+                days: p.days,
+                repeat_revenue: p.repeat_revenue,
+            })
+        });
         if profile_id.is_empty() {
             violations.push(FieldViolation::new("profile_id", "required"));
         }
@@ -159,6 +179,7 @@ impl TryFrom<pb::ProfileFacts> for ProfileFacts {
             computed: json_map(computed_traits),
             audiences: audiences.into_iter().collect(),
             accounts,
+            purchases,
         })
     }
 }

@@ -46,6 +46,21 @@ pub struct ProfileFacts {
     pub audiences: BTreeSet<String>,
     /// The accounts the person belongs to.
     pub accounts: Vec<AccountFacts>,
+    /// The person's purchases by day, when they bought anything.
+    pub purchases: Option<PurchaseHistory>,
+}
+
+/// A person's purchases by UTC day (purchases of one day are one transaction).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PurchaseHistory {
+    /// The day of the first purchase (days since 1970-01-01).
+    pub first_day: i64,
+    /// The day of the latest purchase.
+    pub last_day: i64,
+    /// How many days had purchases.
+    pub days: i64,
+    /// The revenue of the purchase days after the first.
+    pub repeat_revenue: f64,
 }
 
 /// One account a person belongs to.
@@ -105,10 +120,19 @@ pub struct Factor {
     pub description: String,
 }
 
-/// Every score of one profile at `as_of`: engagement, then each person-level plan of `plans`
-/// in declaration order (a plan's `score` tests read the scores before it).
-pub fn score_profile(facts: &ProfileFacts, as_of: OffsetDateTime, plans: &Plans) -> Vec<Score> {
+/// Every score of one profile at `as_of`: engagement, then (with a customer-value model and
+/// purchases) `churn_risk` and `predicted_value`, then each person-level plan of `plans` in
+/// declaration order (a plan's `score` tests read the scores before it).
+pub fn score_profile(
+    facts: &ProfileFacts,
+    as_of: OffsetDateTime,
+    plans: &Plans,
+    customer_value: Option<&crate::clv::CustomerValue>,
+) -> Vec<Score> {
     let mut scores = vec![engagement(facts, as_of)];
+    if let (Some(model), Some(purchases)) = (customer_value, &facts.purchases) {
+        scores.extend(model.scores(purchases, as_of));
+    }
     plans.evaluate(facts, as_of, &mut scores);
     scores
 }

@@ -33,12 +33,26 @@ const MAX_DECODING_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 pub struct ScoringSettings {
     /// The scoring plans (`[[scoring.plans]]`), scored in declaration order after engagement.
     pub plans: Vec<plans::Plan>,
+    /// The fitted customer-value models (`[scoring.customer_value]`): with them, profiles with
+    /// purchases get `churn_risk` and `predicted_value`.
+    pub customer_value: Option<clv::CustomerValueSettings>,
+}
+
+/// Why the scoring settings are unusable.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvalidSettings {
+    /// A plan is unusable.
+    #[error(transparent)]
+    Plan(#[from] InvalidPlan),
+    /// The customer-value model is unusable.
+    #[error("scoring.{0}")]
+    CustomerValue(String),
 }
 
 impl ScoringSettings {
-    /// Checks the plans, naming the first unusable one and why.
-    pub fn validate(&self) -> Result<(), InvalidPlan> {
-        Plans::compile(self.plans.clone()).map(|_| ())
+    /// Checks the plans and the customer-value model, naming the first unusable one and why.
+    pub fn validate(&self) -> Result<(), InvalidSettings> {
+        Scoring::from_settings(self).map(|_| ())
     }
 }
 
@@ -46,6 +60,7 @@ impl ScoringSettings {
 #[derive(Debug, Clone, Default)]
 pub struct Scoring {
     plans: Arc<Plans>,
+    customer_value: Option<Arc<clv::CustomerValue>>,
 }
 
 impl Scoring {
@@ -58,12 +73,19 @@ impl Scoring {
     pub fn with_plans(plans: Plans) -> Self {
         Self {
             plans: Arc::new(plans),
+            customer_value: None,
         }
     }
 
     /// A scoring service with the plans of `settings`, or why one is unusable.
-    pub fn from_settings(settings: &ScoringSettings) -> Result<Self, InvalidPlan> {
-        Plans::compile(settings.plans.clone()).map(Self::with_plans)
+    pub fn from_settings(settings: &ScoringSettings) -> Result<Self, InvalidSettings> {
+        let mut scoring = Self::with_plans(Plans::compile(settings.plans.clone())?);
+        if let Some(model) = &settings.customer_value {
+            scoring.customer_value = Some(Arc::new(
+                model.compile().map_err(InvalidSettings::CustomerValue)?,
+            ));
+        }
+        Ok(scoring)
     }
 
     /// Adds `ScoringService` to the services one process serves.
@@ -71,6 +93,7 @@ impl Scoring {
         services.add(
             ScoringServiceServer::new(service::ScoringApi {
                 plans: Arc::clone(&self.plans),
+                customer_value: self.customer_value.clone(),
             })
             .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE),
         );

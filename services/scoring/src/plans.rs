@@ -339,8 +339,14 @@ impl Plans {
                 reason: format!("at most {MAX_PLANS} plans"),
             });
         }
-        // The scores a plan's `score` tests may read: those computed before it.
-        let mut known: Vec<String> = vec![ENGAGEMENT.to_owned()];
+        // The scores a plan's `score` tests may read: those computed before it (the
+        // customer-value scores are absent, and their tests false, without a model or
+        // purchases).
+        let mut known: Vec<String> = vec![
+            ENGAGEMENT.to_owned(),
+            crate::clv::live::CHURN_RISK.to_owned(),
+            crate::clv::live::PREDICTED_VALUE.to_owned(),
+        ];
         let mut names = HashSet::new();
         let mut out = Vec::with_capacity(plans.len());
         for (index, plan) in plans.into_iter().enumerate() {
@@ -779,7 +785,7 @@ mod tests {
         ];
         ann.computed = BTreeMap::from([("demo_requests".to_owned(), json!(1))]);
         ann.audiences = BTreeSet::from(["pricing_page_visitors".to_owned()]);
-        let scores = score_profile(&ann, NOW, &plans);
+        let scores = score_profile(&ann, NOW, &plans, None);
         let order: Vec<_> = scores.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
             order,
@@ -850,7 +856,7 @@ mod tests {
             1,
         );
         bob.computed = BTreeMap::from([("order_count".to_owned(), json!(2))]);
-        let scores = score_profile(&bob, NOW, &plans);
+        let scores = score_profile(&bob, NOW, &plans, None);
         let b2c = score(&scores, "icp_fit_b2c");
         assert_eq!(
             rule_factors(b2c),
@@ -879,16 +885,16 @@ mod tests {
         let plans = compile(READY).unwrap();
         let mut person =
             facts(json!({"industry": "fintech", "employees": 2000, "role": "champion"}));
-        let first = score(&score_profile(&person, NOW, &plans), "icp_fit_b2b").clone();
+        let first = score(&score_profile(&person, NOW, &plans, None), "icp_fit_b2b").clone();
         assert_eq!(first.value, 20.0 + 25.0 + 15.0);
         // Scoring the same facts again gives the same score, not twice the points.
-        let again = score(&score_profile(&person, NOW, &plans), "icp_fit_b2b").clone();
+        let again = score(&score_profile(&person, NOW, &plans, None), "icp_fit_b2b").clone();
         assert_eq!(again, first);
         // A trait that changes so a rule no longer matches takes its points away.
         person
             .traits
             .insert("industry".to_owned(), json!("agriculture"));
-        let later = score(&score_profile(&person, NOW, &plans), "icp_fit_b2b").clone();
+        let later = score(&score_profile(&person, NOW, &plans, None), "icp_fit_b2b").clone();
         assert_eq!(later.value, 25.0 + 15.0);
         assert!(later.factor("target_industry").is_none());
     }
@@ -1135,10 +1141,10 @@ mod tests {
         )
         .unwrap();
         // No stored score is sent: 3 events now make this call's engagement 45.
-        let scores = score_profile(&with_events(facts(json!({})), 3), NOW, &plans);
+        let scores = score_profile(&with_events(facts(json!({})), 3), NOW, &plans, None);
         assert_eq!(score(&scores, "engaged").value, 100.0);
         assert_eq!(score(&scores, "second").value, 100.0);
-        let scores = score_profile(&with_events(facts(json!({})), 1), NOW, &plans);
+        let scores = score_profile(&with_events(facts(json!({})), 1), NOW, &plans, None);
         assert_eq!(score(&scores, "engaged").value, 0.0);
         assert_eq!(score(&scores, "second").value, 0.0);
     }
@@ -1158,7 +1164,7 @@ mod tests {
         )
         .unwrap();
         assert!(!plans.iter().next().unwrap().scored());
-        let scores = score_profile(&facts(json!({"industry": "software"})), NOW, &plans);
+        let scores = score_profile(&facts(json!({"industry": "software"})), NOW, &plans, None);
         assert_eq!(scores.len(), 1, "engagement only");
     }
 
@@ -1204,7 +1210,7 @@ mod tests {
             ),
             (
                 rule(r#"{ score = { name = "later", op = "gt", value = 1 } }"#),
-                "score \"later\" is not computed before this plan (known: engagement)",
+                "score \"later\" is not computed before this plan (known: engagement, churn_risk, predicted_value)",
             ),
             (rule(r#"{ audience = "" }"#), "audience needs a name"),
             (

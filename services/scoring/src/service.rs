@@ -15,6 +15,7 @@ use crate::plans::Plans;
 #[derive(Debug, Clone)]
 pub(crate) struct ScoringApi {
     pub(crate) plans: Arc<Plans>,
+    pub(crate) customer_value: Option<Arc<crate::clv::CustomerValue>>,
 }
 
 #[tonic::async_trait]
@@ -29,10 +30,15 @@ impl ScoringService for ScoringApi {
             .iter()
             .map(|facts| pb::ProfileScores {
                 profile_id: facts.profile_id.clone(),
-                scores: domain::score_profile(facts, as_of, &self.plans)
-                    .into_iter()
-                    .map(pb::Score::from)
-                    .collect(),
+                scores: domain::score_profile(
+                    facts,
+                    as_of,
+                    &self.plans,
+                    self.customer_value.as_deref(),
+                )
+                .into_iter()
+                .map(pb::Score::from)
+                .collect(),
             })
             .collect();
         Ok(Response::new(pb::ScoreProfilesResponse { profiles }))
@@ -45,6 +51,9 @@ impl ScoringService for ScoringApi {
         let ScoreOneRequest { profile, as_of } = ScoreOneRequest::try_from(request.into_inner())?;
         let as_of = as_of.unwrap_or_else(OffsetDateTime::now_utc);
         let mut scores = vec![domain::engagement(&profile, as_of)];
+        if let (Some(model), Some(purchases)) = (&self.customer_value, &profile.purchases) {
+            scores.extend(model.scores(purchases, as_of));
+        }
         let plans = self.plans.evaluate(&profile, as_of, &mut scores);
         Ok(Response::new(pb::ScoreProfileResponse {
             scores: Some(pb::ProfileScores {

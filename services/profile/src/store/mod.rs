@@ -423,8 +423,9 @@ impl Definitions {
     /// when it changes, stored profiles are recomputed from their events.
     pub fn fingerprint(&self) -> String {
         use sha2::{Digest, Sha256};
-        /// Bumped whenever the built-in derivations (consent, accounts, interests) change.
-        const DERIVATIONS: u32 = 1;
+        /// Bumped whenever the built-in derivations (consent, accounts, interests, purchases)
+        /// change.
+        const DERIVATIONS: u32 = 2;
         let json = serde_json::to_string(&(DERIVATIONS, &self.computed, &self.catalog))
             .unwrap_or_default();
         Sha256::digest(json.as_bytes())

@@ -28,7 +28,11 @@ use crate::support::{IdentityDouble, Served, identify, track};
 /// A plan reading every kind of fact: traits, a computed trait, an audience and the person's
 /// role in an account (positive points add up to 100, so the score is the points).
 fn plan() -> ScoringSettings {
-    serde_json::from_value(json!({"plans": [{
+    serde_json::from_value(json!({
+        // The paper's CDNOW fit (weeks): people with purchases get churn risk and value.
+        "customer_value": {"version": "cdnow-1997", "r": 0.243, "alpha": 4.414, "a": 0.793,
+                           "b": 2.426, "p": 6.25, "q": 3.74, "v": 15.44},
+        "plans": [{
         "name": "fit",
         "version": "7",
         "rules": [
@@ -271,4 +275,34 @@ async fn stored_plan_scores_follow_the_facts_that_match_now() {
     assert_eq!(fit.value, 50.0);
     assert!(fit.computed_at.unwrap().seconds >= to_timestamp(minutes_ago(1)).seconds);
     assert_eq!(env.score_changes("fit", 4).await, [60.0, 100.0, 60.0, 50.0]);
+}
+
+/// Purchases (`Order Completed` on three days) reach the customer-value models: the stored
+/// profile carries `churn_risk` and `predicted_value` with their inputs.
+#[tokio::test]
+async fn purchases_give_a_churn_risk_and_a_predicted_value() {
+    let env = Env::new().await;
+    let days_ago = |d: i64| minutes_ago(d * 24 * 60);
+    env.apply(vec![
+        track("o1", "p9", "u9", days_ago(100)),
+        track("o2", "p9", "u9", days_ago(40)),
+        track("o3", "p9", "u9", days_ago(10)),
+    ])
+    .await;
+    let profile = env.profile("p9").await;
+    let churn = &profile.scores["churn_risk"];
+    assert!(churn.value > 0.0 && churn.value < 100.0, "{churn:?}");
+    let frequency = churn
+        .factors
+        .iter()
+        .find(|f| f.name == "frequency")
+        .unwrap();
+    assert_eq!(frequency.value, 2.0, "two repeat purchase days");
+    let age = churn.factors.iter().find(|f| f.name == "age").unwrap();
+    assert!((age.value - 100.0 / 7.0).abs() < 0.2, "{age:?}");
+    assert!(profile.scores["predicted_value"].value > 0.0);
+    assert_eq!(
+        profile.scores["predicted_value"].model_version,
+        "bg-nbd-gamma-gamma-v1@cdnow-1997"
+    );
 }

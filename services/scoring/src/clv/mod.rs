@@ -10,11 +10,13 @@
 pub mod bg_nbd;
 mod fit;
 pub mod gamma_gamma;
+pub mod live;
 pub mod special;
 pub mod summary;
 
 pub use bg_nbd::{BgNbdFit, BgNbdParams};
 pub use gamma_gamma::{GammaGammaFit, GammaGammaParams};
+pub use live::{CustomerValue, CustomerValueSettings};
 
 use crate::domain::Factor;
 

@@ -70,6 +70,7 @@ fn lead(id: &str) -> pb::ProfileFacts {
             title: "Staff engineer".to_owned(),
             traits: values(json!({"industry": "fintech", "employees": 1200})),
         }],
+        purchases: None,
     }
 }
 
@@ -270,4 +271,104 @@ async fn score_profile_explains_every_rule() {
         .map(|v| v.field.clone())
         .collect();
     assert_eq!(fields, ["profile"]);
+}
+
+/// With `[scoring.customer_value]` (here the paper's CDNOW fit), a profile with purchases gets
+/// `churn_risk` and `predicted_value` with their inputs as factors, and a plan can read them;
+/// a profile without purchases gets neither; an impossible purchase history is refused.
+#[tokio::test]
+async fn customer_value_scores_follow_the_purchases() {
+    let settings: ScoringSettings = toml::from_str(
+        r#"
+        [customer_value]
+        version = "cdnow-1997"
+        r = 0.243
+        alpha = 4.414
+        a = 0.793
+        b = 2.426
+        p = 6.25
+        q = 3.74
+        v = 15.44
+        horizon = 39
+
+        [[plans]]
+        name = "at_risk"
+        version = "1"
+        rules = [{ name = "churning", points = 10, condition = { score = { name = "churn_risk", op = "gte", value = 50 } } }]
+        "#,
+    )
+    .expect("settings parse");
+    let mut services = GrpcServices::default();
+    Scoring::from_settings(&settings)
+        .expect("valid")
+        .register(&mut services);
+    let server = GrpcTestServer::start(services).await;
+    let mut client = ScoringServiceClient::new(server.channel().await);
+    // Three purchase days: days 0, 213 and (as of) 272 days after the first.
+    let as_of_day = AS_OF.unix_timestamp() / 86_400;
+    let buyer = pb::ProfileFacts {
+        purchases: Some(pb::PurchaseHistory {
+            first_day: as_of_day - 272,
+            last_day: as_of_day - 59,
+            days: 3,
+            repeat_revenue: 80.0,
+        }),
+        ..lead("buyer")
+    };
+    let scored = client
+        .score_profiles(pb::ScoreProfilesRequest {
+            profiles: vec![buyer.clone(), lead("window-shopper")],
+            as_of: Some(to_timestamp(AS_OF)),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .profiles;
+    let names =
+        |i: usize| -> Vec<String> { scored[i].scores.iter().map(|s| s.name.clone()).collect() };
+    assert_eq!(
+        names(0),
+        ["engagement", "churn_risk", "predicted_value", "at_risk"]
+    );
+    assert_eq!(names(1), ["engagement", "at_risk"]);
+    let churn = &scored[0].scores[1];
+    assert!(churn.value > 0.0 && churn.value < 100.0, "{churn:?}");
+    assert_eq!(churn.model_version, "bg-nbd-gamma-gamma-v1@cdnow-1997");
+    let factor = |name: &str| {
+        scored[0].scores[2]
+            .factors
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| f.value)
+    };
+    assert_eq!(factor("frequency"), Some(2.0));
+    assert_eq!(factor("average_spend"), Some(40.0));
+    assert_eq!(
+        factor("expected_purchases").map(|v| format!("{v:.3}")),
+        Some("1.226".to_owned()),
+        "the paper's customer"
+    );
+    assert!(scored[0].scores[2].value > 0.0);
+
+    let bad = client
+        .score_profiles(pb::ScoreProfilesRequest {
+            profiles: vec![pb::ProfileFacts {
+                purchases: Some(pb::PurchaseHistory {
+                    first_day: 10,
+                    last_day: 5,
+                    days: 2,
+                    repeat_revenue: 1.0,
+                }),
+                ..lead("bad")
+            }],
+            as_of: Some(to_timestamp(AS_OF)),
+        })
+        .await
+        .expect_err("impossible history");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let details = bad.get_details_bad_request().expect("details");
+    assert!(
+        details.field_violations[0].field.ends_with("purchases"),
+        "{details:?}"
+    );
 }
