@@ -470,24 +470,7 @@ impl IdentityStore for PgStore {
         // them, and then the profiles' rows. Taking the component's identifier locks first, in
         // the same order, makes a resolution that carries any of them wait for the rewrite and
         // then read the rewritten graph, without a lock-order inversion.
-        let held = component_identifiers(&mut tx, root).await?;
-        let mut keys: Vec<i64> = held
-            .iter()
-            .map(|(kind, value)| lock_key(&[b"identifier", kind.as_bytes(), value.as_bytes()]))
-            .collect();
-        keys.sort_unstable();
-        keys.dedup();
-        sqlx::query("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k")
-            .bind(keys)
-            .execute(&mut *tx)
-            .await?;
-        // The component's root row: every resolution and merge touching it locks it too.
-        let live: Option<bool> = sqlx::query_scalar(
-            "SELECT merged_into IS NULL FROM profiles WHERE profile_id = $1 FOR UPDATE",
-        )
-        .bind(root)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let live = lock_component(&mut tx, root).await?;
         if live != Some(true) {
             return Err(IdentityError::Contended);
         }
@@ -919,23 +902,7 @@ async fn forget_component(
     };
     // As a rewrite: the component's identifiers (advisory, sorted), then its root row, so a
     // resolution carrying any of them waits and then finds them erased.
-    let held = component_identifiers(&mut *tx, root).await?;
-    let mut keys: Vec<i64> = held
-        .iter()
-        .map(|(kind, value)| lock_key(&[b"identifier", kind.as_bytes(), value.as_bytes()]))
-        .collect();
-    keys.sort_unstable();
-    keys.dedup();
-    sqlx::query("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k")
-        .bind(keys)
-        .execute(&mut *tx)
-        .await?;
-    let live: Option<bool> = sqlx::query_scalar(
-        "SELECT merged_into IS NULL FROM profiles WHERE profile_id = $1 FOR UPDATE",
-    )
-    .bind(root)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let live = lock_component(&mut *tx, root).await?;
     match live {
         Some(true) => {}
         Some(false) => return Err(Failure::Retry("profile merged meanwhile")),
@@ -1085,6 +1052,29 @@ async fn forget_component(
     .execute(&mut *tx)
     .await?;
     Ok((done, true))
+}
+
+/// Locks the component rooted at `root` the way resolutions meet it: its identifiers'
+/// transaction-scoped advisory locks, sorted (a resolution takes them before reading which
+/// profile holds its identifiers, so it waits for the caller without a lock-order inversion),
+/// then the root's row, which every resolution and merge touching the component locks too.
+/// Returns whether the root is still live (`None`: it no longer exists).
+async fn lock_component(conn: &mut PgConnection, root: Uuid) -> Result<Option<bool>, sqlx::Error> {
+    let held = component_identifiers(&mut *conn, root).await?;
+    let mut keys: Vec<i64> = held
+        .iter()
+        .map(|(kind, value)| lock_key(&[b"identifier", kind.as_bytes(), value.as_bytes()]))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    sqlx::query("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k")
+        .bind(keys)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query_scalar("SELECT merged_into IS NULL FROM profiles WHERE profile_id = $1 FOR UPDATE")
+        .bind(root)
+        .fetch_optional(conn)
+        .await
 }
 
 /// The identifiers (type, value) of the component rooted at `root`.
