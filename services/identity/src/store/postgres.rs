@@ -685,16 +685,7 @@ impl IdentityStore for PgStore {
         let Some((_, root)) = root else {
             return Ok(None);
         };
-        let tree: Vec<Uuid> = sqlx::query_scalar(
-            "WITH RECURSIVE tree (profile_id) AS ( \
-                 SELECT $1::uuid \
-               UNION \
-                 SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
-             SELECT profile_id FROM tree",
-        )
-        .bind(root)
-        .fetch_all(&mut *conn)
-        .await?;
+        let tree = component_members(&mut conn, root).await?;
         let identifiers: Vec<(String, String, Uuid, String, OffsetDateTime)> = sqlx::query_as(
             "SELECT type, value, profile_id, event_id, linked_at FROM identifiers \
              WHERE profile_id = ANY($1) ORDER BY linked_at, type, value",
@@ -916,16 +907,7 @@ async fn forget_component(
         }
     }
     let now = now();
-    let members: Vec<Uuid> = sqlx::query_scalar(
-        "WITH RECURSIVE tree (profile_id) AS ( \
-             SELECT $1::uuid \
-           UNION \
-             SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
-         SELECT profile_id FROM tree",
-    )
-    .bind(root)
-    .fetch_all(&mut *tx)
-    .await?;
+    let members = component_members(&mut *tx, root).await?;
     // Read again under the root's lock: nothing joins the component until the commit.
     let held = component_identifiers(&mut *tx, root).await?;
     let events: Vec<String> =
@@ -1075,6 +1057,20 @@ async fn lock_component(conn: &mut PgConnection, root: Uuid) -> Result<Option<bo
         .bind(root)
         .fetch_optional(conn)
         .await
+}
+
+/// The profiles of the component rooted at `root`: it and every profile merged into it.
+async fn component_members(conn: &mut PgConnection, root: Uuid) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH RECURSIVE tree (profile_id) AS ( \
+             SELECT $1::uuid \
+           UNION \
+             SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
+         SELECT profile_id FROM tree",
+    )
+    .bind(root)
+    .fetch_all(conn)
+    .await
 }
 
 /// The identifiers (type, value) of the component rooted at `root`.
