@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tessera/identity/v1/identity.proto",
         "tessera/profile/v1/profile.proto",
         "tessera/profile/v1/destinations.proto",
+        "tessera/profile/v1/definitions.proto",
         "tessera/scoring/v1/scoring.proto",
     ];
     println!("cargo:rerun-if-changed={}", root.display());

@@ -84,22 +84,29 @@ pub struct ComputedTrait {
 impl ComputedTrait {
     /// Why the declaration is unusable, if it is.
     pub fn problem(&self) -> Option<String> {
+        self.violation().map(|(field, reason)| match field {
+            "name" => format!("name: {reason}"),
+            _ => format!("{}: {field} {reason}", self.name),
+        })
+    }
+
+    /// The field that makes the declaration unusable and why, if one does (the same checks as
+    /// [`ComputedTrait::problem`], for errors that name the field).
+    pub fn violation(&self) -> Option<(&'static str, String)> {
         if self.name.is_empty() || self.name.len() > 200 {
-            return Some("name: 1 to 200 bytes".into());
+            return Some(("name", "1 to 200 bytes".into()));
         }
         if self.name.starts_with(CONSENT_PREFIX) {
-            return Some(format!(
-                "name: `{CONSENT_PREFIX}` names are reserved for consent"
+            return Some((
+                "name",
+                format!("`{CONSENT_PREFIX}` names are reserved for consent"),
             ));
         }
         if self.kind != Kind::Count && self.property.as_deref().is_none_or(str::is_empty) {
-            return Some(format!(
-                "{}: property is required for {:?}",
-                self.name, self.kind
-            ));
+            return Some(("property", format!("is required for {:?}", self.kind)));
         }
         if self.window_seconds == Some(0) {
-            return Some(format!("{}: window_seconds must be at least 1", self.name));
+            return Some(("window_seconds", "must be at least 1".into()));
         }
         None
     }

@@ -68,6 +68,43 @@ pub enum ProfileError {
     /// split waits for them.
     #[error("{0} events of the split are not applied yet, retry later")]
     NotYetApplied(usize),
+    /// No definition (computed trait, audience) of that kind and name is in effect, or stored
+    /// for a change.
+    #[error("no {kind} named {name:?}")]
+    DefinitionNotFound {
+        /// `computed trait` or `audience`.
+        kind: &'static str,
+        /// The name asked for.
+        name: String,
+    },
+    /// A definition of that kind and name is stored already.
+    #[error("a {kind} named {name:?} exists already")]
+    DefinitionExists {
+        /// `computed trait` or `audience`.
+        kind: &'static str,
+        /// The name taken.
+        name: String,
+    },
+    /// Config declares a definition of that kind and name: it changes only in config.
+    #[error("the {kind} {name:?} is declared in config and changes only there")]
+    DeclaredInConfig {
+        /// `computed trait` or `audience`.
+        kind: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// The stored definition is not at the version the caller read (someone changed it).
+    #[error("the {kind} {name:?} is at version {actual}, not {expected}: read it again")]
+    VersionMismatch {
+        /// `computed trait` or `audience`.
+        kind: &'static str,
+        /// The name.
+        name: String,
+        /// The version the caller expected.
+        expected: i64,
+        /// The version stored.
+        actual: i64,
+    },
 }
 
 impl ProfileError {
@@ -76,7 +113,11 @@ impl ProfileError {
         match self {
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Self::TooMany { .. } => ErrorCode::ResourceExhausted,
-            Self::NotFound => ErrorCode::NotFound,
+            Self::NotFound | Self::DefinitionNotFound { .. } => ErrorCode::NotFound,
+            Self::DefinitionExists { .. } => ErrorCode::AlreadyExists,
+            Self::DeclaredInConfig { .. } | Self::VersionMismatch { .. } => {
+                ErrorCode::FailedPrecondition
+            }
             Self::Database(e) => tessera_store::error_code(e),
             Self::Contention => ErrorCode::Unavailable,
             Self::Identity(s) | Self::Scoring(s) | Self::Ingestion(s) => peer_code(s.code()),
@@ -135,7 +176,13 @@ impl From<ProfileError> for Status {
             ProfileError::TooMany { .. }
             | ProfileError::NotFound
             | ProfileError::NotRebuildable(_)
-            | ProfileError::NotYetApplied(_) => tessera_server::status(code, error.to_string()),
+            | ProfileError::NotYetApplied(_)
+            | ProfileError::DefinitionNotFound { .. }
+            | ProfileError::DefinitionExists { .. }
+            | ProfileError::DeclaredInConfig { .. }
+            | ProfileError::VersionMismatch { .. } => {
+                tessera_server::status(code, error.to_string())
+            }
             // A retryable peer failure names the peer (not what it said), so whoever watches
             // the pipeline retry knows which service to look at.
             ProfileError::Identity(_) if code.is_retryable() => {

@@ -15,6 +15,7 @@ pub mod audience;
 pub mod catalog;
 pub mod computed;
 mod convert;
+pub mod definitions;
 pub mod domain;
 pub mod error;
 mod flight;
@@ -206,6 +207,8 @@ pub struct Profiles {
     api: Option<(AccessToken, String)>,
     /// The webhook destinations of the change stream.
     webhooks: Arc<webhooks::Webhooks>,
+    /// The computed traits and audiences declared through the API.
+    definitions: definitions::Registry,
 }
 
 impl Profiles {
@@ -240,16 +243,19 @@ impl Profiles {
         let defs = store::Definitions::new(settings.computed_traits.clone(), audiences)
             .with_catalog(settings.traits.clone())
             .with_history(settings.history_retention_days > 0);
+        // Config's, joined by those stored through the API on the first write or poll.
+        let defs = Arc::new(definitions::SharedDefinitions::new(defs));
         let webhooks = Arc::new(webhooks::Webhooks::new(db.clone(), &settings.webhooks));
         Self {
             webhooks,
+            definitions: definitions::Registry::new(db.clone(), defs.clone()),
             change_retention_days: settings.change_retention_days.max(1),
             api: settings
                 .access_token
                 .map(|token| (token, settings.space_id.clone())),
             inner: Arc::new(service::Inner {
-                store: store::open_with(db, defs.clone()),
-                defs: Arc::new(defs),
+                store: store::open_shared(db, defs.clone()),
+                defs,
                 cache,
                 identity,
                 scoring,
@@ -274,8 +280,10 @@ impl Profiles {
     /// deletes changes older than the retention, until `shutdown`. When the definitions that
     /// fold events (computed traits, audiences, trait catalog) differ from those the stored
     /// profiles were folded with, it first recomputes every profile from its events, 100 at a
-    /// time. Safe with several replicas (they share the sweeping and take turns recomputing;
-    /// pruning is idempotent).
+    /// time. Every second it also polls the revision of the definitions stored through the API,
+    /// so a change made on any replica takes effect here (and starts that recompute) within
+    /// about a second. Safe with several replicas (they share the sweeping and take turns
+    /// recomputing; pruning is idempotent).
     pub fn spawn_sweeper(
         &self,
         interval: std::time::Duration,
@@ -284,18 +292,23 @@ impl Profiles {
         const BATCH: usize = 500;
         const RECOMPUTE_BATCH: usize = 100;
         const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+        const DEFINITIONS_POLL: std::time::Duration = std::time::Duration::from_secs(1);
         let inner = self.inner.clone();
+        let registry = self.definitions.clone();
         let retention = time::Duration::days(
             i64::try_from(self.change_retention_days).unwrap_or(i64::MAX / 86_400 / 2),
         );
         tokio::spawn(async move {
-            let windowed = inner.defs.windowed();
             let mut last_prune: Option<tokio::time::Instant> = None;
+            let mut last_sweep: Option<tokio::time::Instant> = None;
+            let mut last_poll = tokio::time::Instant::now();
+            let mut full_sweep = false;
             // Profiles folded with other definitions (computed traits, audiences, catalog)
-            // are recomputed from their events, a chunk per round.
+            // are recomputed from their events, a chunk per round. Starting reads the
+            // definitions stored through the API too.
             let mut recomputing = match inner
                 .store
-                .start_recompute(&inner.defs.fingerprint(), time::OffsetDateTime::now_utc())
+                .start_recompute(time::OffsetDateTime::now_utc())
                 .await
             {
                 Ok(running) => running,
@@ -304,7 +317,30 @@ impl Profiles {
                     true
                 }
             };
+            let mut seen_revision = inner.defs.current().revision;
             loop {
+                // Definitions changed through the API (on this replica or another; a write may
+                // have swapped them in already) recompute the profiles folded before.
+                if last_poll.elapsed() >= DEFINITIONS_POLL {
+                    last_poll = tokio::time::Instant::now();
+                    if let Err(e) = registry.refresh().await {
+                        tracing::warn!(error = %e, "polling the stored definitions failed");
+                    }
+                }
+                let revision = inner.defs.current().revision;
+                if revision != seen_revision {
+                    match inner
+                        .store
+                        .start_recompute(time::OffsetDateTime::now_utc())
+                        .await
+                    {
+                        Ok(running) => {
+                            seen_revision = revision;
+                            recomputing |= running;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "starting a recompute failed"),
+                    }
+                }
                 if recomputing {
                     match inner.recompute_once(RECOMPUTE_BATCH).await {
                         Ok(Some(_)) => {}
@@ -319,10 +355,7 @@ impl Profiles {
                     if !recomputing {
                         recomputing = inner
                             .store
-                            .start_recompute(
-                                &inner.defs.fingerprint(),
-                                time::OffsetDateTime::now_utc(),
-                            )
+                            .start_recompute(time::OffsetDateTime::now_utc())
                             .await
                             .unwrap_or(false);
                     }
@@ -341,23 +374,24 @@ impl Profiles {
                         }
                     }
                 }
-                let swept = if windowed {
-                    match inner.sweep_once(BATCH).await {
-                        Ok(n) => n,
+                let windowed = inner.defs.current().windowed();
+                if windowed && (full_sweep || last_sweep.is_none_or(|at| at.elapsed() >= interval))
+                {
+                    last_sweep = Some(tokio::time::Instant::now());
+                    full_sweep = match inner.sweep_once(BATCH).await {
+                        Ok(n) => n >= BATCH,
                         Err(e) => {
                             tracing::warn!(error = %e, "sweeping expired computed values failed");
-                            0
+                            false
                         }
-                    }
-                } else {
-                    0
-                };
+                    };
+                }
                 // A full batch (or a recompute under way) means more are due: go on at once.
-                if swept < BATCH && !recomputing {
+                if !full_sweep && !recomputing {
                     let wait = if windowed { interval } else { PRUNE_EVERY };
                     tokio::select! {
                         () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(wait) => {}
+                        () = tokio::time::sleep(wait.min(DEFINITIONS_POLL)) => {}
                     }
                 } else if shutdown.is_cancelled() {
                     return;
@@ -394,8 +428,8 @@ impl Profiles {
             .map(|(token, space_id)| http::routes(self.inner.clone(), &token.0, space_id))
     }
 
-    /// Adds `ProfileService`, `ProfilePipelineService` and `DestinationService` to the services
-    /// one process serves.
+    /// Adds `ProfileService`, `ProfilePipelineService`, `DestinationService` and
+    /// `DefinitionService` to the services one process serves.
     pub fn register(&self, services: &mut tessera_server::GrpcServices) {
         services.add(
             ProfileServiceServer::new(service::ProfileApi(self.inner.clone()))
@@ -406,6 +440,7 @@ impl Profiles {
                 .max_decoding_message_size(service::MAX_MESSAGE_SIZE),
         );
         services.add(webhooks::api(self.webhooks.clone()));
+        services.add(definitions::api::server(self.definitions.clone()));
     }
 }
 

@@ -25,6 +25,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::convert::{self, Lookup, micros};
+use crate::definitions::SharedDefinitions;
 use crate::domain::{Batch, Merge, Profile, Score};
 use crate::error::ProfileError;
 use crate::store::{Applied, Definitions, ProfileStore, Scorer};
@@ -65,8 +66,9 @@ pub(crate) struct Inner {
     pub(crate) flights: crate::flight::Flights,
     pub(crate) half_life_seconds: f64,
     /// Everything folded and kept (declared computed traits, audiences and their hidden
-    /// counts), evaluated when a profile is read.
-    pub(crate) defs: Arc<Definitions>,
+    /// counts), evaluated when a profile is read: config's and those stored through the API,
+    /// swapped as a whole when those change.
+    pub(crate) defs: Arc<SharedDefinitions>,
     /// Woken after every write, so change streams in this process read at once.
     pub(crate) changed: tokio::sync::Notify,
     /// Ends the change streams (before the server drains).
@@ -134,7 +136,8 @@ impl Inner {
             .get(&profile_id)
             .await?
             .ok_or(ProfileError::NotFound)?;
-        let message = convert::profile_to_pb(&profile, &self.defs, OffsetDateTime::now_utc());
+        let message =
+            convert::profile_to_pb(&profile, &self.defs.current(), OffsetDateTime::now_utc());
         // A fill lands only when no newer version is cached: a slow read never puts back a
         // profile older than one a write already stored.
         self.put(
@@ -223,7 +226,10 @@ impl Inner {
             self.changed.notify_waiters();
             metrics::counter!("tessera_profile_swept_total").increment(profiles.len() as u64);
             count_membership_changes(&changes);
-            let entries = profiles.iter().map(|p| entry(p, &self.defs, now)).collect();
+            let entries = profiles
+                .iter()
+                .map(|p| entry(p, &self.defs.current(), now))
+                .collect();
             self.put_all(entries).await;
         }
         Ok(profiles.len())
@@ -246,7 +252,7 @@ impl Inner {
 
     async fn list_audiences(&self) -> Result<pb::ListAudiencesResponse, ProfileError> {
         let mut audiences = Vec::new();
-        for audience in self.defs.audiences.declared() {
+        for audience in self.defs.current().audiences.declared() {
             let (_, member_count) = self.store.audience_members(&audience.name, None, 0).await?;
             audiences.push(pb::AudienceSummary {
                 name: audience.name.clone(),
@@ -278,6 +284,7 @@ impl Inner {
         };
         if !self
             .defs
+            .current()
             .audiences
             .declared()
             .iter()
@@ -373,7 +380,7 @@ impl Inner {
             .await?
             .ok_or(ProfileError::NotFound)?;
         let now = OffsetDateTime::now_utc();
-        let shown = convert::profile_to_pb(&profile, &self.defs, now);
+        let shown = convert::profile_to_pb(&profile, &self.defs.current(), now);
         let mut ids = profile.merged_profile_ids.clone();
         ids.push(profile.profile_id.clone());
         let mut events = Vec::new();
@@ -412,7 +419,7 @@ impl Inner {
         Ok(convert::account_to_pb(
             &account,
             members.len(),
-            &self.defs.catalog,
+            &self.defs.current().catalog,
         ))
     }
 
@@ -517,7 +524,8 @@ impl Inner {
             ),
         };
         let now = OffsetDateTime::now_utc();
-        let computed_defs = &self.defs.computed;
+        let defs = self.defs.current();
+        let computed_defs = &defs.computed;
         let mut profiles = Vec::new();
         let mut examined = 0;
         let mut exhausted = false;
@@ -534,7 +542,7 @@ impl Inner {
                     scores: &profile.scores,
                 };
                 if !matcher.members(facts).is_empty() {
-                    let mut shown = convert::profile_to_pb(&profile, &self.defs, now);
+                    let mut shown = convert::profile_to_pb(&profile, &defs, now);
                     if let Some(mask) = &mask {
                         mask.apply(&mut shown);
                     }
@@ -873,7 +881,7 @@ impl Inner {
             applied
                 .changed
                 .iter()
-                .map(|profile| entry(profile, &self.defs, now)),
+                .map(|profile| entry(profile, &self.defs.current(), now)),
         );
         // A merged-away profile's reads go to the database, which redirects to the survivor.
         entries.extend(applied.merged_away.iter().map(|(id, version)| {
@@ -1006,7 +1014,15 @@ impl Inner {
         let mut request = Request::new(scoring::ScoreProfilesRequest {
             profiles: profiles
                 .iter()
-                .map(|p| convert::facts(p, self.half_life_seconds, &self.defs, accounts, now))
+                .map(|p| {
+                    convert::facts(
+                        p,
+                        self.half_life_seconds,
+                        &self.defs.current(),
+                        accounts,
+                        now,
+                    )
+                })
                 .collect(),
             as_of: Some(to_timestamp(now)),
         });

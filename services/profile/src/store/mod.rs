@@ -20,6 +20,7 @@ use crate::account::{Account, Member};
 use crate::audience::{Audiences, Facts};
 use crate::catalog::TraitCatalog;
 use crate::computed::ComputedTrait;
+use crate::definitions::{SharedDefinitions, StoredDefinition};
 use crate::domain::{Batch, EventContent, Profile, ProfileState, Rules, Score, Split, Workspace};
 use crate::error::ProfileError;
 
@@ -221,21 +222,19 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
     /// Whether `profile_id` was deleted ([`ProfileStore::delete`]).
     async fn is_deleted(&self, profile_id: &str) -> Result<bool, ProfileError>;
 
-    /// Starts recomputing every live profile from its events when `fingerprint` (of the
-    /// definitions that fold them, [`Definitions::fingerprint`]) is not the one they were folded
-    /// with (a store that never recorded one recomputes too). Returns whether a recompute is
-    /// running. Safe from several replicas at once.
-    async fn start_recompute(
-        &self,
-        fingerprint: &str,
-        now: OffsetDateTime,
-    ) -> Result<bool, ProfileError>;
+    /// Starts recomputing every live profile from its events when the fingerprint of the
+    /// definitions in effect ([`Definitions::fingerprint`] of config and the stored
+    /// definitions, read in the same transaction) is not the one they were folded with (a
+    /// store that never recorded one recomputes too). Returns whether a recompute is running.
+    /// Safe from several replicas at once.
+    async fn start_recompute(&self, now: OffsetDateTime) -> Result<bool, ProfileError>;
 
     /// Recomputes the next at most `limit` live profiles of a running recompute, in id order,
     /// in one transaction (each component rebuilt from its events as by an unmerge that moves
     /// nothing, rescored, logged as `updated`); a component holding events applied before
     /// contents were kept is left as it is. `None` when no recompute is running (or it has
-    /// just finished). Replicas take turns.
+    /// just finished, or it runs for definitions other than those in effect here, as in the
+    /// middle of a rollout of another config). Replicas take turns.
     async fn recompute(
         &self,
         limit: usize,
@@ -335,9 +334,14 @@ pub fn open(db: Database) -> Arc<dyn ProfileStore> {
 }
 
 /// The store of `db`'s backend, keeping the computed traits and audience memberships of `defs`
-/// up to date on every write.
+/// (config's) and of the definitions stored through the API up to date on every write.
 pub fn open_with(db: Database, defs: Definitions) -> Arc<dyn ProfileStore> {
-    let defs = Arc::new(defs);
+    open_shared(db, Arc::new(SharedDefinitions::new(defs)))
+}
+
+/// The store of `db`'s backend, folding with the definitions in effect in `defs` (which every
+/// write brings up to date with the stored definitions first).
+pub fn open_shared(db: Database, defs: Arc<SharedDefinitions>) -> Arc<dyn ProfileStore> {
     match db {
         Database::Postgres(pool) => Arc::new(PostgresStore::new(pool).with_definitions(defs)),
         Database::Sqlite(pool) => Arc::new(SqliteStore::new(pool).with_definitions(defs)),
@@ -357,6 +361,9 @@ pub struct Definitions {
     pub declared: usize,
     /// Whether every written version is kept for GetProfile(as_of).
     pub history: bool,
+    /// The store-wide revision of the definitions stored through the API that these include
+    /// (0: config's only).
+    pub revision: i64,
 }
 
 impl Definitions {
@@ -370,6 +377,7 @@ impl Definitions {
             catalog: TraitCatalog::new(),
             declared,
             history: false,
+            revision: 0,
         }
     }
 
@@ -419,15 +427,24 @@ impl Definitions {
     }
 
     /// A digest of everything that folds events into profiles (the computed traits with the
-    /// audiences' hidden counts, the trait catalog, the version of the built-in derivations):
-    /// when it changes, stored profiles are recomputed from their events.
+    /// audiences' hidden counts, the trait catalog, the version of the built-in derivations)
+    /// and of the audiences: when it changes, stored profiles are recomputed from their events
+    /// and their memberships brought up to date (a new audience fills up, a deleted one
+    /// empties).
     pub fn fingerprint(&self) -> String {
         use sha2::{Digest, Sha256};
         /// Bumped whenever the built-in derivations (consent, accounts, interests, purchases)
         /// change.
         const DERIVATIONS: u32 = 2;
-        let json = serde_json::to_string(&(DERIVATIONS, &self.computed, &self.catalog))
-            .unwrap_or_default();
+        // Audiences are hashed only when there are some, so a store without audiences keeps
+        // the fingerprint it had before they were part of it (and is not recomputed for it).
+        let audiences = self.audiences.declared();
+        let json = if audiences.is_empty() {
+            serde_json::to_string(&(DERIVATIONS, &self.computed, &self.catalog))
+        } else {
+            serde_json::to_string(&(DERIVATIONS, &self.computed, &self.catalog, audiences))
+        }
+        .unwrap_or_default();
         Sha256::digest(json.as_bytes())
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -606,14 +623,17 @@ pub struct MembershipChange {
 }
 
 /// Brings the stored memberships of `profiles` (as written now) up to date: a live profile
-/// holds the audiences whose condition it meets at `now`, a merged-away one holds none.
+/// holds the audiences whose condition it meets at `now`, a merged-away one holds none. Without
+/// audiences nothing is read or changed unless `always` (a rebuild, which also drops the
+/// memberships of deleted audiences).
 async fn update_memberships<O: Ops>(
     ops: &mut O,
     defs: &Definitions,
     profiles: &[&Profile],
     now: OffsetDateTime,
+    always: bool,
 ) -> Result<Vec<MembershipChange>, sqlx::Error> {
-    if defs.audiences.is_empty() || profiles.is_empty() {
+    if (defs.audiences.is_empty() && !always) || profiles.is_empty() {
         return Ok(Vec::new());
     }
     let ids: Vec<String> = profiles.iter().map(|p| p.profile_id.clone()).collect();
@@ -709,6 +729,10 @@ trait Ops: Send {
         &mut self,
         lock: bool,
     ) -> Result<Option<(String, Option<String>)>, sqlx::Error>;
+    /// The store-wide revision of the stored definitions.
+    async fn definitions_revision(&mut self) -> Result<i64, sqlx::Error>;
+    /// The stored definitions with the revision they were read at, in one snapshot.
+    async fn stored_definitions(&mut self) -> Result<(i64, Vec<StoredDefinition>), sqlx::Error>;
     /// Stores the recompute state.
     async fn set_recompute_state(
         &mut self,
@@ -858,7 +882,7 @@ async fn delete<O: Ops>(
 async fn apply<O: Ops>(
     ops: &mut O,
     batch: &Batch,
-    (half_life_seconds, defs): (f64, &Definitions),
+    (half_life_seconds, shared): (f64, &SharedDefinitions),
     now: OffsetDateTime,
     scorer: &dyn Scorer,
 ) -> Result<Applied, ProfileError> {
@@ -866,6 +890,8 @@ async fn apply<O: Ops>(
     let named = batch.profile_ids();
     ops.ensure(&named, now).await?;
     let (live, resolved) = lock_live(ops, &named).await?;
+    // Read after the locks: see `definitions`.
+    let defs = &*definitions(ops, shared).await?;
 
     let mut ws = Workspace::new(live, resolved);
     for merge in &batch.merges {
@@ -922,7 +948,7 @@ async fn apply<O: Ops>(
     let changed: Vec<&Profile> = ws.changed().collect();
     ops.write(&changed).await?;
     record_versions(ops, defs, &changed, now).await?;
-    let audiences = update_memberships(ops, defs, &changed, now).await?;
+    let audiences = update_memberships(ops, defs, &changed, now, false).await?;
     ops.log_changes(
         &changes_of(&changed, false, ws.score_changes(), &audiences),
         now,
@@ -1032,16 +1058,33 @@ async fn get<O: Ops>(ops: &mut O, profile_id: &str) -> Result<Option<Profile>, P
     Err(ProfileError::Contention)
 }
 
+/// The definitions in effect, brought up to date through `ops` first: a transaction that
+/// folds with them reads the store-wide revision (after locking its profiles), so a write never
+/// folds with definitions older than a change committed before it and a recompute started after
+/// a change reaches every profile written with the old ones.
+async fn definitions<O: Ops>(
+    ops: &mut O,
+    shared: &SharedDefinitions,
+) -> Result<Arc<Definitions>, sqlx::Error> {
+    let current = shared.current();
+    if ops.definitions_revision().await? <= current.revision {
+        return Ok(current);
+    }
+    let (revision, stored) = ops.stored_definitions().await?;
+    Ok(shared.install(revision, &stored))
+}
+
 /// See [`ProfileStore::start_recompute`]; inside a transaction.
 async fn start_recompute<O: Ops>(
     ops: &mut O,
-    fingerprint: &str,
+    shared: &SharedDefinitions,
     now: OffsetDateTime,
 ) -> Result<bool, ProfileError> {
+    let fingerprint = definitions(ops, shared).await?.fingerprint();
     match ops.recompute_state(true).await? {
         Some((stored, cursor)) if stored == fingerprint => Ok(cursor.is_some()),
         Some(_) | None => {
-            ops.set_recompute_state(fingerprint, Some(""), now).await?;
+            ops.set_recompute_state(&fingerprint, Some(""), now).await?;
             Ok(true)
         }
     }
@@ -1051,15 +1094,21 @@ async fn start_recompute<O: Ops>(
 async fn recompute<O: Ops>(
     ops: &mut O,
     limit: usize,
-    hd: (f64, &Definitions),
+    (half_life_seconds, shared): (f64, &SharedDefinitions),
     now: OffsetDateTime,
     scorer: &dyn Scorer,
 ) -> Result<Option<Applied>, ProfileError> {
     /// The most components of one chunk skipped for holding events without contents.
     const MAX_SKIPPED: usize = 100;
+    let defs = definitions(ops, shared).await?;
+    let hd = (half_life_seconds, &*defs);
     let Some((fingerprint, Some(cursor))) = ops.recompute_state(true).await? else {
         return Ok(None);
     };
+    // Started for other definitions: folding with these would record them as done.
+    if fingerprint != defs.fingerprint() {
+        return Ok(None);
+    }
     let after = (!cursor.is_empty()).then_some(cursor.as_str());
     let ids = ops.live_after(after, limit).await?;
     let Some(last) = ids.last().cloned() else {
@@ -1203,11 +1252,12 @@ fn content_json(content: &EventContent) -> String {
 async fn split<O: Ops>(
     ops: &mut O,
     split: &Split,
-    hd: (f64, &Definitions),
+    (half_life_seconds, shared): (f64, &SharedDefinitions),
     now: OffsetDateTime,
     scorer: &dyn Scorer,
 ) -> Result<Applied, ProfileError> {
-    rebuild(ops, split, hd, now, scorer, true).await
+    let defs = definitions(ops, shared).await?;
+    rebuild(ops, split, (half_life_seconds, &defs), now, scorer, true).await
 }
 
 /// Rebuilds a component as [`split`] does; `log_split` says whether its live profiles log a
@@ -1368,7 +1418,8 @@ async fn rebuild<O: Ops>(
     let written: Vec<&Profile> = rows.iter().collect();
     ops.write(&written).await?;
     record_versions(ops, defs, &written, now).await?;
-    let audiences = update_memberships(ops, defs, &written, now).await?;
+    // Also without audiences: a rebuild drops the memberships of deleted ones.
+    let audiences = update_memberships(ops, defs, &written, now, true).await?;
     ops.log_changes(
         &changes_of(&written, log_split, &score_changes, &audiences),
         now,
@@ -1399,10 +1450,11 @@ async fn rebuild<O: Ops>(
 /// memberships up to date.
 async fn sweep<O: Ops>(
     ops: &mut O,
-    defs: &Definitions,
+    shared: &SharedDefinitions,
     mut profiles: Vec<Profile>,
     now: OffsetDateTime,
 ) -> Result<(Vec<Profile>, Vec<MembershipChange>), ProfileError> {
+    let defs = &*definitions(ops, shared).await?;
     for profile in &mut profiles {
         profile.state.computed.prune(&defs.computed, now);
         profile.valid_until = defs.valid_until(profile, now);
@@ -1412,7 +1464,7 @@ async fn sweep<O: Ops>(
     let written: Vec<&Profile> = profiles.iter().collect();
     ops.write(&written).await?;
     record_versions(ops, defs, &written, now).await?;
-    let changes = update_memberships(ops, defs, &written, now).await?;
+    let changes = update_memberships(ops, defs, &written, now, false).await?;
     ops.log_changes(&changes_of(&written, false, &[], &changes), now)
         .await?;
     Ok((profiles, changes))

@@ -11,11 +11,11 @@ use tessera_core::Identifier;
 use time::OffsetDateTime;
 
 use super::{
-    Applied, ChangeCursor, Definitions, Deleted, MembershipChange, NewChange, Ops, ProfileChange,
-    ProfileStore, Recorded, Scorer, TimelineEntry, TimelineQuery, Version, attach_identifiers,
-    timeline_entries,
+    Applied, ChangeCursor, Deleted, MembershipChange, NewChange, Ops, ProfileChange, ProfileStore,
+    Recorded, Scorer, TimelineEntry, TimelineQuery, Version, attach_identifiers, timeline_entries,
 };
 use crate::account::{Account, Member};
+use crate::definitions::{SharedDefinitions, StoredDefinition};
 use crate::domain::{Batch, Profile, ProfileState, Split};
 use crate::error::ProfileError;
 
@@ -23,7 +23,7 @@ use crate::error::ProfileError;
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     /// The computed traits and audiences kept up to date on every write.
-    defs: std::sync::Arc<Definitions>,
+    defs: std::sync::Arc<SharedDefinitions>,
     pool: PgPool,
 }
 
@@ -38,7 +38,7 @@ impl PostgresStore {
 
     /// The store keeping the computed traits and audiences of `defs` up to date.
     #[must_use]
-    pub fn with_definitions(mut self, defs: std::sync::Arc<Definitions>) -> Self {
+    pub fn with_definitions(mut self, defs: std::sync::Arc<SharedDefinitions>) -> Self {
         self.defs = defs;
         self
     }
@@ -275,13 +275,9 @@ impl ProfileStore for PostgresStore {
         Ok(deleted)
     }
 
-    async fn start_recompute(
-        &self,
-        fingerprint: &str,
-        now: OffsetDateTime,
-    ) -> Result<bool, ProfileError> {
+    async fn start_recompute(&self, now: OffsetDateTime) -> Result<bool, ProfileError> {
         let mut tx = self.pool.begin().await?;
-        let running = super::start_recompute(&mut PgOps(&mut tx), fingerprint, now).await?;
+        let running = super::start_recompute(&mut PgOps(&mut tx), &self.defs, now).await?;
         tx.commit().await?;
         Ok(running)
     }
@@ -766,6 +762,14 @@ impl Ops for PgOps<'_> {
         sqlx::query_as("SELECT fingerprint, cursor FROM recompute_state WHERE id = 1")
             .fetch_optional(&mut *self.0)
             .await
+    }
+
+    async fn definitions_revision(&mut self) -> Result<i64, sqlx::Error> {
+        crate::definitions::store::pg_revision(self.0).await
+    }
+
+    async fn stored_definitions(&mut self) -> Result<(i64, Vec<StoredDefinition>), sqlx::Error> {
+        crate::definitions::store::pg_snapshot(self.0).await
     }
 
     async fn set_recompute_state(

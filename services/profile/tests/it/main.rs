@@ -3,6 +3,7 @@
 //! including probabilistic matching through the identity double, scoring plans, and webhook
 //! destinations against a local receiver.
 
+mod definitions;
 mod matching;
 mod scoring_plans;
 mod service;

@@ -1809,11 +1809,7 @@ async fn accounts_fold_group_calls_and_list_members_on_postgres() {
 async fn profiles_are_recomputed_when_the_definitions_change(backend: &Backend) {
     let before = store::Definitions::new(vec![], Audiences::default());
     let old = store::open_with(backend.db.clone(), before.clone());
-    assert!(
-        old.start_recompute(&before.fingerprint(), NOW)
-            .await
-            .unwrap()
-    );
+    assert!(old.start_recompute(NOW).await.unwrap());
     assert!(
         old.recompute(10, H, NOW, &NoScores)
             .await
@@ -1821,11 +1817,7 @@ async fn profiles_are_recomputed_when_the_definitions_change(backend: &Backend) 
             .is_none(),
         "nothing stored yet"
     );
-    assert!(
-        !old.start_recompute(&before.fingerprint(), NOW)
-            .await
-            .unwrap()
-    );
+    assert!(!old.start_recompute(NOW).await.unwrap());
     let batch = |merges, events| Batch { merges, events };
     old.apply(
         &batch(
@@ -1863,11 +1855,7 @@ async fn profiles_are_recomputed_when_the_definitions_change(backend: &Backend) 
         "folded before the trait was declared"
     );
 
-    assert!(
-        new.start_recompute(&after.fingerprint(), NOW)
-            .await
-            .unwrap()
-    );
+    assert!(new.start_recompute(NOW).await.unwrap());
     let mut chunks = 0;
     while let Some(done) = new.recompute(1, H, NOW, &NoScores).await.unwrap() {
         chunks += 1;
@@ -1881,11 +1869,7 @@ async fn profiles_are_recomputed_when_the_definitions_change(backend: &Backend) 
     assert_eq!(p1.merged_profile_ids, ["p2"]);
     let p3 = new.get("p3").await.unwrap().unwrap();
     assert_eq!(orders(&p3), Some(json!(1)));
-    assert!(
-        !new.start_recompute(&after.fingerprint(), NOW)
-            .await
-            .unwrap()
-    );
+    assert!(!new.start_recompute(NOW).await.unwrap());
     let changes = changes_until(new.as_ref(), |c| {
         c.iter()
             .filter(|c| c.profile_id == "p3" && c.kind == "updated")
