@@ -35,6 +35,12 @@ pub enum IdentityError {
     /// Concurrent merges kept invalidating the records' profiles, retries are exhausted.
     #[error("identity graph contended, retries exhausted")]
     Contended,
+    /// A split of the profile has not reached the profile service yet, so the profile cannot
+    /// be forgotten there correctly; it will be shortly.
+    #[error(
+        "a split of this profile is still being delivered to the profile service; retry shortly"
+    )]
+    SplitPending,
     /// A stored value does not decode: a bug or a corrupted row.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
@@ -55,7 +61,7 @@ impl IdentityError {
             Self::NotFound | Self::UnknownProfile | Self::Missing(_) => ErrorCode::NotFound,
             Self::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             Self::Store(e) => e.code(),
-            Self::Contended => ErrorCode::Unavailable,
+            Self::Contended | Self::SplitPending => ErrorCode::Unavailable,
             Self::Corrupt(_) => ErrorCode::Internal,
         }
     }
@@ -71,9 +77,8 @@ impl From<IdentityError> for tonic::Status {
             | IdentityError::NotFound
             | IdentityError::UnknownProfile
             | IdentityError::Missing(_)
-            | IdentityError::FailedPrecondition(_) => {
-                tessera_server::status(e.code(), e.to_string())
-            }
+            | IdentityError::FailedPrecondition(_)
+            | IdentityError::SplitPending => tessera_server::status(e.code(), e.to_string()),
             IdentityError::Store(_) | IdentityError::Contended | IdentityError::Corrupt(_) => {
                 tessera_server::internal(e.code(), &e)
             }

@@ -52,6 +52,12 @@ mod matching;
 /// How often one run of records is tried before the request fails with `Unavailable`.
 const MAX_ATTEMPTS: u32 = 12;
 
+/// How long a forget waits for a pending split of its profile to reach the profile service
+/// (the outbox delivers within milliseconds while the profile service is up), in steps.
+const SPLIT_WAIT: Duration = Duration::from_millis(250);
+/// See [`SPLIT_WAIT`]: 40 steps, 10 s, then `SplitPending` (UNAVAILABLE).
+const SPLIT_WAITS: u32 = 40;
+
 /// The canonical profile of each identifier in `$1`/`$2` (parallel arrays of types and values)
 /// that the graph holds, with the profile's creation time. The walks use `UNION`, not
 /// `UNION ALL`, so a cycle (which writers never create) ends a walk instead of looping forever.
@@ -494,6 +500,9 @@ impl IdentityStore for PgStore {
             .map(|i| (i.kind.as_str(), i.value.as_str()))
             .unzip();
         constraints.detached = detached(&mut tx, &types, &values).await?;
+        // Identifiers erased before (another person's erase or forget) never link again,
+        // whatever this replay decides.
+        constraints.erased = erased_among(&mut tx, &history_identifiers(&history)).await?;
         match change {
             Change::Unmerge(_) => {}
             Change::Detach(identifier) => {
@@ -617,10 +626,12 @@ impl IdentityStore for PgStore {
         profile: Uuid,
         reason: &str,
     ) -> Result<(Forgotten, bool), IdentityError> {
-        for attempts in 0..MAX_ATTEMPTS {
+        let mut waits = 0;
+        let mut attempts = 0;
+        while attempts < MAX_ATTEMPTS {
             let mut tx = self.pool.begin().await?;
             match forget_component(&mut tx, profile, reason).await {
-                Ok(done) => {
+                Ok(Forgetting::Done(done)) => {
                     tx.commit().await?;
                     return Ok(done);
                 }
@@ -634,6 +645,15 @@ impl IdentityStore for PgStore {
                         .increment(1);
                     tracing::debug!(reason = why, attempts, "retrying a forget");
                     tokio::time::sleep(backoff(attempts)).await;
+                    attempts += 1;
+                }
+                Ok(Forgetting::SplitPending) => {
+                    let _ = tx.rollback().await;
+                    if waits >= SPLIT_WAITS {
+                        return Err(IdentityError::SplitPending);
+                    }
+                    waits += 1;
+                    tokio::time::sleep(SPLIT_WAIT).await;
                 }
             }
         }
@@ -854,6 +874,32 @@ async fn detached(
         .collect())
 }
 
+/// Those of `identifiers` that were erased (by digest: the values themselves are not kept).
+async fn erased_among(
+    conn: &mut PgConnection,
+    identifiers: &[&Identifier],
+) -> Result<HashSet<Identifier>, sqlx::Error> {
+    if identifiers.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let types: Vec<&str> = identifiers.iter().map(|i| i.kind.as_str()).collect();
+    let digests: Vec<String> = identifiers.iter().map(|i| erased_digest(i)).collect();
+    let found: Vec<i64> = sqlx::query_scalar(
+        "SELECT k.n FROM erased_identifiers e \
+         JOIN unnest($1::text[], $2::text[]) WITH ORDINALITY AS k (type, digest, n) \
+         ON e.type = k.type AND e.digest = k.digest",
+    )
+    .bind(&types)
+    .bind(&digests)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(found
+        .into_iter()
+        .filter_map(|n| usize::try_from(n - 1).ok())
+        .filter_map(|i| identifiers.get(i).map(|id| (*id).clone()))
+        .collect())
+}
+
 /// The answer of the forgotten component `profile` belonged to, if it was forgotten.
 async fn forgotten_answer(
     conn: &mut PgConnection,
@@ -871,6 +917,65 @@ async fn forgotten_answer(
         .transpose()
 }
 
+/// The component's own decisions, deleted by ForgetProfile (`$1`: its profiles).
+const FORGET_DECISIONS_SQL: &str =
+    "DELETE FROM graph_log WHERE profile_id = ANY($1) OR other_profile_id = ANY($1)";
+
+/// Other profiles' decisions naming a forgotten identifier keep them under pseudonyms
+/// (`$1`/`$2`/`$3`: parallel types, values and pseudonyms).
+const PSEUDONYMIZE_SQL: &str = "UPDATE graph_log AS g SET id_value = u.p \
+     FROM unnest($1::text[], $2::text[], $3::text[]) AS u (t, v, p) \
+     WHERE g.id_type = u.t AND g.id_value = u.v AND g.id_value IS NOT NULL";
+
+/// Rows of the forgotten identifiers (`$1`/`$2`: parallel types and values).
+const FORGET_BY_IDENTIFIER_SQL: [&str; 2] = [
+    "DELETE FROM sightings AS s USING unnest($1::text[], $2::text[]) AS u (t, v) \
+     WHERE s.type = u.t AND s.value = u.v",
+    "DELETE FROM detached_identifiers AS d USING unnest($1::text[], $2::text[]) AS u (t, v) \
+     WHERE d.type = u.t AND d.value = u.v",
+];
+
+/// Rows of the forgotten profiles (`$1`: the component's profiles).
+const FORGET_BY_PROFILE_SQL: [&str; 11] = [
+    "DELETE FROM sightings WHERE profile_id = ANY($1)",
+    "DELETE FROM identifiers WHERE profile_id = ANY($1)",
+    "DELETE FROM merges WHERE merged_profile_id = ANY($1) OR surviving_profile_id = ANY($1)",
+    "DELETE FROM resolutions WHERE profile_id = ANY($1)",
+    "DELETE FROM match_attributes WHERE profile_id = ANY($1)",
+    "DELETE FROM match_keys WHERE profile_id = ANY($1)",
+    "DELETE FROM match_suggestions WHERE profile_a = ANY($1) OR profile_b = ANY($1)",
+    "DELETE FROM splits WHERE profile_a = ANY($1) OR profile_b = ANY($1)",
+    // Merges, delivered or not (the profile service forgets every profile of the component);
+    // splits delivered (pending ones make the forget wait, see PENDING_REWRITE_SQL).
+    "DELETE FROM merge_outbox WHERE surviving_profile_id = ANY($1) OR merged_profile_id = ANY($1)",
+    "UPDATE profiles SET merged_into = NULL, merged_at = NULL WHERE profile_id = ANY($1)",
+    "DELETE FROM profiles WHERE profile_id = ANY($1)",
+];
+
+/// Other people's events that dropped one of the forgotten identifiers (`$1`: one
+/// `[{"type", "value"}]` probe per identifier), through the partial GIN index
+/// `resolutions_by_dropped`.
+const NAMING_DROPPED_SQL: &str = "SELECT r.event_id, r.detail::text FROM resolutions r \
+     WHERE (r.detail -> 'dropped') <> '[]'::jsonb \
+       AND (r.detail -> 'dropped') @> ANY($1::jsonb[])";
+
+/// Whether a split of the component (`$1`: its profiles) has not reached the
+/// profile service yet: forgetting now would delete the wrong profile there (a split not yet
+/// applied still shows the two people as one), so the forget waits for the outbox.
+const PENDING_REWRITE_SQL: &str = "SELECT EXISTS (SELECT 1 FROM merge_outbox o \
+     WHERE o.delivered_at IS NULL AND o.rule = 'split' \
+       AND (o.surviving_profile_id = ANY($1) OR o.merged_profile_id = ANY($1) \
+            OR EXISTS (SELECT 1 FROM jsonb_array_elements(o.payload -> 'profiles') AS p \
+                       WHERE (p ->> 0)::uuid = ANY($1) OR (p ->> 1)::uuid = ANY($1))))";
+
+/// What one attempt at a forget came to.
+enum Forgetting {
+    /// The answer, and whether this call forgot the profile (not an earlier one).
+    Done((Forgotten, bool)),
+    /// A split of the component is still in the outbox: wait for its delivery, then retry.
+    SplitPending,
+}
+
 /// One attempt at forgetting the component of `profile` within the caller's transaction (see
 /// [`IdentityStore::forget`]), with the locks a rewrite takes; `Retry` when the component's
 /// root was merged, or forgotten by another call that has not committed, before it was locked.
@@ -878,7 +983,7 @@ async fn forget_component(
     tx: &mut PgConnection,
     profile: Uuid,
     reason: &str,
-) -> Result<(Forgotten, bool), Failure> {
+) -> Result<Forgetting, Failure> {
     let root: Option<Uuid> = sqlx::query_scalar(CANONICAL_ONE_SQL)
         .bind(profile)
         .fetch_optional(&mut *tx)
@@ -887,7 +992,7 @@ async fn forget_component(
         // Forgotten (the profile row goes in the transaction that records it, so this
         // statement sees both), or never known.
         return match forgotten_answer(&mut *tx, profile).await? {
-            Some(done) => Ok((done, false)),
+            Some(done) => Ok(Forgetting::Done((done, false))),
             None => Err(Failure::Fatal(IdentityError::UnknownProfile)),
         };
     };
@@ -901,13 +1006,20 @@ async fn forget_component(
         // statement would still wait).
         None => {
             return match forgotten_answer(&mut *tx, profile).await? {
-                Some(done) => Ok((done, false)),
+                Some(done) => Ok(Forgetting::Done((done, false))),
                 None => Err(Failure::Retry("profile forgotten meanwhile")),
             };
         }
     }
     let now = now();
     let members = component_members(&mut *tx, root).await?;
+    let pending: bool = sqlx::query_scalar(PENDING_REWRITE_SQL)
+        .bind(&members)
+        .fetch_one(&mut *tx)
+        .await?;
+    if pending {
+        return Ok(Forgetting::SplitPending);
+    }
     // Read again under the root's lock: nothing joins the component until the commit.
     let held = component_identifiers(&mut *tx, root).await?;
     let events: Vec<String> =
@@ -949,47 +1061,24 @@ async fn forget_component(
     .execute(&mut *tx)
     .await?;
     // The component's decisions go; the others keep their entries, under pseudonyms.
-    sqlx::query("DELETE FROM graph_log WHERE profile_id = ANY($1) OR other_profile_id = ANY($1)")
+    sqlx::query(FORGET_DECISIONS_SQL)
         .bind(&members)
         .execute(&mut *tx)
         .await?;
-    sqlx::query(
-        "UPDATE graph_log AS g SET id_value = u.p \
-         FROM unnest($1::text[], $2::text[], $3::text[]) AS u (t, v, p) \
-         WHERE g.id_type = u.t AND g.id_value = u.v",
-    )
-    .bind(&types)
-    .bind(&values)
-    .bind(&pseudonyms)
-    .execute(&mut *tx)
-    .await?;
-    for statement in [
-        "DELETE FROM sightings AS s USING unnest($1::text[], $2::text[]) AS u (t, v) \
-         WHERE s.type = u.t AND s.value = u.v",
-        "DELETE FROM detached_identifiers AS d USING unnest($1::text[], $2::text[]) AS u (t, v) \
-         WHERE d.type = u.t AND d.value = u.v",
-    ] {
+    sqlx::query(PSEUDONYMIZE_SQL)
+        .bind(&types)
+        .bind(&values)
+        .bind(&pseudonyms)
+        .execute(&mut *tx)
+        .await?;
+    for statement in FORGET_BY_IDENTIFIER_SQL {
         sqlx::query(sqlx::AssertSqlSafe(statement))
             .bind(&types)
             .bind(&values)
             .execute(&mut *tx)
             .await?;
     }
-    for statement in [
-        "DELETE FROM sightings WHERE profile_id = ANY($1)",
-        "DELETE FROM identifiers WHERE profile_id = ANY($1)",
-        "DELETE FROM merges WHERE merged_profile_id = ANY($1) OR surviving_profile_id = ANY($1)",
-        "DELETE FROM resolutions WHERE profile_id = ANY($1)",
-        "DELETE FROM match_attributes WHERE profile_id = ANY($1)",
-        "DELETE FROM match_keys WHERE profile_id = ANY($1)",
-        "DELETE FROM match_suggestions WHERE profile_a = ANY($1) OR profile_b = ANY($1)",
-        "DELETE FROM splits WHERE profile_a = ANY($1) OR profile_b = ANY($1)",
-        // Delivered or not: the profile service forgets the person as a whole.
-        "DELETE FROM merge_outbox \
-         WHERE surviving_profile_id = ANY($1) OR merged_profile_id = ANY($1)",
-        "UPDATE profiles SET merged_into = NULL, merged_at = NULL WHERE profile_id = ANY($1)",
-        "DELETE FROM profiles WHERE profile_id = ANY($1)",
-    ] {
+    for statement in FORGET_BY_PROFILE_SQL {
         sqlx::query(sqlx::AssertSqlSafe(statement))
             .bind(&members)
             .execute(&mut *tx)
@@ -997,30 +1086,7 @@ async fn forget_component(
     }
     // Other people's events that carried one of the identifiers without linking it stop
     // naming it, so no replay of their components links it again.
-    let named: Vec<(String, String)> = sqlx::query_as(
-        "SELECT r.event_id, r.detail::text FROM resolutions r \
-         WHERE EXISTS (SELECT 1 FROM jsonb_array_elements(r.detail -> 'dropped') AS d \
-                       JOIN unnest($1::text[], $2::text[]) AS u (t, v) \
-                         ON d ->> 'type' = u.t AND d ->> 'value' = u.v)",
-    )
-    .bind(&types)
-    .bind(&values)
-    .fetch_all(&mut *tx)
-    .await?;
-    let (scrubbed_events, scrubbed): (Vec<String>, Vec<String>) = named
-        .into_iter()
-        .filter_map(|(event, detail)| scrub_detail(&detail, &erased).map(|d| (event, d)))
-        .unzip();
-    if !scrubbed_events.is_empty() {
-        sqlx::query(
-            "UPDATE resolutions AS r SET detail = u.d::jsonb \
-             FROM unnest($1::text[], $2::text[]) AS u (e, d) WHERE r.event_id = u.e",
-        )
-        .bind(&scrubbed_events)
-        .bind(&scrubbed)
-        .execute(&mut *tx)
-        .await?;
-    }
+    scrub_dropped(&mut *tx, &erased).await?;
     let done = Forgotten::new(root, members, events, n);
     sqlx::query(
         "INSERT INTO forgotten_profiles (profile_id, root, reason, forgotten_at, answer) \
@@ -1033,7 +1099,7 @@ async fn forget_component(
     .bind(done.encode())
     .execute(&mut *tx)
     .await?;
-    Ok((done, true))
+    Ok(Forgetting::Done((done, true)))
 }
 
 /// Locks the component rooted at `root` the way resolutions meet it: its identifiers'
@@ -1124,6 +1190,39 @@ async fn erase_everywhere(
         .bind(&identifier.value)
         .execute(&mut *conn)
         .await?;
+    scrub_dropped(&mut *conn, &HashSet::from([identifier.clone()])).await?;
+    Ok(())
+}
+
+/// Takes `erased` out of the dropped identifiers of every event that names them (other
+/// people's events that carried one without linking it), so neither their details nor a later
+/// replay of their components holds the erased value.
+async fn scrub_dropped(
+    conn: &mut PgConnection,
+    erased: &HashSet<Identifier>,
+) -> Result<(), sqlx::Error> {
+    let probes: Vec<String> = erased
+        .iter()
+        .map(|i| serde_json::json!([{ "type": i.kind, "value": i.value }]).to_string())
+        .collect();
+    let named: Vec<(String, String)> = sqlx::query_as(NAMING_DROPPED_SQL)
+        .bind(&probes)
+        .fetch_all(&mut *conn)
+        .await?;
+    let (scrubbed_events, scrubbed): (Vec<String>, Vec<String>) = named
+        .into_iter()
+        .filter_map(|(event, detail)| scrub_detail(&detail, erased).map(|d| (event, d)))
+        .unzip();
+    if !scrubbed_events.is_empty() {
+        sqlx::query(
+            "UPDATE resolutions AS r SET detail = u.d::jsonb \
+             FROM unnest($1::text[], $2::text[]) AS u (e, d) WHERE r.event_id = u.e",
+        )
+        .bind(&scrubbed_events)
+        .bind(&scrubbed)
+        .execute(&mut *conn)
+        .await?;
+    }
     Ok(())
 }
 
@@ -1505,6 +1604,80 @@ mod tests {
             let d = backoff(attempts);
             assert!(d >= Duration::from_millis(1) && d <= Duration::from_millis(640));
         }
+    }
+
+    /// Every statement a forget runs over other people's rows finds them through an index:
+    /// on a large graph a scan inside the forget's transaction would take minutes and hold
+    /// back every other writer's snapshot horizon meanwhile.
+    #[tokio::test]
+    async fn forget_statements_use_indexes() {
+        let test = tessera_testkit::TestDb::new().await;
+        let db = tessera_store::Database::connect(
+            test.url(),
+            crate::SCHEMA,
+            &tessera_store::DbSettings::default(),
+        )
+        .await
+        .expect("connect");
+        db.migrate(crate::MIGRATIONS).await.expect("migrate");
+        let tessera_store::Database::Postgres(pool) = db else {
+            panic!("a Postgres url");
+        };
+        let mut conn = pool.acquire().await.expect("connection");
+        sqlx::query("SET enable_seqscan = off")
+            .execute(&mut *conn)
+            .await
+            .expect("set");
+        let profiles = vec![Uuid::now_v7(), Uuid::now_v7()];
+        let texts = ["email".to_owned(), "ann@x.io".to_owned()];
+        let probe = vec![r#"[{"type": "email", "value": "ann@x.io"}]"#.to_owned()];
+        let mut plans = Vec::new();
+        for sql in FORGET_BY_PROFILE_SQL
+            .iter()
+            .chain([&FORGET_DECISIONS_SQL, &PENDING_REWRITE_SQL])
+        {
+            let explain = sqlx::AssertSqlSafe(format!("EXPLAIN {sql}"));
+            let lines: Vec<String> = sqlx::query_scalar(explain)
+                .bind(&profiles)
+                .fetch_all(&mut *conn)
+                .await
+                .expect("explain");
+            plans.push((*sql, lines.join("\n")));
+        }
+        for sql in FORGET_BY_IDENTIFIER_SQL {
+            let explain = sqlx::AssertSqlSafe(format!("EXPLAIN {sql}"));
+            let lines: Vec<String> = sqlx::query_scalar(explain)
+                .bind(&texts[..1])
+                .bind(&texts[1..])
+                .fetch_all(&mut *conn)
+                .await
+                .expect("explain");
+            plans.push((sql, lines.join("\n")));
+        }
+        let explain = sqlx::AssertSqlSafe(format!("EXPLAIN {PSEUDONYMIZE_SQL}"));
+        let lines: Vec<String> = sqlx::query_scalar(explain)
+            .bind(&texts[..1])
+            .bind(&texts[1..])
+            .bind(&texts[1..])
+            .fetch_all(&mut *conn)
+            .await
+            .expect("explain");
+        plans.push((PSEUDONYMIZE_SQL, lines.join("\n")));
+        let explain = sqlx::AssertSqlSafe(format!("EXPLAIN {NAMING_DROPPED_SQL}"));
+        let lines: Vec<String> = sqlx::query_scalar(explain)
+            .bind(&probe)
+            .fetch_all(&mut *conn)
+            .await
+            .expect("explain");
+        plans.push((NAMING_DROPPED_SQL, lines.join("\n")));
+        for (sql, plan) in &plans {
+            assert!(!plan.contains("Seq Scan"), "{sql}\n{plan}");
+        }
+        assert!(
+            plans[plans.len() - 1].1.contains("resolutions_by_dropped"),
+            "{:?}",
+            plans[plans.len() - 1]
+        );
     }
 
     #[test]

@@ -121,9 +121,168 @@ pub(crate) struct SqliteStore {
     pool: SqlitePool,
 }
 
+/// Whether a split of the component (`?1`: its profiles as a JSON array) is still in the
+/// outbox (see `PENDING_REWRITE_SQL` of the Postgres store).
+const PENDING_SPLIT_SQL: &str = "SELECT EXISTS (SELECT 1 FROM merge_outbox o \
+     WHERE o.delivered_at IS NULL AND o.rule = 'split' \
+       AND (o.surviving_profile_id IN (SELECT value FROM json_each(?1)) \
+            OR o.merged_profile_id IN (SELECT value FROM json_each(?1)) \
+            OR EXISTS (SELECT 1 FROM json_each(o.payload, '$.profiles') AS p \
+                       WHERE json_extract(p.value, '$[0]') IN (SELECT value FROM json_each(?1)) \
+                          OR json_extract(p.value, '$[1]') IN (SELECT value FROM json_each(?1)))))";
+
 impl SqliteStore {
     pub(crate) fn new(pool: SqlitePool) -> Self {
         Self { pool }
+    }
+
+    /// One attempt at [`IdentityStore::forget`]: `None` while a split of the component is
+    /// still in the outbox (nothing was changed).
+    async fn forget_once(
+        &self,
+        profile: Uuid,
+        reason: &str,
+    ) -> Result<Option<(Forgotten, bool)>, IdentityError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let key = profile.to_string();
+        let root: Option<String> = sqlx::query_scalar(CANONICAL_SQL)
+            .bind(&key)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(root) = root else {
+            // Forgotten, or never known.
+            let done = forgotten_answer(&mut tx, &key).await?;
+            return done
+                .map(|done| Some((done, false)))
+                .ok_or(IdentityError::UnknownProfile);
+        };
+        let now = now();
+        let members: Vec<String> = sqlx::query_scalar(
+            "WITH RECURSIVE tree (profile_id) AS ( \
+                 SELECT ?1 \
+               UNION \
+                 SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
+             SELECT profile_id FROM tree",
+        )
+        .bind(&root)
+        .fetch_all(&mut *tx)
+        .await?;
+        // The members as a JSON array, for `IN (SELECT value FROM json_each(?1))`.
+        let list = serde_json::to_string(&members).unwrap_or_else(|_| "[]".to_owned());
+        let pending: bool = sqlx::query_scalar(PENDING_SPLIT_SQL)
+            .bind(&list)
+            .fetch_one(&mut *tx)
+            .await?;
+        if pending {
+            return Ok(None);
+        }
+        let held: Vec<(String, String)> = sqlx::query_as(
+            "SELECT type, value FROM identifiers \
+             WHERE profile_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&list)
+        .fetch_all(&mut *tx)
+        .await?;
+        let events: Vec<String> = sqlx::query_scalar(
+            "SELECT event_id FROM resolutions \
+             WHERE profile_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&list)
+        .fetch_all(&mut *tx)
+        .await?;
+        // The component's decisions go; the others keep their entries, under pseudonyms.
+        sqlx::query(
+            "DELETE FROM graph_log WHERE profile_id IN (SELECT value FROM json_each(?1)) \
+             OR other_profile_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&list)
+        .execute(&mut *tx)
+        .await?;
+        let n = held.len();
+        let mut erased = HashSet::with_capacity(n);
+        for (kind, value) in held {
+            let identifier = Identifier { kind, value };
+            sqlx::query(
+                "INSERT INTO erased_identifiers \
+                     (type, digest, reason, created_at, with_person, suppresses) \
+                 VALUES (?1, ?2, ?3, ?4, 1, ?5) \
+                 ON CONFLICT (type, digest) DO UPDATE \
+                 SET with_person = 1, suppresses = max(suppresses, excluded.suppresses)",
+            )
+            .bind(&identifier.kind)
+            .bind(erased_digest(&identifier))
+            .bind(reason)
+            .bind(micros(now))
+            .bind(suppresses_events(&identifier.kind))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE graph_log SET id_value = ?3 WHERE id_type = ?1 AND id_value = ?2")
+                .bind(&identifier.kind)
+                .bind(&identifier.value)
+                .bind(erased_pseudonym(&identifier))
+                .execute(&mut *tx)
+                .await?;
+            for statement in [
+                "DELETE FROM sightings WHERE type = ?1 AND value = ?2",
+                "DELETE FROM detached_identifiers WHERE type = ?1 AND value = ?2",
+            ] {
+                sqlx::query(sqlx::AssertSqlSafe(statement))
+                    .bind(&identifier.kind)
+                    .bind(&identifier.value)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            erased.insert(identifier);
+        }
+        for statement in [
+            "DELETE FROM sightings WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM identifiers WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM merges WHERE merged_profile_id IN (SELECT value FROM json_each(?1)) \
+             OR surviving_profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM resolutions WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM match_attributes WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM match_keys WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM match_suggestions WHERE profile_a IN (SELECT value FROM json_each(?1)) \
+             OR profile_b IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM splits WHERE profile_a IN (SELECT value FROM json_each(?1)) \
+             OR profile_b IN (SELECT value FROM json_each(?1))",
+            // Delivered or not: the profile service forgets the person as a whole.
+            "DELETE FROM merge_outbox \
+             WHERE surviving_profile_id IN (SELECT value FROM json_each(?1)) \
+             OR merged_profile_id IN (SELECT value FROM json_each(?1))",
+            "UPDATE profiles SET merged_into = NULL, merged_at = NULL \
+             WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM profiles WHERE profile_id IN (SELECT value FROM json_each(?1))",
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .bind(&list)
+                .execute(&mut *tx)
+                .await?;
+        }
+        // Other people's events that carried one of the identifiers without linking it stop
+        // naming it, so no replay of their components links it again.
+        scrub_dropped(&mut tx, &erased).await?;
+        let members = members
+            .iter()
+            .map(|m| parse_uuid(m))
+            .collect::<Result<Vec<_>, _>>()?;
+        let done = Forgotten::new(parse_uuid(&root)?, members, events, n);
+        for member in &done.profiles {
+            let answer = (*member == done.root).then(|| done.encode());
+            sqlx::query(
+                "INSERT INTO forgotten_profiles (profile_id, root, reason, forgotten_at, answer) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .bind(member.to_string())
+            .bind(&root)
+            .bind(reason)
+            .bind(micros(now))
+            .bind(answer)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Some((done, true)))
     }
 }
 
@@ -340,6 +499,9 @@ impl IdentityStore for SqliteStore {
         };
         constraints.forbidden.extend(pair);
         let history = history(rows)?;
+        // Identifiers erased before (another person's erase or forget) never link again,
+        // whatever this replay decides.
+        constraints.erased = erased_among(&mut tx, &history_identifiers(&history)).await?;
         for identifier in history_identifiers(&history) {
             let detached: Option<i64> = sqlx::query_scalar(
                 "SELECT 1 FROM detached_identifiers WHERE type = ?1 AND value = ?2",
@@ -458,163 +620,15 @@ impl IdentityStore for SqliteStore {
         profile: Uuid,
         reason: &str,
     ) -> Result<(Forgotten, bool), IdentityError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let key = profile.to_string();
-        let root: Option<String> = sqlx::query_scalar(CANONICAL_SQL)
-            .bind(&key)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(root) = root else {
-            // Forgotten, or never known.
-            let done = forgotten_answer(&mut tx, &key).await?;
-            return done
-                .map(|done| (done, false))
-                .ok_or(IdentityError::UnknownProfile);
-        };
-        let now = now();
-        let members: Vec<String> = sqlx::query_scalar(
-            "WITH RECURSIVE tree (profile_id) AS ( \
-                 SELECT ?1 \
-               UNION \
-                 SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
-             SELECT profile_id FROM tree",
-        )
-        .bind(&root)
-        .fetch_all(&mut *tx)
-        .await?;
-        // The members as a JSON array, for `IN (SELECT value FROM json_each(?1))`.
-        let list = serde_json::to_string(&members).unwrap_or_else(|_| "[]".to_owned());
-        let held: Vec<(String, String)> = sqlx::query_as(
-            "SELECT type, value FROM identifiers \
-             WHERE profile_id IN (SELECT value FROM json_each(?1))",
-        )
-        .bind(&list)
-        .fetch_all(&mut *tx)
-        .await?;
-        let events: Vec<String> = sqlx::query_scalar(
-            "SELECT event_id FROM resolutions \
-             WHERE profile_id IN (SELECT value FROM json_each(?1))",
-        )
-        .bind(&list)
-        .fetch_all(&mut *tx)
-        .await?;
-        // The component's decisions go; the others keep their entries, under pseudonyms.
-        sqlx::query(
-            "DELETE FROM graph_log WHERE profile_id IN (SELECT value FROM json_each(?1)) \
-             OR other_profile_id IN (SELECT value FROM json_each(?1))",
-        )
-        .bind(&list)
-        .execute(&mut *tx)
-        .await?;
-        let n = held.len();
-        let mut erased = HashSet::with_capacity(n);
-        for (kind, value) in held {
-            let identifier = Identifier { kind, value };
-            sqlx::query(
-                "INSERT INTO erased_identifiers \
-                     (type, digest, reason, created_at, with_person, suppresses) \
-                 VALUES (?1, ?2, ?3, ?4, 1, ?5) \
-                 ON CONFLICT (type, digest) DO UPDATE \
-                 SET with_person = 1, suppresses = max(suppresses, excluded.suppresses)",
-            )
-            .bind(&identifier.kind)
-            .bind(erased_digest(&identifier))
-            .bind(reason)
-            .bind(micros(now))
-            .bind(suppresses_events(&identifier.kind))
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("UPDATE graph_log SET id_value = ?3 WHERE id_type = ?1 AND id_value = ?2")
-                .bind(&identifier.kind)
-                .bind(&identifier.value)
-                .bind(erased_pseudonym(&identifier))
-                .execute(&mut *tx)
-                .await?;
-            for statement in [
-                "DELETE FROM sightings WHERE type = ?1 AND value = ?2",
-                "DELETE FROM detached_identifiers WHERE type = ?1 AND value = ?2",
-            ] {
-                sqlx::query(sqlx::AssertSqlSafe(statement))
-                    .bind(&identifier.kind)
-                    .bind(&identifier.value)
-                    .execute(&mut *tx)
-                    .await?;
+        // A split of the component still in the outbox must reach the profile service first
+        // (see the Postgres store); the outbox delivers within milliseconds while it is up.
+        for _ in 0..40 {
+            if let Some(done) = self.forget_once(profile, reason).await? {
+                return Ok(done);
             }
-            erased.insert(identifier);
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
         }
-        for statement in [
-            "DELETE FROM sightings WHERE profile_id IN (SELECT value FROM json_each(?1))",
-            "DELETE FROM identifiers WHERE profile_id IN (SELECT value FROM json_each(?1))",
-            "DELETE FROM merges WHERE merged_profile_id IN (SELECT value FROM json_each(?1)) \
-             OR surviving_profile_id IN (SELECT value FROM json_each(?1))",
-            "DELETE FROM resolutions WHERE profile_id IN (SELECT value FROM json_each(?1))",
-            "DELETE FROM match_attributes WHERE profile_id IN (SELECT value FROM json_each(?1))",
-            "DELETE FROM match_keys WHERE profile_id IN (SELECT value FROM json_each(?1))",
-            "DELETE FROM match_suggestions WHERE profile_a IN (SELECT value FROM json_each(?1)) \
-             OR profile_b IN (SELECT value FROM json_each(?1))",
-            "DELETE FROM splits WHERE profile_a IN (SELECT value FROM json_each(?1)) \
-             OR profile_b IN (SELECT value FROM json_each(?1))",
-            // Delivered or not: the profile service forgets the person as a whole.
-            "DELETE FROM merge_outbox \
-             WHERE surviving_profile_id IN (SELECT value FROM json_each(?1)) \
-             OR merged_profile_id IN (SELECT value FROM json_each(?1))",
-            "UPDATE profiles SET merged_into = NULL, merged_at = NULL \
-             WHERE profile_id IN (SELECT value FROM json_each(?1))",
-            "DELETE FROM profiles WHERE profile_id IN (SELECT value FROM json_each(?1))",
-        ] {
-            sqlx::query(sqlx::AssertSqlSafe(statement))
-                .bind(&list)
-                .execute(&mut *tx)
-                .await?;
-        }
-        // Other people's events that carried one of the identifiers without linking it stop
-        // naming it, so no replay of their components links it again.
-        let pairs: Vec<(&str, &str)> = erased
-            .iter()
-            .map(|i| (i.kind.as_str(), i.value.as_str()))
-            .collect();
-        let pairs = serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_owned());
-        let named: Vec<(String, String)> = sqlx::query_as(
-            "SELECT r.event_id, r.detail FROM resolutions r \
-             WHERE r.detail IS NOT NULL AND EXISTS ( \
-                 SELECT 1 FROM json_each(r.detail, '$.dropped') AS d \
-                 JOIN json_each(?1) AS k \
-                   ON json_extract(d.value, '$.type') = json_extract(k.value, '$[0]') \
-                  AND json_extract(d.value, '$.value') = json_extract(k.value, '$[1]'))",
-        )
-        .bind(&pairs)
-        .fetch_all(&mut *tx)
-        .await?;
-        for (event, detail) in named {
-            if let Some(detail) = scrub_detail(&detail, &erased) {
-                sqlx::query("UPDATE resolutions SET detail = ?2 WHERE event_id = ?1")
-                    .bind(&event)
-                    .bind(detail)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
-        let members = members
-            .iter()
-            .map(|m| parse_uuid(m))
-            .collect::<Result<Vec<_>, _>>()?;
-        let done = Forgotten::new(parse_uuid(&root)?, members, events, n);
-        for member in &done.profiles {
-            let answer = (*member == done.root).then(|| done.encode());
-            sqlx::query(
-                "INSERT INTO forgotten_profiles (profile_id, root, reason, forgotten_at, answer) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .bind(member.to_string())
-            .bind(&root)
-            .bind(reason)
-            .bind(micros(now))
-            .bind(answer)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok((done, true))
+        Err(IdentityError::SplitPending)
     }
 
     async fn current_rules(&self) -> Result<Option<StoredRules>, IdentityError> {
@@ -1058,7 +1072,63 @@ async fn erase_everywhere(
             .execute(&mut *conn)
             .await?;
     }
+    scrub_dropped(&mut *conn, &HashSet::from([identifier.clone()])).await?;
     Ok(())
+}
+
+/// Takes `erased` out of the dropped identifiers of every event that names them (other
+/// people's events that carried one without linking it), so neither their details nor a later
+/// replay of their components holds the erased value.
+async fn scrub_dropped(
+    conn: &mut SqliteConnection,
+    erased: &HashSet<Identifier>,
+) -> Result<(), sqlx::Error> {
+    let pairs: Vec<(&str, &str)> = erased
+        .iter()
+        .map(|i| (i.kind.as_str(), i.value.as_str()))
+        .collect();
+    let pairs = serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_owned());
+    let named: Vec<(String, String)> = sqlx::query_as(
+        "SELECT r.event_id, r.detail FROM resolutions r \
+         WHERE r.detail IS NOT NULL AND EXISTS ( \
+             SELECT 1 FROM json_each(r.detail, '$.dropped') AS d \
+             JOIN json_each(?1) AS k \
+               ON json_extract(d.value, '$.type') = json_extract(k.value, '$[0]') \
+              AND json_extract(d.value, '$.value') = json_extract(k.value, '$[1]'))",
+    )
+    .bind(&pairs)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (event, detail) in named {
+        if let Some(detail) = scrub_detail(&detail, erased) {
+            sqlx::query("UPDATE resolutions SET detail = ?2 WHERE event_id = ?1")
+                .bind(&event)
+                .bind(detail)
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Those of `identifiers` that were erased (by digest: the values themselves are not kept).
+async fn erased_among(
+    conn: &mut SqliteConnection,
+    identifiers: &[&Identifier],
+) -> Result<HashSet<Identifier>, sqlx::Error> {
+    let mut out = HashSet::new();
+    for identifier in identifiers {
+        let erased: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM erased_identifiers WHERE type = ?1 AND digest = ?2")
+                .bind(&identifier.kind)
+                .bind(erased_digest(identifier))
+                .fetch_optional(&mut *conn)
+                .await?;
+        if erased.is_some() {
+            out.insert((*identifier).clone());
+        }
+    }
+    Ok(out)
 }
 
 async fn history_rows(

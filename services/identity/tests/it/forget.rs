@@ -14,6 +14,7 @@ use crate::support::{Backend, lookup, resolve};
 on_both_backends!(
     forgetting_a_merged_person_leaves_no_row_about_them,
     events_of_a_forgotten_person_are_suppressed_or_resolve_without_them,
+    a_forget_waits_for_a_split_to_reach_the_profile_service,
 );
 
 /// Ann's identifiers as the graph holds them (normalized).
@@ -72,6 +73,8 @@ async fn people(b: &Backend) -> People {
     id.unmerge_profile(carol, "they were not")
         .await
         .expect("unmerge");
+    // The outbox told the profile service (see the test of a split not yet delivered).
+    deliver_outbox(&b.db).await;
 
     let bob = resolve(id, "e6", &[("user_id", "bob"), ("anonymous_id", "b1")])
         .await
@@ -426,6 +429,70 @@ async fn events_of_a_forgotten_person_are_suppressed_or_resolve_without_them(b: 
         replayed.owners.keys().collect::<Vec<_>>(),
         [&Identifier::new("user_id", "newbie")]
     );
+}
+
+/// A split not yet delivered to the profile service still shows the two people as one
+/// profile there, so forgetting one of them now would delete the other's data (or keep the
+/// forgotten person's): the forget waits until the outbox has delivered the split, changing
+/// nothing meanwhile, then forgets only its own side.
+async fn a_forget_waits_for_a_split_to_reach_the_profile_service(b: &Backend) {
+    let id = &b.identity;
+    let dan = resolve(id, "d1", &[("user_id", "dan"), ("anonymous_id", "d-a")])
+        .await
+        .profile_id;
+    let eve = resolve(id, "d2", &[("email", "eve@x.io")]).await.profile_id;
+    id.merge_profiles((dan, eve), "looked alike")
+        .await
+        .expect("merge")
+        .expect("merged");
+    deliver_outbox(&b.db).await;
+    id.unmerge_profile(eve, "they were not")
+        .await
+        .expect("unmerge");
+    let pending = "SELECT count(*) FROM merge_outbox WHERE delivered_at IS NULL";
+    assert_eq!(count(&b.db, pending).await, 1, "the split is queued");
+
+    let started = std::time::Instant::now();
+    let forget = tokio::spawn({
+        let id = id.clone();
+        async move { id.forget_profile(dan, "GDPR ticket 9").await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    assert!(!forget.is_finished(), "the forget waits for the split");
+    assert_eq!(
+        lookup(id, "user_id", "dan").await,
+        dan,
+        "nothing forgotten yet"
+    );
+    deliver_outbox(&b.db).await;
+    let forgotten = tokio::time::timeout(std::time::Duration::from_secs(5), forget)
+        .await
+        .expect("the forget goes on once the split is delivered")
+        .expect("task")
+        .expect("forget");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(800));
+    assert_eq!(forgotten.profiles, [dan]);
+    assert!(matches!(
+        id.lookup(Identifier::new("user_id", "dan")).await,
+        Err(IdentityError::NotFound)
+    ));
+    assert_eq!(lookup(id, "email", "eve@x.io").await, eve, "Eve stays");
+}
+
+/// Marks every queued merge and split delivered, as the outbox does once the profile service
+/// has applied them.
+async fn deliver_outbox(db: &Database) {
+    exec(
+        db,
+        &format!(
+            "UPDATE merge_outbox SET delivered_at = {} WHERE delivered_at IS NULL",
+            match db {
+                Database::Postgres(_) => "now()",
+                Database::Sqlite(_) => "1",
+            }
+        ),
+    )
+    .await;
 }
 
 fn assert_suppressed(r: &Resolution, event: &str) {

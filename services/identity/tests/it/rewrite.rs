@@ -16,6 +16,7 @@ on_both_backends!(
     a_detached_identifier_keeps_its_own_events_and_links_alone,
     erasing_a_bridging_identifier_splits_the_profile_and_forgets_it,
     erasing_an_identifier_no_profile_holds_still_suppresses_it,
+    an_erased_identifier_another_person_dropped_never_links_on_their_replay,
 );
 
 /// A kiosk's device id fused two people and the kiosk's own browsing into one profile. Split
@@ -230,6 +231,80 @@ async fn erasing_an_identifier_no_profile_holds_still_suppresses_it(b: &Backend)
     ));
 }
 
+/// Bob's event carried Ann's email, which merge protection kept out of his profile (it names
+/// the email among its dropped identifiers). Once the email is erased, Bob's event stops naming
+/// it, and a later rewrite of Bob's component (here: his anonymous id split off) does not link
+/// the now ownerless email to Bob: replays read the erased set.
+async fn an_erased_identifier_another_person_dropped_never_links_on_their_replay(b: &Backend) {
+    let id = &b.identity;
+    let ann = resolve(id, "e1", &[("user_id", "ann"), ("email", "ann@x.io")])
+        .await
+        .profile_id;
+    let bob = resolve(id, "e2", &[("user_id", "bob"), ("anonymous_id", "b1")])
+        .await
+        .profile_id;
+    let shared = resolve(id, "e3", &[("user_id", "bob"), ("email", "ann@x.io")]).await;
+    assert_eq!(shared.profile_id, bob);
+    assert!(
+        shared
+            .dropped
+            .iter()
+            .any(|d| d.identifier == Identifier::new("email", "ann@x.io")),
+        "{shared:?}"
+    );
+    let mentions = "SELECT count(*) FROM resolutions WHERE CAST(detail AS TEXT) LIKE '%ann@x.io%'";
+    assert_eq!(count(&b.db, mentions).await, 2, "Ann's and Bob's events");
+
+    id.erase_identifier(Identifier::new("email", "ann@x.io"), "GDPR ticket 44")
+        .await
+        .expect("erase");
+    assert_eq!(
+        count(&b.db, mentions).await,
+        0,
+        "no event names it any more"
+    );
+    assert_eq!(lookup(id, "user_id", "ann").await, ann);
+
+    // Data written before erases scrubbed other people's events still names it: put the
+    // email back among e3's dropped identifiers, so the replay meets it.
+    let reason = shared
+        .dropped
+        .iter()
+        .find(|d| d.identifier.kind == "email")
+        .map(|d| d.reason.clone())
+        .expect("dropped");
+    assert!(
+        reason.starts_with("limit:"),
+        "a rule a replay re-decides: {reason}"
+    );
+    let dropped = format!(r#"[{{"type": "email", "value": "ann@x.io", "reason": "{reason}"}}]"#);
+    let restore = match b.db {
+        Database::Postgres(_) => format!(
+            "UPDATE resolutions SET detail = jsonb_set(detail, '{{dropped}}', '{dropped}') \
+             WHERE event_id = 'e3'"
+        ),
+        Database::Sqlite(_) => format!(
+            "UPDATE resolutions SET detail = json_set(detail, '$.dropped', json('{dropped}')) \
+             WHERE event_id = 'e3'"
+        ),
+    };
+    exec(&b.db, &restore).await;
+    assert_eq!(count(&b.db, mentions).await, 1);
+
+    id.detach_identifier(Identifier::new("anonymous_id", "b1"), "shared browser")
+        .await
+        .expect("detach");
+    assert!(
+        matches!(
+            id.lookup(Identifier::new("email", "ann@x.io")).await,
+            Err(IdentityError::NotFound)
+        ),
+        "the erased email links to no one"
+    );
+    assert_eq!(lookup(id, "user_id", "bob").await, bob);
+    assert_eq!(value_rows(&b.db, "ann@x.io").await, 0);
+}
+
 /// Each event of a rewritten component and its profile now.
 fn sides(rewritten: &Rewritten) -> HashMap<&str, Uuid> {
     rewritten
@@ -265,6 +340,15 @@ async fn value_rows(db: &Database, value: &str) -> i64 {
             &format!("SELECT count(*) FROM graph_log WHERE id_value = '{value}'"),
         )
         .await
+}
+
+async fn exec(db: &Database, sql: &str) {
+    let sql = sqlx::AssertSqlSafe(sql.to_owned());
+    match db {
+        Database::Postgres(pool) => sqlx::query(sql).execute(pool).await.map(|_| ()),
+        Database::Sqlite(pool) => sqlx::query(sql).execute(pool).await.map(|_| ()),
+    }
+    .expect("exec");
 }
 
 async fn count(db: &Database, sql: &str) -> i64 {
