@@ -15,6 +15,8 @@ use tonic_health::ServingStatus;
 use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 
+use crate::trace_context::{Port, server_span};
+
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
 /// Limits and timings of the server edge.
@@ -195,7 +197,10 @@ pub async fn serve(
     let grpc_server = tonic::transport::Server::builder()
         .timeout(Duration::from_millis(settings.request_timeout_ms))
         .concurrency_limit_per_connection(settings.concurrency_limit_per_connection)
-        .layer(TraceLayer::new(SharedClassifier::new(classifier)))
+        .layer(
+            TraceLayer::new(SharedClassifier::new(classifier))
+                .make_span_with(|r: &http::Request<_>| server_span(Port::Grpc, r)),
+        )
         .layer(tower::layer::layer_fn(GrpcMetrics::new))
         .add_routes(routes.routes())
         // TCP_NODELAY on every accepted connection: without it a small response (most
@@ -236,7 +241,10 @@ pub async fn serve(
         .layer(axum::middleware::map_response(move |response| {
             json_payload_too_large(response, max_body)
         }))
-        .layer(TraceLayer::new_for_http());
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|r: &http::Request<_>| server_span(Port::Http, r)),
+        );
     // Handlers may read the peer address (ConnectInfo), e.g. for Segment's context.ip.
     // TCP_NODELAY here too: tracking-API answers are small.
     let http = axum::serve::ListenerExt::tap_io(http, |stream| {

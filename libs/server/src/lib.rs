@@ -9,6 +9,7 @@ mod auth;
 mod edge;
 mod error;
 mod telemetry;
+pub mod trace_context;
 
 pub use auth::basic_auth_user;
 pub use edge::{

@@ -1,12 +1,18 @@
-//! Logs and traces: `tracing` to stderr (text or JSON), and OTLP trace export when an endpoint
-//! is configured (`OTEL_EXPORTER_OTLP_ENDPOINT`).
+//! Logs and traces: `tracing` to stderr (text or JSON), and OTLP trace export (gRPC) when an
+//! endpoint is configured (`OTEL_EXPORTER_OTLP_ENDPOINT`). Spans pass the same filter as logs
+//! (`log_filter`): Tessera's request and per-event spans are at `info`.
 
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::{Key, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
+
+/// The resource attribute naming the service.
+const SERVICE_NAME: &str = "service.name";
 
 /// Telemetry settings.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -58,7 +64,40 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs the global subscriber for `service` (used as the OTel `service.name`).
+/// The resource every span of this process is exported with: the SDK's detectors
+/// (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, the SDK's own attributes), `service` as
+/// `service.name` unless one of those set it, `service.namespace` `tessera`, the version, and
+/// an id per process (`service.instance.id`) that tells replicas apart.
+fn resource(service: &str) -> Resource {
+    let detected = Resource::builder().build();
+    let named = detected
+        .get(&Key::new(SERVICE_NAME))
+        .is_some_and(|name| !name.as_str().starts_with("unknown_service"));
+    let mut builder = Resource::builder().with_attributes([
+        KeyValue::new("service.namespace", "tessera"),
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new("service.instance.id", instance_id()),
+    ]);
+    if !named {
+        builder = builder.with_service_name(service.to_owned());
+    }
+    builder.build()
+}
+
+/// A process's `service.instance.id`: host name (when known), process id and start time.
+fn instance_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("{host}-{}-{started}", std::process::id())
+        .trim_start_matches('-')
+        .to_owned()
+}
+
+/// Installs the global subscriber for `service` (the OTel `service.name`, unless
+/// `OTEL_SERVICE_NAME` names it). With an OTLP endpoint, spans are exported in batches and W3C
+/// trace context is propagated ([`crate::trace_context`]).
 pub fn init_telemetry(
     service: &str,
     settings: &TelemetrySettings,
@@ -82,15 +121,14 @@ pub fn init_telemetry(
             .with_tonic()
             .with_endpoint(settings.otlp_endpoint.clone())
             .build()?;
-        let resource = opentelemetry_sdk::Resource::builder()
-            .with_service_name(service.to_owned())
-            .build();
+        // The batch processor reads OTEL_BSP_* (schedule delay, queue and batch sizes) itself.
         let p = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
-            .with_resource(resource)
+            .with_resource(resource(service))
             .build();
         let tracer = p.tracer("tessera");
         provider = Some(p);
+        crate::trace_context::enable();
         Some(tracing_opentelemetry::layer().with_tracer(tracer))
     };
     tracing_subscriber::registry()

@@ -39,6 +39,9 @@ fn record_from_pb(
         event_id,
         identifiers,
         timestamp,
+        // Traced by the service handler before conversion; resolution does not read them.
+        trace_parent: _,
+        trace_state: _,
     } = record;
     let timestamp = match timestamp
         .as_ref()
@@ -724,11 +727,13 @@ mod tests {
                 event_id: "e0".into(),
                 identifiers: vec![id("user_id", "u")],
                 timestamp: None,
+                ..Default::default()
             },
             pb::IdentityRecord {
                 event_id: String::new(),
                 identifiers: vec![id("user_id", "u"), id("User", "x")],
                 timestamp: None,
+                ..Default::default()
             },
         ];
         let Err(IdentityError::InvalidArgument(violations)) =
@@ -750,6 +755,7 @@ mod tests {
                 event_id: String::new(),
                 identifiers: vec![],
                 timestamp: None,
+                ..Default::default()
             })
             .collect();
         let Err(IdentityError::InvalidArgument(violations)) =

@@ -746,7 +746,10 @@ impl Matching {
         profile: tonic::transport::Channel,
         shutdown: tessera_server::Shutdown,
     ) {
-        let mut client = ProfilePipelineServiceClient::new(profile);
+        let mut client = ProfilePipelineServiceClient::with_interceptor(
+            profile,
+            tessera_server::trace_context::Propagate,
+        );
         let mut backoff = Duration::from_millis(100);
         loop {
             let pending = match self.store.pending_merges(500).await {

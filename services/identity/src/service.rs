@@ -3,6 +3,7 @@
 
 use tessera_proto::identity::v1 as pb;
 use tessera_proto::identity::v1::identity_service_server::IdentityService;
+use tessera_server::trace_context;
 use tonic::{Request, Response, Status};
 
 use crate::{Identity, IdentityError, convert};
@@ -34,6 +35,18 @@ impl IdentityService for IdentityGrpc {
             }
             .into());
         }
+        // Each record's resolution is traced in its event's own trace (no span per record
+        // without trace export).
+        let _traced: Vec<_> = records
+            .iter()
+            .filter_map(|r| {
+                trace_context::event_span(
+                    &r.trace_parent,
+                    &r.trace_state,
+                    || tracing::info_span!("identity.resolve_event", event_id = %r.event_id),
+                )
+            })
+            .collect();
         // One rules version for the whole request: normalizing and resolving.
         let rules = self.identity.rules();
         let records = convert::records_from_pb(&rules.rules, records)?;

@@ -3,6 +3,7 @@
 
 use tessera_core::Event;
 use tessera_core::event::corrected_timestamp;
+use tessera_server::trace_context::{self, TraceParent};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -60,6 +61,12 @@ impl Ingestion {
     ) -> Result<Vec<Stored>, IngestError> {
         self.check_backlog()?;
         let mut rows = Vec::with_capacity(events.len());
+        // With trace export on, each message gets a span that its trace continues from: a
+        // child of the request when the client sent trace context, else the root of a trace of
+        // its own. Kept open until the append commits.
+        let traced = trace_context::enabled();
+        let client_traced = traced && trace_context::client_traced();
+        let mut spans = Vec::with_capacity(if traced { events.len() } else { 0 });
         for (mut event, received_at) in events {
             let received_at = tessera_proto::convert::micros(received_at);
             if event.message_id.is_empty() {
@@ -69,16 +76,34 @@ impl Ingestion {
             event.timestamp = Some(corrected_timestamp(original, event.sent_at, received_at));
             event.original_timestamp = original;
             event.received_at = Some(received_at);
+            let event_id = Uuid::now_v7();
+            let trace = if traced {
+                let span = tracing::info_span!(
+                    "ingestion.accept_event",
+                    event_id = %event_id,
+                    message_id = %event.message_id,
+                );
+                if !client_traced {
+                    trace_context::new_root(&span);
+                }
+                let trace = TraceParent::of(&span);
+                spans.push(span);
+                trace
+            } else {
+                None
+            };
             rows.push(NewEvent {
-                event_id: Uuid::now_v7(),
+                event_id,
                 source_id: source_id.to_owned(),
                 message_id: event.message_id.clone(),
                 partition: partition_of(event.routing_key(), self.partitions),
                 payload: serde_json::to_string(&event)?,
                 received_at,
+                trace,
             });
         }
         let appended = self.log.append(&rows).await?;
+        drop(spans);
         let accepted = appended.iter().filter(|a| a.is_new).count();
         metrics::counter!("tessera_ingestion_events_accepted_total").increment(accepted as u64);
         metrics::counter!("tessera_ingestion_events_duplicate_total")

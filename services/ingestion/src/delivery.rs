@@ -26,9 +26,11 @@ use tessera_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use tessera_proto::profile::v1 as profile_pb;
 use tessera_proto::profile::v1::profile_pipeline_service_client::ProfilePipelineServiceClient;
 use tessera_server::Shutdown;
+use tessera_server::trace_context::{self, Propagate, TraceParent, TracedChannel};
 use tessera_store::StoreError;
 use tokio::sync::Notify;
 use tonic::transport::Channel;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::IngestionSettings;
@@ -66,8 +68,8 @@ struct Pushed {
 pub(crate) struct Dispatcher {
     id: String,
     log: Arc<dyn EventLog>,
-    identity: IdentityServiceClient<Channel>,
-    profile: ProfilePipelineServiceClient<Channel>,
+    identity: IdentityServiceClient<TracedChannel>,
+    profile: ProfilePipelineServiceClient<TracedChannel>,
     settings: Arc<IngestionSettings>,
     partitions: i32,
     wake: Arc<Notify>,
@@ -87,10 +89,10 @@ impl Dispatcher {
         Self {
             id: Uuid::new_v4().to_string(),
             log,
-            identity: IdentityServiceClient::new(identity)
+            identity: IdentityServiceClient::with_interceptor(identity, Propagate)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            profile: ProfilePipelineServiceClient::new(profile)
+            profile: ProfilePipelineServiceClient::with_interceptor(profile, Propagate)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             settings,
@@ -236,7 +238,13 @@ impl Dispatcher {
         let pushed = if events.is_empty() {
             Pushed::default()
         } else {
-            self.push(events).await?
+            // The round's calls are one trace, linked to the events' own traces.
+            let round = if trace_context::enabled() {
+                tracing::info_span!(parent: None, "ingestion.deliver_round", events = events.len())
+            } else {
+                tracing::Span::none()
+            };
+            self.push(events).instrument(round).await?
         };
         let (resolve, apply) = (pushed.resolve, pushed.apply);
         // Before the cursors move: a failure retries the round, and the suppressed events are
@@ -309,11 +317,29 @@ impl Dispatcher {
 
     /// Resolves one batch and applies the events that were not suppressed (a suppressed event
     /// belongs to a deleted person); returns how long each call took and the suppressed events.
-    async fn push(&self, events: Vec<(Uuid, Event)>) -> Result<Pushed, DeliveryError> {
+    async fn push(&self, events: Vec<Decoded>) -> Result<Pushed, DeliveryError> {
         let started = Instant::now();
+        // Each event's delivery continues its own trace (none without trace export); the
+        // downstream services open their spans for it under this one.
+        let spans: Vec<Option<tracing::Span>> = events
+            .iter()
+            .map(|(event_id, _, trace)| {
+                let trace = trace.as_ref()?;
+                trace_context::event_span(
+                    &trace.traceparent,
+                    &trace.tracestate,
+                    || tracing::info_span!("ingestion.deliver_event", event_id = %event_id),
+                )
+            })
+            .collect();
+        let traces: Vec<TraceParent> = spans
+            .iter()
+            .map(|span| span.as_ref().and_then(TraceParent::of).unwrap_or_default())
+            .collect();
         let records: Vec<_> = events
             .iter()
-            .map(|(event_id, e)| identity_pb::IdentityRecord {
+            .zip(&traces)
+            .map(|((event_id, e, _), trace)| identity_pb::IdentityRecord {
                 event_id: event_id.to_string(),
                 identifiers: e
                     .identifier_candidates()
@@ -321,6 +347,8 @@ impl Dispatcher {
                     .map(identifier_to_pb)
                     .collect(),
                 timestamp: e.timestamp.map(tessera_proto::convert::to_timestamp),
+                trace_parent: trace.traceparent.clone(),
+                trace_state: trace.tracestate.clone(),
             })
             .collect();
         let want = records.len();
@@ -346,7 +374,9 @@ impl Dispatcher {
         let mut merges = Vec::new();
         let mut resolved = Vec::with_capacity(want);
         let mut suppressed_events = Vec::new();
-        for ((event_id, event), resolution) in events.into_iter().zip(resolutions) {
+        for (((event_id, event, _), resolution), trace) in
+            events.into_iter().zip(resolutions).zip(traces)
+        {
             let identity_pb::Resolution {
                 event_id: _,
                 profile_id,
@@ -368,6 +398,8 @@ impl Dispatcher {
                 profile_id,
                 event: Some(event_to_pb(&event)),
                 identifiers,
+                trace_parent: trace.traceparent,
+                trace_state: trace.tracestate,
             });
         }
         if !resolved.is_empty() || !merges.is_empty() {
@@ -383,6 +415,7 @@ impl Dispatcher {
                     status,
                 })?;
         }
+        drop(spans);
         Ok(Pushed {
             resolve,
             apply: applying.elapsed(),
@@ -391,13 +424,16 @@ impl Dispatcher {
     }
 }
 
+/// An event read for delivery: its id, the event and its trace context.
+type Decoded = (Uuid, Event, Option<TraceParent>);
+
 /// The events of a batch; a row that does not decode (which only a bug can cause) is logged,
 /// counted and left in the log rather than blocking its partition forever.
-fn decode(batch: &[&StoredEvent]) -> Vec<(Uuid, Event)> {
+fn decode(batch: &[&StoredEvent]) -> Vec<Decoded> {
     batch
         .iter()
         .filter_map(|row| match serde_json::from_str::<Event>(&row.payload) {
-            Ok(e) => Some((row.event_id, e)),
+            Ok(e) => Some((row.event_id, e, row.trace.clone())),
             Err(error) => {
                 metrics::counter!("tessera_ingestion_undeliverable_total").increment(1);
                 tracing::error!(event_id = %row.event_id, %error, "event in the log does not decode, not delivered");

@@ -200,6 +200,9 @@ impl TryFrom<pb::ResolvedEvent> for ResolvedEvent {
             profile_id,
             event,
             identifiers,
+            // Traced by the service handler before conversion; applying does not read them.
+            trace_parent: _,
+            trace_state: _,
         } = resolved;
         let mut violations = Vec::new();
         check_id(&event_id, "event_id", &mut violations);
@@ -838,6 +841,9 @@ pub(crate) fn facts(
                 repeat_revenue: p.repeat_revenue,
             }
         }),
+        // Set by the caller for a profile scored for a traced event.
+        trace_parent: String::new(),
+        trace_state: String::new(),
     }
 }
 
@@ -1141,6 +1147,7 @@ mod tests {
                 r#type: "user_id".to_owned(),
                 value: "u1".to_owned(),
             }],
+            ..Default::default()
         }
     }
 

@@ -2,7 +2,7 @@
 //! `ProfilePipelineService` (internal writes), over the store, the versioned cache and the
 //! identity and scoring services.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -19,6 +19,7 @@ use tessera_proto::profile::v1::profile_pipeline_service_server::ProfilePipeline
 use tessera_proto::profile::v1::profile_service_server::ProfileService;
 use tessera_proto::scoring::v1 as scoring;
 use tessera_proto::scoring::v1::scoring_service_client::ScoringServiceClient;
+use tessera_server::trace_context::{self, Propagate, TraceParent};
 use tessera_store::{Cache, Versioned};
 use time::OffsetDateTime;
 use tonic::transport::Channel;
@@ -658,7 +659,7 @@ impl Inner {
         profile_id: &str,
         reason: &str,
     ) -> Result<identity::ForgetProfileResponse, ProfileError> {
-        let mut client = IdentityServiceClient::new(self.identity.clone());
+        let mut client = IdentityServiceClient::with_interceptor(self.identity.clone(), Propagate);
         let mut request = Request::new(identity::ForgetProfileRequest {
             profile_id: profile_id.to_owned(),
             reason: reason.to_owned(),
@@ -682,7 +683,7 @@ impl Inner {
     ) -> Result<i64, ProfileError> {
         use tessera_proto::ingestion::v1 as ingestion;
         use tessera_proto::ingestion::v1::event_log_service_client::EventLogServiceClient;
-        let mut client = EventLogServiceClient::new(self.ingestion.clone());
+        let mut client = EventLogServiceClient::with_interceptor(self.ingestion.clone(), Propagate);
         let events: Vec<String> = events.into_iter().collect();
         let identifiers: Vec<common::Identifier> = identifiers
             .iter()
@@ -719,7 +720,7 @@ impl Inner {
         &self,
         profile_id: &str,
     ) -> Result<identity::GetProfileGraphResponse, ProfileError> {
-        let mut client = IdentityServiceClient::new(self.identity.clone());
+        let mut client = IdentityServiceClient::with_interceptor(self.identity.clone(), Propagate);
         let mut request = Request::new(identity::GetProfileGraphRequest {
             lookup: Some(identity::get_profile_graph_request::Lookup::ProfileId(
                 profile_id.to_owned(),
@@ -740,7 +741,7 @@ impl Inner {
 
     /// The profile id the identity service has for `identifier`.
     async fn lookup(&self, identifier: common::Identifier) -> Result<String, ProfileError> {
-        let mut client = IdentityServiceClient::new(self.identity.clone());
+        let mut client = IdentityServiceClient::with_interceptor(self.identity.clone(), Propagate);
         let mut request = Request::new(LookupIdentifierRequest {
             identifier: Some(identifier),
         });
@@ -834,13 +835,18 @@ impl Inner {
         &self,
         request: pb::ApplyEventsRequest,
     ) -> Result<pb::ApplyEventsResponse, ProfileError> {
+        let (_traced, traces) = event_traces(&request.events);
         let batch = convert::batch(request)?;
         let now = micros(OffsetDateTime::now_utc());
         // Every profile the batch names is rescored in the same transaction, also when all its
         // events were duplicates: a batch retried after a scoring failure gets its scores.
+        let scorer = TracedScorer {
+            inner: self,
+            traces: &traces,
+        };
         let applied = self
             .store
-            .apply(&batch, self.half_life_seconds, now, self)
+            .apply(&batch, self.half_life_seconds, now, &scorer)
             .await?;
         metrics::counter!("tessera_profile_events_applied_total").increment(applied.applied as u64);
         metrics::counter!("tessera_profile_duplicate_events_total")
@@ -949,7 +955,7 @@ impl Inner {
     ) -> Result<Option<Vec<Merge>>, ProfileError> {
         metrics::counter!("tessera_profile_match_profiles_sent_total")
             .increment(profiles.len() as u64);
-        let mut client = IdentityServiceClient::new(self.identity.clone())
+        let mut client = IdentityServiceClient::with_interceptor(self.identity.clone(), Propagate)
             .max_decoding_message_size(MAX_MESSAGE_SIZE);
         let mut request = Request::new(identity::MatchProfilesRequest { profiles });
         request.set_timeout(PEER_TIMEOUT);
@@ -987,41 +993,104 @@ impl Inner {
 
 #[async_trait::async_trait]
 impl Scorer for Inner {
-    /// Asks the scoring service, in calls of at most [`MAX_SCORED_PER_CALL`] profiles.
     async fn score(
         &self,
         profiles: &[&Profile],
         accounts: &crate::store::Accounts,
         now: OffsetDateTime,
     ) -> Result<Vec<Vec<Score>>, ProfileError> {
-        let mut out = Vec::with_capacity(profiles.len());
-        for chunk in profiles.chunks(MAX_SCORED_PER_CALL) {
-            out.extend(self.score_call(chunk, accounts, now).await?);
-        }
-        Ok(out)
+        self.score_all(profiles, accounts, now, &HashMap::new())
+            .await
     }
 }
 
-impl Inner {
-    async fn score_call(
+/// Opens a span per traced event of a pipeline batch (none without trace export); returns them
+/// with the trace context each named profile is scored under: its latest traced event's.
+fn event_traces(
+    events: &[pb::ResolvedEvent],
+) -> (Vec<tracing::Span>, HashMap<String, TraceParent>) {
+    let mut spans = Vec::new();
+    let mut traces = HashMap::new();
+    for e in events {
+        let span = trace_context::event_span(&e.trace_parent, &e.trace_state, || {
+            tracing::info_span!(
+                "profile.apply_event",
+                event_id = %e.event_id,
+                profile_id = %e.profile_id,
+            )
+        });
+        if let Some(span) = span {
+            if let Some(trace) = TraceParent::of(&span) {
+                traces.insert(e.profile_id.clone(), trace);
+            }
+            spans.push(span);
+        }
+    }
+    (spans, traces)
+}
+
+/// Scores a pipeline batch's profiles, each traced in its event's trace.
+struct TracedScorer<'a> {
+    inner: &'a Inner,
+    traces: &'a HashMap<String, TraceParent>,
+}
+
+#[async_trait::async_trait]
+impl Scorer for TracedScorer<'_> {
+    async fn score(
         &self,
         profiles: &[&Profile],
         accounts: &crate::store::Accounts,
         now: OffsetDateTime,
     ) -> Result<Vec<Vec<Score>>, ProfileError> {
-        let mut client = ScoringServiceClient::new(self.scoring.clone())
+        self.inner
+            .score_all(profiles, accounts, now, self.traces)
+            .await
+    }
+}
+
+impl Inner {
+    /// Asks the scoring service, in calls of at most [`MAX_SCORED_PER_CALL`] profiles; a
+    /// profile with an entry in `traces` is scored in that trace.
+    async fn score_all(
+        &self,
+        profiles: &[&Profile],
+        accounts: &crate::store::Accounts,
+        now: OffsetDateTime,
+        traces: &HashMap<String, TraceParent>,
+    ) -> Result<Vec<Vec<Score>>, ProfileError> {
+        let mut out = Vec::with_capacity(profiles.len());
+        for chunk in profiles.chunks(MAX_SCORED_PER_CALL) {
+            out.extend(self.score_call(chunk, accounts, now, traces).await?);
+        }
+        Ok(out)
+    }
+
+    async fn score_call(
+        &self,
+        profiles: &[&Profile],
+        accounts: &crate::store::Accounts,
+        now: OffsetDateTime,
+        traces: &HashMap<String, TraceParent>,
+    ) -> Result<Vec<Vec<Score>>, ProfileError> {
+        let mut client = ScoringServiceClient::with_interceptor(self.scoring.clone(), Propagate)
             .max_decoding_message_size(MAX_MESSAGE_SIZE);
         let mut request = Request::new(scoring::ScoreProfilesRequest {
             profiles: profiles
                 .iter()
                 .map(|p| {
-                    convert::facts(
+                    let mut facts = convert::facts(
                         p,
                         self.half_life_seconds,
                         &self.defs.current(),
                         accounts,
                         now,
-                    )
+                    );
+                    if let Some(trace) = traces.get(&p.profile_id) {
+                        facts.trace_parent.clone_from(&trace.traceparent);
+                        facts.trace_state.clone_from(&trace.tracestate);
+                    }
+                    facts
                 })
                 .collect(),
             as_of: Some(to_timestamp(now)),

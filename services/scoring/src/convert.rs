@@ -102,6 +102,9 @@ impl TryFrom<pb::ProfileFacts> for ProfileFacts {
             audiences,
             accounts,
             purchases,
+            // Traced by the service handler before conversion; no score reads them.
+            trace_parent: _,
+            trace_state: _,
         } = facts;
         let mut violations = Vec::new();
         let purchases = purchases.and_then(|p| {

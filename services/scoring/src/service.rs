@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tessera_proto::scoring::v1 as pb;
 use tessera_proto::scoring::v1::scoring_service_server::ScoringService;
+use tessera_server::trace_context;
 use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 
@@ -24,7 +25,21 @@ impl ScoringService for ScoringApi {
         &self,
         request: Request<pb::ScoreProfilesRequest>,
     ) -> Result<Response<pb::ScoreProfilesResponse>, Status> {
-        let ScoreRequest { profiles, as_of } = ScoreRequest::try_from(request.into_inner())?;
+        let request = request.into_inner();
+        // A profile scored for a traced event is traced in that event's trace (no span per
+        // profile without trace export).
+        let _traced: Vec<_> = request
+            .profiles
+            .iter()
+            .filter_map(|p| {
+                trace_context::event_span(
+                    &p.trace_parent,
+                    &p.trace_state,
+                    || tracing::info_span!("scoring.score_profile", profile_id = %p.profile_id),
+                )
+            })
+            .collect();
+        let ScoreRequest { profiles, as_of } = ScoreRequest::try_from(request)?;
         let as_of = as_of.unwrap_or_else(OffsetDateTime::now_utc);
         let profiles = profiles
             .iter()

@@ -54,6 +54,7 @@ fn record(event_id: &str, identifiers: Vec<Identifier>) -> IdentityRecord {
         event_id: event_id.into(),
         identifiers,
         timestamp: None,
+        ..Default::default()
     }
 }
 

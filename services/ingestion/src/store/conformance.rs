@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tessera_server::trace_context::TraceParent;
 use tessera_store::{Database, DbSettings};
 use tessera_testkit::{TestDb, TestSqlite};
 use time::OffsetDateTime;
@@ -45,6 +46,7 @@ fn event(source: &str, message: &str, partition: i32) -> NewEvent {
         partition,
         payload: format!(r#"{{"messageId":"{message}","type":"track","userId":"u","event":"E"}}"#),
         received_at: OffsetDateTime::now_utc(),
+        trace: None,
     }
 }
 
@@ -106,7 +108,46 @@ conformance!(
     tails_settled_events_after_the_head,
     forgets_events_and_their_message_ids,
     forgets_the_quarantined_messages_of_a_person,
+    keeps_each_events_trace_context,
 );
+
+async fn keeps_each_events_trace_context(_db: Database, log: Arc<dyn EventLog>) {
+    log.ensure_partitions(1).await.unwrap();
+    let traced = |message: &str, traceparent: &str, tracestate: &str| NewEvent {
+        trace: Some(TraceParent {
+            traceparent: traceparent.to_owned(),
+            tracestate: tracestate.to_owned(),
+        }),
+        ..event("s", message, 0)
+    };
+    let a = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let b = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    // One append, traced and untraced messages mixed; a duplicate keeps the original's context.
+    log.append(&[
+        traced("m1", a, "vendor=x"),
+        event("s", "m2", 0),
+        traced("m3", b, ""),
+        traced("m1", b, ""),
+    ])
+    .await
+    .unwrap();
+    let got = read_settled(&log, 0, Cursor::default(), 10, 3).await;
+    let traces: Vec<_> = got.iter().map(|e| e.trace.clone()).collect();
+    assert_eq!(
+        traces,
+        [
+            Some(TraceParent {
+                traceparent: a.to_owned(),
+                tracestate: "vendor=x".to_owned(),
+            }),
+            None,
+            Some(TraceParent {
+                traceparent: b.to_owned(),
+                tracestate: String::new(),
+            }),
+        ]
+    );
+}
 
 async fn appends_and_deduplicates(_db: Database, log: Arc<dyn EventLog>) {
     let first = vec![

@@ -7,6 +7,7 @@ mod sqlite;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tessera_server::trace_context::TraceParent;
 use tessera_store::{Database, StoreError};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -27,6 +28,8 @@ pub(crate) struct NewEvent {
     /// The event as JSON (a `tessera_core::Event`).
     pub(crate) payload: String,
     pub(crate) received_at: OffsetDateTime,
+    /// The span that accepted it, when traces are exported.
+    pub(crate) trace: Option<TraceParent>,
 }
 
 /// The outcome of appending one message.
@@ -52,6 +55,8 @@ pub(crate) struct StoredEvent {
     pub(crate) cursor: Cursor,
     pub(crate) event_id: Uuid,
     pub(crate) payload: String,
+    /// The trace context it was appended with.
+    pub(crate) trace: Option<TraceParent>,
 }
 
 /// A partition leased by a dispatcher, with its delivery cursor.
@@ -173,7 +178,7 @@ pub(crate) trait EventLog: Send + Sync + std::fmt::Debug {
     async fn release(&self, dispatcher: &str, partition: i32) -> Result<(), StoreError>;
 
     /// Up to `limit` events of `partition` after `after`, in delivery order, that are safe to
-    /// deliver (no earlier event can still appear behind them).
+    /// deliver (no earlier event can still appear behind them), with their trace context.
     async fn read_after(
         &self,
         partition: i32,
@@ -242,6 +247,14 @@ pub(crate) fn first_of_each_key(events: &[NewEvent]) -> Vec<usize> {
             && events[later].message_id == events[first].message_id
     });
     order
+}
+
+/// The trace context of a logged event, from its two nullable columns.
+pub(crate) fn trace(parent: Option<String>, state: Option<String>) -> Option<TraceParent> {
+    parent.map(|traceparent| TraceParent {
+        traceparent,
+        tracestate: state.unwrap_or_default(),
+    })
 }
 
 /// The results of an append, given the requested events and the ids of the stored rows that the

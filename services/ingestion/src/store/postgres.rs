@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::{
     Appended, Backlog, Cursor, EventFilter, EventLog, FORGET_CHUNK, Forgotten, Lease, LoggedEvent,
-    NewEvent, Person, StoredEvent, TailPage, collate, first_of_each_key,
+    NewEvent, Person, StoredEvent, TailPage, collate, first_of_each_key, trace,
 };
 
 #[derive(Debug, Clone)]
@@ -89,6 +89,8 @@ impl EventLog for PgEventLog {
         let mut partitions = Vec::with_capacity(n);
         let mut payloads = Vec::with_capacity(n);
         let mut received = Vec::with_capacity(n);
+        let mut trace_parents = Vec::with_capacity(n);
+        let mut trace_states = Vec::with_capacity(n);
         for &i in &unique {
             let e = &events[i];
             positions.push(i64::try_from(i).unwrap_or(i64::MAX));
@@ -98,6 +100,13 @@ impl EventLog for PgEventLog {
             partitions.push(e.partition);
             payloads.push(e.payload.as_str());
             received.push(e.received_at);
+            trace_parents.push(e.trace.as_ref().map(|t| t.traceparent.as_str()));
+            trace_states.push(
+                e.trace
+                    .as_ref()
+                    .map(|t| t.tracestate.as_str())
+                    .filter(|s| !s.is_empty()),
+            );
         }
         let mut tx = self.pool.begin().await?;
         // One statement for the whole batch: claim each message id (new, or last accepted
@@ -105,8 +114,9 @@ impl EventLog for PgEventLog {
         sqlx::query(
             "WITH input AS ( \
                SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::int[], \
-                                    $6::text[], $7::timestamptz[]) \
-                 AS i(pos, event_id, source_id, message_id, partition, payload, received_at)), \
+                                    $6::text[], $7::timestamptz[], $9::text[], $10::text[]) \
+                 AS i(pos, event_id, source_id, message_id, partition, payload, received_at, \
+                      trace_parent, trace_state)), \
              claimed AS ( \
                INSERT INTO message_ids AS m (source_id, message_id, event_id, received_at) \
                SELECT source_id, message_id, event_id, received_at FROM input \
@@ -114,8 +124,10 @@ impl EventLog for PgEventLog {
                  SET event_id = EXCLUDED.event_id, received_at = EXCLUDED.received_at \
                  WHERE m.received_at < EXCLUDED.received_at - make_interval(secs => $8) \
                RETURNING m.event_id) \
-             INSERT INTO events (event_id, source_id, message_id, partition, payload, received_at) \
-             SELECT i.event_id, i.source_id, i.message_id, i.partition, i.payload::jsonb, i.received_at \
+             INSERT INTO events (event_id, source_id, message_id, partition, payload, received_at, \
+                                 trace_parent, trace_state) \
+             SELECT i.event_id, i.source_id, i.message_id, i.partition, i.payload::jsonb, i.received_at, \
+                    i.trace_parent, i.trace_state \
              FROM input i JOIN claimed c ON c.event_id = i.event_id ORDER BY i.pos",
         )
         .bind(&positions)
@@ -126,6 +138,8 @@ impl EventLog for PgEventLog {
         .bind(&payloads)
         .bind(&received)
         .bind(secs(self.dedup_window))
+        .bind(&trace_parents)
+        .bind(&trace_states)
         .execute(&mut *tx)
         .await?;
         // The id each message id stands for now: ours where we claimed it, else the original's.
@@ -301,7 +315,8 @@ impl EventLog for PgEventLog {
         // Only rows of transactions older than the oldest running one: a transaction that
         // started earlier but commits later cannot add rows behind the cursor.
         let rows = sqlx::query(
-            "SELECT txid::text::bigint, seq, event_id, payload::text FROM events \
+            "SELECT txid::text::bigint, seq, event_id, payload::text, trace_parent, trace_state \
+             FROM events \
              WHERE partition = $1 AND (txid, seq) > ($2::text::xid8, $3) \
                AND txid < pg_snapshot_xmin(pg_current_snapshot()) \
              ORDER BY txid, seq LIMIT $4",
@@ -321,6 +336,7 @@ impl EventLog for PgEventLog {
                     },
                     event_id: row.try_get(2)?,
                     payload: row.try_get(3)?,
+                    trace: trace(row.try_get(4)?, row.try_get(5)?),
                 })
             })
             .collect()

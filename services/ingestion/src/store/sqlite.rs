@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::{
     Appended, Backlog, Cursor, EventFilter, EventLog, FORGET_CHUNK, Forgotten, Lease, LoggedEvent,
-    NewEvent, Person, StoredEvent, TailPage, collate, first_of_each_key,
+    NewEvent, Person, StoredEvent, TailPage, collate, first_of_each_key, trace,
 };
 
 #[derive(Debug, Clone)]
@@ -99,8 +99,8 @@ fn logged_event(row: &SqliteRow) -> Result<LoggedEvent, StoreError> {
     })
 }
 
-// SQLite allows 32,766 bound parameters; 6 per row.
-const ROWS_PER_INSERT: usize = 5_000;
+// SQLite allows 32,766 bound parameters; 8 per row.
+const ROWS_PER_INSERT: usize = 4_000;
 
 #[async_trait]
 impl EventLog for SqliteEventLog {
@@ -144,7 +144,8 @@ impl EventLog for SqliteEventLog {
             .collect();
         for chunk in fresh.chunks(ROWS_PER_INSERT) {
             let mut insert: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO events (event_id, source_id, message_id, partition, payload, received_at) ",
+                "INSERT INTO events (event_id, source_id, message_id, partition, payload, received_at, \
+                 trace_parent, trace_state) ",
             );
             insert.push_values(chunk, |mut row, e| {
                 row.push_bind(e.event_id.to_string())
@@ -152,7 +153,14 @@ impl EventLog for SqliteEventLog {
                     .push_bind(&e.message_id)
                     .push_bind(e.partition)
                     .push_bind(&e.payload)
-                    .push_bind(micros(e.received_at));
+                    .push_bind(micros(e.received_at))
+                    .push_bind(e.trace.as_ref().map(|t| t.traceparent.as_str()))
+                    .push_bind(
+                        e.trace
+                            .as_ref()
+                            .map(|t| t.tracestate.as_str())
+                            .filter(|s| !s.is_empty()),
+                    );
             });
             insert.build().execute(&mut *tx).await?;
         }
@@ -343,7 +351,7 @@ impl EventLog for SqliteEventLog {
         limit: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let rows = sqlx::query(
-            "SELECT seq, event_id, payload FROM events \
+            "SELECT seq, event_id, payload, trace_parent, trace_state FROM events \
              WHERE partition = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
         .bind(partition)
@@ -361,6 +369,7 @@ impl EventLog for SqliteEventLog {
                     },
                     event_id: Uuid::parse_str(&id).map_err(bad_uuid)?,
                     payload: row.try_get(2)?,
+                    trace: trace(row.try_get(3)?, row.try_get(4)?),
                 })
             })
             .collect()

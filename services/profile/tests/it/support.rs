@@ -81,6 +81,7 @@ pub(crate) fn identify(
             r#type: "user_id".to_owned(),
             value: user.to_owned(),
         }],
+        ..Default::default()
     }
 }
 

@@ -71,6 +71,7 @@ fn lead(id: &str) -> pb::ProfileFacts {
             traits: values(json!({"industry": "fintech", "employees": 1200})),
         }],
         purchases: None,
+        ..Default::default()
     }
 }
 
