@@ -18,5 +18,6 @@ mod restarts;
 mod sdk_python;
 mod separate_processes;
 mod sources;
+mod tracing;
 mod tracking_plans;
 mod unmerge;

@@ -28,12 +28,21 @@ pub(crate) fn base(subcommand: &str, db: &TestDb, prefix: &str) -> TesseraBuilde
 
 impl Deployment {
     pub(crate) async fn start(db: &TestDb, prefix: &str) -> Self {
-        let (identity, scoring) = tokio::join!(
-            base("identity", db, prefix).start(),
-            base("scoring", db, prefix).start()
-        );
+        Self::start_with(db, prefix, |b| b).await
+    }
+
+    /// [`Deployment::start`] with every process's builder passed through `configure` (extra
+    /// environment, for example).
+    pub(crate) async fn start_with(
+        db: &TestDb,
+        prefix: &str,
+        configure: impl Fn(TesseraBuilder) -> TesseraBuilder,
+    ) -> Self {
+        let builder = |subcommand: &str| configure(base(subcommand, db, prefix));
+        let (identity, scoring) =
+            tokio::join!(builder("identity").start(), builder("scoring").start());
         let to_ingestion = Proxy::start(([127, 0, 0, 1], 1).into()).await;
-        let profile = base("profile", db, prefix)
+        let profile = builder("profile")
             .env("TESSERA__PEERS__IDENTITY", identity.grpc_url())
             .env("TESSERA__PEERS__SCORING", scoring.grpc_url())
             .env(
@@ -42,7 +51,7 @@ impl Deployment {
             )
             .start()
             .await;
-        let ingestion = base("ingestion", db, prefix)
+        let ingestion = builder("ingestion")
             .env("TESSERA__PEERS__IDENTITY", identity.grpc_url())
             .env("TESSERA__PEERS__PROFILE", profile.grpc_url())
             .start()
