@@ -4,6 +4,7 @@ mod change_stream;
 mod cli;
 mod computed_traits;
 mod debugger;
+mod definitions;
 mod dev_mode;
 mod faults;
 mod faults_under_load;

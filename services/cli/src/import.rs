@@ -402,10 +402,12 @@ mod tests {
                 crate::run::Plan::Import(args) => args.write_key.map(|k| k.0),
                 crate::run::Plan::Serve { .. }
                 | crate::run::Plan::Migrate { .. }
+                | crate::run::Plan::DevCerts(_)
                 | crate::run::Plan::Bench(_)
                 | crate::run::Plan::BenchReads(_)
                 | crate::run::Plan::Sources(_)
-                | crate::run::Plan::Profiles(_) => panic!("import"),
+                | crate::run::Plan::Profiles(_)
+                | crate::run::Plan::Definitions(_) => panic!("import"),
             }
         };
         let env = [("TESSERA_WRITE_KEY", "env-key-123")];

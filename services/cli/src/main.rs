@@ -1,11 +1,12 @@
 //! `tessera`: one binary for every role. `tessera dev` runs all four services in one process on
 //! SQLite and an in-process cache; `tessera ingestion|identity|profile|scoring` run one service
 //! each against Postgres and Redis; `tessera migrate` applies migrations; `tessera sources`
-//! manages sources and their write keys; `tessera bench` is the load tool; `tessera import` loads
-//! Segment-format JSON lines.
+//! manages sources and their write keys; `tessera definitions` declares computed traits and
+//! audiences; `tessera bench` is the load tool; `tessera import` loads Segment-format JSON lines.
 
 mod bench;
 mod bench_reads;
+mod definitions;
 mod import;
 mod profiles;
 mod run;
@@ -50,6 +51,10 @@ enum Command {
     /// What a running Tessera holds about a person: `export` (GDPR right of access), `delete`
     /// (right to erasure).
     Profiles(profiles::ProfilesArgs),
+    /// Declare computed traits and audiences at run time (beside config's) through the
+    /// DefinitionService API of a running Tessera: list, get, create and update from a TOML or
+    /// JSON file of the config's form, delete.
+    Definitions(definitions::DefinitionsArgs),
     /// Send synthetic events at a chosen rate and concurrency and report throughput, latency
     /// and time from acceptance to profile visible.
     Bench(bench::BenchArgs),

@@ -54,6 +54,7 @@ pub(crate) enum Plan {
     BenchReads(crate::bench_reads::BenchReadsArgs),
     Sources(crate::sources::SourcesArgs),
     Profiles(crate::profiles::ProfilesArgs),
+    Definitions(crate::definitions::DefinitionsArgs),
     Import(crate::import::ImportArgs),
 }
 
@@ -174,6 +175,7 @@ pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::R
         }
         Command::Sources(args) => Ok(Plan::Sources(args)),
         Command::Profiles(args) => Ok(Plan::Profiles(args)),
+        Command::Definitions(args) => Ok(Plan::Definitions(args)),
         Command::Import(mut args) => {
             if args.write_key.is_none() {
                 args.write_key = write_key_from_env(env)?;
@@ -245,6 +247,7 @@ pub(crate) async fn execute(plan: Plan) -> anyhow::Result<()> {
         Plan::BenchReads(args) => crate::bench_reads::run(args).await,
         Plan::Sources(args) => crate::sources::run(args).await,
         Plan::Profiles(args) => crate::profiles::run(args).await,
+        Plan::Definitions(args) => crate::definitions::run(args).await,
         Plan::Import(args) => crate::import::run(args).await,
     }
 }

@@ -369,11 +369,13 @@ mod tests {
         match plan(parse(args)?.command, &env)? {
             Plan::Serve { dev_write_key, .. } => Ok(dev_write_key.map(|k| k.0)),
             Plan::Migrate { .. }
+            | Plan::DevCerts(_)
             | Plan::Bench(_)
             | Plan::BenchReads(_)
             | Plan::Sources(_)
             | Plan::Import(_)
-            | Plan::Profiles(_) => {
+            | Plan::Profiles(_)
+            | Plan::Definitions(_) => {
                 panic!("serve")
             }
         }

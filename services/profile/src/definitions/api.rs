@@ -250,6 +250,22 @@ fn audience_to_pb(declared: Declared) -> pb::AudienceDefinition {
     out
 }
 
+/// The proto form of a computed trait as declared (for a create or update request).
+pub fn computed_trait_definition(computed: ComputedTrait) -> pb::ComputedTraitDefinition {
+    pb::ComputedTraitDefinition {
+        source: pb::DefinitionSource::Unspecified.into(),
+        ..computed_to_pb(Declared::Config(Spec::ComputedTrait(computed)))
+    }
+}
+
+/// The proto form of an audience as declared (for a create or update request).
+pub fn audience_definition(audience: Audience) -> pb::AudienceDefinition {
+    pb::AudienceDefinition {
+        source: pb::DefinitionSource::Unspecified.into(),
+        ..audience_to_pb(Declared::Config(Spec::Audience(audience)))
+    }
+}
+
 fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
 }

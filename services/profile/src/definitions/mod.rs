@@ -26,6 +26,7 @@ use crate::computed::ComputedTrait;
 use crate::error::ProfileError;
 use crate::store::Definitions;
 
+pub use api::{audience_definition, computed_trait_definition};
 pub use store::DefinitionStore;
 
 /// The kind of a definition; names are unique per kind.
