@@ -839,6 +839,7 @@ pub(crate) fn facts(
                 last_day: p.last_day,
                 days: p.days,
                 repeat_revenue: p.repeat_revenue,
+                revenue: p.revenue,
             }
         }),
         // Set by the caller for a profile scored for a traced event.

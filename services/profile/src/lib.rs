@@ -21,6 +21,7 @@ pub mod error;
 mod flight;
 mod http;
 pub mod psychographic;
+mod purchases;
 mod service;
 pub mod store;
 mod watch;

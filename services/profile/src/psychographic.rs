@@ -186,26 +186,38 @@ pub struct Purchases {
     pub days: i64,
     /// The revenue of the purchase days after the first.
     pub repeat_revenue: f64,
+    /// The revenue of every purchase day, the first included.
+    pub revenue: f64,
 }
 
 /// The purchases `state` holds; `None` without any.
 pub fn purchases(state: &ComputedState) -> Option<Purchases> {
+    purchases_until(state, None)
+}
+
+/// The purchases `state` holds on or before `last_day` (days since 1970-01-01; every day when
+/// `None`); `None` without any.
+pub fn purchases_until(state: &ComputedState, last_day: Option<i64>) -> Option<Purchases> {
     let Some(Acc::Counts { counts }) = state.0.get(PURCHASES) else {
         return None;
     };
     let days: Vec<(i64, i64)> = counts
         .iter()
         .filter_map(|(day, cents)| Some((day.parse().ok()?, *cents)))
+        .filter(|(day, _)| last_day.is_none_or(|last| *day <= last))
         .collect();
-    let (first_day, _) = *days.first()?;
+    let (first_day, first_cents) = *days.first()?;
     let (last_day, _) = *days.last()?;
     #[allow(clippy::cast_precision_loss)]
     let repeat_revenue = days.iter().skip(1).map(|(_, c)| *c as f64).sum::<f64>() / 100.0;
+    #[allow(clippy::cast_precision_loss)]
+    let revenue = repeat_revenue + first_cents as f64 / 100.0;
     Some(Purchases {
         first_day,
         last_day,
         days: days.len() as i64,
         repeat_revenue,
+        revenue,
     })
 }
 
@@ -384,6 +396,7 @@ mod tests {
             last_day: first + 9,
             days: 3,
             repeat_revenue: 25.0,
+            revenue: 35.0,
         });
         let mut forward = ComputedState::default();
         for e in &all {
@@ -398,5 +411,17 @@ mod tests {
         a.absorb(&b);
         assert_eq!(purchases(&a), want);
         assert_eq!(purchases(&ComputedState::default()), None);
+        // Up to a day: the later purchase days are left out.
+        assert_eq!(
+            purchases_until(&a, Some(first + 8)),
+            Some(Purchases {
+                first_day: first,
+                last_day: first + 3,
+                days: 2,
+                repeat_revenue: 25.0,
+                revenue: 35.0,
+            })
+        );
+        assert_eq!(purchases_until(&a, Some(first - 1)), None);
     }
 }

@@ -1270,6 +1270,18 @@ pub(crate) struct PipelineApi(pub(crate) Arc<Inner>);
 
 #[tonic::async_trait]
 impl ProfilePipelineService for PipelineApi {
+    type StreamPurchaseHistoriesStream = crate::purchases::PurchaseStream;
+
+    async fn stream_purchase_histories(
+        &self,
+        request: Request<pb::StreamPurchaseHistoriesRequest>,
+    ) -> Result<Response<Self::StreamPurchaseHistoriesStream>, Status> {
+        Ok(Response::new(crate::purchases::stream(
+            self.0.clone(),
+            request.into_inner(),
+        )?))
+    }
+
     async fn apply_events(
         &self,
         request: Request<pb::ApplyEventsRequest>,

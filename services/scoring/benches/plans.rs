@@ -12,7 +12,7 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use serde_json::json;
 use tessera_core::activity;
-use tessera_scoring::domain::{AccountFacts, ProfileFacts, score_profile};
+use tessera_scoring::domain::{AccountFacts, ProfileFacts, ValueModels, score_profile};
 use tessera_scoring::{Plans, ScoringSettings};
 use time::macros::datetime;
 
@@ -50,7 +50,7 @@ fn score(c: &mut Criterion) {
         purchases: None,
     };
     c.bench_function("score one profile with the ready plans", |b| {
-        b.iter(|| score_profile(black_box(&facts), now, &plans, None))
+        b.iter(|| score_profile(black_box(&facts), now, &plans, &ValueModels::default()))
     });
 }
 

@@ -108,23 +108,9 @@ impl TryFrom<pb::ProfileFacts> for ProfileFacts {
         } = facts;
         let mut violations = Vec::new();
         let purchases = purchases.and_then(|p| {
-            let usable = p.days >= 1
-                && p.last_day >= p.first_day
-                && p.repeat_revenue.is_finite()
-                && p.repeat_revenue >= 0.0;
-            if !usable {
-                violations.push(FieldViolation::new(
-                    "purchases",
-                    "days at least 1, last_day not before first_day, repeat_revenue finite and \
-                     not negative",
-                ));
-            }
-            usable.then_some(crate::domain::PurchaseHistory {
-                first_day: p.first_day,
-                last_day: p.last_day,
-                days: p.days,
-                repeat_revenue: p.repeat_revenue,
-            })
+            purchase_history(p)
+                .map_err(|problem| violations.push(FieldViolation::new("purchases", problem)))
+                .ok()
         });
         if profile_id.is_empty() {
             violations.push(FieldViolation::new("profile_id", "required"));
@@ -185,6 +171,38 @@ impl TryFrom<pb::ProfileFacts> for ProfileFacts {
             purchases,
         })
     }
+}
+
+/// A purchase history as the models read it, or what is wrong with it.
+pub(crate) fn purchase_history(
+    p: pb::PurchaseHistory,
+) -> Result<crate::domain::PurchaseHistory, &'static str> {
+    let pb::PurchaseHistory {
+        first_day,
+        last_day,
+        days,
+        repeat_revenue,
+        revenue,
+    } = p;
+    let usable = days >= 1
+        && last_day >= first_day
+        && repeat_revenue.is_finite()
+        && repeat_revenue >= 0.0
+        && revenue.is_finite()
+        && revenue >= 0.0;
+    if !usable {
+        return Err(
+            "days at least 1, last_day not before first_day, repeat_revenue and revenue finite \
+             and not negative",
+        );
+    }
+    Ok(crate::domain::PurchaseHistory {
+        first_day,
+        last_day,
+        days,
+        repeat_revenue,
+        revenue,
+    })
 }
 
 fn json_map(

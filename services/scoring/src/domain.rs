@@ -61,6 +61,16 @@ pub struct PurchaseHistory {
     pub days: i64,
     /// The revenue of the purchase days after the first.
     pub repeat_revenue: f64,
+    /// The revenue of every purchase day, the first included (0 when the sender did not say).
+    pub revenue: f64,
+}
+
+impl PurchaseHistory {
+    /// The revenue of every purchase day: `revenue`, or `repeat_revenue` when the sender left
+    /// `revenue` out.
+    pub fn total_revenue(&self) -> f64 {
+        self.revenue.max(self.repeat_revenue)
+    }
 }
 
 /// One account a person belongs to.
@@ -120,18 +130,43 @@ pub struct Factor {
     pub description: String,
 }
 
-/// Every score of one profile at `as_of`: engagement, then (with a customer-value model and
-/// purchases) `churn_risk` and `predicted_value`, then each person-level plan of `plans` in
+/// The models that score purchases: the customer-value models (the active stored fit, else the
+/// configured parameters) and the RFM boundaries of the active stored fit.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ValueModels {
+    /// BG/NBD and Gamma-Gamma with their horizons: `churn_risk` and `predicted_value`.
+    pub customer_value: Option<std::sync::Arc<crate::clv::CustomerValue>>,
+    /// The population's RFM quintile boundaries: `rfm`.
+    pub rfm: Option<crate::rfm::RfmModel>,
+}
+
+impl ValueModels {
+    /// The scores of a person with purchases `p` at `as_of`: `churn_risk` and
+    /// `predicted_value`, then `rfm`, each when its model exists.
+    pub fn scores(&self, p: &PurchaseHistory, as_of: OffsetDateTime) -> Vec<Score> {
+        let mut scores = Vec::new();
+        if let Some(model) = &self.customer_value {
+            scores.extend(model.scores(p, as_of));
+        }
+        if let Some(rfm) = &self.rfm {
+            scores.push(rfm.score(p, as_of));
+        }
+        scores
+    }
+}
+
+/// Every score of one profile at `as_of`: engagement, then (with purchases and the models)
+/// `churn_risk`, `predicted_value` and `rfm`, then each person-level plan of `plans` in
 /// declaration order (a plan's `score` tests read the scores before it).
 pub fn score_profile(
     facts: &ProfileFacts,
     as_of: OffsetDateTime,
     plans: &Plans,
-    customer_value: Option<&crate::clv::CustomerValue>,
+    models: &ValueModels,
 ) -> Vec<Score> {
     let mut scores = vec![engagement(facts, as_of)];
-    if let (Some(model), Some(purchases)) = (customer_value, &facts.purchases) {
-        scores.extend(model.scores(purchases, as_of));
+    if let Some(purchases) = &facts.purchases {
+        scores.extend(models.scores(purchases, as_of));
     }
     plans.evaluate(facts, as_of, &mut scores);
     scores

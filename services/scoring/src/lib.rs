@@ -1,24 +1,44 @@
-//! Tessera's scoring service: explainable scores computed from facts the caller sends.
+//! Tessera's scoring service: explainable scores computed from facts the caller sends, and the
+//! fitted customer-value models they use.
 //!
-//! Pure: nothing is stored here. The profile service sends a profile's facts (event count, last
-//! seen, decayed activity, traits, computed traits, audiences, accounts) and stores the scores
-//! it gets back on the profile. The math lives in [`domain`] (engagement), [`plans`]
-//! (declarative scoring plans from config) and, for predicted customer value (BG/NBD and
-//! Gamma-Gamma), in [`clv`]: free of gRPC and I/O, so it can be tested and benchmarked alone.
+//! Scoring is pure: the profile service sends a profile's facts (event count, last seen,
+//! decayed activity, traits, computed traits, audiences, accounts, purchases) and stores the
+//! scores it gets back on the profile. The math lives in [`domain`] (engagement), [`plans`]
+//! (declarative scoring plans from config), [`clv`] (BG/NBD and Gamma-Gamma) and [`rfm`]: free
+//! of gRPC and I/O, so it can be tested and benchmarked alone. The only state is in
+//! [`models`]: the fitted customer-value models, versioned in the service's database (Postgres,
+//! or SQLite in `tessera dev`), fitted over the population the profile service streams.
 
 pub mod clv;
 mod convert;
 pub mod domain;
 mod error;
+pub mod models;
 pub mod plans;
+pub mod rfm;
 mod service;
 
 use std::sync::Arc;
 
+use sqlx::migrate::Migrator;
 use tessera_proto::scoring::v1::scoring_service_server::ScoringServiceServer;
+use tessera_store::{Database, Migrations};
 
 pub use error::ScoringError;
+pub use models::{FittingSettings, Models};
 pub use plans::{InvalidPlan, Plans};
+
+/// The Postgres schema of the scoring service's tables.
+pub const SCHEMA: &str = "scoring";
+
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// The scoring service's migrations, per backend.
+pub static MIGRATIONS: Migrations = Migrations {
+    postgres: &POSTGRES_MIGRATIONS,
+    sqlite: &SQLITE_MIGRATIONS,
+};
 
 /// The largest number of profiles one `ScoreProfiles` call may carry.
 pub const MAX_PROFILES_PER_REQUEST: usize = 5_000;
@@ -33,9 +53,13 @@ const MAX_DECODING_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 pub struct ScoringSettings {
     /// The scoring plans (`[[scoring.plans]]`), scored in declaration order after engagement.
     pub plans: Vec<plans::Plan>,
-    /// The fitted customer-value models (`[scoring.customer_value]`): with them, profiles with
-    /// purchases get `churn_risk` and `predicted_value`.
+    /// Customer-value parameters fitted elsewhere (`[scoring.customer_value]`), used while no
+    /// stored model is active, and the horizons every model is used with: with them, profiles
+    /// with purchases get `churn_risk` and `predicted_value`.
     pub customer_value: Option<clv::CustomerValueSettings>,
+    /// How stored models are fitted (`[scoring.fitting]`): the schedule, the smallest
+    /// population, how often replicas look for a newly active model.
+    pub fitting: FittingSettings,
 }
 
 /// Why the scoring settings are unusable.
@@ -44,7 +68,7 @@ pub enum InvalidSettings {
     /// A plan is unusable.
     #[error(transparent)]
     Plan(#[from] InvalidPlan),
-    /// The customer-value model is unusable.
+    /// The customer-value model or its fitting is unusable.
     #[error("scoring.{0}")]
     CustomerValue(String),
 }
@@ -57,10 +81,16 @@ impl ScoringSettings {
 }
 
 /// The scoring service: `tessera.scoring.v1.ScoringService`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Scoring {
     plans: Arc<Plans>,
-    customer_value: Option<Arc<clv::CustomerValue>>,
+    models: Arc<Models>,
+}
+
+impl Default for Scoring {
+    fn default() -> Self {
+        Self::with_plans(Plans::default())
+    }
 }
 
 impl Scoring {
@@ -73,19 +103,53 @@ impl Scoring {
     pub fn with_plans(plans: Plans) -> Self {
         Self {
             plans: Arc::new(plans),
-            customer_value: None,
+            models: Arc::new(Models::default()),
         }
     }
 
-    /// A scoring service with the plans of `settings`, or why one is unusable.
+    /// A scoring service with the plans and customer-value settings of `settings`, or why one
+    /// is unusable. It stores no models until [`Scoring::with_store`].
     pub fn from_settings(settings: &ScoringSettings) -> Result<Self, InvalidSettings> {
-        let mut scoring = Self::with_plans(Plans::compile(settings.plans.clone())?);
-        if let Some(model) = &settings.customer_value {
-            scoring.customer_value = Some(Arc::new(
-                model.compile().map_err(InvalidSettings::CustomerValue)?,
-            ));
+        let plans = Plans::compile(settings.plans.clone())?;
+        let models = Models::new(settings.customer_value.as_ref(), settings.fitting.clone())
+            .map_err(InvalidSettings::CustomerValue)?;
+        Ok(Self {
+            plans: Arc::new(plans),
+            models: Arc::new(models),
+        })
+    }
+
+    /// Stores fitted models in `db` (connected with `Database::connect(url, SCHEMA, ..)` and
+    /// migrated with [`MIGRATIONS`]) and fits them on the purchase histories of the profile
+    /// service at `profile` (a lazily connected channel).
+    pub fn with_store(self, db: Database, profile: tonic::transport::Channel) -> Self {
+        self.with_model_store(
+            models::store::open(db),
+            Arc::new(models::ProfilePopulation::new(profile)),
+        )
+    }
+
+    /// Stores fitted models in `store`, fitted on what `population` gives.
+    pub fn with_model_store(
+        self,
+        store: Arc<dyn models::store::ModelStore>,
+        population: Arc<dyn models::PopulationSource>,
+    ) -> Self {
+        if !self.models.attach_store(store, population) {
+            tracing::warn!("the scoring service has a model store already");
         }
-        Ok(scoring)
+        self
+    }
+
+    /// The customer-value models this service scores with.
+    pub fn models(&self) -> &Arc<Models> {
+        &self.models
+    }
+
+    /// Polls the active model (every `scoring.fitting.poll_interval_ms`) and runs the fit
+    /// schedule until `shutdown`; returns at once without a store.
+    pub fn spawn_workers(&self, shutdown: tessera_server::Shutdown) -> tokio::task::JoinHandle<()> {
+        self.models.spawn(shutdown)
     }
 
     /// Adds `ScoringService` to the services one process serves.
@@ -93,7 +157,7 @@ impl Scoring {
         services.add(
             ScoringServiceServer::new(service::ScoringApi {
                 plans: Arc::clone(&self.plans),
-                customer_value: self.customer_value.clone(),
+                models: Arc::clone(&self.models),
             })
             .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE),
         );

@@ -785,7 +785,7 @@ mod tests {
         ];
         ann.computed = BTreeMap::from([("demo_requests".to_owned(), json!(1))]);
         ann.audiences = BTreeSet::from(["pricing_page_visitors".to_owned()]);
-        let scores = score_profile(&ann, NOW, &plans, None);
+        let scores = score_profile(&ann, NOW, &plans, &crate::domain::ValueModels::default());
         let order: Vec<_> = scores.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
             order,
@@ -856,7 +856,7 @@ mod tests {
             1,
         );
         bob.computed = BTreeMap::from([("order_count".to_owned(), json!(2))]);
-        let scores = score_profile(&bob, NOW, &plans, None);
+        let scores = score_profile(&bob, NOW, &plans, &crate::domain::ValueModels::default());
         let b2c = score(&scores, "icp_fit_b2c");
         assert_eq!(
             rule_factors(b2c),
@@ -885,16 +885,28 @@ mod tests {
         let plans = compile(READY).unwrap();
         let mut person =
             facts(json!({"industry": "fintech", "employees": 2000, "role": "champion"}));
-        let first = score(&score_profile(&person, NOW, &plans, None), "icp_fit_b2b").clone();
+        let first = score(
+            &score_profile(&person, NOW, &plans, &crate::domain::ValueModels::default()),
+            "icp_fit_b2b",
+        )
+        .clone();
         assert_eq!(first.value, 20.0 + 25.0 + 15.0);
         // Scoring the same facts again gives the same score, not twice the points.
-        let again = score(&score_profile(&person, NOW, &plans, None), "icp_fit_b2b").clone();
+        let again = score(
+            &score_profile(&person, NOW, &plans, &crate::domain::ValueModels::default()),
+            "icp_fit_b2b",
+        )
+        .clone();
         assert_eq!(again, first);
         // A trait that changes so a rule no longer matches takes its points away.
         person
             .traits
             .insert("industry".to_owned(), json!("agriculture"));
-        let later = score(&score_profile(&person, NOW, &plans, None), "icp_fit_b2b").clone();
+        let later = score(
+            &score_profile(&person, NOW, &plans, &crate::domain::ValueModels::default()),
+            "icp_fit_b2b",
+        )
+        .clone();
         assert_eq!(later.value, 25.0 + 15.0);
         assert!(later.factor("target_industry").is_none());
     }
@@ -1141,10 +1153,20 @@ mod tests {
         )
         .unwrap();
         // No stored score is sent: 3 events now make this call's engagement 45.
-        let scores = score_profile(&with_events(facts(json!({})), 3), NOW, &plans, None);
+        let scores = score_profile(
+            &with_events(facts(json!({})), 3),
+            NOW,
+            &plans,
+            &crate::domain::ValueModels::default(),
+        );
         assert_eq!(score(&scores, "engaged").value, 100.0);
         assert_eq!(score(&scores, "second").value, 100.0);
-        let scores = score_profile(&with_events(facts(json!({})), 1), NOW, &plans, None);
+        let scores = score_profile(
+            &with_events(facts(json!({})), 1),
+            NOW,
+            &plans,
+            &crate::domain::ValueModels::default(),
+        );
         assert_eq!(score(&scores, "engaged").value, 0.0);
         assert_eq!(score(&scores, "second").value, 0.0);
     }
@@ -1164,7 +1186,12 @@ mod tests {
         )
         .unwrap();
         assert!(!plans.iter().next().unwrap().scored());
-        let scores = score_profile(&facts(json!({"industry": "software"})), NOW, &plans, None);
+        let scores = score_profile(
+            &facts(json!({"industry": "software"})),
+            NOW,
+            &plans,
+            &crate::domain::ValueModels::default(),
+        );
         assert_eq!(scores.len(), 1, "engagement only");
     }
 

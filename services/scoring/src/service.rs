@@ -12,11 +12,12 @@ use crate::convert::{ScoreOneRequest, ScoreRequest};
 use crate::domain;
 use crate::plans::Plans;
 
-/// `ScoringService`: validates, scores, answers. Holds only the plans from config.
+/// `ScoringService`: validates, scores, answers. Holds the plans from config and the
+/// customer-value models (their RPCs are in `models::api`).
 #[derive(Debug, Clone)]
 pub(crate) struct ScoringApi {
     pub(crate) plans: Arc<Plans>,
-    pub(crate) customer_value: Option<Arc<crate::clv::CustomerValue>>,
+    pub(crate) models: Arc<crate::models::Models>,
 }
 
 #[tonic::async_trait]
@@ -41,19 +42,15 @@ impl ScoringService for ScoringApi {
             .collect();
         let ScoreRequest { profiles, as_of } = ScoreRequest::try_from(request)?;
         let as_of = as_of.unwrap_or_else(OffsetDateTime::now_utc);
+        let models = self.models.current();
         let profiles = profiles
             .iter()
             .map(|facts| pb::ProfileScores {
                 profile_id: facts.profile_id.clone(),
-                scores: domain::score_profile(
-                    facts,
-                    as_of,
-                    &self.plans,
-                    self.customer_value.as_deref(),
-                )
-                .into_iter()
-                .map(pb::Score::from)
-                .collect(),
+                scores: domain::score_profile(facts, as_of, &self.plans, &models)
+                    .into_iter()
+                    .map(pb::Score::from)
+                    .collect(),
             })
             .collect();
         Ok(Response::new(pb::ScoreProfilesResponse { profiles }))
@@ -66,8 +63,8 @@ impl ScoringService for ScoringApi {
         let ScoreOneRequest { profile, as_of } = ScoreOneRequest::try_from(request.into_inner())?;
         let as_of = as_of.unwrap_or_else(OffsetDateTime::now_utc);
         let mut scores = vec![domain::engagement(&profile, as_of)];
-        if let (Some(model), Some(purchases)) = (&self.customer_value, &profile.purchases) {
-            scores.extend(model.scores(purchases, as_of));
+        if let Some(purchases) = &profile.purchases {
+            scores.extend(self.models.current().scores(purchases, as_of));
         }
         let plans = self.plans.evaluate(&profile, as_of, &mut scores);
         Ok(Response::new(pb::ScoreProfileResponse {
@@ -86,5 +83,41 @@ impl ScoringService for ScoringApi {
         Ok(Response::new(pb::ListPlansResponse {
             plans: self.plans.iter().map(pb::Plan::from).collect(),
         }))
+    }
+
+    async fn fit_customer_value_model(
+        &self,
+        request: Request<pb::FitCustomerValueModelRequest>,
+    ) -> Result<Response<pb::FitCustomerValueModelResponse>, Status> {
+        Ok(Response::new(
+            self.models.fit_api(request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_customer_value_models(
+        &self,
+        request: Request<pb::ListCustomerValueModelsRequest>,
+    ) -> Result<Response<pb::ListCustomerValueModelsResponse>, Status> {
+        Ok(Response::new(
+            self.models.list_api(request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_customer_value_model(
+        &self,
+        request: Request<pb::GetCustomerValueModelRequest>,
+    ) -> Result<Response<pb::GetCustomerValueModelResponse>, Status> {
+        Ok(Response::new(
+            self.models.get_api(request.into_inner()).await?,
+        ))
+    }
+
+    async fn activate_customer_value_model(
+        &self,
+        request: Request<pb::ActivateCustomerValueModelRequest>,
+    ) -> Result<Response<pb::ActivateCustomerValueModelResponse>, Status> {
+        Ok(Response::new(
+            self.models.activate_api(request.into_inner()).await?,
+        ))
     }
 }

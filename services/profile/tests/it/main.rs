@@ -5,6 +5,7 @@
 
 mod definitions;
 mod matching;
+mod purchase_histories;
 mod scoring_plans;
 mod service;
 mod store_suite;

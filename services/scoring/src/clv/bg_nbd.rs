@@ -21,15 +21,19 @@ use super::{
 };
 
 /// BG/NBD parameters, all positive.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BgNbdParams {
     /// Shape of the Gamma distribution of purchase rates.
+    #[serde(with = "crate::clv::lossy_f64")]
     pub r: f64,
     /// Scale of the Gamma distribution of purchase rates, in the model's time unit.
+    #[serde(with = "crate::clv::lossy_f64")]
     pub alpha: f64,
     /// First shape of the Beta distribution of drop-out probabilities.
+    #[serde(with = "crate::clv::lossy_f64")]
     pub a: f64,
     /// Second shape of the Beta distribution of drop-out probabilities.
+    #[serde(with = "crate::clv::lossy_f64")]
     pub b: f64,
 }
 

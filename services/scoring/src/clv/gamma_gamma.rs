@@ -17,13 +17,16 @@ use super::special::{digamma, ln_gamma};
 use super::{ClvError, CustomerSummary, FitDiagnostics, validate_all};
 
 /// Gamma-Gamma parameters, all positive.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GammaGammaParams {
     /// Shape of the Gamma distribution of one purchase's value.
+    #[serde(with = "crate::clv::lossy_f64")]
     pub p: f64,
     /// Shape of the Gamma distribution of the customers' rates `ν`.
+    #[serde(with = "crate::clv::lossy_f64")]
     pub q: f64,
     /// Scale of the Gamma distribution of `ν`, in money.
+    #[serde(with = "crate::clv::lossy_f64")]
     pub v: f64,
 }
 

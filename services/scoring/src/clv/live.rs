@@ -128,32 +128,91 @@ impl CustomerValueSettings {
     }
 }
 
-impl CustomerValue {
-    /// A person's history as the models read it at `as_of`: repeat purchase days, the time
-    /// from the first purchase day to the latest and to `as_of`'s day, in model units, and the
-    /// mean revenue of the repeat purchase days.
-    pub fn summary(&self, p: &PurchaseHistory, as_of: OffsetDateTime) -> CustomerSummary {
-        let today = as_of
-            .unix_timestamp()
-            .div_euclid(SECONDS_PER_DAY)
-            .max(p.last_day);
-        let frequency = u32::try_from((p.days - 1).max(0)).unwrap_or(u32::MAX);
-        #[allow(clippy::cast_precision_loss)]
-        let units = |days: i64| days as f64 / self.unit_days;
-        CustomerSummary {
-            frequency,
-            recency: if frequency == 0 {
-                0.0
-            } else {
-                units(p.last_day - p.first_day)
-            },
-            age: units(today - p.first_day),
-            monetary_value: if frequency == 0 {
-                0.0
-            } else {
-                p.repeat_revenue / f64::from(frequency)
-            },
+impl CustomerValueSettings {
+    /// Fitted parameters (times in units of `unit_days` days) with the default horizons: 52
+    /// weeks of purchases, 12 months of value discounted 1 % a month.
+    pub fn from_params(
+        bg_nbd: BgNbdParams,
+        gamma_gamma: GammaGammaParams,
+        unit_days: f64,
+        version: impl Into<String>,
+    ) -> Self {
+        Self {
+            version: String::new(),
+            r: 1.0,
+            alpha: 1.0,
+            a: 1.0,
+            b: 1.0,
+            p: 1.0,
+            q: 2.0,
+            v: 1.0,
+            unit_days: seven(),
+            horizon: fifty_two(),
+            months: twelve(),
+            monthly_discount_rate: one_percent(),
         }
+        .with_params(bg_nbd, gamma_gamma, unit_days, version)
+    }
+
+    /// These settings' horizons with other parameters (a stored fit's), whose times are in
+    /// units of `unit_days` days: the purchase horizon is converted to that unit.
+    pub fn with_params(
+        &self,
+        bg_nbd: BgNbdParams,
+        gamma_gamma: GammaGammaParams,
+        unit_days: f64,
+        version: impl Into<String>,
+    ) -> Self {
+        let BgNbdParams { r, alpha, a, b } = bg_nbd;
+        let GammaGammaParams { p, q, v } = gamma_gamma;
+        Self {
+            version: version.into(),
+            r,
+            alpha,
+            a,
+            b,
+            p,
+            q,
+            v,
+            unit_days,
+            horizon: self.horizon * self.unit_days / unit_days,
+            months: self.months,
+            monthly_discount_rate: self.monthly_discount_rate,
+        }
+    }
+}
+
+/// A person's history as the models read it at `as_of`, in units of `unit_days` days: repeat
+/// purchase days, the time from the first purchase day to the latest and to `as_of`'s day
+/// (at least the latest), and the mean revenue of the repeat purchase days.
+pub fn summarize(p: &PurchaseHistory, as_of: OffsetDateTime, unit_days: f64) -> CustomerSummary {
+    let today = as_of
+        .unix_timestamp()
+        .div_euclid(SECONDS_PER_DAY)
+        .max(p.last_day);
+    let frequency = u32::try_from((p.days - 1).max(0)).unwrap_or(u32::MAX);
+    #[allow(clippy::cast_precision_loss)]
+    let units = |days: i64| days as f64 / unit_days;
+    CustomerSummary {
+        frequency,
+        recency: if frequency == 0 {
+            0.0
+        } else {
+            units(p.last_day - p.first_day)
+        },
+        age: units(today - p.first_day),
+        monetary_value: if frequency == 0 {
+            0.0
+        } else {
+            p.repeat_revenue / f64::from(frequency)
+        },
+    }
+}
+
+impl CustomerValue {
+    /// A person's history as the models read it at `as_of` (see [`summarize`]).
+    pub fn summary(&self, p: &PurchaseHistory, as_of: OffsetDateTime) -> CustomerSummary {
+        summarize(p, as_of, self.unit_days)
     }
 
     /// `churn_risk` and `predicted_value` of a person with purchases `p` at `as_of`.
@@ -237,6 +296,7 @@ mod tests {
             last_day: first + 213,
             days: 3,
             repeat_revenue: 80.0,
+            revenue: 100.0,
         };
         let as_of = OffsetDateTime::from_unix_timestamp((first + 272) * SECONDS_PER_DAY).unwrap();
         let model = paper();
@@ -274,6 +334,7 @@ mod tests {
             last_day: 20_000,
             days: 1,
             repeat_revenue: 0.0,
+            revenue: 10.0,
         };
         let summary = model.summary(&history, datetime!(2026-05-01 00:00 UTC));
         assert_eq!((summary.frequency, summary.recency), (0, 0.0));

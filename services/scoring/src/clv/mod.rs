@@ -86,11 +86,13 @@ pub enum ClvError {
 }
 
 /// How a maximum-likelihood fit went.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FitDiagnostics {
     /// The log-likelihood of the fitted parameters, summed over the customers.
+    #[serde(with = "crate::clv::lossy_f64")]
     pub log_likelihood: f64,
     /// The same per customer: what the optimizer minimized (negated).
+    #[serde(with = "crate::clv::lossy_f64")]
     pub mean_log_likelihood: f64,
     /// L-BFGS iterations.
     pub iterations: u64,
@@ -100,6 +102,7 @@ pub struct FitDiagnostics {
     /// Why the optimizer stopped, in its words.
     pub stop_reason: String,
     /// The norm of the mean log-likelihood's gradient (in log-parameters) at the estimate.
+    #[serde(with = "crate::clv::lossy_f64")]
     pub gradient_norm: f64,
     /// The customers the model was fitted on.
     pub customers: usize,
@@ -263,6 +266,25 @@ fn discounted_value(
         purchases_before = purchases;
     }
     value
+}
+
+/// Serde for numbers that may not be finite (a rejected fit's): written as `null`, which JSON
+/// has instead of NaN and infinities, and read back as NaN.
+pub(crate) mod lossy_f64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[allow(clippy::trivially_copy_pass_by_ref)]
+    pub(crate) fn serialize<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if x.is_finite() {
+            s.serialize_f64(*x)
+        } else {
+            s.serialize_none()
+        }
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
 }
 
 /// Checks every summary, naming the first impossible one.

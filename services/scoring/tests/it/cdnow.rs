@@ -26,7 +26,7 @@ use time::macros::date;
 use time::{Date, Month};
 
 /// The CDNOW sample's purchases: `original_id sample_id YYYYMMDD cds dollars` per line.
-fn cdnow_sample() -> Vec<Purchase<u32>> {
+pub(crate) fn cdnow_sample() -> Vec<Purchase<u32>> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/CDNOW_sample.txt");
     let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     text.lines()

@@ -3,4 +3,6 @@
 
 mod cdnow;
 mod grpc;
+mod models_grpc;
+mod models_store;
 mod plans;

@@ -313,6 +313,7 @@ async fn customer_value_scores_follow_the_purchases() {
             last_day: as_of_day - 59,
             days: 3,
             repeat_revenue: 80.0,
+            revenue: 100.0,
         }),
         ..lead("buyer")
     };
@@ -359,6 +360,7 @@ async fn customer_value_scores_follow_the_purchases() {
                     last_day: 5,
                     days: 2,
                     repeat_revenue: 1.0,
+                    revenue: 2.0,
                 }),
                 ..lead("bad")
             }],
