@@ -40,11 +40,12 @@ CALLS = {
     ("profile", "identity"),
     ("profile", "scoring"),
     ("profile", "ingestion"),
+    ("scoring", "profile"),
 }
 # What clients outside the namespace may reach.
 EXTERNAL = {("ingestion", GRPC_PORT), ("ingestion", HTTP_PORT), ("profile", GRPC_PORT),
             ("profile", HTTP_PORT)}
-POSTGRES_USERS = {"ingestion", "identity", "profile", "migrate"}
+POSTGRES_USERS = {"ingestion", "identity", "profile", "scoring", "migrate"}
 REDIS_USERS = {"profile"}
 # Webhook destinations: HTTPS outside the cluster.
 INTERNET_HTTPS_USERS = {"profile"}

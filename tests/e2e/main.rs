@@ -3,6 +3,7 @@
 mod change_stream;
 mod cli;
 mod computed_traits;
+mod customer_value;
 mod debugger;
 mod definitions;
 mod dev_mode;

@@ -104,9 +104,7 @@ pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::R
         if let Some(url) = args.redis_url {
             s.redis_url = url;
         }
-        if role != Role::Scoring {
-            require_postgres(&s)?;
-        }
+        require_postgres(&s)?;
         Ok(Plan::Serve {
             roles: vec![role],
             settings: Box::new(s),
@@ -252,11 +250,12 @@ pub(crate) async fn execute(plan: Plan) -> anyhow::Result<()> {
     }
 }
 
-fn all_migrations() -> [(&'static str, Migrations); 3] {
+fn all_migrations() -> [(&'static str, Migrations); 4] {
     [
         (tessera_ingestion::SCHEMA, tessera_ingestion::MIGRATIONS),
         (tessera_identity::SCHEMA, tessera_identity::MIGRATIONS),
         (tessera_profile::SCHEMA, tessera_profile::MIGRATIONS),
+        (tessera_scoring::SCHEMA, tessera_scoring::MIGRATIONS),
     ]
 }
 
@@ -430,9 +429,24 @@ async fn serve(
                 workers.push(identity.spawn_rules_refresh(delivery_stop.clone()));
                 databases.push(db);
             }
-            Role::Scoring => tessera_scoring::Scoring::from_settings(&settings.scoring)
-                .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?
-                .register(&mut services),
+            Role::Scoring => {
+                let db = open_db(
+                    settings,
+                    dev_data_dir,
+                    tessera_scoring::SCHEMA,
+                    tessera_scoring::MIGRATIONS,
+                )
+                .await?;
+                // Fitted customer-value models live in the scoring schema; fits read the
+                // population from the profile service.
+                let scoring = tessera_scoring::Scoring::from_settings(&settings.scoring)
+                    .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?
+                    .with_store(db.clone(), peer(&profile_url)?);
+                scoring.register(&mut services);
+                // Every replica follows the active model; one at a time runs the schedule.
+                workers.push(scoring.spawn_workers(delivery_stop.clone()));
+                databases.push(db);
+            }
             Role::Profile => {
                 let db = open_db(
                     settings,
