@@ -222,6 +222,8 @@ impl SharedDefinitions {
         });
         let now = self.current();
         if now.revision == revision {
+            // Replicas agree when they show the same revision.
+            metrics::gauge!("tessera_profile_definitions_revision").set(revision as f64);
             tracing::info!(
                 revision,
                 computed_traits = now.declared().len(),
@@ -337,6 +339,7 @@ impl Registry {
     ) -> Result<(StoredDefinition, i64), ProfileError> {
         self.check(&spec)?;
         let created = self.store.create(&spec, now).await?;
+        changed(spec.kind(), "create");
         self.after_change().await;
         Ok(created)
     }
@@ -350,6 +353,7 @@ impl Registry {
     ) -> Result<(StoredDefinition, i64), ProfileError> {
         self.check(&spec)?;
         let updated = self.store.update(&spec, expected_version, now).await?;
+        changed(spec.kind(), "update");
         self.after_change().await;
         Ok(updated)
     }
@@ -370,6 +374,7 @@ impl Registry {
             });
         }
         let revision = self.store.delete(kind, name, expected_version, now).await?;
+        changed(kind, "delete");
         self.after_change().await;
         Ok(revision)
     }
@@ -421,6 +426,12 @@ impl Registry {
             tracing::warn!(error = %e, "reading the changed definitions failed");
         }
     }
+}
+
+/// Counts a change made through the API.
+fn changed(kind: DefinitionKind, op: &'static str) {
+    metrics::counter!("tessera_profile_definition_changes_total", "kind" => kind.as_str(), "op" => op)
+        .increment(1);
 }
 
 #[cfg(test)]
