@@ -15,6 +15,7 @@ use tonic_health::ServingStatus;
 use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 
+use crate::tls::{RequireClientCertLayer, Tls};
 use crate::trace_context::{Port, server_span};
 
 pub use tokio_util::sync::CancellationToken as Shutdown;
@@ -150,6 +151,37 @@ pub async fn serve(
     http_routes: axum::Router,
     shutdown: Shutdown,
 ) -> Result<(), ServeError> {
+    let listeners = Listeners {
+        grpc,
+        http,
+        probe: None,
+    };
+    serve_with(settings, listeners, None, services, http_routes, shutdown).await
+}
+
+/// The ports one process serves.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Every gRPC service, health and reflection.
+    pub grpc: TcpListener,
+    /// The HTTP APIs, `/healthz` and `/metrics`.
+    pub http: TcpListener,
+    /// Plaintext gRPC health only (`grpc.health.v1`), for probes that cannot speak TLS
+    /// (Kubernetes' gRPC probes).
+    pub probe: Option<TcpListener>,
+}
+
+/// [`serve`] on `listeners`, the gRPC port with `tls` when given: mutual TLS, where the
+/// internal services answer only clients with a certificate of the CA (see [`crate::tls`]).
+pub async fn serve_with(
+    settings: &EdgeSettings,
+    listeners: Listeners,
+    tls: Option<&Tls>,
+    services: GrpcServices,
+    http_routes: axum::Router,
+    shutdown: Shutdown,
+) -> Result<(), ServeError> {
+    let Listeners { grpc, http, probe } = listeners;
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in &services.names {
         reporter
@@ -165,7 +197,7 @@ pub async fn serve(
         .build_v1()?;
 
     let mut routes = services.routes;
-    routes.add_service(health).add_service(reflection);
+    routes.add_service(health.clone()).add_service(reflection);
 
     let draining = Arc::new(AtomicBool::new(false));
     let drained = Shutdown::new();
@@ -194,7 +226,11 @@ pub async fn serve(
         .with_success(GrpcCode::NotFound)
         .with_success(GrpcCode::InvalidArgument)
         .with_success(GrpcCode::AlreadyExists);
-    let grpc_server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls.server_config())?;
+    }
+    let grpc_server = builder
         .timeout(Duration::from_millis(settings.request_timeout_ms))
         .concurrency_limit_per_connection(settings.concurrency_limit_per_connection)
         .layer(
@@ -202,6 +238,7 @@ pub async fn serve(
                 .make_span_with(|r: &http::Request<_>| server_span(Port::Grpc, r)),
         )
         .layer(tower::layer::layer_fn(GrpcMetrics::new))
+        .layer(RequireClientCertLayer::new(tls.is_some()))
         .add_routes(routes.routes())
         // TCP_NODELAY on every accepted connection: without it a small response (most
         // unary answers) can wait for the peer's delayed ACK, ~40 ms per call on Linux. tonic
@@ -210,6 +247,24 @@ pub async fn serve(
             tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
             drained.clone().cancelled_owned(),
         );
+    let probe_server = {
+        let drained = drained.clone();
+        async move {
+            match probe {
+                Some(probe) => {
+                    tonic::transport::Server::builder()
+                        .add_service(health)
+                        .serve_with_incoming_shutdown(
+                            tonic::transport::server::TcpIncoming::from(probe)
+                                .with_nodelay(Some(true)),
+                            drained.cancelled_owned(),
+                        )
+                        .await
+                }
+                None => Ok(()),
+            }
+        }
+    };
 
     let metrics = metrics_handle();
     let max_body = settings.max_http_body_bytes;
@@ -258,9 +313,11 @@ pub async fn serve(
     )
     .with_graceful_shutdown(drained.cancelled_owned());
 
-    let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
+    let (grpc_result, http_result, probe_result) =
+        tokio::join!(grpc_server, http_server, probe_server);
     grpc_result?;
     http_result?;
+    probe_result?;
     Ok(())
 }
 

@@ -9,11 +9,13 @@ mod auth;
 mod edge;
 mod error;
 mod telemetry;
+pub mod tls;
 pub mod trace_context;
 
 pub use auth::basic_auth_user;
 pub use edge::{
-    EdgeSettings, GrpcServices, ServeError, Shutdown, metrics_handle, serve, shutdown_on_signal,
+    EdgeSettings, GrpcServices, Listeners, ServeError, Shutdown, metrics_handle, serve, serve_with,
+    shutdown_on_signal,
 };
 pub use error::{http_status, internal, invalid_argument, status, status_with_retry};
 pub use telemetry::{TelemetryError, TelemetryGuard, TelemetrySettings, init_telemetry};

@@ -7,6 +7,7 @@
 mod bench;
 mod bench_reads;
 mod definitions;
+mod dev_certs;
 mod import;
 mod profiles;
 mod run;
@@ -45,6 +46,9 @@ enum Command {
     Scoring(ServeArgs),
     /// Apply every service's database migrations to DATABASE_URL, then exit.
     Migrate(ConfigArgs),
+    /// Make a development CA and one certificate per service for mutual TLS between services
+    /// ([tls] settings); for development and tests, not production.
+    DevCerts(dev_certs::DevCertsArgs),
     /// Manage the sources of a running Tessera (create, list, disable, enable, rotate-key,
     /// update) through its admin gRPC API. Write keys are printed once, on create and rotate-key.
     Sources(sources::SourcesArgs),

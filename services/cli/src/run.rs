@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tessera_server::{GrpcServices, Shutdown};
+use tessera_server::tls::Tls;
+use tessera_server::{GrpcServices, Listeners, Shutdown};
 use tessera_store::{Database, Migrations};
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint};
@@ -46,10 +47,13 @@ pub(crate) enum Plan {
         dev_data_dir: Option<PathBuf>,
         /// `tessera dev`: the fixed write key of the source `default`.
         dev_write_key: Option<WriteKeyArg>,
+        /// Mutual TLS on the gRPC port and to peers, when configured.
+        tls: Option<Tls>,
     },
     Migrate {
         settings: Box<Settings>,
     },
+    DevCerts(crate::dev_certs::DevCertsArgs),
     Bench(crate::bench::BenchArgs),
     BenchReads(crate::bench_reads::BenchReadsArgs),
     Sources(crate::sources::SourcesArgs),
@@ -87,6 +91,55 @@ fn check(s: &Settings) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
 }
 
+/// The peers a role calls, by setting name.
+fn peers_of(role: Role, s: &Settings) -> Vec<(&'static str, &str)> {
+    match role {
+        Role::Ingestion => vec![
+            ("peers.identity", &s.peers.identity),
+            ("peers.profile", &s.peers.profile),
+        ],
+        Role::Identity | Role::Scoring => vec![("peers.profile", &s.peers.profile)],
+        Role::Profile => vec![
+            ("peers.identity", &s.peers.identity),
+            ("peers.scoring", &s.peers.scoring),
+            ("peers.ingestion", &s.peers.ingestion),
+        ],
+    }
+}
+
+/// Reads the TLS files and checks how the gRPC port may be served and peers called: mutual TLS
+/// with https:// peers, or plaintext with http:// peers, beyond loopback only when allowed.
+/// `role` is `None` for `tessera dev`, whose peers are in-process.
+fn transport_security(s: &Settings, role: Option<Role>) -> anyhow::Result<Option<Tls>> {
+    let tls = s
+        .tls
+        .load()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    if tls.is_none() && !s.grpc_addr.ip().is_loopback() && !s.tls.allow_plaintext {
+        anyhow::bail!(
+            "invalid configuration: the gRPC address {} is not loopback and TLS is off: set \
+             tls.ca_file, tls.cert_file and tls.key_file (TESSERA__TLS__CA_FILE, ...) for mutual \
+             TLS between services, or tls.allow_plaintext = true \
+             (TESSERA__TLS__ALLOW_PLAINTEXT=true) to serve plaintext gRPC beyond loopback",
+            s.grpc_addr
+        );
+    }
+    for (setting, url) in role.map(|r| peers_of(r, s)).unwrap_or_default() {
+        match (tls.is_some(), url.starts_with("https://")) {
+            (true, false) => anyhow::bail!(
+                "invalid configuration: {setting} = {url:?} must be an https:// URL: with TLS on, \
+                 peers are called over mutual TLS"
+            ),
+            (false, true) => anyhow::bail!(
+                "invalid configuration: {setting} = {url:?} is an https:// URL but TLS is off: \
+                 set tls.ca_file, tls.cert_file and tls.key_file to call peers over mutual TLS"
+            ),
+            (true, true) | (false, false) => {}
+        }
+    }
+    Ok(tls)
+}
+
 /// Parses the command into a plan. Runs before the async runtime starts.
 pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::Result<Plan> {
     let serve = |role: Role, args: crate::ServeArgs| -> anyhow::Result<Plan> {
@@ -105,11 +158,13 @@ pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::R
             s.redis_url = url;
         }
         require_postgres(&s)?;
+        let tls = transport_security(&s, Some(role))?;
         Ok(Plan::Serve {
             roles: vec![role],
             settings: Box::new(s),
             dev_data_dir: None,
             dev_write_key: None,
+            tls,
         })
     };
     match command {
@@ -133,6 +188,7 @@ pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::R
             // One process, one dispatcher: partitions only spread delivery over replicas, and
             // one partition makes the largest batches (fewest SQLite commits).
             s.ingestion.partitions = 1;
+            let tls = transport_security(&s, None)?;
             Ok(Plan::Serve {
                 roles: vec![
                     Role::Identity,
@@ -146,12 +202,14 @@ pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::R
                     Some(key) => Some(key),
                     None => write_key_from_env(env)?,
                 },
+                tls,
             })
         }
         Command::Ingestion(args) => serve(Role::Ingestion, args),
         Command::Identity(args) => serve(Role::Identity, args),
         Command::Profile(args) => serve(Role::Profile, args),
         Command::Scoring(args) => serve(Role::Scoring, args),
+        Command::DevCerts(args) => Ok(Plan::DevCerts(args)),
         Command::Migrate(args) => {
             let s = load(&args, env)?;
             require_postgres(&s)?;
@@ -221,10 +279,11 @@ pub(crate) async fn execute(plan: Plan) -> anyhow::Result<()> {
             settings,
             dev_data_dir,
             dev_write_key,
+            tls,
         } => {
             let dev = dev_data_dir.as_deref();
             let key = dev_write_key.as_ref().map(|k| k.0.as_str());
-            serve(&roles, &settings, dev, key).await
+            serve(&roles, &settings, dev, key, tls.as_ref()).await
         }
         Plan::Migrate { settings } => {
             let _telemetry =
@@ -241,6 +300,7 @@ pub(crate) async fn execute(plan: Plan) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Plan::DevCerts(args) => crate::dev_certs::run(&args),
         Plan::Bench(args) => crate::bench::run(args).await,
         Plan::BenchReads(args) => crate::bench_reads::run(args).await,
         Plan::Sources(args) => crate::sources::run(args).await,
@@ -339,24 +399,31 @@ fn announce_profile_api(settings: &Settings, http_addr: SocketAddr) {
 }
 
 /// A channel to a peer that connects on first use and reconnects by itself, so services can
-/// start in any order.
-fn peer(url: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_owned())
+/// start in any order. With `tls`, over mutual TLS: the peer's certificate is checked against
+/// the CA for the URL's host, and this service's certificate is its client certificate.
+fn peer(url: &str, tls: Option<&Tls>) -> anyhow::Result<Channel> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("invalid peer address {url}"))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(30))
-        .tcp_nodelay(true)
-        .connect_lazy())
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.client_config())
+            .with_context(|| format!("TLS to the peer {url}"))?;
+    }
+    Ok(endpoint.connect_lazy())
 }
 
 /// The address peers in the same process use to reach a listener.
-fn loopback_url(addr: SocketAddr) -> String {
+fn loopback_url(addr: SocketAddr, tls: bool) -> String {
     let ip = if addr.ip().is_unspecified() {
         std::net::IpAddr::from([127, 0, 0, 1])
     } else {
         addr.ip()
     };
-    format!("http://{}", SocketAddr::new(ip, addr.port()))
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{}", SocketAddr::new(ip, addr.port()))
 }
 
 async fn serve(
@@ -364,6 +431,7 @@ async fn serve(
     settings: &Settings,
     dev_data_dir: Option<&Path>,
     dev_write_key: Option<&str>,
+    tls: Option<&Tls>,
 ) -> anyhow::Result<()> {
     let name = match (dev_data_dir, roles) {
         (None, [role]) => format!("tessera-{}", role.name()),
@@ -380,11 +448,19 @@ async fn serve(
     let http = TcpListener::bind(settings.http_addr)
         .await
         .with_context(|| format!("binding the HTTP address {}", settings.http_addr))?;
+    let probe = match settings.probe_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the probe address {addr}"))?,
+        ),
+        None => None,
+    };
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
 
     let (identity_url, profile_url, scoring_url, ingestion_url) = if dev_data_dir.is_some() {
-        let me = loopback_url(grpc_addr);
+        let me = loopback_url(grpc_addr, tls.is_some());
         (me.clone(), me.clone(), me.clone(), me)
     } else {
         (
@@ -423,7 +499,7 @@ async fn serve(
                 // Merges decided outside the pipeline (probabilistic matches, accepted
                 // suggestions) reach the profile service through this worker.
                 workers.push(
-                    identity.spawn_merge_delivery(peer(&profile_url)?, delivery_stop.clone()),
+                    identity.spawn_merge_delivery(peer(&profile_url, tls)?, delivery_stop.clone()),
                 );
                 // Rules changed through another replica's UpdateRules reach this one.
                 workers.push(identity.spawn_rules_refresh(delivery_stop.clone()));
@@ -441,7 +517,7 @@ async fn serve(
                 // population from the profile service.
                 let scoring = tessera_scoring::Scoring::from_settings(&settings.scoring)
                     .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?
-                    .with_store(db.clone(), peer(&profile_url)?);
+                    .with_store(db.clone(), peer(&profile_url, tls)?);
                 scoring.register(&mut services);
                 // Every replica follows the active model; one at a time runs the schedule.
                 workers.push(scoring.spawn_workers(delivery_stop.clone()));
@@ -463,9 +539,9 @@ async fn serve(
                     db.clone(),
                     Arc::clone(&cache),
                     tessera_profile::Peers {
-                        identity: peer(&identity_url)?,
-                        scoring: peer(&scoring_url)?,
-                        ingestion: peer(&ingestion_url)?,
+                        identity: peer(&identity_url, tls)?,
+                        scoring: peer(&scoring_url, tls)?,
+                        ingestion: peer(&ingestion_url, tls)?,
                     },
                     settings.profile.clone(),
                 );
@@ -510,8 +586,8 @@ async fn serve(
                 ingestion.register(&mut services);
                 http_routes = http_routes.merge(ingestion.http_routes());
                 workers.push(ingestion.spawn_delivery(
-                    peer(&identity_url)?,
-                    peer(&profile_url)?,
+                    peer(&identity_url, tls)?,
+                    peer(&profile_url, tls)?,
                     delivery_stop.clone(),
                 ));
                 databases.push(db);
@@ -536,10 +612,11 @@ async fn serve(
             server_stop.cancel();
         })
     };
-    let served = tessera_server::serve(
+    let listeners = Listeners { grpc, http, probe };
+    let served = tessera_server::serve_with(
         &settings.edge,
-        grpc,
-        http,
+        listeners,
+        tls,
         services,
         http_routes,
         server_stop,
@@ -554,4 +631,149 @@ async fn serve(
     served.context("serving")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    const DB: (&str, &str) = ("DATABASE_URL", "postgres://db/tessera");
+
+    fn plan_of(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Plan> {
+        let cli =
+            crate::Cli::try_parse_from(std::iter::once("tessera").chain(args.iter().copied()))
+                .expect("the arguments parse");
+        let env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        plan(cli.command, &env)
+    }
+
+    fn refusal(args: &[&str], env: &[(&str, &str)]) -> String {
+        match plan_of(args, env) {
+            Ok(_) => panic!("{args:?} with {env:?} is accepted"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    /// The TLS of a planned service.
+    fn tls_of(plan: anyhow::Result<Plan>) -> Option<Tls> {
+        match plan {
+            Ok(Plan::Serve { tls, .. }) => tls,
+            Ok(_) => panic!("not a service"),
+            Err(e) => panic!("refused: {e:#}"),
+        }
+    }
+
+    #[test]
+    fn plaintext_grpc_beyond_loopback_is_refused_unless_allowed() {
+        let beyond = ["identity", "--grpc-addr", "0.0.0.0:50051"];
+        let err = refusal(&beyond, &[DB]);
+        assert!(
+            err.starts_with(
+                "invalid configuration: the gRPC address 0.0.0.0:50051 is not loopback and TLS \
+                 is off"
+            ) && err.contains("tls.allow_plaintext = true"),
+            "{err}"
+        );
+        let allowed = plan_of(&beyond, &[DB, ("TESSERA__TLS__ALLOW_PLAINTEXT", "true")]);
+        assert!(tls_of(allowed).is_none());
+        let loopback = plan_of(&["identity", "--grpc-addr", "127.0.0.1:50051"], &[DB]);
+        assert!(tls_of(loopback).is_none());
+        // `tessera dev` binds loopback by default and needs nothing; beyond, the same rule.
+        assert!(tls_of(plan_of(&["dev"], &[])).is_none());
+        let err = refusal(&["dev", "--grpc-addr", "0.0.0.0:50051"], &[]);
+        assert!(err.contains("is not loopback and TLS is off"), "{err}");
+    }
+
+    #[test]
+    fn half_configured_or_unreadable_tls_is_refused_by_setting() {
+        let err = refusal(
+            &["scoring"],
+            &[
+                DB,
+                ("TESSERA__TLS__CERT_FILE", "/etc/tessera/tls/scoring.pem"),
+            ],
+        );
+        assert_eq!(
+            err,
+            "invalid configuration: tls.ca_file, tls.cert_file and tls.key_file go together: set \
+             all three for TLS, or none (missing: tls.ca_file, tls.key_file)"
+        );
+        let err = refusal(
+            &["scoring"],
+            &[
+                DB,
+                ("TESSERA__TLS__CA_FILE", "/nonexistent/ca.pem"),
+                ("TESSERA__TLS__CERT_FILE", "/nonexistent/scoring.pem"),
+                ("TESSERA__TLS__KEY_FILE", "/nonexistent/scoring-key.pem"),
+            ],
+        );
+        assert!(
+            err.starts_with("invalid configuration: tls.ca_file: cannot read /nonexistent/ca.pem"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tls_calls_https_peers_and_plaintext_http_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().to_str().unwrap();
+        match plan_of(&["dev-certs", "--out", out], &[]) {
+            Ok(Plan::DevCerts(args)) => crate::dev_certs::run(&args).unwrap(),
+            Ok(_) => panic!("not dev-certs"),
+            Err(e) => panic!("{e:#}"),
+        }
+        let file = |name: &str| format!("{out}/{name}");
+        let (ca, cert, key) = (
+            file("ca.pem"),
+            file("identity.pem"),
+            file("identity-key.pem"),
+        );
+        let tls = [
+            DB,
+            ("TESSERA__TLS__CA_FILE", ca.as_str()),
+            ("TESSERA__TLS__CERT_FILE", cert.as_str()),
+            ("TESSERA__TLS__KEY_FILE", key.as_str()),
+        ];
+        let beyond = ["identity", "--grpc-addr", "0.0.0.0:50051"];
+        let err = refusal(&beyond, &tls);
+        assert_eq!(
+            err,
+            "invalid configuration: peers.profile = \"http://127.0.0.1:50053\" must be an \
+             https:// URL: with TLS on, peers are called over mutual TLS"
+        );
+        let https = [
+            &tls[..],
+            &[("TESSERA__PEERS__PROFILE", "https://profile:50051")],
+        ]
+        .concat();
+        assert!(tls_of(plan_of(&beyond, &https)).is_some());
+
+        let err = refusal(
+            &["identity"],
+            &[DB, ("TESSERA__PEERS__PROFILE", "https://profile:50051")],
+        );
+        assert!(
+            err.starts_with(
+                "invalid configuration: peers.profile = \"https://profile:50051\" is an https:// \
+                 URL but TLS is off"
+            ),
+            "{err}"
+        );
+
+        // Another service's key with this one's certificate is refused, by name.
+        let wrong_key = file("profile-key.pem");
+        let mut mixed = tls;
+        mixed[3] = ("TESSERA__TLS__KEY_FILE", wrong_key.as_str());
+        let err = refusal(&beyond, &mixed);
+        assert!(
+            err.starts_with("invalid configuration: tls.key_file: ")
+                && err.contains("not the private key of tls.cert_file"),
+            "{err}"
+        );
+    }
 }

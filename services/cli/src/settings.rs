@@ -12,6 +12,7 @@ use tessera_identity::IdentitySettings;
 use tessera_ingestion::IngestionSettings;
 use tessera_profile::ProfileSettings;
 use tessera_scoring::ScoringSettings;
+use tessera_server::tls::TlsSettings;
 use tessera_server::{EdgeSettings, TelemetrySettings};
 use tessera_store::DbSettings;
 
@@ -30,6 +31,11 @@ pub(crate) struct Settings {
     pub(crate) grpc_addr: SocketAddr,
     /// The HTTP listen address (HTTP APIs, `/healthz`, `/metrics`).
     pub(crate) http_addr: SocketAddr,
+    /// A plaintext port serving only the gRPC health service, for probes that cannot speak TLS
+    /// (Kubernetes' gRPC probes). Off when unset.
+    pub(crate) probe_addr: Option<SocketAddr>,
+    /// Mutual TLS on the gRPC port and to peers.
+    pub(crate) tls: TlsSettings,
     /// Whether a service applies its own migrations at start (they are idempotent and safe to
     /// run from several replicas; `tessera migrate` does the same as a separate step).
     pub(crate) migrate_on_start: bool,
@@ -85,6 +91,8 @@ impl Default for Settings {
             cache_prefix: "tessera:".to_owned(),
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            probe_addr: None,
+            tls: TlsSettings::default(),
             migrate_on_start: true,
             peers: Peers::default(),
             db: DbSettings::default(),
@@ -106,6 +114,7 @@ impl std::fmt::Debug for Settings {
             .field("redis_url", &"<redacted>")
             .field("grpc_addr", &self.grpc_addr)
             .field("http_addr", &self.http_addr)
+            .field("tls", &self.tls)
             .field("peers", &self.peers)
             .finish_non_exhaustive()
     }

@@ -1,5 +1,7 @@
 //! The server edge as a client sees it: health, reflection-free calls, metrics, and draining.
 
+mod tls;
+
 use std::time::Duration;
 
 use tessera_server::{EdgeSettings, GrpcServices, HttpRouter, Shutdown, serve};

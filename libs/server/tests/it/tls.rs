@@ -1,0 +1,243 @@
+//! Mutual TLS on the gRPC port: who gets through to an internal service, who gets through to the
+//! rest, and who does not get a connection at all.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use tessera_proto::ingestion::v1::event_log_service_client::EventLogServiceClient;
+use tessera_proto::ingestion::v1::event_log_service_server::{
+    EventLogService, EventLogServiceServer,
+};
+use tessera_proto::ingestion::v1::{ForgetEventsRequest, ForgetEventsResponse};
+use tessera_server::tls::Tls;
+use tessera_server::{EdgeSettings, GrpcServices, HttpRouter, Listeners, Shutdown, serve_with};
+use tokio::net::TcpListener;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// A CA: its certificate (PEM) and what signs with it.
+struct Ca {
+    pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// A certificate and its key, PEM.
+struct Leaf {
+    cert: String,
+    key: String,
+}
+
+fn ca(name: &str) -> Ca {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let key = KeyPair::generate().unwrap();
+    let pem = params.self_signed(&key).unwrap().pem();
+    Ca {
+        pem,
+        issuer: Issuer::new(params, key),
+    }
+}
+
+fn leaf(ca: &Ca, name: &str) -> Leaf {
+    let mut params =
+        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca.issuer).unwrap().pem();
+    Leaf {
+        cert,
+        key: key.serialize_pem(),
+    }
+}
+
+/// An internal service that answers every call.
+struct EventLog;
+
+#[tonic::async_trait]
+impl EventLogService for EventLog {
+    async fn forget_events(
+        &self,
+        _: tonic::Request<ForgetEventsRequest>,
+    ) -> Result<tonic::Response<ForgetEventsResponse>, tonic::Status> {
+        Ok(tonic::Response::new(ForgetEventsResponse {
+            events: 7,
+            quarantined: 0,
+        }))
+    }
+}
+
+/// Serves the internal EventLogService with `tls`; returns the gRPC and the probe addresses.
+async fn server(tls: Tls, shutdown: Shutdown) -> (SocketAddr, SocketAddr) {
+    let mut services = GrpcServices::default();
+    services.add(EventLogServiceServer::new(EventLog));
+    let listeners = Listeners {
+        grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        probe: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+    };
+    let grpc = listeners.grpc.local_addr().unwrap();
+    let probe = listeners.probe.as_ref().unwrap().local_addr().unwrap();
+    tokio::spawn(async move {
+        serve_with(
+            &EdgeSettings::default(),
+            listeners,
+            Some(&tls),
+            services,
+            HttpRouter::new(),
+            shutdown,
+        )
+        .await
+    });
+    (grpc, probe)
+}
+
+/// A channel to `url` with `tls`; errors when the handshake (or the connection) fails.
+async fn channel(url: String, tls: Option<ClientTlsConfig>) -> Result<Channel, String> {
+    let mut endpoint = Channel::from_shared(url)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5));
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).unwrap();
+    }
+    endpoint.connect().await.map_err(|e| format!("{e:?}"))
+}
+
+async fn forget(channel: Channel) -> Result<i64, tonic::Status> {
+    EventLogServiceClient::new(channel)
+        .forget_events(ForgetEventsRequest::default())
+        .await
+        .map(|r| r.into_inner().events)
+}
+
+async fn health(channel: Channel) -> Result<i32, tonic::Status> {
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+}
+
+/// A call that failed below gRPC: the connection was refused or closed, no server answered.
+fn assert_transport_error<T: std::fmt::Debug>(result: Result<T, tonic::Status>) {
+    let err = result.unwrap_err();
+    assert!(
+        std::error::Error::source(&err).is_some(),
+        "a gRPC answer, not a failed connection: {err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn internal_services_need_a_certificate_of_the_ca() {
+    let ours = ca("tessera test ca");
+    let theirs = ca("another ca");
+    let server_leaf = leaf(&ours, "identity");
+    let client_leaf = leaf(&ours, "profile");
+    let stranger = leaf(&theirs, "stranger");
+    let tls = Tls::from_pem(
+        ours.pem.as_bytes(),
+        server_leaf.cert.as_bytes(),
+        server_leaf.key.as_bytes(),
+    )
+    .unwrap();
+    let shutdown = Shutdown::new();
+    let (grpc, probe) = server(tls, shutdown.clone()).await;
+    let url = format!("https://{grpc}");
+    let trust = || ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ours.pem));
+
+    // A service with a certificate of the CA calls the internal service.
+    let with_cert = trust().identity(Identity::from_pem(&client_leaf.cert, &client_leaf.key));
+    let valid = channel(url.clone(), Some(with_cert)).await.unwrap();
+    assert_eq!(forget(valid).await.unwrap(), 7);
+
+    // A client without a certificate reaches the TLS port and the public services (health), but
+    // not the internal one.
+    let anonymous = channel(url.clone(), Some(trust())).await.unwrap();
+    assert_eq!(
+        health(anonymous.clone()).await.unwrap(),
+        ServingStatus::Serving as i32
+    );
+    let refused = forget(anonymous).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("a client certificate is required"),
+        "{refused:?}"
+    );
+
+    // A certificate of another CA fails the handshake: no call at all gets through (with TLS
+    // 1.3 the client learns it on its first call rather than on connect).
+    let foreign = trust().identity(Identity::from_pem(&stranger.cert, &stranger.key));
+    if let Ok(channel) = channel(url.clone(), Some(foreign)).await {
+        assert_transport_error(health(channel).await);
+    }
+
+    // A plaintext client gets no answer from the TLS port.
+    if let Ok(channel) = channel(format!("http://{grpc}"), None).await {
+        assert_transport_error(health(channel).await);
+    }
+
+    // The probe port answers health in plaintext, and nothing else.
+    let probe = channel(format!("http://{probe}"), None).await.unwrap();
+    assert_eq!(
+        health(probe.clone()).await.unwrap(),
+        ServingStatus::Serving as i32
+    );
+    let unimplemented = forget(probe).await.unwrap_err();
+    assert_eq!(unimplemented.code(), tonic::Code::Unimplemented);
+    shutdown.cancel();
+}
+
+#[test]
+fn unusable_certificates_are_refused_at_start_by_setting() {
+    let ours = ca("tessera test ca");
+    let theirs = ca("another ca");
+    let mine = leaf(&ours, "identity");
+    let stranger = leaf(&theirs, "stranger");
+
+    let err = Tls::from_pem(
+        ours.pem.as_bytes(),
+        stranger.cert.as_bytes(),
+        stranger.key.as_bytes(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with("tls.cert_file: <cert>: not a valid client certificate of the CA"),
+        "{err}"
+    );
+
+    let err = Tls::from_pem(
+        ours.pem.as_bytes(),
+        mine.cert.as_bytes(),
+        stranger.key.as_bytes(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with("tls.key_file: <key>: not the private key of tls.cert_file"),
+        "{err}"
+    );
+
+    let err = Tls::from_pem(ours.pem.as_bytes(), mine.cert.as_bytes(), b"no key here")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("tls.key_file: <key>: holds no PEM private key"),
+        "{err}"
+    );
+}
