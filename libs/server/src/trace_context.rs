@@ -197,9 +197,22 @@ pub(crate) enum Port {
     Http,
 }
 
+/// Requests that are not traced even with trace export on: probes and scrapes, which would
+/// otherwise fill the collector with a trace every few seconds per pod.
+fn is_probe(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/")
+        || path.starts_with("/grpc.reflection.")
+        || path == "/healthz"
+        || path == "/metrics"
+}
+
 /// The span of one request at the server edge: a child of the client's context when the
-/// request carries one. With trace export off it is tower-http's default (a debug span).
+/// request carries one; none for probes. With trace export off it is tower-http's default (a
+/// debug span).
 pub(crate) fn server_span<B>(port: Port, request: &http::Request<B>) -> Span {
+    if enabled() && is_probe(request.uri().path()) {
+        return Span::none();
+    }
     if !enabled() {
         return tracing::debug_span!(
             "request",
@@ -459,6 +472,30 @@ mod tests {
                 "00-0af7651916cd43dd8448eb211c80319c-{}-01",
                 resolve.span_context.span_id()
             )
+        );
+    }
+
+    #[test]
+    fn probes_are_not_traced() {
+        let spans = traced(|| {
+            for path in [
+                "http://peer/grpc.health.v1.Health/Check",
+                "http://peer/healthz",
+                "http://peer/metrics",
+            ] {
+                let request = http::Request::builder()
+                    .uri(path)
+                    .header("traceparent", PARENT)
+                    .body(())
+                    .unwrap();
+                let _entered = server_span(Port::Grpc, &request).entered();
+            }
+            let _entered = server_span(Port::Grpc, &grpc_request(None)).entered();
+        });
+        let names: Vec<_> = spans.iter().map(|s| s.name.as_ref()).collect();
+        assert_eq!(
+            names,
+            ["tessera.identity.v1.IdentityService/ResolveIdentities"]
         );
     }
 
