@@ -32,6 +32,8 @@ SERVICES = ("ingestion", "identity", "profile", "scoring")
 COMPONENTS = SERVICES + ("migrate",)
 GRPC_PORT = 50051
 HTTP_PORT = 8080
+# Plaintext gRPC health only, for the kubelet's probes (the grpc port speaks TLS in prod).
+PROBE_PORT = 50052
 # Who calls whom, on the gRPC port (docs/architecture.md).
 CALLS = {
     ("ingestion", "identity"),
@@ -561,13 +563,27 @@ def check_overlay(c: Checks, overlay: str, objects: list[dict]) -> None:
 
         walk("", settings)
         c.check(settings.get("grpc_addr") == f"0.0.0.0:{GRPC_PORT}"
-                and settings.get("http_addr") == f"0.0.0.0:{HTTP_PORT}",
-                f"{overlay}: tessera.toml listens on 0.0.0.0:{GRPC_PORT} and 0.0.0.0:{HTTP_PORT}")
+                and settings.get("http_addr") == f"0.0.0.0:{HTTP_PORT}"
+                and settings.get("probe_addr") == f"0.0.0.0:{PROBE_PORT}",
+                f"{overlay}: tessera.toml listens on 0.0.0.0:{GRPC_PORT}, 0.0.0.0:{HTTP_PORT} "
+                f"and 0.0.0.0:{PROBE_PORT} (probes)")
     env_vars: dict[str, str] = {}
     for name in ("tessera-peers", "tessera-env"):
         cm = generated("ConfigMap", name)
         if c.check(cm, f"{overlay}: ConfigMap {name}"):
             env_vars.update(cm.get("data") or {})
+    # Mutual TLS between services: on in prod; dev allows plaintext instead; the base leaves
+    # the choice to the overlays (a service refuses plaintext beyond loopback otherwise).
+    tls_files = {k: env_vars.get(f"TESSERA__TLS__{k.upper()}")
+                 for k in ("ca_file", "cert_file", "key_file")}
+    tls_on = all(tls_files.values())
+    plaintext = env_vars.get("TESSERA__TLS__ALLOW_PLAINTEXT", "").lower() == "true"
+    c.check(tls_on or not any(tls_files.values()),
+            f"{overlay}: tls.ca_file, tls.cert_file and tls.key_file all set or none")
+    if overlay == "prod":
+        c.check(tls_on and not plaintext, "prod: mutual TLS between services, no plaintext gRPC")
+    if overlay == "dev":
+        c.check(plaintext and not tls_on, "dev: plaintext gRPC allowed (tls.allow_plaintext)")
     for var, value in env_vars.items():
         path = var.removeprefix("TESSERA__").lower().replace("__", ".")
         c.check(var.startswith("TESSERA__") and path in keys,
@@ -575,9 +591,10 @@ def check_overlay(c: Checks, overlay: str, objects: list[dict]) -> None:
         if var.startswith("TESSERA__PEERS__"):
             peer = urlsplit(value)
             service = named("Service", peer.hostname or "")
-            c.check(peer.scheme == "http" and service
+            c.check(peer.scheme == ("https" if tls_on else "http") and service
                     and any(p["port"] == peer.port for p in service["spec"]["ports"]),
-                    f"{overlay}: {var}={value} is a Service of the overlay with that port")
+                    f"{overlay}: {var}={value} is a Service of the overlay with that port, "
+                    f"{'https' if tls_on else 'http'}")
     peers = {v.removeprefix("TESSERA__PEERS__").lower() for v in env_vars
              if v.startswith("TESSERA__PEERS__")}
     c.check(peers == set(SERVICES), f"{overlay}: tessera-peers names every service")
@@ -639,12 +656,32 @@ def check_overlay(c: Checks, overlay: str, objects: list[dict]) -> None:
 
         # A service: ports, probes, Service, HPA, PDB, NetworkPolicy.
         ports = {p["name"]: p["containerPort"] for p in container.get("ports") or []}
-        c.check(ports.get("grpc") == GRPC_PORT and ports.get("http") == HTTP_PORT,
-                f"{where}: ports grpc={GRPC_PORT} and http={HTTP_PORT} (got {ports})")
+        c.check(ports.get("grpc") == GRPC_PORT and ports.get("http") == HTTP_PORT
+                and ports.get("probe") == PROBE_PORT,
+                f"{where}: ports grpc={GRPC_PORT}, http={HTTP_PORT} and probe={PROBE_PORT} "
+                f"(got {ports})")
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             grpc = (container.get(probe) or {}).get("grpc") or {}
-            c.check(grpc.get("port") == GRPC_PORT and not grpc.get("service"),
-                    f"{where}: {probe} uses the gRPC health protocol on port {GRPC_PORT}")
+            c.check(grpc.get("port") == PROBE_PORT and not grpc.get("service"),
+                    f"{where}: {probe} uses the gRPC health protocol on the probe port "
+                    f"{PROBE_PORT}")
+        if tls_on:
+            # Each service reads the CA and its own certificate and key, from the Secret.
+            tls_volume = next((v for v in pod["spec"].get("volumes") or []
+                               if (v.get("secret") or {}).get("secretName") == "tessera-tls"),
+                              None)
+            secret = (tls_volume or {}).get("secret") or {}
+            c.check(tls_volume and not secret.get("optional", False),
+                    f"{where}: mounts the Secret tessera-tls, not optional")
+            mount = next((m for m in container.get("volumeMounts") or []
+                          if tls_volume and m["name"] == tls_volume["name"]), {})
+            c.check(mount.get("readOnly") is True, f"{where}: tessera-tls mounted read-only")
+            items = {i["key"]: i["path"] for i in secret.get("items") or []}
+            for setting, key in (("ca_file", "ca.pem"), ("cert_file", f"{component}.pem"),
+                                 ("key_file", f"{component}-key.pem")):
+                want = f"{mount.get('mountPath')}/{items.get(key)}"
+                c.check(key in items and tls_files[setting] == want,
+                        f"{where}: tls.{setting} ({tls_files[setting]}) is {key} of tessera-tls")
         c.check(pod["spec"].get("enableServiceLinks") is False,
                 f"{where}: enableServiceLinks: false (no TESSERA_*_PORT variables)")
         service = named("Service", name)

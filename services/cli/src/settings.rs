@@ -57,7 +57,7 @@ pub(crate) struct Settings {
     pub(crate) scoring: ScoringSettings,
 }
 
-/// The gRPC addresses of the peer services, as `http://host:port`.
+/// The gRPC addresses of the peer services, as `http://host:port` (`https://` with TLS).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct Peers {
@@ -174,6 +174,7 @@ mod tests {
         let s = load(Some(&path), &HashMap::new()).expect("example config parses");
         assert_eq!(s.ingestion.partitions, 16);
         assert!(s.database_url.starts_with("postgres://"));
+        assert!(s.tls.is_configured() && s.peers.identity.starts_with("https://"));
         s.scoring.validate().expect("the example plans are valid");
         assert!(!s.scoring.plans.is_empty());
     }
