@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use tessera_proto::convert::to_timestamp;
 use tessera_proto::profile::v1 as profile;
 use tessera_proto::profile::v1::profile_pipeline_service_client::ProfilePipelineServiceClient;
+use tessera_server::trace_context::{Propagate, TracedChannel};
 use time::OffsetDateTime;
 use tonic::transport::Channel;
 
@@ -39,14 +40,14 @@ pub trait PopulationSource: Send + Sync + Debug {
 /// (`ProfilePipelineService.StreamPurchaseHistories`).
 #[derive(Debug, Clone)]
 pub struct ProfilePopulation {
-    client: ProfilePipelineServiceClient<Channel>,
+    client: ProfilePipelineServiceClient<TracedChannel>,
 }
 
 impl ProfilePopulation {
     /// A source reading the profile service at `channel`.
     pub fn new(channel: Channel) -> Self {
         Self {
-            client: ProfilePipelineServiceClient::new(channel)
+            client: ProfilePipelineServiceClient::with_interceptor(channel, Propagate)
                 .max_decoding_message_size(64 * 1024 * 1024),
         }
     }
