@@ -14,7 +14,7 @@ use tessera_profile::computed::ComputedTrait;
 use tessera_profile::definitions::{audience_definition, computed_trait_definition};
 use tessera_proto::profile::v1 as pb;
 use tessera_proto::profile::v1::definition_service_client::DefinitionServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Options of `tessera definitions`.
 #[derive(Debug, clap::Args)]
@@ -22,6 +22,8 @@ pub(crate) struct DefinitionsArgs {
     /// The gRPC address of the profile service (or of `tessera dev`).
     #[arg(long, global = true, default_value = "http://127.0.0.1:50051")]
     target: String,
+    #[command(flatten)]
+    tls: crate::client_tls::ClientTlsArgs,
     #[command(subcommand)]
     command: DefinitionsCommand,
 }
@@ -104,9 +106,11 @@ fn read_file(path: &Path) -> anyhow::Result<DefinitionFile> {
 }
 
 /// A client of the definitions API at `target`.
-async fn connect(target: &str) -> anyhow::Result<DefinitionServiceClient<Channel>> {
-    let channel = Endpoint::from_shared(target.to_owned())
-        .with_context(|| format!("invalid --target {target}"))?
+async fn connect(
+    target: &str,
+    tls: &crate::client_tls::ClientTlsArgs,
+) -> anyhow::Result<DefinitionServiceClient<Channel>> {
+    let channel = crate::client_tls::endpoint(target, tls)?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60))
         .connect()
@@ -138,7 +142,7 @@ fn source(source: i32) -> &'static str {
 
 /// Runs `tessera definitions`.
 pub(crate) async fn run(args: DefinitionsArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.target).await?;
+    let mut client = connect(&args.target, &args.tls).await?;
     match args.command {
         DefinitionsCommand::List => {
             let traits = client

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use tessera_proto::common::v1 as common;
 use tessera_proto::ingestion::v1 as pb;
 use tessera_proto::ingestion::v1::ingestion_service_client::IngestionServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::sources::WriteKeyArg;
 
@@ -44,6 +44,8 @@ pub(crate) struct ImportArgs {
     /// The gRPC address of the ingestion service (or of `tessera dev`).
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:50051")]
     target: String,
+    #[command(flatten)]
+    tls: crate::client_tls::ClientTlsArgs,
     /// The write key of the source to import into [env: TESSERA_WRITE_KEY].
     #[arg(long, value_name = "KEY")]
     pub(crate) write_key: Option<WriteKeyArg>,
@@ -246,8 +248,7 @@ pub(crate) async fn run(args: ImportArgs) -> anyhow::Result<()> {
         );
     }
 
-    let channel = Endpoint::from_shared(args.target.clone())
-        .with_context(|| format!("invalid --target {:?}", args.target))?
+    let channel = crate::client_tls::endpoint(&args.target, &args.tls)?
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await

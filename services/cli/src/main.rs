@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_reads;
+mod client_tls;
 mod definitions;
 mod dev_certs;
 mod import;

@@ -11,7 +11,6 @@ use anyhow::Context as _;
 use tessera_proto::common::v1::Identifier;
 use tessera_proto::profile::v1 as pb;
 use tessera_proto::profile::v1::profile_service_client::ProfileServiceClient;
-use tonic::transport::Endpoint;
 
 /// Options of `tessera profiles`.
 #[derive(Debug, clap::Args)]
@@ -19,6 +18,8 @@ pub(crate) struct ProfilesArgs {
     /// The gRPC address of the profile service (or of `tessera dev`).
     #[arg(long, global = true, default_value = "http://127.0.0.1:50051")]
     target: String,
+    #[command(flatten)]
+    tls: crate::client_tls::ClientTlsArgs,
     #[command(subcommand)]
     command: ProfilesCommand,
 }
@@ -66,9 +67,11 @@ fn lookup(person: &str) -> anyhow::Result<Result<String, Identifier>> {
 }
 
 /// A client of the profile service at `target`.
-async fn connect(target: &str) -> anyhow::Result<ProfileServiceClient<tonic::transport::Channel>> {
-    let channel = Endpoint::from_shared(target.to_owned())
-        .with_context(|| format!("invalid --target {target}"))?
+async fn connect(
+    target: &str,
+    tls: &crate::client_tls::ClientTlsArgs,
+) -> anyhow::Result<ProfileServiceClient<tonic::transport::Channel>> {
+    let channel = crate::client_tls::endpoint(target, tls)?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(120))
         .connect()
@@ -83,7 +86,7 @@ pub(crate) async fn run(args: ProfilesArgs) -> anyhow::Result<()> {
         ProfilesCommand::Export { person, output } => {
             use pb::export_profile_request::Lookup;
             let lookup = lookup(&person)?.map_or_else(Lookup::Identifier, Lookup::ProfileId);
-            let export = connect(&args.target)
+            let export = connect(&args.target, &args.tls)
                 .await?
                 .export_profile(pb::ExportProfileRequest {
                     lookup: Some(lookup),
@@ -112,7 +115,7 @@ pub(crate) async fn run(args: ProfilesArgs) -> anyhow::Result<()> {
         ProfilesCommand::Delete { person, reason } => {
             use pb::delete_profile_request::Lookup;
             let lookup = lookup(&person)?.map_or_else(Lookup::Identifier, Lookup::ProfileId);
-            let deleted = connect(&args.target)
+            let deleted = connect(&args.target, &args.tls)
                 .await?
                 .delete_profile(pb::DeleteProfileRequest {
                     lookup: Some(lookup),

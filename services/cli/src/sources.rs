@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tessera_proto::ingestion::v1 as pb;
 use tessera_proto::ingestion::v1::source_service_client::SourceServiceClient;
-use tonic::transport::Endpoint;
 
 /// Options of `tessera sources`.
 #[derive(Debug, clap::Args)]
@@ -17,6 +16,8 @@ pub(crate) struct SourcesArgs {
     /// The gRPC address of the ingestion service (or of `tessera dev`).
     #[arg(long, global = true, default_value = "http://127.0.0.1:50051")]
     target: String,
+    #[command(flatten)]
+    tls: crate::client_tls::ClientTlsArgs,
     #[command(subcommand)]
     command: SourcesCommand,
 }
@@ -123,8 +124,7 @@ pub(crate) fn key_line(source: &str, key: &str) -> String {
 
 /// Runs `tessera sources`.
 pub(crate) async fn run(args: SourcesArgs) -> anyhow::Result<()> {
-    let channel = Endpoint::from_shared(args.target.clone())
-        .with_context(|| format!("invalid --target {}", args.target))?
+    let channel = crate::client_tls::endpoint(&args.target, &args.tls)?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .connect()
