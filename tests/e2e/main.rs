@@ -13,6 +13,7 @@ mod flow;
 mod gdpr;
 mod import;
 mod matching;
+mod mtls;
 mod profile_api;
 mod python_client;
 mod replicas;

@@ -47,7 +47,7 @@ impl Deployment {
             .env("TESSERA__PEERS__SCORING", scoring.grpc_url())
             .env(
                 "TESSERA__PEERS__INGESTION",
-                format!("http://{}", to_ingestion.addr()),
+                format!("{}://{}", identity.scheme(), to_ingestion.addr()),
             )
             .start()
             .await;

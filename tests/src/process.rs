@@ -93,6 +93,11 @@ impl TesseraBuilder {
         self
     }
 
+    /// The subcommand: `dev`, `ingestion`, `identity`, ...
+    pub fn subcommand(&self) -> &str {
+        &self.args[0]
+    }
+
     /// Sets an environment variable of the process.
     pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
         self.env.insert(key.to_owned(), value.into());
@@ -168,18 +173,42 @@ pub struct Tessera {
 }
 
 impl Tessera {
-    /// The gRPC URL, `http://host:port`.
-    pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+    /// The CA of the process's TLS (`TESSERA__TLS__CA_FILE`), when it serves TLS.
+    pub fn tls_ca_file(&self) -> Option<&str> {
+        self.builder
+            .env
+            .get("TESSERA__TLS__CA_FILE")
+            .map(String::as_str)
     }
 
-    /// A channel to the process's gRPC port.
+    /// `https` when the process serves TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls_ca_file().is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The gRPC URL, `http://host:port` (`https://` when it serves TLS).
+    pub fn grpc_url(&self) -> String {
+        format!("{}://{}", self.scheme(), self.grpc_addr)
+    }
+
+    /// A channel to the process's gRPC port; over TLS with its CA (and no client certificate)
+    /// when it serves TLS.
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.grpc_url())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect to tessera")
+        let mut endpoint = Channel::from_shared(self.grpc_url()).expect("url");
+        if let Some(ca) = self.tls_ca_file() {
+            let ca = std::fs::read(ca).expect("read the CA");
+            endpoint = endpoint
+                .tls_config(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+                )
+                .expect("TLS config");
+        }
+        endpoint.connect().await.expect("connect to tessera")
     }
 
     /// The write key `tessera dev` printed for the source `default`; panics when it printed none.
@@ -192,7 +221,11 @@ impl Tessera {
     /// Creates a source on this process with `tessera sources create NAME` and returns its
     /// write key.
     pub async fn create_source(&self, name: &str) -> String {
-        let out = sources_command(&self.grpc_url(), &["create", name]).await;
+        let mut args = vec!["create", name];
+        if let Some(ca) = self.tls_ca_file() {
+            args.extend(["--ca-file", ca]);
+        }
+        let out = sources_command(&self.grpc_url(), &args).await;
         assert!(
             out.status.success(),
             "tessera sources create {name}: {out:?}"
