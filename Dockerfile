@@ -4,7 +4,10 @@
 # Deployment uses this one image and picks its role with `args` (k8s/base):
 #
 #     docker build -t tessera .
-#     docker run --rm tessera ingestion --grpc-addr 0.0.0.0:50051 --http-addr 0.0.0.0:8080
+#     docker run --rm -e TESSERA__TLS__ALLOW_PLAINTEXT=true tessera ingestion \
+#         --grpc-addr 0.0.0.0:50051 --http-addr 0.0.0.0:8080
+#
+# (Beyond loopback a service serves plaintext gRPC only when allowed; [tls] turns on mutual TLS.)
 #
 # Stages: `chef` (Rust and cargo-chef), `planner` (the dependency recipe), `builder` (the
 # dependencies in their own layer, then the binary), `base` (the runtime OS and user), `dev` (a

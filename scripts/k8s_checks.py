@@ -693,6 +693,9 @@ def check_overlay(c: Checks, overlay: str, objects: list[dict]) -> None:
             c.check("grpc" in sports and sports["grpc"]["port"] == GRPC_PORT
                     and sports["grpc"].get("targetPort") in ("grpc", GRPC_PORT),
                     f"{overlay}: Service/{name} has a port named grpc to the container's grpc")
+            want = "https" if tls_on else "kubernetes.io/h2c"
+            c.check(sports.get("grpc", {}).get("appProtocol") == want,
+                    f"{overlay}: Service/{name} port grpc has appProtocol {want}")
             c.check("http" in sports and sports["http"].get("targetPort") in ("http", HTTP_PORT),
                     f"{overlay}: Service/{name} has a port named http")
         hpa = named("HorizontalPodAutoscaler", name)
