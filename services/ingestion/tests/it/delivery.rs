@@ -127,6 +127,16 @@ impl ProfileDouble {
 
 #[tonic::async_trait]
 impl ProfilePipelineService for ProfileDouble {
+    type StreamPurchaseHistoriesStream =
+        futures::stream::Empty<Result<profile_pb::StreamPurchaseHistoriesResponse, Status>>;
+
+    async fn stream_purchase_histories(
+        &self,
+        _: Request<profile_pb::StreamPurchaseHistoriesRequest>,
+    ) -> Result<Response<Self::StreamPurchaseHistoriesStream>, Status> {
+        Err(Status::unimplemented("not part of the double"))
+    }
+
     async fn apply_events(
         &self,
         request: Request<profile_pb::ApplyEventsRequest>,
