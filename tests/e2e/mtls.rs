@@ -116,3 +116,67 @@ async fn the_pipeline_runs_over_mutual_tls_and_clients_without_a_certificate_are
     }
     let _ = &d.scoring;
 }
+
+/// Runs `tessera ARGS` with only `env`; returns its exit code and stderr.
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let out = std::process::Command::new(tessera_bin())
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .expect("run tessera");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn unusable_tls_settings_exit_with_a_message_naming_the_setting() {
+    let db = ("DATABASE_URL", "postgres://127.0.0.1:1/x");
+    let (code, err) = run(
+        &["identity"],
+        &[db, ("TESSERA__TLS__CA_FILE", "/etc/tessera/tls/ca.pem")],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("(missing: tls.cert_file, tls.key_file)"),
+        "{err}"
+    );
+
+    let (code, err) = run(&["identity", "--grpc-addr", "0.0.0.0:0"], &[db]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("is not loopback and TLS is off") && err.contains("tls.allow_plaintext"),
+        "{err}"
+    );
+
+    // A certificate of another CA than tls.ca_file.
+    let (ours, theirs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for dir in [&ours, &theirs] {
+        let (code, err) = run(&["dev-certs", "--out", dir.path().to_str().unwrap()], &[]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let file =
+        |dir: &tempfile::TempDir, name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let (ca, cert, key) = (
+        file(&ours, "ca.pem"),
+        file(&theirs, "identity.pem"),
+        file(&theirs, "identity-key.pem"),
+    );
+    let (code, err) = run(
+        &["identity"],
+        &[
+            db,
+            ("TESSERA__TLS__CA_FILE", &ca),
+            ("TESSERA__TLS__CERT_FILE", &cert),
+            ("TESSERA__TLS__KEY_FILE", &key),
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("tls.cert_file: ") && err.contains("not a valid client certificate of the CA"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
