@@ -445,9 +445,15 @@ mod tests {
         );
         let b = RfmBoundaries::of_population(&inputs).unwrap();
         // numpy.percentile(range(1, 11), [20, 40, 60, 80]) = [2.8, 4.6, 6.4, 8.2]
-        assert_eq!(b.recency_days, [2.8, 4.6, 6.4, 8.2]);
-        assert_eq!(b.frequency, [1.8, 3.6, 5.4, 7.2]);
-        assert_eq!(b.monetary, [28.0, 46.0, 64.0, 82.0]);
+        let close = |got: [f64; 4], want: [f64; 4]| {
+            assert!(
+                got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-9),
+                "{got:?} vs {want:?}"
+            );
+        };
+        close(b.recency_days, [2.8, 4.6, 6.4, 8.2]);
+        close(b.frequency, [1.8, 3.6, 5.4, 7.2]);
+        close(b.monetary, [28.0, 46.0, 64.0, 82.0]);
         assert!(b.is_valid());
         let scored: Vec<String> = inputs.iter().map(|x| b.scores(x).code()).collect();
         // Customer i bought i days ago (recent: good), i - 1 times again (more: good), and

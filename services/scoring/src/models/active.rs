@@ -364,6 +364,8 @@ impl Models {
     }
 
     /// Polls the active model every `poll_interval_ms` and runs the schedule, until `shutdown`.
+    /// A scheduled fit runs in a task of its own, so the poll goes on meanwhile; shutting down
+    /// abandons it (its lease then runs out, and the next replica to look takes over).
     pub fn spawn(
         self: &Arc<Self>,
         shutdown: tessera_server::Shutdown,
@@ -376,30 +378,45 @@ impl Models {
             let poll = Duration::from_millis(models.settings.poll_interval_ms);
             // The first look at the schedule waits a little, for the profile service.
             let mut next_check = tokio::time::Instant::now() + poll.max(Duration::from_secs(5));
+            let mut scheduled: Option<tokio::task::JoinHandle<()>> = None;
             loop {
                 if let Err(e) = models.refresh().await {
                     tracing::warn!(error = %e, "reading the active customer-value model failed");
                 }
-                if tokio::time::Instant::now() >= next_check {
+                let idle = scheduled
+                    .as_ref()
+                    .is_none_or(tokio::task::JoinHandle::is_finished);
+                if idle && tokio::time::Instant::now() >= next_check {
                     next_check = tokio::time::Instant::now() + SCHEDULE_CHECK;
-                    match models.run_schedule_once(OffsetDateTime::now_utc()).await {
-                        Ok(ScheduleOutcome::Skipped | ScheduleOutcome::Fitted(_)) => {}
-                        Ok(ScheduleOutcome::Failed(e @ ScoringError::PopulationTooSmall { .. })) => {
-                            tracing::info!(reason = %e, "the scheduled customer-value fit waits");
-                        }
-                        Ok(ScheduleOutcome::Failed(e)) => {
-                            tracing::warn!(error = %e, "the scheduled customer-value fit failed");
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "checking the fit schedule failed");
-                        }
-                    }
+                    let models = Arc::clone(&models);
+                    scheduled = Some(tokio::spawn(async move {
+                        models.run_schedule().await;
+                    }));
                 }
                 tokio::select! {
-                    () = shutdown.cancelled() => return,
+                    () = shutdown.cancelled() => {
+                        if let Some(fit) = scheduled {
+                            fit.abort();
+                        }
+                        return;
+                    }
                     () = tokio::time::sleep(poll) => {}
                 }
             }
         })
+    }
+
+    /// One look at the schedule, its outcome logged.
+    async fn run_schedule(&self) {
+        match self.run_schedule_once(OffsetDateTime::now_utc()).await {
+            Ok(ScheduleOutcome::Skipped | ScheduleOutcome::Fitted(_)) => {}
+            Ok(ScheduleOutcome::Failed(e @ ScoringError::PopulationTooSmall { .. })) => {
+                tracing::info!(reason = %e, "the scheduled customer-value fit waits");
+            }
+            Ok(ScheduleOutcome::Failed(e)) => {
+                tracing::warn!(error = %e, "the scheduled customer-value fit failed");
+            }
+            Err(e) => tracing::warn!(error = %e, "checking the fit schedule failed"),
+        }
     }
 }

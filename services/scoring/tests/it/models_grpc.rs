@@ -731,3 +731,51 @@ async fn one_replica_runs_the_scheduled_fit() {
     drop((a, b));
     backend.db.close().await;
 }
+
+/// The workers of two replicas, left to themselves: one scheduled fit (5 s after start), by one
+/// of them, active on both.
+#[tokio::test]
+async fn the_schedule_fits_once_on_its_own() {
+    let backend = postgres().await;
+    let profiles = profile_service(cdnow_population()).await;
+    let settings =
+        "[fitting]\nfit_interval_hours = 24\nmin_population = 2\npoll_interval_ms = 100\n";
+    let a = Replica::start(&backend, &profiles, settings).await;
+    let b = Replica::start(&backend, &profiles, settings).await;
+    let list = |r: &Replica| {
+        let mut client = r.client.clone();
+        async move {
+            client
+                .list_customer_value_models(pb::ListCustomerValueModelsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while list(&a).await.active_version == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no scheduled fit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Both replicas looked at the schedule at about the same time: one fitted.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let listed = list(&b).await;
+    assert_eq!(listed.models.len(), 1, "{listed:?}");
+    let model = &listed.models[0];
+    assert_eq!(model.trigger, "schedule");
+    assert_eq!(listed.active_version, model.version);
+    for replica in [&a, &b] {
+        eventually("both replicas use the scheduled model", || async {
+            replica
+                .scoring
+                .models()
+                .current()
+                .rfm
+                .as_ref()
+                .is_some_and(|m| m.label == model.label)
+        })
+        .await;
+    }
+    drop((a, b));
+    backend.db.close().await;
+}
