@@ -16,6 +16,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use tessera_testkit::{TestDb, redis_prefix};
+use tessera_tests::TesseraBuilder;
 use tessera_tests::events::wait_for;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Request, Response, Status};
@@ -132,10 +133,12 @@ const EVENT_SPANS: [(&str, &str); 4] = [
 
 /// What is wrong with `spans` as one trace's tree rooted at `root_parent` (the client's span
 /// id, or empty for a trace Tessera started): a span whose parent is neither in the trace nor
-/// the root's parent, or a per-event span missing. `None` when it is complete.
-fn incomplete(spans: &[Received], root_parent: &str) -> Option<String> {
+/// the root's parent, or a per-event span missing (from its service, or from `one_process` when
+/// one process runs them all). `None` when it is complete.
+fn incomplete(spans: &[Received], root_parent: &str, one_process: Option<&str>) -> Option<String> {
     let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
     for (service, name) in EVENT_SPANS {
+        let service = one_process.unwrap_or(service);
         if !spans.iter().any(|s| s.service == service && s.name == name) {
             return Some(format!("no span {name} from {service}"));
         }
@@ -162,7 +165,7 @@ async fn complete_trace(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let spans = receiver.trace(trace_id);
-        let problem = incomplete(&spans, root_parent);
+        let problem = incomplete(&spans, root_parent, None);
         let Some(problem) = problem else {
             return spans;
         };
@@ -328,4 +331,52 @@ async fn one_message_is_one_trace_through_all_four_services() {
     // Its request's span is in another trace: the message's trace holds only its own spans.
     assert!(own.iter().all(|s| !s.name.starts_with("POST")));
     let _ = (&d.identity, &d.scoring);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_still_queued_are_exported_at_shutdown() {
+    let receiver = Receiver::default();
+    let otlp = receiver.start().await;
+    let data = tempfile::tempdir().unwrap();
+    // A schedule delay far beyond the test: only the shutdown's flush can export the spans.
+    let mut dev = TesseraBuilder::new("dev")
+        .args(["--data-dir", data.path().to_str().unwrap()])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
+        .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
+        .start()
+        .await;
+    let read = dev.channel().await;
+    let trace_id = uuid::Uuid::new_v4().simple().to_string();
+    let user = format!("flushed-{}", uuid::Uuid::new_v4().simple());
+    let status = http_track(
+        &dev.http_addr,
+        dev.dev_write_key(),
+        &serde_json::json!({"userId": user, "event": "Flushed"}),
+        &format!("traceparent: 00-{trace_id}-00f067aa0ba902b7-01\r\n"),
+    )
+    .await;
+    assert!(status.contains(" 200 "), "{status}");
+    wait_for(&read, "user_id", &user, Duration::from_secs(30), |p| {
+        p.event_count == 1
+    })
+    .await;
+    assert!(
+        receiver.trace(&trace_id).is_empty(),
+        "exported before shutdown"
+    );
+    assert!(
+        dev.terminate().await,
+        "tessera dev exits cleanly on SIGTERM"
+    );
+    let spans = receiver.trace(&trace_id);
+    assert!(
+        spans.iter().all(|s| s.service == "tessera-dev"),
+        "{spans:?}"
+    );
+    // One process runs the four services: their per-event spans are all there.
+    assert_eq!(
+        incomplete(&spans, "00f067aa0ba902b7", Some("tessera-dev")),
+        None,
+        "{spans:?}"
+    );
 }
