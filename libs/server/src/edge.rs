@@ -15,6 +15,7 @@ use tonic_health::ServingStatus;
 use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 
+use crate::access::{Access, AccessLayer};
 use crate::tls::{RequireClientCertLayer, Tls};
 use crate::trace_context::{Port, server_span};
 
@@ -65,6 +66,7 @@ pub enum ServeError {
 pub struct GrpcServices {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
+    access: Option<Access>,
 }
 
 impl std::fmt::Debug for GrpcServices {
@@ -92,6 +94,13 @@ impl GrpcServices {
     {
         self.names.push(S::NAME);
         self.routes.add_service(service);
+        self
+    }
+
+    /// Requires access tokens on the external services, by [`crate::access::GRPC_RULES`], and
+    /// audit-logs their admin, privacy and write calls.
+    pub fn require_tokens(&mut self, access: Access) -> &mut Self {
+        self.access = Some(access);
         self
     }
 
@@ -196,6 +205,7 @@ pub async fn serve_with(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
+    let access = services.access;
     let mut routes = services.routes;
     routes.add_service(health.clone()).add_service(reflection);
 
@@ -239,6 +249,7 @@ pub async fn serve_with(
         )
         .layer(tower::layer::layer_fn(GrpcMetrics::new))
         .layer(RequireClientCertLayer::new(tls.is_some()))
+        .layer(AccessLayer::new(access))
         .add_routes(routes.routes())
         // TCP_NODELAY on every accepted connection: without it a small response (most
         // unary answers) can wait for the peer's delayed ACK, ~40 ms per call on Linux. tonic

@@ -5,6 +5,7 @@
 /// The router type of the HTTP port; services add their HTTP APIs to it.
 pub use axum::Router as HttpRouter;
 
+pub mod access;
 mod auth;
 mod edge;
 mod error;

@@ -1,5 +1,6 @@
 //! The server edge as a client sees it: health, reflection-free calls, metrics, and draining.
 
+mod access;
 mod tls;
 
 use std::time::Duration;
