@@ -117,7 +117,10 @@ async fn the_near_cache_answers_repeated_reads_and_sees_other_replicas_changes()
         assert_eq!(reader.get("n1").await.unwrap(), Some(v(1, Some(b"one"))));
     }
     let stats = reader.near_cache_statistics().expect("a near cache");
-    assert!(stats.hit >= 4, "repeated reads are answered in process: {stats:?}");
+    assert!(
+        stats.hit >= 4,
+        "repeated reads are answered in process: {stats:?}"
+    );
 
     let changes = [
         (v(2, Some(b"two")), Some(v(2, Some(b"two")))),
