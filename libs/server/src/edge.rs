@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::response::IntoResponse;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
@@ -111,11 +111,23 @@ impl GrpcServices {
 }
 
 /// The process-wide Prometheus recorder, installed on first use.
+/// The buckets of every `*_seconds` histogram, in seconds.
+const DURATION_BUCKETS: [f64; 17] = [
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0,
+];
+
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            // Durations are histograms with fixed buckets, not per-process summaries, so
+            // Prometheus can aggregate them across replicas (`histogram_quantile` over the
+            // `_bucket` series); the buckets span a fast cache hit to a slow delivery round.
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &DURATION_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new())
+                .build_recorder();
             let handle = recorder.handle();
             // Another recorder may already be global (a test harness); ours still renders
             // whatever is recorded through it.
@@ -310,7 +322,8 @@ pub async fn serve_with(
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|r: &http::Request<_>| server_span(Port::Http, r)),
-        );
+        )
+        .layer(axum::middleware::from_fn(http_metrics));
     // Handlers may read the peer address (ConnectInfo), e.g. for Segment's context.ip.
     // TCP_NODELAY here too: tracking-API answers are small.
     let http = axum::serve::ListenerExt::tap_io(http, |stream| {
@@ -330,6 +343,38 @@ pub async fn serve_with(
     http_result?;
     probe_result?;
     Ok(())
+}
+
+/// Records `tessera_http_requests_total` (by method, route and status) and
+/// `tessera_http_request_duration_seconds` (by method and route) for every HTTP request. The
+/// route is the matched route's template (`/v1/spaces/{space}/…`), never the raw path, which
+/// may carry an identifier such as an email; requests no route matched count as `unmatched`.
+async fn http_metrics(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(
+        "tessera_http_requests_total",
+        "method" => method.clone(),
+        "route" => route.clone(),
+        "status" => status
+    )
+    .increment(1);
+    metrics::histogram!(
+        "tessera_http_request_duration_seconds",
+        "method" => method,
+        "route" => route
+    )
+    .record(started.elapsed().as_secs_f64());
+    response
 }
 
 /// Records `tessera_grpc_requests_total` and `tessera_grpc_request_duration_seconds` per method

@@ -109,6 +109,20 @@ pub struct Migrations {
     pub sqlite: &'static Migrator,
 }
 
+/// How often a pool's use is recorded in the metrics.
+pub const POOL_SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
+/// A pool's connections at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUse {
+    /// Connections lent out.
+    pub in_use: u32,
+    /// Connections open and waiting.
+    pub idle: u32,
+    /// The most the pool opens.
+    pub max: u32,
+}
+
 /// A connection pool to the system of record.
 #[derive(Debug, Clone)]
 pub enum Database {
@@ -142,7 +156,9 @@ impl Database {
                 .acquire_timeout(acquire)
                 .connect_with(options)
                 .await?;
-            Ok(Self::Postgres(pool))
+            let db = Self::Postgres(pool);
+            db.sample_pool_use(schema);
+            Ok(db)
         } else if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)
                 .map_err(|_| StoreError::BadUrl(redact(url)))?
@@ -157,7 +173,9 @@ impl Database {
                 .acquire_timeout(acquire.max(Duration::from_secs(30)))
                 .connect_with(options)
                 .await?;
-            Ok(Self::Sqlite(pool))
+            let db = Self::Sqlite(pool);
+            db.sample_pool_use(schema);
+            Ok(db)
         } else {
             Err(StoreError::BadUrl(redact(url)))
         }
@@ -179,6 +197,66 @@ impl Database {
             Self::Sqlite(pool) => migrations.sqlite.run(pool).await?,
         }
         Ok(())
+    }
+
+    /// How many of the pool's connections are in use and idle now, and its maximum.
+    pub fn pool_use(&self) -> PoolUse {
+        let (size, idle, max) = match self {
+            Self::Postgres(pool) => (
+                pool.size(),
+                pool.num_idle(),
+                pool.options().get_max_connections(),
+            ),
+            Self::Sqlite(pool) => (
+                pool.size(),
+                pool.num_idle(),
+                pool.options().get_max_connections(),
+            ),
+        };
+        let idle = u32::try_from(idle).unwrap_or(u32::MAX).min(size);
+        PoolUse {
+            in_use: size - idle,
+            idle,
+            max,
+        }
+    }
+
+    /// Records the pool's use every [`POOL_SAMPLE_EVERY`] as the gauges
+    /// `tessera_db_pool_connections{schema, state="in_use"|"idle"}` and
+    /// `tessera_db_pool_max_connections{schema}`, until the pool is closed. Outside a Tokio
+    /// runtime it records nothing.
+    fn sample_pool_use(&self, schema: &str) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let db = self.clone();
+        let schema = schema.to_owned();
+        runtime.spawn(async move {
+            let mut every = tokio::time::interval(POOL_SAMPLE_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                every.tick().await;
+                if db.is_closed() {
+                    return;
+                }
+                let used = db.pool_use();
+                let labels =
+                    |state: &'static str| [("schema", schema.clone()), ("state", state.to_owned())];
+                metrics::gauge!("tessera_db_pool_connections", &labels("in_use"))
+                    .set(f64::from(used.in_use));
+                metrics::gauge!("tessera_db_pool_connections", &labels("idle"))
+                    .set(f64::from(used.idle));
+                metrics::gauge!("tessera_db_pool_max_connections", "schema" => schema.clone())
+                    .set(f64::from(used.max));
+            }
+        });
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Self::Postgres(pool) => pool.is_closed(),
+            Self::Sqlite(pool) => pool.is_closed(),
+        }
     }
 
     /// Closes the pool, waiting for connections in use to be returned.

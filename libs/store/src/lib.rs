@@ -8,4 +8,6 @@ mod db;
 pub use cache::{
     Cache, CacheError, MemoryCache, NEAR_ENTRIES, NEAR_TTL_MAX, RedisCache, Versioned, open_cache,
 };
-pub use db::{Backend, Database, DbSettings, Migrations, StoreError, error_code};
+pub use db::{
+    Backend, Database, DbSettings, Migrations, POOL_SAMPLE_EVERY, PoolUse, StoreError, error_code,
+};

@@ -109,6 +109,25 @@ async fn reports_health_and_metrics_and_drains_before_closing() {
             && metrics.contains("/tessera.scoring.v1.ScoringService/ScoreProfiles"),
         "{metrics}"
     );
+    // Durations are histograms (aggregatable across replicas), and HTTP requests are counted
+    // by route template and status.
+    assert!(
+        metrics.contains("tessera_grpc_request_duration_seconds_bucket{"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"tessera_http_requests_total{method="GET",route="/healthz",status="200"}"#
+        ),
+        "{metrics}"
+    );
+    let _ = http_get(http_addr, "/no/such/route/ann@example.com").await;
+    let (_, metrics) = http_get(http_addr, "/metrics").await;
+    assert!(
+        metrics.contains(r#"route="unmatched",status="404""#)
+            && !metrics.contains("ann@example.com"),
+        "{metrics}"
+    );
 
     // A body over the edge's limit is refused before any handler, with a JSON answer.
     let mut stream = TcpStream::connect(http_addr).await.unwrap();

@@ -207,3 +207,30 @@ async fn database_urls_select_the_backend_and_schema() {
             .is_err()
     );
 }
+
+/// The pool's use, as the `tessera_db_pool_*` gauges record it: connections lent out count as
+/// in use until they come back, idle ones as idle, and the maximum is the configured one.
+#[tokio::test(flavor = "multi_thread")]
+async fn pool_use_counts_lent_and_idle_connections() {
+    let pg = TestDb::new().await;
+    let settings = DbSettings {
+        max_connections: 7,
+        ..DbSettings::default()
+    };
+    let db = Database::connect(pg.url(), "pool_use", &settings)
+        .await
+        .unwrap();
+    let Database::Postgres(pool) = &db else {
+        panic!("a Postgres url");
+    };
+    let first = pool.acquire().await.unwrap();
+    let second = pool.acquire().await.unwrap();
+    let lent = db.pool_use();
+    assert_eq!((lent.in_use, lent.max), (2, 7), "{lent:?}");
+    drop((first, second));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let back = db.pool_use();
+    assert_eq!(back.in_use, 0, "{back:?}");
+    assert!(back.idle >= 2, "{back:?}");
+    db.close().await;
+}
