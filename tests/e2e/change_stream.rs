@@ -15,7 +15,7 @@ use tonic::Streaming;
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn watch(
-    client: &ProfileServiceClient<tonic::transport::Channel>,
+    client: &ProfileServiceClient<tessera_tests::Channel>,
     cursor: &str,
     kinds: &[&str],
 ) -> Streaming<WatchProfileChangesResponse> {

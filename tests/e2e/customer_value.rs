@@ -17,7 +17,7 @@ use tessera_tests::TesseraBuilder;
 use tessera_tests::events::{send, track, wait_for};
 use time::macros::{datetime, format_description};
 use time::{Date, OffsetDateTime};
-use tonic::transport::Channel;
+use tessera_tests::Channel;
 
 /// `(customer, day, dollars)` of every line of the CDNOW sample.
 fn cdnow() -> Vec<(u32, Date, f64)> {

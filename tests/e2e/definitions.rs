@@ -40,6 +40,7 @@ async fn definitions(target: &str, args: &[&str]) -> (i32, String, String) {
         .args(args)
         .args(["--target", target])
         .env_clear()
+        .env("TESSERA_ACCESS_TOKEN", tessera_tests::E2E_TOKEN)
         .stdin(Stdio::null())
         .output()
         .await

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use tessera_proto::common::v1::Event;
 use tessera_testkit::{TestDb, redis_prefix};
+use tessera_tests::Channel;
 use tessera_tests::events::{get_by, identify, send, track};
 use tessera_tests::{Proxy, Tessera, TesseraBuilder};
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
 use crate::separate_processes::base;
 
@@ -47,11 +47,13 @@ fn url(addr: SocketAddr) -> String {
 
 /// A channel that reconnects by itself and never waits long on a dead peer.
 fn lazy_channel(addr: SocketAddr) -> Channel {
-    Channel::from_shared(url(addr))
-        .expect("url")
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5))
-        .connect_lazy()
+    tessera_tests::authorized(
+        tonic::transport::Channel::from_shared(url(addr))
+            .expect("url")
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+            .connect_lazy(),
+    )
 }
 
 /// The four services; identity, profile and ingestion each behind a proxy, so a restarted

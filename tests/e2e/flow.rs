@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tessera_proto::ingestion::v1::EventStatus;
 use tessera_tests::events::{has_identifier, identify, send, track, trait_value, wait_for};
-use tonic::transport::Channel;
+use tessera_tests::Channel;
 
 const ACCEPTED: i32 = EventStatus::Accepted as i32;
 const DUPLICATE: i32 = EventStatus::Duplicate as i32;

@@ -95,7 +95,7 @@ async fn cache_mentioning(prefix: &str, needles: &[&str]) -> Vec<String> {
     found
 }
 
-async fn get_by_id(channel: &tonic::transport::Channel, id: &str) -> Result<(), tonic::Status> {
+async fn get_by_id(channel: &tessera_tests::Channel, id: &str) -> Result<(), tonic::Status> {
     ProfileServiceClient::new(channel.clone())
         .get_profile(GetProfileRequest {
             lookup: Some(get_profile_request::Lookup::ProfileId(id.to_owned())),

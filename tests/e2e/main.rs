@@ -1,5 +1,6 @@
 //! End-to-end tests: the walking skeleton through real processes, real gRPC, Postgres and Redis.
 
+mod access;
 mod change_stream;
 mod cli;
 mod computed_traits;

@@ -314,6 +314,7 @@ async fn the_profile_api_answers_like_segments_over_tessera_dev() {
             &tessera.grpc_url(),
         ])
         .env_clear()
+        .env("TESSERA_ACCESS_TOKEN", tessera_tests::E2E_TOKEN)
         .output()
         .await
         .expect("run tessera profiles export");
@@ -329,6 +330,7 @@ async fn the_profile_api_answers_like_segments_over_tessera_dev() {
             &tessera.grpc_url(),
         ])
         .env_clear()
+        .env("TESSERA_ACCESS_TOKEN", tessera_tests::E2E_TOKEN)
         .output()
         .await
         .expect("run tessera profiles export");

@@ -9,7 +9,7 @@ use tessera_proto::common::v1::Event;
 use tessera_proto::profile::v1::Profile;
 use tessera_testkit::{TestDb, redis_prefix};
 use tessera_tests::events::{identify, send, track, trait_value, wait_for};
-use tonic::transport::Channel;
+use tessera_tests::Channel;
 
 use crate::separate_processes::{Deployment, base};
 

@@ -133,7 +133,7 @@ def ingest(pb, channel, channel_addr: str, write_key: str, request) -> None:
             raise CheckFailed(f"IngestEvents: event {i} has no event_id")
 
 
-def wait_for_profile(pb, channel, request, timeout: float):
+def wait_for_profile(pb, channel, request, timeout: float, access_token: str):
     """Polls GetProfile until the profile has EXPECTED_EVENTS events and its engagement score."""
     import grpc
 
@@ -148,7 +148,11 @@ def wait_for_profile(pb, channel, request, timeout: float):
     last = "no answer yet"
     while True:
         try:
-            profile = stub.GetProfile(request, timeout=5).profile
+            profile = stub.GetProfile(
+                request,
+                timeout=5,
+                metadata=[("authorization", f"Bearer {access_token}")],
+            ).profile
         except grpc.RpcError as e:
             if e.code() not in retryable:
                 raise CheckFailed(f"GetProfile failed: {e.code().name}: {e.details()}") from None
@@ -221,7 +225,9 @@ def run(args: argparse.Namespace, stubs_dir: Path) -> None:
         ingest(pb, channel, args.addr, args.write_key, ingest_request)
         print(f"ingested identify + track for {user_id} at {args.addr}")
         started = time.monotonic()
-        profile = wait_for_profile(pb, channel, profile_request, args.timeout)
+        profile = wait_for_profile(
+            pb, channel, profile_request, args.timeout, args.access_token
+        )
         check_profile(profile, anonymous_id)
     print(
         f"ok: profile {profile.profile_id} of {user_id} has {profile.event_count} events, "
@@ -247,7 +253,14 @@ def main() -> int:
         default=os.environ.get("TESSERA_WRITE_KEY", ""),
         help="write key of a source (default: $TESSERA_WRITE_KEY)",
     )
+    parser.add_argument(
+        "--access-token",
+        default=os.environ.get("TESSERA_ACCESS_TOKEN", ""),
+        help="access token with the scope profiles:read (default: $TESSERA_ACCESS_TOKEN)",
+    )
     args = parser.parse_args()
+    if not args.dry_run and not args.access_token:
+        parser.error("--access-token (or TESSERA_ACCESS_TOKEN) is required unless --dry-run is given")
     if not args.dry_run and not args.addr:
         parser.error("ADDR is required unless --dry-run is given")
     if not args.dry_run and not args.write_key:

@@ -41,6 +41,7 @@ pub async fn sources_command(target: &str, args: &[&str]) -> std::process::Outpu
         .args(args)
         .args(["--target", target])
         .env_clear()
+        .env("TESSERA_ACCESS_TOKEN", crate::auth::E2E_TOKEN)
         .stdin(Stdio::null())
         .output()
         .await
@@ -70,6 +71,11 @@ impl TesseraBuilder {
         env.insert(
             "TESSERA__TELEMETRY__LOG_FILTER".to_owned(),
             "warn,tessera=info".to_owned(),
+        );
+        // Every process takes the harness's token (every scope) besides its own.
+        env.insert(
+            "TESSERA__AUTH__BOOTSTRAP_TOKEN".to_owned(),
+            crate::auth::E2E_TOKEN.to_owned(),
         );
         Self {
             args: vec![
@@ -195,9 +201,14 @@ impl Tessera {
         format!("{}://{}", self.scheme(), self.grpc_addr)
     }
 
-    /// A channel to the process's gRPC port; over TLS with its CA (and no client certificate)
-    /// when it serves TLS.
-    pub async fn channel(&self) -> Channel {
+    /// A channel to the process's gRPC port whose calls carry the harness's token (every
+    /// scope); over TLS with its CA (and no client certificate) when it serves TLS.
+    pub async fn channel(&self) -> crate::auth::Channel {
+        crate::auth::authorized(self.raw_channel().await)
+    }
+
+    /// A channel to the process's gRPC port without a token.
+    pub async fn raw_channel(&self) -> Channel {
         let mut endpoint = Channel::from_shared(self.grpc_url()).expect("url");
         if let Some(ca) = self.tls_ca_file() {
             let ca = std::fs::read(ca).expect("read the CA");

@@ -43,6 +43,71 @@ pub static MIGRATIONS: Migrations = Migrations {
 /// The prefix of every access token, so a leaked one is recognisable (secret scanners).
 pub const TOKEN_PREFIX: &str = "tat_";
 
+/// The `[auth]` settings.
+#[derive(Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// A token with every scope, given in configuration (`TESSERA__AUTH__BOOTSTRAP_TOKEN`, from
+    /// a Secret): for the first steps of a deployment, before `tessera tokens create` has made
+    /// stored ones. Not rotatable or revocable but by changing the configuration; remove it
+    /// once stored tokens exist. At least 32 characters.
+    pub bootstrap_token: Option<Secret>,
+    /// How long a replica remembers a token check, in milliseconds: a rotated or revoked token
+    /// keeps working at most this long.
+    pub token_cache_ms: u64,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            bootstrap_token: None,
+            token_cache_ms: 5_000,
+        }
+    }
+}
+
+impl fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthSettings")
+            .field(
+                "bootstrap_token",
+                &self.bootstrap_token.as_ref().map(|_| "***"),
+            )
+            .field("token_cache_ms", &self.token_cache_ms)
+            .finish()
+    }
+}
+
+impl AuthSettings {
+    /// Checks the settings; the error names the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(token) = &self.bootstrap_token
+            && (token.0.len() < 32 || token.0.chars().any(|c| c.is_whitespace() || c == ':'))
+        {
+            return Err(
+                "auth.bootstrap_token: at least 32 characters, without spaces or colons".to_owned(),
+            );
+        }
+        if self.token_cache_ms > 60_000 {
+            return Err(
+                "auth.token_cache_ms: at most 60000 (a revoked token must stop working \
+                        within a minute)"
+                    .to_owned(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The bootstrap token as a configured token, when set.
+    pub fn bootstrap(&self) -> Option<ConfigToken> {
+        self.bootstrap_token.clone().map(|secret| ConfigToken {
+            name: "auth.bootstrap_token".to_owned(),
+            secret,
+            scopes: Scope::ALL.into_iter().collect(),
+        })
+    }
+}
+
 /// What an access token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Scope {
@@ -248,7 +313,8 @@ pub struct TokenInfo {
 }
 
 /// A token's secret, shown once (on create and rotate); never in `Debug`.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Secret(pub String);
 
 impl fmt::Debug for Secret {

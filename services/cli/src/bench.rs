@@ -112,6 +112,14 @@ pub(crate) struct BenchArgs {
     /// one on first start, `tessera sources create` makes one.
     #[arg(long, value_name = "KEY")]
     pub(crate) write_key: Option<crate::sources::WriteKeyArg>,
+    /// The access token the visibility polls read profiles with (scope profiles:read).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "TESSERA_ACCESS_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
     /// The gRPC address of the profile read API, when it is not --target (the services as
     /// separate processes) [default: --target].
     #[arg(long, value_name = "URL")]
@@ -220,6 +228,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         (None, Route::Http(_)) => connect(&args.target, 1).await?.remove(0),
     };
+    let reads = crate::client_tls::with_token(reads, args.token.as_deref())?;
     eprintln!(
         "tessera bench: run {run_id} against {target} over {} ({}, {}); Ctrl-C stops early",
         params.transport,
@@ -538,7 +547,7 @@ fn histogram() -> anyhow::Result<Histogram<u64>> {
 struct Ctx {
     stats: Mutex<Stats>,
     /// Where visibility polls read profiles.
-    reads: Channel,
+    reads: crate::client_tls::Authorized,
     sent_events: AtomicU64,
     request_timeout: Duration,
     visibility_timeout: Duration,
@@ -607,7 +616,7 @@ async fn drive(
     duration: Option<Duration>,
     run_id: &str,
     route: Route,
-    reads: Channel,
+    reads: crate::client_tls::Authorized,
     write_key: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
 ) -> anyhow::Result<Outcome> {
     let pacer = Pacer {
@@ -1090,7 +1099,7 @@ async fn settle(ctx: Arc<Ctx>, stream: OpenStream) {
 /// the device (the identify included), or the visibility timeout passes.
 async fn follow_profile(
     ctx: &Ctx,
-    channel: Channel,
+    channel: crate::client_tls::Authorized,
     user_id: String,
     expected: u64,
     acked: Instant,

@@ -36,6 +36,14 @@ pub(crate) struct BenchReadsArgs {
     /// The write key of the source the seed events are sent as [env: TESSERA_WRITE_KEY].
     #[arg(long, value_name = "KEY")]
     pub(crate) write_key: Option<crate::sources::WriteKeyArg>,
+    /// The access token the reads are made with (scope profiles:read).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "TESSERA_ACCESS_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
     /// How many profiles to seed and read.
     #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     profiles: u64,
@@ -96,7 +104,11 @@ async fn channels(target: &str, n: u64) -> anyhow::Result<Vec<Channel>> {
 }
 
 /// Sends the seed identifies and returns each profile's id once it is readable.
-async fn seed(args: &BenchReadsArgs, key: &str, read: &Channel) -> anyhow::Result<Vec<String>> {
+async fn seed(
+    args: &BenchReadsArgs,
+    key: &str,
+    read: &crate::client_tls::Authorized,
+) -> anyhow::Result<Vec<String>> {
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let ingest = channels(&args.target, 1).await?.remove(0);
     let all: Vec<u64> = (0..args.profiles).collect();
@@ -159,7 +171,11 @@ pub(crate) async fn run(args: BenchReadsArgs) -> anyhow::Result<()> {
         .read_target
         .clone()
         .unwrap_or_else(|| args.target.clone());
-    let reads = channels(&read_target, args.connections).await?;
+    let reads = channels(&read_target, args.connections)
+        .await?
+        .into_iter()
+        .map(|channel| crate::client_tls::with_token(channel, args.token.as_deref()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     eprintln!("tessera bench-reads: seeding {} profiles", args.profiles);
     let ids = Arc::new(seed(&args, &key, &reads[0]).await?);
     // Once by id, so the cache holds every profile before the clock starts.

@@ -1,12 +1,15 @@
-//! TLS for the commands that call a running Tessera (`sources`, `profiles`, `definitions`,
-//! `import`): an `https://` target is checked against a CA, and a client certificate is sent when
+//! TLS and the access token for the commands that call a running Tessera (`sources`,
+//! `profiles`, `definitions`, `import`): an `https://` target is checked against a CA, and a client certificate is sent when
 //! one is given. The options default to the `[tls]` environment variables a service's pod
 //! already has, so these commands work from inside a pod without flags.
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// TLS options of a command that calls a running Tessera.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -38,6 +41,57 @@ pub(crate) struct ClientTlsArgs {
         requires = "cert_file"
     )]
     key_file: Option<PathBuf>,
+    /// The access token sent with every call (`authorization: Bearer`): the admin APIs need
+    /// the scope admin, profile reads profiles:read, export and delete privacy.
+    #[arg(
+        long,
+        global = true,
+        value_name = "TOKEN",
+        env = "TESSERA_ACCESS_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+}
+
+/// A channel whose calls carry the access token, when one is given.
+pub(crate) type Authorized = InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub(crate) struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// `channel` with the access token of `args` on every call.
+pub(crate) fn authorized(channel: Channel, args: &ClientTlsArgs) -> anyhow::Result<Authorized> {
+    with_token(channel, args.token.as_deref())
+}
+
+/// `channel` with `token` (when given) on every call.
+pub(crate) fn with_token(channel: Channel, token: Option<&str>) -> anyhow::Result<Authorized> {
+    let value = match token.filter(|t| !t.is_empty()) {
+        Some(token) => {
+            let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--token: not a valid token (printable ASCII)"))?;
+            value.set_sensitive(true);
+            Some(value)
+        }
+        None => None,
+    };
+    Ok(InterceptedService::new(channel, Bearer(value)))
 }
 
 /// An endpoint for `target` (the value of `--target`): over TLS when it is `https://`.

@@ -14,7 +14,6 @@ use tessera_profile::computed::ComputedTrait;
 use tessera_profile::definitions::{audience_definition, computed_trait_definition};
 use tessera_proto::profile::v1 as pb;
 use tessera_proto::profile::v1::definition_service_client::DefinitionServiceClient;
-use tonic::transport::Channel;
 
 /// Options of `tessera definitions`.
 #[derive(Debug, clap::Args)]
@@ -109,14 +108,16 @@ fn read_file(path: &Path) -> anyhow::Result<DefinitionFile> {
 async fn connect(
     target: &str,
     tls: &crate::client_tls::ClientTlsArgs,
-) -> anyhow::Result<DefinitionServiceClient<Channel>> {
+) -> anyhow::Result<DefinitionServiceClient<crate::client_tls::Authorized>> {
     let channel = crate::client_tls::endpoint(target, tls)?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60))
         .connect()
         .await
         .with_context(|| format!("cannot reach Tessera at {target}: is it running?"))?;
-    Ok(DefinitionServiceClient::new(channel))
+    Ok(DefinitionServiceClient::new(crate::client_tls::authorized(
+        channel, tls,
+    )?))
 }
 
 /// A failed call as an error naming what was asked, the code and, for invalid arguments, each

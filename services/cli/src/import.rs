@@ -408,7 +408,9 @@ mod tests {
                 | crate::run::Plan::BenchReads(_)
                 | crate::run::Plan::Sources(_)
                 | crate::run::Plan::Profiles(_)
-                | crate::run::Plan::Definitions(_) => panic!("import"),
+                | crate::run::Plan::Definitions(_)
+                | crate::run::Plan::Tokens { .. }
+                | crate::run::Plan::Audit { .. } => panic!("import"),
             }
         };
         let env = [("TESSERA_WRITE_KEY", "env-key-123")];

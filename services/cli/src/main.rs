@@ -14,6 +14,7 @@ mod profiles;
 mod run;
 mod settings;
 mod sources;
+mod tokens;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -60,6 +61,12 @@ enum Command {
     /// DefinitionService API of a running Tessera: list, get, create and update from a TOML or
     /// JSON file of the config's form, delete.
     Definitions(definitions::DefinitionsArgs),
+    /// Manage the access tokens of the external APIs (create, list, rotate, revoke) in the
+    /// database directly (DATABASE_URL, or a sqlite:// URL of `tessera dev`'s auth.db): the way
+    /// to the first admin token. Secrets are printed once, on create and rotate.
+    Tokens(tokens::TokensArgs),
+    /// Read the audit log of admin, privacy and profile-writing calls from the database.
+    Audit(tokens::AuditArgs),
     /// Send synthetic events at a chosen rate and concurrency and report throughput, latency
     /// and time from acceptance to profile visible.
     Bench(bench::BenchArgs),
@@ -76,10 +83,10 @@ struct ConfigArgs {
     /// A TOML configuration file (see docs/tessera.example.toml). Environment variables
     /// (TESSERA__SECTION__KEY, DATABASE_URL, REDIS_URL, OTEL_EXPORTER_OTLP_ENDPOINT) override
     /// it, and flags override both.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// The Postgres URL of the system of record [env: DATABASE_URL].
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", global = true)]
     database_url: Option<String>,
 }
 
@@ -116,8 +123,8 @@ struct DevArgs {
     /// the random key printed on first start [env: TESSERA_WRITE_KEY].
     #[arg(long, value_name = "KEY")]
     write_key: Option<sources::WriteKeyArg>,
-    /// Fix the access token of the Profile API (HTTP Basic user name) instead of a random one
-    /// printed at start [env: TESSERA_ACCESS_TOKEN].
+    /// Fix the access token with every scope (gRPC and the Profile API) instead of a random
+    /// one printed at start [env: TESSERA_ACCESS_TOKEN].
     #[arg(long, value_name = "TOKEN")]
     access_token: Option<String>,
 }

@@ -70,14 +70,17 @@ fn lookup(person: &str) -> anyhow::Result<Result<String, Identifier>> {
 async fn connect(
     target: &str,
     tls: &crate::client_tls::ClientTlsArgs,
-) -> anyhow::Result<ProfileServiceClient<tonic::transport::Channel>> {
+) -> anyhow::Result<ProfileServiceClient<crate::client_tls::Authorized>> {
     let channel = crate::client_tls::endpoint(target, tls)?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(120))
         .connect()
         .await
         .with_context(|| format!("cannot reach Tessera at {target}: is it running?"))?;
-    Ok(ProfileServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024))
+    Ok(
+        ProfileServiceClient::new(crate::client_tls::authorized(channel, tls)?)
+            .max_decoding_message_size(256 * 1024 * 1024),
+    )
 }
 
 /// Runs `tessera profiles`.

@@ -60,6 +60,14 @@ pub(crate) enum Plan {
     Profiles(crate::profiles::ProfilesArgs),
     Definitions(crate::definitions::DefinitionsArgs),
     Import(crate::import::ImportArgs),
+    Tokens {
+        args: crate::tokens::TokensArgs,
+        settings: Box<Settings>,
+    },
+    Audit {
+        args: crate::tokens::AuditArgs,
+        settings: Box<Settings>,
+    },
 }
 
 fn load(config: &ConfigArgs, env: &HashMap<String, String>) -> anyhow::Result<Settings> {
@@ -84,6 +92,9 @@ fn require_postgres(s: &Settings) -> anyhow::Result<()> {
 /// Checks what deserializing cannot: values in range.
 fn check(s: &Settings) -> anyhow::Result<()> {
     s.profile
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    s.auth
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     s.scoring
@@ -229,6 +240,22 @@ pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::R
             }
             Ok(Plan::BenchReads(args))
         }
+        Command::Tokens(args) => {
+            let s = load(&args.config, env)?;
+            crate::tokens::require_database(&s.database_url)?;
+            Ok(Plan::Tokens {
+                args,
+                settings: Box::new(s),
+            })
+        }
+        Command::Audit(args) => {
+            let s = load(&args.config, env)?;
+            crate::tokens::require_database(&s.database_url)?;
+            Ok(Plan::Audit {
+                args,
+                settings: Box::new(s),
+            })
+        }
         Command::Sources(args) => Ok(Plan::Sources(args)),
         Command::Profiles(args) => Ok(Plan::Profiles(args)),
         Command::Definitions(args) => Ok(Plan::Definitions(args)),
@@ -257,7 +284,7 @@ fn generated_access_token() -> tessera_profile::AccessToken {
         .take(32)
         .map(char::from)
         .collect();
-    tessera_profile::AccessToken(format!("tpa_{token}"))
+    tessera_profile::AccessToken(format!("tat_{token}"))
 }
 
 /// `TESSERA_WRITE_KEY`, when set and not empty.
@@ -303,6 +330,8 @@ pub(crate) async fn execute(plan: Plan) -> anyhow::Result<()> {
         Plan::DevCerts(args) => crate::dev_certs::run(&args),
         Plan::Bench(args) => crate::bench::run(args).await,
         Plan::BenchReads(args) => crate::bench_reads::run(args).await,
+        Plan::Tokens { args, settings } => crate::tokens::run_tokens(args, &settings).await,
+        Plan::Audit { args, settings } => crate::tokens::run_audit(args, &settings).await,
         Plan::Sources(args) => crate::sources::run(args).await,
         Plan::Profiles(args) => crate::profiles::run(args).await,
         Plan::Definitions(args) => crate::definitions::run(args).await,
@@ -310,8 +339,12 @@ pub(crate) async fn execute(plan: Plan) -> anyhow::Result<()> {
     }
 }
 
-fn all_migrations() -> [(&'static str, Migrations); 4] {
+fn all_migrations() -> [(&'static str, Migrations); 5] {
     [
+        (
+            tessera_server::access::SCHEMA,
+            tessera_server::access::MIGRATIONS,
+        ),
         (tessera_ingestion::SCHEMA, tessera_ingestion::MIGRATIONS),
         (tessera_identity::SCHEMA, tessera_identity::MIGRATIONS),
         (tessera_profile::SCHEMA, tessera_profile::MIGRATIONS),
@@ -390,12 +423,35 @@ fn announce_profile_api(settings: &Settings, http_addr: SocketAddr) {
     {
         println!("tessera: profile api access token {token}");
         println!(
-            "tessera: read profiles at http://{http_addr}/v1/spaces/{}/collections/users/profiles/\
-             user_id:<id>/traits with the token as the HTTP Basic user name (fix it with \
-             --access-token / TESSERA_ACCESS_TOKEN)",
+            "tessera: the token has every scope (profiles:read, profiles:write, admin, privacy): \
+             send it as `authorization: Bearer <token>` (gRPC metadata or HTTP header; the CLI \
+             reads TESSERA_ACCESS_TOKEN). Read profiles at http://{http_addr}/v1/spaces/{}/\
+             collections/users/profiles/user_id:<id>/traits with it as the HTTP Basic user name \
+             or bearer token (fix it with --access-token / TESSERA_ACCESS_TOKEN)",
             settings.profile.space_id
         );
     }
+}
+
+/// The tokens given in configuration: `auth.bootstrap_token` (every scope); in `tessera dev`
+/// its printed token (every scope), elsewhere `profile.access_token` (`profiles:read`, all it
+/// ever allowed).
+fn config_tokens(settings: &Settings, dev: bool) -> Vec<tessera_server::access::ConfigToken> {
+    use tessera_server::access::{ConfigToken, Scope, Secret};
+    let mut tokens: Vec<ConfigToken> = settings.auth.bootstrap().into_iter().collect();
+    if let Some(token) = &settings.profile.access_token {
+        let (name, scopes) = if dev {
+            ("dev", Scope::ALL.into_iter().collect())
+        } else {
+            ("profile.access_token", [Scope::ProfilesRead].into())
+        };
+        tokens.push(ConfigToken {
+            name: name.to_owned(),
+            secret: Secret(token.0.clone()),
+            scopes,
+        });
+    }
+    tokens
 }
 
 /// A channel to a peer that connects on first use and reconnects by itself, so services can
@@ -481,6 +537,26 @@ async fn serve(
     let mut http_routes = tessera_server::HttpRouter::new();
     let mut databases = Vec::new();
     let mut workers = Vec::new();
+    // The external APIs (ingestion's admin services, the profile service's) take access tokens.
+    let access = if roles.contains(&Role::Ingestion) || roles.contains(&Role::Profile) {
+        let db = open_db(
+            settings,
+            dev_data_dir,
+            tessera_server::access::SCHEMA,
+            tessera_server::access::MIGRATIONS,
+        )
+        .await?;
+        let access = tessera_server::access::Access::new(
+            Some(tessera_server::access::TokenStore::new(db.clone())),
+            config_tokens(settings, dev_data_dir.is_some()),
+            Duration::from_millis(settings.auth.token_cache_ms),
+        );
+        services.require_tokens(access.clone());
+        databases.push(db);
+        Some(access)
+    } else {
+        None
+    };
     for role in roles {
         match role {
             Role::Identity => {
@@ -554,16 +630,11 @@ async fn serve(
                 ));
                 // The change stream's webhook destinations (leased per webhook in the database).
                 workers.push(profiles.spawn_webhooks(delivery_stop.clone()));
-                match profiles.http_routes() {
-                    Some(routes) => {
-                        http_routes = http_routes.merge(routes);
-                        if dev_data_dir.is_some() {
-                            announce_profile_api(settings, http_addr);
-                        }
-                    }
-                    None => tracing::info!(
-                        "the Profile API is off: set TESSERA_ACCESS_TOKEN (or profile.access_token)"
-                    ),
+                if let Some(access) = &access {
+                    http_routes = http_routes.merge(profiles.http_routes(access.clone()));
+                }
+                if dev_data_dir.is_some() {
+                    announce_profile_api(settings, http_addr);
                 }
                 databases.push(db);
             }

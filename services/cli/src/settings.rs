@@ -12,6 +12,7 @@ use tessera_identity::IdentitySettings;
 use tessera_ingestion::IngestionSettings;
 use tessera_profile::ProfileSettings;
 use tessera_scoring::ScoringSettings;
+use tessera_server::access::AuthSettings;
 use tessera_server::tls::TlsSettings;
 use tessera_server::{EdgeSettings, TelemetrySettings};
 use tessera_store::DbSettings;
@@ -36,6 +37,8 @@ pub(crate) struct Settings {
     pub(crate) probe_addr: Option<SocketAddr>,
     /// Mutual TLS on the gRPC port and to peers.
     pub(crate) tls: TlsSettings,
+    /// Access tokens of the external APIs.
+    pub(crate) auth: AuthSettings,
     /// Whether a service applies its own migrations at start (they are idempotent and safe to
     /// run from several replicas; `tessera migrate` does the same as a separate step).
     pub(crate) migrate_on_start: bool,
@@ -93,6 +96,7 @@ impl Default for Settings {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             probe_addr: None,
             tls: TlsSettings::default(),
+            auth: AuthSettings::default(),
             migrate_on_start: true,
             peers: Peers::default(),
             db: DbSettings::default(),

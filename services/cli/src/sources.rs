@@ -130,7 +130,7 @@ pub(crate) async fn run(args: SourcesArgs) -> anyhow::Result<()> {
         .connect()
         .await
         .with_context(|| format!("cannot reach Tessera at {}: is it running?", args.target))?;
-    let mut client = SourceServiceClient::new(channel);
+    let mut client = SourceServiceClient::new(crate::client_tls::authorized(channel, &args.tls)?);
     match args.command {
         SourcesCommand::Create {
             name,
@@ -375,7 +375,9 @@ mod tests {
             | Plan::Sources(_)
             | Plan::Import(_)
             | Plan::Profiles(_)
-            | Plan::Definitions(_) => {
+            | Plan::Definitions(_)
+            | Plan::Tokens { .. }
+            | Plan::Audit { .. } => {
                 panic!("serve")
             }
         }

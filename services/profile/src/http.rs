@@ -8,7 +8,8 @@
 //! `limit` and `next` and answer a `cursor` with `url`, `has_more` and `next`; `traits` and
 //! `external_ids` take `include` (comma-separated names or types), `events` takes `include`
 //! (event names), `start` and `end` (RFC 3339). Errors are JSON: `{"error": {"code",
-//! "message"}}` with 400, 401, 404 or 503.
+//! "message"}}` with 400, 401 (no or unknown token), 403 (a token without `profiles:read`), 404
+//! or 503. `Authorization: Bearer <token>` works too.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -19,11 +20,11 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Map, Value, json};
-use sha2::{Digest as _, Sha256};
 use tessera_core::ErrorCode;
 use tessera_proto::common::v1 as common;
 use tessera_proto::convert::{from_timestamp, struct_to_json_map, value_to_json};
 use tessera_proto::profile::v1 as pb;
+use tessera_server::access::{Access, PROFILE_API_SCOPE};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -40,18 +41,21 @@ const LINKS_LIMIT: (usize, usize) = (25, 100);
 #[derive(Clone)]
 struct Api {
     inner: Arc<Inner>,
-    /// SHA-256 of the access token: compared by digest, so the comparison takes the same
-    /// time whatever the guess.
-    token: [u8; 32],
+    /// Checks the access token of each request (scope `profiles:read`).
+    access: Access,
     space_id: String,
 }
 
-/// The Profile API's routes over the profile service, answering requests that carry `token`
-/// for the space `space_id`.
-pub(crate) fn routes(inner: Arc<Inner>, token: &str, space_id: &str) -> tessera_server::HttpRouter {
+/// The Profile API's routes over the profile service, answering requests whose access token
+/// `access` accepts with the scope `profiles:read`, for the space `space_id`.
+pub(crate) fn routes(
+    inner: Arc<Inner>,
+    access: Access,
+    space_id: &str,
+) -> tessera_server::HttpRouter {
     let api = Api {
         inner,
-        token: Sha256::digest(token.as_bytes()).into(),
+        access,
         space_id: space_id.to_owned(),
     };
     tessera_server::HttpRouter::new()
@@ -170,18 +174,9 @@ async fn answer(
     params: &HashMap<String, String>,
     headers: &HeaderMap,
 ) -> Result<Value, Failure> {
-    let user = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(tessera_server::basic_auth_user);
-    let authorized =
-        user.is_some_and(|user| <[u8; 32]>::from(Sha256::digest(user.as_bytes())) == api.token);
-    if !authorized {
-        return Err(Failure::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "send the access token as the HTTP Basic user name, with an empty password",
-        ));
+    if let Err(denied) = api.access.authorize(headers, PROFILE_API_SCOPE).await {
+        let (status, code, message) = denied.http();
+        return Err(Failure::new(status, code, message));
     }
     if space_id != api.space_id {
         return Err(Failure::not_found(format!("no space {space_id:?}")));

@@ -62,8 +62,9 @@ pub struct ProfileSettings {
     /// Whether `ApplyEvents` sends the trait values of the profiles it named to the identity
     /// service's `MatchProfiles` (probabilistic matching) and applies the merges it answers.
     pub match_profiles: bool,
-    /// The access token of the Segment-compatible Profile API (sent as the HTTP Basic user
-    /// name). Without one the Profile API is not served (`tessera dev` makes one up).
+    /// A token given in configuration with the scope `profiles:read` only (named
+    /// `profile.access_token` in the audit log): what this setting allowed before access tokens
+    /// were stored (`tessera tokens`). Prefer stored tokens, which can be rotated and revoked.
     pub access_token: Option<AccessToken>,
     /// The space id in Profile API paths (`/v1/spaces/{space_id}/...`).
     pub space_id: String,
@@ -204,8 +205,8 @@ pub struct Profiles {
     inner: Arc<service::Inner>,
     /// How long changes are kept.
     change_retention_days: u64,
-    /// The Profile API's access token and space id, when it is served.
-    api: Option<(AccessToken, String)>,
+    /// The Profile API's space id.
+    space_id: String,
     /// The webhook destinations of the change stream.
     webhooks: Arc<webhooks::Webhooks>,
     /// The computed traits and audiences declared through the API.
@@ -251,9 +252,7 @@ impl Profiles {
             webhooks,
             definitions: definitions::Registry::new(db.clone(), defs.clone()),
             change_retention_days: settings.change_retention_days.max(1),
-            api: settings
-                .access_token
-                .map(|token| (token, settings.space_id.clone())),
+            space_id: settings.space_id.clone(),
             inner: Arc::new(service::Inner {
                 store: store::open_shared(db, defs.clone()),
                 defs,
@@ -422,11 +421,13 @@ impl Profiles {
         });
     }
 
-    /// The Segment-compatible Profile API's HTTP routes; `None` without an access token.
-    pub fn http_routes(&self) -> Option<tessera_server::HttpRouter> {
-        self.api
-            .as_ref()
-            .map(|(token, space_id)| http::routes(self.inner.clone(), &token.0, space_id))
+    /// The Segment-compatible Profile API's HTTP routes, answering requests whose token
+    /// `access` accepts with the scope `profiles:read`.
+    pub fn http_routes(
+        &self,
+        access: tessera_server::access::Access,
+    ) -> tessera_server::HttpRouter {
+        http::routes(self.inner.clone(), access, &self.space_id)
     }
 
     /// Adds `ProfileService`, `ProfilePipelineService`, `DestinationService` and
