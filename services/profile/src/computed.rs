@@ -196,6 +196,9 @@ pub enum Acc {
     Counts { counts: BTreeMap<String, i64> },
     /// The matching events of a window, oldest first.
     Window { entries: Vec<Entry> },
+    /// Decayed activity (see [`tessera_core::activity`]): `log2` of the sum of
+    /// `2^((t - epoch) / half_life)` over the matching events, the half-life known to the reader.
+    Decayed { log2: f64 },
 }
 
 impl Acc {
@@ -209,7 +212,8 @@ impl Acc {
             | Self::Max { .. }
             | Self::First(_)
             | Self::Counts { .. }
-            | Self::Window { .. } => None,
+            | Self::Window { .. }
+            | Self::Decayed { .. } => None,
         }
     }
 }
@@ -443,7 +447,8 @@ impl ComputedState {
                     | Acc::Max { .. }
                     | Acc::First(_)
                     | Acc::Last(_)
-                    | Acc::Counts { .. } => None,
+                    | Acc::Counts { .. }
+                    | Acc::Decayed { .. } => None,
                 }
             })
             .min()
@@ -501,6 +506,9 @@ fn combine(acc: &mut Acc, other: Acc) {
             entries.sort_by(|a, b| (a.at, &a.event_id).cmp(&(b.at, &b.event_id)));
             let excess = entries.len().saturating_sub(MAX_WINDOW_ENTRIES);
             entries.drain(..excess);
+        }
+        (Acc::Decayed { log2 }, Acc::Decayed { log2: other }) => {
+            *log2 = tessera_core::activity::log2_add(*log2, other);
         }
         (_, _) => {}
     }

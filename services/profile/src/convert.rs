@@ -845,6 +845,19 @@ pub(crate) fn facts(
         // Set by the caller for a profile scored for a traced event.
         trace_parent: String::new(),
         trace_state: String::new(),
+        activity_classes: crate::engagement::classes(
+            &state.computed,
+            &defs.engagement,
+            half_life_seconds,
+        )
+        .into_iter()
+        .map(|c| scoring::ActivityClass {
+            event: c.event,
+            log2: c.log2,
+            half_life_seconds: c.half_life_seconds,
+            weight: c.weight,
+        })
+        .collect(),
     }
 }
 

@@ -24,6 +24,8 @@ pub struct Rules<'a> {
     pub computed: &'a [ComputedTrait],
     /// The trait catalog; every trait is `latest` without one.
     pub catalog: Option<&'a TraitCatalog>,
+    /// The event types with their own decayed activity ([`crate::engagement`]).
+    pub engagement: &'a [crate::engagement::EngagementEvent],
 }
 
 impl Rules<'_> {
@@ -82,6 +84,12 @@ impl ProfileState {
         self.computed.apply_consent(event);
         self.computed.apply_account(event);
         crate::psychographic::apply(&mut self.computed, event);
+        crate::engagement::apply(
+            &mut self.computed,
+            rules.engagement,
+            half_life_seconds,
+            event,
+        );
         for (name, value) in &event.traits {
             catalog::set(
                 &mut self.traits,

@@ -17,6 +17,7 @@ pub mod computed;
 mod convert;
 pub mod definitions;
 pub mod domain;
+pub mod engagement;
 pub mod error;
 mod flight;
 mod http;
@@ -85,6 +86,10 @@ pub struct ProfileSettings {
     pub history_retention_days: u64,
     /// The webhook destinations of the change stream (`[[profile.webhooks]]`).
     pub webhooks: Vec<webhooks::Webhook>,
+    /// Event types with their own half-life and weight in engagement
+    /// (`[[profile.engagement_events]]`, see [`engagement`]); other events decay at
+    /// `activity_half_life_seconds` and weigh 1.
+    pub engagement_events: Vec<engagement::EngagementEvent>,
 }
 
 /// A Profile API access token; never shown in logs.
@@ -113,6 +118,7 @@ impl Default for ProfileSettings {
             traits: catalog::TraitCatalog::new(),
             history_retention_days: 30,
             webhooks: Vec::new(),
+            engagement_events: Vec::new(),
         }
     }
 }
@@ -135,6 +141,13 @@ impl ProfileSettings {
             return Err(InvalidSetting {
                 field: "activity_half_life_seconds",
                 reason: "must be a positive number of seconds",
+            });
+        }
+        if engagement::validate(&self.engagement_events).is_err() {
+            return Err(InvalidSetting {
+                field: "engagement_events",
+                reason: "each needs a unique event name (not `*`), a positive \
+                         half_life_seconds and a weight of at least 0; at most 100",
             });
         }
         if self
@@ -244,7 +257,8 @@ impl Profiles {
             });
         let defs = store::Definitions::new(settings.computed_traits.clone(), audiences)
             .with_catalog(settings.traits.clone())
-            .with_history(settings.history_retention_days > 0);
+            .with_history(settings.history_retention_days > 0)
+            .with_engagement(settings.engagement_events.clone());
         // Config's, joined by those stored through the API on the first write or poll.
         let defs = Arc::new(definitions::SharedDefinitions::new(defs));
         let webhooks = Arc::new(webhooks::Webhooks::new(db.clone(), &settings.webhooks));

@@ -48,6 +48,7 @@ fn score(c: &mut Criterion) {
             traits: map(json!({"industry": "software", "employees": 800, "annual_revenue": 5e7})),
         }],
         purchases: None,
+        activity_classes: Vec::new(),
     };
     c.bench_function("score one profile with the ready plans", |b| {
         b.iter(|| score_profile(black_box(&facts), now, &plans, &ValueModels::default()))

@@ -105,8 +105,49 @@ impl TryFrom<pb::ProfileFacts> for ProfileFacts {
             // Traced by the service handler before conversion; no score reads them.
             trace_parent: _,
             trace_state: _,
+            activity_classes,
         } = facts;
         let mut violations = Vec::new();
+        let activity_classes = activity_classes
+            .into_iter()
+            .enumerate()
+            .map(|(i, class)| {
+                let pb::ActivityClass {
+                    event,
+                    log2,
+                    half_life_seconds,
+                    weight,
+                } = class;
+                let field = |name: &str| format!("activity_classes[{i}].{name}");
+                if event.is_empty() {
+                    violations.push(FieldViolation::new(field("event"), "required"));
+                }
+                if !log2.is_finite() {
+                    violations.push(FieldViolation::new(
+                        field("log2"),
+                        "must be a finite number",
+                    ));
+                }
+                if !half_life_seconds.is_finite() || half_life_seconds <= 0.0 {
+                    violations.push(FieldViolation::new(
+                        field("half_life_seconds"),
+                        "must be a positive number of seconds",
+                    ));
+                }
+                if !weight.is_finite() || weight < 0.0 {
+                    violations.push(FieldViolation::new(
+                        field("weight"),
+                        "must be a finite number of at least 0",
+                    ));
+                }
+                crate::domain::ActivityClass {
+                    event,
+                    log2,
+                    half_life_seconds,
+                    weight,
+                }
+            })
+            .collect();
         let purchases = purchases.and_then(|p| {
             purchase_history(p)
                 .map_err(|problem| violations.push(FieldViolation::new("purchases", problem)))
@@ -169,6 +210,7 @@ impl TryFrom<pb::ProfileFacts> for ProfileFacts {
             audiences: audiences.into_iter().collect(),
             accounts,
             purchases,
+            activity_classes,
         })
     }
 }

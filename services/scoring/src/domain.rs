@@ -48,6 +48,22 @@ pub struct ProfileFacts {
     pub accounts: Vec<AccountFacts>,
     /// The person's purchases by day, when they bought anything.
     pub purchases: Option<PurchaseHistory>,
+    /// The activity by event type, when the profile service declares event types with their
+    /// own half-life and weight; engagement then reads these instead of `activity_log2`.
+    pub activity_classes: Vec<ActivityClass>,
+}
+
+/// One event type's decayed activity (see [`tessera_core::activity`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ActivityClass {
+    /// The event type, or `*` for every other event.
+    pub event: String,
+    /// The stored decayed activity.
+    pub log2: f64,
+    /// The half-life it was accumulated with, in seconds (positive).
+    pub half_life_seconds: f64,
+    /// How much one event just now weighs.
+    pub weight: f64,
 }
 
 /// A person's purchases by UTC day (purchases of one day are one transaction).
@@ -176,28 +192,68 @@ pub fn score_profile(
 pub fn engagement(facts: &ProfileFacts, as_of: OffsetDateTime) -> Score {
     let half_life = facts.half_life_seconds();
     let half_life_days = half_life / SECONDS_PER_DAY;
-    let raw = finite(activity::decayed_count(
-        facts.activity_log2,
-        as_of,
-        half_life,
-    ));
-    let value = (100.0 * (1.0 - (-raw / ENGAGEMENT_SATURATION).exp())).clamp(0.0, 100.0);
-
-    let mut factors = vec![
-        Factor {
+    let mut factors = Vec::new();
+    let raw = if facts.activity_classes.is_empty() {
+        let raw = finite(activity::decayed_count(
+            facts.activity_log2,
+            as_of,
+            half_life,
+        ));
+        factors.push(Factor {
             name: "decayed_activity".to_owned(),
             value: raw,
             description: format!(
                 "events weighted by recency: each counts 1 when it happens and half as much \
                  every {half_life_days:.1} days after"
             ),
-        },
-        Factor {
-            name: "event_count".to_owned(),
-            value: facts.event_count as f64,
-            description: "events seen in total, however old".to_owned(),
-        },
-    ];
+        });
+        raw
+    } else {
+        // Each event type decays at its own pace and weighs its own weight.
+        let mut raw = 0.0;
+        for class in &facts.activity_classes {
+            let decayed = finite(activity::decayed_count(
+                Some(class.log2),
+                as_of,
+                class.half_life_seconds,
+            ));
+            let contribution = finite(class.weight * decayed);
+            raw += contribution;
+            let what = if class.event == "*" {
+                "other events".to_owned()
+            } else {
+                format!("{:?} events", class.event)
+            };
+            factors.push(Factor {
+                name: format!("activity:{}", class.event),
+                value: contribution,
+                description: format!(
+                    "{what} weighted by recency and weight {}: each counts {} when it happens \
+                     and half as much every {:.1} days after",
+                    class.weight,
+                    class.weight,
+                    class.half_life_seconds / SECONDS_PER_DAY
+                ),
+            });
+        }
+        let raw = finite(raw);
+        factors.insert(
+            0,
+            Factor {
+                name: "decayed_activity".to_owned(),
+                value: raw,
+                description: "the sum of the event types' weighted, decayed activity".to_owned(),
+            },
+        );
+        raw
+    };
+    let value = (100.0 * (1.0 - (-raw / ENGAGEMENT_SATURATION).exp())).clamp(0.0, 100.0);
+
+    factors.extend([Factor {
+        name: "event_count".to_owned(),
+        value: facts.event_count as f64,
+        description: "events seen in total, however old".to_owned(),
+    }]);
     // Without any event there is no honest number of days since the last one: the factor is
     // left out rather than given a made-up value.
     if let Some(last_seen) = facts.last_seen {
@@ -263,6 +319,36 @@ mod tests {
         let month = engagement(&f, t + Duration::days(30)).value;
         assert!(now > week && week > month, "{now} > {week} > {month}");
         assert!(month > 0.0);
+    }
+
+    /// With activity by event type, each class decays at its own pace and weighs its weight:
+    /// an order (weight 5, 60-day half-life) a month ago outweighs a visit the same day.
+    #[test]
+    fn event_types_decay_at_their_own_pace_and_weigh_their_weight() {
+        let as_of = datetime!(2026-03-31 00:00:00 UTC);
+        let month_ago = as_of - Duration::days(30);
+        let day = 86_400.0;
+        let class = |event: &str, half_life_seconds: f64, weight: f64| ActivityClass {
+            event: event.to_owned(),
+            log2: activity::add_event(None, month_ago, half_life_seconds),
+            half_life_seconds,
+            weight,
+        };
+        let mut buyer = facts(&[month_ago]);
+        buyer.activity_classes = vec![class("Order Completed", 60.0 * day, 5.0)];
+        let mut visitor = facts(&[month_ago]);
+        visitor.activity_classes = vec![class("*", 7.0 * day, 1.0)];
+        let (b, v) = (engagement(&buyer, as_of), engagement(&visitor, as_of));
+        let order = 5.0 * 0.5_f64.sqrt();
+        let visit = 0.5_f64.powf(30.0 / 7.0);
+        assert!((b.factor("activity:Order Completed").unwrap().value - order).abs() < 1e-9);
+        assert!((b.factor("decayed_activity").unwrap().value - order).abs() < 1e-9);
+        assert!((v.factor("activity:*").unwrap().value - visit).abs() < 1e-9);
+        assert!(b.value > 50.0 && v.value < 2.0, "{} {}", b.value, v.value);
+        // The single activity is not read once classes are given.
+        let mut both = buyer.clone();
+        both.activity_log2 = None;
+        assert_eq!(engagement(&both, as_of).value, b.value);
     }
 
     #[test]

@@ -364,6 +364,8 @@ pub struct Definitions {
     /// The store-wide revision of the definitions stored through the API that these include
     /// (0: config's only).
     pub revision: i64,
+    /// The event types with their own pace and weight in engagement (config only).
+    pub engagement: Vec<crate::engagement::EngagementEvent>,
 }
 
 impl Definitions {
@@ -378,7 +380,15 @@ impl Definitions {
             declared,
             history: false,
             revision: 0,
+            engagement: Vec::new(),
         }
+    }
+
+    /// These definitions with the engagement event types `engagement`.
+    #[must_use]
+    pub fn with_engagement(mut self, engagement: Vec<crate::engagement::EngagementEvent>) -> Self {
+        self.engagement = engagement;
+        self
     }
 
     /// These definitions keeping every written version (`history`).
@@ -405,6 +415,7 @@ impl Definitions {
         Rules {
             computed: &self.computed,
             catalog: Some(&self.catalog),
+            engagement: &self.engagement,
         }
     }
 
@@ -427,7 +438,8 @@ impl Definitions {
     }
 
     /// A digest of everything that folds events into profiles (the computed traits with the
-    /// audiences' hidden counts, the trait catalog, the version of the built-in derivations)
+    /// audiences' hidden counts, the trait catalog, the engagement event types, the version of
+    /// the built-in derivations)
     /// and of the audiences: when it changes, stored profiles are recomputed from their events
     /// and their memberships brought up to date (a new audience fills up, a deleted one
     /// empties).
@@ -438,11 +450,20 @@ impl Definitions {
         const DERIVATIONS: u32 = 2;
         // Audiences are hashed only when there are some, so a store without audiences keeps
         // the fingerprint it had before they were part of it (and is not recomputed for it).
+        // The engagement event types likewise.
         let audiences = self.audiences.declared();
-        let json = if audiences.is_empty() {
-            serde_json::to_string(&(DERIVATIONS, &self.computed, &self.catalog))
-        } else {
-            serde_json::to_string(&(DERIVATIONS, &self.computed, &self.catalog, audiences))
+        let json = match (audiences.is_empty(), self.engagement.is_empty()) {
+            (true, true) => serde_json::to_string(&(DERIVATIONS, &self.computed, &self.catalog)),
+            (false, true) => {
+                serde_json::to_string(&(DERIVATIONS, &self.computed, &self.catalog, audiences))
+            }
+            (_, false) => serde_json::to_string(&(
+                DERIVATIONS,
+                &self.computed,
+                &self.catalog,
+                audiences,
+                &self.engagement,
+            )),
         }
         .unwrap_or_default();
         Sha256::digest(json.as_bytes())

@@ -4,6 +4,7 @@
 //! destinations against a local receiver.
 
 mod definitions;
+mod engagement;
 mod matching;
 mod purchase_histories;
 mod scoring_plans;
