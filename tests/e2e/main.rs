@@ -15,6 +15,7 @@ mod gdpr;
 mod import;
 mod matching;
 mod mtls;
+mod pii_logs;
 mod profile_api;
 mod python_client;
 mod replicas;

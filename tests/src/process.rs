@@ -62,6 +62,8 @@ pub fn key_in(stdout: &str, source: &str) -> Option<String> {
 pub struct TesseraBuilder {
     args: Vec<String>,
     env: HashMap<String, String>,
+    /// Where the process's stderr (its logs) goes; inherited when unset.
+    stderr: Option<PathBuf>,
 }
 
 impl TesseraBuilder {
@@ -86,7 +88,14 @@ impl TesseraBuilder {
                 "127.0.0.1:0".to_owned(),
             ],
             env,
+            stderr: None,
         }
+    }
+
+    /// Writes the process's stderr (its logs) to `path` instead of the test's stderr.
+    pub fn stderr_to(mut self, path: impl Into<PathBuf>) -> Self {
+        self.stderr = Some(path.into());
+        self
     }
 
     /// Adds command-line arguments.
@@ -120,7 +129,12 @@ impl TesseraBuilder {
             .envs(&self.env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(match &self.stderr {
+                Some(path) => {
+                    Stdio::from(std::fs::File::create(path).expect("create the log file"))
+                }
+                None => Stdio::inherit(),
+            })
             .kill_on_drop(true);
         let mut child = command.spawn().expect("spawn tessera");
         let stdout = child.stdout.take().expect("stdout");

@@ -213,15 +213,15 @@ pub(crate) fn server_span<B>(port: Port, request: &http::Request<B>) -> Span {
     if enabled() && is_probe(request.uri().path()) {
         return Span::none();
     }
+    let path = request.uri().path();
     if !enabled() {
         return tracing::debug_span!(
             "request",
             method = %request.method(),
-            uri = %request.uri(),
+            path = loggable_path(port, path),
             version = ?request.version(),
         );
     }
-    let path = request.uri().path();
     let span = match port {
         Port::Grpc => {
             let name = path.trim_start_matches('/');
@@ -265,6 +265,18 @@ pub(crate) fn server_span<B>(port: Port, request: &http::Request<B>) -> Span {
         });
     }
     span
+}
+
+/// The path of a request as logs may show it: a gRPC method, or one of the HTTP port's fixed
+/// routes (`/v1/track`, `/healthz`, ...). Other HTTP paths carry identifiers (the Profile API's
+/// `email:…`), and the query string is never shown.
+fn loggable_path(port: Port, path: &str) -> &str {
+    let fixed = path.starts_with("/v1/") && path.matches('/').count() == 2;
+    match port {
+        Port::Grpc => path,
+        Port::Http if fixed || path == "/healthz" || path == "/metrics" => path,
+        Port::Http => "<redacted>",
+    }
 }
 
 /// Writes `traceparent` / `tracestate` into gRPC metadata.
