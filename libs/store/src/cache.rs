@@ -5,16 +5,8 @@
 //! a tombstone: a version without a value) with its version; a fill from a read only lands when
 //! its version is newer than what the cache holds, or equal to a tombstone's. The Redis
 //! implementation runs that comparison in a Lua script, so it is atomic across replicas.
-//!
-//! The Redis cache also keeps a **near cache** in process: Redis's server-assisted client-side
-//! caching (RESP3 `CLIENT TRACKING`) remembers the keys this connection read and pushes an
-//! invalidation the moment any client (any replica) changes one, so a hot profile read again
-//! is answered without a round trip and never staler than the invalidation's trip over the
-//! connection. A reconnection drops every near entry (invalidations may have been missed), and
-//! each entry also expires after at most [`NEAR_TTL_MAX`].
 
-use std::num::NonZeroUsize;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -151,12 +143,6 @@ return 1
 /// How long after a failed connection attempt the next one is made.
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 
-/// How many entries the near cache of a [`RedisCache`] holds by default.
-pub const NEAR_ENTRIES: usize = 10_000;
-/// The longest a near entry lives, whatever the cache's TTL: a bound on staleness should an
-/// invalidation ever be lost without the connection dropping.
-pub const NEAR_TTL_MAX: Duration = Duration::from_secs(60);
-
 /// The state of the Redis connection.
 #[derive(Debug)]
 enum Connection {
@@ -174,10 +160,6 @@ enum Connection {
 pub struct RedisCache {
     client: redis::Client,
     conn: Arc<Mutex<Connection>>,
-    /// The connection while it is up: the fast path, without the reconnection lock.
-    up: Arc<RwLock<Option<ConnectionManager>>>,
-    /// The near cache's size; none when 0.
-    near: Option<NonZeroUsize>,
     prefix: String,
     ttl: Duration,
     timeout: Duration,
@@ -185,35 +167,11 @@ pub struct RedisCache {
 }
 
 impl RedisCache {
-    /// A cache on the Redis at `url` whose keys start with `prefix`, with a near cache of
-    /// [`NEAR_ENTRIES`].
+    /// A cache on the Redis at `url` whose keys start with `prefix`.
     pub fn new(url: &str, prefix: &str, ttl: Duration) -> Result<Self, CacheError> {
-        Self::with_near_cache(url, prefix, ttl, NEAR_ENTRIES)
-    }
-
-    /// A cache on the Redis at `url` whose keys start with `prefix`, with a near cache of at
-    /// most `near_entries` entries (0: none; every read goes to Redis).
-    pub fn with_near_cache(
-        url: &str,
-        prefix: &str,
-        ttl: Duration,
-        near_entries: usize,
-    ) -> Result<Self, CacheError> {
-        let near = NonZeroUsize::new(near_entries);
-        let mut info = redis::IntoConnectionInfo::into_connection_info(url)?;
-        if near.is_some() {
-            // Tracking invalidations arrive as RESP3 pushes.
-            let settings = info
-                .redis_settings()
-                .clone()
-                .set_protocol(redis::ProtocolVersion::RESP3);
-            info = info.set_redis_settings(settings);
-        }
         Ok(Self {
-            client: redis::Client::open(info)?,
+            client: redis::Client::open(url)?,
             conn: Arc::new(Mutex::new(Connection::Never)),
-            up: Arc::new(RwLock::new(None)),
-            near,
             prefix: prefix.to_owned(),
             ttl,
             timeout: Duration::from_millis(250),
@@ -221,17 +179,7 @@ impl RedisCache {
         })
     }
 
-    /// What the near cache answered and missed so far (`None` without a near cache or before
-    /// the first connection).
-    pub fn near_cache_statistics(&self) -> Option<redis::caching::CacheStatistics> {
-        let up = self.up.read().ok()?.clone()?;
-        up.get_cache_statistics()
-    }
-
     async fn connection(&self) -> Result<ConnectionManager, CacheError> {
-        if let Some(conn) = self.up.read().ok().and_then(|up| up.clone()) {
-            return Ok(conn);
-        }
         let mut slot = self.conn.lock().await;
         match &*slot {
             Connection::Up(conn) => return Ok(conn.clone()),
@@ -242,17 +190,10 @@ impl RedisCache {
             }
             Connection::Down(_) | Connection::Never => {}
         }
-        let mut config = ConnectionManagerConfig::new()
+        let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
             .set_number_of_retries(1);
-        if let Some(size) = self.near {
-            config = config.set_cache_config(
-                redis::caching::CacheConfig::new()
-                    .set_size(size)
-                    .set_default_client_ttl(self.ttl.min(NEAR_TTL_MAX)),
-            );
-        }
         let attempt = tokio::time::timeout(
             self.timeout * 2,
             ConnectionManager::new_with_config(self.client.clone(), config),
@@ -261,9 +202,6 @@ impl RedisCache {
         match attempt {
             Ok(Ok(conn)) => {
                 *slot = Connection::Up(conn.clone());
-                if let Ok(mut up) = self.up.write() {
-                    *up = Some(conn.clone());
-                }
                 Ok(conn)
             }
             Ok(Err(e)) => {
@@ -311,56 +249,20 @@ impl Cache for RedisCache {
     async fn put_if_newer(&self, key: &str, value: Versioned) -> Result<bool, CacheError> {
         let mut conn = self.connection().await?;
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
-        let has_value = if value.bytes.is_some() { "1" } else { "0" };
-        let bytes = value.bytes.as_deref().unwrap_or(&[]);
-        let stored: i64 = if self.near.is_some() {
-            // Redis sends this connection's own invalidation after the write's reply; the
-            // PING behind it in the same round trip makes sure it has been read (and the near
-            // entry dropped) before the write returns, so the next read sees the write. EVAL,
-            // not EVALSHA: a pipeline cannot fall back when the script is not loaded (Redis
-            // caches the compiled script by its digest either way).
-            let (stored,): (i64,) = self
-                .bounded(
-                    redis::pipe()
-                        .cmd("EVAL")
-                        .arg(PUT_IF_NEWER)
-                        .arg(1)
-                        .arg(self.key(key))
-                        .arg(value.version)
-                        .arg(has_value)
-                        .arg(bytes)
-                        .arg(ttl_ms)
-                        .cmd("PING")
-                        .ignore()
-                        .query_async(&mut conn),
-                )
-                .await?;
-            stored
-        } else {
-            let mut invocation = self.script.key(self.key(key));
-            invocation
-                .arg(value.version)
-                .arg(has_value)
-                .arg(bytes)
-                .arg(ttl_ms);
-            self.bounded(invocation.invoke_async(&mut conn)).await?
-        };
+        let mut invocation = self.script.key(self.key(key));
+        invocation
+            .arg(value.version)
+            .arg(if value.bytes.is_some() { "1" } else { "0" })
+            .arg(value.bytes.as_deref().unwrap_or(&[]))
+            .arg(ttl_ms);
+        let stored: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
         Ok(stored == 1)
     }
 
     async fn remove(&self, key: &str) -> Result<(), CacheError> {
         let mut conn = self.connection().await?;
-        // PING: see put_if_newer.
         let () = self
-            .bounded(
-                redis::pipe()
-                    .cmd("DEL")
-                    .arg(self.key(key))
-                    .ignore()
-                    .cmd("PING")
-                    .ignore()
-                    .query_async(&mut conn),
-            )
+            .bounded(redis::cmd("DEL").arg(self.key(key)).query_async(&mut conn))
             .await?;
         Ok(())
     }

@@ -5,9 +5,7 @@
 mod cache;
 mod db;
 
-pub use cache::{
-    Cache, CacheError, MemoryCache, NEAR_ENTRIES, NEAR_TTL_MAX, RedisCache, Versioned, open_cache,
-};
+pub use cache::{Cache, CacheError, MemoryCache, RedisCache, Versioned, open_cache};
 pub use db::{
     Backend, Database, DbSettings, Migrations, POOL_SAMPLE_EVERY, PoolUse, StoreError, error_code,
 };
