@@ -205,6 +205,16 @@ async fn each_scope_allows_what_it_names_and_nothing_else() {
         assert!(allowed(code), "the dev token calling {needed}: {code:?}");
     }
 
+    // A handler names what the call acted on: the audit record's target.
+    let admin = &tokens[2].2;
+    SourceServiceClient::new(with_token(tessera.raw_channel().await, Some(admin)))
+        .create_source(tessera_proto::ingestion::v1::CreateSourceRequest {
+            name: "audited".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
     // Rotation: the old secret stops working, the new one works.
     let (_, reader, old) = tokens[0].clone();
     let new = secret_in(
@@ -267,6 +277,11 @@ async fn each_scope_allows_what_it_names_and_nothing_else() {
         "{log}"
     );
     assert!(has("dev", "SourceService/ListSources", "Ok"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("SourceService/CreateSource\tsource audited\tOk")),
+        "{log}"
+    );
     assert!(!log.contains("GetProfile"), "reads are not audited: {log}");
 }
 

@@ -804,7 +804,14 @@ impl Access {
     }
 
     /// Appends an audit record; a failure is logged (the action already happened).
-    pub async fn audit(&self, caller: &Caller, action: &str, outcome: &str, request_id: String) {
+    pub async fn audit(
+        &self,
+        caller: &Caller,
+        action: &str,
+        target: Option<String>,
+        outcome: &str,
+        request_id: String,
+    ) {
         let Some(store) = &self.inner.store else {
             tracing::info!(
                 token = %caller.name,
@@ -821,7 +828,7 @@ impl Access {
             token_id: caller.token_id.clone(),
             token_name: caller.name.clone(),
             action: action.to_owned(),
-            target: None,
+            target,
             outcome: outcome.to_owned(),
             request_id,
         };
@@ -843,6 +850,33 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
         return trace.to_owned();
     }
     uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Where the handler of an audited call names what it acted on (a profile id, a source name;
+/// never an identifier value), for the audit record's `target`.
+#[derive(Debug, Clone, Default)]
+pub struct AuditTarget(Arc<std::sync::Mutex<Option<String>>>);
+
+impl AuditTarget {
+    /// The slot of `request` (one that goes nowhere when the call is not audited).
+    pub fn of<T>(request: &tonic::Request<T>) -> Self {
+        request
+            .extensions()
+            .get::<Self>()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Names the call's target.
+    pub fn set(&self, target: impl Into<String>) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(target.into());
+        }
+    }
+
+    fn take(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|mut slot| slot.take())
+    }
 }
 
 /// A tower layer that enforces [`GRPC_RULES`]' token rules on the gRPC port and writes the
@@ -931,10 +965,13 @@ where
             match access.authorize(req.headers(), scope).await {
                 Ok(caller) => {
                     req.extensions_mut().insert(caller.clone());
+                    let target = AuditTarget::default();
+                    req.extensions_mut().insert(target.clone());
                     let response = inner.call(req).await?;
                     if scope.audited() {
+                        let outcome = outcome(&response);
                         access
-                            .audit(&caller, &path, &outcome(&response), request_id)
+                            .audit(&caller, &path, target.take(), &outcome, request_id)
                             .await;
                     }
                     Ok(response)
@@ -944,7 +981,7 @@ where
                         && scope.audited()
                     {
                         access
-                            .audit(caller, &path, "PermissionDenied", request_id)
+                            .audit(caller, &path, None, "PermissionDenied", request_id)
                             .await;
                     }
                     Ok(denied.status(&path).into_http())

@@ -1200,7 +1200,10 @@ impl ProfileService for ProfileApi {
         &self,
         request: Request<pb::ExportProfileRequest>,
     ) -> Result<Response<pb::ExportProfileResponse>, Status> {
-        Ok(Response::new(self.0.export(request.into_inner()).await?))
+        let target = tessera_server::access::AuditTarget::of(&request);
+        let exported = self.0.export(request.into_inner()).await?;
+        target.set(format!("profile {}", exported.profile_id));
+        Ok(Response::new(exported))
     }
 
     async fn get_account(
@@ -1233,7 +1236,10 @@ impl ProfileService for ProfileApi {
         &self,
         request: Request<pb::DeleteProfileRequest>,
     ) -> Result<Response<pb::DeleteProfileResponse>, Status> {
-        Ok(Response::new(self.0.delete(request.into_inner()).await?))
+        let target = tessera_server::access::AuditTarget::of(&request);
+        let deleted = self.0.delete(request.into_inner()).await?;
+        target.set(format!("profiles {}", deleted.profile_ids.join(",")));
+        Ok(Response::new(deleted))
     }
 
     type WatchProfileChangesStream = crate::watch::ChangeStream;

@@ -101,10 +101,22 @@ async fn lifecycle(store: TokenStore) {
         scopes: scopes(&[Scope::Admin]),
     };
     access
-        .audit(&caller, "/a.B/C", "Ok", "req-1".to_owned())
+        .audit(
+            &caller,
+            "/a.B/C",
+            Some("src".to_owned()),
+            "Ok",
+            "req-1".to_owned(),
+        )
         .await;
     access
-        .audit(&caller, "/a.B/D", "PermissionDenied", "req-2".to_owned())
+        .audit(
+            &caller,
+            "/a.B/D",
+            None,
+            "PermissionDenied",
+            "req-2".to_owned(),
+        )
         .await;
     let log = store.audit_log(10).await.unwrap();
     assert_eq!(log.len(), 2);
@@ -120,6 +132,8 @@ async fn lifecycle(store: TokenStore) {
         ),
         ("ops", "t1", "req-1")
     );
+    assert_eq!(log[1].target.as_deref(), Some("src"));
+    assert_eq!(log[0].target, None);
     assert_eq!(store.audit_log(1).await.unwrap().len(), 1);
 }
 

@@ -23,11 +23,13 @@ impl SourceService for Ingestion {
         &self,
         request: Request<pb::CreateSourceRequest>,
     ) -> Result<Response<pb::CreateSourceResponse>, Status> {
+        let target = tessera_server::access::AuditTarget::of(&request);
         let pb::CreateSourceRequest {
             name,
             rate_limit_per_second,
             tracking_plan_mode,
         } = request.into_inner();
+        target.set(format!("source {name}"));
         let mode = plan_mode(tracking_plan_mode).map_err(invalid)?;
         let (record, key) = self
             .add_source(
@@ -68,6 +70,8 @@ impl SourceService for Ingestion {
         &self,
         request: Request<pb::DisableSourceRequest>,
     ) -> Result<Response<pb::DisableSourceResponse>, Status> {
+        tessera_server::access::AuditTarget::of(&request)
+            .set(format!("source {name}", name = request.get_ref().name));
         let pb::DisableSourceRequest { name } = request.into_inner();
         let record = self.set_source_enabled(&name, false).await?;
         Ok(Response::new(pb::DisableSourceResponse {
@@ -79,6 +83,8 @@ impl SourceService for Ingestion {
         &self,
         request: Request<pb::EnableSourceRequest>,
     ) -> Result<Response<pb::EnableSourceResponse>, Status> {
+        tessera_server::access::AuditTarget::of(&request)
+            .set(format!("source {name}", name = request.get_ref().name));
         let pb::EnableSourceRequest { name } = request.into_inner();
         let record = self.set_source_enabled(&name, true).await?;
         Ok(Response::new(pb::EnableSourceResponse {
@@ -90,6 +96,8 @@ impl SourceService for Ingestion {
         &self,
         request: Request<pb::RotateWriteKeyRequest>,
     ) -> Result<Response<pb::RotateWriteKeyResponse>, Status> {
+        tessera_server::access::AuditTarget::of(&request)
+            .set(format!("source {name}", name = request.get_ref().name));
         let pb::RotateWriteKeyRequest { name } = request.into_inner();
         let (record, key) = self.rekey_source(&name).await?;
         Ok(Response::new(pb::RotateWriteKeyResponse {
@@ -102,6 +110,8 @@ impl SourceService for Ingestion {
         &self,
         request: Request<pb::UpdateSourceRequest>,
     ) -> Result<Response<pb::UpdateSourceResponse>, Status> {
+        tessera_server::access::AuditTarget::of(&request)
+            .set(format!("source {}", request.get_ref().name));
         let pb::UpdateSourceRequest {
             name,
             rate_limit_per_second,
