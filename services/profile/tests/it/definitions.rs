@@ -12,9 +12,7 @@ use tessera_profile::computed::{ComputedTrait, Kind};
 use tessera_profile::definitions::{Declared, DefinitionKind, Registry, SharedDefinitions, Spec};
 use tessera_profile::domain::{Batch, EventDetails, ResolvedEvent};
 use tessera_profile::error::ProfileError;
-use tessera_profile::store::{
-    self, ChangeCursor, Definitions, MembershipChange, NoScores, ProfileStore,
-};
+use tessera_profile::store::{self, Definitions, MembershipChange, NoScores, ProfileStore};
 use tessera_profile::{MIGRATIONS, Peers, ProfileSettings, Profiles, SCHEMA};
 use tessera_proto::convert::value_to_json;
 use tessera_proto::profile::v1 as pb;
@@ -382,10 +380,13 @@ async fn stored_definitions_reach_every_replica_and_recompute(db: &Database) {
     recompute(&[b.as_ref(), a.as_ref()]).await;
     let (members, count) = b.audience_members("pros", None, 10).await.unwrap();
     assert_eq!((members.len(), count), (0, 0));
-    let changes = a
-        .changes_after(ChangeCursor::default(), 1_000)
-        .await
-        .unwrap();
+    // The Postgres change stream shows a change once every transaction before it has
+    // committed: read until the four are there (or 20 s have passed).
+    let audience_kind = |c: &tessera_profile::store::ProfileChange| c.kind.starts_with("audience_");
+    let changes = crate::store_suite::changes_until(a.as_ref(), |read| {
+        read.iter().filter(|c| audience_kind(c)).count() >= 4
+    })
+    .await;
     let mut audience_changes: Vec<(String, String)> = changes
         .iter()
         .filter(|c| c.kind.starts_with("audience_"))

@@ -1613,7 +1613,7 @@ async fn a_deleted_person_leaves_nothing_and_stays_deleted(backend: &Backend) {
 }
 
 /// The changes kept, read until `done` holds of them (or 20 s passed).
-async fn changes_until(
+pub(crate) async fn changes_until(
     store: &dyn ProfileStore,
     done: impl Fn(&[tessera_profile::store::ProfileChange]) -> bool,
 ) -> Vec<tessera_profile::store::ProfileChange> {
