@@ -83,10 +83,16 @@ async fn lifecycle(store: TokenStore) {
         Err(AccessError::NotFound(name)) if name == "nobody"
     ));
 
+    // A second replica over the same database: both have checked (and cached) the token; a
+    // revocation through either reaches both within the cache's time to live.
+    let replica = Access::new(Some(store.clone()), Vec::new(), Duration::from_millis(200));
+    assert!(access.authenticate(&newest.0).await.unwrap().is_some());
+    assert!(replica.authenticate(&newest.0).await.unwrap().is_some());
     let revoked = store.revoke("reader").await.unwrap();
     assert!(revoked.revoked_at.is_some());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(access.authenticate(&newest.0).await.unwrap().is_none());
+    assert!(replica.authenticate(&newest.0).await.unwrap().is_none());
     assert!(
         store.rotate("reader").await.is_err(),
         "revoked stays revoked"
