@@ -52,7 +52,13 @@ REDIS_USERS = {"profile"}
 # Webhook destinations: HTTPS outside the cluster.
 INTERNET_HTTPS_USERS = {"profile"}
 # Secrets the pods read; in production they are created outside the repository (k8s/README.md).
-SECRETS = {"tessera-database", "tessera-redis", "tessera-profile-api", "tessera-tls"}
+SECRETS = {
+    "tessera-database",
+    "tessera-redis",
+    "tessera-profile-api",
+    "tessera-auth",
+    "tessera-tls",
+}
 NAMESPACES = {"base": None, "dev": "tessera-dev", "prod": "tessera"}
 
 # Addresses standing for places a connection can come from or go to.
