@@ -14,6 +14,7 @@ mod flow;
 mod gdpr;
 mod import;
 mod matching;
+mod metrics;
 mod mtls;
 mod pii_logs;
 mod profile_api;

@@ -103,6 +103,9 @@ pub fn init_telemetry(
     settings: &TelemetrySettings,
 ) -> Result<TelemetryGuard, TelemetryError> {
     let filter = EnvFilter::try_new(&settings.log_filter)?;
+    // The metrics recorder goes in first, so what is recorded before serving starts (the
+    // database pools' first samples, startup counters) is not lost to the no-op recorder.
+    let _ = crate::edge::metrics_handle();
     let fmt = if settings.json_logs {
         tracing_subscriber::fmt::layer()
             .json()
