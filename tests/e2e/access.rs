@@ -316,3 +316,85 @@ async fn bad_token_commands_name_the_problem() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no token named \"nobody\""), "{stderr}");
 }
+
+/// Production shape: separate services on Postgres, two profile replicas. Tokens made with the
+/// CLI against Postgres work on every service and replica, a revocation reaches them all, and
+/// the audit log gathers the calls of both services.
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_on_postgres_reach_every_service_and_replica() {
+    use crate::separate_processes::{Deployment, base};
+    let db = tessera_testkit::TestDb::new().await;
+    let prefix = tessera_testkit::redis_prefix();
+    let cache = |b: TesseraBuilder| b.env("TESSERA__AUTH__TOKEN_CACHE_MS", "300");
+    let d = Deployment::start_with(&db, &prefix, cache).await;
+    let second = cache(base("profile", &db, &prefix))
+        .env("TESSERA__PEERS__IDENTITY", d.identity.grpc_url())
+        .env("TESSERA__PEERS__SCORING", d.scoring.grpc_url())
+        .env("TESSERA__PEERS__INGESTION", d.ingestion.grpc_url())
+        .start()
+        .await;
+
+    let mut secrets = Vec::new();
+    for (name, scope) in [("pg-reader", "profiles:read"), ("pg-admin", "admin")] {
+        let out = tessera_db(
+            db.url(),
+            &["tokens", "create", "--name", name, "--scope", scope],
+        )
+        .await;
+        secrets.push(secret_in(&out, name));
+    }
+    let (reader, admin) = (&secrets[0], &secrets[1]);
+    let list_sources = |tessera: &Tessera, token: &str| {
+        let token = token.to_owned();
+        let url = tessera.grpc_url();
+        async move {
+            let channel = tonic::transport::Channel::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            SourceServiceClient::new(with_token(channel, Some(&token)))
+                .list_sources(ListSourcesRequest::default())
+                .await
+                .map(drop)
+                .err()
+                .map_or(Code::Ok, |s| s.code())
+        }
+    };
+    for replica in [&d.profile, &second] {
+        assert_eq!(http_read(replica, Some(reader)).await.0, 404);
+        assert_eq!(http_read(replica, Some(admin)).await.0, 403);
+    }
+    assert_eq!(list_sources(&d.ingestion, admin).await, Code::Ok);
+    assert_eq!(
+        list_sources(&d.ingestion, reader).await,
+        Code::PermissionDenied
+    );
+    let privacy = grpc_calls(&second, Some(admin)).await;
+    assert!(
+        privacy
+            .iter()
+            .all(|(needed, code)| (*needed == "admin") == allowed(*code)),
+        "{privacy:?}"
+    );
+
+    let out = tessera_db(db.url(), &["tokens", "revoke", "pg-reader"]).await;
+    assert!(out.status.success(), "{out:?}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for replica in [&d.profile, &second] {
+        assert_eq!(http_read(replica, Some(reader)).await.0, 401);
+    }
+
+    let out = tessera_db(db.url(), &["audit", "list"]).await;
+    let log = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        log.contains("pg-admin\t/tessera.ingestion.v1.SourceService/ListSources"),
+        "{log}"
+    );
+    assert!(
+        log.contains(
+            "pg-admin\t/tessera.profile.v1.ProfileService/ExportProfile\t-\tPermissionDenied"
+        ),
+        "{log}"
+    );
+}
