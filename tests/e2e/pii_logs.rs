@@ -28,14 +28,43 @@ fn email_identifier() -> Identifier {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_debug_log_of_a_full_pipeline_run_holds_no_email_phone_or_name() {
+    full_run(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exported_traces_and_their_logs_hold_no_email_phone_or_name() {
+    let receiver = crate::tracing::Receiver::default();
+    let addr = receiver.start().await;
+    full_run(Some(format!("http://{addr}"))).await;
+    let spans = receiver.all();
+    assert!(
+        spans.iter().any(|s| s.name == "profile.apply_event"),
+        "the run was traced: {spans:?}"
+    );
+    for span in &spans {
+        let text = format!("{} {:?}", span.name, span.attributes).to_lowercase();
+        for needle in [EMAIL, PHONE, PHONE_DIGITS, FIRST, LAST] {
+            assert!(
+                !text.contains(&needle.to_lowercase()),
+                "{needle:?} in an exported span: {span:?}"
+            );
+        }
+    }
+}
+
+/// Runs the pipeline and the privacy paths with debug logs captured (and traces exported to
+/// `otlp` when given), then checks the log.
+async fn full_run(otlp: Option<String>) {
     let data = tempfile::tempdir().unwrap();
     let log = data.path().join("tessera.log");
-    let mut tessera = TesseraBuilder::new("dev")
+    let mut builder = TesseraBuilder::new("dev")
         .args(["--data-dir", data.path().join("db").to_str().unwrap()])
         .env("TESSERA__TELEMETRY__LOG_FILTER", "debug")
-        .stderr_to(&log)
-        .start()
-        .await;
+        .stderr_to(&log);
+    if let Some(endpoint) = otlp {
+        builder = builder.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+    }
+    let mut tessera = builder.start().await;
     let channel = tessera.channel().await;
     let key = tessera.dev_write_key().to_owned();
     let name = format!("{FIRST} {LAST}");
@@ -70,6 +99,23 @@ async fn a_debug_log_of_a_full_pipeline_run_holds_no_email_phone_or_name() {
     .await
     .unwrap();
     assert_eq!(statuses.len(), 2);
+    // Another device of the same person, known by phone first, then by the same email: the
+    // identity graph links (or merges) the two.
+    send(
+        &channel,
+        &key,
+        vec![
+            identify(
+                "pii-5",
+                "",
+                "pii-anon-2",
+                json!({"phone": PHONE, "name": name}),
+            ),
+            identify("pii-6", "", "pii-anon-2", json!({"email": EMAIL})),
+        ],
+    )
+    .await
+    .unwrap();
     let refused = send(
         &channel,
         &key,

@@ -25,20 +25,20 @@ use crate::separate_processes::Deployment;
 
 /// One exported span, as the receiver keeps it.
 #[derive(Debug, Clone)]
-struct Received {
+pub(crate) struct Received {
     /// The exporting process's `service.name`.
     service: String,
-    name: String,
+    pub(crate) name: String,
     trace_id: String,
     span_id: String,
     /// Empty for a root span.
     parent_span_id: String,
-    attributes: HashMap<String, String>,
+    pub(crate) attributes: HashMap<String, String>,
 }
 
 /// An OTLP/gRPC trace receiver that keeps every span it is sent.
 #[derive(Debug, Clone, Default)]
-struct Receiver {
+pub(crate) struct Receiver {
     spans: Arc<Mutex<Vec<Received>>>,
 }
 
@@ -94,7 +94,7 @@ impl TraceService for Receiver {
 
 impl Receiver {
     /// Serves on a free loopback port until the test ends.
-    async fn start(&self) -> SocketAddr {
+    pub(crate) async fn start(&self) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let service = TraceServiceServer::new(self.clone());
@@ -118,7 +118,7 @@ impl Receiver {
             .collect()
     }
 
-    fn all(&self) -> Vec<Received> {
+    pub(crate) fn all(&self) -> Vec<Received> {
         self.spans.lock().unwrap().clone()
     }
 }
