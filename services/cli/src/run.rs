@@ -761,6 +761,53 @@ mod tests {
     }
 
     #[test]
+    fn configured_tokens_have_the_scopes_their_setting_promises() {
+        use tessera_server::access::Scope;
+        let err = refusal(
+            &["ingestion"],
+            &[DB, ("TESSERA__AUTH__BOOTSTRAP_TOKEN", "too-short")],
+        );
+        assert_eq!(
+            err,
+            "invalid configuration: auth.bootstrap_token: at least 32 characters, without spaces \
+             or colons"
+        );
+        let settings = |plan: anyhow::Result<Plan>| match plan {
+            Ok(Plan::Serve { settings, .. }) => settings,
+            Ok(_) => panic!("not a service"),
+            Err(e) => panic!("refused: {e:#}"),
+        };
+        let bootstrap = (
+            "TESSERA__AUTH__BOOTSTRAP_TOKEN",
+            "tat_0123456789abcdef0123456789abcdef",
+        );
+        let legacy = ("TESSERA_ACCESS_TOKEN", "legacy-profile-api-token");
+        let prod = settings(plan_of(&["profile"], &[DB, bootstrap, legacy]));
+        let tokens = config_tokens(&prod, false);
+        let by_name = |name: &str| {
+            tokens
+                .iter()
+                .find(|t| t.name == name)
+                .map(|t| t.scopes.iter().copied().collect::<Vec<_>>())
+        };
+        assert_eq!(by_name("auth.bootstrap_token"), Some(Scope::ALL.to_vec()));
+        assert_eq!(
+            by_name("profile.access_token"),
+            Some(vec![Scope::ProfilesRead])
+        );
+        // tessera dev's token (given, or made up and printed) has every scope.
+        let dev = settings(plan_of(
+            &["dev", "--access-token", "tat_dev-token-1234567890"],
+            &[],
+        ));
+        let tokens = config_tokens(&dev, true);
+        assert_eq!(tokens.len(), 1);
+        assert_eq!(tokens[0].name, "dev");
+        assert_eq!(tokens[0].secret.0, "tat_dev-token-1234567890");
+        assert_eq!(tokens[0].scopes.len(), 4);
+    }
+
+    #[test]
     fn half_configured_or_unreadable_tls_is_refused_by_setting() {
         let err = refusal(
             &["scoring"],
