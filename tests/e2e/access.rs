@@ -130,6 +130,17 @@ async fn http_read(tessera: &Tessera, token: Option<&str>) -> (u16, String) {
     (status, body)
 }
 
+/// The body of a plain HTTP GET.
+async fn plain_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
 fn allowed(code: Code) -> bool {
     !matches!(code, Code::PermissionDenied | Code::Unauthenticated)
 }
@@ -203,6 +214,18 @@ async fn each_scope_allows_what_it_names_and_nothing_else() {
         .expect("tessera dev prints its token");
     for (needed, code) in grpc_calls(&tessera, Some(&dev)).await {
         assert!(allowed(code), "the dev token calling {needed}: {code:?}");
+    }
+
+    // Refusals are counted by scope and reason.
+    let metrics = plain_get(&tessera.http_addr, "/metrics").await;
+    for reason in ["missing", "unknown", "scope"] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("tessera_access_denied_total{")
+                    && l.contains(&format!("reason=\"{reason}\""))),
+            "no {reason} refusals in /metrics"
+        );
     }
 
     // A handler names what the call acted on: the audit record's target.

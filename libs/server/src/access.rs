@@ -977,6 +977,18 @@ where
                     Ok(response)
                 }
                 Err(denied) => {
+                    let reason = match &denied {
+                        Denied::Missing => "missing",
+                        Denied::Unknown => "unknown",
+                        Denied::Scope { .. } => "scope",
+                        Denied::Unavailable => "unavailable",
+                    };
+                    metrics::counter!(
+                        "tessera_access_denied_total",
+                        "scope" => scope.as_str(),
+                        "reason" => reason
+                    )
+                    .increment(1);
                     if let Denied::Scope { caller, .. } = &denied
                         && scope.audited()
                     {

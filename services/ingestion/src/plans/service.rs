@@ -311,6 +311,8 @@ impl TrackingPlanService for Ingestion {
         &self,
         request: Request<pb::PutTrackingPlanRequest>,
     ) -> Result<Response<pb::PutTrackingPlanResponse>, Status> {
+        tessera_server::access::AuditTarget::of(&request)
+            .set(format!("source {}", request.get_ref().source_name));
         let pb::PutTrackingPlanRequest { source_name, plan } = request.into_inner();
         let plan = plan_from_pb(plan).map_err(PlanError::Invalid)?;
         let plan = Ingestion::put_tracking_plan(self, &source_name, plan).await?;
@@ -373,6 +375,8 @@ impl TrackingPlanService for Ingestion {
         &self,
         request: Request<pb::ReplayQuarantinedRequest>,
     ) -> Result<Response<pb::ReplayQuarantinedResponse>, Status> {
+        tessera_server::access::AuditTarget::of(&request)
+            .set(format!("source {}", request.get_ref().source_name));
         let pb::ReplayQuarantinedRequest { source_name } = request.into_inner();
         let Replayed {
             stored,
@@ -390,6 +394,8 @@ impl TrackingPlanService for Ingestion {
         &self,
         request: Request<pb::DeleteQuarantinedRequest>,
     ) -> Result<Response<pb::DeleteQuarantinedResponse>, Status> {
+        tessera_server::access::AuditTarget::of(&request)
+            .set(format!("source {}", request.get_ref().source_name));
         let pb::DeleteQuarantinedRequest {
             source_name,
             ids,
