@@ -13,11 +13,11 @@ use tessera_proto::profile::v1 as profile;
 use tessera_proto::profile::v1::profile_pipeline_service_client::ProfilePipelineServiceClient;
 use tessera_proto::scoring::v1 as pb;
 use tessera_proto::scoring::v1::scoring_service_client::ScoringServiceClient;
+use tessera_tests::Channel;
 use tessera_tests::TesseraBuilder;
 use tessera_tests::events::{send, track, wait_for};
 use time::macros::{datetime, format_description};
 use time::{Date, OffsetDateTime};
-use tessera_tests::Channel;
 
 /// `(customer, day, dollars)` of every line of the CDNOW sample.
 fn cdnow() -> Vec<(u32, Date, f64)> {

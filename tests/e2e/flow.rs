@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use tessera_proto::ingestion::v1::EventStatus;
-use tessera_tests::events::{has_identifier, identify, send, track, trait_value, wait_for};
 use tessera_tests::Channel;
+use tessera_tests::events::{has_identifier, identify, send, track, trait_value, wait_for};
 
 const ACCEPTED: i32 = EventStatus::Accepted as i32;
 const DUPLICATE: i32 = EventStatus::Duplicate as i32;

@@ -36,7 +36,10 @@ async fn a_generated_python_client_ingests_and_reads_a_profile() {
         .await;
     let addr = tessera.grpc_addr.clone();
     let key = tessera.dev_write_key().to_owned();
-    let token = tessera.access_token.clone().expect("tessera dev prints its token");
+    let token = tessera
+        .access_token
+        .clone()
+        .expect("tessera dev prints its token");
     let script = root.join("tests/python/test_client.py");
     let stubs_path = stubs.path().to_owned();
     let status = tokio::task::spawn_blocking(move || {

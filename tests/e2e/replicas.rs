@@ -8,8 +8,8 @@ use std::time::Duration;
 use tessera_proto::common::v1::Event;
 use tessera_proto::profile::v1::Profile;
 use tessera_testkit::{TestDb, redis_prefix};
-use tessera_tests::events::{identify, send, track, trait_value, wait_for};
 use tessera_tests::Channel;
+use tessera_tests::events::{identify, send, track, trait_value, wait_for};
 
 use crate::separate_processes::{Deployment, base};
 

@@ -4,9 +4,9 @@
 use std::process::Output;
 
 use tessera_proto::ingestion::v1::EventStatus;
+use tessera_tests::Channel;
 use tessera_tests::events::{send, track};
 use tessera_tests::{Tessera, TesseraBuilder, key_in, sources_command};
-use tessera_tests::Channel;
 
 /// Runs `tessera sources ARGS` against `tessera`, and checks it succeeded.
 async fn sources_ok(tessera: &Tessera, args: &[&str]) -> String {

@@ -2,13 +2,13 @@
 
 use std::time::Duration;
 
+use crate::auth::Channel;
 use tessera_proto::common::v1::{Event, EventType, Identifier};
 use tessera_proto::convert::json_map_to_struct;
 use tessera_proto::ingestion::v1::IngestEventsRequest;
 use tessera_proto::ingestion::v1::ingestion_service_client::IngestionServiceClient;
 use tessera_proto::profile::v1::profile_service_client::ProfileServiceClient;
 use tessera_proto::profile::v1::{GetProfileRequest, Profile, get_profile_request};
-use crate::auth::Channel;
 
 fn object(json: serde_json::Value) -> Option<prost_types::Struct> {
     json.as_object().map(json_map_to_struct)
