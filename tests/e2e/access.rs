@@ -305,6 +305,13 @@ async fn each_scope_allows_what_it_names_and_nothing_else() {
             .any(|l| l.contains("SourceService/CreateSource\tsource audited\tOk")),
         "{log}"
     );
+    assert!(
+        log.lines().any(|l| l.contains(
+            "only-profiles-write\t/tessera.profile.v1.DefinitionService/DeleteComputedTrait\t\
+             computed_trait no_such_trait\t"
+        )),
+        "{log}"
+    );
     assert!(!log.contains("GetProfile"), "reads are not audited: {log}");
 }
 

@@ -276,8 +276,10 @@ impl DefinitionService for DefinitionApi {
         &self,
         request: Request<pb::CreateComputedTraitRequest>,
     ) -> Result<Response<pb::CreateComputedTraitResponse>, Status> {
+        let target = tessera_server::access::AuditTarget::of(&request);
         let pb::CreateComputedTraitRequest { computed_trait } = request.into_inner();
         let spec = spec_of("computed_trait", computed_trait, Spec::ComputedTrait)?;
+        target.set(format!("computed_trait {}", spec.name()));
         let (stored, revision) = self.0.create(spec, now()).await?;
         Ok(Response::new(pb::CreateComputedTraitResponse {
             computed_trait: Some(computed_to_pb(Declared::Stored(stored))),
@@ -289,11 +291,13 @@ impl DefinitionService for DefinitionApi {
         &self,
         request: Request<pb::UpdateComputedTraitRequest>,
     ) -> Result<Response<pb::UpdateComputedTraitResponse>, Status> {
+        let target = tessera_server::access::AuditTarget::of(&request);
         let pb::UpdateComputedTraitRequest {
             computed_trait,
             expected_version: version,
         } = request.into_inner();
         let spec = spec_of("computed_trait", computed_trait, Spec::ComputedTrait)?;
+        target.set(format!("computed_trait {}", spec.name()));
         let version = expected_version(version)?;
         let (stored, revision) = self.0.update(spec, version, now()).await?;
         Ok(Response::new(pb::UpdateComputedTraitResponse {
@@ -306,11 +310,13 @@ impl DefinitionService for DefinitionApi {
         &self,
         request: Request<pb::DeleteComputedTraitRequest>,
     ) -> Result<Response<pb::DeleteComputedTraitResponse>, Status> {
+        let target = tessera_server::access::AuditTarget::of(&request);
         let pb::DeleteComputedTraitRequest {
             name,
             expected_version,
         } = request.into_inner();
         let name = name_of(name)?;
+        target.set(format!("computed_trait {name}"));
         let version = delete_version(expected_version)?;
         let revision = self
             .0
@@ -347,8 +353,10 @@ impl DefinitionService for DefinitionApi {
         &self,
         request: Request<pb::CreateAudienceRequest>,
     ) -> Result<Response<pb::CreateAudienceResponse>, Status> {
+        let target = tessera_server::access::AuditTarget::of(&request);
         let pb::CreateAudienceRequest { audience } = request.into_inner();
         let spec = spec_of("audience", audience, Spec::Audience)?;
+        target.set(format!("audience {}", spec.name()));
         let (stored, revision) = self.0.create(spec, now()).await?;
         Ok(Response::new(pb::CreateAudienceResponse {
             audience: Some(audience_to_pb(Declared::Stored(stored))),
@@ -360,11 +368,13 @@ impl DefinitionService for DefinitionApi {
         &self,
         request: Request<pb::UpdateAudienceRequest>,
     ) -> Result<Response<pb::UpdateAudienceResponse>, Status> {
+        let target = tessera_server::access::AuditTarget::of(&request);
         let pb::UpdateAudienceRequest {
             audience,
             expected_version: version,
         } = request.into_inner();
         let spec = spec_of("audience", audience, Spec::Audience)?;
+        target.set(format!("audience {}", spec.name()));
         let version = expected_version(version)?;
         let (stored, revision) = self.0.update(spec, version, now()).await?;
         Ok(Response::new(pb::UpdateAudienceResponse {
@@ -377,11 +387,13 @@ impl DefinitionService for DefinitionApi {
         &self,
         request: Request<pb::DeleteAudienceRequest>,
     ) -> Result<Response<pb::DeleteAudienceResponse>, Status> {
+        let target = tessera_server::access::AuditTarget::of(&request);
         let pb::DeleteAudienceRequest {
             name,
             expected_version,
         } = request.into_inner();
         let name = name_of(name)?;
+        target.set(format!("audience {name}"));
         let version = delete_version(expected_version)?;
         let revision = self
             .0
