@@ -116,9 +116,8 @@ async fn reports_health_and_metrics_and_drains_before_closing() {
         "{metrics}"
     );
     assert!(
-        metrics.contains(
-            r#"tessera_http_requests_total{method="GET",route="/healthz",status="200"}"#
-        ),
+        metrics
+            .contains(r#"tessera_http_requests_total{method="GET",route="/healthz",status="200"}"#),
         "{metrics}"
     );
     let _ = http_get(http_addr, "/no/such/route/ann@example.com").await;
