@@ -439,7 +439,14 @@ fn announce_profile_api(settings: &Settings, http_addr: SocketAddr) {
 fn config_tokens(settings: &Settings, dev: bool) -> Vec<tessera_server::access::ConfigToken> {
     use tessera_server::access::{ConfigToken, Scope, Secret};
     let mut tokens: Vec<ConfigToken> = settings.auth.bootstrap().into_iter().collect();
-    if let Some(token) = &settings.profile.access_token {
+    // The same secret as the bootstrap token (TESSERA_ACCESS_TOKEN exported for the CLI beside
+    // the service, say) keeps the bootstrap token's scopes instead of shadowing them.
+    if let Some(token) = settings
+        .profile
+        .access_token
+        .as_ref()
+        .filter(|t| !tokens.iter().any(|b| b.secret.0 == t.0))
+    {
         let (name, scopes) = if dev {
             ("dev", Scope::ALL.into_iter().collect())
         } else {
@@ -795,6 +802,20 @@ mod tests {
             by_name("profile.access_token"),
             Some(vec![Scope::ProfilesRead])
         );
+        // The bootstrap token given as TESSERA_ACCESS_TOKEN too (for the CLI beside the
+        // service) keeps every scope: one token, not a read-only one shadowing it.
+        let same = settings(plan_of(
+            &["ingestion"],
+            &[DB, bootstrap, ("TESSERA_ACCESS_TOKEN", bootstrap.1)],
+        ));
+        let tokens = config_tokens(&same, false);
+        assert_eq!(
+            tokens.len(),
+            1,
+            "{:?}",
+            tokens.iter().map(|t| &t.name).collect::<Vec<_>>()
+        );
+        assert_eq!(tokens[0].scopes.len(), Scope::ALL.len());
         // tessera dev's token (given, or made up and printed) has every scope.
         let dev = settings(plan_of(
             &["dev", "--access-token", "tat_dev-token-1234567890"],
