@@ -55,6 +55,9 @@ pub struct AuthSettings {
     /// How long a replica remembers a token check, in milliseconds: a rotated or revoked token
     /// keeps working at most this long.
     pub token_cache_ms: u64,
+    /// How long audit records are kept, in days; older ones are deleted every hour by every
+    /// replica that checks tokens (deleting twice is harmless). 0 keeps them forever.
+    pub audit_retention_days: u64,
 }
 
 impl Default for AuthSettings {
@@ -62,6 +65,7 @@ impl Default for AuthSettings {
         Self {
             bootstrap_token: None,
             token_cache_ms: 5_000,
+            audit_retention_days: 365,
         }
     }
 }
@@ -74,6 +78,7 @@ impl fmt::Debug for AuthSettings {
                 &self.bootstrap_token.as_ref().map(|_| "***"),
             )
             .field("token_cache_ms", &self.token_cache_ms)
+            .field("audit_retention_days", &self.audit_retention_days)
             .finish()
     }
 }
@@ -574,6 +579,54 @@ impl TokenStore {
             .await
             .map(|_| ())?);
         Ok(())
+    }
+
+    /// Deletes the audit records written before `before`, at most 10,000 per statement so a
+    /// large backlog does not hold one long transaction; answers how many went.
+    pub async fn prune_audit(&self, before: OffsetDateTime) -> Result<u64, AccessError> {
+        let sql = "DELETE FROM audit_log WHERE id IN \
+                   (SELECT id FROM audit_log WHERE at < $1 ORDER BY at LIMIT 10000)";
+        let mut total = 0;
+        loop {
+            let deleted = on_pool!(&self.db, |pool| sqlx::query(sql)
+                .bind(before)
+                .execute(pool)
+                .await
+                .map(|done| done.rows_affected())?);
+            total += deleted;
+            if deleted < 10_000 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Every hour until `shutdown`, deletes the audit records older than `retention_days`
+    /// (nothing when 0).
+    pub fn spawn_audit_pruning(&self, retention_days: u64, shutdown: crate::Shutdown) {
+        if retention_days == 0 {
+            return;
+        }
+        let store = self.clone();
+        let retention =
+            time::Duration::days(i64::try_from(retention_days).unwrap_or(i64::MAX / 86_400_000));
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(3_600));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    () = shutdown.cancelled() => return,
+                }
+                let before = OffsetDateTime::now_utc()
+                    .checked_sub(retention)
+                    .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+                match store.prune_audit(before).await {
+                    Ok(0) => {}
+                    Ok(deleted) => tracing::info!(deleted, "old audit records deleted"),
+                    Err(error) => tracing::warn!(%error, "deleting old audit records failed"),
+                }
+            }
+        });
     }
 
     /// The newest `limit` audit records, newest first.

@@ -553,8 +553,10 @@ async fn serve(
             tessera_server::access::MIGRATIONS,
         )
         .await?;
+        let tokens = tessera_server::access::TokenStore::new(db.clone());
+        tokens.spawn_audit_pruning(settings.auth.audit_retention_days, shutdown.clone());
         let access = tessera_server::access::Access::new(
-            Some(tessera_server::access::TokenStore::new(db.clone())),
+            Some(tokens),
             config_tokens(settings, dev_data_dir.is_some()),
             Duration::from_millis(settings.auth.token_cache_ms),
         );

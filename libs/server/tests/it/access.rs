@@ -141,6 +141,30 @@ async fn lifecycle(store: TokenStore) {
     assert_eq!(log[1].target.as_deref(), Some("src"));
     assert_eq!(log[0].target, None);
     assert_eq!(store.audit_log(1).await.unwrap().len(), 1);
+
+    // Retention: records written before the cut go, later ones stay.
+    let cut = time::OffsetDateTime::now_utc();
+    assert_eq!(
+        store
+            .prune_audit(cut - time::Duration::days(1))
+            .await
+            .unwrap(),
+        0
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    access
+        .audit(&caller, "/a.B/E", None, "Ok", "req-3".to_owned())
+        .await;
+    let after = store.audit_log(10).await.unwrap();
+    let kept = after.iter().find(|r| r.request_id == "req-3").unwrap().at;
+    assert_eq!(store.prune_audit(kept).await.unwrap(), 2);
+    let left = store.audit_log(10).await.unwrap();
+    assert_eq!(
+        left.iter()
+            .map(|r| r.request_id.as_str())
+            .collect::<Vec<_>>(),
+        ["req-3"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
