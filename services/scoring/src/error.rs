@@ -44,6 +44,28 @@ pub enum ScoringError {
     /// This server stores no models (it runs without a database).
     #[error("this scoring service has no model store (it runs without a database)")]
     NoModelStore,
+    /// This server stores no plans (it runs without a database).
+    #[error("this scoring service has no plan store (it runs without a database)")]
+    NoPlanStore,
+    /// No plan has this name (among the stored ones, for a change).
+    #[error("scoring plan {0:?} not found")]
+    PlanNotFound(String),
+    /// A stored plan has this name already.
+    #[error("scoring plan {0:?} exists already")]
+    PlanExists(String),
+    /// The stored plan's version is not the one the change expected.
+    #[error("scoring plan {name:?} is at version {actual}, not the expected one: read it again")]
+    PlanVersionMismatch {
+        /// The plan's name.
+        name: String,
+        /// Its version now.
+        actual: i64,
+    },
+    /// The plan is declared in config: read-only through the API.
+    #[error(
+        "scoring plan {0:?} is declared in config ([[scoring.plans]]), read-only through the api"
+    )]
+    ConfigPlan(String),
     /// A database call failed.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
@@ -51,7 +73,7 @@ pub enum ScoringError {
     #[error("profile service: {0}")]
     Profile(tonic::Status),
     /// A stored row does not decode: a bug or a manual edit.
-    #[error("corrupt stored model: {0}")]
+    #[error("corrupt stored data: {0}")]
     Corrupt(String),
     /// A fitting task panicked or was cancelled.
     #[error("fitting task: {0}")]
@@ -64,10 +86,16 @@ impl ScoringError {
         match self {
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Self::TooManyProfiles { .. } => ErrorCode::ResourceExhausted,
-            Self::ModelNotFound(_) | Self::NoActiveModel => ErrorCode::NotFound,
-            Self::RejectedModel { .. } | Self::PopulationTooSmall { .. } | Self::NoModelStore => {
-                ErrorCode::FailedPrecondition
+            Self::ModelNotFound(_) | Self::NoActiveModel | Self::PlanNotFound(_) => {
+                ErrorCode::NotFound
             }
+            Self::PlanExists(_) => ErrorCode::AlreadyExists,
+            Self::RejectedModel { .. }
+            | Self::PopulationTooSmall { .. }
+            | Self::NoModelStore
+            | Self::NoPlanStore
+            | Self::PlanVersionMismatch { .. }
+            | Self::ConfigPlan(_) => ErrorCode::FailedPrecondition,
             Self::Database(e) => tessera_store::error_code(e),
             Self::Profile(status) => match status.code() {
                 tonic::Code::Unavailable
@@ -108,7 +136,12 @@ impl From<ScoringError> for tonic::Status {
             | ScoringError::NoActiveModel
             | ScoringError::RejectedModel { .. }
             | ScoringError::PopulationTooSmall { .. }
-            | ScoringError::NoModelStore => tessera_server::status(code, error.to_string()),
+            | ScoringError::NoModelStore
+            | ScoringError::NoPlanStore
+            | ScoringError::PlanNotFound(_)
+            | ScoringError::PlanExists(_)
+            | ScoringError::PlanVersionMismatch { .. }
+            | ScoringError::ConfigPlan(_) => tessera_server::status(code, error.to_string()),
             ScoringError::Database(_)
             | ScoringError::Profile(_)
             | ScoringError::Corrupt(_)

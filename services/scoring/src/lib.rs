@@ -14,6 +14,8 @@ mod convert;
 pub mod domain;
 mod error;
 pub mod models;
+pub mod plan_book;
+pub mod plan_store;
 pub mod plans;
 pub mod rfm;
 mod service;
@@ -26,6 +28,7 @@ use tessera_store::{Database, Migrations};
 
 pub use error::ScoringError;
 pub use models::{FittingSettings, Models};
+pub use plan_book::PlanBook;
 pub use plans::{InvalidPlan, Plans};
 
 /// The Postgres schema of the scoring service's tables.
@@ -83,7 +86,7 @@ impl ScoringSettings {
 /// The scoring service: `tessera.scoring.v1.ScoringService`.
 #[derive(Debug, Clone)]
 pub struct Scoring {
-    plans: Arc<Plans>,
+    plans: Arc<PlanBook>,
     models: Arc<Models>,
 }
 
@@ -99,10 +102,10 @@ impl Scoring {
         Self::default()
     }
 
-    /// A scoring service scoring engagement and `plans`.
+    /// A scoring service scoring engagement and `plans` (none can be added through the API).
     pub fn with_plans(plans: Plans) -> Self {
         Self {
-            plans: Arc::new(plans),
+            plans: Arc::new(PlanBook::fixed(plans)),
             models: Arc::new(Models::default()),
         }
     }
@@ -110,7 +113,7 @@ impl Scoring {
     /// A scoring service with the plans and customer-value settings of `settings`, or why one
     /// is unusable. It stores no models until [`Scoring::with_store`].
     pub fn from_settings(settings: &ScoringSettings) -> Result<Self, InvalidSettings> {
-        let plans = Plans::compile(settings.plans.clone())?;
+        let plans = PlanBook::new(settings.plans.clone())?;
         let models = Models::new(settings.customer_value.as_ref(), settings.fitting.clone())
             .map_err(InvalidSettings::CustomerValue)?;
         Ok(Self {
@@ -119,10 +122,14 @@ impl Scoring {
         })
     }
 
-    /// Stores fitted models in `db` (connected with `Database::connect(url, SCHEMA, ..)` and
-    /// migrated with [`MIGRATIONS`]) and fits them on the purchase histories of the profile
-    /// service at `profile` (a lazily connected channel).
+    /// Stores fitted models and API-declared plans in `db` (connected with
+    /// `Database::connect(url, SCHEMA, ..)` and migrated with [`MIGRATIONS`]) and fits models
+    /// on the purchase histories of the profile service at `profile` (a lazily connected
+    /// channel).
     pub fn with_store(self, db: Database, profile: tonic::transport::Channel) -> Self {
+        if !self.plans.attach_store(plan_store::open(db.clone())) {
+            tracing::warn!("the scoring service has a plan store already");
+        }
         self.with_model_store(
             models::store::open(db),
             Arc::new(models::ProfilePopulation::new(profile)),
@@ -141,15 +148,21 @@ impl Scoring {
         self
     }
 
+    /// The plans this service scores with.
+    pub fn plans(&self) -> &Arc<PlanBook> {
+        &self.plans
+    }
+
     /// The customer-value models this service scores with.
     pub fn models(&self) -> &Arc<Models> {
         &self.models
     }
 
-    /// Polls the active model (every `scoring.fitting.poll_interval_ms`) and runs the fit
-    /// schedule until `shutdown`; returns at once without a store.
+    /// Polls the active model and the stored plans' revision (every
+    /// `scoring.fitting.poll_interval_ms`) and runs the fit schedule until `shutdown`; returns
+    /// at once without a store.
     pub fn spawn_workers(&self, shutdown: tessera_server::Shutdown) -> tokio::task::JoinHandle<()> {
-        self.models.spawn(shutdown)
+        self.models.spawn(Arc::clone(&self.plans), shutdown)
     }
 
     /// Adds `ScoringService` to the services one process serves.

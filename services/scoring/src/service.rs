@@ -10,13 +10,13 @@ use tonic::{Request, Response, Status};
 
 use crate::convert::{ScoreOneRequest, ScoreRequest};
 use crate::domain;
-use crate::plans::Plans;
+use crate::plan_book::PlanBook;
 
 /// `ScoringService`: validates, scores, answers. Holds the plans from config and the
 /// customer-value models (their RPCs are in `models::api`).
 #[derive(Debug, Clone)]
 pub(crate) struct ScoringApi {
-    pub(crate) plans: Arc<Plans>,
+    pub(crate) plans: Arc<PlanBook>,
     pub(crate) models: Arc<crate::models::Models>,
 }
 
@@ -43,11 +43,12 @@ impl ScoringService for ScoringApi {
         let ScoreRequest { profiles, as_of } = ScoreRequest::try_from(request)?;
         let as_of = as_of.unwrap_or_else(OffsetDateTime::now_utc);
         let models = self.models.current();
+        let plans = self.plans.current();
         let profiles = profiles
             .iter()
             .map(|facts| pb::ProfileScores {
                 profile_id: facts.profile_id.clone(),
-                scores: domain::score_profile(facts, as_of, &self.plans, &models)
+                scores: domain::score_profile(facts, as_of, &plans, &models)
                     .into_iter()
                     .map(pb::Score::from)
                     .collect(),
@@ -66,7 +67,7 @@ impl ScoringService for ScoringApi {
         if let Some(purchases) = &profile.purchases {
             scores.extend(self.models.current().scores(purchases, as_of));
         }
-        let plans = self.plans.evaluate(&profile, as_of, &mut scores);
+        let plans = self.plans.current().evaluate(&profile, as_of, &mut scores);
         Ok(Response::new(pb::ScoreProfileResponse {
             scores: Some(pb::ProfileScores {
                 profile_id: profile.profile_id,
@@ -81,7 +82,7 @@ impl ScoringService for ScoringApi {
         _request: Request<pb::ListPlansRequest>,
     ) -> Result<Response<pb::ListPlansResponse>, Status> {
         Ok(Response::new(pb::ListPlansResponse {
-            plans: self.plans.iter().map(pb::Plan::from).collect(),
+            plans: self.plans.current().iter().map(pb::Plan::from).collect(),
         }))
     }
 

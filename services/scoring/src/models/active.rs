@@ -363,16 +363,18 @@ impl Models {
         })
     }
 
-    /// Polls the active model every `poll_interval_ms` and runs the schedule, until `shutdown`.
+    /// Polls the active model and the stored plans' revision every `poll_interval_ms` and runs
+    /// the schedule, until `shutdown`.
     /// A scheduled fit runs in a task of its own, so the poll goes on meanwhile; shutting down
     /// abandons it (its lease then runs out, and the next replica to look takes over).
     pub fn spawn(
         self: &Arc<Self>,
+        plans: Arc<crate::PlanBook>,
         shutdown: tessera_server::Shutdown,
     ) -> tokio::task::JoinHandle<()> {
         let models = Arc::clone(self);
         tokio::spawn(async move {
-            if models.stored.get().is_none() {
+            if models.stored.get().is_none() && !plans.has_store() {
                 return;
             }
             let poll = Duration::from_millis(models.settings.poll_interval_ms);
@@ -382,6 +384,9 @@ impl Models {
             loop {
                 if let Err(e) = models.refresh().await {
                     tracing::warn!(error = %e, "reading the active customer-value model failed");
+                }
+                if let Err(e) = plans.refresh().await {
+                    tracing::warn!(error = %e, "reading the stored scoring plans failed");
                 }
                 let idle = scheduled
                     .as_ref()

@@ -6,3 +6,4 @@ mod grpc;
 mod models_grpc;
 mod models_store;
 mod plans;
+mod plans_store;
