@@ -569,6 +569,109 @@ async fn the_request_address_is_context_ip(api: Api) {
 }
 
 /// The fixture of these tests: the API on a fresh database (which it keeps alive).
+/// Hostile bodies at the edge: each gets a 4xx with a JSON body naming the problem (never a
+/// 5xx, a crash or a hang), nothing of it is stored, and the server goes on serving.
+async fn hostile_bodies_get_a_4xx_and_the_server_stays_up(api: Api) {
+    let auth = basic(KEY);
+    let headers = [
+        ("Content-Type", "application/json"),
+        ("Authorization", auth.as_str()),
+    ];
+    let deep = format!(
+        r#"{{"type": "track", "userId": "u1", "event": "E", "properties": {{"x": {}1{}}}}}"#,
+        "[".repeat(5_000),
+        "]".repeat(5_000)
+    );
+    let many_traits: serde_json::Map<String, Value> =
+        (0..10_000).map(|i| (format!("t{i}"), json!(i))).collect();
+    let many =
+        serde_json::to_vec(&json!({"type": "identify", "userId": "u1", "traits": many_traits}))
+            .unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("deeply nested JSON", deep.into_bytes()),
+        (
+            "invalid UTF-8",
+            b"{\"type\": \"track\", \"userId\": \"\xff\xfe\", \"event\": \"E\"}".to_vec(),
+        ),
+        (
+            "NaN",
+            br#"{"type": "track", "userId": "u1", "event": "E", "properties": {"x": NaN}}"#
+                .to_vec(),
+        ),
+        (
+            "Infinity",
+            br#"{"type": "track", "userId": "u1", "event": "E", "properties": {"x": Infinity}}"#
+                .to_vec(),
+        ),
+        ("10,000 traits", many),
+        (
+            "a string over the message limit",
+            serde_json::to_vec(
+                &json!({"type": "track", "userId": "u1", "event": "x".repeat(40_000)}),
+            )
+            .unwrap(),
+        ),
+        (
+            "the event as an array",
+            br#"{"type": "track", "userId": "u1", "event": ["E"]}"#.to_vec(),
+        ),
+        (
+            "the user id as an object",
+            br#"{"type": "track", "userId": {"id": 1}, "event": "E"}"#.to_vec(),
+        ),
+        (
+            "properties as a string",
+            br#"{"type": "track", "userId": "u1", "event": "E", "properties": "p"}"#.to_vec(),
+        ),
+        ("a bare number", b"42".to_vec()),
+    ];
+    for (what, body) in &cases {
+        let reply = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            api.post("/v1/track", &headers, body),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within 10 s"));
+        assert!(
+            (400..500).contains(&reply.status),
+            "{what}: {} {}",
+            reply.status,
+            reply.text()
+        );
+        let json = reply.json();
+        assert!(
+            json["code"].is_string() && json["message"].is_string(),
+            "{what}: {}",
+            reply.text()
+        );
+    }
+    // Duplicate keys: the last one counts, as in every JSON library the SDKs use.
+    let duplicate = br#"{"type": "track", "messageId": "dup-keys", "userId": "u1", "userId": "u2", "event": "E"}"#;
+    let reply = api.post("/v1/track", &headers, duplicate).await;
+    if reply.status == 200 {
+        assert_eq!(api.payload("dup-keys").await["userId"], "u2");
+    } else {
+        assert!((400..500).contains(&reply.status), "{}", reply.text());
+    }
+    // Another source's key is no key of this source, and the server still serves.
+    let other = basic("tsk_not_a_key_of_anyone");
+    let reply = api
+        .post(
+            "/v1/track",
+            &[
+                ("Content-Type", "application/json"),
+                ("Authorization", other.as_str()),
+            ],
+            &serde_json::to_vec(&track("nope")).unwrap(),
+        )
+        .await;
+    assert_eq!(reply.status, 401, "{}", reply.text());
+    api.post_json("/v1/track", &track("after-hostile"))
+        .await
+        .assert_success();
+    assert_eq!(api.payload("after-hostile").await["event"], "Clicked");
+}
+
 async fn api(backend: crate::Backend) -> ((), Api) {
     ((), Api::start(backend, settings()).await)
 }
@@ -591,4 +694,5 @@ on_both_backends!(
     what_real_libraries_send_is_accepted,
     clock_skew_is_corrected_from_sent_at,
     the_request_address_is_context_ip,
+    hostile_bodies_get_a_4xx_and_the_server_stays_up,
 );
