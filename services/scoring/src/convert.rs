@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use crate::MAX_PROFILES_PER_REQUEST;
 use crate::domain::{AccountFacts, Factor, ProfileFacts, Score};
 use crate::error::ScoringError;
-use crate::plans::{CompiledPlan, Evaluation, GradeBand, Level, RuleOutcome};
+use crate::plans::{CompiledPlan, Evaluation, GradeBand, Level, Plan, RuleOutcome};
 
 /// A validated `ScoreProfilesRequest`.
 #[derive(Debug)]
@@ -302,35 +302,53 @@ impl From<Factor> for pb::ScoreFactor {
     }
 }
 
-impl From<&CompiledPlan> for pb::Plan {
-    fn from(compiled: &CompiledPlan) -> Self {
-        let plan = compiled.plan();
-        Self {
-            name: plan.name.clone(),
-            version: plan.version.clone(),
-            level: match plan.level {
-                Level::Person => pb::PlanLevel::Person,
-                Level::Account => pb::PlanLevel::Account,
-            } as i32,
-            description: plan.description.clone(),
-            rules: plan
-                .rules
-                .iter()
-                .map(|rule| pb::PlanRule {
-                    name: rule.name.clone(),
-                    description: rule.description.clone(),
-                    points: rule.points,
-                    group: rule.group.clone().unwrap_or_default(),
-                    condition_json: serde_json::to_string(&rule.condition).unwrap_or_default(),
-                })
-                .collect(),
-            cap: plan.cap,
-            max_points: compiled.max_points(),
-            grades: plan.grades.iter().map(pb::GradeBand::from).collect(),
-            scored: compiled.scored(),
-            model_version: compiled.model_version().to_owned(),
-        }
+/// A plan in effect, with its stored version (`None`: declared in config).
+pub(crate) fn plan_to_pb(compiled: &CompiledPlan, stored_version: Option<i64>) -> pb::Plan {
+    let plan = compiled.plan();
+    pb::Plan {
+        name: plan.name.clone(),
+        version: plan.version.clone(),
+        level: match plan.level {
+            Level::Person => pb::PlanLevel::Person,
+            Level::Account => pb::PlanLevel::Account,
+        } as i32,
+        description: plan.description.clone(),
+        rules: plan
+            .rules
+            .iter()
+            .map(|rule| pb::PlanRule {
+                name: rule.name.clone(),
+                description: rule.description.clone(),
+                points: rule.points,
+                group: rule.group.clone().unwrap_or_default(),
+                condition_json: serde_json::to_string(&rule.condition).unwrap_or_default(),
+            })
+            .collect(),
+        cap: plan.cap,
+        max_points: compiled.max_points(),
+        grades: plan.grades.iter().map(pb::GradeBand::from).collect(),
+        scored: compiled.scored(),
+        model_version: compiled.model_version().to_owned(),
+        source: match stored_version {
+            None => pb::PlanSource::Config,
+            Some(_) => pb::PlanSource::Api,
+        } as i32,
+        stored_version: stored_version.unwrap_or(0),
+        plan_json: serde_json::to_string(plan).unwrap_or_default(),
     }
+}
+
+/// The plan of a request's `field` (`plan_json`): the config form as JSON.
+pub(crate) fn plan_from_json(json: &str, field: &str) -> Result<Plan, ScoringError> {
+    let invalid = |description: String| {
+        ScoringError::InvalidArgument(vec![FieldViolation::new(field, description)])
+    };
+    if json.trim().is_empty() {
+        return Err(invalid(
+            "required: the plan in its config form, as JSON".to_owned(),
+        ));
+    }
+    serde_json::from_str(json).map_err(|e| invalid(format!("not a plan: {e}")))
 }
 
 impl From<&GradeBand> for pb::GradeBand {

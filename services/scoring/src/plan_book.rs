@@ -185,19 +185,25 @@ impl PlanBook {
             .ok_or_else(|| ScoringError::PlanNotFound(name.to_owned()))
     }
 
-    /// Stores a new plan after the others. `field` names the plan in the request.
-    pub async fn create(&self, plan: Plan, field: &str) -> Result<CompiledPlan, ScoringError> {
+    /// Stores a new plan after the others: the revision after the change and the plan. `field`
+    /// names the plan in the request.
+    pub async fn create(
+        &self,
+        plan: Plan,
+        field: &str,
+    ) -> Result<(i64, CompiledPlan), ScoringError> {
         let name = plan.name.clone();
         self.change(&name, PlanChange::Create(plan), field).await
     }
 
-    /// Replaces the stored plan of the same name when its version is `expected_version`.
+    /// Replaces the stored plan of the same name when its version is `expected_version`: the
+    /// revision after the change and the plan.
     pub async fn update(
         &self,
         plan: Plan,
         expected_version: i64,
         field: &str,
-    ) -> Result<CompiledPlan, ScoringError> {
+    ) -> Result<(i64, CompiledPlan), ScoringError> {
         let name = plan.name.clone();
         let change = PlanChange::Update {
             plan,
@@ -227,12 +233,12 @@ impl PlanBook {
         name: &str,
         change: PlanChange,
         field: &str,
-    ) -> Result<CompiledPlan, ScoringError> {
-        let (_, plans) = self.write(name, &change, field).await?;
+    ) -> Result<(i64, CompiledPlan), ScoringError> {
+        let (revision, plans) = self.write(name, &change, field).await?;
         plans
             .iter()
             .find(|p| p.plan().name == name)
-            .cloned()
+            .map(|p| (revision, p.clone()))
             .ok_or_else(|| ScoringError::Corrupt(format!("plan {name:?} vanished")))
     }
 

@@ -2,17 +2,24 @@
 
 use std::sync::Arc;
 
+use tessera_core::FieldViolation;
 use tessera_proto::scoring::v1 as pb;
 use tessera_proto::scoring::v1::scoring_service_server::ScoringService;
 use tessera_server::trace_context;
 use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 
-use crate::convert::{ScoreOneRequest, ScoreRequest};
+use crate::convert::{ScoreOneRequest, ScoreRequest, plan_from_json, plan_to_pb};
 use crate::domain;
+use crate::error::ScoringError;
 use crate::plan_book::PlanBook;
 
-/// `ScoringService`: validates, scores, answers. Holds the plans from config and the
+/// A missing request field.
+fn required(field: &str) -> ScoringError {
+    ScoringError::InvalidArgument(vec![FieldViolation::new(field, "required")])
+}
+
+/// `ScoringService`: validates, scores, answers. Holds the plans (config's and the stored) and the
 /// customer-value models (their RPCs are in `models::api`).
 #[derive(Debug, Clone)]
 pub(crate) struct ScoringApi {
@@ -81,9 +88,90 @@ impl ScoringService for ScoringApi {
         &self,
         _request: Request<pb::ListPlansRequest>,
     ) -> Result<Response<pb::ListPlansResponse>, Status> {
+        let loaded = self.plans.loaded();
         Ok(Response::new(pb::ListPlansResponse {
-            plans: self.plans.current().iter().map(pb::Plan::from).collect(),
+            plans: loaded
+                .plans
+                .iter()
+                .map(|p| plan_to_pb(p, loaded.stored_version(&p.plan().name)))
+                .collect(),
+            revision: loaded.revision.unwrap_or(0),
         }))
+    }
+
+    async fn get_plan(
+        &self,
+        request: Request<pb::GetPlanRequest>,
+    ) -> Result<Response<pb::GetPlanResponse>, Status> {
+        let pb::GetPlanRequest { name } = request.into_inner();
+        if name.is_empty() {
+            return Err(required("name").into());
+        }
+        let (plan, version) = self.plans.get(&name).await?;
+        Ok(Response::new(pb::GetPlanResponse {
+            plan: Some(plan_to_pb(&plan, version)),
+        }))
+    }
+
+    async fn create_plan(
+        &self,
+        request: Request<pb::CreatePlanRequest>,
+    ) -> Result<Response<pb::CreatePlanResponse>, Status> {
+        let pb::CreatePlanRequest { plan_json } = request.into_inner();
+        let plan = plan_from_json(&plan_json, "plan_json")?;
+        let (revision, plan) = self.plans.create(plan, "plan_json").await?;
+        Ok(Response::new(pb::CreatePlanResponse {
+            plan: Some(plan_to_pb(&plan, Some(1))),
+            revision,
+        }))
+    }
+
+    async fn update_plan(
+        &self,
+        request: Request<pb::UpdatePlanRequest>,
+    ) -> Result<Response<pb::UpdatePlanResponse>, Status> {
+        let pb::UpdatePlanRequest {
+            plan_json,
+            expected_version,
+        } = request.into_inner();
+        if expected_version < 1 {
+            return Err(ScoringError::InvalidArgument(vec![FieldViolation::new(
+                "expected_version",
+                "required: the stored version the change was made from (at least 1)",
+            )])
+            .into());
+        }
+        let plan = plan_from_json(&plan_json, "plan_json")?;
+        let (revision, plan) = self
+            .plans
+            .update(plan, expected_version, "plan_json")
+            .await?;
+        Ok(Response::new(pb::UpdatePlanResponse {
+            plan: Some(plan_to_pb(&plan, Some(expected_version + 1))),
+            revision,
+        }))
+    }
+
+    async fn delete_plan(
+        &self,
+        request: Request<pb::DeletePlanRequest>,
+    ) -> Result<Response<pb::DeletePlanResponse>, Status> {
+        let pb::DeletePlanRequest {
+            name,
+            expected_version,
+        } = request.into_inner();
+        if name.is_empty() {
+            return Err(required("name").into());
+        }
+        if expected_version < 0 {
+            return Err(ScoringError::InvalidArgument(vec![FieldViolation::new(
+                "expected_version",
+                "must be 0 (any version) or a stored version",
+            )])
+            .into());
+        }
+        let revision = self.plans.delete(&name, expected_version, "name").await?;
+        Ok(Response::new(pb::DeletePlanResponse { revision }))
     }
 
     async fn fit_customer_value_model(

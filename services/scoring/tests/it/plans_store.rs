@@ -102,10 +102,11 @@ async fn plans_are_created_updated_and_deleted_with_versions_and_a_revision(back
     assert_eq!(store.revision().await.unwrap(), 0);
     let book = book(backend, vec![]);
 
-    let a = book
+    let (revision, a) = book
         .create(plan("a", "1", 10.0), "plan_json")
         .await
         .unwrap();
+    assert_eq!(revision, 1);
     assert_eq!(a.model_version(), "a@1");
     assert_eq!(book.loaded().stored_version("a"), Some(1));
     let twice = book.create(plan("a", "1", 10.0), "plan_json").await;
@@ -114,10 +115,11 @@ async fn plans_are_created_updated_and_deleted_with_versions_and_a_revision(back
     assert_eq!(store.revision().await.unwrap(), 2);
 
     // Right version: the plan changes and its version grows.
-    let a2 = book
+    let (revision, a2) = book
         .update(plan("a", "2", 20.0), 1, "plan_json")
         .await
         .unwrap();
+    assert_eq!(revision, 3);
     assert_eq!(a2.model_version(), "a@2");
     assert_eq!(a2.plan().rules[0].points, 20.0);
     assert_eq!(book.loaded().stored_version("a"), Some(2));

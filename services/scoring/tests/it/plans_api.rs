@@ -1,0 +1,320 @@
+//! Scoring plans through the API (`CreatePlan`, `UpdatePlan`, `DeletePlan`, `GetPlan`,
+//! `ListPlans`) on Postgres, with two replicas sharing the database.
+
+use serde_json::json;
+use tessera_proto::convert::json_to_value;
+use tessera_proto::scoring::v1 as pb;
+use tessera_proto::scoring::v1::scoring_service_client::ScoringServiceClient;
+use tessera_scoring::{Scoring, ScoringSettings};
+use tessera_server::GrpcServices;
+use tessera_testkit::GrpcTestServer;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+use crate::models_store::{Backend, postgres};
+
+/// Config: one plan, `fit`, and a quick poll.
+const SETTINGS: &str = r#"
+[fitting]
+poll_interval_ms = 200
+fit_interval_hours = 0
+
+[[plans]]
+name = "fit"
+version = "1"
+[[plans.rules]]
+name = "big"
+points = 10
+condition = { trait = { name = "employees", op = "gte", value = 100 } }
+"#;
+
+/// One scoring replica on `backend`'s database.
+struct Replica {
+    client: ScoringServiceClient<Channel>,
+    stop: tessera_server::Shutdown,
+    _server: GrpcTestServer,
+}
+
+impl Replica {
+    async fn start(backend: &Backend) -> Self {
+        let settings: ScoringSettings = toml::from_str(SETTINGS).unwrap();
+        // Plans never read the profile service.
+        let profiles = Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let scoring = Scoring::from_settings(&settings)
+            .unwrap()
+            .with_store(backend.db.clone(), profiles);
+        let stop = tessera_server::Shutdown::new();
+        scoring.spawn_workers(stop.clone());
+        let mut services = GrpcServices::default();
+        scoring.register(&mut services);
+        let server = GrpcTestServer::start(services).await;
+        Self {
+            client: ScoringServiceClient::new(server.channel().await),
+            stop,
+            _server: server,
+        }
+    }
+
+    fn client(&self) -> ScoringServiceClient<Channel> {
+        self.client.clone()
+    }
+
+    /// The model versions of the plan scores of a gold-tier profile with 500 employees.
+    async fn plan_scores(&self) -> Vec<(String, String, f64)> {
+        let facts = pb::ProfileFacts {
+            profile_id: "p".to_owned(),
+            traits: [
+                ("tier".to_owned(), json_to_value(&json!("gold"))),
+                ("employees".to_owned(), json_to_value(&json!(500))),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        self.client()
+            .score_profiles(pb::ScoreProfilesRequest {
+                profiles: vec![facts],
+                as_of: None,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .profiles
+            .remove(0)
+            .scores
+            .into_iter()
+            .skip(1) // engagement
+            .map(|s| (s.name, s.model_version, s.value))
+            .collect()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// `vip`, worth `points` for gold-tier profiles, plus 10 when `fit` scores 100.
+fn vip(version: &str, points: f64) -> String {
+    json!({
+        "name": "vip",
+        "version": version,
+        "rules": [
+            {
+                "name": "gold",
+                "points": points,
+                "condition": { "trait": { "name": "tier", "op": "eq", "value": "gold" } },
+            },
+            {
+                "name": "fit",
+                "points": 10,
+                "condition": { "score": { "name": "fit", "op": "gte", "value": 100 } },
+            },
+        ],
+    })
+    .to_string()
+}
+
+fn scored(name: &str, version: &str, value: f64) -> (String, String, f64) {
+    (name.to_owned(), version.to_owned(), value)
+}
+
+/// Waits (at most 10 s) until `replica` scores `expected`.
+async fn scores_eventually(replica: &Replica, expected: &[(String, String, f64)]) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let scores = replica.plan_scores().await;
+        if scores == expected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out: {scores:?} is not {expected:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+fn violation(status: &Status) -> String {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let details = status.get_details_bad_request().unwrap();
+    details.field_violations[0].field.clone()
+}
+
+/// A plan created through replica A's RPC is scored at once on A and, after the poll, on B;
+/// updates and deletes follow the same way, and a stale version is refused.
+#[tokio::test]
+async fn a_plan_changed_on_one_replica_is_scored_on_the_other() {
+    let backend = postgres().await;
+    let a = Replica::start(&backend).await;
+    let b = Replica::start(&backend).await;
+    let fit_only = [scored("fit", "fit@1", 100.0)];
+    scores_eventually(&b, &fit_only).await;
+
+    let created = a
+        .client()
+        .create_plan(pb::CreatePlanRequest {
+            plan_json: vip("1", 30.0),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.revision, 1);
+    let plan = created.plan.unwrap();
+    assert_eq!(
+        (
+            plan.source(),
+            plan.stored_version,
+            plan.model_version.as_str()
+        ),
+        (pb::PlanSource::Api, 1, "vip@1")
+    );
+    assert_eq!(plan.max_points, 40.0);
+    let with_vip = [scored("fit", "fit@1", 100.0), scored("vip", "vip@1", 100.0)];
+    assert_eq!(
+        a.plan_scores().await,
+        with_vip,
+        "at once on the replica that stored it"
+    );
+    scores_eventually(&b, &with_vip).await;
+
+    let listed = b
+        .client()
+        .list_plans(pb::ListPlansRequest {})
+        .await
+        .unwrap();
+    let listed = listed.into_inner();
+    assert_eq!(listed.revision, 1);
+    let sources: Vec<_> = listed
+        .plans
+        .iter()
+        .map(|p| (p.name.as_str(), p.source(), p.stored_version))
+        .collect();
+    assert_eq!(
+        sources,
+        [
+            ("fit", pb::PlanSource::Config, 0),
+            ("vip", pb::PlanSource::Api, 1)
+        ]
+    );
+    // The listed form goes back as it came.
+    let round_trip: serde_json::Value = serde_json::from_str(&listed.plans[1].plan_json).unwrap();
+    assert_eq!(round_trip["rules"][0]["points"], json!(30.0));
+
+    // Updated through B with the version it read; A follows.
+    let updated = b
+        .client()
+        .update_plan(pb::UpdatePlanRequest {
+            plan_json: vip("2", 10.0),
+            expected_version: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.revision, 2);
+    assert_eq!(updated.plan.unwrap().stored_version, 2);
+    let got = a
+        .client()
+        .get_plan(pb::GetPlanRequest {
+            name: "vip".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plan
+        .unwrap();
+    assert_eq!((got.stored_version, got.version.as_str()), (2, "2"));
+    scores_eventually(
+        &a,
+        &[scored("fit", "fit@1", 100.0), scored("vip", "vip@2", 100.0)],
+    )
+    .await;
+
+    // A stale version is refused on either replica.
+    let stale = a
+        .client()
+        .update_plan(pb::UpdatePlanRequest {
+            plan_json: vip("3", 5.0),
+            expected_version: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition, "{stale:?}");
+
+    a.client()
+        .delete_plan(pb::DeletePlanRequest {
+            name: "vip".to_owned(),
+            expected_version: 2,
+        })
+        .await
+        .unwrap();
+    scores_eventually(&b, &fit_only).await;
+    backend.db.close().await;
+}
+
+/// Bad requests get INVALID_ARGUMENT naming the field; config's plans are read-only.
+#[tokio::test]
+async fn bad_plan_requests_get_clear_errors() {
+    let backend = postgres().await;
+    let replica = Replica::start(&backend).await;
+    let mut client = replica.client();
+    let create = |plan_json: &str| pb::CreatePlanRequest {
+        plan_json: plan_json.to_owned(),
+    };
+    for bad in [
+        String::new(),
+        "{".to_owned(),
+        json!({ "name": "x", "version": "1", "rules": [], "colour": 1 }).to_string(),
+        json!({ "name": "x", "version": "1", "rules": [] }).to_string(),
+        json!({
+            "name": "x", "version": "1",
+            "rules": [{ "name": "r", "points": 5,
+                        "condition": { "trait": { "name": "n", "op": "gt", "value": "a" } } }],
+        })
+        .to_string(),
+    ] {
+        let status = client.create_plan(create(&bad)).await.unwrap_err();
+        assert_eq!(violation(&status), "plan_json", "{bad}");
+    }
+    let config = client
+        .create_plan(create(
+            &json!({ "name": "fit", "version": "2", "rules": [
+                { "name": "r", "points": 5, "condition": { "all": [] } }
+            ] })
+            .to_string(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(config.code(), Code::FailedPrecondition, "{config:?}");
+    let status = client
+        .update_plan(pb::UpdatePlanRequest {
+            plan_json: vip("1", 1.0),
+            expected_version: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violation(&status), "expected_version");
+    let status = client
+        .delete_plan(pb::DeletePlanRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(violation(&status), "name");
+    let status = client
+        .get_plan(pb::GetPlanRequest {
+            name: "nope".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    // Without a database, plans cannot be stored.
+    let mut services = GrpcServices::default();
+    Scoring::new().register(&mut services);
+    let server = GrpcTestServer::start(services).await;
+    let bare = ScoringServiceClient::new(server.channel().await)
+        .create_plan(create(&vip("1", 1.0)))
+        .await
+        .unwrap_err();
+    assert_eq!(bare.code(), Code::FailedPrecondition, "{bare:?}");
+    backend.db.close().await;
+}
