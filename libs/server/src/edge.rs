@@ -34,6 +34,9 @@ pub struct EdgeSettings {
     /// How long to report NOT_SERVING before closing the listeners on shutdown, in milliseconds,
     /// so load balancers stop sending new requests first.
     pub drain_ms: u64,
+    /// How long an HTTP client may take to send a request's headers, in milliseconds, before
+    /// it is disconnected (slow-loris clients and dead peers cannot hold connections open).
+    pub http_header_timeout_ms: u64,
 }
 
 impl Default for EdgeSettings {
@@ -43,6 +46,7 @@ impl Default for EdgeSettings {
             concurrency_limit_per_connection: 256,
             max_http_body_bytes: 4 * 1024 * 1024,
             drain_ms: 0,
+            http_header_timeout_ms: 10_000,
         }
     }
 }
@@ -324,24 +328,81 @@ pub async fn serve_with(
                 .make_span_with(|r: &http::Request<_>| server_span(Port::Http, r)),
         )
         .layer(axum::middleware::from_fn(http_metrics));
-    // Handlers may read the peer address (ConnectInfo), e.g. for Segment's context.ip.
-    // TCP_NODELAY here too: tracking-API answers are small.
-    let http = axum::serve::ListenerExt::tap_io(http, |stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "TCP_NODELAY not set");
-        }
-    });
-    let http_server = axum::serve(
+    let http_server = serve_http(
         http,
-        admin.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(drained.cancelled_owned());
+        admin,
+        drained.clone(),
+        Duration::from_millis(settings.http_header_timeout_ms),
+    );
 
     let (grpc_result, http_result, probe_result) =
         tokio::join!(grpc_server, http_server, probe_server);
     grpc_result?;
     http_result?;
     probe_result?;
+    Ok(())
+}
+
+/// Serves `app` on `listener` over HTTP/1.1 until `stop`, then lets the open requests finish
+/// (at most 30 s). Unlike `axum::serve` it reads request headers with a deadline: a client that
+/// has not sent its whole header within `header_timeout` (a slow-loris, or a dead peer) is
+/// disconnected, so idle connections cannot pile up. Each connection sets TCP_NODELAY
+/// (tracking-API answers are small) and gives handlers the peer address (`ConnectInfo`, e.g.
+/// Segment's `context.ip`).
+async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    stop: Shutdown,
+    header_timeout: Duration,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, say: back off instead of spinning.
+                    tracing::warn!(%error, "accepting an HTTP connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY not set");
+        }
+        let service = tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut request: http::Request<hyper::body::Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                request
+            },
+        );
+        let connection = builder.serve_connection(
+            TokioIo::new(stream),
+            hyper_util::service::TowerToHyperService::new(service),
+        );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "HTTP connection closed");
+            }
+        });
+    }
+    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP requests still open 30 s after shutdown began; closing them");
+    }
     Ok(())
 }
 

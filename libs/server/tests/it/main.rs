@@ -196,3 +196,53 @@ async fn oversized_messages_are_resource_exhausted() {
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     shutdown.cancel();
 }
+
+/// Slow-loris: a client that opens a connection and never finishes its request's headers (or
+/// sends nothing) is disconnected after the header timeout, while a well-behaved client is
+/// served meanwhile and afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_that_never_finish_their_headers_are_disconnected() {
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = http.local_addr().unwrap();
+    let shutdown = Shutdown::new();
+    let settings = EdgeSettings {
+        http_header_timeout_ms: 300,
+        ..EdgeSettings::default()
+    };
+    let token = shutdown.clone();
+    let server = tokio::spawn(async move {
+        serve(
+            &settings,
+            grpc,
+            http,
+            GrpcServices::default(),
+            HttpRouter::new(),
+            token,
+        )
+        .await
+    });
+    let mut partial = TcpStream::connect(http_addr).await.unwrap();
+    partial
+        .write_all(b"POST /v1/track HTTP/1.1\r\nHost: test\r\nContent-")
+        .await
+        .unwrap();
+    let mut silent = TcpStream::connect(http_addr).await.unwrap();
+    assert_eq!(http_get(http_addr, "/healthz").await.0, 200);
+    for (what, stream) in [("partial headers", &mut partial), ("nothing", &mut silent)] {
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("a client that sent {what} is still connected after 5 s"));
+        // Closed (EOF) or reset: either way the server let go of it.
+        drop(closed);
+        let text = String::from_utf8_lossy(&rest);
+        assert!(
+            rest.is_empty() || text.starts_with("HTTP/1.1 408"),
+            "{what}: {text}"
+        );
+    }
+    assert_eq!(http_get(http_addr, "/healthz").await.0, 200);
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
