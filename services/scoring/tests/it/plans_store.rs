@@ -42,6 +42,7 @@ plan_suite!(
     config_plans_are_read_only_and_stored_ones_follow_them,
     an_invalid_plan_is_refused_naming_the_field,
     another_replica_sees_changes_after_a_refresh,
+    concurrent_changes_from_two_replicas_are_all_kept,
 );
 
 /// A plan worth `points` for a `tier` trait of `gold`, plus `extra` rules' JSON.
@@ -243,4 +244,29 @@ async fn another_replica_sees_changes_after_a_refresh(backend: &Backend) {
     a.delete("x", 2, "name").await.unwrap();
     assert!(b.refresh().await.unwrap());
     assert_eq!(names(&b), ["fit"]);
+}
+
+async fn concurrent_changes_from_two_replicas_are_all_kept(backend: &Backend) {
+    let a = book(backend, vec![]);
+    let b = book(backend, vec![]);
+    let writes = (0..10).map(|i| {
+        let replica = if i % 2 == 0 { &a } else { &b };
+        replica.create(plan(&format!("p{i}"), "1", 1.0), "plan_json")
+    });
+    let revisions: Vec<i64> = futures::future::join_all(writes)
+        .await
+        .into_iter()
+        .map(|written| written.unwrap().0)
+        .collect();
+    let mut sorted = revisions.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (1..=10).collect::<Vec<i64>>(), "{revisions:?}");
+    for replica in [&a, &b] {
+        replica.refresh().await.unwrap();
+        let mut listed = names(replica);
+        assert_eq!(listed.len(), 10, "{listed:?}");
+        listed.sort();
+        assert_eq!(listed.first().map(String::as_str), Some("p0"));
+    }
+    assert_eq!(names(&a), names(&b), "the same creation order on both");
 }
