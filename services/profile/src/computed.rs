@@ -119,11 +119,7 @@ impl ComputedTrait {
     fn matches(&self, event: &ResolvedEvent) -> bool {
         let d = &event.details;
         (self.types.is_empty() || self.types.contains(&d.kind))
-            && (self.events.is_empty()
-                || self
-                    .events
-                    .iter()
-                    .any(|e| *e == d.event || (!d.name.is_empty() && *e == d.name)))
+            && (self.events.is_empty() || self.events.iter().any(|e| d.is_named(e)))
     }
 
     /// The value the trait takes from `event`: `Null` for a count, else the property's value

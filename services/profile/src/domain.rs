@@ -318,6 +318,12 @@ pub struct EventDetails {
 }
 
 impl EventDetails {
+    /// Whether the event is called `name`: a track's event name, or a page's or screen's name
+    /// (what computed traits, audience conditions and engagement event types match on).
+    pub fn is_named(&self, name: &str) -> bool {
+        name == self.event || (!self.name.is_empty() && name == self.name)
+    }
+
     /// Whether nothing was kept (an event applied before details were).
     pub fn is_empty(&self) -> bool {
         self == &Self::default()

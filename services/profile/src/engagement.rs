@@ -110,10 +110,7 @@ pub fn apply(
     if events.is_empty() {
         return;
     }
-    let d = &event.details;
-    let declared = events
-        .iter()
-        .find(|e| e.event == d.event || (!d.name.is_empty() && e.event == d.name));
+    let declared = events.iter().find(|e| event.details.is_named(&e.event));
     let (name, half_life) = match declared {
         Some(e) => (key(&e.event), e.half_life_seconds),
         None => (OTHER.to_owned(), default_half_life_seconds),
