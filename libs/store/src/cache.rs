@@ -5,6 +5,8 @@
 //! a tombstone: a version without a value) with its version; a fill from a read only lands when
 //! its version is newer than what the cache holds, or equal to a tombstone's. The Redis
 //! implementation runs that comparison in a Lua script, so it is atomic across replicas.
+//!
+//! The Redis cache may keep a near cache in process in front of Redis (see [`crate::near`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,6 +14,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::Mutex;
+
+use crate::near::{Lookup, Near, NearCacheSettings, NearCacheStats};
 
 /// A cached value with the version of the row it came from. `bytes` is `None` for a tombstone:
 /// "the row changed at this version; read it from the database".
@@ -59,12 +63,21 @@ pub trait Cache: Send + Sync + std::fmt::Debug {
     async fn remove(&self, key: &str) -> Result<(), CacheError>;
 }
 
-/// Opens the cache named by `url`: `redis://…` (or `rediss://…`) for Redis, `memory://` or an
-/// empty string for the in-process cache. Keys are prefixed with `prefix`. Entries expire
-/// after `ttl`.
-pub fn open_cache(url: &str, prefix: &str, ttl: Duration) -> Result<Arc<dyn Cache>, CacheError> {
+/// Opens the cache named by `url`: `redis://…` (or `rediss://…`) for Redis, with a near cache
+/// in front when `near.enabled`, `memory://` or an empty string for the in-process cache (which
+/// needs no near cache). Keys are prefixed with `prefix`. Entries expire after `ttl`.
+pub fn open_cache(
+    url: &str,
+    prefix: &str,
+    ttl: Duration,
+    near: &NearCacheSettings,
+) -> Result<Arc<dyn Cache>, CacheError> {
     if url.is_empty() || url.starts_with("memory:") {
         Ok(Arc::new(MemoryCache::new(100_000, ttl)))
+    } else if near.enabled {
+        Ok(Arc::new(RedisCache::with_near_cache(
+            url, prefix, ttl, near,
+        )?))
     } else {
         Ok(Arc::new(RedisCache::new(url, prefix, ttl)?))
     }
@@ -164,10 +177,13 @@ pub struct RedisCache {
     ttl: Duration,
     timeout: Duration,
     script: redis::Script,
+    /// The near cache in front, if any.
+    pub(crate) near: Option<Arc<Near>>,
 }
 
 impl RedisCache {
-    /// A cache on the Redis at `url` whose keys start with `prefix`.
+    /// A cache on the Redis at `url` whose keys start with `prefix`, without a near cache:
+    /// every read goes to Redis.
     pub fn new(url: &str, prefix: &str, ttl: Duration) -> Result<Self, CacheError> {
         Ok(Self {
             client: redis::Client::open(url)?,
@@ -176,7 +192,50 @@ impl RedisCache {
             ttl,
             timeout: Duration::from_millis(250),
             script: redis::Script::new(PUT_IF_NEWER),
+            near: None,
         })
+    }
+
+    /// A cache on the Redis at `url` whose keys start with `prefix`, with a near cache in
+    /// front (its entries invalidated by Redis when any client changes them).
+    pub fn with_near_cache(
+        url: &str,
+        prefix: &str,
+        ttl: Duration,
+        near: &NearCacheSettings,
+    ) -> Result<Self, CacheError> {
+        Ok(Self {
+            near: Some(Arc::new(Near::new(url, prefix, near, ttl)?)),
+            ..Self::new(url, prefix, ttl)?
+        })
+    }
+
+    /// What the near cache has done so far; `None` without one.
+    pub fn near_cache_stats(&self) -> Option<NearCacheStats> {
+        self.near.as_ref().map(|near| near.stats())
+    }
+
+    /// The entry under the full key `key`, from Redis.
+    async fn remote_get(&self, key: &str) -> Result<Option<Versioned>, CacheError> {
+        let mut conn = self.connection().await?;
+        let (version, bytes): (Option<i64>, Option<Vec<u8>>) = self
+            .bounded(
+                redis::cmd("HMGET")
+                    .arg(key)
+                    .arg("v")
+                    .arg("d")
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(version.map(|version| Versioned { version, bytes }))
+    }
+
+    /// Drops the near entry of the full key `key` after this cache wrote it (whether or not
+    /// the write reported success: it may have landed).
+    fn written(&self, key: &str) {
+        if let Some(near) = &self.near {
+            near.invalidate(key);
+        }
     }
 
     async fn connection(&self) -> Result<ConnectionManager, CacheError> {
@@ -233,38 +292,48 @@ impl RedisCache {
 #[async_trait]
 impl Cache for RedisCache {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, CacheError> {
-        let mut conn = self.connection().await?;
-        let (version, bytes): (Option<i64>, Option<Vec<u8>>) = self
-            .bounded(
-                redis::cmd("HMGET")
-                    .arg(self.key(key))
-                    .arg("v")
-                    .arg("d")
-                    .query_async(&mut conn),
-            )
-            .await?;
-        Ok(version.map(|version| Versioned { version, bytes }))
+        let key = self.key(key);
+        let Some(near) = &self.near else {
+            return self.remote_get(&key).await;
+        };
+        match near.lookup(&key) {
+            Lookup::Hit(value) => Ok(Some(value)),
+            Lookup::Miss(token) => {
+                let value = self.remote_get(&key).await?;
+                if let Some(value) = &value {
+                    near.fill(&key, token, value).await;
+                }
+                Ok(value)
+            }
+            Lookup::Bypass => self.remote_get(&key).await,
+        }
     }
 
     async fn put_if_newer(&self, key: &str, value: Versioned) -> Result<bool, CacheError> {
         let mut conn = self.connection().await?;
+        let key = self.key(key);
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
-        let mut invocation = self.script.key(self.key(key));
+        let mut invocation = self.script.key(&key);
         invocation
             .arg(value.version)
             .arg(if value.bytes.is_some() { "1" } else { "0" })
             .arg(value.bytes.as_deref().unwrap_or(&[]))
             .arg(ttl_ms);
-        let stored: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
-        Ok(stored == 1)
+        let stored = self
+            .bounded(invocation.invoke_async::<i64>(&mut conn))
+            .await;
+        self.written(&key);
+        Ok(stored? == 1)
     }
 
     async fn remove(&self, key: &str) -> Result<(), CacheError> {
         let mut conn = self.connection().await?;
-        let () = self
-            .bounded(redis::cmd("DEL").arg(self.key(key)).query_async(&mut conn))
-            .await?;
-        Ok(())
+        let key = self.key(key);
+        let removed: Result<(), _> = self
+            .bounded(redis::cmd("DEL").arg(&key).query_async(&mut conn))
+            .await;
+        self.written(&key);
+        removed
     }
 }
 

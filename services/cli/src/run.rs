@@ -97,6 +97,9 @@ fn check(s: &Settings) -> anyhow::Result<()> {
     s.auth
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    s.cache
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     s.scoring
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
@@ -617,9 +620,13 @@ async fn serve(
                 )
                 .await?;
                 let ttl = Duration::from_secs(settings.profile.cache_ttl_seconds.max(1));
-                let cache =
-                    tessera_store::open_cache(&settings.redis_url, &settings.cache_prefix, ttl)
-                        .context("opening the profile cache")?;
+                let cache = tessera_store::open_cache(
+                    &settings.redis_url,
+                    &settings.cache_prefix,
+                    ttl,
+                    &settings.cache,
+                )
+                .context("opening the profile cache")?;
                 let profiles = tessera_profile::Profiles::new(
                     db.clone(),
                     Arc::clone(&cache),

@@ -15,7 +15,7 @@ use tessera_scoring::ScoringSettings;
 use tessera_server::access::AuthSettings;
 use tessera_server::tls::TlsSettings;
 use tessera_server::{EdgeSettings, TelemetrySettings};
-use tessera_store::DbSettings;
+use tessera_store::{DbSettings, NearCacheSettings};
 
 /// Everything the binary can be configured with.
 #[derive(Clone, Deserialize)]
@@ -28,6 +28,9 @@ pub(crate) struct Settings {
     pub(crate) redis_url: String,
     /// The prefix of every cache key, so several deployments can share one Redis.
     pub(crate) cache_prefix: String,
+    /// The near cache each profile replica keeps in process in front of Redis (`[cache]`);
+    /// unused with `memory://`.
+    pub(crate) cache: NearCacheSettings,
     /// The gRPC listen address.
     pub(crate) grpc_addr: SocketAddr,
     /// The HTTP listen address (HTTP APIs, `/healthz`, `/metrics`).
@@ -92,6 +95,7 @@ impl Default for Settings {
             database_url: String::new(),
             redis_url: "memory://".to_owned(),
             cache_prefix: "tessera:".to_owned(),
+            cache: NearCacheSettings::default(),
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             probe_addr: None,
@@ -181,6 +185,20 @@ mod tests {
         assert!(s.tls.is_configured() && s.peers.identity.starts_with("https://"));
         s.scoring.validate().expect("the example plans are valid");
         assert!(!s.scoring.plans.is_empty());
+        assert_eq!(s.cache.max_bytes, 64 * 1024 * 1024);
+        s.cache.validate().expect("the example near cache is valid");
+    }
+
+    #[test]
+    fn the_near_cache_is_on_by_default_and_env_turns_it_off() {
+        let s = load(None, &HashMap::new()).unwrap();
+        assert!(s.cache.enabled && s.cache.max_bytes > 0 && s.cache.ttl_seconds > 0);
+        let off = load(None, &env(&[("TESSERA__CACHE__ENABLED", "false")])).unwrap();
+        assert!(!off.cache.enabled);
+        let zero = load(None, &env(&[("TESSERA__CACHE__MAX_BYTES", "0")])).unwrap();
+        assert_eq!(zero.cache.validate().unwrap_err().field, "max_bytes");
+        let err = load(None, &env(&[("TESSERA__CACHE__SIZE", "1")])).unwrap_err();
+        assert!(err.to_string().contains("size"), "{err}");
     }
 
     #[test]
