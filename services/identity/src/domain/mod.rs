@@ -18,7 +18,10 @@ pub use plan::{
     DETACHED, Decision, DecisionKind, GraphView, NewIdentifier, Plan, ProfileAge, SEEN_TOGETHER,
     SPLIT, Sighting, plan, plan_merge, screen,
 };
-pub use replay::{Constraints, HistoryEntry, Replay, replay, split_apart};
+pub use replay::{
+    Constraints, HistoryEntry, Replay, in_event_time_order, order_sensitive_drop, replay,
+    split_apart,
+};
 pub use rules::{Rules, RulesConfig, suppresses_events};
 pub use union_find::UnionFind;
 

@@ -194,6 +194,36 @@ pub fn replay(
     }
 }
 
+/// `entries` in event-time order: what resolving every record by event time would have
+/// decided. Events sort by their event time; ties keep the order they were resolved in (the
+/// sort is stable). A merge decided outside the pipeline (manual, probabilistic) counts as
+/// happening when it was decided, but never before an event resolved before it: the profiles
+/// it names exist only once those events are replayed.
+pub fn in_event_time_order(entries: &[HistoryEntry]) -> Vec<HistoryEntry> {
+    let mut latest: Option<OffsetDateTime> = None;
+    let mut keyed: Vec<(OffsetDateTime, &HistoryEntry)> = entries
+        .iter()
+        .map(|entry| match entry {
+            HistoryEntry::Event { record, .. } => {
+                let at = record.timestamp();
+                latest = Some(latest.map_or(at, |l| l.max(at)));
+                (at, entry)
+            }
+            HistoryEntry::Merge { at, .. } => (latest.map_or(*at, |l| l.max(*at)), entry),
+        })
+        .collect();
+    keyed.sort_by_key(|(at, _)| *at);
+    keyed.into_iter().map(|(_, entry)| entry.clone()).collect()
+}
+
+/// Whether `reason` (why an identifier was not linked) is a decision that can depend on the
+/// order records arrive in: a limit (protection included) or the shared rule. A record that
+/// took one while older than decisions already in its component is re-resolved in event-time
+/// order.
+pub fn order_sensitive_drop(reason: &str) -> bool {
+    reason.starts_with("limit:") || reason.starts_with("shared:")
+}
+
 /// Whether an identifier was kept from linking by an unmerge or by being split off.
 pub fn split_apart(reason: &str) -> bool {
     reason == SPLIT || reason == DETACHED
@@ -661,6 +691,197 @@ mod tests {
                 record(rules, &format!("e{n}"), i64::try_from(n).unwrap(), &ids)
             })
             .collect()
+    }
+
+    fn events_of(records: &[Record]) -> Vec<HistoryEntry> {
+        records
+            .iter()
+            .map(|r| HistoryEntry::Event {
+                record: r.clone(),
+                created: None,
+            })
+            .collect()
+    }
+
+    /// The records of `graph` connected to `seed` through identifiers they carried, whatever
+    /// the rules decided: the most a record's arrival can change.
+    fn closure(graph: &[Record], seed: &Record) -> Vec<usize> {
+        let mut ids: HashSet<&Identifier> = seed.identifiers().iter().collect();
+        let mut members = BTreeSet::new();
+        loop {
+            let before = members.len();
+            for (n, r) in graph.iter().enumerate() {
+                if !members.contains(&n) && r.identifiers().iter().any(|i| ids.contains(i)) {
+                    members.insert(n);
+                    ids.extend(r.identifiers());
+                }
+            }
+            if members.len() == before {
+                return members.into_iter().collect();
+            }
+        }
+    }
+
+    /// Resolves `arrival` in runs (sizes from `cuts`) the way the stores do, and returns the
+    /// records in the order the graph reflects them: each run is resolved after what came
+    /// before; a record that took an order-sensitive drop while older than a record of its
+    /// closure already resolved has its closure re-resolved in event-time order.
+    fn arrive(rules: &Rules, arrival: &[Record], cuts: &[usize]) -> Vec<Record> {
+        let mut graph: Vec<Record> = Vec::new();
+        let mut start = 0;
+        for cut in cuts.iter().cycle() {
+            if start >= arrival.len() {
+                break;
+            }
+            let end = (start + cut).min(arrival.len());
+            graph.extend_from_slice(&arrival[start..end]);
+            let resolved = replay(
+                rules,
+                &events_of(&graph),
+                &Constraints::default(),
+                at(0),
+                fresh(),
+            );
+            let run = &resolved.plan.resolutions[resolved.plan.resolutions.len() - (end - start)..];
+            for r in run {
+                if !r.dropped.iter().any(|d| order_sensitive_drop(&d.reason)) {
+                    continue;
+                }
+                let Some(record) = graph.iter().find(|g| g.event_id() == r.event_id).cloned()
+                else {
+                    continue;
+                };
+                let members = closure(&graph, &record);
+                if members
+                    .iter()
+                    .any(|n| graph[*n].timestamp() > record.timestamp())
+                {
+                    let entries: Vec<HistoryEntry> = events_of(
+                        &members
+                            .iter()
+                            .map(|n| graph[*n].clone())
+                            .collect::<Vec<_>>(),
+                    );
+                    for (slot, entry) in members.iter().zip(in_event_time_order(&entries)) {
+                        if let HistoryEntry::Event { record, .. } = entry {
+                            graph[*slot] = record;
+                        }
+                    }
+                }
+            }
+            start = end;
+        }
+        graph
+    }
+
+    /// Events grouped by the profile they end in.
+    fn event_groups(replayed: &Replay) -> BTreeSet<BTreeSet<String>> {
+        let mut groups: HashMap<Uuid, BTreeSet<String>> = HashMap::new();
+        for (event, profile) in &replayed.events {
+            groups.entry(*profile).or_default().insert(event.clone());
+        }
+        groups.into_values().collect()
+    }
+
+    #[test]
+    fn the_earlier_claim_on_a_shared_device_wins_whatever_arrives_first() {
+        let rules = Rules::default();
+        let ten = 10 * 3_600;
+        let a = record(&rules, "a", ten, &[("user_id", "ann"), ("device_id", "tv")]);
+        let b = record(
+            &rules,
+            "b",
+            ten - 3_600,
+            &[("user_id", "bob"), ("device_id", "tv")],
+        );
+        let in_order = arrive(&rules, &[b.clone(), a.clone()], &[1]);
+        let late = arrive(&rules, &[a, b], &[1]);
+        let owners = |graph: &[Record]| {
+            replay(
+                &rules,
+                &events_of(graph),
+                &Constraints::default(),
+                at(0),
+                fresh(),
+            )
+            .owners
+        };
+        let (in_order, late) = (owners(&in_order), owners(&late));
+        assert_eq!(partition(&late), partition(&in_order));
+        let tv = &late[&Identifier::new("device_id", "tv")];
+        assert_eq!(
+            tv,
+            &late[&Identifier::new("user_id", "bob")],
+            "Bob's 09:00 claim"
+        );
+        assert_ne!(tv, &late[&Identifier::new("user_id", "ann")]);
+    }
+
+    #[test]
+    fn a_merge_outside_the_pipeline_stays_after_the_events_it_was_decided_on() {
+        let rules = Rules::default();
+        let manual = HistoryEntry::Merge {
+            pair: (Uuid::from_u128(1), Uuid::from_u128(2)),
+            cause: "manual:x".into(),
+            rule: "manual".into(),
+            // Decided "before" the events by a skewed clock: it still follows them.
+            at: at(1),
+        };
+        let entries = vec![
+            HistoryEntry::Event {
+                record: record(&rules, "late", 50, &[("email", "a@x.io")]),
+                created: None,
+            },
+            HistoryEntry::Event {
+                record: record(&rules, "early", 20, &[("email", "b@x.io")]),
+                created: None,
+            },
+            manual,
+            HistoryEntry::Event {
+                record: record(&rules, "next", 30, &[("email", "c@x.io")]),
+                created: None,
+            },
+        ];
+        let names: Vec<String> = in_event_time_order(&entries)
+            .iter()
+            .map(|e| match e {
+                HistoryEntry::Event { record, .. } => record.event_id().to_owned(),
+                HistoryEntry::Merge { cause, .. } => cause.clone(),
+            })
+            .collect();
+        assert_eq!(names, ["early", "next", "late", "manual:x"]);
+    }
+
+    /// Records over a few users, devices, anonymous ids and emails, and an arrival order.
+    fn arb_timed() -> impl Strategy<Value = (Vec<Vec<(usize, u8)>>, Vec<usize>)> {
+        prop::collection::vec(prop::collection::vec((0..4usize, 0..4u8), 1..4), 1..24)
+            .prop_flat_map(|raw| {
+                let order: Vec<usize> = (0..raw.len()).collect();
+                (Just(raw), Just(order).prop_shuffle())
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// With the default rules (user ids protected, limits, shared identifiers), whatever
+        /// the arrival order and the runs, the graph ends as resolving every record in
+        /// event-time order leaves it: the same partition of identifiers and of events.
+        #[test]
+        fn outcomes_follow_event_time_not_arrival(
+            (raw, order) in arb_timed(),
+            cuts in prop::collection::vec(1..6usize, 1..6),
+        ) {
+            let rules = Rules::default();
+            // Each record's time is its index: distinct, so event-time order is one order.
+            let records = records_of(&rules, &raw);
+            let arrival: Vec<Record> = order.iter().map(|n| records[*n].clone()).collect();
+            let graph = arrive(&rules, &arrival, &cuts);
+            let got = replay(&rules, &events_of(&graph), &Constraints::default(), at(0), fresh());
+            let want = replay(&rules, &events_of(&records), &Constraints::default(), at(0), fresh());
+            prop_assert_eq!(partition(&got.owners), partition(&want.owners));
+            prop_assert_eq!(event_groups(&got), event_groups(&want));
+        }
     }
 
     proptest! {

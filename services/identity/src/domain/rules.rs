@@ -426,6 +426,13 @@ impl Rules {
         self.limits.keys().map(String::as_str)
     }
 
+    /// Whether outcomes can depend on the order records are resolved in: some type has a
+    /// limit (protected types are limits of one) or may be shared. Only then is a late record
+    /// re-resolved in event-time order (see `domain::replay::in_event_time_order`).
+    pub fn order_dependent(&self) -> bool {
+        !self.limits.is_empty() || !self.shared.is_empty()
+    }
+
     /// Whether identifiers of `kind` stop linking once shared.
     pub fn may_be_shared(&self, kind: &str) -> bool {
         self.shared.contains(kind)

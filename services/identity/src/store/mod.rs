@@ -16,8 +16,9 @@ use uuid::Uuid;
 
 use crate::IdentityError;
 use crate::domain::{
-    Decision, DecisionKind, Dropped, GraphView, HistoryEntry, Merge, Plan, ProfileAge, Record,
-    Replay, Resolution, Rules, RulesConfig, SEEN_TOGETHER, SPLIT, split_apart, truncate_to_micros,
+    Constraints, Decision, DecisionKind, Dropped, GraphView, HistoryEntry, Merge, Plan, ProfileAge,
+    Record, Replay, Resolution, Rules, RulesConfig, SEEN_TOGETHER, SPLIT, in_event_time_order,
+    order_sensitive_drop, replay, split_apart, truncate_to_micros,
 };
 
 /// What the graph keeps of one event's resolution.
@@ -897,6 +898,170 @@ pub(crate) fn rewritten(
         profiles,
         events,
         erased_events: replay.erased_events.clone(),
+    }
+}
+
+/// The rule a re-resolution in event-time order is logged under.
+pub(crate) const EVENT_TIME: &str = "event_time";
+
+/// The records of a written plan that may have arrived late: those that took a decision that
+/// depends on arrival order (a limit, protection or the shared rule dropped one of their
+/// identifiers), under rules that have such decisions. Only for these does a store look
+/// further (their component's history); every other record costs nothing more. Returns each
+/// one's event id, time and the identifiers it carried (linked or dropped by a rule).
+pub(crate) fn late_suspects(
+    rules: &Rules,
+    plan: &Plan,
+) -> Vec<(String, OffsetDateTime, Vec<Identifier>)> {
+    if !rules.order_dependent() {
+        return Vec::new();
+    }
+    plan.resolutions
+        .iter()
+        .filter(|r| !r.suppressed && r.dropped.iter().any(|d| order_sensitive_drop(&d.reason)))
+        .map(|r| {
+            let mut carried = r.identifiers.clone();
+            carried.extend(
+                r.dropped
+                    .iter()
+                    .filter(|d| graph_dependent(&d.reason))
+                    .map(|d| d.identifier.clone()),
+            );
+            (r.event_id.clone(), r.event_time, carried)
+        })
+        .collect()
+}
+
+/// The identifiers a closure step follows from a set of components: every identifier their
+/// events linked or did not link because of the graph.
+pub(crate) fn carried_identifiers(rows: &HistoryRows) -> Vec<Identifier> {
+    let mut out: Vec<Identifier> = rows
+        .resolutions
+        .iter()
+        .flat_map(|r| {
+            r.detail.identifiers.iter().cloned().chain(
+                r.detail
+                    .dropped
+                    .iter()
+                    .filter(|d| graph_dependent(&d.reason))
+                    .map(|d| d.identifier.clone()),
+            )
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Whether any event of `history` happened after `at`: a record resolved at `at` then came
+/// late to it.
+pub(crate) fn has_later_event(history: &ComponentHistory, at: OffsetDateTime) -> bool {
+    history.entries.iter().any(|entry| match entry {
+        HistoryEntry::Event { record, .. } => record.timestamp() > at,
+        HistoryEntry::Merge { .. } => false,
+    })
+}
+
+/// Replays a closure's history in event-time order and, when that changes anything compared
+/// with the graph as it stands (the same history replayed in resolution order, which gives
+/// back the stored graph), returns the replay to write. `None`: the arrival order made no
+/// difference.
+pub(crate) fn reorder(
+    rules: &Rules,
+    history: &ComponentHistory,
+    constraints: &Constraints,
+    now: OffsetDateTime,
+) -> Option<Replay> {
+    let standing = replay(rules, &history.entries, constraints, now, Uuid::now_v7);
+    let sorted = replay(
+        rules,
+        &in_event_time_order(&history.entries),
+        constraints,
+        now,
+        Uuid::now_v7,
+    );
+    let same = standing.owners == sorted.owners
+        && standing.events == sorted.events
+        && standing.canonical == sorted.canonical;
+    (!same).then_some(sorted)
+}
+
+/// What a re-resolution in event-time order writes, from its replay: like [`rewrite_plan`],
+/// the whole replayed membership, and in the graph log one `split` decision (rule
+/// `event_time`, caused by the late event), the drops the replay decided by a rule, and the
+/// creation of the profiles it made.
+pub(crate) fn reorder_plan(
+    replay: &Replay,
+    members: &HashSet<Uuid>,
+    (root, late_event): (Uuid, &str),
+    now: OffsetDateTime,
+) -> Plan {
+    let change = Decision {
+        kind: DecisionKind::Split,
+        event_id: late_event.to_owned(),
+        profile_id: root,
+        other_profile_id: None,
+        identifier: None,
+        rule: EVENT_TIME.to_owned(),
+        event_time: now,
+        detail: Some(
+            serde_json::json!({ "reason": "a late event: re-resolved in event-time order" })
+                .to_string(),
+        ),
+    };
+    Plan {
+        resolutions: Vec::new(),
+        new_profiles: replay
+            .plan
+            .new_profiles
+            .iter()
+            .filter(|p| !members.contains(&p.id))
+            .copied()
+            .collect(),
+        new_identifiers: replay.plan.new_identifiers.clone(),
+        merges: replay.plan.merges.clone(),
+        sightings: replay.plan.sightings.clone(),
+        // The drops stay findable by identifier (a later late event follows them to this
+        // component); new profiles are logged with their event so a later replay makes them.
+        decisions: std::iter::once(change)
+            .chain(
+                replay
+                    .plan
+                    .decisions
+                    .iter()
+                    .filter(|d| {
+                        (d.kind == DecisionKind::Drop && graph_dependent(&d.rule))
+                            || (d.kind == DecisionKind::Create && !members.contains(&d.profile_id))
+                    })
+                    .cloned(),
+            )
+            .collect(),
+    }
+}
+
+/// What a re-resolution in event-time order did, as queued for the profile service.
+pub(crate) fn reordered(root: Uuid, members: &HashSet<Uuid>, replay: &Replay) -> Rewritten {
+    let mut out = rewritten((&Change::Unmerge(root), root, None), members, replay);
+    out.profile = None;
+    out
+}
+
+/// `plan`'s resolutions with those of the events a re-resolution replayed replaced by the
+/// replay's, each naming its profile at the end.
+pub(crate) fn with_replayed(plan: &mut Plan, replayed: &Replay) {
+    let by_event: HashMap<&str, &Resolution> = replayed
+        .plan
+        .resolutions
+        .iter()
+        .map(|r| (r.event_id.as_str(), r))
+        .collect();
+    for r in &mut plan.resolutions {
+        if let Some(again) = by_event.get(r.event_id.as_str()) {
+            *r = (*again).clone();
+            if let Some(profile) = replayed.events.get(&r.event_id) {
+                r.profile_id = *profile;
+            }
+        }
     }
 }
 

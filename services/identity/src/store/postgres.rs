@@ -20,9 +20,10 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Change, Forgotten, Outcome, Rewritten, SplitPayload, decode_resolutions, dropped_identifiers,
-    erased_digest, erased_pseudonym, history_identifiers, lookup_identifiers, mark_suppressed,
-    rewrite_plan, rewritten, scrub_detail, suppression_keys,
+    Change, EVENT_TIME, Forgotten, Outcome, Rewritten, SplitPayload, carried_identifiers,
+    decode_resolutions, dropped_identifiers, erased_digest, erased_pseudonym, has_later_event,
+    history_identifiers, late_suspects, lookup_identifiers, mark_suppressed, reorder, reorder_plan,
+    reordered, rewrite_plan, rewritten, scrub_detail, suppression_keys, with_replayed,
 };
 use super::{
     ComponentHistory, GraphIdentifier, HistoryRows, IdentityStore, LoggedDecision, ProfileGraph,
@@ -32,8 +33,8 @@ use super::{
 };
 use crate::IdentityError;
 use crate::domain::{
-    Constraints, GraphView, Plan, ProfileAge, Record, Resolution, RulesConfig, plan, replay,
-    suppresses_events,
+    Constraints, GraphView, Plan, ProfileAge, Record, Replay, Resolution, RulesConfig, plan,
+    replay, suppresses_events,
 };
 
 /// Selects graph log entries: the columns of [`DecisionRow`], then the rest of the statement.
@@ -327,7 +328,238 @@ async fn decide_and_write(
         Uuid::now_v7,
     );
     write(&mut *tx, &plan, rules.version, now).await?;
+    let mut plan = plan;
+    reorder_late(&mut *tx, rules, &mut plan, now).await?;
     Ok((done, plan))
+}
+
+/// Re-resolves in event-time order the components a late record of `plan` touched, within the
+/// run's transaction: when a record that took an order-dependent decision (see
+/// [`late_suspects`]) is older than an event already resolved in its closure, the closure is
+/// replayed by event time and written back like a rewrite, and the profile service told
+/// through the merge outbox. `plan`'s resolutions of replayed events become the replay's.
+/// Nothing is read when no record took such a decision.
+async fn reorder_late(
+    tx: &mut PgConnection,
+    rules: &VersionedRules,
+    plan: &mut Plan,
+    now: OffsetDateTime,
+) -> Result<(), Failure> {
+    let suspects = late_suspects(&rules.rules, plan);
+    let mut done: HashSet<Uuid> = HashSet::new();
+    for (event, at, carried) in suspects {
+        let roots = closure_roots(&mut *tx, carried).await?;
+        if roots.is_empty() || roots.iter().all(|r| done.contains(r)) {
+            continue;
+        }
+        let before = history(history_rows(&mut *tx, &roots).await?)?;
+        if !has_later_event(&before, at) {
+            continue;
+        }
+        // Lock as a rewrite does (identifiers, then root rows in id order), then read again
+        // under the locks.
+        let mut keys: Vec<i64> = history_identifiers(&before)
+            .iter()
+            .map(|i| lock_key(&[b"identifier", i.kind.as_bytes(), i.value.as_bytes()]))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        sqlx::query("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k")
+            .bind(keys)
+            .execute(&mut *tx)
+            .await?;
+        let live: Vec<bool> = sqlx::query_scalar(
+            "SELECT merged_into IS NULL FROM profiles WHERE profile_id = ANY($1) \
+             ORDER BY profile_id FOR UPDATE",
+        )
+        .bind(&roots)
+        .fetch_all(&mut *tx)
+        .await?;
+        if live.len() != roots.len() || live.iter().any(|l| !l) {
+            return Err(Failure::Retry("profile merged meanwhile"));
+        }
+        let rows = history_rows(&mut *tx, &roots).await?;
+        let members: HashSet<Uuid> = rows.members.iter().map(|m| m.0).collect();
+        let ids: Vec<Uuid> = members.iter().copied().collect();
+        let history = history(rows)?;
+        let mut constraints = Constraints {
+            forbidden: sqlx::query_as(
+                "SELECT profile_a, profile_b FROM splits \
+                 WHERE profile_a = ANY($1) OR profile_b = ANY($1)",
+            )
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?,
+            ..Constraints::default()
+        };
+        let (types, values): (Vec<&str>, Vec<&str>) = history_identifiers(&history)
+            .into_iter()
+            .map(|i| (i.kind.as_str(), i.value.as_str()))
+            .unzip();
+        constraints.detached = detached(&mut *tx, &types, &values).await?;
+        constraints.erased = erased_among(&mut *tx, &history_identifiers(&history)).await?;
+        done.extend(roots.iter().copied());
+        let Some(replayed) = reorder(&rules.rules, &history, &constraints, now) else {
+            continue;
+        };
+        let root = history.root;
+        clear_derived(&mut *tx, &ids).await?;
+        write(
+            &mut *tx,
+            &reorder_plan(&replayed, &members, (root, &event), now),
+            rules.version,
+            now,
+        )
+        .await?;
+        rewrite_resolutions(&mut *tx, &replayed).await?;
+        queue_split(
+            &mut *tx,
+            (root, root),
+            &reordered(root, &members, &replayed),
+            "late event: re-resolved in event-time order",
+            now,
+        )
+        .await?;
+        metrics::counter!("tessera_identity_rewrites_total", "rule" => EVENT_TIME).increment(1);
+        with_replayed(plan, &replayed);
+    }
+    Ok(())
+}
+
+/// The canonical profiles of the closure of `identifiers`: the components that hold them or
+/// whose events carried them without linking them, then, step by step, those related in the
+/// same way to every identifier those components' events carried.
+async fn closure_roots(
+    conn: &mut PgConnection,
+    identifiers: Vec<Identifier>,
+) -> Result<Vec<Uuid>, IdentityError> {
+    let mut roots: HashSet<Uuid> = HashSet::new();
+    let mut seen: HashSet<Identifier> = HashSet::new();
+    let mut frontier = identifiers;
+    loop {
+        frontier.retain(|i| seen.insert(i.clone()));
+        if frontier.is_empty() {
+            break;
+        }
+        let (types, values): (Vec<&str>, Vec<&str>) = frontier
+            .iter()
+            .map(|i| (i.kind.as_str(), i.value.as_str()))
+            .unzip();
+        let found: Vec<Uuid> = sqlx::query_scalar(
+            "WITH RECURSIVE k (type, value) AS (SELECT * FROM unnest($1::text[], $2::text[])), \
+             start (profile_id) AS ( \
+                 SELECT g.profile_id FROM graph_log g JOIN k \
+                   ON g.id_type = k.type AND g.id_value = k.value \
+                 WHERE g.profile_id IS NOT NULL \
+               UNION \
+                 SELECT i.profile_id FROM identifiers i JOIN k \
+                   ON i.type = k.type AND i.value = k.value), \
+             chain (profile_id, merged_into) AS ( \
+                 SELECT p.profile_id, p.merged_into FROM profiles p JOIN start USING (profile_id) \
+               UNION \
+                 SELECT p.profile_id, p.merged_into FROM chain c \
+                 JOIN profiles p ON p.profile_id = c.merged_into) \
+             SELECT profile_id FROM chain WHERE merged_into IS NULL",
+        )
+        .bind(&types)
+        .bind(&values)
+        .fetch_all(&mut *conn)
+        .await?;
+        let new: Vec<Uuid> = found.into_iter().filter(|r| roots.insert(*r)).collect();
+        if new.is_empty() {
+            break;
+        }
+        frontier = carried_identifiers(&history_rows(&mut *conn, &new).await?);
+    }
+    let mut roots: Vec<Uuid> = roots.into_iter().collect();
+    roots.sort_unstable();
+    Ok(roots)
+}
+
+/// Clears what the components of the profiles `ids` derived (membership, merges, identifiers,
+/// sightings) before a replay of them is written.
+async fn clear_derived(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE profiles SET merged_into = NULL, merged_at = NULL WHERE profile_id = ANY($1)",
+    )
+    .bind(ids)
+    .execute(&mut *conn)
+    .await?;
+    for table in [
+        "DELETE FROM merges WHERE merged_profile_id = ANY($1)",
+        "DELETE FROM identifiers WHERE profile_id = ANY($1)",
+        "DELETE FROM sightings WHERE profile_id = ANY($1)",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(table))
+            .bind(ids)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Rewrites the stored resolution of every event a replay resolved, and deletes those of the
+/// events it left out (erased).
+async fn rewrite_resolutions(
+    conn: &mut PgConnection,
+    replayed: &Replay,
+) -> Result<(), sqlx::Error> {
+    let n = replayed.plan.resolutions.len();
+    let (mut events, mut profiles, mut merges, mut details) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for r in &replayed.plan.resolutions {
+        events.push(r.event_id.as_str());
+        profiles.push(r.profile_id);
+        merges.push(encode_merges(&r.merges));
+        details.push(encode_detail(r));
+    }
+    sqlx::query(
+        "UPDATE resolutions AS r SET profile_id = u.p, merges = u.m::jsonb, detail = u.d::jsonb \
+         FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[]) AS u (e, p, m, d) \
+         WHERE r.event_id = u.e",
+    )
+    .bind(events)
+    .bind(profiles)
+    .bind(merges)
+    .bind(details)
+    .execute(&mut *conn)
+    .await?;
+    if !replayed.erased_events.is_empty() {
+        sqlx::query("DELETE FROM resolutions WHERE event_id = ANY($1)")
+            .bind(&replayed.erased_events)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Queues a rewrite's split for the profile service, in order with the merges before it.
+async fn queue_split(
+    conn: &mut PgConnection,
+    (survivor, merged): (Uuid, Uuid),
+    result: &Rewritten,
+    reason: &str,
+    now: OffsetDateTime,
+) -> Result<(), IdentityError> {
+    let payload = serde_json::to_string(&SplitPayload::from(result))
+        .map_err(|e| IdentityError::Corrupt(format!("split does not encode: {e}")))?;
+    sqlx::query(
+        "INSERT INTO merge_outbox (surviving_profile_id, merged_profile_id, cause, rule, \
+                                   merged_at, payload) \
+         VALUES ($1, $2, $3, 'split', $4, $5::jsonb)",
+    )
+    .bind(survivor)
+    .bind(merged)
+    .bind(reason)
+    .bind(now)
+    .bind(payload)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 #[async_trait::async_trait]
@@ -427,7 +659,7 @@ impl IdentityStore for PgStore {
             .fetch_optional(&mut *tx)
             .await?;
         let root = root.ok_or(IdentityError::UnknownProfile)?;
-        let rows = history_rows(&mut tx, root).await?;
+        let rows = history_rows(&mut tx, &[root]).await?;
         tx.commit().await?;
         history(rows)
     }
@@ -480,7 +712,7 @@ impl IdentityStore for PgStore {
         if live != Some(true) {
             return Err(IdentityError::Contended);
         }
-        let rows = history_rows(&mut tx, root).await?;
+        let rows = history_rows(&mut tx, &[root]).await?;
         let members: HashSet<Uuid> = rows.members.iter().map(|m| m.0).collect();
         let ids: Vec<Uuid> = members.iter().copied().collect();
         let mut constraints = Constraints {
@@ -520,22 +752,7 @@ impl IdentityStore for PgStore {
             Uuid::now_v7,
         );
         // Clear what the component derived, then write the replayed graph.
-        sqlx::query(
-            "UPDATE profiles SET merged_into = NULL, merged_at = NULL WHERE profile_id = ANY($1)",
-        )
-        .bind(&ids)
-        .execute(&mut *tx)
-        .await?;
-        for table in [
-            "DELETE FROM merges WHERE merged_profile_id = ANY($1)",
-            "DELETE FROM identifiers WHERE profile_id = ANY($1)",
-            "DELETE FROM sightings WHERE profile_id = ANY($1)",
-        ] {
-            sqlx::query(sqlx::AssertSqlSafe(table))
-                .bind(&ids)
-                .execute(&mut *tx)
-                .await?;
-        }
+        clear_derived(&mut tx, &ids).await?;
         let survivor = pair.map(|(_, survivor)| survivor);
         write(
             &mut tx,
@@ -544,36 +761,7 @@ impl IdentityStore for PgStore {
             now,
         )
         .await?;
-        let n = replayed.plan.resolutions.len();
-        let (mut events, mut profiles, mut merges, mut details) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for r in &replayed.plan.resolutions {
-            events.push(r.event_id.as_str());
-            profiles.push(r.profile_id);
-            merges.push(encode_merges(&r.merges));
-            details.push(encode_detail(r));
-        }
-        sqlx::query(
-            "UPDATE resolutions AS r SET profile_id = u.p, merges = u.m::jsonb, detail = u.d::jsonb \
-             FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[]) AS u (e, p, m, d) \
-             WHERE r.event_id = u.e",
-        )
-        .bind(events)
-        .bind(profiles)
-        .bind(merges)
-        .bind(details)
-        .execute(&mut *tx)
-        .await?;
-        if !replayed.erased_events.is_empty() {
-            sqlx::query("DELETE FROM resolutions WHERE event_id = ANY($1)")
-                .bind(&replayed.erased_events)
-                .execute(&mut *tx)
-                .await?;
-        }
+        rewrite_resolutions(&mut tx, &replayed).await?;
         match (change, pair) {
             (Change::Unmerge(_), Some((merged, survivor))) => {
                 sqlx::query(
@@ -603,19 +791,13 @@ impl IdentityStore for PgStore {
         }
         let result = rewritten((change, root, survivor), &members, &replayed);
         // The profile service hears of it through the outbox, in order with the merges.
-        let payload = serde_json::to_string(&SplitPayload::from(&result))
-            .map_err(|e| IdentityError::Corrupt(format!("split does not encode: {e}")))?;
-        sqlx::query(
-            "INSERT INTO merge_outbox (surviving_profile_id, merged_profile_id, cause, rule, \
-                                       merged_at, payload) \
-             VALUES ($1, $2, $3, 'split', $4, $5::jsonb)",
+        queue_split(
+            &mut tx,
+            (survivor.unwrap_or(root), result.profile.unwrap_or(root)),
+            &result,
+            reason,
+            now,
         )
-        .bind(survivor.unwrap_or(root))
-        .bind(result.profile.unwrap_or(root))
-        .bind(reason)
-        .bind(now)
-        .bind(payload)
-        .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(result)
@@ -1226,15 +1408,24 @@ async fn scrub_dropped(
     Ok(())
 }
 
-async fn history_rows(conn: &mut PgConnection, root: Uuid) -> Result<HistoryRows, IdentityError> {
+/// The history rows of the components rooted at `roots` (the first is named the root), read
+/// as one: identifiers held by any of them are not foreign.
+async fn history_rows(
+    conn: &mut PgConnection,
+    roots: &[Uuid],
+) -> Result<HistoryRows, IdentityError> {
+    let root = roots
+        .first()
+        .copied()
+        .ok_or(IdentityError::UnknownProfile)?;
     let members: Vec<(Uuid, OffsetDateTime)> = sqlx::query_as(
         "WITH RECURSIVE tree (profile_id) AS ( \
-             SELECT $1::uuid \
+             SELECT unnest($1::uuid[]) \
            UNION \
              SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
          SELECT p.profile_id, p.created_at FROM profiles p JOIN tree USING (profile_id)",
     )
-    .bind(root)
+    .bind(roots)
     .fetch_all(&mut *conn)
     .await?;
     let ids: Vec<Uuid> = members.iter().map(|m| m.0).collect();

@@ -10,9 +10,10 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Change, Forgotten, Outcome, Rewritten, SplitPayload, decode_resolutions, dropped_identifiers,
-    erased_digest, erased_pseudonym, history_identifiers, lookup_identifiers, mark_suppressed,
-    rewrite_plan, rewritten, scrub_detail, suppression_keys,
+    Change, EVENT_TIME, Forgotten, Outcome, Rewritten, SplitPayload, carried_identifiers,
+    decode_resolutions, dropped_identifiers, erased_digest, erased_pseudonym, has_later_event,
+    history_identifiers, late_suspects, lookup_identifiers, mark_suppressed, reorder, reorder_plan,
+    reordered, rewrite_plan, rewritten, scrub_detail, suppression_keys, with_replayed,
 };
 use super::{
     ComponentHistory, GraphIdentifier, HistoryRows, IdentityStore, LoggedDecision, ProfileGraph,
@@ -22,7 +23,8 @@ use super::{
 };
 use crate::IdentityError;
 use crate::domain::{
-    Constraints, GraphView, Plan, ProfileAge, Record, RulesConfig, plan, replay, suppresses_events,
+    Constraints, GraphView, Plan, ProfileAge, Record, Replay, RulesConfig, plan, replay,
+    suppresses_events,
 };
 
 /// Selects graph log entries: the columns of [`DecisionRow`], then the rest of the statement.
@@ -371,6 +373,8 @@ impl IdentityStore for SqliteStore {
             Uuid::now_v7,
         );
         write(&mut tx, &plan, rules.version, now).await?;
+        let mut plan = plan;
+        reorder_late(&mut tx, rules, &mut plan, now).await?;
         tx.commit().await?;
         record_metrics(&plan);
 
@@ -432,7 +436,7 @@ impl IdentityStore for SqliteStore {
             .fetch_optional(&mut *tx)
             .await?;
         let root = root.ok_or(IdentityError::UnknownProfile)?;
-        let rows = history_rows(&mut tx, &root).await?;
+        let rows = history_rows(&mut tx, &[root.as_str()]).await?;
         tx.commit().await?;
         history(rows)
     }
@@ -477,7 +481,7 @@ impl IdentityStore for SqliteStore {
             .bind(start.to_string())
             .fetch_one(&mut *tx)
             .await?;
-        let rows = history_rows(&mut tx, &root).await?;
+        let rows = history_rows(&mut tx, &[root.as_str()]).await?;
         let root = parse_uuid(&root)?;
         let members: HashSet<Uuid> = rows.members.iter().map(|m| m.0).collect();
         let list = serde_json::to_string(&members.iter().map(Uuid::to_string).collect::<Vec<_>>())
@@ -531,18 +535,7 @@ impl IdentityStore for SqliteStore {
             Uuid::now_v7,
         );
         // Clear what the component derived, then write the replayed graph.
-        for statement in [
-            "UPDATE profiles SET merged_into = NULL, merged_at = NULL \
-             WHERE profile_id IN (SELECT value FROM json_each(?1))",
-            "DELETE FROM merges WHERE merged_profile_id IN (SELECT value FROM json_each(?1))",
-            "DELETE FROM identifiers WHERE profile_id IN (SELECT value FROM json_each(?1))",
-            "DELETE FROM sightings WHERE profile_id IN (SELECT value FROM json_each(?1))",
-        ] {
-            sqlx::query(sqlx::AssertSqlSafe(statement))
-                .bind(&list)
-                .execute(&mut *tx)
-                .await?;
-        }
+        clear_derived(&mut tx, &list).await?;
         let survivor = pair.map(|(_, survivor)| survivor);
         write(
             &mut tx,
@@ -551,23 +544,7 @@ impl IdentityStore for SqliteStore {
             now,
         )
         .await?;
-        for r in &replayed.plan.resolutions {
-            sqlx::query(
-                "UPDATE resolutions SET profile_id = ?2, merges = ?3, detail = ?4 WHERE event_id = ?1",
-            )
-            .bind(&r.event_id)
-            .bind(r.profile_id.to_string())
-            .bind(encode_merges(&r.merges))
-            .bind(encode_detail(r))
-            .execute(&mut *tx)
-            .await?;
-        }
-        for event in &replayed.erased_events {
-            sqlx::query("DELETE FROM resolutions WHERE event_id = ?1")
-                .bind(event)
-                .execute(&mut *tx)
-                .await?;
-        }
+        rewrite_resolutions(&mut tx, &replayed).await?;
         match (change, pair) {
             (Change::Unmerge(_), Some((merged, survivor))) => {
                 sqlx::query(
@@ -597,19 +574,13 @@ impl IdentityStore for SqliteStore {
         }
         let result = rewritten((change, root, survivor), &members, &replayed);
         // The profile service hears of it through the outbox, in order with the merges.
-        let payload = serde_json::to_string(&SplitPayload::from(&result))
-            .map_err(|e| IdentityError::Corrupt(format!("split does not encode: {e}")))?;
-        sqlx::query(
-            "INSERT INTO merge_outbox (surviving_profile_id, merged_profile_id, cause, rule, \
-                                       merged_at, payload) \
-             VALUES (?1, ?2, ?3, 'split', ?4, ?5)",
+        queue_split(
+            &mut tx,
+            (survivor.unwrap_or(root), result.profile.unwrap_or(root)),
+            &result,
+            reason,
+            now,
         )
-        .bind(survivor.unwrap_or(root).to_string())
-        .bind(result.profile.unwrap_or(root).to_string())
-        .bind(reason)
-        .bind(micros(now))
-        .bind(payload)
-        .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(result)
@@ -1131,18 +1102,22 @@ async fn erased_among(
     Ok(out)
 }
 
+/// The history rows of the components rooted at `roots` (the first is named the root), read
+/// as one: identifiers held by any of them are not foreign.
 async fn history_rows(
     conn: &mut SqliteConnection,
-    root: &str,
+    roots: &[&str],
 ) -> Result<HistoryRows, IdentityError> {
+    let root = *roots.first().ok_or(IdentityError::UnknownProfile)?;
+    let seeds = serde_json::to_string(roots).unwrap_or_else(|_| "[]".to_owned());
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "WITH RECURSIVE tree (profile_id) AS ( \
-             SELECT ?1 \
+             SELECT value FROM json_each(?1) \
            UNION \
              SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
          SELECT p.profile_id, p.created_at FROM profiles p JOIN tree USING (profile_id)",
     )
-    .bind(root)
+    .bind(&seeds)
     .fetch_all(&mut *conn)
     .await?;
     let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
@@ -1219,6 +1194,221 @@ async fn history_rows(
             })
             .collect::<Result<_, IdentityError>>()?,
     })
+}
+
+/// Re-resolves in event-time order the components a late record of `plan` touched, within the
+/// run's transaction (see the Postgres store's `reorder_late`; the single connection needs no
+/// locks). Nothing is read when no record took an order-dependent decision.
+async fn reorder_late(
+    tx: &mut SqliteConnection,
+    rules: &VersionedRules,
+    plan: &mut Plan,
+    now: OffsetDateTime,
+) -> Result<(), IdentityError> {
+    let suspects = late_suspects(&rules.rules, plan);
+    let mut done: HashSet<String> = HashSet::new();
+    for (event, at, carried) in suspects {
+        let roots = closure_roots(&mut *tx, carried).await?;
+        if roots.is_empty() || roots.iter().all(|r| done.contains(r)) {
+            continue;
+        }
+        let seeds: Vec<&str> = roots.iter().map(String::as_str).collect();
+        let rows = history_rows(&mut *tx, &seeds).await?;
+        let members: HashSet<Uuid> = rows.members.iter().map(|m| m.0).collect();
+        let history = history(rows)?;
+        if !has_later_event(&history, at) {
+            continue;
+        }
+        done.extend(roots.iter().cloned());
+        let list = serde_json::to_string(&members.iter().map(Uuid::to_string).collect::<Vec<_>>())
+            .unwrap_or_else(|_| "[]".to_owned());
+        let pairs: Vec<(String, String)> = sqlx::query_as(
+            "SELECT profile_a, profile_b FROM splits \
+             WHERE profile_a IN (SELECT value FROM json_each(?1)) \
+                OR profile_b IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&list)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut constraints = Constraints {
+            forbidden: pairs
+                .iter()
+                .map(|(a, b)| Ok((parse_uuid(a)?, parse_uuid(b)?)))
+                .collect::<Result<Vec<_>, IdentityError>>()?,
+            ..Constraints::default()
+        };
+        constraints.erased = erased_among(&mut *tx, &history_identifiers(&history)).await?;
+        constraints.detached = detached_among(&mut *tx, &history_identifiers(&history)).await?;
+        let Some(replayed) = reorder(&rules.rules, &history, &constraints, now) else {
+            continue;
+        };
+        let root = history.root;
+        clear_derived(&mut *tx, &list).await?;
+        write(
+            &mut *tx,
+            &reorder_plan(&replayed, &members, (root, &event), now),
+            rules.version,
+            now,
+        )
+        .await?;
+        rewrite_resolutions(&mut *tx, &replayed).await?;
+        queue_split(
+            &mut *tx,
+            (root, root),
+            &reordered(root, &members, &replayed),
+            "late event: re-resolved in event-time order",
+            now,
+        )
+        .await?;
+        metrics::counter!("tessera_identity_rewrites_total", "rule" => EVENT_TIME).increment(1);
+        with_replayed(plan, &replayed);
+    }
+    Ok(())
+}
+
+/// The canonical profiles (as stored, sorted) of the closure of `identifiers`: the components
+/// that hold them or whose events carried them without linking them, then, step by step,
+/// those related in the same way to every identifier those components' events carried.
+async fn closure_roots(
+    conn: &mut SqliteConnection,
+    identifiers: Vec<Identifier>,
+) -> Result<Vec<String>, IdentityError> {
+    let mut roots: HashSet<String> = HashSet::new();
+    let mut seen: HashSet<Identifier> = HashSet::new();
+    let mut frontier = identifiers;
+    loop {
+        frontier.retain(|i| seen.insert(i.clone()));
+        if frontier.is_empty() {
+            break;
+        }
+        let pairs: Vec<(&str, &str)> = frontier
+            .iter()
+            .map(|i| (i.kind.as_str(), i.value.as_str()))
+            .collect();
+        let pairs = serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_owned());
+        let found: Vec<String> = sqlx::query_scalar(
+            "WITH RECURSIVE k (type, value) AS ( \
+                 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') \
+                 FROM json_each(?1)), \
+             start (profile_id) AS ( \
+                 SELECT g.profile_id FROM graph_log g JOIN k \
+                   ON g.id_type = k.type AND g.id_value = k.value \
+                 WHERE g.profile_id IS NOT NULL \
+               UNION \
+                 SELECT i.profile_id FROM identifiers i JOIN k \
+                   ON i.type = k.type AND i.value = k.value), \
+             chain (profile_id, merged_into) AS ( \
+                 SELECT p.profile_id, p.merged_into FROM profiles p JOIN start USING (profile_id) \
+               UNION \
+                 SELECT p.profile_id, p.merged_into FROM chain c \
+                 JOIN profiles p ON p.profile_id = c.merged_into) \
+             SELECT profile_id FROM chain WHERE merged_into IS NULL",
+        )
+        .bind(&pairs)
+        .fetch_all(&mut *conn)
+        .await?;
+        let new: Vec<String> = found
+            .into_iter()
+            .filter(|r| roots.insert(r.clone()))
+            .collect();
+        if new.is_empty() {
+            break;
+        }
+        let seeds: Vec<&str> = new.iter().map(String::as_str).collect();
+        frontier = carried_identifiers(&history_rows(&mut *conn, &seeds).await?);
+    }
+    let mut roots: Vec<String> = roots.into_iter().collect();
+    roots.sort_unstable();
+    Ok(roots)
+}
+
+/// Which of `identifiers` were split off their profile (`detached_identifiers`).
+async fn detached_among(
+    conn: &mut SqliteConnection,
+    identifiers: &[&Identifier],
+) -> Result<HashSet<Identifier>, IdentityError> {
+    let mut out = HashSet::new();
+    for identifier in identifiers {
+        let detached: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM detached_identifiers WHERE type = ?1 AND value = ?2")
+                .bind(&identifier.kind)
+                .bind(&identifier.value)
+                .fetch_optional(&mut *conn)
+                .await?;
+        if detached.is_some() {
+            out.insert((*identifier).clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Clears what the components of the profiles in `list` (a JSON array) derived (membership,
+/// merges, identifiers, sightings) before a replay of them is written.
+async fn clear_derived(conn: &mut SqliteConnection, list: &str) -> Result<(), sqlx::Error> {
+    for statement in [
+        "UPDATE profiles SET merged_into = NULL, merged_at = NULL \
+         WHERE profile_id IN (SELECT value FROM json_each(?1))",
+        "DELETE FROM merges WHERE merged_profile_id IN (SELECT value FROM json_each(?1))",
+        "DELETE FROM identifiers WHERE profile_id IN (SELECT value FROM json_each(?1))",
+        "DELETE FROM sightings WHERE profile_id IN (SELECT value FROM json_each(?1))",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .bind(list)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Rewrites the stored resolution of every event a replay resolved, and deletes those of the
+/// events it left out (erased).
+async fn rewrite_resolutions(
+    conn: &mut SqliteConnection,
+    replayed: &Replay,
+) -> Result<(), sqlx::Error> {
+    for r in &replayed.plan.resolutions {
+        sqlx::query(
+            "UPDATE resolutions SET profile_id = ?2, merges = ?3, detail = ?4 WHERE event_id = ?1",
+        )
+        .bind(&r.event_id)
+        .bind(r.profile_id.to_string())
+        .bind(encode_merges(&r.merges))
+        .bind(encode_detail(r))
+        .execute(&mut *conn)
+        .await?;
+    }
+    for event in &replayed.erased_events {
+        sqlx::query("DELETE FROM resolutions WHERE event_id = ?1")
+            .bind(event)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Queues a rewrite's split for the profile service, in order with the merges before it.
+async fn queue_split(
+    conn: &mut SqliteConnection,
+    (survivor, merged): (Uuid, Uuid),
+    result: &Rewritten,
+    reason: &str,
+    now: OffsetDateTime,
+) -> Result<(), IdentityError> {
+    let payload = serde_json::to_string(&SplitPayload::from(result))
+        .map_err(|e| IdentityError::Corrupt(format!("split does not encode: {e}")))?;
+    sqlx::query(
+        "INSERT INTO merge_outbox (surviving_profile_id, merged_profile_id, cause, rule, \
+                                   merged_at, payload) \
+         VALUES (?1, ?2, ?3, 'split', ?4, ?5)",
+    )
+    .bind(survivor.to_string())
+    .bind(merged.to_string())
+    .bind(reason)
+    .bind(micros(now))
+    .bind(payload)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 fn from_micros(us: i64) -> Result<OffsetDateTime, IdentityError> {

@@ -27,6 +27,7 @@ macro_rules! on_both_backends {
 
 mod concurrency;
 mod conformance;
+mod event_time;
 mod forget;
 mod grpc;
 mod matching;
