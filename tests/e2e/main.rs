@@ -2,6 +2,7 @@
 
 mod access;
 mod change_stream;
+mod chaos;
 mod cli;
 mod computed_traits;
 mod customer_value;
