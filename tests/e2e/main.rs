@@ -16,6 +16,7 @@ mod gdpr;
 mod import;
 mod matching;
 mod metrics;
+mod near_cache;
 mod mtls;
 mod pii_logs;
 mod profile_api;
