@@ -163,6 +163,20 @@ pub fn event_from_pb(event: crate::common::v1::Event) -> Result<Event, Vec<Field
     let original_timestamp = time(original_timestamp, "original_timestamp");
     let sent_at = time(sent_at, "sent_at");
     let received_at = time(received_at, "received_at");
+    // JSON has no NaN or infinity: refused by name rather than stored as null.
+    for (field, map) in [
+        ("properties", &properties),
+        ("traits", &traits),
+        ("context", &context),
+        ("integrations", &integrations),
+    ] {
+        if let Some(path) = map.as_ref().and_then(|s| non_finite_path(s, field)) {
+            violations.push(FieldViolation::new(
+                path,
+                "must be a finite number (JSON has no NaN or infinity)",
+            ));
+        }
+    }
     let Some(kind) = kind.filter(|_| violations.is_empty()) else {
         return Err(violations);
     };
@@ -186,6 +200,35 @@ pub fn event_from_pb(event: crate::common::v1::Event) -> Result<Event, Vec<Field
         sent_at,
         received_at,
     })
+}
+
+/// The path (`properties.items[2].price`) of the first NaN or infinite number in `s`, under
+/// `prefix`.
+fn non_finite_path(s: &Struct, prefix: &str) -> Option<String> {
+    fn walk(value: &Value, path: String) -> Option<String> {
+        match &value.kind {
+            Some(Kind::NumberValue(n)) if !n.is_finite() => Some(path),
+            Some(Kind::ListValue(list)) => list
+                .values
+                .iter()
+                .enumerate()
+                .find_map(|(i, v)| walk(v, format!("{path}[{i}]"))),
+            Some(Kind::StructValue(s)) => s
+                .fields
+                .iter()
+                .find_map(|(k, v)| walk(v, format!("{path}.{k}"))),
+            None
+            | Some(
+                Kind::NullValue(_)
+                | Kind::NumberValue(_)
+                | Kind::StringValue(_)
+                | Kind::BoolValue(_),
+            ) => None,
+        }
+    }
+    s.fields
+        .iter()
+        .find_map(|(k, v)| walk(v, format!("{prefix}.{k}")))
 }
 
 /// The protobuf form of a domain event.
@@ -245,6 +288,38 @@ pub fn identifier_to_pb(id: tessera_core::Identifier) -> crate::common::v1::Iden
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_finite_numbers_are_refused_by_path() {
+        let number = |n: f64| Value {
+            kind: Some(Kind::NumberValue(n)),
+        };
+        let nested = Struct {
+            fields: [(
+                "items".to_owned(),
+                Value {
+                    kind: Some(Kind::ListValue(ListValue {
+                        values: vec![number(1.0), number(f64::INFINITY)],
+                    })),
+                },
+            )]
+            .into(),
+        };
+        let event = crate::common::v1::Event {
+            r#type: crate::common::v1::EventType::Track.into(),
+            properties: Some(nested),
+            traits: Some(Struct {
+                fields: [("score".to_owned(), number(f64::NAN))].into(),
+            }),
+            ..Default::default()
+        };
+        let fields: Vec<_> = event_from_pb(event)
+            .unwrap_err()
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(fields, ["properties.items[1]", "traits.score"]);
+    }
 
     #[test]
     fn json_round_trips_through_struct() {
