@@ -16,6 +16,8 @@ mod body;
 mod response;
 mod wire;
 
+pub(crate) use self::wire::{MAX_MESSAGE_BYTES, compact_len, nul_path};
+
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::Response;

@@ -312,7 +312,7 @@ fn camel(s: &str) -> String {
 }
 
 /// The length of `value` as compact JSON, without building it.
-pub(crate) fn compact_len(value: &Value) -> usize {
+pub(crate) fn compact_len<T: serde::Serialize + ?Sized>(value: &T) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -331,7 +331,7 @@ pub(crate) fn compact_len(value: &Value) -> usize {
 
 /// The path of the first key or string holding a NUL character: Postgres cannot store one in
 /// JSON, so such a message is refused by name instead of failing its whole batch.
-fn nul_path(map: &Map<String, Value>) -> Option<String> {
+pub(crate) fn nul_path(map: &Map<String, Value>) -> Option<String> {
     fn walk(value: &Value, path: &str) -> Option<String> {
         match value {
             Value::String(s) => s.contains('\0').then(|| path.to_owned()),
