@@ -477,6 +477,7 @@ where
             let mut result = fut.await;
             if let Ok(resp) = &mut result {
                 oversize_is_resource_exhausted(resp.headers_mut());
+                decode_failure_is_invalid_argument(resp.headers_mut());
             }
             // Errors are sent trailers-only, so their code is in the headers; a response
             // without grpc-status in its headers carries OK in its trailers.
@@ -518,6 +519,69 @@ fn oversize_is_resource_exhausted(headers: &mut http::HeaderMap) {
     }
 }
 
+/// tonic reports a request message that does not decode (invalid UTF-8 in a `string`, a wrong
+/// wire type, a truncated field, nesting past prost's recursion limit) as INTERNAL, as if the
+/// server had failed. It is the caller's doing: INVALID_ARGUMENT, with a `BadRequest` detail
+/// naming the field prost was decoding (`events.properties`, without indexes: prost does not
+/// track them) and what was wrong with it.
+fn decode_failure_is_invalid_argument(headers: &mut http::HeaderMap) {
+    if headers.get("grpc-status").is_none_or(|v| v != "13") {
+        return;
+    }
+    let Some(status) = tonic::Status::from_header_map(headers) else {
+        return;
+    };
+    let Some(detail) = status
+        .message()
+        .strip_prefix("failed to decode Protobuf message: ")
+    else {
+        return;
+    };
+    let violation = decode_violation(detail);
+    let status = crate::error::invalid_argument(&[violation]);
+    headers.remove("grpc-message");
+    headers.remove("grpc-status-details-bin");
+    if status.add_header(headers).is_err() {
+        headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("the request message is not valid protobuf"),
+        );
+    }
+}
+
+/// The violation of a prost decode error's text: `Inner.field: Outer.field: what went wrong`,
+/// innermost first, becomes the field `field.field` (outermost first) and what went wrong.
+fn decode_violation(detail: &str) -> tessera_core::FieldViolation {
+    let is_ident = |s: &str| {
+        s.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let mut fields = Vec::new();
+    let mut rest = detail;
+    while let Some((head, tail)) = rest.split_once(": ") {
+        match head.split_once('.') {
+            Some((message, field)) if is_ident(message) && is_ident(field) => {
+                fields.push(field);
+                rest = tail;
+            }
+            _ => break,
+        }
+    }
+    fields.reverse();
+    let field = if fields.is_empty() {
+        "request".to_owned()
+    } else {
+        fields.join(".")
+    };
+    tessera_core::FieldViolation::new(
+        field,
+        format!("the request message is not valid protobuf: {rest}"),
+    )
+}
+
 /// The body limit's own 413 is plain text; every HTTP error of Tessera is JSON that names the
 /// problem, so this one is rewritten.
 async fn json_payload_too_large(
@@ -540,4 +604,42 @@ async fn json_payload_too_large(
         body,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_of(message: &str) -> tonic::Status {
+        let mut headers = http::HeaderMap::new();
+        tonic::Status::internal(message)
+            .add_header(&mut headers)
+            .unwrap();
+        decode_failure_is_invalid_argument(&mut headers);
+        tonic::Status::from_header_map(&headers).unwrap()
+    }
+
+    #[test]
+    fn decode_failures_are_invalid_argument_naming_the_field() {
+        let status = status_of(
+            "failed to decode Protobuf message: Event.message_id: IngestEventsRequest.events: \
+             invalid string value: data is not UTF-8 encoded",
+        );
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            status.message(),
+            "events.message_id: the request message is not valid protobuf: invalid string \
+             value: data is not UTF-8 encoded"
+        );
+        let status = status_of("failed to decode Protobuf message: invalid varint");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().starts_with("request: "), "{status:?}");
+    }
+
+    #[test]
+    fn other_internal_errors_stay_internal() {
+        let status = status_of("internal error");
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert_eq!(status.message(), "internal error");
+    }
 }
