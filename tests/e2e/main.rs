@@ -13,6 +13,7 @@ mod faults;
 mod faults_under_load;
 mod flow;
 mod gdpr;
+mod hostile_grpc;
 mod import;
 mod matching;
 mod metrics;
