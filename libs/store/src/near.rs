@@ -35,8 +35,11 @@ const STRIPES: usize = 1024;
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 /// How long a heartbeat (and connecting) may take before tracking counts as lost.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long after losing tracking (or failing to establish it) the next attempt is made.
+/// How long after losing tracking the next attempt is made; doubled after each failed attempt
+/// up to [`RETRY_AT_MOST`].
 const RETRY_AFTER: Duration = Duration::from_millis(200);
+/// The longest wait between two attempts to establish tracking.
+const RETRY_AT_MOST: Duration = Duration::from_secs(5);
 /// What an entry costs beyond its key and value, for the byte bound.
 const ENTRY_OVERHEAD: usize = 64;
 
@@ -470,18 +473,28 @@ struct Connection {
 /// Keeps tracking established while the near cache exists: connects, turns tracking on,
 /// heartbeats, and starts over after a loss.
 async fn track(shared: Weak<Shared>, client: redis::Client, prefix: String) {
+    let mut retry_after = RETRY_AFTER;
     loop {
         match establish(&shared, &client, &prefix).await {
-            Ok(Some((conn, serial))) => heartbeat(&shared, conn, serial).await,
+            Ok(Some((conn, serial))) => {
+                retry_after = RETRY_AFTER;
+                heartbeat(&shared, conn, serial).await;
+            }
             Ok(None) => return,
-            Err(error) => {
+            // Once per outage, not once per attempt.
+            Err(error) if retry_after == RETRY_AFTER => {
                 tracing::warn!(%error, "near cache tracking could not be established, reading redis");
+                retry_after *= 2;
+            }
+            Err(error) => {
+                tracing::debug!(%error, "near cache tracking still not established");
+                retry_after = (retry_after * 2).min(RETRY_AT_MOST);
             }
         }
         if shared.strong_count() == 0 {
             return;
         }
-        tokio::time::sleep(RETRY_AFTER).await;
+        tokio::time::sleep(retry_after).await;
     }
 }
 
