@@ -8,6 +8,8 @@
 mod convert;
 pub mod domain;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod matching;
 mod service;
 mod store;

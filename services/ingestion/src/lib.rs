@@ -8,6 +8,8 @@ mod debugger;
 mod delivery;
 mod error;
 mod forget;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 mod plans;
 mod service;

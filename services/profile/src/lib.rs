@@ -20,6 +20,8 @@ pub mod domain;
 pub mod engagement;
 pub mod error;
 mod flight;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 pub mod psychographic;
 mod purchases;

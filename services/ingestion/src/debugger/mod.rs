@@ -166,6 +166,32 @@ fn debug_event(logged: LoggedEvent) -> Result<pb::DebugEvent, serde_json::Error>
     })
 }
 
+/// The checks ListEvents and TailEvents make of a request before touching the log, for the
+/// fuzz target `grpc_requests` (`fuzz/`).
+pub(crate) fn fuzz_request(request: crate::fuzzing::DebuggerRequest) {
+    match request {
+        crate::fuzzing::DebuggerRequest::List(pb::ListEventsRequest {
+            source_name: _,
+            page_size: requested,
+            page_token: token,
+            filter,
+        }) => {
+            let _ = page_size(requested);
+            if let Ok(Some(seq)) = before_seq(&token) {
+                // A token read back is the token of the same seq.
+                assert!(matches!(before_seq(&page_token(seq)), Ok(Some(s)) if s == seq));
+            }
+            let _ = event_filter(filter, "filter");
+        }
+        crate::fuzzing::DebuggerRequest::Tail(pb::TailEventsRequest {
+            source_name: _,
+            filter,
+        }) => {
+            let _ = event_filter(filter, "filter");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

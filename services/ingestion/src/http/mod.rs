@@ -23,7 +23,7 @@ use axum::extract::State;
 use axum::response::Response;
 use axum::routing::post;
 use http::HeaderMap;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tessera_core::{EventType, FieldViolation};
 use time::OffsetDateTime;
 
@@ -150,16 +150,7 @@ impl Ingestion {
             Some(key) => Some(self.authenticate(&key).await?),
             None => None,
         };
-        let decoded = body::decode(headers, raw, MAX_BODY_BYTES).map_err(body_failure)?;
-        // Some clients start their UTF-8 with a byte-order mark, which JSON does not allow.
-        let json = decoded.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&decoded);
-        let parsed: Value = serde_json::from_slice(json)
-            .map_err(|e| Failure::Malformed(format!("the body is not valid JSON: {e}")))?;
-        let Value::Object(mut object) = parsed else {
-            return Err(Failure::Malformed(
-                "the body must be a JSON object".to_owned(),
-            ));
-        };
+        let object = parse_body(headers, raw)?;
         let batch = matches!(route, Route::Batch);
         let mut envelope = wire::envelope(&object, batch).map_err(Failure::Envelope)?;
         // Like Segment, the request's address is the context.ip of messages that carry none.
@@ -176,31 +167,7 @@ impl Ingestion {
                 self.authenticate(key).await?
             }
         };
-        let (messages, prefix) = match route {
-            Route::Single(_) => (vec![Value::Object(object)], None),
-            Route::Batch => match object.remove("batch") {
-                Some(Value::Array(items)) => (items, Some("batch")),
-                None | Some(Value::Null) => {
-                    return Err(Failure::Envelope(vec![FieldViolation::new(
-                        "batch",
-                        "required: an array of messages",
-                    )]));
-                }
-                Some(_) => {
-                    return Err(Failure::Envelope(vec![FieldViolation::new(
-                        "batch",
-                        "must be an array of messages",
-                    )]));
-                }
-            },
-        };
-        let max = self.settings.max_batch;
-        if messages.len() > max {
-            return Err(Failure::TooManyMessages {
-                got: messages.len(),
-                limit: max,
-            });
-        }
+        let (messages, prefix) = messages_of(route, object, self.settings.max_batch)?;
         self.check_rate(&source, messages.len())?;
         self.store_messages(&source, route, messages, prefix, &envelope, received_at)
             .await
@@ -216,29 +183,8 @@ impl Ingestion {
         envelope: &wire::Envelope,
         received_at: OffsetDateTime,
     ) -> Result<Refused, Failure> {
-        let kind = match route {
-            Route::Single(kind) => Some(kind),
-            Route::Batch => None,
-        };
         let total = messages.len();
-        let mut valid = Vec::with_capacity(total);
-        let mut refused = Refused::default();
-        for (index, value) in messages.into_iter().enumerate() {
-            let path = |field: &str| match (prefix, field.is_empty()) {
-                (Some(p), true) => format!("{p}[{index}]"),
-                (Some(p), false) => format!("{p}[{index}].{field}"),
-                (None, _) => field.to_owned(),
-            };
-            match wire::message(value, kind, envelope, received_at) {
-                Ok(event) => valid.push((index, event)),
-                Err(Refusal::Invalid(violations)) => {
-                    for v in violations {
-                        refused.invalid(index, path(&v.field), v.description);
-                    }
-                }
-                Err(Refusal::TooLarge(size)) => refused.too_large(index, path(""), size),
-            }
-        }
+        let (valid, mut refused) = convert(route, messages, prefix, envelope, received_at);
         // The tracking plan: blocked messages are quarantined and refused like invalid ones.
         let screened = self.screen(source, valid, received_at).await?;
         for (index, _, violations) in screened.blocked {
@@ -269,6 +215,138 @@ impl Ingestion {
         }
         Ok(refused)
     }
+}
+
+/// The JSON object of a raw request body: decoded as its `Content-Encoding` says (within
+/// [`MAX_BODY_BYTES`]), a leading byte-order mark dropped, parsed.
+fn parse_body(headers: &HeaderMap, raw: Vec<u8>) -> Result<Map<String, Value>, Failure> {
+    let decoded = body::decode(headers, raw, MAX_BODY_BYTES).map_err(body_failure)?;
+    // Some clients start their UTF-8 with a byte-order mark, which JSON does not allow.
+    let json = decoded.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&decoded);
+    let parsed: Value = serde_json::from_slice(json)
+        .map_err(|e| Failure::Malformed(format!("the body is not valid JSON: {e}")))?;
+    let Value::Object(object) = parsed else {
+        return Err(Failure::Malformed(
+            "the body must be a JSON object".to_owned(),
+        ));
+    };
+    Ok(object)
+}
+
+/// The messages of a request body (the body itself on a single-message route, its `batch`
+/// otherwise, at most `max_batch`) and the prefix their violations are named under.
+fn messages_of(
+    route: Route,
+    mut object: Map<String, Value>,
+    max_batch: usize,
+) -> Result<(Vec<Value>, Option<&'static str>), Failure> {
+    let (messages, prefix) = match route {
+        Route::Single(_) => (vec![Value::Object(object)], None),
+        Route::Batch => match object.remove("batch") {
+            Some(Value::Array(items)) => (items, Some("batch")),
+            None | Some(Value::Null) => {
+                return Err(Failure::Envelope(vec![FieldViolation::new(
+                    "batch",
+                    "required: an array of messages",
+                )]));
+            }
+            Some(_) => {
+                return Err(Failure::Envelope(vec![FieldViolation::new(
+                    "batch",
+                    "must be an array of messages",
+                )]));
+            }
+        },
+    };
+    if messages.len() > max_batch {
+        return Err(Failure::TooManyMessages {
+            got: messages.len(),
+            limit: max_batch,
+        });
+    }
+    Ok((messages, prefix))
+}
+
+/// Converts each message into a domain event: the valid ones with their index, and the
+/// refused ones named by index and field.
+fn convert(
+    route: Route,
+    messages: Vec<Value>,
+    prefix: Option<&str>,
+    envelope: &wire::Envelope,
+    received_at: OffsetDateTime,
+) -> (Vec<(usize, tessera_core::Event)>, Refused) {
+    let kind = match route {
+        Route::Single(kind) => Some(kind),
+        Route::Batch => None,
+    };
+    let mut valid = Vec::with_capacity(messages.len());
+    let mut refused = Refused::default();
+    for (index, value) in messages.into_iter().enumerate() {
+        let path = |field: &str| match (prefix, field.is_empty()) {
+            (Some(p), true) => format!("{p}[{index}]"),
+            (Some(p), false) => format!("{p}[{index}].{field}"),
+            (None, _) => field.to_owned(),
+        };
+        match wire::message(value, kind, envelope, received_at) {
+            Ok(event) => valid.push((index, event)),
+            Err(Refusal::Invalid(violations)) => {
+                for v in violations {
+                    refused.invalid(index, path(&v.field), v.description);
+                }
+            }
+            Err(Refusal::TooLarge(size)) => refused.too_large(index, path(""), size),
+        }
+    }
+    (valid, refused)
+}
+
+/// The tracking API's parsing, for the fuzz target `http_body` (`fuzz/`): everything a request
+/// goes through that needs no database, exactly as [`Ingestion::accept_http`] does it. The
+/// first byte picks the route (its low bits) and whether the rest is gzip (`0x80`). Returns how
+/// many messages became events.
+#[doc(hidden)]
+pub fn fuzz_body(data: &[u8]) -> usize {
+    const ROUTES: [Route; 7] = [
+        Route::Single(EventType::Identify),
+        Route::Single(EventType::Track),
+        Route::Single(EventType::Page),
+        Route::Single(EventType::Screen),
+        Route::Single(EventType::Group),
+        Route::Single(EventType::Alias),
+        Route::Batch,
+    ];
+    let Some((&selector, raw)) = data.split_first() else {
+        return 0;
+    };
+    let route = ROUTES[usize::from(selector & 0x7f) % ROUTES.len()];
+    let mut headers = HeaderMap::new();
+    if selector & 0x80 != 0 {
+        headers.insert(
+            http::header::CONTENT_ENCODING,
+            http::HeaderValue::from_static("gzip"),
+        );
+    }
+    let received_at = OffsetDateTime::now_utc();
+    let Ok(object) = parse_body(&headers, raw.to_vec()) else {
+        return 0;
+    };
+    let Ok(envelope) = wire::envelope(&object, matches!(route, Route::Batch)) else {
+        return 0;
+    };
+    let max_batch = crate::IngestionSettings::default().max_batch;
+    let Ok((messages, prefix)) = messages_of(route, object, max_batch) else {
+        return 0;
+    };
+    let total = messages.len();
+    let (valid, refused) = convert(route, messages, prefix, &envelope, received_at);
+    assert!(valid.len() <= total, "more events than messages");
+    assert!(
+        valid.len() == total || !refused.is_empty(),
+        "a message was neither converted nor refused"
+    );
+    drop(response::render(Ok(refused)));
+    valid.len()
 }
 
 /// The write key of an `Authorization: Basic base64(key:)` header: the user name, whatever the

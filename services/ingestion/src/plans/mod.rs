@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 pub(crate) use self::check::{CompiledPlan, Plan, PlanViolation, Unplanned};
 pub(crate) use self::error::PlanError;
-pub(crate) use self::service::server;
+pub(crate) use self::service::{fuzz_list, fuzz_put, server};
 use self::store::{NewQuarantined, PlanStore};
 use crate::sources::{PlanMode, Source};
 use crate::{IngestError, Ingestion};
@@ -268,6 +268,29 @@ impl Ingestion {
             );
         }
         Ok(screened)
+    }
+}
+
+/// Compiles a plan (its stored JSON form) and checks an event (a Segment message) against it
+/// in `block` mode, for the fuzz target `tracking_plan` (`fuzz/`).
+pub(crate) fn fuzz_plan(plan: &[u8], message: serde_json::Value) {
+    let Ok(plan) = serde_json::from_slice::<Plan>(plan) else {
+        return;
+    };
+    let Ok(compiled) = CompiledPlan::compile(&plan, 1) else {
+        return;
+    };
+    let Ok(event) = crate::segment_message(message) else {
+        return;
+    };
+    match judge(Some(&compiled), PlanMode::Block, event) {
+        Verdict::Pass(_) => {}
+        Verdict::Block(_, violations) => {
+            assert!(!violations.is_empty(), "blocked without a violation");
+            for v in &violations {
+                let _ = v.describe();
+            }
+        }
     }
 }
 

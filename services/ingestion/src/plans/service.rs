@@ -430,6 +430,27 @@ impl TrackingPlanService for Ingestion {
     }
 }
 
+/// The checks PutTrackingPlan and ListQuarantined make of a request before touching the
+/// store, for the fuzz target `grpc_requests` (`fuzz/`).
+pub(crate) fn fuzz_put(request: pb::PutTrackingPlanRequest) {
+    let pb::PutTrackingPlanRequest {
+        source_name: _,
+        plan,
+    } = request;
+    if let Ok(plan) = plan_from_pb(plan) {
+        let _ = CompiledPlan::compile(&plan, 0);
+    }
+}
+
+/// See [`fuzz_put`].
+pub(crate) fn fuzz_list(request: &pb::ListQuarantinedRequest) {
+    if let Ok(id) = after_id(&request.page_token)
+        && id > 0
+    {
+        assert_eq!(after_id(&page_token(id)).ok(), Some(id));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 pub use error::SourceError;
-pub(crate) use service::server;
+pub(crate) use service::{fuzz_request, server};
 
 use self::key::{KeyHash, WriteKey};
 use self::store::{NewSource, SourceChange, SourceRecord, SourceStore};

@@ -127,3 +127,11 @@ impl SourceService for Ingestion {
         }))
     }
 }
+
+/// The checks CreateSource and UpdateSource make of a request before touching the store, for
+/// the fuzz target `grpc_requests` (`fuzz/`).
+pub(crate) fn fuzz_request(name: &str, tracking_plan_mode: i32, rate_limit_per_second: u32) {
+    let _ = super::check_name(name);
+    let _ = plan_mode(tracking_plan_mode);
+    let _ = rate_limit(rate_limit_per_second);
+}

@@ -427,6 +427,26 @@ impl DefinitionService for DefinitionApi {
     }
 }
 
+/// The conversions and checks a DefinitionService request goes through before the store, for
+/// the fuzz target `grpc_requests` (`fuzz/`): `computed` a computed trait's create or update,
+/// `audience` an audience's, `version` an update's or delete's expected version.
+pub(crate) fn fuzz_request(
+    computed: Option<pb::ComputedTraitDefinition>,
+    audience: Option<pb::AudienceDefinition>,
+    version: Option<i64>,
+) {
+    if let Some(c) = computed {
+        let _ = spec_of("computed_trait", Some(c), Spec::ComputedTrait);
+    }
+    if let Some(a) = audience {
+        let _ = spec_of("audience", Some(a), Spec::Audience);
+    }
+    if let Some(v) = version {
+        let _ = expected_version(v);
+        let _ = delete_version(v);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
