@@ -962,28 +962,31 @@ pub(crate) fn has_later_event(history: &ComponentHistory, at: OffsetDateTime) ->
     })
 }
 
-/// Replays a closure's history in event-time order and, when that changes anything compared
-/// with the graph as it stands (the same history replayed in resolution order, which gives
-/// back the stored graph), returns the replay to write. `None`: the arrival order made no
-/// difference.
+/// The order a rewrite replays `history` in: by event time when the rules make outcomes
+/// depend on order (the graph is kept as resolving by event time leaves it), else as resolved.
+pub(crate) fn replay_order(rules: &Rules, history: &ComponentHistory) -> Vec<HistoryEntry> {
+    if rules.order_dependent() {
+        in_event_time_order(&history.entries)
+    } else {
+        history.entries.clone()
+    }
+}
+
+/// Replays a closure's history in event-time order: the graph the closure is rewritten to
+/// after a late record. Always written (the stored graph holds the late record as it arrived).
 pub(crate) fn reorder(
     rules: &Rules,
     history: &ComponentHistory,
     constraints: &Constraints,
     now: OffsetDateTime,
-) -> Option<Replay> {
-    let standing = replay(rules, &history.entries, constraints, now, Uuid::now_v7);
-    let sorted = replay(
+) -> Replay {
+    replay(
         rules,
         &in_event_time_order(&history.entries),
         constraints,
         now,
         Uuid::now_v7,
-    );
-    let same = standing.owners == sorted.owners
-        && standing.events == sorted.events
-        && standing.canonical == sorted.canonical;
-    (!same).then_some(sorted)
+    )
 }
 
 /// What a re-resolution in event-time order writes, from its replay: like [`rewrite_plan`],

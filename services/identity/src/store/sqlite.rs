@@ -13,7 +13,8 @@ use super::{
     Change, EVENT_TIME, Forgotten, Outcome, Rewritten, SplitPayload, carried_identifiers,
     decode_resolutions, dropped_identifiers, erased_digest, erased_pseudonym, has_later_event,
     history_identifiers, late_suspects, lookup_identifiers, mark_suppressed, reorder, reorder_plan,
-    reordered, rewrite_plan, rewritten, scrub_detail, suppression_keys, with_replayed,
+    reordered, replay_order, rewrite_plan, rewritten, scrub_detail, suppression_keys,
+    with_replayed,
 };
 use super::{
     ComponentHistory, GraphIdentifier, HistoryRows, IdentityStore, LoggedDecision, ProfileGraph,
@@ -529,7 +530,7 @@ impl IdentityStore for SqliteStore {
         }
         let replayed = replay(
             &rules.rules,
-            &history.entries,
+            &replay_order(&rules.rules, &history),
             &constraints,
             now,
             Uuid::now_v7,
@@ -1239,9 +1240,7 @@ async fn reorder_late(
         };
         constraints.erased = erased_among(&mut *tx, &history_identifiers(&history)).await?;
         constraints.detached = detached_among(&mut *tx, &history_identifiers(&history)).await?;
-        let Some(replayed) = reorder(&rules.rules, &history, &constraints, now) else {
-            continue;
-        };
+        let replayed = reorder(&rules.rules, &history, &constraints, now);
         let root = history.root;
         clear_derived(&mut *tx, &list).await?;
         write(
