@@ -195,13 +195,28 @@ pub async fn merges(db_url: &str) -> Vec<String> {
     )
     .fetch_one(&pool)
     .await;
-    pool.close().await;
     let mut out = Vec::new();
     match twice {
         Ok(rows) if rows.is_empty() => {}
-        Ok(rows) => out.push(format!("profiles merged more than once: {rows:?}")),
+        Ok(rows) => {
+            // The decisions about the first of them, to tell what happened.
+            let history: Vec<(i64, String, Option<String>, Option<String>, Option<String>)> =
+                sqlx::query_as(
+                    "SELECT seq, kind || ':' || coalesce(rule, ''), event_id::text, \
+                     profile_id::text, other_profile_id::text FROM identity.graph_log \
+                     WHERE other_profile_id::text = $1 OR profile_id::text = $1 ORDER BY seq",
+                )
+                .bind(&rows[0].0)
+                .fetch_all(&pool)
+                .await
+                .unwrap_or_default();
+            out.push(format!(
+                "profiles merged more than once: {rows:?}; the graph log of the first: {history:?}"
+            ));
+        }
         Err(e) => out.push(format!("could not read the graph log: {e}")),
     }
+    pool.close().await;
     match counts {
         Ok((rows, logged)) if rows == logged => {}
         Ok((rows, logged)) => out.push(format!(
