@@ -1,6 +1,7 @@
 //! End-to-end tests: the walking skeleton through real processes, real gRPC, Postgres and Redis.
 
 mod access;
+mod account_scores;
 mod change_stream;
 mod chaos;
 mod cli;

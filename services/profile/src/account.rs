@@ -6,6 +6,10 @@
 //! makes it idempotent). Memberships are not stored twice: they are derived from the people's
 //! applied group events, so they follow merges, unmerges and deletions of people by
 //! themselves; a person's own view of them is kept on the person (`ComputedState::accounts`).
+//!
+//! Account scores (one per account-level scoring plan) are computed from the account's traits
+//! and members and stored on the account whenever a batch applies a group call naming it or
+//! merges people who belong to it ([`crate::store::Scorer::score_accounts`]).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -13,7 +17,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::catalog::{self, TraitCatalog};
-use crate::domain::{EventContent, ResolvedEvent, TraitValue};
+use crate::domain::{EventContent, ResolvedEvent, Score, TraitValue};
 
 /// One account profile.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +26,8 @@ pub struct Account {
     pub account_id: String,
     /// Its traits by name, each with its provenance.
     pub traits: BTreeMap<String, TraitValue>,
+    /// Its latest scores by name: one per account-level scoring plan.
+    pub scores: BTreeMap<String, Score>,
     /// Increases with every change.
     pub version: i64,
     /// When its first group call was applied.
@@ -45,6 +51,22 @@ impl Account {
                 catalog.get(name).map(|r| r.strategy).unwrap_or_default(),
             );
         }
+    }
+}
+
+impl Account {
+    /// Stores `scores` as the account's scores at `now` (the answer is every account score it
+    /// has now: one no longer answered goes); whether they changed.
+    pub fn set_scores(&mut self, scores: Vec<Score>, now: OffsetDateTime) -> bool {
+        let scores: BTreeMap<String, Score> =
+            scores.into_iter().map(|s| (s.name.clone(), s)).collect();
+        if scores == self.scores {
+            return false;
+        }
+        self.scores = scores;
+        self.version += 1;
+        self.updated_at = now;
+        true
     }
 }
 

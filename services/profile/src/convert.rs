@@ -991,6 +991,29 @@ pub(crate) fn trait_to_pb(
     }
 }
 
+/// The facts account-level plans read about `account`: its traits and `members`.
+pub(crate) fn account_facts(
+    account: &crate::account::Account,
+    members: &[crate::account::Member],
+) -> scoring::AccountProfileFacts {
+    scoring::AccountProfileFacts {
+        account_id: account.account_id.clone(),
+        traits: account
+            .traits
+            .iter()
+            .map(|(name, t)| (name.clone(), json_to_value(&t.value)))
+            .collect(),
+        members: members
+            .iter()
+            .map(|m| scoring::AccountMemberFacts {
+                profile_id: m.profile_id.clone(),
+                role: m.role.clone().unwrap_or_default(),
+                title: m.title.clone().unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
 /// The protobuf form of an account with `member_count` members.
 pub(crate) fn account_to_pb(
     account: &crate::account::Account,
@@ -1008,6 +1031,11 @@ pub(crate) fn account_to_pb(
         version: account.version,
         created_at: Some(to_timestamp(account.created_at)),
         updated_at: Some(to_timestamp(account.updated_at)),
+        scores: account
+            .scores
+            .iter()
+            .map(|(name, s)| (name.clone(), scoring::Score::from(s)))
+            .collect(),
     }
 }
 

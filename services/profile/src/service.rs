@@ -1002,6 +1002,14 @@ impl Scorer for Inner {
         self.score_all(profiles, accounts, now, &HashMap::new())
             .await
     }
+
+    async fn score_accounts(
+        &self,
+        accounts: &[(crate::account::Account, Vec<crate::account::Member>)],
+        now: OffsetDateTime,
+    ) -> Result<Option<Vec<Vec<Score>>>, ProfileError> {
+        self.score_accounts_call(accounts, now).await
+    }
 }
 
 /// Opens a span per traced event of a pipeline batch (none without trace export); returns them
@@ -1047,6 +1055,14 @@ impl Scorer for TracedScorer<'_> {
             .score_all(profiles, accounts, now, self.traces)
             .await
     }
+
+    async fn score_accounts(
+        &self,
+        accounts: &[(crate::account::Account, Vec<crate::account::Member>)],
+        now: OffsetDateTime,
+    ) -> Result<Option<Vec<Vec<Score>>>, ProfileError> {
+        self.inner.score_accounts(accounts, now).await
+    }
 }
 
 impl Inner {
@@ -1064,6 +1080,68 @@ impl Inner {
             out.extend(self.score_call(chunk, accounts, now, traces).await?);
         }
         Ok(out)
+    }
+
+    /// Asks the scoring service for the account-level scores of `accounts` (with their
+    /// members), in calls of at most [`MAX_SCORED_PER_CALL`] accounts. `None` from a scoring
+    /// service that does not score accounts yet (during a rolling upgrade): accounts keep
+    /// their scores.
+    async fn score_accounts_call(
+        &self,
+        accounts: &[(crate::account::Account, Vec<crate::account::Member>)],
+        now: OffsetDateTime,
+    ) -> Result<Option<Vec<Vec<Score>>>, ProfileError> {
+        let mut out = Vec::with_capacity(accounts.len());
+        for chunk in accounts.chunks(MAX_SCORED_PER_CALL) {
+            let mut client =
+                ScoringServiceClient::with_interceptor(self.scoring.clone(), Propagate)
+                    .max_decoding_message_size(MAX_MESSAGE_SIZE);
+            let mut request = Request::new(scoring::ScoreAccountsRequest {
+                accounts: chunk
+                    .iter()
+                    .map(|(account, members)| convert::account_facts(account, members))
+                    .collect(),
+                as_of: Some(to_timestamp(now)),
+            });
+            request.set_timeout(PEER_TIMEOUT);
+            let response = match client.score_accounts(request).await {
+                Ok(response) => response.into_inner(),
+                Err(status) if status.code() == Code::Unimplemented => {
+                    tracing::warn!("scoring service does not score accounts, accounts not scored");
+                    return Ok(None);
+                }
+                Err(status) => return Err(ProfileError::Scoring(status)),
+            };
+            if response.accounts.len() != chunk.len() {
+                return Err(ProfileError::BadScores(format!(
+                    "{} results for {} accounts",
+                    response.accounts.len(),
+                    chunk.len()
+                )));
+            }
+            for ((account, _), scored) in chunk.iter().zip(response.accounts) {
+                // The evaluations are for ScoreAccounts' other callers; the scores' factors
+                // explain them.
+                let scoring::AccountScores {
+                    account_id,
+                    scores,
+                    plans: _,
+                } = scored;
+                if account_id != account.account_id {
+                    return Err(ProfileError::BadScores(format!(
+                        "results out of order: {account_id} for {}",
+                        account.account_id
+                    )));
+                }
+                out.push(
+                    scores
+                        .into_iter()
+                        .map(|score| Score::try_from(score).map_err(ProfileError::BadScores))
+                        .collect::<Result<_, _>>()?,
+                );
+            }
+        }
+        Ok(Some(out))
     }
 
     async fn score_call(

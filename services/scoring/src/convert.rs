@@ -9,6 +9,7 @@ use tessera_proto::scoring::v1 as pb;
 use time::OffsetDateTime;
 
 use crate::MAX_PROFILES_PER_REQUEST;
+use crate::account::{AccountMember, AccountProfile};
 use crate::domain::{AccountFacts, Factor, ProfileFacts, Score};
 use crate::error::ScoringError;
 use crate::plans::{CompiledPlan, Evaluation, GradeBand, Level, Plan, RuleOutcome};
@@ -83,6 +84,81 @@ impl TryFrom<pb::ScoreProfileRequest> for ScoreOneRequest {
         match profile {
             Some(profile) if violations.is_empty() => Ok(Self { profile, as_of }),
             Some(_) | None => Err(ScoringError::InvalidArgument(violations)),
+        }
+    }
+}
+
+/// A validated `ScoreAccountsRequest`.
+#[derive(Debug)]
+pub(crate) struct ScoreAccountsRequest {
+    pub(crate) accounts: Vec<AccountProfile>,
+    pub(crate) as_of: Option<OffsetDateTime>,
+}
+
+impl TryFrom<pb::ScoreAccountsRequest> for ScoreAccountsRequest {
+    type Error = ScoringError;
+
+    fn try_from(request: pb::ScoreAccountsRequest) -> Result<Self, Self::Error> {
+        let pb::ScoreAccountsRequest { accounts, as_of } = request;
+        if accounts.len() > MAX_PROFILES_PER_REQUEST {
+            return Err(ScoringError::InvalidArgument(vec![FieldViolation::new(
+                "accounts",
+                format!(
+                    "at most {MAX_PROFILES_PER_REQUEST} accounts per call, got {}",
+                    accounts.len()
+                ),
+            )]));
+        }
+        let mut violations = Vec::new();
+        let as_of = timestamp(as_of.as_ref(), "as_of", &mut violations);
+        let accounts = accounts
+            .into_iter()
+            .enumerate()
+            .map(|(i, account)| {
+                let pb::AccountProfileFacts {
+                    account_id,
+                    traits,
+                    members,
+                } = account;
+                if account_id.is_empty() {
+                    violations.push(FieldViolation::new(
+                        format!("accounts[{i}].account_id"),
+                        "required",
+                    ));
+                }
+                let members = members
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, member)| {
+                        let pb::AccountMemberFacts {
+                            profile_id,
+                            role,
+                            title,
+                        } = member;
+                        if profile_id.is_empty() {
+                            violations.push(FieldViolation::new(
+                                format!("accounts[{i}].members[{j}].profile_id"),
+                                "required",
+                            ));
+                        }
+                        AccountMember {
+                            profile_id,
+                            role,
+                            title,
+                        }
+                    })
+                    .collect();
+                AccountProfile {
+                    account_id,
+                    traits: json_map(traits),
+                    members,
+                }
+            })
+            .collect();
+        if violations.is_empty() {
+            Ok(Self { accounts, as_of })
+        } else {
+            Err(ScoringError::InvalidArgument(violations))
         }
     }
 }
@@ -327,7 +403,8 @@ pub(crate) fn plan_to_pb(compiled: &CompiledPlan, stored_version: Option<i64>) -
         cap: plan.cap,
         max_points: compiled.max_points(),
         grades: plan.grades.iter().map(pb::GradeBand::from).collect(),
-        scored: compiled.scored(),
+        // Every plan is scored now: person plans on profiles, account plans on accounts.
+        scored: true,
         model_version: compiled.model_version().to_owned(),
         source: match stored_version {
             None => pb::PlanSource::Config,
@@ -470,6 +547,55 @@ mod tests {
             panic!("expected invalid argument");
         };
         assert_eq!(violations[0].field, "profile");
+    }
+
+    #[test]
+    fn account_requests_name_their_fields() {
+        let request = pb::ScoreAccountsRequest {
+            accounts: vec![
+                pb::AccountProfileFacts {
+                    account_id: "acme".to_owned(),
+                    members: vec![pb::AccountMemberFacts {
+                        profile_id: "p1".to_owned(),
+                        role: "champion".to_owned(),
+                        title: String::new(),
+                    }],
+                    ..Default::default()
+                },
+                pb::AccountProfileFacts {
+                    members: vec![pb::AccountMemberFacts::default()],
+                    ..Default::default()
+                },
+            ],
+            as_of: Some(Timestamp {
+                seconds: i64::MAX,
+                nanos: 0,
+            }),
+        };
+        let Err(ScoringError::InvalidArgument(violations)) =
+            ScoreAccountsRequest::try_from(request)
+        else {
+            panic!("expected invalid argument");
+        };
+        let fields: Vec<_> = violations.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "as_of",
+                "accounts[1].account_id",
+                "accounts[1].members[0].profile_id"
+            ]
+        );
+        let too_many = pb::ScoreAccountsRequest {
+            accounts: vec![pb::AccountProfileFacts::default(); MAX_PROFILES_PER_REQUEST + 1],
+            as_of: None,
+        };
+        let Err(ScoringError::InvalidArgument(violations)) =
+            ScoreAccountsRequest::try_from(too_many)
+        else {
+            panic!("expected invalid argument");
+        };
+        assert_eq!(violations[0].field, "accounts");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! [`models`]: the fitted customer-value models, versioned in the service's database (Postgres,
 //! or SQLite in `tessera dev`), fitted over the population the profile service streams.
 
+pub mod account;
 pub mod clv;
 mod convert;
 pub mod domain;

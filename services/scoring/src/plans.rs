@@ -75,8 +75,8 @@ pub enum Level {
     /// A person: scored on every profile write.
     #[default]
     Person,
-    /// An account (B2B group): its `trait` tests read the account's traits. Validated and
-    /// listed, not scored yet: nothing sends account facts to the scoring service.
+    /// An account (B2B group): its `trait` tests read the account's traits and the facts
+    /// derived from its members ([`crate::account`]); scored by `ScoreAccounts`.
     Account,
 }
 
@@ -184,12 +184,9 @@ impl CompiledPlan {
         &self.model_version
     }
 
-    /// Whether profiles get this plan's score (person-level plans).
-    pub fn scored(&self) -> bool {
-        match self.plan.level {
-            Level::Person => true,
-            Level::Account => false,
-        }
+    /// What the plan scores.
+    pub fn level(&self) -> Level {
+        self.plan.level
     }
 
     /// How the plan scores `facts`; `scores` are the scores computed before it (`score` tests
@@ -360,7 +357,9 @@ impl Plans {
                 return Err(invalid("the name is declared twice".to_owned()));
             }
             let compiled = compile_plan(plan);
-            if compiled.scored() {
+            // Person plans may read earlier person plans' scores; an account's scores are
+            // never a person's.
+            if compiled.level() == Level::Person {
                 known.push(compiled.plan.name.clone());
             }
             out.push(compiled);
@@ -386,8 +385,21 @@ impl Plans {
         as_of: OffsetDateTime,
         scores: &mut Vec<Score>,
     ) -> Vec<Evaluation> {
+        self.evaluate_level(Level::Person, facts, as_of, scores)
+    }
+
+    /// Scores `facts` with every plan of `level` in declaration order, appending each score to
+    /// `scores`, and answers the evaluations. An account's facts are its traits and derived
+    /// member facts, as `traits` ([`crate::account::score_account`]).
+    pub fn evaluate_level(
+        &self,
+        level: Level,
+        facts: &ProfileFacts,
+        as_of: OffsetDateTime,
+        scores: &mut Vec<Score>,
+    ) -> Vec<Evaluation> {
         let mut out = Vec::new();
-        for plan in self.plans.iter().filter(|p| p.scored()) {
+        for plan in self.plans.iter().filter(|p| p.level() == level) {
             let evaluation = plan.evaluate(facts, scores);
             scores.push(evaluation.to_score(as_of));
             out.push(evaluation);
@@ -757,9 +769,17 @@ mod tests {
     fn the_ready_plans_compile_and_score_a_b2b_lead_as_documented() {
         let plans = compile(READY).expect("the ready plans are valid");
         let names: Vec<_> = plans.iter().map(|p| p.plan().name.as_str()).collect();
-        assert_eq!(names, ["icp_fit_b2b", "icp_fit_b2c", "lead_score"]);
+        assert_eq!(
+            names,
+            [
+                "icp_fit_b2b",
+                "icp_fit_b2c",
+                "lead_score",
+                "icp_fit_b2b_account"
+            ]
+        );
         let max: Vec<_> = plans.iter().map(CompiledPlan::max_points).collect();
-        assert_eq!(max, [100.0, 100.0, 100.0]);
+        assert_eq!(max, [100.0, 100.0, 100.0, 100.0]);
 
         // Firmographics on the account (as group calls send them), the role on the membership.
         let mut ann = with_events(facts(json!({"email": "ann@bigco.com"})), 4);
@@ -844,6 +864,65 @@ mod tests {
         assert_eq!(rule_factors(b2c), [("highly_engaged", 25.0)]);
         assert_eq!(b2c.value, 25.0);
         assert_eq!(grade_of(b2c), "C");
+    }
+
+    #[test]
+    fn the_ready_account_plan_scores_firmographics_and_buying_role_coverage() {
+        use crate::account::{AccountMember, AccountProfile, score_account};
+        let plans = compile(READY).unwrap();
+        let member = |id: &str, role: &str| AccountMember {
+            profile_id: id.to_owned(),
+            role: role.to_owned(),
+            title: String::new(),
+        };
+        let mut bigco = AccountProfile {
+            account_id: "bigco".to_owned(),
+            traits: BTreeMap::from([
+                ("industry".to_owned(), json!("software")),
+                ("employees".to_owned(), json!(500)),
+                ("annual_revenue".to_owned(), json!(20_000_000)),
+                ("country".to_owned(), json!("US")),
+            ]),
+            members: vec![member("p1", "technical evaluator")],
+        };
+        let (scores, evaluations) = score_account(&bigco, NOW, &plans);
+        assert_eq!(scores.len(), 1, "the account plan only");
+        let fit = &scores[0];
+        assert_eq!(fit.name, "icp_fit_b2b_account");
+        assert_eq!(fit.model_version, "icp_fit_b2b_account@1");
+        assert_eq!(
+            rule_factors(fit),
+            [
+                ("target_industry", 20.0),
+                ("employees_200_999", 20.0),
+                ("revenue_10m_plus", 10.0),
+                ("served_country", 10.0),
+                ("buying_committee_1", 10.0),
+            ]
+        );
+        assert_eq!(fit.value, 70.0);
+        assert_eq!(grade_of(fit), "B");
+        assert_eq!(evaluations[0].plan, "icp_fit_b2b_account");
+
+        // An economic buyer and a champion join: three buying roles, grade A.
+        bigco.members.push(member("p2", "Economic Buyer"));
+        bigco.members.push(member("p3", "champion"));
+        let (scores, _) = score_account(&bigco, NOW, &plans);
+        assert_eq!(scores[0].value, 90.0);
+        assert_eq!(
+            scores[0].factor("buying_committee_3_plus").unwrap().value,
+            30.0
+        );
+        assert_eq!(grade_of(&scores[0]), "A");
+
+        // The person plans do not read the account plan's score, nor does it score people.
+        let person = score_profile(
+            &facts(json!({"industry": "software"})),
+            NOW,
+            &plans,
+            &crate::domain::ValueModels::default(),
+        );
+        assert!(person.iter().all(|s| s.name != "icp_fit_b2b_account"));
     }
 
     #[test]
@@ -1172,7 +1251,7 @@ mod tests {
     }
 
     #[test]
-    fn account_level_plans_are_listed_not_scored() {
+    fn account_level_plans_do_not_score_people() {
         let plans = compile(
             r#"
             [[scoring.plans]]
@@ -1185,7 +1264,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert!(!plans.iter().next().unwrap().scored());
+        assert_eq!(plans.iter().next().unwrap().level(), Level::Account);
         let scores = score_profile(
             &facts(json!({"industry": "software"})),
             NOW,

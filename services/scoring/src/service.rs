@@ -9,7 +9,10 @@ use tessera_server::trace_context;
 use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 
-use crate::convert::{ScoreOneRequest, ScoreRequest, plan_from_json, plan_to_pb};
+use crate::account;
+use crate::convert::{
+    ScoreAccountsRequest, ScoreOneRequest, ScoreRequest, plan_from_json, plan_to_pb,
+};
 use crate::domain;
 use crate::error::ScoringError;
 use crate::plan_book::PlanBook;
@@ -82,6 +85,31 @@ impl ScoringService for ScoringApi {
             }),
             plans: plans.into_iter().map(pb::PlanEvaluation::from).collect(),
         }))
+    }
+
+    async fn score_accounts(
+        &self,
+        request: Request<pb::ScoreAccountsRequest>,
+    ) -> Result<Response<pb::ScoreAccountsResponse>, Status> {
+        let ScoreAccountsRequest { accounts, as_of } =
+            ScoreAccountsRequest::try_from(request.into_inner())?;
+        let as_of = as_of.unwrap_or_else(OffsetDateTime::now_utc);
+        let plans = self.plans.current();
+        let accounts = accounts
+            .iter()
+            .map(|account| {
+                let (scores, evaluations) = account::score_account(account, as_of, &plans);
+                pb::AccountScores {
+                    account_id: account.account_id.clone(),
+                    scores: scores.into_iter().map(pb::Score::from).collect(),
+                    plans: evaluations
+                        .into_iter()
+                        .map(pb::PlanEvaluation::from)
+                        .collect(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ScoreAccountsResponse { accounts }))
     }
 
     async fn list_plans(

@@ -68,6 +68,17 @@ pub trait Scorer: Send + Sync {
         accounts: &Accounts,
         now: OffsetDateTime,
     ) -> Result<Vec<Vec<Score>>, ProfileError>;
+
+    /// The new scores of each of `accounts` (with their members, as the batch left them), in
+    /// order: one per account-level plan. `None` when this scorer does not score accounts
+    /// (they keep the scores they have).
+    async fn score_accounts(
+        &self,
+        _accounts: &[(Account, Vec<Member>)],
+        _now: OffsetDateTime,
+    ) -> Result<Option<Vec<Vec<Score>>>, ProfileError> {
+        Ok(None)
+    }
 }
 
 /// Accounts by id.
@@ -942,12 +953,22 @@ async fn apply<O: Ops>(
         if fresh.remove(&event.event_id) {
             ws.apply_event(event, half_life_seconds, now, defs.rules())?;
             applied += 1;
-            if !event.details.group_id.is_empty() && !event.details.group_traits.is_empty() {
+            // Every group call counts, also one without account traits: it may change the
+            // person's role, which the account's scores read.
+            if !event.details.group_id.is_empty() {
                 group_calls.push(event);
             }
         }
     }
-    fold_accounts(ops, &defs.catalog, &group_calls, now).await?;
+    // A merge may make two members one: the survivors' accounts are rescored too.
+    let merged_accounts: BTreeSet<String> = ws
+        .merges()
+        .iter()
+        .filter_map(|(_, survivor)| ws.canonical(survivor).and_then(|id| ws.profile(id)))
+        .flat_map(|p| p.state.computed.accounts().map(|(id, _)| id.to_owned()))
+        .collect();
+    let touched_accounts =
+        fold_accounts(ops, &defs.catalog, &group_calls, merged_accounts, now).await?;
 
     let named_live: BTreeSet<String> = named
         .iter()
@@ -1008,6 +1029,9 @@ async fn apply<O: Ops>(
         .filter(|p| p.merged_into.is_some())
         .map(|p| (p.profile_id.clone(), p.version))
         .collect();
+    // Last, when the batch's events, merges and redirects are written: members are derived
+    // from them.
+    rescore_accounts(ops, scorer, touched_accounts, now).await?;
     // Read back what was written, so what the cache gets is exactly what a read returns.
     let changed = ops.load(&changed_live, false).await?;
     Ok(Applied {
@@ -1183,24 +1207,27 @@ async fn recompute<O: Ops>(
 }
 
 /// Folds the account traits of newly applied group calls into their accounts (created when
-/// new), locked after the batch's profiles, in id order.
+/// new). Locks those accounts and the accounts `also` (to be rescored) after the batch's
+/// profiles, all at once in id order, so two batches never wait for each other's accounts;
+/// returns them all, as folded.
 async fn fold_accounts<O: Ops>(
     ops: &mut O,
     catalog: &TraitCatalog,
     group_calls: &[&crate::domain::ResolvedEvent],
+    also: BTreeSet<String>,
     now: OffsetDateTime,
-) -> Result<(), sqlx::Error> {
-    if group_calls.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<String> = group_calls
+) -> Result<BTreeMap<String, Account>, sqlx::Error> {
+    let folded: BTreeSet<&str> = group_calls
         .iter()
-        .map(|e| e.details.group_id.clone())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
+        .map(|e| e.details.group_id.as_str())
         .collect();
+    let mut ids = also;
+    ids.extend(folded.iter().map(|id| (*id).to_owned()));
+    if ids.is_empty() {
+        return Ok(BTreeMap::new());
+    }
     let mut accounts: BTreeMap<String, Account> = ops
-        .lock_accounts(&ids, now)
+        .lock_accounts(&ids.into_iter().collect::<Vec<_>>(), now)
         .await?
         .into_iter()
         .map(|a| (a.account_id.clone(), a))
@@ -1210,12 +1237,55 @@ async fn fold_accounts<O: Ops>(
             account.apply(event, catalog);
         }
     }
+    let mut written = Vec::new();
     for account in accounts.values_mut() {
-        account.version += 1;
-        account.updated_at = now;
+        if folded.contains(account.account_id.as_str()) {
+            account.version += 1;
+            account.updated_at = now;
+            written.push(&*account);
+        }
     }
-    ops.write_accounts(&accounts.values().collect::<Vec<_>>())
-        .await
+    ops.write_accounts(&written).await?;
+    Ok(accounts)
+}
+
+/// Rescores `accounts` (locked by this transaction) with their members as the transaction
+/// sees them, and stores the scores that changed. Nothing when `scorer` does not score
+/// accounts. Each account's members are derived from its applied group calls: one read per
+/// account.
+async fn rescore_accounts<O: Ops>(
+    ops: &mut O,
+    scorer: &dyn Scorer,
+    accounts: BTreeMap<String, Account>,
+    now: OffsetDateTime,
+) -> Result<(), ProfileError> {
+    if accounts.is_empty() {
+        return Ok(());
+    }
+    let mut with_members = Vec::with_capacity(accounts.len());
+    for (id, account) in accounts {
+        let members = account_members(ops, &id).await?;
+        with_members.push((account, members));
+    }
+    let Some(scores) = scorer.score_accounts(&with_members, now).await? else {
+        return Ok(());
+    };
+    if scores.len() != with_members.len() {
+        return Err(ProfileError::BadScores(format!(
+            "{} results for {} accounts",
+            scores.len(),
+            with_members.len()
+        )));
+    }
+    let mut changed = Vec::new();
+    for ((mut account, _), scores) in with_members.into_iter().zip(scores) {
+        if account.set_scores(scores, now) {
+            changed.push(account);
+        }
+    }
+    ops.write_accounts(&changed.iter().collect::<Vec<_>>())
+        .await?;
+    Ok(())
 }
 
 /// The members of `account_id`, read through `ops`.
@@ -1449,6 +1519,14 @@ async fn rebuild<O: Ops>(
     ops.move_events(&moves).await?;
     ops.delete_events(&deleted).await?;
     ops.replace_identifiers(&members, &links).await?;
+    // Members move with their events: the accounts of the rebuilt people are rescored.
+    let accounts: BTreeSet<String> = rows
+        .iter()
+        .filter(|p| p.merged_into.is_none())
+        .flat_map(|p| p.state.computed.accounts().map(|(id, _)| id.to_owned()))
+        .collect();
+    let accounts = fold_accounts(ops, &defs.catalog, &[], accounts, now).await?;
+    rescore_accounts(ops, scorer, accounts, now).await?;
     let live: Vec<String> = rows
         .iter()
         .filter(|p| p.merged_into.is_none())

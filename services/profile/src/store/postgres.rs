@@ -808,7 +808,7 @@ impl Ops for PgOps<'_> {
         .execute(&mut *self.0)
         .await?;
         let rows = sqlx::query(
-            "SELECT account_id, traits, version, created_at, updated_at FROM accounts \
+            "SELECT account_id, traits, scores, version, created_at, updated_at FROM accounts \
              WHERE account_id = ANY($1) ORDER BY account_id FOR UPDATE",
         )
         .bind(ids)
@@ -819,22 +819,26 @@ impl Ops for PgOps<'_> {
 
     async fn write_accounts(&mut self, accounts: &[&Account]) -> Result<(), sqlx::Error> {
         let (mut ids, mut traits, mut versions) = (Vec::new(), Vec::new(), Vec::new());
-        let mut updated = Vec::new();
+        let (mut scores, mut updated) = (Vec::new(), Vec::new());
         for a in accounts {
             ids.push(a.account_id.as_str());
             traits.push(serde_json::to_string(&a.traits).unwrap_or_else(|_| "{}".to_owned()));
+            scores.push(serde_json::to_string(&a.scores).unwrap_or_else(|_| "{}".to_owned()));
             versions.push(a.version);
             updated.push(a.updated_at);
         }
         sqlx::query(
-            "UPDATE accounts AS a SET traits = u.t::jsonb, version = u.v, updated_at = u.at \
-             FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::timestamptz[]) AS u (id, t, v, at) \
+            "UPDATE accounts AS a SET traits = u.t::jsonb, scores = u.s::jsonb, version = u.v, \
+               updated_at = u.at \
+             FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::timestamptz[], $5::text[]) \
+               AS u (id, t, v, at, s) \
              WHERE a.account_id = u.id",
         )
         .bind(ids)
         .bind(traits)
         .bind(versions)
         .bind(updated)
+        .bind(scores)
         .execute(&mut *self.0)
         .await?;
         Ok(())
@@ -842,7 +846,7 @@ impl Ops for PgOps<'_> {
 
     async fn load_account(&mut self, id: &str) -> Result<Option<Account>, sqlx::Error> {
         let row = sqlx::query(
-            "SELECT account_id, traits, version, created_at, updated_at FROM accounts \
+            "SELECT account_id, traits, scores, version, created_at, updated_at FROM accounts \
              WHERE account_id = $1",
         )
         .bind(id)
@@ -853,7 +857,7 @@ impl Ops for PgOps<'_> {
 
     async fn load_accounts(&mut self, ids: &[String]) -> Result<Vec<Account>, sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT account_id, traits, version, created_at, updated_at FROM accounts \
+            "SELECT account_id, traits, scores, version, created_at, updated_at FROM accounts \
              WHERE account_id = ANY($1)",
         )
         .bind(ids)
@@ -975,9 +979,11 @@ fn profile(row: &PgRow) -> Result<Profile, sqlx::Error> {
 
 fn account(row: &PgRow) -> Result<Account, sqlx::Error> {
     let Json(traits) = row.try_get("traits")?;
+    let Json(scores) = row.try_get("scores")?;
     Ok(Account {
         account_id: row.try_get("account_id")?,
         traits,
+        scores,
         version: row.try_get("version")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,

@@ -692,13 +692,14 @@ impl Ops for LiteOps<'_> {
     async fn write_accounts(&mut self, accounts: &[&Account]) -> Result<(), sqlx::Error> {
         for a in accounts {
             sqlx::query(
-                "UPDATE accounts SET traits = ?2, version = ?3, updated_at = ?4 \
+                "UPDATE accounts SET traits = ?2, version = ?3, updated_at = ?4, scores = ?5 \
                  WHERE account_id = ?1",
             )
             .bind(&a.account_id)
             .bind(Json(&a.traits))
             .bind(a.version)
             .bind(a.updated_at)
+            .bind(Json(&a.scores))
             .execute(&mut *self.0)
             .await?;
         }
@@ -707,7 +708,7 @@ impl Ops for LiteOps<'_> {
 
     async fn load_account(&mut self, id: &str) -> Result<Option<Account>, sqlx::Error> {
         let row = sqlx::query(
-            "SELECT account_id, traits, version, created_at, updated_at FROM accounts \
+            "SELECT account_id, traits, scores, version, created_at, updated_at FROM accounts \
              WHERE account_id = ?1",
         )
         .bind(id)
@@ -881,9 +882,11 @@ fn unix_micros(t: OffsetDateTime) -> i64 {
 
 fn account(row: &SqliteRow) -> Result<Account, sqlx::Error> {
     let Json(traits) = row.try_get("traits")?;
+    let Json(scores) = row.try_get("scores")?;
     Ok(Account {
         account_id: row.try_get("account_id")?,
         traits,
+        scores,
         version: row.try_get("version")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,

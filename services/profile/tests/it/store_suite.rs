@@ -2026,3 +2026,156 @@ async fn scores_no_longer_answered_are_dropped_on_postgres() {
     scores_no_longer_answered_are_dropped(&*backend.store).await;
     backend.db.close().await;
 }
+
+/// Scores accounts as an account plan on buying-role coverage would: `coverage` is 25 points
+/// per distinct role among the members it is given (what the store derived), `members` their
+/// count. Persons get no scores.
+struct CoverageScorer;
+
+#[async_trait::async_trait]
+impl Scorer for CoverageScorer {
+    async fn score(
+        &self,
+        profiles: &[&Profile],
+        _accounts: &store::Accounts,
+        _now: OffsetDateTime,
+    ) -> Result<Vec<Vec<Score>>, ProfileError> {
+        Ok(vec![Vec::new(); profiles.len()])
+    }
+
+    async fn score_accounts(
+        &self,
+        accounts: &[(
+            tessera_profile::account::Account,
+            Vec<tessera_profile::account::Member>,
+        )],
+        now: OffsetDateTime,
+    ) -> Result<Option<Vec<Vec<Score>>>, ProfileError> {
+        Ok(Some(
+            accounts
+                .iter()
+                .map(|(account, members)| {
+                    let roles: std::collections::BTreeSet<&str> =
+                        members.iter().filter_map(|m| m.role.as_deref()).collect();
+                    let industry = account
+                        .traits
+                        .get("industry")
+                        .map(|t| t.value.to_string())
+                        .unwrap_or_default();
+                    vec![Score {
+                        name: "coverage".to_owned(),
+                        value: 25.0 * roles.len() as f64,
+                        computed_at: now,
+                        model_version: "coverage@1".to_owned(),
+                        factors: vec![tessera_profile::domain::ScoreFactor {
+                            name: "members".to_owned(),
+                            value: members.len() as f64,
+                            description: format!("industry {industry}"),
+                        }],
+                    }]
+                })
+                .collect(),
+        ))
+    }
+}
+
+/// An account's scores are computed from its traits and members as the batch left them,
+/// stored on the account, and change when a second member with another buying role joins, when
+/// a member's role changes through a group call without account traits, and when members merge.
+async fn account_scores_are_stored_and_follow_members(store: &dyn ProfileStore) {
+    let apply = |merges, events| async move {
+        store
+            .apply(&Batch { merges, events }, H, NOW, &CoverageScorer)
+            .await
+            .unwrap()
+    };
+    let coverage = |account: &tessera_profile::account::Account| {
+        let score = &account.scores["coverage"];
+        (score.value, score.factors[0].value)
+    };
+    apply(
+        vec![],
+        vec![group_call(
+            "g1",
+            "p1",
+            1,
+            "acme",
+            "finance",
+            json!({"industry": "software"}),
+        )],
+    )
+    .await;
+    let acme = store.account("acme").await.unwrap().expect("acme");
+    assert_eq!(coverage(&acme), (25.0, 1.0));
+    assert_eq!(acme.scores["coverage"].model_version, "coverage@1");
+    assert_eq!(
+        acme.scores["coverage"].factors[0].description, "industry \"software\"",
+        "scored with the traits the batch folded"
+    );
+    let first_version = acme.version;
+
+    // A second member with another buying role joins.
+    apply(
+        vec![],
+        vec![group_call(
+            "g2",
+            "p2",
+            2,
+            "acme",
+            "technical evaluator",
+            json!({}),
+        )],
+    )
+    .await;
+    let acme = store.account("acme").await.unwrap().unwrap();
+    assert_eq!(coverage(&acme), (50.0, 2.0));
+    assert!(acme.version > first_version);
+
+    // A group call without account traits changes p2's role to p1's: one role left.
+    let mut again = group_call("g3", "p2", 3, "acme", "finance", json!({}));
+    again.details.group_traits.clear();
+    apply(vec![], vec![again]).await;
+    let acme = store.account("acme").await.unwrap().unwrap();
+    assert_eq!(coverage(&acme), (25.0, 2.0));
+    assert_eq!(acme.traits["industry"].value, json!("software"));
+
+    // An account only a trait-less group call named exists, with its scores.
+    let mut bare = group_call("g4", "p3", 4, "globex", "champion", json!({}));
+    bare.details.group_traits.clear();
+    apply(vec![], vec![bare]).await;
+    let globex = store.account("globex").await.unwrap().expect("globex");
+    assert_eq!(coverage(&globex), (25.0, 1.0));
+
+    // p2 merged into p1: one member of acme now.
+    apply(vec![merge("p1", "p2")], vec![]).await;
+    let acme = store.account("acme").await.unwrap().unwrap();
+    assert_eq!(coverage(&acme), (25.0, 1.0));
+
+    // A scorer that does not score accounts leaves their scores as they are.
+    store
+        .apply(
+            &Batch {
+                merges: vec![],
+                events: vec![group_call("g5", "p4", 5, "acme", "champion", json!({}))],
+            },
+            H,
+            NOW,
+            &NoScores,
+        )
+        .await
+        .unwrap();
+    let acme = store.account("acme").await.unwrap().unwrap();
+    assert_eq!(coverage(&acme), (25.0, 1.0));
+}
+
+#[tokio::test]
+async fn account_scores_are_stored_and_follow_members_on_sqlite() {
+    account_scores_are_stored_and_follow_members(&*sqlite().await.store).await;
+}
+
+#[tokio::test]
+async fn account_scores_are_stored_and_follow_members_on_postgres() {
+    let backend = postgres().await;
+    account_scores_are_stored_and_follow_members(&*backend.store).await;
+    backend.db.close().await;
+}

@@ -102,10 +102,16 @@ async fn list_plans_answers_the_configured_plans_with_their_versions() {
             ("icp_fit_b2b", "1", "icp_fit_b2b@1"),
             ("icp_fit_b2c", "1", "icp_fit_b2c@1"),
             ("lead_score", "1", "lead_score@1"),
+            ("icp_fit_b2b_account", "1", "icp_fit_b2b_account@1"),
         ]
     );
     for plan in &plans {
-        assert_eq!(plan.level, pb::PlanLevel::Person as i32);
+        let level = if plan.name == "icp_fit_b2b_account" {
+            pb::PlanLevel::Account
+        } else {
+            pb::PlanLevel::Person
+        };
+        assert_eq!(plan.level, level as i32, "{}", plan.name);
         assert!(plan.scored);
         assert_eq!(plan.max_points, 100.0);
         assert!(!plan.description.is_empty());
@@ -373,5 +379,113 @@ async fn customer_value_scores_follow_the_purchases() {
     assert!(
         details.field_violations[0].field.ends_with("purchases"),
         "{details:?}"
+    );
+}
+
+fn member(id: &str, role: &str) -> pb::AccountMemberFacts {
+    pb::AccountMemberFacts {
+        profile_id: id.to_owned(),
+        role: role.to_owned(),
+        title: String::new(),
+    }
+}
+
+/// `ScoreAccounts` scores accounts with the account-level ready plan: firmographics and
+/// buying-role coverage derived from the members, explained rule by rule; person plans never
+/// score an account. Bad requests name their fields.
+#[tokio::test]
+async fn score_accounts_scores_coverage_with_the_account_plan() {
+    let server = Server::start().await;
+    let account = |members| pb::AccountProfileFacts {
+        account_id: "bigco".to_owned(),
+        traits: values(json!({"industry": "fintech", "employees": 1200, "country": "DE"})),
+        members,
+    };
+    let score = |members| {
+        let mut client = server.client.clone();
+        async move {
+            client
+                .score_accounts(pb::ScoreAccountsRequest {
+                    accounts: vec![account(members)],
+                    as_of: Some(to_timestamp(AS_OF)),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .accounts
+                .remove(0)
+        }
+    };
+    let one = score(vec![member("p1", "technical evaluator")]).await;
+    assert_eq!(one.account_id, "bigco");
+    let names: Vec<_> = one.scores.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["icp_fit_b2b_account"]);
+    // 20 (industry) + 25 (1,000+ employees) + 10 (country) + 10 (one buying role).
+    assert_eq!(one.scores[0].value, 65.0);
+    assert_eq!(one.scores[0].model_version, "icp_fit_b2b_account@1");
+    assert_eq!(one.scores[0].computed_at, Some(to_timestamp(AS_OF)));
+    let factors: Vec<_> = one.scores[0]
+        .factors
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    assert!(factors.contains(&"buying_committee_1"), "{factors:?}");
+    let plan = &one.plans[0];
+    assert_eq!(plan.plan, "icp_fit_b2b_account");
+    let coverage: Vec<_> = plan
+        .rules
+        .iter()
+        .filter(|r| r.group == "coverage")
+        .map(|r| (r.name.as_str(), r.matched))
+        .collect();
+    assert_eq!(
+        coverage,
+        [
+            ("buying_committee_3_plus", false),
+            ("buying_committee_2", false),
+            ("buying_committee_1", true),
+        ]
+    );
+
+    let three = score(vec![
+        member("p1", "technical evaluator"),
+        member("p2", "Decision_Maker"),
+        member("p3", "procurement"),
+    ])
+    .await;
+    assert_eq!(three.scores[0].value, 85.0);
+    assert_eq!(plan.grade, "B");
+    assert_eq!(three.plans[0].grade, "A");
+
+    let bad = server
+        .client
+        .clone()
+        .score_accounts(pb::ScoreAccountsRequest {
+            accounts: vec![
+                account(vec![]),
+                pb::AccountProfileFacts {
+                    account_id: String::new(),
+                    traits: HashMap::new(),
+                    members: vec![member("", "champion")],
+                },
+            ],
+            as_of: None,
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let fields: Vec<_> = bad
+        .get_details_bad_request()
+        .expect("details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "accounts[1].account_id",
+            "accounts[1].members[0].profile_id"
+        ]
     );
 }
