@@ -2081,7 +2081,8 @@ impl Scorer for CoverageScorer {
 
 /// An account's scores are computed from its traits and members as the batch left them,
 /// stored on the account, and change when a second member with another buying role joins, when
-/// a member's role changes through a group call without account traits, and when members merge.
+/// a member's role changes through a group call without account traits, and when members merge
+/// and are split again.
 async fn account_scores_are_stored_and_follow_members(store: &dyn ProfileStore) {
     let apply = |merges, events| async move {
         store
@@ -2151,6 +2152,16 @@ async fn account_scores_are_stored_and_follow_members(store: &dyn ProfileStore) 
     let acme = store.account("acme").await.unwrap().unwrap();
     assert_eq!(coverage(&acme), (25.0, 1.0));
 
+    // The merge undone: two members again.
+    let split = Split {
+        profiles: vec![("p1".into(), "p1".into()), ("p2".into(), "p2".into())],
+        events: vec![],
+        erased: vec![],
+    };
+    store.split(&split, H, NOW, &CoverageScorer).await.unwrap();
+    let acme = store.account("acme").await.unwrap().unwrap();
+    assert_eq!(coverage(&acme), (25.0, 2.0));
+
     // A scorer that does not score accounts leaves their scores as they are.
     store
         .apply(
@@ -2165,7 +2176,7 @@ async fn account_scores_are_stored_and_follow_members(store: &dyn ProfileStore) 
         .await
         .unwrap();
     let acme = store.account("acme").await.unwrap().unwrap();
-    assert_eq!(coverage(&acme), (25.0, 1.0));
+    assert_eq!(coverage(&acme), (25.0, 2.0));
 }
 
 #[tokio::test]
