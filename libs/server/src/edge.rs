@@ -264,7 +264,7 @@ pub async fn serve_with(
                 .make_span_with(|r: &http::Request<_>| server_span(Port::Grpc, r)),
         )
         .layer(tower::layer::layer_fn(GrpcMetrics::new))
-        .layer(RequireClientCertLayer::new(tls.is_some()))
+        .layer(RequireClientCertLayer::new(tls))
         .layer(AccessLayer::new(access))
         .add_routes(routes.routes())
         // TCP_NODELAY on every accepted connection: without it a small response (most

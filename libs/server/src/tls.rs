@@ -6,7 +6,11 @@
 //! The gRPC port asks every client for a certificate but does not insist at the TLS layer: the
 //! external APIs (ingestion, profile reads, admin) stay reachable with only the CA's trust, and
 //! are authenticated by write keys and tokens. A client that presents a certificate must present
-//! one the CA signed, or the handshake fails. The internal services then require one.
+//! one the CA signed, or the handshake fails. The internal services then require one, and only
+//! the callers `[tls.callers]` lists for each (by the certificate's common name or DNS names):
+//! by default the services that call it, named as `tessera dev-certs` names their certificates
+//! (`tessera-<service>`). A process may always call itself (`tessera dev`, several roles in one
+//! process, with one certificate).
 
 use std::convert::Infallible;
 use std::fmt;
@@ -52,6 +56,88 @@ pub struct TlsSettings {
     /// Serve plaintext gRPC on an address that is not loopback. Without TLS a service refuses to
     /// listen beyond loopback unless this is set.
     pub allow_plaintext: bool,
+    /// Which client certificates may call each internal service.
+    pub callers: Callers,
+}
+
+/// Which client certificates may call each internal service: one of the names of a listed
+/// entry must be the certificate's common name or one of its DNS names; `"*"` admits any
+/// certificate of the CA. The defaults are the services that call each, by the names `tessera
+/// dev-certs` gives their certificates.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Callers {
+    /// `tessera.identity.v1.IdentityService` (resolution, matching, graph changes).
+    pub identity: Vec<String>,
+    /// `tessera.profile.v1.ProfilePipelineService` (applying events, merges and splits;
+    /// purchase histories for model fits).
+    pub profile_pipeline: Vec<String>,
+    /// `tessera.scoring.v1.ScoringService` (scoring profiles).
+    pub scoring: Vec<String>,
+    /// `tessera.ingestion.v1.EventLogService` (deleting a person's events).
+    pub event_log: Vec<String>,
+}
+
+impl Default for Callers {
+    fn default() -> Self {
+        let names = |services: &[&str]| {
+            services
+                .iter()
+                .map(|s| format!("tessera-{s}"))
+                .collect::<Vec<_>>()
+        };
+        Self {
+            identity: names(&["ingestion", "profile"]),
+            profile_pipeline: names(&["ingestion", "identity", "scoring"]),
+            scoring: names(&["profile"]),
+            event_log: names(&["profile"]),
+        }
+    }
+}
+
+impl Callers {
+    /// The names admitted to `service` (a full gRPC service name), and the setting listing them;
+    /// `None` for a service that is not internal.
+    fn of(&self, service: &str) -> Option<(&[String], &'static str)> {
+        let Self {
+            identity,
+            profile_pipeline,
+            scoring,
+            event_log,
+        } = self;
+        use tessera_proto::identity::v1::identity_service_server::SERVICE_NAME as IDENTITY;
+        use tessera_proto::ingestion::v1::event_log_service_server::SERVICE_NAME as EVENT_LOG;
+        use tessera_proto::profile::v1::profile_pipeline_service_server::SERVICE_NAME as PIPELINE;
+        use tessera_proto::scoring::v1::scoring_service_server::SERVICE_NAME as SCORING;
+        match service {
+            IDENTITY => Some((identity, "tls.callers.identity")),
+            PIPELINE => Some((profile_pipeline, "tls.callers.profile_pipeline")),
+            SCORING => Some((scoring, "tls.callers.scoring")),
+            EVENT_LOG => Some((event_log, "tls.callers.event_log")),
+            _ => None,
+        }
+    }
+}
+
+/// The common names and DNS names of a DER certificate (empty when it does not parse; the
+/// handshake verified it, so that does not happen).
+fn names_in(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                names.push((*dns).to_owned());
+            }
+        }
+    }
+    names
 }
 
 /// Why the TLS settings cannot be used. Each names the setting at fault.
@@ -94,6 +180,7 @@ pub struct Tls {
     ca: Vec<u8>,
     cert: Vec<u8>,
     key: Vec<u8>,
+    callers: Callers,
 }
 
 impl fmt::Debug for Tls {
@@ -140,6 +227,7 @@ impl TlsSettings {
             ca: read("ca_file", ca_file)?,
             cert: read("cert_file", cert_file)?,
             key: read("key_file", key_file)?,
+            callers: self.callers.clone(),
         };
         tls.check(ca_file, cert_file, key_file)?;
         Ok(Some(tls))
@@ -153,9 +241,16 @@ impl Tls {
             ca: ca.to_vec(),
             cert: cert.to_vec(),
             key: key.to_vec(),
+            callers: Callers::default(),
         };
         tls.check(Path::new("<ca>"), Path::new("<cert>"), Path::new("<key>"))?;
         Ok(tls)
+    }
+
+    /// The same material with other caller rules.
+    pub fn with_callers(mut self, callers: Callers) -> Self {
+        self.callers = callers;
+        self
     }
 
     /// Everything a handshake would find wrong, found now: parseable PEM, a key that matches
@@ -246,18 +341,37 @@ impl Tls {
     }
 }
 
-/// A tower layer that answers UNAUTHENTICATED to calls of [`INTERNAL_SERVICES`] over a
-/// connection without a verified client certificate. Off (passing everything) when the port is
+/// A tower layer that guards the [`INTERNAL_SERVICES`]: UNAUTHENTICATED over a connection
+/// without a verified client certificate, PERMISSION_DENIED for a certificate that
+/// `[tls.callers]` does not admit to the service. Off (passing everything) when the port is
 /// plaintext.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RequireClientCertLayer {
-    on: bool,
+    guard: Option<Arc<Guard>>,
+}
+
+/// What the layer checks callers against.
+#[derive(Debug)]
+struct Guard {
+    callers: Callers,
+    /// This process's own certificate (DER): a process may call itself.
+    own: Option<Vec<u8>>,
 }
 
 impl RequireClientCertLayer {
-    /// The layer; `on` when the gRPC port serves TLS.
-    pub fn new(on: bool) -> Self {
-        Self { on }
+    /// The layer for a gRPC port served with `tls` (none: plaintext, nothing checked).
+    pub fn new(tls: Option<&Tls>) -> Self {
+        let guard = tls.map(|tls| {
+            let own = CertificateDer::pem_slice_iter(&tls.cert)
+                .next()
+                .and_then(Result::ok)
+                .map(|der| der.as_ref().to_vec());
+            Arc::new(Guard {
+                callers: tls.callers.clone(),
+                own,
+            })
+        });
+        Self { guard }
     }
 }
 
@@ -265,7 +379,10 @@ impl<S> tower::Layer<S> for RequireClientCertLayer {
     type Service = RequireClientCert<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RequireClientCert { inner, on: self.on }
+        RequireClientCert {
+            inner,
+            guard: self.guard.clone(),
+        }
     }
 }
 
@@ -273,16 +390,44 @@ impl<S> tower::Layer<S> for RequireClientCertLayer {
 #[derive(Debug, Clone)]
 pub struct RequireClientCert<S> {
     inner: S,
-    on: bool,
+    guard: Option<Arc<Guard>>,
 }
 
-/// Whether the request came over a TLS connection whose client presented a certificate the CA
-/// signed (the handshake verified it; an unverifiable one never gets this far).
-fn has_client_cert<B>(req: &http::Request<B>) -> bool {
+/// The leaf certificate the client presented over TLS, verified by the handshake against the
+/// CA (an unverifiable one never gets this far).
+fn client_cert<B>(req: &http::Request<B>) -> Option<Vec<u8>> {
     req.extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
         .and_then(TlsConnectInfo::peer_certs)
-        .is_some_and(|certs| !certs.is_empty())
+        .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()))
+}
+
+impl Guard {
+    /// Why the request may not call `service`, as the status to answer; `None` when it may.
+    fn refusal(&self, service: &str, cert: Option<&[u8]>) -> Option<tonic::Status> {
+        let (admitted, setting) = self.callers.of(service)?;
+        let Some(cert) = cert else {
+            return Some(tonic::Status::unauthenticated(
+                "a client certificate is required: this is an internal service",
+            ));
+        };
+        if self.own.as_deref() == Some(cert) || admitted.iter().any(|a| a == "*") {
+            return None;
+        }
+        let names = names_in(cert);
+        if names.iter().any(|n| admitted.contains(n)) {
+            return None;
+        }
+        Some(tonic::Status::permission_denied(format!(
+            "the client certificate ({}) may not call {service}: {setting} admits {}",
+            names.first().map_or("no name", String::as_str),
+            if admitted.is_empty() {
+                "nobody".to_owned()
+            } else {
+                admitted.join(", ")
+            }
+        )))
+    }
 }
 
 impl<S, B, R> tower::Service<http::Request<B>> for RequireClientCert<S>
@@ -305,12 +450,18 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if self.on && is_internal(req.uri().path()) && !has_client_cert(&req) {
-            let refused = tonic::Status::unauthenticated(
-                "a client certificate is required: this is an internal service",
-            )
-            .into_http();
-            return Box::pin(std::future::ready(Ok(refused)));
+        if let Some(guard) = &self.guard
+            && is_internal(req.uri().path())
+        {
+            let service = req
+                .uri()
+                .path()
+                .strip_prefix('/')
+                .and_then(|p| p.split('/').next())
+                .unwrap_or("");
+            if let Some(refused) = guard.refusal(service, client_cert(&req).as_deref()) {
+                return Box::pin(std::future::ready(Ok(refused.into_http())));
+            }
         }
         Box::pin(self.inner.call(req))
     }
@@ -366,6 +517,7 @@ mod tests {
             cert_file: Some("/nonexistent/cert.pem".into()),
             key_file: Some("/nonexistent/key.pem".into()),
             allow_plaintext: false,
+            callers: Callers::default(),
         };
         let err = settings.load().unwrap_err().to_string();
         assert!(

@@ -144,8 +144,8 @@ fn assert_transport_error<T: std::fmt::Debug>(result: Result<T, tonic::Status>) 
 async fn internal_services_need_a_certificate_of_the_ca() {
     let ours = ca("tessera test ca");
     let theirs = ca("another ca");
-    let server_leaf = leaf(&ours, "identity");
-    let client_leaf = leaf(&ours, "profile");
+    let server_leaf = leaf(&ours, "tessera-ingestion");
+    let client_leaf = leaf(&ours, "tessera-profile");
     let stranger = leaf(&theirs, "stranger");
     let tls = Tls::from_pem(
         ours.pem.as_bytes(),
@@ -158,7 +158,8 @@ async fn internal_services_need_a_certificate_of_the_ca() {
     let url = format!("https://{grpc}");
     let trust = || ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ours.pem));
 
-    // A service with a certificate of the CA calls the internal service.
+    // A service with a certificate of the CA, among the event log's callers (the profile
+    // service), calls the internal service.
     let with_cert = trust().identity(Identity::from_pem(&client_leaf.cert, &client_leaf.key));
     let valid = channel(url.clone(), Some(with_cert)).await.unwrap();
     assert_eq!(forget(valid).await.unwrap(), 7);
@@ -200,6 +201,74 @@ async fn internal_services_need_a_certificate_of_the_ca() {
     let unimplemented = forget(probe).await.unwrap_err();
     assert_eq!(unimplemented.code(), tonic::Code::Unimplemented);
     shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn internal_services_admit_only_their_callers() {
+    let ours = ca("tessera test ca");
+    let server_leaf = leaf(&ours, "tessera-ingestion");
+    let scoring = leaf(&ours, "tessera-scoring");
+    let pem = |l: &Leaf| Identity::from_pem(&l.cert, &l.key);
+    let trust = || ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ours.pem));
+    let tls = || {
+        Tls::from_pem(
+            ours.pem.as_bytes(),
+            server_leaf.cert.as_bytes(),
+            server_leaf.key.as_bytes(),
+        )
+        .unwrap()
+    };
+
+    // The default rules: only the profile service calls the event log. The scoring service's
+    // certificate is the CA's, but it is refused, naming the rule.
+    let shutdown = Shutdown::new();
+    let (grpc, _) = server(tls(), shutdown.clone()).await;
+    let url = format!("https://{grpc}");
+    let as_scoring = channel(url.clone(), Some(trust().identity(pem(&scoring))))
+        .await
+        .unwrap();
+    let refused = forget(as_scoring.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("tessera-scoring")
+            && refused
+                .message()
+                .contains("tls.callers.event_log admits tessera-profile"),
+        "{refused:?}"
+    );
+    // A public service stays open to it.
+    assert_eq!(
+        health(as_scoring).await.unwrap(),
+        ServingStatus::Serving as i32
+    );
+    // A process calls itself with its own certificate (several roles in one process).
+    let as_itself = channel(url.clone(), Some(trust().identity(pem(&server_leaf))))
+        .await
+        .unwrap();
+    assert_eq!(forget(as_itself).await.unwrap(), 7);
+    shutdown.cancel();
+
+    // Configured rules: the scoring service's name admitted, or anyone with "*".
+    for admitted in ["tessera-scoring", "*"] {
+        let callers = tessera_server::tls::Callers {
+            event_log: vec![admitted.to_owned()],
+            ..Default::default()
+        };
+        let shutdown = Shutdown::new();
+        let (grpc, _) = server(tls().with_callers(callers), shutdown.clone()).await;
+        let as_scoring = channel(
+            format!("https://{grpc}"),
+            Some(trust().identity(pem(&scoring))),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            forget(as_scoring).await.unwrap(),
+            7,
+            "admitted by {admitted}"
+        );
+        shutdown.cancel();
+    }
 }
 
 #[test]
