@@ -1,6 +1,7 @@
 //! Account-level scores end to end in `tessera dev`, with the ready plans as config: group calls
 //! of two people with different buying roles raise the account's buying-role coverage and its
-//! `icp_fit_b2b_account` score, read back through `GetAccount` with the factors that explain it.
+//! `icp_fit_b2b_account` score, read back through `GetAccount` (and the Profile API's accounts
+//! collection) with the factors that explain it.
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use tessera_proto::profile::v1::{Account, GetAccountRequest};
 use tessera_tests::TesseraBuilder;
 use tessera_tests::auth::Channel;
 use tessera_tests::events::send;
+use tessera_tests::http::get;
 
 const WAIT: Duration = Duration::from_secs(30);
 const PLANS: &str = include_str!("../../services/scoring/plans/ready-plans.toml");
@@ -141,4 +143,28 @@ async fn group_calls_of_two_buying_roles_raise_the_accounts_coverage_and_score()
         .expect("grade");
     assert_eq!(grade.description, "grade A: a score of 75 or more");
     assert!(two.version > one.version);
+
+    // The Profile API's accounts collection shows the same scores.
+    let token = tessera
+        .access_token
+        .clone()
+        .expect("tessera dev prints a token");
+    let (status, _, body) = get(
+        &tessera.http_addr,
+        "/v1/spaces/default/collections/accounts/profiles/group_id:acme/scores",
+        Some(&token),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let shown = &body["scores"][PLAN];
+    assert_eq!(shown["value"], json!(80.0), "{body}");
+    assert_eq!(shown["model_version"], json!("icp_fit_b2b_account@1"));
+    assert!(
+        shown["factors"]
+            .as_array()
+            .expect("factors")
+            .iter()
+            .any(|f| f["name"] == json!("buying_committee_2")),
+        "{body}"
+    );
 }

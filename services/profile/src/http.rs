@@ -293,6 +293,30 @@ async fn account(
             "expires_after": "",
             "expires_at": "",
         }})),
+        // Not in Segment's API: the account-level scores, as `GetAccount` answers them.
+        "scores" => {
+            let scores: BTreeMap<&String, Value> = account
+                .scores
+                .iter()
+                .map(|(name, score)| {
+                    let factors: Vec<Value> = score
+                        .factors
+                        .iter()
+                        .map(|f| json!({"name": f.name, "value": f.value, "description": f.description}))
+                        .collect();
+                    (
+                        name,
+                        json!({
+                            "value": score.value,
+                            "model_version": score.model_version,
+                            "computed_at": score.computed_at.as_ref().and_then(from_timestamp).map(rfc3339),
+                            "factors": factors,
+                        }),
+                    )
+                })
+                .collect();
+            Ok(json!({"scores": scores}))
+        }
         "links" => {
             let limit = limit(params, LINKS_LIMIT)?;
             let page = api
@@ -326,7 +350,7 @@ async fn account(
             Ok(json!({"data": data, "cursor": cursor(url, next)}))
         }
         other => Err(Failure::not_found(format!(
-            "no resource {other:?} for accounts: traits, external_ids, metadata or links"
+            "no resource {other:?} for accounts: traits, external_ids, metadata, scores or links"
         ))),
     }
 }
