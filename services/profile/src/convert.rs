@@ -780,8 +780,8 @@ pub(crate) fn match_merges(merges: Vec<identity::Merge>) -> Result<Vec<Merge>, P
 /// computed traits, audiences and accounts. Audiences are evaluated with the profile's current
 /// state but the scores it already has (the new ones are what this asks for), so a membership
 /// that depends on a score lags it by one write. The accounts carry the person's role and title
-/// only: the accounts' own traits live in the store's `accounts` table, which scoring inside
-/// the apply transaction does not read, so `AccountFacts.traits` stays empty for now.
+/// and the account's traits from `accounts` (read in the apply transaction, as the batch left
+/// them); the accounts' own scores are not sent (account-level plans score accounts).
 pub(crate) fn facts(
     profile: &Profile,
     half_life_seconds: f64,
