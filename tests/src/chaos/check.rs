@@ -176,6 +176,9 @@ pub async fn event_log(db_url: &str, source: &str, acked: &BTreeSet<String>) -> 
     out
 }
 
+/// A graph-log decision as the report shows it: seq, kind:rule, event, profile, other profile.
+type GraphLogRow = (i64, String, Option<String>, Option<String>, Option<String>);
+
 /// Invariant: no merge was decided twice (a profile merged away more than once in the graph
 /// log, or a merge row without its decision).
 pub async fn merges(db_url: &str) -> Vec<String> {
@@ -200,16 +203,15 @@ pub async fn merges(db_url: &str) -> Vec<String> {
         Ok(rows) if rows.is_empty() => {}
         Ok(rows) => {
             // The decisions about the first of them, to tell what happened.
-            let history: Vec<(i64, String, Option<String>, Option<String>, Option<String>)> =
-                sqlx::query_as(
-                    "SELECT seq, kind || ':' || coalesce(rule, ''), event_id::text, \
+            let history: Vec<GraphLogRow> = sqlx::query_as(
+                "SELECT seq, kind || ':' || coalesce(rule, ''), event_id::text, \
                      profile_id::text, other_profile_id::text FROM identity.graph_log \
                      WHERE other_profile_id::text = $1 OR profile_id::text = $1 ORDER BY seq",
-                )
-                .bind(&rows[0].0)
-                .fetch_all(&pool)
-                .await
-                .unwrap_or_default();
+            )
+            .bind(&rows[0].0)
+            .fetch_all(&pool)
+            .await
+            .unwrap_or_default();
             out.push(format!(
                 "profiles merged more than once: {rows:?}; the graph log of the first: {history:?}"
             ));
