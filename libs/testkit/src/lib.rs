@@ -103,6 +103,31 @@ fn replace_database(url: &str, database: &str) -> String {
     }
 }
 
+/// The committed inputs of the fuzz target `target` (`fuzz/seeds/<target>/` and
+/// `fuzz/regressions/<target>/`), with their paths, for the stable tests that replay them
+/// through the code the target fuzzes. Panics when there are none: a missing seed directory
+/// must fail the test, not pass it with nothing replayed.
+pub fn fuzz_inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let fuzz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
+    let mut inputs = Vec::new();
+    for dir in ["seeds", "regressions"] {
+        let Ok(entries) = std::fs::read_dir(fuzz.join(dir).join(target)) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.expect("a directory entry").path();
+            let bytes = std::fs::read(&path).expect("read a fuzz input");
+            inputs.push((path, bytes));
+        }
+    }
+    assert!(
+        !inputs.is_empty(),
+        "no committed inputs of the fuzz target {target} in {}",
+        fuzz.display()
+    );
+    inputs
+}
+
 /// A temporary directory holding SQLite files, removed on drop.
 #[derive(Debug)]
 pub struct TestSqlite {

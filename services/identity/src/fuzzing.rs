@@ -72,25 +72,13 @@ pub fn normalize_identifier(data: &[u8]) {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
 
     #[test]
     fn every_committed_identifiers_input_is_handled() {
-        let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
-        let mut count = 0;
-        for dir in ["seeds", "regressions"] {
-            let Ok(entries) = std::fs::read_dir(fuzz.join(dir).join("identifiers")) else {
-                continue;
-            };
-            for entry in entries {
-                let path = entry.unwrap().path();
-                eprintln!("{}", path.display());
-                normalize_identifier(&std::fs::read(&path).unwrap());
-                count += 1;
-            }
+        for (path, bytes) in tessera_testkit::fuzz_inputs("identifiers") {
+            eprintln!("{}", path.display());
+            normalize_identifier(&bytes);
         }
-        assert!(count > 0, "the identifiers seeds are missing");
     }
 }

@@ -258,26 +258,9 @@ pub fn conditions(data: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::path::{Path, PathBuf};
+    use tessera_testkit::fuzz_inputs as inputs;
 
     use super::*;
-
-    /// The seeds and regression inputs of a fuzz target, committed under `fuzz/`.
-    fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-        let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
-        let mut inputs = Vec::new();
-        for dir in ["seeds", "regressions"] {
-            let Ok(entries) = std::fs::read_dir(fuzz.join(dir).join(target)) else {
-                continue;
-            };
-            for entry in entries {
-                let path = entry.unwrap().path();
-                let bytes = std::fs::read(&path).unwrap();
-                inputs.push((path, bytes));
-            }
-        }
-        inputs
-    }
 
     #[test]
     fn every_committed_profile_grpc_request_is_handled() {
