@@ -128,8 +128,22 @@ fn normalize_email(value: &str, fold_gmail: bool) -> Option<String> {
 /// A phone number as E.164 (`+14155550100`), read with `region` when it has no country code;
 /// `None` when it is not a plausible number.
 fn normalize_phone(value: &str, region: phonenumber::country::Id) -> Option<String> {
-    let number = phonenumber::parse(Some(region), value).ok()?;
-    phonenumber::is_viable(value).then(|| number.format().mode(phonenumber::Mode::E164).to_string())
+    let e164 = |value: &str| {
+        let number = phonenumber::parse(Some(region), value).ok()?;
+        phonenumber::is_viable(value)
+            .then(|| number.format().mode(phonenumber::Mode::E164).to_string())
+    };
+    // A normalized value must normalize to itself, or a phone stored once is looked up as
+    // another. E.164 output does not always parse back to itself (a national number with
+    // leading zeros: "000011 946 8" in GB gives "+44001199468", which parses as "+441199468"),
+    // so take the value once it is stable, and refuse one that never settles.
+    let once = e164(value)?;
+    let twice = e164(&once)?;
+    if twice == once {
+        return Some(once);
+    }
+    let thrice = e164(&twice)?;
+    (thrice == twice).then_some(twice)
 }
 
 /// The identifiers seen together in one event, normalized: the linkable ones (duplicates
@@ -314,6 +328,18 @@ mod tests {
             Normalized::Linkable(Identifier::new("email", "a.lice+x@example.com")),
             "other domains keep dots and tags"
         );
+    }
+
+    #[test]
+    fn a_normalized_phone_normalizes_to_itself() {
+        // Found by the identifiers fuzz target: leading zeros of a national number survived
+        // the first E.164 formatting and not the second.
+        let mut config = RulesConfig::default();
+        config.phone.default_region = "gb".into();
+        let uk = Rules::compile(config).unwrap();
+        let first = normalized(&uk, "phone", "000011 w946 8");
+        let (Normalized::Linkable(id) | Normalized::Unlinked(id, _)) = &first;
+        assert_eq!(normalized(&uk, "phone", &id.value), first);
     }
 
     #[test]
