@@ -824,6 +824,19 @@ pub(crate) fn rewrite_plan(
             detail,
         },
     };
+    replayed_plan(replay, members, change, |d| split_apart(&d.rule))
+}
+
+/// What a replay writes back: the replayed membership (profiles new to the component,
+/// identifiers, merges, sightings) and, in the graph log, `change` followed by the replay's
+/// decisions that `keep` selects and the creation of the profiles it made (logged with the
+/// event that created them, so a later replay creates them again).
+fn replayed_plan(
+    replay: &Replay,
+    members: &HashSet<Uuid>,
+    change: Decision,
+    keep: impl Fn(&Decision) -> bool,
+) -> Plan {
     Plan {
         resolutions: Vec::new(),
         new_profiles: replay
@@ -836,8 +849,6 @@ pub(crate) fn rewrite_plan(
         new_identifiers: replay.plan.new_identifiers.clone(),
         merges: replay.plan.merges.clone(),
         sightings: replay.plan.sightings.clone(),
-        // The profiles the rewrite made are logged with the event that created them, so a
-        // later replay creates them again.
         decisions: std::iter::once(change)
             .chain(
                 replay
@@ -845,7 +856,7 @@ pub(crate) fn rewrite_plan(
                     .decisions
                     .iter()
                     .filter(|d| {
-                        split_apart(&d.rule)
+                        keep(d)
                             || (d.kind == DecisionKind::Create && !members.contains(&d.profile_id))
                     })
                     .cloned(),
@@ -1012,34 +1023,11 @@ pub(crate) fn reorder_plan(
                 .to_string(),
         ),
     };
-    Plan {
-        resolutions: Vec::new(),
-        new_profiles: replay
-            .plan
-            .new_profiles
-            .iter()
-            .filter(|p| !members.contains(&p.id))
-            .copied()
-            .collect(),
-        new_identifiers: replay.plan.new_identifiers.clone(),
-        merges: replay.plan.merges.clone(),
-        sightings: replay.plan.sightings.clone(),
-        // The drops stay findable by identifier (a later late event follows them to this
-        // component); new profiles are logged with their event so a later replay makes them.
-        decisions: std::iter::once(change)
-            .chain(
-                replay
-                    .plan
-                    .decisions
-                    .iter()
-                    .filter(|d| {
-                        (d.kind == DecisionKind::Drop && graph_dependent(&d.rule))
-                            || (d.kind == DecisionKind::Create && !members.contains(&d.profile_id))
-                    })
-                    .cloned(),
-            )
-            .collect(),
-    }
+    // The drops stay findable by identifier: a later late event follows them to this
+    // component.
+    replayed_plan(replay, members, change, |d| {
+        d.kind == DecisionKind::Drop && graph_dependent(&d.rule)
+    })
 }
 
 /// What a re-resolution in event-time order did, as queued for the profile service.
