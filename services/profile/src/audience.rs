@@ -1,13 +1,20 @@
 //! Audiences: named boolean conditions over a profile's traits, computed traits, scores and
 //! events, declared in config; a profile is a member while its condition holds.
 //!
-//! A condition is a tree (`all`, `any`, `not`) of tests on a trait, a computed trait or a score
-//! (`eq`, `ne`, `gt`, `gte`, `lt`, `lte`, `in`, `contains`, `exists`, `missing`) and of event
-//! conditions (`performed` an event at least / at most so many times, optionally within a
+//! A condition is a tree (`all`, `any`, `not`) of tests on a trait, a computed trait, a score or
+//! a trait of the person's accounts (`eq`, `ne`, `gt`, `gte`, `lt`, `lte`, `in`, `contains`,
+//! `exists`, `missing`) and of event conditions (`performed` an event at least / at most so many times, optionally within a
 //! window). An event condition is kept by a hidden windowed count ([`Audiences::hidden`]),
 //! folded with the profile's other computed traits, so membership is correct whatever the
 //! order events arrive in, across merges and unmerges, and changes as time passes without new
 //! events (evaluated at read time, like computed traits).
+//!
+//! An account test holds when some account the person belongs to (through group calls) has a
+//! trait that meets it; for a person without accounts it is evaluated as for an absent value
+//! (so only `ne` and `missing` hold). It reads the copy of the accounts' traits the profile
+//! carries ([`crate::computed::ComputedState::account_traits`]), refreshed in the write that
+//! applies the person's own events and, when another member's group call changes an account,
+//! by the account refresh that follows it (about a second later).
 
 use std::collections::BTreeMap;
 
@@ -43,6 +50,8 @@ pub enum Condition {
     Computed(Test),
     /// A test on a score's value.
     Score(Test),
+    /// A test on a trait of the person's accounts: holds when some account meets it.
+    Account(Test),
     /// An event performed a number of times, optionally within the last `within_seconds`.
     Performed(Performed),
 }
@@ -79,6 +88,8 @@ pub struct Facts<'a> {
     pub computed: &'a BTreeMap<String, ComputedValue>,
     /// Its scores.
     pub scores: &'a BTreeMap<String, Score>,
+    /// The traits of each of its accounts (JSON objects, name → value).
+    pub accounts: &'a [&'a Value],
 }
 
 /// The declared audiences, compiled.
@@ -90,6 +101,8 @@ pub struct Audiences {
     /// For each audience, for each of its `performed` conditions in tree order, the hidden
     /// count it reads.
     slots: Vec<Vec<String>>,
+    /// The account traits the account tests name.
+    account_traits: std::collections::BTreeSet<String>,
 }
 
 /// The most conditions one audience may hold.
@@ -126,6 +139,9 @@ impl Audiences {
                 slots.push(name);
             });
             out.slots.push(slots);
+            account_tests(&audience.condition, &mut |test| {
+                out.account_traits.insert(test.name.clone());
+            });
             out.audiences.push(audience);
         }
         Ok(out)
@@ -134,6 +150,11 @@ impl Audiences {
     /// The hidden counts the event conditions read: fold them with the computed traits.
     pub fn hidden(&self) -> &[ComputedTrait] {
         &self.hidden
+    }
+
+    /// The account traits some account test reads: what profiles keep a copy of.
+    pub fn account_traits(&self) -> &std::collections::BTreeSet<String> {
+        &self.account_traits
     }
 
     /// Whether any audience is declared.
@@ -176,9 +197,10 @@ fn check(condition: &Condition, depth: usize, count: &mut usize) -> Result<(), S
             Ok(())
         }
         Condition::Not(inner) => check(inner, depth + 1, count),
-        Condition::Trait(test) | Condition::Computed(test) | Condition::Score(test) => {
-            test.problem().map_or(Ok(()), Err)
-        }
+        Condition::Trait(test)
+        | Condition::Computed(test)
+        | Condition::Score(test)
+        | Condition::Account(test) => test.problem().map_or(Ok(()), Err),
         Condition::Performed(p) => {
             if p.event.is_empty() {
                 return Err("performed needs an event".into());
@@ -204,7 +226,27 @@ fn performed(condition: &Condition, f: &mut impl FnMut(&Performed)) {
         }
         Condition::Not(inner) => performed(inner, f),
         Condition::Performed(p) => f(p),
-        Condition::Trait(_) | Condition::Computed(_) | Condition::Score(_) => {}
+        Condition::Trait(_)
+        | Condition::Computed(_)
+        | Condition::Score(_)
+        | Condition::Account(_) => {}
+    }
+}
+
+/// Calls `f` on every account test, in tree order.
+fn account_tests(condition: &Condition, f: &mut impl FnMut(&Test)) {
+    match condition {
+        Condition::All(all) | Condition::Any(all) => {
+            for c in all {
+                account_tests(c, f);
+            }
+        }
+        Condition::Not(inner) => account_tests(inner, f),
+        Condition::Account(test) => f(test),
+        Condition::Trait(_)
+        | Condition::Computed(_)
+        | Condition::Score(_)
+        | Condition::Performed(_) => {}
     }
 }
 
@@ -236,6 +278,16 @@ fn holds<'s>(
                 .and_then(|s| serde_json::Number::from_f64(s.value))
                 .map(Value::Number);
             test.holds(value.as_ref())
+        }
+        Condition::Account(test) => {
+            if facts.accounts.is_empty() {
+                test.holds(None)
+            } else {
+                facts
+                    .accounts
+                    .iter()
+                    .any(|traits| test.holds(traits.get(&test.name)))
+            }
         }
         Condition::Performed(p) => {
             let times = slots
@@ -331,12 +383,54 @@ mod tests {
                 traits: &traits,
                 computed,
                 scores: &scores,
+                accounts: &[],
             })
         };
         assert_eq!(facts(&computed), ["engaged_pros", "big_spenders"]);
         computed.insert("audience:engaged_pros:0".into(), count(1));
         computed.insert("audience:no_orders:0".into(), count(0));
         assert_eq!(facts(&computed), ["no_orders", "big_spenders"]);
+    }
+
+    #[test]
+    fn account_tests_hold_when_some_account_meets_them() {
+        let audiences = Audiences::compile(parse(
+            r#"
+            [[audiences]]
+            name = "software"
+            condition = { account = { name = "industry", op = "eq", value = "Software" } }
+
+            [[audiences]]
+            name = "no_large_account"
+            condition = { not = { account = { name = "employees", op = "gte", value = 1000 } } }
+
+            [[audiences]]
+            name = "no_industry"
+            condition = { account = { name = "industry", op = "missing" } }
+            "#,
+        ))
+        .expect("compile");
+        assert_eq!(
+            audiences.account_traits().iter().collect::<Vec<_>>(),
+            ["employees", "industry"]
+        );
+        let (traits, computed, scores) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        let members = |accounts: &[&Value]| {
+            audiences.members(Facts {
+                traits: &traits,
+                computed: &computed,
+                scores: &scores,
+                accounts,
+            })
+        };
+        let software = json!({"industry": "Software", "employees": 50});
+        let retail = json!({"industry": "Retail", "employees": 5000});
+        let unknown = json!({"plan": "pro"});
+        assert_eq!(members(&[]), ["no_large_account", "no_industry"]);
+        assert_eq!(members(&[&software]), ["software", "no_large_account"]);
+        assert_eq!(members(&[&retail, &software]), ["software"]);
+        assert_eq!(members(&[&retail]), Vec::<String>::new());
+        assert_eq!(members(&[&unknown]), ["no_large_account", "no_industry"]);
     }
 
     #[test]

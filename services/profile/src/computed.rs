@@ -102,6 +102,15 @@ impl ComputedTrait {
                 format!("`{CONSENT_PREFIX}` names are reserved for consent"),
             ));
         }
+        if let Some(prefix) = [ACCOUNT_PREFIX, ACCOUNT_TRAITS_PREFIX]
+            .into_iter()
+            .find(|p| self.name.starts_with(p))
+        {
+            return Some((
+                "name",
+                format!("`{prefix}` names are reserved for accounts"),
+            ));
+        }
         if self.kind != Kind::Count && self.property.as_deref().is_none_or(str::is_empty) {
             return Some(("property", format!("is required for {:?}", self.kind)));
         }
@@ -225,6 +234,14 @@ pub const CONSENT_PREFIX: &str = "consent:";
 /// role and title in the account (`{"role", "title"}` from the call's `context.traits`).
 pub const ACCOUNT_PREFIX: &str = "account:";
 
+/// The prefix of the copies of a person's accounts' traits that audiences read:
+/// `account_traits:<group id>`, a `last` entry holding `{name: value}` for the account traits
+/// the audiences' account tests name. Not folded from the person's events: copied from the
+/// accounts whenever the profile is written (the account's traits may change through another
+/// member's group call; the account refresh then copies them again). Kept with the computed
+/// values so they travel with the profile into the cache and its history.
+pub const ACCOUNT_TRAITS_PREFIX: &str = "account_traits:";
+
 /// The longest purpose name kept, in bytes; longer ones are ignored.
 const MAX_PURPOSE: usize = 200;
 
@@ -294,6 +311,45 @@ impl ComputedState {
     pub fn accounts(&self) -> impl Iterator<Item = (&str, &Entry)> {
         self.prefixed(ACCOUNT_PREFIX)
             .filter_map(|(id, acc)| Some((id, acc.last()?)))
+    }
+
+    /// The copies of the person's accounts' traits: (group id, `{name: value}`), in id order.
+    pub fn account_traits(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.prefixed(ACCOUNT_TRAITS_PREFIX)
+            .filter_map(|(id, acc)| Some((id, &acc.last()?.value)))
+    }
+
+    /// Copies `traits(group id)` (a JSON object) for each of the person's accounts, and drops
+    /// the copies of accounts the person no longer belongs to; with `copy` false, drops every
+    /// copy (no audience reads them). Whether anything changed.
+    pub fn set_account_traits(&mut self, copy: bool, traits: impl Fn(&str) -> Value) -> bool {
+        let wanted: BTreeMap<String, Value> = if copy {
+            self.accounts()
+                .map(|(id, _)| (id.to_owned(), traits(id)))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let same = wanted.len() == self.account_traits().count()
+            && self
+                .account_traits()
+                .all(|(id, value)| wanted.get(id) == Some(value));
+        if same {
+            return false;
+        }
+        self.0
+            .retain(|name, _| !name.starts_with(ACCOUNT_TRAITS_PREFIX));
+        for (id, value) in wanted {
+            self.0.insert(
+                format!("{ACCOUNT_TRAITS_PREFIX}{id}"),
+                Acc::Last(Entry {
+                    at: OffsetDateTime::UNIX_EPOCH,
+                    event_id: String::new(),
+                    value,
+                }),
+            );
+        }
+        true
     }
 
     /// The accumulators under `prefix`, by the rest of their name.

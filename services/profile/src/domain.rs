@@ -591,6 +591,22 @@ impl Workspace {
         self.changed.insert(id.to_owned());
     }
 
+    /// Changes the computed state of the live profile `id` with `f`, which says whether it
+    /// changed anything; then the profile counts as changed.
+    pub fn update_computed(
+        &mut self,
+        id: &str,
+        now: OffsetDateTime,
+        f: impl FnOnce(&mut crate::computed::ComputedState) -> bool,
+    ) {
+        let Some(profile) = self.profiles.get_mut(id) else {
+            return;
+        };
+        if f(&mut profile.state.computed) && self.changed.insert(id.to_owned()) {
+            profile.touch(now);
+        }
+    }
+
     fn canonical_owned(&self, id: &str) -> Result<String, Missing> {
         self.canonical(id)
             .map(str::to_owned)

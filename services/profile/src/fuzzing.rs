@@ -213,10 +213,18 @@ pub fn conditions(data: &[u8]) -> bool {
             (name, score)
         })
         .collect();
+    // The same values as the traits of one account, so account tests see them too.
+    let account = Value::Object(
+        traits
+            .iter()
+            .map(|(name, t)| (name.clone(), t.value.clone()))
+            .collect(),
+    );
     let facts = Facts {
         traits: &traits,
         computed: &computed,
         scores: &scores,
+        accounts: &[&account],
     };
     // A single test, as scoring rules and audiences write them.
     if let Ok(test) = serde_json::from_slice::<Test>(definition) {

@@ -281,6 +281,7 @@ impl Profiles {
                 match_profiles: settings.match_profiles,
                 match_unimplemented_warned: AtomicBool::new(false),
                 changed: tokio::sync::Notify::new(),
+                account_refresh: tokio::sync::Notify::new(),
                 streams_stop: tessera_server::Shutdown::new(),
                 history_retention: (settings.history_retention_days > 0).then(|| {
                     time::Duration::days(
@@ -292,7 +293,9 @@ impl Profiles {
     }
 
     /// Re-evaluates, every `interval`, the profiles whose computed traits or audience
-    /// memberships change with time (a windowed trait or event condition), and once a minute
+    /// memberships change with time (a windowed trait or event condition), re-evaluates the
+    /// members of accounts whose traits changed (woken by this replica's batches, and polling
+    /// every second for other replicas'), and once a minute
     /// deletes changes older than the retention, until `shutdown`. When the definitions that
     /// fold events (computed traits, audiences, trait catalog) differ from those the stored
     /// profiles were folded with, it first recomputes every profile from its events, 100 at a
@@ -307,6 +310,8 @@ impl Profiles {
     ) -> tokio::task::JoinHandle<()> {
         const BATCH: usize = 500;
         const RECOMPUTE_BATCH: usize = 100;
+        /// Queued account refreshes taken per transaction.
+        const REFRESH_BATCH: usize = 10;
         const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
         const DEFINITIONS_POLL: std::time::Duration = std::time::Duration::from_secs(1);
         let inner = self.inner.clone();
@@ -402,11 +407,21 @@ impl Profiles {
                         }
                     };
                 }
-                // A full batch (or a recompute under way) means more are due: go on at once.
-                if !full_sweep && !recomputing {
+                // Members of accounts whose traits another member's group call changed.
+                let refreshing = match inner.refresh_accounts_once(REFRESH_BATCH).await {
+                    Ok(taken) => taken.is_some(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "refreshing account members failed");
+                        false
+                    }
+                };
+                // A full batch (or a recompute or refresh under way) means more are due: go
+                // on at once.
+                if !full_sweep && !recomputing && !refreshing {
                     let wait = if windowed { interval } else { PRUNE_EVERY };
                     tokio::select! {
                         () = shutdown.cancelled() => return,
+                        () = inner.account_refresh.notified() => {}
                         () = tokio::time::sleep(wait.min(DEFINITIONS_POLL)) => {}
                     }
                 } else if shutdown.is_cancelled() {

@@ -72,6 +72,9 @@ pub(crate) struct Inner {
     pub(crate) defs: Arc<SharedDefinitions>,
     /// Woken after every write, so change streams in this process read at once.
     pub(crate) changed: tokio::sync::Notify,
+    /// Woken after a batch with account traits, so the sweeper refreshes the accounts' other
+    /// members at once (it polls the queue every second too, for other replicas' batches).
+    pub(crate) account_refresh: tokio::sync::Notify,
     /// Ends the change streams (before the server drains).
     pub(crate) streams_stop: tessera_server::Shutdown,
     /// How long profile versions are kept for GetProfile(as_of); `None` when they are not.
@@ -234,6 +237,27 @@ impl Inner {
             self.put_all(entries).await;
         }
         Ok(profiles.len())
+    }
+
+    /// Re-evaluates the members of up to `limit` accounts whose traits changed (see
+    /// [`ProfileStore::refresh_accounts`]) and caches what it wrote; returns how many refreshes
+    /// it took (`None` when none were queued).
+    pub(crate) async fn refresh_accounts_once(
+        &self,
+        limit: usize,
+    ) -> Result<Option<usize>, ProfileError> {
+        let now = micros(OffsetDateTime::now_utc());
+        let Some(applied) = self
+            .store
+            .refresh_accounts(limit, self.half_life_seconds, now, self)
+            .await?
+        else {
+            return Ok(None);
+        };
+        metrics::counter!("tessera_profile_account_refreshed_profiles_total")
+            .increment(applied.named.len() as u64);
+        self.cache_applied(&applied).await;
+        Ok(Some(applied.named.len()))
     }
 
     /// Recomputes the next `limit` profiles of a running recompute (definitions changed) and
@@ -530,6 +554,7 @@ impl Inner {
         let mut profiles = Vec::new();
         let mut examined = 0;
         let mut exhausted = false;
+        let mut account_traits: HashMap<String, Option<serde_json::Value>> = HashMap::new();
         while profiles.len() < page_size && examined < SEARCH_BUDGET {
             let chunk = self.store.scan(after.as_deref(), SEARCH_CHUNK).await?;
             exhausted = chunk.len() < SEARCH_CHUNK;
@@ -537,10 +562,39 @@ impl Inner {
                 examined += 1;
                 after = Some(profile.profile_id.clone());
                 let computed = profile.state.computed.values(computed_defs, now);
+                // Account tests read the accounts themselves (profiles copy only the traits
+                // the audiences name), each read once per call.
+                let mut accounts = Vec::new();
+                if !matcher.account_traits().is_empty() {
+                    let ids: Vec<String> = profile
+                        .state
+                        .computed
+                        .accounts()
+                        .map(|(id, _)| id.to_owned())
+                        .collect();
+                    for id in &ids {
+                        if !account_traits.contains_key(id) {
+                            let traits = self.store.account(id).await?.map(|a| {
+                                serde_json::Value::Object(
+                                    a.traits
+                                        .into_iter()
+                                        .map(|(name, t)| (name, t.value))
+                                        .collect(),
+                                )
+                            });
+                            account_traits.insert(id.clone(), traits);
+                        }
+                    }
+                    accounts = ids
+                        .iter()
+                        .filter_map(|id| account_traits.get(id).and_then(Option::as_ref))
+                        .collect();
+                }
                 let facts = crate::audience::Facts {
                     traits: &profile.state.traits,
                     computed: &computed,
                     scores: &profile.scores,
+                    accounts: &accounts,
                 };
                 if !matcher.members(facts).is_empty() {
                     let mut shown = convert::profile_to_pb(&profile, &defs, now);
@@ -615,6 +669,8 @@ impl Inner {
             .delete(&live, &forgotten.profile_ids, &request.reason, now)
             .await?;
         self.changed.notify_waiters();
+        // Their accounts are rescored without them by the account refresh.
+        self.account_refresh.notify_one();
         count_membership_changes(&deleted.exits);
         // A tombstone at the highest version: a read that loaded the profile before the
         // deletion can never put it back.
@@ -837,6 +893,10 @@ impl Inner {
     ) -> Result<pb::ApplyEventsResponse, ProfileError> {
         let (_traced, traces) = event_traces(&request.events);
         let batch = convert::batch(request)?;
+        let account_traits = batch
+            .events
+            .iter()
+            .any(|e| !e.details.group_traits.is_empty());
         let now = micros(OffsetDateTime::now_utc());
         // Every profile the batch names is rescored in the same transaction, also when all its
         // events were duplicates: a batch retried after a scoring failure gets its scores.
@@ -852,6 +912,9 @@ impl Inner {
         metrics::counter!("tessera_profile_duplicate_events_total")
             .increment(applied.duplicates as u64);
         self.cache_applied(&applied).await;
+        if account_traits {
+            self.account_refresh.notify_one();
+        }
         let mut changed = changed_ids(&applied);
 
         // Every named profile is matched, so a batch retried after a matching failure

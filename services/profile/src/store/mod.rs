@@ -257,6 +257,19 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
     /// The account `account_id` (a group id), when a group call named it.
     async fn account(&self, account_id: &str) -> Result<Option<Account>, ProfileError>;
 
+    /// Re-evaluates the members of accounts whose traits changed (another member's group call
+    /// changed them, so the members' copies of the account traits, their audiences and their
+    /// scores may be stale): takes up to `limit` queued account refreshes (each replica its
+    /// own), and rescores and re-evaluates every member of those accounts in one transaction,
+    /// as a batch without events naming them would. `None` when nothing is queued.
+    async fn refresh_accounts(
+        &self,
+        limit: usize,
+        half_life_seconds: f64,
+        now: OffsetDateTime,
+        scorer: &dyn Scorer,
+    ) -> Result<Option<Applied>, ProfileError>;
+
     /// The members of `account_id`, one per live profile whose applied group calls named it,
     /// in profile id order.
     async fn account_members(&self, account_id: &str) -> Result<Vec<Member>, ProfileError>;
@@ -436,10 +449,38 @@ impl Definitions {
             return Vec::new();
         }
         let computed = profile.state.computed.values(&self.computed, now);
+        let accounts: Vec<&serde_json::Value> = profile
+            .state
+            .computed
+            .account_traits()
+            .map(|(_, traits)| traits)
+            .collect();
         self.audiences.members(Facts {
             traits: &profile.state.traits,
             computed: &computed,
             scores: &profile.scores,
+            accounts: &accounts,
+        })
+    }
+
+    /// Copies onto `state` the traits of its accounts (`accounts`, as the writing transaction
+    /// sees them) that the audiences' account tests read; whether it changed.
+    pub fn copy_account_traits(
+        &self,
+        state: &mut crate::computed::ComputedState,
+        accounts: &Accounts,
+    ) -> bool {
+        let names = self.audiences.account_traits();
+        state.set_account_traits(!names.is_empty(), |id| {
+            let mut copy = serde_json::Map::new();
+            if let Some(account) = accounts.get(id) {
+                for name in names {
+                    if let Some(t) = account.traits.get(name) {
+                        copy.insert(name.clone(), t.value.clone());
+                    }
+                }
+            }
+            serde_json::Value::Object(copy)
         })
     }
 
@@ -785,6 +826,23 @@ trait Ops: Send {
     async fn load_account(&mut self, id: &str) -> Result<Option<Account>, sqlx::Error>;
     /// The stored accounts among `ids`, without locking.
     async fn load_accounts(&mut self, ids: &[String]) -> Result<Vec<Account>, sqlx::Error>;
+
+    /// Queues a refresh of the members of each of `ids` (their traits changed).
+    async fn request_account_refreshes(
+        &mut self,
+        ids: &[&str],
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error>;
+
+    /// Takes up to `limit` queued account refreshes, oldest first, that no other transaction
+    /// has taken (locked until this one ends): (queue position, account id).
+    async fn claim_account_refreshes(
+        &mut self,
+        limit: usize,
+    ) -> Result<Vec<(i64, String)>, sqlx::Error>;
+
+    /// Removes the queued account refreshes at `positions` (done).
+    async fn delete_account_refreshes(&mut self, positions: &[i64]) -> Result<(), sqlx::Error>;
     /// The applied group events naming `account_id`: event id, profile id, content.
     async fn group_events(
         &mut self,
@@ -864,6 +922,15 @@ async fn delete<O: Ops>(
     let found = !stored.is_empty() || !merged.is_empty();
     ids.extend(merged);
     let profile_ids: Vec<String> = ids.into_iter().collect();
+    // The person leaves their accounts: the account refresh rescores them without them.
+    let accounts: BTreeSet<String> = stored
+        .iter()
+        .flat_map(|p| p.state.computed.accounts().map(|(id, _)| id.to_owned()))
+        .collect();
+    if !accounts.is_empty() {
+        let accounts: Vec<&str> = accounts.iter().map(String::as_str).collect();
+        ops.request_account_refreshes(&accounts, now).await?;
+    }
     let identifiers = stored
         .into_iter()
         .flat_map(|p| p.state.identifiers)
@@ -910,16 +977,26 @@ async fn delete<O: Ops>(
     })
 }
 
-/// Applies a batch through `ops`, which must be inside a transaction.
+/// Applies a batch through `ops`, which must be inside a transaction; the profiles `also`
+/// (existing ones) are rescored and re-evaluated with the ones the batch names.
 async fn apply<O: Ops>(
     ops: &mut O,
     batch: &Batch,
+    also: &[String],
     (half_life_seconds, shared): (f64, &SharedDefinitions),
     now: OffsetDateTime,
     scorer: &dyn Scorer,
 ) -> Result<Applied, ProfileError> {
     let batch = &*without_deleted(ops, batch).await?;
-    let named = batch.profile_ids();
+    let mut named = batch.profile_ids();
+    if !also.is_empty() {
+        named = named
+            .into_iter()
+            .chain(also.iter().cloned())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+    }
     ops.ensure(&named, now).await?;
     let (live, resolved) = lock_live(ops, &named).await?;
     // Read after the locks: see `definitions`.
@@ -975,9 +1052,16 @@ async fn apply<O: Ops>(
         .filter_map(|id| ws.canonical(id).map(str::to_owned))
         .collect();
     let state_changed: BTreeSet<String> = ws.changed().map(|p| p.profile_id.clone()).collect();
+    let accounts = {
+        let profiles: Vec<&Profile> = named_live.iter().filter_map(|id| ws.profile(id)).collect();
+        accounts_of(ops, &profiles).await?
+    };
+    // The copies of the account traits first: audiences read them, and scores read audiences.
+    for id in &named_live {
+        ws.update_computed(id, now, |state| defs.copy_account_traits(state, &accounts));
+    }
     let scores = {
         let profiles: Vec<&Profile> = named_live.iter().filter_map(|id| ws.profile(id)).collect();
-        let accounts = accounts_of(ops, &profiles).await?;
         scorer.score(&profiles, &accounts, now).await?
     };
     for (id, scores) in named_live.iter().zip(scores) {
@@ -1232,10 +1316,34 @@ async fn fold_accounts<O: Ops>(
         .into_iter()
         .map(|a| (a.account_id.clone(), a))
         .collect();
+    let before: BTreeMap<String, BTreeMap<String, crate::domain::TraitValue>> = folded
+        .iter()
+        .filter_map(|id| Some(((*id).to_owned(), accounts.get(*id)?.traits.clone())))
+        .collect();
     for event in group_calls {
         if let Some(account) = accounts.get_mut(&event.details.group_id) {
             account.apply(event, catalog);
         }
+    }
+    // Other members read the account's traits too (their copies for audiences, their
+    // scores): a change is queued for the account refresh, which re-evaluates them all.
+    let values = |traits: &BTreeMap<String, crate::domain::TraitValue>| {
+        traits
+            .iter()
+            .map(|(name, t)| (name.clone(), t.value.clone()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let refresh: Vec<&str> = before
+        .iter()
+        .filter(|(id, old)| {
+            accounts
+                .get(*id)
+                .is_some_and(|a| values(&a.traits) != values(old))
+        })
+        .map(|(id, _)| id.as_str())
+        .collect();
+    if !refresh.is_empty() {
+        ops.request_account_refreshes(&refresh, now).await?;
     }
     let mut written = Vec::new();
     for account in accounts.values_mut() {
@@ -1286,6 +1394,47 @@ async fn rescore_accounts<O: Ops>(
     ops.write_accounts(&changed.iter().collect::<Vec<_>>())
         .await?;
     Ok(())
+}
+
+/// Re-evaluates the members of up to `limit` queued account refreshes through `ops` (inside a
+/// transaction); see [`ProfileStore::refresh_accounts`].
+async fn refresh_accounts<O: Ops>(
+    ops: &mut O,
+    limit: usize,
+    settings: (f64, &SharedDefinitions),
+    now: OffsetDateTime,
+    scorer: &dyn Scorer,
+) -> Result<Option<Applied>, ProfileError> {
+    let claimed = ops.claim_account_refreshes(limit).await?;
+    if claimed.is_empty() {
+        return Ok(None);
+    }
+    let accounts: BTreeSet<&str> = claimed.iter().map(|(_, id)| id.as_str()).collect();
+    let mut members = BTreeSet::new();
+    for &id in &accounts {
+        members.extend(
+            account_members(ops, id)
+                .await?
+                .into_iter()
+                .map(|m| m.profile_id),
+        );
+    }
+    let members: Vec<String> = members.into_iter().collect();
+    let applied = apply(ops, &Batch::default(), &members, settings, now, scorer).await?;
+    // The accounts themselves too: their members may have changed (a person deleted).
+    let defs = definitions(ops, settings.1).await?;
+    let accounts = fold_accounts(
+        ops,
+        &defs.catalog,
+        &[],
+        accounts.into_iter().map(str::to_owned).collect(),
+        now,
+    )
+    .await?;
+    rescore_accounts(ops, scorer, accounts, now).await?;
+    let positions: Vec<i64> = claimed.iter().map(|(position, _)| *position).collect();
+    ops.delete_account_refreshes(&positions).await?;
+    Ok(Some(applied))
 }
 
 /// The members of `account_id`, read through `ops`.
@@ -1476,9 +1625,15 @@ async fn rebuild<O: Ops>(
         }
         rows.push(profile);
     }
+    let accounts = {
+        let live: Vec<&Profile> = rows.iter().filter(|p| p.merged_into.is_none()).collect();
+        accounts_of(ops, &live).await?
+    };
+    for profile in rows.iter_mut().filter(|p| p.merged_into.is_none()) {
+        defs.copy_account_traits(&mut profile.state.computed, &accounts);
+    }
     let scores = {
         let live: Vec<&Profile> = rows.iter().filter(|p| p.merged_into.is_none()).collect();
-        let accounts = accounts_of(ops, &live).await?;
         scorer.score(&live, &accounts, now).await?
     };
     let mut score_changes = Vec::new();

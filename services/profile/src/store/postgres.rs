@@ -57,6 +57,7 @@ impl ProfileStore for PostgresStore {
         let applied = super::apply(
             &mut PgOps(&mut tx),
             batch,
+            &[],
             (half_life_seconds, &self.defs),
             now,
             scorer,
@@ -291,6 +292,26 @@ impl ProfileStore for PostgresStore {
     ) -> Result<Option<Applied>, ProfileError> {
         let mut tx = self.pool.begin().await?;
         let done = super::recompute(
+            &mut PgOps(&mut tx),
+            limit,
+            (half_life_seconds, &self.defs),
+            now,
+            scorer,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    async fn refresh_accounts(
+        &self,
+        limit: usize,
+        half_life_seconds: f64,
+        now: OffsetDateTime,
+        scorer: &dyn Scorer,
+    ) -> Result<Option<Applied>, ProfileError> {
+        let mut tx = self.pool.begin().await?;
+        let done = super::refresh_accounts(
             &mut PgOps(&mut tx),
             limit,
             (half_life_seconds, &self.defs),
@@ -864,6 +885,43 @@ impl Ops for PgOps<'_> {
         .fetch_all(&mut *self.0)
         .await?;
         rows.iter().map(account).collect()
+    }
+
+    async fn request_account_refreshes(
+        &mut self,
+        ids: &[&str],
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO account_refreshes (account_id, requested_at) \
+             SELECT id, $2 FROM UNNEST($1::text[]) AS u (id)",
+        )
+        .bind(ids)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn claim_account_refreshes(
+        &mut self,
+        limit: usize,
+    ) -> Result<Vec<(i64, String)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT position, account_id FROM account_refreshes \
+             ORDER BY position LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *self.0)
+        .await
+    }
+
+    async fn delete_account_refreshes(&mut self, positions: &[i64]) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM account_refreshes WHERE position = ANY($1)")
+            .bind(positions)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
     }
 
     async fn group_events(

@@ -62,6 +62,7 @@ impl ProfileStore for SqliteStore {
         let applied = super::apply(
             &mut LiteOps(&mut tx),
             batch,
+            &[],
             (half_life_seconds, &self.defs),
             now,
             scorer,
@@ -310,6 +311,26 @@ impl ProfileStore for SqliteStore {
     ) -> Result<Option<Applied>, ProfileError> {
         let mut tx = self.pool.begin().await?;
         let done = super::recompute(
+            &mut LiteOps(&mut tx),
+            limit,
+            (half_life_seconds, &self.defs),
+            now,
+            scorer,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    async fn refresh_accounts(
+        &self,
+        limit: usize,
+        half_life_seconds: f64,
+        now: OffsetDateTime,
+        scorer: &dyn Scorer,
+    ) -> Result<Option<Applied>, ProfileError> {
+        let mut tx = self.pool.begin().await?;
+        let done = super::refresh_accounts(
             &mut LiteOps(&mut tx),
             limit,
             (half_life_seconds, &self.defs),
@@ -723,6 +744,44 @@ impl Ops for LiteOps<'_> {
             out.extend(self.load_account(id).await?);
         }
         Ok(out)
+    }
+
+    async fn request_account_refreshes(
+        &mut self,
+        ids: &[&str],
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error> {
+        for id in ids {
+            sqlx::query("INSERT INTO account_refreshes (account_id, requested_at) VALUES (?1, ?2)")
+                .bind(id)
+                .bind(now)
+                .execute(&mut *self.0)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn claim_account_refreshes(
+        &mut self,
+        limit: usize,
+    ) -> Result<Vec<(i64, String)>, sqlx::Error> {
+        // One connection, one writer: nobody else can take them.
+        sqlx::query_as(
+            "SELECT position, account_id FROM account_refreshes ORDER BY position LIMIT ?1",
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *self.0)
+        .await
+    }
+
+    async fn delete_account_refreshes(&mut self, positions: &[i64]) -> Result<(), sqlx::Error> {
+        for position in positions {
+            sqlx::query("DELETE FROM account_refreshes WHERE position = ?1")
+                .bind(position)
+                .execute(&mut *self.0)
+                .await?;
+        }
+        Ok(())
     }
 
     async fn group_events(

@@ -14,6 +14,7 @@ use tessera_profile::domain::{Batch, EventDetails, ResolvedEvent};
 use tessera_profile::error::ProfileError;
 use tessera_profile::store::{self, Definitions, MembershipChange, NoScores, ProfileStore};
 use tessera_profile::{MIGRATIONS, Peers, ProfileSettings, Profiles, SCHEMA};
+use tessera_proto::common::v1 as common;
 use tessera_proto::convert::value_to_json;
 use tessera_proto::profile::v1 as pb;
 use tessera_proto::profile::v1::definition_service_client::DefinitionServiceClient;
@@ -750,4 +751,97 @@ async fn definitions_declared_through_one_replica_are_used_by_another() {
         .await
         .unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
+}
+
+/// A group call as the pipeline sends it: `profile_id` (user `user`) names `account`, with
+/// account `traits`.
+fn group(
+    event_id: &str,
+    profile_id: &str,
+    user: &str,
+    account: &str,
+    timestamp: OffsetDateTime,
+    traits: serde_json::Value,
+) -> pb::ResolvedEvent {
+    let mut e = identify(event_id, profile_id, user, timestamp, traits);
+    let event = e.event.as_mut().unwrap();
+    event.r#type = common::EventType::Group as i32;
+    event.group_id = account.to_owned();
+    e
+}
+
+/// Over gRPC, with two replicas on one Postgres and Redis: an audience on an account trait
+/// (declared through one replica). A group call through A that makes the account a software
+/// company puts its sender in the audience at once and the account's other member, whose
+/// profile B had cached, within the account refresh: read through B, and streamed. The next
+/// change of the account's industry takes both out again.
+#[tokio::test]
+async fn account_traits_reach_every_member_across_replicas() {
+    let cluster = Cluster::new().await;
+    let a = cluster.replica().await;
+    let b = cluster.replica().await;
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let minute = time::Duration::minutes(1);
+    b.definitions
+        .clone()
+        .create_audience(pb::CreateAudienceRequest {
+            audience: Some(pb::AudienceDefinition {
+                name: "software".to_owned(),
+                condition_json:
+                    r#"{"account": {"name": "industry", "op": "eq", "value": "Software"}}"#
+                        .to_owned(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+
+    // p2 joins acme before it has an industry; B reads (and caches) p2.
+    a.apply(vec![group(
+        "g1",
+        "p2",
+        "u2",
+        "acme",
+        now - minute * 10,
+        json!({}),
+    )])
+    .await;
+    assert!(b.profile("p2").await.audiences.is_empty());
+
+    a.apply(vec![group(
+        "g2",
+        "p1",
+        "u1",
+        "acme",
+        now - minute * 9,
+        json!({"industry": "Software", "employees": 40}),
+    )])
+    .await;
+    assert_eq!(a.profile("p1").await.audiences, ["software"]);
+    let p2 = b.profile_until("p2", |p| p.audiences == ["software"]).await;
+    assert_eq!(p2.audiences, ["software"], "the other member enters too");
+    let entered = |id: &str| {
+        (
+            id.to_owned(),
+            "audience_entered".to_owned(),
+            "software".to_owned(),
+        )
+    };
+    assert_eq!(b.audience_changes(2).await, [entered("p1"), entered("p2")]);
+
+    a.apply(vec![group(
+        "g3",
+        "p2",
+        "u2",
+        "acme",
+        now - minute * 8,
+        json!({"industry": "Retail"}),
+    )])
+    .await;
+    assert!(a.profile("p2").await.audiences.is_empty());
+    let p1 = b.profile_until("p1", |p| p.audiences.is_empty()).await;
+    assert!(
+        p1.audiences.is_empty(),
+        "the sender of the first call exits too"
+    );
 }

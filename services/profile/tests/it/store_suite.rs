@@ -2177,6 +2177,18 @@ async fn account_scores_are_stored_and_follow_members(store: &dyn ProfileStore) 
         .unwrap();
     let acme = store.account("acme").await.unwrap().unwrap();
     assert_eq!(coverage(&acme), (25.0, 2.0));
+
+    // A deleted person leaves the account: the account refresh the deletion queues rescores
+    // it with p1 (finance) and p4 (champion).
+    store.delete("p2", &[], "erasure", NOW).await.unwrap();
+    while store
+        .refresh_accounts(10, H, NOW, &CoverageScorer)
+        .await
+        .unwrap()
+        .is_some()
+    {}
+    let acme = store.account("acme").await.unwrap().unwrap();
+    assert_eq!(coverage(&acme), (50.0, 2.0));
 }
 
 #[tokio::test]
@@ -2188,5 +2200,160 @@ async fn account_scores_are_stored_and_follow_members_on_sqlite() {
 async fn account_scores_are_stored_and_follow_members_on_postgres() {
     let backend = postgres().await;
     account_scores_are_stored_and_follow_members(&*backend.store).await;
+    backend.db.close().await;
+}
+
+/// An account trait another member's group call changes reaches every member: the caller's
+/// audiences and scores in the same write, the other members' at the account refresh that the
+/// write queues (once: the queue is empty afterwards).
+async fn account_traits_reach_every_member(backend: &Backend) {
+    let store = store::open_with(
+        backend.db.clone(),
+        store::Definitions::new(
+            vec![],
+            Audiences::compile(vec![Audience {
+                name: "software".into(),
+                condition: Condition::Account(Test {
+                    name: "industry".into(),
+                    op: Op::Eq,
+                    value: json!("Software"),
+                }),
+            }])
+            .unwrap(),
+        ),
+    );
+    let members = || {
+        let store = store.clone();
+        async move {
+            store
+                .audience_members("software", None, 10)
+                .await
+                .unwrap()
+                .0
+        }
+    };
+    let seen = AccountsSeen::default();
+    let apply = |event: ResolvedEvent| {
+        let store = store.clone();
+        let seen = &seen;
+        async move {
+            let batch = Batch {
+                merges: vec![],
+                events: vec![event],
+            };
+            store.apply(&batch, H, NOW, seen).await.unwrap()
+        }
+    };
+    let refresh = || {
+        let store = store.clone();
+        let seen = &seen;
+        async move { store.refresh_accounts(10, H, NOW, seen).await.unwrap() }
+    };
+    // p2 joins acme before it has an industry; nothing is queued for a call that changes no
+    // account trait.
+    apply(group_call("g1", "p2", 1, "acme", "technical", json!({}))).await;
+    assert!(refresh().await.is_none());
+    assert!(members().await.is_empty());
+
+    // p1's call makes acme a software company: p1 is in at once, p2 at the refresh, which
+    // rescores p2 with acme's new traits.
+    let changes = apply(group_call(
+        "g2",
+        "p1",
+        2,
+        "acme",
+        "finance",
+        json!({"industry": "Software"}),
+    ))
+    .await
+    .audiences;
+    assert_eq!(
+        changes
+            .iter()
+            .map(|c| (c.profile_id.as_str(), c.entered))
+            .collect::<Vec<_>>(),
+        [("p1", true)]
+    );
+    assert_eq!(members().await, ["p1"]);
+    seen.0.lock().unwrap().clear();
+    let refreshed = refresh().await.expect("a refresh was queued");
+    assert_eq!(refreshed.named, ["p1", "p2"]);
+    assert_eq!(
+        refreshed
+            .audiences
+            .iter()
+            .map(|c| (c.profile_id.as_str(), c.entered))
+            .collect::<Vec<_>>(),
+        [("p2", true)]
+    );
+    assert!(
+        refreshed
+            .changed
+            .iter()
+            .any(|p| p.profile_id == "p2" && p.state.computed.account_traits().count() == 1),
+        "p2 carries acme's traits: {:?}",
+        refreshed.changed
+    );
+    assert_eq!(
+        *seen.0.lock().unwrap(),
+        [("acme".to_owned(), json!("Software"))]
+    );
+    assert_eq!(members().await, ["p1", "p2"]);
+    assert!(
+        refresh().await.is_none(),
+        "the queue is empty after a refresh"
+    );
+
+    // An older call does not win over the newer industry: nothing changes, nothing is queued.
+    apply(group_call(
+        "g0",
+        "p2",
+        0,
+        "acme",
+        "technical",
+        json!({"industry": "Retail"}),
+    ))
+    .await;
+    assert!(refresh().await.is_none());
+    assert_eq!(members().await, ["p1", "p2"]);
+
+    // p2 moves acme to retail: p2 leaves at once, p1 at the refresh.
+    apply(group_call(
+        "g3",
+        "p2",
+        3,
+        "acme",
+        "technical",
+        json!({"industry": "Retail", "employees": 50}),
+    ))
+    .await;
+    assert_eq!(members().await, ["p1"]);
+    let refreshed = refresh().await.expect("a refresh was queued");
+    assert_eq!(
+        refreshed
+            .audiences
+            .iter()
+            .map(|c| (c.profile_id.as_str(), c.entered))
+            .collect::<Vec<_>>(),
+        [("p1", false)]
+    );
+    assert!(members().await.is_empty());
+    let p1 = store.get("p1").await.unwrap().expect("p1");
+    assert_eq!(
+        p1.state.computed.account_traits().collect::<Vec<_>>(),
+        [("acme", &json!({"industry": "Retail"}))],
+        "only the traits audiences read are copied"
+    );
+}
+
+#[tokio::test]
+async fn account_traits_reach_every_member_on_sqlite() {
+    account_traits_reach_every_member(&sqlite().await).await;
+}
+
+#[tokio::test]
+async fn account_traits_reach_every_member_on_postgres() {
+    let backend = postgres().await;
+    account_traits_reach_every_member(&backend).await;
     backend.db.close().await;
 }
