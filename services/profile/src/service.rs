@@ -90,6 +90,23 @@ fn cache_key(profile_id: &str) -> String {
     format!("profile:{profile_id}")
 }
 
+/// The cache key of the epoch identifier entries are checked against (see
+/// [`Inner::forget_identifiers`]).
+const IDENTIFIER_EPOCH_KEY: &str = "identifiers:epoch";
+
+/// The cache key of the profile `identifier` leads to: a digest, so no identifier (an email, a
+/// phone number) is written into a key.
+fn identifier_key(identifier: &common::Identifier) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(identifier.r#type.as_bytes())
+        .chain_update([0])
+        .chain_update(identifier.value.as_bytes())
+        .finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("identifier:{hex}")
+}
+
 fn cache_error(op: &'static str, profile_id: &str, error: &dyn std::fmt::Display) {
     metrics::counter!("tessera_profile_cache_errors_total", "op" => op).increment(1);
     tracing::warn!(op, profile_id, %error, "profile cache failed, using the database");
@@ -114,8 +131,8 @@ impl Inner {
         request: pb::GetProfileRequest,
     ) -> Result<pb::Profile, ProfileError> {
         let as_of = request.as_of;
-        let profile_id = match Lookup::try_from(request)? {
-            Lookup::ProfileId(id) => id,
+        let (profile_id, identifier) = match Lookup::try_from(request)? {
+            Lookup::ProfileId(id) => (id, None),
             Lookup::Identifier(identifier) => self.lookup(identifier).await?,
         };
         if let Some(as_of) = as_of {
@@ -140,6 +157,12 @@ impl Inner {
             .get(&profile_id)
             .await?
             .ok_or(ProfileError::NotFound)?;
+        if let Some((key, epoch)) = identifier
+            && profile.profile_id != profile_id
+        {
+            self.remember_identifier(&key, epoch, &profile.profile_id)
+                .await;
+        }
         let message =
             convert::profile_to_pb(&profile, &self.defs.current(), OffsetDateTime::now_utc());
         // A fill lands only when no newer version is cached: a slow read never puts back a
@@ -197,7 +220,7 @@ impl Inner {
         let (lookup, query) = convert::timeline_request(request)?;
         let profile_id = match lookup {
             Lookup::ProfileId(id) => id,
-            Lookup::Identifier(identifier) => self.lookup(identifier).await?,
+            Lookup::Identifier(identifier) => self.lookup(identifier).await?.0,
         };
         let profile = self
             .store
@@ -397,7 +420,8 @@ impl Inner {
         })?;
         let profile_id = match lookup {
             Lookup::ProfileId(id) => id,
-            Lookup::Identifier(identifier) => self.lookup(identifier).await?,
+            // Authoritative for an export: not from the identifier cache.
+            Lookup::Identifier(identifier) => self.lookup_identity(identifier).await?,
         };
         let profile = self
             .store
@@ -657,7 +681,7 @@ impl Inner {
                 None => return Err(ProfileError::NotFound),
             },
             Lookup::Identifier(identifier) => {
-                let id = self.lookup(identifier).await?;
+                let id = self.lookup_identity(identifier).await?;
                 // Identity may know a profile this service has not applied an event of yet.
                 self.store.get(&id).await?.map_or(id, |p| p.profile_id)
             }
@@ -671,6 +695,8 @@ impl Inner {
         self.changed.notify_waiters();
         // Their accounts are rescored without them by the account refresh.
         self.account_refresh.notify_one();
+        // No cached identifier leads to them any more.
+        self.forget_identifiers().await;
         count_membership_changes(&deleted.exits);
         // A tombstone at the highest version: a read that loaded the profile before the
         // deletion can never put it back.
@@ -796,7 +822,95 @@ impl Inner {
     }
 
     /// The profile id the identity service has for `identifier`.
-    async fn lookup(&self, identifier: common::Identifier) -> Result<String, ProfileError> {
+    /// The live profile id `identifier` names, for a read: from the identifier cache when it
+    /// holds an entry of the current epoch, else from the identity service (and then cached).
+    /// With it, when the cache answered, the entry's key and the epoch it was read under, for
+    /// [`Inner::remember_identifier`].
+    async fn lookup(
+        &self,
+        identifier: common::Identifier,
+    ) -> Result<(String, Option<(String, i64)>), ProfileError> {
+        let key = identifier_key(&identifier);
+        // The epoch is read before identity is asked: an answer is cached under the epoch it
+        // was read under, so one given before a split is never taken for one given after.
+        let (epoch, entry) =
+            tokio::join!(self.cache.get(IDENTIFIER_EPOCH_KEY), self.cache.get(&key));
+        let epoch = match epoch {
+            Ok(epoch) => epoch.map_or(0, |e| e.version),
+            Err(e) => {
+                cache_error("get", "identifier epoch", &e);
+                return Ok((self.lookup_identity(identifier).await?, None));
+            }
+        };
+        if let Ok(Some(entry)) = entry
+            && entry.version == epoch
+            && let Some(id) = entry
+                .bytes
+                .and_then(|b| String::from_utf8(b).ok())
+                .filter(|id| !id.is_empty())
+        {
+            metrics::counter!("tessera_profile_identifier_cache_hits_total").increment(1);
+            return Ok((id, Some((key, epoch))));
+        }
+        metrics::counter!("tessera_profile_identifier_cache_misses_total").increment(1);
+        let id = self.lookup_identity(identifier).await?;
+        let entry = Versioned {
+            version: epoch,
+            bytes: Some(id.clone().into_bytes()),
+        };
+        if let Err(e) = self.cache.put_if_newer(&key, entry).await {
+            cache_error("put", "identifier", &e);
+        }
+        Ok((id, Some((key, epoch))))
+    }
+
+    /// Points the identifier entry `key` (read under `epoch`) at the live profile `profile_id`
+    /// it leads to now (its profile was merged into that one).
+    async fn remember_identifier(&self, key: &str, epoch: i64, profile_id: &str) {
+        let entry = Versioned {
+            version: epoch,
+            bytes: Some(profile_id.as_bytes().to_vec()),
+        };
+        // An entry of the same epoch is only replaced once removed (see `Versioned`); every
+        // entry is checked against the epoch when read, so this cannot bring back one a split
+        // made stale.
+        if let Err(e) = self.cache.remove(key).await {
+            cache_error("remove", "identifier", &e);
+            return;
+        }
+        if let Err(e) = self.cache.put_if_newer(key, entry).await {
+            cache_error("put", "identifier", &e);
+        }
+    }
+
+    /// Makes every cached identifier entry stale: after a split (identifiers moved between
+    /// profiles) and a deletion. The new epoch is above the old one and not below the time in
+    /// microseconds, so an epoch key that expired never comes back with a value entries were
+    /// cached under.
+    pub(crate) async fn forget_identifiers(&self) {
+        let current = match self.cache.get(IDENTIFIER_EPOCH_KEY).await {
+            Ok(epoch) => epoch.map_or(0, |e| e.version),
+            Err(e) => {
+                cache_error("get", "identifier epoch", &e);
+                0
+            }
+        };
+        let now = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000)
+            .unwrap_or(i64::MAX - 1);
+        let next = Versioned {
+            version: current.saturating_add(1).max(now),
+            bytes: Some(b"epoch".to_vec()),
+        };
+        if let Err(e) = self.cache.put_if_newer(IDENTIFIER_EPOCH_KEY, next).await {
+            cache_error("put", "identifier epoch", &e);
+        }
+    }
+
+    /// The live profile id `identifier` names, asked of the identity service.
+    async fn lookup_identity(
+        &self,
+        identifier: common::Identifier,
+    ) -> Result<String, ProfileError> {
         let mut client = IdentityServiceClient::with_interceptor(self.identity.clone(), Propagate);
         let mut request = Request::new(LookupIdentifierRequest {
             identifier: Some(identifier),
@@ -1450,6 +1564,8 @@ impl ProfilePipelineService for PipelineApi {
             .split(&split, self.0.half_life_seconds, now, &*self.0)
             .await?;
         self.0.cache_applied(&applied).await;
+        // Identifiers moved between profiles: cached lookups are stale.
+        self.0.forget_identifiers().await;
         metrics::counter!("tessera_profile_splits_total").increment(1);
         tracing::info!(profiles = applied.state_changed.len(), "split profiles");
         Ok(Response::new(pb::SplitProfilesResponse {

@@ -272,6 +272,86 @@ async fn profiles_are_found_by_identifier_through_the_identity_service() {
     assert_eq!(fields, ["identifier.type"]);
 }
 
+/// Lookups by identifier are cached for every replica (the identity service is asked once); a
+/// cached identifier whose profile was merged away leads to the survivor; a split (identifiers
+/// moved between profiles) makes every cached lookup stale, so the identity service's new answer
+/// is read.
+#[tokio::test]
+async fn identifier_lookups_are_cached_until_a_split() {
+    let env = Env::new().await;
+    let (a, b) = (env.replica().await, env.replica().await);
+    a.apply(events(vec![
+        identify("e1", "p1", "u1", minutes_ago(5), json!({"plan": "pro"})),
+        identify("e2", "p2", "u2", minutes_ago(4), json!({"plan": "free"})),
+    ]))
+    .await
+    .unwrap();
+    env.double.link("user_id", "u1", "p1");
+    env.double.link("user_id", "u2", "p2");
+    let u2 = || {
+        Lookup::Identifier(common::Identifier {
+            r#type: "user_id".to_owned(),
+            value: "u2".to_owned(),
+        })
+    };
+    assert_eq!(a.get(u2()).await.unwrap().profile_id, "p2");
+    assert_eq!(b.get(u2()).await.unwrap().profile_id, "p2");
+    assert_eq!(
+        env.double.lookups(),
+        1,
+        "the second read was answered by the cache"
+    );
+
+    // p2 merged into p1: the cached lookup leads to the survivor (twice: the entry is pointed
+    // at it), without asking identity.
+    a.apply(pb::ApplyEventsRequest {
+        merges: vec![identity::Merge {
+            surviving_profile_id: "p1".to_owned(),
+            merged_profile_id: "p2".to_owned(),
+            cause_event_id: "e2".to_owned(),
+            merged_at: Some(to_timestamp(OffsetDateTime::now_utc())),
+            rule: "test".to_owned(),
+        }],
+        events: vec![],
+    })
+    .await
+    .unwrap();
+    env.double.link("user_id", "u2", "p1");
+    assert_eq!(b.get(u2()).await.unwrap().profile_id, "p1");
+    assert_eq!(a.get(u2()).await.unwrap().profile_id, "p1");
+    assert_eq!(env.double.lookups(), 1);
+
+    // Identity splits them again; until the profile service has split too, the cached answer
+    // stands. The split makes it stale on every replica.
+    env.double.link("user_id", "u2", "p2");
+    assert_eq!(b.get(u2()).await.unwrap().profile_id, "p1");
+    let assign = |event: &str, profile: &str, user: &str| pb::EventAssignment {
+        event_id: event.to_owned(),
+        profile_id: profile.to_owned(),
+        identifiers: vec![common::Identifier {
+            r#type: "user_id".to_owned(),
+            value: user.to_owned(),
+        }],
+    };
+    a.writes
+        .clone()
+        .split_profiles(pb::SplitProfilesRequest {
+            profiles: ["p1", "p2"]
+                .map(|id| pb::ProfileAssignment {
+                    profile_id: id.to_owned(),
+                    live_profile_id: id.to_owned(),
+                })
+                .to_vec(),
+            events: vec![assign("e1", "p1", "u1"), assign("e2", "p2", "u2")],
+            erased_event_ids: vec![],
+        })
+        .await
+        .unwrap();
+    let p2 = b.get(u2()).await.unwrap();
+    assert_eq!((p2.profile_id.as_str(), p2.event_count), ("p2", 1));
+    assert_eq!(env.double.lookups(), 2, "asked again after the split");
+}
+
 #[tokio::test]
 async fn a_write_through_one_replica_is_read_through_the_other() {
     let env = Env::new().await;

@@ -121,6 +121,7 @@ pub(crate) async fn scoring_server() -> Served {
 pub(crate) struct IdentityDouble {
     links: Arc<Mutex<HashMap<(String, String), String>>>,
     matching: Arc<Mutex<Matching>>,
+    lookups: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// What the double's `MatchProfiles` answers, and what it was sent.
@@ -142,6 +143,11 @@ impl IdentityDouble {
             .lock()
             .unwrap()
             .insert((kind.to_owned(), value.to_owned()), profile_id.to_owned());
+    }
+
+    /// How many `LookupIdentifier` calls the double answered.
+    pub(crate) fn lookups(&self) -> usize {
+        self.lookups.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Makes matching answer the merge of `merged` into `survivor` once either is sent.
@@ -313,6 +319,8 @@ impl IdentityService for IdentityDouble {
             .into_inner()
             .identifier
             .ok_or_else(|| Status::invalid_argument("identifier: required"))?;
+        self.lookups
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let links = self.links.lock().unwrap();
         match links.get(&(id.r#type, id.value)) {
             Some(profile_id) => Ok(Response::new(identity::LookupIdentifierResponse {
