@@ -168,3 +168,118 @@ async fn group_calls_of_two_buying_roles_raise_the_accounts_coverage_and_score()
         "{body}"
     );
 }
+
+const ACCOUNT_CONFIG: &str = r#"
+[[profile.account_computed_traits]]
+name = "orders"
+kind = "count"
+events = ["Order Completed"]
+
+[[profile.audiences]]
+name = "software_accounts"
+condition = { account = { name = "industry", op = "eq", value = "software" } }
+
+[[scoring.plans]]
+name = "active_account"
+version = "1"
+level = "account"
+
+[[scoring.plans.rules]]
+name = "two_orders"
+points = 50
+condition = { trait = { name = "orders", op = "gte", value = 2 } }
+
+[[scoring.plans.rules]]
+name = "known"
+points = 50
+condition = { trait = { name = "member_count", op = "gte", value = 1 } }
+"#;
+
+/// An account trait set by one member reaches the other member's audiences (through the
+/// account refresh), and an account computed trait folds the orders of every member: read
+/// through `GetAccount` and the Profile API, and scored by an account plan.
+#[tokio::test(flavor = "multi_thread")]
+async fn account_traits_reach_every_members_audiences_and_account_computed_traits_score() {
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("tessera.toml");
+    std::fs::write(&config, ACCOUNT_CONFIG).unwrap();
+    let tessera = TesseraBuilder::new("dev")
+        .args([
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .start()
+        .await;
+    let channel = tessera.channel().await;
+    let key = tessera.dev_write_key();
+
+    // u2 joins acme first; then u1's call makes acme a software company.
+    send(
+        &channel,
+        key,
+        vec![group("g1", "u2", "champion", json!({}), 0)],
+    )
+    .await
+    .expect("send");
+    account_until(&channel, |a| a.member_count == 1).await;
+    let u2 = tessera_tests::events::get_by(&channel, "user_id", "u2")
+        .await
+        .expect("u2");
+    assert!(u2.audiences.is_empty(), "{:?}", u2.audiences);
+    send(
+        &channel,
+        key,
+        vec![group(
+            "g2",
+            "u1",
+            "finance",
+            json!({"industry": "software"}),
+            10,
+        )],
+    )
+    .await
+    .expect("send");
+    let in_audience =
+        |p: &tessera_proto::profile::v1::Profile| p.audiences == ["software_accounts".to_owned()];
+    tessera_tests::events::wait_for(&channel, "user_id", "u1", WAIT, in_audience).await;
+    tessera_tests::events::wait_for(&channel, "user_id", "u2", WAIT, in_audience).await;
+
+    // Orders of both members count for the account, and its plan scores them.
+    let order = |id: &str, user: &str| {
+        tessera_tests::events::track(id, user, "", "Order Completed", json!({"total": 10}))
+    };
+    send(&channel, key, vec![order("o1", "u1"), order("o2", "u2")])
+        .await
+        .expect("send");
+    let orders = |a: &Account| {
+        a.computed_traits
+            .get("orders")
+            .and_then(|t| t.value.as_ref())
+            .map(tessera_proto::convert::value_to_json)
+    };
+    let account = account_until(&channel, |a| {
+        orders(a) == Some(json!(2))
+            && a.scores
+                .get("active_account")
+                .is_some_and(|s| s.value == 100.0)
+    })
+    .await;
+    assert_eq!(account.member_count, 2);
+
+    // The Profile API lists the account computed trait with the account's traits.
+    let token = tessera
+        .access_token
+        .clone()
+        .expect("tessera dev prints a token");
+    let (status, _, body) = get(
+        &tessera.http_addr,
+        "/v1/spaces/default/collections/accounts/profiles/group_id:acme/traits",
+        Some(&token),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["traits"]["orders"], json!(2), "{body}");
+    assert_eq!(body["traits"]["industry"], json!("software"), "{body}");
+}

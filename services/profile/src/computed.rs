@@ -133,7 +133,7 @@ impl ComputedTrait {
 
     /// The value the trait takes from `event`: `Null` for a count, else the property's value
     /// (a number for the numeric kinds); `None` when the event does not count.
-    fn value_of(&self, event: &ResolvedEvent) -> Option<Value> {
+    pub(crate) fn value_of(&self, event: &ResolvedEvent) -> Option<Value> {
         if !self.matches(event) {
             return None;
         }

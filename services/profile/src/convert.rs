@@ -1019,8 +1019,19 @@ pub(crate) fn account_to_pb(
     account: &crate::account::Account,
     member_count: usize,
     catalog: &crate::catalog::TraitCatalog,
+    computed: BTreeMap<String, crate::computed::ComputedValue>,
 ) -> pb::Account {
     pb::Account {
+        computed_traits: computed
+            .into_iter()
+            .map(|(name, v)| {
+                let value = pb::ComputedTrait {
+                    value: Some(json_to_value(&v.value)),
+                    observed_at: v.observed_at.map(to_timestamp),
+                };
+                (name, value)
+            })
+            .collect(),
         account_id: account.account_id.clone(),
         traits: account
             .traits

@@ -269,9 +269,11 @@ async fn account(
     };
     match resource {
         "traits" => {
-            // The same shape as a person's traits, without computed traits.
+            // The same shape as a person's traits, the account computed traits included.
             let shown = pb::Profile {
                 traits: account.traits,
+                computed_traits: account.computed_traits,
+                updated_at: account.updated_at,
                 ..pb::Profile::default()
             };
             traits(&shown, params, url)

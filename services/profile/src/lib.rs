@@ -75,6 +75,9 @@ pub struct ProfileSettings {
     pub computed_traits: Vec<computed::ComputedTrait>,
     /// The audiences whose memberships are kept (`[[profile.audiences]]`).
     pub audiences: Vec<audience::Audience>,
+    /// The computed traits of accounts (`[[profile.account_computed_traits]]`): the same
+    /// declarations as a person's, over the events of all the account's members.
+    pub account_computed_traits: Vec<computed::ComputedTrait>,
     /// How often profiles whose windowed computed traits or audience conditions changed with
     /// time are re-evaluated, in milliseconds.
     pub sweep_interval_ms: u64,
@@ -115,6 +118,7 @@ impl Default for ProfileSettings {
             space_id: "default".to_owned(),
             computed_traits: Vec::new(),
             audiences: Vec::new(),
+            account_computed_traits: Vec::new(),
             sweep_interval_ms: 1_000,
             change_retention_days: 7,
             traits: catalog::TraitCatalog::new(),
@@ -167,6 +171,16 @@ impl ProfileSettings {
             if computed.problem().is_some() || !names.insert(computed.name.as_str()) {
                 return Err(InvalidSetting {
                     field: "computed_traits",
+                    reason: "each needs a unique name (1 to 200 bytes), a property for every \
+                             kind but count, and a window of at least 1 second when windowed",
+                });
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for computed in &self.account_computed_traits {
+            if computed.problem().is_some() || !names.insert(computed.name.as_str()) {
+                return Err(InvalidSetting {
+                    field: "account_computed_traits",
                     reason: "each needs a unique name (1 to 200 bytes), a property for every \
                              kind but count, and a window of at least 1 second when windowed",
                 });
@@ -260,7 +274,8 @@ impl Profiles {
         let defs = store::Definitions::new(settings.computed_traits.clone(), audiences)
             .with_catalog(settings.traits.clone())
             .with_history(settings.history_retention_days > 0)
-            .with_engagement(settings.engagement_events.clone());
+            .with_engagement(settings.engagement_events.clone())
+            .with_account_computed(settings.account_computed_traits.clone());
         // Config's, joined by those stored through the API on the first write or poll.
         let defs = Arc::new(definitions::SharedDefinitions::new(defs));
         let webhooks = Arc::new(webhooks::Webhooks::new(db.clone(), &settings.webhooks));

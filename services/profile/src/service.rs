@@ -465,10 +465,15 @@ impl Inner {
             .await?
             .ok_or(ProfileError::NotFound)?;
         let members = self.store.account_members(account_id).await?;
+        let computed = self
+            .store
+            .account_computed(account_id, OffsetDateTime::now_utc())
+            .await?;
         Ok(convert::account_to_pb(
             &account,
             members.len(),
             &self.defs.current().catalog,
+            computed,
         ))
     }
 

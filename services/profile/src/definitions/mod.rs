@@ -279,7 +279,8 @@ pub fn compose(config: &Definitions, revision: i64, stored: &[StoredDefinition])
     let mut defs = Definitions::new(computed, audiences)
         .with_catalog(config.catalog.clone())
         .with_history(config.history)
-        .with_engagement(config.engagement.clone());
+        .with_engagement(config.engagement.clone())
+        .with_account_computed(config.account_computed.clone());
     defs.revision = revision;
     defs
 }

@@ -257,6 +257,14 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
     /// The account `account_id` (a group id), when a group call named it.
     async fn account(&self, account_id: &str) -> Result<Option<Account>, ProfileError>;
 
+    /// The account computed traits of `account_id` at `now`, folded from every event of its
+    /// members (and of the profiles merged into them): see [`Definitions::account_computed`].
+    async fn account_computed(
+        &self,
+        account_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<BTreeMap<String, crate::computed::ComputedValue>, ProfileError>;
+
     /// Re-evaluates the members of accounts whose traits changed (another member's group call
     /// changed them, so the members' copies of the account traits, their audiences and their
     /// scores may be stale): takes up to `limit` queued account refreshes (each replica its
@@ -390,6 +398,9 @@ pub struct Definitions {
     pub revision: i64,
     /// The event types with their own pace and weight in engagement (config only).
     pub engagement: Vec<crate::engagement::EngagementEvent>,
+    /// The computed traits of accounts, over their members' events (config only). Evaluated
+    /// when read, not stored, so they are not part of the fingerprint.
+    pub account_computed: Vec<ComputedTrait>,
 }
 
 impl Definitions {
@@ -405,7 +416,22 @@ impl Definitions {
             history: false,
             revision: 0,
             engagement: Vec::new(),
+            account_computed: Vec::new(),
         }
+    }
+
+    /// These definitions with the account computed traits `account_computed`.
+    #[must_use]
+    pub fn with_account_computed(mut self, account_computed: Vec<ComputedTrait>) -> Self {
+        self.account_computed = account_computed;
+        self
+    }
+
+    /// Whether `event` counts for some account computed trait.
+    pub fn counts_for_accounts(&self, event: &crate::domain::ResolvedEvent) -> bool {
+        self.account_computed
+            .iter()
+            .any(|def| def.value_of(event).is_some())
     }
 
     /// These definitions with the engagement event types `engagement`.
@@ -827,19 +853,22 @@ trait Ops: Send {
     /// The stored accounts among `ids`, without locking.
     async fn load_accounts(&mut self, ids: &[String]) -> Result<Vec<Account>, sqlx::Error>;
 
-    /// Queues a refresh of the members of each of `ids` (their traits changed).
+    /// Queues a refresh of each of `ids`: a rescore of the account, and with `members` (its
+    /// traits changed) a refresh of its members too.
     async fn request_account_refreshes(
         &mut self,
         ids: &[&str],
+        members: bool,
         now: OffsetDateTime,
     ) -> Result<(), sqlx::Error>;
 
-    /// Takes up to `limit` queued account refreshes, oldest first, that no other transaction
-    /// has taken (locked until this one ends): (queue position, account id).
+    /// Takes every queued refresh of the `limit` accounts queued longest ago that no other
+    /// transaction has taken (locked until this one ends): (queue position, account id,
+    /// whether its members are to be refreshed).
     async fn claim_account_refreshes(
         &mut self,
         limit: usize,
-    ) -> Result<Vec<(i64, String)>, sqlx::Error>;
+    ) -> Result<Vec<(i64, String, bool)>, sqlx::Error>;
 
     /// Removes the queued account refreshes at `positions` (done).
     async fn delete_account_refreshes(&mut self, positions: &[i64]) -> Result<(), sqlx::Error>;
@@ -929,7 +958,7 @@ async fn delete<O: Ops>(
         .collect();
     if !accounts.is_empty() {
         let accounts: Vec<&str> = accounts.iter().map(String::as_str).collect();
-        ops.request_account_refreshes(&accounts, now).await?;
+        ops.request_account_refreshes(&accounts, false, now).await?;
     }
     let identifiers = stored
         .into_iter()
@@ -1026,10 +1055,16 @@ async fn apply<O: Ops>(
     let mut fresh = ops.record_events(&to_record, now).await?;
     let mut applied = 0;
     let mut group_calls = Vec::new();
+    // The profiles whose new events count for an account computed trait: their accounts are
+    // rescored by the account refresh.
+    let mut counted: BTreeSet<&str> = BTreeSet::new();
     for event in &batch.events {
         if fresh.remove(&event.event_id) {
             ws.apply_event(event, half_life_seconds, now, defs.rules())?;
             applied += 1;
+            if defs.counts_for_accounts(event) {
+                counted.insert(event.profile_id.as_str());
+            }
             // Every group call counts, also one without account traits: it may change the
             // person's role, which the account's scores read.
             if !event.details.group_id.is_empty() {
@@ -1046,6 +1081,17 @@ async fn apply<O: Ops>(
         .collect();
     let touched_accounts =
         fold_accounts(ops, &defs.catalog, &group_calls, merged_accounts, now).await?;
+    // Accounts rescored in this transaction need no refresh for the batch's events.
+    let counted_accounts: BTreeSet<String> = counted
+        .iter()
+        .filter_map(|id| ws.canonical(id).and_then(|live| ws.profile(live)))
+        .flat_map(|p| p.state.computed.accounts().map(|(id, _)| id.to_owned()))
+        .filter(|id| !touched_accounts.contains_key(id))
+        .collect();
+    if !counted_accounts.is_empty() {
+        let ids: Vec<&str> = counted_accounts.iter().map(String::as_str).collect();
+        ops.request_account_refreshes(&ids, false, now).await?;
+    }
 
     let named_live: BTreeSet<String> = named
         .iter()
@@ -1115,7 +1161,7 @@ async fn apply<O: Ops>(
         .collect();
     // Last, when the batch's events, merges and redirects are written: members are derived
     // from them.
-    rescore_accounts(ops, scorer, touched_accounts, now).await?;
+    rescore_accounts(ops, defs, scorer, touched_accounts, now).await?;
     // Read back what was written, so what the cache gets is exactly what a read returns.
     let changed = ops.load(&changed_live, false).await?;
     Ok(Applied {
@@ -1343,7 +1389,7 @@ async fn fold_accounts<O: Ops>(
         .map(|(id, _)| id.as_str())
         .collect();
     if !refresh.is_empty() {
-        ops.request_account_refreshes(&refresh, now).await?;
+        ops.request_account_refreshes(&refresh, true, now).await?;
     }
     let mut written = Vec::new();
     for account in accounts.values_mut() {
@@ -1363,6 +1409,7 @@ async fn fold_accounts<O: Ops>(
 /// account.
 async fn rescore_accounts<O: Ops>(
     ops: &mut O,
+    defs: &Definitions,
     scorer: &dyn Scorer,
     accounts: BTreeMap<String, Account>,
     now: OffsetDateTime,
@@ -1375,7 +1422,31 @@ async fn rescore_accounts<O: Ops>(
         let members = account_members(ops, &id).await?;
         with_members.push((account, members));
     }
-    let Some(scores) = scorer.score_accounts(&with_members, now).await? else {
+    // Scorers read the account computed traits as traits (over traits of the same names);
+    // they are not stored on the account.
+    let mut with_computed = Vec::new();
+    if !defs.account_computed.is_empty() {
+        for (account, members) in &with_members {
+            let mut seen = account.clone();
+            for (name, value) in account_computed(ops, defs, members, now).await? {
+                seen.traits.insert(
+                    name,
+                    crate::domain::TraitValue {
+                        value: value.value,
+                        observed_at: value.observed_at.unwrap_or(now),
+                        event_id: String::new(),
+                    },
+                );
+            }
+            with_computed.push((seen, members.clone()));
+        }
+    }
+    let scored = if with_computed.is_empty() {
+        &with_members
+    } else {
+        &with_computed
+    };
+    let Some(scores) = scorer.score_accounts(scored, now).await? else {
         return Ok(());
     };
     if scores.len() != with_members.len() {
@@ -1409,9 +1480,14 @@ async fn refresh_accounts<O: Ops>(
     if claimed.is_empty() {
         return Ok(None);
     }
-    let accounts: BTreeSet<&str> = claimed.iter().map(|(_, id)| id.as_str()).collect();
+    let accounts: BTreeSet<&str> = claimed.iter().map(|(_, id, _)| id.as_str()).collect();
+    let with_members: BTreeSet<&str> = claimed
+        .iter()
+        .filter(|(_, _, members)| *members)
+        .map(|(_, id, _)| id.as_str())
+        .collect();
     let mut members = BTreeSet::new();
-    for &id in &accounts {
+    for &id in &with_members {
         members.extend(
             account_members(ops, id)
                 .await?
@@ -1431,10 +1507,57 @@ async fn refresh_accounts<O: Ops>(
         now,
     )
     .await?;
-    rescore_accounts(ops, scorer, accounts, now).await?;
-    let positions: Vec<i64> = claimed.iter().map(|(position, _)| *position).collect();
+    rescore_accounts(ops, &defs, scorer, accounts, now).await?;
+    let positions: Vec<i64> = claimed.iter().map(|(position, _, _)| *position).collect();
     ops.delete_account_refreshes(&positions).await?;
     Ok(Some(applied))
+}
+
+/// The account computed traits of an account with `members` at `now`, folded from every event
+/// of its members and of the profiles merged into them, read through `ops`.
+async fn account_computed<O: Ops>(
+    ops: &mut O,
+    defs: &Definitions,
+    members: &[Member],
+    now: OffsetDateTime,
+) -> Result<BTreeMap<String, crate::computed::ComputedValue>, ProfileError> {
+    if defs.account_computed.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let mut state = crate::computed::ComputedState::default();
+    let live: Vec<String> = members.iter().map(|m| m.profile_id.clone()).collect();
+    let ids: Vec<String> = ops
+        .load(&live, false)
+        .await?
+        .into_iter()
+        .flat_map(|p| std::iter::once(p.profile_id).chain(p.merged_profile_ids))
+        .collect();
+    for (event_id, profile_id, content) in ops.load_events(&ids).await? {
+        // Events applied before their contents were kept cannot be folded again.
+        let Some(content) = content else { continue };
+        let content: EventContent = serde_json::from_str(&content)
+            .map_err(|e| ProfileError::Corrupt(format!("event {event_id}: {e}")))?;
+        state.apply(
+            &defs.account_computed,
+            &content.event(&event_id, &profile_id),
+        );
+    }
+    Ok(state.values(&defs.account_computed, now))
+}
+
+/// [`ProfileStore::account_computed`] through `ops`.
+async fn account_computed_of<O: Ops>(
+    ops: &mut O,
+    shared: &SharedDefinitions,
+    account_id: &str,
+    now: OffsetDateTime,
+) -> Result<BTreeMap<String, crate::computed::ComputedValue>, ProfileError> {
+    let defs = definitions(ops, shared).await?;
+    if defs.account_computed.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let members = account_members(ops, account_id).await?;
+    account_computed(ops, &defs, &members, now).await
 }
 
 /// The members of `account_id`, read through `ops`.
@@ -1681,7 +1804,7 @@ async fn rebuild<O: Ops>(
         .flat_map(|p| p.state.computed.accounts().map(|(id, _)| id.to_owned()))
         .collect();
     let accounts = fold_accounts(ops, &defs.catalog, &[], accounts, now).await?;
-    rescore_accounts(ops, scorer, accounts, now).await?;
+    rescore_accounts(ops, defs, scorer, accounts, now).await?;
     let live: Vec<String> = rows
         .iter()
         .filter(|p| p.merged_into.is_none())

@@ -1,7 +1,7 @@
 //! The Postgres profile store: production. Lists are bound as arrays (`ANY`, `UNNEST`), so
 //! every statement is static.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use async_trait::async_trait;
 use sqlx::Row;
@@ -301,6 +301,15 @@ impl ProfileStore for PostgresStore {
         .await?;
         tx.commit().await?;
         Ok(done)
+    }
+
+    async fn account_computed(
+        &self,
+        account_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<BTreeMap<String, crate::computed::ComputedValue>, ProfileError> {
+        let mut conn = self.pool.acquire().await?;
+        super::account_computed_of(&mut PgOps(&mut conn), &self.defs, account_id, now).await
     }
 
     async fn refresh_accounts(
@@ -890,14 +899,16 @@ impl Ops for PgOps<'_> {
     async fn request_account_refreshes(
         &mut self,
         ids: &[&str],
+        members: bool,
         now: OffsetDateTime,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "INSERT INTO account_refreshes (account_id, requested_at) \
-             SELECT id, $2 FROM UNNEST($1::text[]) AS u (id)",
+            "INSERT INTO account_refreshes (account_id, requested_at, members) \
+             SELECT id, $2, $3 FROM UNNEST($1::text[]) AS u (id)",
         )
         .bind(ids)
         .bind(now)
+        .bind(members)
         .execute(&mut *self.0)
         .await?;
         Ok(())
@@ -906,10 +917,14 @@ impl Ops for PgOps<'_> {
     async fn claim_account_refreshes(
         &mut self,
         limit: usize,
-    ) -> Result<Vec<(i64, String)>, sqlx::Error> {
+    ) -> Result<Vec<(i64, String, bool)>, sqlx::Error> {
+        // Every queued row of the accounts taken: a burst of events of one account's members
+        // is one refresh.
         sqlx::query_as(
-            "SELECT position, account_id FROM account_refreshes \
-             ORDER BY position LIMIT $1 FOR UPDATE SKIP LOCKED",
+            "SELECT position, account_id, members FROM account_refreshes \
+             WHERE account_id IN (SELECT account_id FROM account_refreshes \
+                                  ORDER BY position LIMIT $1) \
+             ORDER BY position FOR UPDATE SKIP LOCKED",
         )
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&mut *self.0)

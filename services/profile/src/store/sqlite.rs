@@ -3,7 +3,7 @@
 //! limit. The pool has a single connection, so transactions never run concurrently and need no
 //! row locks.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use async_trait::async_trait;
 use sqlx::sqlite::{Sqlite, SqliteConnection, SqlitePool, SqliteRow};
@@ -320,6 +320,15 @@ impl ProfileStore for SqliteStore {
         .await?;
         tx.commit().await?;
         Ok(done)
+    }
+
+    async fn account_computed(
+        &self,
+        account_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<BTreeMap<String, crate::computed::ComputedValue>, ProfileError> {
+        let mut conn = self.pool.acquire().await?;
+        super::account_computed_of(&mut LiteOps(&mut conn), &self.defs, account_id, now).await
     }
 
     async fn refresh_accounts(
@@ -749,14 +758,19 @@ impl Ops for LiteOps<'_> {
     async fn request_account_refreshes(
         &mut self,
         ids: &[&str],
+        members: bool,
         now: OffsetDateTime,
     ) -> Result<(), sqlx::Error> {
         for id in ids {
-            sqlx::query("INSERT INTO account_refreshes (account_id, requested_at) VALUES (?1, ?2)")
-                .bind(id)
-                .bind(now)
-                .execute(&mut *self.0)
-                .await?;
+            sqlx::query(
+                "INSERT INTO account_refreshes (account_id, requested_at, members) \
+                 VALUES (?1, ?2, ?3)",
+            )
+            .bind(id)
+            .bind(now)
+            .bind(members)
+            .execute(&mut *self.0)
+            .await?;
         }
         Ok(())
     }
@@ -764,10 +778,13 @@ impl Ops for LiteOps<'_> {
     async fn claim_account_refreshes(
         &mut self,
         limit: usize,
-    ) -> Result<Vec<(i64, String)>, sqlx::Error> {
+    ) -> Result<Vec<(i64, String, bool)>, sqlx::Error> {
         // One connection, one writer: nobody else can take them.
         sqlx::query_as(
-            "SELECT position, account_id FROM account_refreshes ORDER BY position LIMIT ?1",
+            "SELECT position, account_id, members FROM account_refreshes \
+             WHERE account_id IN (SELECT account_id FROM account_refreshes \
+                                  ORDER BY position LIMIT ?1) \
+             ORDER BY position",
         )
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&mut *self.0)

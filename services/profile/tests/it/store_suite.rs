@@ -2357,3 +2357,167 @@ async fn account_traits_reach_every_member_on_postgres() {
     account_traits_reach_every_member(&backend).await;
     backend.db.close().await;
 }
+
+/// Scores each account with the value of its `orders` trait (the account computed trait, when
+/// declared), persons with nothing.
+struct AccountOrders;
+
+#[async_trait::async_trait]
+impl Scorer for AccountOrders {
+    async fn score(
+        &self,
+        profiles: &[&Profile],
+        _accounts: &store::Accounts,
+        _now: OffsetDateTime,
+    ) -> Result<Vec<Vec<Score>>, ProfileError> {
+        Ok(vec![Vec::new(); profiles.len()])
+    }
+
+    async fn score_accounts(
+        &self,
+        accounts: &[(
+            tessera_profile::account::Account,
+            Vec<tessera_profile::account::Member>,
+        )],
+        now: OffsetDateTime,
+    ) -> Result<Option<Vec<Vec<Score>>>, ProfileError> {
+        Ok(Some(
+            accounts
+                .iter()
+                .map(|(account, _)| {
+                    let orders = account
+                        .traits
+                        .get("orders")
+                        .and_then(|t| t.value.as_f64())
+                        .unwrap_or(-1.0);
+                    vec![Score {
+                        name: "orders".to_owned(),
+                        value: orders,
+                        computed_at: now,
+                        model_version: String::new(),
+                        factors: Vec::new(),
+                    }]
+                })
+                .collect(),
+        ))
+    }
+}
+
+/// Account computed traits fold the events of every member of the account (and of the
+/// profiles merged into them) when read, so they follow members joining, merges, unmerges,
+/// deletions and windows; an event that counts queues a rescore of its person's accounts, and
+/// account scorers read the computed traits as traits.
+async fn account_computed_traits_fold_every_members_events(backend: &Backend) {
+    let count = |name: &str, window_seconds: Option<u64>| ComputedTrait {
+        name: name.into(),
+        kind: Kind::Count,
+        events: vec!["Order Completed".into()],
+        types: vec![],
+        property: None,
+        window_seconds,
+    };
+    let store = store::open_with(
+        backend.db.clone(),
+        store::Definitions::new(vec![], Audiences::default())
+            .with_account_computed(vec![count("orders", None), count("orders_1h", Some(3_600))]),
+    );
+    let order = |id: &str, profile: &str, minute: i64, user: &str| ResolvedEvent {
+        details: EventDetails {
+            message_id: format!("m-{id}"),
+            kind: "track".into(),
+            event: "Order Completed".into(),
+            ..EventDetails::default()
+        },
+        ..event(id, profile, minute, user, json!({}))
+    };
+    let apply = |merges: Vec<Merge>, events: Vec<ResolvedEvent>| {
+        let store = store.clone();
+        async move {
+            store
+                .apply(&Batch { merges, events }, H, NOW, &AccountOrders)
+                .await
+                .unwrap()
+        }
+    };
+    let computed = |at: OffsetDateTime| {
+        let store = store.clone();
+        async move {
+            let values = store.account_computed("acme", at).await.unwrap();
+            let n = |name: &str| values.get(name).and_then(|v| v.value.as_i64());
+            (n("orders"), n("orders_1h"))
+        }
+    };
+    // Rescored by the queued refreshes, as the sweeper does.
+    let scored = || {
+        let store = store.clone();
+        async move {
+            while store
+                .refresh_accounts(10, H, NOW, &AccountOrders)
+                .await
+                .unwrap()
+                .is_some()
+            {}
+            store.account("acme").await.unwrap().expect("acme").scores["orders"].value
+        }
+    };
+    apply(
+        vec![],
+        vec![
+            group_call("g1", "p1", 0, "acme", "finance", json!({})),
+            group_call("g2", "p2", 1, "acme", "champion", json!({})),
+        ],
+    )
+    .await;
+    apply(
+        vec![],
+        vec![
+            order("o1", "p1", 10, "p1"),
+            order("o2", "p2", 20, "p2"),
+            order("o3", "p2", 100, "p2"),
+            order("o4", "p3", 30, "p3"),
+        ],
+    )
+    .await;
+    assert_eq!(computed(at(120)).await, (Some(3), Some(1)));
+    assert_eq!(
+        computed(at(200)).await,
+        (Some(3), Some(0)),
+        "the window passed"
+    );
+    assert_eq!(scored().await, 3.0, "the order events queued a rescore");
+
+    // Cat merged into Ann: Cat's order counts now; the merge rescores Ann's accounts at once.
+    apply(vec![merge("p1", "p3")], vec![]).await;
+    assert_eq!(computed(at(120)).await, (Some(4), Some(1)));
+    assert_eq!(
+        store.account("acme").await.unwrap().unwrap().scores["orders"].value,
+        4.0
+    );
+
+    // The merge undone: not any more.
+    let split = Split {
+        profiles: vec![("p1".into(), "p1".into()), ("p3".into(), "p3".into())],
+        events: vec![],
+        erased: vec![],
+    };
+    store.split(&split, H, NOW, &AccountOrders).await.unwrap();
+    assert_eq!(computed(at(120)).await, (Some(3), Some(1)));
+    assert_eq!(scored().await, 3.0);
+
+    // Bob deleted: his orders go with him, and the account is rescored without them.
+    store.delete("p2", &[], "erasure", NOW).await.unwrap();
+    assert_eq!(computed(at(120)).await, (Some(1), Some(0)));
+    assert_eq!(scored().await, 1.0);
+}
+
+#[tokio::test]
+async fn account_computed_traits_fold_every_members_events_on_sqlite() {
+    account_computed_traits_fold_every_members_events(&sqlite().await).await;
+}
+
+#[tokio::test]
+async fn account_computed_traits_fold_every_members_events_on_postgres() {
+    let backend = postgres().await;
+    account_computed_traits_fold_every_members_events(&backend).await;
+    backend.db.close().await;
+}
