@@ -7,12 +7,14 @@
 //! - `member_count`: how many people belong to the account;
 //! - `member_roles`: the distinct roles of its members, normalized (below), sorted;
 //! - `roles.<role>`: how many members hold `<role>` (normalized: `roles.decision maker`);
-//! - `buying_roles`: the buying roles of [`BUYING_ROLES`] held by at least one member, in that
-//!   order;
-//! - `buying_roles_covered`: how many of them: 0 to 4.
+//! - `buying_roles`: the roles of the [`BuyingCommittee`] (`[[scoring.buying_roles]]`, else
+//!   [`DEFAULT_BUYING_ROLES`]) that at least one member fills, in the committee's order;
+//! - `buying_roles_covered`: how many of them: 0 to the number of roles in the committee (4 with
+//!   the default one).
 //!
 //! A role is normalized by trimming it, lowering its case and reading `_` and `-` as spaces
-//! (`Decision_Maker` is `decision maker`), since group calls come from many sources.
+//! (`Decision_Maker` is `decision maker`), since group calls come from many sources. The
+//! committee's names and member roles are normalized the same way when it is declared.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -22,14 +24,21 @@ use time::OffsetDateTime;
 use crate::domain::{ProfileFacts, Score};
 use crate::plans::{Evaluation, Level, Plans};
 
-/// The buying committee of a B2B deal: each buying role, with the (normalized) member roles
-/// that fill it. `buying_roles_covered` counts the roles at least one member fills.
-pub const BUYING_ROLES: [(&str, &[&str]); 4] = [
+/// The buying committee of a B2B deal when `[[scoring.buying_roles]]` is not declared: each
+/// buying role, with the (normalized) member roles that fill it.
+pub const DEFAULT_BUYING_ROLES: [(&str, &[&str]); 4] = [
     ("decision maker", &["decision maker", "economic buyer"]),
     ("technical evaluator", &["technical evaluator"]),
     ("champion", &["champion"]),
     ("finance", &["finance", "procurement"]),
 ];
+
+/// The most buying roles a committee may declare.
+pub const MAX_BUYING_ROLES: usize = 50;
+/// The most member roles one buying role may be filled by.
+pub const MAX_FILLED_BY: usize = 50;
+/// The longest buying role or member role, normalized, in bytes.
+pub const MAX_ROLE_NAME: usize = 200;
 
 /// The names of the derived member facts; `roles.` is a prefix.
 pub const MEMBER_COUNT: &str = "member_count";
@@ -41,6 +50,152 @@ pub const ROLES_PREFIX: &str = "roles.";
 pub const BUYING_ROLES_LIST: &str = "buying_roles";
 /// How many buying roles are covered.
 pub const BUYING_ROLES_COVERED: &str = "buying_roles_covered";
+
+/// One buying role (`[[scoring.buying_roles]]`): its name, and the member roles that fill it.
+/// In a [`BuyingCommittee`] both are normalized, and `filled_by` holds each role once.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuyingRole {
+    /// The buying role, as `buying_roles` lists it: `decision maker`.
+    pub name: String,
+    /// The member roles (`AccountMember::role`) that fill it: `["decision maker", "vp"]`. A
+    /// member whose role is the buying role's name fills it only when the name is listed here.
+    pub filled_by: Vec<String>,
+}
+
+/// The buying committee `buying_roles` and `buying_roles_covered` are counted against:
+/// validated, normalized buying roles in declared order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuyingCommittee {
+    roles: Vec<BuyingRole>,
+}
+
+impl Default for BuyingCommittee {
+    /// The committee of [`DEFAULT_BUYING_ROLES`].
+    fn default() -> Self {
+        Self {
+            roles: DEFAULT_BUYING_ROLES
+                .iter()
+                .map(|(name, filled_by)| BuyingRole {
+                    name: (*name).to_owned(),
+                    filled_by: filled_by.iter().map(|r| (*r).to_owned()).collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Why a declared buying committee is unusable; names the buying role's place in
+/// `[[scoring.buying_roles]]` when one is at fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("scoring.buying_roles{}: {reason}", place(*.index, .name))]
+pub struct InvalidBuyingRoles {
+    /// The buying role's position, or `None` when the list as a whole is at fault.
+    pub index: Option<usize>,
+    /// The buying role's name, as declared; empty when the list is at fault.
+    pub name: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn place(index: Option<usize>, name: &str) -> String {
+    index.map_or_else(String::new, |i| format!("[{i}] ({name:?})"))
+}
+
+impl BuyingCommittee {
+    /// Validates and normalizes `declared`, or says what is wrong with the first unusable
+    /// buying role. An empty list is refused: leaving `[[scoring.buying_roles]]` out is how to
+    /// get the default committee, and a plan that does not want coverage does not test it.
+    pub fn new(declared: &[BuyingRole]) -> Result<Self, InvalidBuyingRoles> {
+        let whole = |reason: String| InvalidBuyingRoles {
+            index: None,
+            name: String::new(),
+            reason,
+        };
+        if declared.is_empty() {
+            return Err(whole(
+                "declare at least one buying role, or leave [[scoring.buying_roles]] out for \
+                 the default committee (decision maker, technical evaluator, champion, finance)"
+                    .to_owned(),
+            ));
+        }
+        if declared.len() > MAX_BUYING_ROLES {
+            return Err(whole(format!(
+                "{} buying roles declared, at most {MAX_BUYING_ROLES}",
+                declared.len()
+            )));
+        }
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        let mut roles = Vec::with_capacity(declared.len());
+        for (index, role) in declared.iter().enumerate() {
+            let invalid = |reason: String| InvalidBuyingRoles {
+                index: Some(index),
+                name: role.name.clone(),
+                reason,
+            };
+            let name = normalize_role(&role.name);
+            if name.is_empty() || name.len() > MAX_ROLE_NAME {
+                return Err(invalid(format!(
+                    "name must be 1 to {MAX_ROLE_NAME} bytes once normalized (trimmed, lower \
+                     case, `_` and `-` read as spaces)"
+                )));
+            }
+            if let Some(first) = seen.insert(name.clone(), index) {
+                return Err(invalid(format!(
+                    "name {name:?} is declared twice (first as scoring.buying_roles[{first}]; \
+                     names are compared normalized)"
+                )));
+            }
+            if role.filled_by.is_empty() {
+                return Err(invalid(
+                    "filled_by is empty: list the member roles that fill this buying role \
+                     (the name itself too, if members hold it)"
+                        .to_owned(),
+                ));
+            }
+            if role.filled_by.len() > MAX_FILLED_BY {
+                return Err(invalid(format!(
+                    "filled_by lists {} member roles, at most {MAX_FILLED_BY}",
+                    role.filled_by.len()
+                )));
+            }
+            let mut filled_by: Vec<String> = Vec::with_capacity(role.filled_by.len());
+            for (i, member_role) in role.filled_by.iter().enumerate() {
+                let member_role = normalize_role(member_role);
+                if member_role.is_empty() || member_role.len() > MAX_ROLE_NAME {
+                    return Err(invalid(format!(
+                        "filled_by[{i}] must be 1 to {MAX_ROLE_NAME} bytes once normalized"
+                    )));
+                }
+                // Two spellings of one role are one role.
+                if !filled_by.contains(&member_role) {
+                    filled_by.push(member_role);
+                }
+            }
+            roles.push(BuyingRole { name, filled_by });
+        }
+        Ok(Self { roles })
+    }
+
+    /// The buying roles, normalized, in declared order.
+    pub fn roles(&self) -> &[BuyingRole] {
+        &self.roles
+    }
+
+    /// The buying roles filled by at least one of `member_roles` (normalized), in declared
+    /// order, each once.
+    pub fn covered(&self, member_roles: &BTreeSet<&str>) -> Vec<&str> {
+        self.roles
+            .iter()
+            .filter(|role| {
+                role.filled_by
+                    .iter()
+                    .any(|r| member_roles.contains(r.as_str()))
+            })
+            .map(|role| role.name.as_str())
+            .collect()
+    }
+}
 
 /// What scoring knows about one account.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -74,24 +229,8 @@ pub fn normalize_role(role: &str) -> String {
 }
 
 impl AccountProfile {
-    /// The buying roles of [`BUYING_ROLES`] at least one member fills, in that order.
-    pub fn buying_roles(&self) -> Vec<&'static str> {
-        let roles: BTreeSet<String> = self
-            .members
-            .iter()
-            .map(|m| normalize_role(&m.role))
-            .collect();
-        BUYING_ROLES
-            .iter()
-            .filter(|(_, filled_by)| filled_by.iter().any(|r| roles.contains(*r)))
-            .map(|(name, _)| *name)
-            .collect()
-    }
-
-    /// What account plans' `trait` tests read: the traits, then the derived member facts over
-    /// them.
-    pub fn facts(&self) -> BTreeMap<String, Value> {
-        let mut facts = self.traits.clone();
+    /// How many members hold each role, normalized; members without a role are not counted.
+    fn members_by_role(&self) -> BTreeMap<String, u64> {
         let mut by_role: BTreeMap<String, u64> = BTreeMap::new();
         for member in &self.members {
             let role = normalize_role(&member.role);
@@ -99,12 +238,26 @@ impl AccountProfile {
                 *by_role.entry(role).or_default() += 1;
             }
         }
+        by_role
+    }
+
+    /// The buying roles of `committee` at least one member fills, in the committee's order.
+    pub fn buying_roles<'c>(&self, committee: &'c BuyingCommittee) -> Vec<&'c str> {
+        let by_role = self.members_by_role();
+        committee.covered(&by_role.keys().map(String::as_str).collect())
+    }
+
+    /// What account plans' `trait` tests read: the traits, then the derived member facts over
+    /// them, buying roles counted against `committee`.
+    pub fn facts(&self, committee: &BuyingCommittee) -> BTreeMap<String, Value> {
+        let mut facts = self.traits.clone();
+        let by_role = self.members_by_role();
         // Traits named like a derived count go, so a stale `roles.x` trait cannot pass for one.
         facts.retain(|name, _| !name.starts_with(ROLES_PREFIX));
         for (role, count) in &by_role {
             facts.insert(format!("{ROLES_PREFIX}{role}"), json!(count));
         }
-        let buying = self.buying_roles();
+        let buying = committee.covered(&by_role.keys().map(String::as_str).collect());
         facts.insert(MEMBER_COUNT.to_owned(), json!(self.members.len()));
         facts.insert(
             MEMBER_ROLES.to_owned(),
@@ -117,16 +270,17 @@ impl AccountProfile {
 }
 
 /// The scores of `account` at `as_of`, one per account-level plan of `plans` in scoring order,
-/// with each plan's evaluation.
+/// with each plan's evaluation; buying roles are counted against `committee`.
 pub fn score_account(
     account: &AccountProfile,
     as_of: OffsetDateTime,
     plans: &Plans,
+    committee: &BuyingCommittee,
 ) -> (Vec<Score>, Vec<Evaluation>) {
     // Account plans read `trait` tests only (other conditions are refused at account level).
     let facts = ProfileFacts {
         profile_id: account.account_id.clone(),
-        traits: account.facts(),
+        traits: account.facts(committee),
         ..ProfileFacts::default()
     };
     let mut scores = Vec::new();
@@ -165,7 +319,10 @@ mod tests {
     fn coverage_counts_each_buying_role_once_whatever_the_spelling() {
         assert_eq!(normalize_role("  Decision_Maker "), "decision maker");
         assert_eq!(normalize_role("technical-evaluator"), "technical evaluator");
-        assert_eq!(account(vec![]).buying_roles(), Vec::<&str>::new());
+        assert_eq!(
+            account(vec![]).buying_roles(&BuyingCommittee::default()),
+            Vec::<&str>::new()
+        );
         let a = account(vec![
             member("p1", "Economic Buyer"),
             member("p2", "decision maker"),
@@ -174,8 +331,11 @@ mod tests {
             member("p5", "procurement"),
         ]);
         // Two members fill the decision maker's role: it counts once.
-        assert_eq!(a.buying_roles(), ["decision maker", "finance"]);
-        let facts = a.facts();
+        assert_eq!(
+            a.buying_roles(&BuyingCommittee::default()),
+            ["decision maker", "finance"]
+        );
+        let facts = a.facts(&BuyingCommittee::default());
         assert_eq!(facts[BUYING_ROLES_COVERED], json!(2));
         assert_eq!(
             facts[BUYING_ROLES_LIST],
@@ -197,7 +357,167 @@ mod tests {
             member("p3", "champion"),
             member("p4", "finance"),
         ]);
-        assert_eq!(all.facts()[BUYING_ROLES_COVERED], json!(4));
+        assert_eq!(
+            all.facts(&BuyingCommittee::default())[BUYING_ROLES_COVERED],
+            json!(4)
+        );
+    }
+
+    fn role(name: &str, filled_by: &[&str]) -> BuyingRole {
+        BuyingRole {
+            name: name.to_owned(),
+            filled_by: filled_by.iter().map(|r| (*r).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn the_default_committee_is_the_four_fixed_roles() {
+        let default = BuyingCommittee::default();
+        let names: Vec<_> = default.roles().iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "decision maker",
+                "technical evaluator",
+                "champion",
+                "finance"
+            ]
+        );
+        assert_eq!(
+            default.roles()[0].filled_by,
+            ["decision maker", "economic buyer"]
+        );
+        assert_eq!(default.roles()[3].filled_by, ["finance", "procurement"]);
+        // Declaring the same committee, spelled loosely, is the same committee.
+        let spelled_out = BuyingCommittee::new(&[
+            role("Decision_Maker", &["decision maker", "Economic-Buyer"]),
+            role(" Technical Evaluator ", &["technical_evaluator"]),
+            role("CHAMPION", &["champion"]),
+            role("finance", &["Finance", "procurement", "PROCUREMENT"]),
+        ])
+        .unwrap();
+        assert_eq!(spelled_out, default);
+    }
+
+    #[test]
+    fn a_declared_committee_counts_its_own_roles_each_once_whatever_the_spelling() {
+        let committee = BuyingCommittee::new(&[
+            role(
+                "Decision_Maker",
+                &["decision maker", "Economic-Buyer", "VP", "vp "],
+            ),
+            role("Security Reviewer", &["CISO", "security"]),
+            role("user-champion", &["champion", "power user"]),
+        ])
+        .unwrap();
+        // Normalized as declared, each member role once, in declared order.
+        assert_eq!(
+            committee.roles()[0],
+            role(
+                "decision maker",
+                &["decision maker", "economic buyer", "vp"]
+            )
+        );
+        assert_eq!(committee.roles()[2].name, "user champion");
+
+        let a = account(vec![
+            member("p1", "ciso"),
+            member("p2", "V_P"),
+            member("p3", "Economic Buyer"),
+            member("p4", "technical evaluator"),
+            member("p5", "procurement"),
+        ]);
+        // Two members fill the decision maker's role: it counts once; the committee's order,
+        // not the members', sets the list's; roles of the default committee no longer count.
+        assert_eq!(
+            a.buying_roles(&committee),
+            ["decision maker", "security reviewer"]
+        );
+        let facts = a.facts(&committee);
+        assert_eq!(facts[BUYING_ROLES_COVERED], json!(2));
+        assert_eq!(
+            facts[BUYING_ROLES_LIST],
+            json!(["decision maker", "security reviewer"])
+        );
+        // The other member facts do not depend on the committee.
+        assert_eq!(facts[MEMBER_COUNT], json!(5));
+        assert_eq!(facts["roles.v p"], json!(1));
+        // The same account with the default committee: unchanged from before.
+        let default = a.facts(&BuyingCommittee::default());
+        assert_eq!(default[BUYING_ROLES_COVERED], json!(3));
+        assert_eq!(
+            default[BUYING_ROLES_LIST],
+            json!(["decision maker", "technical evaluator", "finance"])
+        );
+
+        // A member role may fill two buying roles: one champion covers both.
+        let overlapping = BuyingCommittee::new(&[
+            role("champion", &["champion"]),
+            role("internal sponsor", &["champion", "sponsor"]),
+        ])
+        .unwrap();
+        let champion = account(vec![member("p1", "Champion")]);
+        assert_eq!(champion.facts(&overlapping)[BUYING_ROLES_COVERED], json!(2));
+        // No member fills any role: 0, an empty list.
+        let facts = account(vec![member("p1", "intern")]).facts(&committee);
+        assert_eq!(facts[BUYING_ROLES_COVERED], json!(0));
+        assert_eq!(facts[BUYING_ROLES_LIST], json!([]));
+    }
+
+    #[test]
+    fn an_unusable_committee_is_refused_naming_the_role_and_the_problem() {
+        let refused = |roles: &[BuyingRole]| BuyingCommittee::new(roles).unwrap_err().to_string();
+        assert!(
+            refused(&[]).starts_with("scoring.buying_roles: declare at least one buying role"),
+            "{}",
+            refused(&[])
+        );
+        let many: Vec<_> = (0..=MAX_BUYING_ROLES)
+            .map(|i| role(&format!("role {i}"), &["x"]))
+            .collect();
+        assert_eq!(
+            refused(&many),
+            "scoring.buying_roles: 51 buying roles declared, at most 50"
+        );
+        assert!(BuyingCommittee::new(&many[..MAX_BUYING_ROLES]).is_ok());
+        assert_eq!(
+            refused(&[role("champion", &["champion"]), role(" _- ", &["x"])]),
+            "scoring.buying_roles[1] (\" _- \"): name must be 1 to 200 bytes once normalized \
+             (trimmed, lower case, `_` and `-` read as spaces)"
+        );
+        let long = "x".repeat(MAX_ROLE_NAME + 1);
+        assert!(
+            refused(&[role(&long, &["x"])]).contains("name must be 1 to 200 bytes"),
+            "{}",
+            refused(&[role(&long, &["x"])])
+        );
+        assert!(BuyingCommittee::new(&[role(&long[1..], &[&long[1..]])]).is_ok());
+        assert_eq!(
+            refused(&[
+                role("champion", &["champion"]),
+                role("finance", &["finance"]),
+                role("Champion", &["sponsor"]),
+            ]),
+            "scoring.buying_roles[2] (\"Champion\"): name \"champion\" is declared twice \
+             (first as scoring.buying_roles[0]; names are compared normalized)"
+        );
+        assert_eq!(
+            refused(&[role("finance", &[])]),
+            "scoring.buying_roles[0] (\"finance\"): filled_by is empty: list the member roles \
+             that fill this buying role (the name itself too, if members hold it)"
+        );
+        assert_eq!(
+            refused(&[role("finance", &["finance", "  "])]),
+            "scoring.buying_roles[0] (\"finance\"): filled_by[1] must be 1 to 200 bytes once \
+             normalized"
+        );
+        assert!(refused(&[role("finance", &[&long])]).contains("filled_by[0] must be 1 to 200"));
+        let crowd: Vec<String> = (0..=MAX_FILLED_BY).map(|i| format!("r{i}")).collect();
+        let crowd: Vec<&str> = crowd.iter().map(String::as_str).collect();
+        assert_eq!(
+            refused(&[role("finance", &crowd)]),
+            "scoring.buying_roles[0] (\"finance\"): filled_by lists 51 member roles, at most 50"
+        );
     }
 
     #[test]
@@ -206,7 +526,7 @@ mod tests {
         a.traits.insert(BUYING_ROLES_COVERED.to_owned(), json!(4));
         a.traits.insert(MEMBER_COUNT.to_owned(), json!(1000));
         a.traits.insert("roles.finance".to_owned(), json!(3));
-        let facts = a.facts();
+        let facts = a.facts(&BuyingCommittee::default());
         assert_eq!(facts[BUYING_ROLES_COVERED], json!(1));
         assert_eq!(facts[MEMBER_COUNT], json!(1));
         assert!(!facts.contains_key("roles.finance"));
@@ -275,6 +595,7 @@ mod tests {
             &account(vec![member("p1", "technical evaluator")]),
             NOW,
             &plans,
+            &BuyingCommittee::default(),
         );
         // Only the account plan: person plans never score accounts.
         let names: Vec<_> = scores.iter().map(|s| s.name.as_str()).collect();
@@ -327,6 +648,7 @@ mod tests {
             ]),
             NOW,
             &plans,
+            &BuyingCommittee::default(),
         );
         assert_eq!(scores[0].value, 80.0);
         assert!(scores[0].factor("two_roles").is_some());
@@ -350,12 +672,18 @@ mod tests {
             },
             NOW,
             &plans(),
+            &BuyingCommittee::default(),
         );
         assert_eq!(scores.len(), 1);
         assert_eq!(scores[0].value, 0.0);
         assert!(evaluations[0].rules.iter().all(|r| !r.matched));
         // No plans, no scores.
-        let (scores, evaluations) = score_account(&account(vec![]), NOW, &Plans::default());
+        let (scores, evaluations) = score_account(
+            &account(vec![]),
+            NOW,
+            &Plans::default(),
+            &BuyingCommittee::default(),
+        );
         assert!(scores.is_empty() && evaluations.is_empty());
     }
 }

@@ -27,6 +27,7 @@ use sqlx::migrate::Migrator;
 use tessera_proto::scoring::v1::scoring_service_server::ScoringServiceServer;
 use tessera_store::{Database, Migrations};
 
+pub use account::{BuyingCommittee, BuyingRole, InvalidBuyingRoles};
 pub use error::ScoringError;
 pub use models::{FittingSettings, Models};
 pub use plan_book::PlanBook;
@@ -57,6 +58,10 @@ const MAX_DECODING_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 pub struct ScoringSettings {
     /// The scoring plans (`[[scoring.plans]]`), scored in declaration order after engagement.
     pub plans: Vec<plans::Plan>,
+    /// The B2B buying committee (`[[scoring.buying_roles]]`) account plans' `buying_roles` and
+    /// `buying_roles_covered` count against. `None` (not declared): the default committee of
+    /// [`account::DEFAULT_BUYING_ROLES`]; an empty list is refused.
+    pub buying_roles: Option<Vec<BuyingRole>>,
     /// Customer-value parameters fitted elsewhere (`[scoring.customer_value]`), used while no
     /// stored model is active, and the horizons every model is used with: with them, profiles
     /// with purchases get `churn_risk` and `predicted_value`.
@@ -72,13 +77,17 @@ pub enum InvalidSettings {
     /// A plan is unusable.
     #[error(transparent)]
     Plan(#[from] InvalidPlan),
+    /// The declared buying committee is unusable.
+    #[error(transparent)]
+    BuyingRoles(#[from] InvalidBuyingRoles),
     /// The customer-value model or its fitting is unusable.
     #[error("scoring.{0}")]
     CustomerValue(String),
 }
 
 impl ScoringSettings {
-    /// Checks the plans and the customer-value model, naming the first unusable one and why.
+    /// Checks the plans, the buying committee and the customer-value model, naming the first
+    /// unusable one and why.
     pub fn validate(&self) -> Result<(), InvalidSettings> {
         Scoring::from_settings(self).map(|_| ())
     }
@@ -89,6 +98,7 @@ impl ScoringSettings {
 pub struct Scoring {
     plans: Arc<PlanBook>,
     models: Arc<Models>,
+    committee: Arc<BuyingCommittee>,
 }
 
 impl Default for Scoring {
@@ -103,23 +113,30 @@ impl Scoring {
         Self::default()
     }
 
-    /// A scoring service scoring engagement and `plans` (none can be added through the API).
+    /// A scoring service scoring engagement and `plans` (none can be added through the API),
+    /// with the default buying committee.
     pub fn with_plans(plans: Plans) -> Self {
         Self {
             plans: Arc::new(PlanBook::fixed(plans)),
             models: Arc::new(Models::default()),
+            committee: Arc::new(BuyingCommittee::default()),
         }
     }
 
-    /// A scoring service with the plans and customer-value settings of `settings`, or why one
-    /// is unusable. It stores no models until [`Scoring::with_store`].
+    /// A scoring service with the plans, buying committee and customer-value settings of
+    /// `settings`, or why one is unusable. It stores no models until [`Scoring::with_store`].
     pub fn from_settings(settings: &ScoringSettings) -> Result<Self, InvalidSettings> {
         let plans = PlanBook::new(settings.plans.clone())?;
+        let committee = match &settings.buying_roles {
+            None => BuyingCommittee::default(),
+            Some(declared) => BuyingCommittee::new(declared)?,
+        };
         let models = Models::new(settings.customer_value.as_ref(), settings.fitting.clone())
             .map_err(InvalidSettings::CustomerValue)?;
         Ok(Self {
             plans: Arc::new(plans),
             models: Arc::new(models),
+            committee: Arc::new(committee),
         })
     }
 
@@ -159,6 +176,11 @@ impl Scoring {
         &self.models
     }
 
+    /// The buying committee account plans' coverage is counted against.
+    pub fn buying_committee(&self) -> &BuyingCommittee {
+        &self.committee
+    }
+
     /// Polls the active model and the stored plans' revision (every
     /// `scoring.fitting.poll_interval_ms`) and runs the fit schedule until `shutdown`; returns
     /// at once without a store.
@@ -172,8 +194,120 @@ impl Scoring {
             ScoringServiceServer::new(service::ScoringApi {
                 plans: Arc::clone(&self.plans),
                 models: Arc::clone(&self.models),
+                committee: Arc::clone(&self.committee),
             })
             .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(text: &str) -> ScoringSettings {
+        toml::from_str(text).expect("settings parse")
+    }
+
+    fn refusal(text: &str) -> String {
+        settings(text).validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn without_buying_roles_the_committee_is_the_default_one() {
+        let none = settings("");
+        assert_eq!(none.buying_roles, None);
+        none.validate().unwrap();
+        let scoring = Scoring::from_settings(&none).unwrap();
+        assert_eq!(scoring.buying_committee(), &BuyingCommittee::default());
+        assert_eq!(
+            Scoring::new().buying_committee(),
+            &BuyingCommittee::default()
+        );
+    }
+
+    #[test]
+    fn declared_buying_roles_are_normalized_into_the_committee() {
+        let declared = settings(
+            r#"
+            [[buying_roles]]
+            name = "Decision_Maker"
+            filled_by = ["decision maker", "Economic Buyer", "VP"]
+
+            [[buying_roles]]
+            name = "security"
+            filled_by = ["ciso"]
+            "#,
+        );
+        let scoring = Scoring::from_settings(&declared).unwrap();
+        let roles = scoring.buying_committee().roles();
+        assert_eq!(roles.len(), 2);
+        assert_eq!(roles[0].name, "decision maker");
+        assert_eq!(
+            roles[0].filled_by,
+            ["decision maker", "economic buyer", "vp"]
+        );
+        assert_eq!(roles[1].name, "security");
+    }
+
+    #[test]
+    fn unusable_buying_roles_are_refused_naming_the_problem() {
+        // An empty list is an error, not an empty committee: leaving it out is the default.
+        let empty = refusal("buying_roles = []");
+        assert!(
+            empty.starts_with("scoring.buying_roles: declare at least one buying role, or leave"),
+            "{empty}"
+        );
+        assert_eq!(
+            refusal(
+                r#"
+                [[buying_roles]]
+                name = "champion"
+                filled_by = ["champion"]
+                [[buying_roles]]
+                name = " CHAMPION "
+                filled_by = ["sponsor"]
+                "#
+            ),
+            "scoring.buying_roles[1] (\" CHAMPION \"): name \"champion\" is declared twice \
+             (first as scoring.buying_roles[0]; names are compared normalized)"
+        );
+        assert_eq!(
+            refusal("[[buying_roles]]\nname = \"\"\nfilled_by = [\"x\"]\n"),
+            "scoring.buying_roles[0] (\"\"): name must be 1 to 200 bytes once normalized \
+             (trimmed, lower case, `_` and `-` read as spaces)"
+        );
+        assert_eq!(
+            refusal("[[buying_roles]]\nname = \"finance\"\nfilled_by = []\n"),
+            "scoring.buying_roles[0] (\"finance\"): filled_by is empty: list the member roles \
+             that fill this buying role (the name itself too, if members hold it)"
+        );
+        assert_eq!(
+            refusal("[[buying_roles]]\nname = \"finance\"\nfilled_by = [\"finance\", \"\"]\n"),
+            "scoring.buying_roles[0] (\"finance\"): filled_by[1] must be 1 to 200 bytes once \
+             normalized"
+        );
+        let many: String = (0..51)
+            .map(|i| format!("[[buying_roles]]\nname = \"role {i}\"\nfilled_by = [\"r\"]\n"))
+            .collect();
+        assert_eq!(
+            refusal(&many),
+            "scoring.buying_roles: 51 buying roles declared, at most 50"
+        );
+        // A misspelled key or a missing one fails to parse.
+        assert!(
+            toml::from_str::<ScoringSettings>(
+                "[[buying_roles]]\nname = \"x\"\nfiled_by = [\"x\"]\n"
+            )
+            .unwrap_err()
+            .to_string()
+            .contains("filed_by")
+        );
+        assert!(
+            toml::from_str::<ScoringSettings>("[[buying_roles]]\nname = \"x\"\n")
+                .unwrap_err()
+                .to_string()
+                .contains("filled_by")
         );
     }
 }

@@ -885,7 +885,7 @@ mod tests {
             ]),
             members: vec![member("p1", "technical evaluator")],
         };
-        let (scores, evaluations) = score_account(&bigco, NOW, &plans);
+        let (scores, evaluations) = score_account(&bigco, NOW, &plans, &Default::default());
         assert_eq!(scores.len(), 1, "the account plan only");
         let fit = &scores[0];
         assert_eq!(fit.name, "icp_fit_b2b_account");
@@ -907,7 +907,7 @@ mod tests {
         // An economic buyer and a champion join: three buying roles, grade A.
         bigco.members.push(member("p2", "Economic Buyer"));
         bigco.members.push(member("p3", "champion"));
-        let (scores, _) = score_account(&bigco, NOW, &plans);
+        let (scores, _) = score_account(&bigco, NOW, &plans, &Default::default());
         assert_eq!(scores[0].value, 90.0);
         assert_eq!(
             scores[0].factor("buying_committee_3_plus").unwrap().value,

@@ -22,12 +22,14 @@ fn required(field: &str) -> ScoringError {
     ScoringError::InvalidArgument(vec![FieldViolation::new(field, "required")])
 }
 
-/// `ScoringService`: validates, scores, answers. Holds the plans (config's and the stored) and the
-/// customer-value models (their RPCs are in `models::api`).
+/// `ScoringService`: validates, scores, answers. Holds the plans (config's and the stored), the
+/// customer-value models (their RPCs are in `models::api`) and the buying committee accounts'
+/// coverage is counted against.
 #[derive(Debug, Clone)]
 pub(crate) struct ScoringApi {
     pub(crate) plans: Arc<PlanBook>,
     pub(crate) models: Arc<crate::models::Models>,
+    pub(crate) committee: Arc<account::BuyingCommittee>,
 }
 
 #[tonic::async_trait]
@@ -98,7 +100,8 @@ impl ScoringService for ScoringApi {
         let accounts = accounts
             .iter()
             .map(|account| {
-                let (scores, evaluations) = account::score_account(account, as_of, &plans);
+                let (scores, evaluations) =
+                    account::score_account(account, as_of, &plans, &self.committee);
                 pb::AccountScores {
                     account_id: account.account_id.clone(),
                     scores: scores.into_iter().map(pb::Score::from).collect(),

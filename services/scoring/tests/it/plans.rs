@@ -24,16 +24,25 @@ struct Server {
     _server: GrpcTestServer,
 }
 
+/// The ready plans, then `more` (TOML under the same `[scoring]` root).
+fn ready_plans_and(more: &str) -> ScoringSettings {
+    #[derive(serde::Deserialize)]
+    struct File {
+        scoring: ScoringSettings,
+    }
+    let text = format!("{}\n{more}", include_str!("../../plans/ready-plans.toml"));
+    toml::from_str::<File>(&text).unwrap().scoring
+}
+
 impl Server {
     async fn start() -> Self {
-        #[derive(serde::Deserialize)]
-        struct File {
-            scoring: ScoringSettings,
-        }
-        let file: File = toml::from_str(include_str!("../../plans/ready-plans.toml")).unwrap();
+        Self::with_settings(&ready_plans_and("")).await
+    }
+
+    async fn with_settings(settings: &ScoringSettings) -> Self {
         let mut services = GrpcServices::default();
-        Scoring::from_settings(&file.scoring)
-            .expect("the ready plans are valid")
+        Scoring::from_settings(settings)
+            .expect("the settings are valid")
             .register(&mut services);
         let server = GrpcTestServer::start(services).await;
         Self {
@@ -487,5 +496,121 @@ async fn score_accounts_scores_coverage_with_the_account_plan() {
             "accounts[1].account_id",
             "accounts[1].members[0].profile_id"
         ]
+    );
+}
+
+/// `[[scoring.buying_roles]]` replaces the default committee in `ScoreAccounts`: the same
+/// members cover other buying roles, so `buying_roles_covered`, `buying_roles` and the ready
+/// account plan's score change; spellings of one role count once.
+#[tokio::test]
+async fn a_declared_buying_committee_changes_coverage_and_the_account_score() {
+    // Reads the derived facts directly, beside the ready account plan.
+    const PROBE: &str = r#"
+        [[scoring.plans]]
+        name = "committee_probe"
+        version = "1"
+        level = "account"
+        rules = [
+          { name = "three_covered", points = 10, condition = { trait = { name = "buying_roles_covered", op = "eq", value = 3 } } },
+          { name = "two_covered", points = 10, condition = { trait = { name = "buying_roles_covered", op = "eq", value = 2 } } },
+          { name = "security_known", points = 10, condition = { trait = { name = "buying_roles", op = "contains", value = "security reviewer" } } },
+          { name = "evaluator_known", points = 10, condition = { trait = { name = "buying_roles", op = "contains", value = "technical evaluator" } } },
+        ]
+    "#;
+    const COMMITTEE: &str = r#"
+        [[scoring.buying_roles]]
+        name = "Decision_Maker"
+        filled_by = ["decision maker", "economic buyer", "VP"]
+
+        [[scoring.buying_roles]]
+        name = "security reviewer"
+        filled_by = ["ciso", "security"]
+
+        [[scoring.buying_roles]]
+        name = "champion"
+        filled_by = ["champion"]
+
+        [[scoring.buying_roles]]
+        name = "user"
+        filled_by = ["power user", "end-user"]
+    "#;
+    let default = Server::with_settings(&ready_plans_and(PROBE)).await;
+    let declared = ready_plans_and(&format!("{PROBE}\n{COMMITTEE}"));
+    assert_eq!(declared.buying_roles.as_ref().map(Vec::len), Some(4));
+    let custom = Server::with_settings(&declared).await;
+
+    let request = || pb::ScoreAccountsRequest {
+        accounts: vec![pb::AccountProfileFacts {
+            account_id: "bigco".to_owned(),
+            traits: values(json!({"industry": "fintech", "employees": 1200, "country": "DE"})),
+            members: vec![
+                member("p1", "VP"),
+                member("p2", "economic_buyer"),
+                member("p3", "CISO"),
+                member("p4", "Power-User"),
+                member("p5", "technical evaluator"),
+            ],
+        }],
+        as_of: Some(to_timestamp(AS_OF)),
+    };
+    let score = |server: &Server| {
+        let mut client = server.client.clone();
+        async move {
+            client
+                .score_accounts(request())
+                .await
+                .unwrap()
+                .into_inner()
+                .accounts
+                .remove(0)
+        }
+    };
+    let counted = |account: &pb::AccountScores, plan: &str| -> Vec<String> {
+        account
+            .plans
+            .iter()
+            .find(|p| p.plan == plan)
+            .unwrap()
+            .rules
+            .iter()
+            .filter(|r| r.counted)
+            .map(|r| r.name.clone())
+            .collect()
+    };
+
+    let coverage = |account: &pb::AccountScores| -> Vec<String> {
+        counted(account, "icp_fit_b2b_account")
+            .into_iter()
+            .filter(|r| r.starts_with("buying_committee"))
+            .collect()
+    };
+
+    // The default committee: the economic buyer (a decision maker) and the technical evaluator
+    // cover two roles; VP, CISO and power user fill none.
+    let before = score(&default).await;
+    assert_eq!(
+        counted(&before, "committee_probe"),
+        ["two_covered", "evaluator_known"]
+    );
+    assert_eq!(coverage(&before), ["buying_committee_2"]);
+    // 20 (industry) + 25 (1,000+ employees) + 10 (country) + 20 (two buying roles).
+    assert_eq!(before.scores[0].name, "icp_fit_b2b_account");
+    assert_eq!(before.scores[0].value, 75.0);
+
+    // The declared committee: the VP and the economic buyer fill one role (counted once), the
+    // CISO and the power user two more; the technical evaluator fills none.
+    let after = score(&custom).await;
+    assert_eq!(
+        counted(&after, "committee_probe"),
+        ["three_covered", "security_known"]
+    );
+    assert_eq!(coverage(&after), ["buying_committee_3_plus"]);
+    // 20 + 25 + 10 + 30 (three buying roles or more).
+    assert_eq!(after.scores[0].value, 85.0);
+    assert!(
+        after.scores[0]
+            .factors
+            .iter()
+            .any(|f| f.name == "buying_committee_3_plus" && f.value == 30.0)
     );
 }
