@@ -325,8 +325,9 @@ impl Profiles {
     ) -> tokio::task::JoinHandle<()> {
         const BATCH: usize = 500;
         const RECOMPUTE_BATCH: usize = 100;
-        /// Queued account refreshes taken per transaction.
-        const REFRESH_BATCH: usize = 10;
+        /// Accounts refreshed per transaction: one, so an account whose refresh fails is the
+        /// one deferred.
+        const REFRESH_BATCH: usize = 1;
         const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
         const DEFINITIONS_POLL: std::time::Duration = std::time::Duration::from_secs(1);
         let inner = self.inner.clone();
@@ -426,7 +427,14 @@ impl Profiles {
                 let refreshing = match inner.refresh_accounts_once(REFRESH_BATCH).await {
                     Ok(taken) => taken.is_some(),
                     Err(e) => {
-                        tracing::warn!(error = %e, "refreshing account members failed");
+                        // To the back of the queue, so it cannot hold up the others.
+                        let deferred = inner
+                            .store
+                            .defer_account_refresh(time::OffsetDateTime::now_utc())
+                            .await;
+                        tracing::warn!(error = %e, ?deferred, "refreshing an account failed");
+                        metrics::counter!("tessera_profile_account_refresh_failures_total")
+                            .increment(1);
                         false
                     }
                 };

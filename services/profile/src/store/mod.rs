@@ -257,6 +257,14 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
     /// The account `account_id` (a group id), when a group call named it.
     async fn account(&self, account_id: &str) -> Result<Option<Account>, ProfileError>;
 
+    /// Moves the queued refreshes of the account queued longest ago (that no other transaction
+    /// has taken) to the back of the queue, after its refresh failed, so one account that keeps
+    /// failing never holds up the others; returns the account.
+    async fn defer_account_refresh(
+        &self,
+        now: OffsetDateTime,
+    ) -> Result<Option<String>, ProfileError>;
+
     /// The account computed traits of `account_id` at `now`, folded from every event of its
     /// members (and of the profiles merged into them): see [`Definitions::account_computed`].
     async fn account_computed(

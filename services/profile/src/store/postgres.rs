@@ -303,6 +303,25 @@ impl ProfileStore for PostgresStore {
         Ok(done)
     }
 
+    async fn defer_account_refresh(
+        &self,
+        now: OffsetDateTime,
+    ) -> Result<Option<String>, ProfileError> {
+        Ok(sqlx::query_scalar(
+            "WITH moved AS ( \
+                 DELETE FROM account_refreshes WHERE account_id = ( \
+                     SELECT account_id FROM account_refreshes \
+                     ORDER BY position LIMIT 1 FOR UPDATE SKIP LOCKED) \
+                 RETURNING account_id, members) \
+             INSERT INTO account_refreshes (account_id, requested_at, members) \
+             SELECT account_id, $1, bool_or(members) FROM moved GROUP BY account_id \
+             RETURNING account_id",
+        )
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     async fn account_computed(
         &self,
         account_id: &str,
@@ -327,9 +346,21 @@ impl ProfileStore for PostgresStore {
             now,
             scorer,
         )
-        .await?;
-        tx.commit().await?;
-        Ok(done)
+        .await;
+        match done {
+            Ok(done) => {
+                tx.commit().await?;
+                Ok(done)
+            }
+            Err(e) => {
+                // At once, not when the connection is next used: the refreshes it took are
+                // free for the deferral and the next round.
+                if let Err(rollback) = tx.rollback().await {
+                    tracing::warn!(error = %rollback, "rolling back a failed account refresh");
+                }
+                Err(e)
+            }
+        }
     }
 
     async fn account(&self, account_id: &str) -> Result<Option<Account>, ProfileError> {

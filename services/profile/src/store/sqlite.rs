@@ -322,6 +322,37 @@ impl ProfileStore for SqliteStore {
         Ok(done)
     }
 
+    async fn defer_account_refresh(
+        &self,
+        now: OffsetDateTime,
+    ) -> Result<Option<String>, ProfileError> {
+        let mut tx = self.pool.begin().await?;
+        let oldest: Option<(String, bool)> = sqlx::query_as(
+            "SELECT account_id, max(members) FROM account_refreshes WHERE account_id = \
+               (SELECT account_id FROM account_refreshes ORDER BY position LIMIT 1) \
+             GROUP BY account_id",
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((account_id, members)) = oldest else {
+            return Ok(None);
+        };
+        sqlx::query("DELETE FROM account_refreshes WHERE account_id = ?1")
+            .bind(&account_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO account_refreshes (account_id, requested_at, members) VALUES (?1, ?2, ?3)",
+        )
+        .bind(&account_id)
+        .bind(now)
+        .bind(members)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(account_id))
+    }
+
     async fn account_computed(
         &self,
         account_id: &str,
@@ -346,9 +377,21 @@ impl ProfileStore for SqliteStore {
             now,
             scorer,
         )
-        .await?;
-        tx.commit().await?;
-        Ok(done)
+        .await;
+        match done {
+            Ok(done) => {
+                tx.commit().await?;
+                Ok(done)
+            }
+            Err(e) => {
+                // At once, not when the connection is next used: the refreshes it took are
+                // free for the deferral and the next round.
+                if let Err(rollback) = tx.rollback().await {
+                    tracing::warn!(error = %rollback, "rolling back a failed account refresh");
+                }
+                Err(e)
+            }
+        }
     }
 
     async fn account(&self, account_id: &str) -> Result<Option<Account>, ProfileError> {

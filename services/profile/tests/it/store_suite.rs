@@ -2521,3 +2521,97 @@ async fn account_computed_traits_fold_every_members_events_on_postgres() {
     account_computed_traits_fold_every_members_events(&backend).await;
     backend.db.close().await;
 }
+
+/// Fails to score the accounts when `bad` is among them.
+struct FailsOnBad;
+
+#[async_trait::async_trait]
+impl Scorer for FailsOnBad {
+    async fn score(
+        &self,
+        profiles: &[&Profile],
+        _accounts: &store::Accounts,
+        _now: OffsetDateTime,
+    ) -> Result<Vec<Vec<Score>>, ProfileError> {
+        Ok(vec![Vec::new(); profiles.len()])
+    }
+
+    async fn score_accounts(
+        &self,
+        accounts: &[(
+            tessera_profile::account::Account,
+            Vec<tessera_profile::account::Member>,
+        )],
+        _now: OffsetDateTime,
+    ) -> Result<Option<Vec<Vec<Score>>>, ProfileError> {
+        if accounts.iter().any(|(a, _)| a.account_id == "bad") {
+            return Err(ProfileError::BadScores("bad".into()));
+        }
+        Ok(Some(vec![Vec::new(); accounts.len()]))
+    }
+}
+
+/// An account whose refresh keeps failing goes to the back of the queue and does not hold up
+/// the accounts queued after it.
+async fn a_failing_account_refresh_does_not_hold_up_the_queue(store: &dyn ProfileStore) {
+    let calls = vec![
+        group_call("g1", "p1", 1, "bad", "finance", json!({"industry": "x"})),
+        group_call("g2", "p2", 2, "acme", "finance", json!({"industry": "y"})),
+    ];
+    for call in calls {
+        let batch = Batch {
+            merges: vec![],
+            events: vec![call],
+        };
+        store.apply(&batch, H, NOW, &NoScores).await.unwrap();
+    }
+    assert!(
+        store
+            .refresh_accounts(1, H, NOW, &FailsOnBad)
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        store.defer_account_refresh(NOW).await.unwrap().as_deref(),
+        Some("bad")
+    );
+    let acme = store
+        .refresh_accounts(1, H, NOW, &FailsOnBad)
+        .await
+        .unwrap()
+        .expect("acme's refresh");
+    assert_eq!(acme.named, ["p2"]);
+    assert!(
+        store
+            .refresh_accounts(1, H, NOW, &FailsOnBad)
+            .await
+            .is_err()
+    );
+    assert!(
+        store
+            .refresh_accounts(1, H, NOW, &NoScores)
+            .await
+            .unwrap()
+            .is_some(),
+        "still queued"
+    );
+    assert!(
+        store
+            .refresh_accounts(1, H, NOW, &NoScores)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn a_failing_account_refresh_does_not_hold_up_the_queue_on_sqlite() {
+    a_failing_account_refresh_does_not_hold_up_the_queue(&*sqlite().await.store).await;
+}
+
+#[tokio::test]
+async fn a_failing_account_refresh_does_not_hold_up_the_queue_on_postgres() {
+    let backend = postgres().await;
+    a_failing_account_refresh_does_not_hold_up_the_queue(&*backend.store).await;
+    backend.db.close().await;
+}
