@@ -152,12 +152,14 @@ fn auth_db(data: &Path) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn each_scope_allows_what_it_names_and_nothing_else() {
     let data = tempfile::tempdir().unwrap();
+    let log = data.path().join("tessera.log");
     let tessera = TesseraBuilder::new("dev")
-        .args(["--data-dir", data.path().to_str().unwrap()])
+        .args(["--data-dir", data.path().join("db").to_str().unwrap()])
         .env("TESSERA__AUTH__TOKEN_CACHE_MS", "300")
+        .stderr_to(&log)
         .start()
         .await;
-    let db = auth_db(data.path());
+    let db = auth_db(&data.path().join("db"));
 
     let mut tokens = Vec::new();
     for scope in SCOPES {
@@ -207,6 +209,10 @@ async fn each_scope_allows_what_it_names_and_nothing_else() {
     let (status, body) = http_read(&tessera, None).await;
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("\"unauthorized\""), "{body}");
+    // Refused calls are the caller's doing: nothing at ERROR for them.
+    let written = std::fs::read_to_string(&log).unwrap();
+    let errors: Vec<&str> = written.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(errors.is_empty(), "refusals logged as errors: {errors:#?}");
     // The printed dev token has every scope.
     let dev = tessera
         .access_token

@@ -247,11 +247,19 @@ pub async fn serve_with(
         });
     }
 
-    // NotFound and InvalidArgument are the caller's doing, not failures of the server.
+    // Answers about the call, not failures of the server: the request trace logs failures at
+    // ERROR, and a refused call (no token, another scope, over a rate limit, a stale version)
+    // is the caller's doing. Counted per code in the RPC metrics all the same.
     let classifier = GrpcErrorsAsFailures::new()
         .with_success(GrpcCode::NotFound)
         .with_success(GrpcCode::InvalidArgument)
-        .with_success(GrpcCode::AlreadyExists);
+        .with_success(GrpcCode::AlreadyExists)
+        .with_success(GrpcCode::Unauthenticated)
+        .with_success(GrpcCode::PermissionDenied)
+        .with_success(GrpcCode::ResourceExhausted)
+        .with_success(GrpcCode::FailedPrecondition)
+        .with_success(GrpcCode::OutOfRange)
+        .with_success(GrpcCode::Cancelled);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls.server_config())?;

@@ -112,7 +112,9 @@ pub fn init_telemetry(
             .with_writer(std::io::stderr)
             .boxed()
     } else {
+        // Colors only on a terminal: a log file or a collector gets plain text.
         tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .boxed()
     };
