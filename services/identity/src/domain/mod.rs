@@ -22,7 +22,7 @@ pub use replay::{
     Constraints, HistoryEntry, Replay, in_event_time_order, order_sensitive_drop, replay,
     split_apart,
 };
-pub use rules::{Rules, RulesConfig, suppresses_events};
+pub use rules::{ReorderConfig, Rules, RulesConfig, suppresses_events};
 pub use union_find::UnionFind;
 
 /// One profile folded into another, caused by one event.

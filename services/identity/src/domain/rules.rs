@@ -81,6 +81,44 @@ pub struct RulesConfig {
     pub default_blocklist: bool,
     /// Blocked values per type, on top of the default list.
     pub blocklist: BTreeMap<String, BlocklistConfig>,
+    /// How large a late record's closure may be for it to be re-resolved in event-time order.
+    /// Left out of the stored form while it has its defaults, so rules registered before it
+    /// existed compare equal and an upgrade does not register a new version over an
+    /// `UpdateRules` change.
+    #[serde(skip_serializing_if = "ReorderConfig::is_default")]
+    pub reorder: ReorderConfig,
+}
+
+/// The bound on a late record's re-resolution in event-time order: a closure with more profiles
+/// or more events than this is not replayed, and the arrival-order outcome stands (a warning
+/// and `tessera_identity_reorder_skipped_total` say so). A generic identifier shared by
+/// thousands of people makes such closures; replaying one would hold its locks for seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReorderConfig {
+    /// The most profiles (canonical and merged) a closure may hold; 0 turns the re-resolution
+    /// off (arrival order decides).
+    pub max_profiles: u32,
+    /// The most events (stored resolutions) a closure may hold.
+    pub max_events: u32,
+}
+
+impl ReorderConfig {
+    /// The defaults: a replay of this size takes well under a second (see the README).
+    pub const DEFAULT: Self = Self {
+        max_profiles: 1_000,
+        max_events: 20_000,
+    };
+
+    fn is_default(&self) -> bool {
+        *self == Self::DEFAULT
+    }
+}
+
+impl Default for ReorderConfig {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
 }
 
 /// A per-type limit.
@@ -160,6 +198,7 @@ impl Default for RulesConfig {
             phone: PhoneConfig::default(),
             default_blocklist: true,
             blocklist: BTreeMap::new(),
+            reorder: ReorderConfig::DEFAULT,
         }
     }
 }
@@ -433,6 +472,11 @@ impl Rules {
         !self.limits.is_empty() || !self.shared.is_empty()
     }
 
+    /// How large a late record's closure may be for it to be re-resolved in event-time order.
+    pub fn reorder(&self) -> ReorderConfig {
+        self.config.reorder
+    }
+
     /// Whether identifiers of `kind` stop linking once shared.
     pub fn may_be_shared(&self, kind: &str) -> bool {
         self.shared.contains(kind)
@@ -579,6 +623,26 @@ mod tests {
                 "blocklist.crm_id.regex[0]",
             ]
         );
+    }
+
+    /// The default bound is left out of the stored form, so rules stored before the bound
+    /// existed compare equal to the same config now (no new version at upgrade); another bound
+    /// is kept.
+    #[test]
+    fn the_reorder_bound_is_stored_only_when_not_the_default() {
+        let json = serde_json::to_value(RulesConfig::default()).unwrap();
+        assert!(json.get("reorder").is_none(), "{json}");
+        let config = RulesConfig {
+            reorder: ReorderConfig {
+                max_profiles: 10,
+                ..ReorderConfig::DEFAULT
+            },
+            ..RulesConfig::default()
+        };
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["reorder"]["max_profiles"], 10);
+        assert_eq!(serde_json::from_value::<RulesConfig>(json).unwrap(), config);
+        assert!(serde_json::from_str::<RulesConfig>(r#"{"reorder": {"max_profile": 1}}"#).is_err());
     }
 
     #[test]

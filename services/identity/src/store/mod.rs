@@ -17,8 +17,8 @@ use uuid::Uuid;
 use crate::IdentityError;
 use crate::domain::{
     Constraints, Decision, DecisionKind, Dropped, GraphView, HistoryEntry, Merge, Plan, ProfileAge,
-    Record, Replay, Resolution, Rules, RulesConfig, SEEN_TOGETHER, SPLIT, in_event_time_order,
-    order_sensitive_drop, replay, split_apart, truncate_to_micros,
+    Record, ReorderConfig, Replay, Resolution, Rules, RulesConfig, SEEN_TOGETHER, SPLIT,
+    in_event_time_order, order_sensitive_drop, replay, split_apart, truncate_to_micros,
 };
 
 /// What the graph keeps of one event's resolution.
@@ -964,13 +964,90 @@ pub(crate) fn carried_identifiers(rows: &HistoryRows) -> Vec<Identifier> {
     out
 }
 
-/// Whether any event of `history` happened after `at`: a record resolved at `at` then came
-/// late to it.
-pub(crate) fn has_later_event(history: &ComponentHistory, at: OffsetDateTime) -> bool {
-    history.entries.iter().any(|entry| match entry {
-        HistoryEntry::Event { record, .. } => record.timestamp() > at,
-        HistoryEntry::Merge { .. } => false,
-    })
+/// Whether any event of `rows` happened after `at`: a record resolved at `at` then came late
+/// to them (events stored without their time count at their resolution time, as a replay
+/// orders them).
+pub(crate) fn has_later_event(rows: &HistoryRows, at: OffsetDateTime) -> bool {
+    rows.resolutions
+        .iter()
+        .any(|r| r.detail.event_time.unwrap_or(r.resolved_at) > at)
+}
+
+/// How large a closure was found to be, counted while it is followed. The counts stop just
+/// past the bound: what lies beyond is not read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ClosureSize {
+    /// Profiles, canonical and merged.
+    pub(crate) profiles: u64,
+    /// Events (stored resolutions).
+    pub(crate) events: u64,
+}
+
+impl ClosureSize {
+    /// How many more profiles and events `bound` allows, plus one: the most the next step of
+    /// the closure counts to tell whether it goes over.
+    pub(crate) fn room(self, bound: ReorderConfig) -> (i64, i64) {
+        let room = |max: u32, used: u64| {
+            i64::try_from(u64::from(max).saturating_sub(used).saturating_add(1)).unwrap_or(i64::MAX)
+        };
+        (
+            room(bound.max_profiles, self.profiles),
+            room(bound.max_events, self.events),
+        )
+    }
+
+    /// Whether the closure is larger than `bound` allows.
+    pub(crate) fn over(self, bound: ReorderConfig) -> bool {
+        self.profiles > u64::from(bound.max_profiles) || self.events > u64::from(bound.max_events)
+    }
+
+    /// Adds a step's counts.
+    pub(crate) fn add(&mut self, profiles: usize, events: i64) {
+        self.profiles = self
+            .profiles
+            .saturating_add(u64::try_from(profiles).unwrap_or(u64::MAX));
+        self.events = self
+            .events
+            .saturating_add(u64::try_from(events).unwrap_or(0));
+    }
+}
+
+/// What following a late suspect's closure found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Closure<R> {
+    /// The closure is within the bound: its canonical profiles (sorted), and whether one of its
+    /// events happened after the suspect (it came late: the closure is replayed).
+    Within { roots: Vec<R>, late: bool },
+    /// The closure is larger than the bound: followed no further, never replayed. `late` is
+    /// whether the part read, or an event that carried one of the suspect's identifiers,
+    /// happened after it (else it may still be late to the part not read).
+    TooLarge { size: ClosureSize, late: bool },
+}
+
+/// Records that a suspect's closure was too large to re-resolve: the arrival-order outcome
+/// stands. Counted in `tessera_identity_reorder_skipped_total` (`late="yes"` when the suspect
+/// is known to have come late, with a warning; `late="unchecked"` when the part of the
+/// closure read holds nothing later, so it is most likely in order).
+pub(crate) fn reorder_skipped(event_id: &str, size: ClosureSize, bound: ReorderConfig, late: bool) {
+    if late {
+        tracing::warn!(
+            event_id,
+            profiles = size.profiles,
+            events = size.events,
+            max_profiles = bound.max_profiles,
+            max_events = bound.max_events,
+            "late record's closure is over the reorder bound, keeping the arrival-order outcome"
+        );
+    } else {
+        tracing::debug!(
+            event_id,
+            profiles = size.profiles,
+            events = size.events,
+            "record's closure is over the reorder bound, not checked for lateness"
+        );
+    }
+    let late = if late { "yes" } else { "unchecked" };
+    metrics::counter!("tessera_identity_reorder_skipped_total", "late" => late).increment(1);
 }
 
 /// The order a rewrite replays `history` in: by event time when the rules make outcomes

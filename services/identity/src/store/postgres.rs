@@ -20,11 +20,11 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Change, EVENT_TIME, Forgotten, Outcome, Rewritten, SplitPayload, carried_identifiers,
-    decode_resolutions, dropped_identifiers, erased_digest, erased_pseudonym, has_later_event,
-    history_identifiers, late_suspects, lookup_identifiers, mark_suppressed, reorder, reorder_plan,
-    reordered, replay_order, rewrite_plan, rewritten, scrub_detail, suppression_keys,
-    with_replayed,
+    Change, Closure, ClosureSize, EVENT_TIME, Forgotten, Outcome, Rewritten, SplitPayload,
+    carried_identifiers, decode_resolutions, dropped_identifiers, erased_digest, erased_pseudonym,
+    has_later_event, history_identifiers, late_suspects, lookup_identifiers, mark_suppressed,
+    reorder, reorder_plan, reorder_skipped, reordered, replay_order, rewrite_plan, rewritten,
+    scrub_detail, suppression_keys, with_replayed,
 };
 use super::{
     ComponentHistory, GraphIdentifier, HistoryRows, IdentityStore, LoggedDecision, ProfileGraph,
@@ -34,8 +34,8 @@ use super::{
 };
 use crate::IdentityError;
 use crate::domain::{
-    Constraints, GraphView, Plan, ProfileAge, Record, Replay, Resolution, RulesConfig, plan,
-    replay, suppresses_events,
+    Constraints, GraphView, Plan, ProfileAge, Record, ReorderConfig, Replay, Resolution,
+    RulesConfig, plan, replay, suppresses_events,
 };
 
 /// Selects graph log entries: the columns of [`DecisionRow`], then the rest of the statement.
@@ -195,7 +195,12 @@ impl From<sqlx::Error> for Failure {
 }
 
 impl From<IdentityError> for Failure {
+    /// A database error met inside a helper that answers `IdentityError` is classified like one
+    /// met directly: a deadlock or serialization failure is retried, not answered.
     fn from(e: IdentityError) -> Self {
+        if let IdentityError::Store(tessera_store::StoreError::Sqlx(e)) = e {
+            return Self::from(e);
+        }
         Self::Fatal(e)
     }
 }
@@ -339,47 +344,36 @@ async fn decide_and_write(
 /// [`late_suspects`]) is older than an event already resolved in its closure, the closure is
 /// replayed by event time and written back like a rewrite, and the profile service told
 /// through the merge outbox. `plan`'s resolutions of replayed events become the replay's.
-/// Nothing is read when no record took such a decision.
+/// Nothing is read when no record took such a decision; a closure over the rules' reorder
+/// bound is not replayed (see [`reorder_skipped`]).
 async fn reorder_late(
     tx: &mut PgConnection,
     rules: &VersionedRules,
     plan: &mut Plan,
     now: OffsetDateTime,
 ) -> Result<(), Failure> {
+    let bound = rules.rules.reorder();
     let suspects = late_suspects(&rules.rules, plan);
     let mut done: HashSet<Uuid> = HashSet::new();
     for (event, at, carried) in suspects {
-        let roots = closure_roots(&mut *tx, carried).await?;
-        if roots.is_empty() || roots.iter().all(|r| done.contains(r)) {
+        let roots = match closure_roots(&mut *tx, &carried, at, bound).await? {
+            Closure::Within { roots, late: true } => roots,
+            Closure::Within { late: false, .. } => continue,
+            Closure::TooLarge { size, late } => {
+                reorder_skipped(&event, size, bound, late);
+                continue;
+            }
+        };
+        if roots.iter().all(|r| done.contains(r)) {
             continue;
         }
-        let before = history(history_rows(&mut *tx, &roots).await?)?;
-        if !has_later_event(&before, at) {
-            continue;
-        }
-        // Lock as a rewrite does (identifiers, then root rows in id order), then read again
-        // under the locks.
-        let mut keys: Vec<i64> = history_identifiers(&before)
-            .iter()
-            .map(|i| lock_key(&[b"identifier", i.kind.as_bytes(), i.value.as_bytes()]))
-            .collect();
-        keys.sort_unstable();
-        keys.dedup();
-        sqlx::query("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k")
-            .bind(keys)
-            .execute(&mut *tx)
-            .await?;
-        let live: Vec<bool> = sqlx::query_scalar(
-            "SELECT merged_into IS NULL FROM profiles WHERE profile_id = ANY($1) \
-             ORDER BY profile_id FOR UPDATE",
-        )
-        .bind(&roots)
-        .fetch_all(&mut *tx)
-        .await?;
-        if live.len() != roots.len() || live.iter().any(|l| !l) {
-            return Err(Failure::Retry("profile merged meanwhile"));
-        }
-        let rows = history_rows(&mut *tx, &roots).await?;
+        let (roots, rows) = match lock_closure(&mut *tx, &carried, at, bound, roots).await? {
+            Locked::Stable(roots, rows) => (roots, rows),
+            Locked::TooLarge(size) => {
+                reorder_skipped(&event, size, bound, true);
+                continue;
+            }
+        };
         let members: HashSet<Uuid> = rows.members.iter().map(|m| m.0).collect();
         let ids: Vec<Uuid> = members.iter().copied().collect();
         let history = history(rows)?;
@@ -425,16 +419,124 @@ async fn reorder_late(
     Ok(())
 }
 
-/// The canonical profiles of the closure of `identifiers`: the components that hold them or
-/// whose events carried them without linking them, then, step by step, those related in the
-/// same way to every identifier those components' events carried.
+/// How many times [`lock_closure`] extends its locks to a closure that grew before it gives
+/// the run back to be retried.
+const CLOSURE_LOCK_ROUNDS: usize = 4;
+
+/// What [`lock_closure`] came to.
+enum Locked {
+    /// The closure's canonical profiles (sorted) and its history rows, read under locks that
+    /// keep it as it is until the commit.
+    Stable(Vec<Uuid>, HistoryRows),
+    /// The closure grew over the bound meanwhile.
+    TooLarge(ClosureSize),
+}
+
+/// Locks the closure of a suspect carrying `carried`, found without locks to be `roots`, so
+/// that nothing changes it until the commit, and reads its history under those locks.
+///
+/// What changes a closure is a write that carries one of its identifiers (advisory locks: a
+/// resolution takes one per identifier of its records, a rewrite and a forget one per
+/// identifier of their component) or that touches one of its components (their root rows:
+/// a resolution locks the canonical owner of every identifier it carries, a merge both
+/// profiles, a rewrite its root). So the closure takes the advisory locks of every identifier
+/// its events carried (linked, or dropped by a rule) and its roots' rows in id order, as a
+/// rewrite locks a component, then follows the closure again under them: a writer that
+/// committed between the first look and the locks may have extended it (a new component
+/// carrying one of its identifiers). While the closure found under the locks has a root or
+/// an identifier not locked yet, the locks are extended and it is followed again; after
+/// [`CLOSURE_LOCK_ROUNDS`] rounds the run is retried (`Retry`). Extending rather than retrying
+/// at once: a retry drops the whole run, and under steady traffic on a busy closure it would
+/// meet the same race again, while each round leaves only the writers already past their own
+/// locks able to extend it.
+async fn lock_closure(
+    tx: &mut PgConnection,
+    carried: &[Identifier],
+    at: OffsetDateTime,
+    bound: ReorderConfig,
+    mut roots: Vec<Uuid>,
+) -> Result<Locked, Failure> {
+    let mut keys: HashSet<i64> = HashSet::new();
+    let mut live: HashSet<Uuid> = HashSet::new();
+    let mut rows = history_rows(&mut *tx, &roots).await?;
+    for _ in 0..CLOSURE_LOCK_ROUNDS {
+        let mut wanted: Vec<i64> = carried_identifiers(&rows)
+            .iter()
+            .chain(carried)
+            .map(identifier_key)
+            .filter(|k| !keys.contains(k))
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if !wanted.is_empty() {
+            sqlx::query("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k")
+                .bind(&wanted)
+                .execute(&mut *tx)
+                .await?;
+            keys.extend(wanted);
+        }
+        let unlocked: Vec<Uuid> = roots
+            .iter()
+            .filter(|r| !live.contains(r))
+            .copied()
+            .collect();
+        if !unlocked.is_empty() {
+            // A root merged (or forgotten) before its lock stays out of `live`: the closure
+            // followed again below names its canonical profile, locked in the next round.
+            let locked: Vec<(Uuid, bool)> = sqlx::query_as(
+                "SELECT profile_id, merged_into IS NULL FROM profiles \
+                 WHERE profile_id = ANY($1) ORDER BY profile_id FOR UPDATE",
+            )
+            .bind(&unlocked)
+            .fetch_all(&mut *tx)
+            .await?;
+            live.extend(locked.into_iter().filter(|(_, l)| *l).map(|(id, _)| id));
+        }
+        let again = match closure_roots(&mut *tx, carried, at, bound).await? {
+            Closure::Within { roots, .. } => roots,
+            Closure::TooLarge { size, .. } => return Ok(Locked::TooLarge(size)),
+        };
+        rows = history_rows(&mut *tx, &again).await?;
+        let stable = again.iter().all(|r| live.contains(r))
+            && carried_identifiers(&rows)
+                .iter()
+                .all(|i| keys.contains(&identifier_key(i)));
+        if stable {
+            return Ok(Locked::Stable(again, rows));
+        }
+        roots = again;
+    }
+    Err(Failure::Retry("closure grew meanwhile"))
+}
+
+/// The advisory lock key of an identifier, as resolutions and rewrites take it.
+fn identifier_key(i: &Identifier) -> i64 {
+    lock_key(&[b"identifier", i.kind.as_bytes(), i.value.as_bytes()])
+}
+
+/// Whether an event that carried one of `$1`/`$2` (its link or drop in the graph log) happened
+/// after `$3`.
+const LATER_CARRIER_SQL: &str = "SELECT EXISTS (SELECT 1 FROM graph_log g \
+     JOIN unnest($1::text[], $2::text[]) AS k (type, value) \
+       ON g.id_type = k.type AND g.id_value = k.value \
+     WHERE g.kind IN ('link', 'drop') AND g.event_time > $3)";
+
+/// The closure of `identifiers` (a suspect's, resolved at `at`): the components that hold them
+/// or whose events carried them without linking them, then, step by step, those related in
+/// the same way to every identifier those components' events carried. Counted as it is
+/// followed: once it holds more profiles or events than `bound`, it is followed no further
+/// (each step reads at most what is left of the bound, plus one).
 async fn closure_roots(
     conn: &mut PgConnection,
-    identifiers: Vec<Identifier>,
-) -> Result<Vec<Uuid>, IdentityError> {
+    identifiers: &[Identifier],
+    at: OffsetDateTime,
+    bound: ReorderConfig,
+) -> Result<Closure<Uuid>, IdentityError> {
     let mut roots: HashSet<Uuid> = HashSet::new();
     let mut seen: HashSet<Identifier> = HashSet::new();
-    let mut frontier = identifiers;
+    let mut frontier = identifiers.to_vec();
+    let mut size = ClosureSize::default();
+    let mut late = false;
     loop {
         frontier.retain(|i| seen.insert(i.clone()));
         if frontier.is_empty() {
@@ -444,7 +546,9 @@ async fn closure_roots(
             .iter()
             .map(|i| (i.kind.as_str(), i.value.as_str()))
             .unzip();
-        let found: Vec<Uuid> = sqlx::query_scalar(
+        let known: Vec<Uuid> = roots.iter().copied().collect();
+        let (room_profiles, room_events) = size.room(bound);
+        let new: Vec<Uuid> = sqlx::query_scalar(
             "WITH RECURSIVE k (type, value) AS (SELECT * FROM unnest($1::text[], $2::text[])), \
              start (profile_id) AS ( \
                  SELECT g.profile_id FROM graph_log g JOIN k \
@@ -458,21 +562,61 @@ async fn closure_roots(
                UNION \
                  SELECT p.profile_id, p.merged_into FROM chain c \
                  JOIN profiles p ON p.profile_id = c.merged_into) \
-             SELECT profile_id FROM chain WHERE merged_into IS NULL",
+             SELECT DISTINCT profile_id FROM chain \
+             WHERE merged_into IS NULL AND NOT (profile_id = ANY($3)) LIMIT $4",
         )
         .bind(&types)
         .bind(&values)
+        .bind(&known)
+        .bind(room_profiles)
         .fetch_all(&mut *conn)
         .await?;
-        let new: Vec<Uuid> = found.into_iter().filter(|r| roots.insert(*r)).collect();
         if new.is_empty() {
             break;
         }
-        frontier = carried_identifiers(&history_rows(&mut *conn, &new).await?);
+        roots.extend(new.iter().copied());
+        // Counted before the step's history is read: a component of a million events is not.
+        let members: Vec<Uuid> = sqlx::query_scalar(
+            "WITH RECURSIVE tree (profile_id) AS ( \
+                 SELECT unnest($1::uuid[]) \
+               UNION \
+                 SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
+             SELECT profile_id FROM tree LIMIT $2",
+        )
+        .bind(&new)
+        .bind(room_profiles)
+        .fetch_all(&mut *conn)
+        .await?;
+        let events: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT 1 FROM resolutions WHERE profile_id = ANY($1) LIMIT $2) s",
+        )
+        .bind(&members)
+        .bind(room_events)
+        .fetch_one(&mut *conn)
+        .await?;
+        size.add(members.len(), events);
+        if size.over(bound) {
+            if !late {
+                let (types, values): (Vec<&str>, Vec<&str>) = identifiers
+                    .iter()
+                    .map(|i| (i.kind.as_str(), i.value.as_str()))
+                    .unzip();
+                late = sqlx::query_scalar(LATER_CARRIER_SQL)
+                    .bind(&types)
+                    .bind(&values)
+                    .bind(at)
+                    .fetch_one(&mut *conn)
+                    .await?;
+            }
+            return Ok(Closure::TooLarge { size, late });
+        }
+        let rows = history_rows(&mut *conn, &new).await?;
+        late = late || has_later_event(&rows, at);
+        frontier = carried_identifiers(&rows);
     }
     let mut roots: Vec<Uuid> = roots.into_iter().collect();
     roots.sort_unstable();
-    Ok(roots)
+    Ok(Closure::Within { roots, late })
 }
 
 /// Clears what the components of the profiles `ids` derived (membership, merges, identifiers,
@@ -1868,6 +2012,47 @@ mod tests {
             "{:?}",
             plans[plans.len() - 1]
         );
+    }
+
+    /// A deadlock is retried wherever the run meets it, also inside a helper that answers
+    /// `IdentityError` (the closure and history reads): the caller never sees it unless every
+    /// attempt fails.
+    #[tokio::test]
+    async fn a_deadlock_is_retried_wherever_it_is_met() {
+        let test = tessera_testkit::TestDb::new().await;
+        let pool = PgPool::connect(test.url()).await.expect("connect");
+        async fn take(
+            mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+            key: i64,
+        ) -> Option<sqlx::Error> {
+            let out = sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(key)
+                .execute(&mut *tx)
+                .await;
+            let _ = tx.rollback().await;
+            out.err()
+        }
+        let (mut a, mut b) = (
+            pool.begin().await.expect("a"),
+            pool.begin().await.expect("b"),
+        );
+        for (tx, key) in [(&mut a, 1_i64), (&mut b, 2)] {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(key)
+                .execute(&mut **tx)
+                .await
+                .expect("lock");
+        }
+        let (x, y) = tokio::join!(take(a, 2), take(b, 1));
+        let deadlock = x.or(y).expect("one of the two was rolled back");
+        assert!(matches!(
+            Failure::from(IdentityError::from(deadlock)),
+            Failure::Retry("deadlock")
+        ));
+        assert!(matches!(
+            Failure::from(IdentityError::Corrupt("x".to_owned())),
+            Failure::Fatal(_)
+        ));
     }
 
     #[test]

@@ -10,11 +10,11 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Change, EVENT_TIME, Forgotten, Outcome, Rewritten, SplitPayload, carried_identifiers,
-    decode_resolutions, dropped_identifiers, erased_digest, erased_pseudonym, has_later_event,
-    history_identifiers, late_suspects, lookup_identifiers, mark_suppressed, reorder, reorder_plan,
-    reordered, replay_order, rewrite_plan, rewritten, scrub_detail, suppression_keys,
-    with_replayed,
+    Change, Closure, ClosureSize, EVENT_TIME, Forgotten, Outcome, Rewritten, SplitPayload,
+    carried_identifiers, decode_resolutions, dropped_identifiers, erased_digest, erased_pseudonym,
+    has_later_event, history_identifiers, late_suspects, lookup_identifiers, mark_suppressed,
+    reorder, reorder_plan, reorder_skipped, reordered, replay_order, rewrite_plan, rewritten,
+    scrub_detail, suppression_keys, with_replayed,
 };
 use super::{
     ComponentHistory, GraphIdentifier, HistoryRows, IdentityStore, LoggedDecision, ProfileGraph,
@@ -24,8 +24,8 @@ use super::{
 };
 use crate::IdentityError;
 use crate::domain::{
-    Constraints, GraphView, Plan, ProfileAge, Record, Replay, RulesConfig, plan, replay,
-    suppresses_events,
+    Constraints, GraphView, Plan, ProfileAge, Record, ReorderConfig, Replay, RulesConfig, plan,
+    replay, suppresses_events,
 };
 
 /// Selects graph log entries: the columns of [`DecisionRow`], then the rest of the statement.
@@ -1199,27 +1199,33 @@ async fn history_rows(
 
 /// Re-resolves in event-time order the components a late record of `plan` touched, within the
 /// run's transaction (see the Postgres store's `reorder_late`; the single connection needs no
-/// locks). Nothing is read when no record took an order-dependent decision.
+/// locks). Nothing is read when no record took an order-dependent decision; a closure over the
+/// rules' reorder bound is not replayed (see [`reorder_skipped`]).
 async fn reorder_late(
     tx: &mut SqliteConnection,
     rules: &VersionedRules,
     plan: &mut Plan,
     now: OffsetDateTime,
 ) -> Result<(), IdentityError> {
+    let bound = rules.rules.reorder();
     let suspects = late_suspects(&rules.rules, plan);
     let mut done: HashSet<String> = HashSet::new();
     for (event, at, carried) in suspects {
-        let roots = closure_roots(&mut *tx, carried).await?;
-        if roots.is_empty() || roots.iter().all(|r| done.contains(r)) {
+        let roots = match closure_roots(&mut *tx, &carried, at, bound).await? {
+            Closure::Within { roots, late: true } => roots,
+            Closure::Within { late: false, .. } => continue,
+            Closure::TooLarge { size, late } => {
+                reorder_skipped(&event, size, bound, late);
+                continue;
+            }
+        };
+        if roots.iter().all(|r| done.contains(r)) {
             continue;
         }
         let seeds: Vec<&str> = roots.iter().map(String::as_str).collect();
         let rows = history_rows(&mut *tx, &seeds).await?;
         let members: HashSet<Uuid> = rows.members.iter().map(|m| m.0).collect();
         let history = history(rows)?;
-        if !has_later_event(&history, at) {
-            continue;
-        }
         done.extend(roots.iter().cloned());
         let list = serde_json::to_string(&members.iter().map(Uuid::to_string).collect::<Vec<_>>())
             .unwrap_or_else(|_| "[]".to_owned());
@@ -1265,27 +1271,31 @@ async fn reorder_late(
     Ok(())
 }
 
-/// The canonical profiles (as stored, sorted) of the closure of `identifiers`: the components
-/// that hold them or whose events carried them without linking them, then, step by step,
-/// those related in the same way to every identifier those components' events carried.
+/// The closure of `identifiers` (a suspect's, resolved at `at`), with its canonical profiles as
+/// stored: the components that hold them or whose events carried them without linking them,
+/// then, step by step, those related in the same way to every identifier those components'
+/// events carried. Counted as it is followed, like the Postgres store's: once it holds more
+/// profiles or events than `bound`, it is followed no further.
 async fn closure_roots(
     conn: &mut SqliteConnection,
-    identifiers: Vec<Identifier>,
-) -> Result<Vec<String>, IdentityError> {
+    identifiers: &[Identifier],
+    at: OffsetDateTime,
+    bound: ReorderConfig,
+) -> Result<Closure<String>, IdentityError> {
     let mut roots: HashSet<String> = HashSet::new();
     let mut seen: HashSet<Identifier> = HashSet::new();
-    let mut frontier = identifiers;
+    let mut frontier = identifiers.to_vec();
+    let mut size = ClosureSize::default();
+    let mut late = false;
     loop {
         frontier.retain(|i| seen.insert(i.clone()));
         if frontier.is_empty() {
             break;
         }
-        let pairs: Vec<(&str, &str)> = frontier
-            .iter()
-            .map(|i| (i.kind.as_str(), i.value.as_str()))
-            .collect();
-        let pairs = serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_owned());
-        let found: Vec<String> = sqlx::query_scalar(
+        let pairs = identifier_pairs(&frontier);
+        let known = serde_json::to_string(&roots).unwrap_or_else(|_| "[]".to_owned());
+        let (room_profiles, room_events) = size.room(bound);
+        let new: Vec<String> = sqlx::query_scalar(
             "WITH RECURSIVE k (type, value) AS ( \
                  SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') \
                  FROM json_each(?1)), \
@@ -1301,24 +1311,73 @@ async fn closure_roots(
                UNION \
                  SELECT p.profile_id, p.merged_into FROM chain c \
                  JOIN profiles p ON p.profile_id = c.merged_into) \
-             SELECT profile_id FROM chain WHERE merged_into IS NULL",
+             SELECT profile_id FROM chain WHERE merged_into IS NULL \
+               AND profile_id NOT IN (SELECT value FROM json_each(?2)) LIMIT ?3",
         )
         .bind(&pairs)
+        .bind(&known)
+        .bind(room_profiles)
         .fetch_all(&mut *conn)
         .await?;
-        let new: Vec<String> = found
-            .into_iter()
-            .filter(|r| roots.insert(r.clone()))
-            .collect();
         if new.is_empty() {
             break;
         }
+        roots.extend(new.iter().cloned());
+        // Counted before the step's history is read: a component of a million events is not.
+        let seeds = serde_json::to_string(&new).unwrap_or_else(|_| "[]".to_owned());
+        let members: Vec<String> = sqlx::query_scalar(
+            "WITH RECURSIVE tree (profile_id) AS ( \
+                 SELECT value FROM json_each(?1) \
+               UNION \
+                 SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
+             SELECT profile_id FROM tree LIMIT ?2",
+        )
+        .bind(&seeds)
+        .bind(room_profiles)
+        .fetch_all(&mut *conn)
+        .await?;
+        let list = serde_json::to_string(&members).unwrap_or_else(|_| "[]".to_owned());
+        let events: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT 1 FROM resolutions \
+             WHERE profile_id IN (SELECT value FROM json_each(?1)) LIMIT ?2)",
+        )
+        .bind(&list)
+        .bind(room_events)
+        .fetch_one(&mut *conn)
+        .await?;
+        size.add(members.len(), events);
+        if size.over(bound) {
+            if !late {
+                late = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM graph_log g JOIN json_each(?1) AS k \
+                       ON g.id_type = json_extract(k.value, '$[0]') \
+                      AND g.id_value = json_extract(k.value, '$[1]') \
+                     WHERE g.kind IN ('link', 'drop') AND g.event_time > ?2)",
+                )
+                .bind(identifier_pairs(identifiers))
+                .bind(micros(at))
+                .fetch_one(&mut *conn)
+                .await?;
+            }
+            return Ok(Closure::TooLarge { size, late });
+        }
         let seeds: Vec<&str> = new.iter().map(String::as_str).collect();
-        frontier = carried_identifiers(&history_rows(&mut *conn, &seeds).await?);
+        let rows = history_rows(&mut *conn, &seeds).await?;
+        late = late || has_later_event(&rows, at);
+        frontier = carried_identifiers(&rows);
     }
     let mut roots: Vec<String> = roots.into_iter().collect();
     roots.sort_unstable();
-    Ok(roots)
+    Ok(Closure::Within { roots, late })
+}
+
+/// `identifiers` as a JSON array of `[type, value]` pairs, for `json_each`.
+fn identifier_pairs(identifiers: &[Identifier]) -> String {
+    let pairs: Vec<(&str, &str)> = identifiers
+        .iter()
+        .map(|i| (i.kind.as_str(), i.value.as_str()))
+        .collect();
+    serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_owned())
 }
 
 /// Which of `identifiers` were split off their profile (`detached_identifiers`).

@@ -408,3 +408,254 @@ async fn a_forget_racing_resolutions_and_another_forget_leaves_nothing() {
         );
     }
 }
+
+/// The advisory lock key the Postgres store takes for an identifier: FNV-1a over
+/// `identifier`, the type and the value, each followed by a NUL (pinned by the store's
+/// `lock_keys_are_pinned_and_separate_parts`).
+fn identifier_key(kind: &str, value: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [b"identifier".as_slice(), kind.as_bytes(), value.as_bytes()] {
+        for byte in part.iter().chain([&0u8]) {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// Waits until some session of the test database waits for an advisory lock.
+async fn until_waiting_for_advisory_lock(pool: &sqlx::PgPool) {
+    for _ in 0..1_000 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event = 'advisory'",
+        )
+        .fetch_one(pool)
+        .await
+        .expect("pg_stat_activity");
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("nobody waited for an advisory lock");
+}
+
+fn timed(event: &str, seconds: i64, ids: &[(&str, &str)]) -> Record {
+    Record::new(
+        &tessera_identity::domain::Rules::default(),
+        event,
+        ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect(),
+        time::OffsetDateTime::UNIX_EPOCH
+            + time::Duration::days(20_000)
+            + time::Duration::seconds(seconds),
+    )
+    .expect("valid record")
+}
+
+/// Ann (10 s) then Bob (20 s, with his email) on one TV: a closure of two profiles.
+/// Returns Bob's email, chosen so that its lock sorts after the smaller of Ann's and Bob's.
+async fn ann_and_bob_on_a_tv(identity: &Identity) -> String {
+    let (ann, bob) = (
+        identifier_key("user_id", "ann"),
+        identifier_key("user_id", "bob"),
+    );
+    let email = (0..)
+        .map(|n| format!("bob{n}@x.io"))
+        .find(|e| identifier_key("email", e) > ann.min(bob))
+        .expect("an email");
+    identity
+        .resolve(vec![timed(
+            "ann",
+            10,
+            &[("user_id", "ann"), ("device_id", "tv")],
+        )])
+        .await
+        .expect("ann");
+    identity
+        .resolve(vec![timed(
+            "bob",
+            20,
+            &[("user_id", "bob"), ("device_id", "tv"), ("email", &email)],
+        )])
+        .await
+        .expect("bob");
+    email
+}
+
+/// Holds the advisory locks of Ann's and Bob's user ids in a transaction of its own, as a
+/// writer of the closure would.
+async fn hold_ann_and_bob(pool: &sqlx::PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut other = pool.begin().await.expect("begin");
+    let mut keys = vec![
+        identifier_key("user_id", "ann"),
+        identifier_key("user_id", "bob"),
+    ];
+    keys.sort_unstable();
+    sqlx::query("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS k")
+        .bind(keys)
+        .execute(&mut *other)
+        .await
+        .expect("lock");
+    other
+}
+
+/// The event ids of the splits in the merge outbox, by split.
+async fn split_events(pool: &sqlx::PgPool) -> Vec<BTreeSet<String>> {
+    let payloads: Vec<String> = sqlx::query_scalar(
+        "SELECT payload::text FROM merge_outbox WHERE rule = 'split' ORDER BY seq",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("outbox");
+    payloads
+        .iter()
+        .map(|p| {
+            let json: serde_json::Value = serde_json::from_str(p).expect("payload");
+            json["events"]
+                .as_array()
+                .expect("events")
+                .iter()
+                .map(|e| e[0].as_str().expect("event id").to_owned())
+                .collect()
+        })
+        .collect()
+}
+
+/// A late record's closure grows between the moment it is followed and the moment it is
+/// locked: Cat's claim on the TV at 5 s arrives after Ann's and Bob's and must re-resolve
+/// their closure; while it waits for the lock of one of its identifiers, another replica
+/// commits Dan's event with Bob's email (a new profile that dropped the email: now part of the
+/// closure). The re-resolution must follow the closure again under its locks and replay Dan's
+/// event too, not only the components it found before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_closure_extended_before_its_locks_is_replayed_whole() {
+    let test = TestDb::new().await;
+    let db = connect(test.url()).await;
+    let one = Identity::new(db.clone(), IdentitySettings::default())
+        .await
+        .expect("identity");
+    let two = Identity::new(connect(test.url()).await, IdentitySettings::default())
+        .await
+        .expect("identity");
+    let Database::Postgres(pool) = &db else {
+        panic!("a Postgres database");
+    };
+    let email = ann_and_bob_on_a_tv(&one).await;
+    let other = hold_ann_and_bob(pool).await;
+
+    let late = tokio::spawn({
+        let one = one.clone();
+        async move {
+            one.resolve(vec![timed(
+                "cat",
+                5,
+                &[("user_id", "cat"), ("device_id", "tv")],
+            )])
+            .await
+        }
+    });
+    // Cat's run has followed its closure (Ann, Bob and its own profile) and waits for its
+    // locks; meanwhile Dan's event joins the closure and commits.
+    until_waiting_for_advisory_lock(pool).await;
+    let dan = two
+        .resolve(vec![timed(
+            "dan",
+            30,
+            &[("user_id", "dan"), ("email", &email)],
+        )])
+        .await
+        .expect("dan")
+        .remove(0);
+    assert_eq!(dan.dropped.len(), 1, "Bob's email stays Bob's: {dan:?}");
+    other.commit().await.expect("commit");
+
+    let cat = late.await.expect("task").expect("cat").remove(0);
+    assert_eq!(
+        lookup(&one, "device_id", "tv").await,
+        cat.profile_id,
+        "the earlier claim wins"
+    );
+    let splits = split_events(pool).await;
+    assert_eq!(splits.len(), 1, "{splits:?}");
+    let want: BTreeSet<String> = ["ann", "bob", "cat", "dan"].map(str::to_owned).into();
+    assert_eq!(
+        splits[0], want,
+        "the replay covered the closure as it stood under its locks"
+    );
+    // The graph is what event-time order gives: Cat holds the TV, Bob his email, Dan himself.
+    assert_eq!(
+        lookup(&one, "email", &email).await,
+        lookup(&one, "user_id", "bob").await
+    );
+    assert_ne!(
+        lookup(&one, "user_id", "dan").await,
+        lookup(&one, "user_id", "bob").await
+    );
+}
+
+/// A late record's re-resolution deadlocks with another writer (it waits for a lock of its
+/// closure the other holds, and the other then waits for the lock of its event): Postgres
+/// aborts the re-resolution's transaction (the other session's deadlock timeout is longer),
+/// the store counts the retry (`reason="deadlock"`) and runs the records again, which then
+/// succeeds; the caller sees only the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deadlocked_reorder_is_retried() {
+    let test = TestDb::new().await;
+    let db = connect(test.url()).await;
+    let one = Identity::new(db.clone(), IdentitySettings::default())
+        .await
+        .expect("identity");
+    let Database::Postgres(pool) = &db else {
+        panic!("a Postgres database");
+    };
+    ann_and_bob_on_a_tv(&one).await;
+    let deadlocks = || {
+        let text = tessera_server::metrics_handle().render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(r#"tessera_identity_retries_total{reason="deadlock"} "#))
+            .map_or(0, |n| n.trim().parse::<u64>().expect("a counter"))
+    };
+    let before = deadlocks();
+    let mut other = hold_ann_and_bob(pool).await;
+    sqlx::query("SET LOCAL deadlock_timeout = '30s'")
+        .execute(&mut *other)
+        .await
+        .expect("deadlock_timeout");
+
+    let late = tokio::spawn({
+        let one = one.clone();
+        async move {
+            one.resolve(vec![timed(
+                "cat",
+                5,
+                &[("user_id", "cat"), ("device_id", "tv")],
+            )])
+            .await
+        }
+    });
+    until_waiting_for_advisory_lock(pool).await;
+    // The other writer now waits for the lock Cat's run took on its event: a cycle. Cat's
+    // session finds it after its deadlock timeout (1 s) and is rolled back.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [b"event".as_slice(), b"cat"] {
+        for byte in part.iter().chain([&0u8]) {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(i64::from_ne_bytes(hash.to_ne_bytes()))
+        .execute(&mut *other)
+        .await
+        .expect("the other writer is not the one rolled back");
+    other.commit().await.expect("commit");
+
+    let cat = late
+        .await
+        .expect("task")
+        .expect("retried, then answered")
+        .remove(0);
+    assert_eq!(lookup(&one, "device_id", "tv").await, cat.profile_id);
+    assert!(deadlocks() > before, "the deadlock is counted as a retry");
+}

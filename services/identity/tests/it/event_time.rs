@@ -8,7 +8,9 @@ use std::collections::{BTreeSet, HashMap};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use tessera_core::Identifier;
-use tessera_identity::domain::{Constraints, HistoryEntry, Record, Rules, replay};
+use tessera_identity::domain::{
+    Constraints, HistoryEntry, Record, ReorderConfig, Rules, RulesConfig, replay,
+};
 use tessera_identity::{Identity, IdentityError};
 use tessera_store::Database;
 use time::{Duration, OffsetDateTime};
@@ -17,6 +19,7 @@ use crate::support::{Backend, lookup};
 
 on_both_backends!(
     a_late_earlier_claim_on_a_shared_device_takes_it_back,
+    a_closure_over_the_reorder_bound_keeps_the_arrival_order_outcome,
     records_in_event_time_order_rewrite_nothing,
     the_graph_ends_as_event_time_order_whatever_the_arrival,
 );
@@ -124,6 +127,98 @@ async fn a_late_earlier_claim_on_a_shared_device_takes_it_back(b: &Backend) {
     assert_eq!(
         again.owners[&Identifier::new("device_id", "tv")],
         bob.profile_id
+    );
+}
+
+/// The skips counted so far of late records whose closure was over the reorder bound (the
+/// process-wide Prometheus recorder, installed on first use).
+fn skipped_late() -> u64 {
+    let text = tessera_server::metrics_handle().render();
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(r#"tessera_identity_reorder_skipped_total{late="yes"} "#)
+        })
+        .map_or(0, |n| n.trim().parse().expect("a counter"))
+}
+
+/// Serializes the tests that count skips: the counter is process-wide, and these are the only
+/// tests whose closures go over a bound.
+static SKIP_COUNTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Ann (10:00) then Bob (11:00) on one TV, then Cat's claim at 09:00 arrives: a closure of
+/// three profiles and three events. Over the bound (profiles or events), the arrival order
+/// stands: the TV stays Ann's, Cat's event drops it, nothing is rewritten or queued, and the
+/// skip is counted. At the bound, the same arrival is re-resolved: the TV goes to Cat.
+async fn a_closure_over_the_reorder_bound_keeps_the_arrival_order_outcome(b: &Backend) {
+    let _serial = SKIP_COUNTER.lock().await;
+    let id = &b.identity;
+    let ten = 10 * 3_600;
+    for (tv, bound, replayed) in [
+        ("tv-profiles", (2, 100), false),
+        ("tv-events", (100, 2), false),
+        ("tv-within", (3, 3), true),
+    ] {
+        let config = RulesConfig {
+            reorder: ReorderConfig {
+                max_profiles: bound.0,
+                max_events: bound.1,
+            },
+            ..RulesConfig::default()
+        };
+        id.update_rules(config, None).await.expect("rules");
+        let [ann, bob, cat] = ["ann", "bob", "cat"].map(|who| format!("{tv}-{who}"));
+        let ann = one(
+            id,
+            timed(&ann, ten, &[("user_id", ann.as_str()), ("device_id", tv)]),
+        )
+        .await;
+        one(
+            id,
+            timed(
+                &bob,
+                ten + 3_600,
+                &[("user_id", bob.as_str()), ("device_id", tv)],
+            ),
+        )
+        .await;
+        let skips = skipped_late();
+        let splits = split_payloads(&b.db).await.len();
+        let cat = one(
+            id,
+            timed(
+                &cat,
+                ten - 3_600,
+                &[("user_id", cat.as_str()), ("device_id", tv)],
+            ),
+        )
+        .await;
+        let owner = lookup(id, "device_id", tv).await;
+        if replayed {
+            assert_eq!(owner, cat.profile_id, "{tv}: the earlier claim wins");
+            assert!(cat.dropped.is_empty(), "{tv}: {cat:?}");
+            assert_eq!(skipped_late(), skips, "{tv}: nothing skipped");
+            assert_eq!(split_payloads(&b.db).await.len(), splits + 1, "{tv}");
+        } else {
+            assert_eq!(owner, ann.profile_id, "{tv}: the arrival order stands");
+            assert_eq!(cat.dropped.len(), 1, "{tv}: {cat:?}");
+            assert_eq!(cat.dropped[0].identifier, Identifier::new("device_id", tv));
+            assert_eq!(cat.dropped[0].reason, "shared:device_id");
+            assert_eq!(skipped_late(), skips + 1, "{tv}: the skip is counted");
+            assert_eq!(
+                split_payloads(&b.db).await.len(),
+                splits,
+                "{tv}: nothing queued"
+            );
+        }
+    }
+    assert_eq!(
+        count(
+            &b.db,
+            "SELECT count(*) FROM graph_log WHERE kind = 'split' AND rule = 'event_time'"
+        )
+        .await,
+        1,
+        "only the closure within the bound was rewritten"
     );
 }
 
