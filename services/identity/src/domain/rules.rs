@@ -101,13 +101,20 @@ pub struct ReorderConfig {
     pub max_profiles: u32,
     /// The most events (stored resolutions) a closure may hold.
     pub max_events: u32,
+    /// The most distinct identifiers a closure's events may carry. On Postgres each is one
+    /// advisory lock held until the commit, in a lock table every session of the server
+    /// shares (`max_locks_per_transaction` × `max_connections`, 6,400 by default).
+    pub max_identifiers: u32,
 }
 
 impl ReorderConfig {
-    /// The defaults: a replay of this size takes well under a second (see the README).
+    /// The defaults: a closure this large is re-resolved in about half a second on Postgres and
+    /// takes at most a few thousand locks (measured by `examples/reorder_cost.rs`, see the
+    /// README).
     pub const DEFAULT: Self = Self {
         max_profiles: 1_000,
-        max_events: 20_000,
+        max_events: 10_000,
+        max_identifiers: 4_000,
     };
 
     fn is_default(&self) -> bool {

@@ -981,6 +981,8 @@ pub(crate) struct ClosureSize {
     pub(crate) profiles: u64,
     /// Events (stored resolutions).
     pub(crate) events: u64,
+    /// Distinct identifiers followed (the suspect's and those the closure's events carried).
+    pub(crate) identifiers: u64,
 }
 
 impl ClosureSize {
@@ -998,7 +1000,9 @@ impl ClosureSize {
 
     /// Whether the closure is larger than `bound` allows.
     pub(crate) fn over(self, bound: ReorderConfig) -> bool {
-        self.profiles > u64::from(bound.max_profiles) || self.events > u64::from(bound.max_events)
+        self.profiles > u64::from(bound.max_profiles)
+            || self.events > u64::from(bound.max_events)
+            || self.identifiers > u64::from(bound.max_identifiers)
     }
 
     /// Adds a step's counts.
@@ -1034,8 +1038,10 @@ pub(crate) fn reorder_skipped(event_id: &str, size: ClosureSize, bound: ReorderC
             event_id,
             profiles = size.profiles,
             events = size.events,
+            identifiers = size.identifiers,
             max_profiles = bound.max_profiles,
             max_events = bound.max_events,
+            max_identifiers = bound.max_identifiers,
             "late record's closure is over the reorder bound, keeping the arrival-order outcome"
         );
     } else {
@@ -1043,6 +1049,7 @@ pub(crate) fn reorder_skipped(event_id: &str, size: ClosureSize, bound: ReorderC
             event_id,
             profiles = size.profiles,
             events = size.events,
+            identifiers = size.identifiers,
             "record's closure is over the reorder bound, not checked for lateness"
         );
     }

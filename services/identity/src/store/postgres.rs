@@ -514,18 +514,43 @@ fn identifier_key(i: &Identifier) -> i64 {
     lock_key(&[b"identifier", i.kind.as_bytes(), i.value.as_bytes()])
 }
 
-/// Whether an event that carried one of `$1`/`$2` (its link or drop in the graph log) happened
-/// after `$3`.
-const LATER_CARRIER_SQL: &str = "SELECT EXISTS (SELECT 1 FROM graph_log g \
-     JOIN unnest($1::text[], $2::text[]) AS k (type, value) \
-       ON g.id_type = k.type AND g.id_value = k.value \
-     WHERE g.kind IN ('link', 'drop') AND g.event_time > $3)";
+/// A closure of `identifiers` (a suspect's, resolved at `at`) found larger than the bound
+/// (`size` so far): late when the part read was (`late`), or when an event that carried one of
+/// the suspect's identifiers (its link or drop in the graph log, through the index by
+/// identifier) happened after it.
+async fn too_large(
+    conn: &mut PgConnection,
+    identifiers: &[Identifier],
+    at: OffsetDateTime,
+    size: ClosureSize,
+    late: bool,
+) -> Result<Closure<Uuid>, IdentityError> {
+    if late {
+        return Ok(Closure::TooLarge { size, late });
+    }
+    let (types, values): (Vec<&str>, Vec<&str>) = identifiers
+        .iter()
+        .map(|i| (i.kind.as_str(), i.value.as_str()))
+        .unzip();
+    let late = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM graph_log g \
+         JOIN unnest($1::text[], $2::text[]) AS k (type, value) \
+           ON g.id_type = k.type AND g.id_value = k.value \
+         WHERE g.kind IN ('link', 'drop') AND g.event_time > $3)",
+    )
+    .bind(&types)
+    .bind(&values)
+    .bind(at)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Closure::TooLarge { size, late })
+}
 
 /// The closure of `identifiers` (a suspect's, resolved at `at`): the components that hold them
 /// or whose events carried them without linking them, then, step by step, those related in
 /// the same way to every identifier those components' events carried. Counted as it is
-/// followed: once it holds more profiles or events than `bound`, it is followed no further
-/// (each step reads at most what is left of the bound, plus one).
+/// followed: once it holds more profiles, events or identifiers than `bound`, it is followed
+/// no further (each step reads at most what is left of the bound, plus one).
 async fn closure_roots(
     conn: &mut PgConnection,
     identifiers: &[Identifier],
@@ -539,6 +564,10 @@ async fn closure_roots(
     let mut late = false;
     loop {
         frontier.retain(|i| seen.insert(i.clone()));
+        size.identifiers = u64::try_from(seen.len()).unwrap_or(u64::MAX);
+        if size.over(bound) {
+            return too_large(&mut *conn, identifiers, at, size, late).await;
+        }
         if frontier.is_empty() {
             break;
         }
@@ -596,19 +625,7 @@ async fn closure_roots(
         .await?;
         size.add(members.len(), events);
         if size.over(bound) {
-            if !late {
-                let (types, values): (Vec<&str>, Vec<&str>) = identifiers
-                    .iter()
-                    .map(|i| (i.kind.as_str(), i.value.as_str()))
-                    .unzip();
-                late = sqlx::query_scalar(LATER_CARRIER_SQL)
-                    .bind(&types)
-                    .bind(&values)
-                    .bind(at)
-                    .fetch_one(&mut *conn)
-                    .await?;
-            }
-            return Ok(Closure::TooLarge { size, late });
+            return too_large(&mut *conn, identifiers, at, size, late).await;
         }
         let rows = history_rows(&mut *conn, &new).await?;
         late = late || has_later_event(&rows, at);

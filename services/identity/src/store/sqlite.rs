@@ -1275,7 +1275,7 @@ async fn reorder_late(
 /// stored: the components that hold them or whose events carried them without linking them,
 /// then, step by step, those related in the same way to every identifier those components'
 /// events carried. Counted as it is followed, like the Postgres store's: once it holds more
-/// profiles or events than `bound`, it is followed no further.
+/// profiles, events or identifiers than `bound`, it is followed no further.
 async fn closure_roots(
     conn: &mut SqliteConnection,
     identifiers: &[Identifier],
@@ -1289,6 +1289,10 @@ async fn closure_roots(
     let mut late = false;
     loop {
         frontier.retain(|i| seen.insert(i.clone()));
+        size.identifiers = u64::try_from(seen.len()).unwrap_or(u64::MAX);
+        if size.over(bound) {
+            return too_large(&mut *conn, identifiers, at, size, late).await;
+        }
         if frontier.is_empty() {
             break;
         }
@@ -1347,19 +1351,7 @@ async fn closure_roots(
         .await?;
         size.add(members.len(), events);
         if size.over(bound) {
-            if !late {
-                late = sqlx::query_scalar(
-                    "SELECT EXISTS (SELECT 1 FROM graph_log g JOIN json_each(?1) AS k \
-                       ON g.id_type = json_extract(k.value, '$[0]') \
-                      AND g.id_value = json_extract(k.value, '$[1]') \
-                     WHERE g.kind IN ('link', 'drop') AND g.event_time > ?2)",
-                )
-                .bind(identifier_pairs(identifiers))
-                .bind(micros(at))
-                .fetch_one(&mut *conn)
-                .await?;
-            }
-            return Ok(Closure::TooLarge { size, late });
+            return too_large(&mut *conn, identifiers, at, size, late).await;
         }
         let seeds: Vec<&str> = new.iter().map(String::as_str).collect();
         let rows = history_rows(&mut *conn, &seeds).await?;
@@ -1369,6 +1361,32 @@ async fn closure_roots(
     let mut roots: Vec<String> = roots.into_iter().collect();
     roots.sort_unstable();
     Ok(Closure::Within { roots, late })
+}
+
+/// A closure of `identifiers` (a suspect's, resolved at `at`) found larger than the bound
+/// (`size` so far): late when the part read was (`late`), or when an event that carried one of
+/// the suspect's identifiers (its link or drop in the graph log) happened after it.
+async fn too_large(
+    conn: &mut SqliteConnection,
+    identifiers: &[Identifier],
+    at: OffsetDateTime,
+    size: ClosureSize,
+    late: bool,
+) -> Result<Closure<String>, IdentityError> {
+    if late {
+        return Ok(Closure::TooLarge { size, late });
+    }
+    let late = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM graph_log g JOIN json_each(?1) AS k \
+           ON g.id_type = json_extract(k.value, '$[0]') \
+          AND g.id_value = json_extract(k.value, '$[1]') \
+         WHERE g.kind IN ('link', 'drop') AND g.event_time > ?2)",
+    )
+    .bind(identifier_pairs(identifiers))
+    .bind(micros(at))
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Closure::TooLarge { size, late })
 }
 
 /// `identifiers` as a JSON array of `[type, value]` pairs, for `json_each`.

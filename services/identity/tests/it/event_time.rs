@@ -146,22 +146,26 @@ fn skipped_late() -> u64 {
 static SKIP_COUNTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Ann (10:00) then Bob (11:00) on one TV, then Cat's claim at 09:00 arrives: a closure of
-/// three profiles and three events. Over the bound (profiles or events), the arrival order
-/// stands: the TV stays Ann's, Cat's event drops it, nothing is rewritten or queued, and the
-/// skip is counted. At the bound, the same arrival is re-resolved: the TV goes to Cat.
+/// three profiles, three events and four identifiers. Over the bound (any of the three), the
+/// arrival order stands: the TV stays Ann's, Cat's event drops it, nothing is rewritten or
+/// queued, and the skip is counted. At the bound, the same arrival is re-resolved: the TV goes
+/// to Cat.
 async fn a_closure_over_the_reorder_bound_keeps_the_arrival_order_outcome(b: &Backend) {
     let _serial = SKIP_COUNTER.lock().await;
     let id = &b.identity;
     let ten = 10 * 3_600;
+    // The closure of each: three profiles, three events, four identifiers.
     for (tv, bound, replayed) in [
-        ("tv-profiles", (2, 100), false),
-        ("tv-events", (100, 2), false),
-        ("tv-within", (3, 3), true),
+        ("tv-profiles", (2, 100, 100), false),
+        ("tv-events", (100, 2, 100), false),
+        ("tv-identifiers", (100, 100, 3), false),
+        ("tv-within", (3, 3, 4), true),
     ] {
         let config = RulesConfig {
             reorder: ReorderConfig {
                 max_profiles: bound.0,
                 max_events: bound.1,
+                max_identifiers: bound.2,
             },
             ..RulesConfig::default()
         };
