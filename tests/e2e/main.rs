@@ -10,6 +10,7 @@ mod customer_value;
 mod debugger;
 mod definitions;
 mod dev_mode;
+mod event_time;
 mod faults;
 mod faults_under_load;
 mod flow;
