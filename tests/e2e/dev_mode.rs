@@ -14,10 +14,19 @@ async fn dev_mode_runs_the_pipeline_and_keeps_data_across_restarts() {
     let mut tessera = dev.clone().start().await;
     let channel = tessera.channel().await;
     let key = tessera.dev_write_key().to_owned();
+    let token = tessera
+        .access_token
+        .clone()
+        .expect("a printed access token");
     skeleton_flow(&channel, &key, &channel, "dev").await;
     assert!(tessera.terminate().await, "graceful shutdown on SIGTERM");
 
     let tessera = dev.start().await;
+    assert_eq!(
+        tessera.access_token.as_deref(),
+        Some(token.as_str()),
+        "a restart prints the token of the first start"
+    );
     let channel = tessera.channel().await;
     let profile = wait_for(
         &channel,

@@ -189,15 +189,17 @@ pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::R
             s.grpc_addr = args.grpc_addr;
             s.http_addr = args.http_addr;
             s.redis_url = "memory://".to_owned();
-            // The Profile API is always on in `tessera dev`: with the token given, or one made
-            // up now (printed at start).
-            s.profile.access_token = Some(
-                args.access_token
-                    .map(tessera_profile::AccessToken)
-                    .or_else(|| access_token_from_env(env))
-                    .or(s.profile.access_token.take())
-                    .unwrap_or_else(generated_access_token),
-            );
+            // The Profile API is always on in `tessera dev`: with the token given, or the one
+            // made up on the first start and kept in the data directory (printed at start).
+            let given = args
+                .access_token
+                .map(tessera_profile::AccessToken)
+                .or_else(|| access_token_from_env(env))
+                .or(s.profile.access_token.take());
+            s.profile.access_token = Some(match given {
+                Some(token) => token,
+                None => kept_access_token(&args.data_dir)?,
+            });
             check(&s)?;
             // One process, one dispatcher: partitions only spread delivery over replicas, and
             // one partition makes the largest batches (fewest SQLite commits).
@@ -276,6 +278,45 @@ fn access_token_from_env(env: &HashMap<String, String>) -> Option<tessera_profil
     env.get("TESSERA_ACCESS_TOKEN")
         .filter(|t| !t.is_empty())
         .map(|t| tessera_profile::AccessToken(t.clone()))
+}
+
+/// The file in `tessera dev`'s data directory that keeps its made-up access token.
+const DEV_TOKEN_FILE: &str = "dev-access-token";
+
+/// `tessera dev`'s access token when none is given: the one kept in `data_dir` by an earlier
+/// start, or a new one, kept there (readable by its owner only) so a restart prints the same.
+fn kept_access_token(data_dir: &std::path::Path) -> anyhow::Result<tessera_profile::AccessToken> {
+    let path = data_dir.join(DEV_TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(kept) => {
+            let kept = kept.trim();
+            anyhow::ensure!(
+                kept.len() >= 16 && !kept.contains(':') && !kept.contains(char::is_whitespace),
+                "{} does not hold a usable access token: delete it to make a new one",
+                path.display()
+            );
+            return Ok(tessera_profile::AccessToken(kept.to_owned()));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("reading {}", path.display())));
+        }
+    }
+    let token = generated_access_token();
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+    let mut file = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("writing {}", path.display()))?
+    };
+    std::io::Write::write_all(&mut file, format!("{}\n", token.0).as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(token)
 }
 
 /// A random Profile API access token for `tessera dev`.
