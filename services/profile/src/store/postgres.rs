@@ -950,11 +950,12 @@ impl Ops for PgOps<'_> {
         limit: usize,
     ) -> Result<Vec<(i64, String, bool)>, sqlx::Error> {
         // Every queued row of the accounts taken: a burst of events of one account's members
-        // is one refresh.
+        // is one refresh. The accounts are the oldest whose rows no other replica holds, so
+        // replicas refresh different accounts side by side.
         sqlx::query_as(
             "SELECT position, account_id, members FROM account_refreshes \
              WHERE account_id IN (SELECT account_id FROM account_refreshes \
-                                  ORDER BY position LIMIT $1) \
+                                  ORDER BY position LIMIT $1 FOR UPDATE SKIP LOCKED) \
              ORDER BY position FOR UPDATE SKIP LOCKED",
         )
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))

@@ -2615,3 +2615,91 @@ async fn a_failing_account_refresh_does_not_hold_up_the_queue_on_postgres() {
     a_failing_account_refresh_does_not_hold_up_the_queue(&*backend.store).await;
     backend.db.close().await;
 }
+
+/// Holds the scoring of the account `held` until released, saying when it got there.
+struct HoldAccount {
+    held: &'static str,
+    reached: Arc<tokio::sync::Notify>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait::async_trait]
+impl Scorer for HoldAccount {
+    async fn score(
+        &self,
+        profiles: &[&Profile],
+        _accounts: &store::Accounts,
+        _now: OffsetDateTime,
+    ) -> Result<Vec<Vec<Score>>, ProfileError> {
+        Ok(vec![Vec::new(); profiles.len()])
+    }
+
+    async fn score_accounts(
+        &self,
+        accounts: &[(
+            tessera_profile::account::Account,
+            Vec<tessera_profile::account::Member>,
+        )],
+        _now: OffsetDateTime,
+    ) -> Result<Option<Vec<Vec<Score>>>, ProfileError> {
+        if accounts.iter().any(|(a, _)| a.account_id == self.held) {
+            self.reached.notify_one();
+            self.release.notified().await;
+        }
+        Ok(Some(vec![Vec::new(); accounts.len()]))
+    }
+}
+
+/// Two replicas refresh two queued accounts side by side: while one holds the oldest
+/// account's refresh open, the other takes the next account instead of finding nothing.
+#[tokio::test]
+async fn replicas_refresh_different_accounts_side_by_side_on_postgres() {
+    let backend = postgres().await;
+    let store = backend.store.clone();
+    for call in [
+        group_call("g1", "p1", 1, "first", "finance", json!({"industry": "x"})),
+        group_call("g2", "p2", 2, "second", "finance", json!({"industry": "y"})),
+    ] {
+        let batch = Batch {
+            merges: vec![],
+            events: vec![call],
+        };
+        store.apply(&batch, H, NOW, &NoScores).await.unwrap();
+    }
+    let reached = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let holding = {
+        let store = store.clone();
+        let scorer = HoldAccount {
+            held: "first",
+            reached: reached.clone(),
+            release: release.clone(),
+        };
+        tokio::spawn(async move { store.refresh_accounts(1, H, NOW, &scorer).await })
+    };
+    reached.notified().await;
+    let other = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        store.refresh_accounts(1, H, NOW, &NoScores),
+    )
+    .await
+    .expect("not blocked by the other refresh")
+    .unwrap()
+    .expect("the second account's refresh");
+    assert_eq!(other.named, ["p2"]);
+    release.notify_one();
+    let first = holding
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the first account's refresh");
+    assert_eq!(first.named, ["p1"]);
+    assert!(
+        store
+            .refresh_accounts(1, H, NOW, &NoScores)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    backend.db.close().await;
+}
