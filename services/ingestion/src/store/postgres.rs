@@ -167,15 +167,23 @@ impl EventLog for PgEventLog {
         let mut forgotten = Forgotten::default();
         let mut tx = self.pool.begin().await?;
         for chunk in events.chunks(FORGET_CHUNK) {
-            forgotten.events += sqlx::query("DELETE FROM events WHERE event_id = ANY($1)")
-                .bind(chunk)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            sqlx::query("DELETE FROM message_ids WHERE event_id = ANY($1)")
-                .bind(chunk)
-                .execute(&mut *tx)
-                .await?;
+            // The dedup keys go with their events, found by the key the log row names (the
+            // primary key of message_ids), so accepting a message maintains no index by event
+            // id. A key a later event of the same message id claimed stays: it is that event's.
+            let deleted: i64 = sqlx::query_scalar(
+                "WITH gone AS ( \
+                   DELETE FROM events WHERE event_id = ANY($1) \
+                   RETURNING event_id, source_id, message_id), \
+                 keys AS ( \
+                   DELETE FROM message_ids m USING gone g \
+                   WHERE m.source_id = g.source_id AND m.message_id = g.message_id \
+                     AND m.event_id = g.event_id) \
+                 SELECT count(*) FROM gone",
+            )
+            .bind(chunk)
+            .fetch_one(&mut *tx)
+            .await?;
+            forgotten.events += u64::try_from(deleted).unwrap_or(0);
         }
         if !person.is_empty() {
             forgotten.quarantined = sqlx::query(FORGET_QUARANTINED)
