@@ -2027,13 +2027,19 @@ async fn scores_no_longer_answered_are_dropped_on_postgres() {
     backend.db.close().await;
 }
 
-/// Scores accounts as an account plan on buying-role coverage would: `coverage` is 25 points
-/// per distinct role among the members it is given (what the store derived), `members` their
-/// count. Persons get no scores.
-struct CoverageScorer;
+/// Scores persons with nothing and each account with its function of the account, its members
+/// (as the store derived them) and the time; an error fails the whole call.
+struct ScoreAccountsWith(AccountScores);
+
+/// An account's scores from the account, its members and the time.
+type AccountScores = fn(
+    &tessera_profile::account::Account,
+    &[tessera_profile::account::Member],
+    OffsetDateTime,
+) -> Result<Vec<Score>, ProfileError>;
 
 #[async_trait::async_trait]
-impl Scorer for CoverageScorer {
+impl Scorer for ScoreAccountsWith {
     async fn score(
         &self,
         profiles: &[&Profile],
@@ -2051,33 +2057,37 @@ impl Scorer for CoverageScorer {
         )],
         now: OffsetDateTime,
     ) -> Result<Option<Vec<Vec<Score>>>, ProfileError> {
-        Ok(Some(
-            accounts
-                .iter()
-                .map(|(account, members)| {
-                    let roles: std::collections::BTreeSet<&str> =
-                        members.iter().filter_map(|m| m.role.as_deref()).collect();
-                    let industry = account
-                        .traits
-                        .get("industry")
-                        .map(|t| t.value.to_string())
-                        .unwrap_or_default();
-                    vec![Score {
-                        name: "coverage".to_owned(),
-                        value: 25.0 * roles.len() as f64,
-                        computed_at: now,
-                        model_version: "coverage@1".to_owned(),
-                        factors: vec![tessera_profile::domain::ScoreFactor {
-                            name: "members".to_owned(),
-                            value: members.len() as f64,
-                            description: format!("industry {industry}"),
-                        }],
-                    }]
-                })
-                .collect(),
-        ))
+        accounts
+            .iter()
+            .map(|(account, members)| (self.0)(account, members, now))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 }
+
+/// Scores accounts as an account plan on buying-role coverage would: `coverage` is 25 points
+/// per distinct role among the members it is given (what the store derived), `members` their
+/// count.
+const COVERAGE: ScoreAccountsWith = ScoreAccountsWith(|account, members, now| {
+    let roles: std::collections::BTreeSet<&str> =
+        members.iter().filter_map(|m| m.role.as_deref()).collect();
+    let industry = account
+        .traits
+        .get("industry")
+        .map(|t| t.value.to_string())
+        .unwrap_or_default();
+    Ok(vec![Score {
+        name: "coverage".to_owned(),
+        value: 25.0 * roles.len() as f64,
+        computed_at: now,
+        model_version: "coverage@1".to_owned(),
+        factors: vec![tessera_profile::domain::ScoreFactor {
+            name: "members".to_owned(),
+            value: members.len() as f64,
+            description: format!("industry {industry}"),
+        }],
+    }])
+});
 
 /// An account's scores are computed from its traits and members as the batch left them,
 /// stored on the account, and change when a second member with another buying role joins, when
@@ -2086,7 +2096,7 @@ impl Scorer for CoverageScorer {
 async fn account_scores_are_stored_and_follow_members(store: &dyn ProfileStore) {
     let apply = |merges, events| async move {
         store
-            .apply(&Batch { merges, events }, H, NOW, &CoverageScorer)
+            .apply(&Batch { merges, events }, H, NOW, &COVERAGE)
             .await
             .unwrap()
     };
@@ -2158,7 +2168,7 @@ async fn account_scores_are_stored_and_follow_members(store: &dyn ProfileStore) 
         events: vec![],
         erased: vec![],
     };
-    store.split(&split, H, NOW, &CoverageScorer).await.unwrap();
+    store.split(&split, H, NOW, &COVERAGE).await.unwrap();
     let acme = store.account("acme").await.unwrap().unwrap();
     assert_eq!(coverage(&acme), (25.0, 2.0));
 
@@ -2182,7 +2192,7 @@ async fn account_scores_are_stored_and_follow_members(store: &dyn ProfileStore) 
     // it with p1 (finance) and p4 (champion).
     store.delete("p2", &[], "erasure", NOW).await.unwrap();
     while store
-        .refresh_accounts(10, H, NOW, &CoverageScorer)
+        .refresh_accounts(10, H, NOW, &COVERAGE)
         .await
         .unwrap()
         .is_some()
@@ -2359,49 +2369,21 @@ async fn account_traits_reach_every_member_on_postgres() {
 }
 
 /// Scores each account with the value of its `orders` trait (the account computed trait, when
-/// declared), persons with nothing.
-struct AccountOrders;
-
-#[async_trait::async_trait]
-impl Scorer for AccountOrders {
-    async fn score(
-        &self,
-        profiles: &[&Profile],
-        _accounts: &store::Accounts,
-        _now: OffsetDateTime,
-    ) -> Result<Vec<Vec<Score>>, ProfileError> {
-        Ok(vec![Vec::new(); profiles.len()])
-    }
-
-    async fn score_accounts(
-        &self,
-        accounts: &[(
-            tessera_profile::account::Account,
-            Vec<tessera_profile::account::Member>,
-        )],
-        now: OffsetDateTime,
-    ) -> Result<Option<Vec<Vec<Score>>>, ProfileError> {
-        Ok(Some(
-            accounts
-                .iter()
-                .map(|(account, _)| {
-                    let orders = account
-                        .traits
-                        .get("orders")
-                        .and_then(|t| t.value.as_f64())
-                        .unwrap_or(-1.0);
-                    vec![Score {
-                        name: "orders".to_owned(),
-                        value: orders,
-                        computed_at: now,
-                        model_version: String::new(),
-                        factors: Vec::new(),
-                    }]
-                })
-                .collect(),
-        ))
-    }
-}
+/// declared), -1 without one.
+const ACCOUNT_ORDERS: ScoreAccountsWith = ScoreAccountsWith(|account, _, now| {
+    let orders = account
+        .traits
+        .get("orders")
+        .and_then(|t| t.value.as_f64())
+        .unwrap_or(-1.0);
+    Ok(vec![Score {
+        name: "orders".to_owned(),
+        value: orders,
+        computed_at: now,
+        model_version: String::new(),
+        factors: Vec::new(),
+    }])
+});
 
 /// Account computed traits fold the events of every member of the account (and of the
 /// profiles merged into them) when read, so they follow members joining, merges, unmerges,
@@ -2434,7 +2416,7 @@ async fn account_computed_traits_fold_every_members_events(backend: &Backend) {
         let store = store.clone();
         async move {
             store
-                .apply(&Batch { merges, events }, H, NOW, &AccountOrders)
+                .apply(&Batch { merges, events }, H, NOW, &ACCOUNT_ORDERS)
                 .await
                 .unwrap()
         }
@@ -2452,7 +2434,7 @@ async fn account_computed_traits_fold_every_members_events(backend: &Backend) {
         let store = store.clone();
         async move {
             while store
-                .refresh_accounts(10, H, NOW, &AccountOrders)
+                .refresh_accounts(10, H, NOW, &ACCOUNT_ORDERS)
                 .await
                 .unwrap()
                 .is_some()
@@ -2500,7 +2482,7 @@ async fn account_computed_traits_fold_every_members_events(backend: &Backend) {
         events: vec![],
         erased: vec![],
     };
-    store.split(&split, H, NOW, &AccountOrders).await.unwrap();
+    store.split(&split, H, NOW, &ACCOUNT_ORDERS).await.unwrap();
     assert_eq!(computed(at(120)).await, (Some(3), Some(1)));
     assert_eq!(scored().await, 3.0);
 
@@ -2523,33 +2505,12 @@ async fn account_computed_traits_fold_every_members_events_on_postgres() {
 }
 
 /// Fails to score the accounts when `bad` is among them.
-struct FailsOnBad;
-
-#[async_trait::async_trait]
-impl Scorer for FailsOnBad {
-    async fn score(
-        &self,
-        profiles: &[&Profile],
-        _accounts: &store::Accounts,
-        _now: OffsetDateTime,
-    ) -> Result<Vec<Vec<Score>>, ProfileError> {
-        Ok(vec![Vec::new(); profiles.len()])
+const FAILS_ON_BAD: ScoreAccountsWith = ScoreAccountsWith(|account, _, _| {
+    if account.account_id == "bad" {
+        return Err(ProfileError::BadScores("bad".into()));
     }
-
-    async fn score_accounts(
-        &self,
-        accounts: &[(
-            tessera_profile::account::Account,
-            Vec<tessera_profile::account::Member>,
-        )],
-        _now: OffsetDateTime,
-    ) -> Result<Option<Vec<Vec<Score>>>, ProfileError> {
-        if accounts.iter().any(|(a, _)| a.account_id == "bad") {
-            return Err(ProfileError::BadScores("bad".into()));
-        }
-        Ok(Some(vec![Vec::new(); accounts.len()]))
-    }
-}
+    Ok(Vec::new())
+});
 
 /// An account whose refresh keeps failing goes to the back of the queue and does not hold up
 /// the accounts queued after it.
@@ -2567,7 +2528,7 @@ async fn a_failing_account_refresh_does_not_hold_up_the_queue(store: &dyn Profil
     }
     assert!(
         store
-            .refresh_accounts(1, H, NOW, &FailsOnBad)
+            .refresh_accounts(1, H, NOW, &FAILS_ON_BAD)
             .await
             .is_err()
     );
@@ -2576,14 +2537,14 @@ async fn a_failing_account_refresh_does_not_hold_up_the_queue(store: &dyn Profil
         Some("bad")
     );
     let acme = store
-        .refresh_accounts(1, H, NOW, &FailsOnBad)
+        .refresh_accounts(1, H, NOW, &FAILS_ON_BAD)
         .await
         .unwrap()
         .expect("acme's refresh");
     assert_eq!(acme.named, ["p2"]);
     assert!(
         store
-            .refresh_accounts(1, H, NOW, &FailsOnBad)
+            .refresh_accounts(1, H, NOW, &FAILS_ON_BAD)
             .await
             .is_err()
     );
