@@ -392,9 +392,10 @@ pub(crate) fn plan_to_pb(compiled: &CompiledPlan, stored_version: Option<i64>) -
         rules: plan
             .rules
             .iter()
-            .map(|rule| pb::PlanRule {
+            .enumerate()
+            .map(|(index, rule)| pb::PlanRule {
                 name: rule.name.clone(),
-                description: rule.description.clone(),
+                description: not_evaluable(rule.description.clone(), compiled.not_evaluable(index)),
                 points: rule.points,
                 group: rule.group.clone().unwrap_or_default(),
                 condition_json: serde_json::to_string(&rule.condition).unwrap_or_default(),
@@ -466,6 +467,15 @@ impl From<Evaluation> for pb::PlanEvaluation {
     }
 }
 
+/// A rule's description, saying first why it is not evaluable when it is not (the proto has no
+/// field of its own for it, so clients that show descriptions show it).
+fn not_evaluable(description: String, reason: Option<&str>) -> String {
+    match reason {
+        Some(reason) => format!("not evaluable: {reason}; {description}"),
+        None => description,
+    }
+}
+
 impl From<RuleOutcome> for pb::PlanRuleEvaluation {
     fn from(outcome: RuleOutcome) -> Self {
         let RuleOutcome {
@@ -475,10 +485,11 @@ impl From<RuleOutcome> for pb::PlanRuleEvaluation {
             group,
             matched,
             counted,
+            not_evaluable: reason,
         } = outcome;
         Self {
             name,
-            description,
+            description: not_evaluable(description, reason.as_deref()),
             points,
             matched,
             counted,

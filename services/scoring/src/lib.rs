@@ -116,27 +116,29 @@ impl Scoring {
     /// A scoring service scoring engagement and `plans` (none can be added through the API),
     /// with the default buying committee.
     pub fn with_plans(plans: Plans) -> Self {
+        let plans = PlanBook::fixed(plans);
         Self {
-            plans: Arc::new(PlanBook::fixed(plans)),
+            committee: Arc::clone(plans.committee()),
+            plans: Arc::new(plans),
             models: Arc::new(Models::default()),
-            committee: Arc::new(BuyingCommittee::default()),
         }
     }
 
     /// A scoring service with the plans, buying committee and customer-value settings of
     /// `settings`, or why one is unusable. It stores no models until [`Scoring::with_store`].
+    /// The committee is checked first: plans naming a buying role it lacks are refused.
     pub fn from_settings(settings: &ScoringSettings) -> Result<Self, InvalidSettings> {
-        let plans = PlanBook::new(settings.plans.clone())?;
-        let committee = match &settings.buying_roles {
+        let committee = Arc::new(match &settings.buying_roles {
             None => BuyingCommittee::default(),
             Some(declared) => BuyingCommittee::new(declared)?,
-        };
+        });
+        let plans = PlanBook::new(settings.plans.clone(), Arc::clone(&committee))?;
         let models = Models::new(settings.customer_value.as_ref(), settings.fitting.clone())
             .map_err(InvalidSettings::CustomerValue)?;
         Ok(Self {
             plans: Arc::new(plans),
             models: Arc::new(models),
-            committee: Arc::new(committee),
+            committee,
         })
     }
 
@@ -308,6 +310,42 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("filled_by")
+        );
+    }
+
+    #[test]
+    fn plans_naming_a_buying_role_the_committee_lacks_are_refused_at_start() {
+        const PLAN: &str = r#"
+            [[plans]]
+            name = "fit"
+            version = "1"
+            rules = [{ name = "r", points = 1, condition = { all = [] } }]
+
+            [[plans]]
+            name = "accounts"
+            version = "1"
+            level = "account"
+            rules = [
+              { name = "big", points = 10, condition = { trait = { name = "employees", op = "gte", value = 100 } } },
+              { name = "security", points = 10, condition = { trait = { name = "buying_roles", op = "contains", value = "security reviewer" } } },
+            ]
+        "#;
+        // The default committee has no security reviewer.
+        assert_eq!(
+            refusal(PLAN),
+            "scoring.plans[1] (\"accounts\"): rule \"security\": buying role \"security \
+             reviewer\" is not in the buying committee, so the rule could never match (known \
+             buying roles: \"decision maker\", \"technical evaluator\", \"champion\", \
+             \"finance\")"
+        );
+        // Declared, the plan is valid.
+        let declared = format!(
+            "{PLAN}\n[[buying_roles]]\nname = \"Security-Reviewer\"\nfilled_by = [\"ciso\"]\n"
+        );
+        settings(&declared).validate().unwrap();
+        // An unusable committee is reported first: plans cannot be checked against it.
+        assert!(
+            refusal(&format!("buying_roles = []\n{PLAN}")).starts_with("scoring.buying_roles:"),
         );
     }
 }

@@ -1,6 +1,11 @@
 //! The plans in effect: config's (`[[scoring.plans]]`, read-only), then those declared through
 //! the API ([`crate::plan_store`]) in creation order, validated together by
 //! [`Plans::compile`] and swapped atomically when the store's revision changes.
+//!
+//! Plans are also checked against the buying committee: a config plan or a plan written through
+//! the API that names a buying role the committee does not have is refused; a stored plan that
+//! does (the committee changed since it was stored) stays in effect with that rule marked not
+//! evaluable, and a warning names the plan, the rule and the role.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
@@ -8,14 +13,16 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use tessera_core::FieldViolation;
 use time::OffsetDateTime;
 
+use crate::account::BuyingCommittee;
 use crate::error::ScoringError;
 use crate::plan_store::{PlanChange, PlanRefusal, PlanStore, PlanWrite, StoredPlan};
-use crate::plans::{CompiledPlan, InvalidPlan, Plan, Plans};
+use crate::plans::{CompiledPlan, InvalidPlan, Plan, Plans, UnknownBuyingRole};
 
 /// The plans in effect, and the changes to the stored ones.
 #[derive(Debug)]
 pub struct PlanBook {
     config: Vec<Plan>,
+    committee: Arc<BuyingCommittee>,
     config_plans: Arc<Plans>,
     store: OnceLock<Arc<dyn PlanStore>>,
     current: RwLock<Loaded>,
@@ -41,19 +48,47 @@ impl Loaded {
 
 impl Default for PlanBook {
     fn default() -> Self {
-        Self::from_compiled(Vec::new(), Plans::default())
+        Self::from_compiled(
+            Vec::new(),
+            Plans::default(),
+            Arc::new(BuyingCommittee::default()),
+        )
     }
 }
 
-/// Config's plans followed by `stored`, validated together.
-fn compile_all(config: &[Plan], stored: &[StoredPlan]) -> Result<Plans, InvalidPlan> {
-    Plans::compile(
+/// A rule naming a buying role the committee lacks, with its plan's name.
+type Mismatch = (String, UnknownBuyingRole);
+
+/// Config's plans followed by `stored`, validated together, and checked against `committee`:
+/// the rules naming a role it lacks are marked not evaluable and answered.
+fn compile_all(
+    config: &[Plan],
+    stored: &[StoredPlan],
+    committee: &BuyingCommittee,
+) -> Result<(Plans, Vec<Mismatch>), InvalidPlan> {
+    let mut plans = Plans::compile(
         config
             .iter()
             .cloned()
             .chain(stored.iter().map(|s| s.plan.clone()))
             .collect(),
-    )
+    )?;
+    let mismatches = plans.check_committee(committee);
+    Ok((plans, mismatches))
+}
+
+/// Logs each stored plan's rule that names a buying role the committee lacks.
+fn warn_mismatches(mismatches: &[Mismatch]) {
+    for (plan, unknown) in mismatches {
+        tracing::warn!(
+            plan = %plan,
+            rule = %unknown.rule,
+            role = %unknown.role,
+            known = ?unknown.known,
+            "stored scoring plan names a buying role the committee does not have, the rule is \
+             not evaluable"
+        );
+    }
 }
 
 fn versions(stored: &[StoredPlan]) -> Arc<HashMap<String, i64>> {
@@ -66,22 +101,39 @@ fn versions(stored: &[StoredPlan]) -> Arc<HashMap<String, i64>> {
 }
 
 impl PlanBook {
-    /// Config's plans, validated; no store yet.
-    pub fn new(config: Vec<Plan>) -> Result<Self, InvalidPlan> {
+    /// Config's plans, validated and checked against `committee` (a plan naming a buying role
+    /// it does not have is refused); no store yet.
+    pub fn new(config: Vec<Plan>, committee: Arc<BuyingCommittee>) -> Result<Self, InvalidPlan> {
         let compiled = Plans::compile(config.clone())?;
-        Ok(Self::from_compiled(config, compiled))
+        for (index, plan) in config.iter().enumerate() {
+            if let Some(unknown) = crate::plans::unknown_buying_roles(plan, &committee)
+                .into_iter()
+                .next()
+            {
+                return Err(InvalidPlan {
+                    index,
+                    name: plan.name.clone(),
+                    reason: unknown.to_string(),
+                });
+            }
+        }
+        Ok(Self::from_compiled(config, compiled, committee))
     }
 
-    /// Compiled plans without their declarations: none can be stored beside them.
-    pub fn fixed(plans: Plans) -> Self {
+    /// Compiled plans without their declarations, with the default buying committee: none can
+    /// be stored beside them. Rules naming a buying role it lacks are not evaluable.
+    pub fn fixed(mut plans: Plans) -> Self {
+        let committee = Arc::new(BuyingCommittee::default());
+        warn_mismatches(&plans.check_committee(&committee));
         let config = plans.iter().map(|p| p.plan().clone()).collect();
-        Self::from_compiled(config, plans)
+        Self::from_compiled(config, plans, committee)
     }
 
-    fn from_compiled(config: Vec<Plan>, compiled: Plans) -> Self {
+    fn from_compiled(config: Vec<Plan>, compiled: Plans, committee: Arc<BuyingCommittee>) -> Self {
         let config_plans = Arc::new(compiled);
         Self {
             config,
+            committee,
             current: RwLock::new(Loaded {
                 revision: None,
                 plans: Arc::clone(&config_plans),
@@ -95,6 +147,11 @@ impl PlanBook {
     /// Reads and changes stored plans in `store`. Only the first call counts; whether it did.
     pub fn attach_store(&self, store: Arc<dyn PlanStore>) -> bool {
         self.store.set(store).is_ok()
+    }
+
+    /// The buying committee plans are checked against.
+    pub fn committee(&self) -> &Arc<BuyingCommittee> {
+        &self.committee
     }
 
     /// Whether plans can be stored.
@@ -141,8 +198,13 @@ impl PlanBook {
         // A stored plan that config now contradicts (a name taken, a score no longer
         // computed before it) is left out rather than taking every plan down.
         let plans = loop {
-            match compile_all(&self.config, &stored) {
-                Ok(plans) => break plans,
+            match compile_all(&self.config, &stored, &self.committee) {
+                Ok((plans, mismatches)) => {
+                    // Refusing them would take plans that scored yesterday down with a config
+                    // change; the rule alone stops counting, and says why.
+                    warn_mismatches(&mismatches);
+                    break plans;
+                }
                 Err(invalid) => match invalid.index.checked_sub(self.config.len()) {
                     Some(i) if i < stored.len() => {
                         tracing::error!(
@@ -255,23 +317,38 @@ impl PlanBook {
             return Err(ScoringError::ConfigPlan(name.to_owned()));
         }
         let checked: Mutex<Option<Loaded>> = Mutex::new(None);
+        let written = match change {
+            PlanChange::Create(_) | PlanChange::Update { .. } => Some(name),
+            PlanChange::Delete { .. } => None,
+        };
         let check = |stored: &[StoredPlan]| {
-            let plans = compile_all(&self.config, stored).map_err(|invalid| {
-                let other = invalid
-                    .index
-                    .checked_sub(self.config.len())
-                    .and_then(|i| stored.get(i))
-                    .map(|s| s.plan.name.as_str())
-                    .filter(|other| *other != name);
-                let description = match other {
-                    Some(other) => format!(
-                        "the plan {other:?}, created later, would be unusable: {}",
-                        invalid.reason
-                    ),
-                    None => invalid.reason,
-                };
-                ScoringError::InvalidArgument(vec![FieldViolation::new(field, description)])
-            })?;
+            let (plans, mismatches) =
+                compile_all(&self.config, stored, &self.committee).map_err(|invalid| {
+                    let other = invalid
+                        .index
+                        .checked_sub(self.config.len())
+                        .and_then(|i| stored.get(i))
+                        .map(|s| s.plan.name.as_str())
+                        .filter(|other| *other != name);
+                    let description = match other {
+                        Some(other) => format!(
+                            "the plan {other:?}, created later, would be unusable: {}",
+                            invalid.reason
+                        ),
+                        None => invalid.reason,
+                    };
+                    ScoringError::InvalidArgument(vec![FieldViolation::new(field, description)])
+                })?;
+            // The plan written may not name a role the committee lacks; other stored plans
+            // that do (the committee changed since) stay as they are, not evaluable.
+            let violations: Vec<FieldViolation> = mismatches
+                .iter()
+                .filter(|(plan, _)| Some(plan.as_str()) == written)
+                .map(|(_, unknown)| FieldViolation::new(unknown.field(field), unknown.to_string()))
+                .collect();
+            if !violations.is_empty() {
+                return Err(ScoringError::InvalidArgument(violations));
+            }
             *checked.lock().unwrap_or_else(PoisonError::into_inner) = Some(Loaded {
                 revision: None,
                 plans: Arc::new(plans),

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
 
+use crate::account::{BUYING_ROLES_LIST, BuyingCommittee, normalize_role};
 use crate::domain::{AccountFacts, ENGAGEMENT, Factor, ProfileFacts, Score};
 
 /// The most plans one server may hold.
@@ -166,6 +167,9 @@ pub struct CompiledPlan {
     plan: Plan,
     max_points: f64,
     model_version: String,
+    /// The rules that cannot be evaluated, by index, and why: a stored plan naming a buying
+    /// role the committee no longer has ([`Plans::check_committee`]).
+    not_evaluable: BTreeMap<usize, String>,
 }
 
 impl CompiledPlan {
@@ -189,6 +193,11 @@ impl CompiledPlan {
         self.plan.level
     }
 
+    /// Why the rule at `index` cannot be evaluated (it never matches), if it cannot.
+    pub fn not_evaluable(&self, index: usize) -> Option<&str> {
+        self.not_evaluable.get(&index).map(String::as_str)
+    }
+
     /// How the plan scores `facts`; `scores` are the scores computed before it (`score` tests
     /// read them).
     pub fn evaluate(&self, facts: &ProfileFacts, scores: &[Score]) -> Evaluation {
@@ -199,8 +208,10 @@ impl CompiledPlan {
             .plan
             .rules
             .iter()
-            .map(|rule| {
-                let matched = holds(&rule.condition, &context);
+            .enumerate()
+            .map(|(index, rule)| {
+                let not_evaluable = self.not_evaluable.get(&index).cloned();
+                let matched = not_evaluable.is_none() && holds(&rule.condition, &context);
                 let counted = matched
                     && rule
                         .group
@@ -216,6 +227,7 @@ impl CompiledPlan {
                     group: rule.group.clone(),
                     matched,
                     counted,
+                    not_evaluable,
                 }
             })
             .collect();
@@ -270,6 +282,9 @@ pub struct RuleOutcome {
     pub matched: bool,
     /// Whether its points count.
     pub counted: bool,
+    /// Why the rule could not be evaluated (then it neither matched nor counted): it names a
+    /// buying role the committee does not have.
+    pub not_evaluable: Option<String>,
 }
 
 impl Evaluation {
@@ -408,6 +423,135 @@ impl Plans {
     }
 }
 
+impl Plans {
+    /// Marks the rules that name a buying role `committee` does not have as not evaluable
+    /// (they never match, and their evaluation says why) and answers them with their plans'
+    /// names, in scoring order. Config's plans never have any: they are refused at start
+    /// ([`crate::PlanBook::new`]); a stored plan can, when the committee changed after it was
+    /// stored.
+    pub fn check_committee(
+        &mut self,
+        committee: &BuyingCommittee,
+    ) -> Vec<(String, UnknownBuyingRole)> {
+        let mut found = Vec::new();
+        for compiled in &mut self.plans {
+            compiled.not_evaluable.clear();
+            for unknown in unknown_buying_roles(&compiled.plan, committee) {
+                // One reason per rule: the first role it names that the committee lacks.
+                compiled
+                    .not_evaluable
+                    .entry(unknown.rule_index)
+                    .or_insert_with(|| unknown.to_string());
+                found.push((compiled.plan.name.clone(), unknown));
+            }
+        }
+        found
+    }
+}
+
+/// A rule of an account plan naming, in a `buying_roles` test, a buying role the committee
+/// does not have: a rule that could never match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownBuyingRole {
+    /// The rule's position in the plan.
+    pub rule_index: usize,
+    /// The rule's name.
+    pub rule: String,
+    /// The buying role as the rule names it.
+    pub role: String,
+    /// The committee's buying roles, in its order.
+    pub known: Vec<String>,
+}
+
+impl std::fmt::Display for UnknownBuyingRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let known: Vec<String> = self.known.iter().map(|k| format!("{k:?}")).collect();
+        write!(
+            f,
+            "rule {:?}: buying role {:?} is not in the buying committee{}, so the rule could \
+             never match (known buying roles: {})",
+            self.rule,
+            self.role,
+            self.hint(),
+            known.join(", ")
+        )
+    }
+}
+
+impl std::error::Error for UnknownBuyingRole {}
+
+impl UnknownBuyingRole {
+    /// The path of the rule's condition in the plan at `plan` (a request field): for example
+    /// `plan_json.rules[2].condition`.
+    pub fn field(&self, plan: &str) -> String {
+        format!("{plan}.rules[{}].condition", self.rule_index)
+    }
+
+    /// When the role is a known one spelled otherwise: `buying_roles` lists normalized names
+    /// and tests compare exactly.
+    fn hint(&self) -> String {
+        let normalized = normalize_role(&self.role);
+        if normalized != self.role && self.known.contains(&normalized) {
+            format!(" as written (`buying_roles` lists normalized names: write {normalized:?})")
+        } else {
+            String::new()
+        }
+    }
+}
+
+/// The buying roles the rules of `plan` name that `committee` does not have, rule by rule
+/// (each role once per rule). Only account plans read `buying_roles`; a role named there is
+/// any string in the value of a `trait` test on it (`contains "finance"`, or a list compared
+/// with `eq`, `ne` or `in`). Member roles (`member_roles`, `roles.<role>`, `member.role`) are
+/// free-form, not the committee's, and not checked.
+pub fn unknown_buying_roles(plan: &Plan, committee: &BuyingCommittee) -> Vec<UnknownBuyingRole> {
+    if plan.level != Level::Account {
+        return Vec::new();
+    }
+    let known: Vec<String> = committee.roles().iter().map(|r| r.name.clone()).collect();
+    let mut found = Vec::new();
+    for (rule_index, rule) in plan.rules.iter().enumerate() {
+        let mut named = Vec::new();
+        buying_roles_named(&rule.condition, &mut named);
+        let mut seen = HashSet::new();
+        for role in named {
+            if !known.iter().any(|k| k == role) && seen.insert(role) {
+                found.push(UnknownBuyingRole {
+                    rule_index,
+                    rule: rule.name.clone(),
+                    role: role.to_owned(),
+                    known: known.clone(),
+                });
+            }
+        }
+    }
+    found
+}
+
+/// The buying roles `condition` names, in order.
+fn buying_roles_named<'c>(condition: &'c Condition, out: &mut Vec<&'c str>) {
+    fn strings<'v>(value: &'v Value, out: &mut Vec<&'v str>) {
+        match value {
+            Value::String(s) => out.push(s),
+            Value::Array(list) => list.iter().for_each(|v| strings(v, out)),
+            Value::Null | Value::Bool(_) | Value::Number(_) | Value::Object(_) => {}
+        }
+    }
+    match condition {
+        Condition::All(all) | Condition::Any(all) => {
+            all.iter().for_each(|c| buying_roles_named(c, out));
+        }
+        Condition::Not(inner) => buying_roles_named(inner, out),
+        Condition::Trait(test) if test.name == BUYING_ROLES_LIST => strings(&test.value, out),
+        Condition::Trait(_)
+        | Condition::Computed(_)
+        | Condition::Score(_)
+        | Condition::Audience(_)
+        | Condition::Account(_)
+        | Condition::Performed(_) => {}
+    }
+}
+
 /// `raw` as a share of `max`, 0 to 100.
 pub fn normalize(raw: f64, max: f64) -> f64 {
     if max > 0.0 && raw.is_finite() {
@@ -453,6 +597,7 @@ fn compile_plan(mut plan: Plan) -> CompiledPlan {
         plan,
         max_points,
         model_version,
+        not_evaluable: BTreeMap::new(),
     }
 }
 
@@ -1430,6 +1575,207 @@ mod tests {
             toml::from_str::<File>(&rule(r#"{ trait = { name = "a", op = "eq", vlue = 1 } }"#))
                 .is_err(),
             "unknown keys are refused"
+        );
+    }
+
+    fn committee(roles: &[(&str, &[&str])]) -> BuyingCommittee {
+        let declared: Vec<_> = roles
+            .iter()
+            .map(|(name, filled_by)| crate::account::BuyingRole {
+                name: (*name).to_owned(),
+                filled_by: filled_by.iter().map(|r| (*r).to_owned()).collect(),
+            })
+            .collect();
+        BuyingCommittee::new(&declared).unwrap()
+    }
+
+    /// An account plan reading `buying_roles` in every way a rule can name a role.
+    const ROLES_PLAN: &str = r#"
+        [[scoring.plans]]
+        name = "coverage"
+        version = "1"
+        level = "account"
+        rules = [
+          { name = "decider", points = 10, condition = { trait = { name = "buying_roles", op = "contains", value = "decision maker" } } },
+          { name = "no_finance", points = 5, condition = { not = { trait = { name = "buying_roles", op = "contains", value = "finance" } } } },
+          { name = "pair", points = 5, condition = { any = [
+            { trait = { name = "member_count", op = "gte", value = 100 } },
+            { trait = { name = "buying_roles", op = "eq", value = ["champion", "security reviewer", "champion"] } },
+          ] } },
+          { name = "members", points = 5, condition = { all = [
+            { trait = { name = "member_roles", op = "contains", value = "intern" } },
+            { trait = { name = "roles.ciso", op = "gte", value = 1 } },
+            { trait = { name = "buying_roles_covered", op = "gte", value = 2 } },
+            { trait = { name = "buying_roles", op = "exists" } },
+          ] } },
+        ]
+    "#;
+
+    #[test]
+    fn rules_naming_a_buying_role_the_committee_lacks_are_found() {
+        let plan = &parse(ROLES_PLAN)[0];
+        let found = |c: &BuyingCommittee| -> Vec<(usize, String, String)> {
+            unknown_buying_roles(plan, c)
+                .into_iter()
+                .map(|u| (u.rule_index, u.rule, u.role))
+                .collect()
+        };
+        // The default committee has every role but the security reviewer. Member roles
+        // (`member_roles`, `roles.<role>`) and counts are not the committee's: not checked.
+        assert_eq!(
+            found(&BuyingCommittee::default()),
+            [(2, "pair".to_owned(), "security reviewer".to_owned())]
+        );
+        // A committee of other roles: each role once per rule, under `not` and `any` too.
+        let custom = committee(&[
+            ("security reviewer", &["ciso"]),
+            ("champion", &["champion"]),
+        ]);
+        assert_eq!(
+            found(&custom),
+            [
+                (0, "decider".to_owned(), "decision maker".to_owned()),
+                (1, "no_finance".to_owned(), "finance".to_owned()),
+            ]
+        );
+        let all = committee(&[
+            ("decision maker", &["vp"]),
+            ("finance", &["cfo"]),
+            ("champion", &["champion"]),
+            ("security reviewer", &["ciso"]),
+        ]);
+        assert_eq!(found(&all), []);
+
+        // The message names the rule, the role and the known roles; the field, the condition.
+        let unknown = &unknown_buying_roles(plan, &custom)[0];
+        assert_eq!(
+            unknown.to_string(),
+            "rule \"decider\": buying role \"decision maker\" is not in the buying committee, \
+             so the rule could never match (known buying roles: \"security reviewer\", \
+             \"champion\")"
+        );
+        assert_eq!(unknown.field("plan_json"), "plan_json.rules[0].condition");
+
+        // A known role spelled otherwise never matches either (tests compare exactly): named.
+        let mut spelled = parse(ROLES_PLAN);
+        spelled[0].rules.truncate(1);
+        spelled[0].rules[0].condition = Condition::Trait(Test {
+            name: BUYING_ROLES_LIST.to_owned(),
+            op: Op::Contains,
+            value: json!("Decision_Maker"),
+        });
+        assert_eq!(
+            unknown_buying_roles(&spelled[0], &BuyingCommittee::default())[0].to_string(),
+            "rule \"decider\": buying role \"Decision_Maker\" is not in the buying committee as \
+             written (`buying_roles` lists normalized names: write \"decision maker\"), so the \
+             rule could never match (known buying roles: \"decision maker\", \"technical \
+             evaluator\", \"champion\", \"finance\")"
+        );
+
+        // Person plans cannot read `buying_roles` (a person's `trait` or an account's
+        // `account` test reads stored traits): not checked.
+        let mut person = parse(ROLES_PLAN);
+        person[0].level = Level::Person;
+        assert_eq!(unknown_buying_roles(&person[0], &custom), []);
+    }
+
+    #[test]
+    fn a_rule_naming_a_role_the_committee_lacks_is_not_evaluable() {
+        let mut plans = compile(ROLES_PLAN).unwrap();
+        // Without finance, `not contains "finance"` would hold for every account: it must not.
+        let custom = committee(&[
+            ("decision maker", &["vp"]),
+            ("champion", &["champion"]),
+            ("security reviewer", &["ciso"]),
+        ]);
+        let found = plans.check_committee(&custom);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, "coverage");
+        assert_eq!(found[0].1.rule, "no_finance");
+        let plan = plans.iter().next().unwrap();
+        assert_eq!(plan.not_evaluable(0), None);
+        let reason = plan.not_evaluable(1).expect("marked");
+        assert!(reason.contains("\"finance\""), "{reason}");
+        // The maximum is the plan's as declared: the rule is a mistake to fix, not a change.
+        assert_eq!(plan.max_points(), 25.0);
+        let account = crate::account::AccountProfile {
+            account_id: "acme".to_owned(),
+            members: vec![crate::account::AccountMember {
+                profile_id: "p1".to_owned(),
+                role: "VP".to_owned(),
+                title: String::new(),
+            }],
+            ..Default::default()
+        };
+        let (scores, evaluations) = crate::account::score_account(&account, NOW, &plans, &custom);
+        let outcomes: Vec<_> = evaluations[0]
+            .rules
+            .iter()
+            .map(|r| {
+                (
+                    r.name.as_str(),
+                    r.matched,
+                    r.counted,
+                    r.not_evaluable.is_some(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("decider", true, true, false),
+                ("no_finance", false, false, true),
+                ("pair", false, false, false),
+                ("members", false, false, false),
+            ]
+        );
+        assert_eq!(scores[0].value, 40.0);
+
+        // Checking again with a committee that has the role makes the rule evaluable again.
+        assert_eq!(plans.check_committee(&BuyingCommittee::default()).len(), 1);
+        let plan = plans.iter().next().unwrap();
+        assert_eq!(plan.not_evaluable(1), None);
+        assert!(plan.not_evaluable(2).is_some(), "the security reviewer");
+    }
+
+    #[test]
+    fn the_ready_plans_name_no_buying_role_and_count_any_committees_coverage() {
+        // Their coverage rules count `buying_roles_covered`, whatever the committee's roles, and
+        // the person plan reads the member's own role (`member.role`), not a buying role: a
+        // committee without any default role leaves every rule evaluable.
+        let custom = committee(&[
+            ("security reviewer", &["ciso"]),
+            ("sponsor", &["vp", "director"]),
+            ("user", &["power user"]),
+        ]);
+        let mut plans = compile(READY).unwrap();
+        for plan in plans.iter() {
+            assert_eq!(
+                unknown_buying_roles(plan.plan(), &custom),
+                [],
+                "{}",
+                plan.plan().name
+            );
+        }
+        assert_eq!(plans.check_committee(&custom), []);
+        let account = crate::account::AccountProfile {
+            account_id: "bigco".to_owned(),
+            traits: BTreeMap::from([("employees".to_owned(), json!(500))]),
+            members: ["CISO", "Director", "decision maker", "intern"]
+                .iter()
+                .enumerate()
+                .map(|(i, role)| crate::account::AccountMember {
+                    profile_id: format!("p{i}"),
+                    role: (*role).to_owned(),
+                    title: String::new(),
+                })
+                .collect(),
+        };
+        let (scores, _) = crate::account::score_account(&account, NOW, &plans, &custom);
+        // 20 (200+ employees) + 20 (two of the configured roles covered).
+        assert_eq!(
+            rule_factors(&scores[0]),
+            [("employees_200_999", 20.0), ("buying_committee_2", 20.0)]
         );
     }
 }

@@ -501,22 +501,27 @@ async fn score_accounts_scores_coverage_with_the_account_plan() {
 
 /// `[[scoring.buying_roles]]` replaces the default committee in `ScoreAccounts`: the same
 /// members cover other buying roles, so `buying_roles_covered`, `buying_roles` and the ready
-/// account plan's score change; spellings of one role count once.
+/// account plan's score change; spellings of one role count once. The ready account plan counts
+/// coverage of whichever committee is configured, so it starts with either.
 #[tokio::test]
 async fn a_declared_buying_committee_changes_coverage_and_the_account_score() {
-    // Reads the derived facts directly, beside the ready account plan.
-    const PROBE: &str = r#"
-        [[scoring.plans]]
-        name = "committee_probe"
-        version = "1"
-        level = "account"
-        rules = [
-          { name = "three_covered", points = 10, condition = { trait = { name = "buying_roles_covered", op = "eq", value = 3 } } },
-          { name = "two_covered", points = 10, condition = { trait = { name = "buying_roles_covered", op = "eq", value = 2 } } },
-          { name = "security_known", points = 10, condition = { trait = { name = "buying_roles", op = "contains", value = "security reviewer" } } },
-          { name = "evaluator_known", points = 10, condition = { trait = { name = "buying_roles", op = "contains", value = "technical evaluator" } } },
-        ]
-    "#;
+    // Reads the derived facts directly, beside the ready account plan; `role` is a buying role
+    // of the committee it runs with (a plan naming another is refused at start).
+    let probe = |role: &str| {
+        format!(
+            r#"
+            [[scoring.plans]]
+            name = "committee_probe"
+            version = "1"
+            level = "account"
+            rules = [
+              {{ name = "three_covered", points = 10, condition = {{ trait = {{ name = "buying_roles_covered", op = "eq", value = 3 }} }} }},
+              {{ name = "two_covered", points = 10, condition = {{ trait = {{ name = "buying_roles_covered", op = "eq", value = 2 }} }} }},
+              {{ name = "role_known", points = 10, condition = {{ trait = {{ name = "buying_roles", op = "contains", value = "{role}" }} }} }},
+            ]
+            "#
+        )
+    };
     const COMMITTEE: &str = r#"
         [[scoring.buying_roles]]
         name = "Decision_Maker"
@@ -534,10 +539,24 @@ async fn a_declared_buying_committee_changes_coverage_and_the_account_score() {
         name = "user"
         filled_by = ["power user", "end-user"]
     "#;
-    let default = Server::with_settings(&ready_plans_and(PROBE)).await;
-    let declared = ready_plans_and(&format!("{PROBE}\n{COMMITTEE}"));
+    let default = Server::with_settings(&ready_plans_and(&probe("technical evaluator"))).await;
+    let declared = ready_plans_and(&format!("{}\n{COMMITTEE}", probe("security reviewer")));
     assert_eq!(declared.buying_roles.as_ref().map(Vec::len), Some(4));
     let custom = Server::with_settings(&declared).await;
+    // The technical evaluator is not a buying role of the declared committee: a plan naming
+    // it is refused at start, naming the plan, the rule, the role and the known roles.
+    let refused = Scoring::from_settings(&ready_plans_and(&format!(
+        "{}\n{COMMITTEE}",
+        probe("technical evaluator")
+    )))
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        refused,
+        "scoring.plans[4] (\"committee_probe\"): rule \"role_known\": buying role \
+         \"technical evaluator\" is not in the buying committee, so the rule could never match \
+         (known buying roles: \"decision maker\", \"security reviewer\", \"champion\", \"user\")"
+    );
 
     let request = || pb::ScoreAccountsRequest {
         accounts: vec![pb::AccountProfileFacts {
@@ -590,7 +609,7 @@ async fn a_declared_buying_committee_changes_coverage_and_the_account_score() {
     let before = score(&default).await;
     assert_eq!(
         counted(&before, "committee_probe"),
-        ["two_covered", "evaluator_known"]
+        ["two_covered", "role_known"]
     );
     assert_eq!(coverage(&before), ["buying_committee_2"]);
     // 20 (industry) + 25 (1,000+ employees) + 10 (country) + 20 (two buying roles).
@@ -602,7 +621,7 @@ async fn a_declared_buying_committee_changes_coverage_and_the_account_score() {
     let after = score(&custom).await;
     assert_eq!(
         counted(&after, "committee_probe"),
-        ["three_covered", "security_known"]
+        ["three_covered", "role_known"]
     );
     assert_eq!(coverage(&after), ["buying_committee_3_plus"]);
     // 20 + 25 + 10 + 30 (three buying roles or more).

@@ -38,7 +38,12 @@ struct Replica {
 
 impl Replica {
     async fn start(backend: &Backend) -> Self {
-        let settings: ScoringSettings = toml::from_str(SETTINGS).unwrap();
+        Self::start_with(backend, "").await
+    }
+
+    /// A replica with `SETTINGS` and `more` (TOML under the same `[scoring]` root, after it).
+    async fn start_with(backend: &Backend, more: &str) -> Self {
+        let settings: ScoringSettings = toml::from_str(&format!("{SETTINGS}\n{more}")).unwrap();
         // Plans never read the profile service.
         let profiles = Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
         let scoring = Scoring::from_settings(&settings)
@@ -316,5 +321,230 @@ async fn bad_plan_requests_get_clear_errors() {
         .await
         .unwrap_err();
     assert_eq!(bare.code(), Code::FailedPrecondition, "{bare:?}");
+    backend.db.close().await;
+}
+
+/// An account plan testing `buying_roles contains role` (rule 1, `role_known`), beside a rule
+/// on employees (rule 0).
+fn coverage(version: &str, role: &str) -> String {
+    json!({
+        "name": "coverage",
+        "version": version,
+        "level": "account",
+        "rules": [
+            {
+                "name": "big",
+                "points": 10,
+                "condition": { "trait": { "name": "employees", "op": "gte", "value": 100 } },
+            },
+            {
+                "name": "role_known",
+                "points": 10,
+                "condition": { "trait": { "name": "buying_roles", "op": "contains", "value": role } },
+            },
+        ],
+    })
+    .to_string()
+}
+
+/// The field violations of an INVALID_ARGUMENT status: field and description.
+fn violations(status: &Status) -> Vec<(String, String)> {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .unwrap()
+        .field_violations
+        .into_iter()
+        .map(|v| (v.field, v.description))
+        .collect()
+}
+
+/// A plan naming a buying role the committee does not have is refused by `CreatePlan` and
+/// `UpdatePlan`, pointing at the rule's condition and naming the role and the known ones.
+#[tokio::test]
+async fn a_plan_naming_a_buying_role_the_committee_lacks_is_refused() {
+    let backend = postgres().await;
+    let replica = Replica::start(&backend).await;
+    let mut client = replica.client();
+    let expected = vec![(
+        "plan_json.rules[1].condition".to_owned(),
+        "rule \"role_known\": buying role \"security reviewer\" is not in the buying committee, \
+         so the rule could never match (known buying roles: \"decision maker\", \"technical \
+         evaluator\", \"champion\", \"finance\")"
+            .to_owned(),
+    )];
+    let refused = client
+        .create_plan(pb::CreatePlanRequest {
+            plan_json: coverage("1", "security reviewer"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&refused), expected);
+    assert!(
+        refused.message().contains("security reviewer"),
+        "{refused:?}"
+    );
+
+    // A role of the committee is accepted; changing it to one outside is refused.
+    let created = client
+        .create_plan(pb::CreatePlanRequest {
+            plan_json: coverage("1", "finance"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.revision, 1, "the refused create stored nothing");
+    let refused = client
+        .update_plan(pb::UpdatePlanRequest {
+            plan_json: coverage("2", "security reviewer"),
+            expected_version: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&refused), expected);
+    let listed = client
+        .list_plans(pb::ListPlansRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.revision, 1, "nothing changed");
+    backend.db.close().await;
+}
+
+/// A stored plan naming a buying role that a later committee (config changed, here another
+/// replica's) does not have still loads: the replica starts, scores the plan's other rules and
+/// reports that rule as not evaluable; other plans can still be written, and the plan itself
+/// only with a role of the committee.
+#[tokio::test]
+async fn a_stored_plan_naming_a_role_the_committee_no_longer_has_is_not_evaluable() {
+    let backend = postgres().await;
+    let before = Replica::start(&backend).await;
+    before
+        .client()
+        .create_plan(pb::CreatePlanRequest {
+            plan_json: coverage("1", "finance"),
+        })
+        .await
+        .unwrap();
+    let after = Replica::start_with(
+        &backend,
+        r#"
+        [[buying_roles]]
+        name = "decision maker"
+        filled_by = ["vp"]
+        [[buying_roles]]
+        name = "security reviewer"
+        filled_by = ["ciso"]
+        "#,
+    )
+    .await;
+    let mut client = after.client();
+    // GetPlan reads the stored plans first.
+    let plan = client
+        .get_plan(pb::GetPlanRequest {
+            name: "coverage".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plan
+        .unwrap();
+    let reason = "rule \"role_known\": buying role \"finance\" is not in the buying committee, \
+                  so the rule could never match (known buying roles: \"decision maker\", \
+                  \"security reviewer\")";
+    assert!(
+        plan.rules[1]
+            .description
+            .starts_with(&format!("not evaluable: {reason}; ")),
+        "{:?}",
+        plan.rules[1]
+    );
+    assert!(!plan.rules[0].description.contains("not evaluable"));
+
+    let account = pb::AccountProfileFacts {
+        account_id: "acme".to_owned(),
+        traits: [("employees".to_owned(), json_to_value(&json!(500)))].into(),
+        members: vec![pb::AccountMemberFacts {
+            profile_id: "p1".to_owned(),
+            role: "procurement".to_owned(),
+            title: String::new(),
+        }],
+    };
+    let scored = client
+        .score_accounts(pb::ScoreAccountsRequest {
+            accounts: vec![account],
+            as_of: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .accounts
+        .remove(0);
+    assert_eq!(scored.scores[0].name, "coverage");
+    assert_eq!(scored.scores[0].value, 50.0, "10 of 20: the employees rule");
+    let rules: Vec<_> = scored.plans[0]
+        .rules
+        .iter()
+        .map(|r| {
+            (
+                r.name.as_str(),
+                r.matched,
+                r.counted,
+                r.description.starts_with("not evaluable: "),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            ("big", true, true, false),
+            ("role_known", false, false, true)
+        ]
+    );
+
+    // Other plans can be written beside it; it can be changed only to a role of the committee.
+    client
+        .create_plan(pb::CreatePlanRequest {
+            plan_json: vip("1", 5.0),
+        })
+        .await
+        .unwrap();
+    let refused = client
+        .update_plan(pb::UpdatePlanRequest {
+            plan_json: coverage("2", "finance"),
+            expected_version: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violations(&refused),
+        [("plan_json.rules[1].condition".to_owned(), reason.to_owned())]
+    );
+    client
+        .update_plan(pb::UpdatePlanRequest {
+            plan_json: coverage("2", "security reviewer"),
+            expected_version: 1,
+        })
+        .await
+        .unwrap();
+    // The replica with the default committee now has the mirror image: loaded, not evaluable.
+    let plan = before
+        .client()
+        .get_plan(pb::GetPlanRequest {
+            name: "coverage".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plan
+        .unwrap();
+    assert_eq!(plan.version, "2");
+    assert!(
+        plan.rules[1]
+            .description
+            .starts_with("not evaluable: rule \"role_known\": buying role \"security reviewer\""),
+        "{:?}",
+        plan.rules[1]
+    );
     backend.db.close().await;
 }

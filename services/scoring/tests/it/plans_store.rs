@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde_json::json;
 use tessera_scoring::plan_store::{self, PlanStore};
 use tessera_scoring::plans::Plan;
-use tessera_scoring::{PlanBook, ScoringError};
+use tessera_scoring::{BuyingCommittee, BuyingRole, PlanBook, ScoringError};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
@@ -43,6 +43,7 @@ plan_suite!(
     an_invalid_plan_is_refused_naming_the_field,
     another_replica_sees_changes_after_a_refresh,
     concurrent_changes_from_two_replicas_are_all_kept,
+    a_stored_plan_naming_a_role_the_committee_lacks_stays_with_the_rule_not_evaluable,
 );
 
 /// A plan worth `points` for a `tier` trait of `gold`, plus `extra` rules' JSON.
@@ -74,7 +75,11 @@ fn reader(name: &str, reads: &str) -> Plan {
 }
 
 fn book(backend: &Backend, config: Vec<Plan>) -> PlanBook {
-    let book = PlanBook::new(config).unwrap();
+    book_with(backend, config, BuyingCommittee::default())
+}
+
+fn book_with(backend: &Backend, config: Vec<Plan>, committee: BuyingCommittee) -> PlanBook {
+    let book = PlanBook::new(config, Arc::new(committee)).unwrap();
     assert!(book.attach_store(plan_store::open(backend.db.clone())));
     book
 }
@@ -269,4 +274,83 @@ async fn concurrent_changes_from_two_replicas_are_all_kept(backend: &Backend) {
         assert_eq!(listed.first().map(String::as_str), Some("p0"));
     }
     assert_eq!(names(&a), names(&b), "the same creation order on both");
+}
+
+/// An account plan whose rule `role_known` (rule 1) tests `buying_roles contains role`.
+fn coverage(version: &str, role: &str) -> Plan {
+    serde_json::from_value(json!({
+        "name": "coverage",
+        "version": version,
+        "level": "account",
+        "rules": [
+            {
+                "name": "big",
+                "points": 10,
+                "condition": { "trait": { "name": "employees", "op": "gte", "value": 100 } },
+            },
+            {
+                "name": "role_known",
+                "points": 10,
+                "condition": { "trait": { "name": "buying_roles", "op": "contains", "value": role } },
+            },
+        ],
+    }))
+    .unwrap()
+}
+
+async fn a_stored_plan_naming_a_role_the_committee_lacks_stays_with_the_rule_not_evaluable(
+    backend: &Backend,
+) {
+    let before = book(backend, vec![]);
+    before
+        .create(coverage("1", "finance"), "plan_json")
+        .await
+        .unwrap();
+    // The committee changed since: no finance.
+    let committee = BuyingCommittee::new(&[BuyingRole {
+        name: "security reviewer".to_owned(),
+        filled_by: vec!["ciso".to_owned()],
+    }])
+    .unwrap();
+    let after = book_with(backend, vec![], committee);
+    assert!(after.refresh().await.unwrap());
+    assert_eq!(names(&after), ["coverage"], "loaded, not left out");
+    let current = after.current();
+    let stored = current.iter().next().unwrap();
+    assert_eq!(stored.not_evaluable(0), None);
+    let reason = stored
+        .not_evaluable(1)
+        .expect("the finance rule is not evaluable");
+    assert!(reason.contains("\"finance\""), "{reason}");
+    // The replica that stored it still evaluates it.
+    assert_eq!(
+        before.current().iter().next().unwrap().not_evaluable(1),
+        None
+    );
+
+    // Writing the plan again with the role is refused, pointing at the rule's condition.
+    let (field, description) = violation(
+        after
+            .update(coverage("2", "finance"), 1, "plan_json")
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(field, "plan_json.rules[1].condition");
+    assert_eq!(description, reason);
+    // Another plan can be written beside it, which keeps it not evaluable.
+    after
+        .create(plan("x", "1", 1.0), "plan_json")
+        .await
+        .unwrap();
+    let current = after.current();
+    assert!(current.iter().next().unwrap().not_evaluable(1).is_some());
+    // With a role of the committee it is evaluable again.
+    after
+        .update(coverage("2", "security reviewer"), 1, "plan_json")
+        .await
+        .unwrap();
+    assert_eq!(
+        after.current().iter().next().unwrap().not_evaluable(1),
+        None
+    );
 }
