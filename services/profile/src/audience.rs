@@ -10,11 +10,14 @@
 //! events (evaluated at read time, like computed traits).
 //!
 //! An account test holds when some account the person belongs to (through group calls) has a
-//! trait that meets it; for a person without accounts it is evaluated as for an absent value
-//! (so only `ne` and `missing` hold). It reads the copy of the accounts' traits the profile
-//! carries ([`crate::computed::ComputedState::account_traits`]), refreshed in the write that
-//! applies the person's own events and, when another member's group call changes an account,
-//! by the account refresh that follows it (about a second later).
+//! trait or an account computed trait that meets it (an account computed trait wins over an
+//! account trait of its name, as in account scoring plans and the Profile API); for a person
+//! without accounts it is evaluated as for an absent value (so only `ne` and `missing` hold).
+//! It reads the copy of the accounts' values the profile carries
+//! ([`crate::computed::ComputedState::account_traits`], made by [`Audiences::account_facts`]),
+//! refreshed in the write that applies the person's own events and, when another member's
+//! group call or event changes an account, by the account refresh that follows it (about a
+//! second later).
 
 use std::collections::BTreeMap;
 
@@ -88,7 +91,8 @@ pub struct Facts<'a> {
     pub computed: &'a BTreeMap<String, ComputedValue>,
     /// Its scores.
     pub scores: &'a BTreeMap<String, Score>,
-    /// The traits of each of its accounts (JSON objects, name → value).
+    /// The traits and account computed traits of each of its accounts (JSON objects, name →
+    /// value, as [`Audiences::account_facts`] makes them).
     pub accounts: &'a [&'a Value],
 }
 
@@ -101,7 +105,7 @@ pub struct Audiences {
     /// For each audience, for each of its `performed` conditions in tree order, the hidden
     /// count it reads.
     slots: Vec<Vec<String>>,
-    /// The account traits the account tests name.
+    /// The names the account tests read (account traits or account computed traits).
     account_traits: std::collections::BTreeSet<String>,
 }
 
@@ -152,9 +156,33 @@ impl Audiences {
         &self.hidden
     }
 
-    /// The account traits some account test reads: what profiles keep a copy of.
+    /// The names some account test reads (an account trait or an account computed trait):
+    /// what profiles keep a copy of.
     pub fn account_traits(&self) -> &std::collections::BTreeSet<String> {
         &self.account_traits
+    }
+
+    /// What the account tests read of one account, from its `traits` and its account
+    /// `computed` traits: the values of the names they test, as a JSON object. An account
+    /// computed trait wins over an account trait of the same name (account traits are open, so
+    /// the clash cannot be refused when config loads; account scoring plans and the Profile
+    /// API's account traits give the computed trait precedence too).
+    pub fn account_facts(
+        &self,
+        traits: &BTreeMap<String, TraitValue>,
+        computed: &BTreeMap<String, ComputedValue>,
+    ) -> Value {
+        let mut facts = serde_json::Map::new();
+        for name in &self.account_traits {
+            let value = computed
+                .get(name)
+                .map(|c| &c.value)
+                .or_else(|| traits.get(name).map(|t| &t.value));
+            if let Some(value) = value {
+                facts.insert(name.clone(), value.clone());
+            }
+        }
+        Value::Object(facts)
     }
 
     /// Whether any audience is declared.
@@ -431,6 +459,89 @@ mod tests {
         assert_eq!(members(&[&retail, &software]), ["software"]);
         assert_eq!(members(&[&retail]), Vec::<String>::new());
         assert_eq!(members(&[&unknown]), ["no_large_account", "no_industry"]);
+    }
+
+    #[test]
+    fn account_tests_read_account_computed_traits_over_traits_of_their_name() {
+        let audiences = Audiences::compile(parse(
+            r#"
+            [[audiences]]
+            name = "busy_accounts"
+            condition = { account = { name = "orders_30d", op = "gte", value = 3 } }
+
+            [[audiences]]
+            name = "software"
+            condition = { account = { name = "industry", op = "eq", value = "Software" } }
+            "#,
+        ))
+        .expect("compile");
+        let traits = BTreeMap::from([
+            ("industry".to_owned(), trait_value(json!("Software"))),
+            ("orders_30d".to_owned(), trait_value(json!(100))),
+            ("plan".to_owned(), trait_value(json!("pro"))),
+        ]);
+        let computed = |orders: u64| {
+            BTreeMap::from([
+                (
+                    "orders_30d".to_owned(),
+                    ComputedValue {
+                        value: json!(orders),
+                        observed_at: None,
+                    },
+                ),
+                (
+                    "revenue".to_owned(),
+                    ComputedValue {
+                        value: json!(5.0),
+                        observed_at: None,
+                    },
+                ),
+            ])
+        };
+        let (person, person_computed, scores) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        let members = |accounts: &[&Value]| {
+            audiences.members(Facts {
+                traits: &person,
+                computed: &person_computed,
+                scores: &scores,
+                accounts,
+            })
+        };
+        let two = audiences.account_facts(&traits, &computed(2));
+        assert_eq!(
+            two,
+            json!({"industry": "Software", "orders_30d": 2}),
+            "only what the tests read is kept, and the computed trait wins over the trait"
+        );
+        assert_eq!(members(&[&two]), ["software"]);
+        let three = audiences.account_facts(&traits, &computed(3));
+        assert_eq!(members(&[&three]), ["busy_accounts", "software"]);
+        // Some account meeting it is enough.
+        assert_eq!(members(&[&two, &three]), ["busy_accounts", "software"]);
+        // Without an account computed trait of the name, the account trait is read.
+        let declared_none = audiences.account_facts(&traits, &BTreeMap::new());
+        assert_eq!(declared_none["orders_30d"], json!(100));
+        assert_eq!(members(&[&declared_none]), ["busy_accounts", "software"]);
+
+        // Account names are open (neither a trait nor a computed trait anyone declared is fine),
+        // but an op that does not fit its value is still refused.
+        assert!(
+            Audiences::compile(parse(
+                r#"[[audiences]]
+                name = "a"
+                condition = { account = { name = "never_declared", op = "exists" } }"#
+            ))
+            .is_ok()
+        );
+        assert!(
+            Audiences::compile(parse(
+                r#"[[audiences]]
+                name = "a"
+                condition = { account = { name = "orders_30d", op = "gte", value = "three" } }"#
+            ))
+            .unwrap_err()
+            .contains("number")
+        );
     }
 
     #[test]

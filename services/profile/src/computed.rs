@@ -234,12 +234,15 @@ pub const CONSENT_PREFIX: &str = "consent:";
 /// role and title in the account (`{"role", "title"}` from the call's `context.traits`).
 pub const ACCOUNT_PREFIX: &str = "account:";
 
-/// The prefix of the copies of a person's accounts' traits that audiences read:
+/// The prefix of the copies of a person's accounts' values that audiences read:
 /// `account_traits:<group id>`, a `last` entry holding `{name: value}` for the account traits
-/// the audiences' account tests name. Not folded from the person's events: copied from the
-/// accounts whenever the profile is written (the account's traits may change through another
-/// member's group call; the account refresh then copies them again). Kept with the computed
-/// values so they travel with the profile into the cache and its history.
+/// and account computed traits the audiences' account tests name. Not folded from the person's
+/// events: copied from the accounts whenever the profile is written (another member's group
+/// call or event may change them; the account refresh then copies them again). The entry's `at`
+/// is until when the copy holds: when a windowed account computed value it holds next changes
+/// without a new event (the sweeper copies it again then), the Unix epoch when none will.
+/// Kept with the computed values so they travel with the profile into the cache and its
+/// history.
 pub const ACCOUNT_TRAITS_PREFIX: &str = "account_traits:";
 
 /// The longest purpose name kept, in bytes; longer ones are ignored.
@@ -319,37 +322,63 @@ impl ComputedState {
             .filter_map(|(id, acc)| Some((id, &acc.last()?.value)))
     }
 
-    /// Copies `traits(group id)` (a JSON object) for each of the person's accounts, and drops
-    /// the copies of accounts the person no longer belongs to; with `copy` false, drops every
-    /// copy (no audience reads them). Whether anything changed.
-    pub fn set_account_traits(&mut self, copy: bool, traits: impl Fn(&str) -> Value) -> bool {
-        let wanted: BTreeMap<String, Value> = if copy {
+    /// Copies `traits(group id)` (a JSON object, and until when it holds: `None` until the
+    /// account changes) for each of the person's accounts, and drops the copies of accounts the
+    /// person no longer belongs to; with `copy` false, drops every copy (no audience reads
+    /// them). Whether anything changed.
+    pub fn set_account_traits(
+        &mut self,
+        copy: bool,
+        traits: impl Fn(&str) -> (Value, Option<OffsetDateTime>),
+    ) -> bool {
+        let wanted: BTreeMap<String, (Value, OffsetDateTime)> = if copy {
             self.accounts()
-                .map(|(id, _)| (id.to_owned(), traits(id)))
+                .map(|(id, _)| {
+                    let (value, until) = traits(id);
+                    (
+                        id.to_owned(),
+                        (value, until.unwrap_or(OffsetDateTime::UNIX_EPOCH)),
+                    )
+                })
                 .collect()
         } else {
             BTreeMap::new()
         };
-        let same = wanted.len() == self.account_traits().count()
-            && self
-                .account_traits()
-                .all(|(id, value)| wanted.get(id) == Some(value));
+        let copies: Vec<(&str, &Entry)> = self
+            .prefixed(ACCOUNT_TRAITS_PREFIX)
+            .filter_map(|(id, acc)| Some((id, acc.last()?)))
+            .collect();
+        let same = wanted.len() == copies.len()
+            && copies.iter().all(|(id, entry)| {
+                wanted
+                    .get(*id)
+                    .is_some_and(|(value, until)| *value == entry.value && *until == entry.at)
+            });
         if same {
             return false;
         }
         self.0
             .retain(|name, _| !name.starts_with(ACCOUNT_TRAITS_PREFIX));
-        for (id, value) in wanted {
+        for (id, (value, until)) in wanted {
             self.0.insert(
                 format!("{ACCOUNT_TRAITS_PREFIX}{id}"),
                 Acc::Last(Entry {
-                    at: OffsetDateTime::UNIX_EPOCH,
+                    at: until,
                     event_id: String::new(),
                     value,
                 }),
             );
         }
         true
+    }
+
+    /// The earliest time after `now` at which a copy of an account's values stops holding (a
+    /// windowed account computed value in it changes); `None` when none will.
+    pub fn account_traits_valid_until(&self, now: OffsetDateTime) -> Option<OffsetDateTime> {
+        self.prefixed(ACCOUNT_TRAITS_PREFIX)
+            .filter_map(|(_, acc)| Some(acc.last()?.at))
+            .filter(|until| *until > now)
+            .min()
     }
 
     /// The accumulators under `prefix`, by the rest of their name.
@@ -689,6 +718,35 @@ mod tests {
                 .problem()
                 .is_some()
         );
+    }
+
+    #[test]
+    fn account_copies_say_until_when_they_hold() {
+        let mut state = ComputedState::default();
+        let mut call = order("g1", 0, 0.0, "");
+        call.details.kind = "group".into();
+        call.details.group_id = "acme".into();
+        state.apply_account(&call);
+        let until = T0 + Duration::days(30);
+        assert!(state.set_account_traits(true, |_| (json!({"orders_30d": 3}), Some(until))));
+        assert_eq!(
+            state.account_traits().collect::<Vec<_>>(),
+            [("acme", &json!({"orders_30d": 3}))]
+        );
+        assert_eq!(state.account_traits_valid_until(T0), Some(until));
+        assert_eq!(
+            state.account_traits_valid_until(until),
+            None,
+            "past it, the sweeper copies again"
+        );
+        assert!(!state.set_account_traits(true, |_| (json!({"orders_30d": 3}), Some(until))));
+        assert!(
+            state.set_account_traits(true, |_| (json!({"orders_30d": 3}), None)),
+            "a new expiry is a change"
+        );
+        assert_eq!(state.account_traits_valid_until(T0), None);
+        assert!(state.set_account_traits(false, |_| (json!({}), None)));
+        assert_eq!(state.account_traits().count(), 0);
     }
 
     fn def(name: &str, kind: Kind, property: Option<&str>, window: Option<u64>) -> ComputedTrait {

@@ -559,6 +559,11 @@ impl Workspace {
         self.profiles.get(id)
     }
 
+    /// Every profile the workspace holds (live and merged away), in id order.
+    pub fn profiles(&self) -> impl Iterator<Item = &Profile> {
+        self.profiles.values()
+    }
+
     /// Stores new scores on the live profile `id`; the profile counts as changed when any of
     /// them differs from what it had.
     pub fn set_scores(&mut self, id: &str, scores: Vec<Score>, now: OffsetDateTime) {

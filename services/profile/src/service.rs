@@ -2,7 +2,7 @@
 //! `ProfilePipelineService` (internal writes), over the store, the versioned cache and the
 //! identity and scoring services.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -591,8 +591,9 @@ impl Inner {
                 examined += 1;
                 after = Some(profile.profile_id.clone());
                 let computed = profile.state.computed.values(computed_defs, now);
-                // Account tests read the accounts themselves (profiles copy only the traits
-                // the audiences name), each read once per call.
+                // Account tests read the accounts themselves (profiles copy only what the
+                // audiences name): their traits and account computed traits, each account read
+                // once per call.
                 let mut accounts = Vec::new();
                 if !matcher.account_traits().is_empty() {
                     let ids: Vec<String> = profile
@@ -603,14 +604,19 @@ impl Inner {
                         .collect();
                     for id in &ids {
                         if !account_traits.contains_key(id) {
-                            let traits = self.store.account(id).await?.map(|a| {
-                                serde_json::Value::Object(
-                                    a.traits
-                                        .into_iter()
-                                        .map(|(name, t)| (name, t.value))
-                                        .collect(),
-                                )
-                            });
+                            let traits = match self.store.account(id).await? {
+                                Some(account) => {
+                                    let computed = if matcher.account_traits().iter().any(|name| {
+                                        defs.account_computed.iter().any(|c| &c.name == name)
+                                    }) {
+                                        self.store.account_computed(id, now).await?
+                                    } else {
+                                        BTreeMap::new()
+                                    };
+                                    Some(matcher.account_facts(&account.traits, &computed))
+                                }
+                                None => None,
+                            };
                             account_traits.insert(id.clone(), traits);
                         }
                     }
@@ -1012,10 +1018,16 @@ impl Inner {
     ) -> Result<pb::ApplyEventsResponse, ProfileError> {
         let (_traced, traces) = event_traces(&request.events);
         let batch = convert::batch(request)?;
-        let account_traits = batch
-            .events
-            .iter()
-            .any(|e| !e.details.group_traits.is_empty());
+        // The account refresh is woken at once when the batch may change what other members
+        // of an account read: its traits, or an account computed trait an audience reads.
+        let account_traits = {
+            let defs = self.defs.current();
+            let copies = defs.copies_account_computed();
+            batch.events.iter().any(|e| {
+                !e.details.group_traits.is_empty()
+                    || (copies && (!e.details.group_id.is_empty() || defs.counts_for_audiences(e)))
+            })
+        };
         let now = micros(OffsetDateTime::now_utc());
         // Every profile the batch names is rescored in the same transaction, also when all its
         // events were duplicates: a batch retried after a scoring failure gets its scores.

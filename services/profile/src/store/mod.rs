@@ -84,15 +84,32 @@ pub trait Scorer: Send + Sync {
 /// Accounts by id.
 pub type Accounts = HashMap<String, Account>;
 
+/// The values of the account computed traits the audiences read, by account id, with until
+/// when they hold (`None`: until the account's members or their events change).
+pub type AccountValues = HashMap<
+    String,
+    (
+        BTreeMap<String, crate::computed::ComputedValue>,
+        Option<OffsetDateTime>,
+    ),
+>;
+
+/// The profiles a transaction is about to write (live and merged away), by id: account folds
+/// read them instead of the stored rows, so a merge or an unmerge of the same write counts.
+type Pending<'a> = HashMap<&'a str, &'a Profile>;
+
+/// The ids of the accounts `profiles` belong to.
+fn account_ids(profiles: &[&Profile]) -> BTreeSet<String> {
+    profiles
+        .iter()
+        .flat_map(|p| p.state.computed.accounts().map(|(id, _)| id.to_owned()))
+        .collect()
+}
+
 /// The accounts `profiles` belong to, read through `ops` (inside the writing transaction, so
 /// account traits the batch changed are read as changed).
 async fn accounts_of<O: Ops>(ops: &mut O, profiles: &[&Profile]) -> Result<Accounts, sqlx::Error> {
-    let ids: Vec<String> = profiles
-        .iter()
-        .flat_map(|p| p.state.computed.accounts().map(|(id, _)| id.to_owned()))
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    let ids: Vec<String> = account_ids(profiles).into_iter().collect();
     if ids.is_empty() {
         return Ok(Accounts::new());
     }
@@ -407,7 +424,8 @@ pub struct Definitions {
     /// The event types with their own pace and weight in engagement (config only).
     pub engagement: Vec<crate::engagement::EngagementEvent>,
     /// The computed traits of accounts, over their members' events (config only). Evaluated
-    /// when read, not stored, so they are not part of the fingerprint.
+    /// when read, not stored; those the audiences' account tests read are copied onto the
+    /// members' profiles, so those are part of the fingerprint.
     pub account_computed: Vec<ComputedTrait>,
 }
 
@@ -439,6 +457,27 @@ impl Definitions {
     pub fn counts_for_accounts(&self, event: &crate::domain::ResolvedEvent) -> bool {
         self.account_computed
             .iter()
+            .any(|def| def.value_of(event).is_some())
+    }
+
+    /// The account computed traits some audience's account test reads: the members' profiles
+    /// carry a copy of their values.
+    pub fn audience_account_computed(&self) -> impl Iterator<Item = &ComputedTrait> {
+        let names = self.audiences.account_traits();
+        self.account_computed
+            .iter()
+            .filter(|def| names.contains(&def.name))
+    }
+
+    /// Whether some audience reads an account computed trait (then a change of an account's
+    /// members or of their events refreshes every member's copy).
+    pub fn copies_account_computed(&self) -> bool {
+        self.audience_account_computed().next().is_some()
+    }
+
+    /// Whether `event` counts for an account computed trait some audience reads.
+    pub fn counts_for_audiences(&self, event: &crate::domain::ResolvedEvent) -> bool {
+        self.audience_account_computed()
             .any(|def| def.value_of(event).is_some())
     }
 
@@ -498,29 +537,34 @@ impl Definitions {
     }
 
     /// Copies onto `state` the traits of its accounts (`accounts`, as the writing transaction
-    /// sees them) that the audiences' account tests read; whether it changed.
+    /// sees them) and the account computed traits (`values`) that the audiences' account tests
+    /// read; whether it changed.
     pub fn copy_account_traits(
         &self,
         state: &mut crate::computed::ComputedState,
         accounts: &Accounts,
+        values: &AccountValues,
     ) -> bool {
         let names = self.audiences.account_traits();
+        let (no_traits, no_values) = (BTreeMap::new(), BTreeMap::new());
         state.set_account_traits(!names.is_empty(), |id| {
-            let mut copy = serde_json::Map::new();
-            if let Some(account) = accounts.get(id) {
-                for name in names {
-                    if let Some(t) = account.traits.get(name) {
-                        copy.insert(name.clone(), t.value.clone());
-                    }
-                }
-            }
-            serde_json::Value::Object(copy)
+            let traits = accounts.get(id).map_or(&no_traits, |a| &a.traits);
+            let (computed, until) = values
+                .get(id)
+                .map_or((&no_values, None), |(values, until)| (values, *until));
+            (self.audiences.account_facts(traits, computed), until)
         })
     }
 
-    /// When `profile`'s computed values or memberships next change without a new event.
+    /// When `profile`'s computed values or memberships next change without a new event: a
+    /// window of its own computed traits, or of an account computed trait it carries a copy of.
     pub fn valid_until(&self, profile: &Profile, now: OffsetDateTime) -> Option<OffsetDateTime> {
-        profile.state.computed.valid_until(&self.computed, now)
+        let computed = &profile.state.computed;
+        computed
+            .valid_until(&self.computed, now)
+            .into_iter()
+            .chain(computed.account_traits_valid_until(now))
+            .min()
     }
 
     /// A digest of everything that folds events into profiles (the computed traits with the
@@ -552,15 +596,26 @@ impl Definitions {
             )),
         }
         .unwrap_or_default();
+        // Likewise the account computed traits audiences read (profiles carry their values).
+        let copied: Vec<&ComputedTrait> = self.audience_account_computed().collect();
+        let json = if copied.is_empty() {
+            json
+        } else {
+            json + &serde_json::to_string(&copied).unwrap_or_default()
+        };
         Sha256::digest(json.as_bytes())
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect()
     }
 
-    /// Whether anything changes as time passes (some window is declared).
+    /// Whether anything changes as time passes (some window is declared, of a computed trait
+    /// or of an account computed trait profiles carry a copy of).
     pub fn windowed(&self) -> bool {
-        self.computed.iter().any(|c| c.window_seconds.is_some())
+        self.computed
+            .iter()
+            .chain(self.audience_account_computed())
+            .any(|c| c.window_seconds.is_some())
     }
 }
 
@@ -942,6 +997,7 @@ async fn without_deleted<'b, O: Ops>(
 /// [`ProfileStore::delete`].
 async fn delete<O: Ops>(
     ops: &mut O,
+    shared: &SharedDefinitions,
     live: &str,
     component: &[String],
     reason: &str,
@@ -959,14 +1015,15 @@ async fn delete<O: Ops>(
     let found = !stored.is_empty() || !merged.is_empty();
     ids.extend(merged);
     let profile_ids: Vec<String> = ids.into_iter().collect();
-    // The person leaves their accounts: the account refresh rescores them without them.
-    let accounts: BTreeSet<String> = stored
-        .iter()
-        .flat_map(|p| p.state.computed.accounts().map(|(id, _)| id.to_owned()))
-        .collect();
+    // The person leaves their accounts: the account refresh rescores them without them, and
+    // when audiences read account computed traits (which counted the person's events) it
+    // re-evaluates the other members too.
+    let accounts = account_ids(&stored.iter().collect::<Vec<_>>());
     if !accounts.is_empty() {
+        let members = definitions(ops, shared).await?.copies_account_computed();
         let accounts: Vec<&str> = accounts.iter().map(String::as_str).collect();
-        ops.request_account_refreshes(&accounts, false, now).await?;
+        ops.request_account_refreshes(&accounts, members, now)
+            .await?;
     }
     let identifiers = stored
         .into_iter()
@@ -1064,18 +1121,36 @@ async fn apply<O: Ops>(
     let mut applied = 0;
     let mut group_calls = Vec::new();
     // The profiles whose new events count for an account computed trait: their accounts are
-    // rescored by the account refresh.
+    // rescored by the account refresh, which also re-evaluates their members when an audience
+    // reads the trait (`copied`).
     let mut counted: BTreeSet<&str> = BTreeSet::new();
+    let mut copied: BTreeSet<&str> = BTreeSet::new();
+    // The accounts a person joined by this batch: their events now count for the account.
+    let mut joined: BTreeSet<String> = BTreeSet::new();
+    let copies = defs.copies_account_computed();
     for event in &batch.events {
         if fresh.remove(&event.event_id) {
+            let group_id = &event.details.group_id;
+            if copies
+                && !group_id.is_empty()
+                && !ws
+                    .canonical(&event.profile_id)
+                    .and_then(|id| ws.profile(id))
+                    .is_some_and(|p| p.state.computed.accounts().any(|(id, _)| id == group_id))
+            {
+                joined.insert(group_id.clone());
+            }
             ws.apply_event(event, half_life_seconds, now, defs.rules())?;
             applied += 1;
             if defs.counts_for_accounts(event) {
                 counted.insert(event.profile_id.as_str());
             }
+            if copies && defs.counts_for_audiences(event) {
+                copied.insert(event.profile_id.as_str());
+            }
             // Every group call counts, also one without account traits: it may change the
             // person's role, which the account's scores read.
-            if !event.details.group_id.is_empty() {
+            if !group_id.is_empty() {
                 group_calls.push(event);
             }
         }
@@ -1087,18 +1162,35 @@ async fn apply<O: Ops>(
         .filter_map(|(_, survivor)| ws.canonical(survivor).and_then(|id| ws.profile(id)))
         .flat_map(|p| p.state.computed.accounts().map(|(id, _)| id.to_owned()))
         .collect();
+    // Members' copies of the account computed traits audiences read change when the account's
+    // members change (a person joined, people merged) or their events count: the account
+    // refresh re-evaluates every member (the batch's own people are brought up to date below).
+    let accounts_of_ids = |ids: &BTreeSet<&str>| -> BTreeSet<String> {
+        let profiles: Vec<&Profile> = ids
+            .iter()
+            .filter_map(|id| ws.canonical(id).and_then(|live| ws.profile(live)))
+            .collect();
+        account_ids(&profiles)
+    };
+    let mut refresh_members = accounts_of_ids(&copied);
+    if copies {
+        refresh_members.extend(joined);
+        refresh_members.extend(merged_accounts.iter().cloned());
+    }
     let touched_accounts =
         fold_accounts(ops, &defs.catalog, &group_calls, merged_accounts, now).await?;
     // Accounts rescored in this transaction need no refresh for the batch's events.
-    let counted_accounts: BTreeSet<String> = counted
-        .iter()
-        .filter_map(|id| ws.canonical(id).and_then(|live| ws.profile(live)))
-        .flat_map(|p| p.state.computed.accounts().map(|(id, _)| id.to_owned()))
-        .filter(|id| !touched_accounts.contains_key(id))
+    let counted_accounts: BTreeSet<String> = accounts_of_ids(&counted)
+        .into_iter()
+        .filter(|id| !touched_accounts.contains_key(id) && !refresh_members.contains(id))
         .collect();
     if !counted_accounts.is_empty() {
         let ids: Vec<&str> = counted_accounts.iter().map(String::as_str).collect();
         ops.request_account_refreshes(&ids, false, now).await?;
+    }
+    if !refresh_members.is_empty() {
+        let ids: Vec<&str> = refresh_members.iter().map(String::as_str).collect();
+        ops.request_account_refreshes(&ids, true, now).await?;
     }
 
     let named_live: BTreeSet<String> = named
@@ -1106,13 +1198,19 @@ async fn apply<O: Ops>(
         .filter_map(|id| ws.canonical(id).map(str::to_owned))
         .collect();
     let state_changed: BTreeSet<String> = ws.changed().map(|p| p.profile_id.clone()).collect();
-    let accounts = {
+    let (accounts, values) = {
         let profiles: Vec<&Profile> = named_live.iter().filter_map(|id| ws.profile(id)).collect();
-        accounts_of(ops, &profiles).await?
+        let accounts = accounts_of(ops, &profiles).await?;
+        // Folded with the batch's merges and events (recorded above) already counted.
+        let pending: Pending<'_> = ws.profiles().map(|p| (p.profile_id.as_str(), p)).collect();
+        let values = account_values(ops, defs, account_ids(&profiles), &pending, now).await?;
+        (accounts, values)
     };
     // The copies of the account traits first: audiences read them, and scores read audiences.
     for id in &named_live {
-        ws.update_computed(id, now, |state| defs.copy_account_traits(state, &accounts));
+        ws.update_computed(id, now, |state| {
+            defs.copy_account_traits(state, &accounts, &values)
+        });
     }
     let scores = {
         let profiles: Vec<&Profile> = named_live.iter().filter_map(|id| ws.profile(id)).collect();
@@ -1532,25 +1630,75 @@ async fn account_computed<O: Ops>(
     if defs.account_computed.is_empty() {
         return Ok(BTreeMap::new());
     }
+    let state = account_state(ops, &defs.account_computed, members, &Pending::new()).await?;
+    Ok(state.values(&defs.account_computed, now))
+}
+
+/// The accumulators of `traits` over every event of `members` and of the profiles merged into
+/// them (as `pending` will write them, else as stored), read through `ops`.
+async fn account_state<O: Ops>(
+    ops: &mut O,
+    traits: &[ComputedTrait],
+    members: &[Member],
+    pending: &Pending<'_>,
+) -> Result<crate::computed::ComputedState, ProfileError> {
+    let mut ids = Vec::new();
+    let mut stored = Vec::new();
+    for member in members {
+        match pending.get(member.profile_id.as_str()) {
+            Some(p) => {
+                ids.push(p.profile_id.clone());
+                ids.extend(p.merged_profile_ids.iter().cloned());
+            }
+            None => stored.push(member.profile_id.clone()),
+        }
+    }
+    if !stored.is_empty() {
+        ids.extend(
+            ops.load(&stored, false)
+                .await?
+                .into_iter()
+                .flat_map(|p| std::iter::once(p.profile_id).chain(p.merged_profile_ids)),
+        );
+    }
     let mut state = crate::computed::ComputedState::default();
-    let live: Vec<String> = members.iter().map(|m| m.profile_id.clone()).collect();
-    let ids: Vec<String> = ops
-        .load(&live, false)
-        .await?
-        .into_iter()
-        .flat_map(|p| std::iter::once(p.profile_id).chain(p.merged_profile_ids))
-        .collect();
+    if ids.is_empty() {
+        return Ok(state);
+    }
     for (event_id, profile_id, content) in ops.load_events(&ids).await? {
         // Events applied before their contents were kept cannot be folded again.
         let Some(content) = content else { continue };
         let content: EventContent = serde_json::from_str(&content)
             .map_err(|e| ProfileError::Corrupt(format!("event {event_id}: {e}")))?;
-        state.apply(
-            &defs.account_computed,
-            &content.event(&event_id, &profile_id),
-        );
+        state.apply(traits, &content.event(&event_id, &profile_id));
     }
-    Ok(state.values(&defs.account_computed, now))
+    Ok(state)
+}
+
+/// The values at `now` of the account computed traits the audiences read, for each of
+/// `accounts`, with until when they hold; nothing is read when no audience reads one. Members
+/// and merges are as `pending` will write them (else as stored): see
+/// [`Definitions::copy_account_traits`]. One read of each account's group events, members
+/// and members' events.
+async fn account_values<O: Ops>(
+    ops: &mut O,
+    defs: &Definitions,
+    accounts: BTreeSet<String>,
+    pending: &Pending<'_>,
+    now: OffsetDateTime,
+) -> Result<AccountValues, ProfileError> {
+    let traits: Vec<ComputedTrait> = defs.audience_account_computed().cloned().collect();
+    let mut out = AccountValues::new();
+    if traits.is_empty() {
+        return Ok(out);
+    }
+    for id in accounts {
+        let members = account_members_with(ops, &id, pending).await?;
+        let state = account_state(ops, &traits, &members, pending).await?;
+        let values = state.values(&traits, now);
+        out.insert(id, (values, state.valid_until(&traits, now)));
+    }
+    Ok(out)
 }
 
 /// [`ProfileStore::account_computed`] through `ops`.
@@ -1573,6 +1721,33 @@ async fn account_members<O: Ops>(
     ops: &mut O,
     account_id: &str,
 ) -> Result<Vec<Member>, ProfileError> {
+    account_members_with(ops, account_id, &Pending::new()).await
+}
+
+/// The live profile `id` resolves to once `pending` is written, from `stored` (where the stored
+/// rows resolve it); `None` for an id neither resolves (deleted, or never stored).
+fn resolve_pending(pending: &Pending<'_>, id: &str, stored: Option<&String>) -> Option<String> {
+    let mut current = if pending.contains_key(id) {
+        id
+    } else {
+        stored?.as_str()
+    };
+    // Each hop follows a pending merge, so there are at most as many hops as pending rows.
+    for _ in 0..=pending.len() {
+        match pending.get(current).and_then(|p| p.merged_into.as_deref()) {
+            Some(next) => current = next,
+            None => return Some(current.to_owned()),
+        }
+    }
+    None
+}
+
+/// The members of `account_id` once `pending` is written (else as stored), read through `ops`.
+async fn account_members_with<O: Ops>(
+    ops: &mut O,
+    account_id: &str,
+    pending: &Pending<'_>,
+) -> Result<Vec<Member>, ProfileError> {
     let rows = ops.group_events(account_id).await?;
     let mut events = Vec::with_capacity(rows.len());
     for (event_id, profile_id, content) in rows {
@@ -1587,7 +1762,11 @@ async fn account_members<O: Ops>(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let live = ops.resolve(&ids).await?;
+    let stored = ops.resolve(&ids).await?;
+    let live: HashMap<String, String> = ids
+        .iter()
+        .filter_map(|id| Some((id.clone(), resolve_pending(pending, id, stored.get(id))?)))
+        .collect();
     Ok(crate::account::members(events, &live))
 }
 
@@ -1658,6 +1837,8 @@ async fn rebuild<O: Ops>(
         .into_iter()
         .map(|p| (p.profile_id.clone(), p))
         .collect();
+    // The accounts the component belonged to (an erased group call may take one away).
+    let accounts_before = account_ids(&old.values().collect::<Vec<_>>());
     let moved: HashMap<&str, (&str, &[Identifier])> = split
         .events
         .iter()
@@ -1756,12 +1937,17 @@ async fn rebuild<O: Ops>(
         }
         rows.push(profile);
     }
-    let accounts = {
+    let (accounts, values) = {
         let live: Vec<&Profile> = rows.iter().filter(|p| p.merged_into.is_none()).collect();
-        accounts_of(ops, &live).await?
+        let accounts = accounts_of(ops, &live).await?;
+        // Folded with the component as rebuilt (events moved by the split are counted with
+        // their old profile until the account refresh queued below).
+        let pending: Pending<'_> = rows.iter().map(|p| (p.profile_id.as_str(), p)).collect();
+        let values = account_values(ops, defs, account_ids(&live), &pending, now).await?;
+        (accounts, values)
     };
     for profile in rows.iter_mut().filter(|p| p.merged_into.is_none()) {
-        defs.copy_account_traits(&mut profile.state.computed, &accounts);
+        defs.copy_account_traits(&mut profile.state.computed, &accounts, &values);
     }
     let scores = {
         let live: Vec<&Profile> = rows.iter().filter(|p| p.merged_into.is_none()).collect();
@@ -1805,12 +1991,22 @@ async fn rebuild<O: Ops>(
     ops.move_events(&moves).await?;
     ops.delete_events(&deleted).await?;
     ops.replace_identifiers(&members, &links).await?;
-    // Members move with their events: the accounts of the rebuilt people are rescored.
-    let accounts: BTreeSet<String> = rows
-        .iter()
-        .filter(|p| p.merged_into.is_none())
-        .flat_map(|p| p.state.computed.accounts().map(|(id, _)| id.to_owned()))
-        .collect();
+    // Members move with their events: the accounts of the rebuilt people are rescored, and an
+    // unmerge re-evaluates their other members when audiences read account computed traits
+    // (a recompute moves no event).
+    let accounts = account_ids(
+        &rows
+            .iter()
+            .filter(|p| p.merged_into.is_none())
+            .collect::<Vec<_>>(),
+    );
+    if log_split && defs.copies_account_computed() {
+        let ids: Vec<&str> = accounts
+            .union(&accounts_before)
+            .map(String::as_str)
+            .collect();
+        ops.request_account_refreshes(&ids, true, now).await?;
+    }
     let accounts = fold_accounts(ops, &defs.catalog, &[], accounts, now).await?;
     rescore_accounts(ops, defs, scorer, accounts, now).await?;
     let live: Vec<String> = rows
@@ -1840,6 +2036,15 @@ async fn sweep<O: Ops>(
     now: OffsetDateTime,
 ) -> Result<(Vec<Profile>, Vec<MembershipChange>), ProfileError> {
     let defs = &*definitions(ops, shared).await?;
+    // Copies of windowed account computed traits are due too: copied again as of now.
+    if defs.copies_account_computed() {
+        let refs: Vec<&Profile> = profiles.iter().collect();
+        let accounts = accounts_of(ops, &refs).await?;
+        let values = account_values(ops, defs, account_ids(&refs), &Pending::new(), now).await?;
+        for profile in &mut profiles {
+            defs.copy_account_traits(&mut profile.state.computed, &accounts, &values);
+        }
+    }
     for profile in &mut profiles {
         profile.state.computed.prune(&defs.computed, now);
         profile.valid_until = defs.valid_until(profile, now);

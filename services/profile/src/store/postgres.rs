@@ -271,7 +271,15 @@ impl ProfileStore for PostgresStore {
         now: OffsetDateTime,
     ) -> Result<Deleted, ProfileError> {
         let mut tx = self.pool.begin().await?;
-        let deleted = super::delete(&mut PgOps(&mut tx), live, component, reason, now).await?;
+        let deleted = super::delete(
+            &mut PgOps(&mut tx),
+            &self.defs,
+            live,
+            component,
+            reason,
+            now,
+        )
+        .await?;
         tx.commit().await?;
         Ok(deleted)
     }

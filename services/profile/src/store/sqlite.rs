@@ -290,7 +290,15 @@ impl ProfileStore for SqliteStore {
         now: OffsetDateTime,
     ) -> Result<Deleted, ProfileError> {
         let mut tx = self.pool.begin().await?;
-        let deleted = super::delete(&mut LiteOps(&mut tx), live, component, reason, now).await?;
+        let deleted = super::delete(
+            &mut LiteOps(&mut tx),
+            &self.defs,
+            live,
+            component,
+            reason,
+            now,
+        )
+        .await?;
         tx.commit().await?;
         Ok(deleted)
     }

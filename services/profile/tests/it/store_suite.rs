@@ -2368,6 +2368,224 @@ async fn account_traits_reach_every_member_on_postgres() {
     backend.db.close().await;
 }
 
+/// An account computed trait that audiences read reaches every member's audiences: the
+/// person whose event or merge changes it in the same write, the other members at the account
+/// refresh that write queues, as its window passes by the sweep, and as people merge, unmerge,
+/// are deleted or join. A computed trait wins over an account trait of its name, and the copy
+/// is kept in the profile's history.
+async fn account_computed_traits_in_audiences_reach_every_member(backend: &Backend) {
+    use prost::Message as _;
+    let count = |name: &str, window_seconds: Option<u64>| ComputedTrait {
+        name: name.into(),
+        kind: Kind::Count,
+        events: vec!["Order Completed".into()],
+        types: vec![],
+        property: None,
+        window_seconds,
+    };
+    let account_test = |name: &str, audience: &str, at_least: u64| Audience {
+        name: audience.into(),
+        condition: Condition::Account(Test {
+            name: name.into(),
+            op: Op::Gte,
+            value: json!(at_least),
+        }),
+    };
+    let store = store::open_with(
+        backend.db.clone(),
+        store::Definitions::new(
+            vec![],
+            Audiences::compile(vec![
+                account_test("orders", "busy", 3),
+                account_test("orders_1h", "busy_now", 2),
+            ])
+            .unwrap(),
+        )
+        .with_history(true)
+        .with_account_computed(vec![count("orders", None), count("orders_1h", Some(3_600))]),
+    );
+    let minutes = time::Duration::minutes;
+    // An order `ago` minutes before NOW.
+    let order = |id: &str, profile: &str, ago: i64| {
+        let mut e = tracked(id, profile, 0, "Order Completed", json!({}));
+        e.timestamp = NOW - minutes(ago);
+        e
+    };
+    let apply = |merges: Vec<Merge>, events: Vec<ResolvedEvent>, now: OffsetDateTime| {
+        let store = store.clone();
+        async move {
+            store
+                .apply(&Batch { merges, events }, H, now, &NoScores)
+                .await
+                .unwrap()
+                .audiences
+        }
+    };
+    // Every queued refresh, as the sweeper takes them: the membership changes they made.
+    let refresh = |now: OffsetDateTime| {
+        let store = store.clone();
+        async move {
+            let mut changes = Vec::new();
+            while let Some(done) = store.refresh_accounts(1, H, now, &NoScores).await.unwrap() {
+                changes.extend(done.audiences);
+            }
+            changes
+        }
+    };
+    let members = |audience: &'static str| {
+        let store = store.clone();
+        async move { store.audience_members(audience, None, 10).await.unwrap().0 }
+    };
+    let entered = |audience: &str, ids: &[&str]| -> Vec<MembershipChange> {
+        ids.iter()
+            .map(|id| MembershipChange {
+                audience: audience.into(),
+                profile_id: (*id).into(),
+                entered: true,
+            })
+            .collect()
+    };
+    let exited = |audience: &str, ids: &[&str]| -> Vec<MembershipChange> {
+        entered(audience, ids)
+            .into_iter()
+            .map(|c| MembershipChange {
+                entered: false,
+                ..c
+            })
+            .collect()
+    };
+
+    // Ann and Bob join acme; Ann's call sets an account trait `orders`, which the account
+    // computed trait of that name overrides (no orders yet).
+    apply(
+        vec![],
+        vec![
+            group_call("g1", "p1", 0, "acme", "finance", json!({"orders": 100})),
+            group_call("g2", "p2", 1, "acme", "champion", json!({})),
+        ],
+        NOW,
+    )
+    .await;
+    assert!(refresh(NOW).await.is_empty());
+    assert!(members("busy").await.is_empty());
+    let p1 = store.get("p1").await.unwrap().expect("p1");
+    assert_eq!(
+        p1.state.computed.account_traits().collect::<Vec<_>>(),
+        [("acme", &json!({"orders": 0, "orders_1h": 0}))]
+    );
+
+    // Ann orders twice: she is in busy_now in the same write, Bob at the refresh.
+    let changes = apply(
+        vec![],
+        vec![order("o1", "p1", 50), order("o2", "p1", 40)],
+        NOW,
+    )
+    .await;
+    assert_eq!(changes, entered("busy_now", &["p1"]));
+    assert_eq!(refresh(NOW).await, entered("busy_now", &["p2"]));
+    assert!(members("busy").await.is_empty());
+
+    // Bob's order pushes acme to three: Bob is in busy in his own write, Ann at the refresh.
+    let changes = apply(vec![], vec![order("o3", "p2", 30)], NOW).await;
+    assert_eq!(changes, entered("busy", &["p2"]));
+    assert_eq!(members("busy").await, ["p2"]);
+    assert_eq!(refresh(NOW).await, entered("busy", &["p1"]));
+    assert_eq!(members("busy").await, ["p1", "p2"]);
+    assert!(refresh(NOW).await.is_empty(), "the queue is empty");
+    let p1 = store.get("p1").await.unwrap().expect("p1");
+    assert_eq!(
+        p1.valid_until,
+        Some(NOW + minutes(10)),
+        "o1 leaves the hour then"
+    );
+
+    // Time passes: o1 leaves the hour (two are left), then o2 (one): both leave busy_now at
+    // the sweep, without a new event.
+    let (swept, changes) = store.sweep(NOW + minutes(11), 10).await.unwrap();
+    assert_eq!(swept.len(), 2);
+    assert!(changes.is_empty(), "{changes:?}");
+    let (swept, changes) = store.sweep(NOW + minutes(21), 10).await.unwrap();
+    assert_eq!(swept.len(), 2);
+    assert_eq!(changes, exited("busy_now", &["p1", "p2"]));
+    assert!(
+        swept
+            .iter()
+            .all(|p| p.valid_until == Some(NOW + minutes(30))),
+        "o3 leaves next: {swept:?}"
+    );
+    let (swept, _) = store.sweep(NOW + minutes(22), 10).await.unwrap();
+    assert!(swept.is_empty(), "not due again before then");
+    // As of before the sweep, Ann was in both.
+    let before = store
+        .profile_as_of("p1", NOW + minutes(20))
+        .await
+        .unwrap()
+        .expect("a version");
+    let before = tessera_proto::profile::v1::Profile::decode(before.as_slice()).unwrap();
+    assert_eq!(before.audiences, ["busy", "busy_now"]);
+
+    // Cat, not in acme, orders; merged into Ann, her order counts for acme in the merge's
+    // write (Ann is back in busy_now), for Bob at the refresh.
+    let later = NOW + minutes(22);
+    assert!(
+        apply(vec![], vec![order("o4", "p3", 5)], later)
+            .await
+            .is_empty()
+    );
+    let changes = apply(vec![merge("p1", "p3")], vec![], later).await;
+    assert_eq!(changes, entered("busy_now", &["p1"]));
+    assert_eq!(refresh(later).await, entered("busy_now", &["p2"]));
+
+    // The merge undone: Ann leaves in the split's write, Bob at the refresh.
+    let split = Split {
+        profiles: vec![("p1".into(), "p1".into()), ("p3".into(), "p3".into())],
+        events: vec![],
+        erased: vec![],
+    };
+    let changes = store
+        .split(&split, H, later, &NoScores)
+        .await
+        .unwrap()
+        .audiences;
+    assert_eq!(changes, exited("busy_now", &["p1"]));
+    assert_eq!(refresh(later).await, exited("busy_now", &["p2"]));
+    assert_eq!(members("busy").await, ["p1", "p2"]);
+
+    // Bob deleted: his order goes with him, and Ann leaves busy at the refresh.
+    store.delete("p2", &[], "erasure", later).await.unwrap();
+    assert_eq!(members("busy").await, ["p1"]);
+    assert_eq!(refresh(later).await, exited("busy", &["p1"]));
+
+    // Dan, with two orders, joins acme: he is in busy in his own write, Ann at the refresh.
+    apply(
+        vec![],
+        vec![order("o5", "p4", 60), order("o6", "p4", 70)],
+        later,
+    )
+    .await;
+    let changes = apply(
+        vec![],
+        vec![group_call("g3", "p4", 2, "acme", "technical", json!({}))],
+        later,
+    )
+    .await;
+    assert_eq!(changes, entered("busy", &["p4"]));
+    assert_eq!(refresh(later).await, entered("busy", &["p1"]));
+    assert_eq!(members("busy").await, ["p1", "p4"]);
+}
+
+#[tokio::test]
+async fn account_computed_traits_in_audiences_reach_every_member_on_sqlite() {
+    account_computed_traits_in_audiences_reach_every_member(&sqlite().await).await;
+}
+
+#[tokio::test]
+async fn account_computed_traits_in_audiences_reach_every_member_on_postgres() {
+    let backend = postgres().await;
+    account_computed_traits_in_audiences_reach_every_member(&backend).await;
+    backend.db.close().await;
+}
+
 /// Scores each account with the value of its `orders` trait (the account computed trait, when
 /// declared), -1 without one.
 const ACCOUNT_ORDERS: ScoreAccountsWith = ScoreAccountsWith(|account, _, now| {
