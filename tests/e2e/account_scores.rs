@@ -1,7 +1,8 @@
 //! Account-level scores end to end in `tessera dev`, with the ready plans as config: group calls
 //! of two people with different buying roles raise the account's buying-role coverage and its
 //! `icp_fit_b2b_account` score, read back through `GetAccount` (and the Profile API's accounts
-//! collection) with the factors that explain it.
+//! collection) with the factors that explain it. Account traits and account computed traits
+//! reach every member's audiences.
 
 use std::time::{Duration, Instant};
 
@@ -282,4 +283,87 @@ async fn account_traits_reach_every_members_audiences_and_account_computed_trait
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["traits"]["orders"], json!(2), "{body}");
     assert_eq!(body["traits"]["industry"], json!("software"), "{body}");
+}
+
+const BUSY_ACCOUNTS: &str = r#"
+[[profile.account_computed_traits]]
+name = "orders_30d"
+kind = "count"
+events = ["Order Completed"]
+window_seconds = 2592000
+
+[[profile.audiences]]
+name = "busy_accounts"
+condition = { account = { name = "orders_30d", op = "gte", value = 3 } }
+"#;
+
+/// An audience on an account computed trait ("people whose account placed at least 3 orders
+/// in the last 30 days"): when one member's order pushes the account over the threshold, the
+/// other member enters too (through the account refresh), not only the one who ordered.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_members_order_brings_a_member_into_an_audience_on_an_account_computed_trait() {
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("tessera.toml");
+    std::fs::write(&config, BUSY_ACCOUNTS).unwrap();
+    let tessera = TesseraBuilder::new("dev")
+        .args([
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .start()
+        .await;
+    let channel = tessera.channel().await;
+    let key = tessera.dev_write_key();
+    let order = |id: &str, user: &str| {
+        tessera_tests::events::track(id, user, "", "Order Completed", json!({"total": 10}))
+    };
+    let orders = |a: &Account| {
+        a.computed_traits
+            .get("orders_30d")
+            .and_then(|t| t.value.as_ref())
+            .map(tessera_proto::convert::value_to_json)
+    };
+
+    // Ann and Bob work at acme; Ann orders twice: acme is at two, nobody is in.
+    send(
+        &channel,
+        key,
+        vec![
+            group("g1", "ann", "finance", json!({}), 0),
+            group("g2", "bob", "champion", json!({}), 1),
+        ],
+    )
+    .await
+    .expect("send");
+    account_until(&channel, |a| a.member_count == 2).await;
+    send(&channel, key, vec![order("o1", "ann"), order("o2", "ann")])
+        .await
+        .expect("send");
+    account_until(&channel, |a| orders(a) == Some(json!(2))).await;
+    let not_in = |p: &tessera_proto::profile::v1::Profile| p.audiences.is_empty();
+    let ann = tessera_tests::events::wait_for(&channel, "user_id", "ann", WAIT, |p| {
+        not_in(p) && p.computed_valid_until.is_some()
+    })
+    .await;
+    assert!(not_in(&ann), "{:?}", ann.audiences);
+    let bob = tessera_tests::events::get_by(&channel, "user_id", "bob")
+        .await
+        .expect("bob");
+    assert!(not_in(&bob), "{:?}", bob.audiences);
+
+    // Bob's order makes three: Bob is in, and so is Ann, who sent nothing.
+    send(&channel, key, vec![order("o3", "bob")])
+        .await
+        .expect("send");
+    let in_audience =
+        |p: &tessera_proto::profile::v1::Profile| p.audiences == ["busy_accounts".to_owned()];
+    tessera_tests::events::wait_for(&channel, "user_id", "bob", WAIT, in_audience).await;
+    let ann = tessera_tests::events::wait_for(&channel, "user_id", "ann", WAIT, in_audience).await;
+    assert!(
+        ann.computed_valid_until.is_some(),
+        "the windowed count Ann carries a copy of expires: {ann:?}"
+    );
+    account_until(&channel, |a| orders(a) == Some(json!(3))).await;
 }
