@@ -1,6 +1,6 @@
 //! Mutual TLS between the four services as separate processes, with certificates from
 //! `tessera dev-certs`: the pipeline runs over it, and a client without a valid certificate is
-//! refused.
+//! refused; certificates rotated on disk are taken up without a restart.
 
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use tessera_proto::identity::v1::ResolveIdentitiesRequest;
 use tessera_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use tessera_testkit::{TestDb, redis_prefix};
 use tessera_tests::events::wait_for;
-use tessera_tests::tessera_bin;
+use tessera_tests::{TesseraBuilder, tessera_bin};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
@@ -179,4 +179,123 @@ fn unusable_tls_settings_exit_with_a_message_naming_the_setting() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+}
+
+/// `tessera dev-certs` into a new directory: a CA of its own and a certificate per service.
+async fn dev_certs() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = run(&["dev-certs", "--out", dir.path().to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    dir
+}
+
+/// Lays `ca.pem`, `cert.pem` and `key.pem` from `certs` (its CA and the ingestion service's
+/// certificate) into `secret` as the kubelet updates a mounted Secret: a new directory, and the
+/// `..data` symlink swapped to it in one rename (the three files link through it).
+fn mount(secret: &std::path::Path, version: &str, certs: &std::path::Path) {
+    let dir = secret.join(version);
+    std::fs::create_dir(&dir).unwrap();
+    for (to, from) in [
+        ("ca.pem", "ca.pem"),
+        ("cert.pem", "ingestion.pem"),
+        ("key.pem", "ingestion-key.pem"),
+    ] {
+        std::fs::copy(certs.join(from), dir.join(to)).unwrap();
+        let link = secret.join(to);
+        if !link.exists() {
+            std::os::unix::fs::symlink(format!("..data/{to}"), link).unwrap();
+        }
+    }
+    let tmp = secret.join("..data_tmp");
+    std::os::unix::fs::symlink(version, &tmp).unwrap();
+    std::fs::rename(&tmp, secret.join("..data")).unwrap();
+}
+
+/// A TLS connection to `url` that trusts only the CA in `ca` (PEM file); fails when the
+/// server's certificate is not that CA's.
+async fn trusting(url: &str, ca: &std::path::Path) -> Result<Channel, tonic::transport::Error> {
+    Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap())),
+        )
+        .unwrap()
+        .connect()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_and_ca_rotated_on_disk_are_taken_up_without_a_restart() {
+    let (old, new) = (dev_certs().await, dev_certs().await);
+    let secret = tempfile::tempdir().unwrap();
+    mount(secret.path(), "..v1", old.path());
+    let file = |name: &str| secret.path().join(name).to_str().unwrap().to_owned();
+    let data = tempfile::tempdir().unwrap();
+    // tessera dev over mutual TLS: its four services call each other through its own port.
+    let dev = TesseraBuilder::new("dev")
+        .args(["--data-dir", data.path().to_str().unwrap()])
+        .env("TESSERA__TLS__CA_FILE", file("ca.pem"))
+        .env("TESSERA__TLS__CERT_FILE", file("cert.pem"))
+        .env("TESSERA__TLS__KEY_FILE", file("key.pem"))
+        .env("TESSERA__TLS__RELOAD_INTERVAL_SECS", "1")
+        .start()
+        .await;
+    let url = dev.grpc_url();
+    assert!(url.starts_with("https://"), "{url}");
+    let status = http_track(&dev.http_addr, dev.dev_write_key(), "before-rotation").await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    wait_for(
+        &dev.channel().await,
+        "user_id",
+        "before-rotation",
+        Duration::from_secs(30),
+        |p| p.event_count == 1,
+    )
+    .await;
+    assert!(trusting(&url, &old.path().join("ca.pem")).await.is_ok());
+
+    // The Secret is updated to another CA and certificate: within a few reload intervals new
+    // connections see the new certificate, with no restart.
+    mount(secret.path(), "..v2", new.path());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while trusting(&url, &new.path().join("ca.pem")).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new certificate is not served 20 s after the rotation"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(trusting(&url, &old.path().join("ca.pem")).await.is_err());
+
+    // The pipeline goes on: services reach each other over the new certificates (new
+    // connections) and the ones opened before (open connections keep theirs).
+    let status = http_track(&dev.http_addr, dev.dev_write_key(), "after-rotation").await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    wait_for(
+        &dev.channel().await,
+        "user_id",
+        "after-rotation",
+        Duration::from_secs(30),
+        |p| p.event_count == 1,
+    )
+    .await;
+    let metrics = scrape(&dev.http_addr).await;
+    assert!(
+        metrics.contains("tessera_tls_reloads_total{outcome=\"applied\"} 1")
+            && metrics.contains("tessera_tls_reloads_total{outcome=\"rejected\"} 0"),
+        "{metrics}"
+    );
+}
+
+/// `/metrics` of the process at `http_addr`.
+async fn scrape(http_addr: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(http_addr).await.unwrap();
+    let request =
+        format!("GET /metrics HTTP/1.1\r\nHost: {http_addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
 }

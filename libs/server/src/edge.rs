@@ -260,11 +260,7 @@ pub async fn serve_with(
         .with_success(GrpcCode::FailedPrecondition)
         .with_success(GrpcCode::OutOfRange)
         .with_success(GrpcCode::Cancelled);
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls.server_config())?;
-    }
-    let grpc_server = builder
+    let grpc_router = tonic::transport::Server::builder()
         .timeout(Duration::from_millis(settings.request_timeout_ms))
         .concurrency_limit_per_connection(settings.concurrency_limit_per_connection)
         .layer(
@@ -274,14 +270,36 @@ pub async fn serve_with(
         .layer(tower::layer::layer_fn(GrpcMetrics::new))
         .layer(RequireClientCertLayer::new(tls))
         .layer(AccessLayer::new(access))
-        .add_routes(routes.routes())
-        // TCP_NODELAY on every accepted connection: without it a small response (most
-        // unary answers) can wait for the peer's delayed ACK, ~40 ms per call on Linux. tonic
-        // sets it only on listeners it binds itself.
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-            drained.clone().cancelled_owned(),
-        );
+        .add_routes(routes.routes());
+    // TCP_NODELAY on every accepted connection: without it a small response (most unary
+    // answers) can wait for the peer's delayed ACK, ~40 ms per call on Linux. tonic sets it
+    // only on listeners it binds itself. With TLS the handshakes are Tessera's own (not tonic's
+    // ServerTlsConfig, fixed once built), so a certificate or CA replaced on disk is used for
+    // new connections without a restart; the reload task follows the files while serving.
+    let grpc_server = {
+        let tls = tls.cloned();
+        let drained = drained.clone();
+        async move {
+            match tls {
+                Some(tls) => {
+                    tls.spawn_reload(drained.clone());
+                    let incoming = tls.incoming(grpc, drained.clone());
+                    grpc_router
+                        .serve_with_incoming_shutdown(incoming, drained.cancelled_owned())
+                        .await
+                }
+                None => {
+                    grpc_router
+                        .serve_with_incoming_shutdown(
+                            tonic::transport::server::TcpIncoming::from(grpc)
+                                .with_nodelay(Some(true)),
+                            drained.cancelled_owned(),
+                        )
+                        .await
+                }
+            }
+        }
+    };
     let probe_server = {
         let drained = drained.clone();
         async move {

@@ -11,17 +11,34 @@
 //! by default the services that call it, named as `tessera dev-certs` names their certificates
 //! (`tessera-<service>`). A process may always call itself (`tessera dev`, several roles in one
 //! process, with one certificate).
+//!
+//! Certificates rotate without a restart: the files are read again every
+//! `tls.reload_interval_secs`, and a changed set that checks out (as at start) replaces the one
+//! in use, as a whole, for every new connection: the gRPC port's handshakes (Tessera's own
+//! accept loop, [`Tls::incoming`], instead of tonic's fixed `ServerTlsConfig`) and the peer
+//! channels' (a connector of its own, [`Tls::connector`], instead of tonic's fixed
+//! `ClientTlsConfig`). Open connections keep the material they were made with. A set that does
+//! not check out (a key that is not the certificate's, a half-written file) is logged and
+//! counted, and the old one stays in use.
 
 use std::convert::Infallible;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 /// The gRPC services only other Tessera services call: reachable only with a client
 /// certificate when TLS is on. Every other service (ingestion, profile reads, the admin APIs,
@@ -43,7 +60,7 @@ pub fn is_internal(path: &str) -> bool {
 }
 
 /// The `[tls]` settings: PEM files, all three or none.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsSettings {
     /// The CA that signs every service's certificate: peers' server and client certificates
@@ -56,8 +73,25 @@ pub struct TlsSettings {
     /// Serve plaintext gRPC on an address that is not loopback. Without TLS a service refuses to
     /// listen beyond loopback unless this is set.
     pub allow_plaintext: bool,
+    /// How often the three files are read again, in seconds (0: only at start). A changed set
+    /// that checks out is used from then on for every new connection, served or made; one that
+    /// does not is logged and counted, and the set in use stays.
+    pub reload_interval_secs: u64,
     /// Which client certificates may call each internal service.
     pub callers: Callers,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        Self {
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            allow_plaintext: false,
+            reload_interval_secs: 60,
+            callers: Callers::default(),
+        }
+    }
 }
 
 /// Which client certificates may call each internal service: one of the names of a listed
@@ -172,14 +206,102 @@ pub enum TlsError {
         /// What is wrong.
         reason: String,
     },
+    /// A peer URL that cannot be called over mutual TLS.
+    #[error("the peer {url:?} cannot be called over mutual TLS: {reason}")]
+    PeerUrl {
+        /// The URL.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
-/// A service's TLS material, read and checked: the CA, its certificate and key (PEM).
-#[derive(Clone)]
-pub struct Tls {
+/// The three files, where they are read from.
+#[derive(Debug, Clone)]
+struct Files {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// The three files' contents (PEM).
+struct Pem {
     ca: Vec<u8>,
     cert: Vec<u8>,
     key: Vec<u8>,
+}
+
+impl Files {
+    fn read(&self) -> Result<Pem, TlsError> {
+        let read = |setting: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|source| TlsError::Read {
+                setting,
+                path: path.to_owned(),
+                source,
+            })
+        };
+        Ok(Pem {
+            ca: read("ca_file", &self.ca)?,
+            cert: read("cert_file", &self.cert)?,
+            key: read("key_file", &self.key)?,
+        })
+    }
+}
+
+impl Pem {
+    /// What tells one set of files from another: a hash of the three contents.
+    fn digest(&self) -> [u8; 32] {
+        use sha2::Digest as _;
+        let mut hash = sha2::Sha256::new();
+        for part in [&self.ca, &self.cert, &self.key] {
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part);
+        }
+        hash.finalize().into()
+    }
+}
+
+/// How many of this process's own certificates the caller guard recognizes: the one in use and
+/// those it replaced, so connections a process opened to itself before a rotation keep calling.
+const OWN_KEPT: usize = 4;
+
+/// The ALPN protocol gRPC runs on.
+const ALPN_H2: &[u8] = b"h2";
+
+/// How long a client may take over its TLS handshake on the gRPC port.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One checked set of files, ready for handshakes: the server and client configurations built
+/// from it, swapped as a whole when the files change.
+struct Material {
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+    /// This process's leaf certificates (DER): the one in use first, then up to
+    /// `OWN_KEPT - 1` it used before.
+    own: Vec<Vec<u8>>,
+    /// The files' [`Pem::digest`].
+    digest: [u8; 32],
+    /// When the certificate in use expires, in seconds since the Unix epoch.
+    not_after: i64,
+}
+
+/// The material in use, shared by the gRPC port's accept loop, the peer connectors and the
+/// caller guard, and the files it is reloaded from.
+struct Live {
+    current: ArcSwap<Material>,
+    /// None for material given as PEM bytes: nothing to reload.
+    files: Option<Files>,
+    reload_interval: Duration,
+    /// Whether the reload task runs (it is started once per `Live`).
+    reloading: AtomicBool,
+}
+
+/// A service's TLS material, read and checked, and kept up to date with its files: the CA, its
+/// certificate and key. Clones share the material, so a reload reaches the gRPC port, every
+/// peer channel and the caller guard at once.
+#[derive(Clone)]
+pub struct Tls {
+    live: Arc<Live>,
     callers: Callers,
 }
 
@@ -198,10 +320,13 @@ impl TlsSettings {
 
     /// Reads and checks the files: `None` when TLS is off (no file set).
     pub fn load(&self) -> Result<Option<Tls>, TlsError> {
-        let (ca_file, cert_file, key_file) = match (&self.ca_file, &self.cert_file, &self.key_file)
-        {
+        let files = match (&self.ca_file, &self.cert_file, &self.key_file) {
             (None, None, None) => return Ok(None),
-            (Some(ca), Some(cert), Some(key)) => (ca, cert, key),
+            (Some(ca), Some(cert), Some(key)) => Files {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            },
             (ca, cert, key) => {
                 let missing: Vec<&str> = [
                     ("tls.ca_file", ca.is_none()),
@@ -216,47 +341,22 @@ impl TlsSettings {
                 });
             }
         };
-        let read = |setting: &'static str, path: &Path| {
-            std::fs::read(path).map_err(|source| TlsError::Read {
-                setting,
-                path: path.to_owned(),
-                source,
-            })
-        };
-        let tls = Tls {
-            ca: read("ca_file", ca_file)?,
-            cert: read("cert_file", cert_file)?,
-            key: read("key_file", key_file)?,
-            callers: self.callers.clone(),
-        };
-        tls.check(ca_file, cert_file, key_file)?;
-        Ok(Some(tls))
+        let material = Material::build(&files.read()?, &files, &[])?;
+        Ok(Some(Tls::new(
+            material,
+            Some(files),
+            Duration::from_secs(self.reload_interval_secs),
+            self.callers.clone(),
+        )))
     }
 }
 
-impl Tls {
-    /// TLS material from PEM bytes, checked as [`TlsSettings::load`] checks files.
-    pub fn from_pem(ca: &[u8], cert: &[u8], key: &[u8]) -> Result<Self, TlsError> {
-        let tls = Self {
-            ca: ca.to_vec(),
-            cert: cert.to_vec(),
-            key: key.to_vec(),
-            callers: Callers::default(),
-        };
-        tls.check(Path::new("<ca>"), Path::new("<cert>"), Path::new("<key>"))?;
-        Ok(tls)
-    }
-
-    /// The same material with other caller rules.
-    pub fn with_callers(mut self, callers: Callers) -> Self {
-        self.callers = callers;
-        self
-    }
-
+impl Material {
     /// Everything a handshake would find wrong, found now: parseable PEM, a key that matches
     /// the certificate, and a certificate the CA signed that is valid for client authentication
-    /// (each service is a client of its peers) and not expired.
-    fn check(&self, ca_file: &Path, cert_file: &Path, key_file: &Path) -> Result<(), TlsError> {
+    /// (each service is a client of its peers) and not expired. Errors name the file at fault
+    /// (`files`), never its contents. `own_before` are the certificates it replaces.
+    fn build(pem: &Pem, files: &Files, own_before: &[Vec<u8>]) -> Result<Self, TlsError> {
         let invalid = |setting: &'static str, path: &Path, reason: String| TlsError::Invalid {
             setting,
             path: path.to_owned(),
@@ -275,12 +375,12 @@ impl Tls {
             }
             Ok(certs)
         };
-        let ca = certs(&self.ca, "ca_file", ca_file)?;
-        let chain = certs(&self.cert, "cert_file", cert_file)?;
-        let key = PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| {
+        let ca = certs(&pem.ca, "ca_file", &files.ca)?;
+        let chain = certs(&pem.cert, "cert_file", &files.cert)?;
+        let key = PrivateKeyDer::from_pem_slice(&pem.key).map_err(|e| {
             invalid(
                 "key_file",
-                key_file,
+                &files.key,
                 format!("holds no PEM private key: {e}"),
             )
         })?;
@@ -290,54 +390,375 @@ impl Tls {
         for cert in ca {
             roots
                 .add(cert)
-                .map_err(|e| invalid("ca_file", ca_file, format!("not a CA certificate: {e}")))?;
+                .map_err(|e| invalid("ca_file", &files.ca, format!("not a CA certificate: {e}")))?;
         }
-        rustls::sign::CertifiedKey::from_der(chain.clone(), key, &provider).map_err(|e| {
-            invalid(
-                "key_file",
-                key_file,
-                format!(
-                    "not the private key of tls.cert_file ({}): {e}",
-                    cert_file.display()
-                ),
-            )
-        })?;
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
-                .build()
-                .map_err(|e| invalid("ca_file", ca_file, e.to_string()))?;
+        let roots = Arc::new(roots);
+        rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider).map_err(
+            |e| {
+                invalid(
+                    "key_file",
+                    &files.key,
+                    format!(
+                        "not the private key of tls.cert_file ({}): {e}",
+                        files.cert.display()
+                    ),
+                )
+            },
+        )?;
+        // Client certificates are asked for, not required: the external APIs stay reachable
+        // with the CA's trust alone (see the module's documentation).
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::clone(&roots),
+            Arc::clone(&provider),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| invalid("ca_file", &files.ca, e.to_string()))?;
         let (end_entity, intermediates) = chain.split_first().expect("checked not empty");
         verifier
             .verify_client_cert(end_entity, intermediates, UnixTime::now())
             .map_err(|e| {
                 invalid(
                     "cert_file",
-                    cert_file,
+                    &files.cert,
                     format!(
                         "not a valid client certificate of the CA in tls.ca_file ({}): {e}",
-                        ca_file.display()
+                        files.ca.display()
                     ),
                 )
             })?;
-        Ok(())
+        let not_after = x509_parser::parse_x509_certificate(end_entity)
+            .map(|(_, cert)| cert.validity().not_after.timestamp())
+            .unwrap_or_default();
+        let own: Vec<Vec<u8>> = std::iter::once(end_entity.as_ref().to_vec())
+            .chain(
+                own_before
+                    .iter()
+                    .filter(|c| c.as_slice() != end_entity.as_ref())
+                    .cloned(),
+            )
+            .take(OWN_KEPT)
+            .collect();
+
+        let unusable = |e: rustls::Error| invalid("cert_file", &files.cert, e.to_string());
+        let mut server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(unusable)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(unusable)?;
+        server.alpn_protocols = vec![ALPN_H2.to_vec()];
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(unusable)?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(unusable)?;
+        client.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Ok(Self {
+            server: Arc::new(server),
+            client: Arc::new(client),
+            own,
+            digest: pem.digest(),
+            not_after,
+        })
+    }
+}
+
+/// What one look at the files found.
+#[derive(Debug)]
+enum Reload {
+    /// The files are the set in use.
+    Unchanged,
+    /// A new set, now in use.
+    Applied,
+    /// A new set that does not check out (or a file that cannot be read); the old set stays.
+    Rejected(TlsError),
+}
+
+impl Tls {
+    fn new(material: Material, files: Option<Files>, every: Duration, callers: Callers) -> Self {
+        Self {
+            live: Arc::new(Live {
+                current: ArcSwap::from_pointee(material),
+                files,
+                reload_interval: every,
+                reloading: AtomicBool::new(false),
+            }),
+            callers,
+        }
     }
 
-    /// The gRPC port's TLS: this service's certificate, and client certificates of the CA
-    /// verified when presented (required by [`RequireClientCert`] for internal services only).
-    pub fn server_config(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert, &self.key))
-            .client_ca_root(Certificate::from_pem(&self.ca))
-            .client_auth_optional(true)
-            .timeout(Duration::from_secs(10))
+    /// TLS material from PEM bytes, checked as [`TlsSettings::load`] checks files. It has no
+    /// files, so it is never reloaded.
+    pub fn from_pem(ca: &[u8], cert: &[u8], key: &[u8]) -> Result<Self, TlsError> {
+        let pem = Pem {
+            ca: ca.to_vec(),
+            cert: cert.to_vec(),
+            key: key.to_vec(),
+        };
+        let names = Files {
+            ca: "<ca>".into(),
+            cert: "<cert>".into(),
+            key: "<key>".into(),
+        };
+        let material = Material::build(&pem, &names, &[])?;
+        Ok(Self::new(
+            material,
+            None,
+            Duration::ZERO,
+            Callers::default(),
+        ))
     }
 
-    /// TLS for calls to peers: the CA checks the peer (its name is the URL's host) and this
-    /// service's certificate is its client certificate.
-    pub fn client_config(&self) -> ClientTlsConfig {
-        ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.ca))
-            .identity(Identity::from_pem(&self.cert, &self.key))
+    /// The same material with other caller rules.
+    pub fn with_callers(mut self, callers: Callers) -> Self {
+        self.callers = callers;
+        self
+    }
+
+    /// Reads the files again and swaps in the new set when they changed and check out.
+    fn reload(&self) -> Reload {
+        let Some(files) = &self.live.files else {
+            return Reload::Unchanged;
+        };
+        let pem = match files.read() {
+            Ok(pem) => pem,
+            Err(e) => return Reload::Rejected(e),
+        };
+        let current = self.live.current.load();
+        if pem.digest() == current.digest {
+            return Reload::Unchanged;
+        }
+        match Material::build(&pem, files, &current.own) {
+            Ok(material) => {
+                self.live.current.store(Arc::new(material));
+                Reload::Applied
+            }
+            Err(e) => Reload::Rejected(e),
+        }
+    }
+
+    /// Follows the files: every `tls.reload_interval_secs` they are read again, and a changed
+    /// set that checks out replaces the one in use for new connections (served and made; open
+    /// ones go on). A set that does not is logged at WARN, naming the file and what is wrong,
+    /// and counted in `tessera_tls_reloads_total{outcome="rejected"}`, at every look while it
+    /// lasts. Records `tessera_tls_certificate_expiry_timestamp_seconds`. Started once per
+    /// material however often it is called (the server edge calls it); does nothing without
+    /// files or with an interval of 0. Stops with `stop`.
+    pub fn spawn_reload(&self, stop: CancellationToken) {
+        record_expiry(&self.live.current.load());
+        let every = self.live.reload_interval;
+        if self.live.files.is_none()
+            || every.is_zero()
+            || self.live.reloading.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        for outcome in ["applied", "rejected"] {
+            metrics::counter!(RELOADS, "outcome" => outcome).increment(0);
+        }
+        let tls = self.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The first tick is immediate: the files may have changed while the process was
+            // starting (migrations, say) after they were first read.
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    () = stop.cancelled() => break,
+                }
+                let checked = tls.clone();
+                let Ok(outcome) = tokio::task::spawn_blocking(move || checked.reload()).await
+                else {
+                    continue;
+                };
+                match outcome {
+                    Reload::Unchanged => {}
+                    Reload::Applied => {
+                        let current = tls.live.current.load();
+                        record_expiry(&current);
+                        metrics::counter!(RELOADS, "outcome" => "applied").increment(1);
+                        tracing::info!(
+                            not_after = current.not_after,
+                            "tls files changed: new connections use the new certificate and CA"
+                        );
+                    }
+                    Reload::Rejected(error) => {
+                        metrics::counter!(RELOADS, "outcome" => "rejected").increment(1);
+                        tracing::warn!(
+                            %error,
+                            "tls files changed but cannot be used; the certificate and CA in use stay"
+                        );
+                    }
+                }
+            }
+        });
+    }
+
+    /// Whether `cert` (DER) is this process's certificate, or one it used before the last
+    /// rotations: a process may call itself.
+    fn is_own(&self, cert: &[u8]) -> bool {
+        self.live
+            .current
+            .load()
+            .own
+            .iter()
+            .any(|own| own.as_slice() == cert)
+    }
+
+    /// The gRPC port's connections: TCP from `listener` (with TCP_NODELAY), each TLS handshake
+    /// done with the material in use when it starts, the client's certificate verified against
+    /// the CA when it presents one. Handshakes run side by side, each at most 10 s; a failed one
+    /// is logged at DEBUG and counted in `tessera_tls_handshake_failures_total`. Ends with
+    /// `stop`.
+    pub(crate) fn incoming(
+        &self,
+        listener: TcpListener,
+        stop: CancellationToken,
+    ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let live = Arc::clone(&self.live);
+        metrics::counter!(HANDSHAKE_FAILURES).increment(0);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(error) => {
+                            // Out of file descriptors, say: back off instead of spinning.
+                            tracing::warn!(%error, "accepting a gRPC connection failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    () = stop.cancelled() => break,
+                    () = tx.closed() => break,
+                };
+                // Without it a small response can wait for the peer's delayed ACK.
+                if let Err(error) = tcp.set_nodelay(true) {
+                    tracing::debug!(%error, "TCP_NODELAY not set");
+                }
+                let acceptor = TlsAcceptor::from(Arc::clone(&live.current.load().server));
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send(Ok(stream)).await;
+                        }
+                        Ok(Err(error)) => {
+                            metrics::counter!(HANDSHAKE_FAILURES).increment(1);
+                            tracing::debug!(%peer, %error, "tls handshake failed");
+                        }
+                        Err(_) => {
+                            metrics::counter!(HANDSHAKE_FAILURES).increment(1);
+                            tracing::debug!(%peer, "tls handshake timed out");
+                        }
+                    }
+                });
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+
+    /// The endpoint of a peer at `url` (`https://host:port`) for [`Tls::connector`]: the
+    /// connector does TLS itself, so tonic's endpoint is given the `http://` form (tonic would
+    /// otherwise insist on doing TLS with its own, fixed, configuration) and the `https://` URL
+    /// as the origin requests carry.
+    pub fn peer_endpoint(&self, url: &str) -> Result<Endpoint, TlsError> {
+        let refused = |reason: String| TlsError::PeerUrl {
+            url: url.to_owned(),
+            reason,
+        };
+        let uri: http::Uri = url.parse().map_err(|e| refused(format!("{e}")))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(refused("not an https:// URL".to_owned()));
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| refused("no host".to_owned()))?;
+        let port = authority.port_u16().unwrap_or(443);
+        let host = authority.host();
+        let path = uri.path_and_query().map_or("", |p| p.as_str());
+        let plain = format!("http://{host}:{port}{path}");
+        let endpoint = Endpoint::from_shared(plain).map_err(|e| refused(format!("{e}")))?;
+        Ok(endpoint.origin(uri))
+    }
+
+    /// Connects to peers (a tower service of URIs, for
+    /// [`Endpoint::connect_with_connector_lazy`] with [`Tls::peer_endpoint`]): TCP, then TLS
+    /// with the material in use at the time of each connection, so a channel built at start
+    /// presents the new certificate and trusts the new CA once the files change. The peer's
+    /// certificate must be the CA's and name the URL's host, and it must speak HTTP/2 (ALPN).
+    pub fn connector(&self) -> PeerConnector {
+        PeerConnector {
+            live: Arc::clone(&self.live),
+        }
+    }
+}
+
+/// The name of the reload counter.
+const RELOADS: &str = "tessera_tls_reloads_total";
+/// The name of the handshake failure counter.
+const HANDSHAKE_FAILURES: &str = "tessera_tls_handshake_failures_total";
+
+/// Records when the certificate in use expires.
+fn record_expiry(material: &Material) {
+    metrics::gauge!("tessera_tls_certificate_expiry_timestamp_seconds")
+        .set(material.not_after as f64);
+}
+
+/// See [`Tls::connector`].
+#[derive(Clone)]
+pub struct PeerConnector {
+    live: Arc<Live>,
+}
+
+impl fmt::Debug for PeerConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerConnector").finish_non_exhaustive()
+    }
+}
+
+impl tower::Service<http::Uri> for PeerConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let config = Arc::clone(&self.live.current.load().client);
+        Box::pin(async move {
+            let invalid =
+                |what: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
+            let host = uri
+                .host()
+                .ok_or_else(|| invalid(format!("no host in {uri}")))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(443);
+            let name = ServerName::try_from(host.clone())
+                .map_err(|e| invalid(format!("{host:?} is not a host name: {e}")))?;
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let stream = TlsConnector::from(config).connect(name, tcp).await?;
+            if stream.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+                return Err(std::io::Error::other(format!(
+                    "{host}:{port} did not agree to HTTP/2 (ALPN h2)"
+                )));
+            }
+            Ok(TokioIo::new(stream))
+        })
     }
 }
 
@@ -354,21 +775,17 @@ pub struct RequireClientCertLayer {
 #[derive(Debug)]
 struct Guard {
     callers: Callers,
-    /// This process's own certificate (DER): a process may call itself.
-    own: Option<Vec<u8>>,
+    /// This process's material, for its own certificates: a process may call itself.
+    tls: Tls,
 }
 
 impl RequireClientCertLayer {
     /// The layer for a gRPC port served with `tls` (none: plaintext, nothing checked).
     pub fn new(tls: Option<&Tls>) -> Self {
         let guard = tls.map(|tls| {
-            let own = CertificateDer::pem_slice_iter(&tls.cert)
-                .next()
-                .and_then(Result::ok)
-                .map(|der| der.as_ref().to_vec());
             Arc::new(Guard {
                 callers: tls.callers.clone(),
-                own,
+                tls: tls.clone(),
             })
         });
         Self { guard }
@@ -411,7 +828,7 @@ impl Guard {
                 "a client certificate is required: this is an internal service",
             ));
         };
-        if self.own.as_deref() == Some(cert) || admitted.iter().any(|a| a == "*") {
+        if self.tls.is_own(cert) || admitted.iter().any(|a| a == "*") {
             return None;
         }
         let names = names_in(cert);
@@ -516,14 +933,52 @@ mod tests {
             ca_file: Some("/nonexistent/ca.pem".into()),
             cert_file: Some("/nonexistent/cert.pem".into()),
             key_file: Some("/nonexistent/key.pem".into()),
-            allow_plaintext: false,
-            callers: Callers::default(),
+            ..TlsSettings::default()
         };
         let err = settings.load().unwrap_err().to_string();
         assert!(
             err.starts_with("tls.ca_file: cannot read /nonexistent/ca.pem"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn peers_are_reached_through_the_http_form_of_their_https_url() {
+        let tls = tls_for_tests();
+        let endpoint = tls.peer_endpoint("https://tessera-identity:50051").unwrap();
+        assert_eq!(endpoint.uri(), "http://tessera-identity:50051/");
+        let endpoint = tls.peer_endpoint("https://tessera-identity").unwrap();
+        assert_eq!(endpoint.uri(), "http://tessera-identity:443/");
+        let endpoint = tls.peer_endpoint("https://[::1]:50051").unwrap();
+        assert_eq!(endpoint.uri(), "http://[::1]:50051/");
+        let err = tls
+            .peer_endpoint("http://tessera-identity:50051")
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with("not an https:// URL"), "{err}");
+    }
+
+    /// Material made on the spot (a CA and one certificate of it).
+    fn tls_for_tests() -> Tls {
+        use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer};
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = Issuer::new(ca, ca_key);
+        let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        leaf.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = leaf.signed_by(&key, &issuer).unwrap().pem();
+        Tls::from_pem(
+            ca_pem.as_bytes(),
+            cert.as_bytes(),
+            key.serialize_pem().as_bytes(),
+        )
+        .unwrap()
     }
 
     #[test]

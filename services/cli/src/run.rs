@@ -507,19 +507,22 @@ fn config_tokens(settings: &Settings, dev: bool) -> Vec<tessera_server::access::
 
 /// A channel to a peer that connects on first use and reconnects by itself, so services can
 /// start in any order. With `tls`, over mutual TLS: the peer's certificate is checked against
-/// the CA for the URL's host, and this service's certificate is its client certificate.
+/// the CA for the URL's host, and this service's certificate is its client certificate, both
+/// as they are when a connection is made (`Tls::connector`), so a channel made at start
+/// follows a certificate or CA rotated on disk.
 fn peer(url: &str, tls: Option<&Tls>) -> anyhow::Result<Channel> {
-    let mut endpoint = Endpoint::from_shared(url.to_owned())
-        .with_context(|| format!("invalid peer address {url}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(30))
-        .tcp_nodelay(true);
-    if let Some(tls) = tls {
-        endpoint = endpoint
-            .tls_config(tls.client_config())
-            .with_context(|| format!("TLS to the peer {url}"))?;
+    let endpoint = match tls {
+        Some(tls) => tls.peer_endpoint(url)?,
+        None => Endpoint::from_shared(url.to_owned())
+            .with_context(|| format!("invalid peer address {url}"))?,
     }
-    Ok(endpoint.connect_lazy())
+    .connect_timeout(Duration::from_secs(2))
+    .timeout(Duration::from_secs(30))
+    .tcp_nodelay(true);
+    Ok(match tls {
+        Some(tls) => endpoint.connect_with_connector_lazy(tls.connector()),
+        None => endpoint.connect_lazy(),
+    })
 }
 
 /// The address peers in the same process use to reach a listener.

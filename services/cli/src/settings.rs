@@ -183,6 +183,7 @@ mod tests {
         assert_eq!(s.ingestion.partitions, 16);
         assert!(s.database_url.starts_with("postgres://"));
         assert!(s.tls.is_configured() && s.peers.identity.starts_with("https://"));
+        assert_eq!(s.tls.reload_interval_secs, 60);
         s.scoring.validate().expect("the example plans are valid");
         assert!(!s.scoring.plans.is_empty());
         assert_eq!(s.cache.max_bytes, 64 * 1024 * 1024);

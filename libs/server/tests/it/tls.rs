@@ -1,5 +1,6 @@
 //! Mutual TLS on the gRPC port: who gets through to an internal service, who gets through to the
-//! rest, and who does not get a connection at all.
+//! rest, and who does not get a connection at all; and certificates rotated on disk, taken up
+//! by the gRPC port and by peer channels without a restart.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use tessera_proto::ingestion::v1::event_log_service_server::{
     EventLogService, EventLogServiceServer,
 };
 use tessera_proto::ingestion::v1::{ForgetEventsRequest, ForgetEventsResponse};
-use tessera_server::tls::Tls;
+use tessera_server::tls::{Tls, TlsSettings};
 use tessera_server::{EdgeSettings, GrpcServices, HttpRouter, Listeners, Shutdown, serve_with};
 use tokio::net::TcpListener;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -309,4 +310,205 @@ fn unusable_certificates_are_refused_at_start_by_setting() {
         err.starts_with("tls.key_file: <key>: holds no PEM private key"),
         "{err}"
     );
+}
+
+/// A directory laid out as the kubelet lays out a mounted Secret: `ca.pem`, `cert.pem` and
+/// `key.pem` are symlinks into `..data`, itself a symlink to a directory of the version's files
+/// that an update replaces in one rename.
+struct SecretDir {
+    dir: tempfile::TempDir,
+    version: usize,
+}
+
+impl SecretDir {
+    fn new(ca: &str, cert: &str, key: &str) -> Self {
+        let mut secret = Self {
+            dir: tempfile::tempdir().unwrap(),
+            version: 0,
+        };
+        secret.update(ca, cert, key);
+        for name in ["ca.pem", "cert.pem", "key.pem"] {
+            std::os::unix::fs::symlink(format!("..data/{name}"), secret.dir.path().join(name))
+                .unwrap();
+        }
+        secret
+    }
+
+    /// Writes a new version and swaps `..data` to it atomically, as the kubelet does.
+    fn update(&mut self, ca: &str, cert: &str, key: &str) {
+        self.version += 1;
+        let version = format!("..v{}", self.version);
+        let path = self.dir.path().join(&version);
+        std::fs::create_dir(&path).unwrap();
+        for (name, contents) in [("ca.pem", ca), ("cert.pem", cert), ("key.pem", key)] {
+            std::fs::write(path.join(name), contents).unwrap();
+        }
+        let tmp = self.dir.path().join("..data_tmp");
+        std::os::unix::fs::symlink(&version, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.path().join("..data")).unwrap();
+    }
+
+    /// `[tls]` naming the three files, read again every second.
+    fn settings(&self) -> TlsSettings {
+        TlsSettings {
+            ca_file: Some(self.dir.path().join("ca.pem")),
+            cert_file: Some(self.dir.path().join("cert.pem")),
+            key_file: Some(self.dir.path().join("key.pem")),
+            reload_interval_secs: 1,
+            ..TlsSettings::default()
+        }
+    }
+}
+
+/// The value of `tessera_tls_reloads_total{outcome}` in this process's metrics.
+fn reloads(outcome: &str) -> u64 {
+    let rendered = tessera_server::metrics_handle().render();
+    let prefix = format!("tessera_tls_reloads_total{{outcome=\"{outcome}\"}} ");
+    rendered
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// Polls `check` every 100 ms until it holds; panics with `what` after 15 s.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what} within 15 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_rotated_on_disk_is_served_without_a_restart() {
+    let (old_ca, new_ca) = (ca("old ca"), ca("new ca"));
+    let (old_served, new_served) = (
+        leaf(&old_ca, "tessera-ingestion"),
+        leaf(&new_ca, "tessera-ingestion"),
+    );
+    let (old_caller, new_caller) = (
+        leaf(&old_ca, "tessera-profile"),
+        leaf(&new_ca, "tessera-profile"),
+    );
+    let mut secret = SecretDir::new(&old_ca.pem, &old_served.cert, &old_served.key);
+    let tls = secret.settings().load().unwrap().expect("tls on");
+    let shutdown = Shutdown::new();
+    let (grpc, _) = server(tls, shutdown.clone()).await;
+    let url = format!("https://{grpc}");
+    // A client of one CA: trusts only it, and presents its certificate of it.
+    let client = |ca: &Ca, caller: &Leaf| {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&ca.pem))
+            .identity(Identity::from_pem(&caller.cert, &caller.key))
+    };
+    let call = |config: ClientTlsConfig| {
+        let url = url.clone();
+        async move {
+            match channel(url, Some(config)).await {
+                Ok(channel) => forget(channel).await.map_err(|e| format!("{e:?}")),
+                Err(e) => Err(e),
+            }
+        }
+    };
+
+    let open = channel(url.clone(), Some(client(&old_ca, &old_caller)))
+        .await
+        .unwrap();
+    assert_eq!(forget(open.clone()).await.unwrap(), 7);
+    assert!(call(client(&new_ca, &new_caller)).await.is_err());
+
+    // A replacement whose key is not its certificate's: rejected, counted, and the old
+    // certificate and CA go on serving new connections.
+    let rejected = reloads("rejected");
+    let other_key = leaf(&new_ca, "other").key;
+    secret.update(&new_ca.pem, &new_served.cert, &other_key);
+    eventually("the bad set is rejected", || async {
+        reloads("rejected") > rejected
+    })
+    .await;
+    assert_eq!(call(client(&old_ca, &old_caller)).await.unwrap(), 7);
+    assert!(call(client(&new_ca, &new_caller)).await.is_err());
+
+    // The whole new set: a new connection sees the new certificate (a client trusting only the
+    // new CA gets through) and the new CA checks client certificates.
+    secret.update(&new_ca.pem, &new_served.cert, &new_served.key);
+    eventually("a client of the new CA gets through", || async {
+        call(client(&new_ca, &new_caller)).await == Ok(7)
+    })
+    .await;
+    assert!(reloads("applied") >= 1);
+    // A client trusting only the old CA no longer accepts the server's certificate; one that
+    // trusts the new CA but presents the old CA's certificate is refused by the server.
+    let err = call(client(&old_ca, &old_caller)).await.unwrap_err();
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    let mixed = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&new_ca.pem))
+        .identity(Identity::from_pem(&old_caller.cert, &old_caller.key));
+    assert!(call(mixed).await.is_err());
+    // The connection opened before the rotation goes on.
+    assert_eq!(forget(open).await.unwrap(), 7);
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn peer_channels_take_up_a_rotated_certificate_and_ca() {
+    let (old_ca, new_ca) = (ca("old ca"), ca("new ca"));
+    // Two servers that take client certificates of either CA, one with a certificate of each.
+    let both = format!("{}{}", old_ca.pem, new_ca.pem);
+    let shutdown = Shutdown::new();
+    let mut addrs = Vec::new();
+    for ca in [&old_ca, &new_ca] {
+        let served = leaf(ca, "tessera-ingestion");
+        let tls = Tls::from_pem(
+            both.as_bytes(),
+            served.cert.as_bytes(),
+            served.key.as_bytes(),
+        )
+        .unwrap();
+        addrs.push(server(tls, shutdown.clone()).await.0);
+    }
+    let (old_server, new_server) = (addrs[0], addrs[1]);
+
+    // The caller starts as the scoring service with the old CA, and is rotated to the profile
+    // service's certificate of the new CA. The event log admits only the profile service, so
+    // the answer tells which certificate a connection presented.
+    let scoring = leaf(&old_ca, "tessera-scoring");
+    let profile = leaf(&new_ca, "tessera-profile");
+    let mut secret = SecretDir::new(&old_ca.pem, &scoring.cert, &scoring.key);
+    let caller = secret.settings().load().unwrap().expect("tls on");
+    caller.spawn_reload(shutdown.clone());
+    let peer = |addr: SocketAddr| {
+        caller
+            .peer_endpoint(&format!("https://{addr}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(5))
+            .connect_with_connector_lazy(caller.connector())
+    };
+    // Channels made once, as a service makes them at start.
+    let (to_old, to_new) = (peer(old_server), peer(new_server));
+
+    let refused = forget(to_old.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("tessera-scoring"), "{refused:?}");
+    assert_transport_error(forget(to_new.clone()).await);
+
+    secret.update(&new_ca.pem, &profile.cert, &profile.key);
+    // The channel that could not connect now does: its next connection trusts the new CA and
+    // presents the new certificate, which the event log admits.
+    eventually("the channel to the new CA's server connects", || {
+        let to_new = to_new.clone();
+        async move { forget(to_new).await.is_ok_and(|n| n == 7) }
+    })
+    .await;
+    // The connection opened before the rotation keeps the certificate it was made with.
+    let refused = forget(to_old).await.unwrap_err();
+    assert!(refused.message().contains("tessera-scoring"), "{refused:?}");
+    // A new connection to the old CA's server does not trust it any more.
+    assert_transport_error(forget(peer(old_server)).await);
+    shutdown.cancel();
 }
