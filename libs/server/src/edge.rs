@@ -136,9 +136,32 @@ pub fn metrics_handle() -> PrometheusHandle {
             // Another recorder may already be global (a test harness); ours still renders
             // whatever is recorded through it.
             let _ = metrics::set_global_recorder(recorder);
+            spawn_upkeep(handle.clone());
             handle
         })
         .clone()
+}
+
+/// How often recorded histogram samples are folded into their buckets.
+const METRICS_UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Folds recorded histogram samples into their buckets every few seconds. The recorder keeps
+/// each sample until upkeep or a scrape of `/metrics` drains it, so without this a service
+/// nobody scrapes grows by every request it times (the profile service gained about 20 MB in a
+/// 30-minute soak). A plain thread, not a task: the handle may be made before any runtime runs,
+/// and the thread lives as long as the process, as the recorder does.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".to_owned())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(METRICS_UPKEEP_EVERY);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "metrics upkeep thread not started, histograms drain only when scraped");
+    }
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT.
