@@ -1,6 +1,8 @@
 //! One trace per event: the four services as separate processes export to a local OTLP
 //! receiver, and one message's spans from ingestion, identity, profile and scoring form one tree
 //! under the span its client sent; a message sent without trace context gets a trace of its own.
+//! Spans also reach a collector over TLS (`https://`), trusted through the system's roots or a
+//! CA file, with a client certificate when the collector asks for one.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -19,6 +21,7 @@ use tessera_testkit::{TestDb, redis_prefix};
 use tessera_tests::TesseraBuilder;
 use tessera_tests::events::wait_for;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 use crate::separate_processes::Deployment;
@@ -95,11 +98,20 @@ impl TraceService for Receiver {
 impl Receiver {
     /// Serves on a free loopback port until the test ends.
     pub(crate) async fn start(&self) -> SocketAddr {
+        self.start_with(None).await
+    }
+
+    /// Serves on a free loopback port, over TLS when `tls` is given.
+    pub(crate) async fn start_with(&self, tls: Option<ServerTlsConfig>) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let service = TraceServiceServer::new(self.clone());
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls).expect("receiver tls");
+        }
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            builder
                 .add_service(service)
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
                 .await
@@ -378,5 +390,127 @@ async fn spans_still_queued_are_exported_at_shutdown() {
         incomplete(&spans, "00f067aa0ba902b7", Some("tessera-dev")),
         None,
         "{spans:?}"
+    );
+}
+
+/// `tessera dev-certs` into a new directory: a CA, and certificates (`NAME.pem`,
+/// `NAME-key.pem`) valid for localhost and 127.0.0.1.
+async fn dev_certs() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let made = tokio::process::Command::new(tessera_tests::tessera_bin())
+        .args(["dev-certs", "--out", dir.path().to_str().unwrap()])
+        .env_clear()
+        .output()
+        .await
+        .expect("run tessera dev-certs");
+    assert!(made.status.success(), "tessera dev-certs: {made:?}");
+    dir
+}
+
+/// Starts `tessera dev` exporting to `endpoint` with `env`, sends one traced track call and
+/// waits until the receiver has its accept span.
+async fn one_traced_message_arrives(receiver: &Receiver, endpoint: String, env: &[(&str, String)]) {
+    let data = tempfile::tempdir().unwrap();
+    let mut builder = TesseraBuilder::new("dev")
+        .args(["--data-dir", data.path().to_str().unwrap()])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100");
+    for (key, value) in env {
+        builder = builder.env(key, value.clone());
+    }
+    let dev = builder.start().await;
+    let trace_id = uuid::Uuid::new_v4().simple().to_string();
+    let status = http_track(
+        &dev.http_addr,
+        dev.dev_write_key(),
+        &serde_json::json!({"userId": "tls-traced", "event": "Traced"}),
+        &format!("traceparent: 00-{trace_id}-00f067aa0ba902b7-01\r\n"),
+    )
+    .await;
+    assert!(status.contains(" 200 "), "{status}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !receiver
+        .trace(&trace_id)
+        .iter()
+        .any(|s| s.name == "ingestion.accept_event" && s.service == "tessera-dev")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no span of trace {trace_id} reached the collector over TLS within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_reach_an_https_collector_that_asks_for_a_client_certificate() {
+    let certs = dev_certs().await;
+    let file = |name: &str| certs.path().join(name).to_str().unwrap().to_owned();
+    let read = |name: &str| std::fs::read(certs.path().join(name)).unwrap();
+    // The collector's certificate is of the dev CA, which only OTEL_EXPORTER_OTLP_CERTIFICATE
+    // makes trusted; it admits only clients with a certificate of the same CA.
+    let receiver = Receiver::default();
+    let otlp = receiver
+        .start_with(Some(
+            ServerTlsConfig::new()
+                .identity(Identity::from_pem(
+                    read("scoring.pem"),
+                    read("scoring-key.pem"),
+                ))
+                .client_ca_root(Certificate::from_pem(read("ca.pem"))),
+        ))
+        .await;
+    one_traced_message_arrives(
+        &receiver,
+        format!("https://127.0.0.1:{}", otlp.port()),
+        &[
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", file("ca.pem")),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", file("profile.pem")),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", file("profile-key.pem")),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_reach_an_https_collector_trusted_through_the_system_roots() {
+    let certs = dev_certs().await;
+    let read = |name: &str| std::fs::read(certs.path().join(name)).unwrap();
+    let receiver = Receiver::default();
+    let otlp = receiver
+        .start_with(Some(ServerTlsConfig::new().identity(Identity::from_pem(
+            read("scoring.pem"),
+            read("scoring-key.pem"),
+        ))))
+        .await;
+    // SSL_CERT_FILE stands in for the system's store (as for OpenSSL's tools): the dev CA is
+    // trusted as a system root, with no OTEL_EXPORTER_OTLP_CERTIFICATE.
+    let ca = certs.path().join("ca.pem").to_str().unwrap().to_owned();
+    one_traced_message_arrives(
+        &receiver,
+        format!("https://127.0.0.1:{}", otlp.port()),
+        &[("SSL_CERT_FILE", ca)],
+    )
+    .await;
+}
+
+#[test]
+fn an_unreadable_otlp_ca_file_stops_the_start_naming_the_variable() {
+    let data = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(tessera_tests::tessera_bin())
+        .args(["dev", "--data-dir", data.path().to_str().unwrap()])
+        .env_clear()
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "https://127.0.0.1:4317")
+        .env("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/otlp-ca.pem")
+        .output()
+        .expect("run tessera");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "OTEL_EXPORTER_OTLP_CERTIFICATE (telemetry.otlp_certificate): \
+             /nonexistent/otlp-ca.pem: cannot read"
+        ),
+        "{stderr}"
     );
 }

@@ -102,6 +102,9 @@ fn check(s: &Settings) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     s.scoring
         .validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    s.telemetry
+        .check()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
 }
 
@@ -879,6 +882,53 @@ mod tests {
         assert_eq!(tokens[0].name, "dev");
         assert_eq!(tokens[0].secret.0, "tat_dev-token-1234567890");
         assert_eq!(tokens[0].scopes.len(), 4);
+    }
+
+    #[test]
+    fn unusable_otlp_tls_files_are_refused_by_variable() {
+        let https = ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://otel-collector:4317");
+        let err = refusal(
+            &["scoring"],
+            &[
+                DB,
+                https,
+                ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/otlp-ca.pem"),
+            ],
+        );
+        assert!(
+            err.starts_with(
+                "invalid configuration: OTEL_EXPORTER_OTLP_CERTIFICATE \
+                 (telemetry.otlp_certificate): /nonexistent/otlp-ca.pem: cannot read"
+            ),
+            "{err}"
+        );
+        let err = refusal(
+            &["scoring"],
+            &[
+                DB,
+                https,
+                (
+                    "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+                    "/etc/otlp/client.pem",
+                ),
+            ],
+        );
+        assert!(
+            err.contains("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE")
+                && err.contains("but OTEL_EXPORTER_OTLP_CLIENT_KEY")
+                && err.contains("is not"),
+            "{err}"
+        );
+        // The files matter only for an https:// endpoint.
+        let plaintext = plan_of(
+            &["scoring"],
+            &[
+                DB,
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel-collector:4317"),
+                ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/otlp-ca.pem"),
+            ],
+        );
+        assert!(tls_of(plaintext).is_none());
     }
 
     #[test]

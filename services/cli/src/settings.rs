@@ -1,7 +1,9 @@
 //! The binary's settings, in layers: defaults, then an optional TOML file, then environment
-//! variables (`TESSERA__SECTION__KEY`, plus the conventional `DATABASE_URL`, `REDIS_URL` and
-//! `OTEL_EXPORTER_OTLP_ENDPOINT`), then command-line flags. Parsed before the runtime starts; a
-//! bad value exits with a message that names it.
+//! variables (`TESSERA__SECTION__KEY`, plus the conventional `DATABASE_URL`, `REDIS_URL`,
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` and the OTLP TLS files `OTEL_EXPORTER_OTLP_CERTIFICATE`,
+//! `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` and `OTEL_EXPORTER_OTLP_CLIENT_KEY`), then
+//! command-line flags. Parsed before the runtime starts; a bad value exits with a message that
+//! names it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -129,10 +131,19 @@ impl std::fmt::Debug for Settings {
 }
 
 /// Environment variables read under their conventional names, and the setting each sets.
-const PLAIN_ENV: [(&str, &str); 3] = [
+const PLAIN_ENV: [(&str, &str); 6] = [
     ("DATABASE_URL", "database_url"),
     ("REDIS_URL", "redis_url"),
     ("OTEL_EXPORTER_OTLP_ENDPOINT", "telemetry.otlp_endpoint"),
+    (
+        "OTEL_EXPORTER_OTLP_CERTIFICATE",
+        "telemetry.otlp_certificate",
+    ),
+    (
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+        "telemetry.otlp_client_certificate",
+    ),
+    ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "telemetry.otlp_client_key"),
 ];
 
 /// Loads the settings from the optional TOML `file` and the environment `env` (passed in, so
