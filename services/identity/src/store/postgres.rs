@@ -77,13 +77,20 @@ WITH RECURSIVE chain (type, value, profile_id, merged_into, created_at) AS (
 SELECT type, value, profile_id, created_at FROM chain WHERE merged_into IS NULL";
 
 /// The canonical profile of each profile in `$1`.
+///
+/// The recursive steps here and below read `profiles` through a `LATERAL (… OFFSET 0)`, which
+/// the planner cannot flatten into a join: a prepared statement's generic plan otherwise
+/// hashes the whole table (a sequential scan of every profile, or of every identifier, per
+/// call), so each batch cost grew with the graph instead of with the batch.
 const CANONICAL_SQL: &str = "
 WITH RECURSIVE chain (start_id, profile_id, merged_into) AS (
     SELECT profile_id, profile_id, merged_into FROM profiles WHERE profile_id = ANY($1)
   UNION
     SELECT c.start_id, p.profile_id, p.merged_into
     FROM chain c
-    JOIN profiles p ON p.profile_id = c.merged_into
+    CROSS JOIN LATERAL (
+        SELECT q.profile_id, q.merged_into FROM profiles q
+        WHERE q.profile_id = c.merged_into OFFSET 0) p
 )
 SELECT start_id, profile_id FROM chain WHERE merged_into IS NULL";
 
@@ -116,11 +123,15 @@ const LIMITED_SQL: &str = "
 WITH RECURSIVE tree (root, profile_id) AS (
     SELECT p, p FROM unnest($1::uuid[]) AS p
   UNION
-    SELECT t.root, p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id
+    SELECT t.root, p.profile_id FROM tree t
+    CROSS JOIN LATERAL (
+        SELECT q.profile_id FROM profiles q WHERE q.merged_into = t.profile_id OFFSET 0) p
 )
 SELECT t.root, i.type, i.value, i.linked_at
-FROM tree t JOIN identifiers i ON i.profile_id = t.profile_id
-WHERE i.type = ANY($2)";
+FROM tree t
+CROSS JOIN LATERAL (
+    SELECT j.type, j.value, j.linked_at FROM identifiers j
+    WHERE j.profile_id = t.profile_id AND j.type = ANY($2) OFFSET 0) i";
 
 /// The pairs an unmerge split apart that touch the components of the canonical profiles `$1`
 /// (nothing is expanded while `splits` is empty).
@@ -128,7 +139,9 @@ const SPLITS_SQL: &str = "
 WITH RECURSIVE tree (profile_id) AS (
     SELECT p FROM unnest($1::uuid[]) AS p
   UNION
-    SELECT q.profile_id FROM tree t JOIN profiles q ON q.merged_into = t.profile_id
+    SELECT q.profile_id FROM tree t
+    CROSS JOIN LATERAL (
+        SELECT r.profile_id FROM profiles r WHERE r.merged_into = t.profile_id OFFSET 0) q
 )
 SELECT s.profile_a, s.profile_b FROM splits s
 WHERE EXISTS (SELECT 1 FROM splits)
@@ -609,7 +622,9 @@ async fn closure_roots(
             "WITH RECURSIVE tree (profile_id) AS ( \
                  SELECT unnest($1::uuid[]) \
                UNION \
-                 SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
+                 SELECT p.profile_id FROM tree t CROSS JOIN LATERAL ( \
+                     SELECT q.profile_id FROM profiles q \
+                     WHERE q.merged_into = t.profile_id OFFSET 0) p) \
              SELECT profile_id FROM tree LIMIT $2",
         )
         .bind(&new)
