@@ -4,7 +4,7 @@
 http_body: the real SDK requests of /work/shared/fixtures/sdk-wire (or $SDK_WIRE), each with the
 selector byte of its route and encoding, plus a few single-message bodies. grpc_requests: small
 hand-encoded protobuf requests. The others: hand-written JSON and identifiers, among them the
-conditions of docs/tessera.example.toml. Run from the repository root; re-running rewrites them.
+conditions and account computed traits of docs/tessera.example.toml. Run from the repository root; re-running rewrites them.
 """
 import base64
 import gzip
@@ -45,7 +45,7 @@ singles = {
 for route, msg in singles.items():
     body = json.dumps(msg).encode()
     put("http_body", f"single-{route}", bytes([ROUTES.index(route)]) + body)
-put("http_body", "single-track-gzip", bytes([0x80 | 1]) + gzip.compress(json.dumps(singles["track"]).encode()))
+put("http_body", "single-track-gzip", bytes([0x80 | 1]) + gzip.compress(json.dumps(singles["track"]).encode(), mtime=0))
 put("http_body", "bom-batch", bytes([6]) + b"\xef\xbb\xbf" + json.dumps(
     {"batch": [dict(singles["track"], type="track")], "sentAt": "2026-01-01T00:00:00+0000",
      "context": {"library": {"name": "x"}}}).encode())
@@ -127,6 +127,10 @@ audience = field(1, "engaged") + field(2, json.dumps(
              {"trait": {"name": "plan", "op": "in", "value": ["pro"]}}]}))
 put("grpc_requests", "create-audience", bytes([0x80 | 16]) + field(1, audience))
 put("grpc_requests", "update-audience", bytes([0x80 | 17]) + field(1, audience) + num(2, 3))
+busy = field(1, "busy_accounts") + field(2, json.dumps(
+    {"any": [{"account": {"name": "orders_30d", "op": "gte", "value": 3}},
+             {"not": {"account": {"name": "industry", "op": "missing"}}}]}))
+put("grpc_requests", "create-audience-account", bytes([0x80 | 16]) + field(1, busy))
 put("grpc_requests", "replay-dead-letters", bytes([0x80 | 22]) + field(1, "crm") + field(2, varint(1) + varint(2)))
 
 # --- identifiers -------------------------------------------------------------------------------
@@ -196,3 +200,36 @@ for name, definition in [
     ("bad-at-most", {"performed": {"event": "x", "at_least": 3, "at_most": 1}}),
 ]:
     put("conditions", name, json.dumps(definition).encode() + b"\xff" + profile)
+
+# Account tests against the person's accounts: their traits and their account computed traits
+# (declared in "account_computed" as [[profile.account_computed_traits]] takes them; a declared
+# one wins over an account trait of its name), among them busy_accounts and the
+# account_computed_traits of docs/tessera.example.toml.
+orders_30d = {"name": "orders_30d", "kind": "count", "events": ["Order Completed"],
+              "window_seconds": 2592000}
+revenue = {"name": "revenue", "kind": "sum", "events": ["Order Completed"], "property": "total"}
+accounts_profile = json.dumps({
+    "traits": {"plan": "pro", "role": "finance"},
+    "accounts": [
+        {"id": "acme", "traits": {"industry": "Software", "orders_30d": 100, "employees": 50},
+         "computed": {"orders_30d": 2, "revenue": 120.5}, "until": 2592000},
+        {"id": "globex", "traits": {"industry": "Retail", "employees": 5000},
+         "computed": {"orders_30d": 4}},
+    ],
+    "account_computed": [orders_30d, revenue],
+}).encode()
+for name, definition, prof in [
+    ("account-busy-accounts", {"account": {"name": "orders_30d", "op": "gte", "value": 3}},
+     accounts_profile),
+    ("account-computed-and-traits", {"all": [
+        {"account": {"name": "industry", "op": "eq", "value": "Software"}},
+        {"not": {"account": {"name": "revenue", "op": "lt", "value": 100}}},
+        {"trait": {"name": "role", "op": "eq", "value": "finance"}}]}, accounts_profile),
+    ("account-undeclared-computed", {"account": {"name": "orders_30d", "op": "lte", "value": 2}},
+     json.dumps({"accounts": [{"id": "acme", "traits": {"orders_30d": 1},
+                               "computed": {"orders_30d": 9}}]}).encode()),
+    ("account-none", {"any": [{"account": {"name": "industry", "op": "missing"}},
+                              {"account": {"name": "orders_30d", "op": "ne", "value": 0}}]},
+     json.dumps({"accounts": [], "account_computed": [orders_30d]}).encode()),
+]:
+    put("conditions", name, json.dumps(definition).encode() + b"\xff" + prof)

@@ -14,6 +14,7 @@ use crate::computed::{ComputedTrait, ComputedValue};
 use crate::convert::{Lookup, ReadMask, timeline_request};
 use crate::definitions::api::fuzz_request as definition_request;
 use crate::domain::{Score, TraitValue};
+use crate::store::{AccountValues, Accounts, Definitions};
 
 /// The request messages of the profile service's public RPCs, in the order [`grpc_request`]
 /// picks them by.
@@ -157,19 +158,37 @@ pub fn grpc_request(selector: u8, data: &[u8]) {
 }
 
 /// What a `conditions` input gives a profile: `{"traits": {..}, "computed": {..}, "scores":
-/// {name: number}}`, each optional.
+/// {name: number}, "accounts": [..], "account_computed": [..]}`, each optional. Without
+/// `accounts` the person belongs to one account whose traits are the person's.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(default)]
 struct Profile {
     traits: BTreeMap<String, Value>,
     computed: BTreeMap<String, Value>,
     scores: BTreeMap<String, f64>,
+    accounts: Option<Vec<AccountInput>>,
+    /// The account computed traits declared, as `[[profile.account_computed_traits]]` takes
+    /// them; those config would refuse (a problem, a repeated name) are left out.
+    account_computed: Vec<ComputedTrait>,
+}
+
+/// One account the person belongs to: its id (`account-<index>` when absent), its traits, the
+/// values of its account computed traits (only those declared count, as the store computes
+/// no others) and until when they hold (Unix seconds).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct AccountInput {
+    id: Option<String>,
+    traits: BTreeMap<String, Value>,
+    computed: BTreeMap<String, Value>,
+    until: Option<i64>,
 }
 
 /// Parses definitions and evaluates them against a profile: the bytes before the first `0xFF`
 /// (never in UTF-8) are a JSON audience condition, a computed trait or a single test, as the
-/// API and config take them; the rest is the profile. Returns whether an audience compiled.
-pub fn conditions(data: &[u8]) -> bool {
+/// API and config take them; the rest is the profile. Returns whether the profile is a member
+/// of the audience, `None` when none compiled.
+pub fn conditions(data: &[u8]) -> Option<bool> {
     let (definition, profile) = match data.iter().position(|b| *b == 0xFF) {
         Some(at) => (&data[..at], &data[at + 1..]),
         None => (data, &b"{}"[..]),
@@ -213,19 +232,6 @@ pub fn conditions(data: &[u8]) -> bool {
             (name, score)
         })
         .collect();
-    // The same values as the traits of one account, so account tests see them too.
-    let account = Value::Object(
-        traits
-            .iter()
-            .map(|(name, t)| (name.clone(), t.value.clone()))
-            .collect(),
-    );
-    let facts = Facts {
-        traits: &traits,
-        computed: &computed,
-        scores: &scores,
-        accounts: &[&account],
-    };
     // A single test, as scoring rules and audiences write them.
     if let Ok(test) = serde_json::from_slice::<Test>(definition) {
         let _ = test.problem();
@@ -250,18 +256,167 @@ pub fn conditions(data: &[u8]) -> bool {
         ..pb::AudienceDefinition::default()
     };
     definition_request(None, Some(audience), None);
-    let Ok(condition) = serde_json::from_slice::<Condition>(definition) else {
-        return false;
-    };
-    let Ok(audiences) = Audiences::compile(vec![Audience {
+    let condition = serde_json::from_slice::<Condition>(definition).ok()?;
+    let audiences = Audiences::compile(vec![Audience {
         name: "fuzz".to_owned(),
         condition,
-    }]) else {
-        return false;
+    }])
+    .ok()?;
+    // The person's accounts' values, copied onto the profile as a write does, then read back
+    // by the account tests as audiences read them.
+    let accounts = profile.accounts.unwrap_or_else(|| {
+        vec![AccountInput {
+            traits: traits
+                .iter()
+                .map(|(name, t)| (name.clone(), t.value.clone()))
+                .collect(),
+            ..AccountInput::default()
+        }]
+    });
+    let mut names = std::collections::BTreeSet::new();
+    let declared: Vec<ComputedTrait> = profile
+        .account_computed
+        .into_iter()
+        .filter(|c| c.problem().is_none() && names.insert(c.name.clone()))
+        .collect();
+    let defs = Definitions::new(Vec::new(), audiences).with_account_computed(declared);
+    let mut person = crate::domain::Profile::empty("p", at);
+    let (stored, values) = account_inputs(&defs, accounts, &mut person);
+    defs.copy_account_traits(&mut person.state.computed, &stored, &values);
+    check_account_copies(&defs, &person, &stored, &values);
+    assert!(
+        !defs.copy_account_traits(&mut person.state.computed, &stored, &values),
+        "copying the same accounts again changed the profile"
+    );
+    let _ = defs.valid_until(&person, at);
+    let _ = defs.fingerprint();
+    let _ = defs.windowed();
+    let copies: Vec<&Value> = person
+        .state
+        .computed
+        .account_traits()
+        .map(|(_, values)| values)
+        .collect();
+    let facts = Facts {
+        traits: &traits,
+        computed: &computed,
+        scores: &scores,
+        accounts: &copies,
     };
-    let members = audiences.members(facts);
+    let members = defs.audiences.members(facts);
     assert!(members.len() <= 1);
-    true
+    Some(!members.is_empty())
+}
+
+/// Makes the person a member of each account (a group call) and gives back the accounts as
+/// the store reads them and the values of the account computed traits the audiences read, as
+/// the store computes them (only those declared, and only when an audience reads them).
+fn account_inputs(
+    defs: &Definitions,
+    accounts: Vec<AccountInput>,
+    person: &mut crate::domain::Profile,
+) -> (Accounts, AccountValues) {
+    let at = OffsetDateTime::UNIX_EPOCH;
+    let read: std::collections::BTreeSet<&str> = defs
+        .audience_account_computed()
+        .map(|c| c.name.as_str())
+        .collect();
+    let (mut stored, mut values) = (Accounts::new(), AccountValues::new());
+    for (index, account) in accounts.into_iter().enumerate() {
+        let id = account.id.unwrap_or_else(|| format!("account-{index}"));
+        let group = crate::domain::ResolvedEvent {
+            event_id: format!("g{index}"),
+            profile_id: person.profile_id.clone(),
+            timestamp: at,
+            traits: serde_json::Map::new(),
+            identifiers: Vec::new(),
+            details: crate::domain::EventDetails {
+                kind: "group".to_owned(),
+                group_id: id.clone(),
+                ..crate::domain::EventDetails::default()
+            },
+        };
+        person.state.computed.apply_account(&group);
+        let traits = account
+            .traits
+            .into_iter()
+            .map(|(name, value)| {
+                let value = TraitValue {
+                    value,
+                    observed_at: at,
+                    event_id: "e".to_owned(),
+                };
+                (name, value)
+            })
+            .collect();
+        let computed = account
+            .computed
+            .into_iter()
+            .filter(|(name, _)| read.contains(name.as_str()))
+            .map(|(name, value)| {
+                let value = ComputedValue {
+                    value,
+                    observed_at: None,
+                };
+                (name, value)
+            })
+            .collect();
+        let until = account
+            .until
+            .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok());
+        stored.insert(
+            id.clone(),
+            crate::account::Account {
+                account_id: id.clone(),
+                traits,
+                scores: BTreeMap::new(),
+                version: 1,
+                created_at: at,
+                updated_at: at,
+            },
+        );
+        values.insert(id, (computed, until));
+    }
+    (stored, values)
+}
+
+/// The copy of each account the person belongs to holds exactly what the account tests read:
+/// an account computed trait's value over an account trait of its name.
+fn check_account_copies(
+    defs: &Definitions,
+    person: &crate::domain::Profile,
+    stored: &Accounts,
+    values: &AccountValues,
+) {
+    let names = defs.audiences.account_traits();
+    let state = &person.state.computed;
+    let copies: BTreeMap<&str, &Value> = state.account_traits().collect();
+    if names.is_empty() {
+        assert!(copies.is_empty(), "a copy without an account test");
+        return;
+    }
+    assert!(
+        copies
+            .keys()
+            .copied()
+            .eq(state.accounts().map(|(id, _)| id)),
+        "not one copy per account"
+    );
+    for (id, copy) in copies {
+        let copy = copy.as_object().expect("a copy is an object");
+        assert!(copy.keys().all(|name| names.contains(name)));
+        for name in names {
+            let expected = values
+                .get(id)
+                .and_then(|(computed, _)| computed.get(name))
+                .map(|c| &c.value)
+                .or_else(|| {
+                    let account = stored.get(id)?;
+                    account.traits.get(name).map(|t| &t.value)
+                });
+            assert_eq!(copy.get(name), expected, "account {id}, {name}");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -291,8 +446,39 @@ mod tests {
         let mut compiled = 0;
         for (path, bytes) in inputs {
             eprintln!("{}", path.display());
-            compiled += usize::from(conditions(&bytes));
+            compiled += usize::from(conditions(&bytes).is_some());
         }
         assert!(compiled > 0, "no seed is a usable audience condition");
+    }
+
+    #[test]
+    fn account_tests_read_the_declared_account_computed_traits_over_traits() {
+        let input = |accounts: serde_json::Value, declared: serde_json::Value| {
+            let mut bytes =
+                br#"{"account": {"name": "orders_30d", "op": "gte", "value": 3}}"#.to_vec();
+            bytes.push(0xFF);
+            let profile = serde_json::json!({"accounts": accounts, "account_computed": declared});
+            bytes.extend(serde_json::to_vec(&profile).unwrap());
+            conditions(&bytes)
+        };
+        let orders = serde_json::json!([{"name": "orders_30d", "kind": "count"}]);
+        let acme = serde_json::json!({"id": "acme", "traits": {"orders_30d": 100},
+            "computed": {"orders_30d": 2}});
+        let globex = serde_json::json!({"id": "globex", "computed": {"orders_30d": 4}});
+        assert_eq!(
+            input(serde_json::json!([acme, globex]), orders.clone()),
+            Some(true)
+        );
+        assert_eq!(
+            input(serde_json::json!([acme]), orders.clone()),
+            Some(false),
+            "the declared account computed trait wins over the account trait"
+        );
+        assert_eq!(
+            input(serde_json::json!([acme]), serde_json::json!([])),
+            Some(true),
+            "undeclared, the account trait is read"
+        );
+        assert_eq!(input(serde_json::json!([]), orders), Some(false));
     }
 }
