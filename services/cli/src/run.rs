@@ -776,6 +776,14 @@ mod tests {
     const DB: (&str, &str) = ("DATABASE_URL", "postgres://db/tessera");
 
     fn plan_of(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Plan> {
+        // Planning `dev` keeps its made-up access token in the data directory: a temporary
+        // one, not `./tessera-data` in the source tree.
+        let data = tempfile::tempdir().expect("a temporary directory");
+        let data_dir = data.path().to_str().expect("a UTF-8 path").to_owned();
+        let mut args = args.to_vec();
+        if args.first() == Some(&"dev") && !args.contains(&"--data-dir") {
+            args.extend(["--data-dir", data_dir.as_str()]);
+        }
         let cli =
             crate::Cli::try_parse_from(std::iter::once("tessera").chain(args.iter().copied()))
                 .expect("the arguments parse");

@@ -366,7 +366,15 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        match plan(parse(args)?.command, &env)? {
+        // Planning `dev` writes its access token into the data directory: a temporary one.
+        let data = tempfile::tempdir()?;
+        let data_dir = data.path().to_str().expect("a UTF-8 path").to_owned();
+        let args: Vec<&str> = args
+            .iter()
+            .copied()
+            .chain(["--data-dir", data_dir.as_str()])
+            .collect();
+        match plan(parse(&args)?.command, &env)? {
             Plan::Serve { dev_write_key, .. } => Ok(dev_write_key.map(|k| k.0)),
             Plan::Migrate { .. }
             | Plan::DevCerts(_)
