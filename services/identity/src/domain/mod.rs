@@ -16,7 +16,7 @@ use uuid::Uuid;
 pub use normalize::{MAX_IDENTIFIERS_PER_RECORD, Normalized, Record, Unlinked, normalize};
 pub use plan::{
     DETACHED, Decision, DecisionKind, GraphView, NewIdentifier, Plan, ProfileAge, SEEN_TOGETHER,
-    SPLIT, Sighting, plan, plan_merge, screen,
+    SPLIT, Sighting, plan, plan_merge, plan_merges, screen,
 };
 pub use replay::{
     Constraints, HistoryEntry, Replay, in_event_time_order, order_sensitive_drop, replay,

@@ -280,6 +280,31 @@ pub fn plan_merge(
     detail: Option<String>,
     now: OffsetDateTime,
 ) -> Result<Plan, String> {
+    let (plan, mut outcomes) = plan_merges(rules, view, [((a, b), detail)], cause, rule, now);
+    match outcomes.pop() {
+        Some(Ok(_)) => Ok(plan),
+        Some(Err(reason)) => Err(reason),
+        None => Err("nothing_to_merge".to_owned()),
+    }
+}
+
+/// Plans merging pairs of canonical profiles in order, as [`plan_merge`] would one pair after
+/// another, each on the graph the merges before it left: a pair's profiles are followed to the
+/// survivors of the earlier merges of the run, the survivor is the older of the two, and the
+/// rules are checked against the two components as they are by then (what they hold of limited
+/// types, the splits between them), so the outcome of every pair, and the final partition, are
+/// those of merging the pairs one transaction each. All merges share `cause`, `rule` and `now`;
+/// each is recorded with its pair's detail. Answers the plan and, per pair, its merge or why
+/// not (`same_profile` when the pair is one profile by then, `split`, `limit:<type>`). `view`
+/// must hold every profile of the pairs and their limited identifiers.
+pub fn plan_merges(
+    rules: &Rules,
+    view: GraphView,
+    pairs: impl IntoIterator<Item = ((ProfileAge, ProfileAge), Option<String>)>,
+    cause: &str,
+    rule: &str,
+    now: OffsetDateTime,
+) -> (Plan, Vec<Result<Merge, String>>) {
     let mut planner = Planner {
         rules,
         owners: view.owners,
@@ -295,21 +320,29 @@ pub fn plan_merge(
         },
         out: Plan::default(),
     };
-    let (older, younger) = if a <= b { (a, b) } else { (b, a) };
-    if older.id == younger.id {
-        return Err("same_profile".to_owned());
+    let mut outcomes = Vec::new();
+    for ((a, b), detail) in pairs {
+        let (a, b) = (planner.find(a.id), planner.find(b.id));
+        let (a, b) = (planner.age(a), planner.age(b));
+        let (older, younger) = if a <= b { (a, b) } else { (b, a) };
+        if older.id == younger.id {
+            outcomes.push(Err("same_profile".to_owned()));
+            continue;
+        }
+        if let Some(reason) = planner.violation(&[older, younger], &[], now) {
+            outcomes.push(Err(reason));
+            continue;
+        }
+        let mut merge = planner.merge(younger.id, older.id, cause, now);
+        merge.rule = rule.to_owned();
+        if let Some(last) = planner.out.decisions.last_mut() {
+            last.rule = rule.to_owned();
+            last.detail = detail;
+        }
+        planner.out.merges.push(merge.clone());
+        outcomes.push(Ok(merge));
     }
-    if let Some(reason) = planner.violation(&[older, younger], &[], now) {
-        return Err(reason);
-    }
-    let mut merge = planner.merge(younger.id, older.id, cause, now);
-    merge.rule = rule.to_owned();
-    if let Some(last) = planner.out.decisions.last_mut() {
-        last.rule = rule.to_owned();
-        last.detail = detail;
-    }
-    planner.out.merges.push(merge);
-    Ok(planner.out)
+    (planner.out, outcomes)
 }
 
 /// Resolves `records` in order against `view` under `rules`, as of `now` (truncated to

@@ -2,6 +2,8 @@
 //! and a SQLite implementation for `tessera dev`. Both read a view of the graph, let
 //! [`crate::domain::plan`] decide, and write the plan in one transaction.
 
+#[cfg(test)]
+mod batch_tests;
 mod postgres;
 mod sqlite;
 
@@ -220,7 +222,9 @@ pub(crate) trait MatchStore: Send + Sync {
     /// order and in one transaction, each recorded under `rule` with its detail (an
     /// explanation), caused by `cause`, and queued for the profile service. Per pair,
     /// `Err(reason)` when the rules refuse it, a profile is unknown (`unknown_profile`) or both
-    /// are one profile already (`same_profile`).
+    /// are one profile already (`same_profile`). Set-based: the pairs' state is read once,
+    /// the merges decided in memory as merging them one after another would
+    /// ([`crate::domain::plan_merges`]) and written with multi-row statements.
     async fn merge_pairs(
         &self,
         rules: &VersionedRules,
@@ -248,6 +252,10 @@ pub(crate) trait MatchStore: Send + Sync {
     /// Stores an open suggestion for the pair unless one exists (open, accepted or rejected);
     /// returns whether it stored one.
     async fn suggest(&self, pair: (Uuid, Uuid), explanation: &str) -> Result<bool, IdentityError>;
+
+    /// [`MatchStore::suggest`] for many pairs, in order and in one transaction; returns how
+    /// many it stored.
+    async fn suggest_all(&self, pairs: &[((Uuid, Uuid), String)]) -> Result<i64, IdentityError>;
 
     /// Suggestions with `status` (all when `None`), newest first, with an id below `before`.
     async fn suggestions(

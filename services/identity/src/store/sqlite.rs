@@ -3,8 +3,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sqlx::SqlitePool;
-use sqlx::sqlite::SqliteConnection;
+use sqlx::sqlite::{Sqlite, SqliteConnection};
+use sqlx::{QueryBuilder, SqlitePool};
 use tessera_core::Identifier;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -76,6 +76,62 @@ WITH RECURSIVE tree (profile_id) AS (
 )
 SELECT i.type, i.value, i.linked_at FROM tree t JOIN identifiers i ON i.profile_id = t.profile_id";
 
+/// The canonical profile of each profile of `?1` (a JSON array of ids) and its creation time:
+/// rows (profile, canonical, created_at); unknown profiles have none.
+const CANONICAL_MANY_SQL: &str = "
+WITH RECURSIVE chain (start_id, profile_id, merged_into, created_at) AS (
+    SELECT p.profile_id, p.profile_id, p.merged_into, p.created_at
+    FROM profiles p WHERE p.profile_id IN (SELECT value FROM json_each(?1))
+  UNION
+    SELECT c.start_id, p.profile_id, p.merged_into, p.created_at
+    FROM chain c
+    JOIN profiles p ON p.profile_id = c.merged_into
+)
+SELECT start_id, profile_id, created_at FROM chain WHERE merged_into IS NULL";
+
+/// The identifiers of the canonical profiles of `?1` (a JSON array of ids), through every
+/// profile merged into them: rows (canonical profile, type, value, linked_at).
+const HELD_MANY_SQL: &str = "
+WITH RECURSIVE tree (root, profile_id) AS (
+    SELECT value, value FROM json_each(?1)
+  UNION
+    SELECT t.root, p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id
+)
+SELECT t.root, i.type, i.value, i.linked_at
+FROM tree t JOIN identifiers i ON i.profile_id = t.profile_id";
+
+/// The canonical profile of each of `profiles` that exists, with its creation time.
+pub(super) async fn canonical_ages(
+    conn: &mut SqliteConnection,
+    profiles: &[Uuid],
+) -> Result<HashMap<Uuid, ProfileAge>, IdentityError> {
+    if profiles.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let ids = json_ids(profiles);
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(CANONICAL_MANY_SQL)
+        .bind(ids)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut out = HashMap::with_capacity(rows.len());
+    for (start, canonical, created_at) in rows {
+        out.insert(
+            parse_uuid(&start)?,
+            ProfileAge {
+                created_at: from_micros(created_at)?,
+                id: parse_uuid(&canonical)?,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Profile ids as a JSON array, for `json_each`.
+fn json_ids(profiles: &[Uuid]) -> String {
+    serde_json::to_string(&profiles.iter().map(Uuid::to_string).collect::<Vec<_>>())
+        .unwrap_or_else(|_| "[]".to_owned())
+}
+
 /// Forbids in `view` every pair an unmerge split apart that touches the components of the
 /// canonical profiles `roots`, as the canonical profiles of its two sides.
 pub(super) async fn load_splits(
@@ -86,35 +142,30 @@ pub(super) async fn load_splits(
     let any: Option<i64> = sqlx::query_scalar("SELECT 1 FROM splits LIMIT 1")
         .fetch_optional(&mut *conn)
         .await?;
-    if any.is_none() {
+    if any.is_none() || roots.is_empty() {
         return Ok(());
     }
-    for root in roots {
-        let pairs: Vec<(String, String)> = sqlx::query_as(
-            "WITH RECURSIVE tree (profile_id) AS ( \
-                 SELECT ?1 \
-               UNION \
-                 SELECT q.profile_id FROM tree t JOIN profiles q ON q.merged_into = t.profile_id) \
-             SELECT profile_a, profile_b FROM splits \
-             WHERE profile_a IN (SELECT profile_id FROM tree) \
-                OR profile_b IN (SELECT profile_id FROM tree)",
-        )
-        .bind(root.to_string())
-        .fetch_all(&mut *conn)
-        .await?;
-        for (a, b) in pairs {
-            let mut ends = [a, b];
-            for end in &mut ends {
-                let canonical: Option<String> = sqlx::query_scalar(CANONICAL_SQL)
-                    .bind(end.as_str())
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                if let Some(canonical) = canonical {
-                    *end = canonical;
-                }
-            }
-            view.forbid(parse_uuid(&ends[0])?, parse_uuid(&ends[1])?);
-        }
+    let pairs: Vec<(String, String)> = sqlx::query_as(
+        "WITH RECURSIVE tree (profile_id) AS ( \
+             SELECT value FROM json_each(?1) \
+           UNION \
+             SELECT q.profile_id FROM tree t JOIN profiles q ON q.merged_into = t.profile_id) \
+         SELECT profile_a, profile_b FROM splits \
+         WHERE profile_a IN (SELECT profile_id FROM tree) \
+            OR profile_b IN (SELECT profile_id FROM tree)",
+    )
+    .bind(json_ids(roots))
+    .fetch_all(&mut *conn)
+    .await?;
+    let pairs = pairs
+        .into_iter()
+        .map(|(a, b)| Ok((parse_uuid(&a)?, parse_uuid(&b)?)))
+        .collect::<Result<Vec<(Uuid, Uuid)>, IdentityError>>()?;
+    let ends: Vec<Uuid> = pairs.iter().flat_map(|(a, b)| [*a, *b]).collect();
+    let canonical = canonical_ages(&mut *conn, &ends).await?;
+    let of = |id: Uuid| canonical.get(&id).map_or(id, |age| age.id);
+    for (a, b) in pairs {
+        view.forbid(of(a), of(b));
     }
     Ok(())
 }
@@ -856,33 +907,42 @@ async fn write(
         .execute(&mut *conn)
         .await?;
     }
-    for m in &plan.merges {
-        sqlx::query("UPDATE profiles SET merged_into = ?1, merged_at = ?2 WHERE profile_id = ?3")
-            .bind(m.surviving_profile_id.to_string())
-            .bind(micros(m.merged_at))
-            .bind(m.merged_profile_id.to_string())
-            .execute(&mut *conn)
-            .await?;
-        sqlx::query(
+    // Merges and decisions are the bulk of a batch of probabilistic merges: multi-row
+    // statements, in order (the `merges` and `graph_log` sequences follow the plan's order).
+    for chunk in plan.merges.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<Sqlite>::new("WITH u (s, m, at) AS (");
+        qb.push_values(chunk, |mut row, m| {
+            row.push_bind(m.surviving_profile_id.to_string())
+                .push_bind(m.merged_profile_id.to_string())
+                .push_bind(micros(m.merged_at));
+        });
+        qb.push(
+            ") UPDATE profiles SET merged_into = u.s, merged_at = u.at \
+             FROM u WHERE profiles.profile_id = u.m",
+        );
+        qb.build().execute(&mut *conn).await?;
+        let mut qb = QueryBuilder::<Sqlite>::new(
             "INSERT INTO merges (surviving_profile_id, merged_profile_id, cause_event_id, \
-             merged_at, rule) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )
-        .bind(m.surviving_profile_id.to_string())
-        .bind(m.merged_profile_id.to_string())
-        .bind(&m.cause_event_id)
-        .bind(micros(m.merged_at))
-        .bind(&m.rule)
-        .execute(&mut *conn)
-        .await?;
+             merged_at, rule) ",
+        );
+        qb.push_values(chunk, |mut row, m| {
+            row.push_bind(m.surviving_profile_id.to_string())
+                .push_bind(m.merged_profile_id.to_string())
+                .push_bind(m.cause_event_id.as_str())
+                .push_bind(micros(m.merged_at))
+                .push_bind(m.rule.as_str());
+        });
+        qb.build().execute(&mut *conn).await?;
+    }
+    if !plan.merges.is_empty() {
         // A merged profile is matched as its survivor from now on.
+        let merged: Vec<Uuid> = plan.merges.iter().map(|m| m.merged_profile_id).collect();
+        let merged = json_ids(&merged);
         for table in [
-            "DELETE FROM match_keys WHERE profile_id = ?1",
-            "DELETE FROM match_attributes WHERE profile_id = ?1",
+            "DELETE FROM match_keys WHERE profile_id IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM match_attributes WHERE profile_id IN (SELECT value FROM json_each(?1))",
         ] {
-            sqlx::query(table)
-                .bind(m.merged_profile_id.to_string())
-                .execute(&mut *conn)
-                .await?;
+            sqlx::query(table).bind(&merged).execute(&mut *conn).await?;
         }
     }
     for s in &plan.sightings {
@@ -898,25 +958,25 @@ async fn write(
         .execute(&mut *conn)
         .await?;
     }
-    for d in &plan.decisions {
-        sqlx::query(
+    for chunk in plan.decisions.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
             "INSERT INTO graph_log (kind, event_id, profile_id, other_profile_id, id_type, \
-             id_value, rule, rules_version, event_time, decided_at, detail) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-        )
-        .bind(d.kind.as_str())
-        .bind(&d.event_id)
-        .bind(d.profile_id.to_string())
-        .bind(d.other_profile_id.map(|p| p.to_string()))
-        .bind(d.identifier.as_ref().map(|i| i.kind.as_str()))
-        .bind(d.identifier.as_ref().map(|i| i.value.as_str()))
-        .bind(&d.rule)
-        .bind(rules_version)
-        .bind(micros(d.event_time))
-        .bind(now)
-        .bind(d.detail.as_deref())
-        .execute(&mut *conn)
-        .await?;
+             id_value, rule, rules_version, event_time, decided_at, detail) ",
+        );
+        qb.push_values(chunk, |mut row, d| {
+            row.push_bind(d.kind.as_str())
+                .push_bind(d.event_id.as_str())
+                .push_bind(d.profile_id.to_string())
+                .push_bind(d.other_profile_id.map(|p| p.to_string()))
+                .push_bind(d.identifier.as_ref().map(|i| i.kind.as_str()))
+                .push_bind(d.identifier.as_ref().map(|i| i.value.as_str()))
+                .push_bind(d.rule.as_str())
+                .push_bind(rules_version)
+                .push_bind(micros(d.event_time))
+                .push_bind(now)
+                .push_bind(d.detail.as_deref());
+        });
+        qb.build().execute(&mut *conn).await?;
     }
     // A suppressed event belongs to no profile: nothing is kept of it.
     for r in plan.resolutions.iter().filter(|r| !r.suppressed) {
@@ -934,6 +994,10 @@ async fn write(
     }
     Ok(())
 }
+
+/// Rows per multi-row statement: 11 columns at most, far below SQLite's parameter limit
+/// (32,766 since 3.32; the bundled library).
+const ROWS_PER_STATEMENT: usize = 500;
 
 /// Microseconds since the Unix epoch; times in the graph are within i64 range by far.
 fn micros(t: OffsetDateTime) -> i64 {

@@ -10,7 +10,7 @@ use sqlx::postgres::PgConnection;
 
 use super::{CANONICAL_SQL, Failure, LIMITED_SQL, PgStore, write};
 use crate::IdentityError;
-use crate::domain::{GraphView, Merge, Plan, ProfileAge, plan_merge};
+use crate::domain::{GraphView, Merge, Plan, ProfileAge, plan_merges};
 use crate::store::{
     IndexEntry, MatchStore, Outboxed, StoredModel, StoredSuggestion, VersionedRules, now, ordered,
 };
@@ -44,106 +44,126 @@ macro_rules! suggestion_sql {
     };
 }
 
-/// Merges `pairs` in order within the caller's transaction.
-async fn merge_chunk(
+/// Merges `pairs` in order within the caller's transaction, set-based: the canonical profiles
+/// of every pair are read and locked (`FOR UPDATE`, in id order) with one statement each, what
+/// they hold of limited types and the splits between them read once, the merges decided in
+/// memory ([`plan_merges`]: the same outcome per pair as merging them one by one) and written
+/// with array statements.
+async fn merge_all(
     tx: &mut PgConnection,
     rules: &VersionedRules,
     pairs: &[((Uuid, Uuid), Option<String>)],
     cause: &str,
     rule: &str,
-) -> Result<(Vec<Result<Merge, String>>, Vec<Plan>), Failure> {
-    let mut results = Vec::with_capacity(pairs.len());
-    let mut plans = Vec::new();
-    'pairs: for ((a, b), detail) in pairs {
-        // Locks taken in this transaction hold; a profile merged by someone else between the
-        // read and the lock shows once locked, and the read is repeated.
-        let mut locked_pair = None;
-        for _ in 0..MAX_ATTEMPTS {
-            let canonical: HashMap<Uuid, Uuid> = sqlx::query_as(CANONICAL_SQL)
-                .bind(vec![*a, *b])
-                .fetch_all(&mut *tx)
-                .await?
-                .into_iter()
-                .collect();
-            let (Some(&ca), Some(&cb)) = (canonical.get(a), canonical.get(b)) else {
-                results.push(Err("unknown_profile".to_owned()));
-                continue 'pairs;
-            };
-            if ca == cb {
-                results.push(Err("same_profile".to_owned()));
-                continue 'pairs;
-            }
-            let locked: Vec<(Uuid, OffsetDateTime, bool)> = sqlx::query_as(
-                "SELECT profile_id, created_at, merged_into IS NULL FROM profiles \
-                 WHERE profile_id = ANY($1) ORDER BY profile_id FOR UPDATE",
-            )
-            .bind(vec![ca, cb])
+) -> Result<(Vec<Result<Merge, String>>, Plan), Failure> {
+    let mut ids: Vec<Uuid> = pairs.iter().flat_map(|((a, b), _)| [*a, *b]).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    // Locks taken in this transaction hold; a profile merged by someone else between the read
+    // and the lock shows once locked, and the read is repeated.
+    let mut settled = None;
+    for _ in 0..MAX_ATTEMPTS {
+        let canonical: HashMap<Uuid, Uuid> = sqlx::query_as(CANONICAL_SQL)
+            .bind(&ids)
             .fetch_all(&mut *tx)
-            .await?;
-            if locked.len() == 2 && locked.iter().all(|(_, _, canonical)| *canonical) {
-                locked_pair = Some((ca, cb, locked));
-                break;
+            .await?
+            .into_iter()
+            .collect();
+        let mut roots: Vec<Uuid> = canonical.values().copied().collect();
+        roots.sort_unstable();
+        roots.dedup();
+        let locked: Vec<(Uuid, OffsetDateTime, bool)> = sqlx::query_as(
+            "SELECT profile_id, created_at, merged_into IS NULL FROM profiles \
+             WHERE profile_id = ANY($1) ORDER BY profile_id FOR UPDATE",
+        )
+        .bind(&roots)
+        .fetch_all(&mut *tx)
+        .await?;
+        if locked.len() == roots.len() && locked.iter().all(|(_, _, canonical)| *canonical) {
+            settled = Some((canonical, roots, locked));
+            break;
+        }
+    }
+    let Some((canonical, roots, locked)) = settled else {
+        return Err(Failure::Retry("profile merged meanwhile"));
+    };
+    let mut view = GraphView::new();
+    let mut ages: HashMap<Uuid, ProfileAge> = HashMap::with_capacity(locked.len());
+    for (id, created_at, _) in locked {
+        let age = ProfileAge { created_at, id };
+        view.insert_profile(age);
+        ages.insert(id, age);
+    }
+    let limited_types: Vec<&str> = rules.rules.limited_types().collect();
+    let limited: Vec<(Uuid, String, String, OffsetDateTime)> = sqlx::query_as(LIMITED_SQL)
+        .bind(&roots)
+        .bind(&limited_types)
+        .fetch_all(&mut *tx)
+        .await?;
+    for (root, kind, value, linked_at) in limited {
+        view.insert_limited(root, Identifier { kind, value }, linked_at);
+    }
+    super::load_splits(&mut *tx, &roots, &mut view).await?;
+    // Pairs with an unknown profile are answered without planning; the others keep their order.
+    let age = |id: &Uuid| canonical.get(id).and_then(|root| ages.get(root)).copied();
+    let mut known = Vec::with_capacity(pairs.len());
+    let mut unknown = Vec::with_capacity(pairs.len());
+    for ((a, b), detail) in pairs {
+        match (age(a), age(b)) {
+            (Some(a), Some(b)) => {
+                known.push(((a, b), detail.clone()));
+                unknown.push(false);
             }
+            _ => unknown.push(true),
         }
-        let Some((ca, cb, locked)) = locked_pair else {
-            return Err(Failure::Retry("profile merged meanwhile"));
-        };
-        let mut view = GraphView::new();
-        let mut ages = Vec::with_capacity(2);
-        for (id, created_at, _) in &locked {
-            let age = ProfileAge {
-                created_at: *created_at,
-                id: *id,
-            };
-            view.insert_profile(age);
-            ages.push(age);
+    }
+    let now = now();
+    let (plan, planned) = plan_merges(&rules.rules, view, known, cause, rule, now);
+    write(&mut *tx, &plan, rules.version, now).await?;
+    if !plan.merges.is_empty() {
+        let n = plan.merges.len();
+        let (mut surviving, mut merged, mut causes, mut rules, mut times) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for m in &plan.merges {
+            surviving.push(m.surviving_profile_id);
+            merged.push(m.merged_profile_id);
+            causes.push(m.cause_event_id.as_str());
+            rules.push(m.rule.as_str());
+            times.push(m.merged_at);
         }
-        let limited_types: Vec<&str> = rules.rules.limited_types().collect();
-        let limited: Vec<(Uuid, String, String, OffsetDateTime)> = sqlx::query_as(LIMITED_SQL)
-            .bind(vec![ca, cb])
-            .bind(&limited_types)
-            .fetch_all(&mut *tx)
-            .await?;
-        for (root, kind, value, linked_at) in limited {
-            view.insert_limited(root, Identifier { kind, value }, linked_at);
-        }
-        super::load_splits(&mut *tx, &[ca, cb], &mut view).await?;
-        let now = now();
-        let plan = match plan_merge(
-            &rules.rules,
-            view,
-            (ages[0], ages[1]),
-            cause,
-            rule,
-            detail.clone(),
-            now,
-        ) {
-            Ok(plan) => plan,
-            Err(reason) => {
-                results.push(Err(reason));
-                continue;
-            }
-        };
-        write(&mut *tx, &plan, rules.version, now).await?;
-        let Some(merge) = plan.merges.first().cloned() else {
-            results.push(Err("nothing_to_merge".to_owned()));
-            continue;
-        };
         sqlx::query(
             "INSERT INTO merge_outbox (surviving_profile_id, merged_profile_id, cause, rule, merged_at) \
-             VALUES ($1, $2, $3, $4, $5)",
+             SELECT s, m, c, r, t \
+             FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[]) \
+             WITH ORDINALITY AS u (s, m, c, r, t, n) ORDER BY n",
         )
-        .bind(merge.surviving_profile_id)
-        .bind(merge.merged_profile_id)
-        .bind(&merge.cause_event_id)
-        .bind(&merge.rule)
-        .bind(merge.merged_at)
+        .bind(surviving)
+        .bind(merged)
+        .bind(causes)
+        .bind(rules)
+        .bind(times)
         .execute(&mut *tx)
         .await?;
-        results.push(Ok(merge));
-        plans.push(plan);
     }
-    Ok((results, plans))
+    let mut planned = planned.into_iter();
+    let results = unknown
+        .into_iter()
+        .map(|unknown| {
+            if unknown {
+                Err("unknown_profile".to_owned())
+            } else {
+                planned
+                    .next()
+                    .unwrap_or_else(|| Err("nothing_to_merge".to_owned()))
+            }
+        })
+        .collect();
+    Ok((results, plan))
 }
 
 #[async_trait::async_trait]
@@ -304,12 +324,10 @@ impl MatchStore for PgStore {
     ) -> Result<Vec<Result<Merge, String>>, IdentityError> {
         for attempt in 0..MAX_ATTEMPTS {
             let mut tx = self.pool.begin().await?;
-            match merge_chunk(&mut tx, rules, pairs, cause, rule).await {
-                Ok((results, plans)) => {
+            match merge_all(&mut tx, rules, pairs, cause, rule).await {
+                Ok((results, plan)) => {
                     tx.commit().await?;
-                    for plan in &plans {
-                        crate::store::record_metrics(plan);
-                    }
+                    crate::store::record_metrics(&plan);
                     return Ok(results);
                 }
                 Err(Failure::Retry(reason)) => {
@@ -340,6 +358,36 @@ impl MatchStore for PgStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn suggest_all(&self, pairs: &[((Uuid, Uuid), String)]) -> Result<i64, IdentityError> {
+        if pairs.is_empty() {
+            return Ok(0);
+        }
+        let (mut first, mut second, mut explanations) = (
+            Vec::with_capacity(pairs.len()),
+            Vec::with_capacity(pairs.len()),
+            Vec::with_capacity(pairs.len()),
+        );
+        for (pair, explanation) in pairs {
+            let (a, b) = ordered(*pair);
+            first.push(a);
+            second.push(b);
+            explanations.push(explanation.as_str());
+        }
+        let done = sqlx::query(
+            "INSERT INTO match_suggestions (profile_a, profile_b, explanation, status, created_at) \
+             SELECT a, b, e::jsonb, 'open', $4 \
+             FROM unnest($1::uuid[], $2::uuid[], $3::text[]) WITH ORDINALITY AS u (a, b, e, n) \
+             ORDER BY n ON CONFLICT (profile_a, profile_b) DO NOTHING",
+        )
+        .bind(first)
+        .bind(second)
+        .bind(explanations)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(i64::try_from(done.rows_affected()).unwrap_or(i64::MAX))
     }
 
     async fn suggestions(

@@ -1,13 +1,17 @@
 //! Probabilistic matching's storage on SQLite (`tessera dev`): one connection, so
 //! transactions are serial and need no locks.
 
-use sqlx::sqlite::SqliteConnection;
+use sqlx::QueryBuilder;
+use sqlx::sqlite::{Sqlite, SqliteConnection};
 use tessera_core::Identifier;
 use uuid::Uuid;
 
-use super::{CANONICAL_SQL, HELD_SQL, SqliteStore, from_micros, micros, parse_uuid, write};
+use super::{
+    HELD_MANY_SQL, ROWS_PER_STATEMENT, SqliteStore, canonical_ages, from_micros, json_ids, micros,
+    parse_uuid, write,
+};
 use crate::IdentityError;
-use crate::domain::{GraphView, Merge, Plan, ProfileAge, plan_merge};
+use crate::domain::{GraphView, Merge, Plan, plan_merges};
 use crate::store::{
     IndexEntry, MatchStore, Outboxed, StoredModel, StoredSuggestion, VersionedRules, now, ordered,
 };
@@ -37,80 +41,87 @@ macro_rules! suggestion_sql {
     };
 }
 
-/// Merges one pair within the caller's transaction.
-async fn merge_one(
+/// Merges `pairs` in order within the caller's transaction, set-based: the pairs' canonical
+/// profiles, what they hold of limited types and the splits between them are read with one
+/// statement each, the merges decided in memory ([`plan_merges`]: the same outcome per pair as
+/// merging them one by one) and written with multi-row statements.
+async fn merge_all(
     tx: &mut SqliteConnection,
     rules: &VersionedRules,
-    (a, b): (Uuid, Uuid),
+    pairs: &[((Uuid, Uuid), Option<String>)],
     cause: &str,
     rule: &str,
-    detail: Option<String>,
-) -> Result<Result<(Merge, Plan), String>, IdentityError> {
-    let mut ages = Vec::with_capacity(2);
-    for id in [a, b] {
-        let canonical: Option<String> = sqlx::query_scalar(CANONICAL_SQL)
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(canonical) = canonical else {
-            return Ok(Err("unknown_profile".to_owned()));
-        };
-        let created_at: i64 =
-            sqlx::query_scalar("SELECT created_at FROM profiles WHERE profile_id = ?1")
-                .bind(&canonical)
-                .fetch_one(&mut *tx)
-                .await?;
-        ages.push(ProfileAge {
-            created_at: from_micros(created_at)?,
-            id: parse_uuid(&canonical)?,
-        });
-    }
-    if ages[0].id == ages[1].id {
-        return Ok(Err("same_profile".to_owned()));
-    }
+) -> Result<(Vec<Result<Merge, String>>, Plan), IdentityError> {
+    let mut ids: Vec<Uuid> = pairs.iter().flat_map(|((a, b), _)| [*a, *b]).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let canonical = canonical_ages(&mut *tx, &ids).await?;
+    let mut roots: Vec<Uuid> = canonical.values().map(|age| age.id).collect();
+    roots.sort_unstable();
+    roots.dedup();
     let mut view = GraphView::new();
-    for age in &ages {
+    for age in canonical.values() {
         view.insert_profile(*age);
-        let held: Vec<(String, String, i64)> = sqlx::query_as(HELD_SQL)
-            .bind(age.id.to_string())
+    }
+    if !roots.is_empty() {
+        let held: Vec<(String, String, String, i64)> = sqlx::query_as(HELD_MANY_SQL)
+            .bind(json_ids(&roots))
             .fetch_all(&mut *tx)
             .await?;
-        for (kind, value, linked_at) in held {
+        for (root, kind, value, linked_at) in held {
             if rules.rules.limit(&kind).is_some() {
-                view.insert_limited(age.id, Identifier { kind, value }, from_micros(linked_at)?);
+                view.insert_limited(
+                    parse_uuid(&root)?,
+                    Identifier { kind, value },
+                    from_micros(linked_at)?,
+                );
             }
         }
     }
-    super::load_splits(&mut *tx, &[ages[0].id, ages[1].id], &mut view).await?;
+    super::load_splits(&mut *tx, &roots, &mut view).await?;
+    // Pairs with an unknown profile are answered without planning; the others keep their order.
+    let mut known = Vec::with_capacity(pairs.len());
+    let mut unknown = Vec::with_capacity(pairs.len());
+    for ((a, b), detail) in pairs {
+        match (canonical.get(a), canonical.get(b)) {
+            (Some(a), Some(b)) => {
+                known.push(((*a, *b), detail.clone()));
+                unknown.push(false);
+            }
+            _ => unknown.push(true),
+        }
+    }
     let now = now();
-    let plan = match plan_merge(
-        &rules.rules,
-        view,
-        (ages[0], ages[1]),
-        cause,
-        rule,
-        detail,
-        now,
-    ) {
-        Ok(plan) => plan,
-        Err(reason) => return Ok(Err(reason)),
-    };
+    let (plan, planned) = plan_merges(&rules.rules, view, known, cause, rule, now);
     write(&mut *tx, &plan, rules.version, now).await?;
-    let Some(merge) = plan.merges.first().cloned() else {
-        return Ok(Err("nothing_to_merge".to_owned()));
-    };
-    sqlx::query(
-        "INSERT INTO merge_outbox (surviving_profile_id, merged_profile_id, cause, rule, merged_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )
-    .bind(merge.surviving_profile_id.to_string())
-    .bind(merge.merged_profile_id.to_string())
-    .bind(&merge.cause_event_id)
-    .bind(&merge.rule)
-    .bind(micros(merge.merged_at))
-    .execute(&mut *tx)
-    .await?;
-    Ok(Ok((merge, plan)))
+    for chunk in plan.merges.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO merge_outbox (surviving_profile_id, merged_profile_id, cause, rule, \
+             merged_at) ",
+        );
+        qb.push_values(chunk, |mut row, m| {
+            row.push_bind(m.surviving_profile_id.to_string())
+                .push_bind(m.merged_profile_id.to_string())
+                .push_bind(m.cause_event_id.as_str())
+                .push_bind(m.rule.as_str())
+                .push_bind(micros(m.merged_at));
+        });
+        qb.build().execute(&mut *tx).await?;
+    }
+    let mut planned = planned.into_iter();
+    let results = unknown
+        .into_iter()
+        .map(|unknown| {
+            if unknown {
+                Err("unknown_profile".to_owned())
+            } else {
+                planned
+                    .next()
+                    .unwrap_or_else(|| Err("nothing_to_merge".to_owned()))
+            }
+        })
+        .collect();
+    Ok((results, plan))
 }
 
 #[async_trait::async_trait]
@@ -274,19 +285,9 @@ impl MatchStore for SqliteStore {
         rule: &str,
     ) -> Result<Vec<Result<Merge, String>>, IdentityError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut results = Vec::with_capacity(pairs.len());
-        let mut plans = Vec::new();
-        for (pair, detail) in pairs {
-            let outcome = merge_one(&mut tx, rules, *pair, cause, rule, detail.clone()).await?;
-            results.push(outcome.map(|(merge, plan)| {
-                plans.push(plan);
-                merge
-            }));
-        }
+        let (results, plan) = merge_all(&mut tx, rules, pairs, cause, rule).await?;
         tx.commit().await?;
-        for plan in &plans {
-            crate::store::record_metrics(plan);
-        }
+        crate::store::record_metrics(&plan);
         Ok(results)
     }
 
@@ -303,6 +304,33 @@ impl MatchStore for SqliteStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn suggest_all(&self, pairs: &[((Uuid, Uuid), String)]) -> Result<i64, IdentityError> {
+        if pairs.is_empty() {
+            return Ok(0);
+        }
+        let created_at = micros(now());
+        let mut stored = 0;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for chunk in pairs.chunks(ROWS_PER_STATEMENT) {
+            let mut qb = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO match_suggestions (profile_a, profile_b, explanation, status, \
+                 created_at) ",
+            );
+            qb.push_values(chunk, |mut row, (pair, explanation)| {
+                let (a, b) = ordered(*pair);
+                row.push_bind(a.to_string())
+                    .push_bind(b.to_string())
+                    .push_bind(explanation.as_str())
+                    .push_bind("open")
+                    .push_bind(created_at);
+            });
+            qb.push(" ON CONFLICT (profile_a, profile_b) DO NOTHING");
+            stored += qb.build().execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(i64::try_from(stored).unwrap_or(i64::MAX))
     }
 
     async fn suggestions(
@@ -374,16 +402,15 @@ impl MatchStore for SqliteStore {
     }
 
     async fn delivered(&self, seqs: &[i64]) -> Result<(), IdentityError> {
-        let now = micros(now());
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for seq in seqs {
-            sqlx::query("UPDATE merge_outbox SET delivered_at = ?2 WHERE seq = ?1")
-                .bind(seq)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
+        let seqs = serde_json::to_string(seqs).unwrap_or_else(|_| "[]".to_owned());
+        sqlx::query(
+            "UPDATE merge_outbox SET delivered_at = ?2 \
+             WHERE seq IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(seqs)
+        .bind(micros(now()))
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 }
