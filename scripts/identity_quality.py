@@ -236,6 +236,10 @@ class TesseraDev:
             raise RuntimeError(
                 f"tessera dev did not start (exit {self.proc.poll()}); log: {self.log_path}"
             )
+        # The external gRPC APIs take an access token; `tessera dev` makes one with every scope
+        # and keeps it in its data dir (never printed here: the log stays free of secrets).
+        token_file = self.data_dir / "dev-access-token"
+        self.access_token = token_file.read_text().strip() if token_file.exists() else None
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -300,8 +304,42 @@ def post_batches(http_addr: str, write_key: str, df) -> int:
     return len(batches)
 
 
+def bearer_channel(grpc, channel, token: str | None):
+    """`channel` sending `authorization: Bearer <token>` on every unary call (when a token is
+    given)."""
+    if not token:
+        return channel
+    import collections
+
+    class Details(
+        collections.namedtuple(
+            "Details",
+            ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+        ),
+        grpc.ClientCallDetails,
+    ):
+        pass
+
+    class Bearer(grpc.UnaryUnaryClientInterceptor):
+        def intercept_unary_unary(self, continuation, details, request):
+            metadata = list(details.metadata or []) + [("authorization", f"Bearer {token}")]
+            return continuation(
+                Details(
+                    details.method,
+                    details.timeout,
+                    metadata,
+                    details.credentials,
+                    details.wait_for_ready,
+                    details.compression,
+                ),
+                request,
+            )
+
+    return grpc.intercept_channel(channel, Bearer())
+
+
 class Client:
-    def __init__(self, grpc_addr: str):
+    def __init__(self, grpc_addr: str, token: str | None = None):
         import grpc
         from tessera.common.v1 import common_pb2
         from tessera.identity.v1 import identity_pb2, identity_pb2_grpc
@@ -309,7 +347,7 @@ class Client:
 
         self.grpc = grpc
         self.common_pb2, self.identity_pb2, self.profile_pb2 = common_pb2, identity_pb2, profile_pb2
-        self.channel = grpc.insecure_channel(grpc_addr)
+        self.channel = bearer_channel(grpc, grpc.insecure_channel(grpc_addr), token)
         self.identity = identity_pb2_grpc.IdentityServiceStub(self.channel)
         self.profile = profile_pb2_grpc.ProfileServiceStub(self.channel)
         self.pool = concurrent.futures.ThreadPoolExecutor(8)
@@ -378,7 +416,7 @@ def run_tessera(name, df, truth, args) -> dict:
             args.binary, args.auto_merge, review, int(args.request_timeout * 1000), workdir
         )
         log(f"{name}: tessera dev on grpc={server.grpc_addr} http={server.http_addr}")
-        client = Client(server.grpc_addr)
+        client = Client(server.grpc_addr, server.access_token)
         t = time.monotonic()
         batches = post_batches(server.http_addr, server.write_key, df)
         phases["ingest"] = time.monotonic() - t
