@@ -1488,7 +1488,9 @@ async fn component_members(conn: &mut PgConnection, root: Uuid) -> Result<Vec<Uu
         "WITH RECURSIVE tree (profile_id) AS ( \
              SELECT $1::uuid \
            UNION \
-             SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
+             SELECT p.profile_id FROM tree t CROSS JOIN LATERAL ( \
+                 SELECT q.profile_id FROM profiles q \
+                 WHERE q.merged_into = t.profile_id OFFSET 0) p) \
          SELECT profile_id FROM tree",
     )
     .bind(root)
@@ -1505,8 +1507,12 @@ async fn component_identifiers(
         "WITH RECURSIVE tree (profile_id) AS ( \
              SELECT $1::uuid \
            UNION \
-             SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
-         SELECT i.type, i.value FROM identifiers i JOIN tree USING (profile_id)",
+             SELECT p.profile_id FROM tree t CROSS JOIN LATERAL ( \
+                 SELECT q.profile_id FROM profiles q \
+                 WHERE q.merged_into = t.profile_id OFFSET 0) p) \
+         SELECT i.type, i.value FROM tree t CROSS JOIN LATERAL ( \
+             SELECT j.type, j.value FROM identifiers j \
+             WHERE j.profile_id = t.profile_id OFFSET 0) i",
     )
     .bind(root)
     .fetch_all(conn)
@@ -1597,8 +1603,12 @@ async fn history_rows(
         "WITH RECURSIVE tree (profile_id) AS ( \
              SELECT unnest($1::uuid[]) \
            UNION \
-             SELECT p.profile_id FROM tree t JOIN profiles p ON p.merged_into = t.profile_id) \
-         SELECT p.profile_id, p.created_at FROM profiles p JOIN tree USING (profile_id)",
+             SELECT p.profile_id FROM tree t CROSS JOIN LATERAL ( \
+                 SELECT q.profile_id FROM profiles q \
+                 WHERE q.merged_into = t.profile_id OFFSET 0) p) \
+         SELECT p.profile_id, p.created_at FROM tree t CROSS JOIN LATERAL ( \
+             SELECT q.profile_id, q.created_at FROM profiles q \
+             WHERE q.profile_id = t.profile_id OFFSET 0) p",
     )
     .bind(roots)
     .fetch_all(&mut *conn)
