@@ -37,15 +37,51 @@ pub struct EmReport {
 pub(crate) type Pattern = Vec<Option<u8>>;
 
 /// The distinct comparison vectors of `pairs`, with how often each occurs. EM then runs over
-/// tens of thousands of patterns rather than millions of pairs.
+/// tens of thousands of patterns rather than millions of pairs. Many pairs (the million random
+/// pairs of u) are graded on every core; the counts, and so the result, are the same.
 pub(crate) fn patterns(
     matcher: &Matcher,
     records: &[Attributes],
     pairs: impl IntoIterator<Item = (usize, usize)>,
 ) -> Vec<(Pattern, u64)> {
+    const PER_THREAD: usize = 50_000;
+    let pairs: Vec<(usize, usize)> = pairs.into_iter().collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .min(pairs.len() / PER_THREAD)
+        .max(1);
+    let counts = if threads == 1 {
+        count_patterns(matcher, records, &pairs)
+    } else {
+        std::thread::scope(|scope| {
+            let parts: Vec<_> = pairs
+                .chunks(pairs.len().div_ceil(threads))
+                .map(|part| scope.spawn(move || count_patterns(matcher, records, part)))
+                .collect();
+            let mut total: HashMap<Pattern, u64> = HashMap::new();
+            for part in parts {
+                let part = part.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+                for (pattern, count) in part {
+                    *total.entry(pattern).or_insert(0) += count;
+                }
+            }
+            total
+        })
+    };
+    let mut out: Vec<_> = counts.into_iter().collect();
+    // Sorted, so that floating-point sums (and so the model) do not depend on hash order.
+    out.sort_unstable();
+    out
+}
+
+fn count_patterns(
+    matcher: &Matcher,
+    records: &[Attributes],
+    pairs: &[(usize, usize)],
+) -> HashMap<Pattern, u64> {
     let mut counts: HashMap<Pattern, u64> = HashMap::new();
     let mut vector = vec![None; matcher.comparisons().len()];
-    for (i, j) in pairs {
+    for &(i, j) in pairs {
         matcher.grade_into(&records[i], &records[j], &mut vector);
         if let Some(count) = counts.get_mut(&vector) {
             *count += 1;
@@ -53,10 +89,7 @@ pub(crate) fn patterns(
             counts.insert(vector.clone(), 1);
         }
     }
-    let mut out: Vec<_> = counts.into_iter().collect();
-    // Sorted, so that floating-point sums (and so the model) do not depend on hash order.
-    out.sort_unstable();
-    out
+    counts
 }
 
 /// Random distinct pairs of positions in `0..n`: every pair when there are at most `sample`,
