@@ -436,7 +436,9 @@ impl Matching {
 
     /// Fits a model over the indexed population and makes it current.
     pub(crate) async fn train(&self) -> Result<TrainingSummary, IdentityError> {
+        let started = std::time::Instant::now();
         let population = self.store.population().await?;
+        let read = started.elapsed();
         if population.len() < 2 {
             return Err(IdentityError::FailedPrecondition(format!(
                 "{} profiles are indexed for matching; a model needs at least 2",
@@ -451,6 +453,7 @@ impl Matching {
         let (model, report) = tokio::task::spawn_blocking(move || train(matcher, &records))
             .await
             .map_err(|e| IdentityError::Corrupt(format!("training panicked: {e}")))?;
+        let fitted = started.elapsed();
         let params = serde_json::to_string(model.params())
             .map_err(|e| IdentityError::Corrupt(format!("model does not encode: {e}")))?;
         let mut summary = TrainingSummary {
@@ -489,6 +492,10 @@ impl Matching {
             profiles = summary.profiles,
             pairs = summary.candidate_pairs,
             converged = summary.converged,
+            read_ms = read.as_millis() as u64,
+            fit_ms = (fitted - read).as_millis() as u64,
+            save_ms = (started.elapsed() - fitted).as_millis() as u64,
+            params_bytes = params.len(),
             "match model trained"
         );
         Ok(summary)
