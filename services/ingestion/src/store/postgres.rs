@@ -327,7 +327,7 @@ impl EventLog for PgEventLog {
              FROM events \
              WHERE partition = $1 AND (txid, seq) > ($2::text::xid8, $3) \
                AND txid < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY txid, seq LIMIT $4",
+             ORDER BY events.txid, events.seq LIMIT $4",
         )
         .bind(partition)
         .bind(after.txid.to_string())
