@@ -2,6 +2,7 @@
 
 mod access;
 mod account_scores;
+mod bench_computed;
 mod change_stream;
 mod chaos;
 mod cli;

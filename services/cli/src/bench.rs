@@ -1,8 +1,10 @@
 //! `tessera bench`: the load tool. Sends synthetic Segment-style events to a running Tessera on
 //! an open-loop schedule, over unary gRPC, gRPC client streams or the Segment-compatible HTTP
-//! API, and reports offered and achieved throughput, request latency, and how long an
-//! acknowledged event takes to show in the profile (read over gRPC whatever the transport).
+//! API, and reports offered and achieved throughput, request latency, how long an acknowledged
+//! event takes to show in the profile (read over gRPC whatever the transport), and optionally
+//! how long a first order takes to show in a computed trait, an audience and a score.
 
+mod computed;
 mod pacer;
 mod report;
 mod workload;
@@ -61,6 +63,9 @@ const STREAM_CHUNKS: u64 = 100;
 /// How long a stream stays open at most, so that acknowledgements (and the visibility samples
 /// that start from them) arrive during the run at low rates too (`grpc-stream`).
 const STREAM_MAX_AGE: Duration = Duration::from_secs(1);
+/// How long the bench waits after declaring definitions, so that every profile replica reads
+/// with them (each picks a change up within about a second).
+const DEFINITIONS_SETTLE: Duration = Duration::from_secs(2);
 /// How long connecting to the Tessera under test may take before the run gives up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -153,6 +158,17 @@ pub(crate) struct BenchArgs {
     /// Seconds to wait for a followed profile before counting it as not visible.
     #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3_600))]
     visibility_timeout: u64,
+    /// How many first `Order Completed` events (each a person's first order, sent with their
+    /// user id) to follow from acknowledgement until the profile shows the order in the
+    /// computed trait `order_count`, in the audience `bench_buyers` and in the `engagement`
+    /// score (polling GetProfile at --read-target). Declares that trait and audience through
+    /// the definitions API first when they are missing (a token with profiles:write; every
+    /// stored profile is then recomputed once). 0 turns the measurement off.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    computed_samples: u64,
+    /// Seconds to wait for a followed order before counting what has not shown it as not seen.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    computed_timeout: u64,
     /// Seconds before a request counts as failed with DEADLINE_EXCEEDED (grpc-stream: a chunk
     /// the stream does not take, or a closed stream's answer, within that time).
     #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3_600))]
@@ -186,6 +202,8 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         connections: args.connections,
         visibility_samples: args.visibility_samples,
         visibility_timeout_s: args.visibility_timeout,
+        computed_samples: args.computed_samples,
+        computed_timeout_s: args.computed_timeout,
         request_timeout_s: args.request_timeout,
         seed: args.seed.unwrap_or_else(rand::random),
     };
@@ -221,7 +239,9 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let reads = match (&args.read_target, &route) {
         (Some(target), _) => connect(target, 1).await?.remove(0),
         (None, Route::Grpc(channels) | Route::GrpcStream(channels)) => channels[0].clone(),
-        (None, Route::Http(_)) if params.visibility_samples == 0 => {
+        (None, Route::Http(_))
+            if params.visibility_samples == 0 && params.computed_samples == 0 =>
+        {
             Endpoint::from_shared(args.target.clone())
                 .with_context(|| format!("invalid --target {:?}", args.target))?
                 .connect_lazy()
@@ -229,6 +249,10 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         (None, Route::Http(_)) => connect(&args.target, 1).await?.remove(0),
     };
     let reads = crate::client_tls::with_token(reads, args.token.as_deref())?;
+    if params.computed_samples > 0 && computed::ensure_definitions(reads.clone()).await? {
+        // Writes use a new definition at once; reads on every replica within about a second.
+        tokio::time::sleep(DEFINITIONS_SETTLE).await;
+    }
     eprintln!(
         "tessera bench: run {run_id} against {target} over {} ({}, {}); Ctrl-C stops early",
         params.transport,
@@ -450,6 +474,8 @@ struct Stats {
     /// Acknowledged events per device (anonymous id), to know what a profile must count.
     device_acks: HashMap<u64, u64>,
     last_response: Option<Instant>,
+    /// The followed first orders (`--computed-samples`).
+    computed: computed::ComputedStats,
 }
 
 impl Stats {
@@ -467,6 +493,7 @@ impl Stats {
             first_poll_error: BTreeMap::new(),
             device_acks: HashMap::new(),
             last_response: None,
+            computed: computed::ComputedStats::new()?,
         })
     }
 
@@ -551,6 +578,7 @@ struct Ctx {
     sent_events: AtomicU64,
     request_timeout: Duration,
     visibility_timeout: Duration,
+    computed_timeout: Duration,
     /// Sent with every IngestEvents and StreamIngestEvents call.
     write_key: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
 }
@@ -575,6 +603,8 @@ struct Job {
     events: Vec<Event>,
     devices: Vec<Option<u64>>,
     sample: Option<Sample>,
+    /// The user id of a first order to follow (`--computed-samples`).
+    order: Option<String>,
     /// When the batch was due (open loop) or, unpaced, when it was issued.
     due: Instant,
     issued: Instant,
@@ -630,6 +660,7 @@ async fn drive(
         sent_events: AtomicU64::new(0),
         request_timeout: Duration::from_secs(params.request_timeout_s),
         visibility_timeout: Duration::from_secs(params.visibility_timeout_s),
+        computed_timeout: Duration::from_secs(params.computed_timeout_s),
         write_key,
     });
     let concurrency = usize::try_from(params.concurrency)?;
@@ -656,6 +687,11 @@ async fn drive(
     let mut workload = Workload::new(usize::try_from(params.users)?, params.seed, run_id);
     let mut sampler = Sampler::new(
         params.visibility_samples,
+        pacer.planned_batches(duration),
+        duration.unwrap_or(Duration::from_secs(DEFAULT_DURATION_S)),
+    );
+    let mut order_sampler = Sampler::new(
+        params.computed_samples,
         pacer.planned_batches(duration),
         duration.unwrap_or(Duration::from_secs(DEFAULT_DURATION_S)),
     );
@@ -723,11 +759,19 @@ async fn drive(
                 device,
             });
         }
+        let mut order = None;
+        if order_sampler.wants(batch_no, elapsed)
+            && let Some(g) = generated.iter().find(|g| g.first_order)
+        {
+            order_sampler.took(batch_no, elapsed);
+            order = Some(g.event.user_id.clone());
+        }
         let (events, devices) = generated.into_iter().map(|g| (g.event, g.device)).unzip();
         let job = Job {
             events,
             devices,
             sample,
+            order,
             due,
             issued: Instant::now(),
         };
@@ -825,6 +869,7 @@ async fn send(ctx: Arc<Ctx>, unary: Unary, job: Job, permit: OwnedSemaphorePermi
         events,
         devices,
         sample,
+        order,
         due,
         issued,
     } = job;
@@ -835,7 +880,7 @@ async fn send(ctx: Arc<Ctx>, unary: Unary, job: Job, permit: OwnedSemaphorePermi
     };
     let done = Instant::now();
     drop(permit);
-    let follow = {
+    let (follow, order) = {
         let mut s = ctx.stats();
         s.requests.sent += 1;
         s.events.sent += n;
@@ -857,17 +902,26 @@ async fn send(ctx: Arc<Ctx>, unary: Unary, job: Job, permit: OwnedSemaphorePermi
                         }
                     }
                 }
-                sample.map(|smp| s.follow(smp))
+                s.computed.followed += u64::from(order.is_some());
+                (sample.map(|smp| s.follow(smp)), order)
             }
             Err(failure) => {
                 s.failed(failure, n);
-                None
+                (None, None)
             }
         }
     };
-    if let Some((user_id, expected)) = follow {
-        follow_profile(&ctx, ctx.reads.clone(), user_id, expected, done).await;
-    }
+    let visible = async {
+        if let Some((user_id, expected)) = follow {
+            follow_profile(&ctx, ctx.reads.clone(), user_id, expected, done).await;
+        }
+    };
+    let ordered = async {
+        if let Some(user_id) = order {
+            follow_order(&ctx, ctx.reads.clone(), user_id, done).await;
+        }
+    };
+    tokio::join!(visible, ordered);
 }
 
 /// One IngestEvents call.
@@ -947,6 +1001,8 @@ struct OpenStream {
     /// The device of every event written, counted as acknowledged if the stream accepts all.
     devices: Vec<u64>,
     samples: Vec<Sample>,
+    /// The user ids of the first orders to follow once the stream is acknowledged.
+    orders: Vec<String>,
     broken: Option<Broken>,
 }
 
@@ -995,6 +1051,7 @@ impl OpenStream {
             events: 0,
             devices: Vec::new(),
             samples: Vec::new(),
+            orders: Vec::new(),
             broken: None,
         }
     }
@@ -1005,6 +1062,7 @@ impl OpenStream {
             events,
             devices,
             sample,
+            order,
             due: _,
             issued: _,
         } = job;
@@ -1012,6 +1070,7 @@ impl OpenStream {
         self.events += events.len() as u64;
         self.devices.extend(devices.into_iter().flatten());
         self.samples.extend(sample);
+        self.orders.extend(order);
         if self.broken.is_none() {
             let chunk = StreamIngestEventsRequest { events };
             match tokio::time::timeout(ctx.request_timeout, self.chunks_tx.send(chunk)).await {
@@ -1036,6 +1095,7 @@ async fn settle(ctx: Arc<Ctx>, stream: OpenStream) {
         events,
         devices,
         samples,
+        orders,
         broken,
     } = stream;
     drop(chunks_tx);
@@ -1062,7 +1122,7 @@ async fn settle(ctx: Arc<Ctx>, stream: OpenStream) {
         }
     };
     let done = Instant::now();
-    let follows: Vec<(String, u64)> = {
+    let (follows, orders): (Vec<(String, u64)>, Vec<String>) = {
         let mut s = ctx.stats();
         s.requests.sent += 1;
         s.requests.chunks = Some(s.requests.chunks.unwrap_or(0) + chunks);
@@ -1078,21 +1138,30 @@ async fn settle(ctx: Arc<Ctx>, stream: OpenStream) {
                     for device in devices {
                         *s.device_acks.entry(device).or_default() += 1;
                     }
-                    samples.into_iter().map(|smp| s.follow(smp)).collect()
+                    s.computed.followed += orders.len() as u64;
+                    let follows = samples.into_iter().map(|smp| s.follow(smp)).collect();
+                    (follows, orders)
                 } else {
-                    Vec::new()
+                    (Vec::new(), Vec::new())
                 }
             }
             Err(failure) => {
                 s.failed(failure, events);
-                Vec::new()
+                (Vec::new(), Vec::new())
             }
         }
     };
     let reads = follows.into_iter().map(|(user_id, expected)| {
         follow_profile(&ctx, ctx.reads.clone(), user_id, expected, done)
     });
-    futures::future::join_all(reads).await;
+    let orders = orders
+        .into_iter()
+        .map(|user_id| follow_order(&ctx, ctx.reads.clone(), user_id, done));
+    futures::future::join(
+        futures::future::join_all(reads),
+        futures::future::join_all(orders),
+    )
+    .await;
 }
 
 /// Polls GetProfile by the new user id until the profile counts every acknowledged event of
@@ -1149,6 +1218,62 @@ async fn follow_profile(
         }
         tokio::time::sleep(poll_interval(waited).min(ctx.visibility_timeout - waited)).await;
     }
+}
+
+/// Polls GetProfile by the user id of a person's first order until the profile shows the order
+/// in the computed trait, the audience and the score, or the computed timeout passes; what has
+/// not shown it by then counts as not seen.
+async fn follow_order(
+    ctx: &Ctx,
+    channel: crate::client_tls::Authorized,
+    user_id: String,
+    acked: Instant,
+) {
+    let mut profiles = ProfileServiceClient::new(channel);
+    let lookup = GetProfileRequest {
+        lookup: Some(Lookup::Identifier(Identifier {
+            r#type: "user_id".to_owned(),
+            value: user_id,
+        })),
+        as_of: None,
+        read_mask: Some(computed::read_mask()),
+    };
+    let mut progress = computed::Progress::default();
+    loop {
+        let left = ctx.computed_timeout.saturating_sub(acked.elapsed());
+        let mut request = Request::new(lookup.clone());
+        request.set_timeout(ctx.request_timeout);
+        match tokio::time::timeout(left + POLL_GRACE, profiles.get_profile(request)).await {
+            Ok(Ok(response)) => {
+                let waited = acked.elapsed();
+                if waited <= ctx.computed_timeout
+                    && let Some(profile) = response.into_inner().profile
+                {
+                    progress.observe(&profile, waited);
+                    if progress.done() {
+                        break;
+                    }
+                }
+            }
+            Ok(Err(status)) if status.code() == Code::NotFound => {}
+            Ok(Err(status)) => {
+                let name = code_name(status.code()).to_owned();
+                let mut s = ctx.stats();
+                *s.computed.poll_errors.entry(name.clone()).or_default() += 1;
+                s.computed
+                    .first_poll_error
+                    .entry(name)
+                    .or_insert_with(|| status.message().chars().take(200).collect());
+            }
+            Err(_) => {}
+        }
+        let waited = acked.elapsed();
+        if waited >= ctx.computed_timeout {
+            break;
+        }
+        tokio::time::sleep(poll_interval(waited).min(ctx.computed_timeout - waited)).await;
+    }
+    ctx.stats().computed.finished(progress);
 }
 
 /// Polls often while the wait is short and less often as it grows, so the measured time is off
@@ -1214,6 +1339,7 @@ impl Outcome {
                 poll_errors: stats.poll_errors,
                 first_poll_error: stats.first_poll_error,
             },
+            computed: stats.computed.report(),
             requests: stats.requests,
             events: stats.events,
             params,

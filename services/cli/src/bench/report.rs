@@ -22,6 +22,8 @@ pub(super) struct Params {
     pub(super) connections: u64,
     pub(super) visibility_samples: u64,
     pub(super) visibility_timeout_s: u64,
+    pub(super) computed_samples: u64,
+    pub(super) computed_timeout_s: u64,
     pub(super) request_timeout_s: u64,
     pub(super) seed: u64,
 }
@@ -110,6 +112,33 @@ pub(super) struct Visibility {
     pub(super) first_poll_error: BTreeMap<String, String>,
 }
 
+/// Time from the acknowledgement of a person's first `Order Completed` until the profile,
+/// looked up by their user id, shows it: in the computed trait counting orders, in the audience
+/// of buyers, and in the engagement score (computed over at least the events of the read that
+/// first showed the order).
+#[derive(Debug, Clone, Default, Serialize)]
+pub(super) struct Computed {
+    pub(super) followed: u64,
+    pub(super) computed_trait: Reflected,
+    pub(super) audience: Reflected,
+    pub(super) score: Reflected,
+    /// GetProfile errors other than NOT_FOUND while polling, by gRPC code name.
+    pub(super) poll_errors: BTreeMap<String, u64>,
+    /// The first message seen for each poll error code.
+    pub(super) first_poll_error: BTreeMap<String, String>,
+}
+
+/// One measure of the followed orders: the computed trait, audience or score it reads.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(super) struct Reflected {
+    pub(super) name: String,
+    /// Orders it showed within the timeout.
+    pub(super) seen: u64,
+    /// Orders it had not shown when the timeout passed.
+    pub(super) not_seen: u64,
+    pub(super) latency: Option<Percentiles>,
+}
+
 /// Everything a run measured.
 #[derive(Debug, Clone, Serialize)]
 pub(super) struct Report {
@@ -144,6 +173,7 @@ pub(super) struct Report {
     /// Successful request latency from the time the request was actually sent.
     pub(super) service_time: Option<Percentiles>,
     pub(super) visibility: Visibility,
+    pub(super) computed: Computed,
 }
 
 /// The name of a gRPC code as in the gRPC spec, for example `UNAVAILABLE`.
@@ -318,6 +348,37 @@ pub(super) fn format_text(r: &Report) -> String {
     for (code, msg) in &v.first_poll_error {
         let _ = writeln!(w, "    first {code}: {msg}");
     }
+    let c = &r.computed;
+    if p.computed_samples > 0 {
+        for (label, what, m) in [
+            ("ack -> trait   ", "computed trait", &c.computed_trait),
+            ("ack -> audience", "audience", &c.audience),
+            ("ack -> score   ", "score", &c.score),
+        ] {
+            let _ = writeln!(
+                w,
+                "  {label} {}",
+                if c.followed == 0 {
+                    "not measured (no first order acknowledged)".to_owned()
+                } else {
+                    line(m.latency.as_ref())
+                }
+            );
+            let _ = writeln!(
+                w,
+                "                  {what} {}: {} orders followed, {} seen, {} not seen within {} s",
+                m.name, c.followed, m.seen, m.not_seen, p.computed_timeout_s
+            );
+        }
+        let _ = writeln!(
+            w,
+            "                  order poll errors: {}",
+            counts(&c.poll_errors)
+        );
+        for (code, msg) in &c.first_poll_error {
+            let _ = writeln!(w, "    first {code}: {msg}");
+        }
+    }
     out
 }
 
@@ -381,6 +442,8 @@ mod tests {
                 connections: 2,
                 visibility_samples: 100,
                 visibility_timeout_s: 30,
+                computed_samples: 0,
+                computed_timeout_s: 30,
                 request_timeout_s: 10,
                 seed: 1,
             },
@@ -425,6 +488,7 @@ mod tests {
                 poll_errors: BTreeMap::new(),
                 first_poll_error: BTreeMap::new(),
             },
+            computed: Computed::default(),
         }
     }
 
@@ -494,6 +558,55 @@ mod tests {
         assert_eq!(v["params"]["transport"], "grpc-stream");
         assert_eq!(v["requests"]["chunks"], 400);
         assert_eq!(v["events"]["rejected"], 2);
+    }
+
+    #[test]
+    fn the_order_measures_are_reported_only_when_asked_for() {
+        let mut r = report();
+        assert!(!format_text(&r).contains("ack -> trait"));
+        r.params.computed_samples = 20;
+        let text = format_text(&r);
+        assert!(
+            text.contains("ack -> trait    not measured (no first order acknowledged)"),
+            "{text}"
+        );
+        let measured = |name: &str, seen, not_seen, p50_ms| Reflected {
+            name: name.to_owned(),
+            seen,
+            not_seen,
+            latency: Some(Percentiles {
+                count: seen,
+                p50_ms,
+                p95_ms: 40.0,
+                p99_ms: 48.5,
+                max_ms: 60.0,
+                mean_ms: 20.0,
+            }),
+        };
+        r.computed = Computed {
+            followed: 20,
+            computed_trait: measured("order_count", 19, 1, 12.0),
+            audience: measured("bench_buyers", 18, 2, 13.0),
+            score: measured("engagement", 17, 3, 14.0),
+            poll_errors: BTreeMap::from([("UNAVAILABLE".to_owned(), 2)]),
+            first_poll_error: BTreeMap::new(),
+        };
+        let text = format_text(&r);
+        for needle in [
+            "ack -> trait    p50 12.0  p95 40.0  p99 48.5  max 60.0",
+            "computed trait order_count: 20 orders followed, 19 seen, 1 not seen within 30 s",
+            "ack -> audience p50 13.0",
+            "audience bench_buyers: 20 orders followed, 18 seen, 2 not seen within 30 s",
+            "ack -> score    p50 14.0",
+            "score engagement: 20 orders followed, 17 seen, 3 not seen within 30 s",
+            "order poll errors: UNAVAILABLE 2",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["computed"]["audience"]["not_seen"], 2);
+        assert_eq!(v["computed"]["score"]["latency"]["p99_ms"], 48.5);
+        assert_eq!(v["params"]["computed_samples"], 20);
     }
 
     #[test]

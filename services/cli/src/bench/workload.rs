@@ -37,6 +37,9 @@ pub(super) struct Generated {
     pub(super) device: Option<u64>,
     /// Whether this is the first identify of a user id never sent before in this run.
     pub(super) first_identify: bool,
+    /// Whether this is the person's first `Order Completed` and carries their user id, so the
+    /// profile read by that user id has no order before it and has one once it is applied.
+    pub(super) first_order: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +51,9 @@ struct Visitor {
     device: u64,
     /// The current device has been linked to the user id by an identify.
     device_linked: bool,
+    /// The person has sent an `Order Completed` (on any device, so also one that a later
+    /// identify merges into their profile).
+    ordered: bool,
 }
 
 /// Generates events for a population of `users` visitors. Deterministic for a seed, except for
@@ -72,6 +78,7 @@ impl Workload {
                 identified: false,
                 device: i as u64,
                 device_linked: false,
+                ordered: false,
             })
             .collect();
         Self {
@@ -127,6 +134,7 @@ impl Workload {
                 identified: false,
                 device,
                 device_linked: false,
+                ordered: false,
             };
         } else if self.visitors[slot].identified && self.rng.random_bool(NEW_DEVICE) {
             let device = self.new_device();
@@ -204,12 +212,14 @@ impl Workload {
             },
             device: Some(device),
             first_identify,
+            first_order: false,
         }
     }
 
     fn track(&mut self, slot: usize) -> Generated {
         let (mut user_id, mut anonymous_id, mut device) = self.browser_ids(slot);
         let name = *weighted(&mut self.rng, TRACK_EVENTS);
+        let mut first_order = false;
         let product = Product::random(&mut self.rng);
         let properties = match name {
             "Product Viewed" | "Added to Cart" => {
@@ -246,6 +256,8 @@ impl Workload {
                         anonymous_id = String::new();
                         device = None;
                     }
+                    first_order = !v.ordered && !user_id.is_empty();
+                    self.visitors[slot].ordered = true;
                 }
                 p
             }
@@ -262,6 +274,7 @@ impl Workload {
             },
             device,
             first_identify: false,
+            first_order,
         }
     }
 
@@ -300,6 +313,7 @@ impl Workload {
             },
             device,
             first_identify: false,
+            first_order: false,
         }
     }
 
@@ -762,6 +776,50 @@ mod tests {
                 seen.insert(e.user_id.clone());
             }
         }
+    }
+
+    #[test]
+    fn a_first_order_is_the_persons_first_on_any_device_and_names_them() {
+        let events = sample(50_000);
+        // Every device a user id was ever linked to by an identify: its orders join the profile.
+        let mut devices_of: HashMap<&str, HashSet<&str>> = HashMap::new();
+        for g in &events {
+            if kind(g) == EventType::Identify {
+                devices_of
+                    .entry(&g.event.user_id)
+                    .or_default()
+                    .insert(&g.event.anonymous_id);
+            }
+        }
+        let mut orders_by_user: HashSet<&str> = HashSet::new();
+        let mut orders_by_device: HashSet<&str> = HashSet::new();
+        let mut first_orders = 0;
+        for g in &events {
+            let e = &g.event;
+            let order = kind(g) == EventType::Track && e.event == "Order Completed";
+            assert!(!g.first_order || order, "only an order is a first order");
+            if g.first_order {
+                first_orders += 1;
+                assert!(!e.user_id.is_empty(), "a first order names its user");
+                assert!(
+                    !orders_by_user.contains(e.user_id.as_str()),
+                    "{} ordered before",
+                    e.user_id
+                );
+                let devices = devices_of.get(e.user_id.as_str()).into_iter().flatten();
+                for device in devices {
+                    assert!(
+                        !orders_by_device.contains(device),
+                        "{device} ordered before"
+                    );
+                }
+            }
+            if order {
+                orders_by_user.insert(&e.user_id);
+                orders_by_device.insert(&e.anonymous_id);
+            }
+        }
+        assert!(first_orders > 50, "{first_orders}");
     }
 
     #[test]
