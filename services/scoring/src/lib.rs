@@ -126,7 +126,8 @@ impl Scoring {
 
     /// A scoring service with the plans, buying committee and customer-value settings of
     /// `settings`, or why one is unusable. It stores no models until [`Scoring::with_store`].
-    /// The committee is checked first: plans naming a buying role it lacks are refused.
+    /// The committee is checked first: plans naming a buying role it lacks, or testing a
+    /// coverage above its size, are refused.
     pub fn from_settings(settings: &ScoringSettings) -> Result<Self, InvalidSettings> {
         let committee = Arc::new(match &settings.buying_roles {
             None => BuyingCommittee::default(),
@@ -346,6 +347,30 @@ mod tests {
         // An unusable committee is reported first: plans cannot be checked against it.
         assert!(
             refusal(&format!("buying_roles = []\n{PLAN}")).starts_with("scoring.buying_roles:"),
+        );
+    }
+
+    #[test]
+    fn coverage_thresholds_above_the_committee_size_are_refused_at_start() {
+        const PLAN: &str = r#"
+            [[plans]]
+            name = "accounts"
+            version = "1"
+            level = "account"
+            rules = [
+              { name = "big", points = 10, condition = { trait = { name = "employees", op = "gte", value = 100 } } },
+              { name = "full", points = 10, condition = { trait = { name = "buying_roles_covered", op = "gte", value = 3 } } },
+            ]
+        "#;
+        // The default committee has four roles: three can be covered.
+        settings(PLAN).validate().unwrap();
+        let two = "[[buying_roles]]\nname = \"finance\"\nfilled_by = [\"cfo\"]\n\
+                   [[buying_roles]]\nname = \"champion\"\nfilled_by = [\"champion\"]\n";
+        assert_eq!(
+            refusal(&format!("{PLAN}\n{two}")),
+            "scoring.plans[0] (\"accounts\"): rule \"full\": buying_roles_covered gte 3 needs \
+             more buying roles than the buying committee has (2; buying_roles_covered is 0 to \
+             2), so the test could never hold"
         );
     }
 }

@@ -3,9 +3,10 @@
 //! [`Plans::compile`] and swapped atomically when the store's revision changes.
 //!
 //! Plans are also checked against the buying committee: a config plan or a plan written through
-//! the API that names a buying role the committee does not have is refused; a stored plan that
-//! does (the committee changed since it was stored) stays in effect with that rule marked not
-//! evaluable, and a warning names the plan, the rule and the role.
+//! the API that names a buying role the committee does not have, or tests a coverage
+//! (`buying_roles_covered`) above the committee's size, is refused; a stored plan that does (the
+//! committee changed since it was stored) stays in effect with that rule marked not evaluable,
+//! and a warning names the plan, the rule and the problem.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
@@ -16,7 +17,7 @@ use time::OffsetDateTime;
 use crate::account::BuyingCommittee;
 use crate::error::ScoringError;
 use crate::plan_store::{PlanChange, PlanRefusal, PlanStore, PlanWrite, StoredPlan};
-use crate::plans::{CompiledPlan, InvalidPlan, Plan, Plans, UnknownBuyingRole};
+use crate::plans::{CommitteeMismatch, CompiledPlan, InvalidPlan, Plan, Plans};
 
 /// The plans in effect, and the changes to the stored ones.
 #[derive(Debug)]
@@ -56,11 +57,12 @@ impl Default for PlanBook {
     }
 }
 
-/// A rule naming a buying role the committee lacks, with its plan's name.
-type Mismatch = (String, UnknownBuyingRole);
+/// A rule that could never match with the committee, with its plan's name.
+type Mismatch = (String, CommitteeMismatch);
 
 /// Config's plans followed by `stored`, validated together, and checked against `committee`:
-/// the rules naming a role it lacks are marked not evaluable and answered.
+/// the rules naming a role it lacks or a coverage above its size are marked not evaluable and
+/// answered.
 fn compile_all(
     config: &[Plan],
     stored: &[StoredPlan],
@@ -77,17 +79,27 @@ fn compile_all(
     Ok((plans, mismatches))
 }
 
-/// Logs each stored plan's rule that names a buying role the committee lacks.
+/// Logs each stored plan's rule that could never match with the committee.
 fn warn_mismatches(mismatches: &[Mismatch]) {
-    for (plan, unknown) in mismatches {
-        tracing::warn!(
-            plan = %plan,
-            rule = %unknown.rule,
-            role = %unknown.role,
-            known = ?unknown.known,
-            "stored scoring plan names a buying role the committee does not have, the rule is \
-             not evaluable"
-        );
+    for (plan, mismatch) in mismatches {
+        match mismatch {
+            CommitteeMismatch::UnknownRole(unknown) => tracing::warn!(
+                plan = %plan,
+                rule = %unknown.rule,
+                role = %unknown.role,
+                known = ?unknown.known,
+                "stored scoring plan names a buying role the committee does not have, the rule \
+                 is not evaluable"
+            ),
+            CommitteeMismatch::UnreachableCoverage(coverage) => tracing::warn!(
+                plan = %plan,
+                rule = %coverage.rule,
+                threshold = coverage.threshold,
+                committee_size = coverage.committee_size,
+                "stored scoring plan tests a buying role coverage above the committee's size, \
+                 the rule is not evaluable"
+            ),
+        }
     }
 }
 
@@ -102,18 +114,18 @@ fn versions(stored: &[StoredPlan]) -> Arc<HashMap<String, i64>> {
 
 impl PlanBook {
     /// Config's plans, validated and checked against `committee` (a plan naming a buying role
-    /// it does not have is refused); no store yet.
+    /// it does not have, or testing a coverage above its size, is refused); no store yet.
     pub fn new(config: Vec<Plan>, committee: Arc<BuyingCommittee>) -> Result<Self, InvalidPlan> {
         let compiled = Plans::compile(config.clone())?;
         for (index, plan) in config.iter().enumerate() {
-            if let Some(unknown) = crate::plans::unknown_buying_roles(plan, &committee)
+            if let Some(mismatch) = crate::plans::committee_mismatches(plan, &committee)
                 .into_iter()
                 .next()
             {
                 return Err(InvalidPlan {
                     index,
                     name: plan.name.clone(),
-                    reason: unknown.to_string(),
+                    reason: mismatch.to_string(),
                 });
             }
         }
@@ -121,7 +133,8 @@ impl PlanBook {
     }
 
     /// Compiled plans without their declarations, with the default buying committee: none can
-    /// be stored beside them. Rules naming a buying role it lacks are not evaluable.
+    /// be stored beside them. Rules naming a buying role it lacks, or a coverage above its
+    /// size, are not evaluable.
     pub fn fixed(mut plans: Plans) -> Self {
         let committee = Arc::new(BuyingCommittee::default());
         warn_mismatches(&plans.check_committee(&committee));
@@ -339,12 +352,15 @@ impl PlanBook {
                     };
                     ScoringError::InvalidArgument(vec![FieldViolation::new(field, description)])
                 })?;
-            // The plan written may not name a role the committee lacks; other stored plans
-            // that do (the committee changed since) stay as they are, not evaluable.
+            // The plan written may not name a role the committee lacks nor test a coverage above
+            // its size; other stored plans that do (the committee changed since) stay as they
+            // are, not evaluable.
             let violations: Vec<FieldViolation> = mismatches
                 .iter()
                 .filter(|(plan, _)| Some(plan.as_str()) == written)
-                .map(|(_, unknown)| FieldViolation::new(unknown.field(field), unknown.to_string()))
+                .map(|(_, mismatch)| {
+                    FieldViolation::new(mismatch.field(field), mismatch.to_string())
+                })
                 .collect();
             if !violations.is_empty() {
                 return Err(ScoringError::InvalidArgument(violations));

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use crate::account::{BUYING_ROLES_LIST, BuyingCommittee, normalize_role};
+use crate::account::{BUYING_ROLES_COVERED, BUYING_ROLES_LIST, BuyingCommittee, normalize_role};
 use crate::domain::{AccountFacts, ENGAGEMENT, Factor, ProfileFacts, Score};
 
 /// The most plans one server may hold.
@@ -168,7 +168,8 @@ pub struct CompiledPlan {
     max_points: f64,
     model_version: String,
     /// The rules that cannot be evaluated, by index, and why: a stored plan naming a buying
-    /// role the committee no longer has ([`Plans::check_committee`]).
+    /// role the committee no longer has, or testing a coverage above its size
+    /// ([`Plans::check_committee`]).
     not_evaluable: BTreeMap<usize, String>,
 }
 
@@ -283,7 +284,7 @@ pub struct RuleOutcome {
     /// Whether its points count.
     pub counted: bool,
     /// Why the rule could not be evaluated (then it neither matched nor counted): it names a
-    /// buying role the committee does not have.
+    /// buying role the committee does not have, or tests a coverage above the committee's size.
     pub not_evaluable: Option<String>,
 }
 
@@ -424,28 +425,183 @@ impl Plans {
 }
 
 impl Plans {
-    /// Marks the rules that name a buying role `committee` does not have as not evaluable
-    /// (they never match, and their evaluation says why) and answers them with their plans'
-    /// names, in scoring order. Config's plans never have any: they are refused at start
-    /// ([`crate::PlanBook::new`]); a stored plan can, when the committee changed after it was
-    /// stored.
+    /// Marks the rules that name a buying role `committee` does not have, or test a coverage
+    /// above its size, as not evaluable (they never match, and their evaluation says why) and
+    /// answers them with their plans' names, in scoring order. Config's plans never have any:
+    /// they are refused at start ([`crate::PlanBook::new`]); a stored plan can, when the
+    /// committee changed after it was stored.
     pub fn check_committee(
         &mut self,
         committee: &BuyingCommittee,
-    ) -> Vec<(String, UnknownBuyingRole)> {
+    ) -> Vec<(String, CommitteeMismatch)> {
         let mut found = Vec::new();
         for compiled in &mut self.plans {
             compiled.not_evaluable.clear();
-            for unknown in unknown_buying_roles(&compiled.plan, committee) {
-                // One reason per rule: the first role it names that the committee lacks.
+            for mismatch in committee_mismatches(&compiled.plan, committee) {
+                // One reason per rule: the first mismatch found in it.
                 compiled
                     .not_evaluable
-                    .entry(unknown.rule_index)
-                    .or_insert_with(|| unknown.to_string());
-                found.push((compiled.plan.name.clone(), unknown));
+                    .entry(mismatch.rule_index())
+                    .or_insert_with(|| mismatch.to_string());
+                found.push((compiled.plan.name.clone(), mismatch));
             }
         }
         found
+    }
+}
+
+/// Why a rule of an account plan could never match with a buying committee.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CommitteeMismatch {
+    /// A `buying_roles` test names a role the committee does not have.
+    UnknownRole(UnknownBuyingRole),
+    /// A `buying_roles_covered` test needs more roles than the committee has.
+    UnreachableCoverage(UnreachableCoverage),
+}
+
+impl CommitteeMismatch {
+    /// The rule's position in the plan.
+    pub fn rule_index(&self) -> usize {
+        match self {
+            Self::UnknownRole(unknown) => unknown.rule_index,
+            Self::UnreachableCoverage(coverage) => coverage.rule_index,
+        }
+    }
+
+    /// The rule's name.
+    pub fn rule(&self) -> &str {
+        match self {
+            Self::UnknownRole(unknown) => &unknown.rule,
+            Self::UnreachableCoverage(coverage) => &coverage.rule,
+        }
+    }
+
+    /// The path of the rule's condition in the plan at `plan` (a request field): for example
+    /// `plan_json.rules[2].condition`.
+    pub fn field(&self, plan: &str) -> String {
+        format!("{plan}.rules[{}].condition", self.rule_index())
+    }
+}
+
+impl std::fmt::Display for CommitteeMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::UnknownRole(unknown) => unknown.fmt(f),
+            Self::UnreachableCoverage(coverage) => coverage.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for CommitteeMismatch {}
+
+/// What rules of `plan` could never match with `committee`, rule by rule in declaration
+/// order: the buying roles they name that it lacks ([`unknown_buying_roles`]), then the
+/// coverage thresholds above its size ([`unreachable_coverage`]).
+pub fn committee_mismatches(plan: &Plan, committee: &BuyingCommittee) -> Vec<CommitteeMismatch> {
+    let mut found: Vec<CommitteeMismatch> = unknown_buying_roles(plan, committee)
+        .into_iter()
+        .map(CommitteeMismatch::UnknownRole)
+        .chain(
+            unreachable_coverage(plan, committee)
+                .into_iter()
+                .map(CommitteeMismatch::UnreachableCoverage),
+        )
+        .collect();
+    // Stable: a rule's unknown roles stay before its coverage tests.
+    found.sort_by_key(CommitteeMismatch::rule_index);
+    found
+}
+
+/// A rule of an account plan testing `buying_roles_covered` against a threshold the committee
+/// cannot reach (`gte 5` with four roles): a test that never holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnreachableCoverage {
+    /// The rule's position in the plan.
+    pub rule_index: usize,
+    /// The rule's name.
+    pub rule: String,
+    /// The test's comparison: `gte`, `gt` or `eq`.
+    pub op: Op,
+    /// The threshold as the rule writes it.
+    pub threshold: f64,
+    /// How many buying roles the committee has: the most `buying_roles_covered` can be.
+    pub committee_size: usize,
+}
+
+impl std::fmt::Display for UnreachableCoverage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let op = match self.op {
+            Op::Gte => "gte",
+            Op::Gt => "gt",
+            Op::Eq => "eq",
+            Op::Ne | Op::Lt | Op::Lte | Op::In | Op::Contains | Op::Exists | Op::Missing => "?",
+        };
+        write!(
+            f,
+            "rule {:?}: buying_roles_covered {op} {} needs more buying roles than the buying \
+             committee has ({}; buying_roles_covered is 0 to {}), so the test could never hold",
+            self.rule, self.threshold, self.committee_size, self.committee_size
+        )
+    }
+}
+
+impl std::error::Error for UnreachableCoverage {}
+
+/// The `buying_roles_covered` tests of the rules of `plan` that no account can pass with
+/// `committee`: `gte` above its size, `gt` at or above it, `eq` above it (each under `all`,
+/// `any` and `not` too, as a role named there is checked). Coverage is a count of roles; the
+/// condition language has no fractional coverage to check against 0..=1.
+pub fn unreachable_coverage(plan: &Plan, committee: &BuyingCommittee) -> Vec<UnreachableCoverage> {
+    if plan.level != Level::Account {
+        return Vec::new();
+    }
+    let size = committee.roles().len();
+    let mut found = Vec::new();
+    for (rule_index, rule) in plan.rules.iter().enumerate() {
+        let mut tests = Vec::new();
+        coverage_tests(&rule.condition, &mut tests);
+        for test in tests {
+            let Some(threshold) = test.value.as_f64() else {
+                continue;
+            };
+            // Exact for any committee (at most MAX_BUYING_ROLES roles).
+            #[allow(clippy::cast_precision_loss)]
+            let most = size as f64;
+            let unreachable = match test.op {
+                Op::Gte | Op::Eq => threshold > most,
+                Op::Gt => threshold >= most,
+                Op::Ne | Op::Lt | Op::Lte | Op::In | Op::Contains | Op::Exists | Op::Missing => {
+                    false
+                }
+            };
+            if unreachable {
+                found.push(UnreachableCoverage {
+                    rule_index,
+                    rule: rule.name.clone(),
+                    op: test.op,
+                    threshold,
+                    committee_size: size,
+                });
+            }
+        }
+    }
+    found
+}
+
+/// The `buying_roles_covered` tests of `condition`, in order.
+fn coverage_tests<'c>(condition: &'c Condition, out: &mut Vec<&'c Test>) {
+    match condition {
+        Condition::All(all) | Condition::Any(all) => {
+            all.iter().for_each(|c| coverage_tests(c, out));
+        }
+        Condition::Not(inner) => coverage_tests(inner, out),
+        Condition::Trait(test) if test.name == BUYING_ROLES_COVERED => out.push(test),
+        Condition::Trait(_)
+        | Condition::Computed(_)
+        | Condition::Score(_)
+        | Condition::Audience(_)
+        | Condition::Account(_)
+        | Condition::Performed(_) => {}
     }
 }
 
@@ -1691,7 +1847,7 @@ mod tests {
         let found = plans.check_committee(&custom);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].0, "coverage");
-        assert_eq!(found[0].1.rule, "no_finance");
+        assert_eq!(found[0].1.rule(), "no_finance");
         let plan = plans.iter().next().unwrap();
         assert_eq!(plan.not_evaluable(0), None);
         let reason = plan.not_evaluable(1).expect("marked");
@@ -1736,6 +1892,119 @@ mod tests {
         let plan = plans.iter().next().unwrap();
         assert_eq!(plan.not_evaluable(1), None);
         assert!(plan.not_evaluable(2).is_some(), "the security reviewer");
+    }
+
+    /// An account plan testing `buying_roles_covered` with each comparison, at the edge of a
+    /// three-role committee.
+    const COVERAGE_PLAN: &str = r#"
+        [[scoring.plans]]
+        name = "coverage"
+        version = "1"
+        level = "account"
+        rules = [
+          { name = "three", points = 10, condition = { trait = { name = "buying_roles_covered", op = "gte", value = 3 } } },
+          { name = "four", points = 10, condition = { trait = { name = "buying_roles_covered", op = "gte", value = 4 } } },
+          { name = "above_three", points = 5, condition = { any = [
+            { trait = { name = "member_count", op = "gte", value = 100 } },
+            { not = { trait = { name = "buying_roles_covered", op = "gt", value = 3 } } },
+          ] } },
+          { name = "exactly_five", points = 5, condition = { trait = { name = "buying_roles_covered", op = "eq", value = 5 } } },
+          { name = "few", points = 5, condition = { trait = { name = "buying_roles_covered", op = "lte", value = 9 } } },
+        ]
+    "#;
+
+    #[test]
+    fn coverage_thresholds_above_the_committee_size_are_found() {
+        let plan = &parse(COVERAGE_PLAN)[0];
+        let three = committee(&[
+            ("decision maker", &["vp"]),
+            ("champion", &["champion"]),
+            ("finance", &["cfo"]),
+        ]);
+        let found = |c: &BuyingCommittee| -> Vec<(usize, String, f64, usize)> {
+            unreachable_coverage(plan, c)
+                .into_iter()
+                .map(|u| (u.rule_index, u.rule, u.threshold, u.committee_size))
+                .collect()
+        };
+        // `gte 3` is reachable with three roles, `gte 4`, `gt 3` (under `not` and `any` too)
+        // and `eq 5` are not; `lte 9` always holds, it is not a threshold to reach.
+        assert_eq!(
+            found(&three),
+            [
+                (1, "four".to_owned(), 4.0, 3),
+                (2, "above_three".to_owned(), 3.0, 3),
+                (3, "exactly_five".to_owned(), 5.0, 3),
+            ]
+        );
+        // The default committee has four roles: only `eq 5` is out of reach.
+        assert_eq!(
+            found(&BuyingCommittee::default()),
+            [(3, "exactly_five".to_owned(), 5.0, 4)]
+        );
+        let mismatch = &committee_mismatches(plan, &three)[0];
+        assert_eq!(
+            mismatch.to_string(),
+            "rule \"four\": buying_roles_covered gte 4 needs more buying roles than the buying \
+             committee has (3; buying_roles_covered is 0 to 3), so the test could never hold"
+        );
+        assert_eq!(mismatch.field("plan_json"), "plan_json.rules[1].condition");
+        // Person plans have no coverage fact: not checked.
+        let mut person = parse(COVERAGE_PLAN);
+        person[0].level = Level::Person;
+        assert_eq!(unreachable_coverage(&person[0], &three), []);
+    }
+
+    #[test]
+    fn a_coverage_rule_the_shrunk_committee_cannot_reach_is_not_evaluable() {
+        let mut plans = compile(COVERAGE_PLAN).unwrap();
+        let two = committee(&[("decision maker", &["vp"]), ("champion", &["champion"])]);
+        let found = plans.check_committee(&two);
+        let rules: Vec<&str> = found.iter().map(|(_, m)| m.rule()).collect();
+        assert_eq!(rules, ["three", "four", "above_three", "exactly_five"]);
+        let plan = plans.iter().next().unwrap();
+        assert!(plan.not_evaluable(0).unwrap().contains("gte 3"));
+        assert_eq!(plan.not_evaluable(4), None);
+        // Both roles covered: `not gt 3` would hold, but the rule is not evaluable.
+        let account = crate::account::AccountProfile {
+            account_id: "acme".to_owned(),
+            members: ["VP", "champion"]
+                .iter()
+                .enumerate()
+                .map(|(i, role)| crate::account::AccountMember {
+                    profile_id: format!("p{i}"),
+                    role: (*role).to_owned(),
+                    title: String::new(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let (_, evaluations) = crate::account::score_account(&account, NOW, &plans, &two);
+        let outcomes: Vec<_> = evaluations[0]
+            .rules
+            .iter()
+            .map(|r| (r.name.as_str(), r.matched, r.not_evaluable.is_some()))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("three", false, true),
+                ("four", false, true),
+                ("above_three", false, true),
+                ("exactly_five", false, true),
+                ("few", true, false),
+            ]
+        );
+        // A committee of five roles reaches every threshold again.
+        let five = committee(&[
+            ("decision maker", &["vp"]),
+            ("champion", &["champion"]),
+            ("finance", &["cfo"]),
+            ("security reviewer", &["ciso"]),
+            ("user", &["power user"]),
+        ]);
+        assert_eq!(plans.check_committee(&five), []);
+        assert_eq!(plans.iter().next().unwrap().not_evaluable(0), None);
     }
 
     #[test]

@@ -548,3 +548,97 @@ async fn a_stored_plan_naming_a_role_the_committee_no_longer_has_is_not_evaluabl
     );
     backend.db.close().await;
 }
+
+/// An account plan with a `buying_roles_covered` test at `threshold`.
+fn full_coverage(version: &str, threshold: u64) -> String {
+    json!({
+        "name": "full_coverage",
+        "version": version,
+        "level": "account",
+        "rules": [
+            {
+                "name": "big",
+                "points": 10,
+                "condition": { "trait": { "name": "employees", "op": "gte", "value": 100 } },
+            },
+            {
+                "name": "full",
+                "points": 10,
+                "condition": { "trait": { "name": "buying_roles_covered", "op": "gte", "value": threshold } },
+            },
+        ],
+    })
+    .to_string()
+}
+
+/// A coverage threshold above the committee's size is refused by `CreatePlan` and
+/// `UpdatePlan` naming the rule's condition, the threshold and the size; a stored plan whose
+/// threshold a later, smaller committee cannot reach loads with that rule not evaluable.
+#[tokio::test]
+async fn a_coverage_threshold_above_the_committee_size_is_refused_or_not_evaluable() {
+    let backend = postgres().await;
+    let replica = Replica::start(&backend).await;
+    let mut client = replica.client();
+    let expected = vec![(
+        "plan_json.rules[1].condition".to_owned(),
+        "rule \"full\": buying_roles_covered gte 5 needs more buying roles than the buying \
+         committee has (4; buying_roles_covered is 0 to 4), so the test could never hold"
+            .to_owned(),
+    )];
+    let refused = client
+        .create_plan(pb::CreatePlanRequest {
+            plan_json: full_coverage("1", 5),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&refused), expected);
+    client
+        .create_plan(pb::CreatePlanRequest {
+            plan_json: full_coverage("1", 4),
+        })
+        .await
+        .unwrap();
+    let refused = client
+        .update_plan(pb::UpdatePlanRequest {
+            plan_json: full_coverage("2", 5),
+            expected_version: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&refused), expected);
+
+    // A replica whose committee has two roles loads the stored `gte 4`, not evaluable.
+    let shrunk = Replica::start_with(
+        &backend,
+        r#"
+        [[buying_roles]]
+        name = "decision maker"
+        filled_by = ["vp"]
+        [[buying_roles]]
+        name = "finance"
+        filled_by = ["cfo"]
+        "#,
+    )
+    .await;
+    let plan = shrunk
+        .client()
+        .get_plan(pb::GetPlanRequest {
+            name: "full_coverage".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plan
+        .unwrap();
+    assert_eq!(plan.version, "1");
+    assert!(
+        plan.rules[1].description.starts_with(
+            "not evaluable: rule \"full\": buying_roles_covered gte 4 needs more buying roles \
+             than the buying committee has (2; "
+        ),
+        "{:?}",
+        plan.rules[1]
+    );
+    assert!(!plan.rules[0].description.contains("not evaluable"));
+    backend.db.close().await;
+}
