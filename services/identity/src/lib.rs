@@ -19,6 +19,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use sqlx::migrate::Migrator;
 use tessera_core::{FieldViolation, Identifier};
+use tessera_proto::identity::v1::batch_match_service_server::BatchMatchServiceServer;
 use tessera_proto::identity::v1::identity_service_server::IdentityServiceServer;
 use tessera_store::{Database, Migrations};
 use uuid::Uuid;
@@ -29,8 +30,8 @@ pub use crate::store::{ComponentHistory, Forgotten, Rewritten, VersionedRules};
 
 pub use error::IdentityError;
 pub use matching::{
-    BatchOutcome, FieldFit, MANUAL, MatchOutcome, MatchSettings, ModelInfo, PROBABILISTIC,
-    ProfileTraits, TrainingSummary,
+    BatchJob, BatchJobState, BatchOutcome, BatchProgress, FieldFit, MANUAL, MatchOutcome,
+    MatchSettings, ModelInfo, PROBABILISTIC, ProfileTraits, TrainingSummary,
 };
 pub use store::StoredSuggestion;
 pub use store::{GraphIdentifier, LoggedDecision as GraphDecision, ProfileGraph};
@@ -268,9 +269,25 @@ impl Identity {
         )
     }
 
-    /// Matches the whole indexed population with the current model.
+    /// Matches the whole indexed population with the current model: runs a batch match job
+    /// and waits for it (`FailedPrecondition` while another runs).
     pub async fn run_batch_match(&self) -> Result<BatchOutcome, IdentityError> {
-        self.matching.batch(&self.current()).await
+        self.matching.run_batch(self.current()).await
+    }
+
+    /// Starts a batch match job in the background and answers it, running.
+    pub async fn start_batch_match(&self) -> Result<BatchJob, IdentityError> {
+        Ok(self.matching.start_batch(self.current()).await?.0)
+    }
+
+    /// Batch match job `id`; `Missing` when unknown.
+    pub async fn batch_match_job(&self, id: i64) -> Result<BatchJob, IdentityError> {
+        self.matching.batch_job(id).await
+    }
+
+    /// The `limit` most recent batch match jobs, newest first.
+    pub async fn batch_match_jobs(&self, limit: i64) -> Result<Vec<BatchJob>, IdentityError> {
+        self.matching.batch_jobs(limit).await
     }
 
     /// Match suggestions with `status` (all when `None`), newest first, ids below `before`.
@@ -455,12 +472,15 @@ impl Identity {
         self.current()
     }
 
-    /// Adds the `IdentityService` gRPC server to `services`.
+    /// Adds the `IdentityService` and `BatchMatchService` gRPC servers to `services`.
     pub fn register(&self, services: &mut tessera_server::GrpcServices) {
         services.add(
             IdentityServiceServer::new(service::IdentityGrpc::new(self.clone()))
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE),
         );
+        services.add(BatchMatchServiceServer::new(service::BatchMatchGrpc::new(
+            self.clone(),
+        )));
     }
 
     /// The most records one batch may carry.

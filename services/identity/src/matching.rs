@@ -3,7 +3,7 @@
 //! the batch job, suggestions, and telling the profile service about the merges.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -128,6 +128,87 @@ pub struct BatchOutcome {
     pub outcome: MatchOutcome,
 }
 
+/// Where a batch match job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchJobState {
+    /// Running on some replica.
+    Running,
+    /// Done: its progress is the batch's summary.
+    Succeeded,
+    /// Stopped by an error, or its replica stopped renewing its lease.
+    Failed,
+}
+
+impl BatchJobState {
+    /// The state as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// A stored state.
+    pub(crate) fn parse(state: &str) -> Result<Self, IdentityError> {
+        match state {
+            "running" => Ok(Self::Running),
+            "succeeded" => Ok(Self::Succeeded),
+            "failed" => Ok(Self::Failed),
+            other => Err(IdentityError::Corrupt(format!(
+                "batch match job state {other:?}"
+            ))),
+        }
+    }
+}
+
+/// The counts of a batch match job: its progress while it runs, its summary once done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchProgress {
+    /// The model version used (0 until read).
+    pub model_version: i64,
+    /// Profiles matched (0 until read).
+    pub profiles: i64,
+    /// Pairs at or above the review probability (0 until scored).
+    pub candidate_pairs: i64,
+    /// Candidate pairs decided so far (merged, refused or set aside for a suggestion).
+    pub pairs_done: i64,
+    /// Profiles merged so far.
+    pub merges: i64,
+    /// Suggestions stored (written at the end).
+    pub suggestions: i64,
+    /// Matches the rules refused so far.
+    pub refused: i64,
+}
+
+/// A batch match job as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchJob {
+    /// Its id, from 1.
+    pub id: i64,
+    /// Its state.
+    pub state: BatchJobState,
+    /// Its counts.
+    pub progress: BatchProgress,
+    /// Why it failed; empty otherwise.
+    pub error: String,
+    /// When it started.
+    pub started_at: time::OffsetDateTime,
+    /// When it last reported progress.
+    pub updated_at: time::OffsetDateTime,
+    /// When it finished.
+    pub finished_at: Option<time::OffsetDateTime>,
+}
+
+/// How long a running job's lease lasts without renewal: a replica that died holds the batch
+/// match this long at most.
+const JOB_LEASE: Duration = Duration::from_secs(30);
+/// How often the replica running a job renews its lease (scoring may report nothing for long).
+const JOB_RENEW: Duration = Duration::from_secs(5);
+/// Why a job whose lease expired failed.
+pub(crate) const JOB_LEASE_EXPIRED: &str =
+    "its replica stopped renewing the job's lease (stopped or died); start a new batch match";
+
 /// One field's fitted parameters: per level (label, m, u), `else` last.
 pub type FieldFit = (String, Vec<(String, f64, f64)>);
 
@@ -178,6 +259,8 @@ pub(crate) struct Matching {
     model: RwLock<Option<(i64, Arc<Model>)>>,
     /// Woken when merges were queued for the profile service.
     queued: Notify,
+    /// This replica's name as the holder of a batch match job's lease.
+    owner: String,
 }
 
 impl std::fmt::Debug for Matching {
@@ -186,6 +269,12 @@ impl std::fmt::Debug for Matching {
             .field("enabled", &self.settings.enabled)
             .finish_non_exhaustive()
     }
+}
+
+fn no_model() -> IdentityError {
+    IdentityError::FailedPrecondition(
+        "no match model is trained yet: call TrainMatchModel first".to_owned(),
+    )
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> IdentityError {
@@ -229,6 +318,7 @@ impl Matching {
             store,
             model: RwLock::new(None),
             queued: Notify::new(),
+            owner: Uuid::new_v4().to_string(),
         })
     }
 
@@ -554,15 +644,137 @@ impl Matching {
         self.model_info(Some(restored)).await
     }
 
-    /// Matches the whole indexed population with the current model, strongest pairs first.
-    pub(crate) async fn batch(
+    /// Starts a batch match job running `rules` in the background, unless one runs
+    /// (`FailedPrecondition` naming it) or no model is trained yet. Answers the job and what it
+    /// will end with; the job goes on whether that is awaited or not.
+    pub(crate) async fn start_batch(
+        self: &Arc<Self>,
+        rules: Arc<VersionedRules>,
+    ) -> Result<
+        (
+            BatchJob,
+            tokio::sync::oneshot::Receiver<Result<BatchOutcome, IdentityError>>,
+        ),
+        IdentityError,
+    > {
+        if self.current_model().await?.is_none() {
+            return Err(no_model());
+        }
+        let job = match self.store.start_batch_job(&self.owner, JOB_LEASE).await? {
+            Ok(job) => job,
+            Err(running) => {
+                return Err(IdentityError::FailedPrecondition(format!(
+                    "batch match job {} is running: poll it with GetBatchMatchJob",
+                    running.id
+                )));
+            }
+        };
+        tracing::info!(job = job.id, "batch match job started");
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let matching = Arc::clone(self);
+        let id = job.id;
+        tokio::spawn(async move {
+            let renewing = Arc::clone(&matching);
+            let progress = Arc::new(std::sync::Mutex::new(BatchProgress::default()));
+            let renewed = Arc::clone(&progress);
+            let renew = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(JOB_RENEW).await;
+                    let now = *renewed.lock().unwrap_or_else(PoisonError::into_inner);
+                    if let Err(e) = renewing
+                        .store
+                        .batch_job_progress(id, &renewing.owner, &now, JOB_LEASE)
+                        .await
+                    {
+                        tracing::warn!(job = id, error = %e, "renewing a batch match job failed");
+                    }
+                }
+            });
+            // Run apart, so a panic is a failed job rather than a job running forever.
+            let worker = Arc::clone(&matching);
+            let seen = Arc::clone(&progress);
+            let result = tokio::spawn(async move { worker.batch(&rules, id, &seen).await })
+                .await
+                .unwrap_or_else(|e| {
+                    Err(IdentityError::Corrupt(format!(
+                        "batch matching panicked: {e}"
+                    )))
+                });
+            renew.abort();
+            let last = *progress.lock().unwrap_or_else(PoisonError::into_inner);
+            let error = result.as_ref().err().map(ToString::to_string);
+            if let Err(e) = &result {
+                tracing::error!(job = id, error = %e, "batch match job failed");
+            }
+            if let Err(e) = matching
+                .store
+                .finish_batch_job(id, &matching.owner, &last, error.as_deref())
+                .await
+            {
+                tracing::error!(job = id, error = %e, "recording the end of a batch match job failed");
+            }
+            // The caller may have gone: the job's row is the outcome then.
+            let _ = done.send(result);
+        });
+        Ok((job, outcome))
+    }
+
+    /// Runs a batch match job and waits for it (RunBatchMatch).
+    pub(crate) async fn run_batch(
+        self: &Arc<Self>,
+        rules: Arc<VersionedRules>,
+    ) -> Result<BatchOutcome, IdentityError> {
+        let (_, outcome) = self.start_batch(rules).await?;
+        outcome.await.map_err(|_| {
+            IdentityError::Corrupt("the batch match job ended without an outcome".to_owned())
+        })?
+    }
+
+    /// Batch match job `id`.
+    pub(crate) async fn batch_job(&self, id: i64) -> Result<BatchJob, IdentityError> {
+        self.store
+            .batch_job(id)
+            .await?
+            .ok_or(IdentityError::Missing("batch match job"))
+    }
+
+    /// The `limit` most recent batch match jobs, newest first.
+    pub(crate) async fn batch_jobs(&self, limit: i64) -> Result<Vec<BatchJob>, IdentityError> {
+        self.store.batch_jobs(limit).await
+    }
+
+    /// Records `progress` of job `id` (and renews its lease).
+    async fn report(
+        &self,
+        id: i64,
+        shared: &std::sync::Mutex<BatchProgress>,
+        progress: BatchProgress,
+    ) -> Result<(), IdentityError> {
+        *shared.lock().unwrap_or_else(PoisonError::into_inner) = progress;
+        if !self
+            .store
+            .batch_job_progress(id, &self.owner, &progress, JOB_LEASE)
+            .await?
+        {
+            // Its lease expired (this replica stalled) and it was marked failed: stop, since
+            // another job may be running now.
+            return Err(IdentityError::FailedPrecondition(
+                JOB_LEASE_EXPIRED.to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Matches the whole indexed population with the current model, strongest pairs first, as
+    /// job `id`, reporting its progress in `progress` and the job's row.
+    async fn batch(
         &self,
         rules: &VersionedRules,
+        id: i64,
+        progress: &std::sync::Mutex<BatchProgress>,
     ) -> Result<BatchOutcome, IdentityError> {
         let Some((version, model)) = self.current_model().await? else {
-            return Err(IdentityError::FailedPrecondition(
-                "no match model is trained yet: call TrainMatchModel first".to_owned(),
-            ));
+            return Err(no_model());
         };
         let started = std::time::Instant::now();
         let population = self.store.population().await?;
@@ -601,6 +813,16 @@ impl Matching {
             candidate_pairs: pairs.len() as i64,
             outcome: MatchOutcome::default(),
         };
+        let counts = |out: &BatchOutcome, pairs_done: usize| BatchProgress {
+            model_version: out.model_version,
+            profiles: out.profiles,
+            candidate_pairs: out.candidate_pairs,
+            pairs_done: pairs_done as i64,
+            merges: out.outcome.merges.len() as i64,
+            suggestions: out.outcome.suggestions,
+            refused: out.outcome.refused,
+        };
+        self.report(id, progress, counts(&out, 0)).await?;
         // The merges are decided in memory and written set-based, a chunk of pairs per
         // transaction (short enough not to hold up resolution on SQLite's one connection);
         // suggestions are written together at the end (merges never depend on them).
@@ -609,13 +831,14 @@ impl Matching {
         let auto = self.settings.auto_merge_probability;
         let mut chunk: Vec<((Uuid, Uuid), Option<String>)> = Vec::with_capacity(CHUNK);
         let mut suggestions: Vec<((Uuid, Uuid), String)> = Vec::new();
-        for (pair, score) in &pairs {
+        for (done, (pair, score)) in pairs.iter().enumerate() {
             if auto < 1.0 && score.probability >= auto {
                 chunk.push((*pair, Some(explanation_json(score, version))));
                 if chunk.len() == CHUNK {
                     self.merge_chunk(rules, &chunk, &cause, &mut out.outcome)
                         .await?;
                     chunk.clear();
+                    self.report(id, progress, counts(&out, done + 1)).await?;
                 }
             } else {
                 suggestions.push((*pair, explanation_json(score, version)));
@@ -627,7 +850,9 @@ impl Matching {
         let stored = self.store.suggest_all(&suggestions).await?;
         metrics::counter!("tessera_identity_match_suggestions_total").increment(stored as u64);
         out.outcome.suggestions += stored;
+        *progress.lock().unwrap_or_else(PoisonError::into_inner) = counts(&out, pairs.len());
         tracing::info!(
+            job = id,
             model_version = version,
             profiles = out.profiles,
             pairs = out.candidate_pairs,

@@ -1,12 +1,15 @@
 //! The gRPC face of the identity service: decode, call [`Identity`], encode. Errors become
 //! statuses through the one mapping in [`crate::error`].
 
+use tessera_core::FieldViolation;
+use tessera_proto::convert::to_timestamp;
 use tessera_proto::identity::v1 as pb;
+use tessera_proto::identity::v1::batch_match_service_server::BatchMatchService;
 use tessera_proto::identity::v1::identity_service_server::IdentityService;
 use tessera_server::trace_context;
 use tonic::{Request, Response, Status};
 
-use crate::{Identity, IdentityError, convert};
+use crate::{BatchJob, BatchJobState, BatchProgress, Identity, IdentityError, convert};
 
 /// `IdentityService` over an [`Identity`].
 pub(crate) struct IdentityGrpc {
@@ -278,4 +281,109 @@ impl IdentityService for IdentityGrpc {
 /// A count as a protobuf int64.
 fn count(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// `BatchMatchService` over an [`Identity`]: batch match jobs.
+pub(crate) struct BatchMatchGrpc {
+    identity: Identity,
+}
+
+impl BatchMatchGrpc {
+    pub(crate) fn new(identity: Identity) -> Self {
+        Self { identity }
+    }
+}
+
+/// The most jobs `ListBatchMatchJobs` answers, and how many without a limit.
+const MAX_JOBS: i32 = 100;
+const DEFAULT_JOBS: i32 = 20;
+
+fn job_to_pb(job: BatchJob) -> pb::BatchMatchJob {
+    let BatchJob {
+        id,
+        state,
+        progress,
+        error,
+        started_at,
+        updated_at,
+        finished_at,
+    } = job;
+    let BatchProgress {
+        model_version,
+        profiles,
+        candidate_pairs,
+        pairs_done,
+        merges,
+        suggestions,
+        refused,
+    } = progress;
+    let state = match state {
+        BatchJobState::Running => pb::BatchMatchJobState::Running,
+        BatchJobState::Succeeded => pb::BatchMatchJobState::Succeeded,
+        BatchJobState::Failed => pb::BatchMatchJobState::Failed,
+    };
+    pb::BatchMatchJob {
+        job_id: id,
+        state: state.into(),
+        summary: Some(pb::RunBatchMatchResponse {
+            model_version,
+            profiles,
+            candidate_pairs,
+            merges,
+            suggestions,
+            refused,
+        }),
+        pairs_done,
+        error,
+        started_at: Some(to_timestamp(started_at)),
+        updated_at: Some(to_timestamp(updated_at)),
+        finished_at: finished_at.map(to_timestamp),
+    }
+}
+
+fn bad(field: &str, description: &str) -> Status {
+    IdentityError::InvalidArgument(vec![FieldViolation::new(field, description)]).into()
+}
+
+#[tonic::async_trait]
+impl BatchMatchService for BatchMatchGrpc {
+    async fn start_batch_match(
+        &self,
+        _request: Request<pb::StartBatchMatchRequest>,
+    ) -> Result<Response<pb::StartBatchMatchResponse>, Status> {
+        let job = self.identity.start_batch_match().await?;
+        Ok(Response::new(pb::StartBatchMatchResponse {
+            job: Some(job_to_pb(job)),
+        }))
+    }
+
+    async fn get_batch_match_job(
+        &self,
+        request: Request<pb::GetBatchMatchJobRequest>,
+    ) -> Result<Response<pb::GetBatchMatchJobResponse>, Status> {
+        let pb::GetBatchMatchJobRequest { job_id } = request.into_inner();
+        if job_id < 1 {
+            return Err(bad("job_id", "a batch match job id is 1 or more"));
+        }
+        let job = self.identity.batch_match_job(job_id).await?;
+        Ok(Response::new(pb::GetBatchMatchJobResponse {
+            job: Some(job_to_pb(job)),
+        }))
+    }
+
+    async fn list_batch_match_jobs(
+        &self,
+        request: Request<pb::ListBatchMatchJobsRequest>,
+    ) -> Result<Response<pb::ListBatchMatchJobsResponse>, Status> {
+        let pb::ListBatchMatchJobsRequest { limit } = request.into_inner();
+        let limit = match limit {
+            0 => DEFAULT_JOBS,
+            1..=MAX_JOBS => limit,
+            _ => return Err(bad("limit", "must be 1 to 100 (0 means 20)")),
+        };
+        let jobs = self.identity.batch_match_jobs(i64::from(limit)).await?;
+        Ok(Response::new(pb::ListBatchMatchJobsResponse {
+            jobs: jobs.into_iter().map(job_to_pb).collect(),
+        }))
+    }
 }

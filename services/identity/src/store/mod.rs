@@ -4,6 +4,8 @@
 
 #[cfg(test)]
 mod batch_tests;
+#[cfg(test)]
+mod matching_job_tests;
 mod postgres;
 mod sqlite;
 
@@ -22,6 +24,7 @@ use crate::domain::{
     Record, ReorderConfig, Replay, Resolution, Rules, RulesConfig, SEEN_TOGETHER, SPLIT,
     in_event_time_order, order_sensitive_drop, replay, split_apart, truncate_to_micros,
 };
+use crate::matching::{BatchJob, BatchProgress};
 
 /// What the graph keeps of one event's resolution.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -276,6 +279,39 @@ pub(crate) trait MatchStore: Send + Sync {
 
     /// Marks queued merges as delivered.
     async fn delivered(&self, seqs: &[i64]) -> Result<(), IdentityError>;
+
+    /// Starts a batch match job held by `owner` for `lease`, unless one runs: `Err` with the
+    /// running job then. A running job whose lease expired is marked failed first.
+    async fn start_batch_job(
+        &self,
+        owner: &str,
+        lease: std::time::Duration,
+    ) -> Result<Result<BatchJob, BatchJob>, IdentityError>;
+
+    /// Records the progress of job `id` and renews its lease, while `owner` holds it; returns
+    /// whether it does.
+    async fn batch_job_progress(
+        &self,
+        id: i64,
+        owner: &str,
+        progress: &BatchProgress,
+        lease: std::time::Duration,
+    ) -> Result<bool, IdentityError>;
+
+    /// Ends job `id` of `owner`: succeeded with `progress`, or failed with `error`.
+    async fn finish_batch_job(
+        &self,
+        id: i64,
+        owner: &str,
+        progress: &BatchProgress,
+        error: Option<&str>,
+    ) -> Result<(), IdentityError>;
+
+    /// Job `id` (a running job whose lease expired is marked failed first).
+    async fn batch_job(&self, id: i64) -> Result<Option<BatchJob>, IdentityError>;
+
+    /// The `limit` newest jobs, newest first.
+    async fn batch_jobs(&self, limit: i64) -> Result<Vec<BatchJob>, IdentityError>;
 }
 
 /// The store for `db`'s backend.

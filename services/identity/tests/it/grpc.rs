@@ -3,12 +3,13 @@
 
 use tessera_identity::{Identity, IdentitySettings};
 use tessera_proto::common::v1::Identifier;
+use tessera_proto::identity::v1::batch_match_service_client::BatchMatchServiceClient;
 use tessera_proto::identity::v1::get_profile_graph_request::Lookup;
 use tessera_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use tessera_proto::identity::v1::{
-    GetMatchModelRequest, GetProfileGraphRequest, GetRulesRequest, IdentityRecord,
-    LookupIdentifierRequest, ResolveIdentitiesRequest, RestoreMatchModelRequest,
-    UpdateRulesRequest,
+    GetBatchMatchJobRequest, GetMatchModelRequest, GetProfileGraphRequest, GetRulesRequest,
+    IdentityRecord, ListBatchMatchJobsRequest, LookupIdentifierRequest, ResolveIdentitiesRequest,
+    RestoreMatchModelRequest, StartBatchMatchRequest, UpdateRulesRequest,
 };
 use tessera_server::GrpcServices;
 use tessera_store::Database;
@@ -542,4 +543,44 @@ async fn forget_requests_are_checked_and_forgotten_people_suppressed() {
         .await
         .expect_err("forgotten");
     assert_eq!(gone.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn batch_match_job_requests_are_checked() {
+    let s = serve(IdentitySettings::default()).await;
+    let mut jobs = BatchMatchServiceClient::new(s._server.channel().await);
+    for job_id in [0, -3] {
+        let bad = jobs
+            .get_batch_match_job(GetBatchMatchJobRequest { job_id })
+            .await
+            .expect_err("invalid");
+        assert_eq!(bad.code(), Code::InvalidArgument);
+        assert_eq!(violated_fields(&bad), ["job_id"]);
+    }
+    let missing = jobs
+        .get_batch_match_job(GetBatchMatchJobRequest { job_id: 7 })
+        .await
+        .expect_err("unknown");
+    assert_eq!(missing.code(), Code::NotFound);
+    assert_eq!(missing.message(), "no such batch match job");
+    for limit in [-1, 101] {
+        let bad = jobs
+            .list_batch_match_jobs(ListBatchMatchJobsRequest { limit })
+            .await
+            .expect_err("invalid");
+        assert_eq!(bad.code(), Code::InvalidArgument);
+        assert_eq!(violated_fields(&bad), ["limit"]);
+    }
+    let none = jobs
+        .start_batch_match(StartBatchMatchRequest {})
+        .await
+        .expect_err("no model");
+    assert_eq!(none.code(), Code::FailedPrecondition);
+    assert!(none.message().contains("TrainMatchModel"), "{none:?}");
+    let listed = jobs
+        .list_batch_match_jobs(ListBatchMatchJobsRequest { limit: 0 })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.jobs, [], "nothing was started");
 }

@@ -3,7 +3,11 @@
 //! merges queued for the profile service.
 
 use serde_json::{Map, Value};
-use tessera_identity::{Identity, IdentityError, IdentitySettings, MatchSettings};
+use tessera_identity::{
+    BatchJob, BatchJobState, BatchOutcome, BatchProgress, Identity, IdentityError,
+    IdentitySettings, MatchSettings,
+};
+use tessera_store::Database;
 use tessera_testkit::people;
 use uuid::Uuid;
 
@@ -15,6 +19,8 @@ on_both_backends!(
     suggestions_are_listed_and_decided,
     profiles_indexed_before_the_model_are_matched_when_sent_again,
     models_are_described_and_an_earlier_one_restored,
+    a_batch_match_job_ends_with_what_run_batch_match_answers,
+    a_batch_match_is_refused_while_another_runs_until_its_lease_expires,
 );
 
 /// Person `n`'s traits (see `tessera_testkit::people`).
@@ -354,4 +360,142 @@ async fn models_are_described_and_an_earlier_one_restored(b: &Backend) {
         changed.restore_match_model(1).await,
         Err(IdentityError::FailedPrecondition(m)) if m.contains("train a new one")
     ));
+}
+
+/// Polls job `id` until it is no longer running (at most 60 s).
+async fn finished(identity: &Identity, id: i64) -> BatchJob {
+    for _ in 0..600 {
+        let job = identity.batch_match_job(id).await.expect("job");
+        if job.state != BatchJobState::Running {
+            return job;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("batch match job {id} still running after 60 s");
+}
+
+/// What `RunBatchMatch` answers, as a job's counts.
+fn counts(batch: &BatchOutcome) -> BatchProgress {
+    BatchProgress {
+        model_version: batch.model_version,
+        profiles: batch.profiles,
+        candidate_pairs: batch.candidate_pairs,
+        pairs_done: batch.candidate_pairs,
+        merges: batch.outcome.merges.len() as i64,
+        suggestions: batch.outcome.suggestions,
+        refused: batch.outcome.refused,
+    }
+}
+
+async fn a_batch_match_job_ends_with_what_run_batch_match_answers(b: &Backend) {
+    population(&b.identity).await;
+    // Without a model a job is not even started.
+    assert!(matches!(
+        b.identity.start_batch_match().await,
+        Err(IdentityError::FailedPrecondition(_))
+    ));
+    assert_eq!(b.identity.batch_match_jobs(10).await.expect("jobs"), []);
+    b.identity.train_match_model().await.expect("train");
+
+    // The unary call runs a job and answers its summary.
+    let unary = b.identity.run_batch_match().await.expect("batch");
+    assert!(!unary.outcome.merges.is_empty(), "{unary:?}");
+    let jobs = b.identity.batch_match_jobs(10).await.expect("jobs");
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].state, BatchJobState::Succeeded);
+    assert_eq!(jobs[0].progress, counts(&unary));
+
+    // Started, it answers at once, running; polled, it ends as the unary call ends on the same
+    // population (the merges are done: nothing new, and the same pairs scored).
+    let started = b.identity.start_batch_match().await.expect("start");
+    assert_eq!(started.state, BatchJobState::Running);
+    assert!(started.id > jobs[0].id);
+    assert_eq!(started.finished_at, None);
+    let job = finished(&b.identity, started.id).await;
+    assert_eq!(job.state, BatchJobState::Succeeded, "{job:?}");
+    assert_eq!(job.error, "");
+    assert!(job.finished_at.is_some());
+    let again = b.identity.run_batch_match().await.expect("batch");
+    assert_eq!(job.progress, counts(&again));
+    assert_eq!(job.progress.merges, 0);
+    assert_eq!(job.progress.model_version, 1);
+    let ids: Vec<i64> = b
+        .identity
+        .batch_match_jobs(10)
+        .await
+        .expect("jobs")
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(ids.len(), 3);
+    assert_eq!(ids[1], started.id, "newest first");
+    assert!(matches!(
+        b.identity.batch_match_job(ids[0] + 1).await,
+        Err(IdentityError::Missing("batch match job"))
+    ));
+}
+
+/// Runs `sql` with one bound id.
+async fn execute(db: &Database, sql: &'static str) {
+    match db {
+        Database::Postgres(pool) => {
+            sqlx::query(sql).execute(pool).await.expect("sql");
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query(sql).execute(pool).await.expect("sql");
+        }
+    }
+}
+
+async fn a_batch_match_is_refused_while_another_runs_until_its_lease_expires(b: &Backend) {
+    population(&b.identity).await;
+    b.identity.train_match_model().await.expect("train");
+    // Another replica runs a job (its lease far ahead).
+    let (hold, expire) = match &b.db {
+        Database::Postgres(_) => (
+            "INSERT INTO batch_match_jobs (state, owner, lease_until, started_at, updated_at) \
+             VALUES ('running', 'elsewhere', now() + interval '1 hour', now(), now())",
+            "UPDATE batch_match_jobs SET lease_until = now() - interval '1 second'",
+        ),
+        Database::Sqlite(_) => (
+            "INSERT INTO batch_match_jobs (state, owner, lease_until, started_at, updated_at) \
+             VALUES ('running', 'elsewhere', 9000000000000000, 0, 0)",
+            "UPDATE batch_match_jobs SET lease_until = 1",
+        ),
+    };
+    execute(&b.db, hold).await;
+    let running = b
+        .identity
+        .batch_match_jobs(1)
+        .await
+        .expect("jobs")
+        .remove(0);
+    assert_eq!(running.state, BatchJobState::Running);
+    for refused in [
+        b.identity.start_batch_match().await.map(|_| ()),
+        b.identity.run_batch_match().await.map(|_| ()),
+    ] {
+        match refused {
+            Err(IdentityError::FailedPrecondition(message)) => assert_eq!(
+                message,
+                format!(
+                    "batch match job {} is running: poll it with GetBatchMatchJob",
+                    running.id
+                )
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        b.identity.batch_match_jobs(10).await.expect("jobs").len(),
+        1
+    );
+
+    // Its replica died: once the lease expired, the job reads failed and a new one runs.
+    execute(&b.db, expire).await;
+    let dead = b.identity.batch_match_job(running.id).await.expect("job");
+    assert_eq!(dead.state, BatchJobState::Failed);
+    assert!(dead.error.contains("stopped renewing"), "{}", dead.error);
+    let batch = b.identity.run_batch_match().await.expect("batch");
+    assert!(!batch.outcome.merges.is_empty());
 }

@@ -1,6 +1,7 @@
 //! Probabilistic matching's storage on Postgres.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use tessera_core::Identifier;
 use time::OffsetDateTime;
@@ -11,6 +12,7 @@ use sqlx::postgres::PgConnection;
 use super::{CANONICAL_SQL, Failure, LIMITED_SQL, PgStore, write};
 use crate::IdentityError;
 use crate::domain::{GraphView, Merge, Plan, ProfileAge, plan_merges};
+use crate::matching::{BatchJob, BatchJobState, BatchProgress, JOB_LEASE_EXPIRED};
 use crate::store::{
     IndexEntry, MatchStore, Outboxed, StoredModel, StoredSuggestion, VersionedRules, now, ordered,
 };
@@ -164,6 +166,124 @@ async fn merge_all(
         })
         .collect();
     Ok((results, plan))
+}
+
+type JobRow = (
+    i64,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    String,
+    OffsetDateTime,
+    OffsetDateTime,
+    Option<OffsetDateTime>,
+);
+
+/// Selects batch match jobs: the columns of [`JobRow`], then the rest of the statement.
+macro_rules! job_sql {
+    ($rest:literal) => {
+        concat!(
+            "SELECT job_id, state, model_version, profiles, candidate_pairs, pairs_done, merges, \
+                    suggestions, refused, error, started_at, updated_at, finished_at \
+             FROM batch_match_jobs ",
+            $rest
+        )
+    };
+}
+
+fn job(row: JobRow) -> Result<BatchJob, IdentityError> {
+    let (
+        id,
+        state,
+        model_version,
+        profiles,
+        candidate_pairs,
+        pairs_done,
+        merges,
+        suggestions,
+        refused,
+        error,
+        started_at,
+        updated_at,
+        finished_at,
+    ) = row;
+    Ok(BatchJob {
+        id,
+        state: BatchJobState::parse(&state)?,
+        progress: BatchProgress {
+            model_version,
+            profiles,
+            candidate_pairs,
+            pairs_done,
+            merges,
+            suggestions,
+            refused,
+        },
+        error,
+        started_at,
+        updated_at,
+        finished_at,
+    })
+}
+
+/// Marks the running job whose lease expired before `at` as failed.
+async fn expire_jobs(conn: &mut PgConnection, at: OffsetDateTime) -> Result<(), IdentityError> {
+    let expired = sqlx::query(
+        "UPDATE batch_match_jobs \
+         SET state = 'failed', error = $1, updated_at = $2, finished_at = $2 \
+         WHERE state = 'running' AND lease_until < $2",
+    )
+    .bind(JOB_LEASE_EXPIRED)
+    .bind(at)
+    .execute(&mut *conn)
+    .await?;
+    if expired.rows_affected() > 0 {
+        tracing::warn!("a batch match job's lease expired, marked failed");
+    }
+    Ok(())
+}
+
+impl PgStore {
+    pub(crate) async fn start_job(
+        &self,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Result<BatchJob, BatchJob>, IdentityError> {
+        // The running job may end between the refused insert and the read: try again then.
+        for _ in 0..3 {
+            let mut conn = self.pool.acquire().await?;
+            let at = now();
+            expire_jobs(&mut conn, at).await?;
+            let started: Option<JobRow> = sqlx::query_as(
+                "INSERT INTO batch_match_jobs (state, owner, lease_until, started_at, updated_at) \
+                 VALUES ('running', $1, $2, $3, $3) \
+                 ON CONFLICT (state) WHERE state = 'running' DO NOTHING \
+                 RETURNING job_id, state, model_version, profiles, candidate_pairs, pairs_done, \
+                           merges, suggestions, refused, error, started_at, updated_at, \
+                           finished_at",
+            )
+            .bind(owner)
+            .bind(at + lease)
+            .bind(at)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if let Some(row) = started {
+                return Ok(Ok(job(row)?));
+            }
+            let running: Option<JobRow> = sqlx::query_as(job_sql!("WHERE state = 'running'"))
+                .fetch_optional(&mut *conn)
+                .await?;
+            if let Some(row) = running {
+                return Ok(Err(job(row)?));
+            }
+        }
+        Err(IdentityError::Contended)
+    }
 }
 
 #[async_trait::async_trait]
@@ -475,5 +595,100 @@ impl MatchStore for PgStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn start_batch_job(
+        &self,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Result<BatchJob, BatchJob>, IdentityError> {
+        self.start_job(owner, lease).await
+    }
+
+    async fn batch_job_progress(
+        &self,
+        id: i64,
+        owner: &str,
+        progress: &BatchProgress,
+        lease: Duration,
+    ) -> Result<bool, IdentityError> {
+        let at = now();
+        let done = sqlx::query(
+            "UPDATE batch_match_jobs \
+             SET model_version = $3, profiles = $4, candidate_pairs = $5, pairs_done = $6, \
+                 merges = $7, suggestions = $8, refused = $9, updated_at = $10, \
+                 lease_until = $11 \
+             WHERE job_id = $1 AND owner = $2 AND state = 'running'",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(progress.model_version)
+        .bind(progress.profiles)
+        .bind(progress.candidate_pairs)
+        .bind(progress.pairs_done)
+        .bind(progress.merges)
+        .bind(progress.suggestions)
+        .bind(progress.refused)
+        .bind(at)
+        .bind(at + lease)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn finish_batch_job(
+        &self,
+        id: i64,
+        owner: &str,
+        progress: &BatchProgress,
+        error: Option<&str>,
+    ) -> Result<(), IdentityError> {
+        let state = if error.is_some() {
+            BatchJobState::Failed
+        } else {
+            BatchJobState::Succeeded
+        };
+        sqlx::query(
+            "UPDATE batch_match_jobs \
+             SET state = $3, model_version = $4, profiles = $5, candidate_pairs = $6, \
+                 pairs_done = $7, merges = $8, suggestions = $9, refused = $10, error = $11, \
+                 updated_at = $12, finished_at = $12 \
+             WHERE job_id = $1 AND owner = $2 AND state = 'running'",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(state.as_str())
+        .bind(progress.model_version)
+        .bind(progress.profiles)
+        .bind(progress.candidate_pairs)
+        .bind(progress.pairs_done)
+        .bind(progress.merges)
+        .bind(progress.suggestions)
+        .bind(progress.refused)
+        .bind(error.unwrap_or_default())
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn batch_job(&self, id: i64) -> Result<Option<BatchJob>, IdentityError> {
+        let mut conn = self.pool.acquire().await?;
+        expire_jobs(&mut conn, now()).await?;
+        let row: Option<JobRow> = sqlx::query_as(job_sql!("WHERE job_id = $1"))
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+        row.map(job).transpose()
+    }
+
+    async fn batch_jobs(&self, limit: i64) -> Result<Vec<BatchJob>, IdentityError> {
+        let mut conn = self.pool.acquire().await?;
+        expire_jobs(&mut conn, now()).await?;
+        let rows: Vec<JobRow> = sqlx::query_as(job_sql!("ORDER BY job_id DESC LIMIT $1"))
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?;
+        rows.into_iter().map(job).collect()
     }
 }
