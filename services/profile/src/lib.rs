@@ -308,8 +308,9 @@ impl Profiles {
     }
 
     /// Re-evaluates, every `interval`, the profiles whose computed traits or audience
-    /// memberships change with time (a windowed trait or event condition), re-evaluates the
-    /// members of accounts whose traits changed (woken by this replica's batches, and polling
+    /// memberships change with time (a windowed trait or event condition) and queues a rescore
+    /// of the accounts whose windowed computed traits did, re-evaluates the members of accounts
+    /// whose traits changed, a chunk at a time (woken by this replica's batches, and polling
     /// every second for other replicas'), and once a minute
     /// deletes changes older than the retention, until `shutdown`. When the definitions that
     /// fold events (computed traits, audiences, trait catalog) differ from those the stored

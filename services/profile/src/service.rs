@@ -245,9 +245,17 @@ impl Inner {
     }
 
     /// Re-evaluates the profiles whose computed values changed with time (see
-    /// [`ProfileStore::sweep`]) and caches what it wrote; returns how many profiles it swept.
+    /// [`ProfileStore::sweep`]) and caches what it wrote, and queues a rescore of the accounts
+    /// whose windowed computed traits changed with time (see
+    /// [`ProfileStore::expire_accounts`]; the account refresh does it); returns how many
+    /// profiles it swept or accounts it queued, whichever is more.
     pub(crate) async fn sweep_once(&self, limit: usize) -> Result<usize, ProfileError> {
         let now = OffsetDateTime::now_utc();
+        let expired = self.store.expire_accounts(now, limit).await?;
+        if !expired.is_empty() {
+            metrics::counter!("tessera_profile_accounts_expired_total")
+                .increment(expired.len() as u64);
+        }
         let (profiles, changes) = self.store.sweep(now, limit).await?;
         if !profiles.is_empty() {
             self.changed.notify_waiters();
@@ -259,7 +267,7 @@ impl Inner {
                 .collect();
             self.put_all(entries).await;
         }
-        Ok(profiles.len())
+        Ok(profiles.len().max(expired.len()))
     }
 
     /// Re-evaluates the members of up to `limit` accounts whose traits changed (see

@@ -94,6 +94,49 @@ pub type AccountValues = HashMap<
     ),
 >;
 
+/// The most members of one account a refresh re-evaluates in one transaction: a larger
+/// account is refreshed a chunk per transaction, resuming after the last member done.
+pub const MEMBERS_PER_REFRESH: usize = 500;
+
+/// One queued account refresh (a row of `account_refreshes`).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub(crate) struct QueuedRefresh {
+    /// Its place in the queue.
+    pub(crate) position: i64,
+    /// The account.
+    pub(crate) account_id: String,
+    /// Whether the account's members are to be re-evaluated.
+    pub(crate) members: bool,
+    /// With `members`, the last member (in profile id order) already re-evaluated by this
+    /// refresh: it resumes after it. `None`: from the first.
+    pub(crate) after_profile_id: Option<String>,
+    /// Whether the account itself is to be rescored.
+    pub(crate) rescore: bool,
+}
+
+/// What the queued refreshes of one account ask for, together.
+#[derive(Debug, Default)]
+struct Wanted<'a> {
+    /// Rescore the account.
+    rescore: bool,
+    /// Re-evaluate its members after this one (`Some(None)`: all of them).
+    members: Option<Option<&'a str>>,
+}
+
+impl<'a> Wanted<'a> {
+    /// Adds what `row` asks for: the members after the earliest point any row asks for.
+    fn add(&mut self, row: &'a QueuedRefresh) {
+        self.rescore |= row.rescore;
+        if row.members {
+            let after = row.after_profile_id.as_deref();
+            self.members = Some(match self.members {
+                None => after,
+                Some(current) => current.min(after),
+            });
+        }
+    }
+}
+
 /// The profiles a transaction is about to write (live and merged away), by id: account folds
 /// read them instead of the stored rows, so a merge or an unmerge of the same write counts.
 type Pending<'a> = HashMap<&'a str, &'a Profile>;
@@ -306,6 +349,16 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
     /// The members of `account_id`, one per live profile whose applied group calls named it,
     /// in profile id order.
     async fn account_members(&self, account_id: &str) -> Result<Vec<Member>, ProfileError>;
+
+    /// Queues a rescore of at most `limit` accounts whose windowed account computed traits
+    /// changed by `now` without a new event (the time stored at their last rescore passed),
+    /// each once: the rescore stores their next such time. Replicas share the work (accounts
+    /// locked by one are skipped by the others). Returns the accounts queued.
+    async fn expire_accounts(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<String>, ProfileError>;
 }
 
 /// What [`ProfileStore::delete`] deleted.
@@ -610,11 +663,12 @@ impl Definitions {
     }
 
     /// Whether anything changes as time passes (some window is declared, of a computed trait
-    /// or of an account computed trait profiles carry a copy of).
+    /// or of an account computed trait: profiles carry copies of some, account scores read
+    /// them).
     pub fn windowed(&self) -> bool {
         self.computed
             .iter()
-            .chain(self.audience_account_computed())
+            .chain(&self.account_computed)
             .any(|c| c.window_seconds.is_some())
     }
 }
@@ -926,12 +980,27 @@ trait Ops: Send {
     ) -> Result<(), sqlx::Error>;
 
     /// Takes every queued refresh of the `limit` accounts queued longest ago that no other
-    /// transaction has taken (locked until this one ends): (queue position, account id,
-    /// whether its members are to be refreshed).
+    /// transaction has taken (locked until this one ends), in queue order.
     async fn claim_account_refreshes(
         &mut self,
         limit: usize,
-    ) -> Result<Vec<(i64, String, bool)>, sqlx::Error>;
+    ) -> Result<Vec<QueuedRefresh>, sqlx::Error>;
+
+    /// Queues the rest of a refresh of `id`'s members: those after `after` (in profile id
+    /// order), without a rescore of the account (done already).
+    async fn request_members_after(
+        &mut self,
+        id: &str,
+        after: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error>;
+
+    /// Stores until when each account's windowed account computed traits hold (`None`: they
+    /// change only with its members or their events).
+    async fn set_accounts_valid_until(
+        &mut self,
+        until: &[(&str, Option<OffsetDateTime>)],
+    ) -> Result<(), sqlx::Error>;
 
     /// Removes the queued account refreshes at `positions` (done).
     async fn delete_account_refreshes(&mut self, positions: &[i64]) -> Result<(), sqlx::Error>;
@@ -1531,10 +1600,14 @@ async fn rescore_accounts<O: Ops>(
     // Scorers read the account computed traits as traits (over traits of the same names);
     // they are not stored on the account.
     let mut with_computed = Vec::new();
+    let mut valid_until = Vec::new();
     if !defs.account_computed.is_empty() {
         for (account, members) in &with_members {
             let mut seen = account.clone();
-            for (name, value) in account_computed(ops, defs, members, now).await? {
+            let state =
+                account_state(ops, &defs.account_computed, members, &Pending::new()).await?;
+            valid_until.push(state.valid_until(&defs.account_computed, now));
+            for (name, value) in state.values(&defs.account_computed, now) {
                 seen.traits.insert(
                     name,
                     crate::domain::TraitValue {
@@ -1562,6 +1635,20 @@ async fn rescore_accounts<O: Ops>(
             with_members.len()
         )));
     }
+    // Scores that read windowed computed traits change with time alone: the sweeper queues a
+    // rescore of the account when its values expire (see `ProfileStore::expire_accounts`).
+    if defs
+        .account_computed
+        .iter()
+        .any(|c| c.window_seconds.is_some())
+    {
+        let until: Vec<(&str, Option<OffsetDateTime>)> = with_members
+            .iter()
+            .zip(valid_until)
+            .map(|((account, _), until)| (account.account_id.as_str(), until))
+            .collect();
+        ops.set_accounts_valid_until(&until).await?;
+    }
     let mut changed = Vec::new();
     for ((mut account, _), scores) in with_members.into_iter().zip(scores) {
         if account.set_scores(scores, now) {
@@ -1573,8 +1660,11 @@ async fn rescore_accounts<O: Ops>(
     Ok(())
 }
 
-/// Re-evaluates the members of up to `limit` queued account refreshes through `ops` (inside a
-/// transaction); see [`ProfileStore::refresh_accounts`].
+/// Takes up to `limit` queued account refreshes through `ops` (inside a transaction) and does
+/// what they ask for: re-evaluates the next at most [`MEMBERS_PER_REFRESH`] members of each
+/// account (queuing the rest, after the last one done, at the back of the queue) and rescores
+/// the accounts; see [`ProfileStore::refresh_accounts`]. A failure rolls the whole chunk back:
+/// its rows stay queued as they were, so nothing is lost and the chunk is done again.
 async fn refresh_accounts<O: Ops>(
     ops: &mut O,
     limit: usize,
@@ -1586,36 +1676,50 @@ async fn refresh_accounts<O: Ops>(
     if claimed.is_empty() {
         return Ok(None);
     }
-    let accounts: BTreeSet<&str> = claimed.iter().map(|(_, id, _)| id.as_str()).collect();
-    let with_members: BTreeSet<&str> = claimed
-        .iter()
-        .filter(|(_, _, members)| *members)
-        .map(|(_, id, _)| id.as_str())
-        .collect();
+    let mut wanted: BTreeMap<&str, Wanted<'_>> = BTreeMap::new();
+    for row in &claimed {
+        wanted.entry(row.account_id.as_str()).or_default().add(row);
+    }
     let mut members = BTreeSet::new();
-    for &id in &with_members {
-        members.extend(
-            account_members(ops, id)
-                .await?
-                .into_iter()
-                .map(|m| m.profile_id),
-        );
+    let mut rest = Vec::new();
+    for (&id, want) in &wanted {
+        let Some(after) = want.members else { continue };
+        // In profile id order: the members joining meanwhile before `after` were brought up
+        // to date by their own write.
+        let mut next = account_members(ops, id)
+            .await?
+            .into_iter()
+            .map(|m| m.profile_id)
+            .filter(|p| after.is_none_or(|after| p.as_str() > after));
+        let chunk: Vec<String> = next.by_ref().take(MEMBERS_PER_REFRESH).collect();
+        if next.next().is_some()
+            && let Some(last) = chunk.last()
+        {
+            rest.push((id, last.clone()));
+        }
+        members.extend(chunk);
     }
     let members: Vec<String> = members.into_iter().collect();
     let applied = apply(ops, &Batch::default(), &members, settings, now, scorer).await?;
-    // The accounts themselves too: their members may have changed (a person deleted).
-    let defs = definitions(ops, settings.1).await?;
-    let accounts = fold_accounts(
-        ops,
-        &defs.catalog,
-        &[],
-        accounts.into_iter().map(str::to_owned).collect(),
-        now,
-    )
-    .await?;
-    rescore_accounts(ops, &defs, scorer, accounts, now).await?;
-    let positions: Vec<i64> = claimed.iter().map(|(position, _, _)| *position).collect();
+    // The accounts themselves too (once per refresh, with its first chunk): their members may
+    // have changed (a person deleted), or their windowed computed traits with time.
+    let rescored: BTreeSet<String> = wanted
+        .iter()
+        .filter(|(_, want)| want.rescore)
+        .map(|(id, _)| (*id).to_owned())
+        .collect();
+    if !rescored.is_empty() {
+        let defs = definitions(ops, settings.1).await?;
+        let accounts = fold_accounts(ops, &defs.catalog, &[], rescored, now).await?;
+        rescore_accounts(ops, &defs, scorer, accounts, now).await?;
+    }
+    // Done with these rows; what is left of a large account goes to the back of the queue,
+    // so it does not hold up the accounts queued after it.
+    let positions: Vec<i64> = claimed.iter().map(|row| row.position).collect();
     ops.delete_account_refreshes(&positions).await?;
+    for (id, last) in rest {
+        ops.request_members_after(id, &last, now).await?;
+    }
     Ok(Some(applied))
 }
 

@@ -12,7 +12,8 @@ use time::OffsetDateTime;
 
 use super::{
     Applied, ChangeCursor, Deleted, MembershipChange, NewChange, Ops, ProfileChange, ProfileStore,
-    Recorded, Scorer, TimelineEntry, TimelineQuery, Version, attach_identifiers, timeline_entries,
+    QueuedRefresh, Recorded, Scorer, TimelineEntry, TimelineQuery, Version, attach_identifiers,
+    timeline_entries,
 };
 use crate::account::{Account, Member};
 use crate::definitions::{SharedDefinitions, StoredDefinition};
@@ -320,9 +321,13 @@ impl ProfileStore for PostgresStore {
                  DELETE FROM account_refreshes WHERE account_id = ( \
                      SELECT account_id FROM account_refreshes \
                      ORDER BY position LIMIT 1 FOR UPDATE SKIP LOCKED) \
-                 RETURNING account_id, members) \
-             INSERT INTO account_refreshes (account_id, requested_at, members) \
-             SELECT account_id, $1, bool_or(members) FROM moved GROUP BY account_id \
+                 RETURNING account_id, members, rescore, after_profile_id) \
+             INSERT INTO account_refreshes (account_id, requested_at, members, rescore, \
+                                            after_profile_id) \
+             SELECT account_id, $1, bool_or(members), bool_or(rescore), \
+                    CASE WHEN bool_or(members AND after_profile_id IS NULL) THEN NULL \
+                         ELSE min(after_profile_id COLLATE \"C\") FILTER (WHERE members) END \
+             FROM moved GROUP BY account_id \
              RETURNING account_id",
         )
         .bind(now)
@@ -337,6 +342,29 @@ impl ProfileStore for PostgresStore {
     ) -> Result<BTreeMap<String, crate::computed::ComputedValue>, ProfileError> {
         let mut conn = self.pool.acquire().await?;
         super::account_computed_of(&mut PgOps(&mut conn), &self.defs, account_id, now).await
+    }
+
+    async fn expire_accounts(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<String>, ProfileError> {
+        // Cleared as it is queued, so it is queued once; the rescore stores the next time.
+        Ok(sqlx::query_scalar(
+            "WITH due AS ( \
+                 UPDATE accounts SET computed_valid_until = NULL \
+                 WHERE account_id IN ( \
+                     SELECT account_id FROM accounts WHERE computed_valid_until <= $1 \
+                     ORDER BY computed_valid_until LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 RETURNING account_id) \
+             INSERT INTO account_refreshes (account_id, requested_at, members) \
+             SELECT account_id, $1, false FROM due ORDER BY account_id \
+             RETURNING account_id",
+        )
+        .bind(now)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     async fn refresh_accounts(
@@ -956,12 +984,13 @@ impl Ops for PgOps<'_> {
     async fn claim_account_refreshes(
         &mut self,
         limit: usize,
-    ) -> Result<Vec<(i64, String, bool)>, sqlx::Error> {
+    ) -> Result<Vec<QueuedRefresh>, sqlx::Error> {
         // Every queued row of the accounts taken: a burst of events of one account's members
         // is one refresh. The accounts are the oldest whose rows no other replica holds, so
         // replicas refresh different accounts side by side.
         sqlx::query_as(
-            "SELECT position, account_id, members FROM account_refreshes \
+            "SELECT position, account_id, members, after_profile_id, rescore \
+             FROM account_refreshes \
              WHERE account_id IN (SELECT account_id FROM account_refreshes \
                                   ORDER BY position LIMIT $1 FOR UPDATE SKIP LOCKED) \
              ORDER BY position FOR UPDATE SKIP LOCKED",
@@ -969,6 +998,42 @@ impl Ops for PgOps<'_> {
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&mut *self.0)
         .await
+    }
+
+    async fn request_members_after(
+        &mut self,
+        id: &str,
+        after: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO account_refreshes \
+               (account_id, requested_at, members, rescore, after_profile_id) \
+             VALUES ($1, $2, true, false, $3)",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(after)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_accounts_valid_until(
+        &mut self,
+        until: &[(&str, Option<OffsetDateTime>)],
+    ) -> Result<(), sqlx::Error> {
+        let (ids, times): (Vec<&str>, Vec<Option<OffsetDateTime>>) = until.iter().copied().unzip();
+        sqlx::query(
+            "UPDATE accounts AS a SET computed_valid_until = u.until \
+             FROM UNNEST($1::text[], $2::timestamptz[]) AS u (id, until) \
+             WHERE a.account_id = u.id",
+        )
+        .bind(ids)
+        .bind(times)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
     }
 
     async fn delete_account_refreshes(&mut self, positions: &[i64]) -> Result<(), sqlx::Error> {

@@ -14,7 +14,8 @@ use time::OffsetDateTime;
 
 use super::{
     Applied, ChangeCursor, Deleted, MembershipChange, NewChange, Ops, ProfileChange, ProfileStore,
-    Recorded, Scorer, TimelineEntry, TimelineQuery, Version, attach_identifiers, timeline_entries,
+    QueuedRefresh, Recorded, Scorer, TimelineEntry, TimelineQuery, Version, attach_identifiers,
+    timeline_entries,
 };
 use crate::account::{Account, Member};
 use crate::definitions::{SharedDefinitions, StoredDefinition};
@@ -335,14 +336,19 @@ impl ProfileStore for SqliteStore {
         now: OffsetDateTime,
     ) -> Result<Option<String>, ProfileError> {
         let mut tx = self.pool.begin().await?;
-        let oldest: Option<(String, bool)> = sqlx::query_as(
-            "SELECT account_id, max(members) FROM account_refreshes WHERE account_id = \
+        // What its rows ask for, together: a refresh of its members resumes where the
+        // earliest of them stands.
+        let oldest: Option<(String, bool, bool, Option<String>)> = sqlx::query_as(
+            "SELECT account_id, max(members), max(rescore), \
+                    CASE WHEN max(members AND after_profile_id IS NULL) THEN NULL \
+                         ELSE min(CASE WHEN members THEN after_profile_id END) END \
+             FROM account_refreshes WHERE account_id = \
                (SELECT account_id FROM account_refreshes ORDER BY position LIMIT 1) \
              GROUP BY account_id",
         )
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((account_id, members)) = oldest else {
+        let Some((account_id, members, rescore, after)) = oldest else {
             return Ok(None);
         };
         sqlx::query("DELETE FROM account_refreshes WHERE account_id = ?1")
@@ -350,11 +356,15 @@ impl ProfileStore for SqliteStore {
             .execute(&mut *tx)
             .await?;
         sqlx::query(
-            "INSERT INTO account_refreshes (account_id, requested_at, members) VALUES (?1, ?2, ?3)",
+            "INSERT INTO account_refreshes \
+               (account_id, requested_at, members, rescore, after_profile_id) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
         )
         .bind(&account_id)
         .bind(now)
         .bind(members)
+        .bind(rescore)
+        .bind(after)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -368,6 +378,34 @@ impl ProfileStore for SqliteStore {
     ) -> Result<BTreeMap<String, crate::computed::ComputedValue>, ProfileError> {
         let mut conn = self.pool.acquire().await?;
         super::account_computed_of(&mut LiteOps(&mut conn), &self.defs, account_id, now).await
+    }
+
+    async fn expire_accounts(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<String>, ProfileError> {
+        let mut tx = self.pool.begin().await?;
+        let due: Vec<String> = sqlx::query_scalar(
+            "SELECT account_id FROM accounts WHERE computed_valid_until <= ?1 \
+             ORDER BY computed_valid_until LIMIT ?2",
+        )
+        .bind(now)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await?;
+        // Cleared as it is queued, so it is queued once; the rescore stores the next time.
+        let mut ops = LiteOps(&mut tx);
+        for id in &due {
+            sqlx::query("UPDATE accounts SET computed_valid_until = NULL WHERE account_id = ?1")
+                .bind(id)
+                .execute(&mut *ops.0)
+                .await?;
+        }
+        let ids: Vec<&str> = due.iter().map(String::as_str).collect();
+        ops.request_account_refreshes(&ids, false, now).await?;
+        tx.commit().await?;
+        Ok(due)
     }
 
     async fn refresh_accounts(
@@ -829,10 +867,11 @@ impl Ops for LiteOps<'_> {
     async fn claim_account_refreshes(
         &mut self,
         limit: usize,
-    ) -> Result<Vec<(i64, String, bool)>, sqlx::Error> {
+    ) -> Result<Vec<QueuedRefresh>, sqlx::Error> {
         // One connection, one writer: nobody else can take them.
         sqlx::query_as(
-            "SELECT position, account_id, members FROM account_refreshes \
+            "SELECT position, account_id, members, after_profile_id, rescore \
+             FROM account_refreshes \
              WHERE account_id IN (SELECT account_id FROM account_refreshes \
                                   ORDER BY position LIMIT ?1) \
              ORDER BY position",
@@ -840,6 +879,39 @@ impl Ops for LiteOps<'_> {
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&mut *self.0)
         .await
+    }
+
+    async fn request_members_after(
+        &mut self,
+        id: &str,
+        after: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO account_refreshes \
+               (account_id, requested_at, members, rescore, after_profile_id) \
+             VALUES (?1, ?2, 1, 0, ?3)",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(after)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_accounts_valid_until(
+        &mut self,
+        until: &[(&str, Option<OffsetDateTime>)],
+    ) -> Result<(), sqlx::Error> {
+        for (id, until) in until {
+            sqlx::query("UPDATE accounts SET computed_valid_until = ?2 WHERE account_id = ?1")
+                .bind(id)
+                .bind(until)
+                .execute(&mut *self.0)
+                .await?;
+        }
+        Ok(())
     }
 
     async fn delete_account_refreshes(&mut self, positions: &[i64]) -> Result<(), sqlx::Error> {

@@ -2882,3 +2882,309 @@ async fn replicas_refresh_different_accounts_side_by_side_on_postgres() {
     );
     backend.db.close().await;
 }
+
+/// Scores each account `orders_30d` with its account computed trait of that name (as a
+/// trait), -1 without one.
+const ORDERS_30D: ScoreAccountsWith = ScoreAccountsWith(|account, _, now| {
+    let orders = account
+        .traits
+        .get("orders_30d")
+        .and_then(|t| t.value.as_f64())
+        .unwrap_or(-1.0);
+    Ok(vec![Score {
+        name: "orders_30d".to_owned(),
+        value: orders,
+        computed_at: now,
+        model_version: String::new(),
+        factors: Vec::new(),
+    }])
+});
+
+/// An account whose windowed computed trait changes with time alone is rescored when its value
+/// expires, with no new event: the sweep queues it (once) and the account refresh rescores it,
+/// at a new version; the members' copies and the audiences reading them follow by the sweep.
+async fn account_scores_follow_windowed_computed_traits_as_time_passes(backend: &Backend) {
+    let days = time::Duration::days;
+    let store = store::open_with(
+        backend.db.clone(),
+        store::Definitions::new(
+            vec![],
+            Audiences::compile(vec![Audience {
+                name: "busy".into(),
+                condition: Condition::Account(Test {
+                    name: "orders_30d".into(),
+                    op: Op::Gte,
+                    value: json!(2),
+                }),
+            }])
+            .unwrap(),
+        )
+        .with_account_computed(vec![ComputedTrait {
+            name: "orders_30d".into(),
+            kind: Kind::Count,
+            events: vec!["Order Completed".into()],
+            types: vec![],
+            property: None,
+            window_seconds: Some(30 * 86_400),
+        }]),
+    );
+    // An order `ago` days before NOW.
+    let order = |id: &str, profile: &str, ago: i64| {
+        let mut e = tracked(id, profile, 0, "Order Completed", json!({}));
+        e.timestamp = NOW - days(ago);
+        e
+    };
+    // Every queued refresh, as the sweeper takes them.
+    let refresh = |now: OffsetDateTime| {
+        let store = store.clone();
+        async move {
+            while store
+                .refresh_accounts(1, H, now, &ORDERS_30D)
+                .await
+                .unwrap()
+                .is_some()
+            {}
+        }
+    };
+    let acme = || {
+        let store = store.clone();
+        async move {
+            let acme = store.account("acme").await.unwrap().expect("acme");
+            (
+                acme.scores["orders_30d"].value,
+                acme.version,
+                acme.updated_at,
+            )
+        }
+    };
+    let computed = |at: OffsetDateTime| {
+        let store = store.clone();
+        async move {
+            store.account_computed("acme", at).await.unwrap()["orders_30d"]
+                .value
+                .as_i64()
+        }
+    };
+    let batch = Batch {
+        merges: vec![],
+        events: vec![
+            group_call("g1", "p1", 0, "acme", "finance", json!({})),
+            group_call("g2", "p2", 1, "acme", "champion", json!({})),
+            order("o1", "p1", 20),
+            order("o2", "p2", 10),
+        ],
+    };
+    store.apply(&batch, H, NOW, &ORDERS_30D).await.unwrap();
+    refresh(NOW).await;
+    let (score, version, _) = acme().await;
+    assert_eq!(score, 2.0);
+    assert_eq!(computed(NOW).await, Some(2));
+    assert_eq!(
+        store.audience_members("busy", None, 10).await.unwrap().0,
+        ["p1", "p2"]
+    );
+    assert!(
+        store.expire_accounts(NOW, 10).await.unwrap().is_empty(),
+        "nothing left its window yet"
+    );
+
+    // Ann's order leaves the 30-day window: acme is queued once and rescored, with no event.
+    let later = NOW + days(10) + time::Duration::minutes(1);
+    assert!(
+        store
+            .expire_accounts(later - time::Duration::minutes(2), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.expire_accounts(later, 10).await.unwrap(), ["acme"]);
+    assert!(
+        store.expire_accounts(later, 10).await.unwrap().is_empty(),
+        "queued once"
+    );
+    assert_eq!(computed(later).await, Some(1));
+    refresh(later).await;
+    let (score, rescored, updated_at) = acme().await;
+    assert_eq!(score, 1.0, "rescored without a new event");
+    assert!(rescored > version, "a new version of the account");
+    assert_eq!(updated_at, later);
+
+    // The members' copies and the audience reading them follow by the sweep.
+    let (swept, changes) = store.sweep(later, 10).await.unwrap();
+    assert_eq!(swept.len(), 2);
+    assert_eq!(
+        changes
+            .iter()
+            .map(|c| (c.profile_id.as_str(), c.entered))
+            .collect::<Vec<_>>(),
+        [("p1", false), ("p2", false)]
+    );
+    let p1 = store.get("p1").await.unwrap().expect("p1");
+    assert_eq!(
+        p1.state.computed.account_traits().collect::<Vec<_>>(),
+        [("acme", &json!({"orders_30d": 1}))]
+    );
+
+    // Bob's order leaves too; then nothing is left to expire.
+    let last = NOW + days(20) + time::Duration::minutes(1);
+    assert_eq!(store.expire_accounts(last, 10).await.unwrap(), ["acme"]);
+    refresh(last).await;
+    assert_eq!(acme().await.0, 0.0);
+    assert!(
+        store
+            .expire_accounts(last + days(365), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn account_scores_follow_windowed_computed_traits_as_time_passes_on_sqlite() {
+    account_scores_follow_windowed_computed_traits_as_time_passes(&sqlite().await).await;
+}
+
+#[tokio::test]
+async fn account_scores_follow_windowed_computed_traits_as_time_passes_on_postgres() {
+    let backend = postgres().await;
+    account_scores_follow_windowed_computed_traits_as_time_passes(&backend).await;
+    backend.db.close().await;
+}
+
+/// Fails to score a batch of persons that holds `p0700`.
+struct FailsOnP0700;
+
+#[async_trait::async_trait]
+impl Scorer for FailsOnP0700 {
+    async fn score(
+        &self,
+        profiles: &[&Profile],
+        _accounts: &store::Accounts,
+        _now: OffsetDateTime,
+    ) -> Result<Vec<Vec<Score>>, ProfileError> {
+        if profiles.iter().any(|p| p.profile_id == "p0700") {
+            return Err(ProfileError::BadScores("p0700".into()));
+        }
+        Ok(vec![Vec::new(); profiles.len()])
+    }
+}
+
+/// An account larger than one chunk is refreshed a chunk of members per transaction, each
+/// resuming after the last member done; a chunk that fails leaves the rest queued where it
+/// stood (deferring keeps its place), and in the end every member is up to date.
+async fn a_large_account_is_refreshed_a_chunk_at_a_time(backend: &Backend) {
+    const CHUNK: usize = store::MEMBERS_PER_REFRESH;
+    let size = 2 * CHUNK + 10;
+    let store = store::open_with(
+        backend.db.clone(),
+        store::Definitions::new(
+            vec![],
+            Audiences::compile(vec![Audience {
+                name: "software".into(),
+                condition: Condition::Account(Test {
+                    name: "industry".into(),
+                    op: Op::Eq,
+                    value: json!("Software"),
+                }),
+            }])
+            .unwrap(),
+        ),
+    );
+    let id = |i: usize| format!("p{i:04}");
+    let joins = (0..size)
+        .map(|i| group_call(&format!("g{i}"), &id(i), 0, "acme", "user", json!({})))
+        .collect();
+    let batch = Batch {
+        merges: vec![],
+        events: joins,
+    };
+    store.apply(&batch, H, NOW, &NoScores).await.unwrap();
+    assert!(
+        store
+            .refresh_accounts(1, H, NOW, &NoScores)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let in_software = || {
+        let store = store.clone();
+        async move { store.audience_members("software", None, 1).await.unwrap().1 }
+    };
+
+    // p0000 makes acme a software company: in at once, the others chunk by chunk.
+    let batch = Batch {
+        merges: vec![],
+        events: vec![group_call(
+            "g-sw",
+            &id(0),
+            1,
+            "acme",
+            "user",
+            json!({"industry": "Software"}),
+        )],
+    };
+    store.apply(&batch, H, NOW, &NoScores).await.unwrap();
+    assert_eq!(in_software().await, 1);
+    let first = store
+        .refresh_accounts(1, H, NOW, &FailsOnP0700)
+        .await
+        .unwrap()
+        .expect("the first chunk");
+    assert_eq!(first.named, (0..CHUNK).map(id).collect::<Vec<_>>());
+    assert_eq!(in_software().await, CHUNK as i64);
+
+    // The second chunk fails: rolled back, the rest still queued where it stood.
+    assert!(
+        store
+            .refresh_accounts(1, H, NOW, &FailsOnP0700)
+            .await
+            .is_err()
+    );
+    assert_eq!(in_software().await, CHUNK as i64);
+    assert_eq!(
+        store.defer_account_refresh(NOW).await.unwrap().as_deref(),
+        Some("acme")
+    );
+    let second = store
+        .refresh_accounts(1, H, NOW, &NoScores)
+        .await
+        .unwrap()
+        .expect("the second chunk");
+    assert_eq!(second.named, (CHUNK..2 * CHUNK).map(id).collect::<Vec<_>>());
+    let third = store
+        .refresh_accounts(1, H, NOW, &NoScores)
+        .await
+        .unwrap()
+        .expect("the last chunk");
+    assert_eq!(third.named, (2 * CHUNK..size).map(id).collect::<Vec<_>>());
+    assert!(
+        store
+            .refresh_accounts(1, H, NOW, &NoScores)
+            .await
+            .unwrap()
+            .is_none(),
+        "done"
+    );
+    assert_eq!(in_software().await, size as i64);
+    for i in [0, CHUNK - 1, CHUNK, 700, size - 1] {
+        let member = store.get(&id(i)).await.unwrap().expect("member");
+        assert_eq!(
+            member.state.computed.account_traits().collect::<Vec<_>>(),
+            [("acme", &json!({"industry": "Software"}))],
+            "{}",
+            id(i)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_large_account_is_refreshed_a_chunk_at_a_time_on_sqlite() {
+    a_large_account_is_refreshed_a_chunk_at_a_time(&sqlite().await).await;
+}
+
+#[tokio::test]
+async fn a_large_account_is_refreshed_a_chunk_at_a_time_on_postgres() {
+    let backend = postgres().await;
+    a_large_account_is_refreshed_a_chunk_at_a_time(&backend).await;
+    backend.db.close().await;
+}
