@@ -89,6 +89,13 @@ pub struct DbSettings {
     pub max_connections: u32,
     /// How long to wait for a connection before failing with `Unavailable`, in milliseconds.
     pub acquire_timeout_ms: u64,
+    /// Whether Postgres may JIT-compile this pool's statements (its session setting `jit`).
+    /// Off by default: the services run short statements over a few hundred rows, whose
+    /// estimated cost can still pass `jit_above_cost` (a recursive walk's estimate grows with
+    /// its input array), and compiling one then takes 100–300 ms for a statement that runs in
+    /// 4. The first executions of a prepared statement on each new connection are planned
+    /// with their parameters, so every pooled connection paid it again.
+    pub jit: bool,
 }
 
 impl Default for DbSettings {
@@ -96,6 +103,7 @@ impl Default for DbSettings {
         Self {
             max_connections: 10,
             acquire_timeout_ms: 5_000,
+            jit: false,
         }
     }
 }
@@ -150,7 +158,8 @@ impl Database {
             let base =
                 PgConnectOptions::from_str(url).map_err(|_| StoreError::BadUrl(redact(url)))?;
             create_schema(&base, schema, acquire).await?;
-            let options = base.options([("search_path", schema)]);
+            let jit = if settings.jit { "on" } else { "off" };
+            let options = base.options([("search_path", schema), ("jit", jit)]);
             let pool = PgPoolOptions::new()
                 .max_connections(settings.max_connections)
                 .acquire_timeout(acquire)

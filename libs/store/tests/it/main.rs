@@ -357,3 +357,34 @@ async fn pool_use_counts_lent_and_idle_connections() {
     assert!(back.idle >= 2, "{back:?}");
     db.close().await;
 }
+
+/// Postgres JIT is off on the services' connections unless the setting turns it on: compiling a
+/// short statement whose estimate passes `jit_above_cost` cost 100–300 ms on every new pooled
+/// connection (the slow identity resolves of the end-to-end benchmark).
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_jit_follows_the_setting() {
+    let pg = TestDb::new().await;
+    for (jit, expected) in [(false, "off"), (true, "on")] {
+        let settings = DbSettings {
+            jit,
+            ..DbSettings::default()
+        };
+        let db = Database::connect(pg.url(), "jit_setting", &settings)
+            .await
+            .unwrap();
+        let Database::Postgres(pool) = &db else {
+            panic!("a Postgres url");
+        };
+        let shown: String = sqlx::query_scalar("SHOW jit")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(shown, expected, "jit = {jit}");
+        let path: String = sqlx::query_scalar("SHOW search_path")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(path, "jit_setting");
+        db.close().await;
+    }
+}
