@@ -38,6 +38,8 @@ use crate::store::{Cursor, EventLog, Lease, Person, StoredEvent};
 
 const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
+/// The backlog is measured no more often than this many times as long as a measurement takes.
+const BACKLOG_DUTY: u32 = 20;
 /// A delivery round slower than this is logged with where its time went.
 const SLOW_ROUND: Duration = Duration::from_millis(500);
 
@@ -109,6 +111,7 @@ impl Dispatcher {
         let mut leases: Vec<Lease> = Vec::new();
         let mut renewed: Option<Instant> = None;
         let mut last_backlog: Option<Instant> = None;
+        let mut backlog_took = Duration::ZERO;
         let mut backoff = MIN_BACKOFF;
         tracing::info!(dispatcher = %self.id, partitions = self.partitions, "delivery started");
         while !shutdown.is_cancelled() {
@@ -127,10 +130,15 @@ impl Dispatcher {
                     }
                 }
             }
-            let every = Duration::from_millis(self.settings.backlog_interval_ms.max(100));
+            // Counting the backlog costs in proportion to it and holds up this loop: spaced so
+            // that it takes at most 1/BACKLOG_DUTY of the time when delivery is far behind.
+            let every = Duration::from_millis(self.settings.backlog_interval_ms.max(100))
+                .max(backlog_took * BACKLOG_DUTY);
             if last_backlog.is_none_or(|at| at.elapsed() >= every) {
-                last_backlog = Some(Instant::now());
+                let measuring = Instant::now();
+                last_backlog = Some(measuring);
                 self.record_backlog().await;
+                backlog_took = measuring.elapsed();
             }
             // One round delivers the leased partitions together: one resolve call and one
             // apply call for all of them, so a replica never contends with itself.
@@ -210,16 +218,7 @@ impl Dispatcher {
     async fn deliver_round(&self, leases: &mut Vec<Lease>) -> Result<usize, DeliveryError> {
         let started = Instant::now();
         let limit = self.settings.delivery_batch.max(1);
-        let reads = futures::future::join_all(
-            leases
-                .iter()
-                .map(|lease| self.log.read_after(lease.partition, lease.cursor, limit)),
-        )
-        .await;
-        let mut batches = Vec::with_capacity(reads.len());
-        for read in reads {
-            batches.push(read?);
-        }
+        let batches = read_round(self.log.as_ref(), leases, limit).await?;
         let lengths: Vec<usize> = batches.iter().map(Vec::len).collect();
         let takes = fair_shares(&lengths, usize::try_from(limit).unwrap_or(usize::MAX));
         let mut round: Vec<&StoredEvent> = Vec::new();
@@ -457,6 +456,43 @@ fn fair_shares(lengths: &[usize], limit: usize) -> Vec<usize> {
         left -= takes[i];
     }
     takes
+}
+
+/// Reads the next events of the leased partitions for one round of at most `limit`
+/// events, without reading much more than the round delivers (the reads fetch payloads):
+/// each partition is first asked for an equal share, and the budget that partitions with
+/// fewer waiting events leave goes to those that filled theirs, in further reads. Returns
+/// each lease's events in log order, `limit` plus at most one per lease in all.
+pub(crate) async fn read_round(
+    log: &dyn EventLog,
+    leases: &[Lease],
+    limit: i64,
+) -> Result<Vec<Vec<StoredEvent>>, StoreError> {
+    let mut batches: Vec<Vec<StoredEvent>> = leases.iter().map(|_| Vec::new()).collect();
+    let mut open: Vec<usize> = (0..leases.len()).collect();
+    let mut budget = limit;
+    while !open.is_empty() && budget > 0 {
+        // The budget is positive and `open` not empty: a share of at least one.
+        let parts = i64::try_from(open.len()).unwrap_or(i64::MAX);
+        let share = (budget + parts - 1) / parts;
+        let reads = futures::future::join_all(open.iter().map(|&i| {
+            let after = batches[i].last().map_or(leases[i].cursor, |e| e.cursor);
+            log.read_after(leases[i].partition, after, share)
+        }))
+        .await;
+        let mut filled = Vec::with_capacity(open.len());
+        for (&i, read) in open.iter().zip(reads) {
+            let read = read?;
+            let got = i64::try_from(read.len()).unwrap_or(i64::MAX);
+            budget -= got;
+            if got >= share {
+                filled.push(i);
+            }
+            batches[i].extend(read);
+        }
+        open = filled;
+    }
+    Ok(batches)
 }
 
 /// Waits `backoff` (or until shutdown) and returns the next, doubled backoff.

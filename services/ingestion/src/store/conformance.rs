@@ -109,7 +109,72 @@ conformance!(
     forgets_events_and_their_message_ids,
     forgets_the_quarantined_messages_of_a_person,
     keeps_each_events_trace_context,
+    a_delivery_round_reads_about_what_it_delivers,
 );
+
+/// A delivery round reads each partition's share, gives the budget the short partitions leave
+/// to the long ones, and reads at most one event per partition beyond its limit; what it
+/// reads is each partition's next events in log order.
+async fn a_delivery_round_reads_about_what_it_delivers(_db: Database, log: Arc<dyn EventLog>) {
+    log.ensure_partitions(4).await.unwrap();
+    let waiting = [45usize, 3, 0, 20];
+    for (partition, n) in waiting.iter().enumerate() {
+        let events: Vec<NewEvent> = (0..*n)
+            .map(|i| event("s", &format!("p{partition}-{i}"), partition as i32))
+            .collect();
+        if !events.is_empty() {
+            log.append(&events).await.unwrap();
+        }
+    }
+    let mut all = Vec::new();
+    for (partition, n) in waiting.iter().enumerate() {
+        all.push(read_settled(&log, partition as i32, Cursor::default(), 100, *n).await);
+        assert_eq!(all[partition].len(), *n);
+    }
+    let ids = |events: &[super::StoredEvent]| -> Vec<Uuid> {
+        events.iter().map(|e| e.event_id).collect()
+    };
+    let leases = |cursors: [Cursor; 4]| -> Vec<super::Lease> {
+        (0..4)
+            .map(|partition| super::Lease {
+                partition,
+                cursor: cursors[partition as usize],
+            })
+            .collect()
+    };
+
+    // 68 wait and 30 fit: shares of 8, then the two long partitions share what is left.
+    let round = crate::delivery::read_round(log.as_ref(), &leases([Cursor::default(); 4]), 30)
+        .await
+        .unwrap();
+    let total: usize = round.iter().map(Vec::len).sum();
+    assert!((30..=33).contains(&total), "read {total} for a round of 30");
+    assert_eq!(round[1].len(), 3, "the short partition is emptied");
+    assert!(round[2].is_empty());
+    assert!(
+        round[0].len() >= 13 && round[3].len() >= 13,
+        "{:?}",
+        round.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    for (partition, got) in round.iter().enumerate() {
+        assert_eq!(
+            ids(got),
+            ids(&all[partition][..got.len()]),
+            "partition {partition} in order"
+        );
+    }
+
+    // Everything fits: everything is read, from each lease's cursor on.
+    let mut cursors = [Cursor::default(); 4];
+    cursors[0] = all[0][39].cursor;
+    let round = crate::delivery::read_round(log.as_ref(), &leases(cursors), 500)
+        .await
+        .unwrap();
+    assert_eq!(ids(&round[0]), ids(&all[0][40..]));
+    assert_eq!(ids(&round[1]), ids(&all[1]));
+    assert!(round[2].is_empty());
+    assert_eq!(ids(&round[3]), ids(&all[3]));
+}
 
 async fn keeps_each_events_trace_context(_db: Database, log: Arc<dyn EventLog>) {
     log.ensure_partitions(1).await.unwrap();
