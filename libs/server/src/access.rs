@@ -252,6 +252,11 @@ pub const GRPC_RULES: &[(&str, Rule)] = &[
         Rule::ClientCert,
     ),
     ("tessera.identity.v1.IdentityService", Rule::ClientCert),
+    // Batch match jobs merge people across the whole population: an operator's call.
+    (
+        "tessera.identity.v1.BatchMatchService",
+        Rule::Token(Scope::Admin),
+    ),
     ("tessera.scoring.v1.ScoringService", Rule::ClientCert),
 ];
 
