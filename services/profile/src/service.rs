@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use prost::Message;
@@ -84,6 +84,9 @@ pub(crate) struct Inner {
     /// Set once an identity service without matching has been reported, so the warning is
     /// logged once per process rather than once per batch.
     pub(crate) match_unimplemented_warned: AtomicBool,
+    /// What this replica knows of the identifier cache's owed epoch raises (see
+    /// [`Inner::forget_identifiers`]).
+    pub(crate) epoch_raises: Arc<EpochRaises>,
 }
 
 fn cache_key(profile_id: &str) -> String {
@@ -105,6 +108,172 @@ fn identifier_key(identifier: &common::Identifier) -> String {
         .finalize();
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     format!("identifier:{hex}")
+}
+
+/// How often every replica reads the owed identifier epoch raises (and retries them): a replica
+/// learns of a raise another one could not make within about this long.
+const EPOCH_RAISES_POLL: Duration = Duration::from_millis(250);
+/// How old a raise recorded by a write that never marked it due (its process crashed) must be
+/// before it is made anyway: longer than any split or deletion takes.
+const EPOCH_RAISE_ABANDONED: time::Duration = time::Duration::minutes(5);
+
+/// Raises the identifier epoch in `cache`: above the current one and `floor`, and not below
+/// the time in microseconds, so an epoch key that expired never comes back with a value
+/// entries were cached under. Returns the epoch the cache holds at least.
+async fn raise_epoch(cache: &dyn Cache, floor: i64) -> Result<i64, tessera_store::CacheError> {
+    let current = cache
+        .get(IDENTIFIER_EPOCH_KEY)
+        .await?
+        .map_or(0, |e| e.version);
+    let now = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000)
+        .unwrap_or(i64::MAX - 1);
+    let next = current
+        .saturating_add(1)
+        .max(floor.saturating_add(1))
+        .max(now);
+    let entry = Versioned {
+        version: next,
+        bytes: Some(b"epoch".to_vec()),
+    };
+    // Not stored means a newer epoch is there already.
+    cache.put_if_newer(IDENTIFIER_EPOCH_KEY, entry).await?;
+    Ok(next)
+}
+
+/// One replica's view of the identifier cache's owed epoch raises (table
+/// `identifier_epoch_raises`), read on every lookup by identifier without a database query:
+/// refreshed every [`EPOCH_RAISES_POLL`] by a background task that also retries the raises,
+/// and at once when this replica records or makes one.
+#[derive(Debug)]
+pub(crate) struct EpochRaises {
+    /// Whether a raise is owed (or not known yet not to be: true until the first read).
+    owed: AtomicBool,
+    /// The highest epoch a raise reached the cache with.
+    floor: AtomicI64,
+    /// A lookup saw an epoch below the floor: raise it again.
+    repair: AtomicBool,
+    /// Set once read from the database for the first time and the background task started.
+    first_read: tokio::sync::OnceCell<()>,
+    /// Bumped by every raise this replica records, under the lock; a refresh that read the
+    /// database before one publishes nothing (it may not have seen the row).
+    records: std::sync::Mutex<u64>,
+    /// Wakes the background task (a lookup asked for a repair).
+    wake: tokio::sync::Notify,
+}
+
+impl Default for EpochRaises {
+    fn default() -> Self {
+        Self {
+            owed: AtomicBool::new(true),
+            floor: AtomicI64::new(0),
+            repair: AtomicBool::new(false),
+            first_read: tokio::sync::OnceCell::new(),
+            records: std::sync::Mutex::new(0),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+impl EpochRaises {
+    fn owed(&self) -> bool {
+        self.owed.load(Ordering::Acquire)
+    }
+
+    fn floor(&self) -> i64 {
+        self.floor.load(Ordering::Acquire)
+    }
+
+    fn repair(&self) {
+        if !self.repair.swap(true, Ordering::AcqRel) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// A raise was recorded (its row committed): owed until a refresh reads it made.
+    fn mark_owed(&self) {
+        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        *records += 1;
+        self.owed.store(true, Ordering::Release);
+    }
+
+    /// Reads the owed raises, makes the due ones (and a repair) in the cache, forgets those it
+    /// covered, and publishes what is still owed. Safe on every replica at once: a raise only
+    /// moves the epoch up, and forgetting a raise twice changes nothing.
+    async fn settle(&self, store: &dyn ProfileStore, cache: &dyn Cache, now: OffsetDateTime) {
+        for _ in 0..2 {
+            let records = *self.records.lock().unwrap_or_else(|e| e.into_inner());
+            let raises = match store.identifier_raises(now - EPOCH_RAISE_ABANDONED).await {
+                Ok(raises) => raises,
+                Err(e) => {
+                    // Not knowing is owing: lookups ask the identity service meanwhile.
+                    tracing::warn!(error = %e, "reading the identifier epoch raises failed");
+                    self.owed.store(true, Ordering::Release);
+                    return;
+                }
+            };
+            let repair = self.repair.swap(false, Ordering::AcqRel);
+            if raises.due.is_empty() && !repair {
+                self.publish(records, &raises);
+                return;
+            }
+            // Started after the due raises' writes ended, so it covers them.
+            let epoch = match raise_epoch(cache, raises.floor).await {
+                Ok(epoch) => epoch,
+                Err(e) => {
+                    cache_error("put", "identifier epoch", &e);
+                    self.repair.fetch_or(repair, Ordering::AcqRel);
+                    self.publish(records, &raises);
+                    return;
+                }
+            };
+            if raises.due.is_empty() {
+                self.publish(records, &raises);
+                return;
+            }
+            if let Err(e) = store.finish_identifier_raises(&raises.due, epoch).await {
+                tracing::warn!(error = %e, "forgetting made identifier epoch raises failed");
+                self.publish(records, &raises);
+                return;
+            }
+            tracing::info!(
+                raises = raises.due.len(),
+                epoch,
+                "raised the identifier epoch"
+            );
+            // Read again: what is owed now, and the floor just stored.
+        }
+    }
+
+    /// Publishes `raises`, read when this replica had recorded `records` raises, unless it
+    /// recorded one since (the read may not have seen it).
+    fn publish(&self, records: u64, raises: &crate::store::IdentifierRaises) {
+        let current = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        self.floor.fetch_max(raises.floor, Ordering::AcqRel);
+        if *current == records {
+            self.owed.store(!raises.owed.is_empty(), Ordering::Release);
+        }
+    }
+
+    /// Settles the raises every [`EPOCH_RAISES_POLL`] (and when a lookup asks for a repair)
+    /// until the replica is dropped.
+    async fn run(
+        raises: std::sync::Weak<Self>,
+        store: Arc<dyn ProfileStore>,
+        cache: Arc<dyn Cache>,
+    ) {
+        loop {
+            let Some(this) = raises.upgrade() else {
+                return;
+            };
+            this.settle(&*store, &*cache, OffsetDateTime::now_utc())
+                .await;
+            // Held for at most one poll: the task ends once the replica is dropped.
+            tokio::select! {
+                () = this.wake.notified() => {}
+                () = tokio::time::sleep(EPOCH_RAISES_POLL) => {}
+            }
+        }
+    }
 }
 
 fn cache_error(op: &'static str, profile_id: &str, error: &dyn std::fmt::Display) {
@@ -705,17 +874,26 @@ impl Inner {
                 self.store.get(&id).await?.map_or(id, |p| p.profile_id)
             }
         };
-        let forgotten = self.forget_identity(&live, &request.reason).await?;
+        // Owed before identity forgets them, so no crash loses the raise.
+        let raise = self.identifiers_moving().await;
+        let forgotten = match self.forget_identity(&live, &request.reason).await {
+            Ok(forgotten) => forgotten,
+            Err(e) => {
+                self.forget_identifiers(raise).await;
+                return Err(e);
+            }
+        };
         let now = OffsetDateTime::now_utc();
         let deleted = self
             .store
             .delete(&live, &forgotten.profile_ids, &request.reason, now)
-            .await?;
+            .await;
+        // No cached identifier leads to them any more.
+        self.forget_identifiers(raise).await;
+        let deleted = deleted?;
         self.changed.notify_waiters();
         // Their accounts are rescored without them by the account refresh.
         self.account_refresh.notify_one();
-        // No cached identifier leads to them any more.
-        self.forget_identifiers().await;
         count_membership_changes(&deleted.exits);
         // A tombstone at the highest version: a read that loaded the profile before the
         // deletion can never put it back.
@@ -849,6 +1027,13 @@ impl Inner {
         &self,
         identifier: common::Identifier,
     ) -> Result<(String, Option<(String, i64)>), ProfileError> {
+        // While a raise of the epoch is owed (a split or a deletion the cache has not heard
+        // of), no cached lookup is trusted, nor one is cached.
+        let raises = self.epoch_raises().await;
+        if raises.owed() {
+            metrics::counter!("tessera_profile_identifier_cache_bypassed_total").increment(1);
+            return Ok((self.lookup_identity(identifier).await?, None));
+        }
         let key = identifier_key(&identifier);
         // The epoch is read before identity is asked: an answer is cached under the epoch it
         // was read under, so one given before a split is never taken for one given after.
@@ -861,6 +1046,14 @@ impl Inner {
                 return Ok((self.lookup_identity(identifier).await?, None));
             }
         };
+        // An epoch below one a raise reached the cache with (a near cache that has not heard
+        // of the raise yet, an expired epoch key, a cache restored from an old snapshot): its
+        // entries may predate the raise. The background task raises it again.
+        if epoch < raises.floor() {
+            raises.repair();
+            metrics::counter!("tessera_profile_identifier_cache_bypassed_total").increment(1);
+            return Ok((self.lookup_identity(identifier).await?, None));
+        }
         if let Ok(Some(entry)) = entry
             && entry.version == epoch
             && let Some(id) = entry
@@ -902,27 +1095,73 @@ impl Inner {
         }
     }
 
-    /// Makes every cached identifier entry stale: after a split (identifiers moved between
-    /// profiles) and a deletion. The new epoch is above the old one and not below the time in
-    /// microseconds, so an epoch key that expired never comes back with a value entries were
-    /// cached under.
-    pub(crate) async fn forget_identifiers(&self) {
-        let current = match self.cache.get(IDENTIFIER_EPOCH_KEY).await {
-            Ok(epoch) => epoch.map_or(0, |e| e.version),
-            Err(e) => {
-                cache_error("get", "identifier epoch", &e);
-                0
+    /// Records, before a write that moves identifiers (a split, a deletion), that the
+    /// identifier cache's epoch must be raised once it ends; pass the answer to
+    /// [`Inner::forget_identifiers`] after the write, whether it succeeded or not. Until the
+    /// raise reached the cache no replica trusts a cached lookup (see [`EpochRaises`]).
+    pub(crate) async fn identifiers_moving(&self) -> Option<i64> {
+        let raises = self.epoch_raises().await;
+        match self
+            .store
+            .record_identifier_raise(OffsetDateTime::now_utc())
+            .await
+        {
+            Ok(id) => {
+                raises.mark_owed();
+                Some(id)
             }
-        };
-        let now = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000)
-            .unwrap_or(i64::MAX - 1);
-        let next = Versioned {
-            version: current.saturating_add(1).max(now),
-            bytes: Some(b"epoch".to_vec()),
-        };
-        if let Err(e) = self.cache.put_if_newer(IDENTIFIER_EPOCH_KEY, next).await {
-            cache_error("put", "identifier epoch", &e);
+            Err(e) => {
+                // The write itself will most likely fail too; if not, the raise right after it
+                // is all there is (as before raises were recorded).
+                tracing::warn!(error = %e, "recording an identifier epoch raise failed");
+                None
+            }
         }
+    }
+
+    /// Makes every cached identifier entry stale after a write that moved identifiers ended:
+    /// marks the raise recorded by [`Inner::identifiers_moving`] due and raises the epoch at
+    /// once. If the cache cannot take it, the raise stays owed in the database, every replica
+    /// refuses cached lookups meanwhile and retries it until the cache takes it.
+    pub(crate) async fn forget_identifiers(&self, raise: Option<i64>) {
+        let raises = self.epoch_raises().await;
+        let now = OffsetDateTime::now_utc();
+        match raise {
+            Some(id) => {
+                if let Err(e) = self.store.identifier_raise_due(id, now).await {
+                    // Retried once the raise counts as abandoned.
+                    tracing::warn!(error = %e, "marking an identifier epoch raise due failed");
+                }
+            }
+            None => {
+                if let Err(e) = raise_epoch(&*self.cache, 0).await {
+                    cache_error("put", "identifier epoch", &e);
+                }
+            }
+        }
+        raises
+            .settle(&*self.store, &*self.cache, OffsetDateTime::now_utc())
+            .await;
+    }
+
+    /// This replica's [`EpochRaises`], read once from the database and its background task
+    /// started on first use.
+    async fn epoch_raises(&self) -> &EpochRaises {
+        let raises = &*self.epoch_raises;
+        raises
+            .first_read
+            .get_or_init(|| async {
+                raises
+                    .settle(&*self.store, &*self.cache, OffsetDateTime::now_utc())
+                    .await;
+                tokio::spawn(EpochRaises::run(
+                    Arc::downgrade(&self.epoch_raises),
+                    self.store.clone(),
+                    self.cache.clone(),
+                ));
+            })
+            .await;
+        raises
     }
 
     /// The live profile id `identifier` names, asked of the identity service.
@@ -1583,14 +1822,23 @@ impl ProfilePipelineService for PipelineApi {
     ) -> Result<Response<pb::SplitProfilesResponse>, Status> {
         let split = convert::split(request.into_inner())?;
         let now = micros(OffsetDateTime::now_utc());
+        // Identifiers move between profiles: cached lookups become stale. Owed before the
+        // write, so no crash loses the raise.
+        let raise = self.0.identifiers_moving().await;
         let applied = self
             .0
             .store
             .split(&split, self.0.half_life_seconds, now, &*self.0)
-            .await?;
+            .await;
+        let applied = match applied {
+            Ok(applied) => applied,
+            Err(e) => {
+                self.0.forget_identifiers(raise).await;
+                return Err(e.into());
+            }
+        };
         self.0.cache_applied(&applied).await;
-        // Identifiers moved between profiles: cached lookups are stale.
-        self.0.forget_identifiers().await;
+        self.0.forget_identifiers(raise).await;
         metrics::counter!("tessera_profile_splits_total").increment(1);
         tracing::info!(profiles = applied.state_changed.len(), "split profiles");
         Ok(Response::new(pb::SplitProfilesResponse {

@@ -359,6 +359,37 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
         now: OffsetDateTime,
         limit: usize,
     ) -> Result<Vec<String>, ProfileError>;
+
+    /// Records that the identifier cache's epoch must be raised once a write that moves
+    /// identifiers (a split, a deletion) has ended: called before the write, so a crash
+    /// between the write and the raise leaves the raise owed. Returns the raise's id.
+    async fn record_identifier_raise(&self, now: OffsetDateTime) -> Result<i64, ProfileError>;
+
+    /// Marks the raise `id` due: the write it was recorded for has ended (committed or not).
+    async fn identifier_raise_due(&self, id: i64, now: OffsetDateTime) -> Result<(), ProfileError>;
+
+    /// The raises still owed, and the highest epoch a raise reached the cache with. A raise
+    /// recorded before `abandoned_before` and never marked due (its writer crashed) is due.
+    async fn identifier_raises(
+        &self,
+        abandoned_before: OffsetDateTime,
+    ) -> Result<IdentifierRaises, ProfileError>;
+
+    /// Forgets the raises `ids`, covered by a raise of the cache's epoch to `epoch` that
+    /// started after they were due, and keeps `epoch` as the floor if it is higher.
+    async fn finish_identifier_raises(&self, ids: &[i64], epoch: i64) -> Result<(), ProfileError>;
+}
+
+/// The identifier cache's owed epoch raises ([`ProfileStore::identifier_raises`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IdentifierRaises {
+    /// Every raise owed, due or not.
+    pub owed: Vec<i64>,
+    /// The owed raises whose write has ended: a raise of the cache's epoch started now covers
+    /// them.
+    pub due: Vec<i64>,
+    /// The highest epoch a raise reached the cache with.
+    pub floor: i64,
 }
 
 /// What [`ProfileStore::delete`] deleted.

@@ -11,9 +11,9 @@ use tessera_core::Identifier;
 use time::OffsetDateTime;
 
 use super::{
-    Applied, ChangeCursor, Deleted, MembershipChange, NewChange, Ops, ProfileChange, ProfileStore,
-    QueuedRefresh, Recorded, Scorer, TimelineEntry, TimelineQuery, Version, attach_identifiers,
-    timeline_entries,
+    Applied, ChangeCursor, Deleted, IdentifierRaises, MembershipChange, NewChange, Ops,
+    ProfileChange, ProfileStore, QueuedRefresh, Recorded, Scorer, TimelineEntry, TimelineQuery,
+    Version, attach_identifiers, timeline_entries,
 };
 use crate::account::{Account, Member};
 use crate::definitions::{SharedDefinitions, StoredDefinition};
@@ -416,6 +416,68 @@ impl ProfileStore for PostgresStore {
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(found.is_some())
+    }
+
+    async fn record_identifier_raise(&self, now: OffsetDateTime) -> Result<i64, ProfileError> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO identifier_epoch_raises (recorded_at) VALUES ($1) RETURNING id",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn identifier_raise_due(&self, id: i64, now: OffsetDateTime) -> Result<(), ProfileError> {
+        sqlx::query(
+            "UPDATE identifier_epoch_raises SET written_at = $2 \
+             WHERE id = $1 AND written_at IS NULL",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn identifier_raises(
+        &self,
+        abandoned_before: OffsetDateTime,
+    ) -> Result<IdentifierRaises, ProfileError> {
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<(i64, bool)> = sqlx::query_as(
+            "SELECT id, written_at IS NOT NULL OR recorded_at < $1 \
+             FROM identifier_epoch_raises ORDER BY id",
+        )
+        .bind(abandoned_before)
+        .fetch_all(&mut *tx)
+        .await?;
+        let floor: i64 = sqlx::query_scalar("SELECT epoch FROM identifier_epoch_floor")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(IdentifierRaises {
+            due: rows
+                .iter()
+                .filter(|(_, due)| *due)
+                .map(|(id, _)| *id)
+                .collect(),
+            owed: rows.into_iter().map(|(id, _)| id).collect(),
+            floor,
+        })
+    }
+
+    async fn finish_identifier_raises(&self, ids: &[i64], epoch: i64) -> Result<(), ProfileError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM identifier_epoch_raises WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE identifier_epoch_floor SET epoch = GREATEST(epoch, $1)")
+            .bind(epoch)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
 }
 

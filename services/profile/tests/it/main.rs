@@ -5,6 +5,7 @@
 
 mod definitions;
 mod engagement;
+mod identifier_epoch;
 mod matching;
 mod purchase_histories;
 mod scoring_plans;

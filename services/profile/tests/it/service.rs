@@ -26,9 +26,9 @@ use crate::support::{IdentityDouble, Served, identify, lazy_channel, scoring_ser
 /// Postgres, Redis, the scoring service and the identity double, shared by the replicas of one
 /// test.
 pub(crate) struct Env {
-    db: TestDb,
-    redis_prefix: String,
-    scoring: Served,
+    pub(crate) db: TestDb,
+    pub(crate) redis_prefix: String,
+    pub(crate) scoring: Served,
     identity: Served,
     /// The identity double behind `identity`, to configure and inspect.
     pub(crate) double: IdentityDouble,
@@ -53,7 +53,7 @@ impl Env {
     }
 
     /// A replica of the profile service with `cache` and the scoring service at `scoring`.
-    async fn replica_with(&self, cache: Arc<dyn Cache>, scoring: Channel) -> Replica {
+    pub(crate) async fn replica_with(&self, cache: Arc<dyn Cache>, scoring: Channel) -> Replica {
         self.start(cache, scoring, ProfileSettings::default()).await
     }
 
@@ -99,7 +99,7 @@ impl Env {
 
 pub(crate) struct Replica {
     reads: ProfileServiceClient<Channel>,
-    writes: ProfilePipelineServiceClient<Channel>,
+    pub(crate) writes: ProfilePipelineServiceClient<Channel>,
     _served: Served,
 }
 
