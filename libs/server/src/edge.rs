@@ -1,6 +1,7 @@
 //! Serving: the gRPC port (every registered service plus health and reflection) and the admin
 //! HTTP port (`/healthz`, `/metrics` and any HTTP routes a service adds), with graceful shutdown.
 
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -25,7 +26,10 @@ pub use tokio_util::sync::CancellationToken as Shutdown;
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EdgeSettings {
-    /// The longest a request may take before it fails with a timeout, in milliseconds.
+    /// The longest a request may take before it fails with a timeout (CANCELLED), in
+    /// milliseconds; the caller's own deadline (`grpc-timeout`) applies too, whichever is
+    /// shorter. Methods a service declares long-running
+    /// ([`GrpcServices::without_request_timeout`]) are bounded by the caller's deadline only.
     pub request_timeout_ms: u64,
     /// The most requests served at once per connection.
     pub concurrency_limit_per_connection: usize,
@@ -71,12 +75,14 @@ pub struct GrpcServices {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
     access: Option<Access>,
+    long_running: HashSet<String>,
 }
 
 impl std::fmt::Debug for GrpcServices {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GrpcServices")
             .field("names", &self.names)
+            .field("long_running", &self.long_running)
             .finish()
     }
 }
@@ -111,6 +117,28 @@ impl GrpcServices {
     /// The full names of the services added so far.
     pub fn names(&self) -> &[&'static str] {
         &self.names
+    }
+
+    /// Serves the method `path` (`/package.Service/Method`) without the server's request
+    /// timeout (`request_timeout_ms`): only the caller's own deadline (`grpc-timeout`) bounds
+    /// it. For calls that last as long as their work, which the server cannot bound better
+    /// than the caller: a unary call that waits for a job, a client-streamed bulk load (its
+    /// response comes after the last message). Every other method keeps the timeout. On
+    /// shutdown such a call still in flight gets `request_timeout_ms` to end, then fails with
+    /// UNAVAILABLE, so a shutdown never waits for it longer than for any other call.
+    pub fn without_request_timeout(&mut self, path: impl Into<String>) -> &mut Self {
+        let path = path.into();
+        debug_assert!(
+            path.starts_with('/') && path[1..].split('/').count() == 2,
+            "{path} is not a gRPC method path"
+        );
+        self.long_running.insert(path);
+        self
+    }
+
+    /// The methods served without the server's request timeout, by path.
+    pub fn long_running(&self) -> impl Iterator<Item = &str> {
+        self.long_running.iter().map(String::as_str)
     }
 }
 
@@ -245,6 +273,8 @@ pub async fn serve_with(
         .build_v1()?;
 
     let access = services.access;
+    let long_running = Arc::new(services.long_running);
+    let request_timeout = Duration::from_millis(settings.request_timeout_ms);
     let mut routes = services.routes;
     routes.add_service(health.clone()).add_service(reflection);
 
@@ -283,14 +313,26 @@ pub async fn serve_with(
         .with_success(GrpcCode::FailedPrecondition)
         .with_success(GrpcCode::OutOfRange)
         .with_success(GrpcCode::Cancelled);
+    // The request timeout is Tessera's own layer, not tonic's `Server::timeout` (one timeout
+    // for every method): long-running methods are exempt. tonic still applies the caller's
+    // `grpc-timeout` to every call. Inside the trace and the metrics, so a timed-out call is
+    // counted with its code.
     let grpc_router = tonic::transport::Server::builder()
-        .timeout(Duration::from_millis(settings.request_timeout_ms))
         .concurrency_limit_per_connection(settings.concurrency_limit_per_connection)
         .layer(
             TraceLayer::new(SharedClassifier::new(classifier))
                 .make_span_with(|r: &http::Request<_>| server_span(Port::Grpc, r)),
         )
         .layer(tower::layer::layer_fn(GrpcMetrics::new))
+        .layer(tower::layer::layer_fn({
+            let drained = drained.clone();
+            move |inner| RequestTimeout {
+                inner,
+                timeout: request_timeout,
+                long_running: Arc::clone(&long_running),
+                drained: drained.clone(),
+            }
+        }))
         .layer(RequireClientCertLayer::new(tls))
         .layer(AccessLayer::new(access))
         .add_routes(routes.routes());
@@ -544,6 +586,70 @@ where
             metrics::histogram!("tessera_grpc_request_duration_seconds", "method" => method)
                 .record(start.elapsed().as_secs_f64());
             result
+        })
+    }
+}
+
+/// Fails a call that takes longer than `timeout` with CANCELLED ("Timeout expired", as tonic's
+/// `Server::timeout` did), unless its method is one of `long_running`. A long-running call
+/// still in flight when the server stops taking requests (`drained`) gets `timeout` more, then
+/// fails with UNAVAILABLE: the graceful shutdown waits for every call, and must not wait for a
+/// job of minutes. The handler's future is dropped then; work it handed to a task of its own
+/// goes on while the process does.
+#[derive(Debug, Clone)]
+struct RequestTimeout<S> {
+    inner: S,
+    timeout: Duration,
+    long_running: Arc<HashSet<String>>,
+    drained: Shutdown,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for RequestTimeout<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>, Error = Infallible>,
+    S::Future: Send + 'static,
+    R: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let exempt = self.long_running.contains(req.uri().path());
+        let timeout = self.timeout;
+        let fut = self.inner.call(req);
+        if exempt {
+            let drained = self.drained.clone();
+            return Box::pin(async move {
+                let mut fut = std::pin::pin!(fut);
+                tokio::select! {
+                    result = &mut fut => result,
+                    () = drained.cancelled() => {
+                        match tokio::time::timeout(timeout, fut).await {
+                            Ok(result) => result,
+                            Err(_) => Ok(tonic::Status::unavailable(
+                                "the server shut down before the call ended",
+                            )
+                            .into_http()),
+                        }
+                    }
+                }
+            });
+        }
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, fut).await {
+                Ok(result) => result,
+                Err(_) => Ok(tonic::Status::cancelled("Timeout expired").into_http()),
+            }
         })
     }
 }

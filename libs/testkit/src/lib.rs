@@ -170,6 +170,14 @@ pub struct GrpcTestServer {
 impl GrpcTestServer {
     /// Serves `services` (with health, reflection and the edge's layers) until dropped.
     pub async fn start(services: tessera_server::GrpcServices) -> Self {
+        Self::start_with(services, tessera_server::EdgeSettings::default()).await
+    }
+
+    /// [`Self::start`] with the edge's limits and timings `settings`.
+    pub async fn start_with(
+        services: tessera_server::GrpcServices,
+        settings: tessera_server::EdgeSettings,
+    ) -> Self {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind grpc");
@@ -181,7 +189,7 @@ impl GrpcTestServer {
         let stop = shutdown.clone();
         tokio::spawn(async move {
             tessera_server::serve(
-                &tessera_server::EdgeSettings::default(),
+                &settings,
                 grpc,
                 http,
                 services,

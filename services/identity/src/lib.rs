@@ -478,6 +478,12 @@ impl Identity {
             IdentityServiceServer::new(service::IdentityGrpc::new(self.clone()))
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE),
         );
+        // RunBatchMatch waits for a batch match job, which takes minutes on a large
+        // population: only the caller's deadline bounds it (the job goes on either way).
+        services.without_request_timeout(format!(
+            "/{}/RunBatchMatch",
+            <IdentityServiceServer<service::IdentityGrpc> as tonic::server::NamedService>::NAME
+        ));
         services.add(BatchMatchServiceServer::new(service::BatchMatchGrpc::new(
             self.clone(),
         )));

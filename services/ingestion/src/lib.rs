@@ -130,6 +130,14 @@ impl Ingestion {
     /// debugger and the internal event log API (GDPR deletion).
     pub fn register(&self, services: &mut tessera_server::GrpcServices) {
         services.add(service::server(self.clone()));
+        // A client-streamed bulk load is answered after its last chunk: it lasts as long as
+        // the caller sends, so only the caller's deadline bounds it.
+        services.without_request_timeout(format!(
+            "/{}/StreamIngestEvents",
+            <tessera_proto::ingestion::v1::ingestion_service_server::IngestionServiceServer<
+                Ingestion,
+            > as tonic::server::NamedService>::NAME
+        ));
         services.add(sources::server(self.clone()));
         services.add(plans::server(self.clone()));
         services.add(debugger::server(self.clone()));

@@ -1,6 +1,7 @@
 //! The server edge as a client sees it: health, reflection-free calls, metrics, and draining.
 
 mod access;
+mod timeouts;
 mod tls;
 
 use std::time::Duration;

@@ -21,6 +21,7 @@ on_both_backends!(
     models_are_described_and_an_earlier_one_restored,
     a_batch_match_job_ends_with_what_run_batch_match_answers,
     a_batch_match_is_refused_while_another_runs_until_its_lease_expires,
+    run_batch_match_outlives_the_request_timeout_and_answers_the_jobs_summary,
 );
 
 /// Person `n`'s traits (see `tessera_testkit::people`).
@@ -498,4 +499,58 @@ async fn a_batch_match_is_refused_while_another_runs_until_its_lease_expires(b: 
     assert!(dead.error.contains("stopped renewing"), "{}", dead.error);
     let batch = b.identity.run_batch_match().await.expect("batch");
     assert!(!batch.outcome.merges.is_empty());
+}
+
+/// `RunBatchMatch` waits for its job for as long as the job takes, whatever the server's request
+/// timeout, and answers the job's summary; other methods keep the timeout.
+async fn run_batch_match_outlives_the_request_timeout_and_answers_the_jobs_summary(b: &Backend) {
+    use tessera_proto::identity::v1::batch_match_service_client::BatchMatchServiceClient;
+    use tessera_proto::identity::v1::identity_service_client::IdentityServiceClient;
+    use tessera_proto::identity::v1::{
+        BatchMatchJobState, ListBatchMatchJobsRequest, RunBatchMatchRequest, TrainMatchModelRequest,
+    };
+
+    population(&b.identity).await;
+    b.identity.train_match_model().await.expect("train");
+    // Every call takes longer than this: a batch match runs several transactions.
+    let timeout = std::time::Duration::from_millis(1);
+    let mut services = tessera_server::GrpcServices::default();
+    b.identity.register(&mut services);
+    let server = tessera_testkit::GrpcTestServer::start_with(
+        services,
+        tessera_server::EdgeSettings {
+            request_timeout_ms: timeout.as_millis() as u64,
+            ..tessera_server::EdgeSettings::default()
+        },
+    )
+    .await;
+    let channel = server.channel().await;
+    let mut client = IdentityServiceClient::new(channel.clone());
+
+    let started = std::time::Instant::now();
+    let summary = client
+        .run_batch_match(RunBatchMatchRequest {})
+        .await
+        .expect("RunBatchMatch is not cut by the request timeout")
+        .into_inner();
+    assert!(started.elapsed() > timeout);
+    assert!(summary.merges > 0, "{summary:?}");
+    let jobs = BatchMatchServiceClient::new(channel)
+        .list_batch_match_jobs(ListBatchMatchJobsRequest { limit: 1 })
+        .await
+        .expect("list")
+        .into_inner()
+        .jobs;
+    assert_eq!(jobs[0].state(), BatchMatchJobState::Succeeded);
+    assert_eq!(
+        jobs[0].summary.as_ref(),
+        Some(&summary),
+        "the job's summary"
+    );
+
+    let cut = client
+        .train_match_model(TrainMatchModelRequest {})
+        .await
+        .expect_err("other methods keep the request timeout");
+    assert_eq!(cut.code(), tonic::Code::Cancelled, "{cut:?}");
 }
