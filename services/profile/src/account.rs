@@ -17,6 +17,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::catalog::{self, TraitCatalog};
+use crate::computed::{ComputedTrait, ComputedValue};
 use crate::domain::{EventContent, ResolvedEvent, Score, TraitValue};
 
 /// One account profile.
@@ -68,6 +69,58 @@ impl Account {
         self.updated_at = now;
         true
     }
+}
+
+/// Whether a declared account computed trait (of `declared`) is named `name`: then it hides the
+/// account trait of that name wherever the two are read as one set of traits (audiences'
+/// account tests, account-level plans, the Profile API's account traits), also while it has no
+/// value (nothing counted yet, or its window emptied). Account traits are open, so the clash
+/// cannot be refused when config loads; one rule keeps every reader agreeing on it.
+pub fn hidden_by_computed(name: &str, declared: &[ComputedTrait]) -> bool {
+    declared.iter().any(|c| c.name == name)
+}
+
+/// The value of `name` where an account's `traits` and the values of its account computed
+/// traits (`computed`, of those `declared`) are read as one set of traits: the computed trait's
+/// value when one of that name is declared (absent when it has none), else the trait's.
+pub fn shown_value<'a>(
+    name: &str,
+    traits: &'a BTreeMap<String, TraitValue>,
+    declared: &[ComputedTrait],
+    computed: &'a BTreeMap<String, ComputedValue>,
+) -> Option<&'a Value> {
+    if hidden_by_computed(name, declared) {
+        computed.get(name).map(|c| &c.value)
+    } else {
+        traits.get(name).map(|t| &t.value)
+    }
+}
+
+/// An account's `traits` and the values of its account computed traits (`computed`, of those
+/// `declared`) as one set of traits, as account-level plans read them: see
+/// [`hidden_by_computed`]. A computed value without an observation time is stamped `now`.
+pub fn shown_traits(
+    traits: &BTreeMap<String, TraitValue>,
+    declared: &[ComputedTrait],
+    computed: &BTreeMap<String, ComputedValue>,
+    now: OffsetDateTime,
+) -> BTreeMap<String, TraitValue> {
+    let kept = traits
+        .iter()
+        .filter(|(name, _)| !hidden_by_computed(name, declared))
+        .map(|(name, t)| (name.clone(), t.clone()));
+    let computed = computed
+        .iter()
+        .filter(|(name, _)| hidden_by_computed(name, declared))
+        .map(|(name, c)| {
+            let value = TraitValue {
+                value: c.value.clone(),
+                observed_at: c.observed_at.unwrap_or(now),
+                event_id: String::new(),
+            };
+            (name.clone(), value)
+        });
+    kept.chain(computed).collect()
 }
 
 /// One person of an account.
@@ -128,4 +181,65 @@ pub(crate) fn members(
         }
     }
     by_profile.into_values().map(|(m, _)| m).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use time::macros::datetime;
+
+    use super::*;
+    use crate::computed::Kind;
+
+    const NOW: OffsetDateTime = datetime!(2026-06-01 00:00:00 UTC);
+
+    #[test]
+    fn a_declared_account_computed_trait_hides_the_trait_of_its_name_even_without_a_value() {
+        let trait_value = |value: Value| TraitValue {
+            value,
+            observed_at: NOW,
+            event_id: "g1".into(),
+        };
+        let traits = BTreeMap::from([
+            ("industry".to_owned(), trait_value(json!("software"))),
+            ("order_count".to_owned(), trait_value(json!(99))),
+        ]);
+        let declared = [ComputedTrait {
+            name: "order_count".into(),
+            kind: Kind::Sum,
+            events: vec!["Order Completed".into()],
+            types: Vec::new(),
+            property: Some("quantity".into()),
+            window_seconds: None,
+        }];
+        let none = BTreeMap::new();
+        assert_eq!(shown_value("order_count", &traits, &declared, &none), None);
+        assert_eq!(
+            shown_value("industry", &traits, &declared, &none),
+            Some(&json!("software"))
+        );
+        assert_eq!(
+            shown_value("order_count", &traits, &[], &none),
+            Some(&json!(99)),
+            "not declared: the trait"
+        );
+        let shown = shown_traits(&traits, &declared, &none, NOW);
+        assert_eq!(shown.keys().collect::<Vec<_>>(), ["industry"]);
+
+        let two = BTreeMap::from([(
+            "order_count".to_owned(),
+            ComputedValue {
+                value: json!(2),
+                observed_at: None,
+            },
+        )]);
+        assert_eq!(
+            shown_value("order_count", &traits, &declared, &two),
+            Some(&json!(2))
+        );
+        let shown = shown_traits(&traits, &declared, &two, NOW);
+        assert_eq!(shown["order_count"].value, json!(2));
+        assert_eq!(shown["order_count"].observed_at, NOW);
+        assert_eq!(shown["industry"].event_id, "g1");
+    }
 }

@@ -10,8 +10,9 @@
 //! events (evaluated at read time, like computed traits).
 //!
 //! An account test holds when some account the person belongs to (through group calls) has a
-//! trait or an account computed trait that meets it (an account computed trait wins over an
-//! account trait of its name, as in account scoring plans and the Profile API); for a person
+//! trait or an account computed trait that meets it (a declared account computed trait hides the
+//! account trait of its name, also while it has no value, as in account scoring plans and the
+//! Profile API: [`crate::account::shown_value`]); for a person
 //! without accounts it is evaluated as for an absent value (so only `ne` and `missing` hold).
 //! It reads the copy of the accounts' values the profile carries
 //! ([`crate::computed::ComputedState::account_traits`], made by [`Audiences::account_facts`]),
@@ -162,23 +163,19 @@ impl Audiences {
         &self.account_traits
     }
 
-    /// What the account tests read of one account, from its `traits` and its account
-    /// `computed` traits: the values of the names they test, as a JSON object. An account
-    /// computed trait wins over an account trait of the same name (account traits are open, so
-    /// the clash cannot be refused when config loads; account scoring plans and the Profile
-    /// API's account traits give the computed trait precedence too).
+    /// What the account tests read of one account, from its `traits` and the values of its
+    /// account computed traits (`computed`, of those `declared`): the values of the names they
+    /// test, as a JSON object. A declared account computed trait hides the account trait of its
+    /// name, also while it has no value (see [`crate::account::shown_value`]).
     pub fn account_facts(
         &self,
         traits: &BTreeMap<String, TraitValue>,
+        declared: &[ComputedTrait],
         computed: &BTreeMap<String, ComputedValue>,
     ) -> Value {
         let mut facts = serde_json::Map::new();
         for name in &self.account_traits {
-            let value = computed
-                .get(name)
-                .map(|c| &c.value)
-                .or_else(|| traits.get(name).map(|t| &t.value));
-            if let Some(value) = value {
+            if let Some(value) = crate::account::shown_value(name, traits, declared, computed) {
                 facts.insert(name.clone(), value.clone());
             }
         }
@@ -507,19 +504,34 @@ mod tests {
                 accounts,
             })
         };
-        let two = audiences.account_facts(&traits, &computed(2));
+        let declared: Vec<ComputedTrait> = ["orders_30d", "revenue"]
+            .map(|name| ComputedTrait {
+                name: name.into(),
+                kind: Kind::Sum,
+                events: vec!["Order Completed".into()],
+                types: Vec::new(),
+                property: Some("total".into()),
+                window_seconds: Some(30 * 86_400),
+            })
+            .to_vec();
+        let two = audiences.account_facts(&traits, &declared, &computed(2));
         assert_eq!(
             two,
             json!({"industry": "Software", "orders_30d": 2}),
             "only what the tests read is kept, and the computed trait wins over the trait"
         );
         assert_eq!(members(&[&two]), ["software"]);
-        let three = audiences.account_facts(&traits, &computed(3));
+        let three = audiences.account_facts(&traits, &declared, &computed(3));
         assert_eq!(members(&[&three]), ["busy_accounts", "software"]);
         // Some account meeting it is enough.
         assert_eq!(members(&[&two, &three]), ["busy_accounts", "software"]);
-        // Without an account computed trait of the name, the account trait is read.
-        let declared_none = audiences.account_facts(&traits, &BTreeMap::new());
+        // Declared but without a value (nothing counted yet, or its window emptied): the
+        // account trait of its name stays hidden, the test reads an absent value.
+        let no_value = audiences.account_facts(&traits, &declared, &BTreeMap::new());
+        assert_eq!(no_value, json!({"industry": "Software"}));
+        assert_eq!(members(&[&no_value]), ["software"]);
+        // Without an account computed trait of the name declared, the account trait is read.
+        let declared_none = audiences.account_facts(&traits, &[], &BTreeMap::new());
         assert_eq!(declared_none["orders_30d"], json!(100));
         assert_eq!(members(&[&declared_none]), ["busy_accounts", "software"]);
 

@@ -269,9 +269,15 @@ async fn account(
     };
     match resource {
         "traits" => {
-            // The same shape as a person's traits, the account computed traits included.
+            // The same shape as a person's traits, the account computed traits included: a
+            // declared one hides the account trait of its name, also while it has no value.
+            let declared = api.inner.defs.current();
+            let mut custom = account.traits;
+            custom.retain(|name, _| {
+                !crate::account::hidden_by_computed(name, &declared.account_computed)
+            });
             let shown = pb::Profile {
-                traits: account.traits,
+                traits: custom,
                 computed_traits: account.computed_traits,
                 updated_at: account.updated_at,
                 ..pb::Profile::default()

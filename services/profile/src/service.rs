@@ -790,7 +790,11 @@ impl Inner {
                                     } else {
                                         BTreeMap::new()
                                     };
-                                    Some(matcher.account_facts(&account.traits, &computed))
+                                    Some(matcher.account_facts(
+                                        &account.traits,
+                                        &defs.account_computed,
+                                        &computed,
+                                    ))
                                 }
                                 None => None,
                             };

@@ -636,7 +636,10 @@ impl Definitions {
             let (computed, until) = values
                 .get(id)
                 .map_or((&no_values, None), |(values, until)| (values, *until));
-            (self.audiences.account_facts(traits, computed), until)
+            let facts = self
+                .audiences
+                .account_facts(traits, &self.account_computed, computed);
+            (facts, until)
         })
     }
 
@@ -680,12 +683,15 @@ impl Definitions {
             )),
         }
         .unwrap_or_default();
-        // Likewise the account computed traits audiences read (profiles carry their values).
+        // Likewise the account computed traits audiences read (profiles carry their values),
+        // with the version of the rule that makes the copies: 2 since a declared account
+        // computed trait hides the account trait of its name also while it has no value.
+        const COPIES: u32 = 2;
         let copied: Vec<&ComputedTrait> = self.audience_account_computed().collect();
         let json = if copied.is_empty() {
             json
         } else {
-            json + &serde_json::to_string(&copied).unwrap_or_default()
+            json + &serde_json::to_string(&(COPIES, &copied)).unwrap_or_default()
         };
         Sha256::digest(json.as_bytes())
             .iter()
@@ -1628,26 +1634,26 @@ async fn rescore_accounts<O: Ops>(
         let members = account_members(ops, &id).await?;
         with_members.push((account, members));
     }
-    // Scorers read the account computed traits as traits (over traits of the same names);
-    // they are not stored on the account.
+    // Scorers read the account computed traits as traits, each hiding the trait of its name
+    // (also while it has no value: `account::hidden_by_computed`); they are not stored on the
+    // account.
     let mut with_computed = Vec::new();
     let mut valid_until = Vec::new();
     if !defs.account_computed.is_empty() {
         for (account, members) in &with_members {
-            let mut seen = account.clone();
             let state =
                 account_state(ops, &defs.account_computed, members, &Pending::new()).await?;
             valid_until.push(state.valid_until(&defs.account_computed, now));
-            for (name, value) in state.values(&defs.account_computed, now) {
-                seen.traits.insert(
-                    name,
-                    crate::domain::TraitValue {
-                        value: value.value,
-                        observed_at: value.observed_at.unwrap_or(now),
-                        event_id: String::new(),
-                    },
-                );
-            }
+            let values = state.values(&defs.account_computed, now);
+            let seen = Account {
+                traits: crate::account::shown_traits(
+                    &account.traits,
+                    &defs.account_computed,
+                    &values,
+                    now,
+                ),
+                ..account.clone()
+            };
             with_computed.push((seen, members.clone()));
         }
     }

@@ -2722,6 +2722,147 @@ async fn account_computed_traits_fold_every_members_events_on_postgres() {
     backend.db.close().await;
 }
 
+/// Scores each account as an account plan's rule on `order_count` (at least 1, 10 points)
+/// would: 10 when the traits it is given hold one of at least 1, else 0.
+const ORDER_COUNT_RULE: ScoreAccountsWith = ScoreAccountsWith(|account, _, now| {
+    let fires = account
+        .traits
+        .get("order_count")
+        .and_then(|t| t.value.as_f64())
+        .is_some_and(|n| n >= 1.0);
+    Ok(vec![Score {
+        name: "ordered".to_owned(),
+        value: if fires { 10.0 } else { 0.0 },
+        computed_at: now,
+        model_version: String::new(),
+        factors: Vec::new(),
+    }])
+});
+
+/// A declared account computed trait hides the account trait of its name, also while it has
+/// no value: an account trait `order_count` = 99 from a group call is read by neither the
+/// audiences' account tests nor the account plans while the account computed trait
+/// `order_count` has counted nothing; once an event counts, both read the computed value.
+async fn an_account_computed_trait_hides_the_account_trait_of_its_name(backend: &Backend) {
+    // A sum has no value before its first event (a count would read 0).
+    let store = store::open_with(
+        backend.db.clone(),
+        store::Definitions::new(
+            vec![],
+            Audiences::compile(vec![Audience {
+                name: "ordering_accounts".into(),
+                condition: Condition::Account(Test {
+                    name: "order_count".into(),
+                    op: Op::Gte,
+                    value: json!(1),
+                }),
+            }])
+            .unwrap(),
+        )
+        .with_account_computed(vec![ComputedTrait {
+            name: "order_count".into(),
+            kind: Kind::Sum,
+            events: vec!["Order Completed".into()],
+            types: vec![],
+            property: Some("quantity".into()),
+            window_seconds: None,
+        }]),
+    );
+    let apply = |events: Vec<ResolvedEvent>| {
+        let store = store.clone();
+        async move {
+            store
+                .apply(
+                    &Batch {
+                        merges: vec![],
+                        events,
+                    },
+                    H,
+                    NOW,
+                    &ORDER_COUNT_RULE,
+                )
+                .await
+                .unwrap();
+            while store
+                .refresh_accounts(10, H, NOW, &ORDER_COUNT_RULE)
+                .await
+                .unwrap()
+                .is_some()
+            {}
+        }
+    };
+    let seen = || {
+        let store = store.clone();
+        async move {
+            let members = store
+                .audience_members("ordering_accounts", None, 10)
+                .await
+                .unwrap()
+                .0;
+            let p1 = store.get("p1").await.unwrap().expect("p1");
+            let copy = p1
+                .state
+                .computed
+                .account_traits()
+                .map(|(id, traits)| (id.to_owned(), traits.clone()))
+                .collect::<Vec<_>>();
+            let acme = store.account("acme").await.unwrap().expect("acme");
+            (members, copy, acme.scores["ordered"].value)
+        }
+    };
+
+    apply(vec![group_call(
+        "g1",
+        "p1",
+        0,
+        "acme",
+        "finance",
+        json!({"order_count": 99, "industry": "software"}),
+    )])
+    .await;
+    let (members, copy, score) = seen().await;
+    assert!(members.is_empty(), "the trait is hidden: {members:?}");
+    assert_eq!(copy, [("acme".to_owned(), json!({}))]);
+    assert_eq!(
+        score, 0.0,
+        "the plan rule does not fire on the hidden trait"
+    );
+    let account = store.account("acme").await.unwrap().expect("acme");
+    assert_eq!(
+        account.traits["order_count"].value,
+        json!(99),
+        "still stored"
+    );
+    let computed = store.account_computed("acme", NOW).await.unwrap();
+    assert!(!computed.contains_key("order_count"), "{computed:?}");
+
+    // An order counts: both read the computed value.
+    apply(vec![tracked(
+        "o1",
+        "p1",
+        1,
+        "Order Completed",
+        json!({"quantity": 2}),
+    )])
+    .await;
+    let (members, copy, score) = seen().await;
+    assert_eq!(members, ["p1"]);
+    assert_eq!(copy, [("acme".to_owned(), json!({"order_count": 2.0}))]);
+    assert_eq!(score, 10.0);
+}
+
+#[tokio::test]
+async fn an_account_computed_trait_hides_the_account_trait_of_its_name_on_sqlite() {
+    an_account_computed_trait_hides_the_account_trait_of_its_name(&sqlite().await).await;
+}
+
+#[tokio::test]
+async fn an_account_computed_trait_hides_the_account_trait_of_its_name_on_postgres() {
+    let backend = postgres().await;
+    an_account_computed_trait_hides_the_account_trait_of_its_name(&backend).await;
+    backend.db.close().await;
+}
+
 /// Fails to score the accounts when `bad` is among them.
 const FAILS_ON_BAD: ScoreAccountsWith = ScoreAccountsWith(|account, _, _| {
     if account.account_id == "bad" {
