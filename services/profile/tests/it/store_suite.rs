@@ -3192,6 +3192,207 @@ async fn account_scores_follow_windowed_computed_traits_as_time_passes_on_postgr
     backend.db.close().await;
 }
 
+/// A store migrated up to `version` only (on Postgres or SQLite), as a deployment was before
+/// the later migrations.
+async fn migrated_to(postgres: bool, version: i64) -> Backend {
+    let (db, pg, lite) = if postgres {
+        let test_db = TestDb::new().await;
+        let db = Database::connect(test_db.url(), SCHEMA, &DbSettings::default())
+            .await
+            .unwrap();
+        (db, Some(test_db), None)
+    } else {
+        let dir = TestSqlite::new();
+        let db = Database::connect(&dir.url("profile.db"), SCHEMA, &DbSettings::default())
+            .await
+            .unwrap();
+        (db, None, Some(dir))
+    };
+    match &db {
+        Database::Postgres(pool) => MIGRATIONS.postgres.run_to(version, pool).await.unwrap(),
+        Database::Sqlite(pool) => MIGRATIONS.sqlite.run_to(version, pool).await.unwrap(),
+    }
+    Backend {
+        store: store::open(db.clone()),
+        db,
+        _pg: pg,
+        _lite: lite,
+    }
+}
+
+/// Accounts scored before `accounts.computed_valid_until` existed hold NULL there: the upgrade
+/// (migration 0019) makes each due once, so the next sweep queues a rescore of every one of
+/// them (also of one with nothing to expire), the rescore stores the real next time, and no
+/// account is taken again after; an account created after the upgrade is not taken either.
+async fn accounts_from_before_their_expiry_time_are_rescored_once(postgres: bool) {
+    let days = time::Duration::days;
+    let backend = migrated_to(postgres, 18).await;
+    let store = store::open_with(
+        backend.db.clone(),
+        store::Definitions::new(vec![], Audiences::default()).with_account_computed(vec![
+            ComputedTrait {
+                name: "orders_30d".into(),
+                kind: Kind::Count,
+                events: vec!["Order Completed".into()],
+                types: vec![],
+                property: None,
+                window_seconds: Some(30 * 86_400),
+            },
+        ]),
+    );
+    let refresh = |now: OffsetDateTime| {
+        let store = store.clone();
+        async move {
+            while store
+                .refresh_accounts(10, H, now, &ORDERS_30D)
+                .await
+                .unwrap()
+                .is_some()
+            {}
+        }
+    };
+    let account = |id: &'static str| {
+        let store = store.clone();
+        async move {
+            let account = store.account(id).await.unwrap().expect("an account");
+            (
+                account.scores["orders_30d"].value,
+                account.version,
+                account.updated_at,
+            )
+        }
+    };
+    // acme with an order 20 days ago, globex with none (nothing to expire).
+    let mut order = tracked("o1", "p1", 0, "Order Completed", json!({}));
+    order.timestamp = NOW - days(20);
+    let batch = Batch {
+        merges: vec![],
+        events: vec![
+            group_call("g1", "p1", 0, "acme", "finance", json!({})),
+            group_call("g2", "p2", 1, "globex", "champion", json!({})),
+            order,
+        ],
+    };
+    store.apply(&batch, H, NOW, &ORDERS_30D).await.unwrap();
+    refresh(NOW).await;
+    assert_eq!(account("acme").await.0, 1.0);
+    // Scored before migration 0017: nothing stored about when.
+    let clear = "UPDATE accounts SET computed_valid_until = NULL";
+    match &backend.db {
+        Database::Postgres(pool) => sqlx::query(clear).execute(pool).await.map(|_| ()),
+        Database::Sqlite(pool) => sqlx::query(clear).execute(pool).await.map(|_| ()),
+    }
+    .unwrap();
+    let later = NOW + days(11);
+    assert!(
+        store.expire_accounts(later, 10).await.unwrap().is_empty(),
+        "without the upgrade, o1 leaving its window goes unnoticed"
+    );
+
+    backend.db.migrate(MIGRATIONS).await.unwrap();
+    let (_, acme_version, _) = account("acme").await;
+    let (_, globex_version, _) = account("globex").await;
+    assert_eq!(
+        store.expire_accounts(later, 10).await.unwrap(),
+        ["acme", "globex"],
+        "every account from before is due"
+    );
+    assert!(
+        store.expire_accounts(later, 10).await.unwrap().is_empty(),
+        "queued once"
+    );
+    refresh(later).await;
+    let (score, version, updated_at) = account("acme").await;
+    assert_eq!(score, 0.0, "rescored: o1 left its window");
+    assert!(version > acme_version);
+    assert_eq!(updated_at, later);
+    let (score, version, updated_at) = account("globex").await;
+    assert_eq!(score, 0.0);
+    assert!(version > globex_version, "rescored too");
+    assert_eq!(updated_at, later);
+
+    // An account created after the upgrade holds NULL (nothing to expire) and is not taken;
+    // nor are the rescored ones again, however late.
+    let batch = Batch {
+        merges: vec![],
+        events: vec![group_call("g3", "p3", 2, "initech", "finance", json!({}))],
+    };
+    store.apply(&batch, H, later, &ORDERS_30D).await.unwrap();
+    refresh(later).await;
+    assert!(
+        store
+            .expire_accounts(later + days(365), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    backend.db.close().await;
+}
+
+#[tokio::test]
+async fn accounts_from_before_their_expiry_time_are_rescored_once_on_sqlite() {
+    accounts_from_before_their_expiry_time_are_rescored_once(false).await;
+}
+
+#[tokio::test]
+async fn accounts_from_before_their_expiry_time_are_rescored_once_on_postgres() {
+    accounts_from_before_their_expiry_time_are_rescored_once(true).await;
+}
+
+/// Without account computed traits the upgrade's one rescore of each account is harmless: the
+/// account is rescored once (its scores as before), then never taken again.
+async fn accounts_from_before_their_expiry_time_without_computed_traits(postgres: bool) {
+    let backend = migrated_to(postgres, 18).await;
+    let store = &backend.store;
+    let batch = Batch {
+        merges: vec![],
+        events: vec![group_call(
+            "g1",
+            "p1",
+            0,
+            "acme",
+            "finance",
+            json!({"industry": "software"}),
+        )],
+    };
+    store.apply(&batch, H, NOW, &COVERAGE).await.unwrap();
+    let before = store.account("acme").await.unwrap().expect("acme");
+    backend.db.migrate(MIGRATIONS).await.unwrap();
+    let later = NOW + time::Duration::days(1);
+    assert_eq!(store.expire_accounts(later, 10).await.unwrap(), ["acme"]);
+    while store
+        .refresh_accounts(10, H, later, &COVERAGE)
+        .await
+        .unwrap()
+        .is_some()
+    {}
+    let after = store.account("acme").await.unwrap().expect("acme");
+    assert_eq!(
+        after.scores["coverage"].value,
+        before.scores["coverage"].value
+    );
+    assert_eq!(after.traits, before.traits);
+    assert!(
+        store
+            .expire_accounts(later + time::Duration::days(365), 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "not taken again"
+    );
+    backend.db.close().await;
+}
+
+#[tokio::test]
+async fn accounts_from_before_their_expiry_time_without_computed_traits_on_sqlite() {
+    accounts_from_before_their_expiry_time_without_computed_traits(false).await;
+}
+
+#[tokio::test]
+async fn accounts_from_before_their_expiry_time_without_computed_traits_on_postgres() {
+    accounts_from_before_their_expiry_time_without_computed_traits(true).await;
+}
+
 /// Fails to score a batch of persons that holds `p0700`.
 struct FailsOnP0700;
 
