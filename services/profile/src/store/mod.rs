@@ -946,9 +946,10 @@ trait Ops: Send {
     ) -> Result<(), sqlx::Error>;
     /// Writes the profiles' rows (not their identifiers).
     async fn write(&mut self, profiles: &[&Profile]) -> Result<(), sqlx::Error>;
-    /// Moves the identifiers of `merged` to `survivor`, and redirects the profiles that pointed
-    /// at `merged` to `survivor`.
-    async fn redirect(&mut self, merged: &str, survivor: &str) -> Result<(), sqlx::Error>;
+    /// For each (merged, survivor) of `redirects` (each merged id once, each survivor live):
+    /// moves the identifiers of `merged` to `survivor`, and redirects the profiles that pointed
+    /// at `merged` to `survivor`. Set-based: a fixed number of statements however many.
+    async fn redirect(&mut self, redirects: &[(&str, &str)]) -> Result<(), sqlx::Error>;
     /// Links identifiers to profiles, as (profile id, identifier) pairs without repeated
     /// identifiers; an identifier already linked to a profile keeps its link. Returns how
     /// many were linked.
@@ -1326,8 +1327,9 @@ async fn apply<O: Ops>(
         ws.set_scores(id, scores, now);
     }
 
-    // Rows first, then redirects: a profile merged into one that was merged itself later in
-    // the same batch is then redirected straight to the last survivor.
+    // Rows first, then redirects, each merged profile to its last survivor: a profile merged
+    // into one that was merged itself later in the same batch (a chain) points straight at the
+    // end of the chain, as do the profiles merged into either before.
     ws.settle(|p| defs.valid_until(p, now));
     let changed: Vec<&Profile> = ws.changed().collect();
     ops.write(&changed).await?;
@@ -1338,9 +1340,16 @@ async fn apply<O: Ops>(
         now,
     )
     .await?;
-    for (merged, survivor) in ws.merges() {
-        ops.redirect(merged, survivor).await?;
-    }
+    let redirects = ws
+        .merges()
+        .iter()
+        .map(|(merged, _)| {
+            ws.canonical(merged)
+                .map(|survivor| (merged.as_str(), survivor))
+                .ok_or_else(|| ProfileError::BrokenMergeChain(merged.clone()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    ops.redirect(&redirects).await?;
     // An identifier is new to one live profile at most (merges move new identifiers along).
     let mut links: Vec<(&str, &Identifier)> = Vec::new();
     let mut seen_ids = HashSet::new();

@@ -764,17 +764,23 @@ impl Ops for PgOps<'_> {
         Ok(())
     }
 
-    async fn redirect(&mut self, merged: &str, survivor: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE profile_identifiers SET profile_id = $2 WHERE profile_id = $1")
-            .bind(merged)
-            .bind(survivor)
-            .execute(&mut *self.0)
-            .await?;
-        sqlx::query("UPDATE profiles SET merged_into = $2 WHERE merged_into = $1")
-            .bind(merged)
-            .bind(survivor)
-            .execute(&mut *self.0)
-            .await?;
+    async fn redirect(&mut self, redirects: &[(&str, &str)]) -> Result<(), sqlx::Error> {
+        if redirects.is_empty() {
+            return Ok(());
+        }
+        let (merged, survivors): (Vec<&str>, Vec<&str>) = redirects.iter().copied().unzip();
+        // One statement for the batch (it was two per merge): the two tables are disjoint, and
+        // each row matches one redirect at most (a merged id is merged once per batch).
+        sqlx::query(
+            "WITH r AS (SELECT * FROM UNNEST($1::text[], $2::text[]) AS r(merged, survivor)), \
+                  moved AS (UPDATE profile_identifiers i SET profile_id = r.survivor \
+                            FROM r WHERE i.profile_id = r.merged) \
+             UPDATE profiles p SET merged_into = r.survivor FROM r WHERE p.merged_into = r.merged",
+        )
+        .bind(merged)
+        .bind(survivors)
+        .execute(&mut *self.0)
+        .await?;
         Ok(())
     }
 

@@ -702,17 +702,30 @@ impl Ops for LiteOps<'_> {
         Ok(())
     }
 
-    async fn redirect(&mut self, merged: &str, survivor: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE profile_identifiers SET profile_id = ?2 WHERE profile_id = ?1")
-            .bind(merged)
-            .bind(survivor)
-            .execute(&mut *self.0)
-            .await?;
-        sqlx::query("UPDATE profiles SET merged_into = ?2 WHERE merged_into = ?1")
-            .bind(merged)
-            .bind(survivor)
-            .execute(&mut *self.0)
-            .await?;
+    async fn redirect(&mut self, redirects: &[(&str, &str)]) -> Result<(), sqlx::Error> {
+        if redirects.is_empty() {
+            return Ok(());
+        }
+        // A JSON object from merged id to survivor (each merged id is merged once per batch).
+        let map: serde_json::Map<String, serde_json::Value> = redirects
+            .iter()
+            .map(|(merged, survivor)| ((*merged).to_owned(), (*survivor).into()))
+            .collect();
+        let map = serde_json::Value::Object(map).to_string();
+        sqlx::query(
+            "UPDATE profile_identifiers SET profile_id = r.value \
+             FROM json_each(?1) AS r WHERE profile_identifiers.profile_id = r.key",
+        )
+        .bind(&map)
+        .execute(&mut *self.0)
+        .await?;
+        sqlx::query(
+            "UPDATE profiles SET merged_into = r.value \
+             FROM json_each(?1) AS r WHERE profiles.merged_into = r.key",
+        )
+        .bind(&map)
+        .execute(&mut *self.0)
+        .await?;
         Ok(())
     }
 

@@ -7,6 +7,7 @@ mod definitions;
 mod engagement;
 mod identifier_epoch;
 mod matching;
+mod merges;
 mod purchase_histories;
 mod scoring_plans;
 mod service;
