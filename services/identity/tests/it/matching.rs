@@ -22,6 +22,7 @@ on_both_backends!(
     a_batch_match_job_ends_with_what_run_batch_match_answers,
     a_batch_match_is_refused_while_another_runs_until_its_lease_expires,
     run_batch_match_outlives_the_request_timeout_and_answers_the_jobs_summary,
+    a_batch_matchs_merges_reach_the_profile_service_in_one_call,
 );
 
 /// Person `n`'s traits (see `tessera_testkit::people`).
@@ -560,4 +561,101 @@ async fn run_batch_match_outlives_the_request_timeout_and_answers_the_jobs_summa
         .await
         .expect_err("other methods keep the request timeout");
     assert_eq!(cut.code(), tonic::Code::Cancelled, "{cut:?}");
+}
+
+/// The (survivor, merged) pairs of each call, in call order.
+type Calls = std::sync::Arc<std::sync::Mutex<Vec<Vec<(String, String)>>>>;
+
+/// A profile service that records the merges of every `ApplyEvents` call.
+#[derive(Debug, Clone, Default)]
+struct ProfileDouble {
+    calls: Calls,
+}
+
+#[tonic::async_trait]
+impl tessera_proto::profile::v1::profile_pipeline_service_server::ProfilePipelineService
+    for ProfileDouble
+{
+    type StreamPurchaseHistoriesStream = tonic::codegen::tokio_stream::Empty<
+        Result<tessera_proto::profile::v1::StreamPurchaseHistoriesResponse, tonic::Status>,
+    >;
+
+    async fn apply_events(
+        &self,
+        request: tonic::Request<tessera_proto::profile::v1::ApplyEventsRequest>,
+    ) -> Result<tonic::Response<tessera_proto::profile::v1::ApplyEventsResponse>, tonic::Status>
+    {
+        let request = request.into_inner();
+        assert!(request.events.is_empty(), "merges only");
+        self.calls.lock().unwrap().push(
+            request
+                .merges
+                .into_iter()
+                .map(|m| (m.surviving_profile_id, m.merged_profile_id))
+                .collect(),
+        );
+        Ok(tonic::Response::new(
+            tessera_proto::profile::v1::ApplyEventsResponse::default(),
+        ))
+    }
+
+    async fn split_profiles(
+        &self,
+        _request: tonic::Request<tessera_proto::profile::v1::SplitProfilesRequest>,
+    ) -> Result<tonic::Response<tessera_proto::profile::v1::SplitProfilesResponse>, tonic::Status>
+    {
+        Err(tonic::Status::unimplemented("not part of the double"))
+    }
+
+    async fn stream_purchase_histories(
+        &self,
+        _request: tonic::Request<tessera_proto::profile::v1::StreamPurchaseHistoriesRequest>,
+    ) -> Result<tonic::Response<Self::StreamPurchaseHistoriesStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not part of the double"))
+    }
+}
+
+/// The merges of a batch match are queued in the outbox and sent to the profile service as
+/// one `ApplyEvents` (merges only, in the order they were decided), not one call per merge;
+/// acknowledged, they are not sent again.
+async fn a_batch_matchs_merges_reach_the_profile_service_in_one_call(b: &Backend) {
+    use tessera_proto::profile::v1::profile_pipeline_service_server::ProfilePipelineServiceServer;
+
+    population(&b.identity).await;
+    b.identity.train_match_model().await.expect("train");
+    let batch = b.identity.run_batch_match().await.expect("batch");
+    let decided: Vec<(String, String)> = batch
+        .outcome
+        .merges
+        .iter()
+        .map(|m| {
+            (
+                m.surviving_profile_id.to_string(),
+                m.merged_profile_id.to_string(),
+            )
+        })
+        .collect();
+    assert!(decided.len() >= 27, "{} merges", decided.len());
+
+    let double = ProfileDouble::default();
+    let mut services = tessera_server::GrpcServices::default();
+    services.add(ProfilePipelineServiceServer::new(double.clone()));
+    let profile = tessera_testkit::GrpcTestServer::start(services).await;
+    let stop = tessera_server::Shutdown::new();
+    let delivery = b
+        .identity
+        .spawn_merge_delivery(profile.channel().await, stop.clone());
+    for _ in 0..100 {
+        if !double.calls.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Acknowledged: nothing more is sent.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    stop.cancel();
+    delivery.await.expect("delivery stops");
+    let calls = double.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1, "one call for {} merges", decided.len());
+    assert_eq!(calls[0], decided, "in the order they were decided");
 }
