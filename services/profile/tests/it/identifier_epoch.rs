@@ -1,6 +1,7 @@
-//! The identifier cache's epoch raise survives Redis failing: a split made while Redis is
-//! unreachable is owed in the database, no replica trusts a cached lookup meanwhile (near cache
-//! included), and any replica makes the raise once Redis answers. Real Redis behind a TCP proxy
+//! The identifier cache's epoch raise survives Redis failing: a split or a deletion made while
+//! Redis is unreachable is owed in the database, no replica trusts a cached lookup meanwhile
+//! (near cache included), and any replica makes the raise once Redis answers; an epoch below the
+//! highest one raised (a restored Redis) is not trusted either. Real Redis behind a TCP proxy
 //! the tests stop.
 
 use std::net::SocketAddr;
@@ -16,12 +17,13 @@ use tessera_proto::convert::to_timestamp;
 use tessera_proto::identity::v1 as identity;
 use tessera_proto::profile::v1 as pb;
 use tessera_proto::profile::v1::get_profile_request::Lookup;
-use tessera_store::{Cache, Database, DbSettings, NearCacheSettings, RedisCache};
+use tessera_store::{Cache, Database, DbSettings, NearCacheSettings, RedisCache, Versioned};
 use tessera_testkit::redis_url;
 use time::OffsetDateTime;
 use time::macros::datetime;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use tonic::Code;
 
 use crate::service::{Env, Replica, events, minutes_ago};
 use crate::store_suite::{postgres, sqlite};
@@ -118,6 +120,21 @@ fn u2() -> Lookup {
         r#type: "user_id".to_owned(),
         value: "u2".to_owned(),
     })
+}
+
+/// The identifier cache's epoch key (as the service names it).
+const EPOCH_KEY: &str = "identifiers:epoch";
+
+/// The identifier cache's key of `user_id:<user>` (as the service makes it).
+fn identifier_key(user: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"user_id")
+        .chain_update([0])
+        .chain_update(user.as_bytes())
+        .finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("identifier:{hex}")
 }
 
 /// p1 (u1) and p2 (u2), p2 merged into p1, and `u2 -> p1` cached by the lookups through
@@ -274,6 +291,109 @@ async fn a_raise_owed_by_a_writer_that_died_mid_write_keeps_cached_lookups_refus
         assert_eq!(env.double.lookups(), asked + 1, "identity answered");
     }
     db.close().await;
+}
+
+#[tokio::test]
+async fn a_deletion_while_redis_is_unreachable_never_serves_the_deleted_profile_when_it_is_back() {
+    use pb::delete_profile_request::Lookup as Delete;
+    let env = Env::new().await;
+    let proxy = RedisProxy::start().await;
+    // A reaches Redis through the proxy; B directly, with a near cache, and never loses it.
+    let a = env
+        .replica_with(redis_at(&env, &proxy.url()), env.scoring.lazy_channel())
+        .await;
+    let b = env
+        .replica_with(near_redis(&env), env.scoring.lazy_channel())
+        .await;
+    // `u2 -> p1` and p1 itself are cached in Redis and in B's near cache.
+    merged_and_cached(&env, &a, &[&a, &b]).await;
+
+    proxy.down();
+    // Identity forgets the person and the store deletes them; the raise and the tombstones
+    // cannot reach Redis, so the deletion fails (calling again finishes it).
+    let failed = a.delete(Delete::ProfileId("p1".to_owned())).await;
+    assert!(failed.is_err(), "{failed:?}");
+    proxy.up();
+    // The stale `u2 -> p1` (and p1's cache entry) are still in Redis and in B's near cache:
+    // the owed raise keeps A from trusting them at once, B within a poll.
+    let not_found = |replica: &'static str, answer: Result<pb::Profile, tonic::Status>| {
+        assert_eq!(
+            answer.as_ref().map_err(tonic::Status::code).err(),
+            Some(Code::NotFound),
+            "{replica} answered {answer:?}"
+        );
+    };
+    not_found("a", a.get(u2()).await);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    not_found("b", b.get(u2()).await);
+    not_found("a", a.get(u2()).await);
+
+    // Finished by calling again once Redis is back (A may take a moment to reconnect); the
+    // person stays gone through both replicas.
+    let mut finished = a.delete(Delete::ProfileId("p1".to_owned())).await;
+    for _ in 0..50 {
+        if finished.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        finished = a.delete(Delete::ProfileId("p1".to_owned())).await;
+    }
+    let finished = finished.expect("the deletion finishes once Redis answers");
+    assert_eq!(finished.profile_id, "p1");
+    not_found("a", a.get(u2()).await);
+    not_found("b", b.get(u2()).await);
+    not_found("b", b.get(Lookup::ProfileId("p1".to_owned())).await);
+}
+
+#[tokio::test]
+async fn a_restored_redis_holding_an_older_epoch_is_not_trusted() {
+    let env = Env::new().await;
+    let cache = redis_at(&env, &redis_url());
+    // An epoch an earlier raise left, long ago.
+    let old_epoch = Versioned {
+        version: 1_000,
+        bytes: Some(b"epoch".to_vec()),
+    };
+    assert!(cache.put_if_newer(EPOCH_KEY, old_epoch).await.unwrap());
+    let a = env.replica().await;
+    merged_and_cached(&env, &a, &[&a]).await;
+    // A snapshot of Redis now: the epoch, and `u2 -> p1` cached under it.
+    let u2_key = identifier_key("u2");
+    let snapshot = [
+        (
+            EPOCH_KEY,
+            cache.get(EPOCH_KEY).await.unwrap().expect("epoch"),
+        ),
+        (
+            &u2_key,
+            cache.get(&u2_key).await.unwrap().expect("u2 cached"),
+        ),
+    ];
+    assert_eq!(snapshot[1].1.version, 1_000);
+    assert_eq!(snapshot[1].1.bytes.as_deref(), Some(&b"p1"[..]));
+
+    // The split's raise reaches Redis (its epoch is the floor now), and u2 is cached again,
+    // leading to p2.
+    unmerge(&env, &a).await;
+    until_cached_again(&env, &a).await;
+
+    // Redis restored from the snapshot: the older epoch, and the entry cached under it.
+    for (key, value) in snapshot {
+        cache.remove(key).await.unwrap();
+        assert!(cache.put_if_newer(key, value).await.unwrap());
+    }
+    // Neither the replica that made the raise nor one started now (which reads the floor from
+    // the database) trusts the restored entry: identity answers.
+    let c = env.replica().await;
+    for replica in [&a, &c] {
+        let asked = env.double.lookups();
+        assert_eq!(replica.get(u2()).await.unwrap().profile_id, "p2");
+        assert!(env.double.lookups() > asked, "identity answered");
+    }
+    // The epoch is raised above the floor again, and the cache is trusted again.
+    until_cached_again(&env, &c).await;
+    until_cached_again(&env, &a).await;
+    assert!(cache.get(EPOCH_KEY).await.unwrap().expect("epoch").version > 1_000);
 }
 
 async fn raises_are_owed_until_made(store: &dyn ProfileStore) {

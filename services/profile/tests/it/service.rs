@@ -76,8 +76,8 @@ impl Env {
         let peers = Peers {
             identity: self.identity.lazy_channel(),
             scoring,
-            // No test here deletes a person (the end-to-end tests do): the identity double
-            // stands in, answering UNIMPLEMENTED.
+            // Only a deletion asks ingestion (its event log): the identity double's server
+            // stands in for it.
             ingestion: self.identity.lazy_channel(),
         };
         let profiles = Profiles::new(db, cache, peers, settings);
@@ -126,6 +126,20 @@ impl Replica {
             })
             .await?;
         Ok(response.into_inner().profile.expect("a profile"))
+    }
+
+    pub(crate) async fn delete(
+        &self,
+        lookup: pb::delete_profile_request::Lookup,
+    ) -> Result<pb::DeleteProfileResponse, tonic::Status> {
+        self.reads
+            .clone()
+            .delete_profile(pb::DeleteProfileRequest {
+                lookup: Some(lookup),
+                reason: "gdpr ticket 1".to_owned(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
     }
 
     pub(crate) async fn get_id(&self, id: &str) -> pb::Profile {

@@ -13,6 +13,10 @@ use tessera_proto::identity::v1 as identity;
 use tessera_proto::identity::v1::identity_service_server::{
     IdentityService, IdentityServiceServer,
 };
+use tessera_proto::ingestion::v1 as ingestion;
+use tessera_proto::ingestion::v1::event_log_service_server::{
+    EventLogService, EventLogServiceServer,
+};
 use tessera_proto::profile::v1 as pb;
 use tessera_server::GrpcServices;
 use time::macros::datetime;
@@ -115,11 +119,21 @@ pub(crate) async fn scoring_server() -> Served {
     Served::start(services).await
 }
 
+/// An identifier as the double keys it: (type, value).
+type IdentifierKey = (String, String);
+
 /// A test double of the identity service: `LookupIdentifier` answers from a map,
-/// `MatchProfiles` with configured merges.
+/// `MatchProfiles` with configured merges, `ForgetProfile` forgets a component as the real
+/// service does. Its server also stands in for ingestion's event log (`ForgetEvents`), which a
+/// deletion asks last.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct IdentityDouble {
-    links: Arc<Mutex<HashMap<(String, String), String>>>,
+    links: Arc<Mutex<HashMap<IdentifierKey, String>>>,
+    /// Every profile each identifier was ever linked to (a link moved by a merge leaves the
+    /// merged profile here): what makes up a component when it is forgotten.
+    linked_before: Arc<Mutex<HashMap<IdentifierKey, Vec<String>>>>,
+    /// The answers of the components forgotten so far, by each of their profiles.
+    forgotten: Arc<Mutex<HashMap<String, identity::ForgetProfileResponse>>>,
     matching: Arc<Mutex<Matching>>,
     lookups: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -139,10 +153,17 @@ struct Matching {
 impl IdentityDouble {
     /// Links `type:value` to `profile_id`.
     pub(crate) fn link(&self, kind: &str, value: &str, profile_id: &str) {
+        let key = (kind.to_owned(), value.to_owned());
+        self.linked_before
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .push(profile_id.to_owned());
         self.links
             .lock()
             .unwrap()
-            .insert((kind.to_owned(), value.to_owned()), profile_id.to_owned());
+            .insert(key, profile_id.to_owned());
     }
 
     /// How many `LookupIdentifier` calls the double answered.
@@ -171,10 +192,11 @@ impl IdentityDouble {
         self.matching.lock().unwrap().calls.clone()
     }
 
-    /// Serves the double.
+    /// Serves the double (and the event log's).
     pub(crate) async fn serve(&self) -> Served {
         let mut services = GrpcServices::default();
         services.add(IdentityServiceServer::new(self.clone()));
+        services.add(EventLogServiceServer::new(self.clone()));
         Served::start(services).await
     }
 }
@@ -237,11 +259,46 @@ impl IdentityService for IdentityDouble {
         Err(Status::unimplemented("not part of the double"))
     }
 
+    /// As the real service: forgets the component of the profile (the profiles its identifiers
+    /// lead to now, and those they led to before a merge moved them), so none of its
+    /// identifiers is found any more; answers the component, its identifiers forgotten (and no
+    /// events: the double resolves none), and the same again when asked again. NOT_FOUND for
+    /// a profile it never linked.
     async fn forget_profile(
         &self,
-        _request: Request<identity::ForgetProfileRequest>,
+        request: Request<identity::ForgetProfileRequest>,
     ) -> Result<Response<identity::ForgetProfileResponse>, Status> {
-        Err(Status::unimplemented("not part of the double"))
+        let profile_id = request.into_inner().profile_id;
+        let mut forgotten = self.forgotten.lock().unwrap();
+        if let Some(done) = forgotten.get(&profile_id) {
+            return Ok(Response::new(done.clone()));
+        }
+        let mut links = self.links.lock().unwrap();
+        let linked_before = self.linked_before.lock().unwrap();
+        let (theirs, others): (HashMap<_, _>, HashMap<_, _>) = std::mem::take(&mut *links)
+            .into_iter()
+            .partition(|(_, live)| *live == profile_id);
+        *links = others;
+        if theirs.is_empty() {
+            return Err(Status::not_found("no such profile"));
+        }
+        let mut profile_ids: Vec<String> = theirs
+            .keys()
+            .flat_map(|key| linked_before.get(key).cloned().unwrap_or_default())
+            .chain([profile_id.clone()])
+            .collect();
+        profile_ids.sort();
+        profile_ids.dedup();
+        let done = identity::ForgetProfileResponse {
+            profile_id,
+            profile_ids: profile_ids.clone(),
+            event_ids: Vec::new(),
+            identifiers: theirs.len() as i64,
+        };
+        for id in profile_ids {
+            forgotten.insert(id, done.clone());
+        }
+        Ok(Response::new(done))
     }
 
     async fn get_match_model(
@@ -328,5 +385,19 @@ impl IdentityService for IdentityDouble {
             })),
             None => Err(Status::not_found("no profile has this identifier")),
         }
+    }
+}
+
+#[tonic::async_trait]
+impl EventLogService for IdentityDouble {
+    /// Forgets nothing (the double logs no events) and says it forgot every event named.
+    async fn forget_events(
+        &self,
+        request: Request<ingestion::ForgetEventsRequest>,
+    ) -> Result<Response<ingestion::ForgetEventsResponse>, Status> {
+        Ok(Response::new(ingestion::ForgetEventsResponse {
+            events: request.into_inner().event_ids.len() as i64,
+            quarantined: 0,
+        }))
     }
 }
