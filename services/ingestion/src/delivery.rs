@@ -6,7 +6,11 @@
 //! `delivery_batch` in all, shared fairly), merged in log order, are resolved by one identity
 //! call and applied by one profile call, then each partition's cursor moves. One call per
 //! round rather than one per partition keeps a replica from contending with itself for the
-//! same people's locks downstream, and makes the downstream batches larger.
+//! same people's locks downstream, and makes the downstream batches larger. Rounds overlap by
+//! one stage: the next round is read and resolved while the current one is applied, so the
+//! dispatcher waits for the slower of the two calls rather than for their sum; rounds still
+//! apply one at a time, in log order, and the next round is used only when it was read from
+//! exactly where the current one left the leases.
 //! An event identity suppresses (it belongs to a person deleted under the GDPR) is not applied:
 //! it is deleted from the log, with its dedup key, after the apply call and before the cursor
 //! moves.
@@ -56,17 +60,6 @@ enum DeliveryError {
     Mismatch { got: usize, want: usize },
 }
 
-/// What pushing a batch down the pipeline did.
-#[derive(Debug, Default)]
-struct Pushed {
-    /// How long resolving took.
-    resolve: Duration,
-    /// How long applying took.
-    apply: Duration,
-    /// The events identity suppressed (of deleted people): not applied, to be forgotten.
-    suppressed: Vec<Uuid>,
-}
-
 pub(crate) struct Dispatcher {
     id: String,
     log: Arc<dyn EventLog>,
@@ -113,6 +106,7 @@ impl Dispatcher {
         let mut last_backlog: Option<Instant> = None;
         let mut backlog_took = Duration::ZERO;
         let mut backoff = MIN_BACKOFF;
+        let mut ahead: Option<Prepared> = None;
         tracing::info!(dispatcher = %self.id, partitions = self.partitions, "delivery started");
         while !shutdown.is_cancelled() {
             if renewed.is_none_or(|at| at.elapsed() >= lease_for / 3) {
@@ -141,25 +135,54 @@ impl Dispatcher {
                 backlog_took = measuring.elapsed();
             }
             // One round delivers the leased partitions together: one resolve call and one
-            // apply call for all of them, so a replica never contends with itself.
-            let (delivered, failed) = match self.deliver_round(&mut leases).await {
-                Ok(delivered) => (delivered, false),
+            // apply call for all of them, so a replica never contends with itself. The next
+            // round is read and resolved while this one is applied (rounds still apply in
+            // order); it is used only if it was read from where this one leaves the leases.
+            let current = match ahead.take() {
+                Some(next) if next.from == leases && next.delivered > 0 => Ok(next),
+                _ => self.prepare(&leases).await,
+            };
+            let current = match current {
+                Ok(current) => current,
                 Err(e) => {
                     metrics::counter!("tessera_ingestion_delivery_failures_total").increment(1);
                     tracing::warn!(error = %e, "delivery failed, will retry");
-                    (0, true)
+                    backoff = pause(&shutdown, backoff, max_backoff).await;
+                    continue;
                 }
             };
-            if failed {
-                backoff = pause(&shutdown, backoff, max_backoff).await;
-                continue;
-            }
-            backoff = MIN_BACKOFF;
-            if delivered == 0 {
+            if current.delivered == 0 {
                 tokio::select! {
                     () = self.wake.notified() => {}
                     () = tokio::time::sleep(poll) => {}
                     () = shutdown.cancelled() => {}
+                }
+                continue;
+            }
+            let after = current.after();
+            let moves: Vec<i32> = current.moves.iter().map(|(p, _)| *p).collect();
+            let (committed, next) = tokio::join!(self.commit(current), self.prepare(&after));
+            match committed {
+                Ok(moved) => {
+                    backoff = MIN_BACKOFF;
+                    if moved.len() == moves.len() {
+                        leases = after;
+                        // A failed read ahead is read again, and reports its error, next round.
+                        ahead = next.ok();
+                    } else {
+                        // A lease was lost: keep the others where they moved to.
+                        leases = after
+                            .into_iter()
+                            .filter(|l| {
+                                moved.contains(&l.partition) || !moves.contains(&l.partition)
+                            })
+                            .collect();
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!("tessera_ingestion_delivery_failures_total").increment(1);
+                    tracing::warn!(error = %e, "delivery failed, will retry");
+                    backoff = pause(&shutdown, backoff, max_backoff).await;
                 }
             }
         }
@@ -211,11 +234,13 @@ impl Dispatcher {
         }
     }
 
-    /// Delivers the next events of the leased partitions in one batch of at most
-    /// `delivery_batch` events, shared fairly among the partitions that have some, merged in
-    /// log order (each partition's own order is kept). Moves the cursors of the partitions
-    /// that delivered and drops the leases found lost. Returns how many events were delivered.
-    async fn deliver_round(&self, leases: &mut Vec<Lease>) -> Result<usize, DeliveryError> {
+    /// Reads the next events of `leases` for one round of at most `delivery_batch` events,
+    /// shared fairly among the partitions that have some and merged in log order (each
+    /// partition's own order is kept), and resolves them: everything but the apply call, which
+    /// [`Self::commit`] makes. Resolving is idempotent per event id, so a prepared round that is
+    /// never committed (the round before it failed, or the leases changed) costs nothing but
+    /// the work: the events are resolved to the same answers when read again.
+    async fn prepare(&self, leases: &[Lease]) -> Result<Prepared, DeliveryError> {
         let started = Instant::now();
         let limit = self.settings.delivery_batch.max(1);
         let batches = read_round(self.log.as_ref(), leases, limit).await?;
@@ -225,36 +250,79 @@ impl Dispatcher {
         for (batch, take) in batches.iter().zip(&takes) {
             round.extend(&batch[..*take]);
         }
-        if round.is_empty() {
-            return Ok(0);
-        }
+        let moves: Vec<(i32, Cursor)> = batches
+            .iter()
+            .zip(&takes)
+            .zip(leases)
+            .filter(|((_, take), _)| **take > 0)
+            .map(|((batch, take), lease)| (lease.partition, batch[*take - 1].cursor))
+            .collect();
         // Within a partition cursors increase, so sorting by cursor keeps each partition's
         // order and interleaves the partitions as the log does.
         round.sort_by_key(|e| (e.cursor.txid, e.cursor.seq));
         let delivered = round.len();
         let read = started.elapsed();
         let events = decode(&round);
-        let pushed = if events.is_empty() {
-            Pushed::default()
+        // The round's calls are one trace, linked to the events' own traces.
+        let span = if trace_context::enabled() && !events.is_empty() {
+            tracing::info_span!(parent: None, "ingestion.deliver_round", events = events.len())
         } else {
-            // The round's calls are one trace, linked to the events' own traces.
-            let round = if trace_context::enabled() {
-                tracing::info_span!(parent: None, "ingestion.deliver_round", events = events.len())
-            } else {
-                tracing::Span::none()
-            };
-            self.push(events).instrument(round).await?
+            tracing::Span::none()
         };
-        let (resolve, apply) = (pushed.resolve, pushed.apply);
-        // Before the cursors move: a failure retries the round, and the suppressed events are
-        // suppressed again.
-        if !pushed.suppressed.is_empty() {
+        let mut prepared = Prepared {
+            from: leases.to_vec(),
+            moves,
+            delivered,
+            read,
+            resolve: Duration::ZERO,
+            request: None,
+            suppressed: Vec::new(),
+            spans: Vec::new(),
+            span,
+        };
+        if !events.is_empty() {
+            let resolving = Instant::now();
+            let span = prepared.span.clone();
+            self.resolve(events, &mut prepared).instrument(span).await?;
+            prepared.resolve = resolving.elapsed();
+        }
+        Ok(prepared)
+    }
+
+    /// Applies a prepared round, forgets the events identity suppressed (before the cursors
+    /// move: a failure retries the round, and the suppressed events are suppressed again),
+    /// then moves the cursors of the partitions that delivered. Returns the partitions whose
+    /// cursors moved (a lease found lost is not among them).
+    async fn commit(&self, prepared: Prepared) -> Result<Vec<i32>, DeliveryError> {
+        let Prepared {
+            moves,
+            delivered,
+            read,
+            resolve,
+            request,
+            suppressed,
+            spans,
+            span,
+            ..
+        } = prepared;
+        let applying = Instant::now();
+        if let Some(request) = request {
+            self.profile
+                .clone()
+                .apply_events(request)
+                .instrument(span)
+                .await
+                .map_err(|status| DeliveryError::Peer {
+                    service: "profile",
+                    status,
+                })?;
+        }
+        drop(spans);
+        let apply = applying.elapsed();
+        if !suppressed.is_empty() {
             let forgetting = Instant::now();
-            let forgotten = self
-                .log
-                .forget(&pushed.suppressed, &Person::default())
-                .await?;
-            let suppressed = pushed.suppressed.len();
+            let forgotten = self.log.forget(&suppressed, &Person::default()).await?;
+            let suppressed = suppressed.len();
             metrics::counter!("tessera_ingestion_suppressed_events_total")
                 .increment(suppressed as u64);
             metrics::histogram!("tessera_ingestion_delivery_stage_seconds", "stage" => "forget")
@@ -266,29 +334,14 @@ impl Dispatcher {
             );
         }
         let advancing = Instant::now();
-        let moves: Vec<(i32, Cursor)> = batches
-            .iter()
-            .zip(&takes)
-            .zip(leases.iter())
-            .filter(|((_, take), _)| **take > 0)
-            .map(|((batch, take), lease)| (lease.partition, batch[*take - 1].cursor))
-            .collect();
         let moved = self.log.advance(&self.id, &moves).await?;
-        for (partition, to) in &moves {
-            if moved.contains(partition) {
-                if let Some(lease) = leases.iter_mut().find(|l| l.partition == *partition) {
-                    lease.cursor = *to;
-                }
-            } else {
+        for (partition, _) in &moves {
+            if !moved.contains(partition) {
                 tracing::info!(partition, "delivery lease lost");
             }
         }
-        leases.retain(|lease| {
-            moved.contains(&lease.partition) || !moves.iter().any(|(p, _)| *p == lease.partition)
-        });
         metrics::counter!("tessera_ingestion_events_delivered_total").increment(delivered as u64);
         let advance = advancing.elapsed();
-        let total = started.elapsed();
         for (stage, took) in [
             ("read", read),
             ("resolve", resolve),
@@ -301,6 +354,7 @@ impl Dispatcher {
         metrics::histogram!("tessera_ingestion_delivery_round_events").record(delivered as f64);
         // A slow round says where its time went, so a lagging pipeline can be diagnosed from
         // the logs alone.
+        let total = read + resolve + apply + advance;
         if total >= SLOW_ROUND {
             tracing::warn!(
                 events = delivered,
@@ -311,13 +365,16 @@ impl Dispatcher {
                 "slow delivery round"
             );
         }
-        Ok(delivered)
+        Ok(moved)
     }
 
-    /// Resolves one batch and applies the events that were not suppressed (a suppressed event
-    /// belongs to a deleted person); returns how long each call took and the suppressed events.
-    async fn push(&self, events: Vec<Decoded>) -> Result<Pushed, DeliveryError> {
-        let started = Instant::now();
+    /// Resolves a round's events with one identity call and builds the apply request of the
+    /// events that were not suppressed (a suppressed event belongs to a deleted person).
+    async fn resolve(
+        &self,
+        events: Vec<Decoded>,
+        prepared: &mut Prepared,
+    ) -> Result<(), DeliveryError> {
         // Each event's delivery continues its own trace (none without trace export); the
         // downstream services open their spans for it under this one.
         let spans: Vec<Option<tracing::Span>> = events
@@ -368,11 +425,8 @@ impl Dispatcher {
                 want,
             });
         }
-        let resolve = started.elapsed();
-        let applying = Instant::now();
         let mut merges = Vec::new();
         let mut resolved = Vec::with_capacity(want);
-        let mut suppressed_events = Vec::new();
         for (((event_id, event, _), resolution), trace) in
             events.into_iter().zip(resolutions).zip(traces)
         {
@@ -389,7 +443,7 @@ impl Dispatcher {
             // profile, so the profile never lags the identity graph.
             merges.extend(caused);
             if suppressed {
-                suppressed_events.push(event_id);
+                prepared.suppressed.push(event_id);
                 continue;
             }
             resolved.push(profile_pb::ResolvedEvent {
@@ -402,24 +456,52 @@ impl Dispatcher {
             });
         }
         if !resolved.is_empty() || !merges.is_empty() {
-            self.profile
-                .clone()
-                .apply_events(profile_pb::ApplyEventsRequest {
-                    merges,
-                    events: resolved,
-                })
-                .await
-                .map_err(|status| DeliveryError::Peer {
-                    service: "profile",
-                    status,
-                })?;
+            prepared.request = Some(profile_pb::ApplyEventsRequest {
+                merges,
+                events: resolved,
+            });
         }
-        drop(spans);
-        Ok(Pushed {
-            resolve,
-            apply: applying.elapsed(),
-            suppressed: suppressed_events,
-        })
+        prepared.spans = spans;
+        Ok(())
+    }
+}
+
+/// A delivery round read and resolved, waiting for its apply call.
+struct Prepared {
+    /// The leases (partitions and cursors) the round was read from.
+    from: Vec<Lease>,
+    /// Each delivering partition's cursor after the round.
+    moves: Vec<(i32, Cursor)>,
+    /// How many events the round read (all of them move the cursors).
+    delivered: usize,
+    /// How long reading took.
+    read: Duration,
+    /// How long resolving took.
+    resolve: Duration,
+    /// The apply call, when any event is to be applied or any merge reported.
+    request: Option<profile_pb::ApplyEventsRequest>,
+    /// The events identity suppressed (of deleted people): not applied, to be forgotten.
+    suppressed: Vec<Uuid>,
+    /// Each event's delivery span, open until the apply call ends.
+    spans: Vec<Option<tracing::Span>>,
+    /// The round's span.
+    span: tracing::Span,
+}
+
+impl Prepared {
+    /// The leases as they stand once this round is committed: where the next round reads.
+    fn after(&self) -> Vec<Lease> {
+        self.from
+            .iter()
+            .map(|lease| Lease {
+                partition: lease.partition,
+                cursor: self
+                    .moves
+                    .iter()
+                    .find(|(p, _)| *p == lease.partition)
+                    .map_or(lease.cursor, |(_, to)| *to),
+            })
+            .collect()
     }
 }
 

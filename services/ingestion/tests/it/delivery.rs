@@ -1,7 +1,10 @@
 //! Delivery to doubles of the identity and profile services: an event identity suppresses (it
 //! belongs to a deleted person) never reaches the profile and is deleted from the log, with its
-//! dedup key.
+//! dedup key; the next round is resolved while the current one is applied, and rounds still
+//! apply in log order, each event once, across failed apply calls.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,15 +27,22 @@ use tonic::{Request, Response, Status};
 
 use crate::{Backend, TestDatabase, track};
 
-on_both_backends!(crate::backend; suppressed_events_are_not_applied_and_are_forgotten);
+on_both_backends!(crate::backend;
+    suppressed_events_are_not_applied_and_are_forgotten,
+    rounds_overlap_and_still_apply_in_order_once_across_failures,
+);
 
 /// The user ids of deleted people start with this: the identity double suppresses their events.
 const GONE: &str = "gone-";
 
 /// An identity service that gives each user id its own profile and suppresses the events of
-/// users whose id starts with [`GONE`].
-#[derive(Debug, Clone, Copy)]
-struct IdentityDouble;
+/// users whose id starts with [`GONE`]. It counts the calls that came while an apply call of
+/// the profile double was in flight (`applying`, shared with it).
+#[derive(Debug, Clone, Default)]
+struct IdentityDouble {
+    applying: Arc<AtomicBool>,
+    overlapped: Arc<AtomicUsize>,
+}
 
 impl IdentityDouble {
     fn resolve(
@@ -76,6 +86,9 @@ macro_rules! identity_double {
                 &self,
                 request: Request<identity_pb::ResolveIdentitiesRequest>,
             ) -> Result<Response<identity_pb::ResolveIdentitiesResponse>, Status> {
+                if self.applying.load(Ordering::SeqCst) {
+                    self.overlapped.fetch_add(1, Ordering::SeqCst);
+                }
                 Ok(Response::new(Self::resolve(request.into_inner().records)))
             }
             $(
@@ -109,10 +122,17 @@ identity_double! {
     forget_profile(ForgetProfileRequest) -> ForgetProfileResponse;
 }
 
-/// A profile pipeline that records the event ids of every ApplyEvents call.
+/// A profile pipeline that records the event ids of every ApplyEvents call it answers OK.
+/// When `fail_every` is above 0, every so many calls fail (UNAVAILABLE, nothing recorded);
+/// each call takes `delay` and raises `applying` meanwhile.
 #[derive(Debug, Clone, Default)]
 struct ProfileDouble {
     calls: Arc<Mutex<Vec<Vec<String>>>>,
+    fail_every: usize,
+    delay: Duration,
+    attempts: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    applying: Arc<AtomicBool>,
 }
 
 impl ProfileDouble {
@@ -141,6 +161,14 @@ impl ProfilePipelineService for ProfileDouble {
         &self,
         request: Request<profile_pb::ApplyEventsRequest>,
     ) -> Result<Response<profile_pb::ApplyEventsResponse>, Status> {
+        let attempt = self.attempts.fetch_add(1, Ordering::SeqCst) + 1;
+        self.applying.store(true, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        self.applying.store(false, Ordering::SeqCst);
+        if self.fail_every > 0 && attempt.is_multiple_of(self.fail_every) {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+            return Err(Status::unavailable("the double fails this call"));
+        }
         let ids: Vec<String> = request
             .into_inner()
             .events
@@ -209,7 +237,7 @@ async fn suppressed_events_are_not_applied_and_are_forgotten(backend: Backend) {
     crate::sources::with_test_source(&ingestion).await;
     let profile = ProfileDouble::default();
     let mut peers = GrpcServices::default();
-    peers.add(IdentityServiceServer::new(IdentityDouble));
+    peers.add(IdentityServiceServer::new(IdentityDouble::default()));
     peers.add(ProfilePipelineServiceServer::new(profile.clone()));
     let peers = GrpcTestServer::start(peers).await;
     let stop = Shutdown::new();
@@ -274,4 +302,100 @@ async fn suppressed_events_are_not_applied_and_are_forgotten(backend: Backend) {
 
     stop.cancel();
     delivery.await.unwrap();
+}
+
+/// The next round is read and resolved while the current one is applied; a failed apply call
+/// throws the round read ahead away, and the round is delivered again from where the cursors
+/// were. Every event is applied exactly once, and each person's events in the order they were
+/// logged.
+async fn rounds_overlap_and_still_apply_in_order_once_across_failures(backend: Backend) {
+    const USERS: usize = 4;
+    const PER_USER: usize = 15;
+    let db = TestDatabase::new(backend).await;
+    let store = Database::connect(&db.url(), SCHEMA, &DbSettings::default())
+        .await
+        .unwrap();
+    store.migrate(MIGRATIONS).await.unwrap();
+    let ingestion = Ingestion::new(
+        store,
+        IngestionSettings {
+            poll_interval_ms: 20,
+            // Small rounds, so the events take many of them.
+            delivery_batch: 4,
+            max_backoff_ms: 50,
+            ..IngestionSettings::default()
+        },
+    )
+    .await
+    .unwrap();
+    crate::sources::with_test_source(&ingestion).await;
+    let applying = Arc::new(AtomicBool::new(false));
+    let identity = IdentityDouble {
+        applying: applying.clone(),
+        ..IdentityDouble::default()
+    };
+    let profile = ProfileDouble {
+        fail_every: 3,
+        delay: Duration::from_millis(40),
+        applying,
+        ..ProfileDouble::default()
+    };
+    let mut peers = GrpcServices::default();
+    peers.add(IdentityServiceServer::new(identity.clone()));
+    peers.add(ProfilePipelineServiceServer::new(profile.clone()));
+    let peers = GrpcTestServer::start(peers).await;
+    let mut services = GrpcServices::default();
+    ingestion.register(&mut services);
+    let server = GrpcTestServer::start(services).await;
+    let mut client = crate::sources::client(server.channel().await);
+
+    // Logged before delivery starts, in one request: each person's events in order.
+    let events: Vec<_> = (0..PER_USER)
+        .flat_map(|n| (0..USERS).map(move |u| track(&format!("m-{u}-{n}"), &format!("u{u}"), "E")))
+        .collect();
+    let results = client
+        .ingest_events(IngestEventsRequest { events })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let user_of: HashMap<String, (usize, usize)> = results
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.event_id.clone(), (i % USERS, i / USERS)))
+        .collect();
+    assert_eq!(user_of.len(), USERS * PER_USER);
+
+    let stop = Shutdown::new();
+    let delivery =
+        ingestion.spawn_delivery(peers.lazy_channel(), peers.lazy_channel(), stop.clone());
+    eventually("applied every event", async || {
+        profile.applied().len() >= USERS * PER_USER
+    })
+    .await;
+    // A little longer: a duplicate would come now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    delivery.await.unwrap();
+
+    let applied = profile.applied();
+    assert_eq!(
+        applied.len(),
+        USERS * PER_USER,
+        "an event applied twice: {applied:?}"
+    );
+    let mut next = [0; USERS];
+    for id in &applied {
+        let (user, n) = user_of[id];
+        assert_eq!(n, next[user], "u{user}'s events out of order: {applied:?}");
+        next[user] += 1;
+    }
+    assert!(
+        profile.failed.load(Ordering::SeqCst) >= 3,
+        "the double never failed"
+    );
+    assert!(
+        identity.overlapped.load(Ordering::SeqCst) > 0,
+        "no round was resolved while another was applied"
+    );
 }
