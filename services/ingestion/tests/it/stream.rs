@@ -177,3 +177,51 @@ on_both_backends!(
     an_oversized_chunk_fails_the_call_and_earlier_chunks_stay,
     lists_the_first_thousand_rejections_and_counts_all,
 );
+
+/// A stream is answered after its last chunk, so the server's request timeout does not cut it:
+/// only the client's deadline bounds it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_outlives_the_servers_request_timeout() {
+    use futures::StreamExt;
+
+    let dir = tessera_testkit::TestSqlite::new();
+    let db = tessera_store::Database::connect(
+        &dir.url("ingestion.db"),
+        tessera_ingestion::SCHEMA,
+        &tessera_store::DbSettings::default(),
+    )
+    .await
+    .unwrap();
+    db.migrate(tessera_ingestion::MIGRATIONS).await.unwrap();
+    let ingestion =
+        tessera_ingestion::Ingestion::new(db, tessera_ingestion::IngestionSettings::default())
+            .await
+            .unwrap();
+    sources::with_test_source(&ingestion).await;
+    let mut services = tessera_server::GrpcServices::default();
+    ingestion.register(&mut services);
+    let server = tessera_testkit::GrpcTestServer::start_with(
+        services,
+        tessera_server::EdgeSettings {
+            request_timeout_ms: 100,
+            ..tessera_server::EdgeSettings::default()
+        },
+    )
+    .await;
+    let mut client = sources::client(server.channel().await);
+
+    // Three chunks 150 ms apart: the call lasts over 300 ms.
+    let chunks = (0..3).map(|n| chunk(vec![track(&format!("slow-{n}"), "u1", "A")]));
+    let slow = stream::iter(chunks).then(|c| async move {
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        c
+    });
+    let started = std::time::Instant::now();
+    let summary = client
+        .stream_ingest_events(slow)
+        .await
+        .expect("not cut by the request timeout")
+        .into_inner();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    assert_eq!((summary.accepted, summary.rejected), (3, 0));
+}
