@@ -441,20 +441,53 @@ impl Matching {
         // A profile already matched with this model, whose attributes did not change since,
         // is not matched again: profiles that arrived since were matched against it from their
         // side. A new model, or new attributes, match it again.
-        for entry in index.iter().filter(|e| pending.contains(&e.profile_id)) {
-            let rows = self.store.candidates(&entry.keys, cap).await?;
+        let pending: Vec<&IndexEntry> = index
+            .iter()
+            .filter(|e| pending.contains(&e.profile_id))
+            .collect();
+        // The blocks of every pending profile in one read, not one per profile (the profile
+        // service sends a batch's survivors back here: hundreds after a batch match). A
+        // profile merged away by an earlier decision of this call has lost its keys: it is
+        // left out from then on, as a read after the merge would leave it out.
+        let keys: Vec<String> = pending
+            .iter()
+            .flat_map(|e| e.keys.iter().cloned())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let rows = if keys.is_empty() {
+            Vec::new()
+        } else {
+            self.store.candidates(&keys, cap).await?
+        };
+        let mut blocks: HashMap<&str, Vec<(Uuid, &str)>> = HashMap::new();
+        for (key, profile, attributes) in &rows {
+            blocks
+                .entry(key.as_str())
+                .or_default()
+                .push((*profile, attributes.as_str()));
+        }
+        let mut gone: std::collections::HashSet<Uuid> = std::collections::HashSet::new();
+        let mut matched: Vec<(Uuid, &str)> = Vec::with_capacity(pending.len());
+        for entry in pending {
             let mut nearby: MemoryIndex<Uuid> = MemoryIndex::default();
-            let mut filed: HashMap<Uuid, (String, Vec<BlockKey>)> = HashMap::new();
-            for (key, profile, attributes) in rows {
-                let slot = filed
-                    .entry(profile)
-                    .or_insert_with(|| (attributes, Vec::new()));
-                if let Some(key) = parse_key(&key) {
-                    slot.1.push(key);
+            let mut filed: HashMap<Uuid, (&str, Vec<BlockKey>)> = HashMap::new();
+            let own: std::collections::BTreeSet<&String> = entry.keys.iter().collect();
+            for key in own {
+                for (profile, attributes) in blocks.get(key.as_str()).into_iter().flatten() {
+                    if gone.contains(profile) {
+                        continue;
+                    }
+                    let slot = filed
+                        .entry(*profile)
+                        .or_insert_with(|| (attributes, Vec::new()));
+                    if let Some(key) = parse_key(key) {
+                        slot.1.push(key);
+                    }
                 }
             }
             for (profile, (attributes, keys)) in filed {
-                nearby.upsert(profile, self.parse_attributes(&attributes), keys);
+                nearby.upsert(profile, self.parse_attributes(attributes), keys);
             }
             let Some((attributes, _)) = entries.get(&entry.profile_id) else {
                 continue;
@@ -466,6 +499,7 @@ impl Matching {
                 attributes,
                 &mut scratch,
             );
+            let merged_before = outcome.merges.len();
             for candidate in scored {
                 self.decide(
                     rules,
@@ -476,9 +510,17 @@ impl Matching {
                 )
                 .await?;
             }
-            // Only once its decisions are stored: a failure before this matches it again.
-            self.store.mark_matched(entry.profile_id, version).await?;
+            gone.extend(
+                outcome.merges[merged_before..]
+                    .iter()
+                    .map(|m| m.merged_profile_id),
+            );
+            matched.push((entry.profile_id, entry.attributes.as_str()));
         }
+        // Only once their decisions are stored: a failure before this matches them again
+        // (merging and suggesting again find nothing new). A profile whose attributes another
+        // call changed meanwhile stays unmatched, to be matched with them.
+        self.store.mark_matched(&matched, version).await?;
         Ok(outcome)
     }
 

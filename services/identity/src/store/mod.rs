@@ -195,8 +195,13 @@ pub(crate) trait MatchStore: Send + Sync {
         model_version: Option<i64>,
     ) -> Result<Vec<Uuid>, IdentityError>;
 
-    /// Records that `profile` was matched with `model_version`.
-    async fn mark_matched(&self, profile: Uuid, model_version: i64) -> Result<(), IdentityError>;
+    /// Records that each (profile, attributes JSON) of `profiles` was matched with
+    /// `model_version`, where its stored attributes are still those.
+    async fn mark_matched(
+        &self,
+        profiles: &[(Uuid, &str)],
+        model_version: i64,
+    ) -> Result<(), IdentityError>;
 
     /// For each of `keys` held by at most `cap` profiles: the key, each profile holding it and
     /// that profile's attributes (JSON).

@@ -23,6 +23,7 @@ on_both_backends!(
     a_batch_match_is_refused_while_another_runs_until_its_lease_expires,
     run_batch_match_outlives_the_request_timeout_and_answers_the_jobs_summary,
     a_batch_matchs_merges_reach_the_profile_service_in_one_call,
+    survivors_sent_back_after_a_batch_are_matched_in_a_few_statements,
 );
 
 /// Person `n`'s traits (see `tessera_testkit::people`).
@@ -658,4 +659,107 @@ async fn a_batch_matchs_merges_reach_the_profile_service_in_one_call(b: &Backend
     let calls = double.calls.lock().unwrap().clone();
     assert_eq!(calls.len(), 1, "one call for {} merges", decided.len());
     assert_eq!(calls[0], decided, "in the order they were decided");
+}
+
+thread_local! {
+    /// The statements sqlx ran on this thread (Postgres runs them on the caller's task; the
+    /// SQLite driver on a thread of its own, so this counts only Postgres').
+    static STATEMENTS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts sqlx's `sqlx::query` events (one per statement) per thread; the process-wide default
+/// subscriber of this test binary once installed.
+struct Statements;
+
+impl tracing::Subscriber for Statements {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        metadata.target() == "sqlx::query"
+    }
+    fn new_span(&self, _span: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _span: &tracing::span::Id, _values: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _span: &tracing::span::Id, _follows: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        if event.metadata().target() == "sqlx::query" {
+            STATEMENTS.with(|n| n.set(n.get() + 1));
+        }
+    }
+    fn enter(&self, _span: &tracing::span::Id) {}
+    fn exit(&self, _span: &tracing::span::Id) {}
+}
+
+/// The model version `profile` was last matched with, if any.
+async fn matched_version(db: &Database, profile: Uuid) -> Option<i64> {
+    match db {
+        Database::Postgres(pool) => {
+            sqlx::query_scalar("SELECT matched_version FROM match_attributes WHERE profile_id = $1")
+                .bind(profile)
+                .fetch_one(pool)
+                .await
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query_scalar("SELECT matched_version FROM match_attributes WHERE profile_id = ?1")
+                .bind(profile.to_string())
+                .fetch_one(pool)
+                .await
+        }
+    }
+    .expect("matched version")
+}
+
+/// After a batch match the profile service sends every survivor back with its merged traits
+/// (`MatchProfiles`): they are matched with one read of their blocks and marked matched with
+/// one statement, not two statements per survivor; sent again unchanged, they are skipped.
+async fn survivors_sent_back_after_a_batch_are_matched_in_a_few_statements(b: &Backend) {
+    static INSTALLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let counting =
+        *INSTALLED.get_or_init(|| tracing::subscriber::set_global_default(Statements).is_ok());
+    let pairs = population(&b.identity).await;
+    b.identity.train_match_model().await.expect("train");
+    let batch = b.identity.run_batch_match().await.expect("batch");
+    // Each survivor with its merged traits: the copy's surname (the newer record) won.
+    let survivors: Vec<(Uuid, Map<String, Value>)> = batch
+        .outcome
+        .merges
+        .iter()
+        .filter_map(|m| {
+            let n = pairs.iter().position(|(original, copy)| {
+                [*original, *copy].contains(&m.surviving_profile_id)
+            })?;
+            Some((m.surviving_profile_id, typo(n)))
+        })
+        .collect();
+    assert!(survivors.len() >= 27, "{} survivors", survivors.len());
+
+    let before = STATEMENTS.with(std::cell::Cell::get);
+    b.identity
+        .match_profiles(survivors.clone())
+        .await
+        .expect("match");
+    let statements = STATEMENTS.with(std::cell::Cell::get) - before;
+    for (survivor, _) in &survivors {
+        assert_eq!(
+            matched_version(&b.db, *survivor).await,
+            Some(1),
+            "{survivor}"
+        );
+    }
+    if counting && matches!(b.db, Database::Postgres(_)) {
+        // It was 67 for these 30: two per survivor (its blocks, then marked matched).
+        assert!(
+            statements > 0 && statements < 20,
+            "{statements} statements for {} survivors",
+            survivors.len()
+        );
+    }
+    let again = b
+        .identity
+        .match_profiles(survivors)
+        .await
+        .expect("match again");
+    assert!(
+        again.merges.is_empty() && again.suggestions == 0,
+        "{again:?}"
+    );
 }

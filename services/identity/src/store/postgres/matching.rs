@@ -348,12 +348,25 @@ impl MatchStore for PgStore {
         Ok(pending)
     }
 
-    async fn mark_matched(&self, profile: Uuid, model_version: i64) -> Result<(), IdentityError> {
-        sqlx::query("UPDATE match_attributes SET matched_version = $2 WHERE profile_id = $1")
-            .bind(profile)
-            .bind(model_version)
-            .execute(&self.pool)
-            .await?;
+    async fn mark_matched(
+        &self,
+        profiles: &[(Uuid, &str)],
+        model_version: i64,
+    ) -> Result<(), IdentityError> {
+        if profiles.is_empty() {
+            return Ok(());
+        }
+        let (ids, attributes): (Vec<Uuid>, Vec<&str>) = profiles.iter().copied().unzip();
+        sqlx::query(
+            "UPDATE match_attributes m SET matched_version = $3 \
+             FROM unnest($1::uuid[], $2::text[]) AS u (p, a) \
+             WHERE m.profile_id = u.p AND m.attributes = u.a::jsonb",
+        )
+        .bind(&ids)
+        .bind(&attributes)
+        .bind(model_version)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

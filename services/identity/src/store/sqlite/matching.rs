@@ -269,12 +269,30 @@ impl MatchStore for SqliteStore {
         Ok(pending)
     }
 
-    async fn mark_matched(&self, profile: Uuid, model_version: i64) -> Result<(), IdentityError> {
-        sqlx::query("UPDATE match_attributes SET matched_version = ?2 WHERE profile_id = ?1")
-            .bind(profile.to_string())
-            .bind(model_version)
-            .execute(&self.pool)
-            .await?;
+    async fn mark_matched(
+        &self,
+        profiles: &[(Uuid, &str)],
+        model_version: i64,
+    ) -> Result<(), IdentityError> {
+        if profiles.is_empty() {
+            return Ok(());
+        }
+        // A JSON array of [profile, attributes] pairs: one statement for them all.
+        let pairs: Vec<(String, &str)> = profiles
+            .iter()
+            .map(|(id, attributes)| (id.to_string(), *attributes))
+            .collect();
+        let pairs = serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_owned());
+        sqlx::query(
+            "UPDATE match_attributes SET matched_version = ?2 \
+             FROM json_each(?1) AS u \
+             WHERE match_attributes.profile_id = json_extract(u.value, '$[0]') \
+               AND match_attributes.attributes = json_extract(u.value, '$[1]')",
+        )
+        .bind(pairs)
+        .bind(model_version)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
