@@ -46,9 +46,6 @@ pub enum ProfileError {
     /// The ingestion service (its event log) failed.
     #[error("ingestion service: {0}")]
     Ingestion(#[source] Status),
-    /// The cache could not be purged of a deleted profile; the deletion is retried.
-    #[error("the cache could not be purged: {0}")]
-    CachePurge(String),
     /// The scoring service answered something that breaks its contract.
     #[error("scoring service answered badly: {0}")]
     BadScores(String),
@@ -121,7 +118,6 @@ impl ProfileError {
             Self::Database(e) => tessera_store::error_code(e),
             Self::Contention => ErrorCode::Unavailable,
             Self::Identity(s) | Self::Scoring(s) | Self::Ingestion(s) => peer_code(s.code()),
-            Self::CachePurge(_) => ErrorCode::Unavailable,
             Self::NotRebuildable(_) => ErrorCode::FailedPrecondition,
             Self::NotYetApplied(_) => ErrorCode::Unavailable,
             Self::BrokenMergeChain(_)
@@ -192,7 +188,6 @@ impl From<ProfileError> for Status {
             ProfileError::Ingestion(_) if code.is_retryable() => {
                 peer_unavailable("ingestion", &error)
             }
-            ProfileError::CachePurge(_) => peer_unavailable("cache", &error),
             ProfileError::Database(_)
             | ProfileError::BrokenMergeChain(_)
             | ProfileError::Contention

@@ -296,6 +296,7 @@ impl Profiles {
                 match_profiles: settings.match_profiles,
                 match_unimplemented_warned: AtomicBool::new(false),
                 epoch_raises: Arc::default(),
+                purges: Arc::default(),
                 changed: tokio::sync::Notify::new(),
                 account_refresh: tokio::sync::Notify::new(),
                 streams_stop: tessera_server::Shutdown::new(),

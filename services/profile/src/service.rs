@@ -87,6 +87,9 @@ pub(crate) struct Inner {
     /// What this replica knows of the identifier cache's owed epoch raises (see
     /// [`Inner::forget_identifiers`]).
     pub(crate) epoch_raises: Arc<EpochRaises>,
+    /// What this replica knows of the deleted profiles owed a cache tombstone (see
+    /// [`ProfilePurges`]); read by the same poll as the epoch raises.
+    pub(crate) purges: Arc<ProfilePurges>,
 }
 
 fn cache_key(profile_id: &str) -> String {
@@ -254,24 +257,134 @@ impl EpochRaises {
         }
     }
 
-    /// Settles the raises every [`EPOCH_RAISES_POLL`] (and when a lookup asks for a repair)
-    /// until the replica is dropped.
+    /// Settles the raises, and the owed profile purges (`purges`), every [`EPOCH_RAISES_POLL`]
+    /// (and when a lookup asks for a repair) until the replica is dropped.
     async fn run(
         raises: std::sync::Weak<Self>,
+        purges: std::sync::Weak<ProfilePurges>,
         store: Arc<dyn ProfileStore>,
         cache: Arc<dyn Cache>,
     ) {
         loop {
-            let Some(this) = raises.upgrade() else {
+            let (Some(this), Some(purges)) = (raises.upgrade(), purges.upgrade()) else {
                 return;
             };
             this.settle(&*store, &*cache, OffsetDateTime::now_utc())
                 .await;
+            purges.settle(&*store, &*cache).await;
+            drop(purges);
             // Held for at most one poll: the task ends once the replica is dropped.
             tokio::select! {
                 () = this.wake.notified() => {}
                 () = tokio::time::sleep(EPOCH_RAISES_POLL) => {}
             }
+        }
+    }
+}
+
+/// The most owed profile purges a replica keeps in memory: with more owed (a long cache outage
+/// during a wave of deletions) no cached profile is trusted until they are fewer.
+const MAX_OWED_PURGES: usize = 10_000;
+
+/// The tombstone a deleted profile's cache entry gets: at the highest version, so a read that
+/// loaded the profile before the deletion can never put it back.
+const PURGED: Versioned = Versioned {
+    version: i64::MAX,
+    bytes: None,
+};
+
+/// One replica's view of the deleted profiles whose cache entry is owed a tombstone (table
+/// `profile_cache_purges`, written in the deletion's transaction), read on every GetProfile
+/// without a database query: refreshed every [`EPOCH_RAISES_POLL`] by the epoch raises' task,
+/// which also retries the tombstones, and at once when this replica deletes. While a profile
+/// is owed, no cached copy of it is trusted (Redis may still hold it, or this replica's near
+/// cache), so the database answers NOT_FOUND.
+#[derive(Debug, Default)]
+pub(crate) struct ProfilePurges {
+    state: std::sync::RwLock<PurgeState>,
+}
+
+#[derive(Debug, Default)]
+struct PurgeState {
+    /// The profiles owed a tombstone; `None` while not known (before the first read, after a
+    /// failed one, or more than [`MAX_OWED_PURGES`]): then no cached profile is trusted.
+    owed: Option<BTreeSet<String>>,
+    /// Bumped by every deletion this replica commits; a refresh that read the database before
+    /// one publishes nothing (it may not have seen its rows).
+    records: u64,
+}
+
+impl ProfilePurges {
+    /// Whether a cached copy of `profile_id` must not be trusted.
+    fn owed(&self, profile_id: &str) -> bool {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state
+            .owed
+            .as_ref()
+            .is_none_or(|owed| owed.contains(profile_id))
+    }
+
+    /// A deletion of `profile_ids` committed (with their owed purges).
+    fn mark_owed(&self, profile_ids: &[String]) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        state.records += 1;
+        if let Some(owed) = &mut state.owed {
+            owed.extend(profile_ids.iter().cloned());
+        }
+    }
+
+    /// Reads the owed purges, puts their tombstones in the cache, forgets those it took, and
+    /// publishes what is still owed. Safe on every replica at once: a tombstone at the highest
+    /// version is put any number of times, and the replica's own put drops its near-cache copy
+    /// (so a replica that saw a purge owed never trusts its near cache for it again).
+    async fn settle(&self, store: &dyn ProfileStore, cache: &dyn Cache) {
+        let records = self.state.read().unwrap_or_else(|e| e.into_inner()).records;
+        let owed = match store.owed_purges(MAX_OWED_PURGES).await {
+            Ok(owed) => owed,
+            Err(e) => {
+                // Not knowing is owing: GetProfile reads the database meanwhile.
+                tracing::warn!(error = %e, "reading the owed profile purges failed");
+                self.publish(records, None);
+                return;
+            }
+        };
+        let complete = owed.len() < MAX_OWED_PURGES;
+        let mut purged = Vec::new();
+        for id in &owed {
+            match cache.put_if_newer(&cache_key(id), PURGED).await {
+                // Not stored: the tombstone is there already.
+                Ok(_) => purged.push(id.clone()),
+                Err(e) => {
+                    // The cache is down: the others would fail alike.
+                    cache_error("put", id, &e);
+                    break;
+                }
+            }
+        }
+        let mut owed: BTreeSet<String> = owed.into_iter().collect();
+        if !purged.is_empty() {
+            match store.finish_purges(&purged).await {
+                Ok(()) => {
+                    for id in &purged {
+                        owed.remove(id);
+                    }
+                    tracing::info!(
+                        profiles = purged.len(),
+                        "put the owed tombstones of deleted profiles"
+                    );
+                }
+                Err(e) => tracing::warn!(error = %e, "forgetting purged profiles failed"),
+            }
+        }
+        self.publish(records, complete.then_some(owed));
+    }
+
+    /// Publishes `owed`, read when this replica had committed `records` deletions, unless it
+    /// committed one since.
+    fn publish(&self, records: u64, owed: Option<BTreeSet<String>>) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        if state.records == records {
+            state.owed = owed;
         }
     }
 }
@@ -307,7 +420,14 @@ impl Inner {
         if let Some(as_of) = as_of {
             return self.profile_as_of(&profile_id, &as_of).await;
         }
-        if let Some(profile) = self.cached(&profile_id).await {
+        // A deleted profile whose tombstone the cache has not taken yet (it was unreachable
+        // during the deletion, or the deleting replica died): any cached copy is stale, the
+        // database answers.
+        let trusted = !self.purges().await.owed(&profile_id);
+        if !trusted {
+            metrics::counter!("tessera_profile_cache_bypassed_total").increment(1);
+        }
+        if trusted && let Some(profile) = self.cached(&profile_id).await {
             metrics::counter!("tessera_profile_cache_hits_total").increment(1);
             return Ok(profile);
         }
@@ -315,6 +435,7 @@ impl Inner {
         // and take its fill from the cache.
         let flight = self.flights.join(&profile_id).await;
         if flight.waited
+            && trusted
             && let Some(profile) = self.cached(&profile_id).await
         {
             metrics::counter!("tessera_profile_cache_hits_total").increment(1);
@@ -842,9 +963,12 @@ impl Inner {
 
     /// Deletes a person (GDPR right to erasure): see `ProfileService.DeleteProfile`. The
     /// identity service forgets the component first (so nothing links to it any more and its
-    /// later events are suppressed), then the store deletes the profiles, the cache gets
-    /// tombstones no fill can supersede, and the event log forgets the events. Each step is
-    /// idempotent, so a failed deletion is finished by calling again with the profile id.
+    /// later events are suppressed), then the store deletes the profiles (and records their
+    /// cache tombstones as owed), the cache gets the tombstones no fill can supersede, and the
+    /// event log forgets the events. A cache that cannot take the tombstones does not fail the
+    /// deletion: they stay owed in the database until some replica puts them
+    /// ([`ProfilePurges`]). Each step is idempotent, so a failed deletion is finished by
+    /// calling again with the profile id.
     async fn delete(
         &self,
         request: pb::DeleteProfileRequest,
@@ -895,21 +1019,22 @@ impl Inner {
         // No cached identifier leads to them any more.
         self.forget_identifiers(raise).await;
         let deleted = deleted?;
+        // No replica trusts a cached copy of them until the owed tombstones are in the cache.
+        let purges = self.purges().await;
+        purges.mark_owed(&deleted.profile_ids);
         self.changed.notify_waiters();
         // Their accounts are rescored without them by the account refresh.
         self.account_refresh.notify_one();
         count_membership_changes(&deleted.exits);
-        // A tombstone at the highest version: a read that loaded the profile before the
-        // deletion can never put it back.
-        for id in &deleted.profile_ids {
-            let tombstone = Versioned {
-                version: i64::MAX,
-                bytes: None,
-            };
-            self.cache
-                .put_if_newer(&cache_key(id), tombstone)
-                .await
-                .map_err(|e| ProfileError::CachePurge(e.to_string()))?;
+        purges.settle(&*self.store, &*self.cache).await;
+        if deleted.profile_ids.iter().any(|id| purges.owed(id)) {
+            // Deleted all the same: every replica keeps refusing their cached copies and puts
+            // the tombstones once the cache answers.
+            metrics::counter!("tessera_profile_cache_purges_owed_total").increment(1);
+            tracing::warn!(
+                profile_id = %live,
+                "cache unavailable, the deleted profiles' tombstones are owed until it answers"
+            );
         }
         let events: BTreeSet<String> = deleted
             .event_ids
@@ -1158,14 +1283,23 @@ impl Inner {
                 raises
                     .settle(&*self.store, &*self.cache, OffsetDateTime::now_utc())
                     .await;
+                self.purges.settle(&*self.store, &*self.cache).await;
                 tokio::spawn(EpochRaises::run(
                     Arc::downgrade(&self.epoch_raises),
+                    Arc::downgrade(&self.purges),
                     self.store.clone(),
                     self.cache.clone(),
                 ));
             })
             .await;
         raises
+    }
+
+    /// This replica's [`ProfilePurges`], read once from the database (with the epoch raises)
+    /// on first use.
+    async fn purges(&self) -> &ProfilePurges {
+        self.epoch_raises().await;
+        &self.purges
     }
 
     /// The live profile id `identifier` names, asked of the identity service.

@@ -282,6 +282,8 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
     /// and logged changes. They are remembered as deleted (a batch that still names one skips
     /// it), and every audience exit and one `deleted` change for `live` are logged. Idempotent:
     /// deleting again deletes nothing more and logs nothing.
+    /// Every profile id of the answer is owed a cache tombstone
+    /// ([`ProfileStore::owed_purges`]) from the same transaction, also when deleting again.
     async fn delete(
         &self,
         live: &str,
@@ -378,6 +380,14 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
     /// Forgets the raises `ids`, covered by a raise of the cache's epoch to `epoch` that
     /// started after they were due, and keeps `epoch` as the floor if it is higher.
     async fn finish_identifier_raises(&self, ids: &[i64], epoch: i64) -> Result<(), ProfileError>;
+
+    /// The deleted profiles whose cache entry is owed a tombstone ([`ProfileStore::delete`]
+    /// records them in its transaction), at most `limit`, in id order.
+    async fn owed_purges(&self, limit: usize) -> Result<Vec<String>, ProfileError>;
+
+    /// Forgets the owed purges of `profile_ids`: the cache holds their tombstones. Forgetting
+    /// twice (two replicas purged them) changes nothing.
+    async fn finish_purges(&self, profile_ids: &[String]) -> Result<(), ProfileError>;
 }
 
 /// The identifier cache's owed epoch raises ([`ProfileStore::identifier_raises`]).

@@ -281,6 +281,19 @@ impl ProfileStore for PostgresStore {
             now,
         )
         .await?;
+        if !deleted.profile_ids.is_empty() {
+            // Owed until the cache took their tombstones, committed with the deletion so no
+            // failure or crash after it loses them.
+            sqlx::query(
+                "INSERT INTO profile_cache_purges (profile_id, recorded_at) \
+                 SELECT id, $2 FROM UNNEST($1::text[]) AS ids(id) \
+                 ON CONFLICT (profile_id) DO NOTHING",
+            )
+            .bind(&deleted.profile_ids)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(deleted)
     }
@@ -477,6 +490,24 @@ impl ProfileStore for PostgresStore {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    async fn owed_purges(&self, limit: usize) -> Result<Vec<String>, ProfileError> {
+        Ok(sqlx::query_scalar(
+            "SELECT profile_id FROM profile_cache_purges ORDER BY profile_id COLLATE \"C\" \
+             LIMIT $1",
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn finish_purges(&self, profile_ids: &[String]) -> Result<(), ProfileError> {
+        sqlx::query("DELETE FROM profile_cache_purges WHERE profile_id = ANY($1)")
+            .bind(profile_ids)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 }

@@ -300,6 +300,18 @@ impl ProfileStore for SqliteStore {
             now,
         )
         .await?;
+        // Owed until the cache took their tombstones, committed with the deletion so no
+        // failure or crash after it loses them.
+        for id in &deleted.profile_ids {
+            sqlx::query(
+                "INSERT INTO profile_cache_purges (profile_id, recorded_at) VALUES (?1, ?2) \
+                 ON CONFLICT (profile_id) DO NOTHING",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(deleted)
     }
@@ -519,6 +531,27 @@ impl ProfileStore for SqliteStore {
             .bind(epoch)
             .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn owed_purges(&self, limit: usize) -> Result<Vec<String>, ProfileError> {
+        Ok(sqlx::query_scalar(
+            "SELECT profile_id FROM profile_cache_purges ORDER BY profile_id LIMIT ?1",
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn finish_purges(&self, profile_ids: &[String]) -> Result<(), ProfileError> {
+        let mut tx = self.pool.begin().await?;
+        for id in profile_ids {
+            sqlx::query("DELETE FROM profile_cache_purges WHERE profile_id = ?1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(())
     }

@@ -17,7 +17,9 @@ use tessera_proto::convert::to_timestamp;
 use tessera_proto::identity::v1 as identity;
 use tessera_proto::profile::v1 as pb;
 use tessera_proto::profile::v1::get_profile_request::Lookup;
-use tessera_store::{Cache, Database, DbSettings, NearCacheSettings, RedisCache, Versioned};
+use tessera_store::{
+    Cache, CacheError, Database, DbSettings, NearCacheSettings, RedisCache, Versioned,
+};
 use tessera_testkit::redis_url;
 use time::OffsetDateTime;
 use time::macros::datetime;
@@ -96,6 +98,35 @@ impl Drop for RedisProxy {
     fn drop(&mut self) {
         self.down();
         self.accept.abort();
+    }
+}
+
+/// A cache whose writes fail while `refusing` is set, and whose reads still answer: as Redis
+/// out of memory under `noeviction` refuses writes and serves reads.
+#[derive(Debug)]
+struct RefusingWrites {
+    inner: Arc<dyn Cache>,
+    refusing: Arc<AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl Cache for RefusingWrites {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, CacheError> {
+        self.inner.get(key).await
+    }
+
+    async fn put_if_newer(&self, key: &str, value: Versioned) -> Result<bool, CacheError> {
+        if self.refusing.load(Ordering::SeqCst) {
+            return Err(CacheError::Down);
+        }
+        self.inner.put_if_newer(key, value).await
+    }
+
+    async fn remove(&self, key: &str) -> Result<(), CacheError> {
+        if self.refusing.load(Ordering::SeqCst) {
+            return Err(CacheError::Down);
+        }
+        self.inner.remove(key).await
     }
 }
 
@@ -310,25 +341,18 @@ async fn a_deletion_while_redis_is_unreachable_never_serves_the_deleted_profile_
 
     proxy.down();
     // Identity forgets the person and the store deletes them; the raise and the tombstones
-    // cannot reach Redis, so the deletion fails (calling again finishes it).
-    let failed = a.delete(Delete::ProfileId("p1".to_owned())).await;
-    assert!(failed.is_err(), "{failed:?}");
+    // cannot reach Redis, and stay owed in the database (the deletion succeeds).
+    let deleted = a.delete(Delete::ProfileId("p1".to_owned())).await;
+    assert!(deleted.is_ok(), "{deleted:?}");
     proxy.up();
-    // The stale `u2 -> p1` (and p1's cache entry) are still in Redis and in B's near cache:
-    // the owed raise keeps A from trusting them at once, B within a poll.
-    let not_found = |replica: &'static str, answer: Result<pb::Profile, tonic::Status>| {
-        assert_eq!(
-            answer.as_ref().map_err(tonic::Status::code).err(),
-            Some(Code::NotFound),
-            "{replica} answered {answer:?}"
-        );
-    };
+    // The stale `u2 -> p1` is still in Redis and in B's near cache: the owed raise keeps A
+    // from trusting it at once, B within a poll.
     not_found("a", a.get(u2()).await);
     tokio::time::sleep(Duration::from_millis(600)).await;
     not_found("b", b.get(u2()).await);
     not_found("a", a.get(u2()).await);
 
-    // Finished by calling again once Redis is back (A may take a moment to reconnect); the
+    // Calling again once Redis is back (A may take a moment to reconnect) repeats it; the
     // person stays gone through both replicas.
     let mut finished = a.delete(Delete::ProfileId("p1".to_owned())).await;
     for _ in 0..50 {
@@ -343,6 +367,185 @@ async fn a_deletion_while_redis_is_unreachable_never_serves_the_deleted_profile_
     not_found("a", a.get(u2()).await);
     not_found("b", b.get(u2()).await);
     not_found("b", b.get(Lookup::ProfileId("p1".to_owned())).await);
+}
+
+fn p1() -> Lookup {
+    Lookup::ProfileId("p1".to_owned())
+}
+
+fn not_found(replica: &str, answer: Result<pb::Profile, tonic::Status>) {
+    assert_eq!(
+        answer.as_ref().map_err(tonic::Status::code).err(),
+        Some(Code::NotFound),
+        "{replica} answered {answer:?}"
+    );
+}
+
+/// Waits until Redis itself holds the tombstones of p1 and p2 and no purge is owed any more.
+async fn until_purged(env: &Env) {
+    let redis = redis_at(env, &redis_url());
+    let db = Database::connect(env.db.url(), SCHEMA, &DbSettings::default())
+        .await
+        .unwrap();
+    let store = store::open(db.clone());
+    let tombstone = Some(Versioned {
+        version: i64::MAX,
+        bytes: None,
+    });
+    for _ in 0..100 {
+        let p1 = redis.get("profile:p1").await.unwrap();
+        let p2 = redis.get("profile:p2").await.unwrap();
+        if p1 == tombstone && p2 == tombstone && store.owed_purges(10).await.unwrap().is_empty() {
+            db.close().await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the owed tombstones never reached Redis");
+}
+
+#[tokio::test]
+async fn a_deletion_while_redis_is_unreachable_never_serves_the_deleted_profile_by_id() {
+    use pb::delete_profile_request::Lookup as Delete;
+    let env = Env::new().await;
+    let proxy = RedisProxy::start().await;
+    // A reaches Redis through the proxy; B directly, with a near cache, and never loses it.
+    let a = env
+        .replica_with(redis_at(&env, &proxy.url()), env.scoring.lazy_channel())
+        .await;
+    let b = env
+        .replica_with(near_redis(&env), env.scoring.lazy_channel())
+        .await;
+    // p1 is cached in Redis and in B's near cache.
+    merged_and_cached(&env, &a, &[&a, &b]).await;
+    for replica in [&a, &b] {
+        for _ in 0..2 {
+            assert_eq!(replica.get(p1()).await.unwrap().profile_id, "p1");
+        }
+    }
+
+    proxy.down();
+    // The store deletes the person; the tombstones cannot reach Redis and stay owed in the
+    // database: the deletion itself is done, so the call succeeds.
+    let deleted = a
+        .delete(Delete::ProfileId("p1".to_owned()))
+        .await
+        .expect("a deletion succeeds with Redis unreachable");
+    assert_eq!(deleted.profile_ids, ["p1", "p2"]);
+    proxy.up();
+    // A owes the tombstones: it does not trust a cached p1 at once.
+    not_found("a", a.get(p1()).await);
+    // B learns of them within a poll, and its near cache is not trusted either.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    not_found("b", b.get(p1()).await);
+    // A reconnects to Redis (within a second of its failure) and never reads the stale entry.
+    for _ in 0..20 {
+        not_found("a", a.get(p1()).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    not_found("b", b.get(p1()).await);
+    // The tombstones were put (by B, which reaches Redis), and the cache is trusted again.
+    until_purged(&env).await;
+    not_found("a", a.get(p1()).await);
+    not_found("b", b.get(p1()).await);
+}
+
+#[tokio::test]
+async fn a_deletion_whose_replica_died_before_redis_came_back_is_purged_by_another() {
+    use pb::delete_profile_request::Lookup as Delete;
+    let env = Env::new().await;
+    let proxy = RedisProxy::start().await;
+    let a = env
+        .replica_with(redis_at(&env, &proxy.url()), env.scoring.lazy_channel())
+        .await;
+    merged_and_cached(&env, &a, &[&a]).await;
+    assert_eq!(a.get(p1()).await.unwrap().profile_id, "p1");
+    let redis = redis_at(&env, &redis_url());
+    let cached = |entry: Option<Versioned>| entry.and_then(|e| e.bytes).is_some();
+    assert!(cached(redis.get("profile:p1").await.unwrap()));
+
+    proxy.down();
+    a.delete(Delete::ProfileId("p1".to_owned()))
+        .await
+        .expect("a deletion succeeds with Redis unreachable");
+    // A dies (as after a crash) without ever reaching Redis again: p1's entry is still there.
+    drop(a);
+    assert!(
+        cached(redis.get("profile:p1").await.unwrap()),
+        "the stale entry is still in Redis"
+    );
+
+    // A replica started now, with a near cache, does not trust the stale entry, and puts the
+    // tombstones A owed.
+    let b = env
+        .replica_with(near_redis(&env), env.scoring.lazy_channel())
+        .await;
+    for _ in 0..3 {
+        not_found("b", b.get(p1()).await);
+    }
+    until_purged(&env).await;
+    not_found("b", b.get(p1()).await);
+    let c = env.replica().await;
+    not_found("c", c.get(p1()).await);
+}
+
+#[tokio::test]
+async fn a_deletion_whose_tombstones_redis_refused_is_not_served_from_what_it_still_reads() {
+    use pb::delete_profile_request::Lookup as Delete;
+    let env = Env::new().await;
+    let refusing = Arc::new(AtomicBool::new(false));
+    let refuse = |inner: Arc<dyn Cache>| -> Arc<dyn Cache> {
+        Arc::new(RefusingWrites {
+            inner,
+            refusing: refusing.clone(),
+        })
+    };
+    let a = env
+        .replica_with(
+            refuse(redis_at(&env, &redis_url())),
+            env.scoring.lazy_channel(),
+        )
+        .await;
+    let b = env
+        .replica_with(refuse(near_redis(&env)), env.scoring.lazy_channel())
+        .await;
+    merged_and_cached(&env, &a, &[&a, &b]).await;
+    for replica in [&a, &b] {
+        for _ in 0..2 {
+            assert_eq!(replica.get(p1()).await.unwrap().profile_id, "p1");
+        }
+    }
+
+    refusing.store(true, Ordering::SeqCst);
+    a.delete(Delete::ProfileId("p1".to_owned()))
+        .await
+        .expect("a deletion succeeds when Redis refuses the tombstones");
+    // p1 is still in Redis and in B's near cache, and both still answer reads: only the owed
+    // purges keep the replicas from serving it (A at once, B within a poll, C from its start).
+    let redis = redis_at(&env, &redis_url());
+    let stale = redis.get("profile:p1").await.unwrap();
+    assert!(
+        stale.and_then(|e| e.bytes).is_some(),
+        "p1 is still in Redis"
+    );
+    not_found("a", a.get(p1()).await);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    not_found("b", b.get(p1()).await);
+    not_found("a", a.get(p1()).await);
+    let c = env
+        .replica_with(
+            refuse(redis_at(&env, &redis_url())),
+            env.scoring.lazy_channel(),
+        )
+        .await;
+    not_found("c", c.get(p1()).await);
+
+    // Redis takes writes again: the tombstones are put, and the cache is trusted again.
+    refusing.store(false, Ordering::SeqCst);
+    until_purged(&env).await;
+    for (name, replica) in [("a", &a), ("b", &b), ("c", &c)] {
+        not_found(name, replica.get(p1()).await);
+    }
 }
 
 #[tokio::test]
@@ -441,5 +644,39 @@ async fn identifier_raises_are_owed_until_made_on_sqlite() {
 async fn identifier_raises_are_owed_until_made_on_postgres() {
     let backend = postgres().await;
     raises_are_owed_until_made(&*backend.store).await;
+    backend.db.close().await;
+}
+
+async fn deletions_owe_purges_until_put(store: &dyn ProfileStore) {
+    const NOW: OffsetDateTime = datetime!(2026-06-01 00:00:00 UTC);
+    assert!(store.owed_purges(10).await.unwrap().is_empty());
+    // Recorded in the deletion's transaction, for every profile id it answers.
+    let deleted = store
+        .delete("p9", &["p8".to_owned()], "gdpr ticket 1", NOW)
+        .await
+        .unwrap();
+    assert_eq!(deleted.profile_ids, ["p8", "p9"]);
+    assert_eq!(store.owed_purges(10).await.unwrap(), ["p8", "p9"]);
+    assert_eq!(store.owed_purges(1).await.unwrap(), ["p8"]);
+    // Forgotten once put; twice (two replicas put it) changes nothing.
+    store.finish_purges(&["p8".to_owned()]).await.unwrap();
+    store.finish_purges(&["p8".to_owned()]).await.unwrap();
+    assert_eq!(store.owed_purges(10).await.unwrap(), ["p9"]);
+    // Deleting again owes again (its tombstones are put again).
+    store.delete("p9", &[], "gdpr ticket 1", NOW).await.unwrap();
+    assert_eq!(store.owed_purges(10).await.unwrap(), ["p9"]);
+    store.finish_purges(&["p9".to_owned()]).await.unwrap();
+    assert!(store.owed_purges(10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn deletions_owe_purges_until_put_on_sqlite() {
+    deletions_owe_purges_until_put(&*sqlite().await.store).await;
+}
+
+#[tokio::test]
+async fn deletions_owe_purges_until_put_on_postgres() {
+    let backend = postgres().await;
+    deletions_owe_purges_until_put(&*backend.store).await;
     backend.db.close().await;
 }

@@ -1,0 +1,8 @@
+-- Deleted profiles whose cache entry (`profile:{id}`) is owed a tombstone, written in the
+-- deletion's transaction: while a row exists no replica trusts a cached copy of the profile
+-- (the database answers), and every replica retries the tombstone and deletes the row once the
+-- cache took it.
+CREATE TABLE profile_cache_purges (
+    profile_id  TEXT PRIMARY KEY,
+    recorded_at TEXT NOT NULL
+);
