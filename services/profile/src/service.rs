@@ -1437,7 +1437,7 @@ impl Inner {
         // is matched again.
         let mut matched_merges = 0;
         if self.match_profiles {
-            let matched = self.match_named(&applied.named, now).await?;
+            let matched = self.match_named(&applied, now).await?;
             matched_merges = matched.merges;
             changed.extend(matched.changed);
         }
@@ -1481,21 +1481,45 @@ impl Inner {
         self.put_all(entries).await;
     }
 
-    /// Sends the trait values of the live profiles `profile_ids` to the identity service's
+    /// Sends the trait values of the live profiles a batch named to the identity service's
     /// matching, in calls of at most [`MAX_MATCHED_PER_CALL`], and applies the merges it
     /// answers as the pipeline's merges are applied, rescoring the survivors.
     async fn match_named(
         &self,
-        profile_ids: &[String],
+        applied: &Applied,
         now: OffsetDateTime,
     ) -> Result<Matched, ProfileError> {
         let mut matched = Matched::default();
-        if profile_ids.is_empty() {
+        if applied.named.is_empty() {
             return Ok(matched);
         }
-        let profiles = self.store.get_many(profile_ids).await?;
+        // The profiles the batch changed were read back in its transaction: only the others
+        // (named by duplicate events alone) are read again.
+        let changed: HashMap<&str, &Profile> = applied
+            .changed
+            .iter()
+            .map(|p| (p.profile_id.as_str(), p))
+            .collect();
+        let others: Vec<String> = applied
+            .named
+            .iter()
+            .filter(|id| !changed.contains_key(id.as_str()))
+            .cloned()
+            .collect();
+        let read = if others.is_empty() {
+            Vec::new()
+        } else {
+            self.store.get_many(&others).await?
+        };
+        let mut profiles: Vec<&Profile> = applied
+            .named
+            .iter()
+            .filter_map(|id| changed.get(id.as_str()).copied())
+            .chain(&read)
+            .collect();
+        profiles.sort_by(|a, b| a.profile_id.cmp(&b.profile_id));
         let mut calls: Vec<Vec<identity::ProfileTraits>> = Vec::new();
-        for traits in profiles.iter().filter_map(convert::profile_traits) {
+        for traits in profiles.into_iter().filter_map(convert::profile_traits) {
             match calls.last_mut() {
                 Some(call) if call.len() < MAX_MATCHED_PER_CALL => call.push(traits),
                 Some(_) | None => calls.push(vec![traits]),
