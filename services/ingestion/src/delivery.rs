@@ -10,7 +10,9 @@
 //! one stage: the next round is read and resolved while the current one is applied, so the
 //! dispatcher waits for the slower of the two calls rather than for their sum; rounds still
 //! apply one at a time, in log order, and the next round is used only when it was read from
-//! exactly where the current one left the leases.
+//! exactly where the current one left the leases. The read of the next round waits for half
+//! the time the apply is expected to outlast it (from recent rounds), so it takes in the events
+//! logged meanwhile instead of leaving them a round behind.
 //! An event identity suppresses (it belongs to a person deleted under the GDPR) is not applied:
 //! it is deleted from the log, with its dedup key, after the apply call and before the cursor
 //! moves.
@@ -107,6 +109,7 @@ impl Dispatcher {
         let mut backlog_took = Duration::ZERO;
         let mut backoff = MIN_BACKOFF;
         let mut ahead: Option<Prepared> = None;
+        let mut pace = Pace::default();
         tracing::info!(dispatcher = %self.id, partitions = self.partitions, "delivery started");
         while !shutdown.is_cancelled() {
             if renewed.is_none_or(|at| at.elapsed() >= lease_for / 3) {
@@ -161,7 +164,22 @@ impl Dispatcher {
             }
             let after = current.after();
             let moves: Vec<i32> = current.moves.iter().map(|(p, _)| *p).collect();
-            let (committed, next) = tokio::join!(self.commit(current), self.prepare(&after));
+            // The next round is read as late as it can be while still being resolved before
+            // this one is applied: events logged meanwhile still make it.
+            let lead = pace.lead();
+            let prepare_next = async {
+                tokio::time::sleep(lead).await;
+                let started = Instant::now();
+                let next = self.prepare(&after).await;
+                (next, started.elapsed())
+            };
+            let apply_started = Instant::now();
+            let commit = async {
+                let committed = self.commit(current).await;
+                (committed, apply_started.elapsed())
+            };
+            let ((committed, applying), (next, preparing)) = tokio::join!(commit, prepare_next);
+            pace.record(applying, preparing);
             match committed {
                 Ok(moved) => {
                     backoff = MIN_BACKOFF;
@@ -466,6 +484,42 @@ impl Dispatcher {
     }
 }
 
+/// How long committing and preparing a round take, smoothed over recent rounds, to start
+/// reading the next round as late as is safe.
+#[derive(Debug, Default)]
+struct Pace {
+    /// Smoothed seconds from the start of a round's commit to its end.
+    commit: f64,
+    /// Smoothed seconds a round takes to prepare (read and resolve).
+    prepare: f64,
+}
+
+impl Pace {
+    /// Each new figure's weight in the smoothed ones.
+    const WEIGHT: f64 = 0.2;
+    /// The part of the expected slack the read of the next round waits: the rest is margin
+    /// for a round that commits faster than the recent ones.
+    const USE: f64 = 0.5;
+
+    /// How long to wait before preparing the next round.
+    fn lead(&self) -> Duration {
+        Duration::from_secs_f64(((self.commit - self.prepare) * Self::USE).max(0.0))
+    }
+
+    /// Takes in one round's figures.
+    fn record(&mut self, commit: Duration, prepare: Duration) {
+        let smooth = |old: f64, new: Duration| {
+            if old == 0.0 {
+                new.as_secs_f64()
+            } else {
+                old + Self::WEIGHT * (new.as_secs_f64() - old)
+            }
+        };
+        self.commit = smooth(self.commit, commit);
+        self.prepare = smooth(self.prepare, prepare);
+    }
+}
+
 /// A delivery round read and resolved, waiting for its apply call.
 struct Prepared {
     /// The leases (partitions and cursors) the round was read from.
@@ -588,7 +642,24 @@ async fn pause(shutdown: &Shutdown, backoff: Duration, max: Duration) -> Duratio
 
 #[cfg(test)]
 mod tests {
-    use super::fair_shares;
+    use std::time::Duration;
+
+    use super::{Pace, fair_shares};
+
+    #[test]
+    fn the_next_round_is_read_half_the_expected_slack_late() {
+        let mut pace = Pace::default();
+        assert_eq!(pace.lead(), Duration::ZERO, "nothing known yet: at once");
+        pace.record(Duration::from_millis(300), Duration::from_millis(100));
+        assert_eq!(pace.lead(), Duration::from_millis(100));
+        // Smoothed: one fast commit moves the estimate a fifth of the way.
+        pace.record(Duration::from_millis(100), Duration::from_millis(100));
+        assert_eq!(pace.lead(), Duration::from_millis(80));
+        // Preparing slower than committing: no wait.
+        let mut slow = Pace::default();
+        slow.record(Duration::from_millis(50), Duration::from_millis(200));
+        assert_eq!(slow.lead(), Duration::ZERO);
+    }
 
     #[test]
     fn a_round_takes_everything_when_it_fits() {
