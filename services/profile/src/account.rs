@@ -73,9 +73,10 @@ impl Account {
 
 /// Whether a declared account computed trait (of `declared`) is named `name`: then it hides the
 /// account trait of that name wherever the two are read as one set of traits (audiences'
-/// account tests, account-level plans, the Profile API's account traits), also while it has no
-/// value (nothing counted yet, or its window emptied). Account traits are open, so the clash
-/// cannot be refused when config loads; one rule keeps every reader agreeing on it.
+/// account tests, account-level plans, person plans' account tests, the Profile API's account
+/// traits), also while it has no value (nothing counted yet, or its window emptied). Account
+/// traits are open, so the clash cannot be refused when config loads; one rule keeps every
+/// reader agreeing on it.
 pub fn hidden_by_computed(name: &str, declared: &[ComputedTrait]) -> bool {
     declared.iter().any(|c| c.name == name)
 }
@@ -97,7 +98,7 @@ pub fn shown_value<'a>(
 }
 
 /// An account's `traits` and the values of its account computed traits (`computed`, of those
-/// `declared`) as one set of traits, as account-level plans read them: see
+/// `declared`) as one set of traits, as scoring plans (account and person level) read them: see
 /// [`hidden_by_computed`]. A computed value without an observation time is stamped `now`.
 pub fn shown_traits(
     traits: &BTreeMap<String, TraitValue>,

@@ -8,6 +8,7 @@
 mod postgres;
 mod sqlite;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -84,8 +85,8 @@ pub trait Scorer: Send + Sync {
 /// Accounts by id.
 pub type Accounts = HashMap<String, Account>;
 
-/// The values of the account computed traits the audiences read, by account id, with until
-/// when they hold (`None`: until the account's members or their events change).
+/// The values of the declared account computed traits, by account id, with until when those
+/// the audiences read hold (`None`: until the account's members or their events change).
 pub type AccountValues = HashMap<
     String,
     (
@@ -1331,6 +1332,7 @@ async fn apply<O: Ops>(
     }
     let scores = {
         let profiles: Vec<&Profile> = named_live.iter().filter_map(|id| ws.profile(id)).collect();
+        let accounts = shown_accounts(defs, &accounts, &values, now);
         scorer.score(&profiles, &accounts, now).await?
     };
     for (id, scores) in named_live.iter().zip(scores) {
@@ -1835,11 +1837,12 @@ async fn account_state<O: Ops>(
     Ok(state)
 }
 
-/// The values at `now` of the account computed traits the audiences read, for each of
-/// `accounts`, with until when they hold; nothing is read when no audience reads one. Members
-/// and merges are as `pending` will write them (else as stored): see
-/// [`Definitions::copy_account_traits`]. One read of each account's group events, members
-/// and members' events.
+/// The values at `now` of the declared account computed traits, for each of `accounts`, with
+/// until when those the audiences read hold (what the members' copies hold, see
+/// [`Definitions::copy_account_traits`]); nothing is read when none is declared. Person plans
+/// read all of them ([`shown_accounts`]), so they are not limited to the audiences'. Members
+/// and merges are as `pending` will write them (else as stored). One read of each account's
+/// group events, members and members' events.
 async fn account_values<O: Ops>(
     ops: &mut O,
     defs: &Definitions,
@@ -1847,18 +1850,52 @@ async fn account_values<O: Ops>(
     pending: &Pending<'_>,
     now: OffsetDateTime,
 ) -> Result<AccountValues, ProfileError> {
-    let traits: Vec<ComputedTrait> = defs.audience_account_computed().cloned().collect();
     let mut out = AccountValues::new();
-    if traits.is_empty() {
+    if defs.account_computed.is_empty() {
         return Ok(out);
     }
+    let copied: Vec<ComputedTrait> = defs.audience_account_computed().cloned().collect();
     for id in accounts {
         let members = account_members_with(ops, &id, pending).await?;
-        let state = account_state(ops, &traits, &members, pending).await?;
-        let values = state.values(&traits, now);
-        out.insert(id, (values, state.valid_until(&traits, now)));
+        let state = account_state(ops, &defs.account_computed, &members, pending).await?;
+        let values = state.values(&defs.account_computed, now);
+        out.insert(id, (values, state.valid_until(&copied, now)));
     }
     Ok(out)
+}
+
+/// `accounts` as person plans read them: each account's traits with the values of its account
+/// computed traits (`values`, from [`account_values`]) shown by the rule account plans and
+/// audiences read them by ([`crate::account::shown_traits`]: a declared one hides the trait of
+/// its name, also while it has no value). Borrowed as they are when none is declared.
+fn shown_accounts<'a>(
+    defs: &Definitions,
+    accounts: &'a Accounts,
+    values: &AccountValues,
+    now: OffsetDateTime,
+) -> Cow<'a, Accounts> {
+    if defs.account_computed.is_empty() {
+        return Cow::Borrowed(accounts);
+    }
+    let none = BTreeMap::new();
+    let shown = accounts
+        .iter()
+        .map(|(id, account)| {
+            let computed = values.get(id).map_or(&none, |(values, _)| values);
+            let traits = crate::account::shown_traits(
+                &account.traits,
+                &defs.account_computed,
+                computed,
+                now,
+            );
+            let account = Account {
+                traits,
+                ..account.clone()
+            };
+            (id.clone(), account)
+        })
+        .collect();
+    Cow::Owned(shown)
 }
 
 /// [`ProfileStore::account_computed`] through `ops`.
@@ -2111,6 +2148,7 @@ async fn rebuild<O: Ops>(
     }
     let scores = {
         let live: Vec<&Profile> = rows.iter().filter(|p| p.merged_into.is_none()).collect();
+        let accounts = shown_accounts(defs, &accounts, &values, now);
         scorer.score(&live, &accounts, now).await?
     };
     let mut score_changes = Vec::new();

@@ -75,9 +75,14 @@ struct Env {
 
 impl Env {
     async fn new() -> Self {
+        Self::with(&plan(), profile_settings()).await
+    }
+
+    /// The profile service with `settings`, scored by the scoring service with `plan`.
+    async fn with(plan: &ScoringSettings, settings: ProfileSettings) -> Self {
         let db = TestDb::new().await;
         let mut services = GrpcServices::default();
-        Scoring::from_settings(&plan())
+        Scoring::from_settings(plan)
             .unwrap()
             .register(&mut services);
         let scoring = Served::start(services).await;
@@ -94,7 +99,7 @@ impl Env {
                 scoring: scoring.lazy_channel(),
                 ingestion: identity.lazy_channel(),
             },
-            profile_settings(),
+            settings,
         );
         let mut services = GrpcServices::default();
         profiles.register(&mut services);
@@ -181,6 +186,56 @@ fn group(event_id: &str, profile_id: &str, at: OffsetDateTime, role: &str) -> pb
         json!({"traits": {"role": role}}).as_object().unwrap(),
     ));
     e
+}
+
+/// A person plan on the person's account's `order_count`: 60 points from 1 order, 40 more from
+/// 50 (what a stale account trait of that name would give).
+fn account_orders_plan() -> ScoringSettings {
+    serde_json::from_value(json!({
+        "plans": [{
+            "name": "account_orders",
+            "version": "1",
+            "rules": [
+                {"name": "ordered", "description": "the account has ordered", "points": 60,
+                 "condition": {"account": {"name": "order_count", "op": "gte", "value": 1}}},
+                {"name": "many", "description": "the account has ordered a lot", "points": 40,
+                 "condition": {"account": {"name": "order_count", "op": "gte", "value": 50}}},
+            ],
+        }],
+    }))
+    .unwrap()
+}
+
+/// A person plan reads an account computed trait of the person's account as account plans do:
+/// the declared `order_count` (a count of the members' orders) hides the account trait
+/// `order_count` = 99 a group call set.
+#[tokio::test]
+async fn person_plans_read_the_account_computed_traits_of_the_persons_accounts() {
+    let settings = serde_json::from_value(json!({
+        "account_computed_traits": [
+            {"name": "order_count", "kind": "count", "events": ["Order Completed"]},
+        ],
+    }))
+    .unwrap();
+    let env = Env::with(&account_orders_plan(), settings).await;
+    let score = |id: &'static str| {
+        let env = &env;
+        async move { env.profile(id).await.scores["account_orders"].value }
+    };
+    let mut call = group("g1", "p1", minutes_ago(3), "finance");
+    call.event.as_mut().unwrap().traits = Some(json_map_to_struct(
+        json!({"order_count": 99}).as_object().unwrap(),
+    ));
+    env.apply(vec![call]).await;
+    assert_eq!(score("p1").await, 0.0, "nothing counted, the 99 is hidden");
+
+    env.apply(vec![track("o1", "p1", "u1", minutes_ago(2))])
+        .await;
+    assert_eq!(
+        score("p1").await,
+        60.0,
+        "one order counted, the 99 is hidden"
+    );
 }
 
 fn hits(score: &Score) -> Vec<(&str, f64)> {

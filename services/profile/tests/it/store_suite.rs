@@ -2863,6 +2863,150 @@ async fn an_account_computed_trait_hides_the_account_trait_of_its_name_on_postgr
     backend.db.close().await;
 }
 
+/// Scores each person as a person plan reading its account's `order_count` would see it: the
+/// value of `acme`'s `order_count` among the accounts it is given, -1 when absent.
+struct AccountOrderCount;
+
+#[async_trait::async_trait]
+impl Scorer for AccountOrderCount {
+    async fn score(
+        &self,
+        profiles: &[&Profile],
+        accounts: &store::Accounts,
+        now: OffsetDateTime,
+    ) -> Result<Vec<Vec<Score>>, ProfileError> {
+        let seen = accounts
+            .get("acme")
+            .and_then(|a| a.traits.get("order_count"))
+            .and_then(|t| t.value.as_f64())
+            .unwrap_or(-1.0);
+        let score = Score {
+            name: "account_orders".to_owned(),
+            value: seen,
+            computed_at: now,
+            model_version: String::new(),
+            factors: Vec::new(),
+        };
+        Ok(vec![vec![score]; profiles.len()])
+    }
+}
+
+/// Person plans read the account computed traits of the person's accounts by the rule account
+/// plans and audiences read them by: a windowed count `order_count` hides the account trait
+/// `order_count` = 99 that a group call set, with no audience reading it (so no member keeps a
+/// copy). Each write that scores the person reads the computed value: the person's own apply,
+/// the account refresh after another member's group call changed the account's traits, a
+/// recompute, and an apply after the counted orders left the window.
+async fn person_plans_read_account_computed_traits_over_the_trait_of_their_name(backend: &Backend) {
+    let store = store::open_with(
+        backend.db.clone(),
+        store::Definitions::new(vec![], Audiences::default()).with_account_computed(vec![
+            ComputedTrait {
+                name: "order_count".into(),
+                kind: Kind::Count,
+                events: vec!["Order Completed".into()],
+                types: vec![],
+                property: None,
+                window_seconds: Some(3_600),
+            },
+        ]),
+    );
+    let apply = |events: Vec<ResolvedEvent>, now: OffsetDateTime| {
+        let store = store.clone();
+        async move {
+            store
+                .apply(
+                    &Batch {
+                        merges: vec![],
+                        events,
+                    },
+                    H,
+                    now,
+                    &AccountOrderCount,
+                )
+                .await
+                .unwrap();
+            while store
+                .refresh_accounts(10, H, now, &AccountOrderCount)
+                .await
+                .unwrap()
+                .is_some()
+            {}
+        }
+    };
+    let seen = |id: &'static str| {
+        let store = store.clone();
+        async move {
+            let profile = store.get(id).await.unwrap().expect(id);
+            profile.scores["account_orders"].value
+        }
+    };
+
+    apply(
+        vec![
+            group_call("g1", "p1", 0, "acme", "finance", json!({"order_count": 99})),
+            group_call("g2", "p2", 0, "acme", "finance", json!({})),
+        ],
+        at(0),
+    )
+    .await;
+    assert_eq!(seen("p1").await, 0.0, "nothing counted, the 99 is hidden");
+
+    // Orders of both members, in the same write.
+    apply(
+        vec![
+            tracked("o1", "p1", 1, "Order Completed", json!({})),
+            tracked("o2", "p2", 1, "Order Completed", json!({})),
+        ],
+        at(1),
+    )
+    .await;
+    assert_eq!((seen("p1").await, seen("p2").await), (2.0, 2.0));
+
+    // Another member's group call changes the account's traits: the refresh rescores p1.
+    apply(
+        vec![group_call(
+            "g3",
+            "p2",
+            2,
+            "acme",
+            "finance",
+            json!({"order_count": 98}),
+        )],
+        at(2),
+    )
+    .await;
+    assert_eq!(seen("p1").await, 2.0, "rescored by the refresh, 98 hidden");
+    let account = store.account("acme").await.unwrap().expect("acme");
+    assert_eq!(account.traits["order_count"].value, json!(98), "stored");
+
+    // A recompute rebuilds and rescores every profile.
+    assert!(store.start_recompute(at(3)).await.unwrap());
+    while store
+        .recompute(10, H, at(3), &AccountOrderCount)
+        .await
+        .unwrap()
+        .is_some()
+    {}
+    assert_eq!(seen("p1").await, 2.0, "recomputed, 98 hidden");
+
+    // An hour later the orders left the window: the next write reads the count as of then.
+    apply(vec![event("e1", "p1", 62, "ann", json!({}))], at(62)).await;
+    assert_eq!(seen("p1").await, 0.0, "the window emptied, 98 hidden");
+}
+
+#[tokio::test]
+async fn person_plans_read_account_computed_traits_over_the_trait_of_their_name_on_sqlite() {
+    person_plans_read_account_computed_traits_over_the_trait_of_their_name(&sqlite().await).await;
+}
+
+#[tokio::test]
+async fn person_plans_read_account_computed_traits_over_the_trait_of_their_name_on_postgres() {
+    let backend = postgres().await;
+    person_plans_read_account_computed_traits_over_the_trait_of_their_name(&backend).await;
+    backend.db.close().await;
+}
+
 /// Fails to score the accounts when `bad` is among them.
 const FAILS_ON_BAD: ScoreAccountsWith = ScoreAccountsWith(|account, _, _| {
     if account.account_id == "bad" {
