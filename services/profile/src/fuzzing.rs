@@ -309,8 +309,8 @@ pub fn conditions(data: &[u8]) -> Option<bool> {
 }
 
 /// Makes the person a member of each account (a group call) and gives back the accounts as
-/// the store reads them and the values of the account computed traits the audiences read, as
-/// the store computes them (only those declared, and only when an audience reads them).
+/// the store reads them and the values of the account computed traits the audiences read (the
+/// store computes every declared one; the members' copies keep only these).
 fn account_inputs(
     defs: &Definitions,
     accounts: Vec<AccountInput>,
