@@ -3,6 +3,7 @@
 mod access;
 mod account_scores;
 mod bench_computed;
+mod bench_reads;
 mod change_stream;
 mod chaos;
 mod cli;

@@ -2,18 +2,21 @@
 //! a real one (identify calls through the ingestion API), waits until each is readable, reads
 //! every one once so the cache holds it, then reads them by profile id at random from
 //! `--concurrency` tasks for `--duration` seconds and reports throughput and latency
-//! percentiles: `GetProfile` on a cache hit.
+//! percentiles: `GetProfile` on a cache hit. With `--cold` it deletes the seeded profiles'
+//! cache entries from Redis instead of warming them and reads every profile exactly once, in
+//! random order: `GetProfile` on a cache miss (run the services with the near cache off).
 
 // The report is the command's output.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use rand::Rng as _;
+use rand::seq::SliceRandom as _;
 use serde_json::json;
 use tessera_proto::common::v1::{Event, EventType, Identifier};
 use tessera_proto::convert::json_map_to_struct;
@@ -59,6 +62,23 @@ pub(crate) struct BenchReadsArgs {
     /// Also print the report as one JSON object (the last line of stdout).
     #[arg(long)]
     json: bool,
+    /// Measure cache misses: delete the seeded profiles' entries from the Redis at
+    /// `--redis-url` (keys `<--cache-prefix>profile:<id>`) and read each profile once, in random
+    /// order, ending early when all are read. Run the services with the near cache off
+    /// (`TESSERA__CACHE__ENABLED=false`), or the near cache answers.
+    #[arg(long)]
+    cold: bool,
+    /// The Redis the services cache in, for `--cold`.
+    #[arg(long, value_name = "URL", env = "REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// The services' cache key prefix, for `--cold`.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        env = "TESSERA__CACHE_PREFIX",
+        default_value = ""
+    )]
+    cache_prefix: String,
 }
 
 /// Identify calls per seeding request.
@@ -159,6 +179,37 @@ async fn seed(
     Ok(ids)
 }
 
+/// Deletes the cache entries of the profiles `ids` (what the services put when they wrote
+/// them), in pipelines of 1,000; returns how many there were.
+async fn evict(args: &BenchReadsArgs, ids: &[String]) -> anyhow::Result<u64> {
+    let url = args
+        .redis_url
+        .as_deref()
+        .context("--cold needs the services' Redis: --redis-url or REDIS_URL")?;
+    let client = redis::Client::open(url).context("--redis-url")?;
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    let mut evicted = 0;
+    for chunk in ids.chunks(1_000) {
+        let mut pipe = redis::pipe();
+        for id in chunk {
+            pipe.del(format!("{}profile:{id}", args.cache_prefix));
+        }
+        let deleted: Vec<u64> = pipe
+            .query_async(&mut redis)
+            .await
+            .context("deleting the cache entries")?;
+        evicted += deleted.iter().sum::<u64>();
+    }
+    eprintln!(
+        "tessera bench-reads: deleted {evicted} cache entries of {} profiles",
+        ids.len()
+    );
+    Ok(evicted)
+}
+
 /// Runs `tessera bench-reads`.
 pub(crate) async fn run(args: BenchReadsArgs) -> anyhow::Result<()> {
     let key = args
@@ -177,18 +228,28 @@ pub(crate) async fn run(args: BenchReadsArgs) -> anyhow::Result<()> {
         .map(|channel| crate::client_tls::with_token(channel, args.token.as_deref()))
         .collect::<anyhow::Result<Vec<_>>>()?;
     eprintln!("tessera bench-reads: seeding {} profiles", args.profiles);
-    let ids = Arc::new(seed(&args, &key, &reads[0]).await?);
-    // Once by id, so the cache holds every profile before the clock starts.
-    let mut warm = ProfileServiceClient::new(reads[0].clone());
-    for id in ids.iter() {
-        warm.get_profile(GetProfileRequest {
-            lookup: Some(get_profile_request::Lookup::ProfileId(id.clone())),
-            as_of: None,
-            read_mask: None,
-        })
-        .await
-        .context("warming the cache")?;
+    let mut ids = seed(&args, &key, &reads[0]).await?;
+    let mut evicted = 0;
+    if args.cold {
+        evicted = evict(&args, &ids).await?;
+        ids.shuffle(&mut rand::rng());
+    } else {
+        // Once by id, so the cache holds every profile before the clock starts.
+        let mut warm = ProfileServiceClient::new(reads[0].clone());
+        for id in &ids {
+            warm.get_profile(GetProfileRequest {
+                lookup: Some(get_profile_request::Lookup::ProfileId(id.clone())),
+                as_of: None,
+                read_mask: None,
+            })
+            .await
+            .context("warming the cache")?;
+        }
     }
+    let ids = Arc::new(ids);
+    // With --cold, the next profile to read: each is read once.
+    let next = Arc::new(AtomicUsize::new(0));
+    let cold = args.cold;
     eprintln!(
         "tessera bench-reads: reading for {} s at concurrency {}",
         args.duration, args.concurrency
@@ -198,14 +259,21 @@ pub(crate) async fn run(args: BenchReadsArgs) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for n in 0..args.concurrency {
         let channel = reads[(n % args.connections) as usize].clone();
-        let (ids, stop) = (ids.clone(), stop.clone());
+        let (ids, stop, next) = (ids.clone(), stop.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let mut client = ProfileServiceClient::new(channel);
             let mut latencies =
                 Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
             let mut errors = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let id = ids[rand::rng().random_range(0..ids.len())].clone();
+                let id = if cold {
+                    match ids.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        Some(id) => id.clone(),
+                        None => break,
+                    }
+                } else {
+                    ids[rand::rng().random_range(0..ids.len())].clone()
+                };
                 let sent = Instant::now();
                 let result = client
                     .get_profile(GetProfileRequest {
@@ -223,7 +291,12 @@ pub(crate) async fn run(args: BenchReadsArgs) -> anyhow::Result<()> {
             (latencies, errors)
         }));
     }
-    tokio::time::sleep(Duration::from_secs(args.duration)).await;
+    // Cold reads end when every profile was read once, or at the duration.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.duration);
+    while tokio::time::Instant::now() < deadline && !(cold && tasks.iter().all(|t| t.is_finished()))
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
     let mut errors = 0;
@@ -236,8 +309,13 @@ pub(crate) async fn run(args: BenchReadsArgs) -> anyhow::Result<()> {
     let rate = latencies.len() as f64 / elapsed;
     let ms = |q: f64| latencies.value_at_quantile(q) as f64 / 1_000.0;
     println!(
-        "reads {} in {elapsed:.1} s: {rate:.0}/s, errors {errors}, latency ms p50 {:.3} p90 {:.3} \
+        "{} {} in {elapsed:.1} s: {rate:.0}/s, errors {errors}, latency ms p50 {:.3} p90 {:.3} \
          p99 {:.3} max {:.3} (profiles {}, concurrency {}, connections {})",
+        if cold {
+            "cold reads (cache misses)"
+        } else {
+            "reads"
+        },
         latencies.len(),
         ms(0.5),
         ms(0.9),
@@ -251,6 +329,8 @@ pub(crate) async fn run(args: BenchReadsArgs) -> anyhow::Result<()> {
         println!(
             "{}",
             json!({
+                "cold": cold,
+                "evicted": evicted,
                 "reads": latencies.len(),
                 "seconds": elapsed,
                 "per_second": rate,

@@ -4,6 +4,11 @@
 //! manages sources and their write keys; `tessera definitions` declares computed traits and
 //! audiences; `tessera bench` is the load tool; `tessera import` loads Segment-format JSON lines.
 
+/// Every service runs with mimalloc rather than glibc's malloc: see the workspace manifest and
+/// docs/reliability.md ("Soak").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod bench_reads;
 mod client_tls;
