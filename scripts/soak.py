@@ -7,7 +7,10 @@
 `sample` needs only the standard library: every interval it records, for each of the four
 services started by scripts/bench-stack, its resident memory (VmRSS), its open file descriptors
 and how many of them are sockets; the pipeline backlog from ingestion's /metrics; the Postgres
-connections of the benchmark database; and Redis's connected clients. `plot` needs matplotlib.
+connections of the benchmark database; Redis's connected clients; and, to tell what a stall
+coincides with, Postgres's cumulative checkpoints (timed and requested) and the autovacuum and
+autoanalyze runs on the benchmark database's tables. `plot` needs matplotlib and marks each
+checkpoint and autovacuum run on the backlog chart.
 """
 
 import argparse
@@ -67,6 +70,25 @@ def pg_connections(url):
     return int(out) if out.isdigit() else None
 
 
+def pg_counts(url):
+    """Cumulative (checkpoints, autovacuum + autoanalyze runs), or (None, None)."""
+    out = subprocess.run(
+        [
+            "psql",
+            url,
+            "-qtAc",
+            "SELECT (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter), "
+            "(SELECT COALESCE(sum(autovacuum_count + autoanalyze_count), 0) FROM pg_stat_user_tables)",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    parts = out.split("|")
+    if len(parts) == 2 and all(p.isdigit() for p in parts):
+        return int(parts[0]), int(parts[1])
+    return None, None
+
+
 def redis_clients(url):
     hostport = url.split("://", 1)[-1].split("/", 1)[0].split("@")[-1]
     host, _, port = hostport.partition(":")
@@ -91,7 +113,7 @@ def sample(args):
     fields = ["t"]
     for name in SERVICES:
         fields += [f"{name}_rss_mb", f"{name}_fds", f"{name}_sockets"]
-    fields += ["backlog", "pg_connections", "redis_clients"]
+    fields += ["backlog", "pg_connections", "redis_clients", "pg_checkpoints", "pg_autovacuums"]
     start = time.time()
     with open(args.out, "w", newline="") as f:
         w = csv.writer(f)
@@ -109,6 +131,7 @@ def sample(args):
                 except OSError:
                     row += ["", "", ""]
             row += [backlog(), pg_connections(args.database_url), redis_clients(args.redis_url)]
+            row += list(pg_counts(args.database_url))
             w.writerow(row)
             f.flush()
             time.sleep(args.interval)
@@ -148,6 +171,15 @@ def plot(args):
     axes[1].plot(*series(rows, "pg_connections"), "--", label="Postgres connections")
     axes[1].plot(*series(rows, "redis_clients"), ":", label="Redis clients")
     axes[2].plot(*series(rows, "backlog"), color="tab:red", label="pipeline backlog")
+    # What a stall may coincide with: the samples at which Postgres checkpointed or autovacuumed.
+    for key, color, label in [
+        ("pg_checkpoints", "tab:blue", "Postgres checkpoint"),
+        ("pg_autovacuums", "tab:green", "autovacuum / autoanalyze"),
+    ]:
+        xs, ys = series(rows, key)
+        marks = [x for x, y, prev in zip(xs[1:], ys[1:], ys) if y > prev]
+        for i, x in enumerate(marks):
+            axes[2].axvline(x, color=color, alpha=0.4, linewidth=0.8, label=label if i == 0 else None)
     axes[0].set_ylabel("resident memory (MB)")
     axes[1].set_ylabel("open connections")
     axes[2].set_ylabel("events waiting")
