@@ -1404,13 +1404,15 @@ impl Inner {
         let (_traced, traces) = event_traces(&request.events);
         let batch = convert::batch(request)?;
         // The account refresh is woken at once when the batch may change what other members
-        // of an account read: its traits, or an account computed trait an audience reads.
+        // of an account read: its traits, or its account computed traits (audiences' copies,
+        // person plans).
         let account_traits = {
             let defs = self.defs.current();
-            let copies = defs.copies_account_computed();
+            let members_read = defs.members_read_account_computed();
             batch.events.iter().any(|e| {
                 !e.details.group_traits.is_empty()
-                    || (copies && (!e.details.group_id.is_empty() || defs.counts_for_audiences(e)))
+                    || (members_read
+                        && (!e.details.group_id.is_empty() || defs.counts_for_accounts(e)))
             })
         };
         let now = micros(OffsetDateTime::now_utc());

@@ -337,10 +337,12 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
     ) -> Result<BTreeMap<String, crate::computed::ComputedValue>, ProfileError>;
 
     /// Re-evaluates the members of accounts whose traits changed (another member's group call
-    /// changed them, so the members' copies of the account traits, their audiences and their
-    /// scores may be stale): takes up to `limit` queued account refreshes (each replica its
-    /// own), and rescores and re-evaluates every member of those accounts in one transaction,
-    /// as a batch without events naming them would. `None` when nothing is queued.
+    /// changed them, or their account computed traits changed with another member's event, a
+    /// member joining or leaving or a window passing, so the members' copies of the account
+    /// traits, their audiences and their scores may be stale): takes up to `limit` queued
+    /// account refreshes (each replica its own), and rescores and re-evaluates every member of
+    /// those accounts in one transaction, as a batch without events naming them would. `None`
+    /// when nothing is queued.
     async fn refresh_accounts(
         &self,
         limit: usize,
@@ -353,10 +355,13 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
     /// in profile id order.
     async fn account_members(&self, account_id: &str) -> Result<Vec<Member>, ProfileError>;
 
-    /// Queues a rescore of at most `limit` accounts whose windowed account computed traits
+    /// Queues a refresh of at most `limit` accounts whose windowed account computed traits
     /// changed by `now` without a new event (the time stored at their last rescore passed),
-    /// each once: the rescore stores their next such time. Replicas share the work (accounts
-    /// locked by one are skipped by the others). Returns the accounts queued.
+    /// each once: a rescore of the account, which stores their next such time, and of its
+    /// members when they read account computed traits
+    /// ([`Definitions::members_read_account_computed`]: person plans' scores). Replicas share
+    /// the work (accounts locked by one are skipped by the others). Returns the accounts
+    /// queued.
     async fn expire_accounts(
         &self,
         now: OffsetDateTime,
@@ -564,16 +569,21 @@ impl Definitions {
             .filter(|def| names.contains(&def.name))
     }
 
-    /// Whether some audience reads an account computed trait (then a change of an account's
-    /// members or of their events refreshes every member's copy).
+    /// Whether some audience reads an account computed trait (then the members carry copies
+    /// of its values, refreshed as [`Definitions::members_read_account_computed`] says).
     pub fn copies_account_computed(&self) -> bool {
         self.audience_account_computed().next().is_some()
     }
 
-    /// Whether `event` counts for an account computed trait some audience reads.
-    pub fn counts_for_audiences(&self, event: &crate::domain::ResolvedEvent) -> bool {
-        self.audience_account_computed()
-            .any(|def| def.value_of(event).is_some())
+    /// Whether an account's members may read its account computed traits, so that a change of
+    /// them (a member's counted event, a person joining, a merge, an unmerge, a deletion, a
+    /// window passing) must rescore and re-evaluate every member through the account refresh.
+    /// Audiences read them through the members' copies, and person plans through their
+    /// `account` tests; those plans live in the scoring service (config's and the API's,
+    /// changed at run time and polled by its replicas) and are not known here, so any declared
+    /// account computed trait counts, as if some person plan read it.
+    pub fn members_read_account_computed(&self) -> bool {
+        !self.account_computed.is_empty()
     }
 
     /// These definitions with the engagement event types `engagement`.
@@ -1134,11 +1144,13 @@ async fn delete<O: Ops>(
     ids.extend(merged);
     let profile_ids: Vec<String> = ids.into_iter().collect();
     // The person leaves their accounts: the account refresh rescores them without them, and
-    // when audiences read account computed traits (which counted the person's events) it
-    // re-evaluates the other members too.
+    // when members read account computed traits (which counted the person's events: audiences'
+    // copies, person plans) it rescores and re-evaluates the other members too.
     let accounts = account_ids(&stored.iter().collect::<Vec<_>>());
     if !accounts.is_empty() {
-        let members = definitions(ops, shared).await?.copies_account_computed();
+        let members = definitions(ops, shared)
+            .await?
+            .members_read_account_computed();
         let accounts: Vec<&str> = accounts.iter().map(String::as_str).collect();
         ops.request_account_refreshes(&accounts, members, now)
             .await?;
@@ -1239,17 +1251,16 @@ async fn apply<O: Ops>(
     let mut applied = 0;
     let mut group_calls = Vec::new();
     // The profiles whose new events count for an account computed trait: their accounts are
-    // rescored by the account refresh, which also re-evaluates their members when an audience
-    // reads the trait (`copied`).
+    // rescored by the account refresh, which also rescores and re-evaluates their members
+    // when members read the traits (`members_read`).
     let mut counted: BTreeSet<&str> = BTreeSet::new();
-    let mut copied: BTreeSet<&str> = BTreeSet::new();
     // The accounts a person joined by this batch: their events now count for the account.
     let mut joined: BTreeSet<String> = BTreeSet::new();
-    let copies = defs.copies_account_computed();
+    let members_read = defs.members_read_account_computed();
     for event in &batch.events {
         if fresh.remove(&event.event_id) {
             let group_id = &event.details.group_id;
-            if copies
+            if members_read
                 && !group_id.is_empty()
                 && !ws
                     .canonical(&event.profile_id)
@@ -1262,9 +1273,6 @@ async fn apply<O: Ops>(
             applied += 1;
             if defs.counts_for_accounts(event) {
                 counted.insert(event.profile_id.as_str());
-            }
-            if copies && defs.counts_for_audiences(event) {
-                copied.insert(event.profile_id.as_str());
             }
             // Every group call counts, also one without account traits: it may change the
             // person's role, which the account's scores read.
@@ -1280,9 +1288,10 @@ async fn apply<O: Ops>(
         .filter_map(|(_, survivor)| ws.canonical(survivor).and_then(|id| ws.profile(id)))
         .flat_map(|p| p.state.computed.accounts().map(|(id, _)| id.to_owned()))
         .collect();
-    // Members' copies of the account computed traits audiences read change when the account's
-    // members change (a person joined, people merged) or their events count: the account
-    // refresh re-evaluates every member (the batch's own people are brought up to date below).
+    // What members read of the account computed traits (audiences' copies, person plans'
+    // scores) changes when the account's members change (a person joined, people merged) or
+    // their events count: the account refresh rescores and re-evaluates every member (the
+    // batch's own people are brought up to date below).
     let accounts_of_ids = |ids: &BTreeSet<&str>| -> BTreeSet<String> {
         let profiles: Vec<&Profile> = ids
             .iter()
@@ -1290,14 +1299,17 @@ async fn apply<O: Ops>(
             .collect();
         account_ids(&profiles)
     };
-    let mut refresh_members = accounts_of_ids(&copied);
-    if copies {
+    let mut refresh_members = BTreeSet::new();
+    if members_read {
+        refresh_members.extend(accounts_of_ids(&counted));
         refresh_members.extend(joined);
         refresh_members.extend(merged_accounts.iter().cloned());
     }
     let touched_accounts =
         fold_accounts(ops, &defs.catalog, &group_calls, merged_accounts, now).await?;
-    // Accounts rescored in this transaction need no refresh for the batch's events.
+    // Accounts whose members are not refreshed (none today: see
+    // `Definitions::members_read_account_computed`) are rescored alone; accounts rescored in
+    // this transaction need no refresh for the batch's events.
     let counted_accounts: BTreeSet<String> = accounts_of_ids(&counted)
         .into_iter()
         .filter(|id| !touched_accounts.contains_key(id) && !refresh_members.contains(id))
@@ -1683,18 +1695,9 @@ async fn rescore_accounts<O: Ops>(
     } else {
         &with_computed
     };
-    let Some(scores) = scorer.score_accounts(scored, now).await? else {
-        return Ok(());
-    };
-    if scores.len() != with_members.len() {
-        return Err(ProfileError::BadScores(format!(
-            "{} results for {} accounts",
-            scores.len(),
-            with_members.len()
-        )));
-    }
     // Scores that read windowed computed traits change with time alone: the sweeper queues a
-    // rescore of the account when its values expire (see `ProfileStore::expire_accounts`).
+    // refresh of the account when its values expire (see `ProfileStore::expire_accounts`).
+    // Stored also when the scorer does not score accounts: members' person plans read them.
     if defs
         .account_computed
         .iter()
@@ -1706,6 +1709,16 @@ async fn rescore_accounts<O: Ops>(
             .map(|((account, _), until)| (account.account_id.as_str(), until))
             .collect();
         ops.set_accounts_valid_until(&until).await?;
+    }
+    let Some(scores) = scorer.score_accounts(scored, now).await? else {
+        return Ok(());
+    };
+    if scores.len() != with_members.len() {
+        return Err(ProfileError::BadScores(format!(
+            "{} results for {} accounts",
+            scores.len(),
+            with_members.len()
+        )));
     }
     let mut changed = Vec::new();
     for ((mut account, _), scores) in with_members.into_iter().zip(scores) {
@@ -2190,15 +2203,15 @@ async fn rebuild<O: Ops>(
     ops.delete_events(&deleted).await?;
     ops.replace_identifiers(&members, &links).await?;
     // Members move with their events: the accounts of the rebuilt people are rescored, and an
-    // unmerge re-evaluates their other members when audiences read account computed traits
-    // (a recompute moves no event).
+    // unmerge rescores and re-evaluates their other members when members read account
+    // computed traits (a recompute moves no event).
     let accounts = account_ids(
         &rows
             .iter()
             .filter(|p| p.merged_into.is_none())
             .collect::<Vec<_>>(),
     );
-    if log_split && defs.copies_account_computed() {
+    if log_split && defs.members_read_account_computed() {
         let ids: Vec<&str> = accounts
             .union(&accounts_before)
             .map(String::as_str)

@@ -363,6 +363,8 @@ impl ProfileStore for PostgresStore {
         limit: usize,
     ) -> Result<Vec<String>, ProfileError> {
         // Cleared as it is queued, so it is queued once; the rescore stores the next time.
+        // Members' person plans may read the values too: their refresh is queued with it.
+        let members = self.defs.current().members_read_account_computed();
         Ok(sqlx::query_scalar(
             "WITH due AS ( \
                  UPDATE accounts SET computed_valid_until = NULL \
@@ -371,11 +373,12 @@ impl ProfileStore for PostgresStore {
                      ORDER BY computed_valid_until LIMIT $2 FOR UPDATE SKIP LOCKED) \
                  RETURNING account_id) \
              INSERT INTO account_refreshes (account_id, requested_at, members) \
-             SELECT account_id, $1, false FROM due ORDER BY account_id \
+             SELECT account_id, $1, $3 FROM due ORDER BY account_id \
              RETURNING account_id",
         )
         .bind(now)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(members)
         .fetch_all(&self.pool)
         .await?)
     }

@@ -414,8 +414,10 @@ impl ProfileStore for SqliteStore {
                 .execute(&mut *ops.0)
                 .await?;
         }
+        // Members' person plans may read the values too: their refresh is queued with it.
+        let members = self.defs.current().members_read_account_computed();
         let ids: Vec<&str> = due.iter().map(String::as_str).collect();
-        ops.request_account_refreshes(&ids, false, now).await?;
+        ops.request_account_refreshes(&ids, members, now).await?;
         tx.commit().await?;
         Ok(due)
     }

@@ -17,7 +17,7 @@ use tessera_proto::profile::v1::profile_pipeline_service_client::ProfilePipeline
 use tessera_proto::profile::v1::profile_service_client::ProfileServiceClient;
 use tessera_proto::scoring::v1::Score;
 use tessera_scoring::{Scoring, ScoringSettings};
-use tessera_server::GrpcServices;
+use tessera_server::{GrpcServices, Shutdown};
 use tessera_store::{Database, DbSettings, MemoryCache};
 use tessera_testkit::TestDb;
 use time::OffsetDateTime;
@@ -71,15 +71,28 @@ struct Env {
     writes: ProfilePipelineServiceClient<tonic::transport::Channel>,
     _served: (Served, Served, Served),
     _db: TestDb,
+    /// Stops the sweeper, when one runs.
+    stop: Shutdown,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 impl Env {
     async fn new() -> Self {
-        Self::with(&plan(), profile_settings()).await
+        Self::with(&plan(), profile_settings(), None).await
     }
 
-    /// The profile service with `settings`, scored by the scoring service with `plan`.
-    async fn with(plan: &ScoringSettings, settings: ProfileSettings) -> Self {
+    /// The profile service with `settings`, scored by the scoring service with `plan`, with
+    /// its sweeper (account refreshes, expiry) running every `sweep` when given.
+    async fn with(
+        plan: &ScoringSettings,
+        settings: ProfileSettings,
+        sweep: Option<Duration>,
+    ) -> Self {
         let db = TestDb::new().await;
         let mut services = GrpcServices::default();
         Scoring::from_settings(plan)
@@ -104,11 +117,16 @@ impl Env {
         let mut services = GrpcServices::default();
         profiles.register(&mut services);
         let served = Served::start(services).await;
+        let stop = Shutdown::new();
+        if let Some(interval) = sweep {
+            profiles.spawn_sweeper(interval, stop.clone());
+        }
         Self {
             reads: ProfileServiceClient::new(served.lazy_channel()),
             writes: ProfilePipelineServiceClient::new(served.lazy_channel()),
             _served: (served, scoring, identity),
             _db: db,
+            stop,
         }
     }
 
@@ -217,7 +235,7 @@ async fn person_plans_read_the_account_computed_traits_of_the_persons_accounts()
         ],
     }))
     .unwrap();
-    let env = Env::with(&account_orders_plan(), settings).await;
+    let env = Env::with(&account_orders_plan(), settings, None).await;
     let score = |id: &'static str| {
         let env = &env;
         async move { env.profile(id).await.scores["account_orders"].value }
@@ -236,6 +254,75 @@ async fn person_plans_read_the_account_computed_traits_of_the_persons_accounts()
         60.0,
         "one order counted, the 99 is hidden"
     );
+}
+
+/// A person's score on an account computed trait follows it with no event of the person, by
+/// the account refresh the sweeper runs: another member's order counts at once, and when the
+/// order leaves the trait's window the sweeper's expiry of the account rescores its members.
+/// The engagement score those refreshes compute is the person's own, decayed to the refresh's
+/// time: never more than the person's last write gave.
+#[tokio::test]
+async fn person_scores_follow_account_computed_traits_without_an_event_of_the_person() {
+    const WINDOW: i64 = 3_600;
+    let settings = serde_json::from_value(json!({
+        "account_computed_traits": [
+            {"name": "order_count", "kind": "count", "events": ["Order Completed"],
+             "window_seconds": WINDOW},
+        ],
+    }))
+    .unwrap();
+    let env = Env::with(
+        &account_orders_plan(),
+        settings,
+        Some(Duration::from_millis(100)),
+    )
+    .await;
+    // p1's scores once `done` holds of its `account_orders` value, within `within`.
+    let until = |done: fn(f64) -> bool, within: Duration| {
+        let env = &env;
+        async move {
+            let deadline = tokio::time::Instant::now() + within;
+            loop {
+                let profile = env.profile("p1").await;
+                if done(profile.scores["account_orders"].value) {
+                    return profile;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "p1's account_orders stayed {}",
+                    profile.scores["account_orders"].value
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    // Group calls without traits: no change of acme's traits queues a refresh of its members.
+    let mut first = group("g1", "p1", minutes_ago(3), "finance");
+    first.event.as_mut().unwrap().traits = None;
+    let mut second = group("g2", "p2", minutes_ago(3), "finance");
+    let event = second.event.as_mut().unwrap();
+    event.traits = None;
+    event.user_id = "u2".to_owned();
+    second.identifiers[0].value = "u2".to_owned();
+    env.apply(vec![first, second]).await;
+    let before = until(|v| v == 0.0, Duration::from_secs(5)).await;
+    let engagement = before.scores["engagement"].clone();
+
+    // p2's order, counted for 12 more seconds: p1 is rescored without an event of its own.
+    let order_at = OffsetDateTime::now_utc() - time::Duration::seconds(WINDOW - 12);
+    env.apply(vec![track("o1", "p2", "u2", order_at)]).await;
+    let counted = until(|v| v == 60.0, Duration::from_secs(8)).await;
+    assert_eq!(
+        counted.event_count, 1,
+        "no event of p1's own since its group call"
+    );
+    let refreshed = &counted.scores["engagement"];
+    assert!(refreshed.value <= engagement.value, "decayed, not raised");
+    let at = |s: &Score| s.computed_at.map(|t| (t.seconds, t.nanos));
+    assert!(at(refreshed) > at(&engagement), "as of the refresh");
+
+    // The order leaves the window: the sweeper's expiry of acme rescores p1.
+    until(|v| v == 0.0, Duration::from_secs(30)).await;
 }
 
 fn hits(score: &Score) -> Vec<(&str, f64)> {

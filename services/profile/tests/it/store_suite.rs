@@ -3007,6 +3007,151 @@ async fn person_plans_read_account_computed_traits_over_the_trait_of_their_name_
     backend.db.close().await;
 }
 
+/// A person plan reading an account computed trait follows it with no write of the person:
+/// another member's counted order, a person joining with an order, and the orders leaving the
+/// window each queue a refresh of the account's members (no audience reads the trait, so no
+/// member keeps a copy, and the stand-in scorer does not score accounts), which rescores them.
+/// p1 is never written between the steps: only the account refresh and the sweep's expiry of
+/// accounts run.
+async fn person_scores_follow_account_computed_traits_without_a_write_of_the_person(
+    backend: &Backend,
+) {
+    let store = store::open_with(
+        backend.db.clone(),
+        store::Definitions::new(vec![], Audiences::default()).with_account_computed(vec![
+            ComputedTrait {
+                name: "order_count".into(),
+                kind: Kind::Count,
+                events: vec!["Order Completed".into()],
+                types: vec![],
+                property: None,
+                window_seconds: Some(3_600),
+            },
+        ]),
+    );
+    // Every queued refresh, as the sweeper takes them.
+    let refresh = |now: OffsetDateTime| {
+        let store = store.clone();
+        async move {
+            while store
+                .refresh_accounts(10, H, now, &AccountOrderCount)
+                .await
+                .unwrap()
+                .is_some()
+            {}
+        }
+    };
+    let apply = |events: Vec<ResolvedEvent>, now: OffsetDateTime| {
+        let store = store.clone();
+        async move {
+            let batch = Batch {
+                merges: vec![],
+                events,
+            };
+            store
+                .apply(&batch, H, now, &AccountOrderCount)
+                .await
+                .unwrap();
+        }
+    };
+    let seen = |id: &'static str| {
+        let store = store.clone();
+        async move {
+            let profile = store.get(id).await.unwrap().expect(id);
+            (profile.scores["account_orders"].value, profile.version)
+        }
+    };
+
+    apply(
+        vec![
+            group_call("g1", "p1", 0, "acme", "finance", json!({})),
+            group_call("g2", "p2", 0, "acme", "finance", json!({})),
+        ],
+        at(0),
+    )
+    .await;
+    refresh(at(0)).await;
+    let (score, version) = seen("p1").await;
+    assert_eq!(score, 0.0, "nothing counted");
+
+    // Another member's order: p1 is rescored by the refresh of acme's members.
+    apply(
+        vec![tracked("o1", "p2", 1, "Order Completed", json!({}))],
+        at(1),
+    )
+    .await;
+    assert_eq!(
+        seen("p1").await,
+        (0.0, version),
+        "not written by p2's write"
+    );
+    refresh(at(1)).await;
+    let (score, version) = seen("p1").await;
+    assert_eq!(score, 1.0, "rescored after p2's order");
+
+    // p3 ordered before joining: once it joins, its order counts for acme.
+    apply(
+        vec![tracked("o2", "p3", 2, "Order Completed", json!({}))],
+        at(2),
+    )
+    .await;
+    refresh(at(2)).await;
+    assert_eq!(seen("p1").await, (1.0, version), "p3 is no member yet");
+    apply(
+        vec![group_call("g3", "p3", 3, "acme", "finance", json!({}))],
+        at(3),
+    )
+    .await;
+    refresh(at(3)).await;
+    assert_eq!(seen("p1").await.0, 2.0, "rescored after p3 joined");
+
+    // An hour later o1 leaves the window, then o2: the sweep's expiry of acme queues the
+    // refresh of its members each time, with no event.
+    let half = time::Duration::seconds(30);
+    assert!(
+        store
+            .expire_accounts(at(61) - half, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing left the window yet"
+    );
+    assert_eq!(
+        store.expire_accounts(at(61) + half, 10).await.unwrap(),
+        ["acme"]
+    );
+    refresh(at(61) + half).await;
+    assert_eq!(seen("p1").await.0, 1.0, "o1 left the window");
+    assert_eq!(
+        store.expire_accounts(at(62) + half, 10).await.unwrap(),
+        ["acme"]
+    );
+    refresh(at(62) + half).await;
+    assert_eq!(seen("p1").await.0, 0.0, "o2 left the window");
+    assert_eq!(seen("p3").await.0, 0.0, "every member");
+    assert!(
+        store
+            .expire_accounts(at(62) + time::Duration::days(365), 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing left to expire"
+    );
+}
+
+#[tokio::test]
+async fn person_scores_follow_account_computed_traits_without_a_write_of_the_person_on_sqlite() {
+    person_scores_follow_account_computed_traits_without_a_write_of_the_person(&sqlite().await)
+        .await;
+}
+
+#[tokio::test]
+async fn person_scores_follow_account_computed_traits_without_a_write_of_the_person_on_postgres() {
+    let backend = postgres().await;
+    person_scores_follow_account_computed_traits_without_a_write_of_the_person(&backend).await;
+    backend.db.close().await;
+}
+
 /// Fails to score the accounts when `bad` is among them.
 const FAILS_ON_BAD: ScoreAccountsWith = ScoreAccountsWith(|account, _, _| {
     if account.account_id == "bad" {
@@ -3187,7 +3332,9 @@ const ORDERS_30D: ScoreAccountsWith = ScoreAccountsWith(|account, _, now| {
 
 /// An account whose windowed computed trait changes with time alone is rescored when its value
 /// expires, with no new event: the sweep queues it (once) and the account refresh rescores it,
-/// at a new version; the members' copies and the audiences reading them follow by the sweep.
+/// at a new version; the members' copies and the audiences reading them follow by the same
+/// refresh (members' person plans may read the value too), so the members' own sweep finds
+/// nothing left to do.
 async fn account_scores_follow_windowed_computed_traits_as_time_passes(backend: &Backend) {
     let days = time::Duration::days;
     let store = store::open_with(
@@ -3294,15 +3441,19 @@ async fn account_scores_follow_windowed_computed_traits_as_time_passes(backend: 
     assert!(rescored > version, "a new version of the account");
     assert_eq!(updated_at, later);
 
-    // The members' copies and the audience reading them follow by the sweep.
-    let (swept, changes) = store.sweep(later, 10).await.unwrap();
-    assert_eq!(swept.len(), 2);
-    assert_eq!(
-        changes
-            .iter()
-            .map(|c| (c.profile_id.as_str(), c.entered))
-            .collect::<Vec<_>>(),
-        [("p1", false), ("p2", false)]
+    // The members' copies and the audience reading them followed with the refresh.
+    assert!(
+        store
+            .audience_members("busy", None, 10)
+            .await
+            .unwrap()
+            .0
+            .is_empty()
+    );
+    let (swept, _) = store.sweep(later, 10).await.unwrap();
+    assert!(
+        swept.is_empty(),
+        "the refresh brought the members up to date"
     );
     let p1 = store.get("p1").await.unwrap().expect("p1");
     assert_eq!(
