@@ -611,14 +611,16 @@ pub(crate) async fn read_round(
         // The budget is positive and `open` not empty: a share of at least one.
         let parts = i64::try_from(open.len()).unwrap_or(i64::MAX);
         let share = (budget + parts - 1) / parts;
-        let reads = futures::future::join_all(open.iter().map(|&i| {
-            let after = batches[i].last().map_or(leases[i].cursor, |e| e.cursor);
-            log.read_after(leases[i].partition, after, share)
-        }))
-        .await;
+        let wanted: Vec<(i32, Cursor)> = open
+            .iter()
+            .map(|&i| {
+                let after = batches[i].last().map_or(leases[i].cursor, |e| e.cursor);
+                (leases[i].partition, after)
+            })
+            .collect();
+        let reads = log.read_after_each(&wanted, share).await?;
         let mut filled = Vec::with_capacity(open.len());
         for (&i, read) in open.iter().zip(reads) {
-            let read = read?;
             let got = i64::try_from(read.len()).unwrap_or(i64::MAX);
             budget -= got;
             if got >= share {

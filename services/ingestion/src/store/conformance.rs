@@ -102,6 +102,7 @@ conformance!(
     deduplicates_only_within_the_window,
     keeps_the_batch_order_in_the_log,
     reads_each_partition_in_order_after_the_cursor,
+    reads_several_partitions_in_one_call,
     leases_are_shared_fairly_and_fence_the_cursor,
     backlog_counts_undelivered_events,
     lists_a_sources_events_newest_first_with_filters,
@@ -325,6 +326,72 @@ async fn reads_each_partition_in_order_after_the_cursor(_db: Database, log: Arc<
     assert_eq!(rest[0].event_id, want[2]);
     let limited = read_settled(&log, 1, Cursor::default(), 2, 2).await;
     assert_eq!(limited.len(), 2);
+}
+
+async fn reads_several_partitions_in_one_call(_db: Database, log: Arc<dyn EventLog>) {
+    log.ensure_partitions(3).await.unwrap();
+    let batch: Vec<_> = (0..12)
+        .map(|i| event("s", &format!("m{i}"), i % 3))
+        .collect();
+    log.append(&batch).await.unwrap();
+    let of = |p: i32| -> Vec<Uuid> {
+        batch
+            .iter()
+            .filter(|e| e.partition == p)
+            .map(|e| e.event_id)
+            .collect()
+    };
+    // Settled first (see `read_settled`), so the reads below see every event.
+    let p0 = read_settled(&log, 0, Cursor::default(), 100, 4).await;
+    read_settled(&log, 2, Cursor::default(), 100, 4).await;
+    assert_eq!(log.read_after_each(&[], 10).await.unwrap().len(), 0);
+
+    // Each read from its own cursor, with the limit applied per read, answered in the order
+    // asked (not partition order), an empty list for a partition with nothing after its cursor.
+    let reads = log
+        .read_after_each(
+            &[
+                (2, Cursor::default()),
+                (0, p0[0].cursor),
+                (1, Cursor::default()),
+                (0, p0[3].cursor),
+            ],
+            3,
+        )
+        .await
+        .unwrap();
+    let ids: Vec<Vec<Uuid>> = reads
+        .iter()
+        .map(|r| r.iter().map(|e| e.event_id).collect())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            of(2)[..3].to_vec(),
+            of(0)[1..4].to_vec(),
+            of(1)[..3].to_vec(),
+            Vec::new()
+        ]
+    );
+    assert!(
+        reads
+            .iter()
+            .all(|r| r.windows(2).all(|w| w[0].cursor < w[1].cursor))
+    );
+    // The same as one read at a time.
+    for (read, (partition, after)) in reads.iter().zip([
+        (2, Cursor::default()),
+        (0, p0[0].cursor),
+        (1, Cursor::default()),
+    ]) {
+        let key = |r: &[super::StoredEvent]| -> Vec<(Uuid, Cursor, String)> {
+            r.iter()
+                .map(|e| (e.event_id, e.cursor, e.payload.clone()))
+                .collect()
+        };
+        let one = log.read_after(partition, after, 3).await.unwrap();
+        assert_eq!(key(read), key(&one));
+    }
 }
 
 async fn leases_are_shared_fairly_and_fence_the_cursor(_db: Database, log: Arc<dyn EventLog>) {

@@ -179,12 +179,28 @@ pub(crate) trait EventLog: Send + Sync + std::fmt::Debug {
 
     /// Up to `limit` events of `partition` after `after`, in delivery order, that are safe to
     /// deliver (no earlier event can still appear behind them), with their trace context.
+    /// Delivery reads every leased partition at once ([`EventLog::read_after_each`]); this is
+    /// one of those reads, for the store tests.
+    #[cfg(test)]
     async fn read_after(
         &self,
         partition: i32,
         after: Cursor,
         limit: i64,
-    ) -> Result<Vec<StoredEvent>, StoreError>;
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut read = self.read_after_each(&[(partition, after)], limit).await?;
+        Ok(read.pop().unwrap_or_default())
+    }
+
+    /// [`EventLog::read_after`] for each `(partition, after)` of `reads`, up to `limit` events
+    /// each, in one statement (one round trip, one snapshot, one pooled connection: a round
+    /// reads every leased partition at once, and must not take the connections acceptance
+    /// needs). One list per read, in the order of `reads`.
+    async fn read_after_each(
+        &self,
+        reads: &[(i32, Cursor)],
+        limit: i64,
+    ) -> Result<Vec<Vec<StoredEvent>>, StoreError>;
 
     /// Moves the cursor of each `(partition, to)` of `moves` whose lease `dispatcher` still
     /// holds, in one transaction; returns the partitions moved.

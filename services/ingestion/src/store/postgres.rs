@@ -314,40 +314,61 @@ impl EventLog for PgEventLog {
         Ok(())
     }
 
-    async fn read_after(
+    async fn read_after_each(
         &self,
-        partition: i32,
-        after: Cursor,
+        reads: &[(i32, Cursor)],
         limit: i64,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
-        // Only rows of transactions older than the oldest running one: a transaction that
-        // started earlier but commits later cannot add rows behind the cursor.
+    ) -> Result<Vec<Vec<StoredEvent>>, StoreError> {
+        let mut out: Vec<Vec<StoredEvent>> = reads.iter().map(|_| Vec::new()).collect();
+        if reads.is_empty() {
+            return Ok(out);
+        }
+        let partitions: Vec<i32> = reads.iter().map(|(p, _)| *p).collect();
+        let txids: Vec<String> = reads.iter().map(|(_, c)| c.txid.to_string()).collect();
+        let seqs: Vec<i64> = reads.iter().map(|(_, c)| c.seq).collect();
+        // Per read, through the delivery index (a nested loop with an index scan and a limit
+        // each). Only rows of transactions older than the oldest running one: a transaction
+        // that started earlier but commits later cannot add rows behind the cursor.
         let rows = sqlx::query(
-            "SELECT txid::text::bigint, seq, event_id, payload::text, trace_parent, trace_state \
-             FROM events \
-             WHERE partition = $1 AND (txid, seq) > ($2::text::xid8, $3) \
-               AND txid < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY events.txid, events.seq LIMIT $4",
+            "SELECT r.n, e.txid::text::bigint, e.seq, e.event_id, e.payload::text, \
+                    e.trace_parent, e.trace_state \
+             FROM UNNEST($1::int4[], $2::text[], $3::int8[]) WITH ORDINALITY \
+                  AS r(partition, txid, seq, n) \
+             CROSS JOIN LATERAL ( \
+                 SELECT txid, seq, event_id, payload, trace_parent, trace_state FROM events \
+                 WHERE partition = r.partition AND (txid, seq) > (r.txid::xid8, r.seq) \
+                   AND txid < pg_snapshot_xmin(pg_current_snapshot()) \
+                 ORDER BY events.txid, events.seq LIMIT $4) e \
+             ORDER BY r.n, e.txid, e.seq",
         )
-        .bind(partition)
-        .bind(after.txid.to_string())
-        .bind(after.seq)
+        .bind(&partitions)
+        .bind(&txids)
+        .bind(&seqs)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(StoredEvent {
-                    cursor: Cursor {
-                        txid: row.try_get(0)?,
-                        seq: row.try_get(1)?,
-                    },
-                    event_id: row.try_get(2)?,
-                    payload: row.try_get(3)?,
-                    trace: trace(row.try_get(4)?, row.try_get(5)?),
-                })
-            })
-            .collect()
+        for row in rows {
+            let n: i64 = row.try_get(0)?;
+            let slot = usize::try_from(n - 1)
+                .ok()
+                .and_then(|i| out.get_mut(i))
+                .ok_or_else(|| {
+                    StoreError::Sqlx(sqlx::Error::Protocol(format!(
+                        "the delivery read returned read {n} of {}",
+                        reads.len()
+                    )))
+                })?;
+            slot.push(StoredEvent {
+                cursor: Cursor {
+                    txid: row.try_get(1)?,
+                    seq: row.try_get(2)?,
+                },
+                event_id: row.try_get(3)?,
+                payload: row.try_get(4)?,
+                trace: trace(row.try_get(5)?, row.try_get(6)?),
+            });
+        }
+        Ok(out)
     }
 
     async fn advance(

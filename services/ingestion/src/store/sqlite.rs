@@ -344,35 +344,43 @@ impl EventLog for SqliteEventLog {
         Ok(())
     }
 
-    async fn read_after(
+    async fn read_after_each(
         &self,
-        partition: i32,
-        after: Cursor,
+        reads: &[(i32, Cursor)],
         limit: i64,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, event_id, payload, trace_parent, trace_state FROM events \
-             WHERE partition = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-        )
-        .bind(partition)
-        .bind(after.seq)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|row| {
-                let id: String = row.try_get(1)?;
-                Ok(StoredEvent {
-                    cursor: Cursor {
-                        txid: 0,
-                        seq: row.try_get(0)?,
-                    },
-                    event_id: Uuid::parse_str(&id).map_err(bad_uuid)?,
-                    payload: row.try_get(2)?,
-                    trace: trace(row.try_get(3)?, row.try_get(4)?),
+    ) -> Result<Vec<Vec<StoredEvent>>, StoreError> {
+        // One connection for the whole round; SQLite serves one process, so round trips cost
+        // nothing to speak of and one statement per partition keeps the index use plain.
+        let mut conn = self.pool.acquire().await?;
+        let mut out = Vec::with_capacity(reads.len());
+        for (partition, after) in reads {
+            let rows = sqlx::query(
+                "SELECT seq, event_id, payload, trace_parent, trace_state FROM events \
+                 WHERE partition = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            )
+            .bind(partition)
+            .bind(after.seq)
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?;
+            let read = rows
+                .into_iter()
+                .map(|row| {
+                    let id: String = row.try_get(1)?;
+                    Ok(StoredEvent {
+                        cursor: Cursor {
+                            txid: 0,
+                            seq: row.try_get(0)?,
+                        },
+                        event_id: Uuid::parse_str(&id).map_err(bad_uuid)?,
+                        payload: row.try_get(2)?,
+                        trace: trace(row.try_get(3)?, row.try_get(4)?),
+                    })
                 })
-            })
-            .collect()
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            out.push(read);
+        }
+        Ok(out)
     }
 
     async fn advance(
