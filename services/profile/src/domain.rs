@@ -623,6 +623,14 @@ impl Workspace {
         self.changed.iter().filter_map(|id| self.profiles.get(id))
     }
 
+    /// Takes out the profiles that changed, live and merged-away alike, in id order.
+    pub fn into_changed(mut self) -> Vec<Profile> {
+        self.changed
+            .iter()
+            .filter_map(|id| self.profiles.remove(id))
+            .collect()
+    }
+
     /// Sets when each changed live profile's computed values next change without a new event,
     /// by `valid_until`.
     pub fn settle(&mut self, valid_until: impl Fn(&Profile) -> Option<OffsetDateTime>) {

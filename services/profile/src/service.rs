@@ -1495,8 +1495,8 @@ impl Inner {
         if applied.named.is_empty() {
             return Ok(matched);
         }
-        // The profiles the batch changed were read back in its transaction: only the others
-        // (named by duplicate events alone) are read again.
+        // The profiles the batch changed come with it, as a read returns them: only the others
+        // (named by duplicate events alone) are read.
         let changed: HashMap<&str, &Profile> = applied
             .changed
             .iter()

@@ -942,6 +942,9 @@ trait Ops: Send {
     async fn resolve(&mut self, ids: &[String]) -> Result<HashMap<String, String>, sqlx::Error>;
     /// Loads profiles with their identifiers; with `lock`, locks them in id order first.
     async fn load(&mut self, ids: &[String], lock: bool) -> Result<Vec<Profile>, sqlx::Error>;
+    /// Makes `profile` (about to be written, or just written) what [`Ops::load`] returns of
+    /// its row: each backend keeps times and JSON numbers its own way.
+    fn as_stored(&self, profile: &mut Profile);
     /// Records events as applied to a profile, with what they contribute; returns the ids
     /// that were not recorded before.
     async fn record_events(
@@ -1377,10 +1380,15 @@ async fn apply<O: Ops>(
     // An identifier is new to one live profile at most (merges move new identifiers along).
     let mut links: Vec<(&str, &Identifier)> = Vec::new();
     let mut seen_ids = HashSet::new();
+    // Should two of the batch's profiles name one new identifier, the first links it: the
+    // others do not hold it.
+    let mut not_linked: Vec<(String, Identifier)> = Vec::new();
     for (profile_id, ids) in ws.new_identifiers() {
         for id in ids {
             if seen_ids.insert(id) {
                 links.push((profile_id.as_str(), id));
+            } else {
+                not_linked.push((profile_id.clone(), id.clone()));
             }
         }
     }
@@ -1394,11 +1402,7 @@ async fn apply<O: Ops>(
         );
     }
 
-    let changed_live: Vec<String> = ws
-        .changed()
-        .filter(|p| p.merged_into.is_none())
-        .map(|p| p.profile_id.clone())
-        .collect();
+    let conflicts = linked < links.len() as u64;
     let merged_away = ws
         .changed()
         .filter(|p| p.merged_into.is_some())
@@ -1407,8 +1411,26 @@ async fn apply<O: Ops>(
     // Last, when the batch's events, merges and redirects are written: members are derived
     // from them.
     rescore_accounts(ops, defs, scorer, touched_accounts, now).await?;
-    // Read back what was written, so what the cache gets is exactly what a read returns.
-    let changed = ops.load(&changed_live, false).await?;
+    // What the cache gets must be exactly what a read returns: the live profiles as written
+    // (nothing after `ops.write` changes their rows; identifiers are linked as they hold them,
+    // merged profiles' moved along by the redirects), as the backend stores them. An identifier
+    // a profile outside the batch holds was not linked (warned above): then they are read back.
+    let changed_live = ws
+        .into_changed()
+        .into_iter()
+        .filter(|p| p.merged_into.is_none());
+    let changed = if conflicts {
+        let ids: Vec<String> = changed_live.map(|p| p.profile_id).collect();
+        ops.load(&ids, false).await?
+    } else {
+        let mut built: Vec<Profile> = changed_live.collect();
+        for (profile_id, id) in &not_linked {
+            if let Some(p) = built.iter_mut().find(|p| p.profile_id == *profile_id) {
+                p.state.identifiers.remove(id);
+            }
+        }
+        as_read(ops, built).await?
+    };
     Ok(Applied {
         applied,
         duplicates: batch.events.len() as i64 - applied,
@@ -1418,6 +1440,115 @@ async fn apply<O: Ops>(
         named: named_live.into_iter().collect(),
         audiences,
     })
+}
+
+/// The live profiles `written` (as a write just wrote them, with their identifiers) as a read
+/// returns them, without reading them: each as the backend stores it ([`Ops::as_stored`]).
+/// Debug builds read them back too and fail on any difference, so every test checks that what
+/// the cache gets is exactly what a read returns.
+async fn as_read<O: Ops>(
+    ops: &mut O,
+    mut written: Vec<Profile>,
+) -> Result<Vec<Profile>, ProfileError> {
+    for profile in &mut written {
+        ops.as_stored(profile);
+    }
+    #[cfg(debug_assertions)]
+    {
+        let ids: Vec<String> = written.iter().map(|p| p.profile_id.clone()).collect();
+        check_as_read(&written, ops.load(&ids, false).await?)?;
+    }
+    Ok(written)
+}
+
+/// Checks that `built` (profiles built in memory) are exactly `read` (the same profiles read
+/// back), in any order: the error names the first profile and field that differ.
+#[cfg(any(debug_assertions, test))]
+fn check_as_read(built: &[Profile], read: Vec<Profile>) -> Result<(), ProfileError> {
+    let built: BTreeMap<&str, &Profile> =
+        built.iter().map(|p| (p.profile_id.as_str(), p)).collect();
+    let read: BTreeMap<&str, &Profile> = read.iter().map(|p| (p.profile_id.as_str(), p)).collect();
+    let ids: BTreeSet<&str> = built.keys().chain(read.keys()).copied().collect();
+    for id in ids {
+        let field = match (built.get(id), read.get(id)) {
+            (Some(built), Some(read)) => difference(built, read),
+            (Some(_), None) => Some("(not read back)".to_owned()),
+            (None, _) => Some("(read back, not built)".to_owned()),
+        };
+        if let Some(field) = field {
+            return Err(ProfileError::Corrupt(format!(
+                "profile {id}: the profile built after the write differs from the one read \
+                 back in {field}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The first field in which `built` differs from `read`, by name (with the key of a trait,
+/// computed trait or score, never a value: values may be personal data); `None` when equal.
+/// Every field is named, so a new one fails to compile until it is compared.
+#[cfg(any(debug_assertions, test))]
+fn difference(built: &Profile, read: &Profile) -> Option<String> {
+    /// The first key whose value differs between `a` and `b`, as `field[key]`.
+    fn keyed<V: PartialEq>(
+        field: &str,
+        a: &BTreeMap<String, V>,
+        b: &BTreeMap<String, V>,
+    ) -> Option<String> {
+        a.iter()
+            .find(|(k, v)| b.get(*k) != Some(*v))
+            .map(|(k, _)| k)
+            .or_else(|| b.keys().find(|k| !a.contains_key(*k)))
+            .map(|k| format!("{field}[{k}]"))
+    }
+    let Profile {
+        profile_id,
+        merged_into,
+        state,
+        scores,
+        merged_profile_ids,
+        version,
+        created_at,
+        updated_at,
+        valid_until,
+    } = built;
+    let ProfileState {
+        traits,
+        event_count,
+        first_seen,
+        last_seen,
+        activity_log2,
+        identifiers,
+        computed,
+    } = state;
+    let plain = [
+        ("profile_id", *profile_id == read.profile_id),
+        ("merged_into", *merged_into == read.merged_into),
+        ("state.event_count", *event_count == read.state.event_count),
+        ("state.first_seen", *first_seen == read.state.first_seen),
+        ("state.last_seen", *last_seen == read.state.last_seen),
+        (
+            "state.activity_log2",
+            *activity_log2 == read.state.activity_log2,
+        ),
+        ("state.identifiers", *identifiers == read.state.identifiers),
+        (
+            "merged_profile_ids",
+            *merged_profile_ids == read.merged_profile_ids,
+        ),
+        ("version", *version == read.version),
+        ("created_at", *created_at == read.created_at),
+        ("updated_at", *updated_at == read.updated_at),
+        ("valid_until", *valid_until == read.valid_until),
+    ];
+    plain
+        .iter()
+        .find(|(_, equal)| !equal)
+        .map(|(field, _)| (*field).to_owned())
+        .or_else(|| keyed("state.traits", traits, &read.state.traits))
+        .or_else(|| keyed("state.computed", &computed.0, &read.state.computed.0))
+        .or_else(|| keyed("scores", scores, &read.scores))
 }
 
 /// Locks the live profiles `named` resolves to. Resolving reads without locks, so a profile may
@@ -2268,7 +2399,8 @@ async fn sweep<O: Ops>(
     let changes = update_memberships(ops, defs, &written, now, false).await?;
     ops.log_changes(&changes_of(&written, false, &[], &changes), now)
         .await?;
-    Ok((profiles, changes))
+    // The cache gets them: as a read returns them (`now` may be finer than the store keeps).
+    Ok((as_read(ops, profiles).await?, changes))
 }
 
 /// Attaches loaded identifiers to their profiles.
@@ -2281,5 +2413,89 @@ fn attach_identifiers(profiles: &mut [Profile], rows: Vec<(String, Identifier)>)
         if let Some(ids) = by_id.remove(&profile.profile_id) {
             profile.state.identifiers.extend(ids);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::TraitValue;
+    use time::macros::datetime;
+
+    const NOW: OffsetDateTime = datetime!(2026-06-01 00:00:00 UTC);
+
+    fn profile(id: &str) -> Profile {
+        let mut p = Profile::empty(id, NOW);
+        p.version = 3;
+        p.state.event_count = 2;
+        p.state.traits.insert(
+            "plan".to_owned(),
+            TraitValue {
+                value: serde_json::json!("pro"),
+                observed_at: NOW,
+                event_id: "e1".to_owned(),
+            },
+        );
+        p.state.identifiers.insert(Identifier::new("user_id", "u1"));
+        p
+    }
+
+    #[test]
+    fn equal_profiles_pass_the_check() {
+        let built = [profile("p1"), profile("p2")];
+        // Read back in another order (a collation's): the check pairs them by id.
+        let read = vec![profile("p2"), profile("p1")];
+        assert_eq!(difference(&built[0], &read[1]), None);
+        check_as_read(&built, read).unwrap();
+    }
+
+    #[test]
+    fn the_check_names_the_profile_and_the_field_that_differs() {
+        let built = [profile("p1"), profile("p2")];
+        type Change = fn(&mut Profile);
+        let cases: [(&str, Change); 7] = [
+            ("updated_at", |p| {
+                p.updated_at += time::Duration::nanoseconds(1);
+            }),
+            ("version", |p| p.version += 1),
+            ("state.identifiers", |p| {
+                p.state.identifiers.insert(Identifier::new("email", "x"));
+            }),
+            ("state.traits[plan]", |p| {
+                p.state.traits.get_mut("plan").unwrap().value = serde_json::json!(1);
+            }),
+            ("state.traits[name]", |p| {
+                let plan = p.state.traits["plan"].clone();
+                p.state.traits.insert("name".to_owned(), plan);
+            }),
+            ("scores[events]", |p| {
+                p.scores.insert(
+                    "events".to_owned(),
+                    Score {
+                        name: "events".to_owned(),
+                        value: 1.0,
+                        computed_at: NOW,
+                        model_version: "m".to_owned(),
+                        factors: vec![],
+                    },
+                );
+            }),
+            ("valid_until", |p| p.valid_until = Some(NOW)),
+        ];
+        for (field, change) in cases {
+            let mut read = vec![profile("p1"), profile("p2")];
+            change(&mut read[1]);
+            assert_eq!(difference(&built[1], &read[1]).as_deref(), Some(field));
+            let err = check_as_read(&built, read).unwrap_err().to_string();
+            assert!(
+                err.contains("profile p2") && err.contains(field),
+                "{field}: {err}"
+            );
+        }
+        // A profile missing on either side.
+        let err = check_as_read(&built, vec![profile("p1")]).unwrap_err();
+        assert!(err.to_string().contains("profile p2: "), "{err}");
+        let err = check_as_read(&built[..1], vec![profile("p1"), profile("p2")]).unwrap_err();
+        assert!(err.to_string().contains("profile p2: "), "{err}");
     }
 }

@@ -16,6 +16,7 @@ use super::{
     Version, attach_identifiers, timeline_entries,
 };
 use crate::account::{Account, Member};
+use crate::computed::Acc;
 use crate::definitions::{SharedDefinitions, StoredDefinition};
 use crate::domain::{Batch, Profile, ProfileState, Split};
 use crate::error::ProfileError;
@@ -633,6 +634,10 @@ impl Ops for PgOps<'_> {
         Ok(profiles)
     }
 
+    fn as_stored(&self, profile: &mut Profile) {
+        stored_form(profile);
+    }
+
     async fn record_events(
         &mut self,
         events: &[Recorded<'_>],
@@ -1232,6 +1237,98 @@ impl Ops for PgOps<'_> {
     }
 }
 
+/// Makes `p` what a read of its row returns once written: times to the microsecond, as sqlx
+/// sends them ([`stored_time`]), and the numbers in its JSON values as jsonb prints them
+/// ([`jsonb_numbers`]). Every other column reads back as written (JSON text parses back bit
+/// for bit with `float_roundtrip`; `float8`, `text[]` and integers are exact).
+fn stored_form(p: &mut Profile) {
+    for t in [&mut p.created_at, &mut p.updated_at] {
+        *t = stored_time(*t);
+    }
+    let state = &mut p.state;
+    for t in [
+        &mut state.first_seen,
+        &mut state.last_seen,
+        &mut p.valid_until,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        *t = stored_time(*t);
+    }
+    for t in state.traits.values_mut() {
+        jsonb_numbers(&mut t.value);
+    }
+    for acc in state.computed.0.values_mut() {
+        match acc {
+            Acc::First(entry) | Acc::Last(entry) => jsonb_numbers(&mut entry.value),
+            Acc::Window { entries } => {
+                for entry in entries {
+                    jsonb_numbers(&mut entry.value);
+                }
+            }
+            // Numbers typed `f64` read back as written, also when jsonb prints them as integers.
+            Acc::Count { .. }
+            | Acc::Sum { .. }
+            | Acc::Min { .. }
+            | Acc::Max { .. }
+            | Acc::Counts { .. }
+            | Acc::Decayed { .. } => {}
+        }
+    }
+}
+
+/// `t` as a `timestamptz` keeps it: sqlx sends whole microseconds since 2000-01-01,
+/// truncated toward that epoch.
+fn stored_time(t: OffsetDateTime) -> OffsetDateTime {
+    const EPOCH: OffsetDateTime = time::macros::datetime!(2000-01-01 0:00 UTC);
+    if t.nanosecond().is_multiple_of(1_000) {
+        return t;
+    }
+    i64::try_from((t - EPOCH).whole_microseconds())
+        .map_or(t, |us| EPOCH + time::Duration::microseconds(us))
+}
+
+/// Makes the numbers in `value` what jsonb reads back: jsonb prints numbers without an
+/// exponent, so a double serde_json writes with a positive one (from 1e16 up) reads back as an
+/// integer where one fits (a trait holding a time in nanoseconds, say); and -0.0 as 0.0.
+fn jsonb_numbers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) => {
+            // Only a whole double can be written with a positive exponent (serde_json does
+            // from 1e16 up); the text is made for those alone. A numeric has no -0.
+            let Some(x) = n.as_f64().filter(|x| n.is_f64() && x.fract() == 0.0) else {
+                return;
+            };
+            if x == 0.0 {
+                *n = serde_json::Number::from_f64(0.0).unwrap_or_else(|| n.clone());
+            } else if let Some(plain) = without_exponent(&n.to_string())
+                && let Ok(read) = serde_json::from_str(&plain)
+            {
+                *n = read;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(jsonb_numbers),
+        Value::Object(fields) => fields.values_mut().for_each(jsonb_numbers),
+        Value::Null | Value::Bool(_) | Value::String(_) => {}
+    }
+}
+
+/// `text` (`-1.25e17`) written without its positive exponent (`-125000000000000000`); `None`
+/// when it has none or it would leave a fraction.
+fn without_exponent(text: &str) -> Option<String> {
+    let (mantissa, exponent) = text.split_once(['e', 'E'])?;
+    let exponent: usize = exponent
+        .strip_prefix('+')
+        .unwrap_or(exponent)
+        .parse()
+        .ok()?;
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let zeros = exponent.checked_sub(fraction.len())?;
+    Some(format!("{whole}{fraction}{}", "0".repeat(zeros)))
+}
+
 fn profile(row: &PgRow) -> Result<Profile, sqlx::Error> {
     let Json(traits) = row.try_get("traits")?;
     let Json(scores) = row.try_get("scores")?;
@@ -1268,4 +1365,111 @@ fn account(row: &PgRow) -> Result<Account, sqlx::Error> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::computed::Entry;
+    use crate::domain::TraitValue;
+    use serde_json::json;
+    use time::macros::datetime;
+
+    #[test]
+    fn times_are_kept_to_the_microsecond_as_sqlx_sends_them() {
+        let t = datetime!(2026-06-01 00:00:00.123456789 UTC);
+        assert_eq!(stored_time(t), datetime!(2026-06-01 00:00:00.123456 UTC));
+        // Truncated toward 2000-01-01: up before it.
+        let t = datetime!(1999-12-31 23:59:59.999999999 UTC);
+        assert_eq!(stored_time(t), datetime!(2000-01-01 0:00 UTC));
+        let t = datetime!(1999-12-31 23:59:58.000001999 UTC);
+        assert_eq!(stored_time(t), datetime!(1999-12-31 23:59:58.000002 UTC));
+        let t = datetime!(2026-06-01 00:00:00.5 +02:00);
+        assert_eq!(stored_time(t), t);
+    }
+
+    #[test]
+    fn doubles_with_an_exponent_read_back_as_jsonb_prints_them() {
+        assert_eq!(
+            without_exponent("1e16").as_deref(),
+            Some("10000000000000000")
+        );
+        assert_eq!(
+            without_exponent("-1.25e17").as_deref(),
+            Some("-125000000000000000")
+        );
+        assert_eq!(
+            without_exponent("2e+19").as_deref(),
+            Some("20000000000000000000")
+        );
+        assert_eq!(without_exponent("1.5e-7"), None);
+        assert_eq!(without_exponent("12.5"), None);
+        let mut value = json!({
+            "ns": 1.7329e18,
+            "neg": -2.5e16,
+            "over": 2e19,
+            "whole": 9_007_199_254_740_993.0_f64,
+            "small": 1.5e-7,
+            "int": 7,
+            "list": [3e17, "x", null, -0.0],
+        });
+        jsonb_numbers(&mut value);
+        // As jsonb prints them.
+        let expected = r#"{"int":7,"list":[300000000000000000,"x",null,0.0],"neg":-25000000000000000,"ns":1732900000000000000,"over":20000000000000000000,"small":0.00000015,"whole":9007199254740992.0}"#;
+        assert_eq!(
+            value,
+            serde_json::from_str::<serde_json::Value>(expected).unwrap()
+        );
+        assert!(value["ns"].is_u64() && value["neg"].is_i64() && value["over"].is_f64());
+        assert!(value["list"][3].as_f64().is_some_and(f64::is_sign_positive));
+    }
+
+    #[test]
+    fn a_profile_is_stored_with_its_times_and_numbers_as_read() {
+        let now = datetime!(2026-06-01 00:00:00.000000999 UTC);
+        let mut p = Profile::empty("p1", now);
+        p.state.first_seen = Some(now);
+        p.valid_until = Some(now);
+        p.state.traits.insert(
+            "ns".to_owned(),
+            TraitValue {
+                value: json!(1e17),
+                observed_at: now,
+                event_id: "e1".to_owned(),
+            },
+        );
+        let entry = Entry {
+            at: now,
+            event_id: "e1".to_owned(),
+            value: json!([2e16]),
+        };
+        p.state
+            .computed
+            .0
+            .insert("last".to_owned(), Acc::Last(entry.clone()));
+        p.state.computed.0.insert(
+            "window".to_owned(),
+            Acc::Window {
+                entries: vec![entry],
+            },
+        );
+        stored_form(&mut p);
+        let micro = datetime!(2026-06-01 00:00:00 UTC);
+        assert_eq!((p.created_at, p.updated_at), (micro, micro));
+        assert_eq!(
+            (p.state.first_seen, p.state.last_seen, p.valid_until),
+            (Some(micro), None, Some(micro))
+        );
+        assert!(p.state.traits["ns"].value.is_u64());
+        // Inside JSON, times are RFC 3339 text to the nanosecond: kept.
+        assert_eq!(p.state.traits["ns"].observed_at, now);
+        let Some(Acc::Last(last)) = p.state.computed.0.get("last") else {
+            panic!("a last accumulator");
+        };
+        assert!(last.value[0].is_u64() && last.at == now);
+        let Some(Acc::Window { entries }) = p.state.computed.0.get("window") else {
+            panic!("a window accumulator");
+        };
+        assert!(entries[0].value[0].is_u64());
+    }
 }

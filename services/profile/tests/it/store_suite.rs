@@ -86,6 +86,7 @@ macro_rules! store_suite {
 
 store_suite!(
     applied_events_can_be_read,
+    an_apply_returns_what_a_read_returns,
     a_retried_batch_changes_nothing,
     an_older_event_never_overwrites_a_newer_trait,
     a_merge_folds_state_and_redirects_reads,
@@ -139,6 +140,68 @@ async fn applied_events_can_be_read(store: &dyn ProfileStore) {
     assert_eq!(p1.version, 2);
     assert_eq!(p1.updated_at, NOW);
     assert!(store.get("nobody").await.unwrap().is_none());
+}
+
+/// The live profiles an apply returns (what the cache gets) are built in memory, not read
+/// back: they must be exactly what a read returns, also where a backend keeps a value its own
+/// way (times to the microsecond on Postgres, doubles from 1e16 up as integers in jsonb), with
+/// identifiers moved by a merge, and when an identifier another profile holds is not linked.
+async fn an_apply_returns_what_a_read_returns(store: &dyn ProfileStore) {
+    let nanos = time::Duration::nanoseconds(123_456_789);
+    let now = NOW + nanos;
+    let mut first = event("e1", "p1", 1, "u1", json!({"plan": "free"}));
+    first.timestamp += nanos;
+    let batch = Batch {
+        merges: vec![],
+        events: vec![first, event("e2", "p2", 2, "u2", json!({}))],
+    };
+    let applied = store.apply(&batch, H, now, &NoScores).await.unwrap();
+    let read = store.get_many(&applied.named).await.unwrap();
+    assert_eq!(applied.changed, read);
+
+    // p3 is merged into p1 (its identifier moves along); p3's event names doubles in jsonb's
+    // integer range, a small and a large one.
+    let mut second = event(
+        "e3",
+        "p3",
+        3,
+        "u3",
+        json!({"at_ns": 1.7329e18, "debt": -2.5e16, "huge": 1e300, "tiny": 1.5e-7,
+               "nested": {"list": [3e17, 0.5]}}),
+    );
+    second.timestamp += nanos;
+    let mut third = event("e4", "p1", 4, "u1", json!({"plan": "pro"}));
+    third
+        .identifiers
+        .push(Identifier::new("anonymous_id", "a4"));
+    let batch = Batch {
+        merges: vec![merge("p1", "p3")],
+        events: vec![second, third],
+    };
+    let applied = store
+        .apply(&batch, H, now + nanos, &CountingScorer::default())
+        .await
+        .unwrap();
+    let read = store.get_many(&applied.named).await.unwrap();
+    assert_eq!(applied.changed, read);
+
+    // The identifier p2 holds is not linked to p1.
+    let batch = Batch {
+        merges: vec![],
+        events: vec![event("e5", "p1", 5, "u2", json!({"at_ns": 2.5e18}))],
+    };
+    let applied = store.apply(&batch, H, now, &NoScores).await.unwrap();
+    let read = store.get_many(&applied.named).await.unwrap();
+    assert_eq!(applied.changed, read);
+    assert_eq!(
+        read[0].state.identifiers.iter().collect::<Vec<_>>(),
+        [
+            &Identifier::new("anonymous_id", "a4"),
+            &Identifier::new("user_id", "u1"),
+            &Identifier::new("user_id", "u3"),
+        ],
+        "u2 stays with p2"
+    );
 }
 
 async fn a_retried_batch_changes_nothing(store: &dyn ProfileStore) {
