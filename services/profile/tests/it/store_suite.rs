@@ -99,6 +99,20 @@ store_suite!(
     the_change_stream_logs_every_write_in_order_and_resumes,
 );
 
+/// Runs the queued account refreshes until none is left.
+async fn drain_account_refreshes(
+    store: &dyn ProfileStore,
+    now: OffsetDateTime,
+    scorer: &dyn Scorer,
+) {
+    while store
+        .refresh_accounts(10, H, now, scorer)
+        .await
+        .unwrap()
+        .is_some()
+    {}
+}
+
 async fn applied_events_can_be_read(store: &dyn ProfileStore) {
     let batch = Batch {
         merges: vec![],
@@ -2254,12 +2268,7 @@ async fn account_scores_are_stored_and_follow_members(store: &dyn ProfileStore) 
     // A deleted person leaves the account: the account refresh the deletion queues rescores
     // it with p1 (finance) and p4 (champion).
     store.delete("p2", &[], "erasure", NOW).await.unwrap();
-    while store
-        .refresh_accounts(10, H, NOW, &COVERAGE)
-        .await
-        .unwrap()
-        .is_some()
-    {}
+    drain_account_refreshes(store, NOW, &COVERAGE).await;
     let acme = store.account("acme").await.unwrap().unwrap();
     assert_eq!(coverage(&acme), (50.0, 2.0));
 }
@@ -2714,12 +2723,7 @@ async fn account_computed_traits_fold_every_members_events(backend: &Backend) {
     let scored = || {
         let store = store.clone();
         async move {
-            while store
-                .refresh_accounts(10, H, NOW, &ACCOUNT_ORDERS)
-                .await
-                .unwrap()
-                .is_some()
-            {}
+            drain_account_refreshes(&*store, NOW, &ACCOUNT_ORDERS).await;
             store.account("acme").await.unwrap().expect("acme").scores["orders"].value
         }
     };
@@ -2846,12 +2850,7 @@ async fn an_account_computed_trait_hides_the_account_trait_of_its_name(backend: 
                 )
                 .await
                 .unwrap();
-            while store
-                .refresh_accounts(10, H, NOW, &ORDER_COUNT_RULE)
-                .await
-                .unwrap()
-                .is_some()
-            {}
+            drain_account_refreshes(&*store, NOW, &ORDER_COUNT_RULE).await;
         }
     };
     let seen = || {
@@ -2989,12 +2988,7 @@ async fn person_plans_read_account_computed_traits_over_the_trait_of_their_name(
                 )
                 .await
                 .unwrap();
-            while store
-                .refresh_accounts(10, H, now, &AccountOrderCount)
-                .await
-                .unwrap()
-                .is_some()
-            {}
+            drain_account_refreshes(&*store, now, &AccountOrderCount).await;
         }
     };
     let seen = |id: &'static str| {
@@ -3096,12 +3090,7 @@ async fn person_scores_follow_account_computed_traits_without_a_write_of_the_per
     let refresh = |now: OffsetDateTime| {
         let store = store.clone();
         async move {
-            while store
-                .refresh_accounts(10, H, now, &AccountOrderCount)
-                .await
-                .unwrap()
-                .is_some()
-            {}
+            drain_account_refreshes(&*store, now, &AccountOrderCount).await;
         }
     };
     let apply = |events: Vec<ResolvedEvent>, now: OffsetDateTime| {
@@ -3601,12 +3590,7 @@ async fn accounts_from_before_their_expiry_time_are_rescored_once(postgres: bool
     let refresh = |now: OffsetDateTime| {
         let store = store.clone();
         async move {
-            while store
-                .refresh_accounts(10, H, now, &ORDERS_30D)
-                .await
-                .unwrap()
-                .is_some()
-            {}
+            drain_account_refreshes(&*store, now, &ORDERS_30D).await;
         }
     };
     let account = |id: &'static str| {
@@ -3718,12 +3702,7 @@ async fn accounts_from_before_their_expiry_time_without_computed_traits(postgres
     backend.db.migrate(MIGRATIONS).await.unwrap();
     let later = NOW + time::Duration::days(1);
     assert_eq!(store.expire_accounts(later, 10).await.unwrap(), ["acme"]);
-    while store
-        .refresh_accounts(10, H, later, &COVERAGE)
-        .await
-        .unwrap()
-        .is_some()
-    {}
+    drain_account_refreshes(store.as_ref(), later, &COVERAGE).await;
     let after = store.account("acme").await.unwrap().expect("acme");
     assert_eq!(
         after.scores["coverage"].value,
