@@ -99,6 +99,18 @@ store_suite!(
     the_change_stream_logs_every_write_in_order_and_resumes,
 );
 
+/// An account computed trait counting `Order Completed` events, over `window_seconds` when given.
+fn order_count(name: &str, window_seconds: Option<u64>) -> ComputedTrait {
+    ComputedTrait {
+        name: name.into(),
+        kind: Kind::Count,
+        events: vec!["Order Completed".into()],
+        types: vec![],
+        property: None,
+        window_seconds,
+    }
+}
+
 /// Runs the queued account refreshes until none is left.
 async fn drain_account_refreshes(
     store: &dyn ProfileStore,
@@ -2447,14 +2459,6 @@ async fn account_traits_reach_every_member_on_postgres() {
 /// is kept in the profile's history.
 async fn account_computed_traits_in_audiences_reach_every_member(backend: &Backend) {
     use prost::Message as _;
-    let count = |name: &str, window_seconds: Option<u64>| ComputedTrait {
-        name: name.into(),
-        kind: Kind::Count,
-        events: vec!["Order Completed".into()],
-        types: vec![],
-        property: None,
-        window_seconds,
-    };
     let account_test = |name: &str, audience: &str, at_least: u64| Audience {
         name: audience.into(),
         condition: Condition::Account(Test {
@@ -2474,7 +2478,10 @@ async fn account_computed_traits_in_audiences_reach_every_member(backend: &Backe
             .unwrap(),
         )
         .with_history(true)
-        .with_account_computed(vec![count("orders", None), count("orders_1h", Some(3_600))]),
+        .with_account_computed(vec![
+            order_count("orders", None),
+            order_count("orders_1h", Some(3_600)),
+        ]),
     );
     let minutes = time::Duration::minutes;
     // An order `ago` minutes before NOW.
@@ -2680,18 +2687,12 @@ const ACCOUNT_ORDERS: ScoreAccountsWith = ScoreAccountsWith(|account, _, now| {
 /// deletions and windows; an event that counts queues a rescore of its person's accounts, and
 /// account scorers read the computed traits as traits.
 async fn account_computed_traits_fold_every_members_events(backend: &Backend) {
-    let count = |name: &str, window_seconds: Option<u64>| ComputedTrait {
-        name: name.into(),
-        kind: Kind::Count,
-        events: vec!["Order Completed".into()],
-        types: vec![],
-        property: None,
-        window_seconds,
-    };
     let store = store::open_with(
         backend.db.clone(),
-        store::Definitions::new(vec![], Audiences::default())
-            .with_account_computed(vec![count("orders", None), count("orders_1h", Some(3_600))]),
+        store::Definitions::new(vec![], Audiences::default()).with_account_computed(vec![
+            order_count("orders", None),
+            order_count("orders_1h", Some(3_600)),
+        ]),
     );
     let order = |id: &str, profile: &str, minute: i64, user: &str| ResolvedEvent {
         details: EventDetails {
@@ -2962,16 +2963,8 @@ impl Scorer for AccountOrderCount {
 async fn person_plans_read_account_computed_traits_over_the_trait_of_their_name(backend: &Backend) {
     let store = store::open_with(
         backend.db.clone(),
-        store::Definitions::new(vec![], Audiences::default()).with_account_computed(vec![
-            ComputedTrait {
-                name: "order_count".into(),
-                kind: Kind::Count,
-                events: vec!["Order Completed".into()],
-                types: vec![],
-                property: None,
-                window_seconds: Some(3_600),
-            },
-        ]),
+        store::Definitions::new(vec![], Audiences::default())
+            .with_account_computed(vec![order_count("order_count", Some(3_600))]),
     );
     let apply = |events: Vec<ResolvedEvent>, now: OffsetDateTime| {
         let store = store.clone();
@@ -3075,16 +3068,8 @@ async fn person_scores_follow_account_computed_traits_without_a_write_of_the_per
 ) {
     let store = store::open_with(
         backend.db.clone(),
-        store::Definitions::new(vec![], Audiences::default()).with_account_computed(vec![
-            ComputedTrait {
-                name: "order_count".into(),
-                kind: Kind::Count,
-                events: vec!["Order Completed".into()],
-                types: vec![],
-                property: None,
-                window_seconds: Some(3_600),
-            },
-        ]),
+        store::Definitions::new(vec![], Audiences::default())
+            .with_account_computed(vec![order_count("order_count", Some(3_600))]),
     );
     // Every queued refresh, as the sweeper takes them.
     let refresh = |now: OffsetDateTime| {
@@ -3576,16 +3561,8 @@ async fn accounts_from_before_their_expiry_time_are_rescored_once(postgres: bool
     let backend = migrated_to(postgres, 18).await;
     let store = store::open_with(
         backend.db.clone(),
-        store::Definitions::new(vec![], Audiences::default()).with_account_computed(vec![
-            ComputedTrait {
-                name: "orders_30d".into(),
-                kind: Kind::Count,
-                events: vec!["Order Completed".into()],
-                types: vec![],
-                property: None,
-                window_seconds: Some(30 * 86_400),
-            },
-        ]),
+        store::Definitions::new(vec![], Audiences::default())
+            .with_account_computed(vec![order_count("orders_30d", Some(30 * 86_400))]),
     );
     let refresh = |now: OffsetDateTime| {
         let store = store.clone();
