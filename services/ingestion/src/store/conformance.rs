@@ -99,6 +99,7 @@ macro_rules! conformance {
 
 conformance!(
     appends_and_deduplicates,
+    concurrent_duplicates_agree_on_one_event,
     deduplicates_only_within_the_window,
     keeps_the_batch_order_in_the_log,
     reads_each_partition_in_order_after_the_cursor,
@@ -238,6 +239,55 @@ async fn appends_and_deduplicates(_db: Database, log: Arc<dyn EventLog>) {
     assert!(!got[2].is_new);
     assert_eq!(got[2].event_id, got[1].event_id);
     assert!(log.append(&[]).await.unwrap().is_empty());
+}
+
+/// Requests that race with the same message ids (client retries on several replicas): each id
+/// is logged once, exactly one request reports it new, and every other reports that event.
+async fn concurrent_duplicates_agree_on_one_event(_db: Database, log: Arc<dyn EventLog>) {
+    let keys: Vec<String> = (0..50).map(|i| format!("m{i}")).collect();
+    let mut tasks = Vec::new();
+    for task in 0..8 {
+        let log = log.clone();
+        // Each request holds every key, in its own order, with its own event ids.
+        let mut batch: Vec<NewEvent> = keys.iter().map(|k| event("s", k, 0)).collect();
+        batch.rotate_left(task * 7);
+        tasks.push(tokio::spawn(async move {
+            let got = log.append(&batch).await.unwrap();
+            batch.into_iter().zip(got).collect::<Vec<_>>()
+        }));
+    }
+    let mut winner = std::collections::HashMap::new();
+    let mut answers = Vec::new();
+    for task in tasks {
+        for (sent, got) in task.await.unwrap() {
+            if got.is_new {
+                assert_eq!(got.event_id, sent.event_id, "a new event keeps its own id");
+                let before = winner.insert(sent.message_id.clone(), got.event_id);
+                assert!(before.is_none(), "{} reported new twice", sent.message_id);
+            }
+            answers.push((sent.message_id, got.event_id));
+        }
+    }
+    assert_eq!(
+        winner.len(),
+        keys.len(),
+        "every message id was logged by one request"
+    );
+    for (message, event_id) in answers {
+        assert_eq!(
+            event_id, winner[&message],
+            "{message}: every answer names the logged event"
+        );
+    }
+    let listed = log
+        .list_events("s", &EventFilter::default(), None, 1_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.len(),
+        keys.len(),
+        "each message id is in the log once"
+    );
 }
 
 async fn deduplicates_only_within_the_window(_db: Database, log: Arc<dyn EventLog>) {

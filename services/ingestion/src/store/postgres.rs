@@ -108,10 +108,12 @@ impl EventLog for PgEventLog {
                     .filter(|s| !s.is_empty()),
             );
         }
-        let mut tx = self.pool.begin().await?;
-        // One statement for the whole batch: claim each message id (new, or last accepted
-        // before the window), then log the messages that claimed theirs, in the batch's order.
-        sqlx::query(
+        // One statement, its own transaction, one round trip: claim each message id (new, or
+        // last accepted before the window) and log the messages that claimed theirs, in the
+        // batch's order. A key that stays another event's is "updated" to itself, so RETURNING
+        // names the event every key stands for now: a duplicate's original, read under the row
+        // lock even when a concurrent request claimed it after this statement's snapshot.
+        let rows = sqlx::query(
             "WITH input AS ( \
                SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::int[], \
                                     $6::text[], $7::timestamptz[], $9::text[], $10::text[]) \
@@ -120,15 +122,19 @@ impl EventLog for PgEventLog {
              claimed AS ( \
                INSERT INTO message_ids AS m (source_id, message_id, event_id, received_at) \
                SELECT source_id, message_id, event_id, received_at FROM input \
-               ON CONFLICT (source_id, message_id) DO UPDATE \
-                 SET event_id = EXCLUDED.event_id, received_at = EXCLUDED.received_at \
-                 WHERE m.received_at < EXCLUDED.received_at - make_interval(secs => $8) \
-               RETURNING m.event_id) \
-             INSERT INTO events (event_id, source_id, message_id, partition, payload, received_at, \
-                                 trace_parent, trace_state) \
-             SELECT i.event_id, i.source_id, i.message_id, i.partition, i.payload::jsonb, i.received_at, \
-                    i.trace_parent, i.trace_state \
-             FROM input i JOIN claimed c ON c.event_id = i.event_id ORDER BY i.pos",
+               ON CONFLICT (source_id, message_id) DO UPDATE SET \
+                 event_id = CASE WHEN m.received_at < EXCLUDED.received_at - make_interval(secs => $8) \
+                                 THEN EXCLUDED.event_id ELSE m.event_id END, \
+                 received_at = CASE WHEN m.received_at < EXCLUDED.received_at - make_interval(secs => $8) \
+                                    THEN EXCLUDED.received_at ELSE m.received_at END \
+               RETURNING m.source_id, m.message_id, m.event_id), \
+             logged AS ( \
+               INSERT INTO events (event_id, source_id, message_id, partition, payload, received_at, \
+                                   trace_parent, trace_state) \
+               SELECT i.event_id, i.source_id, i.message_id, i.partition, i.payload::jsonb, \
+                      i.received_at, i.trace_parent, i.trace_state \
+               FROM input i JOIN claimed c ON c.event_id = i.event_id ORDER BY i.pos) \
+             SELECT source_id, message_id, event_id FROM claimed",
         )
         .bind(&positions)
         .bind(&ids)
@@ -140,19 +146,8 @@ impl EventLog for PgEventLog {
         .bind(secs(self.dedup_window))
         .bind(&trace_parents)
         .bind(&trace_states)
-        .execute(&mut *tx)
+        .fetch_all(&self.pool)
         .await?;
-        // The id each message id stands for now: ours where we claimed it, else the original's.
-        let rows = sqlx::query(
-            "SELECT m.source_id, m.message_id, m.event_id FROM message_ids m \
-             JOIN UNNEST($1::text[], $2::text[]) AS k(source_id, message_id) \
-             ON m.source_id = k.source_id AND m.message_id = k.message_id",
-        )
-        .bind(&sources)
-        .bind(&messages)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
         let mut stored = HashMap::with_capacity(rows.len());
         for row in rows {
             stored.insert(
