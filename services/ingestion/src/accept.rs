@@ -1,5 +1,5 @@
 //! Acceptance shared by every front door (gRPC, HTTP): stamping events and appending them to
-//! the log in one transaction.
+//! the log in one transaction (shared with the requests waiting at the same time).
 
 use tessera_core::Event;
 use tessera_core::event::corrected_timestamp;
@@ -102,7 +102,7 @@ impl Ingestion {
                 trace,
             });
         }
-        let appended = self.log.append(&rows).await?;
+        let (rows, appended) = self.appender.append(rows).await?;
         drop(spans);
         let accepted = appended.iter().filter(|a| a.is_new).count();
         metrics::counter!("tessera_ingestion_events_accepted_total").increment(accepted as u64);

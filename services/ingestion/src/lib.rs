@@ -10,6 +10,7 @@ mod error;
 mod forget;
 #[doc(hidden)]
 pub mod fuzzing;
+mod group;
 mod http;
 mod plans;
 mod service;
@@ -72,6 +73,13 @@ pub struct IngestionSettings {
     pub dedup_window_seconds: u64,
     /// How often message ids older than the dedup window are forgotten, in seconds.
     pub dedup_prune_interval_seconds: u64,
+    /// How many appends to the log run at once. Requests that arrive while all are busy are
+    /// appended together by the next free one (group commit: one statement and one commit for
+    /// many requests).
+    pub append_writers: usize,
+    /// A group stops taking waiting requests once it holds this many events (a single larger
+    /// request is appended alone).
+    pub append_group_events: usize,
 }
 
 impl Default for IngestionSettings {
@@ -87,6 +95,8 @@ impl Default for IngestionSettings {
             backlog_interval_ms: 2_000,
             dedup_window_seconds: 7 * 24 * 3_600,
             dedup_prune_interval_seconds: 600,
+            append_writers: 4,
+            append_group_events: 2_000,
         }
     }
 }
@@ -95,6 +105,8 @@ impl Default for IngestionSettings {
 #[derive(Debug, Clone)]
 pub struct Ingestion {
     log: Arc<dyn store::EventLog>,
+    /// Appends accepted events to `log`, grouping concurrent requests.
+    appender: group::GroupAppend,
     sources: sources::Sources,
     /// Tracking plans and the compiled-plan caches.
     plans: plans::Plans,
@@ -114,8 +126,14 @@ impl Ingestion {
         let plans = plans::Plans::new(db.clone());
         let log = store::open(db, Duration::from_secs(settings.dedup_window_seconds));
         let partitions = log.ensure_partitions(settings.partitions.max(1)).await?;
+        let appender = group::GroupAppend::start(
+            log.clone(),
+            settings.append_writers,
+            settings.append_group_events,
+        );
         Ok(Self {
             log,
+            appender,
             sources,
             plans,
             settings: Arc::new(settings),
