@@ -129,3 +129,139 @@ async fn commit(log: &dyn EventLog, mut group: Vec<Pending>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tessera_store::{Database, DbSettings};
+    use tessera_testkit::TestDb;
+    use time::OffsetDateTime;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::store::EventFilter;
+    use crate::{MIGRATIONS, SCHEMA};
+
+    async fn postgres_log() -> (TestDb, Arc<dyn EventLog>) {
+        let test_db = TestDb::new().await;
+        let db = Database::connect(test_db.url(), SCHEMA, &DbSettings::default())
+            .await
+            .expect("connect");
+        db.migrate(MIGRATIONS).await.expect("migrate");
+        (test_db, crate::store::open(db, Duration::from_secs(3_600)))
+    }
+
+    fn event(message: &str, payload: &str) -> NewEvent {
+        NewEvent {
+            event_id: Uuid::now_v7(),
+            source_id: "s".to_owned(),
+            message_id: message.to_owned(),
+            partition: 0,
+            payload: payload.to_owned(),
+            received_at: OffsetDateTime::now_utc(),
+            trace: None,
+        }
+    }
+
+    fn good(message: &str) -> NewEvent {
+        event(
+            message,
+            &format!(r#"{{"messageId":"{message}","type":"track","userId":"u","event":"E"}}"#),
+        )
+    }
+
+    fn pending(rows: Vec<NewEvent>) -> (Pending, oneshot::Receiver<Reply>) {
+        let (reply, answer) = oneshot::channel();
+        (Pending { rows, reply }, answer)
+    }
+
+    async fn logged(log: &Arc<dyn EventLog>) -> Vec<String> {
+        let mut ids: Vec<String> = log
+            .list_events("s", &EventFilter::default(), None, 1_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.message_id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Each request of a group gets back its own events, in its order, with its own results;
+    /// a message id repeated by a later request of the group is that request's duplicate.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_group_answers_each_request_with_its_own_events() {
+        let (_db, log) = postgres_log().await;
+        let first = vec![good("a"), good("b")];
+        let second = vec![good("c"), good("a"), good("d")];
+        let third = vec![good("e")];
+        let sent = [first.clone(), second.clone(), third.clone()];
+        let (p1, a1) = pending(first);
+        let (p2, a2) = pending(second);
+        let (p3, a3) = pending(third);
+        commit(log.as_ref(), vec![p1, p2, p3]).await;
+
+        let mut answers = Vec::new();
+        for (answer, sent) in [a1, a2, a3].into_iter().zip(&sent) {
+            let (rows, results) = answer.await.unwrap().unwrap();
+            let ids: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
+            let want: Vec<Uuid> = sent.iter().map(|r| r.event_id).collect();
+            assert_eq!(ids, want, "a request gets its own events back, in order");
+            assert_eq!(results.len(), sent.len());
+            answers.push(results);
+        }
+        assert!(answers[0].iter().all(|a| a.is_new));
+        assert!(answers[1][0].is_new && answers[1][2].is_new);
+        assert!(
+            !answers[1][1].is_new,
+            "a repeated in the group is a duplicate"
+        );
+        assert_eq!(answers[1][1].event_id, sent[0][0].event_id);
+        assert!(answers[2][0].is_new);
+        assert_eq!(logged(&log).await, ["a", "b", "c", "d", "e"]);
+    }
+
+    /// A request the log refuses (Postgres stores no NUL character in JSON) fails alone: the
+    /// other requests of its group are stored and answered.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_request_the_log_refuses_fails_alone() {
+        let (_db, log) = postgres_log().await;
+        let bad = event(
+            "bad",
+            r#"{"messageId":"bad","type":"track","event":"\u0000"}"#,
+        );
+        let (p1, a1) = pending(vec![good("a")]);
+        let (p2, a2) = pending(vec![good("b"), bad]);
+        let (p3, a3) = pending(vec![good("c")]);
+        commit(log.as_ref(), vec![p1, p2, p3]).await;
+        assert!(a1.await.unwrap().is_ok());
+        assert!(a2.await.unwrap().is_err(), "the refused request fails");
+        assert!(a3.await.unwrap().is_ok());
+        assert_eq!(
+            logged(&log).await,
+            ["a", "c"],
+            "nothing of the refused request is stored"
+        );
+    }
+
+    /// Many concurrent requests through one writer: all are stored and each answered with its
+    /// own events (most of them in groups).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_requests_through_one_writer_are_all_stored() {
+        let (_db, log) = postgres_log().await;
+        let appender = GroupAppend::start(log.clone(), 1, 50);
+        let calls = (0..40).map(|r| {
+            let appender = appender.clone();
+            async move {
+                let rows: Vec<NewEvent> = (0..5).map(|i| good(&format!("r{r:02}-{i}"))).collect();
+                let ids: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
+                let (back, results) = appender.append(rows).await.unwrap();
+                assert_eq!(back.iter().map(|r| r.event_id).collect::<Vec<_>>(), ids);
+                assert!(results.iter().all(|a| a.is_new));
+            }
+        });
+        futures::future::join_all(calls).await;
+        assert_eq!(logged(&log).await.len(), 200);
+    }
+}
