@@ -80,6 +80,9 @@ pub struct IngestionSettings {
     /// A group stops taking waiting requests once it holds this many events (a single larger
     /// request is appended alone).
     pub append_group_events: usize,
+    /// How many log positions one page of the debugger's `ListEvents` looks through at most: a
+    /// page of a quiet source in a busy log comes back short, with a token to look further.
+    pub debugger_page_scan: i64,
 }
 
 impl Default for IngestionSettings {
@@ -97,6 +100,7 @@ impl Default for IngestionSettings {
             dedup_prune_interval_seconds: 600,
             append_writers: 4,
             append_group_events: 2_000,
+            debugger_page_scan: 100_000,
         }
     }
 }

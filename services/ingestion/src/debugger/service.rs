@@ -36,14 +36,23 @@ impl Ingestion {
         };
         let source = self.source_named(&source_name).await?;
         // One more than the page, to know whether another page follows.
-        let mut logged = self
+        let page = self
             .log
-            .list_events(&source.id.to_string(), &filter, before, size + 1)
+            .list_page(
+                &source.id.to_string(),
+                &filter,
+                before,
+                size + 1,
+                self.settings.debugger_page_scan,
+            )
             .await?;
+        let mut logged = page.events;
         let more = i64::try_from(logged.len()).unwrap_or(i64::MAX) > size;
         logged.truncate(usize::try_from(size).unwrap_or(usize::MAX));
+        // A short page that stopped above the log's start continues below where it looked.
         let next_page_token = match (more, logged.last()) {
             (true, Some(last)) => page_token(last.cursor.seq),
+            _ if page.floor > 1 => page_token(page.floor),
             _ => String::new(),
         };
         let events = logged

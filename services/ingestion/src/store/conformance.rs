@@ -107,6 +107,7 @@ conformance!(
     leases_are_shared_fairly_and_fence_the_cursor,
     backlog_counts_undelivered_events,
     lists_a_sources_events_newest_first_with_filters,
+    a_page_looks_through_a_bounded_range_of_the_log,
     tails_settled_events_after_the_head,
     forgets_events_and_their_message_ids,
     forgets_the_quarantined_messages_of_a_person,
@@ -558,6 +559,55 @@ fn filter(kind: Option<&str>, name: Option<&str>) -> EventFilter {
         event_type: kind.map(str::to_owned),
         event_name: name.map(str::to_owned),
     }
+}
+
+/// A quiet source in a busy log: each page reads at most `scan` log positions, comes back
+/// short (even empty) when the source has no events there, and says where to look further, so
+/// walking the pages finds every event of the source at a bounded cost per page.
+async fn a_page_looks_through_a_bounded_range_of_the_log(_db: Database, log: Arc<dyn EventLog>) {
+    log.ensure_partitions(1).await.unwrap();
+    // The log: q1, 20 of another source, q2, 20 more, q3 (seq from 1 in a fresh log).
+    let mut batch = vec![typed("quiet", "q1", "track", "A")];
+    batch.extend((0..20).map(|i| typed("busy", &format!("b{i}"), "track", "B")));
+    batch.push(typed("quiet", "q2", "track", "A"));
+    batch.extend((20..40).map(|i| typed("busy", &format!("b{i}"), "track", "B")));
+    batch.push(typed("quiet", "q3", "track", "A"));
+    log.append(&batch).await.unwrap();
+    let all = EventFilter::default();
+
+    let first = log.list_page("quiet", &all, None, 10, 15).await.unwrap();
+    assert_eq!(
+        messages(&first.events),
+        ["q3"],
+        "15 positions down from the head hold only q3"
+    );
+    assert!(first.floor > 1, "the page stopped above the log's start");
+    let owned = |events: &[LoggedEvent]| -> Vec<String> {
+        messages(events).into_iter().map(str::to_owned).collect()
+    };
+    let mut found = owned(&first.events);
+    let mut before = first.floor;
+    let mut pages = 1;
+    loop {
+        let page = log
+            .list_page("quiet", &all, Some(before), 10, 15)
+            .await
+            .unwrap();
+        pages += 1;
+        found.extend(owned(&page.events));
+        if page.floor <= 1 {
+            break;
+        }
+        assert!(page.floor < before, "each page moves down the log");
+        before = page.floor;
+    }
+    assert_eq!(found, ["q3", "q2", "q1"]);
+    assert_eq!(pages, 3, "43 positions in pages of 15");
+
+    // Without a bound (or a wide one) one page holds them all.
+    let wide = log.list_page("quiet", &all, None, 10, 1_000).await.unwrap();
+    assert_eq!(messages(&wide.events), ["q3", "q2", "q1"]);
+    assert_eq!(wide.floor, 1);
 }
 
 async fn lists_a_sources_events_newest_first_with_filters(_db: Database, log: Arc<dyn EventLog>) {

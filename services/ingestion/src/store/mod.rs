@@ -96,6 +96,20 @@ pub(crate) struct LoggedEvent {
     pub(crate) delivered: bool,
 }
 
+/// A page of a source's events, newest first, and how far down the log it looked.
+#[derive(Debug, Clone)]
+pub(crate) struct ListPage {
+    pub(crate) events: Vec<LoggedEvent>,
+    /// The lowest log position (seq) the page looked at: events of the source older than it,
+    /// if any, are below it. 1 when the page looked down to the log's start.
+    pub(crate) floor: i64,
+}
+
+/// The positions a page of `scan` rows below `before` looks at start here (at least 1).
+pub(crate) fn list_floor(before: i64, scan: i64) -> i64 {
+    before.saturating_sub(scan.max(1)).max(1)
+}
+
 /// A page of a tail: the events read and where the next read starts.
 #[derive(Debug, Clone)]
 pub(crate) struct TailPage {
@@ -214,15 +228,33 @@ pub(crate) trait EventLog: Send + Sync + std::fmt::Debug {
     /// received (`None` when none waits).
     async fn backlog(&self) -> Result<Backlog, StoreError>;
 
-    /// Up to `limit` events of `source_id` matching `filter`, newest (highest seq) first, with a
-    /// seq below `before_seq` when given.
+    /// Up to `limit` events of `source_id` matching `filter`, newest (highest seq) first, among
+    /// the `scan` log positions below `before_seq` (below the log's head when `None`): a page
+    /// reads at most `scan` rows of the log whatever the source, and may come back short (even
+    /// empty) with older events of the source further down. `floor` says where it stopped.
+    async fn list_page(
+        &self,
+        source_id: &str,
+        filter: &EventFilter,
+        before_seq: Option<i64>,
+        limit: i64,
+        scan: i64,
+    ) -> Result<ListPage, StoreError>;
+
+    /// [`EventLog::list_page`] over the whole log (tests: their logs are small).
+    #[cfg(test)]
     async fn list_events(
         &self,
         source_id: &str,
         filter: &EventFilter,
         before_seq: Option<i64>,
         limit: i64,
-    ) -> Result<Vec<LoggedEvent>, StoreError>;
+    ) -> Result<Vec<LoggedEvent>, StoreError> {
+        Ok(self
+            .list_page(source_id, filter, before_seq, limit, i64::MAX)
+            .await?
+            .events)
+    }
 
     /// The log's current head: a tail starting here sees every event committed from now on (and
     /// possibly a few committed just before).

@@ -34,13 +34,15 @@ async fn fixture(backend: crate::Backend) -> ((crate::TestDatabase, Replica), Ch
 }
 
 async fn replica(url: &str) -> Replica {
+    replica_with(url, IngestionSettings::default()).await
+}
+
+async fn replica_with(url: &str, settings: IngestionSettings) -> Replica {
     let db = Database::connect(url, SCHEMA, &DbSettings::default())
         .await
         .unwrap();
     db.migrate(MIGRATIONS).await.unwrap();
-    let ingestion = Ingestion::new(db, IngestionSettings::default())
-        .await
-        .unwrap();
+    let ingestion = Ingestion::new(db, settings).await.unwrap();
     crate::sources::with_test_source(&ingestion).await;
     // Peers that never answer: these tests look at the log, not at delivery.
     let nowhere = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
@@ -281,6 +283,48 @@ on_both_backends!(
     rejects_unknown_sources_and_bad_pages,
     tails_events_accepted_after_it_started,
 );
+
+/// Each page looks through at most `debugger_page_scan` log positions: where the filter matches
+/// nothing there the page comes back short, even empty, with a token to look further down, and
+/// walking the tokens finds every match.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_page_looks_through_a_bounded_range_of_the_log() {
+    let db = tessera_testkit::TestDb::new().await;
+    let settings = IngestionSettings {
+        debugger_page_scan: 3,
+        ..IngestionSettings::default()
+    };
+    let replica = replica_with(db.url(), settings).await;
+    let channel = replica.server.channel().await;
+    // The log: one "Rare", five "Common", one "Rare" (one request each, in this order).
+    let names = [
+        "Rare", "Common", "Common", "Common", "Common", "Common", "Rare",
+    ];
+    for (i, name) in names.into_iter().enumerate() {
+        ingest(channel.clone(), vec![track(&format!("t{i}"), "u1", name)]).await;
+    }
+    let rare = Some(EventFilter {
+        event_name: "Rare".into(),
+        ..EventFilter::default()
+    });
+    let mut client = debugger(channel);
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_events(list(10, &token, rare.clone()))
+            .await
+            .unwrap()
+            .into_inner();
+        pages.push(message_ids(&page.events));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    // Positions 5-7, 2-4, then 1.
+    assert_eq!(pages, [vec!["t6"], vec![], vec!["t0"]]);
+}
 
 /// Two replicas on one database: a tail on one shows what the other accepts, found by polling.
 #[tokio::test(flavor = "multi_thread")]
