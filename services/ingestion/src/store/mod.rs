@@ -239,7 +239,31 @@ pub(crate) trait EventLog: Send + Sync + std::fmt::Debug {
         before_seq: Option<i64>,
         limit: i64,
         scan: i64,
-    ) -> Result<ListPage, StoreError>;
+    ) -> Result<ListPage, StoreError> {
+        let before = match before_seq {
+            Some(before) => before,
+            None => self.next_seq().await?,
+        };
+        let floor = list_floor(before, scan);
+        let events = self
+            .list_range(source_id, filter, floor, before, limit)
+            .await?;
+        Ok(ListPage { events, floor })
+    }
+
+    /// One more than the highest seq in the log (1 when it is empty).
+    async fn next_seq(&self) -> Result<i64, StoreError>;
+
+    /// Up to `limit` events of `source_id` matching `filter` with `floor <= seq < below`, newest
+    /// first: a range of the log's primary key, the source and filters checked on its rows.
+    async fn list_range(
+        &self,
+        source_id: &str,
+        filter: &EventFilter,
+        floor: i64,
+        below: i64,
+        limit: i64,
+    ) -> Result<Vec<LoggedEvent>, StoreError>;
 
     /// [`EventLog::list_page`] over the whole log (tests: their logs are small).
     #[cfg(test)]

@@ -10,9 +10,8 @@ use tessera_store::StoreError;
 use uuid::Uuid;
 
 use super::{
-    Appended, Backlog, Cursor, EventFilter, EventLog, FORGET_CHUNK, Forgotten, Lease, ListPage,
-    LoggedEvent, NewEvent, Person, StoredEvent, TailPage, collate, first_of_each_key, list_floor,
-    trace,
+    Appended, Backlog, Cursor, EventFilter, EventLog, FORGET_CHUNK, Forgotten, Lease, LoggedEvent,
+    NewEvent, Person, StoredEvent, TailPage, collate, first_of_each_key, trace,
 };
 
 #[derive(Debug, Clone)]
@@ -414,34 +413,30 @@ impl EventLog for PgEventLog {
         })
     }
 
-    async fn list_page(
+    async fn next_seq(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(max(seq), 0) + 1 FROM events")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn list_range(
         &self,
         source_id: &str,
         filter: &EventFilter,
-        before_seq: Option<i64>,
+        floor: i64,
+        below: i64,
         limit: i64,
-        scan: i64,
-    ) -> Result<ListPage, StoreError> {
-        let before = match before_seq {
-            Some(before) => before,
-            None => {
-                sqlx::query_scalar::<_, i64>("SELECT COALESCE(max(seq), 0) + 1 FROM events")
-                    .fetch_one(&self.pool)
-                    .await?
-            }
-        };
-        let floor = list_floor(before, scan);
-        // A range of the log's primary key, newest first: the source and the filters are
-        // checked on the rows of that range only, so a page costs at most `scan` rows.
+    ) -> Result<Vec<LoggedEvent>, StoreError> {
         let mut query = QueryBuilder::<Postgres>::new(LOGGED_EVENT);
         query.push_bind(source_id.to_owned());
-        query.push(" AND e.seq < ").push_bind(before);
+        query.push(" AND e.seq < ").push_bind(below);
         query.push(" AND e.seq >= ").push_bind(floor);
         push_filter(&mut query, filter);
         query.push(" ORDER BY e.seq DESC LIMIT ").push_bind(limit);
         let rows = query.build().fetch_all(&self.pool).await?;
-        let events = rows.iter().map(logged_event).collect::<Result<_, _>>()?;
-        Ok(ListPage { events, floor })
+        rows.iter().map(logged_event).collect()
     }
 
     async fn head(&self) -> Result<Cursor, StoreError> {

@@ -90,6 +90,28 @@ fn message_ids(events: &[tessera_proto::ingestion::v1::DebugEvent]) -> Vec<Strin
     events.iter().map(|e| e.message_id.clone()).collect()
 }
 
+/// The message ids of every page of `ListEvents`, following `next_page_token` to the end.
+async fn walk_pages(
+    client: &mut DebuggerServiceClient<Channel>,
+    page_size: i32,
+    filter: Option<EventFilter>,
+) -> Vec<Vec<String>> {
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_events(list(page_size, &token, filter.clone()))
+            .await
+            .unwrap()
+            .into_inner();
+        pages.push(message_ids(&page.events));
+        if page.next_page_token.is_empty() {
+            return pages;
+        }
+        token = page.next_page_token;
+    }
+}
+
 async fn lists_events_newest_first_in_pages_with_filters(channel: Channel) {
     // Separate requests, so the order of acceptance is the order of the ids.
     for i in 1..=5 {
@@ -106,20 +128,7 @@ async fn lists_events_newest_first_in_pages_with_filters(channel: Channel) {
     ingest(channel.clone(), vec![identify("i1", "u1")]).await;
     let mut client = debugger(channel);
 
-    let mut pages = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = client
-            .list_events(list(2, &token, None))
-            .await
-            .unwrap()
-            .into_inner();
-        pages.push(message_ids(&page.events));
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
+    let pages = walk_pages(&mut client, 2, None).await;
     assert_eq!(
         pages,
         [vec!["i1", "t5"], vec!["t4", "t3"], vec!["t2", "t1"]]
@@ -307,21 +316,7 @@ async fn a_page_looks_through_a_bounded_range_of_the_log() {
         event_name: "Rare".into(),
         ..EventFilter::default()
     });
-    let mut client = debugger(channel);
-    let mut pages = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = client
-            .list_events(list(10, &token, rare.clone()))
-            .await
-            .unwrap()
-            .into_inner();
-        pages.push(message_ids(&page.events));
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
+    let pages = walk_pages(&mut debugger(channel), 10, rare).await;
     // Positions 5-7, 2-4, then 1.
     assert_eq!(pages, [vec!["t6"], vec![], vec!["t0"]]);
 }
