@@ -153,15 +153,29 @@ async fn the_bench_measures_first_orders_into_a_computed_trait_an_audience_and_a
     assert_eq!(order_count.events, ["Order Completed"]);
     assert_eq!(order_count.source, i32::from(pb::DefinitionSource::Api));
 
-    // A second run finds them and measures again, declaring nothing.
+    // A second run finds them and measures again, declaring nothing, after a warm-up whose
+    // load is not measured.
     let (code, out, err) = bench(
         &target,
         &key,
-        &["--duration", "6", "--computed-samples", "4"],
+        &[
+            "--duration",
+            "6",
+            "--computed-samples",
+            "4",
+            "--warmup",
+            "2",
+        ],
     )
     .await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(!err.contains("declared"), "{err}");
+    assert!(err.contains("warm-up of 2 s done"), "{err}");
+    assert!(out.contains("warm-up 2s"), "the report says so: {out}");
+    assert!(
+        out.contains("(1200 accepted"),
+        "only the measured 6 s at 200/s count: {out}"
+    );
     assert_measured(&out, &err);
     // Without the option the report has no order measures.
     let (code, out, err) = bench(&target, &key, &["--events", "20"]).await;

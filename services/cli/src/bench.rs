@@ -139,6 +139,10 @@ pub(crate) struct BenchArgs {
     /// How many events to send in all.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     events: Option<u64>,
+    /// Seconds to send at the same rate before the measured run, to other users, measuring
+    /// nothing: services, connection pools and the database's caches settle first [default: 0].
+    #[arg(long, value_name = "SECONDS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600))]
+    warmup: u64,
     /// Requests in flight at most. With grpc-stream, streams open at most, and a chunk holds a
     /// slot until the stream takes it; with http, also the connections opened.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=10_000))]
@@ -196,6 +200,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         rate: args.rate,
         duration_s: duration,
         events: args.events,
+        warmup_s: args.warmup,
         concurrency: args.concurrency,
         batch: args.batch,
         users: args.users,
@@ -268,6 +273,29 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             (None, None) => String::new(),
         }
     );
+    if args.warmup > 0 {
+        let warm = Params {
+            duration_s: Some(args.warmup),
+            events: None,
+            visibility_samples: 0,
+            computed_samples: 0,
+            seed: params.seed.wrapping_add(1),
+            ..params.clone()
+        };
+        let warmed = drive(
+            &warm,
+            Some(Duration::from_secs(args.warmup)),
+            &format!("{run_id}w"),
+            route.clone(),
+            reads.clone(),
+            write_key.clone(),
+        )
+        .await?;
+        eprintln!(
+            "tessera bench: warm-up of {} s done ({} events accepted); measuring",
+            args.warmup, warmed.stats.events.accepted
+        );
+    }
     let outcome = drive(
         &params,
         duration.map(Duration::from_secs),
@@ -333,6 +361,7 @@ fn is_loopback(host: &str) -> bool {
 }
 
 /// Where the batches go, connected.
+#[derive(Clone)]
 enum Route {
     Grpc(Vec<Channel>),
     GrpcStream(Vec<Channel>),

@@ -16,6 +16,8 @@ pub(super) struct Params {
     pub(super) rate: u64,
     pub(super) duration_s: Option<u64>,
     pub(super) events: Option<u64>,
+    /// Seconds of unmeasured load sent before the run.
+    pub(super) warmup_s: u64,
     pub(super) concurrency: u64,
     pub(super) batch: u64,
     pub(super) users: u64,
@@ -243,7 +245,7 @@ pub(super) fn format_text(r: &Report) -> String {
     let _ = writeln!(w, "tessera bench: {} (run {})", r.target, r.run_id);
     let _ = writeln!(
         w,
-        "  parameters      transport {}  rate {}  duration {}  events {}  concurrency {}  batch {}  users {}  connections {}  seed {}",
+        "  parameters      transport {}  rate {}  duration {}  events {}  warm-up {}  concurrency {}  batch {}  users {}  connections {}  seed {}",
         p.transport,
         if p.rate == 0 {
             "max".to_owned()
@@ -252,6 +254,11 @@ pub(super) fn format_text(r: &Report) -> String {
         },
         opt(p.duration_s.map(|d| format!("{d}s")), "-"),
         opt(p.events, "-"),
+        if p.warmup_s == 0 {
+            "-".to_owned()
+        } else {
+            format!("{}s", p.warmup_s)
+        },
         p.concurrency,
         p.batch,
         p.users,
@@ -446,6 +453,7 @@ mod tests {
                 computed_timeout_s: 30,
                 request_timeout_s: 10,
                 seed: 1,
+                warmup_s: 0,
             },
             interrupted: false,
             send_window_s: 20.0,
