@@ -92,8 +92,9 @@ fn payload_bytes(rows: &[NewEvent]) -> usize {
 /// failed statement stored nothing).
 async fn commit(log: &dyn EventLog, mut group: Vec<Pending>) {
     metrics::histogram!("tessera_ingestion_append_group_requests").record(group.len() as f64);
-    if group.len() == 1 {
-        let Pending { rows, reply } = group.pop().expect("one request");
+    if group.len() == 1
+        && let Some(Pending { rows, reply }) = group.pop()
+    {
         let result = log.append(&rows).await.map(|appended| (rows, appended));
         let _ = reply.send(result);
         return;

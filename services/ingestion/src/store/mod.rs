@@ -106,7 +106,7 @@ pub(crate) struct ListPage {
 }
 
 /// The positions a page of `scan` rows below `before` looks at start here (at least 1).
-pub(crate) fn list_floor(before: i64, scan: i64) -> i64 {
+fn list_floor(before: i64, scan: i64) -> i64 {
     before.saturating_sub(scan.max(1)).max(1)
 }
 
