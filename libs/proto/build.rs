@@ -28,6 +28,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     // compile_fds takes an already-built set, so write the set for reflection ourselves.
     std::fs::write(out.join("tessera_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    tonic_prost_build::configure()
+        // Written by hand, so a cached profile can be sent as the bytes it is cached as (see
+        // src/profile_response.rs); the wire format is the .proto's.
+        .extern_path(
+            ".tessera.profile.v1.GetProfileResponse",
+            "crate::profile_response::GetProfileResponse",
+        )
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -8,6 +8,7 @@
 )]
 
 pub mod convert;
+mod profile_response;
 
 /// Shared messages: identifiers, events, field violations.
 pub mod common {
@@ -38,6 +39,7 @@ pub mod profile {
     /// Version 1.
     pub mod v1 {
         tonic::include_proto!("tessera.profile.v1");
+        pub use crate::profile_response::GetProfileResponse;
     }
 }
 

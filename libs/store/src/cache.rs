@@ -23,8 +23,8 @@ use crate::near::{Lookup, Near, NearCacheSettings, NearCacheStats};
 pub struct Versioned {
     /// The row's version.
     pub version: i64,
-    /// The encoded value, or `None` for a tombstone.
-    pub bytes: Option<Vec<u8>>,
+    /// The encoded value, or `None` for a tombstone. Shared, so a near-cache hit is not a copy.
+    pub bytes: Option<bytes::Bytes>,
 }
 
 impl Versioned {
@@ -227,7 +227,10 @@ impl RedisCache {
                     .query_async(&mut conn),
             )
             .await?;
-        Ok(version.map(|version| Versioned { version, bytes }))
+        Ok(version.map(|version| Versioned {
+            version,
+            bytes: bytes.map(Into::into),
+        }))
     }
 
     /// Drops the near entry of the full key `key` after this cache wrote it (whether or not
@@ -344,7 +347,7 @@ mod tests {
     fn v(version: i64, bytes: Option<&[u8]>) -> Versioned {
         Versioned {
             version,
-            bytes: bytes.map(<[u8]>::to_vec),
+            bytes: bytes.map(bytes::Bytes::copy_from_slice),
         }
     }
 

@@ -220,7 +220,8 @@ impl Near {
         let ttl = Duration::from_secs(settings.ttl_seconds.max(1)).min(redis_ttl);
         let entries = moka::sync::Cache::builder()
             .weigher(|key: &String, value: &Versioned| {
-                let bytes = key.len() + value.bytes.as_ref().map_or(0, Vec::len) + ENTRY_OVERHEAD;
+                let bytes =
+                    key.len() + value.bytes.as_ref().map_or(0, bytes::Bytes::len) + ENTRY_OVERHEAD;
                 u32::try_from(bytes).unwrap_or(u32::MAX)
             })
             .max_capacity(settings.max_bytes.max(1))
@@ -604,7 +605,7 @@ mod tests {
     fn v(version: i64, bytes: &[u8]) -> Versioned {
         Versioned {
             version,
-            bytes: Some(bytes.to_vec()),
+            bytes: Some(bytes.to_vec().into()),
         }
     }
 

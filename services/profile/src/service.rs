@@ -136,7 +136,7 @@ async fn raise_epoch(cache: &dyn Cache, floor: i64) -> Result<i64, tessera_store
         .max(now);
     let entry = Versioned {
         version: next,
-        bytes: Some(b"epoch".to_vec()),
+        bytes: Some(bytes::Bytes::from_static(b"epoch")),
     };
     // Not stored means a newer epoch is there already.
     cache.put_if_newer(IDENTIFIER_EPOCH_KEY, entry).await?;
@@ -389,6 +389,39 @@ impl ProfilePurges {
     }
 }
 
+/// How a read wants a cache hit: as the cache holds it, or decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// The encoded `Profile` (GetProfile without a read mask sends it as it is).
+    Encoded,
+    /// A [`pb::Profile`].
+    Decoded,
+}
+
+/// A profile read for GetProfile.
+#[derive(Debug)]
+enum Read {
+    /// An encoded `Profile`, as the cache held it (or as it was just put there).
+    Encoded(bytes::Bytes),
+    /// The profile (boxed: a `Profile` is large beside `Bytes`).
+    Decoded(Box<pb::Profile>),
+}
+
+/// The one field of a cached `Profile` a hit checks, decoded without the rest: prost skips
+/// the other top-level fields by their lengths, allocating nothing. An entry this accepts is
+/// well-framed at the top level; only Tessera writes these keys.
+#[derive(Clone, PartialEq, prost::Message)]
+struct CachedValidity {
+    /// `Profile.computed_valid_until`.
+    #[prost(message, optional, tag = "12")]
+    computed_valid_until: Option<prost_types::Timestamp>,
+}
+
+/// A cached profile, decoded.
+fn decode_cached(bytes: &[u8]) -> Result<pb::Profile, ProfileError> {
+    pb::Profile::decode(bytes).map_err(|e| ProfileError::Corrupt(format!("cached profile: {e}")))
+}
+
 fn cache_error(op: &'static str, profile_id: &str, error: &dyn std::fmt::Display) {
     metrics::counter!("tessera_profile_cache_errors_total", "op" => op).increment(1);
     tracing::warn!(op, profile_id, %error, "profile cache failed, using the database");
@@ -400,25 +433,48 @@ impl Inner {
         mut request: pb::GetProfileRequest,
     ) -> Result<pb::Profile, ProfileError> {
         let mask = convert::ReadMask::from_pb(request.read_mask.take())?;
-        let mut profile = self.read_profile(request).await?;
+        let mut profile = match self.read_profile(request, Form::Decoded).await? {
+            Read::Decoded(profile) => *profile,
+            Read::Encoded(bytes) => decode_cached(&bytes)?,
+        };
         if let Some(mask) = mask {
             mask.apply(&mut profile);
         }
         Ok(profile)
     }
 
-    /// The whole profile a GetProfile request names.
+    /// GetProfile's answer: on a cache hit without a read mask, the profile as the cache holds
+    /// it, encoded (sent as it is, not decoded and encoded again).
+    pub(crate) async fn get_profile_response(
+        &self,
+        request: pb::GetProfileRequest,
+    ) -> Result<pb::GetProfileResponse, ProfileError> {
+        if request.read_mask.is_some() {
+            return Ok(pb::GetProfileResponse::new(
+                self.get_profile(request).await?,
+            ));
+        }
+        Ok(match self.read_profile(request, Form::Encoded).await? {
+            Read::Encoded(bytes) => pb::GetProfileResponse::encoded(bytes),
+            Read::Decoded(profile) => pb::GetProfileResponse::new(*profile),
+        })
+    }
+
+    /// The whole profile a GetProfile request names; a cache hit comes `form`.
     async fn read_profile(
         &self,
         request: pb::GetProfileRequest,
-    ) -> Result<pb::Profile, ProfileError> {
+        form: Form,
+    ) -> Result<Read, ProfileError> {
         let as_of = request.as_of;
         let (profile_id, identifier) = match Lookup::try_from(request)? {
             Lookup::ProfileId(id) => (id, None),
             Lookup::Identifier(identifier) => self.lookup(identifier).await?,
         };
         if let Some(as_of) = as_of {
-            return self.profile_as_of(&profile_id, &as_of).await;
+            return Ok(Read::Decoded(Box::new(
+                self.profile_as_of(&profile_id, &as_of).await?,
+            )));
         }
         // A deleted profile whose tombstone the cache has not taken yet (it was unreachable
         // during the deletion, or the deleting replica died): any cached copy is stale, the
@@ -427,7 +483,7 @@ impl Inner {
         if !trusted {
             metrics::counter!("tessera_profile_cache_bypassed_total").increment(1);
         }
-        if trusted && let Some(profile) = self.cached(&profile_id).await {
+        if trusted && let Some(profile) = self.cached(&profile_id, form).await {
             metrics::counter!("tessera_profile_cache_hits_total").increment(1);
             return Ok(profile);
         }
@@ -436,7 +492,7 @@ impl Inner {
         let flight = self.flights.join(&profile_id).await;
         if flight.waited
             && trusted
-            && let Some(profile) = self.cached(&profile_id).await
+            && let Some(profile) = self.cached(&profile_id, form).await
         {
             metrics::counter!("tessera_profile_cache_hits_total").increment(1);
             return Ok(profile);
@@ -455,18 +511,22 @@ impl Inner {
         }
         let message =
             convert::profile_to_pb(&profile, &self.defs.current(), OffsetDateTime::now_utc());
+        let bytes = bytes::Bytes::from(message.encode_to_vec());
         // A fill lands only when no newer version is cached: a slow read never puts back a
         // profile older than one a write already stored.
         self.put(
             &profile.profile_id,
             Versioned {
                 version: profile.version,
-                bytes: Some(message.encode_to_vec()),
+                bytes: Some(bytes.clone()),
             },
         )
         .await;
         drop(flight);
-        Ok(message)
+        Ok(match form {
+            Form::Encoded => Read::Encoded(bytes),
+            Form::Decoded => Read::Decoded(Box::new(message)),
+        })
     }
 
     /// The profile `profile_id` as Tessera knew it at `as_of` (from its kept versions).
@@ -1187,7 +1247,7 @@ impl Inner {
             && entry.version == epoch
             && let Some(id) = entry
                 .bytes
-                .and_then(|b| String::from_utf8(b).ok())
+                .and_then(|b| String::from_utf8(b.into()).ok())
                 .filter(|id| !id.is_empty())
         {
             metrics::counter!("tessera_profile_identifier_cache_hits_total").increment(1);
@@ -1197,7 +1257,7 @@ impl Inner {
         let id = self.lookup_identity(identifier).await?;
         let entry = Versioned {
             version: epoch,
-            bytes: Some(id.clone().into_bytes()),
+            bytes: Some(id.clone().into_bytes().into()),
         };
         if let Err(e) = self.cache.put_if_newer(&key, entry).await {
             cache_error("put", "identifier", &e);
@@ -1210,7 +1270,7 @@ impl Inner {
     async fn remember_identifier(&self, key: &str, epoch: i64, profile_id: &str) {
         let entry = Versioned {
             version: epoch,
-            bytes: Some(profile_id.as_bytes().to_vec()),
+            bytes: Some(bytes::Bytes::copy_from_slice(profile_id.as_bytes())),
         };
         // An entry of the same epoch is only replaced once removed (see `Versioned`); every
         // entry is checked against the epoch when read, so this cannot bring back one a split
@@ -1335,15 +1395,15 @@ impl Inner {
     }
 
     /// The cached profile, when the cache holds one (not a tombstone) and answers.
-    async fn cached(&self, profile_id: &str) -> Option<pb::Profile> {
+    async fn cached(&self, profile_id: &str, form: Form) -> Option<Read> {
         match self.cache.get(&cache_key(profile_id)).await {
             Ok(Some(Versioned {
                 bytes: Some(bytes), ..
-            })) => match pb::Profile::decode(bytes.as_slice()) {
+            })) => match CachedValidity::decode(bytes.as_ref()) {
                 // Computed traits evaluated when the entry was put hold until
                 // `computed_valid_until`; past it, the database answers (and re-evaluates).
-                Ok(profile)
-                    if profile
+                Ok(validity)
+                    if validity
                         .computed_valid_until
                         .as_ref()
                         .and_then(tessera_proto::convert::from_timestamp)
@@ -1352,7 +1412,16 @@ impl Inner {
                     metrics::counter!("tessera_profile_cache_computed_expired_total").increment(1);
                     None
                 }
-                Ok(profile) => Some(profile),
+                Ok(_) => match form {
+                    Form::Encoded => Some(Read::Encoded(bytes)),
+                    Form::Decoded => match decode_cached(&bytes) {
+                        Ok(profile) => Some(Read::Decoded(Box::new(profile))),
+                        Err(e) => {
+                            cache_error("decode", profile_id, &e);
+                            None
+                        }
+                    },
+                },
                 Err(e) => {
                     cache_error("decode", profile_id, &e);
                     None
@@ -1842,7 +1911,11 @@ fn entry(profile: &Profile, defs: &Definitions, now: OffsetDateTime) -> (String,
         profile.profile_id.clone(),
         Versioned {
             version: profile.version,
-            bytes: Some(convert::profile_to_pb(profile, defs, now).encode_to_vec()),
+            bytes: Some(
+                convert::profile_to_pb(profile, defs, now)
+                    .encode_to_vec()
+                    .into(),
+            ),
         },
     )
 }
@@ -1857,10 +1930,9 @@ impl ProfileService for ProfileApi {
         &self,
         request: Request<pb::GetProfileRequest>,
     ) -> Result<Response<pb::GetProfileResponse>, Status> {
-        let profile = self.0.get_profile(request.into_inner()).await?;
-        Ok(Response::new(pb::GetProfileResponse {
-            profile: Some(profile),
-        }))
+        Ok(Response::new(
+            self.0.get_profile_response(request.into_inner()).await?,
+        ))
     }
 
     async fn list_profile_events(

@@ -14,7 +14,7 @@ use tessera_testkit::{TestDb, TestSqlite, redis_prefix, redis_url};
 fn v(version: i64, bytes: Option<&[u8]>) -> Versioned {
     Versioned {
         version,
-        bytes: bytes.map(<[u8]>::to_vec),
+        bytes: bytes.map(bytes::Bytes::copy_from_slice),
     }
 }
 

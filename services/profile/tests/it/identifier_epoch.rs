@@ -555,7 +555,7 @@ async fn a_restored_redis_holding_an_older_epoch_is_not_trusted() {
     // An epoch an earlier raise left, long ago.
     let old_epoch = Versioned {
         version: 1_000,
-        bytes: Some(b"epoch".to_vec()),
+        bytes: Some(bytes::Bytes::from_static(b"epoch")),
     };
     assert!(cache.put_if_newer(EPOCH_KEY, old_epoch).await.unwrap());
     let a = env.replica().await;

@@ -435,6 +435,94 @@ async fn a_write_through_one_replica_is_read_through_the_other() {
     assert_eq!(survivor.identifiers.len(), 2);
 }
 
+/// A cache hit is answered with the entry as the cache holds it (GetProfile sends its bytes as
+/// they are), a hit with a read mask with the entry masked, and an entry whose computed traits
+/// have expired (`computed_valid_until` passed) from the database.
+#[tokio::test]
+async fn cache_hits_are_sent_as_cached_masked_when_asked_and_expired_entries_are_read_again() {
+    use prost::Message as _;
+    let env = Env::new().await;
+    let replica = env.replica().await;
+    replica
+        .apply(events(vec![identify(
+            "e1",
+            "p1",
+            "u1",
+            minutes_ago(20),
+            json!({"plan": "free", "name": "Ada"}),
+        )]))
+        .await
+        .unwrap();
+    let stored = replica.get_id("p1").await;
+    assert_eq!(stored.event_count, 1);
+
+    // An entry only the cache holds (a newer version, a count no event gave): a hit returns it.
+    let cache = env.redis();
+    let put = |profile: pb::Profile| {
+        let cache = Arc::clone(&cache);
+        async move {
+            let entry = tessera_store::Versioned {
+                version: profile.version,
+                bytes: Some(profile.encode_to_vec().into()),
+            };
+            assert!(cache.put_if_newer("profile:p1", entry).await.unwrap());
+        }
+    };
+    let later = |minutes: i64| {
+        Some(to_timestamp(
+            OffsetDateTime::now_utc() + time::Duration::minutes(minutes),
+        ))
+    };
+    let cached = pb::Profile {
+        version: stored.version + 10,
+        event_count: 999,
+        computed_valid_until: later(30),
+        ..stored.clone()
+    };
+    put(cached.clone()).await;
+    assert_eq!(
+        replica.get_id("p1").await,
+        cached,
+        "the hit is the entry, field for field"
+    );
+    let masked = replica
+        .reads
+        .clone()
+        .get_profile(pb::GetProfileRequest {
+            lookup: Some(Lookup::ProfileId("p1".into())),
+            as_of: None,
+            read_mask: Some(prost_types::FieldMask {
+                paths: vec!["traits.name".into(), "event_count".into()],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap();
+    assert_eq!(masked.profile_id, "p1");
+    assert_eq!(
+        masked.event_count, 999,
+        "the masked read is the cached entry too"
+    );
+    assert_eq!(masked.traits.keys().collect::<Vec<_>>(), ["name"]);
+    assert!(masked.identifiers.is_empty() && masked.first_seen.is_none());
+
+    // Its computed traits expired a minute ago: the database answers.
+    put(pb::Profile {
+        version: stored.version + 20,
+        computed_valid_until: later(-1),
+        ..cached
+    })
+    .await;
+    let read = replica.get_id("p1").await;
+    assert_eq!(
+        read.event_count, 1,
+        "read from the database, not the expired entry"
+    );
+    assert_eq!(read.version, stored.version);
+}
+
 #[tokio::test]
 async fn reads_and_writes_succeed_with_redis_unreachable() {
     let env = Env::new().await;
