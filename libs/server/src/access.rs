@@ -765,7 +765,8 @@ pub fn token_of(headers: &http::HeaderMap) -> Option<String> {
 
 struct AccessInner {
     store: Option<TokenStore>,
-    config: Vec<(ConfigToken, [u8; 32])>,
+    /// Each configured token's caller (made once, not per request) and secret's digest.
+    config: Vec<(Arc<Caller>, [u8; 32])>,
     /// Digest → the live token with it, or none; errors are not cached.
     cache: moka::future::Cache<[u8; 32], Option<Arc<Caller>>>,
 }
@@ -793,7 +794,12 @@ impl Access {
             .into_iter()
             .map(|token| {
                 let digest = digest(&token.secret.0);
-                (token, digest)
+                let caller = Caller {
+                    token_id: format!("config:{}", token.name),
+                    name: token.name,
+                    scopes: token.scopes,
+                };
+                (Arc::new(caller), digest)
             })
             .collect();
         Self {
@@ -813,13 +819,9 @@ impl Access {
         let digest = digest(secret);
         // Every configured token is compared, in constant time, whichever matches.
         let mut configured = None;
-        for (token, stored) in &self.inner.config {
+        for (caller, stored) in &self.inner.config {
             if bool::from(stored.ct_eq(&digest)) {
-                configured = Some(Arc::new(Caller {
-                    token_id: format!("config:{}", token.name),
-                    name: token.name.clone(),
-                    scopes: token.scopes.clone(),
-                }));
+                configured = Some(Arc::clone(caller));
             }
         }
         if configured.is_some() {
@@ -1019,14 +1021,15 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let request_id = request_id(req.headers());
             match access.authorize(req.headers(), scope).await {
                 Ok(caller) => {
+                    // Only audit records carry it (reads are not audited: no id to make).
+                    let request_id = scope.audited().then(|| request_id(req.headers()));
                     req.extensions_mut().insert(caller.clone());
                     let target = AuditTarget::default();
                     req.extensions_mut().insert(target.clone());
                     let response = inner.call(req).await?;
-                    if scope.audited() {
+                    if let Some(request_id) = request_id {
                         let outcome = outcome(&response);
                         access
                             .audit(&caller, &path, target.take(), &outcome, request_id)
@@ -1050,6 +1053,7 @@ where
                     if let Denied::Scope { caller, .. } = &denied
                         && scope.audited()
                     {
+                        let request_id = request_id(req.headers());
                         access
                             .audit(caller, &path, None, "PermissionDenied", request_id)
                             .await;

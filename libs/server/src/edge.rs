@@ -561,7 +561,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = req.uri().path().to_owned();
+        let method = method_label(req.uri().path());
         let start = Instant::now();
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -573,20 +573,74 @@ where
             // Errors are sent trailers-only, so their code is in the headers; a response
             // without grpc-status in its headers carries OK in its trailers.
             let code = match &result {
-                Ok(resp) => resp
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("0")
-                    .to_owned(),
-                Err(_) => "transport".to_owned(),
+                Ok(resp) => code_label(resp.headers().get("grpc-status")),
+                Err(_) => "transport",
             };
-            metrics::counter!("tessera_grpc_requests_total", "method" => method.clone(), "code" => code)
+            metrics::counter!("tessera_grpc_requests_total", "method" => method, "code" => code)
                 .increment(1);
             metrics::histogram!("tessera_grpc_request_duration_seconds", "method" => method)
                 .record(start.elapsed().as_secs_f64());
             result
         })
+    }
+}
+
+/// The `method` label of a call to `path` in the RPC metrics: the path when it names a method
+/// Tessera serves (every method of its `.proto` files, health and reflection), `unknown`
+/// otherwise, so made-up paths cannot make unbounded series. Static strings: no allocation per
+/// call.
+fn method_label(path: &str) -> &'static str {
+    static KNOWN: OnceLock<HashSet<&'static str>> = OnceLock::new();
+    KNOWN
+        .get_or_init(known_methods)
+        .get(path)
+        .copied()
+        .unwrap_or("unknown")
+}
+
+/// The path of every method Tessera serves; made once per process (a fixed set, leaked).
+fn known_methods() -> HashSet<&'static str> {
+    use prost::Message as _;
+    let mut known: HashSet<&'static str> = [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ]
+    .into();
+    match prost_types::FileDescriptorSet::decode(tessera_proto::FILE_DESCRIPTOR_SET) {
+        Ok(set) => {
+            for file in &set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        let path =
+                            format!("/{}.{}/{}", file.package(), service.name(), method.name());
+                        known.insert(Box::leak(path.into_boxed_str()));
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the descriptor set does not decode: RPC metrics name no method")
+        }
+    }
+    known
+}
+
+/// The `code` label of a response whose headers hold `status` (`grpc-status`: an error sent
+/// trailers-only); none means OK, sent in the trailers.
+fn code_label(status: Option<&http::HeaderValue>) -> &'static str {
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    match status {
+        None => "0",
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| CODES.iter().find(|code| **code == v))
+            .copied()
+            .unwrap_or("unknown"),
     }
 }
 
@@ -764,6 +818,32 @@ async fn json_payload_too_large(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rpc_metrics_name_served_methods_and_codes_and_nothing_else() {
+        for served in [
+            "/tessera.profile.v1.ProfileService/GetProfile",
+            "/tessera.ingestion.v1.IngestionService/IngestEvents",
+            "/tessera.identity.v1.IdentityService/ResolveIdentities",
+            "/grpc.health.v1.Health/Check",
+        ] {
+            assert_eq!(method_label(served), served);
+        }
+        for made_up in [
+            "/tessera.profile.v1.ProfileService/Nope",
+            "/x.Y/Z",
+            "",
+            "/tessera.profile.v1.ProfileService/GetProfile/",
+        ] {
+            assert_eq!(method_label(made_up), "unknown", "{made_up:?}");
+        }
+        let header = |v: &str| http::HeaderValue::from_str(v).unwrap();
+        assert_eq!(code_label(None), "0");
+        assert_eq!(code_label(Some(&header("5"))), "5");
+        assert_eq!(code_label(Some(&header("16"))), "16");
+        assert_eq!(code_label(Some(&header("17"))), "unknown");
+        assert_eq!(code_label(Some(&header("05"))), "unknown");
+    }
 
     fn status_of(message: &str) -> tonic::Status {
         let mut headers = http::HeaderMap::new();
