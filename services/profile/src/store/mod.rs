@@ -1360,7 +1360,6 @@ async fn apply<O: Ops>(
     ws.settle(|p| defs.valid_until(p, now));
     let changed: Vec<&Profile> = ws.changed().collect();
     ops.write(&changed).await?;
-    record_versions(ops, defs, &changed, now).await?;
     let audiences = update_memberships(ops, defs, &changed, now, false).await?;
     ops.log_changes(
         &changes_of(&changed, false, ws.score_changes(), &audiences),
@@ -1415,15 +1414,15 @@ async fn apply<O: Ops>(
     // (nothing after `ops.write` changes their rows; identifiers are linked as they hold them,
     // merged profiles' moved along by the redirects), as the backend stores them. An identifier
     // a profile outside the batch holds was not linked (warned above): then they are read back.
-    let changed_live = ws
+    let (changed_live, changed_merged): (Vec<Profile>, Vec<Profile>) = ws
         .into_changed()
         .into_iter()
-        .filter(|p| p.merged_into.is_none());
+        .partition(|p| p.merged_into.is_none());
     let changed = if conflicts {
-        let ids: Vec<String> = changed_live.map(|p| p.profile_id).collect();
+        let ids: Vec<String> = changed_live.into_iter().map(|p| p.profile_id).collect();
         ops.load(&ids, false).await?
     } else {
-        let mut built: Vec<Profile> = changed_live.collect();
+        let mut built = changed_live;
         for (profile_id, id) in &not_linked {
             if let Some(p) = built.iter_mut().find(|p| p.profile_id == *profile_id) {
                 p.state.identifiers.remove(id);
@@ -1431,6 +1430,10 @@ async fn apply<O: Ops>(
         }
         as_read(ops, built).await?
     };
+    // The kept versions too, once the links are known: a version holds the identifiers its
+    // profile was linked to, as a read returns it, never one another profile kept.
+    let versions: Vec<&Profile> = changed_merged.iter().chain(&changed).collect();
+    record_versions(ops, defs, &versions, now).await?;
     Ok(Applied {
         applied,
         duplicates: batch.events.len() as i64 - applied,

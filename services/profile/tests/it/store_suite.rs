@@ -1549,6 +1549,103 @@ async fn profiles_read_as_of_any_past_time_on_postgres() {
     backend.db.close().await;
 }
 
+/// A profile's kept version holds the identifiers it was linked to, as a read returns it: not
+/// one another profile holds already, nor one a profile earlier in the same batch linked.
+async fn kept_versions_hold_only_linked_identifiers(backend: &Backend) {
+    use prost::Message as _;
+    let store = store::open_with(
+        backend.db.clone(),
+        store::Definitions::new(vec![], Audiences::default()).with_history(true),
+    );
+    let batch = |events| Batch {
+        merges: vec![],
+        events,
+    };
+    let with = |mut e: tessera_profile::domain::ResolvedEvent, kind: &str, value: &str| {
+        e.identifiers.push(Identifier::new(kind, value));
+        e
+    };
+    store
+        .apply(
+            &batch(vec![event("e1", "p2", 1, "u2", json!({}))]),
+            H,
+            NOW,
+            &NoScores,
+        )
+        .await
+        .unwrap();
+    // p1 names u2 (p2's); p3 and p4 both name the new a9: p3, first, links it.
+    let applied = store
+        .apply(
+            &batch(vec![
+                event("e2", "p1", 2, "u1", json!({})),
+                event("e3", "p1", 3, "u2", json!({})),
+                with(event("e4", "p3", 4, "u3", json!({})), "anonymous_id", "a9"),
+                with(event("e5", "p4", 5, "u4", json!({})), "anonymous_id", "a9"),
+            ]),
+            H,
+            NOW,
+            &NoScores,
+        )
+        .await
+        .unwrap();
+    let ids = |list: Vec<(String, String)>| {
+        let mut list = list;
+        list.sort();
+        list
+    };
+    for id in ["p1", "p3", "p4"] {
+        let read = store.get(id).await.unwrap().unwrap();
+        let body = store
+            .profile_as_of(id, NOW + time::Duration::seconds(1))
+            .await
+            .unwrap()
+            .expect("a kept version");
+        let kept = tessera_proto::profile::v1::Profile::decode(body.as_slice()).unwrap();
+        assert_eq!(kept.version, read.version, "{id}");
+        assert_eq!(
+            ids(kept
+                .identifiers
+                .into_iter()
+                .map(|i| (i.r#type, i.value))
+                .collect()),
+            ids(read
+                .state
+                .identifiers
+                .iter()
+                .map(|i| (i.kind.clone(), i.value.clone()))
+                .collect()),
+            "{id}: the kept version's identifiers are the linked ones"
+        );
+        let returned = applied.changed.iter().find(|p| p.profile_id == id).unwrap();
+        assert_eq!(returned.state.identifiers, read.state.identifiers, "{id}");
+    }
+    let p1 = store.get("p1").await.unwrap().unwrap();
+    assert!(
+        !p1.state
+            .identifiers
+            .contains(&Identifier::new("user_id", "u2"))
+    );
+    let p4 = store.get("p4").await.unwrap().unwrap();
+    assert!(
+        !p4.state
+            .identifiers
+            .contains(&Identifier::new("anonymous_id", "a9"))
+    );
+}
+
+#[tokio::test]
+async fn kept_versions_hold_only_linked_identifiers_on_sqlite() {
+    kept_versions_hold_only_linked_identifiers(&sqlite().await).await;
+}
+
+#[tokio::test]
+async fn kept_versions_hold_only_linked_identifiers_on_postgres() {
+    let backend = postgres().await;
+    kept_versions_hold_only_linked_identifiers(&backend).await;
+    backend.db.close().await;
+}
+
 /// A GDPR deletion removes the person's profiles (live and merged away) with everything kept
 /// about them — identifiers, events, memberships, history, logged changes — logs their audience
 /// exits and one `deleted` change, leaves another person alone, and stays final: a late event
