@@ -35,6 +35,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".tessera.profile.v1.GetProfileResponse",
             "crate::profile_response::GetProfileResponse",
         )
+        .extern_path(
+            ".tessera.profile.v1.BatchProfileResult",
+            "crate::profile_response::BatchProfileResult",
+        )
         .compile_fds(fds)?;
     Ok(())
 }

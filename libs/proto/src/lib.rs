@@ -39,7 +39,7 @@ pub mod profile {
     /// Version 1.
     pub mod v1 {
         tonic::include_proto!("tessera.profile.v1");
-        pub use crate::profile_response::GetProfileResponse;
+        pub use crate::profile_response::{BatchProfileResult, GetProfileResponse};
     }
 }
 

@@ -449,15 +449,18 @@ impl Inner {
         &self,
         request: pb::GetProfileRequest,
     ) -> Result<pb::GetProfileResponse, ProfileError> {
-        if request.read_mask.is_some() {
-            return Ok(pb::GetProfileResponse::new(
-                self.get_profile(request).await?,
-            ));
-        }
-        Ok(match self.read_profile(request, Form::Encoded).await? {
+        Ok(match self.answer(request).await? {
             Read::Encoded(bytes) => pb::GetProfileResponse::encoded(bytes),
             Read::Decoded(profile) => pb::GetProfileResponse::new(*profile),
         })
+    }
+
+    /// The profile to answer a lookup with: without a read mask, a cache hit as it is cached.
+    async fn answer(&self, request: pb::GetProfileRequest) -> Result<Read, ProfileError> {
+        if request.read_mask.is_some() {
+            return Ok(Read::Decoded(Box::new(self.get_profile(request).await?)));
+        }
+        self.read_profile(request, Form::Encoded).await
     }
 
     /// The whole profile a GetProfile request names; a cache hit comes `form`.
@@ -730,30 +733,26 @@ impl Inner {
                 format!("1 to {MAX_BATCH_GET} lookups"),
             )]));
         }
-        let results: Vec<Result<pb::Profile, ProfileError>> =
-            futures::stream::iter(lookups.into_iter().map(|l| self.get_profile(l)))
+        let results: Vec<Result<Read, ProfileError>> =
+            futures::stream::iter(lookups.into_iter().map(|l| self.answer(l)))
                 .buffered(8)
                 .collect()
                 .await;
         let mut out = Vec::with_capacity(results.len());
         for result in results {
             out.push(match result {
-                Ok(profile) => pb::BatchProfileResult {
-                    profile: Some(profile),
-                    error: String::new(),
-                },
-                Err(ProfileError::NotFound) => pb::BatchProfileResult {
-                    profile: None,
-                    error: "not found".to_owned(),
-                },
-                Err(ProfileError::InvalidArgument(violations)) => pb::BatchProfileResult {
-                    profile: None,
-                    error: violations
+                Ok(Read::Encoded(bytes)) => pb::BatchProfileResult::found_encoded(bytes),
+                Ok(Read::Decoded(profile)) => pb::BatchProfileResult::found(*profile),
+                Err(ProfileError::NotFound) => {
+                    pb::BatchProfileResult::failed("not found".to_owned())
+                }
+                Err(ProfileError::InvalidArgument(violations)) => pb::BatchProfileResult::failed(
+                    violations
                         .iter()
                         .map(|v| format!("{}: {}", v.field, v.description))
                         .collect::<Vec<_>>()
                         .join("; "),
-                },
+                ),
                 // Anything else (a store or peer failure) fails the batch: retrying may help.
                 Err(e) => return Err(e),
             });

@@ -507,6 +507,31 @@ async fn cache_hits_are_sent_as_cached_masked_when_asked_and_expired_entries_are
     );
     assert_eq!(masked.traits.keys().collect::<Vec<_>>(), ["name"]);
     assert!(masked.identifiers.is_empty() && masked.first_seen.is_none());
+    // BatchGetProfiles answers hits the same way, beside a lookup that finds nothing.
+    let batch = replica
+        .reads
+        .clone()
+        .batch_get_profiles(pb::BatchGetProfilesRequest {
+            lookups: ["p1", "nobody"]
+                .map(|id| pb::GetProfileRequest {
+                    lookup: Some(Lookup::ProfileId(id.into())),
+                    as_of: None,
+                    read_mask: None,
+                })
+                .into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(batch.results[0].profile.as_ref(), Some(&cached));
+    assert_eq!(batch.results[0].error, "");
+    assert_eq!(
+        (
+            batch.results[1].profile.as_ref(),
+            batch.results[1].error.as_str()
+        ),
+        (None, "not found")
+    );
 
     // Its computed traits expired a minute ago: the database answers.
     put(pb::Profile {
