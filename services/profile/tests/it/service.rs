@@ -145,6 +145,24 @@ impl Replica {
     pub(crate) async fn get_id(&self, id: &str) -> pb::Profile {
         self.get(Lookup::ProfileId(id.to_owned())).await.unwrap()
     }
+
+    /// The profile `id` with only the fields `paths` name (a read mask).
+    pub(crate) async fn get_masked(&self, id: &str, paths: &[&str]) -> pb::Profile {
+        self.reads
+            .clone()
+            .get_profile(pb::GetProfileRequest {
+                lookup: Some(Lookup::ProfileId(id.to_owned())),
+                as_of: None,
+                read_mask: Some(prost_types::FieldMask {
+                    paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .profile
+            .expect("a profile")
+    }
 }
 
 pub(crate) fn minutes_ago(m: i64) -> OffsetDateTime {
@@ -486,20 +504,8 @@ async fn cache_hits_are_sent_as_cached_masked_when_asked_and_expired_entries_are
         "the hit is the entry, field for field"
     );
     let masked = replica
-        .reads
-        .clone()
-        .get_profile(pb::GetProfileRequest {
-            lookup: Some(Lookup::ProfileId("p1".into())),
-            as_of: None,
-            read_mask: Some(prost_types::FieldMask {
-                paths: vec!["traits.name".into(), "event_count".into()],
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .profile
-        .unwrap();
+        .get_masked("p1", &["traits.name", "event_count"])
+        .await;
     assert_eq!(masked.profile_id, "p1");
     assert_eq!(
         masked.event_count, 999,
@@ -763,21 +769,7 @@ async fn profiles_are_searched_by_condition_in_pages_with_a_read_mask() {
         assert_eq!(details.field_violations[0].field, field);
     }
 
-    let masked = replica
-        .reads
-        .clone()
-        .get_profile(pb::GetProfileRequest {
-            lookup: Some(Lookup::ProfileId("p04".into())),
-            as_of: None,
-            read_mask: Some(prost_types::FieldMask {
-                paths: vec!["traits.name".into(), "scores".into()],
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .profile
-        .unwrap();
+    let masked = replica.get_masked("p04", &["traits.name", "scores"]).await;
     assert_eq!(masked.profile_id, "p04");
     assert_eq!(masked.traits.keys().collect::<Vec<_>>(), ["name"]);
     assert!(masked.scores.contains_key("engagement"));
