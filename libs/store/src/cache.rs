@@ -181,12 +181,22 @@ pub struct RedisCache {
     pub(crate) near: Option<Arc<Near>>,
 }
 
+/// The connection settings of the Redis at `url`, with `TCP_NODELAY` on. redis-rs leaves
+/// Nagle's algorithm on by default: on a multiplexed connection a command is then held back
+/// while an earlier one is unacknowledged, and the tail of a large pipeline waits for the
+/// acknowledgement of what went before it.
+pub(crate) fn connection_info(url: &str) -> redis::RedisResult<redis::ConnectionInfo> {
+    let info = redis::IntoConnectionInfo::into_connection_info(url)?;
+    let tcp = info.tcp_settings().clone().set_nodelay(true);
+    Ok(info.set_tcp_settings(tcp))
+}
+
 impl RedisCache {
     /// A cache on the Redis at `url` whose keys start with `prefix`, without a near cache:
     /// every read goes to Redis.
     pub fn new(url: &str, prefix: &str, ttl: Duration) -> Result<Self, CacheError> {
         Ok(Self {
-            client: redis::Client::open(url)?,
+            client: redis::Client::open(connection_info(url)?)?,
             conn: Arc::new(Mutex::new(Connection::Never)),
             prefix: prefix.to_owned(),
             ttl,
@@ -349,6 +359,17 @@ mod tests {
             version,
             bytes: bytes.map(bytes::Bytes::copy_from_slice),
         }
+    }
+
+    #[test]
+    fn redis_connections_turn_nagle_off_and_keep_the_url() {
+        let info = connection_info("redis://127.0.0.1:6380/3").unwrap();
+        assert!(info.tcp_settings().nodelay());
+        assert_eq!(
+            info.addr(),
+            &redis::ConnectionAddr::Tcp("127.0.0.1".to_owned(), 6380)
+        );
+        assert_eq!(info.redis_settings().db(), 3);
     }
 
     #[test]

@@ -210,7 +210,7 @@ impl Near {
         settings: &NearCacheSettings,
         redis_ttl: Duration,
     ) -> Result<Self, redis::RedisError> {
-        let mut info = redis::IntoConnectionInfo::into_connection_info(url)?;
+        let mut info = crate::cache::connection_info(url)?;
         // Invalidations arrive as RESP3 pushes on the tracking connection itself.
         let redis = info
             .redis_settings()
