@@ -116,18 +116,32 @@ fn date_levels() -> Vec<Level> {
 }
 
 /// Grades two present, normalized values: the index of the first level that holds, or
-/// `levels.len()` for `else`. Similarities are computed at most once per pair.
+/// `levels.len()` for `else`. Similarities are computed at most once per pair, and not at all
+/// when a cheap bound already decides the level (most random pairs disagree on everything).
 pub fn grade(levels: &[Level], a: &str, b: &str) -> usize {
+    grade_screened::<true>(levels, a, b)
+}
+
+/// [`grade`], with the bounds tried before each similarity when `SCREEN` (the only way it is
+/// called outside tests, which compare both ways).
+fn grade_screened<const SCREEN: bool>(levels: &[Level], a: &str, b: &str) -> usize {
     let mut similarity = None;
+    let mut similarity_bound = None;
     let mut levenshtein = None;
+    let mut levenshtein_bound = None;
     for (index, level) in levels.iter().enumerate() {
         let holds = match *level {
             Level::Exact => a == b,
             Level::JaroWinkler { min } => {
-                *similarity.get_or_insert_with(|| jaro_winkler(a, b)) >= min
+                (!SCREEN
+                    || *similarity_bound.get_or_insert_with(|| jaro_winkler_bound(a, b)) >= min)
+                    && *similarity.get_or_insert_with(|| jaro_winkler(a, b)) >= min
             }
             Level::Levenshtein { max } => {
-                *levenshtein.get_or_insert_with(|| strsim::levenshtein(a, b)) <= max
+                (!SCREEN
+                    || *levenshtein_bound.get_or_insert_with(|| levenshtein_lower_bound(a, b))
+                        <= max)
+                    && *levenshtein.get_or_insert_with(|| levenshtein_distance(a, b)) <= max
             }
             Level::DateTransposed => is_date_transposed(a, b),
         };
@@ -138,14 +152,103 @@ pub fn grade(levels: &[Level], a: &str, b: &str) -> usize {
     levels.len()
 }
 
+/// The longest value the byte-wise fast paths take; longer or non-ASCII values go to `strsim`.
+const FAST_MAX: usize = 64;
+
+fn fast(x: &[u8], y: &[u8]) -> bool {
+    x.len() <= FAST_MAX && y.len() <= FAST_MAX && x.is_ascii() && y.is_ascii()
+}
+
+/// How many bytes two ASCII values share, counted with multiplicity (the size of the
+/// intersection of their multisets of bytes).
+fn common_bytes(x: &[u8], y: &[u8]) -> usize {
+    let mut counts = [0u8; 128];
+    for p in x {
+        counts[usize::from(*p & 0x7f)] += 1;
+    }
+    let mut common = 0;
+    for q in y {
+        let count = &mut counts[usize::from(*q & 0x7f)];
+        let shared = u8::from(*count > 0);
+        *count -= shared;
+        common += usize::from(shared);
+    }
+    common
+}
+
+/// A value that `jaro_winkler(a, b)` never exceeds, from the lengths and the bytes the two
+/// share: Jaro pairs equal bytes one to one, so it finds at most `common_bytes` matches, and
+/// with `m` matches it is at most `(m/|a| + m/|b| + 1) / 3`. Floating-point division,
+/// addition and multiplication round monotonically, so the bound computed the way Jaro is
+/// computed is at least Jaro's computed value; the Winkler boost grows with the similarity,
+/// and a margin far above any rounding covers its last steps. Infinite (no screen) where
+/// `jaro_winkler` goes to `strsim`.
+fn jaro_winkler_bound(a: &str, b: &str) -> f64 {
+    const MARGIN: f64 = 1e-9;
+    let (x, y) = (a.as_bytes(), b.as_bytes());
+    if x.is_empty() || y.is_empty() || !fast(x, y) {
+        return f64::INFINITY;
+    }
+    let common = common_bytes(x, y);
+    if common == 0 {
+        // No matches: Jaro and Jaro-Winkler are exactly 0.
+        return 0.0;
+    }
+    let (m, a_len, b_len) = (common as f64, x.len() as f64, y.len() as f64);
+    let jaro = ((m / a_len) + (m / b_len) + 1.0) / 3.0;
+    let bound = if jaro > 0.7 {
+        let prefix = x.iter().take(4).zip(y).take_while(|(p, q)| p == q).count();
+        jaro + 0.1 * prefix as f64 * (1.0 - jaro)
+    } else {
+        jaro
+    };
+    bound + MARGIN
+}
+
+/// A value that the Levenshtein distance is never below: every byte of the longer value that
+/// the alignment does not keep unchanged costs an edit, and it keeps at most the bytes the
+/// two share. 0 (no screen) where the distance goes to `strsim`.
+fn levenshtein_lower_bound(a: &str, b: &str) -> usize {
+    let (x, y) = (a.as_bytes(), b.as_bytes());
+    if !fast(x, y) {
+        return 0;
+    }
+    x.len().max(y.len()) - common_bytes(x, y)
+}
+
+/// The Levenshtein distance exactly as `strsim::levenshtein` computes it (the same recurrence),
+/// on bytes and without its allocation when both values are ASCII and at most 64 bytes long.
+fn levenshtein_distance(a: &str, b: &str) -> usize {
+    let (x, y) = (a.as_bytes(), b.as_bytes());
+    if !fast(x, y) {
+        return strsim::levenshtein(a, b);
+    }
+    // Distances never exceed 64 here, so a byte holds each.
+    let mut cache = [0u8; FAST_MAX];
+    for (j, slot) in cache.iter_mut().enumerate().take(y.len()) {
+        *slot = (j + 1) as u8;
+    }
+    let mut result = y.len() as u8;
+    for (i, p) in x.iter().enumerate() {
+        result = (i + 1) as u8;
+        let mut distance_b = i as u8;
+        for (q, slot) in y.iter().zip(cache.iter_mut()) {
+            let distance_a = distance_b + u8::from(p != q);
+            distance_b = *slot;
+            result = (result + 1).min(distance_a.min(distance_b + 1));
+            *slot = result;
+        }
+    }
+    usize::from(result)
+}
+
 /// Jaro-Winkler similarity exactly as `strsim::jaro_winkler` computes it (the same operations
 /// in the same order, so the same `f64`), without its allocation and char decoding when both
 /// values are ASCII and at most 64 bytes long (names and addresses almost always are). Training
 /// grades a million random pairs, and `strsim`'s generic Jaro was most of its time.
 fn jaro_winkler(a: &str, b: &str) -> f64 {
-    const MAX: usize = 64;
     let (x, y) = (a.as_bytes(), b.as_bytes());
-    if !(x.len() <= MAX && y.len() <= MAX && x.is_ascii() && y.is_ascii()) {
+    if !fast(x, y) {
         return strsim::jaro_winkler(a, b);
     }
     let sim = jaro_ascii(x, y);
@@ -302,6 +405,140 @@ mod tests {
                     strsim::jaro_winkler(a, b).to_bits(),
                     "{a:?} {b:?}"
                 );
+            }
+        }
+    }
+
+    /// Every kind of band the defaults use, and bands at many more thresholds, so a screen
+    /// that is wrong anywhere in `[0, 1]` or at small distances changes some level.
+    fn level_sets() -> Vec<Vec<Level>> {
+        let mut sets: Vec<Vec<Level>> = ComparisonConfig::person_defaults()
+            .into_iter()
+            .map(|c| c.levels)
+            .collect();
+        sets.push(
+            (0..=100)
+                .rev()
+                .map(|n| Level::JaroWinkler {
+                    min: f64::from(n) / 100.0,
+                })
+                .collect(),
+        );
+        sets.push((0..=6).map(|max| Level::Levenshtein { max }).collect());
+        sets
+    }
+
+    /// The level with the screens equals the level without them, for every level set, and at
+    /// thresholds placed exactly on the pair's own similarity and distance (and one step
+    /// either side), where a bound that is only nearly right would show.
+    fn assert_screens_exact(a: &str, b: &str) {
+        for levels in level_sets() {
+            assert_eq!(
+                grade_screened::<true>(&levels, a, b),
+                grade_screened::<false>(&levels, a, b),
+                "{a:?} {b:?} {levels:?}"
+            );
+        }
+        let similarity = jaro_winkler(a, b);
+        let distance = levenshtein_distance(a, b);
+        let tight = [
+            Level::JaroWinkler {
+                min: similarity.next_up(),
+            },
+            Level::JaroWinkler { min: similarity },
+            Level::Levenshtein {
+                max: distance.saturating_sub(1),
+            },
+            Level::Levenshtein { max: distance },
+        ];
+        for skip in 0..tight.len() {
+            let levels = &tight[skip..];
+            assert_eq!(
+                grade_screened::<true>(levels, a, b),
+                grade_screened::<false>(levels, a, b),
+                "{a:?} {b:?} {levels:?}"
+            );
+        }
+        assert!(jaro_winkler_bound(a, b) >= similarity, "{a:?} {b:?}");
+        assert!(levenshtein_lower_bound(a, b) <= distance, "{a:?} {b:?}");
+        assert_eq!(distance, strsim::levenshtein(a, b), "{a:?} {b:?}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+
+        /// The screens never change a level: short values over a small alphabet (many shared
+        /// letters, transpositions, near misses), names and codes, empty values, very different
+        /// lengths, values past the fast path's 64 bytes, and non-ASCII ones.
+        #[test]
+        fn screens_never_change_a_level(
+            a in "[abc]{0,8}|[a-z ]{0,16}|[0-9]{0,9}|[abé漢]{0,6}|[ab]{60,70}",
+            b in "[abc]{0,8}|[a-z ]{0,16}|[0-9]{0,9}|[abé漢]{0,6}|[ab]{60,70}",
+        ) {
+            assert_screens_exact(&a, &b);
+        }
+
+        /// The same for a value and a slightly edited copy, which land in every band.
+        #[test]
+        fn screens_never_change_the_level_of_near_copies(
+            a in "[a-h]{1,12}|[0-9]{4,8}",
+            edits in proptest::collection::vec((0_usize..16, 0_u8..4, "[a-h0-9]"), 0..3),
+        ) {
+            let mut b: Vec<char> = a.chars().collect();
+            for (at, op, c) in &edits {
+                let at = at % (b.len() + 1);
+                let c = c.chars().next().unwrap();
+                match op {
+                    0 => b.insert(at, c),
+                    1 if at < b.len() => { b.remove(at); }
+                    2 if at < b.len() => b[at] = c,
+                    _ if at + 1 < b.len() => b.swap(at, at + 1),
+                    _ => {}
+                }
+            }
+            let b: String = b.into_iter().collect();
+            assert_screens_exact(&a, &b);
+            assert_screens_exact(&b, &a);
+        }
+    }
+
+    #[test]
+    fn screens_never_change_a_level_on_names() {
+        let values = [
+            "",
+            "a",
+            "katherine",
+            "katharine",
+            "jon",
+            "john",
+            "smith",
+            "smyth",
+            "martha",
+            "marhta",
+            "dwayne",
+            "duane",
+            "dixon",
+            "dicksonx",
+            "crate",
+            "trace",
+            "abc",
+            "abd",
+            "wallaby place",
+            "wallaby plaec",
+            "19560409",
+            "19560904",
+            "19650409",
+            "2600",
+            "2606",
+            "26",
+            "ébène",
+            "ebene",
+            "abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyzabcdefghijkl",
+            "abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyzabcdefghijklm",
+        ];
+        for a in values {
+            for b in values {
+                assert_screens_exact(a, b);
             }
         }
     }
