@@ -15,6 +15,7 @@
 //! matches. Term frequencies are not used in EM; they refine u at scoring time.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use super::attributes::Attributes;
 use super::model::{EstimationConfig, Matcher};
@@ -79,17 +80,70 @@ fn count_patterns(
     records: &[Attributes],
     pairs: &[(usize, usize)],
 ) -> HashMap<Pattern, u64> {
-    let mut counts: HashMap<Pattern, u64> = HashMap::new();
-    let mut vector = vec![None; matcher.comparisons().len()];
+    let fields = matcher.comparisons().len();
+    let mut vector = vec![None; fields];
+    if fields > PACKED_FIELDS {
+        let mut counts: HashMap<Pattern, u64> = HashMap::new();
+        for &(i, j) in pairs {
+            matcher.grade_into(&records[i], &records[j], &mut vector);
+            if let Some(count) = counts.get_mut(&vector) {
+                *count += 1;
+            } else {
+                counts.insert(vector.clone(), 1);
+            }
+        }
+        return counts;
+    }
+    let mut counts: HashMap<u128, u64, BuildHasherDefault<PackedHasher>> = HashMap::default();
     for &(i, j) in pairs {
         matcher.grade_into(&records[i], &records[j], &mut vector);
-        if let Some(count) = counts.get_mut(&vector) {
-            *count += 1;
-        } else {
-            counts.insert(vector.clone(), 1);
-        }
+        *counts.entry(pack(&vector)).or_insert(0) += 1;
     }
     counts
+        .into_iter()
+        .map(|(key, count)| (unpack(key, fields), count))
+        .collect()
+}
+
+/// The most fields whose comparison vector packs into a `u128` key, a byte each.
+const PACKED_FIELDS: usize = 16;
+
+/// A comparison vector as a `u128`, field `f` in byte `f`: 0 when missing, else its level + 1
+/// (a level is below [`super::model::MAX_LEVELS`], so it fits). Counting a million random
+/// pairs by this key, rather than by a `Vec` hashed with SipHash, saves most of the counting.
+fn pack(vector: &[Option<u8>]) -> u128 {
+    vector.iter().rev().fold(0, |key, level| {
+        (key << 8) | u128::from(level.map_or(0, |level| level + 1))
+    })
+}
+
+fn unpack(key: u128, fields: usize) -> Pattern {
+    (0..fields)
+        .map(|field| ((key >> (8 * field)) as u8).checked_sub(1))
+        .collect()
+}
+
+/// A hasher for packed patterns: the two halves folded, then one `SplitMix64` step. The keys are not
+/// chosen by anyone, so no defence against collisions is needed.
+#[derive(Default)]
+struct PackedHasher(u64);
+
+impl Hasher for PackedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u128` is used (a `u128` key hashes as one); FNV-style for completeness.
+        for byte in bytes {
+            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u128(&mut self, key: u128) {
+        let folded = (key as u64) ^ ((key >> 64) as u64).rotate_left(29);
+        self.0 = SplitMix64::new(folded).next_u64();
+    }
 }
 
 /// Random distinct pairs of positions in `0..n`: every pair when there are at most `sample`,
@@ -234,4 +288,26 @@ pub(crate) fn expectation_maximization(
         previous = mean;
     }
     (lambda, m, report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_patterns_unpack_to_themselves() {
+        let mut rng = SplitMix64::new(1);
+        for fields in [0, 1, 11, PACKED_FIELDS] {
+            for _ in 0..1_000 {
+                let pattern: Pattern = (0..fields)
+                    .map(|_| match rng.below(3) {
+                        0 => None,
+                        1 => Some(0),
+                        _ => Some(rng.below(crate::domain::matching::MAX_LEVELS) as u8),
+                    })
+                    .collect();
+                assert_eq!(unpack(pack(&pattern), fields), pattern);
+            }
+        }
+    }
 }
