@@ -1,8 +1,11 @@
 //! Evaluates probabilistic matching on a FEBRL-style data set:
 //!
 //! ```text
-//! cargo run -p tessera-identity --release --example febrl_eval -- RECORDS.csv LINKS.csv [--verbose]
+//! cargo run -p tessera-identity --release --example febrl_eval -- RECORDS.csv LINKS.csv [--verbose] [--params]
 //! ```
+//!
+//! `--params` also prints the trained parameters as JSON, every float exactly (shortest
+//! round-trip form), so two builds can be checked to train the same model bit for bit.
 //!
 //! RECORDS.csv has a header with `rec_id` and the person fields (`given_name`, `surname`,
 //! `street_number`, `address_1`, `address_2`, `suburb`, `postcode`, `state`, `date_of_birth`;
@@ -110,9 +113,10 @@ fn cluster_pairs(pairs: &BTreeSet<Pair>) -> BTreeSet<Pair> {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let verbose = args.iter().any(|a| a == "--verbose");
+    let print_params = args.iter().any(|a| a == "--params");
     let paths: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
     let [records_path, links_path] = paths.as_slice() else {
-        bail!("usage: febrl_eval RECORDS.csv LINKS.csv [--verbose]");
+        bail!("usage: febrl_eval RECORDS.csv LINKS.csv [--verbose] [--params]");
     };
 
     let (header, rows) = read_csv(records_path)?;
@@ -200,6 +204,9 @@ fn main() -> anyhow::Result<()> {
             "{label:<20} predicted {:>6}  tp {tp:>6}  precision {precision:.4}  recall {recall:.4}  F1 {f1:.4}",
             set.len()
         );
+    }
+    if print_params {
+        println!("params               {}", serde_json::to_string(params)?);
     }
     if verbose {
         for field in &params.fields {
