@@ -1224,6 +1224,38 @@ pub(crate) fn lookup_identifiers(view: &GraphView, records: &[&Record]) -> Vec<I
     out
 }
 
+/// The canonical profiles a run must lock `FOR UPDATE`, and read the limited identifiers of:
+/// those holding an identifier of a record that may change the graph. `owner` gives the
+/// canonical profile holding an identifier, if the graph holds it. Sorted, without repeats.
+///
+/// A record whose identifiers the graph all holds, in one profile, creates, links and merges
+/// nothing (it breaks no limit: it adds no value), so it needs neither that profile's limited
+/// identifiers nor a lock on its row: it only names the profile. Its advisory locks keep its
+/// identifiers where they are until the commit (every writer that moves an identifier, a
+/// rewrite or a forget, takes them), and a merge of the profile by another run meanwhile does
+/// not change its answer, because readers follow `merged_into`. Most events of known visitors
+/// are such records, so the row locks (a tuple lock written per profile) and the limited read
+/// are paid only for the records that link or merge.
+pub(crate) fn profiles_to_lock(
+    view: &GraphView,
+    records: &[&Record],
+    owner: impl Fn(&Identifier) -> Option<Uuid>,
+) -> Vec<Uuid> {
+    let mut out: Vec<Uuid> = Vec::new();
+    for record in records.iter().filter_map(|r| view.screen(r)) {
+        let owners: Vec<Option<Uuid>> = record.identifiers().iter().map(&owner).collect();
+        let settled = owners
+            .first()
+            .is_some_and(|first| first.is_some() && owners.iter().all(|o| o == first));
+        if !settled {
+            out.extend(owners.into_iter().flatten());
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 /// The identifiers a component's history carries (to look up which are detached).
 pub(crate) fn history_identifiers(history: &ComponentHistory) -> Vec<&Identifier> {
     let mut out: Vec<&Identifier> = history
@@ -1331,7 +1363,7 @@ fn decode_merges(event_id: &str, json: &str) -> Result<Vec<Merge>, IdentityError
 /// One entry per record: the stored resolution of an event resolved before, else the fresh
 /// resolution of the plan (whose resolutions are those of the other records, in order).
 fn outcomes(
-    records: &[Record],
+    records: &[&Record],
     mut done: HashMap<String, Stored>,
     fresh: Vec<Resolution>,
 ) -> Vec<Outcome> {
@@ -1394,5 +1426,44 @@ mod tests {
             decode_merges("e1", "{"),
             Err(IdentityError::Corrupt(_))
         ));
+    }
+
+    /// Only records that may link or merge lock profiles: one whose identifiers one profile
+    /// all holds locks nothing; one with an unknown identifier locks the profiles of its known
+    /// ones; one whose identifiers two profiles hold locks both; an erased identifier is not
+    /// looked at.
+    #[test]
+    fn only_records_that_may_change_the_graph_lock_profiles() {
+        let rules = crate::domain::Rules::default();
+        let record = |event: &str, ids: &[(&str, &str)]| {
+            Record::new(
+                &rules,
+                event,
+                ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect(),
+                now(),
+            )
+            .expect("valid")
+        };
+        let (p, q) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let owner = |i: &Identifier| match i.value.as_str() {
+            "a1" | "u1" => Some(p),
+            "a2" | "u2" => Some(q),
+            _ => None,
+        };
+        let known = record("e1", &[("anonymous_id", "a1"), ("user_id", "u1")]);
+        let alone = record("e2", &[("anonymous_id", "a2")]);
+        let linking = record("e3", &[("anonymous_id", "a2"), ("user_id", "u9")]);
+        let merging = record("e4", &[("anonymous_id", "a1"), ("user_id", "u2")]);
+        let new = record("e5", &[("anonymous_id", "a9")]);
+        let view = GraphView::new();
+        assert!(profiles_to_lock(&view, &[&known, &alone, &new], owner).is_empty());
+        assert_eq!(profiles_to_lock(&view, &[&known, &linking], owner), [q]);
+        assert_eq!(profiles_to_lock(&view, &[&merging, &known], owner), [p, q]);
+        let mut erased = GraphView::new();
+        erased.erase(Identifier::new("user_id", "u2"));
+        assert!(
+            profiles_to_lock(&erased, &[&merging], owner).is_empty(),
+            "without its erased user id the record is known to one profile"
+        );
     }
 }

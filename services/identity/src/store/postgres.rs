@@ -9,7 +9,6 @@
 //! run that conflicts twice is halved, so a hot profile costs a small run, not a large one).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::ops::Range;
 use std::time::Duration;
 
 use rand::Rng;
@@ -23,8 +22,8 @@ use super::{
     Change, Closure, ClosureSize, EVENT_TIME, Forgotten, Outcome, Rewritten, SplitPayload,
     carried_identifiers, decode_resolutions, dropped_identifiers, erased_digest, erased_pseudonym,
     has_later_event, history_identifiers, late_suspects, lookup_identifiers, mark_suppressed,
-    reorder, reorder_plan, reorder_skipped, reordered, replay_order, rewrite_plan, rewritten,
-    scrub_detail, suppression_keys, with_replayed,
+    profiles_to_lock, reorder, reorder_plan, reorder_skipped, reordered, replay_order,
+    rewrite_plan, rewritten, scrub_detail, suppression_keys, with_replayed,
 };
 use super::{
     ComponentHistory, GraphIdentifier, HistoryRows, IdentityStore, LoggedDecision, ProfileGraph,
@@ -35,7 +34,7 @@ use super::{
 use crate::IdentityError;
 use crate::domain::{
     Constraints, GraphView, Plan, ProfileAge, Record, ReorderConfig, Replay, Resolution,
-    RulesConfig, plan, replay, suppresses_events,
+    RulesConfig, UnionFind, plan, replay, suppresses_events,
 };
 
 /// Selects graph log entries: the columns of [`DecisionRow`], then the rest of the statement.
@@ -225,17 +224,41 @@ impl PgStore {
 
     /// One attempt at resolving `records` in one transaction. On failure the transaction is
     /// rolled back before returning, so its locks do not outlive the attempt.
+    ///
+    /// With `wait` false, the run takes only the advisory locks it can have at once: the
+    /// records tied (through a shared identifier or event id) to one whose lock another
+    /// transaction holds are left out and their positions in `records` returned, to be
+    /// resolved by a run that waits. Two runs that share a few identifiers then overlap instead
+    /// of the second waiting for the whole of the first.
     async fn attempt(
         &self,
         rules: &VersionedRules,
-        records: &[Record],
-    ) -> Result<Vec<Outcome>, Failure> {
+        records: &[&Record],
+        wait: bool,
+    ) -> Result<(Vec<Outcome>, Vec<usize>), Failure> {
         let mut tx = self.pool.begin().await?;
-        match decide_and_write(&mut tx, rules, records).await {
+        let deferred = if wait {
+            lock_keys(&mut tx, records).await?;
+            Vec::new()
+        } else {
+            try_lock_keys(&mut tx, records).await?
+        };
+        let taken: Vec<&Record> = if deferred.is_empty() {
+            records.to_vec()
+        } else {
+            let left: HashSet<usize> = deferred.iter().copied().collect();
+            records
+                .iter()
+                .enumerate()
+                .filter(|(n, _)| !left.contains(n))
+                .map(|(_, r)| *r)
+                .collect()
+        };
+        match decide_and_write(&mut tx, rules, &taken).await {
             Ok((done, plan)) => {
                 tx.commit().await?;
                 record_metrics(&plan);
-                Ok(outcomes(records, done, plan.resolutions))
+                Ok((outcomes(&taken, done, plan.resolutions), deferred))
             }
             Err(failure) => {
                 // A failed rollback means a broken connection, which the pool discards.
@@ -246,21 +269,21 @@ impl PgStore {
     }
 }
 
-/// Locks, reads the view, plans and writes `records`, within the caller's transaction. Returns
-/// the stored resolutions of events resolved meanwhile, and the plan for the others.
+/// Reads the view, plans and writes `records`, within the caller's transaction, which holds
+/// their advisory locks. Returns the stored resolutions of events resolved meanwhile, and the
+/// plan for the others.
 async fn decide_and_write(
     tx: &mut PgConnection,
     rules: &VersionedRules,
-    records: &[Record],
+    records: &[&Record],
 ) -> Result<(HashMap<String, Stored>, Plan), Failure> {
-    lock_keys(&mut *tx, records).await?;
-
     // Another replica may have resolved some of these events since the caller looked.
-    let event_ids: Vec<&str> = records.iter().map(Record::event_id).collect();
+    let event_ids: Vec<&str> = records.iter().map(|r| r.event_id()).collect();
     let done = stored(&mut *tx, &event_ids).await?;
     let pending: Vec<&Record> = records
         .iter()
         .filter(|r| !done.contains_key(r.event_id()))
+        .copied()
         .collect();
     let mut view = GraphView::new();
     mark_suppressed(&mut view, suppressed(&mut *tx, &pending).await?);
@@ -276,9 +299,15 @@ async fn decide_and_write(
         .bind(values)
         .fetch_all(&mut *tx)
         .await?;
-    let mut profiles: Vec<Uuid> = rows.iter().map(|r| r.2).collect();
-    profiles.sort_unstable();
-    profiles.dedup();
+    let profiles = {
+        let owners: HashMap<(&str, &str), Uuid> = rows
+            .iter()
+            .map(|(kind, value, id, _)| ((kind.as_str(), value.as_str()), *id))
+            .collect();
+        profiles_to_lock(&view, &pending, |i| {
+            owners.get(&(i.kind.as_str(), i.value.as_str())).copied()
+        })
+    };
     if !profiles.is_empty() {
         // Locked in id order, so runs that share profiles queue instead of deadlocking.
         let locked: Vec<(Uuid, bool)> = sqlx::query_as(
@@ -749,12 +778,27 @@ impl IdentityStore for PgStore {
         rules: &VersionedRules,
         records: &[Record],
     ) -> Result<Vec<Outcome>, IdentityError> {
-        let mut out = Vec::with_capacity(records.len());
-        // Runs still to resolve, in order, with the attempts each has had.
-        let mut runs: VecDeque<(Range<usize>, u32)> = VecDeque::from([(0..records.len(), 0)]);
-        while let Some((run, attempts)) = runs.pop_front() {
-            match self.attempt(rules, &records[run.clone()]).await {
-                Ok(stored) => out.extend(stored),
+        let mut out: Vec<Option<Outcome>> = records.iter().map(|_| None).collect();
+        // Runs still to resolve (positions in `records`, in order), with the attempts each has
+        // had and whether it waits for locks. A first attempt takes the locks it can have and
+        // leaves the rest to a run that waits (see `attempt`).
+        let mut runs: VecDeque<(Vec<usize>, u32, bool)> =
+            VecDeque::from([((0..records.len()).collect(), 0, false)]);
+        while let Some((run, attempts, wait)) = runs.pop_front() {
+            let these: Vec<&Record> = run.iter().map(|&n| &records[n]).collect();
+            match self.attempt(rules, &these, wait).await {
+                Ok((stored, deferred)) => {
+                    let left: HashSet<usize> = deferred.iter().copied().collect();
+                    let taken = (0..run.len()).filter(|n| !left.contains(n)).map(|n| run[n]);
+                    for (n, outcome) in taken.zip(stored) {
+                        out[n] = Some(outcome);
+                    }
+                    if !deferred.is_empty() {
+                        metrics::counter!("tessera_identity_deferred_records_total")
+                            .increment(deferred.len() as u64);
+                        runs.push_front((deferred.into_iter().map(|n| run[n]).collect(), 0, true));
+                    }
+                }
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::Retry(reason)) => {
                     metrics::counter!("tessera_identity_retries_total", "reason" => reason)
@@ -766,19 +810,22 @@ impl IdentityStore for PgStore {
                         "retrying identity run"
                     );
                     if attempts >= 1 && run.len() > 1 {
-                        let mid = run.start + run.len() / 2;
-                        runs.push_front((mid..run.end, 0));
-                        runs.push_front((run.start..mid, 0));
+                        let mut first = run;
+                        let second = first.split_off(first.len() / 2);
+                        runs.push_front((second, 0, wait));
+                        runs.push_front((first, 0, wait));
                     } else if attempts + 1 >= MAX_ATTEMPTS {
                         return Err(IdentityError::Contended);
                     } else {
                         tokio::time::sleep(backoff(attempts)).await;
-                        runs.push_front((run, attempts + 1));
+                        runs.push_front((run, attempts + 1, wait));
                     }
                 }
             }
         }
-        Ok(out)
+        out.into_iter()
+            .map(|o| o.ok_or_else(|| IdentityError::Corrupt("a record was left unresolved".into())))
+            .collect()
     }
 
     async fn canonical(&self, profiles: &[Uuid]) -> Result<HashMap<Uuid, Uuid>, IdentityError> {
@@ -1697,18 +1744,58 @@ fn decision(row: DecisionRow) -> LoggedDecision {
 
 /// Takes the transaction's advisory locks on every event id and identifier of `records`, in
 /// sorted order.
-async fn lock_keys(conn: &mut PgConnection, records: &[Record]) -> Result<(), sqlx::Error> {
-    let mut keys: Vec<i64> = Vec::new();
-    for record in records {
-        keys.push(lock_key(&[b"event", record.event_id().as_bytes()]));
-        for i in record.identifiers() {
-            keys.push(lock_key(&[
-                b"identifier",
-                i.kind.as_bytes(),
-                i.value.as_bytes(),
-            ]));
-        }
+/// The advisory lock keys of a record: its event id's, then its identifiers'.
+fn record_keys(record: &Record) -> impl Iterator<Item = i64> + '_ {
+    std::iter::once(lock_key(&[b"event", record.event_id().as_bytes()]))
+        .chain(record.identifiers().iter().map(identifier_key))
+}
+
+/// Takes the advisory locks of `records` that no other transaction holds, in key order,
+/// without waiting, and returns the positions of the records it could not take whole: every
+/// record tied to one whose key was held (sharing a key with it, directly or through others),
+/// so the records left out share no key with those taken and a later run resolves them in
+/// their order. The keys taken for records left out stay held until the commit, which only
+/// delays others.
+async fn try_lock_keys(
+    conn: &mut PgConnection,
+    records: &[&Record],
+) -> Result<Vec<usize>, sqlx::Error> {
+    let mut keys: Vec<i64> = records.iter().flat_map(|r| record_keys(r)).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    // unnest yields the sorted array in order, and the filter runs once per key.
+    let held: Vec<i64> = sqlx::query_scalar(
+        "SELECT k FROM unnest($1::int8[]) AS k WHERE NOT pg_try_advisory_xact_lock(k)",
+    )
+    .bind(keys)
+    .fetch_all(conn)
+    .await?;
+    if held.is_empty() {
+        return Ok(Vec::new());
     }
+    Ok(tied_to(records, &held))
+}
+
+/// The positions of the records tied to a key of `held`: carrying one, or sharing a key with
+/// a record that is tied.
+fn tied_to(records: &[&Record], held: &[i64]) -> Vec<usize> {
+    let mut sets = UnionFind::new();
+    for record in records {
+        sets.union_all(record_keys(record));
+    }
+    records
+        .iter()
+        .enumerate()
+        .filter(|(_, record)| {
+            let key = lock_key(&[b"event", record.event_id().as_bytes()]);
+            held.iter().any(|h| sets.same_set(&key, h))
+        })
+        .map(|(n, _)| n)
+        .collect()
+}
+
+async fn lock_keys(conn: &mut PgConnection, records: &[&Record]) -> Result<(), sqlx::Error> {
+    let mut keys: Vec<i64> = records.iter().flat_map(|r| record_keys(r)).collect();
     keys.sort_unstable();
     keys.dedup();
     // unnest yields the sorted array in order, so the locks are taken in that order.
@@ -1974,12 +2061,195 @@ mod tests {
         assert_ne!(lock_key(&[b"ab", b"c"]), lock_key(&[b"a", b"bc"]));
     }
 
+    /// A held key holds back its records and every record tied to them by a shared key,
+    /// transitively, and nothing else; a held event id counts like an identifier.
+    #[test]
+    fn held_keys_hold_back_the_records_tied_to_them() {
+        let rules = crate::domain::Rules::default();
+        let record = |event: &str, ids: &[(&str, &str)]| {
+            Record::new(
+                &rules,
+                event,
+                ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect(),
+                OffsetDateTime::now_utc(),
+            )
+            .expect("valid")
+        };
+        let records = [
+            record("e1", &[("anonymous_id", "a1")]),
+            record("e2", &[("anonymous_id", "b1"), ("user_id", "u1")]),
+            record("e3", &[("user_id", "u1"), ("email", "x@example.com")]),
+            record("e4", &[("email", "x@example.com")]),
+            record("e5", &[("anonymous_id", "d1")]),
+        ];
+        let records: Vec<&Record> = records.iter().collect();
+        let b1 = identifier_key(&Identifier::new("anonymous_id", "b1"));
+        assert_eq!(tied_to(&records, &[b1]), [1, 2, 3]);
+        assert!(
+            tied_to(
+                &records,
+                &[identifier_key(&Identifier::new("user_id", "u9"))]
+            )
+            .is_empty()
+        );
+        let e5 = lock_key(&[b"event", b"e5"]);
+        assert_eq!(tied_to(&records, &[e5, b1]), [1, 2, 3, 4]);
+    }
+
     #[test]
     fn backoff_grows_and_stays_bounded() {
         for attempts in 0..20 {
             let d = backoff(attempts);
             assert!(d >= Duration::from_millis(1) && d <= Duration::from_millis(640));
         }
+    }
+
+    /// A run whose identifier another transaction holds resolves the records not tied to it at
+    /// once and commits them, and resolves the tied ones when the lock is released; a record
+    /// sharing an identifier with a held record waits with it, in order.
+    #[tokio::test]
+    async fn a_held_identifier_delays_only_the_records_tied_to_it() {
+        let test = tessera_testkit::TestDb::new().await;
+        let db = tessera_store::Database::connect(
+            test.url(),
+            crate::SCHEMA,
+            &tessera_store::DbSettings::default(),
+        )
+        .await
+        .expect("connect");
+        db.migrate(crate::MIGRATIONS).await.expect("migrate");
+        let tessera_store::Database::Postgres(pool) = db.clone() else {
+            panic!("a Postgres url");
+        };
+        let identity = crate::Identity::new(db, crate::IdentitySettings::default())
+            .await
+            .expect("identity");
+        let rules = identity.rules();
+        let record = |event: &str, ids: &[(&str, &str)]| {
+            Record::new(
+                &rules.rules,
+                event,
+                ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect(),
+                OffsetDateTime::now_utc(),
+            )
+            .expect("valid")
+        };
+        let records = vec![
+            record("held", &[("anonymous_id", "a1")]),
+            record("free", &[("anonymous_id", "b1")]),
+            record("tied", &[("user_id", "u1"), ("anonymous_id", "a1")]),
+            record("also-free", &[("email", "c@example.com")]),
+        ];
+        let mut holder = pool.begin().await.expect("begin");
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(identifier_key(&Identifier::new("anonymous_id", "a1")))
+            .execute(&mut *holder)
+            .await
+            .expect("lock");
+        let resolving = tokio::spawn({
+            let identity = identity.clone();
+            async move { identity.resolve(records).await }
+        });
+        let resolved = || async {
+            let mut ids: Vec<String> = sqlx::query_scalar("SELECT event_id FROM resolutions")
+                .fetch_all(&pool)
+                .await
+                .expect("read");
+            ids.sort();
+            ids
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while resolved().await.len() < 2 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            resolved().await,
+            ["also-free", "free"],
+            "the records not tied to the held identifier are resolved while it is held"
+        );
+        assert!(!resolving.is_finished());
+        holder.rollback().await.expect("release");
+        let resolutions = resolving.await.expect("join").expect("resolve");
+        assert_eq!(resolved().await, ["also-free", "free", "held", "tied"]);
+        let events: Vec<&str> = resolutions.iter().map(|r| r.event_id.as_str()).collect();
+        assert_eq!(
+            events,
+            ["held", "free", "tied", "also-free"],
+            "answers in order"
+        );
+        assert_eq!(
+            resolutions[0].profile_id, resolutions[2].profile_id,
+            "the tied record joined the held one's profile"
+        );
+        assert_ne!(resolutions[0].profile_id, resolutions[1].profile_id);
+    }
+
+    /// A record whose identifiers one profile already holds does not lock that profile's row:
+    /// it resolves while another transaction holds the row, and a record that would link a new
+    /// identifier to the profile waits for it.
+    #[tokio::test]
+    async fn known_records_resolve_without_locking_their_profile() {
+        let test = tessera_testkit::TestDb::new().await;
+        let db = tessera_store::Database::connect(
+            test.url(),
+            crate::SCHEMA,
+            &tessera_store::DbSettings::default(),
+        )
+        .await
+        .expect("connect");
+        db.migrate(crate::MIGRATIONS).await.expect("migrate");
+        let tessera_store::Database::Postgres(pool) = db.clone() else {
+            panic!("a Postgres url");
+        };
+        let identity = crate::Identity::new(db, crate::IdentitySettings::default())
+            .await
+            .expect("identity");
+        let rules = identity.rules();
+        let record = |event: &str, ids: &[(&str, &str)]| {
+            Record::new(
+                &rules.rules,
+                event,
+                ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect(),
+                OffsetDateTime::now_utc(),
+            )
+            .expect("valid")
+        };
+        let first = identity
+            .resolve(vec![record(
+                "e1",
+                &[("anonymous_id", "a1"), ("user_id", "u1")],
+            )])
+            .await
+            .expect("resolve");
+        let profile = first[0].profile_id;
+
+        let mut holder = pool.begin().await.expect("begin");
+        sqlx::query("SELECT 1 FROM profiles WHERE profile_id = $1 FOR UPDATE")
+            .bind(profile)
+            .execute(&mut *holder)
+            .await
+            .expect("lock");
+        let known = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            identity.resolve(vec![record(
+                "e2",
+                &[("user_id", "u1"), ("anonymous_id", "a1")],
+            )]),
+        )
+        .await
+        .expect("a known record does not wait for its profile's row")
+        .expect("resolve");
+        assert_eq!(known[0].profile_id, profile);
+        let linking = tokio::spawn({
+            let identity = identity.clone();
+            let new = record("e3", &[("anonymous_id", "a1"), ("email", "p@example.com")]);
+            async move { identity.resolve(vec![new]).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!linking.is_finished(), "a linking record waits for the row");
+        holder.rollback().await.expect("release");
+        let linked = linking.await.expect("join").expect("resolve");
+        assert_eq!(linked[0].profile_id, profile);
     }
 
     /// Every statement a forget runs over other people's rows finds them through an index:

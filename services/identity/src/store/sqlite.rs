@@ -430,7 +430,8 @@ impl IdentityStore for SqliteStore {
         tx.commit().await?;
         record_metrics(&plan);
 
-        Ok(outcomes(records, done, plan.resolutions))
+        let records: Vec<&Record> = records.iter().collect();
+        Ok(outcomes(&records, done, plan.resolutions))
     }
 
     async fn canonical(&self, profiles: &[Uuid]) -> Result<HashMap<Uuid, Uuid>, IdentityError> {
