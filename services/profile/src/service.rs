@@ -1532,12 +1532,20 @@ impl Inner {
         count_membership_changes(&applied.audiences);
         let mut entries = Vec::with_capacity(applied.changed.len() + applied.merged_away.len());
         let now = OffsetDateTime::now_utc();
-        entries.extend(
-            applied
-                .changed
-                .iter()
-                .map(|profile| entry(profile, &self.defs.current(), now)),
-        );
+        entries.extend(applied.changed.iter().map(|profile| {
+            // The body of the version the batch kept, when it kept one: the profile as of the
+            // batch, which a read past its `computed_valid_until` re-evaluates.
+            match applied.encoded.get(&profile.profile_id) {
+                Some((version, bytes)) if *version == profile.version => (
+                    profile.profile_id.clone(),
+                    Versioned {
+                        version: *version,
+                        bytes: Some(bytes.clone()),
+                    },
+                ),
+                _ => entry(profile, &self.defs.current(), now),
+            }
+        }));
         // A merged-away profile's reads go to the database, which redirects to the survivor.
         entries.extend(applied.merged_away.iter().map(|(id, version)| {
             (

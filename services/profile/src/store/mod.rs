@@ -55,6 +55,11 @@ pub struct Applied {
     pub named: Vec<String>,
     /// The entries into and exits from audiences the batch caused.
     pub audiences: Vec<MembershipChange>,
+    /// The encoded `tessera.profile.v1.Profile` of profiles of `changed`, by id, with their
+    /// version: the bodies of the versions the batch kept (evaluated at the batch's `now`),
+    /// when the definitions keep history. The cache entry reuses it instead of encoding the
+    /// profile again.
+    pub encoded: HashMap<String, (i64, bytes::Bytes)>,
 }
 
 /// Scores profiles inside the transaction that applies a batch, so a profile's state and its
@@ -783,18 +788,19 @@ pub(crate) struct Version {
     /// The survivor, for a merged-away profile.
     pub(crate) merged_into: Option<String>,
     /// The encoded `tessera.profile.v1.Profile` of a live profile.
-    pub(crate) body: Option<Vec<u8>>,
+    pub(crate) body: Option<bytes::Bytes>,
 }
 
-/// Keeps the versions of `written` when the definitions keep history.
+/// Keeps the versions of `written` when the definitions keep history; returns the bodies it
+/// kept (the live profiles'), by profile id, with their versions.
 async fn record_versions<O: Ops>(
     ops: &mut O,
     defs: &Definitions,
     written: &[&Profile],
     now: OffsetDateTime,
-) -> Result<(), sqlx::Error> {
+) -> Result<HashMap<String, (i64, bytes::Bytes)>, sqlx::Error> {
     if !defs.history || written.is_empty() {
-        return Ok(());
+        return Ok(HashMap::new());
     }
     use prost::Message as _;
     let versions: Vec<Version> = written
@@ -803,13 +809,18 @@ async fn record_versions<O: Ops>(
             profile_id: p.profile_id.clone(),
             version: p.version,
             merged_into: p.merged_into.clone(),
-            body: p
-                .merged_into
-                .is_none()
-                .then(|| crate::convert::profile_to_pb(p, defs, now).encode_to_vec()),
+            body: p.merged_into.is_none().then(|| {
+                crate::convert::profile_to_pb(p, defs, now)
+                    .encode_to_vec()
+                    .into()
+            }),
         })
         .collect();
-    ops.record_versions(&versions, now).await
+    ops.record_versions(&versions, now).await?;
+    Ok(versions
+        .into_iter()
+        .filter_map(|v| Some((v.profile_id, (v.version, v.body?))))
+        .collect())
 }
 
 /// A change to log with a write.
@@ -1433,7 +1444,7 @@ async fn apply<O: Ops>(
     // The kept versions too, once the links are known: a version holds the identifiers its
     // profile was linked to, as a read returns it, never one another profile kept.
     let versions: Vec<&Profile> = changed_merged.iter().chain(&changed).collect();
-    record_versions(ops, defs, &versions, now).await?;
+    let encoded = record_versions(ops, defs, &versions, now).await?;
     Ok(Applied {
         applied,
         duplicates: batch.events.len() as i64 - applied,
@@ -1442,6 +1453,7 @@ async fn apply<O: Ops>(
         merged_away,
         named: named_live.into_iter().collect(),
         audiences,
+        encoded,
     })
 }
 
@@ -2368,6 +2380,8 @@ async fn rebuild<O: Ops>(
         merged_away,
         named: live,
         audiences,
+        // A rebuild is rare: its cache entries are encoded afresh.
+        encoded: HashMap::new(),
     })
 }
 

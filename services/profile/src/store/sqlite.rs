@@ -824,7 +824,7 @@ impl Ops for LiteOps<'_> {
             .bind(v.version)
             .bind(now)
             .bind(&v.merged_into)
-            .bind(&v.body)
+            .bind(v.body.as_deref())
             .execute(&mut *self.0)
             .await?;
         }
