@@ -1405,6 +1405,22 @@ fn record_metrics(plan: &Plan) {
     metrics::counter!("tessera_identity_identifiers_dropped_total").increment(dropped as u64);
 }
 
+/// A valid record of `event` carrying `ids` (type, value), at the current time.
+#[cfg(test)]
+pub(crate) fn test_record(
+    rules: &crate::domain::Rules,
+    event: &str,
+    ids: &[(&str, &str)],
+) -> Record {
+    Record::new(
+        rules,
+        event,
+        ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect(),
+        now(),
+    )
+    .expect("valid")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1435,15 +1451,7 @@ mod tests {
     #[test]
     fn only_records_that_may_change_the_graph_lock_profiles() {
         let rules = crate::domain::Rules::default();
-        let record = |event: &str, ids: &[(&str, &str)]| {
-            Record::new(
-                &rules,
-                event,
-                ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect(),
-                now(),
-            )
-            .expect("valid")
-        };
+        let record = |event: &str, ids: &[(&str, &str)]| test_record(&rules, event, ids);
         let (p, q) = (Uuid::from_u128(1), Uuid::from_u128(2));
         let owner = |i: &Identifier| match i.value.as_str() {
             "a1" | "u1" => Some(p),

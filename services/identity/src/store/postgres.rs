@@ -2053,6 +2053,7 @@ fn backoff(attempts: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::test_record;
 
     #[test]
     fn lock_keys_are_pinned_and_separate_parts() {
@@ -2066,15 +2067,7 @@ mod tests {
     #[test]
     fn held_keys_hold_back_the_records_tied_to_them() {
         let rules = crate::domain::Rules::default();
-        let record = |event: &str, ids: &[(&str, &str)]| {
-            Record::new(
-                &rules,
-                event,
-                ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect(),
-                OffsetDateTime::now_utc(),
-            )
-            .expect("valid")
-        };
+        let record = |event: &str, ids: &[(&str, &str)]| test_record(&rules, event, ids);
         let records = [
             record("e1", &[("anonymous_id", "a1")]),
             record("e2", &[("anonymous_id", "b1"), ("user_id", "u1")]),
@@ -2104,11 +2097,8 @@ mod tests {
         }
     }
 
-    /// A run whose identifier another transaction holds resolves the records not tied to it at
-    /// once and commits them, and resolves the tied ones when the lock is released; a record
-    /// sharing an identifier with a held record waits with it, in order.
-    #[tokio::test]
-    async fn a_held_identifier_delays_only_the_records_tied_to_it() {
+    /// The identity service on a new test database, with a pool of its own on it.
+    async fn identity_on_postgres() -> (tessera_testkit::TestDb, PgPool, crate::Identity) {
         let test = tessera_testkit::TestDb::new().await;
         let db = tessera_store::Database::connect(
             test.url(),
@@ -2124,16 +2114,17 @@ mod tests {
         let identity = crate::Identity::new(db, crate::IdentitySettings::default())
             .await
             .expect("identity");
+        (test, pool, identity)
+    }
+
+    /// A run whose identifier another transaction holds resolves the records not tied to it at
+    /// once and commits them, and resolves the tied ones when the lock is released; a record
+    /// sharing an identifier with a held record waits with it, in order.
+    #[tokio::test]
+    async fn a_held_identifier_delays_only_the_records_tied_to_it() {
+        let (_test, pool, identity) = identity_on_postgres().await;
         let rules = identity.rules();
-        let record = |event: &str, ids: &[(&str, &str)]| {
-            Record::new(
-                &rules.rules,
-                event,
-                ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect(),
-                OffsetDateTime::now_utc(),
-            )
-            .expect("valid")
-        };
+        let record = |event: &str, ids: &[(&str, &str)]| test_record(&rules.rules, event, ids);
         let records = vec![
             record("held", &[("anonymous_id", "a1")]),
             record("free", &[("anonymous_id", "b1")]),
@@ -2189,31 +2180,9 @@ mod tests {
     /// identifier to the profile waits for it.
     #[tokio::test]
     async fn known_records_resolve_without_locking_their_profile() {
-        let test = tessera_testkit::TestDb::new().await;
-        let db = tessera_store::Database::connect(
-            test.url(),
-            crate::SCHEMA,
-            &tessera_store::DbSettings::default(),
-        )
-        .await
-        .expect("connect");
-        db.migrate(crate::MIGRATIONS).await.expect("migrate");
-        let tessera_store::Database::Postgres(pool) = db.clone() else {
-            panic!("a Postgres url");
-        };
-        let identity = crate::Identity::new(db, crate::IdentitySettings::default())
-            .await
-            .expect("identity");
+        let (_test, pool, identity) = identity_on_postgres().await;
         let rules = identity.rules();
-        let record = |event: &str, ids: &[(&str, &str)]| {
-            Record::new(
-                &rules.rules,
-                event,
-                ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect(),
-                OffsetDateTime::now_utc(),
-            )
-            .expect("valid")
-        };
+        let record = |event: &str, ids: &[(&str, &str)]| test_record(&rules.rules, event, ids);
         let first = identity
             .resolve(vec![record(
                 "e1",
