@@ -1,12 +1,15 @@
 //! The identity graph on Postgres, correct with several replicas writing at once.
 //!
 //! One transaction resolves a run of records: it takes an advisory lock per event id and per
-//! identifier (sorted, so two runs never wait on each other in a cycle), reads the canonical
-//! profile of every identifier, locks those profiles `FOR UPDATE` in id order and checks they
-//! are still canonical. The advisory locks stop anyone else from attaching the same identifiers
-//! or resolving the same events; the row locks stop anyone else from merging the profiles. When
-//! a profile was merged between the read and the lock, the run is rolled back and retried (a
-//! run that conflicts twice is halved, so a hot profile costs a small run, not a large one).
+//! identifier (sorted, so two runs never wait on each other in a cycle; a first attempt takes
+//! only those free at once and leaves the records tied to a held one to a run that waits),
+//! reads the canonical profile of every identifier, locks `FOR UPDATE` in id order those of
+//! records that may link or merge (a record whose identifiers one profile all holds needs no
+//! row lock) and checks they are still canonical. The advisory locks stop anyone else from
+//! attaching the same identifiers or resolving the same events; the row locks stop anyone else
+//! from merging the profiles. When a profile was merged between the read and the lock, the run
+//! is rolled back and retried (a run that conflicts twice is halved, so a hot profile costs a
+//! small run, not a large one).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
@@ -1742,8 +1745,6 @@ fn decision(row: DecisionRow) -> LoggedDecision {
     }
 }
 
-/// Takes the transaction's advisory locks on every event id and identifier of `records`, in
-/// sorted order.
 /// The advisory lock keys of a record: its event id's, then its identifiers'.
 fn record_keys(record: &Record) -> impl Iterator<Item = i64> + '_ {
     std::iter::once(lock_key(&[b"event", record.event_id().as_bytes()]))
@@ -1794,6 +1795,8 @@ fn tied_to(records: &[&Record], held: &[i64]) -> Vec<usize> {
         .collect()
 }
 
+/// Takes the transaction's advisory locks on every event id and identifier of `records`, in
+/// sorted order, waiting for those another transaction holds.
 async fn lock_keys(conn: &mut PgConnection, records: &[&Record]) -> Result<(), sqlx::Error> {
     let mut keys: Vec<i64> = records.iter().flat_map(|r| record_keys(r)).collect();
     keys.sort_unstable();
