@@ -246,17 +246,9 @@ impl PgStore {
         } else {
             try_lock_keys(&mut tx, records).await?
         };
-        let taken: Vec<&Record> = if deferred.is_empty() {
-            records.to_vec()
-        } else {
-            let left: HashSet<usize> = deferred.iter().copied().collect();
-            records
-                .iter()
-                .enumerate()
-                .filter(|(n, _)| !left.contains(n))
-                .map(|(_, r)| *r)
-                .collect()
-        };
+        let taken: Vec<&Record> = taken_positions(records.len(), &deferred)
+            .map(|n| records[n])
+            .collect();
         match decide_and_write(&mut tx, rules, &taken).await {
             Ok((done, plan)) => {
                 tx.commit().await?;
@@ -791,8 +783,7 @@ impl IdentityStore for PgStore {
             let these: Vec<&Record> = run.iter().map(|&n| &records[n]).collect();
             match self.attempt(rules, &these, wait).await {
                 Ok((stored, deferred)) => {
-                    let left: HashSet<usize> = deferred.iter().copied().collect();
-                    let taken = (0..run.len()).filter(|n| !left.contains(n)).map(|n| run[n]);
+                    let taken = taken_positions(run.len(), &deferred).map(|n| run[n]);
                     for (n, outcome) in taken.zip(stored) {
                         out[n] = Some(outcome);
                     }
@@ -1745,6 +1736,19 @@ fn decision(row: DecisionRow) -> LoggedDecision {
     }
 }
 
+/// The positions below `len` that are not in `deferred` (sorted), in order.
+fn taken_positions(len: usize, deferred: &[usize]) -> impl Iterator<Item = usize> + '_ {
+    let mut left = deferred.iter().copied().peekable();
+    (0..len).filter(move |&n| {
+        if left.peek() == Some(&n) {
+            left.next();
+            false
+        } else {
+            true
+        }
+    })
+}
+
 /// The advisory lock keys of a record: its event id's, then its identifiers'.
 fn record_keys(record: &Record) -> impl Iterator<Item = i64> + '_ {
     std::iter::once(lock_key(&[b"event", record.event_id().as_bytes()]))
@@ -2090,6 +2094,8 @@ mod tests {
         );
         let e5 = lock_key(&[b"event", b"e5"]);
         assert_eq!(tied_to(&records, &[e5, b1]), [1, 2, 3, 4]);
+        let taken: Vec<usize> = taken_positions(records.len(), &[1, 2, 3]).collect();
+        assert_eq!(taken, [0, 4]);
     }
 
     #[test]
@@ -2100,8 +2106,8 @@ mod tests {
         }
     }
 
-    /// The identity service on a new test database, with a pool of its own on it.
-    async fn identity_on_postgres() -> (tessera_testkit::TestDb, PgPool, crate::Identity) {
+    /// A new test database with the identity schema, as a `Database` and as its pool.
+    async fn migrated() -> (tessera_testkit::TestDb, tessera_store::Database, PgPool) {
         let test = tessera_testkit::TestDb::new().await;
         let db = tessera_store::Database::connect(
             test.url(),
@@ -2114,6 +2120,12 @@ mod tests {
         let tessera_store::Database::Postgres(pool) = db.clone() else {
             panic!("a Postgres url");
         };
+        (test, db, pool)
+    }
+
+    /// The identity service on a new test database, with a pool of its own on it.
+    async fn identity_on_postgres() -> (tessera_testkit::TestDb, PgPool, crate::Identity) {
+        let (test, db, pool) = migrated().await;
         let identity = crate::Identity::new(db, crate::IdentitySettings::default())
             .await
             .expect("identity");
@@ -2229,18 +2241,7 @@ mod tests {
     /// back every other writer's snapshot horizon meanwhile.
     #[tokio::test]
     async fn forget_statements_use_indexes() {
-        let test = tessera_testkit::TestDb::new().await;
-        let db = tessera_store::Database::connect(
-            test.url(),
-            crate::SCHEMA,
-            &tessera_store::DbSettings::default(),
-        )
-        .await
-        .expect("connect");
-        db.migrate(crate::MIGRATIONS).await.expect("migrate");
-        let tessera_store::Database::Postgres(pool) = db else {
-            panic!("a Postgres url");
-        };
+        let (_test, _db, pool) = migrated().await;
         let mut conn = pool.acquire().await.expect("connection");
         sqlx::query("SET enable_seqscan = off")
             .execute(&mut *conn)
