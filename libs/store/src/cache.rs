@@ -167,15 +167,85 @@ enum Connection {
     Down(Instant),
 }
 
+/// A lazily opened, self-healing connection to one Redis, with every command bounded in time:
+/// a service starts and serves (from the database) while Redis is down, and while it stays
+/// down callers fail at once ([`CacheError::Down`]) instead of queueing behind reconnects.
+#[derive(Debug, Clone)]
+pub struct RedisLink {
+    client: redis::Client,
+    conn: Arc<Mutex<Connection>>,
+    timeout: Duration,
+}
+
+impl RedisLink {
+    /// A link to the Redis at `url` (not connected until first used); each command, and each
+    /// connection attempt, is given `timeout`.
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, CacheError> {
+        Ok(Self {
+            client: redis::Client::open(connection_info(url)?)?,
+            conn: Arc::new(Mutex::new(Connection::Never)),
+            timeout,
+        })
+    }
+
+    /// The connection, connecting first when there is none. `Down` (nothing was sent) while
+    /// the last attempt failed less than a second ago.
+    pub async fn connection(&self) -> Result<ConnectionManager, CacheError> {
+        let mut slot = self.conn.lock().await;
+        match &*slot {
+            Connection::Up(conn) => return Ok(conn.clone()),
+            // While Redis is down, fail at once instead of queueing every caller behind a
+            // connection attempt: they go to the database meanwhile.
+            Connection::Down(since) if since.elapsed() < RECONNECT_AFTER => {
+                return Err(CacheError::Down);
+            }
+            Connection::Down(_) | Connection::Never => {}
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1);
+        let attempt = tokio::time::timeout(
+            self.timeout * 2,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(conn)) => {
+                *slot = Connection::Up(conn.clone());
+                Ok(conn)
+            }
+            Ok(Err(e)) => {
+                *slot = Connection::Down(Instant::now());
+                Err(e.into())
+            }
+            Err(_) => {
+                *slot = Connection::Down(Instant::now());
+                Err(CacheError::Timeout)
+            }
+        }
+    }
+
+    /// `fut` (a command on a connection of this link), failed with `Timeout` when Redis does
+    /// not answer in time. A command that failed may still have been applied.
+    pub async fn bounded<T>(
+        &self,
+        fut: impl Future<Output = Result<T, redis::RedisError>>,
+    ) -> Result<T, CacheError> {
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| CacheError::Timeout)?
+            .map_err(CacheError::from)
+    }
+}
+
 /// The Redis cache of production. Connects lazily and reconnects by itself, so a service starts
 /// and serves (from the database) while Redis is down.
 #[derive(Debug, Clone)]
 pub struct RedisCache {
-    client: redis::Client,
-    conn: Arc<Mutex<Connection>>,
+    link: RedisLink,
     prefix: String,
     ttl: Duration,
-    timeout: Duration,
     script: redis::Script,
     /// The near cache in front, if any.
     pub(crate) near: Option<Arc<Near>>,
@@ -196,11 +266,9 @@ impl RedisCache {
     /// every read goes to Redis.
     pub fn new(url: &str, prefix: &str, ttl: Duration) -> Result<Self, CacheError> {
         Ok(Self {
-            client: redis::Client::open(connection_info(url)?)?,
-            conn: Arc::new(Mutex::new(Connection::Never)),
+            link: RedisLink::new(url, Duration::from_millis(250))?,
             prefix: prefix.to_owned(),
             ttl,
-            timeout: Duration::from_millis(250),
             script: redis::Script::new(PUT_IF_NEWER),
             near: None,
         })
@@ -252,39 +320,7 @@ impl RedisCache {
     }
 
     async fn connection(&self) -> Result<ConnectionManager, CacheError> {
-        let mut slot = self.conn.lock().await;
-        match &*slot {
-            Connection::Up(conn) => return Ok(conn.clone()),
-            // While Redis is down, fail at once instead of queueing every caller behind a
-            // connection attempt: they go to the database meanwhile.
-            Connection::Down(since) if since.elapsed() < RECONNECT_AFTER => {
-                return Err(CacheError::Down);
-            }
-            Connection::Down(_) | Connection::Never => {}
-        }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1);
-        let attempt = tokio::time::timeout(
-            self.timeout * 2,
-            ConnectionManager::new_with_config(self.client.clone(), config),
-        )
-        .await;
-        match attempt {
-            Ok(Ok(conn)) => {
-                *slot = Connection::Up(conn.clone());
-                Ok(conn)
-            }
-            Ok(Err(e)) => {
-                *slot = Connection::Down(Instant::now());
-                Err(e.into())
-            }
-            Err(_) => {
-                *slot = Connection::Down(Instant::now());
-                Err(CacheError::Timeout)
-            }
-        }
+        self.link.connection().await
     }
 
     fn key(&self, key: &str) -> String {
@@ -295,10 +331,7 @@ impl RedisCache {
         &self,
         fut: impl Future<Output = Result<T, redis::RedisError>>,
     ) -> Result<T, CacheError> {
-        tokio::time::timeout(self.timeout, fut)
-            .await
-            .map_err(|_| CacheError::Timeout)?
-            .map_err(CacheError::from)
+        self.link.bounded(fut).await
     }
 }
 

@@ -7,7 +7,7 @@ mod cache;
 mod db;
 mod near;
 
-pub use cache::{Cache, CacheError, MemoryCache, RedisCache, Versioned, open_cache};
+pub use cache::{Cache, CacheError, MemoryCache, RedisCache, RedisLink, Versioned, open_cache};
 pub use db::{
     Backend, Database, DbSettings, Migrations, POOL_SAMPLE_EVERY, PoolUse, StoreError, error_code,
 };

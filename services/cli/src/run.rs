@@ -157,6 +157,13 @@ fn transport_security(s: &Settings, role: Option<Role>) -> anyhow::Result<Option
     Ok(tls)
 }
 
+/// The key prefix of the identity service's owner cache: `owners:` before the cache prefix
+/// (`tessera:` → `owners:tessera:`), so the owner keys are not under the profile cache's prefix,
+/// which the profile replicas' near caches track (each owner written would reach them).
+fn owner_cache_prefix(cache_prefix: &str) -> String {
+    format!("owners:{cache_prefix}")
+}
+
 /// Parses the command into a plan. Runs before the async runtime starts.
 pub(crate) fn plan(command: Command, env: &HashMap<String, String>) -> anyhow::Result<Plan> {
     let serve = |role: Role, args: crate::ServeArgs| -> anyhow::Result<Plan> {
@@ -626,10 +633,20 @@ async fn serve(
                     tessera_identity::MIGRATIONS,
                 )
                 .await?;
-                let identity =
-                    tessera_identity::Identity::new(db.clone(), settings.identity.clone())
-                        .await
-                        .map_err(|e| anyhow::anyhow!("identity: {e}"))?;
+                // Hot identifiers' owners are cached in the Redis the profiles use (on
+                // Postgres only; `memory://` has no cache to share between replicas).
+                let identity = if settings.redis_url.starts_with("redis") {
+                    tessera_identity::Identity::with_owner_cache(
+                        db.clone(),
+                        settings.identity.clone(),
+                        &settings.redis_url,
+                        &owner_cache_prefix(&settings.cache_prefix),
+                    )
+                    .await
+                } else {
+                    tessera_identity::Identity::new(db.clone(), settings.identity.clone()).await
+                }
+                .map_err(|e| anyhow::anyhow!("identity: {e}"))?;
                 identity.register(&mut services);
                 // Merges decided outside the pipeline (probabilistic matches, accepted
                 // suggestions) reach the profile service through this worker.
@@ -774,6 +791,15 @@ mod tests {
     use super::*;
 
     const DB: (&str, &str) = ("DATABASE_URL", "postgres://db/tessera");
+
+    #[test]
+    fn owner_keys_are_not_under_the_profile_prefix() {
+        for prefix in ["tessera:", "acme", "acme:prod:"] {
+            let owners = owner_cache_prefix(prefix);
+            assert!(!owners.starts_with(prefix), "{prefix} → {owners}");
+        }
+        assert_eq!(owner_cache_prefix("tessera:"), "owners:tessera:");
+    }
 
     fn plan_of(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Plan> {
         // Planning `dev` keeps its made-up access token in the data directory: a temporary

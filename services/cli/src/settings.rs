@@ -26,7 +26,8 @@ pub(crate) struct Settings {
     /// The system of record: `postgres://…` in production. `tessera dev` uses SQLite files in
     /// its data directory instead.
     pub(crate) database_url: String,
-    /// The profile cache: `redis://…`, or `memory://` for an in-process cache.
+    /// The profile cache, and the identity service's owner cache: `redis://…`, or `memory://` for
+    /// an in-process profile cache (and no owner cache).
     pub(crate) redis_url: String,
     /// The prefix of every cache key, so several deployments can share one Redis.
     pub(crate) cache_prefix: String,
@@ -195,6 +196,7 @@ mod tests {
         assert!(s.database_url.starts_with("postgres://"));
         assert!(s.tls.is_configured() && s.peers.identity.starts_with("https://"));
         assert_eq!(s.tls.reload_interval_secs, 60);
+        assert_eq!(s.identity.owner_cache_ttl_seconds, 3_600);
         s.scoring.validate().expect("the example plans are valid");
         assert!(!s.scoring.plans.is_empty());
         assert_eq!(s.cache.max_bytes, 64 * 1024 * 1024);

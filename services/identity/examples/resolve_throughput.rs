@@ -10,7 +10,8 @@
 //! The workload is the load tool's mix: 100,000 visitors; 70 % of events carry only the
 //! visitor's anonymous id, 20 % also the user id (an identify), 10 % the user id and email (a
 //! backend event), so identifiers are mostly known (hot) and some events link or merge. The
-//! database should be fresh; run `ANALYZE` once it holds data (or have autovacuum on).
+//! database should be fresh; run `ANALYZE` once it holds data (or have autovacuum on). With
+//! `REDIS_URL` set, the owner cache is on (keys under `bench:owners:`).
 #![allow(clippy::print_stdout)]
 
 use std::sync::Arc;
@@ -72,7 +73,14 @@ async fn main() -> anyhow::Result<()> {
     };
     let db = Database::connect(&url, SCHEMA, &settings).await?;
     db.migrate(MIGRATIONS).await?;
-    let identity = Identity::new(db, IdentitySettings::default()).await?;
+    // With REDIS_URL, hot identifiers' owners are cached there (as the services run).
+    let identity = match std::env::var("REDIS_URL") {
+        Ok(redis) => {
+            Identity::with_owner_cache(db, IdentitySettings::default(), &redis, "bench:owners:")
+                .await?
+        }
+        Err(_) => Identity::new(db, IdentitySettings::default()).await?,
+    };
     // Event ids unique per run, so a second run on the same database resolves new events.
     let run: Arc<str> = format!("{:x}", OffsetDateTime::now_utc().unix_timestamp_nanos()).into();
     let next = Arc::new(AtomicUsize::new(0));

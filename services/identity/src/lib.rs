@@ -16,6 +16,7 @@ mod store;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 use sqlx::migrate::Migrator;
 use tessera_core::{FieldViolation, Identifier};
@@ -74,6 +75,9 @@ pub struct IdentitySettings {
     /// How often a replica looks for rules changed by another replica's `UpdateRules`, in
     /// seconds.
     pub rules_refresh_seconds: u64,
+    /// How long an entry of the owner cache (identifier → canonical profile, in Redis) lives,
+    /// in seconds; 0 turns the cache off. Used only with Postgres and a Redis URL.
+    pub owner_cache_ttl_seconds: u64,
 }
 
 impl Default for IdentitySettings {
@@ -83,6 +87,7 @@ impl Default for IdentitySettings {
             rules: RulesConfig::default(),
             matching: MatchSettings::default(),
             rules_refresh_seconds: 5,
+            owner_cache_ttl_seconds: 3_600,
         }
     }
 }
@@ -142,10 +147,48 @@ impl Identity {
     /// rules are checked (`InvalidArgument` naming each bad key under `rules.`) and registered
     /// as a version of the graph's rules.
     pub async fn new(db: Database, settings: IdentitySettings) -> Result<Self, IdentityError> {
+        Self::open(db, settings, None).await
+    }
+
+    /// [`Identity::new`] with the owner cache on the Redis at `redis_url` (keys under
+    /// `prefix`): runs of known identifiers read their owners there instead of in Postgres
+    /// (see the README, "Owner cache"). Only on Postgres, and only while
+    /// `owner_cache_ttl_seconds` is not 0; otherwise the same as [`Identity::new`]. Every
+    /// replica must be given the same Redis. Redis need not be up: the service reads Postgres
+    /// while it is down.
+    pub async fn with_owner_cache(
+        db: Database,
+        settings: IdentitySettings,
+        redis_url: &str,
+        prefix: &str,
+    ) -> Result<Self, IdentityError> {
+        let owners = match (&db, settings.owner_cache_ttl_seconds) {
+            (Database::Postgres(_), ttl) if ttl > 0 => Some(
+                store::OwnerCache::open(redis_url, prefix, Duration::from_secs(ttl)).map_err(
+                    |e| {
+                        IdentityError::InvalidArgument(vec![tessera_core::FieldViolation::new(
+                            "redis_url",
+                            format!("the owner cache cannot use it: {e}"),
+                        )])
+                    },
+                )?,
+            ),
+            _ => None,
+        };
+        Self::open(db, settings, owners).await
+    }
+
+    async fn open(
+        db: Database,
+        settings: IdentitySettings,
+        owners: Option<store::OwnerCache>,
+    ) -> Result<Self, IdentityError> {
         let rules = compile_rules(settings.rules.clone())?;
-        let matching =
-            matching::Matching::new(settings.matching.clone(), store::open_matching(db.clone()))?;
-        let store = store::open(db);
+        let matching = matching::Matching::new(
+            settings.matching.clone(),
+            store::open_matching(db.clone(), owners.clone()),
+        )?;
+        let store = store::open(db, owners);
         let current = store.register_rules(rules.config()).await?;
         let current = compile_stored(current)?;
         tracing::info!(rules_version = current.version, "identity rules registered");

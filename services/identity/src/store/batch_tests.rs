@@ -254,7 +254,7 @@ async fn batch_merges_decide_as_one_at_a_time(batch_db: Database, single_db: Dat
 
     // The set-based path, in chunks (the batch job's transactions) that cut through
     // components.
-    let store = open_matching(batch_db.clone());
+    let store = open_matching(batch_db.clone(), None);
     let mut set_based = Vec::new();
     let chunk: Vec<((Uuid, Uuid), Option<String>)> = numbers
         .iter()
@@ -270,7 +270,7 @@ async fn batch_merges_decide_as_one_at_a_time(batch_db: Database, single_db: Dat
     }
 
     // One pair per transaction, each decided on what the previous ones committed.
-    let store = open_matching(single_db.clone());
+    let store = open_matching(single_db.clone(), None);
     let mut one_by_one = Vec::new();
     for (n, (a, b)) in numbers.iter().enumerate() {
         let result = store

@@ -14,7 +14,7 @@ const LEASE: Duration = Duration::from_secs(30);
 
 async fn jobs_run_one_at_a_time_and_expire(db: Database) {
     db.migrate(MIGRATIONS).await.expect("migrate");
-    let store = open_matching(db);
+    let store = open_matching(db, None);
     let first = store
         .start_batch_job("a", LEASE)
         .await

@@ -9,6 +9,8 @@ mod matching_job_tests;
 mod postgres;
 mod sqlite;
 
+pub(crate) use postgres::OwnerCache;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -320,17 +322,17 @@ pub(crate) trait MatchStore: Send + Sync {
 }
 
 /// The store for `db`'s backend.
-pub(crate) fn open(db: Database) -> Arc<dyn IdentityStore> {
+pub(crate) fn open(db: Database, owners: Option<OwnerCache>) -> Arc<dyn IdentityStore> {
     match db {
-        Database::Postgres(pool) => Arc::new(postgres::PgStore::new(pool)),
+        Database::Postgres(pool) => Arc::new(postgres::PgStore::new(pool, owners)),
         Database::Sqlite(pool) => Arc::new(sqlite::SqliteStore::new(pool)),
     }
 }
 
 /// The matching store for `db`'s backend.
-pub(crate) fn open_matching(db: Database) -> Arc<dyn MatchStore> {
+pub(crate) fn open_matching(db: Database, owners: Option<OwnerCache>) -> Arc<dyn MatchStore> {
     match db {
-        Database::Postgres(pool) => Arc::new(postgres::PgStore::new(pool)),
+        Database::Postgres(pool) => Arc::new(postgres::PgStore::new(pool, owners)),
         Database::Sqlite(pool) => Arc::new(sqlite::SqliteStore::new(pool)),
     }
 }

@@ -52,6 +52,9 @@ macro_rules! decision_sql {
 }
 
 mod matching;
+mod owners;
+
+pub(crate) use owners::OwnerCache;
 
 /// How often one run of records is tried before the request fails with `Unavailable`.
 const MAX_ATTEMPTS: u32 = 12;
@@ -183,6 +186,8 @@ pub(super) async fn load_splits(
 /// The identity graph in a Postgres schema.
 pub(crate) struct PgStore {
     pool: PgPool,
+    /// The Redis cache of identifier owners, when configured (see [`owners`]).
+    owners: Option<OwnerCache>,
 }
 
 /// Why one attempt at a run did not commit.
@@ -221,8 +226,8 @@ impl From<IdentityError> for Failure {
 }
 
 impl PgStore {
-    pub(crate) fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub(crate) fn new(pool: PgPool, owners: Option<OwnerCache>) -> Self {
+        Self { pool, owners }
     }
 
     /// One attempt at resolving `records` in one transaction. On failure the transaction is
@@ -249,7 +254,7 @@ impl PgStore {
         let taken: Vec<&Record> = taken_positions(records.len(), &deferred)
             .map(|n| records[n])
             .collect();
-        match decide_and_write(&mut tx, rules, &taken).await {
+        match decide_and_write(&mut tx, rules, &taken, self.owners.as_ref()).await {
             Ok((done, plan)) => {
                 tx.commit().await?;
                 record_metrics(&plan);
@@ -271,6 +276,7 @@ async fn decide_and_write(
     tx: &mut PgConnection,
     rules: &VersionedRules,
     records: &[&Record],
+    owners: Option<&OwnerCache>,
 ) -> Result<(HashMap<String, Stored>, Plan), Failure> {
     // Another replica may have resolved some of these events since the caller looked.
     let event_ids: Vec<&str> = records.iter().map(|r| r.event_id()).collect();
@@ -285,15 +291,54 @@ async fn decide_and_write(
     // Suppressed records and erased identifiers read nothing and lock nothing.
     let lookups = lookup_identifiers(&view, &pending);
 
+    // Owners in the cache are not read again; those read here may fill it.
+    let epoch = match owners {
+        Some(_) => Some(OwnerCache::epoch(&mut *tx).await?),
+        None => None,
+    };
+    let cached = match (owners, epoch) {
+        (Some(cache), Some(epoch)) => cache.get(epoch, &lookups).await,
+        _ => Vec::new(),
+    };
     let (types, values): (Vec<&str>, Vec<&str>) = lookups
         .iter()
-        .map(|i| (i.kind.as_str(), i.value.as_str()))
+        .enumerate()
+        .filter(|(n, _)| cached.get(*n).is_none_or(Option::is_none))
+        .map(|(_, i)| (i.kind.as_str(), i.value.as_str()))
         .unzip();
-    let rows: Vec<(String, String, Uuid, OffsetDateTime)> = sqlx::query_as(VIEW_SQL)
-        .bind(types)
-        .bind(values)
-        .fetch_all(&mut *tx)
-        .await?;
+    let read: Vec<(String, String, Uuid, OffsetDateTime)> = if types.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query_as(VIEW_SQL)
+            .bind(types)
+            .bind(values)
+            .fetch_all(&mut *tx)
+            .await?
+    };
+    let fillable: Vec<(Identifier, ProfileAge)> = match owners {
+        Some(_) => read
+            .iter()
+            .map(|(kind, value, id, created_at)| {
+                let identifier = Identifier::new(kind.clone(), value.clone());
+                (
+                    identifier,
+                    ProfileAge {
+                        created_at: *created_at,
+                        id: *id,
+                    },
+                )
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let rows: Vec<(String, String, Uuid, OffsetDateTime)> = lookups
+        .iter()
+        .zip(&cached)
+        .filter_map(|(i, hit)| {
+            hit.map(|age| (i.kind.clone(), i.value.clone(), age.id, age.created_at))
+        })
+        .chain(read)
+        .collect();
     let profiles = {
         let owners: HashMap<(&str, &str), Uuid> = rows
             .iter()
@@ -350,12 +395,17 @@ async fn decide_and_write(
         let mut seen_profiles: Vec<Uuid> = seen.iter().map(|s| s.2).collect();
         seen_profiles.sort_unstable();
         seen_profiles.dedup();
-        let canonical: HashMap<Uuid, Uuid> = sqlx::query_as(CANONICAL_SQL)
-            .bind(&seen_profiles)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
+        // Most runs see no identifier on another profile: no round trip then.
+        let canonical: HashMap<Uuid, Uuid> = if seen_profiles.is_empty() {
+            HashMap::new()
+        } else {
+            sqlx::query_as(CANONICAL_SQL)
+                .bind(&seen_profiles)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect()
+        };
         for (kind, value, profile) in seen {
             let profile = canonical.get(&profile).copied().unwrap_or(profile);
             view.insert_sighting(Identifier { kind, value }, profile);
@@ -371,9 +421,48 @@ async fn decide_and_write(
         Uuid::now_v7,
     );
     write(&mut *tx, &plan, rules.version, now).await?;
+    if let (Some(cache), Some(epoch)) = (owners, epoch) {
+        let merged: Vec<Uuid> = plan.merges.iter().map(|m| m.merged_profile_id).collect();
+        cache.evict_merged(&mut *tx, &merged).await?;
+        fill_owners(&mut *tx, cache, epoch, &fillable).await?;
+    }
     let mut plan = plan;
     reorder_late(&mut *tx, rules, &mut plan, now).await?;
     Ok((done, plan))
+}
+
+/// Fills the owner cache with `read` (owners a run read in Postgres under its identifiers'
+/// advisory locks), after the run wrote its plan: only the owners still canonical, checked
+/// under a `FOR SHARE` lock on their rows held until the commit (the run's own merges show
+/// here). A row another transaction holds for update is skipped, not waited for: that
+/// transaction may be merging it.
+async fn fill_owners(
+    tx: &mut PgConnection,
+    cache: &OwnerCache,
+    epoch: owners::Epoch,
+    read: &[(Identifier, ProfileAge)],
+) -> Result<(), sqlx::Error> {
+    if read.is_empty() {
+        return Ok(());
+    }
+    let mut ids: Vec<Uuid> = read.iter().map(|(_, age)| age.id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let live: HashSet<Uuid> = sqlx::query_scalar(
+        "SELECT profile_id FROM profiles \
+         WHERE profile_id = ANY($1) AND merged_into IS NULL FOR SHARE SKIP LOCKED",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    let entries: Vec<(&Identifier, ProfileAge)> = read
+        .iter()
+        .filter(|(_, age)| live.contains(&age.id))
+        .map(|(identifier, age)| (identifier, *age))
+        .collect();
+    cache.fill(tx, epoch, &entries).await
 }
 
 /// Re-resolves in event-time order the components a late record of `plan` touched, within the
@@ -678,6 +767,8 @@ async fn closure_roots(
 /// Clears what the components of the profiles `ids` derived (membership, merges, identifiers,
 /// sightings) before a replay of them is written.
 async fn clear_derived(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
+    // The replay moves identifiers between profiles: every cached owner is retired.
+    owners::advance(&mut *conn).await?;
     sqlx::query(
         "UPDATE profiles SET merged_into = NULL, merged_at = NULL WHERE profile_id = ANY($1)",
     )
@@ -1482,6 +1573,8 @@ async fn forget_component(
             .execute(&mut *tx)
             .await?;
     }
+    // The component's identifiers are gone: every cached owner is retired.
+    owners::advance(&mut *tx).await?;
     // Other people's events that carried one of the identifiers without linking it stop
     // naming it, so no replay of their components links it again.
     scrub_dropped(&mut *tx, &erased).await?;

@@ -61,16 +61,30 @@ fn random_rounds(rng: &mut StdRng) -> Vec<Vec<Record>> {
     rounds
 }
 
-async fn run(seed: u64) {
+/// A replica on `db`; with `owners`, its owner cache on the test Redis under that prefix
+/// (every replica of a test is given the same).
+async fn replica(db: Database, settings: IdentitySettings, owners: Option<&str>) -> Identity {
+    match owners {
+        Some(prefix) => {
+            Identity::with_owner_cache(db, settings, &tessera_testkit::redis_url(), prefix).await
+        }
+        None => Identity::new(db, settings).await,
+    }
+    .expect("identity")
+}
+
+/// `Some` prefix for the owner cache when `cached`.
+fn owner_prefix(cached: bool) -> Option<String> {
+    cached.then(tessera_testkit::redis_prefix)
+}
+
+async fn run(seed: u64, cached: bool) {
     let test = TestDb::new().await;
     let db = connect(test.url()).await;
+    let owners = owner_prefix(cached);
     let replicas = [
-        Identity::new(db.clone(), linking_only())
-            .await
-            .expect("identity"),
-        Identity::new(connect(test.url()).await, linking_only())
-            .await
-            .expect("identity"),
+        replica(db.clone(), linking_only(), owners.as_deref()).await,
+        replica(connect(test.url()).await, linking_only(), owners.as_deref()).await,
     ];
     let mut rng = StdRng::seed_from_u64(seed);
     let rounds = random_rounds(&mut rng);
@@ -118,10 +132,32 @@ async fn run(seed: u64) {
     let partition: BTreeSet<BTreeSet<Identifier>> = groups.into_values().collect();
     assert_eq!(partition, reference.partition(), "seed {seed}");
 
+    // A new event per identifier (owners mostly read from the cache when it is on) answers
+    // the identifier's profile.
+    let identifiers: BTreeSet<&Identifier> = records.iter().flat_map(|r| r.identifiers()).collect();
+    for (n, identifier) in identifiers.into_iter().enumerate() {
+        let ids = [(identifier.kind.as_str(), identifier.value.as_str())];
+        let answer = resolve(&replicas[n % 2], &format!("again-{n}"), &ids).await;
+        assert_eq!(
+            answer.profile_id,
+            lookup(&replicas[0], &identifier.kind, &identifier.value).await,
+            "seed {seed}, {identifier:?}"
+        );
+    }
+
     // Replaying everything answers each event with its identifiers' profile, creates nothing,
     // and gives every blocked-only event a profile of its own.
     let before = counts(&db).await;
-    assert_eq!(before[3], records.len() as i64, "one resolution per event");
+    let again = records
+        .iter()
+        .flat_map(|r| r.identifiers())
+        .collect::<BTreeSet<_>>()
+        .len();
+    assert_eq!(
+        before[3],
+        (records.len() + again) as i64,
+        "one resolution per event"
+    );
     let mut junk_profiles = BTreeSet::new();
     for chunk in records.chunks(500) {
         let answers = replicas[1].resolve(chunk.to_vec()).await.expect("replay");
@@ -147,8 +183,14 @@ async fn run(seed: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_agree_with_a_union_find() {
     for seed in [7, 2026] {
-        run(seed).await;
+        run(seed, false).await;
     }
+}
+
+/// The same with the owner cache on both replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_with_the_owner_cache_agree_with_a_union_find() {
+    run(11, true).await;
 }
 
 /// Another writer merges a profile while a resolution waits for that profile's lock: the
@@ -261,13 +303,22 @@ fn linking_only() -> IdentitySettings {
 /// exactly as a replay of the component's history gives them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unmerge_racing_resolutions_leaves_a_consistent_graph() {
+    unmerge_racing_resolutions(false).await;
+}
+
+/// The same with the owner cache on both replicas: no resolution after the unmerge takes an
+/// owner it retired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmerge_racing_cached_resolutions_leaves_a_consistent_graph() {
+    unmerge_racing_resolutions(true).await;
+}
+
+async fn unmerge_racing_resolutions(cached: bool) {
     let test = TestDb::new().await;
-    let one = Identity::new(connect(test.url()).await, IdentitySettings::default())
-        .await
-        .expect("identity");
-    let two = Identity::new(connect(test.url()).await, IdentitySettings::default())
-        .await
-        .expect("identity");
+    let owners = owner_prefix(cached);
+    let settings = IdentitySettings::default;
+    let one = replica(connect(test.url()).await, settings(), owners.as_deref()).await;
+    let two = replica(connect(test.url()).await, settings(), owners.as_deref()).await;
     let laptop = resolve(&one, "e1", &[("anonymous_id", "laptop")])
         .await
         .profile_id;

@@ -2,11 +2,11 @@
 
 use tessera_core::Identifier;
 use tessera_identity::domain::Record;
-use tessera_identity::{Identity, IdentityError, IdentitySettings};
+use tessera_identity::{IdentityError, IdentitySettings};
 
 use crate::support::{Backend, lookup, record, resolve};
 
-on_both_backends!(
+on_every_backend!(
     unknown_identifiers_get_a_new_profile,
     anonymous_then_identify_is_one_profile,
     a_transitive_chain_merges_into_the_oldest,
@@ -318,15 +318,13 @@ async fn validation_and_not_found(b: &Backend) {
     };
     assert_eq!(violations[0].field, "identifier.type");
 
-    let small = Identity::new(
-        b.db.clone(),
-        IdentitySettings {
+    let small = b
+        .replica(IdentitySettings {
             max_batch: 2,
             ..IdentitySettings::default()
-        },
-    )
-    .await
-    .expect("identity");
+        })
+        .await
+        .expect("identity");
     let records: Vec<Record> = (0..3)
         .map(|n| record(&format!("e{n}"), &[("user_id", "u")]))
         .collect();

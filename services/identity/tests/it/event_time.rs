@@ -17,7 +17,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::support::{Backend, lookup};
 
-on_both_backends!(
+on_every_backend!(
     a_late_earlier_claim_on_a_shared_device_takes_it_back,
     a_closure_over_the_reorder_bound_keeps_the_arrival_order_outcome,
     records_in_event_time_order_rewrite_nothing,

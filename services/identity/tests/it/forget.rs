@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::support::{Backend, lookup, resolve};
 
-on_both_backends!(
+on_every_backend!(
     forgetting_a_merged_person_leaves_no_row_about_them,
     events_of_a_forgotten_person_are_suppressed_or_resolve_without_them,
     a_forget_waits_for_a_split_to_reach_the_profile_service,

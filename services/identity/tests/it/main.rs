@@ -2,9 +2,10 @@
 //! probabilistic matching on both backends, concurrent replicas on one Postgres, and the gRPC
 //! face.
 
-/// Generates one test per backend (`sqlite::name`, `postgres::name`) for each listed async
+/// Generates one test per backend (`sqlite::name`, `postgres::name`, and
+/// `postgres_owner_cache::name`: Postgres with the owner cache in Redis) for each listed async
 /// function, which takes the fresh [`support::Backend`].
-macro_rules! on_both_backends {
+macro_rules! on_every_backend {
     ($($test:ident),* $(,)?) => {
         mod sqlite {
             $(
@@ -19,6 +20,14 @@ macro_rules! on_both_backends {
                 #[tokio::test(flavor = "multi_thread")]
                 async fn $test() {
                     super::$test(&crate::support::Backend::postgres().await).await;
+                }
+            )*
+        }
+        mod postgres_owner_cache {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $test() {
+                    super::$test(&crate::support::Backend::postgres_cached().await).await;
                 }
             )*
         }

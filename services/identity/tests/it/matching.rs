@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::support::{Backend, resolve};
 
-on_both_backends!(
+on_every_backend!(
     duplicates_merge_after_training_and_distinct_people_do_not,
     the_rules_veto_probabilistic_merges,
     suggestions_are_listed_and_decided,
@@ -154,18 +154,16 @@ async fn the_rules_veto_probabilistic_merges(b: &Backend) {
 
 async fn suggestions_are_listed_and_decided(b: &Backend) {
     // Suggest-only: nothing merges by itself, everything at or above 0.5 is a suggestion.
-    let identity = Identity::new(
-        b.db.clone(),
-        IdentitySettings {
+    let identity = b
+        .replica(IdentitySettings {
             matching: MatchSettings {
                 auto_merge_probability: 1.0,
                 ..MatchSettings::default()
             },
             ..IdentitySettings::default()
-        },
-    )
-    .await
-    .expect("identity");
+        })
+        .await
+        .expect("identity");
     let pairs = population(&identity).await;
     identity.train_match_model().await.expect("train");
     let batch = identity.run_batch_match().await.expect("batch");
@@ -278,15 +276,13 @@ async fn bad_matching_settings_are_refused_naming_the_key() {
             "matching.auto_merge_probability",
         ),
     ] {
-        let err = Identity::new(
-            b.db.clone(),
-            IdentitySettings {
+        let err = b
+            .replica(IdentitySettings {
                 matching: settings,
                 ..IdentitySettings::default()
-            },
-        )
-        .await
-        .expect_err("refused");
+            })
+            .await
+            .expect_err("refused");
         assert!(err.to_string().contains(field), "{err}");
     }
 }
@@ -350,15 +346,13 @@ async fn models_are_described_and_an_earlier_one_restored(b: &Backend) {
     // A replica whose matching config changed cannot restore a model that no longer fits.
     let mut settings = MatchSettings::default();
     settings.model.comparisons[0].levels.pop();
-    let changed = Identity::new(
-        b.db.clone(),
-        IdentitySettings {
+    let changed = b
+        .replica(IdentitySettings {
             matching: settings,
             ..IdentitySettings::default()
-        },
-    )
-    .await
-    .expect("identity");
+        })
+        .await
+        .expect("identity");
     assert!(matches!(
         changed.restore_match_model(1).await,
         Err(IdentityError::FailedPrecondition(m)) if m.contains("train a new one")

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::support::{Backend, lookup, resolve};
 
-on_both_backends!(
+on_every_backend!(
     a_detached_identifier_keeps_its_own_events_and_links_alone,
     erasing_a_bridging_identifier_splits_the_profile_and_forgets_it,
     erasing_an_identifier_no_profile_holds_still_suppresses_it,

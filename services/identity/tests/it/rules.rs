@@ -12,9 +12,7 @@ use crate::support::{Backend, lookup, resolve};
 
 /// Another replica (or a restart) on the backend's database, with `settings`.
 async fn replica(b: &Backend, settings: IdentitySettings) -> Identity {
-    Identity::new(b.db.clone(), settings)
-        .await
-        .expect("identity")
+    b.replica(settings).await.expect("identity")
 }
 
 /// The default settings with the custom identifier type `crm_id` declared.
@@ -28,7 +26,7 @@ fn with_crm_id() -> IdentitySettings {
     }
 }
 
-on_both_backends!(
+on_every_backend!(
     emails_and_phones_normalize_to_one_identifier,
     a_shared_device_without_logout_keeps_two_users_apart,
     a_generic_email_does_not_create_a_blob,
@@ -285,15 +283,13 @@ async fn rules_are_versioned(b: &Backend) {
     // Bad rules are refused, naming the key.
     let mut bad = RulesConfig::default();
     bad.phone.default_region = "Atlantis".into();
-    let err = Identity::new(
-        b.db.clone(),
-        IdentitySettings {
+    let err = b
+        .replica(IdentitySettings {
             rules: bad,
             ..IdentitySettings::default()
-        },
-    )
-    .await
-    .expect_err("bad rules");
+        })
+        .await
+        .expect_err("bad rules");
     assert!(
         err.to_string().contains("rules.phone.default_region")
             || format!("{err:?}").contains("rules.phone.default_region"),

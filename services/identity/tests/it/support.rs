@@ -10,11 +10,55 @@ use tessera_testkit::{TestDb, TestSqlite};
 pub(crate) struct Backend {
     pub(crate) identity: Identity,
     pub(crate) db: Database,
+    /// The key prefix of the owner cache on the test Redis, when the backend has one.
+    owners: Option<String>,
     _postgres: Option<TestDb>,
     _sqlite: Option<TestSqlite>,
 }
 
 impl Backend {
+    /// Postgres with the owner cache on the test Redis (under a prefix of its own).
+    pub(crate) async fn postgres_cached() -> Self {
+        let test = TestDb::new().await;
+        let db = connect(test.url()).await;
+        let owners = tessera_testkit::redis_prefix();
+        let identity = Identity::with_owner_cache(
+            db.clone(),
+            IdentitySettings::default(),
+            &tessera_testkit::redis_url(),
+            &owners,
+        )
+        .await
+        .expect("identity");
+        Self {
+            identity,
+            db,
+            owners: Some(owners),
+            _postgres: Some(test),
+            _sqlite: None,
+        }
+    }
+
+    /// Another replica (or a restart) on the backend's database with `settings`, with the
+    /// backend's owner cache if it has one (every replica must share it).
+    pub(crate) async fn replica(
+        &self,
+        settings: IdentitySettings,
+    ) -> Result<Identity, tessera_identity::IdentityError> {
+        match &self.owners {
+            Some(prefix) => {
+                Identity::with_owner_cache(
+                    self.db.clone(),
+                    settings,
+                    &tessera_testkit::redis_url(),
+                    prefix,
+                )
+                .await
+            }
+            None => Identity::new(self.db.clone(), settings).await,
+        }
+    }
+
     pub(crate) async fn sqlite() -> Self {
         let dir = TestSqlite::new();
         let db = connect(&dir.url("identity.db")).await;
@@ -23,6 +67,7 @@ impl Backend {
                 .await
                 .expect("identity"),
             db,
+            owners: None,
             _postgres: None,
             _sqlite: Some(dir),
         }
@@ -36,6 +81,7 @@ impl Backend {
                 .await
                 .expect("identity"),
             db,
+            owners: None,
             _postgres: Some(test),
             _sqlite: None,
         }

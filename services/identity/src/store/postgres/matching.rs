@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use sqlx::postgres::PgConnection;
 
-use super::{CANONICAL_SQL, Failure, LIMITED_SQL, PgStore, write};
+use super::{CANONICAL_SQL, Failure, LIMITED_SQL, OwnerCache, PgStore, write};
 use crate::IdentityError;
 use crate::domain::{GraphView, Merge, Plan, ProfileAge, plan_merges};
 use crate::matching::{BatchJob, BatchJobState, BatchProgress, JOB_LEASE_EXPIRED};
@@ -53,6 +53,7 @@ macro_rules! suggestion_sql {
 /// with array statements.
 async fn merge_all(
     tx: &mut PgConnection,
+    owners: Option<&OwnerCache>,
     rules: &VersionedRules,
     pairs: &[((Uuid, Uuid), Option<String>)],
     cause: &str,
@@ -122,6 +123,10 @@ async fn merge_all(
     let now = now();
     let (plan, planned) = plan_merges(&rules.rules, view, known, cause, rule, now);
     write(&mut *tx, &plan, rules.version, now).await?;
+    if let Some(cache) = owners {
+        let merged: Vec<Uuid> = plan.merges.iter().map(|m| m.merged_profile_id).collect();
+        cache.evict_merged(&mut *tx, &merged).await?;
+    }
     if !plan.merges.is_empty() {
         let n = plan.merges.len();
         let (mut surviving, mut merged, mut causes, mut rules, mut times) = (
@@ -457,7 +462,7 @@ impl MatchStore for PgStore {
     ) -> Result<Vec<Result<Merge, String>>, IdentityError> {
         for attempt in 0..MAX_ATTEMPTS {
             let mut tx = self.pool.begin().await?;
-            match merge_all(&mut tx, rules, pairs, cause, rule).await {
+            match merge_all(&mut tx, self.owners.as_ref(), rules, pairs, cause, rule).await {
                 Ok((results, plan)) => {
                     tx.commit().await?;
                     crate::store::record_metrics(&plan);
