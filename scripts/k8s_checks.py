@@ -48,7 +48,7 @@ CALLS = {
 EXTERNAL = {("ingestion", GRPC_PORT), ("ingestion", HTTP_PORT), ("profile", GRPC_PORT),
             ("profile", HTTP_PORT)}
 POSTGRES_USERS = {"ingestion", "identity", "profile", "scoring", "migrate"}
-REDIS_USERS = {"profile"}
+REDIS_USERS = {"identity", "profile"}
 # Webhook destinations: HTTPS outside the cluster.
 INTERNET_HTTPS_USERS = {"profile"}
 # Secrets the pods read; in production they are created outside the repository (k8s/README.md).

@@ -40,6 +40,24 @@ use crate::domain::{
     RulesConfig, UnionFind, plan, replay, suppresses_events,
 };
 
+/// A new test database with the identity schema, as a `Database` and as its pool.
+#[cfg(test)]
+pub(crate) async fn migrated() -> (tessera_testkit::TestDb, tessera_store::Database, PgPool) {
+    let test = tessera_testkit::TestDb::new().await;
+    let db = tessera_store::Database::connect(
+        test.url(),
+        crate::SCHEMA,
+        &tessera_store::DbSettings::default(),
+    )
+    .await
+    .expect("connect");
+    db.migrate(crate::MIGRATIONS).await.expect("migrate");
+    let tessera_store::Database::Postgres(pool) = db.clone() else {
+        panic!("a Postgres url");
+    };
+    (test, db, pool)
+}
+
 /// Selects graph log entries: the columns of [`DecisionRow`], then the rest of the statement.
 macro_rules! decision_sql {
     ($($rest:literal)?) => {
@@ -47,6 +65,25 @@ macro_rules! decision_sql {
             "SELECT seq, kind, event_id, profile_id, other_profile_id, id_type, id_value, rule, \
              rules_version, event_time, decided_at FROM graph_log"
             $(, " ", $rest)?
+        )
+    };
+}
+
+/// A statement over `tree (profile_id)`: the profiles `$1` and every profile merged into one of
+/// them, transitively (the `LATERAL … OFFSET 0` keeps the planner from hashing `profiles`,
+/// see [`CANONICAL_SQL`]), then the rest of the statement.
+macro_rules! tree_sql {
+    ($rest:literal) => {
+        concat!(
+            "WITH RECURSIVE tree (profile_id) AS (
+    SELECT p FROM unnest($1::uuid[]) AS p
+  UNION
+    SELECT q.profile_id FROM tree t
+    CROSS JOIN LATERAL (
+        SELECT r.profile_id FROM profiles r WHERE r.merged_into = t.profile_id OFFSET 0) q
+)
+",
+            $rest
         )
     };
 }
@@ -140,17 +177,11 @@ CROSS JOIN LATERAL (
 
 /// The pairs an unmerge split apart that touch the components of the canonical profiles `$1`
 /// (nothing is expanded while `splits` is empty).
-const SPLITS_SQL: &str = "
-WITH RECURSIVE tree (profile_id) AS (
-    SELECT p FROM unnest($1::uuid[]) AS p
-  UNION
-    SELECT q.profile_id FROM tree t
-    CROSS JOIN LATERAL (
-        SELECT r.profile_id FROM profiles r WHERE r.merged_into = t.profile_id OFFSET 0) q
-)
-SELECT s.profile_a, s.profile_b FROM splits s
+const SPLITS_SQL: &str = tree_sql!(
+    "SELECT s.profile_a, s.profile_b FROM splits s
 WHERE EXISTS (SELECT 1 FROM splits)
-  AND (s.profile_a IN (SELECT profile_id FROM tree) OR s.profile_b IN (SELECT profile_id FROM tree))";
+  AND (s.profile_a IN (SELECT profile_id FROM tree) OR s.profile_b IN (SELECT profile_id FROM tree))"
+);
 
 /// Forbids in `view` every pair an unmerge split apart that touches the components of the
 /// canonical profiles `roots`, as the canonical profiles of its two sides.
@@ -2197,23 +2228,6 @@ mod tests {
             let d = backoff(attempts);
             assert!(d >= Duration::from_millis(1) && d <= Duration::from_millis(640));
         }
-    }
-
-    /// A new test database with the identity schema, as a `Database` and as its pool.
-    async fn migrated() -> (tessera_testkit::TestDb, tessera_store::Database, PgPool) {
-        let test = tessera_testkit::TestDb::new().await;
-        let db = tessera_store::Database::connect(
-            test.url(),
-            crate::SCHEMA,
-            &tessera_store::DbSettings::default(),
-        )
-        .await
-        .expect("connect");
-        db.migrate(crate::MIGRATIONS).await.expect("migrate");
-        let tessera_store::Database::Postgres(pool) = db.clone() else {
-            panic!("a Postgres url");
-        };
-        (test, db, pool)
     }
 
     /// The identity service on a new test database, with a pool of its own on it.

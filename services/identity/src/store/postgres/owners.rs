@@ -38,17 +38,11 @@ use crate::domain::ProfileAge;
 
 /// Every identifier of the trees of the profiles `$1` (each profile and those merged into it,
 /// transitively), whatever its type.
-const TREE_IDENTIFIERS_SQL: &str = "
-WITH RECURSIVE tree (profile_id) AS (
-    SELECT p FROM unnest($1::uuid[]) AS p
-  UNION
-    SELECT q.profile_id FROM tree t
-    CROSS JOIN LATERAL (
-        SELECT r.profile_id FROM profiles r WHERE r.merged_into = t.profile_id OFFSET 0) q
-)
-SELECT i.type, i.value FROM tree t
+const TREE_IDENTIFIERS_SQL: &str = tree_sql!(
+    "SELECT i.type, i.value FROM tree t
 CROSS JOIN LATERAL (
-    SELECT j.type, j.value FROM identifiers j WHERE j.profile_id = t.profile_id OFFSET 0) i";
+    SELECT j.type, j.value FROM identifiers j WHERE j.profile_id = t.profile_id OFFSET 0) i"
+);
 
 /// The length of an entry: the profile id (16 bytes) and its creation time in nanoseconds
 /// since the epoch (16 bytes, big-endian).
@@ -278,18 +272,7 @@ mod tests {
     async fn cached_identity(
         redis_url: &str,
     ) -> (tessera_testkit::TestDb, PgPool, Identity, OwnerCache) {
-        let test = tessera_testkit::TestDb::new().await;
-        let db = tessera_store::Database::connect(
-            test.url(),
-            crate::SCHEMA,
-            &tessera_store::DbSettings::default(),
-        )
-        .await
-        .expect("connect");
-        db.migrate(crate::MIGRATIONS).await.expect("migrate");
-        let tessera_store::Database::Postgres(pool) = db.clone() else {
-            panic!("a Postgres url");
-        };
+        let (test, db, pool) = super::super::migrated().await;
         let prefix = tessera_testkit::redis_prefix();
         let identity =
             Identity::with_owner_cache(db, IdentitySettings::default(), redis_url, &prefix)
