@@ -135,11 +135,11 @@ impl OwnerCache {
                 found
             }
             Ok(_) => {
-                failed("read", "MGET answered the wrong number of values");
+                failed("read", "MGET answered the wrong number of values", false);
                 vec![None; identifiers.len()]
             }
             Err(e) => {
-                failed("read", &e.to_string());
+                failed("read", &e.to_string(), false);
                 vec![None; identifiers.len()]
             }
         }
@@ -161,7 +161,7 @@ impl OwnerCache {
             Ok(redis) => redis,
             // Nothing was sent.
             Err(e) => {
-                failed("fill", &e.to_string());
+                failed("fill", &e.to_string(), false);
                 return Ok(());
             }
         };
@@ -175,7 +175,7 @@ impl OwnerCache {
                 .ignore();
         }
         if let Err(e) = self.send(redis, &pipe).await {
-            failed("fill", &e.to_string());
+            failed("fill", &e.to_string(), true);
             advance(conn).await?;
         }
         Ok(())
@@ -221,7 +221,7 @@ impl OwnerCache {
                     .increment(keys.len() as u64);
             }
             Err(e) => {
-                failed("evict", &e.to_string());
+                failed("evict", &e.to_string(), true);
                 advance(conn).await?;
             }
         }
@@ -237,10 +237,16 @@ impl OwnerCache {
     }
 }
 
-/// Counts a failed cache operation; the caller carries on without the cache.
-fn failed(op: &'static str, error: &str) {
+/// Counts a failed cache operation; the caller carries on without the cache. One that retired
+/// every entry (a fill or eviction that failed after it may have been sent, or an eviction
+/// not sent) is logged as a warning; the others (every run while Redis is down) at debug.
+fn failed(op: &'static str, error: &str, retired: bool) {
     metrics::counter!("tessera_identity_owner_cache_errors_total", "op" => op).increment(1);
-    tracing::debug!(op, error, "owner cache unavailable");
+    if retired {
+        tracing::warn!(op, error, "owner cache failed: every entry is retired");
+    } else {
+        tracing::debug!(op, error, "owner cache unavailable");
+    }
 }
 
 fn encode(age: ProfileAge) -> [u8; ENTRY_LEN] {
