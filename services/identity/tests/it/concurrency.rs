@@ -64,13 +64,9 @@ fn random_rounds(rng: &mut StdRng) -> Vec<Vec<Record>> {
 /// A replica on `db`; with `owners`, its owner cache on the test Redis under that prefix
 /// (every replica of a test is given the same).
 async fn replica(db: Database, settings: IdentitySettings, owners: Option<&str>) -> Identity {
-    match owners {
-        Some(prefix) => {
-            Identity::with_owner_cache(db, settings, &tessera_testkit::redis_url(), prefix).await
-        }
-        None => Identity::new(db, settings).await,
-    }
-    .expect("identity")
+    crate::support::open(db, settings, owners)
+        .await
+        .expect("identity")
 }
 
 /// `Some` prefix for the owner cache when `cached`.

@@ -22,14 +22,9 @@ impl Backend {
         let test = TestDb::new().await;
         let db = connect(test.url()).await;
         let owners = tessera_testkit::redis_prefix();
-        let identity = Identity::with_owner_cache(
-            db.clone(),
-            IdentitySettings::default(),
-            &tessera_testkit::redis_url(),
-            &owners,
-        )
-        .await
-        .expect("identity");
+        let identity = open(db.clone(), IdentitySettings::default(), Some(&owners))
+            .await
+            .expect("identity");
         Self {
             identity,
             db,
@@ -45,18 +40,7 @@ impl Backend {
         &self,
         settings: IdentitySettings,
     ) -> Result<Identity, tessera_identity::IdentityError> {
-        match &self.owners {
-            Some(prefix) => {
-                Identity::with_owner_cache(
-                    self.db.clone(),
-                    settings,
-                    &tessera_testkit::redis_url(),
-                    prefix,
-                )
-                .await
-            }
-            None => Identity::new(self.db.clone(), settings).await,
-        }
+        open(self.db.clone(), settings, self.owners.as_deref()).await
     }
 
     pub(crate) async fn sqlite() -> Self {
@@ -90,6 +74,21 @@ impl Backend {
     /// The number of rows in profiles, identifiers, merges and resolutions.
     pub(crate) async fn counts(&self) -> [i64; 4] {
         counts(&self.db).await
+    }
+}
+
+/// The identity service on `db`; with `owners`, its owner cache on the test Redis under that
+/// key prefix (give every replica of a test the same).
+pub(crate) async fn open(
+    db: Database,
+    settings: IdentitySettings,
+    owners: Option<&str>,
+) -> Result<Identity, tessera_identity::IdentityError> {
+    match owners {
+        Some(prefix) => {
+            Identity::with_owner_cache(db, settings, &tessera_testkit::redis_url(), prefix).await
+        }
+        None => Identity::new(db, settings).await,
     }
 }
 
