@@ -560,28 +560,27 @@ impl Identity {
                 max,
             });
         }
+        // A later record of the batch repeating an event is answered as its first; an event
+        // resolved in an earlier batch is found by its run (which reads the stored resolutions
+        // under its locks) and not resolved again.
         let mut seen = HashSet::new();
-        let firsts: Vec<&Record> = records
-            .iter()
-            .filter(|r| seen.insert(r.event_id()))
-            .collect();
-        let event_ids: Vec<&str> = firsts.iter().map(|r| r.event_id()).collect();
-        let mut outcomes: HashMap<String, Outcome> = self
-            .store
-            .stored(&event_ids)
-            .await?
-            .into_iter()
-            .map(|(event, stored)| (event, Outcome::Stored(stored)))
-            .collect();
+        let firsts: std::borrow::Cow<'_, [Record]> =
+            if records.iter().all(|r| seen.insert(r.event_id())) {
+                std::borrow::Cow::Borrowed(&records)
+            } else {
+                let mut seen = HashSet::new();
+                std::borrow::Cow::Owned(
+                    records
+                        .iter()
+                        .filter(|r| seen.insert(r.event_id()))
+                        .cloned()
+                        .collect(),
+                )
+            };
         metrics::counter!("tessera_identity_records_total", "outcome" => "replayed")
-            .increment((records.len() - (firsts.len() - outcomes.len())) as u64);
-
-        let pending: Vec<Record> = firsts
-            .into_iter()
-            .filter(|r| !outcomes.contains_key(r.event_id()))
-            .cloned()
-            .collect();
-        for run in pending.chunks(RUN_LEN) {
+            .increment((records.len() - firsts.len()) as u64);
+        let mut outcomes: HashMap<String, Outcome> = HashMap::with_capacity(firsts.len());
+        for run in firsts.chunks(RUN_LEN) {
             let stored = self.store.resolve(rules, run).await?;
             if stored.len() != run.len() {
                 return Err(IdentityError::Corrupt(format!(
@@ -594,14 +593,7 @@ impl Identity {
                 outcomes.insert(record.event_id().to_owned(), stored);
             }
         }
-        let suppressed = pending
-            .iter()
-            .filter(|r| matches!(outcomes.get(r.event_id()), Some(Outcome::Suppressed)))
-            .count();
-        metrics::counter!("tessera_identity_records_total", "outcome" => "resolved")
-            .increment((pending.len() - suppressed) as u64);
-        metrics::counter!("tessera_identity_records_total", "outcome" => "suppressed")
-            .increment(suppressed as u64);
+        drop(firsts);
 
         // Later records of the batch, or other replicas, may have merged the profiles since.
         let mut profiles: Vec<Uuid> = outcomes

@@ -72,9 +72,6 @@ pub struct VersionedRules {
 /// The identity graph's storage.
 #[async_trait::async_trait]
 pub(crate) trait IdentityStore: Send + Sync {
-    /// The stored resolutions of those of `event_ids` that were resolved.
-    async fn stored(&self, event_ids: &[&str]) -> Result<HashMap<String, Stored>, IdentityError>;
-
     /// Resolves `records` (distinct event ids) in order under `rules` and stores their
     /// resolutions and the decisions in the graph log; a record whose event turns out to be
     /// resolved already gets its stored resolution, a suppressed record nothing. Returns one
@@ -1364,11 +1361,19 @@ fn decode_merges(event_id: &str, json: &str) -> Result<Vec<Merge>, IdentityError
 
 /// One entry per record: the stored resolution of an event resolved before, else the fresh
 /// resolution of the plan (whose resolutions are those of the other records, in order).
+/// Counts them by outcome (`tessera_identity_records_total`).
 fn outcomes(
     records: &[&Record],
     mut done: HashMap<String, Stored>,
     fresh: Vec<Resolution>,
 ) -> Vec<Outcome> {
+    let suppressed = fresh.iter().filter(|r| r.suppressed).count();
+    metrics::counter!("tessera_identity_records_total", "outcome" => "replayed")
+        .increment(done.len() as u64);
+    metrics::counter!("tessera_identity_records_total", "outcome" => "resolved")
+        .increment((fresh.len() - suppressed) as u64);
+    metrics::counter!("tessera_identity_records_total", "outcome" => "suppressed")
+        .increment(suppressed as u64);
     let mut fresh = fresh.into_iter();
     records
         .iter()

@@ -1,13 +1,14 @@
 //! The identity graph on Postgres, correct with several replicas writing at once.
 //!
-//! One transaction resolves a run of records: it takes an advisory lock per event id and per
-//! identifier (sorted, so two runs never wait on each other in a cycle; a first attempt takes
-//! only those free at once and leaves the records tied to a held one to a run that waits),
-//! reads the canonical profile of every identifier, locks `FOR UPDATE` in id order those of
-//! records that may link or merge (a record whose identifiers one profile all holds needs no
-//! row lock) and checks they are still canonical. The advisory locks stop anyone else from
-//! attaching the same identifiers or resolving the same events; the row locks stop anyone else
-//! from merging the profiles. When a profile was merged between the read and the lock, the run
+//! One transaction resolves a run of records: it takes an advisory lock per identifier
+//! (sorted, so two runs never wait on each other in a cycle; a first attempt takes only those
+//! free at once and leaves the records tied to a held one to a run that waits), reads the
+//! canonical profile of every identifier, locks `FOR UPDATE` in id order those of records that
+//! may link or merge (a record whose identifiers one profile all holds needs no row lock) and
+//! checks they are still canonical. The advisory locks stop anyone else from attaching the same
+//! identifiers, or resolving the same events (a redelivered event carries the same identifiers;
+//! one that carries none meets the first's resolution as a primary key violation, and is
+//! retried); the row locks stop anyone else from merging the profiles. When a profile was merged between the read and the lock, the run
 //! is rolled back and retried (a run that conflicts twice is halved, so a hot profile costs a
 //! small run, not a large one).
 
@@ -265,7 +266,7 @@ impl PgStore {
     /// rolled back before returning, so its locks do not outlive the attempt.
     ///
     /// With `wait` false, the run takes only the advisory locks it can have at once: the
-    /// records tied (through a shared identifier or event id) to one whose lock another
+    /// records tied (through a shared identifier) to one whose lock another
     /// transaction holds are left out and their positions in `records` returned, to be
     /// resolved by a run that waits. Two runs that share a few identifiers then overlap instead
     /// of the second waiting for the whole of the first.
@@ -885,11 +886,6 @@ async fn queue_split(
 
 #[async_trait::async_trait]
 impl IdentityStore for PgStore {
-    async fn stored(&self, event_ids: &[&str]) -> Result<HashMap<String, Stored>, IdentityError> {
-        let mut conn = self.pool.acquire().await?;
-        stored(&mut conn, event_ids).await
-    }
-
     async fn resolve(
         &self,
         rules: &VersionedRules,
@@ -1873,10 +1869,14 @@ fn taken_positions(len: usize, deferred: &[usize]) -> impl Iterator<Item = usize
     })
 }
 
-/// The advisory lock keys of a record: its event id's, then its identifiers'.
+/// The advisory lock keys of a record: its identifiers'. Its event id takes none: two runs
+/// given one event (a redelivery) carry the same identifiers, so their locks already queue
+/// them and the second reads the first's resolution; should they carry none (every value
+/// blocked), or different ones (rules changed between the two), the second's insert of the
+/// event's resolution violates its primary key, and the run is retried (`Failure::Retry`) and
+/// reads it then. An event lock per record was more than half of a run's locks.
 fn record_keys(record: &Record) -> impl Iterator<Item = i64> + '_ {
-    std::iter::once(lock_key(&[b"event", record.event_id().as_bytes()]))
-        .chain(record.identifiers().iter().map(identifier_key))
+    record.identifiers().iter().map(identifier_key)
 }
 
 /// Takes the advisory locks of `records` that no other transaction holds, in key order,
@@ -1906,7 +1906,7 @@ async fn try_lock_keys(
 }
 
 /// The positions of the records tied to a key of `held`: carrying one, or sharing a key with
-/// a record that is tied.
+/// a record that is tied. A record without keys is tied to nothing.
 fn tied_to(records: &[&Record], held: &[i64]) -> Vec<usize> {
     let mut sets = UnionFind::new();
     for record in records {
@@ -1916,15 +1916,16 @@ fn tied_to(records: &[&Record], held: &[i64]) -> Vec<usize> {
         .iter()
         .enumerate()
         .filter(|(_, record)| {
-            let key = lock_key(&[b"event", record.event_id().as_bytes()]);
-            held.iter().any(|h| sets.same_set(&key, h))
+            record_keys(record)
+                .next()
+                .is_some_and(|key| held.iter().any(|h| sets.same_set(&key, h)))
         })
         .map(|(n, _)| n)
         .collect()
 }
 
-/// Takes the transaction's advisory locks on every event id and identifier of `records`, in
-/// sorted order, waiting for those another transaction holds.
+/// Takes the transaction's advisory locks on every identifier of `records`, in sorted order,
+/// waiting for those another transaction holds.
 async fn lock_keys(conn: &mut PgConnection, records: &[&Record]) -> Result<(), sqlx::Error> {
     let mut keys: Vec<i64> = records.iter().flat_map(|r| record_keys(r)).collect();
     keys.sort_unstable();
@@ -2194,7 +2195,7 @@ mod tests {
     }
 
     /// A held key holds back its records and every record tied to them by a shared key,
-    /// transitively, and nothing else; a held event id counts like an identifier.
+    /// transitively, and nothing else; a record without identifiers is never held back.
     #[test]
     fn held_keys_hold_back_the_records_tied_to_them() {
         let rules = crate::domain::Rules::default();
@@ -2205,8 +2206,13 @@ mod tests {
             record("e3", &[("user_id", "u1"), ("email", "x@example.com")]),
             record("e4", &[("email", "x@example.com")]),
             record("e5", &[("anonymous_id", "d1")]),
+            record("e6", &[("anonymous_id", "undefined")]),
         ];
         let records: Vec<&Record> = records.iter().collect();
+        assert!(
+            records[5].identifiers().is_empty(),
+            "a blocked value is no identifier"
+        );
         let b1 = identifier_key(&Identifier::new("anonymous_id", "b1"));
         assert_eq!(tied_to(&records, &[b1]), [1, 2, 3]);
         assert!(
@@ -2216,10 +2222,12 @@ mod tests {
             )
             .is_empty()
         );
-        let e5 = lock_key(&[b"event", b"e5"]);
-        assert_eq!(tied_to(&records, &[e5, b1]), [1, 2, 3, 4]);
+        let d1 = identifier_key(&Identifier::new("anonymous_id", "d1"));
+        assert_eq!(tied_to(&records, &[d1, b1]), [1, 2, 3, 4]);
+        // An event id is no key: holding one's hash holds nothing back.
+        assert!(tied_to(&records, &[lock_key(&[b"event", b"e5"])]).is_empty());
         let taken: Vec<usize> = taken_positions(records.len(), &[1, 2, 3]).collect();
-        assert_eq!(taken, [0, 4]);
+        assert_eq!(taken, [0, 4, 5]);
     }
 
     #[test]

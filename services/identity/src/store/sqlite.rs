@@ -342,17 +342,6 @@ impl SqliteStore {
 
 #[async_trait::async_trait]
 impl IdentityStore for SqliteStore {
-    async fn stored(&self, event_ids: &[&str]) -> Result<HashMap<String, Stored>, IdentityError> {
-        let mut conn = self.pool.acquire().await?;
-        let mut out = HashMap::new();
-        for event_id in event_ids {
-            if let Some(stored) = stored(&mut conn, event_id).await? {
-                out.insert((*event_id).to_owned(), stored);
-            }
-        }
-        Ok(out)
-    }
-
     async fn resolve(
         &self,
         rules: &VersionedRules,

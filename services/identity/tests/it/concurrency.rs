@@ -192,6 +192,91 @@ async fn replicas_with_the_owner_cache_agree_with_a_union_find() {
 /// Another writer merges a profile while a resolution waits for that profile's lock: the
 /// resolution must retry against the new graph rather than merge a profile that is no longer
 /// canonical.
+/// Events take no advisory lock of their own: one event given to two replicas at once is
+/// resolved once, whether the two runs queue on shared identifiers, carry none (every value
+/// blocked) or carry different ones (as under changed rules). The loser meets the winner's
+/// resolution (a primary key violation, retried, or a read under the shared locks) and
+/// answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_event_resolved_by_two_replicas_at_once_is_resolved_once() {
+    let violations = || {
+        let text = tessera_server::metrics_handle().render();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"tessera_identity_retries_total{reason="unique violation"} "#)
+            })
+            .map_or(0, |n| n.trim().parse::<u64>().expect("a counter"))
+    };
+    let before = violations();
+    let test = TestDb::new().await;
+    let db = connect(test.url()).await;
+    let replicas = [
+        replica(db.clone(), IdentitySettings::default(), None).await,
+        replica(connect(test.url()).await, IdentitySettings::default(), None).await,
+    ];
+    const EVENTS: usize = 20;
+    let shapes: [[&[(&str, &str)]; 2]; 3] = [
+        [&[("user_id", "same")], &[("user_id", "same")]],
+        [&[("user_id", "null")], &[("anonymous_id", "undefined")]],
+        [&[("user_id", "left")], &[("anonymous_id", "right")]],
+    ];
+    for (s, shape) in shapes.iter().enumerate() {
+        for n in 0..EVENTS {
+            let event = format!("shape{s}-e{n}");
+            // Fresh identifiers per event for the last shape, so each is a new profile.
+            let ids: Vec<Vec<(String, String)>> = shape
+                .iter()
+                .map(|ids| {
+                    ids.iter()
+                        .map(|(k, v)| {
+                            let v = if s == 2 {
+                                format!("{v}{n}")
+                            } else {
+                                (*v).to_owned()
+                            };
+                            ((*k).to_owned(), v)
+                        })
+                        .collect()
+                })
+                .collect();
+            let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+            let tasks: Vec<_> = ids
+                .into_iter()
+                .zip(replicas.iter().cloned())
+                .map(|(ids, identity)| {
+                    let (event, barrier) = (event.clone(), barrier.clone());
+                    tokio::spawn(async move {
+                        let ids: Vec<(&str, &str)> =
+                            ids.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                        let r = record(&event, &ids);
+                        barrier.wait().await;
+                        identity.resolve(vec![r]).await
+                    })
+                })
+                .collect();
+            let mut answers = Vec::new();
+            for task in tasks {
+                answers.push(task.await.expect("task").expect("resolve").remove(0));
+            }
+            assert_eq!(
+                answers[0].profile_id, answers[1].profile_id,
+                "{event}: both replicas answer the one stored resolution"
+            );
+        }
+    }
+    let [profiles, _, merges, resolutions] = counts(&db).await;
+    assert_eq!(resolutions, (3 * EVENTS) as i64, "one resolution per event");
+    // "same" is one profile; each blocked-only event one; each left/right event one.
+    assert_eq!(
+        profiles,
+        (1 + 2 * EVENTS) as i64,
+        "no profile of a lost run is kept"
+    );
+    assert_eq!(merges, 0);
+    // The runs without a shared identifier really raced (40 chances; 36-39 in practice).
+    assert!(violations() > before, "a lost race is retried, not failed");
+}
+
 #[tokio::test]
 async fn a_profile_merged_while_waiting_for_its_lock_is_retried() {
     let test = TestDb::new().await;
@@ -642,7 +727,7 @@ async fn a_closure_extended_before_its_locks_is_replayed_whole() {
 }
 
 /// A late record's re-resolution deadlocks with another writer (it waits for a lock of its
-/// closure the other holds, and the other then waits for the lock of its event): Postgres
+/// closure the other holds, and the other then waits for the lock of its user id): Postgres
 /// aborts the re-resolution's transaction (the other session's deadlock timeout is longer),
 /// the store counts the retry (`reason="deadlock"`) and runs the records again, which then
 /// succeeds; the caller sees only the answer.
@@ -682,17 +767,10 @@ async fn a_deadlocked_reorder_is_retried() {
         }
     });
     until_waiting_for_advisory_lock(pool).await;
-    // The other writer now waits for the lock Cat's run took on its event: a cycle. Cat's
-    // session finds it after its deadlock timeout (1 s) and is rolled back.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in [b"event".as_slice(), b"cat"] {
-        for byte in part.iter().chain([&0u8]) {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
+    // The other writer now waits for the lock Cat's run took on Cat's user id: a cycle.
+    // Cat's session finds it after its deadlock timeout (1 s) and is rolled back.
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(i64::from_ne_bytes(hash.to_ne_bytes()))
+        .bind(identifier_key("user_id", "cat"))
         .execute(&mut *other)
         .await
         .expect("the other writer is not the one rolled back");
