@@ -270,11 +270,16 @@ impl PgStore {
     /// transaction holds are left out and their positions in `records` returned, to be
     /// resolved by a run that waits. Two runs that share a few identifiers then overlap instead
     /// of the second waiting for the whole of the first.
+    ///
+    /// With `cached` false, the run reads no owner from the owner cache (a retry: should an
+    /// entry name a merged profile, which no writer leaves behind but a Redis failover could
+    /// bring back, the run would meet it again each time); its fills then overwrite it.
     async fn attempt(
         &self,
         rules: &VersionedRules,
         records: &[&Record],
         wait: bool,
+        cached: bool,
     ) -> Result<(Vec<Outcome>, Vec<usize>), Failure> {
         let mut tx = self.pool.begin().await?;
         let deferred = if wait {
@@ -286,7 +291,7 @@ impl PgStore {
         let taken: Vec<&Record> = taken_positions(records.len(), &deferred)
             .map(|n| records[n])
             .collect();
-        match decide_and_write(&mut tx, rules, &taken, self.owners.as_ref()).await {
+        match decide_and_write(&mut tx, rules, &taken, self.owners.as_ref(), cached).await {
             Ok((done, plan)) => {
                 tx.commit().await?;
                 record_metrics(&plan);
@@ -303,12 +308,14 @@ impl PgStore {
 
 /// Reads the view, plans and writes `records`, within the caller's transaction, which holds
 /// their advisory locks. Returns the stored resolutions of events resolved meanwhile, and the
-/// plan for the others.
+/// plan for the others. With `cached` false no owner is read from `owners` (it is still
+/// filled).
 async fn decide_and_write(
     tx: &mut PgConnection,
     rules: &VersionedRules,
     records: &[&Record],
     owners: Option<&OwnerCache>,
+    cached: bool,
 ) -> Result<(HashMap<String, Stored>, Plan), Failure> {
     // Another replica may have resolved some of these events since the caller looked.
     let event_ids: Vec<&str> = records.iter().map(|r| r.event_id()).collect();
@@ -325,11 +332,11 @@ async fn decide_and_write(
 
     // Owners in the cache are not read again; those read here may fill it.
     let epoch = match owners {
-        Some(_) => Some(OwnerCache::epoch(&mut *tx).await?),
+        Some(cache) => Some(cache.run_epoch(&mut *tx).await?),
         None => None,
     };
     let cached = match (owners, epoch) {
-        (Some(cache), Some(epoch)) => cache.get(epoch, &lookups).await,
+        (Some(cache), Some(run)) if cached => cache.get(run.epoch, &lookups).await,
         _ => Vec::new(),
     };
     let (types, values): (Vec<&str>, Vec<&str>) = lookups
@@ -453,10 +460,14 @@ async fn decide_and_write(
         Uuid::now_v7,
     );
     write(&mut *tx, &plan, rules.version, now).await?;
-    if let (Some(cache), Some(epoch)) = (owners, epoch) {
-        let merged: Vec<Uuid> = plan.merges.iter().map(|m| m.merged_profile_id).collect();
-        cache.evict_merged(&mut *tx, &merged).await?;
-        fill_owners(&mut *tx, cache, epoch, &fillable).await?;
+    match (owners, epoch) {
+        (Some(cache), Some(run)) => {
+            let merged: Vec<Uuid> = plan.merges.iter().map(|m| m.merged_profile_id).collect();
+            cache.evict_merged(&mut *tx, &merged).await?;
+            fill_owners(&mut *tx, cache, run, &fillable).await?;
+        }
+        _ if !plan.merges.is_empty() => owners::retire_for_uncached_merge(&mut *tx).await?,
+        _ => {}
     }
     let mut plan = plan;
     reorder_late(&mut *tx, rules, &mut plan, now).await?;
@@ -471,7 +482,7 @@ async fn decide_and_write(
 async fn fill_owners(
     tx: &mut PgConnection,
     cache: &OwnerCache,
-    epoch: owners::Epoch,
+    run: owners::RunEpoch,
     read: &[(Identifier, ProfileAge)],
 ) -> Result<(), sqlx::Error> {
     if read.is_empty() {
@@ -494,7 +505,7 @@ async fn fill_owners(
         .filter(|(_, age)| live.contains(&age.id))
         .map(|(identifier, age)| (identifier, *age))
         .collect();
-    cache.fill(tx, epoch, &entries).await
+    cache.fill(tx, run, &entries).await
 }
 
 /// Re-resolves in event-time order the components a late record of `plan` touched, within the
@@ -899,7 +910,7 @@ impl IdentityStore for PgStore {
             VecDeque::from([((0..records.len()).collect(), 0, false)]);
         while let Some((run, attempts, wait)) = runs.pop_front() {
             let these: Vec<&Record> = run.iter().map(|&n| &records[n]).collect();
-            match self.attempt(rules, &these, wait).await {
+            match self.attempt(rules, &these, wait, attempts == 0).await {
                 Ok((stored, deferred)) => {
                     let taken = taken_positions(run.len(), &deferred).map(|n| run[n]);
                     for (n, outcome) in taken.zip(stored) {

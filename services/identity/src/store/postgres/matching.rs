@@ -123,9 +123,15 @@ async fn merge_all(
     let now = now();
     let (plan, planned) = plan_merges(&rules.rules, view, known, cause, rule, now);
     write(&mut *tx, &plan, rules.version, now).await?;
-    if let Some(cache) = owners {
-        let merged: Vec<Uuid> = plan.merges.iter().map(|m| m.merged_profile_id).collect();
-        cache.evict_merged(&mut *tx, &merged).await?;
+    match owners {
+        Some(cache) => {
+            let merged: Vec<Uuid> = plan.merges.iter().map(|m| m.merged_profile_id).collect();
+            cache.evict_merged(&mut *tx, &merged).await?;
+        }
+        None if !plan.merges.is_empty() => {
+            super::owners::retire_for_uncached_merge(&mut *tx).await?;
+        }
+        None => {}
     }
     if !plan.merges.is_empty() {
         let n = plan.merges.len();

@@ -20,10 +20,14 @@
 //!
 //! What an entry may lag behind is a merge committed after the run read it: the same as a
 //! Postgres read a moment earlier. The run then either answers the merged profile (which every
-//! reader follows to its survivor) or finds it merged when it locks it, and retries.
+//! reader follows to its survivor) or finds it merged when it locks it, and retries; a retry
+//! reads its owners in Postgres only, and its fills overwrite what it met.
 //!
-//! Every identity replica must use the same Redis (a replica without the cache would merge
-//! without deleting entries). Entries expire after the configured TTL.
+//! Every identity replica with the cache must use the same Redis. A replica without it cannot
+//! delete the entries of the profiles it merges: while the cache is in use (a fill keeps
+//! `owner_cache_epoch.cached_until` more than an entry TTL ahead), such a merge advances the
+//! epoch instead ([`retire_for_uncached_merge`]), which is correct but empties the cache, and
+//! is logged as a warning. Entries expire after the configured TTL.
 
 use std::time::Duration;
 
@@ -60,6 +64,18 @@ pub(crate) struct OwnerCache {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Epoch(i64);
 
+/// What a run reads of the cache's state before its fills: the epoch, and whether
+/// `cached_until` already covers an entry filled now (else the fill moves it first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RunEpoch {
+    pub(crate) epoch: Epoch,
+    covered: bool,
+}
+
+/// How much further than an entry's TTL `cached_until` must reach when a run checks it: the
+/// run fills a moment after the check, and its entries live a TTL from then.
+const IN_USE_MARGIN_SECONDS: u64 = 300;
+
 /// Advances the epoch, retiring every entry; within the caller's transaction (the row lock it
 /// takes is held until commit, so writers that advance it queue, but readers do not).
 pub(crate) async fn advance(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
@@ -87,6 +103,27 @@ impl OwnerCache {
                 .fetch_one(&mut *conn)
                 .await?,
         ))
+    }
+
+    /// The epoch in force and whether `cached_until` covers a fill made now, read within a
+    /// run's transaction (after its advisory locks).
+    pub(crate) async fn run_epoch(&self, conn: &mut PgConnection) -> Result<RunEpoch, sqlx::Error> {
+        let (epoch, covered): (i64, bool) = sqlx::query_as(
+            "SELECT epoch, cached_until >= clock_timestamp() + make_interval(secs => $1) \
+             FROM owner_cache_epoch",
+        )
+        .bind(self.in_use_seconds(1))
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok(RunEpoch {
+            epoch: Epoch(epoch),
+            covered,
+        })
+    }
+
+    /// An entry's TTL in seconds, `times` over, plus the margin.
+    fn in_use_seconds(&self, times: u64) -> f64 {
+        (self.ttl_ms.saturating_mul(times) / 1_000 + IN_USE_MARGIN_SECONDS) as f64
     }
 
     /// The key of `identifier` at `epoch`: the type's length keeps any type and value apart.
@@ -148,10 +185,14 @@ impl OwnerCache {
     /// Stores `entries` (read under the locks the module comment names), before the caller's
     /// transaction commits. When the write fails after it may have been sent, the epoch is
     /// advanced in the caller's transaction, since the write could still land after the commit.
+    ///
+    /// First, unless the run found it covered already, `cached_until` is moved two TTLs ahead
+    /// in the caller's transaction, so replicas without the cache know, until these entries
+    /// have expired, that their merges must retire them.
     pub(crate) async fn fill(
         &self,
         conn: &mut PgConnection,
-        epoch: Epoch,
+        run: RunEpoch,
         entries: &[(&Identifier, ProfileAge)],
     ) -> Result<(), sqlx::Error> {
         if entries.is_empty() {
@@ -165,6 +206,18 @@ impl OwnerCache {
                 return Ok(());
             }
         };
+        if !run.covered {
+            sqlx::query(
+                "UPDATE owner_cache_epoch \
+                 SET cached_until = clock_timestamp() + make_interval(secs => $2) \
+                 WHERE cached_until < clock_timestamp() + make_interval(secs => $1)",
+            )
+            .bind(self.in_use_seconds(1))
+            .bind(self.in_use_seconds(2))
+            .execute(&mut *conn)
+            .await?;
+        }
+        let epoch = run.epoch;
         let mut pipe = redis::pipe();
         for (identifier, age) in entries {
             pipe.cmd("SET")
@@ -235,6 +288,27 @@ impl OwnerCache {
     ) -> Result<(), CacheError> {
         self.link.bounded(pipe.query_async::<()>(&mut redis)).await
     }
+}
+
+/// For a replica without the cache, after its transaction merged profiles (holding their
+/// rows `FOR UPDATE`): when other replicas' entries may be alive, advances the epoch, since it
+/// cannot delete the merged profiles' entries. Read under the row locks: a fill of those
+/// profiles' owners held them `FOR SHARE` until its commit, which moved `cached_until` first.
+pub(crate) async fn retire_for_uncached_merge(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    let in_use: bool =
+        sqlx::query_scalar("SELECT cached_until > clock_timestamp() FROM owner_cache_epoch")
+            .fetch_one(&mut *conn)
+            .await?;
+    if in_use {
+        advance(conn).await?;
+        metrics::counter!("tessera_identity_owner_cache_uncached_merges_total").increment(1);
+        tracing::warn!(
+            "this identity replica has no owner cache but others use one: its merge retired \
+             every entry; give every identity replica the same REDIS_URL and \
+             identity.owner_cache_ttl_seconds"
+        );
+    }
+    Ok(())
 }
 
 /// Counts a failed cache operation; the caller carries on without the cache. One that retired
@@ -369,6 +443,52 @@ mod tests {
         );
     }
 
+    /// An entry naming a merged profile (which no writer leaves behind, but a Redis failover
+    /// could bring a deleted one back) costs a linking run one retry, which reads Postgres and
+    /// overwrites it; without that, every attempt would meet it and the run would give up.
+    #[tokio::test]
+    async fn a_stale_entry_costs_one_retry_and_is_overwritten() {
+        let (_test, pool, identity, cache) = cached_identity(&tessera_testkit::redis_url()).await;
+        let p = resolve(&identity, "e1", &[("anonymous_id", "a1")]).await;
+        let q = resolve(&identity, "e2", &[("anonymous_id", "b1")]).await;
+        assert_eq!(
+            resolve(
+                &identity,
+                "e3",
+                &[("anonymous_id", "a1"), ("anonymous_id", "b1")]
+            )
+            .await,
+            p
+        );
+        let created_at: OffsetDateTime =
+            sqlx::query_scalar("SELECT created_at FROM profiles WHERE profile_id = $1")
+                .bind(q)
+                .fetch_one(&pool)
+                .await
+                .expect("read");
+        let key = cache.key(epoch(&pool).await, &Identifier::new("anonymous_id", "b1"));
+        let () = redis::cmd("SET")
+            .arg(key)
+            .arg(&encode(ProfileAge { created_at, id: q })[..])
+            .query_async(&mut redis().await)
+            .await
+            .expect("set");
+        let linked = resolve(
+            &identity,
+            "e4",
+            &[("anonymous_id", "b1"), ("email", "b1@example.com")],
+        )
+        .await;
+        assert_eq!(linked, p);
+        assert_eq!(
+            entry(&pool, &cache, "anonymous_id", "b1")
+                .await
+                .map(|e| e.id),
+            Some(p),
+            "the retry's fill replaced the stale entry"
+        );
+    }
+
     /// A merge deletes the entries of the merged profile's identifiers before it commits, and
     /// an unmerge retires every entry: the next runs answer the graph as it is now.
     #[tokio::test]
@@ -461,6 +581,80 @@ mod tests {
             "the merge retired every entry"
         );
         assert_eq!(resolve(&identity, "e5", &[("user_id", "u1")]).await, p);
+    }
+
+    /// A replica without the cache cannot delete the entries of the profiles it merges: while
+    /// another replica's entries may be alive, its merges retire them all (the epoch), so a
+    /// cached replica's next run that links reads the survivor instead of locking a merged
+    /// owner (which it would retry until it gave up). Before any fill, its merges leave the
+    /// epoch alone.
+    #[tokio::test]
+    async fn merges_by_a_replica_without_the_cache_retire_the_entries_while_they_live() {
+        let (_test, db, pool) = super::super::migrated().await;
+        let uncached = Identity::new(db.clone(), IdentitySettings::default())
+            .await
+            .expect("identity");
+        let cached = Identity::with_owner_cache(
+            db,
+            IdentitySettings::default(),
+            &tessera_testkit::redis_url(),
+            &tessera_testkit::redis_prefix(),
+        )
+        .await
+        .expect("identity");
+        let in_use = || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT cached_until > now() + interval '1 hour' FROM owner_cache_epoch",
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("cached_until")
+        };
+
+        // Nothing filled yet: an uncached merge keeps the epoch.
+        resolve(&uncached, "e0", &[("anonymous_id", "a0")]).await;
+        resolve(&uncached, "e0b", &[("anonymous_id", "b0")]).await;
+        let before = epoch(&pool).await;
+        resolve(
+            &uncached,
+            "e0c",
+            &[("anonymous_id", "a0"), ("anonymous_id", "b0")],
+        )
+        .await;
+        assert_eq!(
+            epoch(&pool).await,
+            before,
+            "no cache in use, nothing retired"
+        );
+        assert!(!in_use().await);
+
+        // The cached replica fills a1 -> p and b1 -> q (q newer than p).
+        let p = resolve(&cached, "e1", &[("anonymous_id", "a1")]).await;
+        resolve(&cached, "e2", &[("anonymous_id", "a1")]).await;
+        let q = resolve(&cached, "e3", &[("anonymous_id", "b1")]).await;
+        resolve(&cached, "e4", &[("anonymous_id", "b1")]).await;
+        assert!(in_use().await, "a fill keeps cached_until a TTL ahead");
+
+        // The uncached replica merges q into p.
+        let before = epoch(&pool).await;
+        let merged = resolve(
+            &uncached,
+            "e5",
+            &[("anonymous_id", "a1"), ("anonymous_id", "b1")],
+        )
+        .await;
+        assert_eq!(merged, p);
+        assert_ne!(epoch(&pool).await, before, "the merge retired every entry");
+
+        // b1's entry named q; the cached replica links through b1 and gets p.
+        let linked = resolve(
+            &cached,
+            "e6",
+            &[("anonymous_id", "b1"), ("email", "b1@example.com")],
+        )
+        .await;
+        assert_eq!(linked, p);
+        assert_ne!(linked, q);
     }
 
     #[test]
