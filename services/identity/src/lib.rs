@@ -605,7 +605,8 @@ impl Identity {
             .collect();
         profiles.sort_unstable();
         profiles.dedup();
-        let canonical: HashMap<Uuid, Uuid> = self.store.canonical(&profiles).await?;
+        // Only the merged ones come back: the others are their own survivors.
+        let canonical: HashMap<Uuid, Uuid> = self.store.survivors(&profiles).await?;
 
         records
             .into_iter()

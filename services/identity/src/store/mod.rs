@@ -149,6 +149,15 @@ pub(crate) trait IdentityStore: Send + Sync {
     /// The canonical profile of each of `profiles` that exists, following merges.
     async fn canonical(&self, profiles: &[Uuid]) -> Result<HashMap<Uuid, Uuid>, IdentityError>;
 
+    /// The canonical profile of each of `profiles` that was merged away, following merges; a
+    /// profile that is canonical itself, or unknown, is left out (most of a batch's profiles,
+    /// which a backend need then neither walk nor send).
+    async fn survivors(&self, profiles: &[Uuid]) -> Result<HashMap<Uuid, Uuid>, IdentityError> {
+        let mut canonical = self.canonical(profiles).await?;
+        canonical.retain(|profile, survivor| profile != survivor);
+        Ok(canonical)
+    }
+
     /// The canonical profile of `identifier` (normalized), if the graph holds it.
     async fn lookup(&self, identifier: &Identifier) -> Result<Option<Uuid>, IdentityError>;
 }

@@ -137,6 +137,20 @@ WITH RECURSIVE chain (start_id, profile_id, merged_into) AS (
 )
 SELECT start_id, profile_id FROM chain WHERE merged_into IS NULL";
 
+/// The canonical profile of each profile in `$1` that was merged away (see [`CANONICAL_SQL`]).
+const SURVIVORS_SQL: &str = "
+WITH RECURSIVE chain (start_id, profile_id, merged_into) AS (
+    SELECT profile_id, profile_id, merged_into FROM profiles
+    WHERE profile_id = ANY($1) AND merged_into IS NOT NULL
+  UNION
+    SELECT c.start_id, p.profile_id, p.merged_into
+    FROM chain c
+    CROSS JOIN LATERAL (
+        SELECT q.profile_id, q.merged_into FROM profiles q
+        WHERE q.profile_id = c.merged_into OFFSET 0) p
+)
+SELECT start_id, profile_id FROM chain WHERE merged_into IS NULL";
+
 /// The canonical profile of the profile `$1`.
 const CANONICAL_ONE_SQL: &str = "
 WITH RECURSIVE chain (profile_id, merged_into) AS (
@@ -953,6 +967,14 @@ impl IdentityStore for PgStore {
 
     async fn canonical(&self, profiles: &[Uuid]) -> Result<HashMap<Uuid, Uuid>, IdentityError> {
         let rows: Vec<(Uuid, Uuid)> = sqlx::query_as(CANONICAL_SQL)
+            .bind(profiles)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn survivors(&self, profiles: &[Uuid]) -> Result<HashMap<Uuid, Uuid>, IdentityError> {
+        let rows: Vec<(Uuid, Uuid)> = sqlx::query_as(SURVIVORS_SQL)
             .bind(profiles)
             .fetch_all(&self.pool)
             .await?;
