@@ -72,7 +72,7 @@ macro_rules! decision_sql {
 
 /// A statement over `tree (profile_id)`: the profiles `$1` and every profile merged into one of
 /// them, transitively (the `LATERAL … OFFSET 0` keeps the planner from hashing `profiles`,
-/// see [`CANONICAL_SQL`]), then the rest of the statement.
+/// see `canonical_sql!`), then the rest of the statement.
 macro_rules! tree_sql {
     ($rest:literal) => {
         concat!(
@@ -119,15 +119,21 @@ WITH RECURSIVE chain (type, value, profile_id, merged_into, created_at) AS (
 )
 SELECT type, value, profile_id, created_at FROM chain WHERE merged_into IS NULL";
 
-/// The canonical profile of each profile in `$1`.
+/// A walk from the profiles the condition `$start` selects (with `$1` bound to ids) to their
+/// canonical profiles: rows `(start_id, profile_id)`.
 ///
 /// The recursive steps here and below read `profiles` through a `LATERAL (… OFFSET 0)`, which
 /// the planner cannot flatten into a join: a prepared statement's generic plan otherwise
 /// hashes the whole table (a sequential scan of every profile, or of every identifier, per
 /// call), so each batch cost grew with the graph instead of with the batch.
-const CANONICAL_SQL: &str = "
+macro_rules! canonical_sql {
+    ($start:literal) => {
+        concat!(
+            "
 WITH RECURSIVE chain (start_id, profile_id, merged_into) AS (
-    SELECT profile_id, profile_id, merged_into FROM profiles WHERE profile_id = ANY($1)
+    SELECT profile_id, profile_id, merged_into FROM profiles WHERE ",
+            $start,
+            "
   UNION
     SELECT c.start_id, p.profile_id, p.merged_into
     FROM chain c
@@ -135,21 +141,16 @@ WITH RECURSIVE chain (start_id, profile_id, merged_into) AS (
         SELECT q.profile_id, q.merged_into FROM profiles q
         WHERE q.profile_id = c.merged_into OFFSET 0) p
 )
-SELECT start_id, profile_id FROM chain WHERE merged_into IS NULL";
+SELECT start_id, profile_id FROM chain WHERE merged_into IS NULL"
+        )
+    };
+}
 
-/// The canonical profile of each profile in `$1` that was merged away (see [`CANONICAL_SQL`]).
-const SURVIVORS_SQL: &str = "
-WITH RECURSIVE chain (start_id, profile_id, merged_into) AS (
-    SELECT profile_id, profile_id, merged_into FROM profiles
-    WHERE profile_id = ANY($1) AND merged_into IS NOT NULL
-  UNION
-    SELECT c.start_id, p.profile_id, p.merged_into
-    FROM chain c
-    CROSS JOIN LATERAL (
-        SELECT q.profile_id, q.merged_into FROM profiles q
-        WHERE q.profile_id = c.merged_into OFFSET 0) p
-)
-SELECT start_id, profile_id FROM chain WHERE merged_into IS NULL";
+/// The canonical profile of each profile in `$1`.
+const CANONICAL_SQL: &str = canonical_sql!("profile_id = ANY($1)");
+
+/// The canonical profile of each profile in `$1` that was merged away.
+const SURVIVORS_SQL: &str = canonical_sql!("profile_id = ANY($1) AND merged_into IS NOT NULL");
 
 /// The canonical profile of the profile `$1`.
 const CANONICAL_ONE_SQL: &str = "

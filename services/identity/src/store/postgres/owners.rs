@@ -391,6 +391,29 @@ mod tests {
         bytes.as_deref().and_then(decode)
     }
 
+    /// Writes an entry naming `profile` as the owner of `(kind, value)` at the epoch in force,
+    /// as a fill would.
+    async fn plant(pool: &PgPool, cache: &OwnerCache, (kind, value): (&str, &str), profile: Uuid) {
+        let created_at: OffsetDateTime =
+            sqlx::query_scalar("SELECT created_at FROM profiles WHERE profile_id = $1")
+                .bind(profile)
+                .fetch_one(pool)
+                .await
+                .expect("read");
+        let key = cache.key(epoch(pool).await, &Identifier::new(kind, value));
+        let () = redis::cmd("SET")
+            .arg(key)
+            .arg(
+                &encode(ProfileAge {
+                    created_at,
+                    id: profile,
+                })[..],
+            )
+            .query_async(&mut redis().await)
+            .await
+            .expect("set");
+    }
+
     /// Resolves one record of `event` carrying `ids`; its profile.
     async fn resolve(identity: &Identity, event: &str, ids: &[(&str, &str)]) -> Uuid {
         let rules = identity.rules();
@@ -419,23 +442,11 @@ mod tests {
         assert_eq!(filled.id, p);
 
         let q = resolve(&identity, "e3", &[("anonymous_id", "b1")]).await;
-        let created_at: OffsetDateTime =
-            sqlx::query_scalar("SELECT created_at FROM profiles WHERE profile_id = $1")
-                .bind(q)
-                .fetch_one(&pool)
-                .await
-                .expect("read");
         assert_eq!(
             filled.created_at.unix_timestamp_nanos() / 1_000 * 1_000,
             filled.created_at.unix_timestamp_nanos()
         );
-        let key = cache.key(epoch(&pool).await, &Identifier::new("anonymous_id", "a1"));
-        let () = redis::cmd("SET")
-            .arg(key)
-            .arg(&encode(ProfileAge { created_at, id: q })[..])
-            .query_async(&mut redis().await)
-            .await
-            .expect("set");
+        plant(&pool, &cache, ("anonymous_id", "a1"), q).await;
         assert_eq!(
             resolve(&identity, "e4", &[("anonymous_id", "a1")]).await,
             q,
@@ -460,19 +471,7 @@ mod tests {
             .await,
             p
         );
-        let created_at: OffsetDateTime =
-            sqlx::query_scalar("SELECT created_at FROM profiles WHERE profile_id = $1")
-                .bind(q)
-                .fetch_one(&pool)
-                .await
-                .expect("read");
-        let key = cache.key(epoch(&pool).await, &Identifier::new("anonymous_id", "b1"));
-        let () = redis::cmd("SET")
-            .arg(key)
-            .arg(&encode(ProfileAge { created_at, id: q })[..])
-            .query_async(&mut redis().await)
-            .await
-            .expect("set");
+        plant(&pool, &cache, ("anonymous_id", "b1"), q).await;
         let linked = resolve(
             &identity,
             "e4",
