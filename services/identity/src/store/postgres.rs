@@ -8,9 +8,9 @@
 //! checks they are still canonical. The advisory locks stop anyone else from attaching the same
 //! identifiers, or resolving the same events (a redelivered event carries the same identifiers;
 //! one that carries none meets the first's resolution as a primary key violation, and is
-//! retried); the row locks stop anyone else from merging the profiles. When a profile was merged between the read and the lock, the run
-//! is rolled back and retried (a run that conflicts twice is halved, so a hot profile costs a
-//! small run, not a large one).
+//! retried); the row locks stop anyone else from merging the profiles. When a profile was
+//! merged between the read and the lock, the run is rolled back and retried (a run that
+//! conflicts twice is halved, so a hot profile costs a small run, not a large one).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
@@ -332,7 +332,8 @@ async fn decide_and_write(
     owners: Option<&OwnerCache>,
     cached: bool,
 ) -> Result<(HashMap<String, Stored>, Plan), Failure> {
-    // Another replica may have resolved some of these events since the caller looked.
+    // Events resolved before (in an earlier batch, or by another replica just now) are
+    // answered as stored; this is the only read of them.
     let event_ids: Vec<&str> = records.iter().map(|r| r.event_id()).collect();
     let done = stored(&mut *tx, &event_ids).await?;
     let pending: Vec<&Record> = records
