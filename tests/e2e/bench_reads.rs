@@ -4,7 +4,6 @@
 
 use std::process::Stdio;
 
-use redis::AsyncCommands as _;
 use tessera_testkit::{TestDb, redis_prefix, redis_url};
 use tessera_tests::{E2E_TOKEN, tessera_bin};
 use tokio::process::Command;
@@ -67,6 +66,6 @@ async fn cold_reads_miss_the_cache_once_per_profile() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let keys: Vec<String> = redis.keys(format!("{prefix}profile:*")).await.unwrap();
+    let keys = tessera_tests::keys_matching(&mut redis, &format!("{prefix}profile:*")).await;
     assert_eq!(keys.len() as u64, PROFILES, "{keys:?}");
 }

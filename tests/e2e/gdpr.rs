@@ -70,11 +70,7 @@ async fn cache_mentioning(prefix: &str, needles: &[&str]) -> Vec<String> {
         .get_multiplexed_async_connection()
         .await
         .expect("connect to redis");
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut redis)
-        .await
-        .expect("keys");
+    let keys = tessera_tests::keys_matching(&mut redis, &format!("{prefix}*")).await;
     let mut found = Vec::new();
     for key in keys {
         let fields: Vec<Vec<u8>> = redis::cmd("HGETALL")
