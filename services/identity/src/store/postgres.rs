@@ -476,14 +476,10 @@ async fn decide_and_write(
         Uuid::now_v7,
     );
     write(&mut *tx, &plan, rules.version, now).await?;
-    match (owners, epoch) {
-        (Some(cache), Some(run)) => {
-            let merged: Vec<Uuid> = plan.merges.iter().map(|m| m.merged_profile_id).collect();
-            cache.evict_merged(&mut *tx, &merged).await?;
-            fill_owners(&mut *tx, cache, run, &fillable).await?;
-        }
-        _ if !plan.merges.is_empty() => owners::retire_for_uncached_merge(&mut *tx).await?,
-        _ => {}
+    let merged: Vec<Uuid> = plan.merges.iter().map(|m| m.merged_profile_id).collect();
+    owners::forget_merged(&mut *tx, owners, &merged).await?;
+    if let (Some(cache), Some(run)) = (owners, epoch) {
+        fill_owners(&mut *tx, cache, run, &fillable).await?;
     }
     let mut plan = plan;
     reorder_late(&mut *tx, rules, &mut plan, now).await?;

@@ -123,16 +123,8 @@ async fn merge_all(
     let now = now();
     let (plan, planned) = plan_merges(&rules.rules, view, known, cause, rule, now);
     write(&mut *tx, &plan, rules.version, now).await?;
-    match owners {
-        Some(cache) => {
-            let merged: Vec<Uuid> = plan.merges.iter().map(|m| m.merged_profile_id).collect();
-            cache.evict_merged(&mut *tx, &merged).await?;
-        }
-        None if !plan.merges.is_empty() => {
-            super::owners::retire_for_uncached_merge(&mut *tx).await?;
-        }
-        None => {}
-    }
+    let merged: Vec<Uuid> = plan.merges.iter().map(|m| m.merged_profile_id).collect();
+    super::owners::forget_merged(&mut *tx, owners, &merged).await?;
     if !plan.merges.is_empty() {
         let n = plan.merges.len();
         let (mut surviving, mut merged, mut causes, mut rules, mut times) = (

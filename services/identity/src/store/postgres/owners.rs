@@ -290,11 +290,27 @@ impl OwnerCache {
     }
 }
 
+/// What a transaction that merged the profiles `merged` (holding their rows `FOR UPDATE`)
+/// does about the owner cache before it commits: with the cache, deletes their entries
+/// ([`OwnerCache::evict_merged`]); without it, retires every entry while others may be alive
+/// ([`retire_for_uncached_merge`]).
+pub(crate) async fn forget_merged(
+    conn: &mut PgConnection,
+    owners: Option<&OwnerCache>,
+    merged: &[Uuid],
+) -> Result<(), sqlx::Error> {
+    match owners {
+        _ if merged.is_empty() => Ok(()),
+        Some(cache) => cache.evict_merged(conn, merged).await,
+        None => retire_for_uncached_merge(conn).await,
+    }
+}
+
 /// For a replica without the cache, after its transaction merged profiles (holding their
 /// rows `FOR UPDATE`): when other replicas' entries may be alive, advances the epoch, since it
 /// cannot delete the merged profiles' entries. Read under the row locks: a fill of those
 /// profiles' owners held them `FOR SHARE` until its commit, which moved `cached_until` first.
-pub(crate) async fn retire_for_uncached_merge(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+async fn retire_for_uncached_merge(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     let in_use: bool =
         sqlx::query_scalar("SELECT cached_until > clock_timestamp() FROM owner_cache_epoch")
             .fetch_one(&mut *conn)
