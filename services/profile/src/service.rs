@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use tessera_core::FieldViolation;
@@ -1490,24 +1490,41 @@ impl Inner {
             inner: self,
             traces: &traces,
         };
+        let started = Instant::now();
         let applied = self
             .store
             .apply(&batch, self.half_life_seconds, now, &scorer)
             .await?;
+        apply_stage("transaction", started);
         metrics::counter!("tessera_profile_events_applied_total").increment(applied.applied as u64);
         metrics::counter!("tessera_profile_duplicate_events_total")
             .increment(applied.duplicates as u64);
-        self.cache_applied(&applied).await;
+        // The batch's cache entries are put while its profiles are matched: the two are
+        // independent (a merge matching makes puts newer versions, and a put never replaces a
+        // newer entry), and the next batch waits for both.
+        let cache = async {
+            let caching = Instant::now();
+            self.cache_applied(&applied).await;
+            apply_stage("cache", caching);
+        };
+        let matching = async {
+            if !self.match_profiles {
+                return Ok(None);
+            }
+            let matching = Instant::now();
+            let matched = self.match_named(&applied, now).await;
+            apply_stage("match", matching);
+            matched.map(Some)
+        };
+        let ((), matched) = tokio::join!(cache, matching);
         if account_traits {
             self.account_refresh.notify_one();
         }
         let mut changed = changed_ids(&applied);
-
         // Every named profile is matched, so a batch retried after a matching failure
         // is matched again.
         let mut matched_merges = 0;
-        if self.match_profiles {
-            let matched = self.match_named(&applied, now).await?;
+        if let Some(matched) = matched? {
             matched_merges = matched.merges;
             changed.extend(matched.changed);
         }
@@ -1732,9 +1749,13 @@ impl Scorer for TracedScorer<'_> {
         accounts: &crate::store::Accounts,
         now: OffsetDateTime,
     ) -> Result<Vec<Vec<Score>>, ProfileError> {
-        self.inner
+        let started = Instant::now();
+        let scores = self
+            .inner
             .score_all(profiles, accounts, now, self.traces)
-            .await
+            .await;
+        apply_stage("score", started);
+        scores
     }
 
     async fn score_accounts(
@@ -2096,4 +2117,10 @@ fn count_membership_changes(changes: &[crate::store::MembershipChange]) {
         let kind = if change.entered { "entered" } else { "exited" };
         metrics::counter!("tessera_profile_audience_changes_total", "change" => kind).increment(1);
     }
+}
+
+/// Records how long a stage of a delivery batch's apply took, from `started`.
+fn apply_stage(stage: &'static str, started: Instant) {
+    metrics::histogram!("tessera_profile_apply_stage_seconds", "stage" => stage)
+        .record(started.elapsed().as_secs_f64());
 }
