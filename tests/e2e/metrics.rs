@@ -51,6 +51,11 @@ async fn a_pipeline_run_fills_the_metrics_the_dashboard_reads() {
         // identity and profiles
         "tessera_identity_merges_total",
         "tessera_profile_events_applied_total",
+        // where a delivery batch's apply goes
+        "tessera_profile_apply_stage_seconds_bucket{stage=\"transaction\"",
+        "tessera_profile_apply_stage_seconds_bucket{stage=\"score\"",
+        "tessera_profile_apply_stage_seconds_bucket{stage=\"cache\"",
+        "tessera_profile_apply_stage_seconds_bucket{stage=\"match\"",
         // the database pools of every service
         "tessera_db_pool_connections{schema=\"identity\",state=\"in_use\"}",
         "tessera_db_pool_connections{schema=\"profile\",state=\"idle\"}",

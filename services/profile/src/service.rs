@@ -1500,8 +1500,8 @@ impl Inner {
         metrics::counter!("tessera_profile_duplicate_events_total")
             .increment(applied.duplicates as u64);
         // The batch's cache entries are put while its profiles are matched: the two are
-        // independent (a merge matching makes puts newer versions, and a put never replaces a
-        // newer entry), and the next batch waits for both.
+        // independent (the merges matching answers put newer versions, and a put never
+        // replaces a newer entry), and the call answers once both are done.
         let cache = async {
             let caching = Instant::now();
             self.cache_applied(&applied).await;
