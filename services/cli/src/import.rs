@@ -128,8 +128,7 @@ fn open(path: &Path, read: Arc<AtomicU64>) -> anyhow::Result<Box<dyn BufRead + S
 /// The message id of a line without one: stable across runs for the same file and line.
 fn line_message_id(file: &str, line: u64) -> String {
     let digest = Sha256::digest(format!("{file}\n{line}").as_bytes());
-    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("import-{hex}")
+    format!("import-{}", hex::encode(&digest[..16]))
 }
 
 fn describe(violations: &[impl std::fmt::Display]) -> String {

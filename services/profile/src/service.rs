@@ -109,8 +109,7 @@ fn identifier_key(identifier: &common::Identifier) -> String {
         .chain_update([0])
         .chain_update(identifier.value.as_bytes())
         .finalize();
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("identifier:{hex}")
+    format!("identifier:{}", hex::encode(digest))
 }
 
 /// How often every replica reads the owed identifier epoch raises (and retries them): a replica

@@ -779,7 +779,7 @@ pub(crate) fn erased_digest(identifier: &Identifier) -> String {
     hash.update(identifier.kind.as_bytes());
     hash.update([0]);
     hash.update(identifier.value.as_bytes());
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(hash.finalize())
 }
 
 /// What replaces an erased identifier's value in the graph log: a pseudonym that keeps the
@@ -1458,6 +1458,19 @@ mod tests {
             decode_merges("e1", "{"),
             Err(IdentityError::Corrupt(_))
         ));
+    }
+
+    /// Erased identifiers are stored as these digests: a build that computed them otherwise
+    /// would no longer find (and suppress) the identifiers erased before it.
+    #[test]
+    fn erased_digests_are_pinned() {
+        let identifier = Identifier::new("email", "ann@example.com");
+        assert_eq!(
+            erased_digest(&identifier),
+            // sha256 of "email\0ann@example.com", in lower-case hex
+            "bd704a8b9d29ae0047432985803f45b7cdc6b04a838195aeca7fa9156abceb03"
+        );
+        assert_eq!(erased_pseudonym(&identifier), "erased:bd704a8b9d29ae00");
     }
 
     /// Only records that may link or merge lock profiles: one whose identifiers one profile

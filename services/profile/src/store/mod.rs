@@ -719,10 +719,7 @@ impl Definitions {
         } else {
             json + &serde_json::to_string(&(COPIES, &copied)).unwrap_or_default()
         };
-        Sha256::digest(json.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex::encode(Sha256::digest(json.as_bytes()))
     }
 
     /// Whether anything changes as time passes (some window is declared, of a computed trait
