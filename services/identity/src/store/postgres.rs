@@ -450,11 +450,12 @@ async fn decide_and_write(
         let mut seen_profiles: Vec<Uuid> = seen.iter().map(|s| s.2).collect();
         seen_profiles.sort_unstable();
         seen_profiles.dedup();
-        // Most runs see no identifier on another profile: no round trip then.
+        // Most runs see no identifier on another profile: no round trip then. Only the merged
+        // ones come back: the others are their own canonical profiles.
         let canonical: HashMap<Uuid, Uuid> = if seen_profiles.is_empty() {
             HashMap::new()
         } else {
-            sqlx::query_as(CANONICAL_SQL)
+            sqlx::query_as(SURVIVORS_SQL)
                 .bind(&seen_profiles)
                 .fetch_all(&mut *tx)
                 .await?
