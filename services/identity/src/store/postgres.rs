@@ -238,6 +238,10 @@ pub(crate) struct PgStore {
 }
 
 /// Why one attempt at a run did not commit.
+/// The retry reason of a unique violation: a concurrent writer of the same key, or, on a
+/// resolution's primary key, an event resolved before (see [`PgStore::attempt`]).
+const UNIQUE_VIOLATION: &str = "unique violation";
+
 enum Failure {
     /// Another transaction got in the way; trying again will see its result.
     Retry(&'static str),
@@ -253,7 +257,7 @@ impl From<sqlx::Error> for Failure {
                 Some("40P01") => return Self::Retry("deadlock"),
                 // Only a concurrent writer of the same key can cause this, and the locks
                 // should make that impossible; retrying reads what it wrote.
-                Some("23505") => return Self::Retry("unique violation"),
+                Some("23505") => return Self::Retry(UNIQUE_VIOLATION),
                 _ => {}
             }
         }
@@ -289,12 +293,17 @@ impl PgStore {
     /// With `cached` false, the run reads no owner from the owner cache (a retry: should an
     /// entry name a merged profile, which no writer leaves behind but a Redis failover could
     /// bring back, the run would meet it again each time); its fills then overwrite it.
+    ///
+    /// With `read_stored` false, the run does not look for stored resolutions of its events:
+    /// should one have been resolved before, the insert of its resolution fails on the primary
+    /// key (`Failure::Retry(UNIQUE_VIOLATION)`) and the caller retries reading them.
     async fn attempt(
         &self,
         rules: &VersionedRules,
         records: &[&Record],
         wait: bool,
         cached: bool,
+        read_stored: bool,
     ) -> Result<(Vec<Outcome>, Vec<usize>), Failure> {
         let mut tx = self.pool.begin().await?;
         let deferred = if wait {
@@ -306,7 +315,16 @@ impl PgStore {
         let taken: Vec<&Record> = taken_positions(records.len(), &deferred)
             .map(|n| records[n])
             .collect();
-        match decide_and_write(&mut tx, rules, &taken, self.owners.as_ref(), cached).await {
+        let decided = decide_and_write(
+            &mut tx,
+            rules,
+            &taken,
+            self.owners.as_ref(),
+            cached,
+            read_stored,
+        )
+        .await;
+        match decided {
             Ok((done, plan)) => {
                 tx.commit().await?;
                 record_metrics(&plan);
@@ -324,18 +342,24 @@ impl PgStore {
 /// Reads the view, plans and writes `records`, within the caller's transaction, which holds
 /// their advisory locks. Returns the stored resolutions of events resolved meanwhile, and the
 /// plan for the others. With `cached` false no owner is read from `owners` (it is still
-/// filled).
+/// filled); with `read_stored` false no stored resolution is read (see [`PgStore::attempt`]).
 async fn decide_and_write(
     tx: &mut PgConnection,
     rules: &VersionedRules,
     records: &[&Record],
     owners: Option<&OwnerCache>,
     cached: bool,
+    read_stored: bool,
 ) -> Result<(HashMap<String, Stored>, Plan), Failure> {
     // Events resolved before (in an earlier batch, or by another replica just now) are
-    // answered as stored; this is the only read of them.
-    let event_ids: Vec<&str> = records.iter().map(|r| r.event_id()).collect();
-    let done = stored(&mut *tx, &event_ids).await?;
+    // answered as stored; this is the only read of them. A call's runs skip it until one
+    // meets such an event (a redelivery, rare), as a primary key violation.
+    let done = if read_stored {
+        let event_ids: Vec<&str> = records.iter().map(|r| r.event_id()).collect();
+        stored(&mut *tx, &event_ids).await?
+    } else {
+        HashMap::new()
+    };
     let pending: Vec<&Record> = records
         .iter()
         .filter(|r| !done.contains_key(r.event_id()))
@@ -921,9 +945,15 @@ impl IdentityStore for PgStore {
         // leaves the rest to a run that waits (see `attempt`).
         let mut runs: VecDeque<(Vec<usize>, u32, bool)> =
             VecDeque::from([((0..records.len()).collect(), 0, false)]);
+        // Whether a run met an event resolved before: from then on every run reads the stored
+        // resolutions of its events. Most calls carry none, and never read them.
+        let mut read_stored = false;
         while let Some((run, attempts, wait)) = runs.pop_front() {
             let these: Vec<&Record> = run.iter().map(|&n| &records[n]).collect();
-            match self.attempt(rules, &these, wait, attempts == 0).await {
+            match self
+                .attempt(rules, &these, wait, attempts == 0, read_stored)
+                .await
+            {
                 Ok((stored, deferred)) => {
                     let taken = taken_positions(run.len(), &deferred).map(|n| run[n]);
                     for (n, outcome) in taken.zip(stored) {
@@ -945,6 +975,12 @@ impl IdentityStore for PgStore {
                         attempts,
                         "retrying identity run"
                     );
+                    if reason == UNIQUE_VIOLATION && !read_stored {
+                        // Most likely an event resolved before: again at once, reading them.
+                        read_stored = true;
+                        runs.push_front((run, attempts, wait));
+                        continue;
+                    }
                     if attempts >= 1 && run.len() > 1 {
                         let mut first = run;
                         let second = first.split_off(first.len() / 2);

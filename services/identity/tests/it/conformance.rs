@@ -205,6 +205,28 @@ async fn replaying_events_answers_the_same_and_changes_nothing(b: &Backend) {
         first[2].profile_id
     );
 
+    // A batch mixing a replay with a new event: the replay is the stored answer and links
+    // nothing (on Postgres its first attempt meets the stored resolution as a primary key
+    // violation and is rolled back whole), the new event is resolved.
+    let mixed = b
+        .identity
+        .resolve(vec![
+            record("e7", &[("user_id", "u7")]),
+            record("e4", &[("email", "z@y.io"), ("user_id", "u8")]),
+        ])
+        .await
+        .expect("resolve");
+    assert_eq!(mixed[1], first[3]);
+    assert_ne!(mixed[0].profile_id, first[3].profile_id);
+    assert_eq!(lookup(&b.identity, "user_id", "u7").await, mixed[0].profile_id);
+    let [profiles, identifiers, merges, resolutions] = counts;
+    assert_eq!(
+        b.counts().await,
+        [profiles + 1, identifiers + 1, merges, resolutions + 1],
+        "u8 is linked nowhere"
+    );
+    let counts = b.counts().await;
+
     // The same event twice in one batch: resolved once, answered twice.
     let dup = b
         .identity
