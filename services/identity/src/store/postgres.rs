@@ -237,11 +237,11 @@ pub(crate) struct PgStore {
     owners: Option<OwnerCache>,
 }
 
-/// Why one attempt at a run did not commit.
 /// The retry reason of a unique violation: a concurrent writer of the same key, or, on a
 /// resolution's primary key, an event resolved before (see [`PgStore::attempt`]).
 const UNIQUE_VIOLATION: &str = "unique violation";
 
+/// Why one attempt at a run did not commit.
 enum Failure {
     /// Another transaction got in the way; trying again will see its result.
     Retry(&'static str),
@@ -255,8 +255,9 @@ impl From<sqlx::Error> for Failure {
             match db.code().as_deref() {
                 Some("40001") => return Self::Retry("serialization failure"),
                 Some("40P01") => return Self::Retry("deadlock"),
-                // Only a concurrent writer of the same key can cause this, and the locks
-                // should make that impossible; retrying reads what it wrote.
+                // A run that did not read its stored resolutions meeting one (a redelivered
+                // event), or a concurrent writer of the same key, which the locks should make
+                // impossible; retrying reads what was written.
                 Some("23505") => return Self::Retry(UNIQUE_VIOLATION),
                 _ => {}
             }

@@ -218,7 +218,10 @@ async fn replaying_events_answers_the_same_and_changes_nothing(b: &Backend) {
         .expect("resolve");
     assert_eq!(mixed[1], first[3]);
     assert_ne!(mixed[0].profile_id, first[3].profile_id);
-    assert_eq!(lookup(&b.identity, "user_id", "u7").await, mixed[0].profile_id);
+    assert_eq!(
+        lookup(&b.identity, "user_id", "u7").await,
+        mixed[0].profile_id
+    );
     let [profiles, identifiers, merges, resolutions] = counts;
     assert_eq!(
         b.counts().await,
