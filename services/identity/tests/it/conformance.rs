@@ -223,12 +223,8 @@ async fn replaying_events_answers_the_same_and_changes_nothing(b: &Backend) {
         mixed[0].profile_id
     );
     let [profiles, identifiers, merges, resolutions] = counts;
-    assert_eq!(
-        b.counts().await,
-        [profiles + 1, identifiers + 1, merges, resolutions + 1],
-        "u8 is linked nowhere"
-    );
-    let counts = b.counts().await;
+    let counts = [profiles + 1, identifiers + 1, merges, resolutions + 1];
+    assert_eq!(b.counts().await, counts, "u8 is linked nowhere");
 
     // The same event twice in one batch: resolved once, answered twice.
     let dup = b
