@@ -74,6 +74,13 @@ impl<T: Clone + Eq + Hash + Ord> UnionFind<T> {
         }
     }
 
+    /// The index of the root of `item`'s set, when `item` is known: two known items are in
+    /// one set exactly when their roots are the same (until the next union).
+    pub fn root_of(&mut self, item: &T) -> Option<usize> {
+        let i = self.index.get(item).copied()?;
+        Some(self.root(i))
+    }
+
     /// The sets, each as a sorted set, in a canonical order.
     pub fn partition(&mut self) -> BTreeSet<BTreeSet<T>> {
         let mut sets: BTreeMap<usize, BTreeSet<T>> = BTreeMap::new();
@@ -96,8 +103,11 @@ mod tests {
         uf.union_all([3, 4]);
         uf.union_all([5]);
         assert!(!uf.same_set(&1, &3));
+        assert_ne!(uf.root_of(&1), uf.root_of(&3));
         uf.union_all([2, 3]);
         assert!(uf.same_set(&1, &4));
+        assert_eq!(uf.root_of(&1), uf.root_of(&4));
+        assert_eq!(uf.root_of(&6), None);
         let expected: BTreeSet<BTreeSet<i32>> =
             [BTreeSet::from([1, 2, 3, 4]), BTreeSet::from([5])].into();
         assert_eq!(uf.partition(), expected);

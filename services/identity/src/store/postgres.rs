@@ -1981,13 +1981,16 @@ fn tied_to(records: &[&Record], held: &[i64]) -> Vec<usize> {
     for record in records {
         sets.union_all(record_keys(record));
     }
+    // The sets of the held keys, once, rather than a comparison with each held key per record.
+    let held: HashSet<usize> = held.iter().filter_map(|h| sets.root_of(h)).collect();
     records
         .iter()
         .enumerate()
         .filter(|(_, record)| {
             record_keys(record)
                 .next()
-                .is_some_and(|key| held.iter().any(|h| sets.same_set(&key, h)))
+                .and_then(|key| sets.root_of(&key))
+                .is_some_and(|root| held.contains(&root))
         })
         .map(|(n, _)| n)
         .collect()
