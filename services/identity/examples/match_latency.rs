@@ -10,13 +10,29 @@
 //! sizes), trains a model on a 50,000-person sample, files everyone in the index, then matches
 //! PROBES records (default 10,000: half near-duplicates of indexed people with one typo, half new
 //! people) one at a time and prints the latency percentiles and how many duplicates were found.
+//!
+//! With `DATABASE_URL` set (an empty Postgres database), it measures the service's path
+//! instead: the same population becomes profiles of the identity service (one resolved record
+//! each) indexed through `Identity::match_profiles`, as the profile service sends their traits;
+//! a model trained the same way on the 50,000-person sample (in a schema of its own,
+//! `identity_train`, then copied over, so indexing the population matches nothing); then each
+//! probe is a new profile matched alone, one `match_profiles` call per profile, which reads its
+//! candidates from Postgres and merges at or above the auto-merge probability.
 #![allow(clippy::print_stdout)]
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
+use serde_json::{Map, Value};
+use tessera_core::Identifier;
+use tessera_identity::domain::Record;
 use tessera_identity::domain::matching::{
     Attributes, Matcher, MatchingConfig, MemoryIndex, Scratch, match_record, train,
 };
+use tessera_identity::{Identity, IdentitySettings, MIGRATIONS, SCHEMA};
+use tessera_store::{Database, DbSettings};
+use time::OffsetDateTime;
+use uuid::Uuid;
 
 /// A small deterministic generator (SplitMix64), so every run sees the same population.
 struct Rng(u64);
@@ -105,19 +121,201 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index.min(sorted.len() - 1)]
 }
 
-fn main() {
+/// The schema the service's model is trained in (named in the statements below, as is
+/// `identity`, the service's: sqlx takes only static SQL).
+const TRAIN_SCHEMA: &str = "identity_train";
+
+/// The service's largest batch (`IdentitySettings::max_batch`).
+const BATCH: usize = 5_000;
+
+/// A new profile per person in `people` (one record each, a fresh anonymous id), in order.
+async fn profiles(
+    identity: &Identity,
+    tag: &str,
+    people: &[Vec<(&'static str, String)>],
+) -> anyhow::Result<Vec<Uuid>> {
+    let rules = identity.rules();
+    let mut ids = Vec::with_capacity(people.len());
+    for (chunk_no, chunk) in people.chunks(BATCH).enumerate() {
+        let records = (0..chunk.len())
+            .map(|n| {
+                let key = format!("{tag}{}", chunk_no * BATCH + n);
+                Record::new(
+                    &rules.rules,
+                    key.clone(),
+                    vec![Identifier::new("anonymous_id", key)],
+                    OffsetDateTime::now_utc(),
+                )
+                .map_err(|v| anyhow::anyhow!("invalid record: {v:?}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        ids.extend(
+            identity
+                .resolve(records)
+                .await?
+                .into_iter()
+                .map(|r| r.profile_id),
+        );
+    }
+    Ok(ids)
+}
+
+/// A person's fields as the traits the profile service sends.
+fn traits(fields: &[(&'static str, String)]) -> Map<String, Value> {
+    fields
+        .iter()
+        .map(|(f, v)| ((*f).to_owned(), Value::String(v.clone())))
+        .collect()
+}
+
+/// Indexes `people` as the profiles `ids`, a batch at a time.
+async fn index(
+    identity: &Identity,
+    ids: &[Uuid],
+    people: &[Vec<(&'static str, String)>],
+) -> anyhow::Result<()> {
+    for (ids, people) in ids.chunks(BATCH).zip(people.chunks(BATCH)) {
+        let batch = ids
+            .iter()
+            .copied()
+            .zip(people.iter().map(|p| traits(p)))
+            .collect();
+        identity.match_profiles(batch).await?;
+    }
+    Ok(())
+}
+
+async fn open(url: &str, schema: &str) -> anyhow::Result<Identity> {
+    let settings = DbSettings {
+        max_connections: 4,
+        ..DbSettings::default()
+    };
+    let db = Database::connect(url, schema, &settings).await?;
+    db.migrate(MIGRATIONS).await?;
+    Ok(Identity::new(db, IdentitySettings::default()).await?)
+}
+
+/// The service's path: see the module's documentation.
+async fn service(
+    url: &str,
+    people: &[Vec<(&'static str, String)>],
+    probes: usize,
+    rng: &mut Rng,
+) -> anyhow::Result<()> {
+    let population = people.len();
+    anyhow::ensure!(
+        SCHEMA == "identity",
+        "the statements below name the schema identity"
+    );
+    let admin = sqlx::PgPool::connect(url).await?;
+    sqlx::query("DROP SCHEMA IF EXISTS identity_train CASCADE")
+        .execute(&admin)
+        .await?;
+
+    let started = Instant::now();
+    let trainer = open(url, TRAIN_SCHEMA).await?;
+    let sample_size = population.min(50_000);
+    let mut sample: Vec<Vec<(&'static str, String)>> = people[..sample_size].to_vec();
+    sample.extend(
+        people
+            .iter()
+            .take(sample_size)
+            .step_by(50)
+            .map(|p| typo(p.clone())),
+    );
+    let ids = profiles(&trainer, "t", &sample).await?;
+    index(&trainer, &ids, &sample).await?;
+    let summary = trainer.train_match_model().await?;
+    println!(
+        "trained on {} profiles in {:.1?}: {} candidate pairs, EM {} iterations (converged {}), λ = {:.3e}",
+        summary.profiles,
+        started.elapsed(),
+        summary.candidate_pairs,
+        summary.iterations,
+        summary.converged,
+        summary.lambda
+    );
+
+    let identity = open(url, SCHEMA).await?;
+    let started = Instant::now();
+    let ids = profiles(&identity, "p", people).await?;
+    println!("made {population} profiles in {:.1?}", started.elapsed());
+    let started = Instant::now();
+    index(&identity, &ids, people).await?;
+    println!("indexed {population} profiles in {:.1?}", started.elapsed());
+    sqlx::query("INSERT INTO identity.match_models SELECT * FROM identity_train.match_models")
+        .execute(&admin)
+        .await
+        .context("copying the trained model")?;
+    sqlx::query("DROP SCHEMA identity_train CASCADE")
+        .execute(&admin)
+        .await?;
+    sqlx::query("ANALYZE identity.match_keys, identity.match_attributes")
+        .execute(&admin)
+        .await?;
+
+    let mut latencies = Vec::with_capacity(probes);
+    let (mut duplicates, mut found, mut false_matches, mut suggestions) = (0, 0, 0, 0);
+    for n in 0..probes {
+        let (fields, original) = if n % 2 == 0 {
+            let original = usize::try_from(rng.below(population as u64)).unwrap_or(0);
+            (typo(people[original].clone()), Some(original))
+        } else {
+            (person(rng), None)
+        };
+        let probe = profiles(&identity, &format!("q{n}-"), std::slice::from_ref(&fields)).await?;
+        let started = Instant::now();
+        let outcome = identity
+            .match_profiles(vec![(probe[0], traits(&fields))])
+            .await?;
+        latencies.push(started.elapsed());
+        suggestions += outcome.suggestions;
+        match original {
+            Some(original) => {
+                duplicates += 1;
+                if outcome.merges.iter().any(|m| {
+                    m.merged_profile_id == probe[0] && m.surviving_profile_id == ids[original]
+                }) {
+                    found += 1;
+                }
+            }
+            None if !outcome.merges.is_empty() => false_matches += 1,
+            None => {}
+        }
+    }
+    latencies.sort_unstable();
+    println!(
+        "matched {probes} new profiles one call each against {population}: p50 {:.3?}, p95 {:.3?}, p99 {:.3?}, max {:.3?}",
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.95),
+        percentile(&latencies, 0.99),
+        latencies[latencies.len() - 1]
+    );
+    println!(
+        "near-duplicates merged into their original: {found} of {duplicates}; new people merged with someone: {false_matches} of {}; suggestions stored: {suggestions}",
+        probes - duplicates
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let population: usize = args
         .next()
         .and_then(|a| a.parse().ok())
         .unwrap_or(1_000_000);
     let probes: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10_000);
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        let mut rng = Rng(0x5eed);
+        let started = Instant::now();
+        let people: Vec<Vec<(&'static str, String)>> =
+            (0..population).map(|_| person(&mut rng)).collect();
+        println!("generated {population} people in {:.1?}", started.elapsed());
+        return tokio::runtime::Runtime::new()?.block_on(service(&url, &people, probes, &mut rng));
+    }
     let matcher = match Matcher::new(MatchingConfig::default()) {
         Ok(matcher) => matcher,
-        Err(e) => {
-            println!("invalid default config: {e}");
-            return;
-        }
+        Err(e) => anyhow::bail!("invalid default config: {e}"),
     };
 
     let started = Instant::now();
@@ -194,4 +392,5 @@ fn main() {
         "near-duplicates found at p >= 0.99: {found} of {duplicates}; new people matched to someone: {false_matches} of {}",
         probes - duplicates
     );
+    Ok(())
 }
