@@ -121,6 +121,18 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index.min(sorted.len() - 1)]
 }
 
+/// Prints `what`, then the percentiles of `latencies` (sorted here; at least one).
+fn print_latencies(what: &str, latencies: &mut [Duration]) {
+    latencies.sort_unstable();
+    println!(
+        "{what}: p50 {:.3?}, p95 {:.3?}, p99 {:.3?}, max {:.3?}",
+        percentile(latencies, 0.50),
+        percentile(latencies, 0.95),
+        percentile(latencies, 0.99),
+        latencies[latencies.len() - 1]
+    );
+}
+
 /// The schema the service's model is trained in (named in the statements below, as is
 /// `identity`, the service's: sqlx takes only static SQL).
 const TRAIN_SCHEMA: &str = "identity_train";
@@ -283,13 +295,9 @@ async fn service(
             None => {}
         }
     }
-    latencies.sort_unstable();
-    println!(
-        "matched {probes} new profiles one call each against {population}: p50 {:.3?}, p95 {:.3?}, p99 {:.3?}, max {:.3?}",
-        percentile(&latencies, 0.50),
-        percentile(&latencies, 0.95),
-        percentile(&latencies, 0.99),
-        latencies[latencies.len() - 1]
+    print_latencies(
+        &format!("matched {probes} new profiles one call each against {population}"),
+        &mut latencies,
     );
     println!(
         "near-duplicates merged into their original: {found} of {duplicates}; new people merged with someone: {false_matches} of {}; suggestions stored: {suggestions}",
@@ -380,13 +388,9 @@ fn main() -> anyhow::Result<()> {
             None => {}
         }
     }
-    latencies.sort_unstable();
-    println!(
-        "matched {probes} records one at a time against {population}: p50 {:.3?}, p95 {:.3?}, p99 {:.3?}, max {:.3?}",
-        percentile(&latencies, 0.50),
-        percentile(&latencies, 0.95),
-        percentile(&latencies, 0.99),
-        latencies[latencies.len() - 1]
+    print_latencies(
+        &format!("matched {probes} records one at a time against {population}"),
+        &mut latencies,
     );
     println!(
         "near-duplicates found at p >= 0.99: {found} of {duplicates}; new people matched to someone: {false_matches} of {}",

@@ -68,8 +68,8 @@ impl<T: Clone + Eq + Hash + Ord> UnionFind<T> {
 
     /// Whether `a` and `b` are known and in the same set.
     pub fn same_set(&mut self, a: &T, b: &T) -> bool {
-        match (self.index.get(a).copied(), self.index.get(b).copied()) {
-            (Some(a), Some(b)) => self.root(a) == self.root(b),
+        match (self.root_of(a), self.root_of(b)) {
+            (Some(a), Some(b)) => a == b,
             _ => false,
         }
     }
