@@ -133,10 +133,6 @@ fn print_latencies(what: &str, latencies: &mut [Duration]) {
     );
 }
 
-/// The schema the service's model is trained in (named in the statements below, as is
-/// `identity`, the service's: sqlx takes only static SQL).
-const TRAIN_SCHEMA: &str = "identity_train";
-
 /// The service's largest batch (`IdentitySettings::max_batch`).
 const BATCH: usize = 5_000;
 
@@ -225,7 +221,8 @@ async fn service(
         .await?;
 
     let started = Instant::now();
-    let trainer = open(url, TRAIN_SCHEMA).await?;
+    // The statements here name the schemas (sqlx takes only static SQL).
+    let trainer = open(url, "identity_train").await?;
     let sample_size = population.min(50_000);
     let mut sample: Vec<Vec<(&'static str, String)>> = people[..sample_size].to_vec();
     sample.extend(

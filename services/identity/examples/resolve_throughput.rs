@@ -58,12 +58,18 @@ fn records(
             let anonymous = Identifier::new("anonymous_id", format!("a{visitor}"));
             let user = Identifier::new("user_id", format!("u{visitor}"));
             let email = Identifier::new("email", format!("p{visitor}@example.com"));
-            let ids = match (seed, seq % 2, rng.random_range(0..100)) {
-                (true, 0, _) => vec![anonymous, user],
-                (true, _, _) => vec![user, email],
-                (false, _, 0..70) => vec![anonymous],
-                (false, _, 70..90) => vec![anonymous, user],
-                (false, _, _) => vec![user, email],
+            let ids = if seed {
+                if seq.is_multiple_of(2) {
+                    vec![anonymous, user]
+                } else {
+                    vec![user, email]
+                }
+            } else {
+                match rng.random_range(0..100) {
+                    0..70 => vec![anonymous],
+                    70..90 => vec![anonymous, user],
+                    _ => vec![user, email],
+                }
             };
             Record::new(
                 &rules.rules,
