@@ -16,7 +16,6 @@ use super::{
     Version, attach_identifiers, timeline_entries,
 };
 use crate::account::{Account, Member};
-use crate::computed::Acc;
 use crate::definitions::{SharedDefinitions, StoredDefinition};
 use crate::domain::{Batch, Profile, ProfileState, Split};
 use crate::error::ProfileError;
@@ -755,31 +754,33 @@ impl Ops for PgOps<'_> {
         let mut updated = Vec::with_capacity(n);
         let mut computed = Vec::with_capacity(n);
         let mut valid_until = Vec::with_capacity(n);
+        // The JSON columns are `json`: sent as text, which Postgres only validates.
         for p in profiles {
             ids.push(p.profile_id.as_str());
             merged_into.push(p.merged_into.as_deref());
-            traits.push(Json(&p.state.traits));
+            traits.push(json_text(&p.state.traits)?);
             event_counts.push(p.state.event_count);
             first_seen.push(p.state.first_seen);
             last_seen.push(p.state.last_seen);
             activity.push(p.state.activity_log2);
-            scores.push(Json(&p.scores));
-            merged_ids.push(Json(&p.merged_profile_ids));
+            scores.push(json_text(&p.scores)?);
+            merged_ids.push(json_text(&p.merged_profile_ids)?);
             versions.push(p.version);
             updated.push(p.updated_at);
-            computed.push(Json(&p.state.computed));
+            computed.push(json_text(&p.state.computed)?);
             valid_until.push(p.valid_until);
         }
         sqlx::query(
-            "UPDATE profiles p SET merged_into = u.merged_into, traits = u.traits, \
+            "UPDATE profiles p SET merged_into = u.merged_into, traits = u.traits::json, \
                  event_count = u.event_count, first_seen = u.first_seen, \
-                 last_seen = u.last_seen, activity_log2 = u.activity_log2, scores = u.scores, \
-                 merged_profile_ids = ARRAY(SELECT jsonb_array_elements_text(u.merged_ids)), \
-                 version = u.version, updated_at = u.updated_at, computed = u.computed, \
+                 last_seen = u.last_seen, activity_log2 = u.activity_log2, \
+                 scores = u.scores::json, \
+                 merged_profile_ids = ARRAY(SELECT json_array_elements_text(u.merged_ids::json)), \
+                 version = u.version, updated_at = u.updated_at, computed = u.computed::json, \
                  valid_until = u.valid_until \
-             FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::int8[], $5::timestamptz[], \
-                         $6::timestamptz[], $7::float8[], $8::jsonb[], $9::jsonb[], $10::int8[], \
-                         $11::timestamptz[], $12::jsonb[], $13::timestamptz[]) \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::timestamptz[], \
+                         $6::timestamptz[], $7::float8[], $8::text[], $9::text[], $10::int8[], \
+                         $11::timestamptz[], $12::text[], $13::timestamptz[]) \
                   AS u(profile_id, merged_into, traits, event_count, first_seen, last_seen, \
                        activity_log2, scores, merged_ids, version, updated_at, computed, \
                        valid_until) \
@@ -1238,9 +1239,9 @@ impl Ops for PgOps<'_> {
 }
 
 /// Makes `p` what a read of its row returns once written: times to the microsecond, as sqlx
-/// sends them ([`stored_time`]), and the numbers in its JSON values as jsonb prints them
-/// ([`jsonb_numbers`]). Every other column reads back as written (JSON text parses back bit
-/// for bit with `float_roundtrip`; `float8`, `text[]` and integers are exact).
+/// sends them ([`stored_time`]). Every other column reads back as written (the JSON columns
+/// are `json`, which keeps the text, and JSON text parses back bit for bit with
+/// `float_roundtrip`; `float8`, `text[]` and integers are exact).
 fn stored_form(p: &mut Profile) {
     for t in [&mut p.created_at, &mut p.updated_at] {
         *t = stored_time(*t);
@@ -1256,26 +1257,6 @@ fn stored_form(p: &mut Profile) {
     {
         *t = stored_time(*t);
     }
-    for t in state.traits.values_mut() {
-        jsonb_numbers(&mut t.value);
-    }
-    for acc in state.computed.0.values_mut() {
-        match acc {
-            Acc::First(entry) | Acc::Last(entry) => jsonb_numbers(&mut entry.value),
-            Acc::Window { entries } => {
-                for entry in entries {
-                    jsonb_numbers(&mut entry.value);
-                }
-            }
-            // Numbers typed `f64` read back as written, also when jsonb prints them as integers.
-            Acc::Count { .. }
-            | Acc::Sum { .. }
-            | Acc::Min { .. }
-            | Acc::Max { .. }
-            | Acc::Counts { .. }
-            | Acc::Decayed { .. } => {}
-        }
-    }
 }
 
 /// `t` as a `timestamptz` keeps it: sqlx sends whole microseconds since 2000-01-01,
@@ -1289,44 +1270,9 @@ fn stored_time(t: OffsetDateTime) -> OffsetDateTime {
         .map_or(t, |us| EPOCH + time::Duration::microseconds(us))
 }
 
-/// Makes the numbers in `value` what jsonb reads back: jsonb prints numbers without an
-/// exponent, so a double serde_json writes with a positive one (from 1e16 up) reads back as an
-/// integer where one fits (a trait holding a time in nanoseconds, say); and -0.0 as 0.0.
-fn jsonb_numbers(value: &mut serde_json::Value) {
-    use serde_json::Value;
-    match value {
-        Value::Number(n) => {
-            // Only a whole double can be written with a positive exponent (serde_json does
-            // from 1e16 up); the text is made for those alone. A numeric has no -0.
-            let Some(x) = n.as_f64().filter(|x| n.is_f64() && x.fract() == 0.0) else {
-                return;
-            };
-            if x == 0.0 {
-                *n = serde_json::Number::from_f64(0.0).unwrap_or_else(|| n.clone());
-            } else if let Some(plain) = without_exponent(&n.to_string())
-                && let Ok(read) = serde_json::from_str(&plain)
-            {
-                *n = read;
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(jsonb_numbers),
-        Value::Object(fields) => fields.values_mut().for_each(jsonb_numbers),
-        Value::Null | Value::Bool(_) | Value::String(_) => {}
-    }
-}
-
-/// `text` (`-1.25e17`) written without its positive exponent (`-125000000000000000`); `None`
-/// when it has none or it would leave a fraction.
-fn without_exponent(text: &str) -> Option<String> {
-    let (mantissa, exponent) = text.split_once(['e', 'E'])?;
-    let exponent: usize = exponent
-        .strip_prefix('+')
-        .unwrap_or(exponent)
-        .parse()
-        .ok()?;
-    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    let zeros = exponent.checked_sub(fraction.len())?;
-    Some(format!("{whole}{fraction}{}", "0".repeat(zeros)))
+/// `value` as JSON text, for a `json` column.
+fn json_text<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, sqlx::Error> {
+    serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
 
 fn profile(row: &PgRow) -> Result<Profile, sqlx::Error> {
@@ -1370,7 +1316,7 @@ fn account(row: &PgRow) -> Result<Account, sqlx::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::computed::Entry;
+    use crate::computed::{Acc, Entry};
     use crate::domain::TraitValue;
     use serde_json::json;
     use time::macros::datetime;
@@ -1386,42 +1332,6 @@ mod tests {
         assert_eq!(stored_time(t), datetime!(1999-12-31 23:59:58.000002 UTC));
         let t = datetime!(2026-06-01 00:00:00.5 +02:00);
         assert_eq!(stored_time(t), t);
-    }
-
-    #[test]
-    fn doubles_with_an_exponent_read_back_as_jsonb_prints_them() {
-        assert_eq!(
-            without_exponent("1e16").as_deref(),
-            Some("10000000000000000")
-        );
-        assert_eq!(
-            without_exponent("-1.25e17").as_deref(),
-            Some("-125000000000000000")
-        );
-        assert_eq!(
-            without_exponent("2e+19").as_deref(),
-            Some("20000000000000000000")
-        );
-        assert_eq!(without_exponent("1.5e-7"), None);
-        assert_eq!(without_exponent("12.5"), None);
-        let mut value = json!({
-            "ns": 1.7329e18,
-            "neg": -2.5e16,
-            "over": 2e19,
-            "whole": 9_007_199_254_740_993.0_f64,
-            "small": 1.5e-7,
-            "int": 7,
-            "list": [3e17, "x", null, -0.0],
-        });
-        jsonb_numbers(&mut value);
-        // As jsonb prints them.
-        let expected = r#"{"int":7,"list":[300000000000000000,"x",null,0.0],"neg":-25000000000000000,"ns":1732900000000000000,"over":20000000000000000000,"small":0.00000015,"whole":9007199254740992.0}"#;
-        assert_eq!(
-            value,
-            serde_json::from_str::<serde_json::Value>(expected).unwrap()
-        );
-        assert!(value["ns"].is_u64() && value["neg"].is_i64() && value["over"].is_f64());
-        assert!(value["list"][3].as_f64().is_some_and(f64::is_sign_positive));
     }
 
     #[test]
@@ -1460,16 +1370,17 @@ mod tests {
             (p.state.first_seen, p.state.last_seen, p.valid_until),
             (Some(micro), None, Some(micro))
         );
-        assert!(p.state.traits["ns"].value.is_u64());
+        // The JSON columns keep the text: doubles read back as doubles.
+        assert!(p.state.traits["ns"].value.is_f64());
         // Inside JSON, times are RFC 3339 text to the nanosecond: kept.
         assert_eq!(p.state.traits["ns"].observed_at, now);
         let Some(Acc::Last(last)) = p.state.computed.0.get("last") else {
             panic!("a last accumulator");
         };
-        assert!(last.value[0].is_u64() && last.at == now);
+        assert!(last.value[0].is_f64() && last.at == now);
         let Some(Acc::Window { entries }) = p.state.computed.0.get("window") else {
             panic!("a window accumulator");
         };
-        assert!(entries[0].value[0].is_u64());
+        assert!(entries[0].value[0].is_f64());
     }
 }
