@@ -223,15 +223,12 @@ mod tests {
         assert_eq!(logged(&log).await, ["a", "b", "c", "d", "e"]);
     }
 
-    /// A request the log refuses (Postgres stores no NUL character in JSON) fails alone: the
-    /// other requests of its group are stored and answered.
+    /// A request the log refuses (here a payload that is not JSON, which the transports never
+    /// send) fails alone: the other requests of its group are stored and answered.
     #[tokio::test(flavor = "multi_thread")]
     async fn a_request_the_log_refuses_fails_alone() {
         let (_db, log) = postgres_log().await;
-        let bad = event(
-            "bad",
-            r#"{"messageId":"bad","type":"track","event":"\u0000"}"#,
-        );
+        let bad = event("bad", r#"{"messageId":"bad","type":"track","event":"#);
         let (p1, a1) = pending(vec![good("a")]);
         let (p2, a2) = pending(vec![good("b"), bad]);
         let (p3, a3) = pending(vec![good("c")]);

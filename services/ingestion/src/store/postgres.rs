@@ -131,7 +131,7 @@ impl EventLog for PgEventLog {
              logged AS ( \
                INSERT INTO events (event_id, source_id, message_id, partition, payload, received_at, \
                                    trace_parent, trace_state) \
-               SELECT i.event_id, i.source_id, i.message_id, i.partition, i.payload::jsonb, \
+               SELECT i.event_id, i.source_id, i.message_id, i.partition, i.payload::json, \
                       i.received_at, i.trace_parent, i.trace_state \
                FROM input i JOIN claimed c ON c.event_id = i.event_id ORDER BY i.pos) \
              SELECT source_id, message_id, event_id FROM claimed",
