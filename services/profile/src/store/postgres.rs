@@ -549,6 +549,105 @@ impl PostgresStore {
     }
 }
 
+/// The CTE that writes profile rows from the 13 arrays [`Rows::bind`] binds as `$1`–`$13`
+/// (see [`Ops::write`]), as a literal for `concat!`.
+macro_rules! write_rows {
+    () => {
+        "written AS ( \
+       UPDATE profiles p SET merged_into = u.merged_into, traits = u.traits::json, \
+           event_count = u.event_count, first_seen = u.first_seen, \
+           last_seen = u.last_seen, activity_log2 = u.activity_log2, \
+           scores = u.scores::json, \
+           merged_profile_ids = ARRAY(SELECT json_array_elements_text(u.merged_ids::json)), \
+           version = u.version, updated_at = u.updated_at, computed = u.computed::json, \
+           valid_until = u.valid_until \
+       FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::timestamptz[], \
+                   $6::timestamptz[], $7::float8[], $8::text[], $9::text[], $10::int8[], \
+                   $11::timestamptz[], $12::text[], $13::timestamptz[]) \
+            AS u(profile_id, merged_into, traits, event_count, first_seen, last_seen, \
+                 activity_log2, scores, merged_ids, version, updated_at, computed, \
+                 valid_until) \
+       WHERE p.profile_id = u.profile_id)"
+    };
+}
+
+/// Profile rows as the arrays [`write_rows`] takes, one element per profile. The merged ids
+/// travel as JSON arrays because UNNEST cannot take an array of arrays of different lengths;
+/// the JSON columns are `json`, sent as text, which Postgres only validates.
+struct Rows<'a> {
+    ids: Vec<&'a str>,
+    merged_into: Vec<Option<&'a str>>,
+    traits: Vec<String>,
+    event_counts: Vec<i64>,
+    first_seen: Vec<Option<OffsetDateTime>>,
+    last_seen: Vec<Option<OffsetDateTime>>,
+    activity: Vec<Option<f64>>,
+    scores: Vec<String>,
+    merged_ids: Vec<String>,
+    versions: Vec<i64>,
+    updated: Vec<OffsetDateTime>,
+    computed: Vec<String>,
+    valid_until: Vec<Option<OffsetDateTime>>,
+}
+
+impl<'a> Rows<'a> {
+    fn of(profiles: &[&'a Profile]) -> Result<Self, sqlx::Error> {
+        let n = profiles.len();
+        let mut rows = Rows {
+            ids: Vec::with_capacity(n),
+            merged_into: Vec::with_capacity(n),
+            traits: Vec::with_capacity(n),
+            event_counts: Vec::with_capacity(n),
+            first_seen: Vec::with_capacity(n),
+            last_seen: Vec::with_capacity(n),
+            activity: Vec::with_capacity(n),
+            scores: Vec::with_capacity(n),
+            merged_ids: Vec::with_capacity(n),
+            versions: Vec::with_capacity(n),
+            updated: Vec::with_capacity(n),
+            computed: Vec::with_capacity(n),
+            valid_until: Vec::with_capacity(n),
+        };
+        for p in profiles {
+            rows.ids.push(p.profile_id.as_str());
+            rows.merged_into.push(p.merged_into.as_deref());
+            rows.traits.push(json_text(&p.state.traits)?);
+            rows.event_counts.push(p.state.event_count);
+            rows.first_seen.push(p.state.first_seen);
+            rows.last_seen.push(p.state.last_seen);
+            rows.activity.push(p.state.activity_log2);
+            rows.scores.push(json_text(&p.scores)?);
+            rows.merged_ids.push(json_text(&p.merged_profile_ids)?);
+            rows.versions.push(p.version);
+            rows.updated.push(p.updated_at);
+            rows.computed.push(json_text(&p.state.computed)?);
+            rows.valid_until.push(p.valid_until);
+        }
+        Ok(rows)
+    }
+
+    /// Binds the arrays as `$1`–`$13` of `query`.
+    fn bind(
+        self,
+        query: sqlx::query::Query<'a, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'a, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.ids)
+            .bind(self.merged_into)
+            .bind(self.traits)
+            .bind(self.event_counts)
+            .bind(self.first_seen)
+            .bind(self.last_seen)
+            .bind(self.activity)
+            .bind(self.scores)
+            .bind(self.merged_ids)
+            .bind(self.versions)
+            .bind(self.updated)
+            .bind(self.computed)
+            .bind(self.valid_until)
+    }
+}
+
 struct PgOps<'c>(&'c mut PgConnection);
 
 #[async_trait]
@@ -738,69 +837,63 @@ impl Ops for PgOps<'_> {
         if profiles.is_empty() {
             return Ok(());
         }
-        // One statement for the whole batch; the merged ids travel as JSON arrays because
-        // UNNEST cannot take an array of arrays of different lengths.
-        let n = profiles.len();
-        let mut ids = Vec::with_capacity(n);
-        let mut merged_into = Vec::with_capacity(n);
-        let mut traits = Vec::with_capacity(n);
-        let mut event_counts = Vec::with_capacity(n);
-        let mut first_seen = Vec::with_capacity(n);
-        let mut last_seen = Vec::with_capacity(n);
-        let mut activity = Vec::with_capacity(n);
-        let mut scores = Vec::with_capacity(n);
-        let mut merged_ids = Vec::with_capacity(n);
-        let mut versions = Vec::with_capacity(n);
-        let mut updated = Vec::with_capacity(n);
-        let mut computed = Vec::with_capacity(n);
-        let mut valid_until = Vec::with_capacity(n);
-        // The JSON columns are `json`: sent as text, which Postgres only validates.
-        for p in profiles {
-            ids.push(p.profile_id.as_str());
-            merged_into.push(p.merged_into.as_deref());
-            traits.push(json_text(&p.state.traits)?);
-            event_counts.push(p.state.event_count);
-            first_seen.push(p.state.first_seen);
-            last_seen.push(p.state.last_seen);
-            activity.push(p.state.activity_log2);
-            scores.push(json_text(&p.scores)?);
-            merged_ids.push(json_text(&p.merged_profile_ids)?);
-            versions.push(p.version);
-            updated.push(p.updated_at);
-            computed.push(json_text(&p.state.computed)?);
-            valid_until.push(p.valid_until);
+        // One statement for the whole batch.
+        Rows::of(profiles)?
+            .bind(sqlx::query(concat!("WITH ", write_rows!(), " SELECT 1")))
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn write_logged(
+        &mut self,
+        profiles: &[&Profile],
+        memberships: &[MembershipChange],
+        changes: &[NewChange],
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error> {
+        if profiles.is_empty() && memberships.is_empty() && changes.is_empty() {
+            return Ok(());
         }
-        sqlx::query(
-            "UPDATE profiles p SET merged_into = u.merged_into, traits = u.traits::json, \
-                 event_count = u.event_count, first_seen = u.first_seen, \
-                 last_seen = u.last_seen, activity_log2 = u.activity_log2, \
-                 scores = u.scores::json, \
-                 merged_profile_ids = ARRAY(SELECT json_array_elements_text(u.merged_ids::json)), \
-                 version = u.version, updated_at = u.updated_at, computed = u.computed::json, \
-                 valid_until = u.valid_until \
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::timestamptz[], \
-                         $6::timestamptz[], $7::float8[], $8::text[], $9::text[], $10::int8[], \
-                         $11::timestamptz[], $12::text[], $13::timestamptz[]) \
-                  AS u(profile_id, merged_into, traits, event_count, first_seen, last_seen, \
-                       activity_log2, scores, merged_ids, version, updated_at, computed, \
-                       valid_until) \
-             WHERE p.profile_id = u.profile_id",
-        )
-        .bind(ids)
-        .bind(merged_into)
-        .bind(traits)
-        .bind(event_counts)
-        .bind(first_seen)
-        .bind(last_seen)
-        .bind(activity)
-        .bind(scores)
-        .bind(merged_ids)
-        .bind(versions)
-        .bind(updated)
-        .bind(computed)
-        .bind(valid_until)
-        .execute(&mut *self.0)
-        .await?;
+        // One statement: the three touch different tables, and each part of an empty array
+        // does nothing.
+        let (mut audiences, mut members, mut entered) = (Vec::new(), Vec::new(), Vec::new());
+        for c in memberships {
+            audiences.push(c.audience.as_str());
+            members.push(c.profile_id.as_str());
+            entered.push(c.entered);
+        }
+        let (mut changed, mut kinds, mut details) = (Vec::new(), Vec::new(), Vec::new());
+        for c in changes {
+            changed.push(c.profile_id.as_str());
+            kinds.push(c.kind);
+            details.push(Json(&c.detail));
+        }
+        Rows::of(profiles)?
+            .bind(sqlx::query(concat!(
+                "WITH ",
+                write_rows!(),
+                ", c AS (SELECT * FROM UNNEST($14::text[], $15::text[], $16::bool[]) \
+                         AS c(audience, profile_id, entered)), \
+                   gone AS (DELETE FROM audience_members m USING c \
+                            WHERE NOT c.entered AND m.audience = c.audience \
+                              AND m.profile_id = c.profile_id), \
+                   joined AS (INSERT INTO audience_members (audience, profile_id, entered_at) \
+                              SELECT audience, profile_id, $17 FROM c WHERE entered \
+                              ON CONFLICT DO NOTHING) \
+                 INSERT INTO profile_changes (profile_id, kind, detail, at) \
+                 SELECT p, k, d, $17 FROM UNNEST($18::text[], $19::text[], $20::jsonb[]) \
+                 WITH ORDINALITY AS x(p, k, d, n) ORDER BY n"
+            )))
+            .bind(audiences)
+            .bind(members)
+            .bind(entered)
+            .bind(now)
+            .bind(changed)
+            .bind(kinds)
+            .bind(details)
+            .execute(&mut *self.0)
+            .await?;
         Ok(())
     }
 
