@@ -571,6 +571,74 @@ macro_rules! write_rows {
     };
 }
 
+/// The CTEs that store audience entries and exits from the arrays [`membership_arrays`] makes
+/// (bound as the parameters named, then the time), as a literal for `concat!`.
+macro_rules! change_memberships {
+    ($audiences:literal, $profiles:literal, $entered:literal, $now:literal) => {
+        concat!(
+            "c AS (SELECT * FROM UNNEST(",
+            $audiences,
+            "::text[], ",
+            $profiles,
+            "::text[], ",
+            $entered,
+            "::bool[]) AS c(audience, profile_id, entered)), \
+             gone AS (DELETE FROM audience_members m USING c \
+                      WHERE NOT c.entered AND m.audience = c.audience \
+                        AND m.profile_id = c.profile_id), \
+             joined AS (INSERT INTO audience_members (audience, profile_id, entered_at) \
+                        SELECT audience, profile_id, ",
+            $now,
+            " FROM c WHERE entered \
+                        ON CONFLICT DO NOTHING)"
+        )
+    };
+}
+
+/// The statement that appends to the change log from the arrays [`change_arrays`] makes
+/// (bound as the parameters named, then the time), in their order, as a literal for
+/// `concat!`.
+macro_rules! log_changes {
+    ($profiles:literal, $kinds:literal, $details:literal, $now:literal) => {
+        concat!(
+            "INSERT INTO profile_changes (profile_id, kind, detail, at) \
+             SELECT p, k, d, ",
+            $now,
+            " FROM UNNEST(",
+            $profiles,
+            "::text[], ",
+            $kinds,
+            "::text[], ",
+            $details,
+            "::jsonb[]) WITH ORDINALITY AS x(p, k, d, n) ORDER BY n"
+        )
+    };
+}
+
+/// Audience entries and exits as arrays: audiences, profile ids, entered (or exited).
+fn membership_arrays(changes: &[MembershipChange]) -> (Vec<&str>, Vec<&str>, Vec<bool>) {
+    let (mut audiences, mut profiles, mut entered) = (Vec::new(), Vec::new(), Vec::new());
+    for c in changes {
+        audiences.push(c.audience.as_str());
+        profiles.push(c.profile_id.as_str());
+        entered.push(c.entered);
+    }
+    (audiences, profiles, entered)
+}
+
+/// Changes to log as arrays: profile ids, kinds, details.
+fn change_arrays(
+    changes: &[NewChange],
+) -> (Vec<&str>, Vec<&'static str>, Vec<Json<&serde_json::Value>>) {
+    let (mut profiles, mut kinds, mut details) = (Vec::new(), Vec::new(), Vec::new());
+    for c in changes {
+        profiles.push(c.profile_id.as_str());
+        kinds.push(c.kind);
+        details.push(Json(&c.detail));
+    }
+    (profiles, kinds, details)
+}
+
 /// Profile rows as the arrays [`write_rows`] takes, one element per profile. The merged ids
 /// travel as JSON arrays because UNNEST cannot take an array of arrays of different lengths;
 /// the JSON columns are `json`, sent as text, which Postgres only validates.
@@ -857,33 +925,16 @@ impl Ops for PgOps<'_> {
         }
         // One statement: the three touch different tables, and each part of an empty array
         // does nothing.
-        let (mut audiences, mut members, mut entered) = (Vec::new(), Vec::new(), Vec::new());
-        for c in memberships {
-            audiences.push(c.audience.as_str());
-            members.push(c.profile_id.as_str());
-            entered.push(c.entered);
-        }
-        let (mut changed, mut kinds, mut details) = (Vec::new(), Vec::new(), Vec::new());
-        for c in changes {
-            changed.push(c.profile_id.as_str());
-            kinds.push(c.kind);
-            details.push(Json(&c.detail));
-        }
+        let (audiences, members, entered) = membership_arrays(memberships);
+        let (changed, kinds, details) = change_arrays(changes);
         Rows::of(profiles)?
             .bind(sqlx::query(concat!(
                 "WITH ",
                 write_rows!(),
-                ", c AS (SELECT * FROM UNNEST($14::text[], $15::text[], $16::bool[]) \
-                         AS c(audience, profile_id, entered)), \
-                   gone AS (DELETE FROM audience_members m USING c \
-                            WHERE NOT c.entered AND m.audience = c.audience \
-                              AND m.profile_id = c.profile_id), \
-                   joined AS (INSERT INTO audience_members (audience, profile_id, entered_at) \
-                              SELECT audience, profile_id, $17 FROM c WHERE entered \
-                              ON CONFLICT DO NOTHING) \
-                 INSERT INTO profile_changes (profile_id, kind, detail, at) \
-                 SELECT p, k, d, $17 FROM UNNEST($18::text[], $19::text[], $20::jsonb[]) \
-                 WITH ORDINALITY AS x(p, k, d, n) ORDER BY n"
+                ", ",
+                change_memberships!("$14", "$15", "$16", "$17"),
+                " ",
+                log_changes!("$18", "$19", "$20", "$17")
             )))
             .bind(audiences)
             .bind(members)
@@ -937,22 +988,12 @@ impl Ops for PgOps<'_> {
         if changes.is_empty() {
             return Ok(());
         }
-        let (mut audiences, mut profiles, mut entered) = (Vec::new(), Vec::new(), Vec::new());
-        for c in changes {
-            audiences.push(c.audience.as_str());
-            profiles.push(c.profile_id.as_str());
-            entered.push(c.entered);
-        }
-        sqlx::query(
-            "WITH c AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::bool[]) \
-                        AS c(audience, profile_id, entered)), \
-                  gone AS (DELETE FROM audience_members m USING c \
-                           WHERE NOT c.entered AND m.audience = c.audience \
-                             AND m.profile_id = c.profile_id) \
-             INSERT INTO audience_members (audience, profile_id, entered_at) \
-             SELECT audience, profile_id, $4 FROM c WHERE entered \
-             ON CONFLICT DO NOTHING",
-        )
+        let (audiences, profiles, entered) = membership_arrays(changes);
+        sqlx::query(concat!(
+            "WITH ",
+            change_memberships!("$1", "$2", "$3", "$4"),
+            " SELECT 1"
+        ))
         .bind(audiences)
         .bind(profiles)
         .bind(entered)
@@ -1001,23 +1042,14 @@ impl Ops for PgOps<'_> {
         if changes.is_empty() {
             return Ok(());
         }
-        let (mut profiles, mut kinds, mut details) = (Vec::new(), Vec::new(), Vec::new());
-        for c in changes {
-            profiles.push(c.profile_id.as_str());
-            kinds.push(c.kind);
-            details.push(Json(&c.detail));
-        }
-        sqlx::query(
-            "INSERT INTO profile_changes (profile_id, kind, detail, at) \
-             SELECT p, k, d, $4 FROM UNNEST($1::text[], $2::text[], $3::jsonb[]) \
-             WITH ORDINALITY AS c(p, k, d, n) ORDER BY n",
-        )
-        .bind(profiles)
-        .bind(kinds)
-        .bind(details)
-        .bind(now)
-        .execute(&mut *self.0)
-        .await?;
+        let (profiles, kinds, details) = change_arrays(changes);
+        sqlx::query(log_changes!("$1", "$2", "$3", "$4"))
+            .bind(profiles)
+            .bind(kinds)
+            .bind(details)
+            .bind(now)
+            .execute(&mut *self.0)
+            .await?;
         Ok(())
     }
 
