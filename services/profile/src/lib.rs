@@ -25,6 +25,7 @@ pub mod fuzzing;
 mod http;
 pub mod psychographic;
 mod purchases;
+mod reads;
 mod service;
 pub mod store;
 mod watch;
@@ -43,6 +44,13 @@ pub use error::ProfileError;
 
 /// The Postgres schema of the profile service's tables.
 pub const SCHEMA: &str = "profile";
+
+/// How many grouped reads of cache misses run at once (see `reads`): a few of the pool's
+/// connections, so misses never hold all of it against the pipeline's writes.
+const READERS: usize = 4;
+
+/// A grouped read takes at most this many waiting misses.
+const READ_GROUP_IDS: usize = 64;
 
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -279,13 +287,15 @@ impl Profiles {
         // Config's, joined by those stored through the API on the first write or poll.
         let defs = Arc::new(definitions::SharedDefinitions::new(defs));
         let webhooks = Arc::new(webhooks::Webhooks::new(db.clone(), &settings.webhooks));
+        let store = store::open_shared(db.clone(), defs.clone());
         Self {
             webhooks,
             definitions: definitions::Registry::new(db.clone(), defs.clone()),
             change_retention_days: settings.change_retention_days.max(1),
             space_id: settings.space_id.clone(),
             inner: Arc::new(service::Inner {
-                store: store::open_shared(db, defs.clone()),
+                reads: reads::GroupRead::start(store.clone(), READERS, READ_GROUP_IDS),
+                store,
                 defs,
                 cache,
                 identity,

@@ -65,6 +65,8 @@ pub(crate) struct Inner {
     pub(crate) ingestion: Channel,
     /// Cache misses in progress, so concurrent misses of one profile read it once.
     pub(crate) flights: crate::flight::Flights,
+    /// Reads the cache misses of concurrent requests from the store together.
+    pub(crate) reads: crate::reads::GroupRead,
     pub(crate) half_life_seconds: f64,
     /// Everything folded and kept (declared computed traits, audiences and their hidden
     /// counts), evaluated when a profile is read: config's and those stored through the API,
@@ -501,8 +503,8 @@ impl Inner {
         }
         metrics::counter!("tessera_profile_cache_misses_total").increment(1);
         let profile = self
-            .store
-            .get(&profile_id)
+            .reads
+            .get(profile_id.clone())
             .await?
             .ok_or(ProfileError::NotFound)?;
         if let Some((key, epoch)) = identifier

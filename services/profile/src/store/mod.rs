@@ -205,6 +205,13 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
     /// The live profile `profile_id` resolves to (itself, or the profile it was merged into).
     async fn get(&self, profile_id: &str) -> Result<Option<Profile>, ProfileError>;
 
+    /// The live profile each of `profile_ids` resolves to, by the id asked for (ids that name
+    /// no stored profile are absent): [`ProfileStore::get`] of many ids at once.
+    async fn get_resolved(
+        &self,
+        profile_ids: &[String],
+    ) -> Result<HashMap<String, Profile>, ProfileError>;
+
     /// The live profiles among `profile_ids`, as stored (merged ones are left out).
     async fn get_many(&self, profile_ids: &[String]) -> Result<Vec<Profile>, ProfileError>;
 
@@ -962,6 +969,46 @@ trait Ops: Send {
     async fn resolve(&mut self, ids: &[String]) -> Result<HashMap<String, String>, sqlx::Error>;
     /// Loads profiles with their identifiers; with `lock`, locks them in id order first.
     async fn load(&mut self, ids: &[String], lock: bool) -> Result<Vec<Profile>, sqlx::Error>;
+    /// The live profile each of `ids` resolves to, with its identifiers, without locking, by
+    /// the id asked for; ids not stored (or whose chain is longer than [`MAX_MERGE_HOPS`]) are
+    /// absent. By default [`Ops::resolve`] then [`Ops::load`], resolving again the ids whose
+    /// profile was merged away between the two; Postgres reads them in one statement.
+    async fn live(&mut self, ids: &[String]) -> Result<HashMap<String, Profile>, ProfileError> {
+        let mut found = HashMap::with_capacity(ids.len());
+        let mut pending = ids.to_vec();
+        for _ in 0..MAX_LOCK_ROUNDS {
+            if pending.is_empty() {
+                return Ok(found);
+            }
+            let targets = self.resolve(&pending).await?;
+            let mut wanted: Vec<String> = targets.values().cloned().collect();
+            wanted.sort_unstable();
+            wanted.dedup();
+            let loaded: HashMap<String, Profile> = self
+                .load(&wanted, false)
+                .await?
+                .into_iter()
+                .map(|p| (p.profile_id.clone(), p))
+                .collect();
+            let mut again = Vec::new();
+            for id in pending {
+                match targets.get(&id).and_then(|target| loaded.get(target)) {
+                    Some(profile) if profile.merged_into.is_none() => {
+                        found.insert(id, profile.clone());
+                    }
+                    // Merged away between the two reads: resolve again.
+                    Some(_) => again.push(id),
+                    None => {}
+                }
+            }
+            pending = again;
+        }
+        if pending.is_empty() {
+            Ok(found)
+        } else {
+            Err(ProfileError::Contention)
+        }
+    }
     /// Makes `profile` (about to be written, or just written) what [`Ops::load`] returns of
     /// its row: each backend keeps times and JSON numbers its own way.
     fn as_stored(&self, profile: &mut Profile);
@@ -1631,19 +1678,7 @@ async fn lock_live<O: Ops>(
 
 /// The live profile `profile_id` resolves to, read through `ops`.
 async fn get<O: Ops>(ops: &mut O, profile_id: &str) -> Result<Option<Profile>, ProfileError> {
-    let ids = [profile_id.to_owned()];
-    for _ in 0..MAX_LOCK_ROUNDS {
-        let Some(target) = ops.resolve(&ids).await?.remove(profile_id) else {
-            return Ok(None);
-        };
-        match ops.load(&[target], false).await?.pop() {
-            Some(profile) if profile.merged_into.is_none() => return Ok(Some(profile)),
-            // Merged away between the two reads: resolve again.
-            Some(_) => {}
-            None => return Ok(None),
-        }
-    }
-    Err(ProfileError::Contention)
+    Ok(ops.live(&[profile_id.to_owned()]).await?.remove(profile_id))
 }
 
 /// The definitions in effect, brought up to date through `ops` first: a transaction that

@@ -73,6 +73,14 @@ impl ProfileStore for PostgresStore {
         super::get(&mut PgOps(&mut conn), profile_id).await
     }
 
+    async fn get_resolved(
+        &self,
+        profile_ids: &[String],
+    ) -> Result<HashMap<String, Profile>, ProfileError> {
+        let mut conn = self.pool.acquire().await?;
+        PgOps(&mut conn).live(profile_ids).await
+    }
+
     async fn get_many(&self, profile_ids: &[String]) -> Result<Vec<Profile>, ProfileError> {
         let mut conn = self.pool.acquire().await?;
         super::get_many(&mut PgOps(&mut conn), profile_ids).await
@@ -549,6 +557,27 @@ impl PostgresStore {
     }
 }
 
+/// The columns of `profiles` (aliased `p`) that [`profile`] reads.
+macro_rules! profile_columns {
+    () => {
+        "p.profile_id, p.merged_into, p.traits, p.event_count, p.first_seen, p.last_seen, \
+         p.activity_log2, p.scores, p.merged_profile_ids, p.version, p.created_at, \
+         p.updated_at, p.computed, p.valid_until"
+    };
+}
+
+/// Joins each row of `profiles` (aliased `p`) to its identifiers' types and values, as two
+/// arrays in the same order (`i.identifier_types`, `i.identifier_values`; `NULL` when it has
+/// none), which the select list names after `profile_columns!()`.
+macro_rules! with_identifiers {
+    () => {
+        "CROSS JOIN LATERAL ( \
+             SELECT array_agg(type) AS identifier_types, array_agg(value) AS identifier_values \
+             FROM profile_identifiers WHERE profile_id = p.profile_id \
+         ) i"
+    };
+}
+
 /// The CTE that writes profile rows from the 13 arrays [`Rows::bind`] binds as `$1`–`$13`
 /// (see [`Ops::write`]), as a literal for `concat!`.
 macro_rules! write_rows {
@@ -758,28 +787,68 @@ impl Ops for PgOps<'_> {
             .collect()
     }
 
+    async fn live(&mut self, ids: &[String]) -> Result<HashMap<String, Profile>, ProfileError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        // One statement, so one snapshot: the chains, the rows and their identifiers agree, and
+        // no profile can be merged away between reading its chain and its row.
+        let rows = sqlx::query(concat!(
+            "WITH RECURSIVE chain (start_id, profile_id, merged_into, hops) AS ( \
+                 SELECT profile_id, profile_id, merged_into, 0::bigint \
+                 FROM profiles WHERE profile_id = ANY($1) \
+               UNION ALL \
+                 SELECT c.start_id, p.profile_id, p.merged_into, c.hops + 1 \
+                 FROM chain c JOIN profiles p ON p.profile_id = c.merged_into \
+                 WHERE c.hops < $2 \
+             ) \
+             SELECT c.start_id, ",
+            profile_columns!(),
+            ", i.identifier_types, i.identifier_values \
+             FROM chain c JOIN profiles p ON p.profile_id = c.profile_id ",
+            with_identifiers!(),
+            " WHERE c.merged_into IS NULL",
+        ))
+        .bind(ids)
+        .bind(super::MAX_MERGE_HOPS)
+        .fetch_all(&mut *self.0)
+        .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("start_id")?, profile_with_identifiers(row)?)))
+            .collect()
+    }
+
     async fn load(&mut self, ids: &[String], lock: bool) -> Result<Vec<Profile>, sqlx::Error> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let query = if lock {
-            sqlx::query(
-                "SELECT profile_id, merged_into, traits, event_count, first_seen, last_seen, \
-                        activity_log2, scores, merged_profile_ids, version, created_at, \
-                        updated_at, computed, valid_until \
-                 FROM profiles WHERE profile_id = ANY($1) ORDER BY profile_id FOR UPDATE",
-            )
-        } else {
-            sqlx::query(
-                "SELECT profile_id, merged_into, traits, event_count, first_seen, last_seen, \
-                        activity_log2, scores, merged_profile_ids, version, created_at, \
-                        updated_at, computed, valid_until \
-                 FROM profiles WHERE profile_id = ANY($1) ORDER BY profile_id",
-            )
-        };
-        let rows = query.bind(ids).fetch_all(&mut *self.0).await?;
+        if !lock {
+            // One statement: the rows and their identifiers from one snapshot.
+            let rows = sqlx::query(concat!(
+                "SELECT ",
+                profile_columns!(),
+                ", i.identifier_types, i.identifier_values FROM profiles p ",
+                with_identifiers!(),
+                " WHERE p.profile_id = ANY($1) ORDER BY p.profile_id",
+            ))
+            .bind(ids)
+            .fetch_all(&mut *self.0)
+            .await?;
+            return rows.iter().map(profile_with_identifiers).collect();
+        }
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            profile_columns!(),
+            " FROM profiles p WHERE p.profile_id = ANY($1) ORDER BY p.profile_id FOR UPDATE",
+        ))
+        .bind(ids)
+        .fetch_all(&mut *self.0)
+        .await?;
         let mut profiles = rows.iter().map(profile).collect::<Result<Vec<_>, _>>()?;
-        // Read after the rows: identifiers are then at least as new as the rows they join.
+        // Read after the rows, not joined to them: a row locked after waiting for a concurrent
+        // writer is its newest version, which a join's subquery (on the statement's snapshot)
+        // would not see the identifiers of; read after, identifiers are at least as new as the
+        // rows they join.
         let rows = sqlx::query(
             "SELECT profile_id, type, value FROM profile_identifiers WHERE profile_id = ANY($1)",
         )
@@ -1423,6 +1492,22 @@ fn profile(row: &PgRow) -> Result<Profile, sqlx::Error> {
         updated_at: row.try_get("updated_at")?,
         valid_until: row.try_get("valid_until")?,
     })
+}
+
+/// A row read with `profile_columns!()` and `with_identifiers!()`: the profile with its
+/// identifiers.
+fn profile_with_identifiers(row: &PgRow) -> Result<Profile, sqlx::Error> {
+    let mut profile = profile(row)?;
+    let types: Option<Vec<String>> = row.try_get("identifier_types")?;
+    let values: Option<Vec<String>> = row.try_get("identifier_values")?;
+    profile.state.identifiers.extend(
+        types
+            .unwrap_or_default()
+            .into_iter()
+            .zip(values.unwrap_or_default())
+            .map(|(kind, value)| Identifier::new(kind, value)),
+    );
+    Ok(profile)
 }
 
 fn account(row: &PgRow) -> Result<Account, sqlx::Error> {

@@ -273,6 +273,14 @@ impl ProfileStore for SqliteStore {
         Ok((members, total))
     }
 
+    async fn get_resolved(
+        &self,
+        profile_ids: &[String],
+    ) -> Result<HashMap<String, Profile>, ProfileError> {
+        let mut conn = self.pool.acquire().await?;
+        LiteOps(&mut conn).live(profile_ids).await
+    }
+
     async fn get_many(&self, profile_ids: &[String]) -> Result<Vec<Profile>, ProfileError> {
         let mut conn = self.pool.acquire().await?;
         super::get_many(&mut LiteOps(&mut conn), profile_ids).await

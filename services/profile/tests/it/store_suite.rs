@@ -445,6 +445,13 @@ async fn merge_chains_lead_to_the_last_survivor(store: &dyn ProfileStore) {
             "{id} resolves to d"
         );
     }
+    // Many at once (a grouped read of cache misses): by the id asked for, the unknown absent.
+    let ids = ["a", "b", "d", "nobody"].map(str::to_owned);
+    let resolved = store.get_resolved(&ids).await.unwrap();
+    assert_eq!(resolved.len(), 3, "{:?}", resolved.keys());
+    for id in ["a", "b", "d"] {
+        assert_eq!(resolved[id], d, "{id} resolves to d");
+    }
     let live = store
         .get_many(&["a".to_owned(), "d".to_owned()])
         .await
