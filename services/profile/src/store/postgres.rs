@@ -557,6 +557,22 @@ impl PostgresStore {
     }
 }
 
+/// `chain (start_id, profile_id, merged_into, hops)`: each of the ids `$1` and the profiles its
+/// merge chain leads through, at most `$2` hops; a row with `merged_into IS NULL` is the live
+/// profile its start id resolves to.
+macro_rules! merge_chains {
+    () => {
+        "WITH RECURSIVE chain (start_id, profile_id, merged_into, hops) AS ( \
+             SELECT profile_id, profile_id, merged_into, 0::bigint \
+             FROM profiles WHERE profile_id = ANY($1) \
+           UNION ALL \
+             SELECT c.start_id, p.profile_id, p.merged_into, c.hops + 1 \
+             FROM chain c JOIN profiles p ON p.profile_id = c.merged_into \
+             WHERE c.hops < $2 \
+         )"
+    };
+}
+
 /// The columns of `profiles` (aliased `p`) that [`profile`] reads.
 macro_rules! profile_columns {
     () => {
@@ -767,17 +783,10 @@ impl Ops for PgOps<'_> {
     }
 
     async fn resolve(&mut self, ids: &[String]) -> Result<HashMap<String, String>, sqlx::Error> {
-        let rows = sqlx::query(
-            "WITH RECURSIVE chain (start_id, profile_id, merged_into, hops) AS ( \
-                 SELECT profile_id, profile_id, merged_into, 0::bigint \
-                 FROM profiles WHERE profile_id = ANY($1) \
-               UNION ALL \
-                 SELECT c.start_id, p.profile_id, p.merged_into, c.hops + 1 \
-                 FROM chain c JOIN profiles p ON p.profile_id = c.merged_into \
-                 WHERE c.hops < $2 \
-             ) \
-             SELECT start_id, profile_id FROM chain WHERE merged_into IS NULL",
-        )
+        let rows = sqlx::query(concat!(
+            merge_chains!(),
+            " SELECT start_id, profile_id FROM chain WHERE merged_into IS NULL",
+        ))
         .bind(ids)
         .bind(super::MAX_MERGE_HOPS)
         .fetch_all(&mut *self.0)
@@ -794,15 +803,8 @@ impl Ops for PgOps<'_> {
         // One statement, so one snapshot: the chains, the rows and their identifiers agree, and
         // no profile can be merged away between reading its chain and its row.
         let rows = sqlx::query(concat!(
-            "WITH RECURSIVE chain (start_id, profile_id, merged_into, hops) AS ( \
-                 SELECT profile_id, profile_id, merged_into, 0::bigint \
-                 FROM profiles WHERE profile_id = ANY($1) \
-               UNION ALL \
-                 SELECT c.start_id, p.profile_id, p.merged_into, c.hops + 1 \
-                 FROM chain c JOIN profiles p ON p.profile_id = c.merged_into \
-                 WHERE c.hops < $2 \
-             ) \
-             SELECT c.start_id, ",
+            merge_chains!(),
+            " SELECT c.start_id, ",
             profile_columns!(),
             ", i.identifier_types, i.identifier_values \
              FROM chain c JOIN profiles p ON p.profile_id = c.profile_id ",
