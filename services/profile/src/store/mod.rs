@@ -203,7 +203,12 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
     ) -> Result<Applied, ProfileError>;
 
     /// The live profile `profile_id` resolves to (itself, or the profile it was merged into).
-    async fn get(&self, profile_id: &str) -> Result<Option<Profile>, ProfileError>;
+    async fn get(&self, profile_id: &str) -> Result<Option<Profile>, ProfileError> {
+        Ok(self
+            .get_resolved(&[profile_id.to_owned()])
+            .await?
+            .remove(profile_id))
+    }
 
     /// The live profile each of `profile_ids` resolves to, by the id asked for (ids that name
     /// no stored profile are absent): [`ProfileStore::get`] of many ids at once.
@@ -1674,11 +1679,6 @@ async fn lock_live<O: Ops>(
         }
     }
     Err(ProfileError::Contention)
-}
-
-/// The live profile `profile_id` resolves to, read through `ops`.
-async fn get<O: Ops>(ops: &mut O, profile_id: &str) -> Result<Option<Profile>, ProfileError> {
-    Ok(ops.live(&[profile_id.to_owned()]).await?.remove(profile_id))
 }
 
 /// The definitions in effect, brought up to date through `ops` first: a transaction that

@@ -68,11 +68,6 @@ impl ProfileStore for PostgresStore {
         Ok(applied)
     }
 
-    async fn get(&self, profile_id: &str) -> Result<Option<Profile>, ProfileError> {
-        let mut conn = self.pool.acquire().await?;
-        super::get(&mut PgOps(&mut conn), profile_id).await
-    }
-
     async fn get_resolved(
         &self,
         profile_ids: &[String],

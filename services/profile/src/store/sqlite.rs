@@ -73,11 +73,6 @@ impl ProfileStore for SqliteStore {
         Ok(applied)
     }
 
-    async fn get(&self, profile_id: &str) -> Result<Option<Profile>, ProfileError> {
-        let mut conn = self.pool.acquire().await?;
-        super::get(&mut LiteOps(&mut conn), profile_id).await
-    }
-
     async fn split(
         &self,
         split: &Split,
